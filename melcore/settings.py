@@ -1,0 +1,33 @@
+"""Where melreview keeps its data.
+
+``MELREVIEW_HOME`` (default ``~/.melreview``) holds the SQLite store, run
+directories, image and feature caches and the demo cohort.
+``MELREVIEW_DB_URL`` overrides the store (e.g. ``postgresql+psycopg://...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The data directory, created on first use."""
+    path = Path(os.environ.get("MELREVIEW_HOME", "~/.melreview")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def db_url() -> str:
+    """SQLAlchemy URL of the store: ``MELREVIEW_DB_URL`` or a SQLite file under :func:`home`."""
+    url = os.environ.get("MELREVIEW_DB_URL")
+    if url:
+        return url
+    return f"sqlite:///{home() / 'melreview.db'}"
+
+
+def subdir(name: str) -> Path:
+    """A named folder under :func:`home` (``runs``, ``cache/images``, ``demo``...), created on first use."""
+    path = home() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,543 @@
+"""The melreview store: datasets, runs, jobs, predictions and reviews.
+
+One SQLAlchemy Core schema serves SQLite (the default, a WAL-mode file under
+``MELREVIEW_HOME``) and PostgreSQL (``MELREVIEW_DB_URL=postgresql+psycopg://...``).
+
+Schema changes are versioned: :data:`MIGRATIONS` lists every step since version 1
+and :meth:`Store.migrate` (run on open) applies the missing ones in order inside a
+transaction, so an upgrade adds columns and tables but never drops data. A new
+database is created directly at the latest version.
+
+Times are stored as UNIX seconds (float, UTC). JSON columns hold plain Python
+objects. Rows come back as ``dict``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import sqlalchemy as sa
+
+from melcore import settings
+from melcore.errors import MelcoreError
+
+SCHEMA_VERSION = 1
+
+JOB_STATES = ("queued", "running", "done", "cancelled", "failed")
+REVIEW_DECISIONS = ("agree", "disagree", "biopsy", "follow-up", "unsure")
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version", metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+
+datasets = sa.Table(
+    "datasets", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("csv_path", sa.Text, nullable=False),
+    sa.Column("images_dir", sa.Text),
+    sa.Column("format", sa.String(40)),
+    sa.Column("clinic_column", sa.String(200)),
+    sa.Column("metadata_path", sa.Text),
+    sa.Column("options", sa.JSON),
+    sa.Column("summary", sa.JSON),
+    sa.Column("is_demo", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(300), nullable=False),
+    sa.Column("dataset_id", sa.Integer, sa.ForeignKey("datasets.id")),
+    sa.Column("job_id", sa.Integer),
+    sa.Column("kind", sa.String(40), nullable=False, default="image"),
+    sa.Column("model", sa.String(100)),
+    sa.Column("clinic", sa.String(200)),
+    sa.Column("run_dir", sa.Text),
+    sa.Column("config", sa.JSON),
+    sa.Column("metrics", sa.JSON),
+    sa.Column("threshold", sa.Float),
+    sa.Column("from_scratch", sa.Boolean, nullable=False, default=False),
+    sa.Column("notes", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+jobs = sa.Table(
+    "jobs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(40), nullable=False, default="train"),
+    sa.Column("dataset_id", sa.Integer, sa.ForeignKey("datasets.id")),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False, default="queued"),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("worker_id", sa.String(200)),
+    sa.Column("claim_token", sa.String(64)),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("max_attempts", sa.Integer, nullable=False, default=3),
+    sa.Column("heartbeat_at", sa.Float),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("progress", sa.JSON),
+    sa.Column("history", sa.JSON),
+    sa.Column("run_id", sa.Integer),
+    sa.Column("error", sa.Text),
+    sa.Column("log", sa.Text),
+    sa.Index("ix_jobs_state", "state"),
+)
+
+predictions = sa.Table(
+    "predictions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+    sa.Column("split", sa.String(20), nullable=False, default="val"),
+    sa.Column("image_name", sa.String(300), nullable=False),
+    sa.Column("patient_id", sa.String(200)),
+    sa.Column("clinic", sa.String(200)),
+    sa.Column("target", sa.Integer),
+    sa.Column("prediction", sa.Float, nullable=False),
+    sa.Index("ix_predictions_run_split", "run_id", "split"),
+)
+
+reviews = sa.Table(
+    "reviews", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+    sa.Column("image_name", sa.String(300), nullable=False),
+    sa.Column("reviewer", sa.String(200), nullable=False),
+    sa.Column("decision", sa.String(20), nullable=False),
+    sa.Column("note", sa.Text, nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_reviews_run_image", "run_id", "image_name"),
+)
+
+# Steps from version N-1 to N, each a function of an open connection inside a
+# transaction. Append only; never edit a released step. Example of a future step:
+#   (2, "runs.tags", lambda conn: conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tags TEXT"))),
+MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = []
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _row(row) -> dict:
+    return dict(row._mapping) if row is not None else None
+
+
+def _sqlite_pragmas(dbapi_conn, _record):
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    cursor.close()
+
+
+def _sqlite_begin(conn):
+    # Write transactions take the write lock at BEGIN so read-then-write steps
+    # (job claims, requeues) cannot interleave; reads stay deferred so they never
+    # wait for writers under WAL. pysqlite's own BEGIN handling is switched off.
+    immediate = conn.get_execution_options().get("sqlite_immediate", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Store:
+    """Access to the melreview database.
+
+    Parameters
+    ----------
+    url : str, optional
+        SQLAlchemy URL. Default :func:`melcore.settings.db_url` (``MELREVIEW_DB_URL`` or
+        ``sqlite:///$MELREVIEW_HOME/melreview.db``).
+    migrate : bool, default True
+        Create the schema or apply pending migrations on open.
+    """
+
+    def __init__(self, url: str | None = None, *, migrate: bool = True):
+        self.url = url or settings.db_url()
+        self.is_sqlite = self.url.startswith("sqlite")
+        if self.is_sqlite:
+            self.engine = sa.create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False})
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+            @sa.event.listens_for(self.engine, "connect")
+            def _no_pysqlite_begin(dbapi_conn, _record):
+                dbapi_conn.isolation_level = None
+
+            sa.event.listen(self.engine, "begin", _sqlite_begin)
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        self._writer = self.engine.execution_options(sqlite_immediate=True)
+        if migrate:
+            self.migrate()
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ schema
+    def version(self) -> int:
+        """The schema version of the database (0 when empty)."""
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("schema_version"):
+                return 0
+            value = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+            return int(value or 0)
+
+    def migrate(self) -> int:
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`; returns the version."""
+        with self._writer.begin() as conn:
+            if not sa.inspect(conn).has_table("schema_version"):
+                metadata.create_all(conn)
+                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=_now()))
+                return SCHEMA_VERSION
+            current = int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0)
+            if current > SCHEMA_VERSION:
+                raise MelcoreError(
+                    f"the database at {self.engine.url.render_as_string(hide_password=True)} has schema version "
+                    f"{current}, newer than this melreview ({SCHEMA_VERSION}); upgrade melreview")
+            for version, _description, step in MIGRATIONS:
+                if version > current:
+                    step(conn)
+                    conn.execute(schema_version.insert().values(version=version, applied_at=_now()))
+                    current = version
+            return current
+
+    # ---------------------------------------------------------------- datasets
+    def add_dataset(self, name: str, csv_path: str | Path, images_dir: str | Path | None = None, *,
+                    format: str | None = None, clinic_column: str | None = None,
+                    metadata_path: str | Path | None = None, options: dict | None = None,
+                    summary: dict | None = None, is_demo: bool = False) -> int:
+        """Register a dataset by its table (and image folder); returns its id.
+
+        Raises MelcoreError when the name is empty or already taken.
+        """
+        name = (name or "").strip()
+        if not name:
+            raise MelcoreError("a dataset needs a name")
+        if self.find_dataset(name) is not None:
+            raise MelcoreError(f"a dataset named {name!r} already exists; choose another name")
+        values = dict(name=name, csv_path=str(csv_path), images_dir=str(images_dir) if images_dir else None,
+                      format=format, clinic_column=clinic_column,
+                      metadata_path=str(metadata_path) if metadata_path else None,
+                      options=options or {}, summary=summary or {}, is_demo=is_demo, created_at=_now())
+        with self._writer.begin() as conn:
+            return int(conn.execute(datasets.insert().values(**values)).inserted_primary_key[0])
+
+    def find_dataset(self, id_or_name: int | str) -> dict | None:
+        """The dataset with this id or name, or None."""
+        column = datasets.c.id if isinstance(id_or_name, int) else datasets.c.name
+        with self.engine.connect() as conn:
+            return _row(conn.execute(sa.select(datasets).where(column == id_or_name)).first())
+
+    def get_dataset(self, id_or_name: int | str) -> dict:
+        """The dataset with this id or name; MelcoreError naming the known ones otherwise."""
+        found = self.find_dataset(id_or_name)
+        if found is None:
+            known = ", ".join(d["name"] for d in self.list_datasets()) or "none registered"
+            raise MelcoreError(f"no dataset {id_or_name!r}; known datasets: {known}")
+        return found
+
+    def list_datasets(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(sa.select(datasets).order_by(datasets.c.id))]
+
+    def update_dataset(self, dataset_id: int, **fields) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(**fields))
+
+    def load_dataset_cohort(self, id_or_name: int | str, **kwargs):
+        """Read a registered dataset with :func:`melcore.cohort.load_cohort`."""
+        from melcore.cohort import load_cohort
+
+        d = self.get_dataset(id_or_name)
+        options = dict(d.get("options") or {})
+        options.update(kwargs)
+        return load_cohort(d["csv_path"], d["images_dir"], format=d["format"], clinic_column=d["clinic_column"],
+                           metadata=d["metadata_path"], name=d["name"], **options)
+
+    # -------------------------------------------------------------------- runs
+    def add_run(self, name: str, run_dir: str | Path | None = None, *, dataset_id: int | None = None,
+                job_id: int | None = None, model: str | None = None, clinic: str | None = None,
+                kind: str = "image", config: dict | None = None, metrics: dict | None = None,
+                threshold: float | None = None, from_scratch: bool = False, notes: str | None = None) -> int:
+        """Record a finished run; returns its id."""
+        values = dict(name=name, run_dir=str(run_dir) if run_dir else None, dataset_id=dataset_id, job_id=job_id,
+                      model=model, clinic=clinic, kind=kind, config=config or {}, metrics=metrics or {},
+                      threshold=threshold, from_scratch=bool(from_scratch), notes=notes, created_at=_now())
+        with self._writer.begin() as conn:
+            return int(conn.execute(runs.insert().values(**values)).inserted_primary_key[0])
+
+    def get_run(self, run_id: int) -> dict:
+        with self.engine.connect() as conn:
+            found = _row(conn.execute(sa.select(runs).where(runs.c.id == run_id)).first())
+        if found is None:
+            raise MelcoreError(f"no run with id {run_id}")
+        return found
+
+    def list_runs(self, dataset_id: int | None = None, clinic: str | None = None, model: str | None = None,
+                  kind: str | None = None) -> list[dict]:
+        """Runs, newest first, optionally filtered."""
+        query = sa.select(runs).order_by(runs.c.id.desc())
+        for column, value in ((runs.c.dataset_id, dataset_id), (runs.c.clinic, clinic), (runs.c.model, model),
+                              (runs.c.kind, kind)):
+            if value is not None:
+                query = query.where(column == value)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query)]
+
+    def update_run(self, run_id: int, **fields) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(**fields))
+
+    def set_threshold(self, run_id: int, value: float) -> None:
+        """Save the decision threshold chosen for a run (used by the Review page)."""
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise MelcoreError(f"a threshold must lie in [0, 1], got {value}")
+        self.get_run(run_id)
+        self.update_run(run_id, threshold=value)
+
+    # ------------------------------------------------------------- predictions
+    def add_predictions(self, run_id: int, frame, split: str = "val") -> int:
+        """Store a run's predictions; returns the number of rows.
+
+        ``frame`` is a DataFrame with image_name and prediction (probability in
+        [0, 1]) and optionally patient_id, clinic, target. Replaces earlier rows of
+        the same run and split.
+        """
+        missing = {"image_name", "prediction"} - set(frame.columns)
+        if missing:
+            raise MelcoreError(f"predictions need columns {sorted(missing)}; found {list(frame.columns)}")
+        rows = []
+        for rec in frame.to_dict("records"):
+            target = rec.get("target")
+            rows.append(dict(run_id=run_id, split=split, image_name=str(rec["image_name"]),
+                             patient_id=_str_or_none(rec.get("patient_id")), clinic=_str_or_none(rec.get("clinic")),
+                             target=None if _is_missing(target) else int(target),
+                             prediction=float(rec["prediction"])))
+        with self._writer.begin() as conn:
+            conn.execute(predictions.delete().where(predictions.c.run_id == run_id, predictions.c.split == split))
+            for start in range(0, len(rows), 5000):
+                conn.execute(predictions.insert(), rows[start:start + 5000])
+        return len(rows)
+
+    def get_predictions(self, run_id: int, split: str | None = None):
+        """A run's predictions as a DataFrame (image_name, patient_id, clinic, target, prediction, split)."""
+        import pandas as pd
+
+        query = sa.select(predictions.c.image_name, predictions.c.patient_id, predictions.c.clinic,
+                          predictions.c.target, predictions.c.prediction, predictions.c.split
+                          ).where(predictions.c.run_id == run_id).order_by(predictions.c.id)
+        if split is not None:
+            query = query.where(predictions.c.split == split)
+        with self.engine.connect() as conn:
+            result = conn.execute(query)
+            frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        frame["target"] = frame["target"].astype("Int8")
+        return frame
+
+    # -------------------------------------------------------------------- jobs
+    def submit_job(self, config: dict, dataset_id: int | None = None, kind: str = "train",
+                   max_attempts: int = 3) -> int:
+        """Queue a job; returns its id."""
+        with self._writer.begin() as conn:
+            result = conn.execute(jobs.insert().values(
+                kind=kind, dataset_id=dataset_id, config=config, state="queued", cancel_requested=False,
+                attempts=0, max_attempts=max_attempts, created_at=_now(), progress={}, history=[]))
+            return int(result.inserted_primary_key[0])
+
+    def claim_job(self, worker_id: str | None = None) -> dict | None:
+        """Atomically take the oldest queued job for this worker; None when the queue is empty.
+
+        PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite: the same select
+        and a guarded UPDATE inside a ``BEGIN IMMEDIATE`` transaction. Either way
+        two workers can never claim the same job.
+        """
+        worker_id = worker_id or default_worker_id()
+        token = uuid.uuid4().hex
+        now = _now()
+        with self._writer.begin() as conn:
+            query = sa.select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.id).limit(1)
+            if not self.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            job_id = conn.execute(query).scalar()
+            if job_id is None:
+                return None
+            claimed = conn.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.state == "queued").values(
+                    state="running", worker_id=worker_id, claim_token=token, attempts=jobs.c.attempts + 1,
+                    started_at=now, heartbeat_at=now))
+            if claimed.rowcount != 1:
+                return None
+            return _row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first())
+
+    def heartbeat(self, job_id: int, claim_token: str, progress: dict | None = None,
+                  history_point: dict | None = None) -> bool:
+        """Record that the job's worker is alive (and its progress).
+
+        Returns True when the job was cancelled (the worker should stop), and raises
+        MelcoreError when the job no longer belongs to this claim (it was requeued).
+        """
+        values: dict[str, Any] = {"heartbeat_at": _now()}
+        if progress is not None:
+            values["progress"] = progress
+        with self._writer.begin() as conn:
+            row = conn.execute(sa.select(jobs.c.claim_token, jobs.c.cancel_requested, jobs.c.history)
+                               .where(jobs.c.id == job_id)).first()
+            if row is None or row.claim_token != claim_token:
+                raise MelcoreError(f"job {job_id} is no longer held by this worker")
+            if history_point is not None:
+                values["history"] = list(row.history or []) + [history_point]
+            conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.claim_token == claim_token).values(**values))
+            return bool(row.cancel_requested)
+
+    def request_cancel(self, job_id: int) -> str:
+        """Cancel a job: a queued job is cancelled at once, a running one at its next batch.
+
+        Returns the job's state after the request.
+        """
+        with self._writer.begin() as conn:
+            job = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).first()
+            if job is None:
+                raise MelcoreError(f"no job with id {job_id}")
+            if job.state == "queued":
+                conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.state == "queued").values(
+                    state="cancelled", cancel_requested=True, finished_at=_now()))
+            elif job.state == "running":
+                conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True))
+            return conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+
+    def is_cancel_requested(self, job_id: int) -> bool:
+        with self.engine.connect() as conn:
+            return bool(conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar())
+
+    def finish_job(self, job_id: int, claim_token: str, state: str, *, run_id: int | None = None,
+                   error: str | None = None, log: str | None = None) -> bool:
+        """Record a job's ending (done, cancelled or failed); False when the claim was lost."""
+        if state not in ("done", "cancelled", "failed"):
+            raise MelcoreError(f"a job ends as done, cancelled or failed, not {state!r}")
+        with self._writer.begin() as conn:
+            result = conn.execute(jobs.update().where(
+                jobs.c.id == job_id, jobs.c.claim_token == claim_token, jobs.c.state == "running").values(
+                state=state, run_id=run_id, error=error, log=log, finished_at=_now()))
+            return result.rowcount == 1
+
+    def requeue_stale(self, stale_after: float = 60.0) -> list[dict]:
+        """Recover jobs whose worker stopped beating (killed, machine lost).
+
+        A running job whose heartbeat is older than ``stale_after`` seconds goes back
+        to the queue while it has attempts left, and otherwise fails with the reason.
+        Returns the jobs acted on as dicts with id and the new state.
+        """
+        cutoff = _now() - stale_after
+        acted = []
+        with self._writer.begin() as conn:
+            query = sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.worker_id,
+                              jobs.c.cancel_requested, jobs.c.claim_token).where(
+                jobs.c.state == "running", jobs.c.heartbeat_at < cutoff)
+            if not self.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            for job in conn.execute(query).fetchall():
+                guard = (jobs.c.id == job.id) & (jobs.c.claim_token == job.claim_token)
+                if job.cancel_requested:
+                    values = dict(state="cancelled", finished_at=_now(), claim_token=None,
+                                  error=f"worker {job.worker_id} stopped responding after the cancel request")
+                elif job.attempts < job.max_attempts:
+                    values = dict(state="queued", worker_id=None, claim_token=None,
+                                  error=f"requeued: worker {job.worker_id} stopped responding "
+                                        f"(attempt {job.attempts} of {job.max_attempts})")
+                else:
+                    values = dict(state="failed", finished_at=_now(), claim_token=None,
+                                  error=f"failed: worker {job.worker_id} stopped responding on the last of "
+                                        f"{job.max_attempts} attempts")
+                if conn.execute(jobs.update().where(guard).values(**values)).rowcount == 1:
+                    acted.append({"id": job.id, "state": values["state"]})
+        return acted
+
+    def get_job(self, job_id: int) -> dict:
+        with self.engine.connect() as conn:
+            found = _row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first())
+        if found is None:
+            raise MelcoreError(f"no job with id {job_id}")
+        return found
+
+    def list_jobs(self, states: Iterable[str] | None = None, limit: int | None = None) -> list[dict]:
+        """Jobs, newest first."""
+        query = sa.select(jobs).order_by(jobs.c.id.desc())
+        if states is not None:
+            query = query.where(jobs.c.state.in_(list(states)))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query)]
+
+    def update_job(self, job_id: int, **fields) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(jobs.update().where(jobs.c.id == job_id).values(**fields))
+
+    # ----------------------------------------------------------------- reviews
+    def add_review(self, run_id: int, image_name: str, reviewer: str, decision: str, note: str = "") -> int:
+        """Append a reviewer's decision on a lesion; earlier decisions stay in the history."""
+        reviewer = (reviewer or "").strip()
+        if not reviewer:
+            raise MelcoreError("a review needs the reviewer's name")
+        if decision not in REVIEW_DECISIONS:
+            raise MelcoreError(f"unknown decision {decision!r}; choose one of {', '.join(REVIEW_DECISIONS)}")
+        with self._writer.begin() as conn:
+            result = conn.execute(reviews.insert().values(run_id=run_id, image_name=str(image_name),
+                                                          reviewer=reviewer, decision=decision, note=note or "",
+                                                          created_at=_now()))
+            return int(result.inserted_primary_key[0])
+
+    def review_history(self, run_id: int, image_name: str | None = None):
+        """Every review of a run (or of one lesion), oldest first, as a DataFrame."""
+        import pandas as pd
+
+        query = sa.select(reviews).where(reviews.c.run_id == run_id).order_by(reviews.c.id)
+        if image_name is not None:
+            query = query.where(reviews.c.image_name == image_name)
+        with self.engine.connect() as conn:
+            result = conn.execute(query)
+            return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+    def latest_reviews(self, run_id: int):
+        """The current decision per lesion of a run (the latest entry of each history)."""
+        history = self.review_history(run_id)
+        if history.empty:
+            return history
+        return history.sort_values("id").groupby("image_name", as_index=False).tail(1).reset_index(drop=True)
+
+
+def default_worker_id() -> str:
+    """``host:pid:thread`` — unique among live workers on every machine sharing the database."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        import pandas as pd
+
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _str_or_none(value) -> str | None:
+    return None if _is_missing(value) else str(value)

@@ -1,0 +1,198 @@
+"""Store round trips, migrations, job claims and the review audit trail, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from melcore import store as store_module
+from melcore.errors import MelcoreError
+from melcore.store import Store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, melreview_home):
+    if request.param == "sqlite":
+        return f"sqlite:///{melreview_home / 'test.db'}"
+    return request.getfixturevalue("fresh_postgres_url")
+
+
+@pytest.fixture
+def store(db_url):
+    s = Store(db_url)
+    yield s
+    s.close()
+
+
+def test_default_store_is_sqlite_in_wal_mode_under_home(melreview_home):
+    s = Store()
+    assert s.is_sqlite
+    assert (melreview_home / "melreview.db").exists()
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_db_url_environment_selects_the_database(monkeypatch, tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MELREVIEW_DB_URL", url)
+    s = Store()
+    assert s.url == url
+    assert (tmp_path / "elsewhere.db").exists()
+
+
+def test_dataset_round_trip(store, tmp_path):
+    dataset_id = store.add_dataset("isic", tmp_path / "train.csv", tmp_path / "jpeg", format="isic2020",
+                                   clinic_column="clinic", summary={"n_images": 3, "clinics": {"a": 2, "b": 1}})
+    found = store.get_dataset("isic")
+    assert found["id"] == dataset_id
+    assert found["summary"] == {"n_images": 3, "clinics": {"a": 2, "b": 1}}
+    assert store.get_dataset(dataset_id)["images_dir"] == str(tmp_path / "jpeg")
+    with pytest.raises(MelcoreError, match="already exists"):
+        store.add_dataset("isic", tmp_path / "other.csv")
+    with pytest.raises(MelcoreError, match="known datasets: isic"):
+        store.get_dataset("nope")
+
+
+def test_runs_predictions_and_threshold(store, tmp_path):
+    dataset_id = store.add_dataset("d", tmp_path / "t.csv")
+    run_id = store.add_run("cnn on d", tmp_path / "run", dataset_id=dataset_id, model="basic-cnn", clinic="north",
+                           config={"epochs": 2}, metrics={"val_auroc": 0.8}, from_scratch=True)
+    frame = pd.DataFrame({"image_name": ["a", "b", "c"], "patient_id": ["p1", "p1", None],
+                          "clinic": ["north"] * 3, "target": pd.array([1, 0, None], dtype="Int8"),
+                          "prediction": [0.9, 0.2, 0.5]})
+    assert store.add_predictions(run_id, frame) == 3
+    back = store.get_predictions(run_id)
+    assert back["image_name"].tolist() == ["a", "b", "c"]
+    assert back["target"].isna().tolist() == [False, False, True]
+    assert back["prediction"].tolist() == pytest.approx([0.9, 0.2, 0.5])
+    store.add_predictions(run_id, frame.iloc[:1])  # replaces the same split
+    assert len(store.get_predictions(run_id, split="val")) == 1
+    store.set_threshold(run_id, 0.3)
+    run = store.get_run(run_id)
+    assert run["threshold"] == pytest.approx(0.3) and run["from_scratch"] is True
+    assert run["metrics"] == {"val_auroc": 0.8}
+    assert [r["id"] for r in store.list_runs(clinic="north")] == [run_id]
+    assert store.list_runs(clinic="south") == []
+    with pytest.raises(MelcoreError, match=r"\[0, 1\]"):
+        store.set_threshold(run_id, 1.5)
+    with pytest.raises(MelcoreError, match="columns"):
+        store.add_predictions(run_id, pd.DataFrame({"image_name": ["x"]}))
+
+
+def test_job_lifecycle_claim_progress_cancel_finish(store):
+    first = store.submit_job({"model": "basic-cnn"})
+    second = store.submit_job({"model": "cnn-bn"})
+    job = store.claim_job("w1")
+    assert job["id"] == first and job["state"] == "running" and job["attempts"] == 1
+    assert store.heartbeat(first, job["claim_token"], progress={"epoch": 1}, history_point={"loss": 0.5}) is False
+    assert store.request_cancel(first) == "running"
+    assert store.heartbeat(first, job["claim_token"]) is True
+    assert store.finish_job(first, job["claim_token"], "cancelled")
+    assert store.get_job(first)["history"] == [{"loss": 0.5}]
+    assert store.request_cancel(second) == "cancelled"  # queued: cancelled at once
+    assert store.claim_job("w1") is None
+    with pytest.raises(MelcoreError, match="done, cancelled or failed"):
+        store.finish_job(first, job["claim_token"], "exploded")
+
+
+def test_stale_jobs_are_requeued_then_failed(store):
+    job_id = store.submit_job({"model": "basic-cnn"}, max_attempts=2)
+    for attempt in (1, 2):
+        job = store.claim_job(f"w{attempt}")
+        assert job["attempts"] == attempt
+        store.update_job(job_id, heartbeat_at=0.0)  # the worker died long ago
+        acted = store.requeue_stale(stale_after=30)
+        assert acted == [{"id": job_id, "state": "queued" if attempt == 1 else "failed"}]
+        with pytest.raises(MelcoreError, match="no longer held"):
+            store.heartbeat(job_id, job["claim_token"])
+    final = store.get_job(job_id)
+    assert final["state"] == "failed" and "stopped responding" in final["error"]
+
+
+def test_concurrent_claims_never_share_a_job(store):
+    ids = [store.submit_job({"i": i}) for i in range(40)]
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name):
+        while (job := store.claim_job(name)) is not None:
+            with lock:
+                claimed.append(job["id"])
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == ids
+
+
+def test_reviews_append_and_latest(store, tmp_path):
+    run_id = store.add_run("r", tmp_path)
+    store.add_review(run_id, "img1", "Dr A", "agree", "looks benign")
+    store.add_review(run_id, "img1", "Dr A", "biopsy", "changed my mind")
+    store.add_review(run_id, "img2", "Dr B", "unsure")
+    history = store.review_history(run_id, "img1")
+    assert history["decision"].tolist() == ["agree", "biopsy"]
+    latest = store.latest_reviews(run_id).set_index("image_name")
+    assert latest.loc["img1", "decision"] == "biopsy" and latest.loc["img2", "reviewer"] == "Dr B"
+    with pytest.raises(MelcoreError, match="reviewer"):
+        store.add_review(run_id, "img1", "  ", "agree")
+    with pytest.raises(MelcoreError, match="choose one of agree"):
+        store.add_review(run_id, "img1", "Dr A", "maybe")
+
+
+def test_eight_reviewers_writing_at_once_lose_nothing(db_url, tmp_path):
+    setup = Store(db_url)
+    run_id = setup.add_run("r", tmp_path)
+    per_reviewer = 500
+    errors: list[BaseException] = []
+
+    def reviewer(index):
+        try:
+            s = Store(db_url)
+            for k in range(per_reviewer):
+                s.add_review(run_id, f"img{k % 50}", f"reviewer {index}", "agree", f"note {k}")
+            s.close()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reviewer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    history = setup.review_history(run_id)
+    assert len(history) == 8 * per_reviewer
+    assert history.groupby("reviewer").size().eq(per_reviewer).all()
+
+
+def test_migration_from_an_older_schema_keeps_data(db_url, tmp_path, monkeypatch):
+    old = Store(db_url)
+    dataset_id = old.add_dataset("kept", tmp_path / "t.csv")
+    old.add_run("kept run", tmp_path, dataset_id=dataset_id)
+    old.close()
+
+    def add_tags(conn):
+        conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tags TEXT"))
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(store_module, "MIGRATIONS", [(2, "runs.tags", add_tags)])
+    upgraded = Store(db_url)
+    assert upgraded.version() == 2
+    assert upgraded.get_dataset("kept")["id"] == dataset_id
+    with upgraded.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT name, tags FROM runs")).all() == [("kept run", None)]
+    upgraded.close()
+    assert Store(db_url).version() == 2  # re-opening applies nothing twice
+
+
+def test_a_newer_database_is_refused(db_url, monkeypatch):
+    Store(db_url).close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 0)
+    with pytest.raises(MelcoreError, match="newer than this melreview"):
+        Store(db_url)
