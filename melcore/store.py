@@ -122,6 +122,16 @@ reviews = sa.Table(
     sa.Index("ix_reviews_run_image", "run_id", "image_name"),
 )
 
+workers = sa.Table(
+    "workers", metadata,
+    sa.Column("worker_id", sa.String(200), primary_key=True),
+    sa.Column("host", sa.String(200)),
+    sa.Column("pid", sa.Integer),
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("beat_at", sa.Float, nullable=False),
+    sa.Column("job_id", sa.Integer),
+)
+
 # Steps from version N-1 to N, each a function of an open connection inside a
 # transaction. Append only; never edit a released step. Example of a future step:
 #   (2, "runs.tags", lambda conn: conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tags TEXT"))),
@@ -237,6 +247,44 @@ class Store:
                       options=options or {}, summary=summary or {}, is_demo=is_demo, created_at=_now())
         with self._writer.begin() as conn:
             return int(conn.execute(datasets.insert().values(**values)).inserted_primary_key[0])
+
+    def register_dataset(self, name: str, csv_path: str | Path, images_dir: str | Path | None = None, *,
+                         format: str | None = None, clinic_column: str | None = None,
+                         metadata_path: str | Path | None = None, is_demo: bool = False, **load_options):
+        """Read a dataset with :func:`melcore.cohort.load_cohort` and register it with its summary.
+
+        Nothing is registered when the table cannot be read (the CohortError propagates).
+        Returns ``(dataset_id, cohort)``; the cohort's report holds the warnings.
+        """
+        from melcore.cohort import load_cohort
+
+        if self.find_dataset((name or "").strip()) is not None:
+            raise MelcoreError(f"a dataset named {name.strip()!r} already exists; choose another name")
+        cohort = load_cohort(csv_path, images_dir, format=format, clinic_column=clinic_column,
+                             metadata=metadata_path, name=name, **load_options)
+        dataset_id = self.add_dataset(name, Path(csv_path).resolve(),
+                                      Path(images_dir).resolve() if images_dir else cohort.images_dir,
+                                      format=cohort.format, clinic_column=clinic_column,
+                                      metadata_path=Path(metadata_path).resolve() if metadata_path else None,
+                                      options=load_options, summary=cohort.summary(), is_demo=is_demo)
+        return dataset_id, cohort
+
+    def ensure_demo_dataset(self, name: str = "demo") -> int:
+        """Register the synthetic demo cohort (made on first use) unless a dataset exists; returns its id."""
+        from melcore.demo import ensure_demo
+
+        existing = self.list_datasets()
+        if existing:
+            demo = [d for d in existing if d["is_demo"]]
+            return (demo or existing)[0]["id"]
+        folder = ensure_demo()
+        try:
+            dataset_id, _ = self.register_dataset(name, folder / "labels.csv", folder / "jpeg" / "train",
+                                                  is_demo=True)
+        except MelcoreError:
+            # Another process registered it between our check and insert.
+            return self.get_dataset(name)["id"]
+        return dataset_id
 
     def find_dataset(self, id_or_name: int | str) -> dict | None:
         """The dataset with this id or name, or None."""
@@ -489,6 +537,29 @@ class Store:
     def update_job(self, job_id: int, **fields) -> None:
         with self._writer.begin() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**fields))
+
+    # ----------------------------------------------------------------- workers
+    def worker_beat(self, worker_id: str, job_id: int | None = None) -> None:
+        """Record that a worker process is alive (idle or on ``job_id``)."""
+        now = _now()
+        host, _, rest = worker_id.partition(":")
+        pid = int(rest.split(":")[0]) if rest.split(":")[0].isdigit() else None
+        with self._writer.begin() as conn:
+            updated = conn.execute(workers.update().where(workers.c.worker_id == worker_id).values(
+                beat_at=now, job_id=job_id)).rowcount
+            if not updated:
+                conn.execute(workers.insert().values(worker_id=worker_id, host=host, pid=pid, started_at=now,
+                                                     beat_at=now, job_id=job_id))
+
+    def worker_gone(self, worker_id: str) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(workers.delete().where(workers.c.worker_id == worker_id))
+
+    def live_workers(self, within: float = 30.0) -> list[dict]:
+        """Workers whose last beat is at most ``within`` seconds old."""
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(
+                sa.select(workers).where(workers.c.beat_at >= _now() - within).order_by(workers.c.started_at))]
 
     # ----------------------------------------------------------------- reviews
     def add_review(self, run_id: int, image_name: str, reviewer: str, decision: str, note: str = "") -> int:

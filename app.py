@@ -1,0 +1,122 @@
+"""melreview: the dermatology review dashboard. Run with ``streamlit run app.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from melcore.errors import MelcoreError
+from pages.common import ensure_first_dataset, get_store, show_error
+
+PAGES_DIR = Path(__file__).parent / "pages"
+# (file, title, icon): pages appear in the navigation once their file exists.
+PAGES = [
+    ("patients.py", "Patients", ":material/group:"),
+    ("train.py", "Train", ":material/model_training:"),
+    ("compare.py", "Compare", ":material/monitoring:"),
+    ("review.py", "Review", ":material/rate_review:"),
+    ("score.py", "Score", ":material/upload_file:"),
+]
+FORMATS = ["auto", "isic2020", "isic2019", "ham10000", "folders", "generic"]
+
+
+def _clinic_chart(summary: dict):
+    import plotly.graph_objects as go
+
+    clinics = summary.get("clinics") or {}
+    names = sorted(clinics, key=clinics.get, reverse=True)
+    fig = go.Figure(go.Bar(x=names, y=[clinics[n] for n in names], marker_color="#8c564b"))
+    fig.update_layout(height=220, margin=dict(l=10, r=10, t=30, b=10), title="Images per clinic",
+                      yaxis_title="images")
+    return fig
+
+
+def _dataset_card(dataset: dict) -> None:
+    summary = dataset.get("summary") or {}
+    n_images = summary.get("n_images", 0)
+    n_malignant = summary.get("n_malignant", 0)
+    with st.container(border=True):
+        title = dataset["name"] + ("  ·  demo (synthetic)" if dataset.get("is_demo") else "")
+        st.subheader(title)
+        st.caption(f"{dataset.get('format') or 'auto'} · {dataset['csv_path']}")
+        cols = st.columns(4)
+        cols[0].metric("Lesion images", f"{n_images:,}")
+        cols[1].metric("Patients", f"{summary.get('n_patients', 0):,}")
+        cols[2].metric("Malignant", f"{n_malignant:,}")
+        cols[3].metric("Malignant rate", f"{(n_malignant / n_images if n_images else 0):.1%}")
+        if summary.get("clinics"):
+            st.plotly_chart(_clinic_chart(summary), width="stretch", key=f"clinics-{dataset['id']}")
+        if summary.get("grouping"):
+            st.caption(f"Patient grouping: {summary['grouping']}")
+        warnings = summary.get("warnings") or []
+        if warnings:
+            with st.expander(f"{len(warnings)} warning(s)"):
+                for warning in warnings:
+                    st.warning(warning)
+
+
+def _register_form(store) -> None:
+    with st.form("register"):
+        st.markdown("**Register a dataset**: a label table (CSV) and its image folder on this machine.")
+        name = st.text_input("Name", placeholder="e.g. isic2020-mskcc", key="reg_name")
+        csv_path = st.text_input("Label table (CSV) or class-folder root", placeholder="/data/isic2020/train.csv",
+                                 key="reg_csv")
+        images_dir = st.text_input("Image folder (optional for ISIC layouts)", placeholder="/data/isic2020/jpeg/train",
+                                   key="reg_images")
+        cols = st.columns(3)
+        fmt = cols[0].selectbox("Format", FORMATS, key="reg_format")
+        clinic_column = cols[1].text_input("Clinic column (optional)", placeholder="clinic, attribution, source",
+                                          key="reg_clinic")
+        metadata = cols[2].text_input("Metadata CSV (ISIC 2019, optional)", key="reg_metadata")
+        submitted = st.form_submit_button("Inspect and register")
+    if not submitted:
+        return
+    if not name.strip() or not csv_path.strip():
+        st.error("Give the dataset a name and the path of its label table.")
+        return
+    try:
+        with st.spinner("Reading the table and checking the images..."):
+            _, cohort = store.register_dataset(
+                name.strip(), csv_path.strip(), images_dir.strip() or None,
+                format=None if fmt == "auto" else fmt, clinic_column=clinic_column.strip() or None,
+                metadata_path=metadata.strip() or None)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, "Not registered")
+        return
+    summary = cohort.summary()
+    st.success(f"Registered {name.strip()!r}: {summary['n_images']:,} images, {summary['n_patients']:,} patients, "
+               f"{summary['n_malignant']:,} malignant.")
+    for warning in summary.get("warnings") or []:
+        st.warning(warning)
+
+
+def home() -> None:
+    st.title("melreview")
+    st.caption("Melanoma classification review: browse patients, train clinic-specific models in the background, "
+               "compare them on ROC curves, tune the threshold, review with Grad-CAM.")
+    store = get_store()
+    try:
+        ensure_first_dataset(store)
+    except Exception as exc:  # the app must still start and say why
+        show_error(exc, "The demo cohort could not be prepared")
+    datasets = store.list_datasets()
+    st.header("Datasets")
+    if not datasets:
+        st.info("No dataset registered yet.")
+    for dataset in datasets:
+        _dataset_card(dataset)
+    st.header("Add a dataset")
+    _register_form(store)
+
+
+def navigation():
+    pages = [st.Page(home, title="Home", icon=":material/home:", default=True)]
+    for filename, title, icon in PAGES:
+        if (PAGES_DIR / filename).exists():
+            pages.append(st.Page(str(PAGES_DIR / filename), title=title, icon=icon))
+    return st.navigation(pages)
+
+
+st.set_page_config(page_title="melreview", page_icon=":material/dermatology:", layout="wide")
+navigation().run()

@@ -1,0 +1,69 @@
+"""Streamlit helpers shared by the pages: the store, dataset choice, cached cohorts, errors.
+
+Layout only: everything that computes lives in ``melcore``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import streamlit as st
+
+from melcore import settings
+from melcore.errors import MelcoreError
+from melcore.store import Store
+
+
+@st.cache_resource(show_spinner=False)
+def _store_for(url: str) -> Store:
+    store = Store(url)
+    store.requeue_stale()
+    return store
+
+
+def get_store() -> Store:
+    """The store for ``MELREVIEW_DB_URL`` / ``MELREVIEW_HOME`` (one engine per URL per server)."""
+    return _store_for(settings.db_url())
+
+
+def ensure_first_dataset(store: Store) -> None:
+    """On a fresh install, make and register the demo cohort so every page has content."""
+    if store.list_datasets():
+        return
+    with st.spinner("First start: generating the synthetic demo cohort (a few seconds)..."):
+        store.ensure_demo_dataset()
+
+
+@st.cache_resource(show_spinner="Reading the dataset...", max_entries=8)
+def _cohort(url: str, dataset_id: int, csv_mtime: float):
+    return Store(url, migrate=False).load_dataset_cohort(dataset_id)
+
+
+def load_cohort_cached(dataset: dict):
+    """The dataset's Cohort, re-read when its table changes on disk."""
+    path = Path(dataset["csv_path"])
+    mtime = path.stat().st_mtime if path.exists() else 0.0
+    return _cohort(settings.db_url(), int(dataset["id"]), mtime)
+
+
+def dataset_picker(store: Store, key: str = "dataset", label: str = "Dataset") -> dict | None:
+    """A select box over the registered datasets; the chosen dataset's row (None when there is none)."""
+    datasets = store.list_datasets()
+    if not datasets:
+        st.info("No dataset is registered yet: add one on the Home page.")
+        return None
+    names = [d["name"] for d in datasets]
+    name = st.selectbox(label, names, key=key)
+    return next(d for d in datasets if d["name"] == name)
+
+
+def show_error(exc: BaseException, context: str = "") -> None:
+    """Show a user error in words; an unexpected one with its traceback folded away."""
+    prefix = f"{context}: " if context else ""
+    if isinstance(exc, MelcoreError):
+        st.error(prefix + str(exc))
+    else:
+        st.error(f"{prefix}unexpected error: {type(exc).__name__}: {exc}")
+        with st.expander("Details"):
+            st.code("".join(traceback.format_exception(exc)))

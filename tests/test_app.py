@@ -1,0 +1,80 @@
+"""The home page (app.py) with AppTest: first-run demo, dataset cards, registering datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from melcore.store import Store
+
+
+def _app() -> AppTest:
+    return AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=180)
+
+
+def _register(at: AppTest, name: str, csv: str, images: str = "", fmt: str = "auto", clinic: str = "") -> AppTest:
+    at.text_input(key="reg_name").input(name)
+    at.text_input(key="reg_csv").input(csv)
+    at.text_input(key="reg_images").input(images)
+    at.selectbox(key="reg_format").select(fmt)
+    at.text_input(key="reg_clinic").input(clinic)
+    at.button[0].click()
+    return at.run()
+
+
+def test_first_start_makes_and_registers_the_demo_cohort():
+    at = _app().run()
+    assert not at.exception
+    datasets = Store().list_datasets()
+    assert len(datasets) == 1 and datasets[0]["is_demo"]
+    summary = datasets[0]["summary"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Lesion images"] == f"{summary['n_images']:,}"
+    assert metrics["Patients"] == f"{summary['n_patients']:,}"
+    assert 0.08 <= summary["n_malignant"] / summary["n_images"] <= 0.18
+    assert "demo (synthetic)" in at.subheader[0].value
+    # a second start reuses the registered demo
+    assert not _app().run().exception
+    assert len(Store().list_datasets()) == 1
+
+
+def _tiny_cohort(folder) -> str:
+    images = folder / "img"
+    images.mkdir()
+    rows = []
+    for i in range(6):
+        Image.new("RGB", (40, 40), (120 + 10 * i, 90, 70)).save(images / f"im{i}.jpg")
+        rows.append({"image_name": f"im{i}", "patient_id": f"p{i // 2}", "target": int(i == 0),
+                     "clinic": "north" if i < 4 else "south"})
+    rows.append({"image_name": "lost", "patient_id": "p9", "target": 0, "clinic": "south"})
+    pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
+    return str(folder / "labels.csv")
+
+
+def test_register_a_dataset_shows_its_summary_and_warnings(demo_dir, tmp_path):
+    Store().add_dataset("already", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    csv = _tiny_cohort(tmp_path)
+    at = _register(_app().run(), "tiny", csv, str(tmp_path / "img"), "generic")
+    assert not at.exception
+    assert any("Registered 'tiny'" in s.value and "7 images" in s.value for s in at.success)
+    assert any("lost" in w.value for w in at.warning)  # the missing image is named
+    stored = Store().get_dataset("tiny")
+    assert stored["summary"]["clinics"] == {"north": 4, "south": 3}
+    assert stored["summary"]["n_missing_images"] == 1
+
+
+def test_bad_registrations_say_why_and_keep_what_was_saved(demo_dir, tmp_path):
+    Store().add_dataset("already", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.jpg,7\n")
+    at = _register(_app().run(), "bad", str(bad))
+    assert not at.exception
+    assert at.error and "Not registered" in at.error[0].value
+    at = _register(at, "missing", str(tmp_path / "nowhere.csv"))
+    assert at.error and "nowhere.csv" in at.error[0].value
+    at = _register(at, "already", _tiny_cohort(tmp_path))
+    assert at.error and "already exists" in at.error[0].value
+    assert [d["name"] for d in Store().list_datasets()] == ["already"]
