@@ -822,3 +822,60 @@ def stand_in_image(image_name: str, size: Size) -> np.ndarray:
                         ny + (bottom - top) + 3], fill=(228, 228, 228))
         draw.text(((w - (right - left)) / 2 - left, ny - top), name, fill=(30, 30, 30), font=small)
     return np.array(im, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- path confinement
+
+
+def confine(path: PathLike, roots: Iterable[PathLike | None]) -> Path:
+    """The real location of ``path``, provided it lies inside one of ``roots``; ImageError otherwise.
+
+    Image paths come from user-supplied tables (a CSV may name ``../../etc/passwd``
+    or an absolute path anywhere). Pages read a file only after this check against
+    the folders registered for the dataset (its image folder and the folder of its
+    table), so a crafted table cannot make the app serve other files.
+
+    Both sides are resolved first (``..`` removed, symbolic links followed), so a
+    symlink inside an image folder that points elsewhere is refused as well.
+    The file itself need not exist: existence is checked when it is read.
+
+    Parameters
+    ----------
+    path : str or Path
+        The image path to check (relative paths are taken from the working directory).
+    roots : iterable of str, Path or None
+        Allowed folders; None entries are ignored.
+
+    Returns
+    -------
+    Path
+        The resolved absolute path, to be used for the actual read.
+
+    Raises
+    ------
+    ImageError
+        ``path`` resolves outside every root, or no root was given.
+    """
+    raw = os.fspath(path)
+    if "\x00" in raw:
+        raise ImageError(raw.replace("\x00", "\\0"), "the path contains a NUL byte; refusing to read it")
+    resolved = Path(raw).expanduser().resolve(strict=False)
+    allowed = []
+    for root in roots:
+        if root is None or os.fspath(root) == "":
+            continue
+        allowed.append(Path(os.fspath(root)).expanduser().resolve(strict=False))
+    if not allowed:
+        raise ImageError(raw, "no dataset folder is registered to read images from; refusing to read it "
+                              "(register the dataset with its image folder)")
+    for root in allowed:
+        if resolved == root or resolved.is_relative_to(root):
+            return resolved
+    where = " or ".join(str(r) for r in allowed)
+    shown = raw if str(resolved) == raw else f"{raw} (resolves to {resolved})"
+    raise ImageError(shown, f"outside the dataset's registered folders ({where}); refusing to read it. "
+                            "Move the image into the dataset's image folder, or register the folder that "
+                            "holds it as the dataset's image folder")
+
+
+__all__.append("confine")
