@@ -581,17 +581,7 @@ def prediction_counts(store, run_ids: Iterable[int]) -> dict[int, tuple[int, int
     replaced (``Store.add_predictions`` deletes and inserts new rows), so it is a
     cheap cache key for the run's scores.
     """
-    import sqlalchemy as sa
-
-    from melcore.store import predictions as table
-
-    ids = sorted({int(r) for r in run_ids})
-    if not ids:
-        return {}
-    query = (sa.select(table.c.run_id, sa.func.count(), sa.func.max(table.c.id))
-             .where(table.c.run_id.in_(ids)).group_by(table.c.run_id))
-    with store.engine.connect() as conn:
-        return {int(run_id): (int(count), int(last)) for run_id, count, last in conn.execute(query)}
+    return store.prediction_counts(run_ids)
 
 
 def image_scores(store, image_name: str, runs: Sequence[Mapping]) -> pd.DataFrame:
@@ -610,19 +600,11 @@ def image_scores(store, image_name: str, runs: Sequence[Mapping]) -> pd.DataFram
     score (float), threshold (the run's saved threshold, else 0.5) and
     flagged (bool: score >= threshold).
     """
-    import sqlalchemy as sa
-
-    from melcore.store import predictions as table
-
     columns = ["run_id", "run", "model", "kind", "clinic", "split", "score", "threshold", "flagged"]
     by_id = {int(r["id"]): r for r in runs}
     if not by_id:
         return pd.DataFrame(columns=columns)
-    query = (sa.select(table.c.run_id, table.c.split, table.c.prediction, table.c.image_name)
-             .where(table.c.image_name == str(image_name), table.c.run_id.in_(list(by_id)))
-             .order_by(table.c.id))
-    with store.engine.connect() as conn:
-        found = pd.DataFrame(conn.execute(query).fetchall(), columns=["run_id", "split", "prediction", "image_name"])
+    found = store.predictions_for_image(image_name, by_id)
     rows = []
     for run_id, run in by_id.items():
         mine = found[found["run_id"] == run_id]

@@ -108,6 +108,7 @@ predictions = sa.Table(
     sa.Column("target", sa.Integer),
     sa.Column("prediction", sa.Float, nullable=False),
     sa.Index("ix_predictions_run_split", "run_id", "split"),
+    sa.Index("ix_predictions_image", "image_name"),
 )
 
 reviews = sa.Table(
@@ -398,6 +399,35 @@ class Store:
             frame = pd.DataFrame(result.fetchall(), columns=list(result.keys()))
         frame["target"] = frame["target"].astype("Int8")
         return frame
+
+    def prediction_counts(self, run_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """``{run_id: (number of stored predictions, largest row id)}`` for the runs that have any.
+
+        The pair changes whenever a run's predictions are replaced, so it is a cheap
+        cache key for a run's scores.
+        """
+        ids = sorted({int(r) for r in run_ids})
+        if not ids:
+            return {}
+        query = (sa.select(predictions.c.run_id, sa.func.count(), sa.func.max(predictions.c.id))
+                 .where(predictions.c.run_id.in_(ids)).group_by(predictions.c.run_id))
+        with self.engine.connect() as conn:
+            return {int(run_id): (int(count), int(last)) for run_id, count, last in conn.execute(query)}
+
+    def predictions_for_image(self, image_name: str, run_ids: Iterable[int]):
+        """Every stored score of one image by the given runs: DataFrame run_id, split, prediction, image_name."""
+        import pandas as pd
+
+        ids = sorted({int(r) for r in run_ids})
+        columns = ["run_id", "split", "prediction", "image_name"]
+        if not ids:
+            return pd.DataFrame(columns=columns)
+        query = (sa.select(predictions.c.run_id, predictions.c.split, predictions.c.prediction,
+                           predictions.c.image_name)
+                 .where(predictions.c.image_name == str(image_name), predictions.c.run_id.in_(ids))
+                 .order_by(predictions.c.id))
+        with self.engine.connect() as conn:
+            return pd.DataFrame(conn.execute(query).fetchall(), columns=columns)
 
     # -------------------------------------------------------------------- jobs
     def submit_job(self, config: dict, dataset_id: int | None = None, kind: str = "train",
