@@ -1,0 +1,414 @@
+"""Plotly figure builders for the dashboard (no Streamlit here; pages call these).
+
+Every builder takes plain numbers (numpy arrays, lists, DataFrames) keyed by a
+display name, returns a ``plotly.graph_objects.Figure`` and never computes a
+metric itself: the numbers come from :mod:`melcore.metrics`. A name keeps the
+same colour in every figure when the same ``names`` order is passed, so one model
+is one colour across ROC, threshold, precision-recall and calibration plots.
+
+Conventions shared by the builders
+    * Curve traces are named after the model (plus its summary, e.g.
+      ``"run-3<br>AUROC 0.871 (95% CI 0.842-0.899)"``, two legend lines); the trace's ``legendgroup``
+      and ``meta`` hold the bare name, so marker traces (``"<name> @ threshold"``,
+      hidden from the legend) can be found by name.
+    * Markers show the current operating point: a dict name -> ``(x, y)``; points
+      with a NaN coordinate are left out (e.g. PPV when nothing is flagged).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from melcore.errors import MelcoreError
+
+__all__ = [
+    "PALETTE",
+    "bar_figure",
+    "calibration_figure",
+    "color_for",
+    "confusion_figure",
+    "format_ci",
+    "heatmap_figure",
+    "pr_figure",
+    "roc_figure",
+    "threshold_figure",
+    "training_curves_figure",
+]
+
+#: Colour-blind-friendly qualitative palette (Okabe-Ito, without black/yellow).
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#8c564b", "#7f7f7f")
+_GUIDE = dict(color="#9a9a9a", dash="dot", width=1)
+_MARKER = dict(size=12, symbol="circle", line=dict(color="white", width=2))
+
+
+def color_for(index: int) -> str:
+    """The palette colour of the ``index``-th model (cycles after 8)."""
+    return PALETTE[index % len(PALETTE)]
+
+
+def format_ci(value: float, ci: Sequence[float] | None = None, digits: int = 3, level: float = 0.95) -> str:
+    """``"0.871 (95% CI 0.842-0.899)"``; ``"n/a"`` for NaN; the interval is omitted when unknown."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if ci is not None and len(ci) == 2 and all(c is not None and np.isfinite(c) for c in ci):
+        text += f" ({level:.0%} CI {ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
+    return text
+
+
+def _figure(traces: list, title: str, x_title: str, y_title: str, *, height: int = 420, square: bool = False,
+            xaxis: dict | None = None, yaxis: dict | None = None, threshold: float | None = None,
+            threshold_label: bool = False, **layout) -> go.Figure:
+    """One Figure built in a single pass (update_layout/add_vline calls cost ~10x more per call;
+    a threshold slider rebuilds four figures on every move)."""
+    xaxis = {"title": {"text": x_title}, **(xaxis or {})}
+    yaxis = {"title": {"text": y_title}, **(yaxis or {})}
+    if square:
+        yaxis.update(scaleanchor="x", scaleratio=1)
+    if threshold is not None and np.isfinite(threshold):
+        layout["shapes"] = [{"type": "line", "x0": float(threshold), "x1": float(threshold), "xref": "x",
+                             "y0": 0, "y1": 1, "yref": "paper", "line": {"color": "#444", "width": 1.5,
+                                                                          "dash": "dot"}}]
+        if threshold_label:
+            layout.setdefault("annotations", []).append(
+                {"x": float(threshold), "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom",
+                 "showarrow": False, "text": f"threshold {threshold:.3f}"})
+    return go.Figure(data=[t for t in traces if t is not None], layout={
+        "title": {"text": title, "x": 0.01, "xanchor": "left"}, "height": height, "hovermode": "closest",
+        "margin": {"l": 10, "r": 10, "t": 45, "b": 10},
+        "legend": {"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0,
+                   "font": {"size": 11}},
+        "xaxis": xaxis, "yaxis": yaxis, **layout})
+
+
+def _marker_trace(name: str, x: float, y: float, color: str, hover: str,
+                  label: str | None = None) -> go.Scatter | None:
+    if x is None or y is None or not (np.isfinite(x) and np.isfinite(y)):
+        return None
+    return go.Scatter(x=[x], y=[y], mode="markers", name=label or f"{name} @ threshold", legendgroup=name, meta=name,
+                      showlegend=False, marker=dict(color=color, **_MARKER), hovertemplate=hover + "<extra></extra>")
+
+
+def _color_map(names: Sequence[str] | None, keys) -> dict[str, str]:
+    order = list(names) if names is not None else []
+    order += [k for k in keys if k not in order]
+    return {name: color_for(i) for i, name in enumerate(order)}
+
+
+def _as_array(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).ravel()
+
+
+# --------------------------------------------------------------------------- ROC
+
+def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, float]] | None = None, *,
+               names: Sequence[str] | None = None, title: str = "ROC curves", level: float = 0.95,
+               height: int = 460) -> go.Figure:
+    """Overlaid ROC curves, one per model, with the AUROC and its CI in the legend.
+
+    Args:
+        curves: name -> ``(fpr, tpr, auc, ci)``: fpr, tpr float arrays (k,) as from
+            :func:`melcore.metrics.roc_curve`; auc float; ci ``(low, high)`` or None.
+        markers: name -> ``(fpr, tpr)`` of the current operating point (one marker each).
+        names: order of the colours (default: the order of ``curves``).
+        level: the CI level written in the legend.
+
+    Traces: one line per model named ``"<name><br>AUROC 0.871 (95% CI 0.842-0.899)"``
+    (``meta`` = name), the chance diagonal named "chance", then the markers.
+    """
+    colors = _color_map(names, curves)
+    traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=_GUIDE, hoverinfo="skip")]
+    for name, (fpr, tpr, auc, ci) in curves.items():
+        fpr, tpr = _as_array(fpr), _as_array(tpr)
+        if len(fpr) != len(tpr):
+            raise MelcoreError(f"ROC curve of {name!r}: fpr has {len(fpr)} points but tpr has {len(tpr)}")
+        traces.append(go.Scatter(
+            x=fpr, y=tpr, mode="lines", name=f"{name}<br>AUROC {format_ci(auc, ci, level=level)}",
+            legendgroup=name, meta=name, line=dict(color=colors[name], width=2.5),
+            hovertemplate="1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}<extra>" + name + "</extra>"))
+    for name, (x, y) in (markers or {}).items():
+        traces.append(_marker_trace(name, x, y, colors.get(name, color_for(len(colors))),
+                                    f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"))
+    unit = {"range": [-0.01, 1.01], "constrain": "domain"}
+    return _figure(traces, title, "1 - specificity (false positive rate)", "sensitivity (true positive rate)",
+                   height=height, square=True, xaxis=unit, yaxis=dict(unit))
+
+
+# --------------------------------------------------------------------------- threshold
+
+def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None,
+                     markers: Mapping[str, tuple[float, float]] | None = None, *,
+                     names: Sequence[str] | None = None, title: str = "Sensitivity and specificity by threshold",
+                     height: int = 460) -> go.Figure:
+    """Sensitivity (solid) and specificity (dashed) against the decision threshold.
+
+    Args:
+        curves: name -> DataFrame with columns ``threshold``, ``sensitivity``,
+            ``specificity`` (e.g. ``ThresholdSweep.curve(max_points=500)``).
+        threshold: draws a vertical line there when given.
+        markers: name -> ``(sensitivity, specificity)`` at ``threshold``; two markers
+            per model, at ``(threshold, sensitivity)`` and ``(threshold, specificity)``.
+
+    Traces per model: ``"<name> sensitivity"`` and ``"<name> specificity"`` (``meta`` = name).
+    """
+    colors = _color_map(names, curves)
+    traces = []
+    for name, table in curves.items():
+        missing = {"threshold", "sensitivity", "specificity"} - set(table.columns)
+        if missing:
+            raise MelcoreError(f"threshold curve of {name!r} lacks columns {sorted(missing)}")
+        x = table["threshold"].to_numpy(dtype=float)
+        # the last row of a sweep lies just above the top score (can exceed 1 by an ulp)
+        x = np.clip(x, 0.0, 1.0)
+        for metric, dash in (("sensitivity", "solid"), ("specificity", "dash")):
+            traces.append(go.Scatter(
+                x=x, y=table[metric].to_numpy(dtype=float), mode="lines", name=f"{name} {metric}",
+                legendgroup=name, meta=name, line=dict(color=colors[name], width=2.2, dash=dash, shape="hv"),
+                hovertemplate="threshold %{x:.3f}<br>" + metric + " %{y:.3f}<extra>" + name + "</extra>"))
+    if threshold is not None and np.isfinite(threshold):
+        for name, (sensitivity, specificity) in (markers or {}).items():
+            color = colors.get(name, color_for(len(colors)))
+            for metric, value in (("sensitivity", sensitivity), ("specificity", specificity)):
+                traces.append(_marker_trace(name, threshold, value, color, f"{name}<br>{metric} {value:.3f}",
+                                            label=f"{name} {metric} @ threshold"))
+    return _figure(traces, title, "decision threshold (flag for biopsy when p >= threshold)", "rate",
+                   height=height, xaxis={"range": [0, 1]}, yaxis={"range": [-0.02, 1.02]}, threshold=threshold,
+                   threshold_label=True)
+
+
+# --------------------------------------------------------------------------- precision-recall
+
+def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, float]] | None = None, *,
+              prevalence: float | None = None, names: Sequence[str] | None = None,
+              title: str = "Precision-recall", height: int = 460) -> go.Figure:
+    """Precision (PPV) against recall (sensitivity), one curve per model.
+
+    Args:
+        curves: name -> ``(precision, recall, average_precision)`` as from
+            :func:`melcore.metrics.precision_recall_curve` plus the AP (float).
+        markers: name -> ``(recall, precision)`` at the current threshold.
+        prevalence: the malignant fraction, drawn as the no-skill line.
+
+    Traces: ``"<name><br>AP 0.512"`` per model, "no skill" when prevalence is given, then markers.
+    """
+    colors = _color_map(names, curves)
+    traces = []
+    if prevalence is not None and np.isfinite(prevalence):
+        traces.append(go.Scatter(x=[0, 1], y=[prevalence, prevalence], mode="lines",
+                                 name=f"no skill (prevalence {prevalence:.3f})", line=_GUIDE, hoverinfo="skip"))
+    for name, (precision, recall, ap) in curves.items():
+        precision, recall = _as_array(precision), _as_array(recall)
+        traces.append(go.Scatter(
+            x=recall, y=precision, mode="lines", name=f"{name}<br>AP {format_ci(ap)}", legendgroup=name,
+            meta=name, line=dict(color=colors[name], width=2.2, shape="hv"),
+            hovertemplate="recall %{x:.3f}<br>precision %{y:.3f}<extra>" + name + "</extra>"))
+    for name, (recall, precision) in (markers or {}).items():
+        traces.append(_marker_trace(name, recall, precision, colors.get(name, color_for(len(colors))),
+                                    f"{name}<br>sensitivity {recall:.3f}<br>PPV {precision:.3f}"))
+    return _figure(traces, title, "recall (sensitivity)", "precision (PPV)", height=height,
+                   xaxis={"range": [-0.01, 1.01]}, yaxis={"range": [-0.01, 1.02]})
+
+
+# --------------------------------------------------------------------------- calibration
+
+def calibration_figure(tables: Mapping[str, tuple[pd.DataFrame, float]], threshold: float | None = None, *,
+                       names: Sequence[str] | None = None, title: str = "Calibration",
+                       height: int = 460) -> go.Figure:
+    """Reliability diagram: observed malignant fraction against mean predicted probability.
+
+    Args:
+        tables: name -> ``(calibration_table, brier)`` with the table of
+            :func:`melcore.metrics.calibration_table` (columns ``mean_predicted``,
+            ``fraction_malignant``, ``n``); empty bins are skipped.
+        threshold: vertical line at the decision threshold when given.
+
+    Traces: "perfect calibration", then ``"<name><br>Brier 0.0410"`` per model
+    (markers sized by the bin's image count, hover shows the count).
+    """
+    colors = _color_map(names, tables)
+    traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=_GUIDE,
+                         hoverinfo="skip")]
+    for name, (table, brier) in tables.items():
+        shown = table[table["n"] > 0]
+        counts = shown["n"].to_numpy(dtype=float)
+        sizes = 6 + 14 * np.sqrt(counts / counts.max()) if len(counts) else []
+        brier_text = f"{brier:.4f}" if brier is not None and np.isfinite(brier) else "n/a"
+        traces.append(go.Scatter(
+            x=shown["mean_predicted"], y=shown["fraction_malignant"], mode="lines+markers",
+            name=f"{name}<br>Brier {brier_text}", legendgroup=name, meta=name,
+            line=dict(color=colors[name], width=2), marker=dict(size=sizes, color=colors[name]),
+            customdata=counts,
+            hovertemplate=("predicted %{x:.3f}<br>observed %{y:.3f}<br>%{customdata:,.0f} images"
+                           "<extra>" + name + "</extra>")))
+    unit = {"range": [-0.01, 1.01], "constrain": "domain"}
+    return _figure(traces, title, "mean predicted probability", "observed malignant fraction", height=height,
+                   square=True, xaxis=unit, yaxis=dict(unit), threshold=threshold)
+
+
+# --------------------------------------------------------------------------- matrices and bars
+
+def heatmap_figure(matrix, labels: Sequence[str], *, column_labels: Sequence[str] | None = None, n=None,
+                   title: str = "Cross-clinic AUROC", x_title: str = "scored on clinic",
+                   y_title: str = "trained on clinic", zmin: float = 0.5, zmax: float = 1.0,
+                   value_format: str = ".3f", colorscale: str = "Blues", height: int | None = None) -> go.Figure:
+    """Annotated heatmap, row i = ``labels[i]``, column j = ``column_labels[j]`` (default ``labels``).
+
+    Args:
+        matrix: (r, c) numbers; None/NaN cells are blank and annotated "n/a".
+        n: optional (r, c) counts written under each value ("n=1,234").
+        zmin, zmax: colour range (AUROC: 0.5 chance .. 1).
+
+    One trace (``go.Heatmap``) whose ``text`` holds the annotations.
+    """
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64) \
+        if not isinstance(matrix, np.ndarray) else matrix.astype(np.float64)
+    if values.ndim != 2:
+        raise MelcoreError(f"a heatmap needs a 2-D matrix; got shape {values.shape}")
+    columns = list(column_labels) if column_labels is not None else list(labels)
+    if values.shape != (len(labels), len(columns)):
+        raise MelcoreError(f"heatmap matrix has shape {values.shape} but there are {len(labels)} row labels and "
+                           f"{len(columns)} column labels")
+    counts = None
+    if n is not None:
+        counts = np.array([[np.nan if v is None else v for v in row] for row in n], dtype=np.float64)
+        if counts.shape != values.shape:
+            raise MelcoreError(f"heatmap counts have shape {counts.shape}, the matrix {values.shape}")
+    text = []
+    for i in range(values.shape[0]):
+        row = []
+        for j in range(values.shape[1]):
+            cell = "n/a" if not np.isfinite(values[i, j]) else format(values[i, j], value_format)
+            if counts is not None and np.isfinite(counts[i, j]):
+                cell += f"<br>n={counts[i, j]:,.0f}"
+            row.append(cell)
+        text.append(row)
+    trace = go.Heatmap(
+        z=np.where(np.isfinite(values), values, None), x=[str(c) for c in columns], y=[str(r) for r in labels],
+        text=text, texttemplate="%{text}", zmin=zmin, zmax=zmax, colorscale=colorscale,
+        hovertemplate=y_title + " %{y}<br>" + x_title + " %{x}<br>%{text}<extra></extra>",
+        colorbar=dict(thickness=12))
+    return _figure([trace], title, x_title, y_title, height=height or max(260, 80 + 60 * len(labels)),
+                   xaxis={"type": "category", "side": "bottom"}, yaxis={"type": "category", "autorange": "reversed"})
+
+
+def confusion_figure(tp: int, fp: int, tn: int, fn: int, *, title: str = "Confusion matrix",
+                     height: int = 300) -> go.Figure:
+    """2x2 counts: rows truth (malignant, benign), columns decision (biopsy, no biopsy).
+
+    Colours are row-normalised (share of the malignant / benign lesions), so a rare
+    class still shows how it is split; the text gives the counts.
+    """
+    counts = np.array([[tp, fn], [fp, tn]], dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = counts / counts.sum(axis=1, keepdims=True)
+    z = np.where(np.isfinite(shares), shares, None)
+    text = [[f"TP<br>{tp:,}", f"FN<br>{fn:,}"], [f"FP<br>{fp:,}", f"TN<br>{tn:,}"]]
+    trace = go.Heatmap(
+        z=z, x=["biopsy", "no biopsy"], y=["malignant", "benign"], text=text,
+        texttemplate="%{text}", colorscale="Blues", showscale=False,
+        hovertemplate="truth %{y}<br>decision %{x}<br>%{text}<extra></extra>")
+    return _figure([trace], title, "decision", "truth", height=height, yaxis={"autorange": "reversed"},
+                   xaxis={"tickangle": 0})
+
+
+def bar_figure(categories: Sequence[str], series: Mapping[str, Sequence[float]], *,
+               errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+               names: Sequence[str] | None = None, title: str = "", x_title: str = "", y_title: str = "",
+               y_range: tuple[float, float] | None = None, value_format: str = ".3f",
+               horizontal: bool = False, height: int = 380) -> go.Figure:
+    """Grouped bars: one bar per category for each series (e.g. AUROC per clinic for each model).
+
+    Args:
+        categories: the c category labels.
+        series: name -> c values (NaN bars are left empty).
+        errors: name -> ``(low, high)`` arrays (c,) of interval bounds, drawn as
+            asymmetric error bars (e.g. the bootstrap CI).
+        horizontal: bars along x instead of y.
+
+    One ``go.Bar`` trace per series, named after it.
+    """
+    colors = _color_map(names, series)
+    categories = [str(c) for c in categories]
+    traces = []
+    for name, values in series.items():
+        values = _as_array(values)
+        if len(values) != len(categories):
+            raise MelcoreError(f"bar series {name!r} has {len(values)} values for {len(categories)} categories")
+        error = None
+        if errors and name in errors:
+            low, high = (_as_array(v) for v in errors[name])
+            error = dict(type="data", symmetric=False, array=np.nan_to_num(high - values),
+                         arrayminus=np.nan_to_num(values - low), color="#555", thickness=1.2)
+        shown = np.where(np.isfinite(values), values, None)
+        text = [format(v, value_format) if np.isfinite(v) else "" for v in values]
+        common = dict(name=name, meta=name, marker_color=colors[name], text=text,
+                      textposition="inside", insidetextanchor="start")
+        if horizontal:
+            traces.append(go.Bar(x=shown, y=categories, orientation="h", error_x=error, **common))
+        else:
+            traces.append(go.Bar(x=categories, y=shown, error_y=error, **common))
+    value_axis = {"range": list(y_range)} if y_range is not None else {}
+    return _figure(traces, title, y_title if horizontal else x_title, x_title if horizontal else y_title,
+                   height=height, barmode="group", xaxis=value_axis if horizontal else None,
+                   yaxis=None if horizontal else value_axis)
+
+
+# --------------------------------------------------------------------------- training
+
+_X_KEYS = ("epoch", "step", "batch")
+
+
+def training_curves_figure(history, metrics: Sequence[str] | None = None, *, x: str | None = None,
+                           title: str = "Training curves", height: int = 380) -> go.Figure:
+    """Learning curves from a training history.
+
+    Args:
+        history: list of dicts (one per epoch/step, e.g. ``{"epoch": 1, "loss": 0.41,
+            "val_loss": 0.45, "val_auc": 0.81}``) or a DataFrame of the same columns.
+            Non-numeric values are ignored; missing values leave gaps.
+        metrics: which keys to draw (default: every numeric key except ``x``).
+        x: the x-axis key (default: the first of "epoch", "step", "batch" present,
+            else the point's position starting at 1).
+
+    Losses (keys containing "loss") go on the left axis, every other metric (AUROC,
+    accuracy, learning rate...) on a right axis; validation series (``val_`` prefix)
+    are dashed and share their training series' colour. One trace per metric, named
+    after its key. An empty history gives an empty figure saying "no epochs yet".
+    """
+    frame = pd.DataFrame(list(history)) if not isinstance(history, pd.DataFrame) else history.copy()
+    if x is None:
+        x = next((key for key in _X_KEYS if key in frame.columns), None)
+    if x is not None and x not in frame.columns:
+        raise MelcoreError(f"history has no {x!r} column; columns: {', '.join(map(str, frame.columns))}")
+    xs = frame[x] if x is not None else pd.Series(np.arange(1, len(frame) + 1))
+    numeric = {c: pd.to_numeric(frame[c], errors="coerce") for c in frame.columns if c != x}
+    if metrics is None:
+        metrics = [c for c, v in numeric.items() if v.notna().any()]
+    else:
+        unknown = [m for m in metrics if m not in numeric]
+        if unknown:
+            raise MelcoreError(f"history has no {unknown} column(s); columns: {', '.join(map(str, frame.columns))}")
+    bases = list(dict.fromkeys(m[4:] if m.startswith("val_") else m for m in metrics))
+    colors = {base: color_for(i) for i, base in enumerate(bases)}
+    traces = []
+    has_right = False
+    for metric in metrics:
+        base = metric[4:] if metric.startswith("val_") else metric
+        right = "loss" not in metric.lower()
+        has_right |= right
+        traces.append(go.Scatter(
+            x=xs, y=numeric[metric], mode="lines+markers", name=metric, meta=metric,
+            yaxis="y2" if right else "y", connectgaps=False,
+            line=dict(color=colors[base], width=2, dash="dash" if metric.startswith("val_") else "solid"),
+            marker=dict(size=5)))
+    extra = {}
+    if has_right:
+        extra["yaxis2"] = {"title": {"text": "metric"}, "overlaying": "y", "side": "right", "showgrid": False}
+    if not metrics or len(frame) == 0:
+        extra["annotations"] = [{"text": "no epochs yet", "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper",
+                                 "yref": "paper"}]
+    return _figure(traces, title, x or "point", "loss", height=height, **extra)

@@ -1,0 +1,517 @@
+"""Compare: choose a model and an operating point together.
+
+Layout only; the numbers come from :mod:`melcore.compare` and :mod:`melcore.metrics`,
+the figures from :mod:`melcore.plots`. Everything that does not depend on the
+threshold (predictions joined with the cohort, sorted sweeps, bootstrap intervals,
+paired tests, per-clinic AUROCs) is cached per run and subset; the threshold-dependent
+part is one ``st.fragment``, so moving the slider or pressing a preset reruns only it:
+the sweeps answer in microseconds and the figures are redrawn.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from melcore import settings
+from melcore.compare import (
+    GroupBreakdown,
+    apply_subset,
+    at_threshold_table,
+    attach_metadata,
+    common_images,
+    describe_subset,
+    evaluate_predictions,
+    is_from_scratch,
+    latest_cross_clinic,
+    load_predictions,
+    operating_point_table,
+    pairwise_tests,
+    run_label,
+    subset_key,
+    subset_options,
+    summary_table,
+)
+from melcore.errors import MelcoreError
+from melcore.plots import (
+    bar_figure,
+    calibration_figure,
+    confusion_figure,
+    heatmap_figure,
+    pr_figure,
+    roc_figure,
+    threshold_figure,
+)
+from pages.common import dataset_picker, get_store, load_cohort_cached, show_error
+
+N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
+DEFAULT_RUNS = 3
+THRESHOLD = "compare_threshold"
+FOCUS = "compare_focus"
+SAVED_MESSAGE = "compare_saved_message"
+SPLIT_CHOICES = {"auto": "validation, else out-of-fold", "val": "held-out validation (val)",
+                 "oof": "out-of-fold (oof)"}
+PRESETS = (("youden", "Youden", "Maximise sensitivity + specificity - 1"),
+           ("sensitivity>=0.9", "Sens 90%", "Highest threshold that still finds 90% of melanomas"),
+           ("sensitivity>=0.95", "Sens 95%", "Highest threshold that still finds 95% of melanomas"))
+FILTER_LABELS = {"clinic": "Clinic", "source": "Source", "site": "Anatomical site", "sex": "Sex",
+                 "age_band": "Age band", "diagnosis": "Diagnosis"}
+
+
+# --------------------------------------------------------------------------- cached computations
+
+def _cohort_version(dataset: dict) -> tuple:
+    path = Path(dataset["csv_path"])
+    return int(dataset["id"]), path.stat().st_mtime if path.exists() else 0.0
+
+
+@st.cache_resource(show_spinner=False, max_entries=64, ttl=3600)
+def _prepared(url: str, run_id: int, split: str, cohort_version: tuple, _cohort):
+    """(frame joined with the cohort, split used, notes) for one run; the frame is never mutated."""
+    frame, used = load_predictions(get_store(), run_id, split)
+    if used is None:
+        return frame, None, []
+    frame, notes = attach_metadata(frame, _cohort)
+    return frame, used, notes
+
+
+@st.cache_resource(show_spinner="Evaluating (patient bootstrap)...", max_entries=64, ttl=3600)
+def _evaluation(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame):
+    return evaluate_predictions(_frame, n_boot=N_BOOT)
+
+
+@st.cache_resource(show_spinner="Paired tests on shared images...", max_entries=32, ttl=3600)
+def _pairwise(url: str, run_ids: tuple, split: str, cohort_version: tuple, subset: str, common: tuple, _frames):
+    return pairwise_tests(_frames, n_boot=N_BOOT)
+
+
+@st.cache_resource(show_spinner="Per-clinic intervals...", max_entries=64, ttl=3600)
+def _breakdown(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame):
+    return GroupBreakdown(_frame, "clinic", n_boot=N_BOOT)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+def _set_threshold(value: float) -> None:
+    st.session_state[THRESHOLD] = float(value)
+
+
+def _focus_changed(saved: dict) -> None:
+    value = saved.get(st.session_state.get(FOCUS))
+    if value is not None:
+        st.session_state[THRESHOLD] = float(value)
+
+
+def _save_threshold(run_id: int, label: str) -> None:
+    value = float(st.session_state[THRESHOLD])
+    try:
+        get_store().set_threshold(run_id, value)
+    except MelcoreError as exc:
+        st.session_state[SAVED_MESSAGE] = ("error", str(exc))
+        return
+    st.session_state[SAVED_MESSAGE] = ("success", f"Saved threshold {value:.4f} for {label}; the Review page "
+                                                  "now flags images with p ≥ this value.")
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1%}"
+
+
+def _biopsies(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "none flagged"
+    if math.isinf(value):
+        return "∞ (no melanoma found)"
+    return f"{value:.1f}"
+
+
+def _p_value(value: float) -> str:
+    if value is None or not np.isfinite(value):
+        return ""
+    return "< 0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+# --------------------------------------------------------------------------- sections
+
+def _pick_runs(store, dataset: dict) -> tuple[list[dict], str, bool]:
+    runs = [r for r in store.list_runs(dataset_id=dataset["id"]) if r["kind"] != "cross-clinic"]
+    if not runs:
+        st.info(f"No trained runs for **{dataset['name']}** yet. Train one on the **Train** page, or queue one "
+                f"from a terminal with `python -m melcore jobs submit --dataset \"{dataset['name']}\" --model "
+                "efficientnet-b3` for the background worker (`python -m trainers.worker`); "
+                "`python -m melcore train --help` trains directly into a run folder. Finished runs appear here "
+                "with their validation predictions.")
+        return [], "auto", False
+    cols = st.columns([1, 1, 1, 1.3])
+    clinics = sorted({r["clinic"] or "all clinics" for r in runs})
+    models = sorted({r["model"] or "unknown" for r in runs})
+    kinds = sorted({r["kind"] for r in runs})
+    clinic = cols[0].selectbox("Trained on clinic", ["any"] + clinics, key="compare_filter_clinic")
+    model = cols[1].selectbox("Model", ["any"] + models, key="compare_filter_model")
+    kind = cols[2].selectbox("Kind", ["any"] + kinds, key="compare_filter_kind")
+    split = cols[3].selectbox("Predictions", list(SPLIT_CHOICES), format_func=SPLIT_CHOICES.get,
+                              key="compare_split")
+    shown = [r for r in runs
+             if clinic in ("any", r["clinic"] or "all clinics") and model in ("any", r["model"] or "unknown")
+             and kind in ("any", r["kind"])]
+    if not shown:
+        st.info("No run matches these filters.")
+        return [], split, False
+    by_id = {r["id"]: r for r in shown}
+    # no key: a new set of options (other filters) starts again from the newest runs
+    chosen = st.multiselect("Runs", list(by_id), default=list(by_id)[:DEFAULT_RUNS],
+                            format_func=lambda i: run_label(by_id[i]),
+                            help="Newest first. Runs marked 'from scratch' had no pretrained weights.")
+    row = st.columns([3, 1])
+    common = row[0].checkbox("Only images scored by every selected run", value=False, key="compare_common",
+                             help="Evaluate all runs on exactly the same images (the fair comparison when runs "
+                                  "were validated on different splits).")
+    if row[1].button("Reload predictions", key="compare_reload", width="stretch",
+                     help="Predictions and intervals are cached per run; read them again after a run was "
+                          "re-evaluated."):
+        for cached in (_prepared, _evaluation, _pairwise, _breakdown):
+            cached.clear()
+    return [by_id[i] for i in chosen], split, common
+
+
+def _subset_filters(frames: dict) -> dict:
+    union = pd.concat(list(frames.values()), ignore_index=True).drop_duplicates("image_name")
+    options = subset_options(union)
+    filters = {}
+    with st.expander("Subset: recompute everything on part of the images", expanded=False):
+        if not options:
+            st.caption("The predictions carry no site, sex, age or clinic to filter on.")
+            return filters
+        cols = st.columns(min(3, len(options)))
+        for i, (column, values) in enumerate(options.items()):
+            label = FILTER_LABELS.get(column, column.replace("_", " ").capitalize())
+            filters[column] = cols[i % len(cols)].multiselect(label, values, key=f"compare_subset_{column}",
+                                                              placeholder="all")
+    return filters
+
+
+def _scratch_warning(runs: list[dict]) -> None:
+    scratch = [run_label(r) for r in runs if is_from_scratch(r)]
+    if scratch:
+        st.warning("Trained **from scratch** (no pretrained weights; expect a lower AUROC than transfer learning): "
+                   + "; ".join(scratch))
+
+
+def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
+    table = summary_table(evaluations)
+    shown = pd.DataFrame({
+        "Run": table["run"],
+        "Weights": ["from scratch" if is_from_scratch(runs_by_label[r]) else "pretrained" for r in table["run"]],
+        "Split": [splits[r] for r in table["run"]],
+        "Images": table["n"], "Malignant": table["n_malignant"], "Patients": table["n_patients"],
+        "AUROC": table["auroc"].round(4),
+        "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
+                   for lo, hi in zip(table["auroc_low"], table["auroc_high"])],
+        "Avg precision": table["average_precision"].round(4), "Brier": table["brier"].round(4),
+        "Note": table["note"],
+    })
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_summary")
+    for label, evaluation in evaluations.items():
+        if evaluation.note:
+            st.warning(f"{label}: {evaluation.note}.")
+    st.caption(f"AUROC intervals: {N_BOOT:,} patient-bootstrap resamples (a patient's lesions stay together).")
+
+
+def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float]:
+    labels = list(evaluations)
+    if st.session_state.get(FOCUS) not in labels:
+        st.session_state[FOCUS] = labels[0]
+        if THRESHOLD not in st.session_state and saved[labels[0]] is not None:
+            st.session_state[THRESHOLD] = float(saved[labels[0]])
+    if THRESHOLD not in st.session_state:
+        st.session_state[THRESHOLD] = 0.5
+    cols = st.columns([1.2, 2])
+    focus = cols[0].selectbox("Focus run (confusion matrix, presets, saving)", labels, key=FOCUS,
+                              on_change=_focus_changed, args=(saved,))
+    evaluation = evaluations[focus]
+    presets = evaluation.presets()
+    with cols[1]:
+        threshold = st.slider("Decision threshold: flag for biopsy when p ≥ threshold", 0.0, 1.0, step=0.001,
+                              format="%.3f", key=THRESHOLD)
+        buttons = st.columns(len(PRESETS) + 1)
+        for col, (name, text, why) in zip(buttons, PRESETS):
+            value = presets.get(name)
+            col.button(text, key=f"compare_preset_{name}", on_click=_set_threshold, args=(value,),
+                       disabled=value is None, width="stretch",
+                       help=f"{why} (focus run: {value:.4f})" if value is not None else "needs both classes")
+        saved_value = saved[focus]
+        buttons[-1].button("Saved", key="compare_use_saved", on_click=_set_threshold, args=(saved_value,),
+                           disabled=saved_value is None, width="stretch",
+                           help=f"The focus run's saved threshold ({saved_value:.4f})" if saved_value is not None
+                           else "No threshold saved for the focus run yet")
+    return focus, float(threshold)
+
+
+def _focus_metrics(evaluation, threshold: float) -> None:
+    m = evaluation.at(threshold)
+    cols = st.columns(6)
+    cols[0].metric("Sensitivity", _pct(m["sensitivity"]), help=f"{m['tp']:,} of {m['n_malignant']:,} melanomas "
+                                                             "flagged")
+    cols[1].metric("Specificity", _pct(m["specificity"]), help=f"{m['tn']:,} of {m['n_benign']:,} benign "
+                                                             "lesions not flagged")
+    cols[2].metric("PPV", _pct(m["ppv"]), help="Flagged lesions that are melanomas")
+    cols[3].metric("NPV", _pct(m["npv"]), help="Lesions not flagged that are benign")
+    cols[4].metric("Biopsies / melanoma", _biopsies(m["biopsies_per_melanoma"]),
+                   help="Flagged lesions per melanoma found (1 / PPV)")
+    cols[5].metric("Flagged", f"{m['n_flagged']:,}", help=f"Lesions sent to biopsy at this threshold, of {m['n']:,}")
+
+
+def _curves(evaluations: dict, threshold: float, names: list) -> None:
+    curved = {k: e for k, e in evaluations.items() if e.both_classes}
+    rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci) for k, e in curved.items()}
+    roc_markers = {k: e.roc_point(threshold) for k, e in curved.items()}
+    pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
+    pr_markers = {k: e.pr_point(threshold) for k, e in curved.items()}
+    sweeps = {k: e.curve for k, e in evaluations.items()}
+    sweep_markers = {k: (e.at(threshold)["sensitivity"], e.at(threshold)["specificity"])
+                     for k, e in evaluations.items()}
+    calibration = {k: (e.calibration, e.brier) for k, e in evaluations.items()}
+    prevalences = [e.prevalence for e in evaluations.values()]
+    prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
+    top = st.columns(2)
+    top[0].plotly_chart(roc_figure(rocs, roc_markers, names=names), width="stretch", key="compare_roc")
+    top[1].plotly_chart(threshold_figure(sweeps, threshold, sweep_markers, names=names), width="stretch",
+                        key="compare_sweep")
+    bottom = st.columns(2)
+    bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names), width="stretch",
+                           key="compare_pr")
+    bottom[1].plotly_chart(calibration_figure(calibration, threshold, names=names), width="stretch",
+                           key="compare_calibration")
+
+
+def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focus: str, dataset: dict,
+                     filters: dict) -> None:
+    st.subheader("At this threshold")
+    cols = st.columns([1.1, 2])
+    m = evaluations[focus].at(threshold)
+    cols[0].plotly_chart(confusion_figure(m["tp"], m["fp"], m["tn"], m["fn"], title="Focus run"),
+                         width="stretch", key="compare_confusion")
+    table = at_threshold_table(evaluations, threshold)
+    shown = pd.DataFrame({
+        "Run": table["run"], "Sensitivity": table["sensitivity"].map(_pct),
+        "Specificity": table["specificity"].map(_pct), "PPV": table["ppv"].map(_pct), "NPV": table["npv"].map(_pct),
+        "Biopsies / melanoma": table["biopsies_per_melanoma"].map(_biopsies),
+        "TP": table["tp"], "FP": table["fp"], "TN": table["tn"], "FN": table["fn"],
+    })
+    with cols[1]:
+        runs_tab, clinics_tab = st.tabs(["Selected runs", "By clinic"])
+        runs_tab.dataframe(shown, hide_index=True, width="stretch", key="compare_at_threshold")
+        with clinics_tab:
+            _clinic_table(breakdowns, threshold)
+        download = operating_point_table(evaluations, threshold)
+        download.insert(1, "dataset", dataset["name"])
+        download.insert(2, "subset", describe_subset(filters))
+        st.download_button("Download operating points (CSV)", download.to_csv(index=False).encode(),
+                           file_name=f"operating-points-{dataset['name']}.csv", mime="text/csv",
+                           key="compare_download", on_click="ignore",
+                           help="Every run at this threshold, at Youden's point, at 90% / 95% sensitivity and at "
+                                "90% specificity.")
+
+
+def _clinic_table(breakdowns: dict, threshold: float) -> None:
+    if not breakdowns:
+        st.caption("No per-clinic table for this selection.")
+        return
+    rows = pd.concat([b.at(threshold).assign(run=name) for name, b in breakdowns.items()], ignore_index=True)
+    shown = pd.DataFrame({
+        "Run": rows["run"], "Clinic": rows["group"], "Images": rows["n"], "Malignant": rows["n_malignant"],
+        "AUROC": rows["auroc"].round(4),
+        "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else "" for lo, hi in
+                   zip(rows["auroc_low"], rows["auroc_high"])],
+        "Sensitivity": rows["sensitivity"].map(_pct), "Specificity": rows["specificity"].map(_pct),
+        "PPV": rows["ppv"].map(_pct), "Biopsies / melanoma": rows["biopsies_per_melanoma"].map(_biopsies),
+        "Note": rows["note"],
+    })
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table")
+
+
+def _save_section(focus: str, run: dict, threshold: float) -> None:
+    cols = st.columns([1.2, 2])
+    cols[0].button(f"Save {threshold:.3f} as this run's threshold", key="compare_save", type="primary",
+                   on_click=_save_threshold, args=(run["id"], focus))
+    message = st.session_state.pop(SAVED_MESSAGE, None)
+    if message:
+        (st.success if message[0] == "success" else st.error)(message[1])
+    saved = run["threshold"]
+    cols[1].caption(f"Saved threshold of {focus}: **{saved:.4f}** (used by the Review page)" if saved is not None
+                    else f"{focus} has no saved threshold yet; the Review page uses 0.5 until you save one.")
+
+
+def _pairwise_section(table: pd.DataFrame) -> None:
+    st.subheader("Are the differences real?")
+    if table.empty:
+        st.caption("Select at least two runs to test their AUROC difference.")
+        return
+    any_boot = table["bootstrap_p"].notna().any()
+    shown = pd.DataFrame({
+        "Run A": table["run_a"], "Run B": table["run_b"], "Shared images": table["n_shared"],
+        "Malignant": table["n_malignant"], "Patients": table["n_patients"],
+        "AUROC A": table["auroc_a"].round(4), "AUROC B": table["auroc_b"].round(4),
+        "A - B": table["diff"].round(4), "DeLong p": table["delong_p"].map(_p_value),
+    })
+    if any_boot:
+        shown["Patient-bootstrap p"] = table["bootstrap_p"].map(_p_value)
+        shown["95% CI of A - B"] = [f"{lo:.3f} to {hi:.3f}" if np.isfinite(lo) else ""
+                                    for lo, hi in zip(table["bootstrap_low"], table["bootstrap_high"])]
+    shown["Note"] = table["note"]
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_pairwise")
+    st.caption("Each pair is compared on the images both runs scored (joined on image name). DeLong's test treats "
+               "images as independent; when patients have several lesions the paired patient bootstrap "
+               f"({N_BOOT:,} resamples) is the one to trust.")
+
+
+def _clinic_bars(breakdowns: dict, names: list) -> None:
+    st.subheader("By clinic")
+    bases = {k: b.base for k, b in breakdowns.items()}
+    clinics = sorted(set().union(*(set(t["group"]) for t in bases.values())))
+    if len(clinics) < 2:
+        st.caption(f"One clinic only ({clinics[0]}) in this subset.")
+        return
+    series, errors = {}, {}
+    for name, table in bases.items():
+        indexed = table.set_index("group").reindex(clinics)
+        series[name] = indexed["auroc"].to_numpy(dtype=float)
+        errors[name] = (indexed["auroc_low"].to_numpy(dtype=float), indexed["auroc_high"].to_numpy(dtype=float))
+    st.plotly_chart(bar_figure(clinics, series, errors=errors, names=names, title="AUROC per clinic (95% CI)",
+                               x_title="clinic", y_title="AUROC", y_range=(0.0, 1.08)),
+                    width="stretch", key="compare_clinic_bars")
+    st.caption("Sensitivity, specificity and biopsies per clinic at the chosen threshold: the 'By clinic' tab above.")
+
+
+def _cross_clinic_section(store, dataset: dict) -> None:
+    st.subheader("Across clinics")
+    try:
+        cross = latest_cross_clinic(store, dataset["id"])
+    except MelcoreError as exc:
+        show_error(exc, "Cross-clinic evaluation unreadable")
+        return
+    if cross is None:
+        st.info("No cross-clinic evaluation for this dataset yet. Train a model on each clinic and score it on "
+                f"every other one with `python -m melcore cross-clinic --help` (dataset **{dataset['name']}**); "
+                "the matrix then appears here.")
+        return
+    st.plotly_chart(heatmap_figure(cross.matrix, cross.clinics, n=cross.n,
+                                   title=f"AUROC trained on (rows) × scored on (columns) · run #{cross.run['id']}"),
+                    width="stretch", key="compare_cross_clinic")
+    inside, outside = cross.in_and_out()
+    if np.isfinite(inside) and np.isfinite(outside):
+        st.caption(f"Mean AUROC on the training clinic {inside:.3f}; on other clinics {outside:.3f} "
+                   f"(a drop of {inside - outside:.3f} is the cost of moving a model between clinics).")
+
+
+@st.fragment
+def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, dataset: dict, filters: dict) -> None:
+    """Everything that depends on the threshold; a slider move or preset reruns only this part."""
+    st.subheader("Operating point")
+    store = get_store()
+    runs = {label: store.get_run(runs_by_label[label]["id"]) for label in evaluations}  # saved thresholds change
+    focus, threshold = _threshold_controls(evaluations, {k: r["threshold"] for k, r in runs.items()})
+    _focus_metrics(evaluations[focus], threshold)
+    _curves(evaluations, threshold, list(evaluations))
+    _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters)
+    _save_section(focus, runs[focus], threshold)
+
+
+# --------------------------------------------------------------------------- page
+
+def main() -> None:
+    st.title("Compare")
+    st.caption("Choose a model and an operating point together: ROC with patient-bootstrap intervals, "
+               "paired tests, per-clinic behaviour and the biopsy cost of each threshold.")
+    store = get_store()
+    dataset = dataset_picker(store, key="compare_dataset")
+    if dataset is None:
+        return
+    runs, split, common = _pick_runs(store, dataset)
+    if not runs:
+        if store.list_runs(dataset_id=dataset["id"]):
+            _cross_clinic_section(store, dataset)
+        return
+    try:
+        cohort = load_cohort_cached(dataset)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, "The dataset's table could not be read; subsets by site, sex and age are unavailable")
+        cohort = None
+    version = _cohort_version(dataset) + (cohort is not None,)
+    url = settings.db_url()
+
+    frames, splits, runs_by_label, notes = {}, {}, {}, []
+    for run in runs:
+        label = run_label(run)
+        try:
+            frame, used, run_notes = _prepared(url, run["id"], split, version, cohort)
+        except MelcoreError as exc:
+            notes.append(f"{label}: skipped ({exc})")
+            continue
+        if used is None:
+            which = "" if split == "auto" else f" of split '{split}'"
+            notes.append(f"{label}: no stored predictions{which}, skipped")
+            continue
+        if len(frame) == 0:
+            notes.append(f"{label}: no labelled predictions, skipped")
+            continue
+        frames[label], splits[label], runs_by_label[label] = frame, used, run
+        notes += [f"{label}: {n}" for n in run_notes]
+    for note in notes:
+        st.caption(note)
+    if not frames:
+        st.info("None of the selected runs has predictions to compare yet.")
+        return
+
+    filters = _subset_filters(frames)
+    key = subset_key(filters)
+    subset = {k: apply_subset(f, filters) for k, f in frames.items()}
+    common_ids = tuple(sorted(r["id"] for r in runs_by_label.values())) if common else ()
+    if common:
+        subset = common_images(subset)
+    if filters and any(filters.values()):
+        st.caption(f"Subset: {describe_subset(filters)}")
+
+    evaluations = {}
+    for label, frame in subset.items():
+        run_id = runs_by_label[label]["id"]
+        if len(frame) == 0:
+            st.caption(f"{label}: no images in this subset, left out")
+            continue
+        try:
+            evaluations[label] = _evaluation(url, run_id, splits[label], version, key, common_ids, frame)
+        except MelcoreError as exc:
+            show_error(exc, label)
+    if not evaluations:
+        st.info("No selected run has images in this subset: widen the subset.")
+        return
+    names = list(evaluations)
+
+    _scratch_warning([runs_by_label[k] for k in names])
+    _summary(evaluations, runs_by_label, splits)
+
+    breakdowns = {}
+    for label in names:
+        try:
+            breakdowns[label] = _breakdown(url, runs_by_label[label]["id"], splits[label], version, key, common_ids,
+                                           subset[label])
+        except MelcoreError as exc:
+            show_error(exc, f"{label}: per-clinic table")
+
+    _operating_point(evaluations, breakdowns, runs_by_label, dataset, filters)
+
+    pair_frames = {k: subset[k] for k in names}
+    pair_key = tuple(runs_by_label[k]["id"] for k in names)
+    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames))
+    if breakdowns:
+        _clinic_bars(breakdowns, names)
+    _cross_clinic_section(store, dataset)
+
+
+main()
