@@ -1,0 +1,377 @@
+"""Review: go through a run's predictions, highest risk first, and record a decision for each lesion.
+
+Layout only; the worklist, progress counts, history and CSV export come from
+:mod:`melcore.review`, the lesion view and the patient strip from
+:mod:`pages.widgets`. Decisions are appended to the store (``Store.add_review``)
+the moment they are saved and never overwritten, so each lesion keeps its full
+history. Whatever the reviewer typed survives a failed save and moving to another
+lesion (drafts are kept in the session until saved).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from melcore import settings
+from melcore.browse import PatientBrowser, dataset_roots, prediction_counts, run_threshold
+from melcore.errors import MelcoreError
+from melcore.review import (
+    REVIEW_DECISIONS,
+    SCOPES,
+    apply_scope,
+    check_reviewer,
+    history_table,
+    iso_time,
+    review_progress,
+    reviews_csv,
+    worklist,
+)
+from pages.common import dataset_picker, get_store, load_cohort_cached, show_error
+from pages.widgets import lesion_panel, patient_strip
+
+K = "review_"  # session-state prefix of this page
+REVIEWER = "melreview_reviewer"  # the reviewer's name, kept for the whole session (not a widget key)
+TABLE_ROWS = 50  # worklist rows shown around the current lesion
+
+
+# --------------------------------------------------------------------------- cached data
+
+@st.cache_data(show_spinner=False, max_entries=16, ttl=3600)
+def _predictions(url: str, run_id: int, version: tuple) -> pd.DataFrame:
+    return get_store().get_predictions(run_id)
+
+
+@st.cache_resource(show_spinner="Preparing the lesion table...", max_entries=4, ttl=3600)
+def _browser(url: str, dataset_id: int, csv_mtime: float, run_id: int, version: tuple, _cohort,
+             _predictions) -> PatientBrowser:
+    return PatientBrowser(_cohort, _predictions)
+
+
+def _csv_mtime(dataset: dict) -> float:
+    path = Path(dataset["csv_path"])
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+# --------------------------------------------------------------------------- state and callbacks
+
+def _drafts() -> dict:
+    return st.session_state.setdefault(K + "drafts", {})
+
+
+def _errors() -> dict:
+    return st.session_state.setdefault(K + "errors", {})
+
+
+def _note_key(run_id: int, image: str) -> str:
+    return f"{K}note_{run_id}_{image}"
+
+
+def _decision_key(run_id: int, image: str) -> str:
+    return f"{K}decision_{run_id}_{image}"
+
+
+def _remember_reviewer() -> None:
+    st.session_state[REVIEWER] = st.session_state.get(K + "reviewer", "")
+
+
+def _keep_draft(run_id: int, image: str) -> None:
+    _drafts()[(run_id, image)] = {"note": st.session_state.get(_note_key(run_id, image), ""),
+                                  "decision": st.session_state.get(_decision_key(run_id, image))}
+
+
+def _go_to(image: str | None) -> None:
+    if image is not None:
+        st.session_state[K + "current"] = image
+
+
+def _on_position(names: list[str]) -> None:
+    position = int(st.session_state.get(K + "pos") or 1)
+    _go_to(names[min(max(position, 1), len(names)) - 1] if names else None)
+
+
+def _save(run_id: int, image: str, then: str | None) -> None:
+    """Append the decision (button callback, so the form can be reset or kept before it is drawn again)."""
+    note_key, decision_key = _note_key(run_id, image), _decision_key(run_id, image)
+    note = st.session_state.get(note_key, "") or ""
+    decision = st.session_state.get(decision_key)
+    _keep_draft(run_id, image)
+    try:
+        reviewer = check_reviewer(st.session_state.get(K + "reviewer") or st.session_state.get(REVIEWER))
+        if decision not in REVIEW_DECISIONS:
+            raise MelcoreError(f"choose a decision ({', '.join(REVIEW_DECISIONS)}) before saving")
+        get_store().add_review(run_id, image, reviewer, decision, note)
+    except Exception as exc:  # whatever went wrong, the reviewer's input stays in the form
+        reason = str(exc) if isinstance(exc, MelcoreError) else f"{type(exc).__name__}: {exc}"
+        _errors()[(run_id, image)] = f"Not saved: {reason}. Your decision and note are kept in the form."
+        return
+    _errors().pop((run_id, image), None)
+    _drafts().pop((run_id, image), None)
+    st.session_state[note_key] = ""
+    st.session_state[decision_key] = None
+    st.session_state[K + "flash"] = f"Saved **{decision}** for {image} by {reviewer}."
+    _go_to(then)
+
+
+# --------------------------------------------------------------------------- parts of the page
+
+def _run_label(run: dict, n_predictions: int) -> str:
+    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
+    if run.get("model"):
+        parts.append(str(run["model"]))
+    if run.get("clinic"):
+        parts.append(f"clinic {run['clinic']}")
+    if run.get("from_scratch"):
+        parts.append("trained from scratch")
+    parts.append(f"{n_predictions:,} scores")
+    return " · ".join(parts)
+
+
+def _reviewer_input(column) -> str:
+    if K + "reviewer" not in st.session_state:
+        st.session_state[K + "reviewer"] = st.session_state.get(REVIEWER, "")
+    name = column.text_input("Reviewer (required)", key=K + "reviewer", on_change=_remember_reviewer,
+                             placeholder="your name", max_chars=200,
+                             help="Every decision is saved with this name and the time.")
+    st.session_state[REVIEWER] = name
+    return name.strip()
+
+
+def _progress(full: pd.DataFrame, scope: str, threshold: float) -> None:
+    progress = review_progress(full)
+    if scope == "above threshold":
+        done, total, what = progress.flagged_reviewed, progress.flagged, f"lesions at or above {threshold:.2f}"
+    else:
+        done, total, what = progress.reviewed, progress.total, "scored lesions"
+    cols = st.columns([1, 1, 3], vertical_alignment="center")
+    cols[0].metric("Reviewed", f"{done:,} / {total:,}")
+    cols[1].metric("Above threshold", f"{progress.flagged:,}")
+    with cols[2]:
+        st.progress(done / total if total else 0.0, text=f"{done:,} of {total:,} {what} have a decision")
+        counts = ", ".join(f"{n:,} {d}" for d, n in progress.by_decision.items() if n)
+        st.caption(f"Current decisions: {counts}" if counts else "No decision recorded yet for this run.")
+
+
+def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int) -> str | None:
+    """The window of the worklist around the current lesion; the image whose row was selected, if new."""
+    start = (position - 1) // TABLE_ROWS * TABLE_ROWS
+    window = shown.iloc[start:start + TABLE_ROWS]
+    table = pd.DataFrame({
+        "rank": window["rank"].to_numpy(),
+        "image": window["image_name"].to_numpy(),
+        "patient": window["patient_id"].to_numpy(),
+        "risk": window["risk"].to_numpy(dtype=float),
+        "flagged": window["flagged"].to_numpy(dtype=bool),
+        "decision": window["decision"].fillna("—").to_numpy(),
+        "reviewer": window["reviewer"].fillna("").to_numpy(),
+    })
+    st.caption(f"Rows {start + 1}-{start + len(window)} of {len(shown):,} (rank = position by risk in the whole "
+               "run). Select a row to open it.")
+    key = f"{K}table_{run_id}_{scope}_{start}"
+    event = st.dataframe(
+        table, hide_index=True, width="stretch", key=key, on_select="rerun", selection_mode="single-row",
+        height=min(38 + 35 * len(table), 600),
+        column_config={"risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=1.0, format="%.3f"),
+                       "flagged": st.column_config.CheckboxColumn("≥ threshold")})
+    rows = list(getattr(getattr(event, "selection", None), "rows", []) or [])
+    chosen = str(window["image_name"].iloc[rows[0]]) if rows and rows[0] < len(window) else None
+    last = st.session_state.get(K + "table_last")
+    st.session_state[K + "table_last"] = chosen
+    return chosen if chosen is not None and chosen != last else None
+
+
+def _decision_form(run_id: int, image: str, names: list[str], index: int, reviewer: str) -> None:
+    note_key, decision_key = _note_key(run_id, image), _decision_key(run_id, image)
+    draft = _drafts().get((run_id, image), {})
+    if note_key not in st.session_state:
+        st.session_state[note_key] = draft.get("note", "")
+    if decision_key not in st.session_state:
+        st.session_state[decision_key] = draft.get("decision")
+    st.markdown("**Your decision**")
+    st.radio("Decision", REVIEW_DECISIONS, key=decision_key, horizontal=True, label_visibility="collapsed",
+             on_change=_keep_draft, args=(run_id, image))
+    st.text_area("Note (optional)", key=note_key, height=90, on_change=_keep_draft, args=(run_id, image),
+                 placeholder="e.g. asymmetric pigment network; compare with the lesion on the back")
+    following = names[index + 1] if index + 1 < len(names) else None
+    cols = st.columns([1, 1, 2], vertical_alignment="center")
+    cols[0].button("Save", key=K + "save", type="primary", on_click=_save, args=(run_id, image, None),
+                   width="stretch")
+    cols[1].button("Save and next", key=K + "save_next", on_click=_save, args=(run_id, image, following),
+                   width="stretch", disabled=following is None)
+    if not reviewer:
+        cols[2].caption(":orange[Enter your name as reviewer at the top: nothing is saved without it.]")
+    error = _errors().get((run_id, image))
+    if error:
+        st.error(error)
+
+
+def _history(store, run_id: int, image: str) -> None:
+    history = store.review_history(run_id, image)
+    if history.empty:
+        st.caption("No decision recorded for this lesion yet.")
+        return
+    last = history.iloc[-1]
+    st.markdown(f"**Current decision: {last['decision']}** by {last['reviewer']} at {iso_time(last['created_at'])}"
+                + (f" — {last['note']}" if last["note"] else ""))
+    st.caption(f"History ({len(history)} decision(s), newest first). Saving again adds a new entry; earlier "
+               "entries are never changed.")
+    st.dataframe(history_table(history), hide_index=True, width="stretch", key=f"{K}history")
+
+
+def _lesion(browser: PatientBrowser | None, row: pd.Series) -> dict:
+    name = str(row["image_name"])
+    if browser is not None:
+        try:
+            return browser.lesion(name)
+        except MelcoreError:
+            pass
+    # The run scored an image that the dataset's table no longer lists.
+    return {"image_name": name, "patient_id": row["patient_id"], "clinic": row["clinic"], "target": row["target"],
+            "risk": row["risk"], "image_path": None}
+
+
+def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshold: float,
+                   full_names: set[str], shown_names: set[str]) -> None:
+    patient = lesion.get("patient")
+    if browser is None or patient is None or patient not in browser:
+        return
+    st.markdown(f"**Patient {patient}: other lesions**")
+    clicked = patient_strip(browser.patient_lesions(patient), key=K + "strip", roots=roots,
+                            current=str(lesion["image_name"]), threshold=threshold)
+    if clicked is None:
+        return
+    if clicked in shown_names:
+        st.session_state[K + "goto"] = clicked
+        st.rerun()
+    elif clicked in full_names:
+        st.session_state[K + "goto"] = clicked
+        st.session_state[K + "goto_scope"] = "all"
+        st.rerun()
+    else:
+        st.info(f"{clicked} is not in this run's worklist: the run did not score it (e.g. it was a training "
+                "image).")
+
+
+# --------------------------------------------------------------------------- page
+
+def main() -> None:
+    st.title("Review")
+    st.caption("Go through a run's predictions, highest risk first, and record a decision for each lesion. "
+               "Every decision is saved at once with your name and the time; changing it adds to the history.")
+    store = get_store()
+    top = st.columns([2, 3, 2])
+    with top[0]:
+        dataset = dataset_picker(store, key=K + "dataset")
+    if dataset is None:
+        return
+    runs = store.list_runs(dataset_id=int(dataset["id"]))
+    counts = prediction_counts(store, [r["id"] for r in runs])
+    scored = {int(r["id"]): r for r in runs if int(r["id"]) in counts}
+    if not scored:
+        st.info("No run of this dataset has stored predictions yet: train one on the Train page, then review "
+                "its predictions here.")
+        return
+    with top[1]:
+        if st.session_state.get(K + "run") not in scored:
+            st.session_state.pop(K + "run", None)
+        run_id = st.selectbox("Run", list(scored), key=K + "run",
+                              format_func=lambda i: _run_label(scored[i], counts[i][0]))
+    reviewer = _reviewer_input(top[2])
+    run = scored[run_id]
+    threshold = run_threshold(run)
+    if run.get("threshold") is None:
+        st.info(f"No threshold saved for this run: using the default {threshold:.2f}. Choose one on the Compare "
+                "page and save it for the run.")
+    else:
+        st.caption(f"Decision threshold {threshold:.4f} (saved on the Compare page). Risk = the run's predicted "
+                   "probability of melanoma.")
+    if run.get("from_scratch"):
+        st.warning("This run was trained from scratch (ImageNet weights were not available): its scores are "
+                   "usually less reliable than a pretrained model's.")
+
+    pending_scope = st.session_state.pop(K + "goto_scope", None)
+    if pending_scope is not None:
+        st.session_state[K + "scope"] = pending_scope
+    scope = st.radio("Worklist", list(SCOPES), format_func=SCOPES.get, key=K + "scope", horizontal=True)
+
+    try:
+        predictions = _predictions(settings.db_url(), run_id, counts[run_id])
+        history = store.review_history(run_id)
+        full = worklist(predictions, history, threshold, "all")
+    except MelcoreError as exc:
+        show_error(exc, "The worklist cannot be prepared")
+        return
+    shown = apply_scope(full, scope)
+    _progress(full, scope, threshold)
+    st.download_button(
+        "Download decisions (CSV, full history)", key=K + "export", on_click="ignore",
+        data=reviews_csv(history, run, predictions),
+        file_name=f"melreview-run{run_id}-decisions.csv", mime="text/csv",
+        help="Every decision of this run, oldest first: run, image, reviewer, decision, note, time (ISO-8601 UTC) "
+             "and whether it is the lesion's current decision.")
+    flash = st.session_state.pop(K + "flash", None)
+    if flash:
+        st.success(flash)
+    if shown.empty:
+        st.success("Every lesion in this worklist has a decision." if scope == "unreviewed"
+                   else "No lesion in this worklist.")
+        return
+
+    # Where we are: the current image if still listed, else the same position (the next lesion).
+    names = shown["image_name"].astype(str).tolist()
+    index_of = {name: i for i, name in enumerate(names)}
+    goto = st.session_state.pop(K + "goto", None)
+    if goto is not None:
+        st.session_state[K + "current"] = goto
+    current = st.session_state.get(K + "current")
+    if current in index_of:
+        position = index_of[current] + 1
+    else:
+        position = min(max(int(st.session_state.get(K + "pos") or 1), 1), len(names))
+    st.session_state[K + "pos"] = position
+    st.session_state[K + "current"] = names[position - 1]
+    image = names[position - 1]
+    row = shown.iloc[position - 1]
+
+    try:
+        cohort = load_cohort_cached(dataset)
+        browser = _browser(settings.db_url(), int(dataset["id"]), _csv_mtime(dataset), run_id, counts[run_id],
+                           _cohort=cohort, _predictions=predictions)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, f"Dataset {dataset['name']!r} cannot be read; lesions are shown without their images")
+        browser = None
+    roots = dataset_roots(dataset)
+
+    left, right = st.columns([2, 3], gap="large")
+    with left:
+        nav = st.columns([1, 2, 1], vertical_alignment="bottom")
+        nav[0].button("◀ Previous", key=K + "prev", on_click=_go_to,
+                      args=(names[position - 2] if position > 1 else None,), disabled=position <= 1,
+                      width="stretch")
+        nav[1].number_input(f"Lesion (of {len(names):,})", min_value=1, max_value=len(names), step=1,
+                            key=K + "pos", on_change=_on_position, args=(names,))
+        nav[2].button("Next ▶", key=K + "next", on_click=_go_to,
+                      args=(names[position] if position < len(names) else None,),
+                      disabled=position >= len(names), width="stretch")
+        chosen = _worklist_table(shown, position, scope, run_id)
+        if chosen is not None and chosen != image:
+            st.session_state[K + "goto"] = chosen
+            st.rerun()
+    with right:
+        lesion = _lesion(browser, row)
+        st.caption(f"Rank {int(row['rank']):,} by risk · risk {row['risk']:.3f} "
+                   f"({'at or above' if row['flagged'] else 'below'} the threshold {threshold:.2f})")
+        other_runs = [r for r in runs if int(r["id"]) != run_id]
+        with st.container(border=True):
+            # Keyed by run, so the Grad-CAM model choice follows the run under review.
+            lesion_panel(lesion, key=f"{K}panel_{run_id}", roots=roots, runs=[run] + other_runs, store=store,
+                         threshold=threshold, default_run=run_id)
+        _patient_strip(browser, lesion, roots, threshold, set(full["image_name"].astype(str)), set(names))
+        with st.container(border=True):
+            _decision_form(run_id, image, names, position - 1, reviewer)
+            _history(store, run_id, image)
+
+
+main()

@@ -1,0 +1,161 @@
+"""Score: upload one lesion image and get a run's melanoma probability with its Grad-CAM overlay.
+
+Layout only; the scoring is :func:`melcore.review.score_upload`. A run's model is
+loaded once per server process (cached by run directory and the model file's
+modification time and size, so a retrained model is loaded again); a result is
+cached by the upload's content, the run, TTA and method, so moving the opacity
+slider only re-blends the overlay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from melcore.browse import run_threshold
+from melcore.errors import ImageError, MelcoreError
+from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
+from melcore.review import score_upload
+from pages.common import get_store, show_error
+
+K = "score_"  # session-state prefix of this page
+METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+
+
+def _model_file(run: dict) -> Path | None:
+    run_dir = run.get("run_dir")
+    if not run_dir:
+        return None
+    path = Path(run_dir).expanduser()
+    if path.suffix == ".keras":
+        return path
+    return path / "model.keras"
+
+
+def _has_model(run: dict) -> bool:
+    path = _model_file(run)
+    return path is not None and path.is_file()
+
+
+@st.cache_resource(show_spinner="Loading the model (once per run)...", max_entries=4)
+def _model(model_file: str, mtime_ns: int, size: int):
+    from melcore.models import load_model
+
+    return load_model(model_file)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _score(digest: str, model_file: str, mtime_ns: int, tta: bool, method: str, name: str, _model, _data: bytes):
+    return score_upload(_model, _data, name, tta=tta, method=method)
+
+
+def _run_label(run: dict, datasets: dict) -> str:
+    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
+    if run.get("model"):
+        parts.append(str(run["model"]))
+    if run.get("dataset_id") in datasets:
+        parts.append(f"dataset {datasets[run['dataset_id']]}")
+    if run.get("clinic"):
+        parts.append(f"clinic {run['clinic']}")
+    if run.get("from_scratch"):
+        parts.append("trained from scratch")
+    if not _has_model(run):
+        parts.append("MODEL FILE MISSING")
+    return " · ".join(parts)
+
+
+def _result(result, run: dict, threshold: float, opacity: float) -> None:
+    above = result.probability >= threshold
+    cols = st.columns([1, 1, 2], vertical_alignment="center")
+    cols[0].metric("Probability of melanoma", f"{result.probability:.3f}")
+    cols[1].metric("Run threshold", f"{threshold:.2f}", delta="at or above: flag" if above else "below",
+                   delta_color="inverse" if above else "off")
+    with cols[2]:
+        if above:
+            st.error(f"At or above run #{run['id']}'s threshold ({threshold:.2f}): this lesion would be flagged "
+                     "for review or biopsy.")
+        else:
+            st.success(f"Below run #{run['id']}'s threshold ({threshold:.2f}).")
+        if result.tta:
+            views = result.view_probabilities
+            st.caption(f"Test-time augmentation: mean of {len(views)} flips/transposes "
+                       f"(range {views.min():.3f}-{views.max():.3f}).")
+        st.caption(f"The model sees the image squashed to {result.input_size[0]}×{result.input_size[1]} px, as in "
+                   "training. A research model, not a diagnosis.")
+    left, right = st.columns(2)
+    left.image(result.image, caption="Uploaded image", width="stretch")
+    if result.heatmap is not None:
+        right.image(result.overlay(opacity), width="stretch",
+                    caption=f"{METHODS.get(result.method, result.method)} (opacity {opacity:.2f}): red = regions "
+                            "that raised the melanoma score")
+
+
+def main() -> None:
+    st.title("Score")
+    st.caption("Upload a dermoscopy image (JPEG or PNG) and score it with a trained run: the probability of "
+               "melanoma, whether it is above the run's decision threshold, and where the model looked (Grad-CAM).")
+    store = get_store()
+    runs = [r for r in store.list_runs() if (r.get("kind") or "image") == "image" and r.get("run_dir")]
+    if not runs:
+        st.info("No trained image model yet: train one on the Train page, then score uploads here.")
+        return
+    runs.sort(key=lambda r: (not _has_model(r), -int(r["id"])))  # runs with a model first, newest first
+    datasets = {d["id"]: d["name"] for d in store.list_datasets()}
+    by_id = {int(r["id"]): r for r in runs}
+    if st.session_state.get(K + "run") not in by_id:
+        st.session_state.pop(K + "run", None)
+    run_id = st.selectbox("Run", list(by_id), key=K + "run", format_func=lambda i: _run_label(by_id[i], datasets))
+    run = by_id[run_id]
+    threshold = run_threshold(run)
+    if run.get("from_scratch"):
+        st.warning("This run was trained from scratch (ImageNet weights were not available)"
+                   + (f": {run['notes']}" if run.get("notes") else "")
+                   + ". Its scores are usually less reliable than a pretrained model's.")
+    if run.get("threshold") is None:
+        st.caption(f"No threshold saved for this run: using the default {threshold:.2f} (save one on the Compare "
+                   "page).")
+    model_file = _model_file(run)
+    if not model_file.is_file():
+        st.error(f"Run #{run['id']} has no model file: {model_file} does not exist (the run was cancelled before "
+                 "saving a model, or its folder was moved or deleted). Choose another run.")
+        return
+
+    upload = st.file_uploader("Lesion image (JPEG or PNG, at most 20 MB)", type=["jpg", "jpeg", "png"],
+                              key=K + "upload")
+    cols = st.columns([1, 2, 2], vertical_alignment="bottom")
+    tta = cols[0].toggle("TTA (8 flips/transposes)", key=K + "tta",
+                         help="Average the probability over the 8 flips and transposes of the image (8x slower).")
+    method = cols[1].radio("Explanation", list(METHODS), format_func=METHODS.get, horizontal=True,
+                           key=K + "method")
+    opacity = cols[2].slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=K + "opacity")
+    if upload is None:
+        return
+
+    data = upload.getvalue()
+    name = upload.name
+    if len(data) > DEFAULT_MAX_UPLOAD_BYTES:
+        st.error(f"{name}: the file is {len(data) / 2**20:.1f} MB; the limit is {DEFAULT_MAX_UPLOAD_BYTES / 2**20:.0f} "
+                 "MB. Resize or re-compress the image.")
+        return
+    try:
+        stat = model_file.stat()
+        model = _model(str(model_file), stat.st_mtime_ns, stat.st_size)
+        with st.spinner(f"Scoring {name}" + (" with 8-view TTA" if tta else "") + "..."):
+            result = _score(hashlib.sha256(data).hexdigest(), str(model_file), stat.st_mtime_ns, bool(tta), method,
+                            name, _model=model, _data=data)
+    except ImageError as exc:
+        st.error(f"{name} cannot be scored: {exc.reason}")
+        return
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, f"Run #{run['id']}'s model cannot score the upload")
+        return
+    if not np.isfinite(result.probability):
+        st.error("The model returned no valid probability (NaN) for this image; the model file may be damaged.")
+        return
+    _result(result, run, threshold, opacity)
+
+
+main()

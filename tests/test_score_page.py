@@ -1,0 +1,154 @@
+"""The Score page (pages/score.py) driven by Streamlit's AppTest with a real (tiny, untrained) model."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from melcore.store import Store
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "score.py")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from melcore.models import build_model
+
+    run_dir = tmp_path_factory.mktemp("basic-cnn-run")
+    model, _ = build_model("basic-cnn", 32)
+    model.save(run_dir / "model.keras")
+    return run_dir
+
+
+@pytest.fixture
+def runs(model_dir, tmp_path):
+    store = Store()
+    good = store.add_run("basic-cnn scratch", model_dir, model="basic-cnn", threshold=0.2, from_scratch=True,
+                         notes="ImageNet weights unavailable: trained from scratch")
+    gone = tmp_path / "cancelled-run"
+    gone.mkdir()
+    missing = store.add_run("cancelled", gone, model="efficientnet-b3")
+    return {"store": store, "good": good, "missing": missing}
+
+
+def png_bytes(width: int = 48, height: int = 40, seed: int = 0) -> bytes:
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def run(at: AppTest) -> AppTest:
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def open_page() -> AppTest:
+    return run(AppTest.from_file(PAGE, default_timeout=120))
+
+
+def probability(at: AppTest) -> float:
+    return float(next(m.value for m in at.metric if m.label == "Probability of melanoma"))
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_upload_shows_probability_threshold_and_gradcam(runs, model_dir):
+    from melcore.explain import load_run_model
+    from melcore.images import read_upload
+    from melcore.predict import predict_images
+
+    at = open_page()
+    assert at.selectbox(key="score_run").value == runs["good"]  # runs with a model come first
+    assert "trained from scratch" in at.selectbox(key="score_run").format_func(runs["good"])
+    assert "trained from scratch" in texts(at.warning)
+    assert at.file_uploader(key="score_upload").allowed_type == [".jpg", ".jpeg", ".png"]
+    data = png_bytes()
+    at.file_uploader(key="score_upload").upload("lesion.png", data, "image/png")
+    run(at)
+    value = probability(at)
+    assert 0.0 <= value <= 1.0
+    expected = predict_images(load_run_model(model_dir), read_upload(data, size=32)[None])[0]
+    assert value == pytest.approx(expected, abs=1e-3)
+    captions = [c for image in at.image for c in image.captions]
+    assert any("Uploaded image" in c for c in captions)
+    assert any(c.startswith("Grad-CAM") for c in captions)
+    flagged = value >= 0.2
+    assert ("At or above" in texts(at.error)) == flagged
+    assert ("Below" in texts(at.success)) == (not flagged)
+
+    at.radio(key="score_method").set_value("gradcam++")
+    at.slider(key="score_opacity").set_value(0.8)
+    run(at)
+    captions = [c for image in at.image for c in image.captions]
+    assert any(c.startswith("Grad-CAM++ (opacity 0.80)") for c in captions)
+    assert probability(at) == pytest.approx(value, abs=1e-6)
+
+
+def test_tta_toggle_averages_eight_views(runs, model_dir):
+    from melcore.explain import load_run_model
+    from melcore.images import read_upload
+    from melcore.predict import predict_images
+
+    data = png_bytes(seed=3)
+    at = open_page()
+    at.file_uploader(key="score_upload").upload("lesion.png", data, "image/png")
+    at.toggle(key="score_tta").set_value(True)
+    run(at)
+    assert "mean of 8 flips/transposes" in texts(at.caption)
+    expected = predict_images(load_run_model(model_dir), read_upload(data, size=32)[None], tta=True)[0]
+    assert probability(at) == pytest.approx(expected, abs=1e-3)
+    at.toggle(key="score_tta").set_value(False)
+    run(at)
+    assert "mean of 8" not in texts(at.caption)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"Patient list\nname,age\nA,54\n" * 3, "not a JPEG or PNG image"),
+    (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj <<>>", "PDF"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt"),
+])
+def test_a_file_that_is_not_an_image_gets_a_clear_message(runs, content, expected):
+    at = open_page()
+    at.file_uploader(key="score_upload").upload("renamed.png", content, "image/png")
+    run(at)
+    message = texts(at.error)
+    assert "renamed.png cannot be scored" in message and expected in message
+    assert not [m for m in at.metric if m.label == "Probability of melanoma"]
+
+
+def test_a_run_without_its_model_file_gets_a_clear_message(runs):
+    at = open_page()
+    label = at.selectbox(key="score_run").format_func(runs["missing"])
+    assert "MODEL FILE MISSING" in label
+    at.selectbox(key="score_run").set_value(runs["missing"])
+    run(at)
+    assert "has no model file" in texts(at.error)
+    assert not at.file_uploader
+
+
+def test_a_damaged_model_file_gets_a_clear_message(tmp_path):
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    (run_dir / "model.keras").write_bytes(b"half-copied model file")
+    Store().add_run("damaged", run_dir, model="basic-cnn")
+    at = open_page()
+    at.file_uploader(key="score_upload").upload("lesion.png", png_bytes(), "image/png")
+    run(at)
+    message = texts(at.error)
+    assert "model cannot score the upload" in message and "not a Keras" in message
+    assert not [m for m in at.metric if m.label == "Probability of melanoma"]
+
+
+def test_no_trained_run_says_what_to_do():
+    Store().add_run("meta only", None, kind="meta")
+    at = open_page()
+    assert "No trained image model yet" in texts(at.info)
