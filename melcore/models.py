@@ -1,0 +1,997 @@
+"""Registry of melanoma classifiers: raw RGB in, melanoma probability out.
+
+One table, :data:`REGISTRY`, maps a model name to a :class:`ModelSpec` (how to
+build it, default image size, minimum size, recommended optimizer, schedule,
+augmentation preset and how to freeze/unfreeze it for transfer learning), in
+the spirit of ``keras.applications`` / ``timm``.
+
+Every model built here
+
+* takes **raw RGB float32 in 0..255**, shape ``(batch, size, size, 3)``; the
+  preprocessing the backbone's weights expect is a layer inside the model;
+* outputs one **sigmoid melanoma probability**, float32, shape ``(batch, 1)``;
+* is one *flat* functional graph (no nested backbone model), so the backbone's
+  convolutional layers are reachable by name for Grad-CAM
+  (:func:`last_conv_layer_name`);
+* is made of built-in Keras layers plus :class:`ImageNetPreprocessing`
+  (registered under ``melcore>``), so ``model.save("model.keras")`` loads back
+  with :func:`load_model` in Keras safe mode.
+
+Layer naming: the pooled feature vector is the layer ``"features"``; every head
+layer's name starts with ``"head_"``; the output layer is ``"head_probability"``.
+The backbone is everything up to ``"features"``.
+
+Names: ``basic-cnn``, ``cnn-bn`` (trained from scratch), ``resnet50``,
+``efficientnet-b0`` ... ``efficientnet-b7`` (``keras.applications``),
+``efficientnet-b0-ns`` ... ``efficientnet-b7-ns`` (qubvel's ``efficientnet``
+package with its noisy-student weights, the usual choice in SIIM-ISIC 2020).
+
+Transfer learning, as ``train.py`` should drive it::
+
+    model, info = build_model("efficientnet-b3", 300, weights="imagenet", fallback_to_scratch=True)
+    spec = get_spec("efficientnet-b3")
+    if info.loaded:
+        set_trainable(model, "head")                  # 1. frozen backbone, train the head
+        model.compile(make_optimizer(spec, spec.default_learning_rate, steps, head_epochs), ...)
+        model.fit(...)
+        set_trainable(model, "fine-tune")             # 2. unfreeze the top blocks (BN stays frozen)
+        model.compile(make_optimizer(spec, spec.default_learning_rate * spec.finetune_lr_factor, ...), ...)
+        model.fit(...)
+    else:
+        set_trainable(model, "all")                   # from scratch: everything trains
+        ...
+
+Changing ``trainable`` only takes effect after ``model.compile`` again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import tempfile
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+from melcore.errors import ConfigError
+
+#: Largest image side accepted by :func:`validate_image_size` (memory guard).
+MAX_IMAGE_SIZE = 1024
+
+#: Prefix of every head layer's name; the output layer is ``HEAD_PREFIX + "probability"``.
+HEAD_PREFIX = "head_"
+FEATURES_LAYER = "features"
+OUTPUT_LAYER = "head_probability"
+INPUT_LAYER = "image"
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "exponential", "cosine")
+TRAINABLE_STAGES = ("head", "fine-tune", "all")
+
+
+# --------------------------------------------------------------------------- preprocessing layer
+
+_IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+_IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="melcore", name="ImageNetPreprocessing")
+class ImageNetPreprocessing(keras.layers.Layer):
+    """Raw RGB 0..255 -> the input an ImageNet backbone was trained on.
+
+    ``mode="torch"``: ``(x / 255 - mean_rgb) / std_rgb`` (EfficientNet noisy-student);
+    ``mode="caffe"``: RGB -> BGR, minus the BGR channel means (ResNet50).
+    Shape-preserving, no weights, any float dtype.
+    """
+
+    MODES = ("torch", "caffe")
+
+    def __init__(self, mode: str = "torch", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in self.MODES:
+            raise ConfigError(f"ImageNetPreprocessing mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, self.compute_dtype)
+        if self.mode == "caffe":
+            x = keras.ops.flip(x, axis=-1)
+            return x - keras.ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+        mean = keras.ops.convert_to_tensor(_IMAGENET_MEAN_RGB, dtype=self.compute_dtype)
+        std = keras.ops.convert_to_tensor(_IMAGENET_STD_RGB, dtype=self.compute_dtype)
+        return (x / 255.0 - mean) / std
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclasses.dataclass
+class WeightsInfo:
+    """What :func:`build_model` / :func:`build_backbone` did about weights.
+
+    Attributes:
+        requested: the ``weights`` argument as given (``"none"``, ``"imagenet"``, a path).
+        loaded: True when pretrained weights were actually loaded.
+        from_scratch: True when the model starts from random weights (requested or fallback).
+        note: one human-readable sentence for logs, run records and the UI.
+        source: ``"imagenet"``, ``"noisy-student"``, the absolute file path, or None.
+        scope: ``"backbone"`` or ``"model"`` (a whole-model file also set the head), or None.
+    """
+
+    requested: str
+    loaded: bool
+    from_scratch: bool
+    note: str
+    source: str | None = None
+    scope: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry. Read-only; look it up with :func:`get_spec`.
+
+    Attributes:
+        name: registry name, also the built model's ``name``.
+        family: ``"cnn"``, ``"resnet"``, ``"efficientnet"`` (keras.applications) or
+            ``"efficientnet-ns"`` (qubvel efficientnet, noisy-student).
+        description: one line for the UI / ``--help``.
+        default_image_size, min_image_size: pixels (square side).
+        default_weights: ``"none"`` or ``"imagenet"`` (noisy-student for the ``-ns`` family).
+        pretrained: whether ImageNet-style weights exist for it.
+        default_optimizer: one of :data:`OPTIMIZERS`.
+        default_learning_rate: from-scratch LR, or the head-stage LR in transfer learning.
+        default_weight_decay: decoupled weight decay for the optimizer (0 = none).
+        default_schedule: one of :data:`SCHEDULES` (see :func:`make_optimizer`).
+        default_augment: augmentation preset name (:mod:`melcore.augment`).
+        default_dropout: dropout rate in the head.
+        default_batch_size: a batch that fits CPU RAM / a common GPU at the default size.
+        head_hidden_units: hidden Dense widths of the head (``()`` = dropout + one Dense).
+        head_batch_norm: BatchNormalization after each hidden Dense.
+        finetune_blocks: block groups unfrozen by ``set_trainable(model, "fine-tune")``.
+        finetune_lr_factor: fine-tune LR = ``default_learning_rate * finetune_lr_factor``.
+    """
+
+    name: str
+    family: str
+    description: str
+    default_image_size: int
+    min_image_size: int
+    default_weights: str
+    pretrained: bool
+    default_optimizer: str
+    default_learning_rate: float
+    default_weight_decay: float
+    default_schedule: str
+    default_augment: str
+    default_dropout: float
+    default_batch_size: int
+    head_hidden_units: tuple[int, ...] = ()
+    head_batch_norm: bool = False
+    finetune_blocks: int = 2
+    finetune_lr_factor: float = 0.1
+    variant: str = ""  # "b0".."b7" for EfficientNets
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- registry
+
+def _effnet_description(variant: str, ns: bool) -> str:
+    if ns:
+        return (f"EfficientNet-{variant.upper()} from the qubvel 'efficientnet' package with noisy-student "
+                "ImageNet weights (the common SIIM-ISIC 2020 choice); transfer learning")
+    return f"EfficientNet{variant.upper()} (keras.applications, ImageNet weights); transfer learning"
+
+
+_EFFNET = {  # variant: (default size, dropout, batch size)
+    "b0": (224, 0.2, 32), "b1": (240, 0.2, 32), "b2": (260, 0.3, 32), "b3": (300, 0.3, 32),
+    "b4": (380, 0.4, 16), "b5": (456, 0.4, 16), "b6": (528, 0.5, 8), "b7": (600, 0.5, 8),
+}
+
+
+def _make_registry() -> dict[str, ModelSpec]:
+    specs = [
+        ModelSpec(
+            name="basic-cnn", family="cnn",
+            description="Baseline CNN from scratch: four 5x5 conv + ReLU + max-pool stages, three dense "
+                        "layers, sigmoid; SGD with a decaying learning rate",
+            default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
+            default_optimizer="sgd", default_learning_rate=0.01, default_weight_decay=0.0,
+            default_schedule="exponential", default_augment="basic", default_dropout=0.3,
+            default_batch_size=32, head_hidden_units=(128, 64), finetune_blocks=2, finetune_lr_factor=0.1),
+        ModelSpec(
+            name="cnn-bn", family="cnn",
+            description="The baseline CNN with batch normalisation, Adam with decoupled weight decay "
+                        "(AdamW) and the strong ISIC augmentation",
+            default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
+            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-4,
+            default_schedule="cosine", default_augment="isic-strong", default_dropout=0.3,
+            default_batch_size=32, head_hidden_units=(128, 64), head_batch_norm=True, finetune_blocks=2,
+            finetune_lr_factor=0.1),
+        ModelSpec(
+            name="resnet50", family="resnet",
+            description="ResNet50 (keras.applications, ImageNet weights): head-only on the frozen base, "
+                        "then fine-tune conv5",
+            default_image_size=224, min_image_size=32, default_weights="imagenet", pretrained=True,
+            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
+            default_schedule="cosine", default_augment="isic-strong", default_dropout=0.3,
+            default_batch_size=32, finetune_blocks=1, finetune_lr_factor=0.1),
+    ]
+    for ns in (False, True):
+        for variant, (size, dropout, batch) in _EFFNET.items():
+            specs.append(ModelSpec(
+                name=f"efficientnet-{variant}" + ("-ns" if ns else ""),
+                family="efficientnet-ns" if ns else "efficientnet",
+                description=_effnet_description(variant, ns),
+                default_image_size=size, min_image_size=32, default_weights="imagenet", pretrained=True,
+                default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
+                default_schedule="cosine", default_augment="isic-strong", default_dropout=dropout,
+                default_batch_size=batch, finetune_blocks=2, finetune_lr_factor=0.1, variant=variant))
+    return {spec.name: spec for spec in specs}
+
+
+#: name -> :class:`ModelSpec`, in ladder order (basic-cnn first).
+REGISTRY: dict[str, ModelSpec] = _make_registry()
+
+
+def model_names() -> list[str]:
+    """Registry names in ladder order."""
+    return list(REGISTRY)
+
+
+def validate_model_name(name: str) -> str:
+    """The canonical registry name for ``name`` (case-insensitive, ``_`` = ``-``).
+
+    Raises:
+        ConfigError: unknown name; the message lists every valid name.
+    """
+    key = str(name).strip().lower().replace("_", "-") if name is not None else ""
+    if key not in REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(REGISTRY)}")
+    return key
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a registry name (see :func:`validate_model_name`)."""
+    return REGISTRY[validate_model_name(name)]
+
+
+def validate_image_size(name: str, size: Any) -> int:
+    """``size`` as an int, checked against the model's minimum and :data:`MAX_IMAGE_SIZE`.
+
+    Raises:
+        ConfigError: unknown model, a size that is not a positive integer, below the
+            model's minimum (too small for its downsampling) or above the maximum.
+    """
+    spec = get_spec(name)
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+        if isinstance(size, (float, np.floating)) and float(size).is_integer():
+            size = int(size)
+        else:
+            raise ConfigError(f"image size for {spec.name} must be a positive integer (pixels), got {size!r}")
+    size = int(size)
+    if size < 1:
+        raise ConfigError(f"image size for {spec.name} must be a positive integer (pixels), got {size}")
+    if size < spec.min_image_size:
+        raise ConfigError(
+            f"image size {size} is too small for {spec.name}: its downsampling needs at least "
+            f"{spec.min_image_size} px (default {spec.default_image_size})")
+    if size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"image size {size} for {spec.name} is above the maximum {MAX_IMAGE_SIZE} px")
+    return size
+
+
+def spec_of(model) -> ModelSpec | None:
+    """The spec a model built here came from (by its name), or None for other models."""
+    name = model.name.removesuffix("-backbone")
+    return REGISTRY.get(name)
+
+
+# --------------------------------------------------------------------------- backbones (feature maps)
+
+def _cnn_feature_map(spec: ModelSpec, inputs):
+    x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    batch_norm = spec.name == "cnn-bn"
+    for stage, filters in enumerate((32, 64, 128, 256), start=1):
+        x = keras.layers.Conv2D(filters, 5, padding="same", use_bias=not batch_norm,
+                                activation=None if batch_norm else "relu",
+                                name=f"conv{stage}_conv")(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"conv{stage}_bn")(x)
+            x = keras.layers.Activation("relu", name=f"conv{stage}_relu")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"conv{stage}_pool")(x)
+    return x
+
+
+def _resnet_feature_map(spec: ModelSpec, inputs):
+    x = ImageNetPreprocessing("caffe", name="preprocess")(inputs)
+    app = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling=None)
+    return app.output
+
+
+def _keras_effnet_feature_map(spec: ModelSpec, inputs):
+    builder = getattr(keras.applications, f"EfficientNet{spec.variant.upper()}")
+    # The keras EfficientNets rescale and normalise inside (Rescaling + Normalization layers).
+    app = builder(include_top=False, weights=None, input_tensor=inputs, pooling=None)
+    return app.output
+
+
+_EFFICIENTNET_PACKAGE_LOCK = threading.Lock()
+
+
+class _Keras3Backend:
+    """``keras.backend`` as the qubvel package expects it under Keras 3.
+
+    The package checks ``backend.backend() == "tensorflow"`` to import the legacy
+    ``tensorflow.python.keras.backend.is_keras_tensor``, which rejects Keras 3 tensors;
+    any other answer makes it use ``keras.backend.is_keras_tensor``. Its only other
+    backend-specific branch (theano) and its swish are not used (see below).
+    """
+
+    @staticmethod
+    def backend():
+        return "keras3"
+
+    def __getattr__(self, name):
+        return getattr(keras.backend, name)
+
+
+@contextlib.contextmanager
+def _efficientnet_package_for_keras3():
+    """Make ``efficientnet.model`` build with built-in Keras 3 layers only.
+
+    The package builds its activations from a Python function ``swish`` and its
+    drop-connect from a class ``FixedDropout`` defined inside a function; neither
+    can be deserialised in Keras safe mode without global custom objects (which
+    ``import efficientnet.tfkeras`` installs, and a fresh process lacks). Keras 3's
+    own ``"swish"`` activation is the same function and its ``Dropout`` handles
+    ``noise_shape=(None, 1, 1, 1)``, so both are swapped in while building. The
+    weights files do not depend on either (no weights), so the noisy-student
+    ``.h5`` files load unchanged.
+    """
+    import efficientnet.model as efficientnet_model
+
+    with _EFFICIENTNET_PACKAGE_LOCK:
+        saved = efficientnet_model.get_swish, efficientnet_model.get_dropout
+        efficientnet_model.get_swish = lambda **kwargs: "swish"
+        efficientnet_model.get_dropout = lambda **kwargs: keras.layers.Dropout
+        try:
+            yield efficientnet_model
+        finally:
+            efficientnet_model.get_swish, efficientnet_model.get_dropout = saved
+
+
+def _ns_effnet_feature_map(spec: ModelSpec, inputs):
+    x = ImageNetPreprocessing("torch", name="preprocess")(inputs)
+    with _efficientnet_package_for_keras3() as efficientnet_model:
+        builder = getattr(efficientnet_model, f"EfficientNet{spec.variant.upper()}")
+        app = builder(include_top=False, weights=None, input_tensor=x, pooling=None,
+                      backend=_Keras3Backend(), layers=keras.layers, models=keras.models, utils=keras.utils)
+    return app.output
+
+
+_FEATURE_MAPS: dict[str, Callable] = {
+    "cnn": _cnn_feature_map,
+    "resnet": _resnet_feature_map,
+    "efficientnet": _keras_effnet_feature_map,
+    "efficientnet-ns": _ns_effnet_feature_map,
+}
+
+
+def _random_backbone(spec: ModelSpec, size: int):
+    inputs = keras.Input((size, size, 3), dtype="float32", name=INPUT_LAYER)
+    feature_map = _FEATURE_MAPS[spec.family](spec, inputs)
+    features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(feature_map)
+    return keras.Model(inputs, features, name=f"{spec.name}-backbone")
+
+
+# --------------------------------------------------------------------------- head, join
+
+def build_head(n_features: int, dropout: float | None = None, *, model_name: str | None = None):
+    """The classification head: pooled features ``(batch, n_features)`` -> probability ``(batch, 1)``.
+
+    Args:
+        n_features: width of the backbone's feature vector (``backbone.output.shape[-1]``).
+        dropout: dropout rate before each Dense layer, in [0, 1); None = the spec's default
+            (0.3 without ``model_name``).
+        model_name: use that registry entry's head design (hidden Dense layers for the CNNs,
+            BatchNormalization for ``cnn-bn``); None = dropout + one Dense.
+
+    Returns:
+        A linear ``keras.Model`` whose layer names start with ``"head_"``; the output layer,
+        ``"head_probability"``, is a float32 sigmoid.
+    """
+    spec = get_spec(model_name) if model_name is not None else None
+    if dropout is None:
+        dropout = spec.default_dropout if spec else 0.3
+    if not (isinstance(n_features, (int, np.integer)) and n_features > 0):
+        raise ConfigError(f"n_features must be a positive integer, got {n_features!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    hidden = spec.head_hidden_units if spec else ()
+    batch_norm = spec.head_batch_norm if spec else False
+    inputs = keras.Input((int(n_features),), name=f"{HEAD_PREFIX}input")
+    x = inputs
+    for i, units in enumerate(hidden, start=1):
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, name=f"{HEAD_PREFIX}dropout{i}")(x)
+        x = keras.layers.Dense(units, use_bias=not batch_norm, name=f"{HEAD_PREFIX}dense{i}")(x)
+        if batch_norm:
+            x = keras.layers.BatchNormalization(name=f"{HEAD_PREFIX}bn{i}")(x)
+        x = keras.layers.Activation("relu", name=f"{HEAD_PREFIX}relu{i}")(x)
+    if dropout > 0:
+        x = keras.layers.Dropout(dropout, name=f"{HEAD_PREFIX}dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)
+    return keras.Model(inputs, outputs, name=f"{model_name or 'melcore'}-head")
+
+
+def join(backbone, head, *, name: str | None = None):
+    """One flat model ``raw RGB -> probability`` from a backbone and a head.
+
+    The head's layers are applied, in order, to the backbone's output (they are shared,
+    not copied: training the joined model trains ``head`` too). The result has no nested
+    model and saves/loads like any model from :func:`build_model`.
+
+    Args:
+        backbone: from :func:`build_backbone` (output ``(batch, n_features)``).
+        head: from :func:`build_head` with the same ``n_features``.
+        name: model name; default the backbone's name without ``-backbone``.
+    """
+    n_features = backbone.output.shape[-1]
+    if head.input.shape[-1] != n_features:
+        raise ConfigError(f"head expects {head.input.shape[-1]} features but the backbone gives {n_features}")
+    x = backbone.output
+    for layer in head.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        x = layer(x)
+    return keras.Model(backbone.input, x, name=name or backbone.name.removesuffix("-backbone"))
+
+
+def backbone_of(model):
+    """The backbone of a model built here (``raw RGB -> "features"``), sharing its layers."""
+    try:
+        features = model.get_layer(FEATURES_LAYER)
+    except ValueError:
+        raise ConfigError(f"model {model.name!r} has no {FEATURES_LAYER!r} layer; it was not built by "
+                          "melcore.models") from None
+    return keras.Model(model.input, features.output, name=f"{model.name}-backbone")
+
+
+# --------------------------------------------------------------------------- weights
+
+def _weights_cache_dir() -> str:
+    # Read at call time (keras reads KERAS_HOME once at import) so tests and users can redirect it.
+    return os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras")))
+
+
+def _pretrained_file(spec: ModelSpec) -> tuple[str, str, str, str]:
+    """(file name, URL, md5, source label) of the backbone's published no-top weights file."""
+    if spec.family == "efficientnet":
+        from keras.src.applications import efficientnet as keras_efficientnet
+
+        file_name = f"efficientnet{spec.variant}_notop.h5"
+        return (file_name, keras_efficientnet.BASE_WEIGHTS_PATH + file_name,
+                keras_efficientnet.WEIGHTS_HASHES[spec.variant][1], "imagenet")
+    if spec.family == "resnet":
+        from keras.src.applications import resnet as keras_resnet
+
+        file_name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        return (file_name, keras_resnet.BASE_WEIGHTS_PATH + file_name,
+                keras_resnet.WEIGHTS_HASHES["resnet50"][1], "imagenet")
+    if spec.family == "efficientnet-ns":
+        from efficientnet import weights as ns_weights
+
+        model_name = f"efficientnet-{spec.variant}"
+        file_name = f"{model_name}_noisy-student_notop.h5"
+        return (file_name, ns_weights.NS_WEIGHTS_PATH + file_name,
+                ns_weights.NS_WEIGHTS_HASHES[model_name][1], "noisy-student")
+    raise ConfigError(f"{spec.name} has no published pretrained weights; use weights='none'")
+
+
+class _DownloadFailed(ConfigError):
+    """The published weights could not be fetched; ``reason`` is the one-line cause."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _download_pretrained(spec: ModelSpec) -> tuple[str, str]:
+    """Path of the cached or freshly downloaded weights file and its source label.
+
+    Raises:
+        _DownloadFailed: says which file and how to pass it locally.
+    """
+    file_name, url, file_hash, label = _pretrained_file(spec)
+    cache = Path(_weights_cache_dir()) / "models" / file_name
+    try:
+        path = keras.utils.get_file(file_name, url, file_hash=file_hash, cache_subdir="models",
+                                    cache_dir=_weights_cache_dir())
+    except Exception as exc:  # noqa: BLE001 - keras raises bare Exception for network failures
+        reason = _short(exc)
+        raise _DownloadFailed(
+            f"{label} weights for {spec.name} could not be downloaded ({reason}). Download {url} on a "
+            f"machine with internet access and pass weights='/path/to/{file_name}' (or copy it to {cache}), "
+            "or use weights='none' / fallback_to_scratch=True to train from scratch", reason) from exc
+    return path, label
+
+
+def _h5_kind(path: Path) -> str:
+    """``"keras3"`` (``.weights.h5``), ``"legacy"`` (tf.keras/Keras-applications ``.h5``), ``"archive"`` (``.keras``)."""
+    if zipfile.is_zipfile(path):
+        return "archive"
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            if "layer_names" in f.attrs or "model_weights" in f:
+                return "legacy"
+            if "layers" in f or "vars" in f or "_layer_checkpoint_dependencies" in f:
+                return "keras3"
+    except OSError as exc:
+        raise ConfigError(f"weights file {path} is not an HDF5/.keras file ({exc}); pass a Keras "
+                          "'.h5', '.weights.h5' or '.keras' file") from None
+    raise ConfigError(f"weights file {path} is HDF5 but holds no Keras weights; pass a Keras "
+                      "'.h5', '.weights.h5' or '.keras' file")
+
+
+@contextlib.contextmanager
+def _with_suffix(path: Path, suffix: str):
+    """``path`` itself when it ends with ``suffix``, else a temporary symlink that does (Keras
+    picks the weights format by file name)."""
+    if str(path).endswith(suffix) and not (suffix == ".h5" and str(path).endswith(".weights.h5")):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="melcore-weights-") as tmp:
+        link = Path(tmp) / f"weights{suffix}"
+        link.symlink_to(path)
+        yield str(link)
+
+
+def _weighted_layer_names(model) -> list[str]:
+    return [layer.name for layer in model.layers if layer.weights]
+
+
+def _load_file(model, backbone, path: Path) -> str:
+    """Load ``path`` into ``model`` (whole-model file) or ``backbone``; returns the scope.
+
+    Order: a whole-model file must match the whole model exactly; otherwise the file is
+    taken as backbone weights, by topology (like keras.applications' own files) and, for
+    legacy ``.h5`` files, by layer name when the topology differs but every weighted
+    backbone layer is named in the file.
+    """
+    kind = _h5_kind(path)
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "archive":
+            try:
+                with _with_suffix(path, ".keras") as keras_path:
+                    model.load_weights(keras_path)
+                return "model"
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(f"weights file {path} does not fit this model: {_short(exc)}") from None
+        suffix = ".weights.h5" if kind == "keras3" else ".h5"
+        with _with_suffix(path, suffix) as keras_path:
+            if model is not None:
+                try:
+                    model.load_weights(keras_path)
+                    return "model"
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"as whole-model weights: {_short(exc)}")
+            try:
+                backbone.load_weights(keras_path)
+                return "backbone"
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"as backbone weights: {_short(exc)}")
+            if kind == "legacy":
+                import h5py
+
+                with h5py.File(path, "r") as f:
+                    group = f["model_weights"] if "layer_names" not in f.attrs and "model_weights" in f else f
+                    names = {n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]}
+                missing = [n for n in _weighted_layer_names(backbone) if n not in names]
+                if not missing:
+                    try:
+                        (model or backbone).load_weights(keras_path, by_name=True, skip_mismatch=False)
+                        return "backbone"
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(f"by layer name: {_short(exc)}")
+                else:
+                    errors.append(f"by layer name: {len(missing)} backbone layers are not in the file "
+                                  f"(e.g. {', '.join(missing[:3])})")
+    raise ConfigError(f"weights file {path} does not fit {backbone.name.removesuffix('-backbone')} "
+                      f"(tried {'; '.join(errors)}); pass weights saved from the same architecture")
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _fix_keras_efficientnet_normalization(backbone) -> None:
+    """Make the keras.applications EfficientNet input normalisation exact after loading.
+
+    The published Keras EfficientNet files store the ImageNet *standard deviation* as the
+    Normalization layer's *variance*; keras.applications compensates with an extra Rescaling
+    layer that it only adds when ``weights="imagenet"`` (keras issue tensorflow#49930). Our
+    graph is the same whatever the weights, so instead the variance is squared here, giving
+    exactly ``(x / 255 - mean) / std``.
+    """
+    std = np.asarray(_IMAGENET_STD_RGB, dtype="float32")
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_variance"):
+            variance = keras.ops.convert_to_numpy(layer.adapt_variance).reshape(-1)
+            if variance.shape == std.shape and np.allclose(variance, std, atol=1e-6):
+                layer.adapt_variance.assign(np.reshape(std ** 2, layer.adapt_variance.shape))
+                layer.finalize_state()
+
+
+@dataclasses.dataclass
+class _WeightsPlan:
+    """Where the weights come from, settled before the (slow) graph is built."""
+
+    info: WeightsInfo | None = None  # final answer when nothing is loaded
+    path: Path | None = None
+    label: str | None = None  # "imagenet" / "noisy-student" for downloads, None for a user file
+
+
+def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _WeightsPlan:
+    """Resolve ``weights`` to a file (downloading published weights) or a from-scratch WeightsInfo.
+
+    Done before building so that a failed download or a missing file fails fast.
+    """
+    requested = "none" if weights is None else str(weights)
+    key = requested.strip().lower()
+    if key in ("none", ""):
+        return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
+                                        note="random initialisation (weights='none'); trained from scratch"))
+    if key in ("imagenet", "noisy-student"):
+        if key == "noisy-student" and spec.family != "efficientnet-ns":
+            raise ConfigError(f"noisy-student weights exist only for the -ns models, not {spec.name}; "
+                              "use weights='imagenet'")
+        if not spec.pretrained:
+            if not fallback_to_scratch:
+                raise ConfigError(f"{spec.name} has no ImageNet weights (it is trained from scratch); "
+                                  "use weights='none'")
+            return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
+                                            note=f"{spec.name} has no ImageNet weights; trained from scratch"))
+        try:
+            path, label = _download_pretrained(spec)
+        except _DownloadFailed as exc:
+            if not fallback_to_scratch:
+                raise
+            what = "Noisy-student ImageNet" if spec.family == "efficientnet-ns" else "ImageNet"
+            return _WeightsPlan(WeightsInfo(
+                requested, loaded=False, from_scratch=True,
+                note=f"{what} weights could not be downloaded ({exc.reason}); trained from scratch"))
+        return _WeightsPlan(path=Path(path), label=label)
+    path = Path(requested).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} not found; weights must be 'none', 'imagenet' or the path "
+                          "of a local '.h5' / '.weights.h5' / '.keras' file")
+    _h5_kind(path)  # not a weights file at all: say so before building
+    return _WeightsPlan(path=path.resolve())
+
+
+def _apply_weights(spec: ModelSpec, plan: _WeightsPlan, backbone, model, requested) -> WeightsInfo:
+    if plan.info is not None:
+        return plan.info
+    requested = "none" if requested is None else str(requested)
+    if plan.label is not None:  # published weights: always backbone-only files
+        scope = _load_file(None, backbone, plan.path)
+    else:
+        scope = _load_file(model, backbone, plan.path)
+    if spec.family == "efficientnet":
+        _fix_keras_efficientnet_normalization(backbone)
+    if plan.label is not None:
+        return WeightsInfo(requested, loaded=True, from_scratch=False, source=plan.label, scope=scope,
+                           note=f"{plan.label} weights loaded into the backbone from {plan.path}")
+    what = "whole-model" if scope == "model" else "backbone"
+    return WeightsInfo(requested, loaded=True, from_scratch=False, source=str(plan.path), scope=scope,
+                       note=f"{what} weights loaded from {plan.path}")
+
+
+# --------------------------------------------------------------------------- public builders
+
+def build_backbone(name: str, image_size: int, weights: str | os.PathLike | None = "none",
+                   fallback_to_scratch: bool = False):
+    """The feature extractor of a registry model: raw RGB -> pooled features.
+
+    Args:
+        name: registry name.
+        image_size: square side in pixels (:func:`validate_image_size`).
+        weights: ``"none"``, ``"imagenet"`` (noisy-student for ``-ns``; downloaded and cached under
+            ``$KERAS_HOME/models``, default ``~/.keras/models``), or a local weights file
+            (backbone weights, or a whole model's, of which the backbone part is used).
+        fallback_to_scratch: when the ImageNet download fails, return random weights (marked in
+            the WeightsInfo) instead of raising.
+
+    Returns:
+        ``(backbone, info)``: a flat ``keras.Model`` ``(batch, size, size, 3) float32 0..255 ->
+        (batch, n_features) float32`` named ``"<name>-backbone"`` whose last layer is
+        ``"features"`` (global average pooling), and a :class:`WeightsInfo`.
+
+    Raises:
+        ConfigError: unknown name, bad size, download failure (without fallback), missing or
+            mismatched weights file.
+    """
+    spec = get_spec(name)
+    size = validate_image_size(spec.name, image_size)
+    plan = _plan_weights(spec, weights, fallback_to_scratch)
+    backbone = _random_backbone(spec, size)
+    model = None
+    if plan.path is not None and plan.label is None:
+        # A whole-model file is accepted too: give the loader a full model to try first.
+        model = join(backbone, build_head(backbone.output.shape[-1], model_name=spec.name))
+    info = _apply_weights(spec, plan, backbone, model, weights)
+    return backbone, info
+
+
+def build_model(name: str, image_size: int, weights: str | os.PathLike | None = "none",
+                fallback_to_scratch: bool = False, dropout: float | None = None):
+    """A registry model ready to compile: raw RGB in, melanoma probability out.
+
+    Args:
+        name: registry name (see :data:`REGISTRY`).
+        image_size: square side in pixels, at least the spec's ``min_image_size``.
+        weights: ``"none"`` | ``"imagenet"`` | path (see :func:`build_backbone`). A whole-model
+            file (``model.save_weights("x.weights.h5")``, a ``.keras`` file, a legacy ``.h5``) sets
+            the head too when it fits (``info.scope == "model"``).
+        fallback_to_scratch: on download failure, random weights + ``info.from_scratch`` instead
+            of ConfigError.
+        dropout: head dropout rate; None = ``spec.default_dropout``.
+
+    Returns:
+        ``(model, info)``: a flat ``keras.Model`` named ``name``, input ``"image"``
+        ``(batch, size, size, 3)`` float32 0..255, output ``"head_probability"`` ``(batch, 1)``
+        float32 sigmoid; every layer trainable (call :func:`set_trainable` for transfer
+        learning); and a :class:`WeightsInfo`.
+    """
+    spec = get_spec(name)
+    size = validate_image_size(spec.name, image_size)
+    plan = _plan_weights(spec, weights, fallback_to_scratch)
+    backbone = _random_backbone(spec, size)
+    head = build_head(backbone.output.shape[-1], dropout, model_name=spec.name)
+    model = join(backbone, head, name=spec.name)
+    info = _apply_weights(spec, plan, backbone, model, weights)
+    return model, info
+
+
+def save_backbone_weights(model, path: str | os.PathLike) -> Path:
+    """Save the backbone part of a model (or a backbone) for ``build_model(..., weights=path)``.
+
+    ``*.weights.h5`` is written in the Keras 3 format; any other ``*.h5`` in the legacy
+    layer-name format of the published keras.applications files.
+    """
+    path = Path(path)
+    is_full_model = any(layer.name == OUTPUT_LAYER for layer in model.layers)
+    backbone = backbone_of(model) if is_full_model else model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if str(path).endswith(".weights.h5"):
+        backbone.save_weights(str(path))
+    elif path.suffix in (".h5", ".hdf5"):
+        import h5py
+        from keras.src.legacy.saving import legacy_h5_format
+
+        with h5py.File(path, "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, backbone)
+    else:
+        raise ConfigError(f"backbone weights file must end with '.weights.h5' or '.h5', got {path}")
+    return path
+
+
+def load_model(path: str | os.PathLike, compile: bool = False):
+    """Load a ``.keras`` model saved from a model built here, in Keras safe mode.
+
+    Args:
+        path: the ``.keras`` file.
+        compile: also restore the optimizer/loss (for resuming training).
+
+    Raises:
+        ConfigError: missing file, not a ``.keras`` archive, or it needs unsafe deserialisation
+            (Lambda layers, unregistered custom objects).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model file {path} not found")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"model file {path} is not a Keras '.keras' archive")
+    try:
+        return keras.saving.load_model(str(path), compile=compile, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"model file {path} could not be loaded: {_short(exc, 500)}") from exc
+
+
+# --------------------------------------------------------------------------- transfer learning
+
+_GROUP_RE = re.compile(r"^(block\d+|conv\d+)(?=[a-z_])")
+
+
+def block_group(layer_name: str) -> str | None:
+    """The unfreezable block group a backbone layer belongs to.
+
+    ``"stem"`` (EfficientNet stem), ``"block1"``..``"block7"`` (EfficientNet stages),
+    ``"conv1"``..``"conv5"`` (ResNet50 stages; the CNNs' conv stages), ``"top"`` (EfficientNet
+    top conv); None for preprocessing, pooling and head layers.
+    """
+    if layer_name.startswith(HEAD_PREFIX):
+        return None
+    match = _GROUP_RE.match(layer_name)
+    if match:
+        return match.group(1)
+    if layer_name.startswith("top_"):
+        return "top"
+    if layer_name.startswith("stem_"):
+        return "stem"
+    return None
+
+
+def block_groups(model) -> list[str]:
+    """The model's block groups, bottom to top (see :func:`block_group`)."""
+    groups: list[str] = []
+    for layer in model.layers:
+        group = block_group(layer.name)
+        if group and group not in groups:
+            groups.append(group)
+    return groups
+
+
+def set_trainable(model, stage: str, n_blocks: int | None = None, *, train_batchnorm: bool | None = None) -> dict:
+    """Freeze / unfreeze a model built here for one transfer-learning stage.
+
+    Stages:
+        ``"head"``: backbone frozen, head trainable (first stage with pretrained weights;
+        also ResNet50's "head-only" mode).
+        ``"fine-tune"``: head + ``"top"`` + the top ``n_blocks`` numbered block groups
+        trainable (default ``spec.finetune_blocks``: conv5 for ResNet50, block6-7 for EfficientNets).
+        ``"all"``: everything trainable (from scratch, or full fine-tuning).
+
+    BatchNormalization layers in the backbone stay frozen (inference mode) when
+    ``train_batchnorm`` is False; default False for "head"/"fine-tune", True for "all".
+    Head layers are always trainable. Re-compile the model afterwards.
+
+    Returns:
+        ``{"stage", "unfrozen_groups", "trainable_params", "frozen_params"}``.
+    """
+    if stage not in TRAINABLE_STAGES:
+        raise ConfigError(f"unknown training stage {stage!r}; valid stages: {', '.join(TRAINABLE_STAGES)}")
+    if not any(layer.name == OUTPUT_LAYER for layer in model.layers):
+        raise ConfigError(f"model {model.name!r} has no {OUTPUT_LAYER!r} layer; it was not built by melcore.models")
+    if train_batchnorm is None:
+        train_batchnorm = stage == "all"
+    groups = block_groups(model)
+    numbered = [g for g in groups if g not in ("stem", "top")]
+    unfrozen: list[str] = []
+    if stage == "fine-tune":
+        if n_blocks is None:
+            spec = spec_of(model)
+            n_blocks = spec.finetune_blocks if spec else 2
+        if not isinstance(n_blocks, (int, np.integer)) or isinstance(n_blocks, bool) \
+                or not 0 <= n_blocks <= len(numbered):
+            raise ConfigError(f"n_blocks must be an integer from 0 to {len(numbered)} for {model.name} "
+                              f"(block groups: {', '.join(numbered)}), got {n_blocks!r}")
+        unfrozen = numbered[len(numbered) - int(n_blocks):] + (["top"] if "top" in groups else [])
+    elif stage == "all":
+        unfrozen = list(groups)
+    model.trainable = True
+    for layer in model.layers:
+        if layer.name.startswith(HEAD_PREFIX):
+            layer.trainable = True
+            continue
+        if stage == "all":
+            trainable = True
+        elif stage == "head":
+            trainable = False
+        else:
+            trainable = block_group(layer.name) in unfrozen
+        if trainable and isinstance(layer, keras.layers.BatchNormalization) and not train_batchnorm:
+            trainable = False
+        layer.trainable = trainable
+    count = lambda ws: int(sum(np.prod(w.shape) for w in ws))  # noqa: E731
+    return {"stage": stage, "unfrozen_groups": unfrozen,
+            "trainable_params": count(model.trainable_weights),
+            "frozen_params": count(model.non_trainable_weights)}
+
+
+# --------------------------------------------------------------------------- optimizer
+
+def make_optimizer(spec_or_name, lr: float | None = None, steps_per_epoch: int = 1, epochs: int = 1,
+                   weight_decay: float | None = None, *, optimizer: str | None = None,
+                   schedule: str | None = None, momentum: float = 0.9, decay_rate: float = 0.9):
+    """The recommended optimizer with its learning-rate schedule.
+
+    Args:
+        spec_or_name: a :class:`ModelSpec` or registry name (gives the defaults).
+        lr: initial learning rate; None = ``spec.default_learning_rate``.
+        steps_per_epoch, epochs: length of the run the schedule spans (batches, epochs).
+        weight_decay: decoupled weight decay; None = ``spec.default_weight_decay``; 0 = none.
+        optimizer: ``"sgd"`` (Nesterov momentum), ``"adam"`` or ``"adamw"``; None = the spec's.
+        schedule: ``"constant"``; ``"exponential"`` (LR x ``decay_rate`` per epoch, staircase);
+            ``"cosine"`` (cosine decay to 1% over ``epochs``); None = the spec's.
+        momentum: SGD momentum.
+        decay_rate: per-epoch factor of the exponential schedule.
+
+    Returns:
+        A fresh ``keras.optimizers.Optimizer`` (one per ``compile``).
+    """
+    spec = spec_or_name if isinstance(spec_or_name, ModelSpec) else get_spec(spec_or_name)
+    lr = spec.default_learning_rate if lr is None else float(lr)
+    weight_decay = spec.default_weight_decay if weight_decay is None else float(weight_decay)
+    optimizer = (optimizer or spec.default_optimizer).lower()
+    schedule = (schedule or spec.default_schedule).lower()
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown learning-rate schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
+    if not lr > 0:
+        raise ConfigError(f"learning rate must be positive, got {lr}")
+    if weight_decay < 0:
+        raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
+    steps_per_epoch, epochs = max(1, int(steps_per_epoch)), max(1, int(epochs))
+    if schedule == "exponential":
+        rate = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=steps_per_epoch,
+                                                            decay_rate=decay_rate, staircase=True)
+    elif schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * epochs, alpha=0.01)
+    else:
+        rate = lr
+    decay = weight_decay or None
+    if optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=rate, momentum=momentum, nesterov=True, weight_decay=decay)
+    if optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=rate, weight_decay=decay)
+    return keras.optimizers.AdamW(learning_rate=rate, weight_decay=weight_decay)
+
+
+# --------------------------------------------------------------------------- Grad-CAM helpers
+
+_NOT_FEATURE_MAPS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout,
+                     keras.layers.ZeroPadding2D, keras.layers.Reshape, keras.layers.InputLayer)
+
+
+def last_conv_layer_name(model) -> str:
+    """Name of the last spatial feature-map layer before pooling, for Grad-CAM.
+
+    ``"top_activation"`` for the EfficientNets, ``"conv5_block3_out"`` for ResNet50,
+    ``"conv4_conv"`` for basic-cnn (ReLU inside the conv) and ``"conv4_relu"`` for cnn-bn. Models built here are flat, so
+    ``model.get_layer(name).output`` is directly usable in a gradient model.
+    """
+    stop = False
+    for layer in reversed(model.layers):
+        if layer.name == FEATURES_LAYER:
+            stop = True
+            continue
+        if not stop or isinstance(layer, _NOT_FEATURE_MAPS):
+            continue
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if len(shape) == 4:
+            return layer.name
+    for layer in reversed(model.layers):  # not a melcore model: last 4-D output anywhere
+        try:
+            if len(layer.output.shape) == 4 and not isinstance(layer, _NOT_FEATURE_MAPS):
+                return layer.name
+        except (AttributeError, ValueError):
+            continue
+    raise ConfigError(f"model {model.name!r} has no convolutional feature map")
