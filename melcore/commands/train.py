@@ -1,0 +1,307 @@
+"""``python -m melcore train``: train one model on a cohort into a run directory.
+
+Example::
+
+    python -m melcore train --csv train.csv --images jpeg/train --model efficientnet-b3 \\
+        --image-size 300 --epochs 3 --fine-tune-epochs 5 --weights imagenet --fallback-to-scratch \\
+        --clinic-column attribution --clinic "clinic-north" --out runs/b3-north
+
+Options map one to one onto :class:`melcore.train.TrainConfig` fields; ``--config`` reads
+a JSON config (a file, or the JSON text itself) and the options given on the command
+line override its values. The config is checked before the table is read, and the data
+(clinic, classes, split) before training starts: bad input exits with status 2 and one
+line. A progress line on stderr is updated in place (epoch, batch, loss, validation AUROC,
+ETA); Ctrl-C stops training within one batch (exit status 130, the partial run is kept
+and marked cancelled). On success the run directory and the validation results are
+printed on stdout.
+
+``add_train_options(parser)`` and ``config_from_args(args)`` are reused by ``jobs submit``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+from melcore.errors import ConfigError
+
+# option dest -> TrainConfig field (options whose dest differs from the field, or that
+# are flags, are listed here explicitly; see add_train_options).
+_FIELDS = {
+    "model": "model", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
+    "lr": "learning_rate", "optimizer": "optimizer", "schedule": "schedule", "balance": "balance",
+    "augment": "augment", "clinic": "clinic", "val_fraction": "val_fraction", "fold": "fold",
+    "n_folds": "n_folds", "seed": "seed", "weights": "weights", "fallback_to_scratch": "fallback_to_scratch",
+    "patience": "early_stopping_patience", "fine_tune_epochs": "fine_tune_epochs",
+    "unfreeze_blocks": "unfreeze_blocks", "tta": "tta", "workers": "workers", "mode": "mode",
+    "cache_images": "cache_images", "deterministic": "deterministic",
+}
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The training-config options (everything that goes into a TrainConfig), no data options.
+
+    Every default is None ("not given"), so :func:`config_from_args` can tell a given option
+    from the config file's value or the model spec's default.
+    """
+    group = parser.add_argument_group("training config (defaults: the model's recommended values)")
+    group.add_argument("--config", metavar="JSON",
+                       help="a training config: a JSON file or JSON text; options given here override it")
+    # Place for the presets work: --preset NAME (a named TrainConfig; TrainConfig.preset records it).
+    group.add_argument("--model", metavar="NAME",
+                       help="registry name: basic-cnn, cnn-bn, resnet50, efficientnet-b0..b7, "
+                            "efficientnet-b0-ns..b7-ns")
+    group.add_argument("--image-size", type=int, metavar="N", help="square image side in pixels")
+    group.add_argument("--epochs", type=int, metavar="E",
+                       help="epochs (of the head stage when pretrained weights are loaded); default 10")
+    group.add_argument("--fine-tune-epochs", type=int, metavar="E",
+                       help="epochs with the top blocks unfrozen after the head stage (default 0)")
+    group.add_argument("--unfreeze-blocks", type=int, metavar="K",
+                       help="block groups unfrozen for fine-tuning (default: the model's)")
+    group.add_argument("--batch-size", type=int, metavar="N")
+    group.add_argument("--lr", type=float, metavar="X", help="initial learning rate")
+    group.add_argument("--optimizer", metavar="NAME", help="sgd, adam or adamw")
+    group.add_argument("--schedule", metavar="NAME", help="learning-rate schedule: constant, exponential, cosine")
+    group.add_argument("--balance", metavar="B",
+                       help="none, oversample (balanced batches; default) or class-weight")
+    group.add_argument("--augment", metavar="A", help="augmentation preset: none, basic, isic-strong")
+    group.add_argument("--clinic", metavar="X", help="train on this clinic's images only")
+    group.add_argument("--val-fraction", type=float, metavar="F",
+                       help="share of patients held out for validation (default 0.2)")
+    group.add_argument("--fold", type=int, metavar="I",
+                       help="validate on patient-grouped fold I (0-based) of --n-folds instead of --val-fraction")
+    group.add_argument("--n-folds", type=int, metavar="K", help="number of folds for --fold (default 5)")
+    # Place for the K-fold work: --folds K (train every fold; one run per fold plus out-of-fold predictions).
+    group.add_argument("--seed", type=int, metavar="S", help="seed of split, weights, order and augmentation")
+    group.add_argument("--weights", metavar="W", help="none, imagenet or the path of a weights file")
+    group.add_argument("--fallback-to-scratch", action="store_true", default=None,
+                       help="train from scratch (and record it) when ImageNet weights cannot be downloaded")
+    group.add_argument("--patience", type=int, metavar="N",
+                       help="early stopping: epochs without a better validation AUROC (default 3)")
+    group.add_argument("--no-early-stopping", action="store_true", default=None,
+                       help="train every epoch (the best epoch is still restored)")
+    group.add_argument("--tta", action="store_true", default=None,
+                       help="score the final validation predictions with the 8 flips/transposes")
+    group.add_argument("--workers", type=int, metavar="N", help="image-loading threads")
+    group.add_argument("--mode", metavar="M", help="full (default) or fast-head")
+    group.add_argument("--no-cache", dest="cache_images", action="store_false", default=None,
+                       help="do not keep resized images in the on-disk cache")
+    group.add_argument("--nondeterministic", dest="deterministic", action="store_false", default=None,
+                       help="allow non-deterministic TensorFlow ops (faster on some GPUs)")
+
+
+def _read_config_option(value: str) -> dict:
+    text = value.strip()
+    if not text.startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {value}: no such file (give a JSON file or JSON text)")
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--config is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config must hold a JSON object with TrainConfig keys")
+    return data
+
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig of the parsed options: ``--config`` values, overridden by the options given.
+
+    Not validated here (call :func:`melcore.train.validate`); unknown config keys and a
+    missing model raise ConfigError.
+    """
+    from melcore.train import TrainConfig
+
+    data = _read_config_option(args.config) if getattr(args, "config", None) else {}
+    for dest, name in _FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            data[name] = value
+    if getattr(args, "no_early_stopping", None):
+        data["early_stopping_patience"] = None
+    if getattr(args, "preset", None) is not None:
+        data["preset"] = args.preset
+    if not data.get("model"):
+        raise ConfigError("no model given: pass --model NAME (e.g. cnn-bn or efficientnet-b3) or a --config "
+                          "with a 'model'")
+    return TrainConfig.from_dict(data)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from melcore.cohort import FORMATS
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--csv", required=True, help="the label table (or, with --format folders, the folder)")
+    data.add_argument("--images", help="folder with the image files (default: looked up beside the CSV)")
+    data.add_argument("--format", choices=FORMATS, help="table format (default: detected from the header)")
+    data.add_argument("--clinic-column", metavar="C", help="column holding the clinic (e.g. attribution)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="RUNDIR",
+                     help="run directory (default: $MELREVIEW_HOME/runs/<time>-<model>-<clinic>)")
+    out.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
+    out.add_argument("--quiet", action="store_true", help="no progress line")
+    add_train_options(parser)
+
+
+def _duration(seconds) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "--"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _number(value, fmt: str = ".4f") -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "--"
+    return format(value, fmt) if math.isfinite(value) else "--"
+
+
+class TrainProgressBar:
+    """The ``progress`` callback of :func:`melcore.train.fit` drawn on stderr.
+
+    On a terminal one line is rewritten in place (at most 10 times a second); each epoch
+    end leaves a summary line. Elsewhere (logs, pipes) only the epoch summaries are written.
+    """
+
+    def __init__(self, stream=None, interactive: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.last_val_auroc = None
+        self._last_draw = 0.0
+        self._width = 0
+
+    def _draw(self, text: str, final: bool = False) -> None:
+        if self.interactive:
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad + ("\n" if final else ""))
+            self._width = 0 if final else len(text)
+        elif final:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def __call__(self, epoch, batch, loss, metrics, eta) -> None:
+        metrics = metrics or {}
+        stage = metrics.get("stage", "train")
+        epochs = metrics.get("epochs", "?")
+        if metrics.get("end_of_epoch"):
+            self.last_val_auroc = metrics.get("val_auroc")
+            best = metrics.get("best_val_auroc")
+            self._draw(f"epoch {epoch}/{epochs} [{stage}] train loss {_number(metrics.get('train_loss'))}  "
+                       f"val loss {_number(metrics.get('val_loss'))}  val AUROC {_number(self.last_val_auroc)}  "
+                       f"(best {_number(best)} at epoch {metrics.get('best_epoch')})  ETA {_duration(eta)}",
+                       final=True)
+            return
+        if not self.interactive:
+            return
+        now = time.monotonic()
+        if now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        if stage == "load":
+            text = f"decoding images {metrics.get('done', 0):,}/{metrics.get('total', 0):,}"
+        elif stage == "validate":
+            text = (f"epoch {epoch}/{epochs} validating {metrics.get('val_batch', 0)}/{metrics.get('val_steps', 0)}"
+                    f"  ETA {_duration(eta)}")
+        else:
+            steps = metrics.get("steps", 0) or 1
+            width = 20
+            filled = int(width * min(batch, steps) / steps)
+            text = (f"epoch {epoch}/{epochs} [{stage}] [{'#' * filled}{'.' * (width - filled)}] {batch}/{steps}  "
+                    f"loss {_number(loss)}  val AUROC {_number(self.last_val_auroc, '.3f')}  ETA {_duration(eta)}")
+        self._draw(text)
+
+    def close(self) -> None:
+        if self.interactive and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) asks training to stop; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this batch (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _check_out(path: Path | None, overwrite: bool) -> None:
+    if path is None or not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"--out {path} exists and is not a folder")
+    if (path / "metrics.json").exists() and not overwrite:
+        raise ConfigError(f"--out {path} already holds a finished run; choose a new folder or pass --overwrite")
+
+
+def run(args: argparse.Namespace) -> int:
+    from melcore.cohort import load_cohort
+    from melcore.train import fit, validate
+
+    config = validate(config_from_args(args))  # bad names and sizes fail before anything is read
+    out = Path(args.out).expanduser() if args.out else None
+    _check_out(out, args.overwrite)
+    cohort = load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
+    bar = None if args.quiet else TrainProgressBar()
+    with _Interrupt() as interrupt:
+        try:
+            result = fit(config, cohort, progress=bar, should_stop=interrupt, run_dir=out)
+        finally:
+            if bar is not None:
+                bar.close()
+    m = result.metrics
+    if result.cancelled:
+        print(f"cancelled after {m.get('epochs_run', 0)} epoch(s); partial run in {result.run_dir}", file=sys.stderr)
+        return 130
+    print(f"run          {result.run_dir}")
+    print(f"model        {config.model} at {config.image_size} px, {m['epochs_run']} epoch(s), best epoch "
+          f"{m['best_epoch']}{' (early stop)' if m.get('early_stopped') else ''}")
+    print(f"validation   AUROC {_number(m['val_auroc'])}{' (TTA)' if config.tta else ''}, loss "
+          f"{_number(m['val_loss'])}, sensitivity {_number(m['sensitivity'], '.3f')} / specificity "
+          f"{_number(m['specificity'], '.3f')} at {m['threshold']}")
+    print(f"images       train {m['n_train']:,} ({m['n_malignant']['train']:,} melanoma), validation "
+          f"{m['n_val']:,} ({m['n_malignant']['val']:,} melanoma)")
+    excluded = m.get("excluded", {})
+    left_out = {k: v for k, v in excluded.items() if isinstance(v, int) and v}
+    if left_out:
+        print("left out     " + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in left_out.items()))
+    weights = m.get("weights", {})
+    print(f"weights      {weights.get('note', '')}")
+    if weights.get("from_scratch") and str(weights.get("requested", "none")).lower() != "none":
+        print(f"warning: {weights.get('note')}", file=sys.stderr)
+    print(f"time         {_duration(m['seconds'])} on {m['device']}")
+    return 0
