@@ -1,0 +1,96 @@
+"""``python -m melcore jobs submit|list|cancel``: the background training queue (same store as the app)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from melcore.errors import ConfigError
+from melcore.store import Store
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from melcore.commands.train import add_train_options
+
+    parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    submit = actions.add_parser("submit", help="queue a training job; prints its id")
+    submit.add_argument("--dataset", required=True, metavar="NAME", help="a registered dataset (name or id)")
+    submit.add_argument("--each-clinic", action="store_true", help="queue one job per clinic of the dataset")
+    add_train_options(submit)
+    listing = actions.add_parser("list", help="the jobs, newest first")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+    listing.add_argument("--limit", type=int, default=50)
+    cancel = actions.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id", type=int, metavar="ID")
+
+
+def _dataset(store: Store, value: str) -> dict:
+    return store.get_dataset(int(value) if value.isdigit() else value)
+
+
+def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False) -> list[int]:
+    """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids."""
+    from dataclasses import replace
+
+    from melcore.train import validate
+
+    validate(config)
+    clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
+    if config.clinic is not None and clinics and config.clinic not in clinics:
+        raise ConfigError(f"dataset {dataset['name']!r} has no clinic {config.clinic!r}; "
+                          f"its clinics: {', '.join(clinics)}")
+    if each_clinic:
+        if not clinics:
+            raise ConfigError(f"dataset {dataset['name']!r} has no clinic column to split by")
+        configs = [replace(config, clinic=clinic) for clinic in clinics]
+    else:
+        configs = [config]
+    return [store.submit_job(c.to_dict(), dataset_id=dataset["id"]) for c in configs]
+
+
+def _job_line(job: dict) -> str:
+    progress = job.get("progress") or {}
+    config = job.get("config") or {}
+    where = config.get("clinic") or "all clinics"
+    detail = ""
+    if job["state"] == "running" and progress:
+        detail = f" epoch {progress.get('epoch')}/{progress.get('epochs', '?')} loss {progress.get('loss') or 0:.4f}"
+        if progress.get("val_auroc") is not None:
+            detail += f" val AUROC {progress['val_auroc']:.3f}"
+    elif job.get("error"):
+        detail = f" ({job['error'].splitlines()[0][:120]})"
+    if job.get("run_id"):
+        detail += f" run {job['run_id']}"
+    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
+    return f"{job['id']:>5}  {job['state']:<9}  {created}  {config.get('model', '?')} on {where}{detail}"
+
+
+def run(args: argparse.Namespace) -> int:
+    store = Store(args.db)
+    if args.action == "submit":
+        from melcore.commands.train import config_from_args
+
+        ids = submit_jobs(store, config_from_args(args), _dataset(store, args.dataset), args.each_clinic)
+        for job_id in ids:
+            print(job_id)
+        if not store.live_workers():
+            print("no worker is running: start one with `python -m trainers.worker`", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        jobs = store.list_jobs(limit=args.limit)
+        if args.json:
+            keys = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at",
+                    "started_at", "finished_at", "run_id", "error", "cancel_requested")
+            print(json.dumps([{k: job.get(k) for k in keys} for job in jobs], default=str))
+        else:
+            for job in jobs:
+                print(_job_line(job))
+            if not jobs:
+                print("no jobs", file=sys.stderr)
+        return 0
+    state = store.request_cancel(args.job_id)
+    print(f"job {args.job_id}: {state}" + (" (stops within one batch)" if state == "running" else ""))
+    return 0
