@@ -308,7 +308,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(config)
     from melcore import augment as augment_module
-    from melcore import models
+    from melcore import registry as models
 
     c = dataclasses.replace(config)
     c.model = models.validate_model_name(c.model)

@@ -401,3 +401,14 @@ def test_backbone_head_join_for_cached_features(tmp_path):
         models.join(backbone, models.build_head(128))
     plain = models.build_head(1280)
     assert [layer.name for layer in plain.layers] == ["head_input", "head_dropout", "head_probability"]
+
+
+def test_registry_and_config_validation_do_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from melcore import registry; from melcore.train import TrainConfig, validate; "
+            "validate(TrainConfig(model='efficientnet-b3', weights='none')); "
+            "print(len(registry.model_names()), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(len(__import__("melcore.registry").registry.REGISTRY)), "False", "False"]

@@ -1,0 +1,212 @@
+"""The model registry table: names, specs and validation, without TensorFlow.
+
+:mod:`melcore.models` builds the models named here (and re-exports everything in
+this module); forms, configs and validation import this module alone so they never
+pay for importing Keras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from melcore.errors import ConfigError
+
+#: Largest image side accepted by :func:`validate_image_size` (memory guard).
+MAX_IMAGE_SIZE = 1024
+
+#: Prefix of every head layer's name; the output layer is ``HEAD_PREFIX + "probability"``.
+HEAD_PREFIX = "head_"
+FEATURES_LAYER = "features"
+OUTPUT_LAYER = "head_probability"
+INPUT_LAYER = "image"
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "exponential", "cosine")
+TRAINABLE_STAGES = ("head", "fine-tune", "all")
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclasses.dataclass
+class WeightsInfo:
+    """What :func:`build_model` / :func:`build_backbone` did about weights.
+
+    Attributes:
+        requested: the ``weights`` argument as given (``"none"``, ``"imagenet"``, a path).
+        loaded: True when pretrained weights were actually loaded.
+        from_scratch: True when the model starts from random weights (requested or fallback).
+        note: one human-readable sentence for logs, run records and the UI.
+        source: ``"imagenet"``, ``"noisy-student"``, the absolute file path, or None.
+        scope: ``"backbone"`` or ``"model"`` (a whole-model file also set the head), or None.
+    """
+
+    requested: str
+    loaded: bool
+    from_scratch: bool
+    note: str
+    source: str | None = None
+    scope: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry. Read-only; look it up with :func:`get_spec`.
+
+    Attributes:
+        name: registry name, also the built model's ``name``.
+        family: ``"cnn"``, ``"resnet"``, ``"efficientnet"`` (keras.applications) or
+            ``"efficientnet-ns"`` (qubvel efficientnet, noisy-student).
+        description: one line for the UI / ``--help``.
+        default_image_size, min_image_size: pixels (square side).
+        default_weights: ``"none"`` or ``"imagenet"`` (noisy-student for the ``-ns`` family).
+        pretrained: whether ImageNet-style weights exist for it.
+        default_optimizer: one of :data:`OPTIMIZERS`.
+        default_learning_rate: from-scratch LR, or the head-stage LR in transfer learning.
+        default_weight_decay: decoupled weight decay for the optimizer (0 = none).
+        default_schedule: one of :data:`SCHEDULES` (see :func:`make_optimizer`).
+        default_augment: augmentation preset name (:mod:`melcore.augment`).
+        default_dropout: dropout rate in the head.
+        default_batch_size: a batch that fits CPU RAM / a common GPU at the default size.
+        head_hidden_units: hidden Dense widths of the head (``()`` = dropout + one Dense).
+        head_batch_norm: BatchNormalization after each hidden Dense.
+        finetune_blocks: block groups unfrozen by ``set_trainable(model, "fine-tune")``.
+        finetune_lr_factor: fine-tune LR = ``default_learning_rate * finetune_lr_factor``.
+    """
+
+    name: str
+    family: str
+    description: str
+    default_image_size: int
+    min_image_size: int
+    default_weights: str
+    pretrained: bool
+    default_optimizer: str
+    default_learning_rate: float
+    default_weight_decay: float
+    default_schedule: str
+    default_augment: str
+    default_dropout: float
+    default_batch_size: int
+    head_hidden_units: tuple[int, ...] = ()
+    head_batch_norm: bool = False
+    finetune_blocks: int = 2
+    finetune_lr_factor: float = 0.1
+    variant: str = ""  # "b0".."b7" for EfficientNets
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- registry
+
+def _effnet_description(variant: str, ns: bool) -> str:
+    if ns:
+        return (f"EfficientNet-{variant.upper()} from the qubvel 'efficientnet' package with noisy-student "
+                "ImageNet weights (the common SIIM-ISIC 2020 choice); transfer learning")
+    return f"EfficientNet{variant.upper()} (keras.applications, ImageNet weights); transfer learning"
+
+
+_EFFNET = {  # variant: (default size, dropout, batch size)
+    "b0": (224, 0.2, 32), "b1": (240, 0.2, 32), "b2": (260, 0.3, 32), "b3": (300, 0.3, 32),
+    "b4": (380, 0.4, 16), "b5": (456, 0.4, 16), "b6": (528, 0.5, 8), "b7": (600, 0.5, 8),
+}
+
+
+def _make_registry() -> dict[str, ModelSpec]:
+    specs = [
+        ModelSpec(
+            name="basic-cnn", family="cnn",
+            description="Baseline CNN from scratch: four 5x5 conv + ReLU + max-pool stages, three dense "
+                        "layers, sigmoid; SGD with a decaying learning rate",
+            default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
+            default_optimizer="sgd", default_learning_rate=0.01, default_weight_decay=0.0,
+            default_schedule="exponential", default_augment="basic", default_dropout=0.3,
+            default_batch_size=32, head_hidden_units=(128, 64), finetune_blocks=2, finetune_lr_factor=0.1),
+        ModelSpec(
+            name="cnn-bn", family="cnn",
+            description="The baseline CNN with batch normalisation, Adam with decoupled weight decay "
+                        "(AdamW) and the strong ISIC augmentation",
+            default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
+            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-4,
+            default_schedule="cosine", default_augment="isic-strong", default_dropout=0.3,
+            default_batch_size=32, head_hidden_units=(128, 64), head_batch_norm=True, finetune_blocks=2,
+            finetune_lr_factor=0.1),
+        ModelSpec(
+            name="resnet50", family="resnet",
+            description="ResNet50 (keras.applications, ImageNet weights): head-only on the frozen base, "
+                        "then fine-tune conv5",
+            default_image_size=224, min_image_size=32, default_weights="imagenet", pretrained=True,
+            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
+            default_schedule="cosine", default_augment="isic-strong", default_dropout=0.3,
+            default_batch_size=32, finetune_blocks=1, finetune_lr_factor=0.1),
+    ]
+    for ns in (False, True):
+        for variant, (size, dropout, batch) in _EFFNET.items():
+            specs.append(ModelSpec(
+                name=f"efficientnet-{variant}" + ("-ns" if ns else ""),
+                family="efficientnet-ns" if ns else "efficientnet",
+                description=_effnet_description(variant, ns),
+                default_image_size=size, min_image_size=32, default_weights="imagenet", pretrained=True,
+                default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
+                default_schedule="cosine", default_augment="isic-strong", default_dropout=dropout,
+                default_batch_size=batch, finetune_blocks=2, finetune_lr_factor=0.1, variant=variant))
+    return {spec.name: spec for spec in specs}
+
+
+#: name -> :class:`ModelSpec`, in ladder order (basic-cnn first).
+REGISTRY: dict[str, ModelSpec] = _make_registry()
+
+
+def model_names() -> list[str]:
+    """Registry names in ladder order."""
+    return list(REGISTRY)
+
+
+def validate_model_name(name: str) -> str:
+    """The canonical registry name for ``name`` (case-insensitive, ``_`` = ``-``).
+
+    Raises:
+        ConfigError: unknown name; the message lists every valid name.
+    """
+    key = str(name).strip().lower().replace("_", "-") if name is not None else ""
+    if key not in REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(REGISTRY)}")
+    return key
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a registry name (see :func:`validate_model_name`)."""
+    return REGISTRY[validate_model_name(name)]
+
+
+def validate_image_size(name: str, size: Any) -> int:
+    """``size`` as an int, checked against the model's minimum and :data:`MAX_IMAGE_SIZE`.
+
+    Raises:
+        ConfigError: unknown model, a size that is not a positive integer, below the
+            model's minimum (too small for its downsampling) or above the maximum.
+    """
+    spec = get_spec(name)
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)):
+        if isinstance(size, (float, np.floating)) and float(size).is_integer():
+            size = int(size)
+        else:
+            raise ConfigError(f"image size for {spec.name} must be a positive integer (pixels), got {size!r}")
+    size = int(size)
+    if size < 1:
+        raise ConfigError(f"image size for {spec.name} must be a positive integer (pixels), got {size}")
+    if size < spec.min_image_size:
+        raise ConfigError(
+            f"image size {size} is too small for {spec.name}: its downsampling needs at least "
+            f"{spec.min_image_size} px (default {spec.default_image_size})")
+    if size > MAX_IMAGE_SIZE:
+        raise ConfigError(f"image size {size} for {spec.name} is above the maximum {MAX_IMAGE_SIZE} px")
+    return size
+
+
