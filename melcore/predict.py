@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -452,3 +453,121 @@ def write_submission(predictions: pd.DataFrame, path) -> Path:
     out.to_csv(tmp, index=False, float_format="%.6f")
     os.replace(tmp, path)
     return path
+
+
+_PREVIEW_SIDE = 512  # longest side of the uploaded image as shown on the Score page
+
+
+# --------------------------------------------------------------------------- scoring an upload
+
+@dataclass
+class UploadScore:
+    """The result of :func:`score_upload`.
+
+    Attributes
+    ----------
+    probability : float in [0, 1]
+        Melanoma probability (the mean over the 8 views with TTA).
+    view_probabilities : np.ndarray float64 (8,) or (1,)
+        One probability per TTA view (or the single plain prediction).
+    tta : bool
+    input_size : (height, width)
+        The model's input size; the image was squashed to it, as in training.
+    image : np.ndarray (h, w, 3) uint8
+        The upload for display (aspect kept, longest side at most 512 px).
+    heatmap : np.ndarray (input_size) float32 in [0, 1], or None
+        Grad-CAM map at the model's input size (None when not requested).
+    method : str or None
+    """
+
+    probability: float
+    view_probabilities: np.ndarray
+    tta: bool
+    input_size: tuple
+    image: np.ndarray
+    heatmap: np.ndarray | None = None
+    method: str | None = None
+
+    def overlay(self, opacity: float = 0.4, colormap: str = "jet") -> np.ndarray:
+        """The heatmap blended over :attr:`image` (uint8, the image's size); MelcoreError without a heatmap."""
+        from melcore.explain import overlay
+
+        if self.heatmap is None:
+            raise MelcoreError("no Grad-CAM heatmap was computed for this upload")
+        return overlay(self.image, self.heatmap, opacity=opacity, colormap=colormap)
+
+
+def _preview(data: bytes, name: str | None, max_bytes: int) -> np.ndarray:
+    """The upload decoded in full (validating it), shrunk to fit a 512 px box for display."""
+    from PIL import Image
+
+    from melcore.images import read_upload
+
+    full = read_upload(data, name=name, max_bytes=max_bytes)
+    height, width = full.shape[:2]
+    scale = min(1.0, _PREVIEW_SIDE / max(height, width))
+    if scale == 1.0:
+        return full
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(full).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def score_upload(model, data, name: str | None = None, *, tta: bool = False, method: str | None = "gradcam",
+                 max_bytes: int | None = None) -> UploadScore:
+    """Score one uploaded JPEG/PNG with a run's model, and explain it.
+
+    Parameters
+    ----------
+    model : keras.Model, run directory or ``.keras`` file
+        A path is loaded with :func:`melcore.explain.load_run_model` (once per process).
+    data : bytes or a file-like object (e.g. Streamlit's UploadedFile)
+        Checked by :func:`melcore.images.read_upload`: anything but a readable JPEG or
+        PNG raises ImageError saying what the bytes look like.
+    name : str, optional
+        The upload's name for messages.
+    tta : bool
+        Mean over the 8 flips / transposes (:func:`melcore.predict.dihedral_views`),
+        the same as ``predict_images(model, image, tta=True)``; costs 8 model passes.
+    method : {"gradcam", "gradcam++", "scorecam"} or None
+        Heatmap method; None skips the heatmap.
+    max_bytes : int, optional
+        Upload size limit (default :data:`melcore.images.DEFAULT_MAX_UPLOAD_BYTES`, 20 MB).
+
+    Returns
+    -------
+    UploadScore
+
+    Raises
+    ------
+    ImageError
+        Empty, too large, not a JPEG/PNG, corrupt, too many pixels.
+    MelcoreError
+        No model file at the path, a model that does not load, an unknown method.
+    """
+    from melcore import explain
+    from melcore.images import DEFAULT_MAX_UPLOAD_BYTES, read_upload
+    
+    if method is not None and method not in explain.METHODS:
+        raise ConfigError(f"unknown explanation method {method!r}; choose one of {', '.join(explain.METHODS)}")
+    limit = DEFAULT_MAX_UPLOAD_BYTES if max_bytes is None else int(max_bytes)
+    raw = data if isinstance(data, (bytes, bytearray, memoryview)) else None
+    if raw is None:
+        name = name or getattr(data, "name", None)
+        raw = data.getvalue() if hasattr(data, "getvalue") else data.read(limit + 1)
+    raw = bytes(raw)
+    # Check the bytes before loading the model: a wrong file fails at once.
+    preview = _preview(raw, name, limit)
+    if not (hasattr(model, "predict") and hasattr(model, "layers")):
+        model = explain.load_run_model(model)
+    size = model_image_size(model)
+    image = read_upload(raw, size=size, name=name, max_bytes=limit)  # squashed, as training images are
+    if tta:
+        views = np.stack(dihedral_views(image[None])).reshape((-1, size, size, 3))
+        per_view = predict_images(model, views, tta=False)
+    else:
+        per_view = predict_images(model, image[None], tta=False)
+    heatmap = None
+    if method is not None:
+        heatmap = explain.get_explainer(model, method).heatmap(image)
+    return UploadScore(probability=float(np.mean(per_view)), view_probabilities=np.asarray(per_view, "float64"),
+                       tta=bool(tta), input_size=(size, size), image=preview, heatmap=heatmap, method=method)

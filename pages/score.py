@@ -1,6 +1,6 @@
 """Score: upload one lesion image and get a run's melanoma probability with its Grad-CAM overlay.
 
-Layout only; the scoring is :func:`melcore.review.score_upload`. A run's model is
+Layout only; the scoring is :func:`melcore.predict.score_upload`. A run's model is
 loaded once per server process (cached by run directory and the model file's
 modification time and size, so a retrained model is loaded again); a result is
 cached by the upload's content, the run, TTA and method, so moving the opacity
@@ -18,7 +18,7 @@ import streamlit as st
 from melcore.browse import run_threshold
 from melcore.errors import ImageError, MelcoreError
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
-from melcore.review import score_upload
+from melcore.predict import score_upload
 from pages.common import get_store, show_error
 
 K = "score_"  # session-state prefix of this page

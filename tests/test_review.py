@@ -21,9 +21,9 @@ from melcore.review import (
     iso_time,
     review_progress,
     reviews_csv,
-    score_upload,
     worklist,
 )
+from melcore.predict import score_upload
 from melcore.store import Store
 
 
