@@ -1,0 +1,555 @@
+"""Train: queue clinic-specific training jobs and follow them live.
+
+Training never runs inside a Streamlit script run. The form only validates the
+config (:func:`melcore.train.validate`) and queues jobs in the store
+(:func:`melcore.commands.jobs.submit_jobs`); a detached background worker
+(``python -m trainers.worker``, started by :func:`trainers.launch.ensure_worker`
+when no worker has a live heartbeat) claims and runs them. A page reload, a second
+user or a closed tab therefore neither stops nor duplicates a job.
+
+The job list is an ``st.fragment(run_every=2)``: it re-reads the store every two
+seconds (state, progress, live curves, worker heartbeats) without rerunning the form.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import time
+
+import pandas as pd
+import streamlit as st
+
+import trainers.launch as launch  # looked up at call time (launch.ensure_worker), so tests can replace it
+from melcore import augment
+from melcore import registry as models
+from melcore import train as train_module
+from melcore.commands.jobs import submit_jobs
+from melcore.errors import ConfigError, MelcoreError
+from melcore.plots import training_curves_figure
+from pages.common import dataset_picker, get_store, show_error
+
+K = "train_"  # session-state prefix of this page
+ALL_CLINICS = "All clinics (one job)"
+EACH_CLINIC = "One job per clinic"
+WEIGHT_LABELS = {
+    "none": "None (train from scratch)",
+    "imagenet": "ImageNet",
+    "noisy-student": "Noisy-student (ImageNet)",
+    "file": "Local weights file (.h5 / .keras)",
+}
+BALANCE_LABELS = {
+    "oversample": "Oversample melanomas (balanced batches)",
+    "class-weight": "Class weights in the loss",
+    "none": "None (natural class rates)",
+}
+ACTIVE = ("queued", "running")
+FINISHED = ("done", "cancelled", "failed")
+RECENT_FINISHED = 10   # finished jobs shown in detail (the table lists more)
+TABLE_JOBS = 50
+LOG_LINES = 200
+STATE_ICONS = {"queued": "⏳", "running": "▶️", "done": "✅", "cancelled": "⏹️", "failed": "❌"}
+TRAIN_STAGES = ("head", "fine-tune", "train")
+
+
+# --------------------------------------------------------------------------- optional features
+
+def _fast_head_available() -> tuple[bool, str]:
+    """Whether the fast-head mode can be offered, and a note saying why not."""
+    if "fast-head" not in getattr(train_module, "MODES", ()):
+        return False, "Fast head on cached features is not available in this version (TrainConfig has no such mode)."
+    if importlib.util.find_spec("melcore.features") is None:
+        return False, ("Fast head on cached features needs `melcore.features`, which this installation does not "
+                       "have yet; jobs train the full network.")
+    return True, ""
+
+
+def _presets():
+    """The :mod:`melcore.presets` module when this installation has it, else None."""
+    try:
+        return importlib.import_module("melcore.presets")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("melcore.presets", "melcore"):
+            return None
+        raise
+
+
+def _preset_values(presets, name: str) -> dict:
+    """The TrainConfig fields preset ``name`` sets (a None value is meaningful, e.g. no early stopping)."""
+    fields = set(train_module.TrainConfig.field_names())
+    return {k: v for k, v in presets.preset_values(name).items() if k in fields and k != "preset"}
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _duration(seconds) -> str:
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return "--"
+    if not math.isfinite(seconds) or seconds < 0:
+        return "--"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _number(value, fmt: str = ".4f") -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "--"
+    return format(value, fmt) if math.isfinite(value) else "--"
+
+
+def _ago(timestamp) -> str:
+    if not timestamp:
+        return "--"
+    return _duration(time.time() - float(timestamp)) + " ago"
+
+
+def _when(timestamp) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp)) if timestamp else ""
+
+
+def _epoch_points(history) -> list[dict]:
+    return [p for p in (history or []) if p.get("end_of_epoch")]
+
+
+def _last_val_auroc(job: dict):
+    points = _epoch_points(job.get("history"))
+    if points and points[-1].get("val_auroc") is not None:
+        return points[-1]["val_auroc"]
+    return (job.get("progress") or {}).get("val_auroc")
+
+
+def _progress(job: dict) -> tuple[float, str]:
+    """(fraction 0..1 of the planned work done, one line saying where the job is)."""
+    state = job["state"]
+    p = job.get("progress") or {}
+    config = job.get("config") or {}
+    if state == "queued":
+        return 0.0, "waiting for a worker"
+    if not p:
+        return (1.0, state) if state == "done" else (0.0, "starting (loading TensorFlow and the data)")
+    epochs = p.get("epochs") or (int(config.get("epochs") or 0) + int(config.get("fine_tune_epochs") or 0)) or 1
+    epoch = int(p.get("epoch") or 0)
+    stage = p.get("stage") or "train"
+    if stage == "load":
+        done, total = int(p.get("done") or 0), int(p.get("total") or 0)
+        fraction = done / total if total else 0.0
+        return (1.0 if state == "done" else 0.0), f"decoding images {done:,}/{total:,} ({fraction:.0%})"
+    steps = int(p.get("steps") or 0)
+    batch = int(p.get("batch") or 0)
+    if p.get("end_of_epoch") or stage == "validate":
+        within = 1.0
+    else:
+        within = min(batch, steps) / steps if steps else 0.0
+    fraction = 1.0 if state == "done" else min(1.0, max(0.0, (max(epoch, 1) - 1 + within) / epochs))
+    if stage == "validate":
+        where = f"epoch {epoch}/{epochs} · validating {p.get('val_batch', 0)}/{p.get('val_steps', 0)}"
+    else:
+        where = f"epoch {epoch}/{epochs} [{stage}] · batch {min(batch, steps) if steps else batch}/{steps or '?'}"
+    parts = [where, f"loss {_number(p.get('loss'))}", f"val AUROC {_number(_last_val_auroc(job), '.3f')}"]
+    if state == "running":
+        parts.append(f"ETA {_duration(p.get('eta'))}")
+    return fraction, " · ".join(parts)
+
+
+def _curves(job: dict):
+    """Loss and validation AUROC per epoch (training_curves_figure), plus the live batch loss."""
+    import plotly.graph_objects as go
+
+    history = job.get("history") or []
+    keys = ("train_loss", "val_loss", "val_auroc")
+    epochs = [{"epoch": p["epoch"], **{k: p.get(k) for k in keys}} for p in _epoch_points(history)
+              if p.get("epoch") is not None]
+    metrics = [k for k in keys if any(row.get(k) is not None for row in epochs)]
+    config = job.get("config") or {}
+    title = f"Job #{job['id']} · {config.get('model', '?')} · {config.get('clinic') or 'all clinics'}"
+    if epochs and metrics:
+        fig = training_curves_figure(epochs, metrics=metrics, x="epoch", title=title, height=320)
+    else:
+        fig = training_curves_figure([], title=title, height=320)
+    batches = [p for p in history if not p.get("end_of_epoch") and p.get("stage") in TRAIN_STAGES
+               and p.get("loss") is not None and p.get("steps") and p.get("epoch")]
+    if batches:
+        xs = [p["epoch"] - 1 + min(p.get("batch") or 0, p["steps"]) / p["steps"] for p in batches]
+        fig.add_trace(go.Scatter(x=xs, y=[p["loss"] for p in batches], mode="lines", name="loss (batches)",
+                                 meta="loss", line={"color": "#bbbbbb", "width": 1}))
+        fig.update_xaxes(title_text="epoch")
+    return fig
+
+
+# --------------------------------------------------------------------------- actions
+
+def _cancel(job_id: int) -> None:
+    try:
+        state = get_store().request_cancel(job_id)
+    except MelcoreError as exc:
+        st.session_state[K + "notice"] = ("error", f"Job #{job_id} could not be cancelled: {exc}")
+        return
+    message = (f"Job #{job_id}: cancel requested; training stops within one batch." if state == "running"
+               else f"Job #{job_id} is {state}.")
+    st.session_state[K + "notice"] = ("info", message)
+
+
+def _start_worker() -> None:
+    try:
+        pid = launch.ensure_worker(get_store())
+    except (OSError, MelcoreError) as exc:
+        st.session_state[K + "notice"] = ("error", f"The worker could not be started: {exc}")
+        return
+    st.session_state[K + "notice"] = (
+        ("success", f"Started a background worker (process {pid}).") if pid is not None
+        else ("info", "A worker is already running."))
+
+
+# --------------------------------------------------------------------------- form
+
+def _form(store) -> None:
+    st.header("New training job")
+    presets = _presets()
+    preset_name = None
+    preset: dict = {}
+    top = st.columns([2, 2, 3])
+    with top[0]:
+        dataset = dataset_picker(store, key=K + "dataset")
+    if dataset is None:
+        return
+    table = dict(getattr(presets, "PRESETS", {}) or {}) if presets is not None else {}
+    if table:
+        choice = top[1].selectbox("Preset", ["(custom)"] + list(table), key=K + "preset",
+                                  help="A tested recipe (melcore.presets); every field below can still be changed.")
+        if choice != "(custom)":
+            preset_name, preset = choice, _preset_values(presets, choice)
+            evidence = getattr(table[choice], "evidence", "")
+            st.caption(f"Preset **{choice}**: {table[choice].description}" + (f" ({evidence})" if evidence else ""))
+    tag = preset_name or "custom"
+    names = models.model_names()
+    default_model = preset.get("model") if preset.get("model") in names else "cnn-bn"
+    model = top[2 if table else 1].selectbox(
+        "Model", names, index=names.index(default_model) if default_model in names else 0,
+        key=f"{K}model_{tag}")
+    spec = models.get_spec(model)
+    st.caption(spec.description)
+    scope = f"{model}_{tag}"  # widgets whose defaults follow the model (and preset)
+
+    clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
+    clinic_options = [ALL_CLINICS] + ([EACH_CLINIC] + clinics if clinics else [])
+    row = st.columns(4)
+    clinic = row[0].selectbox("Clinic", clinic_options, key=K + "clinic",
+                              help="Train on one clinic's images, on all of them, or queue one job per clinic.")
+    if not clinics:
+        row[0].caption("This dataset has no clinic column: jobs use all images.")
+    image_size = row[1].number_input(
+        "Image size (px)", min_value=1, max_value=4096, step=1,
+        value=int(preset.get("image_size") or spec.default_image_size), key=f"{K}size_{scope}",
+        help=f"Square side; {spec.name} default {spec.default_image_size}, minimum {spec.min_image_size}.")
+    epochs = row[2].number_input("Epochs", min_value=1, max_value=1000, step=1,
+                                 value=int(preset.get("epochs") or 10), key=f"{K}epochs_{tag}",
+                                 help="Epochs of the first stage (the head stage with pretrained weights).")
+    batch_size = row[3].number_input("Batch size", min_value=1, max_value=4096, step=1,
+                                     value=int(preset.get("batch_size") or spec.default_batch_size),
+                                     key=f"{K}batch_{scope}")
+    row = st.columns(4)
+    learning_rate = row[0].number_input(
+        "Learning rate", min_value=0.0, max_value=10.0, format="%g", step=1e-4,
+        value=float(preset.get("learning_rate") or spec.default_learning_rate), key=f"{K}lr_{scope}",
+        help=f"Initial learning rate; {spec.name} default {spec.default_learning_rate:g}.")
+    balance_keys = list(train_module.BALANCES)
+    default_balance = preset.get("balance") if preset.get("balance") in balance_keys else "oversample"
+    balance = row[1].selectbox("Balance", balance_keys, index=balance_keys.index(default_balance),
+                               format_func=lambda b: BALANCE_LABELS.get(b, b), key=f"{K}balance_{tag}",
+                               help="Melanoma is rare (about 1.8% in ISIC 2020): oversampling gives balanced batches.")
+    augment_names = list(augment.PRESETS)
+    default_augment = preset.get("augment") if preset.get("augment") in augment_names else spec.default_augment
+    augment_name = row[2].selectbox(
+        "Augmentation", augment_names, index=augment_names.index(default_augment),
+        format_func=lambda a: f"{a}: {augment.PRESETS[a].description}", key=f"{K}augment_{scope}")
+
+    weight_keys = ["none", "imagenet"] + (["noisy-student"] if spec.family == "efficientnet-ns" else []) + ["file"]
+    preset_weights = str(preset.get("weights") or "")
+    if preset_weights in weight_keys:
+        default_weights = preset_weights
+    elif preset_weights:
+        default_weights = "file"
+    else:
+        default_weights = spec.default_weights if spec.default_weights in weight_keys else "none"
+    weights_choice = row[3].selectbox("Weights", weight_keys, index=weight_keys.index(default_weights),
+                                      format_func=lambda w: WEIGHT_LABELS[w], key=f"{K}weights_{scope}")
+    weights = weights_choice
+    fallback = False
+    if weights_choice == "file":
+        weights = st.text_input("Weights file on the worker's machine", key=f"{K}weights_path",
+                                value=preset_weights if default_weights == "file" else "",
+                                placeholder="/data/weights/efficientnet-b3_notop.h5",
+                                help="A Keras .h5 / .weights.h5 / .keras file: a backbone without top, or a "
+                                     "model saved by melreview.").strip()
+    elif weights_choice in ("imagenet", "noisy-student"):
+        if not spec.pretrained:
+            st.warning(f"{spec.name} has no ImageNet weights: it trains from scratch; choose 'None' or tick the "
+                       "fallback below.")
+        st.info("ImageNet weights are downloaded by Keras on first use (then cached). **Without internet access "
+                "they cannot be downloaded** and the job fails at start, unless you allow the fallback below "
+                "or give a local weights file instead.")
+        fallback = st.checkbox("Fall back to training from scratch if ImageNet weights cannot be downloaded",
+                               value=bool(preset.get("fallback_to_scratch", False)), key=f"{K}fallback_{scope}",
+                               help="The run then records that it was trained from scratch.")
+
+    fast_ok, fast_note = _fast_head_available()
+    fast_head = False
+    if fast_ok:
+        fast_head = st.checkbox("Fast head on cached features", value=preset.get("mode") == "fast-head",
+                                key=f"{K}fast_head_{tag}",
+                                help="Compute the frozen backbone's features once, cache them, and train only the "
+                                     "head on them: minutes instead of hours, no fine-tuning.")
+    else:
+        st.caption(fast_note)
+
+    with st.expander("More options"):
+        more = st.columns(4)
+        fine_tune = more[0].number_input(
+            "Fine-tune epochs", min_value=0, max_value=1000, step=1, value=int(preset.get("fine_tune_epochs") or 0),
+            key=f"{K}finetune_{tag}",
+            help="Epochs with the top blocks unfrozen after the head stage (pretrained weights only; from scratch "
+                 "they are added to the single stage).")
+        val_fraction = more[1].number_input("Validation share of patients", min_value=0.0, max_value=1.0,
+                                            step=0.05, value=float(preset.get("val_fraction") or 0.2),
+                                            key=f"{K}valfrac_{tag}")
+        seed = more[2].number_input("Seed", min_value=0, step=1, value=int(preset.get("seed") or 0),
+                                    key=f"{K}seed_{tag}")
+        no_early_stop = "early_stopping_patience" in preset and preset["early_stopping_patience"] is None
+        patience = more[3].number_input("Early stopping patience (0 = off)", min_value=0, step=1,
+                                        value=0 if no_early_stop else int(preset.get("early_stopping_patience") or 3),
+                                        key=f"{K}patience_{tag}")
+        tta = st.checkbox("Score the final validation predictions with 8 flips (TTA)",
+                          value=bool(preset.get("tta", False)), key=f"{K}tta_{tag}")
+
+    if not st.button("Queue training job", type="primary", key=K + "submit"):
+        return
+    values = dict(preset)
+    values.update(model=model, image_size=int(image_size), epochs=int(epochs), batch_size=int(batch_size),
+                  learning_rate=float(learning_rate), balance=balance, augment=augment_name,
+                  weights=weights if weights else "", fallback_to_scratch=bool(fallback),
+                  fine_tune_epochs=int(fine_tune), val_fraction=float(val_fraction), seed=int(seed),
+                  early_stopping_patience=int(patience) or None, tta=bool(tta),
+                  clinic=None if clinic in (ALL_CLINICS, EACH_CLINIC) else clinic)
+    if fast_ok:
+        values["mode"] = "fast-head" if fast_head else "full"
+    if preset_name is not None:
+        values["preset"] = preset_name
+    if weights_choice == "file" and not weights:
+        st.error("Not queued: give the path of the weights file, or choose other weights.")
+        return
+    _submit(store, values, dataset, each_clinic=clinic == EACH_CLINIC)
+
+
+def _submit(store, values: dict, dataset: dict, each_clinic: bool) -> None:
+    try:
+        config = train_module.TrainConfig.from_dict(values)
+        job_ids = submit_jobs(store, config, dataset, each_clinic)
+    except ConfigError as exc:
+        st.error(f"Not queued: {exc}")
+        return
+    except MelcoreError as exc:
+        show_error(exc, "Not queued")
+        return
+    listed = ", ".join(f"#{j}" for j in job_ids)
+    st.success(f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on {dataset['name']!r}.")
+    try:
+        pid = launch.ensure_worker(store)
+    except (OSError, MelcoreError) as exc:
+        show_error(exc, "The background worker could not be started; start one with `python -m trainers.worker`")
+        return
+    if pid is None:
+        st.info("A background worker is running; it picks the job up from the queue.")
+    else:
+        st.info(f"No worker was running: started a background worker (process {pid}). Training runs outside this "
+                "page: reloading or closing it does not stop the job.")
+
+
+# --------------------------------------------------------------------------- live job list
+
+def _worker_status(store) -> None:
+    live = store.live_workers()
+    real_pids = {(w.get("host"), w.get("pid")) for w in live if not str(w["worker_id"]).endswith(":starting")}
+    shown = [w for w in live if not (str(w["worker_id"]).endswith(":starting")
+                                      and (w.get("host"), w.get("pid")) in real_pids)]
+    if not shown:
+        cols = st.columns([4, 1], vertical_alignment="center")
+        cols[0].warning("No worker running: queued jobs wait until one starts. On another machine sharing this "
+                        "database: `python -m trainers.worker`.")
+        cols[1].button("Start a worker", key=K + "start_worker", on_click=_start_worker)
+        return
+    lines = []
+    for w in shown:
+        if str(w["worker_id"]).endswith(":starting"):
+            doing = "starting"
+        elif w.get("job_id"):
+            doing = f"running job #{w['job_id']}"
+        else:
+            doing = "idle"
+        lines.append(f"**{w.get('host') or '?'}** pid {w.get('pid') or '?'}: {doing} (beat {_ago(w['beat_at'])})")
+    st.success(f"{len(shown)} worker{'s' if len(shown) > 1 else ''} running · " + " · ".join(lines))
+
+
+def _job_table(jobs: list[dict], dataset_names: dict) -> None:
+    rows = []
+    for job in jobs:
+        config = job.get("config") or {}
+        p = job.get("progress") or {}
+        fraction, _ = _progress(job)
+        rows.append({
+            "job": job["id"], "state": f"{STATE_ICONS.get(job['state'], '')} {job['state']}",
+            "dataset": dataset_names.get(job.get("dataset_id"), ""), "model": config.get("model"),
+            "clinic": config.get("clinic") or "all", "progress": fraction,
+            "epoch": f"{p.get('epoch', 0)}/{p.get('epochs', '?')}" if p else "",
+            "loss": p.get("loss") if job["state"] == "running" else None,
+            "val AUROC": _last_val_auroc(job),
+            "ETA": _duration(p.get("eta")) if job["state"] == "running" else "",
+            "run": job.get("run_id"), "submitted": _when(job.get("created_at")),
+        })
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=K + "table", column_config={
+        "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+        "loss": st.column_config.NumberColumn(format="%.4f"),
+        "val AUROC": st.column_config.NumberColumn(format="%.3f"),
+        "run": st.column_config.NumberColumn(format="%d"),
+    })
+
+
+def _log(job: dict) -> None:
+    text = job.get("log") or (job.get("progress") or {}).get("log_tail") or ""
+    label = "Log" if job.get("log") else "Log (latest lines)"
+    with st.expander(label, expanded=False):
+        if not text.strip():
+            st.caption("No log lines yet.")
+            return
+        lines = text.splitlines()
+        if len(lines) > LOG_LINES:
+            st.caption(f"Last {LOG_LINES} of {len(lines):,} lines.")
+        st.code("\n".join(lines[-LOG_LINES:]), language="text")
+
+
+def _run_note(store, job: dict) -> None:
+    try:
+        run = store.get_run(int(job["run_id"]))
+    except MelcoreError:
+        st.warning(f"Run #{job['run_id']} is no longer in the store.")
+        return
+    metrics = run.get("metrics") or {}
+    weights = metrics.get("weights") or {}
+    auroc = metrics.get("val_auroc")
+    how = "trained from scratch" if run.get("from_scratch") else (
+        f"started from {weights.get('loaded') or weights.get('requested') or 'pretrained'} weights")
+    st.success(f"➜ **Run #{run['id']}** ({run['name']}) · validation AUROC **{_number(auroc, '.3f')}** · {how}. "
+               "Open it on the **Compare** page; review its predictions on **Review**.")
+    requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
+    if run.get("from_scratch") and requested not in ("", "none"):
+        st.warning(f"Asked for {requested} weights but trained from scratch: "
+                   f"{run.get('notes') or weights.get('note') or 'the weights could not be loaded'}")
+    elif run.get("notes"):
+        st.caption(run["notes"])
+
+
+def _job_card(store, job: dict) -> None:
+    config = job.get("config") or {}
+    state = job["state"]
+    with st.container(border=True):
+        head = st.columns([5, 1], vertical_alignment="center")
+        extras = [f"{config.get('image_size') or 'default'} px", f"{config.get('epochs')} epoch(s)"]
+        if config.get("mode") == "fast-head":
+            extras.append("fast head")
+        if config.get("preset"):
+            extras.append(f"preset {config['preset']}")
+        head[0].markdown(f"{STATE_ICONS.get(state, '')} **Job #{job['id']}** · {state} · "
+                         f"{config.get('model', '?')} on {config.get('clinic') or 'all clinics'} · "
+                         + " · ".join(extras))
+        if state in ACTIVE:
+            if job.get("cancel_requested"):
+                head[1].caption("cancel requested")
+            else:
+                head[1].button("Cancel", key=f"{K}cancel_{job['id']}", on_click=_cancel, args=(job["id"],),
+                               width="stretch")
+        if state == "queued":
+            st.caption(f"Queued {_ago(job.get('created_at'))} · waiting for a worker"
+                       + (f" · {job['error']}" if job.get("error") else ""))
+            return
+        if state == "running":
+            fraction, where = _progress(job)
+            st.progress(fraction, text=where)
+            p = job.get("progress") or {}
+            beat = job.get("heartbeat_at") or p.get("updated_at")
+            note = (f"Worker {job.get('worker_id') or '?'} · attempt {job.get('attempts')} · "
+                    f"last heartbeat {_ago(beat)}")
+            if beat and time.time() - float(beat) > 60:
+                note += " · the worker stopped responding; the job will be requeued"
+            st.caption(note)
+            st.plotly_chart(_curves(job), width="stretch", key=f"{K}curves_{job['id']}")
+            _log(job)
+            return
+        if state == "failed":
+            st.error(f"Failed: {job.get('error') or 'no reason recorded'}")
+        elif state == "cancelled":
+            st.info("Cancelled" + (f": {job['error']}" if job.get("error") else "."))
+        elif state == "done":
+            if job.get("run_id"):
+                _run_note(store, job)
+            else:
+                st.info("Done (no run recorded).")
+        p = job.get("progress") or {}
+        reached = f"reached epoch {p['epoch']}/{p.get('epochs', '?')} · " if p.get("epoch") else ""
+        st.caption(f"{reached}attempt {job.get('attempts') or 0} · started {_when(job.get('started_at'))} · "
+                   f"ended {_when(job.get('finished_at'))}"
+                   + (f" · took {_duration(job['finished_at'] - job['started_at'])}"
+                      if job.get("finished_at") and job.get("started_at") else ""))
+        if _epoch_points(job.get("history")):
+            with st.expander("Training curves"):
+                st.plotly_chart(_curves(job), width="stretch", key=f"{K}curves_{job['id']}")
+        _log(job)
+
+
+@st.fragment(run_every=2)
+def _live_jobs() -> None:
+    """Worker status and every job; re-read from the store every 2 s (only this part reruns)."""
+    store = get_store()
+    notice = st.session_state.pop(K + "notice", None)
+    if notice:
+        getattr(st, notice[0])(notice[1])
+    _worker_status(store)
+    jobs = store.list_jobs(limit=TABLE_JOBS)
+    if not jobs:
+        st.caption("No jobs yet: queue one above.")
+        return
+    dataset_names = {d["id"]: d["name"] for d in store.list_datasets()}
+    _job_table(jobs, dataset_names)
+    active = [j for j in jobs if j["state"] in ACTIVE]
+    finished = [j for j in jobs if j["state"] in FINISHED][:RECENT_FINISHED]
+    if active:
+        st.subheader(f"Active ({len(active)})")
+        for job in sorted(active, key=lambda j: (j["state"] != "running", j["id"])):
+            _job_card(store, job)
+    if finished:
+        st.subheader("Recently finished")
+        for job in finished:
+            _job_card(store, job)
+
+
+def main() -> None:
+    st.title("Train")
+    st.caption("Queue training jobs for a dataset or one per clinic; a background worker trains them, so reloading "
+               "or closing this page never stops or repeats a job. Progress, curves and logs update every 2 s.")
+    store = get_store()
+    try:
+        _form(store)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, "The training form could not be prepared")
+    st.header("Jobs")
+    _live_jobs()
+
+
+main()

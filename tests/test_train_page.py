@@ -1,0 +1,294 @@
+"""The Train page (pages/train.py) driven by Streamlit's AppTest on a seeded store.
+
+No real worker starts here: ``trainers.launch.ensure_worker`` is replaced by a fake
+that records its calls (AppTest runs the page in this process, and the page looks the
+function up on the module at call time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import trainers.launch as launch
+from melcore.store import Store
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "train.py")
+FAKE_PID = 4242
+
+
+@pytest.fixture
+def seeded(demo_dir):
+    store = Store()
+    dataset_id, cohort = store.register_dataset("demo", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    return {"store": store, "dataset_id": dataset_id, "clinics": sorted(cohort.summary()["clinics"])}
+
+
+@pytest.fixture
+def worker_calls(monkeypatch):
+    calls = []
+
+    def fake_ensure_worker(store, **kwargs):
+        calls.append(store.url)
+        return FAKE_PID
+
+    monkeypatch.setattr(launch, "ensure_worker", fake_ensure_worker)
+    return calls
+
+
+def run(at: AppTest) -> AppTest:
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def open_page() -> AppTest:
+    return run(AppTest.from_file(PAGE, default_timeout=120))
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def fill(at: AppTest, model: str = "cnn-bn", **values) -> AppTest:
+    """Choose a model, then set the form's widgets by their short names (size, epochs, batch, lr...)."""
+    at.selectbox(key="train_model_custom").select(model)
+    run(at)
+    per_model = {"size", "batch", "lr", "augment", "weights", "fallback"}
+    for name, value in values.items():
+        key = f"train_{name}_{model}_custom" if name in per_model else f"train_{name}_custom"
+        if name == "clinic":
+            at.selectbox(key="train_clinic").select(value)
+        elif name in ("balance", "augment", "weights"):
+            at.selectbox(key=key).select(value)
+        elif name == "fallback":
+            at.checkbox(key=key).check() if value else at.checkbox(key=key).uncheck()
+        else:
+            at.number_input(key=key).set_value(value)
+        run(at)
+    return at
+
+
+def submit(at: AppTest) -> AppTest:
+    at.button(key="train_submit").click()
+    return run(at)
+
+
+def progress_bars(at: AppTest) -> list:
+    return [element.proto for element in at.get("progress")]
+
+
+def chart_traces(at: AppTest) -> list[list[str]]:
+    return [[trace.get("name") for trace in json.loads(chart.proto.spec)["data"]] for chart in at.get("plotly_chart")]
+
+
+def running_job(store: Store, dataset_id: int, **config) -> dict:
+    job_id = store.submit_job({"model": "cnn-bn", "epochs": 3, **config}, dataset_id=dataset_id)
+    job = store.claim_job("testhost:999:1")
+    assert job["id"] == job_id
+    return job
+
+
+def test_submit_queues_the_chosen_config_and_starts_a_worker(seeded, worker_calls):
+    at = fill(open_page(), "cnn-bn", size=48, epochs=2, batch=8, lr=0.002, balance="class-weight", augment="basic",
+              weights="none")
+    assert not Store().list_jobs()
+    assert not worker_calls
+    at = submit(at)
+    jobs = Store().list_jobs()
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job["state"] == "queued" and job["dataset_id"] == seeded["dataset_id"]
+    config = job["config"]
+    assert (config["model"], config["image_size"], config["epochs"], config["batch_size"]) == ("cnn-bn", 48, 2, 8)
+    assert config["learning_rate"] == pytest.approx(0.002)
+    assert (config["balance"], config["augment"], config["weights"], config["clinic"]) == (
+        "class-weight", "basic", "none", None)
+    assert worker_calls == [seeded["store"].url]
+    assert f"#{job['id']}" in texts(at.success)
+    assert str(FAKE_PID) in texts(at.info)
+    assert f"Job #{job['id']}" in texts(at.markdown)
+    table = next(df.value for df in at.dataframe if "progress" in df.value.columns)
+    assert table["job"].tolist() == [job["id"]] and "queued" in table["state"].iloc[0]
+
+
+def test_image_size_defaults_to_the_model_spec(seeded, worker_calls):
+    from melcore.models import get_spec
+
+    at = fill(open_page(), "resnet50")
+    assert at.number_input(key="train_size_resnet50_custom").value == get_spec("resnet50").default_image_size
+    at = fill(at, "basic-cnn")
+    assert at.number_input(key="train_size_basic-cnn_custom").value == get_spec("basic-cnn").default_image_size
+
+
+def test_one_job_per_clinic_queues_one_job_for_each_clinic(seeded, worker_calls):
+    at = fill(open_page(), "cnn-bn", clinic="One job per clinic", size=32, epochs=1)
+    submit(at)
+    jobs = Store().list_jobs()
+    assert len(jobs) == len(seeded["clinics"]) == 3
+    assert sorted(j["config"]["clinic"] for j in jobs) == seeded["clinics"]
+    assert {j["state"] for j in jobs} == {"queued"}
+    assert len(worker_calls) == 1
+
+
+def test_one_clinic_queues_a_job_for_that_clinic(seeded, worker_calls):
+    clinic = seeded["clinics"][1]
+    submit(fill(open_page(), "cnn-bn", clinic=clinic, size=32))
+    assert [j["config"]["clinic"] for j in Store().list_jobs()] == [clinic]
+
+
+@pytest.mark.parametrize("model, values, reason", [
+    ("cnn-bn", {"size": 8}, "too small for cnn-bn"),
+    ("cnn-bn", {"lr": 0.0}, "learning rate must be positive"),
+    ("basic-cnn", {"weights": "imagenet"}, "has no ImageNet weights"),
+])
+def test_an_invalid_combination_is_refused_with_the_reason(seeded, worker_calls, model, values, reason):
+    at = submit(fill(open_page(), model, **values))
+    assert reason in texts(at.error)
+    assert "Not queued" in texts(at.error)
+    assert Store().list_jobs() == []
+    assert worker_calls == []
+
+
+def test_imagenet_weights_offer_the_fallback_and_say_they_need_internet(seeded, worker_calls):
+    at = fill(open_page(), "resnet50", size=32, weights="imagenet", fallback=True)
+    assert "cannot be downloaded" in texts(at.info)
+    submit(at)
+    config = Store().list_jobs()[0]["config"]
+    assert config["weights"] == "imagenet" and config["fallback_to_scratch"] is True
+
+
+def test_cancel_a_queued_job(seeded, worker_calls):
+    store = seeded["store"]
+    job_id = store.submit_job({"model": "cnn-bn", "epochs": 1}, dataset_id=seeded["dataset_id"])
+    at = open_page()
+    at.button(key=f"train_cancel_{job_id}").click()
+    at = run(at)
+    assert store.get_job(job_id)["state"] == "cancelled"
+    assert f"train_cancel_{job_id}" not in [b.key for b in at.button]
+    assert "Cancelled" in texts(at.info)
+
+
+def test_cancel_a_running_job_requests_the_stop(seeded, worker_calls):
+    store = seeded["store"]
+    job = running_job(store, seeded["dataset_id"])
+    at = open_page()
+    at.button(key=f"train_cancel_{job['id']}").click()
+    at = run(at)
+    after = store.get_job(job["id"])
+    assert after["state"] == "running" and after["cancel_requested"]
+    assert "stops within one batch" in texts(at.info)
+    assert "cancel requested" in texts(at.caption)
+
+
+def test_a_running_job_shows_its_progress_bar_and_curves(seeded, worker_calls):
+    store = seeded["store"]
+    job = running_job(store, seeded["dataset_id"])
+    history = []
+    for epoch in (1, 2):
+        for batch in (5, 10):
+            history.append({"epoch": epoch, "batch": batch, "steps": 10, "epochs": 3, "stage": "train",
+                            "loss": 0.7 - 0.05 * epoch - 0.01 * batch})
+        if epoch == 1:
+            history.append({"epoch": 1, "batch": 10, "steps": 10, "epochs": 3, "stage": "train", "loss": 0.6,
+                            "end_of_epoch": True, "train_loss": 0.62, "val_loss": 0.58, "val_auroc": 0.71})
+    progress = {"epoch": 2, "batch": 5, "steps": 10, "epochs": 3, "stage": "train", "loss": 0.4321,
+                "eta": 95.0, "updated_at": time.time(), "log_tail": "epoch 1/3 train loss 0.62"}
+    store.update_job(job["id"], progress=progress, history=history)
+    at = open_page()
+    bars = progress_bars(at)
+    assert len(bars) == 1
+    assert bars[0].value == 50  # (1 epoch done + 5/10 batches) of 3 epochs
+    assert "epoch 2/3" in bars[0].text and "batch 5/10" in bars[0].text
+    assert "0.4321" in bars[0].text and "0.710" in bars[0].text and "ETA 1m35s" in bars[0].text
+    traces = chart_traces(at)
+    assert len(traces) == 1
+    assert {"train_loss", "val_loss", "val_auroc", "loss (batches)"} <= set(traces[0])
+    assert "epoch 1/3 train loss 0.62" in texts(at.code)
+    workers_line = texts(at.warning)
+    assert "No worker running" in workers_line
+
+
+def test_a_failed_job_shows_its_reason(seeded, worker_calls):
+    store = seeded["store"]
+    job = running_job(store, seeded["dataset_id"])
+    reason = "clinic 'north' has only benign lesions after the split; choose another clinic or all clinics"
+    assert store.finish_job(job["id"], job["claim_token"], "failed", error=reason, log="line 1\nline 2")
+    at = open_page()
+    assert reason in texts(at.error)
+    assert "line 1\nline 2" in texts(at.code)
+    assert f"train_cancel_{job['id']}" not in [b.key for b in at.button]
+
+
+def test_a_done_job_points_to_its_run(seeded, worker_calls):
+    store = seeded["store"]
+    job = running_job(store, seeded["dataset_id"], weights="imagenet", fallback_to_scratch=True)
+    run_id = store.add_run("cnn-bn · all clinics", dataset_id=seeded["dataset_id"], job_id=job["id"], model="cnn-bn",
+                           metrics={"val_auroc": 0.81234, "weights": {"requested": "imagenet", "from_scratch": True,
+                                                                      "note": "ImageNet weights could not be "
+                                                                              "downloaded: trained from scratch"}},
+                           from_scratch=True, notes="ImageNet weights could not be downloaded: trained from scratch")
+    assert store.finish_job(job["id"], job["claim_token"], "done", run_id=run_id)
+    at = open_page()
+    note = texts(at.success)
+    assert f"Run #{run_id}" in note and "0.812" in note and "trained from scratch" in note
+    assert "could not be downloaded" in texts(at.warning)
+
+
+def test_worker_status_line_and_start_button(seeded, worker_calls):
+    at = open_page()
+    assert "No worker running" in texts(at.warning)
+    at.button(key="train_start_worker").click()
+    at = run(at)
+    assert len(worker_calls) == 1
+    assert str(FAKE_PID) in texts(at.success)
+
+    store = seeded["store"]
+    job = running_job(store, seeded["dataset_id"])
+    store.worker_beat("gpu-box:31337:140", job["id"])
+    at = open_page()
+    status = texts(at.success)
+    assert "gpu-box" in status and "31337" in status and f"running job #{job['id']}" in status
+    assert "train_start_worker" not in [b.key for b in at.button]
+
+
+def test_a_training_preset_fills_the_form_and_is_recorded(seeded, worker_calls):
+    presets = pytest.importorskip("melcore.presets", reason="this version has no training presets")
+    name = presets.preset_names()[0]
+    recipe = presets.get_preset(name).config
+    at = open_page()
+    at.selectbox(key="train_preset").select(name)
+    at = run(at)
+    assert name in texts(at.caption)
+    model = at.selectbox(key=f"train_model_{name}").value
+    assert model == recipe["model"]
+    if recipe.get("image_size"):
+        assert at.number_input(key=f"train_size_{model}_{name}").value == recipe["image_size"]
+    at.number_input(key=f"train_size_{model}_{name}").set_value(32)  # the user can still change any field
+    at.number_input(key=f"train_epochs_{name}").set_value(2)
+    submit(run(at))
+    config = Store().list_jobs()[0]["config"]
+    assert config["preset"] == name
+    assert (config["image_size"], config["epochs"]) == (32, 2)
+    for key, value in recipe.items():  # every other field of the recipe is kept as the preset says
+        if key not in ("image_size", "epochs"):
+            assert config[key] == value, key
+
+
+def test_fast_head_is_offered_only_when_the_mode_exists(seeded, worker_calls):
+    import importlib.util
+
+    at = open_page()
+    if importlib.util.find_spec("melcore.features") is None:
+        assert "Fast head on cached features needs `melcore.features`" in texts(at.caption)
+        assert "train_fast_head_custom" not in [c.key for c in at.checkbox]
+        submit(fill(at, "cnn-bn", size=32))
+        assert Store().list_jobs()[0]["config"]["mode"] == "full"
+    else:
+        at.checkbox(key="train_fast_head_custom").check()
+        submit(fill(run(at), "cnn-bn", size=32))
+        assert Store().list_jobs()[0]["config"]["mode"] == "fast-head"
