@@ -115,8 +115,52 @@ def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None 
     return run_id
 
 
+def run_kfold_job(ctx: JobContext) -> tuple[str, int | None]:
+    """Train every fold (``config["n_folds"]``, default 5); records oof_predictions.csv as split "oof"."""
+    from melcore.crossval import fit_folds
+    from melcore.train import TrainConfig
+
+    job = ctx.job
+    config = TrainConfig.from_dict(job["config"])
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
+    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-kfold-{config.model}"
+    run = fit_folds(config, cohort, config.n_folds, progress=ctx.report, should_stop=ctx.should_stop,
+                    run_dir=run_dir, strategy=distribution_strategy())
+    if run.cancelled or ctx.cancelled.is_set():
+        return "cancelled", None
+    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+
+
+def run_cross_clinic_job(ctx: JobContext) -> tuple[str, int | None]:
+    """Train on each clinic and score the others; the run (kind "cross-clinic") feeds the Compare heatmap.
+
+    Without a ``mode`` in the job's config, fast-head is used on a CPU (see
+    :func:`melcore.crossval.default_cross_clinic_mode`).
+    """
+    from melcore.crossval import cross_clinic, default_cross_clinic_mode
+    from melcore.train import TrainConfig
+
+    job = ctx.job
+    data = dict(job["config"])
+    data.setdefault("mode", default_cross_clinic_mode())
+    config = TrainConfig.from_dict(data)
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
+    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-cross-clinic-{config.model}"
+    run = cross_clinic(config, cohort, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
+                       strategy=distribution_strategy())
+    if run.cancelled or ctx.cancelled.is_set():
+        return "cancelled", None
+    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+
+
 JOB_KINDS: dict[str, Callable[[JobContext], tuple[str, int | None]]] = {
     "train": run_train_job,
+    "kfold": run_kfold_job,
+    "cross-clinic": run_cross_clinic_job,
 }
 
 
