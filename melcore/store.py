@@ -14,6 +14,8 @@ objects. Rows come back as ``dict``.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import socket
 import threading
@@ -139,6 +141,27 @@ workers = sa.Table(
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = []
 
 
+def _json_safe(value):
+    """Plain JSON for any database: NaN/inf become null, numpy scalars and arrays become Python values."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _json_dumps(value) -> str:
+    # PostgreSQL's json type rejects NaN, which metrics legitimately contain (e.g. an
+    # undefined PPV); both backends store null instead.
+    return json.dumps(_json_safe(value), allow_nan=False, default=str)
+
+
 def _now() -> float:
     return time.time()
 
@@ -180,7 +203,8 @@ class Store:
         self.url = url or settings.db_url()
         self.is_sqlite = self.url.startswith("sqlite")
         if self.is_sqlite:
-            self.engine = sa.create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False})
+            self.engine = sa.create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False},
+                                           json_serializer=_json_dumps)
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
             @sa.event.listens_for(self.engine, "connect")
@@ -189,7 +213,8 @@ class Store:
 
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         else:
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                                           json_serializer=_json_dumps)
         self._writer = self.engine.execution_options(sqlite_immediate=True)
         if migrate:
             self.migrate()

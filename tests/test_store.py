@@ -196,3 +196,13 @@ def test_a_newer_database_is_refused(db_url, monkeypatch):
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 0)
     with pytest.raises(MelcoreError, match="newer than this melreview"):
         Store(db_url)
+
+
+def test_json_columns_store_nan_and_numpy_values_as_plain_json(store, tmp_path):
+    import numpy as np
+
+    metrics = {"auroc": float("nan"), "ppv": float("inf"), "n": np.int64(3), "curve": np.array([0.5, 1.0]),
+               "nested": [{"x": float("nan")}]}
+    run_id = store.add_run("r", tmp_path, metrics=metrics)
+    assert store.get_run(run_id)["metrics"] == {"auroc": None, "ppv": None, "n": 3, "curve": [0.5, 1.0],
+                                                "nested": [{"x": None}]}
