@@ -826,7 +826,11 @@ def _save_model(model, path: Path) -> None:
     """
     import keras
 
-    bare = keras.Model(model.inputs, model.outputs, name=model.name)
+    # Single tensors, not one-element lists: a list-output model reloads as a
+    # multi-output graph, which Grad-CAM and callers indexing the output reject.
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+    bare = keras.Model(inputs, outputs, name=model.name)
     tmp = path.with_name(f".{path.stem}.tmp.keras")
     bare.save(tmp)
     os.replace(tmp, path)

@@ -52,7 +52,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training config (defaults: the model's recommended values)")
     group.add_argument("--config", metavar="JSON",
                        help="a training config: a JSON file or JSON text; options given here override it")
-    # Place for the presets work: --preset NAME (a named TrainConfig; TrainConfig.preset records it).
+    group.add_argument("--preset", metavar="NAME",
+                       help="start from a named recipe (cpu-default: the best CPU recipe; see melcore.presets); "
+                            "--config and the options given override its values")
     group.add_argument("--model", metavar="NAME",
                        help="registry name: basic-cnn, cnn-bn, resnet50, efficientnet-b0..b7, "
                             "efficientnet-b0-ns..b7-ns")
@@ -76,7 +78,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fold", type=int, metavar="I",
                        help="validate on patient-grouped fold I (0-based) of --n-folds instead of --val-fraction")
     group.add_argument("--n-folds", type=int, metavar="K", help="number of folds for --fold (default 5)")
-    # Place for the K-fold work: --folds K (train every fold; one run per fold plus out-of-fold predictions).
+    group.add_argument("--folds", type=int, metavar="K",
+                       help="train all K patient-grouped folds (sub-runs fold-0..K-1) and write out-of-fold "
+                            "predictions for every image (oof_predictions.csv)")
     group.add_argument("--seed", type=int, metavar="S", help="seed of split, weights, order and augmentation")
     group.add_argument("--weights", metavar="W", help="none, imagenet or the path of a weights file")
     group.add_argument("--fallback-to-scratch", action="store_true", default=None,
@@ -120,14 +124,16 @@ def config_from_args(args: argparse.Namespace):
     from melcore.train import TrainConfig
 
     data = _read_config_option(args.config) if getattr(args, "config", None) else {}
+    if getattr(args, "preset", None) is not None:
+        from melcore.presets import preset_values  # ConfigError listing the presets when unknown
+
+        data = {**preset_values(args.preset), **data}  # precedence: preset < --config < options
     for dest, name in _FIELDS.items():
         value = getattr(args, dest, None)
         if value is not None:
             data[name] = value
     if getattr(args, "no_early_stopping", None):
         data["early_stopping_patience"] = None
-    if getattr(args, "preset", None) is not None:
-        data["preset"] = args.preset
     if not data.get("model"):
         raise ConfigError("no model given: pass --model NAME (e.g. cnn-bn or efficientnet-b3) or a --config "
                           "with a 'model'")
@@ -275,7 +281,14 @@ def run(args: argparse.Namespace) -> int:
     config = validate(config_from_args(args))  # bad names and sizes fail before anything is read
     out = Path(args.out).expanduser() if args.out else None
     _check_out(out, args.overwrite)
+    folds = getattr(args, "folds", None)
+    if folds is not None and folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {folds}")
+    if folds is not None and args.fold is not None:
+        raise ConfigError("--folds trains every fold; do not combine it with --fold")
     cohort = load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
+    if folds is not None:
+        return _run_folds(config, cohort, folds, out, args)
     bar = None if args.quiet else TrainProgressBar()
     with _Interrupt() as interrupt:
         try:
@@ -304,4 +317,27 @@ def run(args: argparse.Namespace) -> int:
     if weights.get("from_scratch") and str(weights.get("requested", "none")).lower() != "none":
         print(f"warning: {weights.get('note')}", file=sys.stderr)
     print(f"time         {_duration(m['seconds'])} on {m['device']}")
+    return 0
+
+
+def _run_folds(config, cohort, folds: int, out, args) -> int:
+    """``--folds K``: every fold, then the out-of-fold summary (see :func:`melcore.crossval.fit_folds`)."""
+    from melcore.crossval import fit_folds
+
+    bar = None if args.quiet else TrainProgressBar()
+    with _Interrupt() as interrupt:
+        try:
+            result = fit_folds(config, cohort, folds, progress=bar, should_stop=interrupt, run_dir=out)
+        finally:
+            if bar is not None:
+                bar.close()
+    m = result.metrics
+    if result.cancelled:
+        print(f"cancelled after {m['folds_done']} of {folds} folds; partial run in {result.run_dir}", file=sys.stderr)
+        return 130
+    print(f"run          {result.run_dir}")
+    print(f"model        {config.model} at {config.image_size} px, {folds} folds ({config.mode})")
+    print(f"out-of-fold  AUROC {_number(m['oof_auroc'])} over {m['n_oof']:,} images ({m['n_malignant']:,} melanoma)")
+    print("folds        " + ", ".join(f"{i}: {_number(a)}" for i, a in enumerate(m["fold_aurocs"])))
+    print(f"time         {_duration(m['seconds'])}")
     return 0

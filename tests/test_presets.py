@@ -1,0 +1,250 @@
+"""Training presets (melcore.presets, ``train --preset``) and the colour features (melcore.colour)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from melcore.errors import ConfigError, MelcoreError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "melcore", *map(str, args)], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _train_args(*argv):
+    from melcore.commands.train import add_train_options
+
+    parser = argparse.ArgumentParser()
+    add_train_options(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+# --------------------------------------------------------------------------- presets
+
+def test_cpu_default_resolves_to_a_valid_config_that_needs_no_download():
+    from melcore import models
+    from melcore.presets import PRESETS, preset_config
+    from melcore.train import TrainConfig
+
+    assert "cpu-default" in PRESETS
+    preset = PRESETS["cpu-default"]
+    assert set(preset.config) <= set(TrainConfig.field_names()) - {"preset"}
+    config = preset_config("cpu-default")
+    assert isinstance(config, TrainConfig)
+    assert config.preset == "cpu-default"
+    for key, value in preset.config.items():
+        assert getattr(config, key) == value, key
+    # Runs offline on a CPU: a from-scratch model, no ImageNet weights to fetch.
+    assert not models.get_spec(config.model).pretrained and config.weights == "none"
+    assert TrainConfig.from_json(config.to_json()) == config
+
+
+def test_preset_config_applies_overrides_and_keeps_the_rest():
+    from melcore.presets import PRESETS, preset_config
+
+    config = preset_config("CPU_Default", image_size=32, epochs=1, clinic="north", seed=None)
+    assert (config.image_size, config.epochs, config.clinic, config.preset) == (32, 1, "north", "cpu-default")
+    assert config.augment == PRESETS["cpu-default"].config["augment"]
+    assert config.seed == 0  # None keeps the default
+    with pytest.raises(ConfigError, match="unknown training config key 'colour'"):
+        preset_config("cpu-default", colour=True)
+    with pytest.raises(ConfigError, match="image size 4 is too small"):
+        preset_config("cpu-default", image_size=4)
+
+
+def test_preset_values_are_copies():
+    from melcore.presets import PRESETS, preset_values
+
+    values = preset_values("cpu-default")
+    values["model"] = "resnet50"
+    assert PRESETS["cpu-default"].config["model"] != "resnet50"
+    assert preset_values("cpu-default")["model"] == PRESETS["cpu-default"].config["model"]
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    from melcore.presets import get_preset
+    from melcore.train import TrainConfig, validate
+
+    with pytest.raises(ConfigError, match=r"unknown preset 'gpu-fast'; valid presets: cpu-default"):
+        get_preset("gpu-fast")
+    with pytest.raises(ConfigError, match=r"valid presets: cpu-default"):
+        validate(TrainConfig(model="cnn-bn", preset="gpu-fast"))
+
+
+def test_cli_preset_precedence_preset_then_config_then_options(tmp_path):
+    from melcore.commands.train import config_from_args
+    from melcore.presets import PRESETS
+
+    base = PRESETS["cpu-default"].config
+    config = config_from_args(_train_args("--preset", "cpu-default"))
+    assert config.preset == "cpu-default" and config.model == base["model"] and config.epochs == base["epochs"]
+
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"epochs": 4, "seed": 9}))
+    config = config_from_args(_train_args("--preset", "cpu-default", "--config", config_file, "--epochs", "2"))
+    assert (config.epochs, config.seed, config.augment) == (2, 9, base["augment"])
+
+
+def test_cli_unknown_preset_exits_2_naming_the_valid_presets(tmp_path):
+    result = _cli("train", "--preset", "nope", "--csv", tmp_path / "missing.csv", "--out", tmp_path / "run")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "preset" in line]
+    assert errors and "unknown preset 'nope'" in errors[-1] and "cpu-default" in errors[-1]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def preset_run(demo_dir, tmp_path_factory):
+    """``train --preset cpu-default`` on the demo cohort at 32 px, 1 epoch: (result, run dir)."""
+    out = tmp_path_factory.mktemp("preset") / "run"
+    result = _cli("train", "--preset", "cpu-default", "--csv", demo_dir / "labels.csv",
+                  "--images", demo_dir / "jpeg" / "train", "--image-size", 32, "--epochs", 1, "--workers", 1,
+                  "--out", out, "--quiet")
+    return result, out
+
+
+def test_cli_preset_trains_end_to_end_on_the_demo_cohort(demo_dir, preset_run):
+    from melcore.images import load_images
+    from melcore.predict import predict_images
+    from melcore.train import Run
+
+    result, out = preset_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run          {out.resolve()}" in result.stdout
+    run = Run.load(out)
+    assert run.config.preset == "cpu-default" and run.config.image_size == 32 and run.config.epochs == 1
+    assert json.loads((out / "config.json").read_text())["preset"] == "cpu-default"
+    assert run.metrics["status"] == "done" and run.metrics["image_size"] == 32
+    predictions = run.val_predictions()
+    assert list(predictions.columns) == ["image_name", "patient_id", "clinic", "target", "prediction"]
+    assert len(predictions) == run.metrics["n_val"] > 0
+
+    # The saved model scores images with the same numbers as the run's validation file.
+    first = predictions.iloc[:4]
+    paths = [demo_dir / "jpeg" / "train" / f"{name}.jpg" for name in first["image_name"]]
+    scores = predict_images(run.load_model(), load_images(paths, 32))
+    np.testing.assert_allclose(scores, first["prediction"].to_numpy(), atol=1e-5)
+
+
+def test_preset_run_model_explains_with_gradcam(demo_dir, preset_run):
+    from melcore.explain import explain_image
+    from melcore.train import Run
+
+    result, out = preset_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = Run.load(out).val_predictions()["image_name"].iloc[0]
+    overlay, heatmap = explain_image(out, demo_dir / "jpeg" / "train" / f"{name}.jpg", use_cache=False)
+    assert overlay.shape == (32, 32, 3) and heatmap.shape == (32, 32)
+    assert np.isfinite(heatmap).all()
+
+
+# --------------------------------------------------------------------------- colour features
+
+def _lesion_image(size=96, seed=0, blue=False):
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), (205, 160, 140), dtype=np.float64)  # skin
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = size / 2
+    lesion = ((yy - c) / (0.3 * size)) ** 2 + ((xx - c * 1.1) / (0.22 * size)) ** 2 <= 1
+    image[lesion] = (90, 55, 40) if not blue else (80, 90, 130)
+    image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), lesion
+
+
+def test_colour_features_are_deterministic_finite_and_size_independent():
+    from melcore.colour import FEATURE_NAMES, colour_feature_matrix, colour_features
+
+    image, _ = _lesion_image()
+    a = colour_features(image)
+    assert a.shape == (len(FEATURE_NAMES),) and a.dtype == np.float64 and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, colour_features(image.copy()))
+    stack = np.stack([image, _lesion_image(seed=1, blue=True)[0]])
+    matrix = colour_feature_matrix(stack)
+    np.testing.assert_array_equal(matrix[0], a)  # batch == one by one (training == prediction)
+    # The image is resized to WORK_SIZE first, so the caller's size changes the vector only slightly.
+    import cv2
+
+    bigger = cv2.resize(image, (180, 180), interpolation=cv2.INTER_LINEAR)
+    named = dict(zip(FEATURE_NAMES, colour_features(bigger)))
+    assert abs(named["area_fraction"] - dict(zip(FEATURE_NAMES, a))["area_fraction"]) < 0.05
+
+
+def test_colour_features_find_the_lesion_and_its_colour():
+    from melcore.colour import FEATURE_NAMES, lesion_mask
+
+    image, truth = _lesion_image(size=128)
+    mask, fallback = lesion_mask(image)
+    assert not fallback
+    overlap = (mask & truth).sum() / (mask | truth).sum()
+    assert overlap > 0.8
+    from melcore.colour import colour_features
+
+    brown = dict(zip(FEATURE_NAMES, colour_features(image)))
+    blue = dict(zip(FEATURE_NAMES, colour_features(_lesion_image(size=128, blue=True)[0])))
+    assert blue["colour_blue_grey"] > brown["colour_blue_grey"]
+    assert blue["blue_white_veil"] > brown["blue_white_veil"]
+    assert brown["contrast_L"] > 20  # lesion darker than skin
+
+
+def test_colour_features_reject_bad_input():
+    from melcore.colour import colour_features
+
+    with pytest.raises(MelcoreError, match="uint8 RGB"):
+        colour_features(np.zeros((32, 32), dtype=np.uint8))
+    with pytest.raises(MelcoreError, match="uint8 RGB"):
+        colour_features(np.zeros((32, 32, 3), dtype=np.float32))
+
+
+def test_colour_model_json_round_trip_gives_identical_scores(tmp_path):
+    from melcore.colour import ColourModel, colour_feature_matrix
+
+    images = [_lesion_image(seed=s, blue=bool(s % 2))[0] for s in range(12)]
+    x = colour_feature_matrix(np.stack(images))
+    y = np.array([s % 2 for s in range(12)])
+    model = ColourModel().fit(x, y)
+    assert model.predict_proba(x)[y == 1].mean() > model.predict_proba(x)[y == 0].mean()
+    path = tmp_path / "colour.json"
+    model.save(path)
+    assert json.loads(path.read_text())["format"] == ColourModel.FORMAT  # plain JSON, no pickle
+    loaded = ColourModel.load(path)
+    np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+
+    stacked = ColourModel().fit(x, y, cnn_logit=np.linspace(-1, 1, 12))
+    with pytest.raises(MelcoreError, match="pass cnn_logit"):
+        stacked.predict_proba(x)
+    bad = model.to_dict() | {"feature_names": ["x"]}
+    with pytest.raises(MelcoreError, match="retrain"):
+        ColourModel.from_dict(bad)
+
+
+def test_colour_model_from_files_scores_like_the_in_memory_path(tmp_path):
+    from PIL import Image
+
+    from melcore.colour import (WORK_SIZE, colour_feature_matrix, colour_features_of_files, colour_probabilities,
+                                fit_colour_model)
+    from melcore.images import load_images
+
+    paths, targets = [], []
+    for s in range(10):
+        image, _ = _lesion_image(size=90, seed=s, blue=bool(s % 2))
+        path = tmp_path / f"img{s}.jpg"
+        Image.fromarray(image).save(path, quality=95)
+        paths.append(path)
+        targets.append(s % 2)
+    model = fit_colour_model(paths, targets)
+    features = colour_features_of_files(paths)
+    # Training and prediction read the files the same way: identical features and scores.
+    np.testing.assert_array_equal(features, colour_feature_matrix(load_images(paths, WORK_SIZE)))
+    np.testing.assert_array_equal(colour_probabilities(model, paths), model.predict_proba(features))
