@@ -33,6 +33,11 @@ from pages.common import dataset_picker, get_store, show_error
 K = "train_"  # session-state prefix of this page
 ALL_CLINICS = "All clinics (one job)"
 EACH_CLINIC = "One job per clinic"
+JOB_KIND_LABELS = {
+    "One model": "train",
+    "K-fold: every fold, out-of-fold predictions for all images": "kfold",
+    "Cross-clinic: train on each clinic, score every other clinic": "cross-clinic",
+}
 WEIGHT_LABELS = {
     "none": "None (train from scratch)",
     "imagenet": "ImageNet",
@@ -239,6 +244,13 @@ def _form(store) -> None:
     st.caption(spec.description)
     scope = f"{model}_{tag}"  # widgets whose defaults follow the model (and preset)
 
+    kind_label = st.selectbox("What to train", list(JOB_KIND_LABELS), key=K + "kind",
+                              help="K-fold runs feed the stacked fusion and the Compare page with predictions "
+                                   "for every image; cross-clinic fills the Compare page's heatmap.")
+    kind = JOB_KIND_LABELS[kind_label]
+    n_folds = 5
+    if kind == "kfold":
+        n_folds = int(st.number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "n_folds"))
     clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
     clinic_options = [ALL_CLINICS] + ([EACH_CLINIC] + clinics if clinics else [])
     row = st.columns(4)
@@ -339,6 +351,8 @@ def _form(store) -> None:
                   fine_tune_epochs=int(fine_tune), val_fraction=float(val_fraction), seed=int(seed),
                   early_stopping_patience=int(patience) or None, tta=bool(tta),
                   clinic=None if clinic in (ALL_CLINICS, EACH_CLINIC) else clinic)
+    if kind == "kfold":
+        values["n_folds"] = n_folds
     if fast_ok:
         values["mode"] = "fast-head" if fast_head else "full"
     if preset_name is not None:
@@ -346,13 +360,13 @@ def _form(store) -> None:
     if weights_choice == "file" and not weights:
         st.error("Not queued: give the path of the weights file, or choose other weights.")
         return
-    _submit(store, values, dataset, each_clinic=clinic == EACH_CLINIC)
+    _submit(store, values, dataset, each_clinic=clinic == EACH_CLINIC, kind=kind)
 
 
-def _submit(store, values: dict, dataset: dict, each_clinic: bool) -> None:
+def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "train") -> None:
     try:
         config = train_module.TrainConfig.from_dict(values)
-        job_ids = submit_jobs(store, config, dataset, each_clinic)
+        job_ids = submit_jobs(store, config, dataset, each_clinic, kind)
     except ConfigError as exc:
         st.error(f"Not queued: {exc}")
         return

@@ -292,3 +292,29 @@ def test_fast_head_is_offered_only_when_the_mode_exists(seeded, worker_calls):
         at.checkbox(key="train_fast_head_custom").check()
         submit(fill(run(at), "cnn-bn", size=32))
         assert Store().list_jobs()[0]["config"]["mode"] == "fast-head"
+
+
+def test_kfold_and_cross_clinic_jobs_are_queued_with_their_kind(monkeypatch, demo_dir):
+    import trainers.launch as launch
+
+    monkeypatch.setattr(launch, "ensure_worker", lambda store: None)
+    Store().register_dataset("demo", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "pages" / "train.py"), default_timeout=120).run()
+    keyed = {w.key: w for w in at.selectbox if w.key}
+    kind_key = next(k for k in keyed if k.endswith("kind"))
+    at.selectbox(key=kind_key).select(next(o for o in at.selectbox(key=kind_key).options if o.startswith("K-fold")))
+    at.run()
+    folds_key = next(w.key for w in at.number_input if w.key and w.key.endswith("n_folds"))
+    at.number_input(key=folds_key).set_value(3)
+    size_key = next(w.key for w in at.number_input if w.key and "size_" in w.key)
+    at.number_input(key=size_key).set_value(32)
+    next(b for b in at.button if "Queue" in b.label or "Submit" in b.label).click()
+    at.run()
+    assert not at.exception
+    job = Store().list_jobs()[0]
+    assert job["kind"] == "kfold" and job["config"]["n_folds"] == 3, [e.value for e in at.error]
+    at.selectbox(key=kind_key).select(next(o for o in at.selectbox(key=kind_key).options if o.startswith("Cross")))
+    at.run()
+    next(b for b in at.button if "Queue" in b.label or "Submit" in b.label).click()
+    at.run()
+    assert Store().list_jobs()[0]["kind"] == "cross-clinic"

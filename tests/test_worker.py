@@ -160,7 +160,14 @@ def test_jobs_cli_submit_list_and_validation(queue, db_url):
     assert bad_clinic.returncode == 2 and "clinic-north" in bad_clinic.stderr
     missing = cli("submit", "--dataset", "nope", "--model", "basic-cnn")
     assert missing.returncode == 2 and "known datasets: demo" in missing.stderr
-    assert len(store.list_jobs()) == 3  # refused submissions queue nothing
+    folds = cli("submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--folds", "3")
+    assert folds.returncode == 0, folds.stderr
+    kfold = store.get_job(int(folds.stdout.split()[0]))
+    assert kfold["kind"] == "kfold" and kfold["config"]["n_folds"] == 3
+    cross = cli("submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--kind", "cross-clinic",
+                "--clinic", "clinic-north")
+    assert cross.returncode == 2 and "gives no clinic" not in cross.stderr and "no clinic" in cross.stderr
+    assert len(store.list_jobs()) == 4  # refused submissions queue nothing
 
 
 def test_no_mirrored_strategy_on_a_single_device():

@@ -10,6 +10,8 @@ import time
 from melcore.errors import ConfigError
 from melcore.store import Store
 
+JOB_KINDS = ("train", "kfold", "cross-clinic")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from melcore.commands.train import add_train_options
@@ -19,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit = actions.add_parser("submit", help="queue a training job; prints its id")
     submit.add_argument("--dataset", required=True, metavar="NAME", help="a registered dataset (name or id)")
     submit.add_argument("--each-clinic", action="store_true", help="queue one job per clinic of the dataset")
+    submit.add_argument("--kind", choices=JOB_KINDS, default="train",
+                        help="train (one model), kfold (every fold of --folds K, out-of-fold predictions) or "
+                             "cross-clinic (train on each clinic, score the others)")
     add_train_options(submit)
     listing = actions.add_parser("list", help="the jobs, newest first")
     listing.add_argument("--json", action="store_true", help="one JSON array")
@@ -31,12 +36,16 @@ def _dataset(store: Store, value: str) -> dict:
     return store.get_dataset(int(value) if value.isdigit() else value)
 
 
-def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False) -> list[int]:
+def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train") -> list[int]:
     """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids."""
     from dataclasses import replace
 
     from melcore.train import validate
 
+    if kind not in JOB_KINDS:
+        raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")
+    if kind == "cross-clinic" and (each_clinic or config.clinic is not None):
+        raise ConfigError("a cross-clinic job trains on every clinic itself; give no clinic")
     validate(config)
     clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
     if config.clinic is not None and clinics and config.clinic not in clinics:
@@ -48,7 +57,7 @@ def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False) 
         configs = [replace(config, clinic=clinic) for clinic in clinics]
     else:
         configs = [config]
-    return [store.submit_job(c.to_dict(), dataset_id=dataset["id"]) for c in configs]
+    return [store.submit_job(c.to_dict(), dataset_id=dataset["id"], kind=kind) for c in configs]
 
 
 def _job_line(job: dict) -> str:
@@ -65,7 +74,8 @@ def _job_line(job: dict) -> str:
     if job.get("run_id"):
         detail += f" run {job['run_id']}"
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
-    return f"{job['id']:>5}  {job['state']:<9}  {created}  {config.get('model', '?')} on {where}{detail}"
+    return (f"{job['id']:>5}  {job['state']:<9}  {created}  {job['kind']:<12} {config.get('model', '?')} on "
+            f"{where}{detail}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +83,16 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "submit":
         from melcore.commands.train import config_from_args
 
-        ids = submit_jobs(store, config_from_args(args), _dataset(store, args.dataset), args.each_clinic)
+        from dataclasses import replace
+
+        config, kind = config_from_args(args), args.kind
+        if getattr(args, "folds", None) is not None:
+            if kind == "cross-clinic":
+                raise ConfigError("--folds goes with --kind kfold, not cross-clinic")
+            if args.folds < 2:
+                raise ConfigError(f"--folds must be at least 2, got {args.folds}")
+            config, kind = replace(config, n_folds=args.folds), "kfold"
+        ids = submit_jobs(store, config, _dataset(store, args.dataset), args.each_clinic, kind)
         for job_id in ids:
             print(job_id)
         if not store.live_workers():
