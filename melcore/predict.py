@@ -20,12 +20,22 @@ Bad images (missing, corrupt, not an image) are handled by ``on_error``:
 
 Models are the ``model.keras`` files of :mod:`melcore.train` runs (raw RGB 0..255
 in, one sigmoid probability out); the image size is read from the model's input.
+
+Colour model: when the run directory holds ``colour_model.json``
+(:data:`melcore.colour.COLOUR_MODEL_FILE`, written by runs trained with
+``TrainConfig.colour_model``, e.g. the ``cpu-default`` preset), :func:`predict_cohort`,
+:func:`predict_folder` and :func:`score_upload` deliver the colour model's probability
+as ``prediction`` and keep the CNN's as ``cnn_prediction``. The run is recognised from a
+Run, a run directory, its ``model.keras`` file, or a model returned by
+:func:`load_run_model` for one of those. :func:`predict_images`, :func:`predict_paths`
+and :func:`predict_batch` always give the CNN's probability.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +49,7 @@ __all__ = [
     "N_TTA_VIEWS",
     "dihedral_views",
     "load_run_model",
+    "run_colour_model",
     "model_image_size",
     "predict_batch",
     "predict_images",
@@ -120,7 +131,47 @@ def load_run_model(run_or_dir):
         path = candidate
     elif not path.exists():
         raise ConfigError(f"model {path} not found; pass a run directory or a .keras file")
-    return load_model(path)
+    model = load_model(path)
+    _remember_run_dir(model, path.parent)
+    return model
+
+
+# Models loaded by load_run_model -> their run directory (so a loaded model still finds
+# the run's colour model). Weak keys: the entry goes with the model.
+_RUN_DIRS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _remember_run_dir(model, run_dir: Path) -> None:
+    try:
+        _RUN_DIRS[model] = Path(run_dir)
+    except TypeError:  # not weak-referenceable or not hashable: the colour model is then not found
+        pass
+
+
+def run_colour_model(run_or_dir):
+    """The run's :class:`melcore.colour.ColourModel`, or None when the run has none.
+
+    ``run_or_dir`` as for :func:`load_run_model`: a Run, a run directory, its
+    ``model.keras`` file, or a model loaded by :func:`load_run_model` from one of those.
+    Raises MelcoreError when ``colour_model.json`` exists but does not load.
+    """
+    from melcore import colour
+
+    run_dir = None
+    try:
+        run_dir = _RUN_DIRS.get(run_or_dir)
+    except TypeError:
+        pass
+    if run_dir is None:
+        candidate = getattr(run_or_dir, "run_dir", run_or_dir)
+        if not isinstance(candidate, (str, os.PathLike)):
+            return None
+        path = Path(candidate).expanduser()
+        run_dir = path if path.is_dir() else path.parent
+    path = Path(run_dir) / colour.COLOUR_MODEL_FILE
+    if not path.is_file():
+        return None
+    return colour.ColourModel.load(path)
 
 
 def model_image_size(model) -> int:
@@ -171,7 +222,7 @@ def predict_batch(model, batch: np.ndarray, tta: bool = False) -> np.ndarray:
 
 def predict_images(model, images_uint8: np.ndarray, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
                    progress: Progress | None = None) -> np.ndarray:
-    """Melanoma probability of each image of an in-memory array.
+    """Melanoma probability of each image of an in-memory array (the CNN's, never a run's colour model).
 
     Parameters
     ----------
@@ -339,6 +390,7 @@ def _score_table(model, names: list[str], paths: list, *, tta: bool, batch_size:
                  progress: Progress | None, on_error: str) -> pd.DataFrame:
     from melcore.images import ImageCache
 
+    colour_model = run_colour_model(model)
     model = load_run_model(model)
     size = model_image_size(model)
     cache = ImageCache()
@@ -351,8 +403,14 @@ def _score_table(model, names: list[str], paths: list, *, tta: bool, batch_size:
         score_progress = lambda d, t: progress(n // 3 + int(d * (n - n // 3) / max(t, 1)), n)  # noqa: E731
     scores = predict_paths(model, [paths[i] for i in good], tta=tta, batch_size=batch_size,
                            progress=score_progress, cache=cache)
-    result = pd.DataFrame({"image_name": [names[i] for i in good],
-                           "prediction": scores if scores is not None else np.empty(0)})
+    scores = scores if scores is not None else np.empty(0)
+    result = pd.DataFrame({"image_name": [names[i] for i in good], "prediction": scores})
+    if colour_model is not None:
+        from melcore import colour
+
+        result["prediction"] = (colour.colour_probabilities(colour_model, [paths[i] for i in good], cache=cache)
+                                if good else np.empty(0))
+        result["cnn_prediction"] = scores
     result.attrs["skipped"] = skipped
     if progress is not None:
         progress(n, n)
@@ -379,7 +437,8 @@ def predict_cohort(run_or_dir, cohort, tta: bool = False, batch_size: int = DEFA
     Returns
     -------
     pandas.DataFrame with columns image_name (str), prediction (float64 in [0, 1]), one
-    row per scored image, in the cohort's order.
+    row per scored image, in the cohort's order. When the run has a colour model,
+    ``prediction`` is its probability and ``cnn_prediction`` the CNN's (module docstring).
     """
     table = cohort.table
     names = table["image_name"].astype(str).tolist()
@@ -423,7 +482,8 @@ def predict_folder(run_or_dir, folder, tta: bool = False, batch_size: int = DEFA
 
     Returns
     -------
-    pandas.DataFrame image_name (the file name without extension), prediction (float64),
+    pandas.DataFrame image_name (the file name without extension), prediction (float64)
+    (plus ``cnn_prediction`` when the run has a colour model, see :func:`predict_cohort`),
     sorted by image_name; skipped files in ``result.attrs["skipped"]`` with ``on_error="skip"``.
     """
     files = list_image_files(folder, recursive=recursive)
@@ -467,9 +527,10 @@ class UploadScore:
     Attributes
     ----------
     probability : float in [0, 1]
-        Melanoma probability (the mean over the 8 views with TTA).
+        Melanoma probability: the run's colour model's when it has one (``scorer`` is then
+        ``"colour-model"``), else the CNN's (the mean over the 8 views with TTA).
     view_probabilities : np.ndarray float64 (8,) or (1,)
-        One probability per TTA view (or the single plain prediction).
+        The CNN's probability per TTA view (or the single plain prediction).
     tta : bool
     input_size : (height, width)
         The model's input size; the image was squashed to it, as in training.
@@ -478,6 +539,10 @@ class UploadScore:
     heatmap : np.ndarray (input_size) float32 in [0, 1], or None
         Grad-CAM map at the model's input size (None when not requested).
     method : str or None
+    cnn_probability : float
+        The CNN's probability (mean of ``view_probabilities``); the heatmap explains it.
+    scorer : str
+        ``"cnn"`` or ``"colour-model"``: which model gave :attr:`probability`.
     """
 
     probability: float
@@ -487,6 +552,8 @@ class UploadScore:
     image: np.ndarray
     heatmap: np.ndarray | None = None
     method: str | None = None
+    cnn_probability: float | None = None
+    scorer: str = "cnn"
 
     def overlay(self, opacity: float = 0.4, colormap: str = "jet") -> np.ndarray:
         """The heatmap blended over :attr:`image` (uint8, the image's size); MelcoreError without a heatmap."""
@@ -520,6 +587,9 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
     ----------
     model : keras.Model, run directory or ``.keras`` file
         A path is loaded with :func:`melcore.explain.load_run_model` (once per process).
+        When the run has a colour model (:func:`run_colour_model`), it gives
+        ``probability``; the upload is then written to a temporary file and decoded as
+        training images are (:func:`melcore.colour.colour_features_of_files`).
     data : bytes or a file-like object (e.g. Streamlit's UploadedFile)
         Checked by :func:`melcore.images.read_upload`: anything but a readable JPEG or
         PNG raises ImageError saying what the bytes look like.
@@ -557,6 +627,7 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
     raw = bytes(raw)
     # Check the bytes before loading the model: a wrong file fails at once.
     preview = _preview(raw, name, limit)
+    colour_model = run_colour_model(model)
     if not (hasattr(model, "predict") and hasattr(model, "layers")):
         model = explain.load_run_model(model)
     size = model_image_size(model)
@@ -569,5 +640,27 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
     heatmap = None
     if method is not None:
         heatmap = explain.get_explainer(model, method).heatmap(image)
-    return UploadScore(probability=float(np.mean(per_view)), view_probabilities=np.asarray(per_view, "float64"),
-                       tta=bool(tta), input_size=(size, size), image=preview, heatmap=heatmap, method=method)
+    cnn_probability = float(np.mean(per_view))
+    probability, scorer = cnn_probability, "cnn"
+    if colour_model is not None:
+        probability, scorer = _colour_probability_of_bytes(colour_model, raw), "colour-model"
+    return UploadScore(probability=probability, view_probabilities=np.asarray(per_view, "float64"),
+                       tta=bool(tta), input_size=(size, size), image=preview, heatmap=heatmap, method=method,
+                       cnn_probability=cnn_probability, scorer=scorer)
+
+
+def _colour_probability_of_bytes(colour_model, raw: bytes) -> float:
+    """The colour model's probability of an (already validated) upload, via a temporary file.
+
+    Going through a file keeps the decoder identical to training's (PIL draft + resize in
+    :func:`melcore.images.load_images`), so the upload gets the same features as the file would.
+    """
+    import tempfile
+
+    from melcore import colour
+
+    suffix = ".png" if raw[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+    with tempfile.TemporaryDirectory(prefix="melreview-upload-") as folder:
+        path = Path(folder) / f"upload{suffix}"
+        path.write_bytes(raw)
+        return float(colour.colour_probabilities(colour_model, [str(path)], cache=None)[0])

@@ -38,6 +38,8 @@ Run directory (``run_dir`` or ``settings.subdir("runs") / "<timestamp>-<model>-<
 * ``train.log``     the log of the run;
 * ``model.keras``   best weights; load with :func:`melcore.models.load_model` / :meth:`Run.load_model`;
 * ``val_predictions.csv``  image_name, patient_id, clinic, target, prediction;
+  with ``config.colour_model`` also ``cnn_prediction`` (``prediction`` is then the colour model's);
+* ``colour_model.json``  only with ``config.colour_model``: the colour/shape model (:mod:`melcore.colour`);
 * ``metrics.json``  written last; see :func:`fit` for its keys.
 
 Progress: ``progress(epoch, batch, loss, metrics, eta)``, see :func:`fit`.
@@ -70,7 +72,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from melcore import settings
+from melcore import colour, settings
 from melcore.errors import CohortError, ConfigError, MelcoreError
 
 __all__ = [
@@ -158,6 +160,11 @@ class TrainConfig:
         Keep resized images in the on-disk cache (``settings.subdir("cache/images")``).
     deterministic : bool
         TensorFlow op determinism during ``fit`` (see the module docstring).
+    colour_model : bool
+        Full mode only (ConfigError with ``mode="fast-head"``): also fit a colour/shape logistic model (:mod:`melcore.colour`) on
+        the training split's images, save it as ``colour_model.json`` in the run dir and
+        deliver its scores as ``prediction`` (the CNN's stay in ``cnn_prediction``, and the
+        CNN is kept for Grad-CAM). ``metrics["scorer"]`` says which model scored.
     """
 
     model: str
@@ -185,6 +192,7 @@ class TrainConfig:
     workers: int | None = None
     cache_images: bool = True
     deterministic: bool = True
+    colour_model: bool = False
 
     # -- JSON round trip
     @classmethod
@@ -375,6 +383,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     c.workers = _int("workers", max(1, min(4, os.cpu_count() or 1)) if c.workers is None else c.workers, 1)
     c.cache_images = _bool("cache_images", c.cache_images)
     c.deterministic = _bool("deterministic", c.deterministic)
+    c.colour_model = _bool("colour_model", c.colour_model)
+    if c.colour_model and c.mode != "full":
+        raise ConfigError(f"colour_model (set by the cpu-default preset) needs mode 'full', not {c.mode!r}: "
+                          "use mode 'full' (Train page: untick the fast head) or set colour_model false")
     return c
 
 
@@ -876,7 +888,9 @@ def fit(config: TrainConfig, cohort, progress: Progress | None = None, should_st
         "cancelled"), cancelled, model, clinic, image_size, val_auroc (of the saved
         validation predictions, with TTA when ``config.tta``), best_epoch_val_auroc (the
         early-stopping criterion, without TTA), val_loss, best_epoch, threshold (0.5),
-        sensitivity, specificity (at 0.5), n_train, n_val, n_malignant {"train", "val"},
+        sensitivity, specificity (at 0.5, of the delivered ``prediction``), scorer ("cnn" or
+        "colour-model"; with the colour model also cnn_val_auroc, colour_val_auroc, cnn_val_loss),
+        n_train, n_val, n_malignant {"train", "val"},
         n_patients {"train", "val"}, excluded {other_clinics, unlabelled, no_image,
         unreadable, unreadable_images}, split, history (per epoch: epoch, stage,
         train_loss, val_loss, val_auroc, learning_rate, seconds, best), stages, epochs_run,
@@ -914,7 +928,7 @@ def fit(config: TrainConfig, cohort, progress: Progress | None = None, should_st
         run_dir = Path(run_dir).expanduser() if run_dir is not None else default_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         run_dir = run_dir.resolve()
-        for stale in ("metrics.json", "model.keras", "val_predictions.csv", "train.log"):
+        for stale in ("metrics.json", "model.keras", "val_predictions.csv", "train.log", colour.COLOUR_MODEL_FILE):
             (run_dir / stale).unlink(missing_ok=True)
         _write_json(run_dir / "config.json", config.to_dict())
         with _run_log(run_dir):
@@ -1110,14 +1124,39 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
         if config.tta:
             log.info("scoring the validation set with 8-view test-time augmentation")
         predictions = predict_validation(tta=config.tta)
+    cnn_predictions = predictions
+    colour_predictions = None
+    if predictions is not None and config.colour_model and not tracker.stop_requested():
+        colour_started = time.perf_counter()
+        log.info("fitting the colour/shape model on %d training images", len(train_table))
+        colour_model = colour.fit_colour_model(train_table["image_path"].tolist(),
+                                               train_table["target"].astype("int64").to_numpy(), cache=cache,
+                                               workers=config.workers)
+        if not tracker.stop_requested():
+            colour_model.save(run_dir / colour.COLOUR_MODEL_FILE)
+            colour_predictions = colour.colour_probabilities(colour_model, val_paths, cache=cache,
+                                                             workers=config.workers)
+            log.info("colour model: validation AUROC %.4f (CNN %.4f), %.1f s; it scores the delivered predictions",
+                     _auroc(y_val, colour_predictions), _auroc(y_val, cnn_predictions),
+                     time.perf_counter() - colour_started)
+    if predictions is not None and config.colour_model and colour_predictions is None:
+        # should_stop during the colour model: nothing half-made is left behind.
+        (run_dir / colour.COLOUR_MODEL_FILE).unlink(missing_ok=True)
+        predictions = None
+    if colour_predictions is not None:
+        predictions = colour_predictions
+    metrics["scorer"] = "colour-model" if colour_predictions is not None else "cnn"
     if predictions is not None:
-        out = pd.DataFrame({
+        columns = {
             "image_name": val_table["image_name"].astype(str),
             "patient_id": val_table["patient_id"],
             "clinic": val_table["clinic"],
             "target": val_table["target"].astype("int64"),
             "prediction": predictions,
-        })
+        }
+        if colour_predictions is not None:
+            columns["cnn_prediction"] = cnn_predictions
+        out = pd.DataFrame(columns)
         out.to_csv(run_dir / "val_predictions.csv", index=False)
         from melcore.metrics import threshold_metrics
 
@@ -1127,6 +1166,10 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
             "threshold": THRESHOLD, "sensitivity": at["sensitivity"], "specificity": at["specificity"],
             "at_threshold": at,
         })
+        if colour_predictions is not None:
+            metrics.update({"cnn_val_auroc": _auroc(y_val, cnn_predictions),
+                            "colour_val_auroc": _auroc(y_val, colour_predictions),
+                            "cnn_val_loss": _bce(y_val, cnn_predictions)})
     else:
         metrics.update({"val_auroc": None, "val_loss": tracker.best_val_loss, "threshold": THRESHOLD,
                         "sensitivity": None, "specificity": None})

@@ -128,14 +128,97 @@ def test_cli_preset_trains_end_to_end_on_the_demo_cohort(demo_dir, preset_run):
     assert json.loads((out / "config.json").read_text())["preset"] == "cpu-default"
     assert run.metrics["status"] == "done" and run.metrics["image_size"] == 32
     predictions = run.val_predictions()
-    assert list(predictions.columns) == ["image_name", "patient_id", "clinic", "target", "prediction"]
+    assert list(predictions.columns) == ["image_name", "patient_id", "clinic", "target", "prediction",
+                                         "cnn_prediction"]
     assert len(predictions) == run.metrics["n_val"] > 0
 
-    # The saved model scores images with the same numbers as the run's validation file.
+    # The saved CNN scores images with the same numbers as the run's cnn_prediction column.
     first = predictions.iloc[:4]
     paths = [demo_dir / "jpeg" / "train" / f"{name}.jpg" for name in first["image_name"]]
     scores = predict_images(run.load_model(), load_images(paths, 32))
-    np.testing.assert_allclose(scores, first["prediction"].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(scores, first["cnn_prediction"].to_numpy(), atol=1e-5)
+
+
+def test_preset_run_delivers_the_colour_model_scores(demo_dir, preset_run):
+    from melcore.colour import COLOUR_MODEL_FILE, ColourModel, colour_probabilities
+    from melcore.metrics import threshold_metrics
+    from melcore.train import Run
+
+    result, out = preset_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / COLOUR_MODEL_FILE).is_file()
+    run = Run.load(out)
+    assert run.config.colour_model is True
+    predictions = run.val_predictions()
+    paths = [demo_dir / "jpeg" / "train" / f"{name}.jpg" for name in predictions["image_name"]]
+    expected = colour_probabilities(ColourModel.load(out / COLOUR_MODEL_FILE), paths)
+    np.testing.assert_allclose(predictions["prediction"].to_numpy(), expected, atol=1e-6)
+    assert not np.allclose(predictions["prediction"], predictions["cnn_prediction"])
+
+    from sklearn.metrics import roc_auc_score
+
+    y = predictions["target"].to_numpy()
+    metrics = run.metrics
+    assert metrics["scorer"] == "colour-model"
+    assert metrics["val_auroc"] == pytest.approx(roc_auc_score(y, predictions["prediction"]), abs=1e-6)
+    assert metrics["colour_val_auroc"] == pytest.approx(metrics["val_auroc"])
+    assert metrics["cnn_val_auroc"] == pytest.approx(roc_auc_score(y, predictions["cnn_prediction"]), abs=1e-6)
+    at = threshold_metrics(y, predictions["prediction"].to_numpy(), metrics["threshold"])
+    assert metrics["sensitivity"] == pytest.approx(at["sensitivity"])
+    assert metrics["specificity"] == pytest.approx(at["specificity"])
+
+
+def test_predict_cohort_on_a_colour_run_reproduces_its_validation_predictions(demo_dir, preset_run):
+    from melcore.cohort import load_cohort
+    from melcore.predict import load_run_model, predict_cohort
+    from melcore.train import Run
+
+    result, out = preset_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    val = Run.load(out).val_predictions()
+    cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    cohort = cohort.subset(cohort.table["image_name"].isin(set(val["image_name"].iloc[:6])))
+    expected = val.set_index("image_name").loc[cohort.table["image_name"]]
+    for source in (out, load_run_model(out)):  # a run dir, and the model the CLI loads from it
+        scored = predict_cohort(source, cohort)
+        assert list(scored.columns) == ["image_name", "prediction", "cnn_prediction"]
+        np.testing.assert_allclose(scored["prediction"], expected["prediction"], atol=1e-6)
+        np.testing.assert_allclose(scored["cnn_prediction"], expected["cnn_prediction"], atol=1e-5)
+
+
+def test_score_upload_uses_the_runs_colour_model(demo_dir, preset_run):
+    from melcore.colour import COLOUR_MODEL_FILE, ColourModel, colour_probabilities
+    from melcore.predict import score_upload
+
+    result, out = preset_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = sorted((demo_dir / "jpeg" / "train").glob("*.jpg"))[0]
+    scored = score_upload(out, path.read_bytes(), path.name, method=None)
+    expected = colour_probabilities(ColourModel.load(out / COLOUR_MODEL_FILE), [path])[0]
+    assert scored.scorer == "colour-model"
+    assert scored.probability == pytest.approx(expected, abs=1e-9)
+    assert scored.cnn_probability == pytest.approx(float(np.mean(scored.view_probabilities)))
+
+
+def test_run_without_colour_model_has_no_file_and_delivers_the_cnn(demo_dir, tmp_path):
+    from melcore.cohort import load_cohort
+    from melcore.colour import COLOUR_MODEL_FILE
+    from melcore.predict import predict_cohort
+    from melcore.presets import preset_config
+    from melcore.train import fit
+
+    cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    config = preset_config("cpu-default", image_size=32, epochs=1, workers=1, colour_model=False)
+    run = fit(config, cohort, run_dir=tmp_path / "run")
+    assert not (run.run_dir / COLOUR_MODEL_FILE).exists()
+    assert run.metrics["scorer"] == "cnn" and "colour_val_auroc" not in run.metrics
+    val = run.val_predictions()
+    assert "cnn_prediction" not in val.columns
+    part = cohort.subset(cohort.table["image_name"].isin(set(val["image_name"].iloc[:4])))
+    scored = predict_cohort(run.run_dir, part)
+    assert list(scored.columns) == ["image_name", "prediction"]
+    expected = val.set_index("image_name").loc[part.table["image_name"], "prediction"]
+    np.testing.assert_allclose(scored["prediction"], expected, atol=1e-5)
 
 
 def test_preset_run_model_explains_with_gradcam(demo_dir, preset_run):
@@ -248,3 +331,17 @@ def test_colour_model_from_files_scores_like_the_in_memory_path(tmp_path):
     # Training and prediction read the files the same way: identical features and scores.
     np.testing.assert_array_equal(features, colour_feature_matrix(load_images(paths, WORK_SIZE)))
     np.testing.assert_array_equal(colour_probabilities(model, paths), model.predict_proba(features))
+
+
+def test_colour_model_flag_is_validated_and_round_trips():
+    from melcore.presets import preset_config
+    from melcore.train import TrainConfig
+
+    config = preset_config("cpu-default")
+    assert config.colour_model is True
+    assert TrainConfig.from_json(config.to_json()).colour_model is True
+    assert preset_config("cpu-default", colour_model=False).colour_model is False
+    with pytest.raises(ConfigError, match="colour_model must be true or false"):
+        preset_config("cpu-default", colour_model="maybe")
+    with pytest.raises(ConfigError, match="colour_model .* needs mode 'full', not 'fast-head'"):
+        preset_config("cpu-default", mode="fast-head")
