@@ -49,7 +49,11 @@ def _model(model_file: str, mtime_ns: int, size: int):
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _score(digest: str, model_file: str, mtime_ns: int, tta: bool, method: str, name: str, _model, _data: bytes):
-    return score_upload(_model, _data, name, tta=tta, method=method)
+    from melcore.colour import COLOUR_MODEL_FILE
+
+    # A run that delivers a colour/shape model's scores needs its folder, not just the CNN.
+    has_colour = (Path(model_file).parent / COLOUR_MODEL_FILE).is_file()
+    return score_upload(model_file if has_colour else _model, _data, name, tta=tta, method=method)
 
 
 def _run_label(run: dict, datasets: dict) -> str:
@@ -71,6 +75,9 @@ def _result(result, run: dict, threshold: float, opacity: float) -> None:
     above = result.probability >= threshold
     cols = st.columns([1, 1, 2], vertical_alignment="center")
     cols[0].metric("Probability of melanoma", f"{result.probability:.3f}")
+    if getattr(result, "scorer", "cnn") == "colour-model":
+        cols[0].caption(f"From the run's colour/shape model; its CNN says {result.cnn_probability:.3f} "
+                        "(the Grad-CAM below explains the CNN).")
     cols[1].metric("Run threshold", f"{threshold:.2f}", delta="at or above: flag" if above else "below",
                    delta_color="inverse" if above else "off")
     with cols[2]:
