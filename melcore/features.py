@@ -696,7 +696,7 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
     if tracker.best_weights is not None:
         head.set_weights(tracker.best_weights)
     metrics: dict[str, Any] = {
-        "kind": "image", "mode": "fast-head", "status": "cancelled" if tracker.cancelled else "done",
+        "kind": "image", "mode": "fast-head", "scorer": "cnn", "status": "cancelled" if tracker.cancelled else "done",
         "cancelled": tracker.cancelled, "model": config.model, "clinic": config.clinic,
         "image_size": config.image_size, "cohort": getattr(data.cohort, "name", None),
         "best_epoch": tracker.best_epoch,
