@@ -17,6 +17,25 @@ from melcore.errors import MelcoreError
 from melcore.store import Store
 
 
+def route_through_app() -> None:
+    """Make sure this page runs inside ``app.py``'s navigation; call it first in every page.
+
+    A ``pages/`` folder beside ``app.py`` puts Streamlit in its legacy pages-folder mode
+    until ``st.navigation`` has run once in the server process. If the very first request
+    is a deep link such as ``/compare``, Streamlit runs ``pages/compare.py`` alone: no
+    ``app.py`` (page config, navigation), and the folder's files as the menu. The page
+    then switches that mode off and reruns: the rerun goes through ``app.py``, whose
+    ``st.navigation`` opens the same page (same URL path, hence same page hash).
+    """
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a Streamlit without the legacy mode
+        return
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 @st.cache_resource(show_spinner=False)
 def _store_for(url: str) -> Store:
     store = Store(url)
@@ -83,3 +102,7 @@ def show_error(exc: BaseException, context: str = "") -> None:
         st.error(f"{prefix}unexpected error: {type(exc).__name__}: {exc}")
         with st.expander("Details"):
             st.code("".join(traceback.format_exception(exc)))
+
+
+if __name__ == "__main__":  # run as a page by the legacy pages-folder mode (a deep link to /common)
+    route_through_app()

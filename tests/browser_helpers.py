@@ -201,10 +201,29 @@ def go_to(page, title: str) -> None:
     wait_idle(page)
 
 
+def open_options(page, label: str):
+    """Open the select box labelled ``label`` and return its option locator.
+
+    Streamlit's select box is a react-aria combobox: a click on its text field does not
+    always open the list (it only focuses it when the field already shows a value), so
+    the box's own "Open" chevron is pressed when no option shows up after the click.
+    """
+    field = page.get_by_label(label, exact=True).first
+    field.click()
+    options = page.get_by_role("option")
+    try:
+        options.first.wait_for(timeout=3_000)
+    except Exception:  # playwright's TimeoutError: fall back to the chevron
+        box = page.locator('[data-testid="stSelectbox"]').filter(has=field)
+        box.get_by_role("button", name="Open").first.click()
+        options.first.wait_for(timeout=30_000)
+    return options
+
+
 def choose(page, label: str, option: str) -> None:
     """Pick ``option`` in the select box labelled ``label``."""
-    page.get_by_label(label, exact=True).first.click()
-    page.get_by_role("option", name=option, exact=True).first.click()
+    options = open_options(page, label)
+    options.filter(has_text=option).get_by_text(option, exact=True).first.click()
     wait_idle(page)
 
 
