@@ -23,6 +23,7 @@ COMMANDS = {
     "cross-clinic": ("cross_clinic", "Train on each clinic and score every other clinic."),
     "jobs": ("jobs", "Submit, list and cancel background training jobs."),
     "gradcam": ("gradcam", "Write a Grad-CAM overlay for one image."),
+    "cache": ("cache", "Report the size of the disk caches and prune them."),
 }
 
 

@@ -529,21 +529,10 @@ class ImageCache:
         Recency is the later of the entry's access and modification times (coarse
         on ``relatime`` mounts, which is enough here). Returns the number of files removed.
         """
-        if max_bytes < 0:
-            raise ConfigError(f"max_bytes={max_bytes!r} must be zero or more")
-        files = sorted(self._files(), key=lambda item: max(item[1].st_atime_ns, item[1].st_mtime_ns))
-        total = sum(st.st_size for _, st in files)
-        removed = 0
-        for file, st in files:
-            if total <= max_bytes:
-                break
-            try:
-                file.unlink()
-            except OSError:
-                continue
-            total -= st.st_size
-            removed += 1
-        return removed
+        from melcore.caches import prune_files
+
+        removed, _ = prune_files(self._files(), max_bytes=max_bytes)
+        return len(removed)
 
 
 def _resolve_cache(cache) -> ImageCache | None:
