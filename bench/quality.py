@@ -26,10 +26,22 @@ Protocol (fixed before any result was seen, the same for every row):
   oversampling and augmentation are those of :func:`melcore.train.fit`
   (:class:`melcore.pipeline.ImageBatches`); TTA is the 8 dihedral views of
   :mod:`melcore.predict`.
-* Colour features: :mod:`melcore.colour` (Otsu lesion mask, asymmetry, border, Lab/HSV
-  statistics, dermoscopic colour shares, blue-white veil, texture), standardised logistic
-  regression (C=0.1) or HistGradientBoosting (depth 3, 200 iterations, learning rate 0.05,
-  fixed); no hyper-parameter search.
+* Colour features: :mod:`melcore.colour`. "v1" rows use its 40 version-1 features
+  (:data:`~melcore.colour.BASE_FEATURE_NAMES`: Otsu lesion mask, asymmetry, border, Lab/HSV
+  statistics, dermoscopic colour shares, blue-white veil, a little texture); "v2" rows all
+  214 (:data:`~melcore.colour.FEATURE_NAMES`: version 1 plus LBP histograms inside the
+  lesion and across its border, GLCM statistics, multi-scale DoG / gradient / coherence
+  statistics, Lab/HSV histograms, colour relative to the surrounding skin, centre-vs-rim and
+  half-vs-half colour differences, outline irregularity, Shades-of-Grey colour-constant Lab
+  statistics). Classifiers: standardised logistic regression (C=0.1, fixed) or
+  HistGradientBoosting (depth 3, 200 iterations, learning rate 0.05, fixed), and the RBF SVM
+  (gamma = 1/n_features on standardised features, C from {0.3, 1, 3, 10} chosen by a 5-fold
+  stratified cross-validation INSIDE the training folds, Platt-scaled on those inner
+  out-of-fold scores). Logistic and SVM rows use :class:`melcore.colour.ColourModel`, the
+  class a ``cpu-default`` run saves as ``colour_model.json``, so "colour-svm-v2" rows measure
+  exactly what that preset's runs deliver.
+* Fold seeds 1 and 2: every colour row is re-run on two other fold draws (nothing is
+  chosen on them) and reported with its CI; CNN rows (15 minutes each) only on seed 0.
 * Fusion rows use the colour row and the best CNN row run (highest source-matched AUROC: a
   choice made on the reported folds; ``--best-cnn`` fixes it). ``mean`` averages the z-scored logits of the colour model and the CNN
   (fixed equal weights, nothing fitted); ``stack`` fits, inside each outer fold, a logistic
@@ -41,9 +53,9 @@ Protocol (fixed before any result was seen, the same for every row):
   with other jobs; the colour-feature extraction (once, shared by all colour rows) is
   reported on its own line.
 
-The winner is the row with the highest source-matched AUROC among rows a preset can
-reproduce (CNN-only rows are marked preset-able; colour rows need the colour step in
-train/predict). The LAST line prints the winner and its AUROC.
+The winner is the row with the highest source-matched AUROC (seed 0); rows a preset
+reproduces are marked (CNN rows, and the colour rows whose model ``cpu-default`` fits). The
+LAST line prints the winner and its AUROC for the three fold seeds.
 """
 
 from __future__ import annotations
@@ -69,6 +81,7 @@ from melcore.metrics import auroc, auroc_ci  # noqa: E402
 SOURCE_MATCHED = "ISIC archive 2016-2018"
 N_FOLDS = 5
 SEED = 0
+OTHER_SEEDS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -85,21 +98,30 @@ class Recipe:
     balance: str = "oversample"
     learning_rate: float | None = None
     tta: bool = False
-    classifier: str = "lr"       # colour rows: "lr" or "hgb"
+    classifier: str = "lr"       # colour rows: "lr", "hgb" or "svm"
+    features: str = "v1"         # colour rows: "v1" (BASE_FEATURE_NAMES) or "v2" (all FEATURE_NAMES)
     parts: tuple = ()            # fusion rows: (colour row, cnn row)
     note: str = ""
 
     @property
     def presettable(self) -> bool:
-        return self.kind == "cnn"
+        # cpu-default's colour model is the v2 RBF SVM (melcore.colour.fit_colour_model's defaults).
+        return self.kind == "cnn" or (self.kind == "colour" and self.classifier == "svm" and self.features == "v2")
 
 
 CNN = "cnn"
 ROWS: list[Recipe] = [
-    Recipe("colour-lr/matched", "colour", classifier="lr", note="colour+shape features, logistic regression"),
-    Recipe("colour-hgb/matched", "colour", classifier="hgb", note="colour+shape features, gradient boosting"),
+    Recipe("colour-lr/matched", "colour", classifier="lr", note="v1 colour+shape features, logistic regression"),
+    Recipe("colour-hgb/matched", "colour", classifier="hgb", note="v1 features, gradient boosting"),
     Recipe("colour-lr/all", "colour", train_on="all", classifier="lr"),
     Recipe("colour-hgb/all", "colour", train_on="all", classifier="hgb"),
+    Recipe("colour-lr-v2/matched", "colour", classifier="lr", features="v2",
+           note="v2 features (+texture, histograms, relative colour...), logistic regression"),
+    Recipe("colour-svm-v1/matched", "colour", classifier="svm", note="v1 features, RBF SVM, C by inner CV"),
+    Recipe("colour-svm-v2/matched", "colour", classifier="svm", features="v2",
+           note="v2 features, RBF SVM, C by inner CV (cpu-default's colour model)"),
+    Recipe("colour-svm-v2/all", "colour", train_on="all", classifier="svm", features="v2",
+           note="the same trained on all images (what cpu-default fits on a mixed-source cohort)"),
     Recipe("cnn-bn-64-strong-os/matched", CNN),
     Recipe("cnn-bn-64-strong-os/matched+tta", CNN, tta=True, note="same models, 8-view TTA"),
     Recipe("cnn-bn-64-basic-os/matched", CNN, augment="basic"),
@@ -185,27 +207,43 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def colour_classifier(kind: str):
+def feature_columns(which: str) -> np.ndarray:
+    """Column indices of the "v1" (version-1) or "v2" (all) colour features."""
+    from melcore.colour import BASE_FEATURE_NAMES, FEATURE_NAMES
+
+    names = BASE_FEATURE_NAMES if which == "v1" else FEATURE_NAMES
+    return np.array([FEATURE_NAMES.index(name) for name in names])
+
+
+def colour_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
+    """Out-of-fold melanoma probabilities (n,) of a colour row (every image scored by its fold's model)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    if kind == "lr":
-        return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
-    return HistGradientBoostingClassifier(max_depth=3, learning_rate=0.05, max_iter=200, min_samples_leaf=10,
-                                          l2_regularization=1.0, random_state=SEED)
+    from melcore.colour import BASE_FEATURE_NAMES, ColourModel
 
-
-def run_colour(data: Data, recipe: Recipe) -> np.ndarray:
     features = colour_matrix(data)
     out = np.empty(len(data.y))
+    subset = BASE_FEATURE_NAMES if recipe.features == "v1" else None
     for k in range(N_FOLDS):
         fit_rows = train_mask(data, recipe, k)
-        model = colour_classifier(recipe.classifier).fit(features[fit_rows], data.y[fit_rows])
         held = data.folds == k
-        out[held] = model.predict_proba(features[held])[:, 1]
+        if recipe.classifier == "hgb":
+            columns = feature_columns(recipe.features)
+            model = HistGradientBoostingClassifier(max_depth=3, learning_rate=0.05, max_iter=200, min_samples_leaf=10,
+                                                   l2_regularization=1.0, random_state=SEED)
+            model.fit(features[fit_rows][:, columns], data.y[fit_rows])
+            out[held] = model.predict_proba(features[held][:, columns])[:, 1]
+            continue
+        if recipe.classifier == "lr":
+            model = ColourModel(C=0.1, kernel="linear", features=subset)
+        else:  # the inner CV of ColourModel picks C on the training rows only
+            model = ColourModel(C=None, kernel="rbf", features=subset)
+        model.fit(features[fit_rows], data.y[fit_rows])
+        out[held] = model.predict_proba(features[held])
     return out
+
+
+run_colour = colour_probabilities_oof
 
 
 def run_cnn(data: Data, recipe: Recipe, log) -> dict[str, np.ndarray]:
@@ -258,7 +296,7 @@ def run_fusion(data: Data, recipe: Recipe, colour_p: np.ndarray, cnn_p: np.ndarr
         m = data.matched
         z = (a - a[m].mean()) / a[m].std() + (b - b[m].mean()) / b[m].std()
         return _sigmoid(z / 2.0)
-    x = np.column_stack([colour_matrix(data), b])
+    x = np.column_stack([colour_matrix(data)[:, feature_columns(ROW_BY_NAME[recipe.parts[0]].features)], b])
     out = np.empty(len(data.y))
     for k in range(N_FOLDS):
         fit_rows = train_mask(data, recipe, k)
@@ -271,10 +309,11 @@ def run_fusion(data: Data, recipe: Recipe, colour_p: np.ndarray, cnn_p: np.ndarr
 
 # --------------------------------------------------------------------------- driver
 
-def evaluate(data: Data, p: np.ndarray) -> dict:
+def evaluate(data: Data, p: np.ndarray, folds: np.ndarray | None = None) -> dict:
     m = data.matched
+    folds = data.folds if folds is None else folds
     low, high = auroc_ci(data.y[m], p[m], groups=data.groups[m], n_boot=2000, seed=SEED)
-    per_fold = [auroc(data.y[m & (data.folds == k)], p[m & (data.folds == k)]) for k in range(N_FOLDS)]
+    per_fold = [auroc(data.y[m & (folds == k)], p[m & (folds == k)]) for k in range(N_FOLDS)]
     return {"matched_auroc": auroc(data.y[m], p[m]), "ci": (low, high), "overall_auroc": auroc(data.y, p),
             "fold_mean": float(np.mean(per_fold))}
 
@@ -312,8 +351,9 @@ def main(argv=None) -> int:
     seconds: dict[str, float] = {}
 
     def cached(name: str):
-        path = cache_dir / (name.replace("/", "__").replace(" ", "_") + ".npz")
-        return path
+        # Colour rows carry the feature version in the file name: v1-era caches are not reused.
+        suffix = "@colour2" if ROW_BY_NAME[name].kind == "colour" else ""
+        return cache_dir / (name.replace("/", "__").replace(" ", "_") + suffix + ".npz")
 
     def load_cached(name):
         path = cached(name)
@@ -365,40 +405,61 @@ def main(argv=None) -> int:
         predictions[name] = p
         results[name] = evaluate(data, p)
 
+    # Robustness to the fold draw: colour rows again on fold seeds 1 and 2 (nothing is chosen on them).
+    other_seeds: dict[str, dict[int, dict]] = {}
+    for name in [n for n in wanted if n in results and ROW_BY_NAME[n].kind == "colour"]:
+        for seed in OTHER_SEEDS:
+            path = cached(name).with_name(cached(name).stem + f"@seed{seed}.npz")
+            p = None
+            if path.is_file() and not args.fresh:
+                with np.load(path, allow_pickle=False) as z:
+                    p = z["p"] if len(z["p"]) == len(data.y) else None
+            folds = make_folds(data.y, data.matched, data.groups, seed)
+            if p is None:
+                log(f"{name}, fold seed {seed} ...")
+                shuffled = Data(data.cohort, data.y, data.matched, data.groups, folds, features=colour_matrix(data))
+                p = run_colour(shuffled, ROW_BY_NAME[name])
+                np.savez(path, p=p, seconds=0.0)
+            other_seeds.setdefault(name, {})[seed] = evaluate(data, p, folds)
+
     print(f"derm-real-dev: {len(data.y)} images, source-matched {int(data.matched.sum())} "
-          f"({int(data.y[data.matched].sum())} melanoma); {N_FOLDS} lesion-grouped folds, seed {SEED}; "
-          "CNNs from scratch (no ImageNet weights offline)")
+          f"({int(data.y[data.matched].sum())} melanoma); {N_FOLDS} lesion-grouped folds, seed {SEED} "
+          f"(colour rows also seeds {', '.join(map(str, OTHER_SEEDS))}); CNNs from scratch (no ImageNet weights offline)")
     if data.feature_seconds:
-        print(f"colour feature extraction (all images, once): {data.feature_seconds:.1f} s")
+        print(f"colour feature extraction (all images, once): {data.feature_seconds:.1f} s "
+              f"({1000 * data.feature_seconds / len(data.y):.0f} ms/image, incl. decoding)")
     print("matched AUROC: pooled out-of-fold on the source-matched images, 95% lesion-bootstrap CI; fold mean: "
-          "mean of the 5 per-fold AUROCs (not penalised by score shifts between fold models)")
-    print(f"{'recipe':44s} {'matched AUROC [95% CI]':26s} {'fold mean':>9s} {'overall':>8s} {'seconds':>8s}")
+          "mean of the 5 per-fold AUROCs (not penalised by score shifts between fold models); * = a preset "
+          "reproduces the row")
+    seed_heads = "".join(f" {'seed ' + str(s) + ' [95% CI]':24s}" for s in OTHER_SEEDS)
+    print(f"{'recipe':44s} {'matched AUROC [95% CI]':24s} {'fold mean':>9s} {'overall':>8s} {'seconds':>8s}"
+          f"{seed_heads}")
+
+    def cell(r):
+        return f"{r['matched_auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+
     order = [n for n in wanted if n in results]
     for name in order:
         r = results[name]
-        label = name.replace("best cnn", best_cnn) if best_cnn else name
-        print(f"{label:44s} {r['matched_auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]     "
-              f"{r['fold_mean']:9.3f} {r['overall_auroc']:8.3f} {seconds.get(name, 0):8.0f}")
+        label = (name.replace("best cnn", best_cnn) if best_cnn else name) + (" *" if ROW_BY_NAME[name].presettable
+                                                                               else "")
+        seeds_text = "".join(f" {cell(other_seeds[name][s]):24s}" for s in OTHER_SEEDS) if name in other_seeds else ""
+        print(f"{label:44s} {cell(r):24s} {r['fold_mean']:9.3f} {r['overall_auroc']:8.3f} "
+              f"{seconds.get(name, 0):8.0f}{seeds_text}")
     (cache_dir / "results.json").write_text(json.dumps(
-        {n: {**r, "seconds": seconds.get(n)} for n, r in results.items()}, indent=2, default=float))
+        {n: {**r, "seconds": seconds.get(n), "other_seeds": other_seeds.get(n)} for n, r in results.items()},
+        indent=2, default=float))
     overall = max(results, key=lambda n: results[n]["matched_auroc"])
     presettable = [n for n in results if ROW_BY_NAME[n].presettable]
     best_preset = max(presettable, key=lambda n: results[n]["matched_auroc"]) if presettable else None
     r = results[overall]
-    if ROW_BY_NAME.get(overall) is not None and ROW_BY_NAME[overall].kind == "colour":
-        # Robustness of the winner to the fold draw (other fold seeds; nothing chosen on them).
-        again = []
-        for seed in (1, 2):
-            shuffled = Data(data.cohort, data.y, data.matched, data.groups,
-                            make_folds(data.y, data.matched, data.groups, seed), features=data.features)
-            p = run_colour(shuffled, ROW_BY_NAME[overall])
-            again.append(f"seed {seed}: {auroc(data.y[data.matched], p[data.matched]):.3f}")
-        print(f"{overall} with other fold seeds: {', '.join(again)}")
-    tail = (f"; best CNN-only (preset-able) {best_preset} {results[best_preset]['matched_auroc']:.3f}"
+    tail = (f"; best preset-able row {best_preset} {results[best_preset]['matched_auroc']:.3f}"
             if best_preset and best_preset != overall else "")
+    again = "".join(f", seed {s} {other_seeds[overall][s]['matched_auroc']:.3f}" for s in OTHER_SEEDS
+                    if overall in other_seeds)
     label = overall.replace("best cnn", best_cnn) if best_cnn else overall
     print(f"winner: {label} source-matched OOF AUROC {r['matched_auroc']:.3f} "
-          f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]{tail}")
+          f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] (seed 0{again}){tail}")
     return 0
 
 

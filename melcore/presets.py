@@ -14,10 +14,11 @@ Presets:
 ``cpu-default``
     The best recipe melreview's code reached on real dermoscopy images on a 2-core CPU
     without pretrained weights (no internet, so no ImageNet backbone): see
-    ``bench/quality.py`` and :data:`CPU_DEFAULT_EVIDENCE`. Its runs carry a colour/shape
-    logistic model (``colour_model.json``, :mod:`melcore.colour`) that gives the
-    predictions (0.765 [0.710, 0.817] source-matched OOF AUROC vs 0.56 for the best CNN);
-    the CNN's scores stay as ``cnn_prediction`` and the CNN explains them with Grad-CAM.
+    ``bench/quality.py`` and :data:`CPU_DEFAULT_EVIDENCE`. Its runs carry a colour/texture/shape
+    model (``colour_model.json``: an RBF SVM on the 214 :mod:`melcore.colour` features, C
+    chosen by inner cross-validation) that gives the predictions (0.803 [0.751, 0.848]
+    source-matched OOF AUROC vs 0.56 for the best CNN); the CNN's scores stay as
+    ``cnn_prediction`` and the CNN explains them with Grad-CAM.
 
 Only the standard library and :mod:`melcore.errors` are imported at module import;
 :func:`preset_config` imports :mod:`melcore.train` (no TensorFlow at that point either).
@@ -63,20 +64,24 @@ class Preset:
 #: Measured by ``bench/quality.py`` on ../shared/data/derm-real-dev (2026-11-22, 2 shared CPU cores).
 CPU_DEFAULT_EVIDENCE = (
     "bench/quality.py on derm-real-dev (1,209 real 180x180 dermoscopy JPEGs; all melanomas come from one "
-    "source, so models are judged on the 305 source-matched ISIC images, lesion-grouped 5-fold out-of-fold). "
+    "source, so models are judged on the 305 source-matched ISIC images, 5-fold out-of-fold, grouped by image). "
     "Best CNN-only row = this recipe trained on all images for 3 epochs (row cnn-bn-64-strong-os/all): "
     "AUROC 0.56 [95% CI 0.50-0.63] (trained from scratch: no ImageNet weights offline); the same CNN on the "
     "source-matched images only, 15 epochs: 0.54 [0.47-0.60]; basic augmentation 0.53; TTA +0.001. "
-    "The best recipe overall, colour/shape features with logistic regression (melcore.colour), reached "
-    "0.765 [95% CI 0.710-0.817] source-matched out-of-fold AUROC; this preset therefore sets colour_model: "
-    "the run fits that model on its training split and delivers its scores as the prediction, and the CNN "
-    "is kept (cnn_prediction) for Grad-CAM."
+    "The best recipe overall is melcore.colour's 214 colour/texture/shape features (version 2: the version-1 "
+    "colour and shape cues plus LBP, GLCM, multi-scale, histogram, skin-relative colour, zone, outline and "
+    "colour-constancy features) with an RBF SVM whose C is chosen by inner cross-validation (row "
+    "colour-svm-v2/matched): 0.803 [95% CI 0.751-0.848] source-matched out-of-fold AUROC, 0.805 and 0.801 "
+    "with fold seeds 1 and 2 (version-1 features with logistic regression: 0.765 [0.710-0.817]). Trained on "
+    "all 1,209 images instead (what a run on the whole mixed-source set fits): 0.762 [0.703-0.816]. This "
+    "preset therefore sets colour_model: the run fits that model on its training split and delivers its "
+    "scores as the prediction, and the CNN is kept (cnn_prediction) for Grad-CAM."
 )
 
 CPU_DEFAULT = Preset(
     name="cpu-default",
-    description="Best CPU recipe without pretrained weights: a colour/shape logistic model scores the images "
-                "(0.765 source-matched AUROC on derm-real-dev), with a small batch-normalised CNN from scratch at "
+    description="Best CPU recipe without pretrained weights: an RBF SVM on colour/texture/shape features scores the "
+                "images (0.803 source-matched AUROC on derm-real-dev), with a small batch-normalised CNN from scratch at "
                 "64 px (strong ISIC augmentation, balanced batches, 3 epochs) kept for Grad-CAM",
     config={
         "model": "cnn-bn",

@@ -345,3 +345,173 @@ def test_colour_model_flag_is_validated_and_round_trips():
         preset_config("cpu-default", colour_model="maybe")
     with pytest.raises(ConfigError, match="colour_model .* needs mode 'full', not 'fast-head'"):
         preset_config("cpu-default", mode="fast-head")
+
+
+# --------------------------------------------------------------------------- colour features, version 2
+
+def _textured_lesion(size=128, seed=0, texture=0.0, wavy=0.0):
+    """Skin with a brown elliptic lesion; ``texture`` adds fine dark dots inside, ``wavy`` a wavy outline."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), (205, 160, 140), dtype=np.float64)
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = size / 2
+    angle = np.arctan2(yy - c, xx - c)
+    radius = 0.3 * size * (1.0 + wavy * np.sin(9 * angle))
+    lesion = np.hypot(yy - c, xx - c) <= radius
+    image[lesion] = (110, 70, 50)
+    if texture:
+        dots = lesion & (rng.random((size, size)) < 0.25)
+        image[dots] -= texture
+    image += rng.normal(0, 2, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _named(image):
+    from melcore.colour import FEATURE_NAMES, colour_features
+
+    return dict(zip(FEATURE_NAMES, colour_features(image)))
+
+
+def test_feature_names_extend_version_1_without_changing_it():
+    from melcore.colour import BASE_FEATURE_NAMES, EXTENDED_FEATURE_NAMES, FEATURE_NAMES, colour_features
+
+    assert FEATURE_NAMES == BASE_FEATURE_NAMES + EXTENDED_FEATURE_NAMES
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES) and len(BASE_FEATURE_NAMES) == 40
+    assert BASE_FEATURE_NAMES[0] == "mask_fallback" and BASE_FEATURE_NAMES[-1] == "texture_contrast"
+    image = _textured_lesion(texture=60)
+    vector = colour_features(image)
+    assert vector.shape == (len(FEATURE_NAMES),) and np.isfinite(vector).all()
+    named = _named(image)
+    # LBP and colour histograms are shares: each histogram sums to 1 over the lesion.
+    for prefix in ("lbp_r1_", "lbp_r3_", "lbp_border_r2_", "hist_L_", "hist_hue_"):
+        assert sum(v for k, v in named.items() if k.startswith(prefix)) == pytest.approx(1.0)
+
+
+def test_lbp_codes_on_known_patterns():
+    from melcore.colour import _lbp_codes
+
+    flat = np.full((16, 16), 0.5)
+    assert (_lbp_codes(flat, 1.0) == 8).all()           # every neighbour >= centre: uniform, 8 ones
+    spot = flat.copy()
+    spot[8, 8] = 1.0
+    assert _lbp_codes(spot, 1.0)[8, 8] == 0             # a bright peak: no neighbour as bright
+    stripes = np.tile(np.array([0.0, 1.0]), (16, 8))    # vertical 1-px stripes
+    codes = _lbp_codes(stripes, 1.0)
+    assert codes.min() >= 0 and codes.max() <= 9
+    inner, on = codes[4:12, 4:12], stripes[4:12, 4:12] == 1
+    assert (inner[on] == 9).all()     # bright stripe: only the two neighbours along it as bright, not uniform
+    assert (inner[~on] == 8).all()    # dark stripe: every neighbour at least as bright
+
+
+def test_texture_features_see_a_textured_lesion():
+    smooth = _named(_textured_lesion(texture=0.0))
+    rough = _named(_textured_lesion(texture=70.0))
+    # GLCM levels span the lesion's own 1st-99th percentile, so contrast is relative to its range.
+    assert rough["glcm_d1_contrast"] > 2 * smooth["glcm_d1_contrast"]
+    assert rough["scale1_dog_mean"] > 2 * smooth["scale1_dog_mean"]
+    assert rough["scale1_gradient_mean"] > 2 * smooth["scale1_gradient_mean"]
+    # The two images differ inside the lesion only: the skin-side statistics stay put.
+    assert rough["skin_L"] == pytest.approx(smooth["skin_L"], abs=1.0)
+
+
+def test_border_features_see_a_wavy_outline():
+    round_ = _named(_textured_lesion(wavy=0.0))
+    wavy = _named(_textured_lesion(wavy=0.2))
+    assert wavy["radius_cv"] > 3 * round_["radius_cv"]
+    assert wavy["radius_spectrum_mid"] > round_["radius_spectrum_mid"]
+
+
+def test_skin_relative_colour_is_stable_under_a_global_brightness_change():
+    image = _textured_lesion()
+    darker = np.clip(image.astype(np.float64) * 0.8, 0, 255).astype(np.uint8)
+    a, b = _named(image), _named(darker)
+    assert a["skin_log_ratio_mean_R"] < -0.3             # the lesion is darker than the skin around it
+    assert abs(a["skin_log_ratio_mean_R"] - b["skin_log_ratio_mean_R"]) < 0.05
+    assert abs(a["L_mean"] - b["L_mean"]) > 5            # the absolute lightness moves
+
+
+def test_rbf_colour_model_learns_a_non_linear_signal_and_round_trips(tmp_path):
+    from sklearn.metrics import roc_auc_score
+    from sklearn.svm import SVC
+
+    from melcore.colour import FEATURE_NAMES, RBF_C_GRID, ColourModel
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, len(FEATURE_NAMES)))
+    used = ["glcm_d1_contrast", "radius_cv"]
+    a, b = x[:, FEATURE_NAMES.index(used[0])], x[:, FEATURE_NAMES.index(used[1])]
+    y = (a * b > 0).astype(int)                          # XOR-like: no linear model separates it
+    train, test = slice(0, 300), slice(300, None)
+    rbf = ColourModel(C=None, kernel="rbf", features=used).fit(x[train], y[train])
+    linear = ColourModel(C=0.1, kernel="linear", features=used).fit(x[train], y[train])
+    assert roc_auc_score(y[test], rbf.predict_proba(x[test])) > 0.9
+    assert roc_auc_score(y[test], linear.predict_proba(x[test])) < 0.7
+    assert rbf.chosen_C in RBF_C_GRID and 0 < len(rbf.support_vectors) < 300
+
+    # numpy scoring == scikit-learn's SVC with the same C and gamma, up to the (increasing) Platt map.
+    z = (x[:, [FEATURE_NAMES.index(n) for n in used]] - rbf.mean) / rbf.scale
+    reference = SVC(C=rbf.chosen_C, gamma=rbf.gamma).fit(z[train], y[train]).decision_function(z[test])
+    slope, offset = rbf.platt
+    assert slope > 0
+    np.testing.assert_allclose(rbf.decision_function(x[test]), slope * reference + offset, atol=1e-8)
+
+    # Deterministic, plain JSON, identical scores after loading.
+    again = ColourModel(C=None, kernel="rbf", features=used).fit(x[train], y[train])
+    assert json.dumps(again.to_dict()) == json.dumps(rbf.to_dict())
+    path = tmp_path / "rbf.json"
+    rbf.save(path)
+    saved = json.loads(path.read_text())
+    assert saved["format"] == "melreview-colour-model/2" and saved["kernel"] == "rbf"
+    np.testing.assert_array_equal(ColourModel.load(path).predict_proba(x), rbf.predict_proba(x))
+
+
+def test_version_1_colour_models_still_load_and_score():
+    from melcore.colour import BASE_FEATURE_NAMES, ColourModel, colour_feature_matrix
+
+    rng = np.random.default_rng(1)
+    n = len(BASE_FEATURE_NAMES)
+    v1 = {"format": "melreview-colour-model/1", "work_size": 128, "C": 0.1, "feature_names": list(BASE_FEATURE_NAMES),
+          "mean": rng.normal(size=n).tolist(), "scale": (1 + rng.random(n)).tolist(),
+          "coef": rng.normal(size=n).tolist(), "intercept": 0.3}
+    model = ColourModel.from_dict(v1)
+    x = colour_feature_matrix(np.stack([_textured_lesion(seed=s, texture=30 * s) for s in range(3)]))
+    base = x[:, :n]
+    expected = 1 / (1 + np.exp(-(((base - v1["mean"]) / v1["scale"]) @ v1["coef"] + 0.3)))
+    np.testing.assert_allclose(model.predict_proba(x), expected, rtol=1e-12)
+    # A version-1 file can only hold the version-1 features.
+    with pytest.raises(MelcoreError, match="retrain"):
+        ColourModel.from_dict(v1 | {"feature_names": list(BASE_FEATURE_NAMES[:-1]) + ["glcm_d1_contrast"]})
+
+
+def test_colour_model_json_errors_say_what_to_do():
+    from melcore.colour import ColourModel
+
+    with pytest.raises(MelcoreError, match=r"format 'melreview-colour-model/9'.*retrain"):
+        ColourModel.from_dict({"format": "melreview-colour-model/9"})
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, len(__import__("melcore.colour").colour.FEATURE_NAMES)))
+    y = np.arange(40) % 2
+    data = ColourModel(C=1.0, kernel="rbf").fit(x, y).to_dict()
+    del data["support_vectors"]
+    with pytest.raises(MelcoreError, match="malformed.*retrain"):
+        ColourModel.from_dict(data)
+    with pytest.raises(MelcoreError, match="unknown colour-model kernel 'poly'"):
+        ColourModel(kernel="poly")
+    with pytest.raises(MelcoreError, match="C must be positive"):
+        ColourModel(C=0)
+
+
+def test_fit_colour_model_defaults_to_the_rbf_recipe(tmp_path):
+    from PIL import Image
+
+    from melcore.colour import DEFAULT_KERNEL, fit_colour_model
+
+    paths, targets = [], []
+    for s in range(12):
+        path = tmp_path / f"img{s}.jpg"
+        Image.fromarray(_textured_lesion(size=64, seed=s, texture=70.0 * (s % 2))).save(path, quality=95)
+        paths.append(path)
+        targets.append(s % 2)
+    model = fit_colour_model(paths, targets)
+    assert DEFAULT_KERNEL == "rbf" and model.kernel == "rbf"
+    assert fit_colour_model(paths, targets, kernel="linear").kernel == "linear"
