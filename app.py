@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from melcore.errors import MelcoreError
-from pages.common import ensure_first_dataset, get_store, show_error
+from pages.common import ensure_first_dataset, page_start, show_error
 
 PAGES_DIR = Path(__file__).parent / "pages"
 # (file, title, icon): pages appear in the navigation once their file exists.
@@ -92,10 +92,9 @@ def _register_form(store) -> None:
 
 
 def home() -> None:
-    st.title("melreview")
-    st.caption("Melanoma classification review: browse patients, train clinic-specific models in the background, "
-               "compare them on ROC curves, tune the threshold, review with Grad-CAM.")
-    store = get_store()
+    store = page_start("melreview",
+                       "Melanoma classification review: browse patients, train clinic-specific models in the "
+                       "background, compare them on ROC curves, tune the threshold, review with Grad-CAM.")
     try:
         ensure_first_dataset(store)
     except Exception as exc:  # the app must still start and say why

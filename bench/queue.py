@@ -61,7 +61,6 @@ import multiprocessing as mp  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -69,7 +68,6 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-PG_BIN = Path(os.environ.get("MELREVIEW_PG_BIN", "/usr/lib/postgresql/15/bin"))
 CANCEL_SHARE = 0.3
 FAIL_SHARE = 0.05
 JOB_SECONDS = (0.05, 0.5)
@@ -78,42 +76,11 @@ BEAT_EVERY = 0.1
 
 # --------------------------------------------------------------------------- backends
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
 def postgres_server():
-    """A throwaway PostgreSQL server (as tests/conftest.py's ``postgres_url``); yields its URL."""
-    if not (PG_BIN / "initdb").exists():
-        raise FileNotFoundError(f"PostgreSQL binaries not found in {PG_BIN} (set MELREVIEW_PG_BIN)")
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    workdir = Path(tempfile.mkdtemp(prefix="melreview-bench-pg-"))
-    if as_root:
-        shutil.chown(workdir, "postgres", "postgres")
-    datadir = workdir / "data"
-    port = _free_port()
-    try:
-        subprocess.run(prefix + [str(PG_BIN / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust",
-                                 "--no-sync"], check=True, capture_output=True)
-        subprocess.run(prefix + [str(PG_BIN / "pg_ctl"), "-D", str(datadir), "-l", str(workdir / "log"), "-w",
-                                 "-o", f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                                       "-c max_connections=300", "start"], check=True, capture_output=True)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            ready = subprocess.run(prefix + [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                                   capture_output=True)
-            if ready.returncode == 0:
-                break
-            time.sleep(0.2)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(prefix + [str(PG_BIN / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+    """A throwaway PostgreSQL server (the one the ``postgres_url`` test fixture starts); yields its URL."""
+    from melcore.devtools.postgres import temporary_server
+
+    return temporary_server(max_connections=300, prefix="melreview-bench-pg-")
 
 
 @contextlib.contextmanager

@@ -61,6 +61,7 @@ __all__ = [
     "PatientBrowser",
     "age_bands",
     "dataset_roots",
+    "filter_levels",
     "image_scores",
     "lesion_frame",
     "paginate",
@@ -68,6 +69,8 @@ __all__ = [
     "prediction_counts",
     "risk_by_image",
     "run_threshold",
+    "scored_run_label",
+    "scored_runs",
     "sort_patients",
 ]
 
@@ -93,6 +96,15 @@ AGE_BANDS = ((0.0, 30.0, "0-29"), (30.0, 45.0, "30-44"), (45.0, 60.0, "45-59"), 
 """Age bands [low, high) in years, the same as :data:`melcore.metrics.AGE_BANDS` (a test checks), defined
 here so that opening the Patients page does not import scipy (melcore.metrics does, ~1 s)."""
 _AGE_BAND_ORDER = [label for _, _, label in AGE_BANDS] + [UNKNOWN]
+
+
+def filter_levels(column: str, values: Iterable[str]) -> list[str]:
+    """Filter values in display order: age bands (``column == "age_band"``) in age order, else
+    case-insensitively sorted; :data:`UNKNOWN` last. Shared by the Patients and Compare filters."""
+    values = list(values)
+    if column == "age_band":
+        return [b for b in _AGE_BAND_ORDER if b in values]
+    return sorted(values, key=lambda v: (v == UNKNOWN, v.lower()))
 
 
 def age_bands(ages) -> np.ndarray:
@@ -479,12 +491,7 @@ class PatientBrowser:
         ("unknown" last; age bands in age order)."""
         out = {}
         for column, (_, uniques) in self._codes.items():
-            values = [str(v) for v in uniques]
-            if column == "age_band":
-                values = [b for b in _AGE_BAND_ORDER if b in values]
-            else:
-                values = sorted(values, key=lambda v: (v == UNKNOWN, v.lower()))
-            out[column] = values
+            out[column] = filter_levels(column, [str(v) for v in uniques])
         return out
 
     def _isin(self, column: str, values: Sequence[str]) -> np.ndarray:
@@ -582,6 +589,32 @@ def prediction_counts(store, run_ids: Iterable[int]) -> dict[int, tuple[int, int
     cheap cache key for the run's scores.
     """
     return store.prediction_counts(run_ids)
+
+
+def scored_runs(store, runs: Sequence[Mapping]) -> tuple[dict[int, Mapping], dict[int, tuple[int, int]]]:
+    """Those of ``runs`` (rows of ``Store.list_runs``) that have stored predictions, and their counts.
+
+    Returns ``({run_id: run row}, {run_id: (n predictions, largest row id)})``: the rows in
+    the order given, the counts from :func:`prediction_counts`.
+    """
+    counts = prediction_counts(store, [r["id"] for r in runs])
+    return {int(r["id"]): r for r in runs if int(r["id"]) in counts}, counts
+
+
+def scored_run_label(run: Mapping, n_predictions: int, *, mark_from_scratch: bool = True) -> str:
+    """``"#12 name · model · clinic A · trained from scratch · 1,234 scores"`` (parts present only when known).
+
+    ``mark_from_scratch=False`` leaves out the "trained from scratch" part.
+    """
+    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
+    if run.get("model"):
+        parts.append(str(run["model"]))
+    if run.get("clinic"):
+        parts.append(f"clinic {run['clinic']}")
+    if mark_from_scratch and run.get("from_scratch"):
+        parts.append("trained from scratch")
+    parts.append(f"{n_predictions:,} scores")
+    return " · ".join(parts)
 
 
 def image_scores(store, image_name: str, runs: Sequence[Mapping]) -> pd.DataFrame:

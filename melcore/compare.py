@@ -30,9 +30,9 @@ from typing import Hashable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
 from melcore.metrics import (
-    AGE_BANDS,
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
     RocCurve,
@@ -81,7 +81,6 @@ _NOT_FILTERS = frozenset({
     "image_name", "patient_id", "lesion_id", "group", "target", "prediction", "split", "image_path",
     "age_approx", "in_cohort", "benign_malignant", "mel",
 })
-_AGE_ORDER = [label for _, _, label in AGE_BANDS] + [UNKNOWN]
 _PREDICTION_COLUMNS = ("image_name", "target", "prediction")
 
 
@@ -229,11 +228,7 @@ def subset_options(frame: pd.DataFrame, max_levels: int = 30) -> dict[str, list[
         levels = _category(values).unique().tolist()
         if not 2 <= len(levels) <= max_levels:
             continue
-        if column == "age_band":
-            levels = [b for b in _AGE_ORDER if b in levels]
-        else:
-            levels = sorted(levels, key=lambda v: (v == UNKNOWN, v.lower()))
-        options[column] = levels
+        options[column] = filter_levels(column, levels)
     return options
 
 

@@ -35,14 +35,13 @@ import logging
 import math
 import re
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from melcore import settings
 from melcore.errors import CohortError, ConfigError, LeakageError, MelcoreError
+from melcore.formatting import format_number
 
 __all__ = ["fit_folds", "cross_clinic", "default_cross_clinic_mode", "cohort_clinics"]
 
@@ -55,19 +54,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
-def _new_run_dir(kind: str, config) -> Path:
-    base = settings.subdir("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{kind}-{config.model}-{_slug(config.clinic or 'all')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def _open_run_dir(run_dir, default: Path, config) -> Path:
+def _open_run_dir(run_dir, kind: str, config) -> Path:
+    """``run_dir`` (default :func:`melcore.train.default_run_dir` with ``kind``), created and cleared of results."""
     from melcore import train as T
 
-    run_dir = Path(run_dir).expanduser() if run_dir is not None else default
+    run_dir = Path(run_dir).expanduser() if run_dir is not None else T.default_run_dir(config, kind)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
     for stale in ("metrics.json", "oof_predictions.csv", "cross_predictions.csv", "train.log"):
@@ -133,7 +124,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
     config = T.validate(dataclasses.replace(config, fold=None, n_folds=n_folds))
     started = time.perf_counter()
     T._prepare_data(dataclasses.replace(config, fold=0), cohort)  # fail fast: clinic, classes, leakage
-    run_dir = _open_run_dir(run_dir, _new_run_dir("kfold", config), config)
+    run_dir = _open_run_dir(run_dir, "kfold", config)
     fold_seconds: list[float] = []
     fold_aurocs: list[float | None] = []
     fold_runs: list[str] = []
@@ -162,7 +153,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
             frame["fold"] = fold
             frames.append(frame)
             log.info("fold %d/%d: validation AUROC %s on %d images", fold + 1, n_folds,
-                     _fmt(run.metrics.get("val_auroc")), len(frame))
+                     format_number(run.metrics.get("val_auroc")), len(frame))
         oof = (pd.concat(frames, ignore_index=True) if frames
                else pd.DataFrame(columns=list(OOF_COLUMNS)))[list(OOF_COLUMNS)]
         if frames:
@@ -186,17 +177,9 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
         if cancelled:
             log.warning("k-fold training cancelled after %d of %d folds", len(frames), n_folds)
         else:
-            log.info("out-of-fold AUROC %s over %d images; fold AUROCs %s", _fmt(oof_auroc), len(oof),
-                     ", ".join(_fmt(a) for a in fold_aurocs))
+            log.info("out-of-fold AUROC %s over %d images; fold AUROCs %s", format_number(oof_auroc), len(oof),
+                     ", ".join(format_number(a) for a in fold_aurocs))
     return T.Run(run_dir, config, T._clean_floats(metrics), cancelled)
-
-
-def _fmt(value) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "--"
-    return f"{value:.4f}" if math.isfinite(value) else "--"
 
 
 # --------------------------------------------------------------------------- cross-clinic
@@ -294,7 +277,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                           "pass --clinic-column or a table with a clinic column")
     started = time.perf_counter()
     k = len(clinics)
-    run_dir = _open_run_dir(run_dir, _new_run_dir("cross-clinic", config), config)
+    run_dir = _open_run_dir(run_dir, "cross-clinic", config)
     table = cohort.table
     usable = table["target"].notna() & table["image_path"].notna()
     by_clinic = {c: table[usable & table["clinic"].astype("string").eq(c).fillna(False)].reset_index(drop=True)
@@ -353,7 +336,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                                             "patient_id": rows["patient_id"], "clinic": rows["clinic"],
                                             "target": rows["target"].astype("int64"), "prediction": p}))
                 log.info("trained on %s, scored on %s: AUROC %s over %d images", clinic, other,
-                         _fmt(matrix[i][j]), n[i][j])
+                         format_number(matrix[i][j]), n[i][j])
             if cancelled:
                 break
             part_seconds.append(time.perf_counter() - part_started)

@@ -625,34 +625,17 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
              feature_seconds, extractor.key[:12])
     features = computed.features
     if computed.bad:
-        names = table["image_name"].astype(str).to_numpy()
-        log.warning("left out %d unreadable image(s): %s", len(computed.bad),
-                    "; ".join(f"{names[i]}: {r}" for i, r in list(computed.bad.items())[:5]))
         keep = np.ones(total, dtype=bool)
         keep[list(computed.bad)] = False
-        data = T._exclude_unreadable(data, computed.bad)
-        T._check_split_classes(data, f"clinic {config.clinic!r}" if config.clinic else "the cohort")
+        data = T._drop_unreadable(data, computed.bad, config)
         features = features[:, keep]
-        table = data.cohort.table
     train_views = [all_views.index(v) for v in views]
     val_view_index = [all_views.index(v) for v in val_views]
-    train_table = table.iloc[data.train_idx].reset_index(drop=True)
-    val_table = table.iloc[data.val_idx].reset_index(drop=True)
+    train_table, val_table, counts = T._split_tables(data)
     x_train = features[train_views][:, data.train_idx]
     x_val = features[:, data.val_idx]
     y_train = train_table["target"].astype("float32").to_numpy()
     y_val = val_table["target"].astype("float64").to_numpy()
-    groups = data.cohort.groups
-    counts = {
-        "n_train": len(train_table), "n_val": len(val_table),
-        "n_malignant": {"train": int(train_table["target"].eq(1).sum()), "val": int(val_table["target"].eq(1).sum())},
-        "n_patients": {"train": int(groups.iloc[data.train_idx].nunique()),
-                       "val": int(groups.iloc[data.val_idx].nunique())},
-    }
-    log.info("split (%s, grouped by %s): train %d images (%d melanoma, %d patients), validation %d images "
-             "(%d melanoma, %d patients)", data.split["method"], data.split["grouping"], counts["n_train"],
-             counts["n_malignant"]["train"], counts["n_patients"]["train"], counts["n_val"],
-             counts["n_malignant"]["val"], counts["n_patients"]["val"])
 
     # ---- the head
     head_started = time.perf_counter()

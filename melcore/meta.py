@@ -289,18 +289,23 @@ def _align_embeddings(names: np.ndarray, embeddings, what: str = "embeddings") -
     return aligned
 
 
+def _read_keyed_csv(path, what: str) -> tuple[Path, pd.DataFrame]:
+    """(path, the CSV indexed by its image_name column); MelcoreError naming ``what`` when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise MelcoreError(f"{what} file not found: {path}")
+    frame = pd.read_csv(path)
+    if "image_name" not in frame.columns:
+        raise MelcoreError(f"{path}: no image_name column (columns: {', '.join(map(str, frame.columns))})")
+    return path, _keyed_frame(frame, str(path))
+
+
 def read_image_scores(path) -> pd.DataFrame:
     """Read a CSV of image scores: ``image_name`` and a probability column
     (``prediction``, ``image_score``, ``score`` or ``probability``; e.g. a run's
     ``val_predictions.csv`` or out-of-fold predictions). Returns
     DataFrame[image_name (str), prediction (float64, 0..1)]."""
-    path = Path(path)
-    if not path.is_file():
-        raise MelcoreError(f"image scores file not found: {path}")
-    frame = pd.read_csv(path)
-    if "image_name" not in frame.columns:
-        raise MelcoreError(f"{path}: no image_name column (columns: {', '.join(map(str, frame.columns))})")
-    keyed = _keyed_frame(frame, str(path))
+    path, keyed = _read_keyed_csv(path, "image scores")
     column = _score_column(keyed, str(path))
     scores = pd.to_numeric(keyed[column], errors="coerce")
     bad = scores.notna() & ((scores < 0) | (scores > 1))
@@ -312,13 +317,7 @@ def read_image_scores(path) -> pd.DataFrame:
 
 def read_embeddings(path) -> pd.DataFrame:
     """Read a CSV of image embeddings: ``image_name`` plus one numeric column per dimension."""
-    path = Path(path)
-    if not path.is_file():
-        raise MelcoreError(f"embeddings file not found: {path}")
-    frame = pd.read_csv(path)
-    if "image_name" not in frame.columns:
-        raise MelcoreError(f"{path}: no image_name column (columns: {', '.join(map(str, frame.columns))})")
-    keyed = _keyed_frame(frame, str(path))
+    path, keyed = _read_keyed_csv(path, "embeddings")
     numeric = [c for c in keyed.columns if pd.api.types.is_numeric_dtype(keyed[c])]
     if not numeric:
         raise MelcoreError(f"{path}: no numeric embedding columns")

@@ -161,7 +161,7 @@ class TrainConfig:
     deterministic : bool
         TensorFlow op determinism during ``fit`` (see the module docstring).
     colour_model : bool
-        Full mode only (ConfigError with ``mode="fast-head"``): also fit a colour/shape logistic model (:mod:`melcore.colour`) on
+        Full mode only (ConfigError with ``mode="fast-head"``): also fit the colour/texture/shape model (:mod:`melcore.colour`, an RBF SVM) on
         the training split's images, save it as ``colour_model.json`` in the run dir and
         deliver its scores as ``prediction`` (the CNN's stay in ``cnn_prediction``, and the
         CNN is kept for Grad-CAM). ``metrics["scorer"]`` says which model scored.
@@ -449,13 +449,16 @@ class Run:
         return pd.read_csv(path, dtype={"image_name": str, "patient_id": str, "clinic": str})
 
 
-def default_run_dir(config: TrainConfig) -> Path:
+def default_run_dir(config: TrainConfig, kind: str | None = None) -> Path:
     """``settings.subdir("runs") / "<YYYYmmdd-HHMMSS>-<model>-<clinic or all>"`` (not created).
 
-    A numeric suffix is added when that folder already exists.
+    With ``kind`` (e.g. ``"kfold"``, ``"cross-clinic"``: :mod:`melcore.crossval`) the name is
+    ``<YYYYmmdd-HHMMSS>-<kind>-<model>-<clinic or all>``. A numeric suffix is added when that
+    folder already exists.
     """
     clinic = re.sub(r"[^A-Za-z0-9._-]+", "_", config.clinic or "all").strip("_") or "clinic"
-    base = settings.subdir("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.model}-{clinic}"
+    prefix = f"{datetime.now():%Y%m%d-%H%M%S}" + (f"-{kind}" if kind else "")
+    base = settings.subdir("runs") / f"{prefix}-{config.model}-{clinic}"
     path, n = base, 1
     while path.exists():
         n += 1
@@ -565,6 +568,45 @@ def _exclude_unreadable(data: _Data, bad: dict[int, str]) -> _Data:
     val_idx = new_position[[i for i in data.val_idx if keep[i]]]
     return _Data(data.cohort.subset(keep), np.asarray(train_idx, dtype=np.int64),
                  np.asarray(val_idx, dtype=np.int64), data.excluded, data.split)
+
+
+def _drop_unreadable(data: _Data, bad: dict[int, str], config: TrainConfig) -> _Data:
+    """Log and leave out the rows whose image could not be decoded, then re-check both splits' classes.
+
+    ``bad`` maps positions in ``data.cohort`` to the reason; shared by :func:`fit` and
+    :func:`melcore.features.fit_fast_head`.
+    """
+    if not bad:
+        return data
+    names = data.cohort.table["image_name"].astype(str).to_numpy()
+    log.warning("left out %d unreadable image(s): %s", len(bad),
+                "; ".join(f"{names[i]}: {reason}" for i, reason in list(bad.items())[:_SHOW]))
+    data = _exclude_unreadable(data, bad)
+    _check_split_classes(data, f"clinic {config.clinic!r}" if config.clinic else "the cohort")
+    return data
+
+
+def _split_tables(data: _Data) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(training rows, validation rows, counts) of ``data``; the counts are logged.
+
+    counts: ``n_train``, ``n_val`` (images), ``n_malignant`` and ``n_patients``
+    (``{"train": int, "val": int}``), as they go into ``metrics.json``.
+    """
+    table = data.cohort.table
+    train_table = table.iloc[data.train_idx].reset_index(drop=True)
+    val_table = table.iloc[data.val_idx].reset_index(drop=True)
+    groups = data.cohort.groups
+    counts = {
+        "n_train": len(train_table), "n_val": len(val_table),
+        "n_malignant": {"train": int(train_table["target"].eq(1).sum()), "val": int(val_table["target"].eq(1).sum())},
+        "n_patients": {"train": int(groups.iloc[data.train_idx].nunique()),
+                       "val": int(groups.iloc[data.val_idx].nunique())},
+    }
+    log.info("split (%s, grouped by %s): train %d images (%d melanoma, %d patients), validation %d images "
+             "(%d melanoma, %d patients)", data.split["method"], data.split["grouping"], counts["n_train"],
+             counts["n_malignant"]["train"], counts["n_patients"]["train"], counts["n_val"],
+             counts["n_malignant"]["val"], counts["n_patients"]["val"])
+    return train_table, val_table, counts
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1003,28 +1045,9 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
                                   workers=config.workers, on_error=failed, progress=loading)
     if not tracker.cancelled:
         log.info("decoded %d images at %d px in %.1f s", total, config.image_size, time.perf_counter() - load_started)
-    if bad:
-        names = data.cohort.table["image_name"].astype(str).to_numpy()
-        log.warning("left out %d unreadable image(s): %s", len(bad),
-                    "; ".join(f"{names[i]}: {reason}" for i, reason in list(bad.items())[:_SHOW]))
-        data = _exclude_unreadable(data, bad)
-        _check_split_classes(data, f"clinic {config.clinic!r}" if config.clinic else "the cohort")
-
-    table = data.cohort.table
-    train_table = table.iloc[data.train_idx].reset_index(drop=True)
-    val_table = table.iloc[data.val_idx].reset_index(drop=True)
+    data = _drop_unreadable(data, bad, config)
+    train_table, val_table, counts = _split_tables(data)
     y_val = val_table["target"].astype("float64").to_numpy()
-    groups = data.cohort.groups
-    counts = {
-        "n_train": len(train_table), "n_val": len(val_table),
-        "n_malignant": {"train": int(train_table["target"].eq(1).sum()), "val": int(val_table["target"].eq(1).sum())},
-        "n_patients": {"train": int(groups.iloc[data.train_idx].nunique()),
-                       "val": int(groups.iloc[data.val_idx].nunique())},
-    }
-    log.info("split (%s, grouped by %s): train %d images (%d melanoma, %d patients), validation %d images "
-             "(%d melanoma, %d patients)", data.split["method"], data.split["grouping"], counts["n_train"],
-             counts["n_malignant"]["train"], counts["n_patients"]["train"], counts["n_val"],
-             counts["n_malignant"]["val"], counts["n_patients"]["val"])
 
     # ---- datasets
     train_data = ImageBatches.from_table(train_table, config.image_size, batch_size=config.batch_size,

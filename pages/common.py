@@ -36,6 +36,16 @@ def route_through_app() -> None:
         st.rerun()
 
 
+def page_start(title: str, caption: str | None = None) -> Store:
+    """Open a page: route it through ``app.py`` (:func:`route_through_app`), show its title and
+    caption, and return the store."""
+    route_through_app()
+    st.title(title)
+    if caption:
+        st.caption(caption)
+    return get_store()
+
+
 @st.cache_resource(show_spinner=False)
 def _store_for(url: str) -> Store:
     store = Store(url)

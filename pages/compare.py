@@ -46,7 +46,7 @@ from melcore.plots import (
     roc_figure,
     threshold_figure,
 )
-from pages.common import dataset_picker, get_store, load_cohort_cached, route_through_app, show_error
+from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 
 N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
 DEFAULT_RUNS = 3
@@ -426,11 +426,9 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
 # --------------------------------------------------------------------------- page
 
 def main() -> None:
-    route_through_app()
-    st.title("Compare")
-    st.caption("Choose a model and an operating point together: ROC with patient-bootstrap intervals, "
-               "paired tests, per-clinic behaviour and the biopsy cost of each threshold.")
-    store = get_store()
+    store = page_start("Compare",
+                       "Choose a model and an operating point together: ROC with patient-bootstrap intervals, "
+                       "paired tests, per-clinic behaviour and the biopsy cost of each threshold.")
     dataset = dataset_picker(store, key="compare_dataset")
     if dataset is None:
         return

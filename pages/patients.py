@@ -20,12 +20,13 @@ from melcore.browse import (
     PatientBrowser,
     dataset_roots,
     paginate,
-    prediction_counts,
     run_threshold,
+    scored_run_label,
+    scored_runs,
     sort_patients,
 )
 from melcore.errors import MelcoreError
-from pages.common import dataset_picker, get_store, load_cohort_cached, show_error
+from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 from pages.widgets import lesion_panel, thumbnail_grid
 
 PAGE_SIZE = 50
@@ -50,16 +51,6 @@ def _keep_valid(key: str, options: list) -> None:
     """Drop remembered multiselect values that the current dataset does not have."""
     if key in st.session_state:
         st.session_state[key] = [v for v in st.session_state[key] if v in options]
-
-
-def _run_label(run: dict, n_predictions: int) -> str:
-    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
-    if run.get("model"):
-        parts.append(str(run["model"]))
-    if run.get("clinic"):
-        parts.append(f"clinic {run['clinic']}")
-    parts.append(f"{n_predictions:,} scores")
-    return " · ".join(parts)
 
 
 def _reset_on_context_change(context: tuple) -> None:
@@ -185,8 +176,7 @@ def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, thr
 
 
 def main() -> None:
-    st.title("Patients")
-    store = get_store()
+    store = page_start("Patients")
     top = st.columns([2, 3])
     with top[0]:
         dataset = dataset_picker(store, key=K + "dataset")
@@ -198,14 +188,14 @@ def main() -> None:
         show_error(exc, f"Dataset {dataset['name']!r} cannot be read")
         return
     runs = store.list_runs(dataset_id=int(dataset["id"]))
-    counts = prediction_counts(store, [r["id"] for r in runs])
-    scored = {int(r["id"]): r for r in runs if int(r["id"]) in counts}
+    scored, counts = scored_runs(store, runs)
     with top[1]:
         choices = list(scored) + [NO_RUN]
         if st.session_state.get(K + "run") not in choices:
             st.session_state.pop(K + "run", None)
         run_id = st.selectbox("Scores from run", choices, key=K + "run",
-                              format_func=lambda i: _run_label(scored[i], counts[i][0]) if i else "none (no scores)")
+                              format_func=lambda i: scored_run_label(scored[i], counts[i][0], mark_from_scratch=False)
+                              if i else "none (no scores)")
     run = scored.get(run_id)
     threshold = run_threshold(run)
     has_run = run is not None

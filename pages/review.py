@@ -16,7 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from melcore import settings
-from melcore.browse import PatientBrowser, dataset_roots, prediction_counts, run_threshold
+from melcore.browse import PatientBrowser, dataset_roots, run_threshold, scored_run_label, scored_runs
 from melcore.errors import MelcoreError
 from melcore.review import (
     REVIEW_DECISIONS,
@@ -29,7 +29,7 @@ from melcore.review import (
     reviews_csv,
     worklist,
 )
-from pages.common import dataset_picker, get_store, load_cohort_cached, show_error
+from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 from pages.widgets import lesion_panel, patient_strip
 
 K = "review_"  # session-state prefix of this page
@@ -116,18 +116,6 @@ def _save(run_id: int, image: str, then: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- parts of the page
-
-def _run_label(run: dict, n_predictions: int) -> str:
-    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
-    if run.get("model"):
-        parts.append(str(run["model"]))
-    if run.get("clinic"):
-        parts.append(f"clinic {run['clinic']}")
-    if run.get("from_scratch"):
-        parts.append("trained from scratch")
-    parts.append(f"{n_predictions:,} scores")
-    return " · ".join(parts)
-
 
 def _reviewer_input(column) -> str:
     if K + "reviewer" not in st.session_state:
@@ -257,18 +245,16 @@ def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshol
 # --------------------------------------------------------------------------- page
 
 def main() -> None:
-    st.title("Review")
-    st.caption("Go through a run's predictions, highest risk first, and record a decision for each lesion. "
-               "Every decision is saved at once with your name and the time; changing it adds to the history.")
-    store = get_store()
+    store = page_start("Review",
+                       "Go through a run's predictions, highest risk first, and record a decision for each lesion. "
+                       "Every decision is saved at once with your name and the time; changing it adds to the history.")
     top = st.columns([2, 3, 2])
     with top[0]:
         dataset = dataset_picker(store, key=K + "dataset")
     if dataset is None:
         return
     runs = store.list_runs(dataset_id=int(dataset["id"]))
-    counts = prediction_counts(store, [r["id"] for r in runs])
-    scored = {int(r["id"]): r for r in runs if int(r["id"]) in counts}
+    scored, counts = scored_runs(store, runs)
     if not scored:
         st.info("No run of this dataset has stored predictions yet: train one on the Train page, then review "
                 "its predictions here.")
@@ -277,7 +263,7 @@ def main() -> None:
         if st.session_state.get(K + "run") not in scored:
             st.session_state.pop(K + "run", None)
         run_id = st.selectbox("Run", list(scored), key=K + "run",
-                              format_func=lambda i: _run_label(scored[i], counts[i][0]))
+                              format_func=lambda i: scored_run_label(scored[i], counts[i][0]))
     reviewer = _reviewer_input(top[2])
     run = scored[run_id]
     threshold = run_threshold(run)

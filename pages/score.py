@@ -19,7 +19,7 @@ from melcore.browse import run_threshold
 from melcore.errors import ImageError, MelcoreError
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
-from pages.common import get_store, route_through_app, show_error
+from pages.common import page_start, show_error
 
 K = "score_"  # session-state prefix of this page
 METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
@@ -101,11 +101,10 @@ def _result(result, run: dict, threshold: float, opacity: float) -> None:
 
 
 def main() -> None:
-    route_through_app()
-    st.title("Score")
-    st.caption("Upload a dermoscopy image (JPEG or PNG) and score it with a trained run: the probability of "
-               "melanoma, whether it is above the run's decision threshold, and where the model looked (Grad-CAM).")
-    store = get_store()
+    store = page_start("Score",
+                       "Upload a dermoscopy image (JPEG or PNG) and score it with a trained run: the probability "
+                       "of melanoma, whether it is above the run's decision threshold, and where the model "
+                       "looked (Grad-CAM).")
     runs = [r for r in store.list_runs() if (r.get("kind") or "image") == "image" and r.get("run_dir")]
     if not runs:
         st.info("No trained image model yet: train one on the Train page, then score uploads here.")

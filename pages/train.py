@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import time
 
 import pandas as pd
@@ -27,8 +26,9 @@ from melcore import registry as models
 from melcore import train as train_module
 from melcore.commands.jobs import submit_jobs
 from melcore.errors import ConfigError, MelcoreError
+from melcore.formatting import format_duration, format_number
 from melcore.plots import training_curves_figure
-from pages.common import dataset_picker, get_store, show_error
+from pages.common import dataset_picker, get_store, page_start, show_error
 
 K = "train_"  # session-state prefix of this page
 ALL_CLINICS = "All clinics (one job)"
@@ -88,33 +88,10 @@ def _preset_values(presets, name: str) -> dict:
 
 # --------------------------------------------------------------------------- formatting
 
-def _duration(seconds) -> str:
-    try:
-        seconds = float(seconds)
-    except (TypeError, ValueError):
-        return "--"
-    if not math.isfinite(seconds) or seconds < 0:
-        return "--"
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-def _number(value, fmt: str = ".4f") -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "--"
-    return format(value, fmt) if math.isfinite(value) else "--"
-
-
 def _ago(timestamp) -> str:
     if not timestamp:
         return "--"
-    return _duration(time.time() - float(timestamp)) + " ago"
+    return format_duration(time.time() - float(timestamp)) + " ago"
 
 
 def _when(timestamp) -> str:
@@ -159,9 +136,9 @@ def _progress(job: dict) -> tuple[float, str]:
         where = f"epoch {epoch}/{epochs} · validating {p.get('val_batch', 0)}/{p.get('val_steps', 0)}"
     else:
         where = f"epoch {epoch}/{epochs} [{stage}] · batch {min(batch, steps) if steps else batch}/{steps or '?'}"
-    parts = [where, f"loss {_number(p.get('loss'))}", f"val AUROC {_number(_last_val_auroc(job), '.3f')}"]
+    parts = [where, f"loss {format_number(p.get('loss'))}", f"val AUROC {format_number(_last_val_auroc(job), '.3f')}"]
     if state == "running":
-        parts.append(f"ETA {_duration(p.get('eta'))}")
+        parts.append(f"ETA {format_duration(p.get('eta'))}")
     return fraction, " · ".join(parts)
 
 
@@ -425,7 +402,7 @@ def _job_table(jobs: list[dict], dataset_names: dict) -> None:
             "epoch": f"{p.get('epoch', 0)}/{p.get('epochs', '?')}" if p else "",
             "loss": p.get("loss") if job["state"] == "running" else None,
             "val AUROC": _last_val_auroc(job),
-            "ETA": _duration(p.get("eta")) if job["state"] == "running" else "",
+            "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",
             "run": job.get("run_id"), "submitted": _when(job.get("created_at")),
         })
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=K + "table", column_config={
@@ -460,7 +437,7 @@ def _run_note(store, job: dict) -> None:
     auroc = metrics.get("val_auroc")
     how = "trained from scratch" if run.get("from_scratch") else (
         f"started from {weights.get('loaded') or weights.get('requested') or 'pretrained'} weights")
-    st.success(f"➜ **Run #{run['id']}** ({run['name']}) · validation AUROC **{_number(auroc, '.3f')}** · {how}. "
+    st.success(f"➜ **Run #{run['id']}** ({run['name']}) · validation AUROC **{format_number(auroc, '.3f')}** · {how}. "
                "Open it on the **Compare** page; review its predictions on **Review**.")
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
@@ -519,7 +496,7 @@ def _job_card(store, job: dict) -> None:
         reached = f"reached epoch {p['epoch']}/{p.get('epochs', '?')} · " if p.get("epoch") else ""
         st.caption(f"{reached}attempt {job.get('attempts') or 0} · started {_when(job.get('started_at'))} · "
                    f"ended {_when(job.get('finished_at'))}"
-                   + (f" · took {_duration(job['finished_at'] - job['started_at'])}"
+                   + (f" · took {format_duration(job['finished_at'] - job['started_at'])}"
                       if job.get("finished_at") and job.get("started_at") else ""))
         if _epoch_points(job.get("history")):
             with st.expander("Training curves"):
@@ -554,10 +531,10 @@ def _live_jobs() -> None:
 
 
 def main() -> None:
-    st.title("Train")
-    st.caption("Queue training jobs for a dataset or one per clinic; a background worker trains them, so reloading "
-               "or closing this page never stops or repeats a job. Progress, curves and logs update every 2 s.")
-    store = get_store()
+    store = page_start("Train",
+                       "Queue training jobs for a dataset or one per clinic; a background worker trains them, so "
+                       "reloading or closing this page never stops or repeats a job. Progress, curves and logs "
+                       "update every 2 s.")
     try:
         _form(store)
     except (MelcoreError, OSError) as exc:

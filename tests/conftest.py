@@ -1,24 +1,17 @@
 """Shared fixtures.
 
 Every test runs with its own ``MELREVIEW_HOME`` (a temporary folder) and the
-SQLite store, unless it asks for ``postgres_url``.
+SQLite store, unless it asks for ``postgres_url`` (or ``db_url``, which runs it on both).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-PG_BIN = Path(os.environ.get("MELREVIEW_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 @pytest.fixture(autouse=True)
@@ -60,51 +53,21 @@ def demo_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
     """A real PostgreSQL server in a temporary directory, for the session; its URL.
 
-    initdb and pg_ctl refuse to run as root, so as root the server runs as the
-    ``postgres`` user through ``runuser``. Skips when the binaries are absent.
+    Started by :func:`melcore.devtools.postgres.temporary_server` (as the
+    ``postgres`` user through ``runuser`` when run as root). Skips when the
+    binaries are absent.
     """
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip(f"PostgreSQL binaries not found in {PG_BIN}")
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg is not installed")
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    workdir = Path(tempfile.mkdtemp(prefix="melreview-pg-"))
-    if as_root:
-        shutil.chown(workdir, "postgres", "postgres")
-    datadir = workdir / "data"
-    port = _free_port()
-    subprocess.run(prefix + [str(PG_BIN / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust",
-                             "--no-sync"], check=True, capture_output=True)
-    subprocess.run(prefix + [str(PG_BIN / "pg_ctl"), "-D", str(datadir), "-l", str(workdir / "log"), "-w",
-                             "-o", f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                                   "-c max_connections=200", "start"],
-                   check=True, capture_output=True)
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            ready = subprocess.run(prefix + [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                                   capture_output=True)
-            if ready.returncode == 0:
-                break
-            time.sleep(0.2)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(prefix + [str(PG_BIN / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+    from melcore.devtools.postgres import pg_bin, temporary_server
+
+    if not (pg_bin() / "initdb").exists():
+        pytest.skip(f"PostgreSQL binaries not found in {pg_bin()}")
+    pytest.importorskip("psycopg", reason="psycopg is not installed")
+    with temporary_server(max_connections=200, prefix="melreview-pg-") as url:
+        yield url
 
 
 @pytest.fixture
@@ -120,3 +83,11 @@ def fresh_postgres_url(postgres_url):
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     yield postgres_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, melreview_home):
+    """A store URL, once per backend: a SQLite file under MELREVIEW_HOME, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{melreview_home / 'test.db'}"
+    return request.getfixturevalue("fresh_postgres_url")

@@ -156,3 +156,25 @@ def test_cache_command_reports_and_prunes(filled, capsys):
     assert not filled["gradcam/ee/old-20d.npy"].exists()
     assert cli(["cache", "--max-size", "huge"]) == 2
     assert "500M, 20G" in capsys.readouterr().err
+
+
+def test_the_background_worker_prunes_after_each_job(filled, monkeypatch, caplog):
+    from melcore.store import Store
+    from trainers.worker import Worker
+
+    store = Store()
+    job_id = store.submit_job({}, kind="no-such-kind")  # fails at once, without TensorFlow
+    monkeypatch.setenv("MELREVIEW_CACHE_MAX_SIZE", "6000")
+    with caplog.at_level("INFO", logger="melreview.worker"):
+        assert Worker(store, once=True, poll=0.01).run() == 1
+    assert store.get_job(job_id)["state"] == "failed"
+    assert sum(u.bytes for u in cache_usage()) <= 6000
+    assert not filled["gradcam/ee/old-20d.npy"].exists() and filled["images/cd/new-1d.npy"].exists()
+    assert "pruned 2 cache file(s)" in caplog.text
+
+    monkeypatch.setenv("MELREVIEW_CACHE_MAX_SIZE", "lots")  # a bad setting is logged, the queue goes on
+    store.submit_job({}, kind="no-such-kind")
+    with caplog.at_level("WARNING", logger="melreview.worker"):
+        assert Worker(store, once=True, poll=0.01).run() == 1
+    assert "cache pruning skipped: MELREVIEW_CACHE_MAX_SIZE" in caplog.text
+    store.close()

@@ -42,7 +42,7 @@ from melcore.metrics import (
 )
 from melcore.store import Store
 
-PAGE = Path(__file__).resolve().parents[1] / "pages" / "compare.py"
+from page_helpers import open_page  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
 def write_cohort(path: Path, n_patients: int = 90, seed: int = 3) -> pd.DataFrame:
@@ -92,10 +92,7 @@ def seeded(tmp_path):
 
 
 def run_page() -> AppTest:
-    at = AppTest.from_file(str(PAGE), default_timeout=60)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return open_page("compare.py", timeout=60)
 
 
 def rerun(at: AppTest) -> AppTest:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +14,9 @@ from streamlit.testing.v1 import AppTest
 
 from melcore.store import Store
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "review.py")
+import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
+from page_helpers import run, texts
+
 THRESHOLD = 0.3
 N_SCORED = 40
 
@@ -34,14 +35,8 @@ def seeded(demo_dir):
             "order": order, "cohort": cohort}
 
 
-def run(at: AppTest) -> AppTest:
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def open_page() -> AppTest:
-    return run(AppTest.from_file(PAGE, default_timeout=120))
+    return page_helpers.open_page("review.py")
 
 
 def current(at: AppTest) -> str:
@@ -66,10 +61,6 @@ def history_frame(at: AppTest) -> pd.DataFrame:
 
 def metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 def test_worklist_is_sorted_by_risk_and_opens_the_riskiest_lesion(seeded):

@@ -12,7 +12,9 @@ from streamlit.testing.v1 import AppTest
 
 from melcore.store import Store
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "score.py")
+import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
+from page_helpers import run, texts
+
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +45,12 @@ def png_bytes(width: int = 48, height: int = 40, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def run(at: AppTest) -> AppTest:
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def open_page() -> AppTest:
-    return run(AppTest.from_file(PAGE, default_timeout=120))
+    return page_helpers.open_page("score.py")
 
 
 def probability(at: AppTest) -> float:
     return float(next(m.value for m in at.metric if m.label == "Probability of melanoma"))
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
 
 
 def test_upload_shows_probability_threshold_and_gradcam(runs, model_dir):

@@ -13,13 +13,6 @@ from melcore.errors import MelcoreError
 from melcore.store import Store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, melreview_home):
-    if request.param == "sqlite":
-        return f"sqlite:///{melreview_home / 'test.db'}"
-    return request.getfixturevalue("fresh_postgres_url")
-
-
 @pytest.fixture
 def store(db_url):
     s = Store(db_url)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -17,7 +16,9 @@ from streamlit.testing.v1 import AppTest
 import trainers.launch as launch
 from melcore.store import Store
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "train.py")
+import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
+from page_helpers import run, texts
+
 FAKE_PID = 4242
 
 
@@ -40,18 +41,8 @@ def worker_calls(monkeypatch):
     return calls
 
 
-def run(at: AppTest) -> AppTest:
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def open_page() -> AppTest:
-    return run(AppTest.from_file(PAGE, default_timeout=120))
-
-
-def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
+    return page_helpers.open_page("train.py")
 
 
 def fill(at: AppTest, model: str = "cnn-bn", **values) -> AppTest:
@@ -299,7 +290,7 @@ def test_kfold_and_cross_clinic_jobs_are_queued_with_their_kind(monkeypatch, dem
 
     monkeypatch.setattr(launch, "ensure_worker", lambda store: None)
     Store().register_dataset("demo", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
-    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "pages" / "train.py"), default_timeout=120).run()
+    at = open_page()
     keyed = {w.key: w for w in at.selectbox if w.key}
     kind_key = next(k for k in keyed if k.endswith("kind"))
     at.selectbox(key=kind_key).select(next(o for o in at.selectbox(key=kind_key).options if o.startswith("K-fold")))

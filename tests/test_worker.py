@@ -19,13 +19,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model": "basic-cnn", "image_size": 32, "epochs": 1, "batch_size": 16, "augment": "none", "seed": 1}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, melreview_home):
-    if request.param == "sqlite":
-        return f"sqlite:///{melreview_home / 'queue.db'}"
-    return request.getfixturevalue("fresh_postgres_url")
-
-
 @pytest.fixture
 def queue(db_url, demo_dir):
     store = Store(db_url)

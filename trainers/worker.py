@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from melcore import settings
+from melcore.caches import MAX_SIZE_VARIABLE, auto_prune, format_size
 from melcore.errors import MelcoreError
 from melcore.store import Store, default_worker_id
 
@@ -83,14 +84,24 @@ def run_train_job(ctx: JobContext) -> tuple[str, int | None]:
     """Train one model as the job's config says; returns (final state, run id)."""
     from melcore.train import TrainConfig, fit
 
+    config = TrainConfig.from_dict(ctx.job["config"])
+    return _train_and_record(ctx, config, config.model, fit)
+
+
+def _train_and_record(ctx: JobContext, config, label: str, train, *args) -> tuple[str, int | None]:
+    """``train(config, cohort, *args, ...)`` on the job's dataset into ``runs/job-<id>-<label>``, then recorded.
+
+    ``train`` is :func:`melcore.train.fit` or one of its kin (``fit_folds``, ``cross_clinic``): it
+    gets the job's progress/cancel callbacks and :func:`distribution_strategy`. Returns (final
+    state, run id): ("cancelled", None) when the job was cancelled, else ("done", id).
+    """
     job = ctx.job
-    config = TrainConfig.from_dict(job["config"])
     if job.get("dataset_id") is None:
         raise MelcoreError("the job names no dataset; submit it with a dataset")
     cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
-    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-{config.model}"
-    run = fit(config, cohort, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
-              strategy=distribution_strategy())
+    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-{label}"
+    run = train(config, cohort, *args, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
+                strategy=distribution_strategy())
     if getattr(run, "cancelled", False) or ctx.cancelled.is_set():
         return "cancelled", None
     return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
@@ -120,17 +131,8 @@ def run_kfold_job(ctx: JobContext) -> tuple[str, int | None]:
     from melcore.crossval import fit_folds
     from melcore.train import TrainConfig
 
-    job = ctx.job
-    config = TrainConfig.from_dict(job["config"])
-    if job.get("dataset_id") is None:
-        raise MelcoreError("the job names no dataset; submit it with a dataset")
-    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
-    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-kfold-{config.model}"
-    run = fit_folds(config, cohort, config.n_folds, progress=ctx.report, should_stop=ctx.should_stop,
-                    run_dir=run_dir, strategy=distribution_strategy())
-    if run.cancelled or ctx.cancelled.is_set():
-        return "cancelled", None
-    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+    config = TrainConfig.from_dict(ctx.job["config"])
+    return _train_and_record(ctx, config, f"kfold-{config.model}", fit_folds, config.n_folds)
 
 
 def run_cross_clinic_job(ctx: JobContext) -> tuple[str, int | None]:
@@ -142,19 +144,10 @@ def run_cross_clinic_job(ctx: JobContext) -> tuple[str, int | None]:
     from melcore.crossval import cross_clinic, default_cross_clinic_mode
     from melcore.train import TrainConfig
 
-    job = ctx.job
-    data = dict(job["config"])
+    data = dict(ctx.job["config"])
     data.setdefault("mode", default_cross_clinic_mode())
     config = TrainConfig.from_dict(data)
-    if job.get("dataset_id") is None:
-        raise MelcoreError("the job names no dataset; submit it with a dataset")
-    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
-    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-cross-clinic-{config.model}"
-    run = cross_clinic(config, cohort, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
-                       strategy=distribution_strategy())
-    if run.cancelled or ctx.cancelled.is_set():
-        return "cancelled", None
-    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+    return _train_and_record(ctx, config, f"cross-clinic-{config.model}", cross_clinic)
 
 
 JOB_KINDS: dict[str, Callable[[JobContext], tuple[str, int | None]]] = {
@@ -270,9 +263,25 @@ class Worker:
                 state = run_job(self.store, job, self.worker_id)
                 log.info("job %s ended: %s", job["id"], state)
                 count += 1
+                _prune_caches()
         finally:
             self.store.worker_gone(self.worker_id)
         return count
+
+
+def _prune_caches() -> None:
+    """Keep the disk caches within ``MELREVIEW_CACHE_MAX_SIZE`` (when set) after each job."""
+    try:
+        report = auto_prune()
+    except MelcoreError as exc:  # a bad setting is reported, never fatal for the queue
+        log.warning("cache pruning skipped: %s", exc)
+        return
+    except OSError as exc:
+        log.warning("cache pruning failed: %s", exc)
+        return
+    if report is not None and report.files:
+        log.info("pruned %d cache file(s), %s, to stay within %s", report.files, format_size(report.bytes),
+                 MAX_SIZE_VARIABLE)
 
 
 def main(argv: list[str] | None = None) -> int:

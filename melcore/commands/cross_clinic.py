@@ -20,27 +20,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from melcore.commands.train import (TrainProgressBar, _check_out, _Interrupt, _number, _read_config_option,
-                                    add_train_options, config_from_args)
+from melcore.commands.train import (TrainProgressBar, _check_out, _read_config_option, add_data_options,
+                                    add_output_options, add_train_options, config_from_args, load_cohort_from_args,
+                                    train_with_progress)
 from melcore.errors import ConfigError
+from melcore.formatting import format_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore.cohort import FORMATS
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--csv", required=True, help="the label table (or, with --format folders, the folder)")
-    data.add_argument("--images", help="folder with the image files (default: looked up beside the CSV)")
-    data.add_argument("--format", choices=FORMATS, help="table format (default: detected from the header)")
-    data.add_argument("--clinic-column", metavar="C", help="column holding the clinic (e.g. attribution)")
+    data = add_data_options(parser)
     data.add_argument("--clinics", metavar="A,B", help="only these clinics (comma separated; default all)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", metavar="RUNDIR",
-                     help="run directory (default: $MELREVIEW_HOME/runs/<time>-cross-clinic-<model>-all)")
-    out.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
+    out = add_output_options(parser, "$MELREVIEW_HOME/runs/<time>-cross-clinic-<model>-all")
     out.add_argument("--register-dataset", metavar="NAME",
                      help="store the run under this dataset (registered from --csv/--images when new)")
-    out.add_argument("--quiet", action="store_true", help="no progress line")
     add_train_options(parser)
 
 
@@ -87,7 +79,6 @@ def _register(name: str, args, cohort, run) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore.cohort import load_cohort
     from melcore.crossval import cross_clinic, default_cross_clinic_mode
     from melcore.train import validate
 
@@ -101,15 +92,10 @@ def run(args: argparse.Namespace) -> int:
     config = validate(config)
     out = Path(args.out).expanduser() if args.out else None
     _check_out(out, args.overwrite)
-    cohort = load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
+    cohort = load_cohort_from_args(args)
     clinics = [c.strip() for c in args.clinics.split(",") if c.strip()] if args.clinics else None
-    bar = None if args.quiet else _ClinicBar()
-    with _Interrupt() as interrupt:
-        try:
-            result = cross_clinic(config, cohort, progress=bar, should_stop=interrupt, run_dir=out, clinics=clinics)
-        finally:
-            if bar is not None:
-                bar.close()
+    result = train_with_progress(cross_clinic, config, cohort, quiet=args.quiet, bar_class=_ClinicBar, run_dir=out,
+                                 clinics=clinics)
     m = result.metrics
     if result.cancelled:
         print(f"cancelled; partial run in {result.run_dir}", file=sys.stderr)
@@ -121,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     print("AUROC        rows: trained on, columns: scored on (diagonal: validation within the clinic)")
     print(" " * width + "".join(c.rjust(width) for c in names))
     for i, row in enumerate(m["matrix"]):
-        print(names[i].ljust(width) + "".join(_number(v).rjust(width) for v in row))
+        print(names[i].ljust(width) + "".join(format_number(v).rjust(width) for v in row))
     for clinic, error in (m.get("errors") or {}).items():
         print(f"warning: not trained on {clinic}: {error}", file=sys.stderr)
     if args.register_dataset:

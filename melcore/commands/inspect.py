@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from melcore.cohort import CHECK_IMAGES, FORMATS, load_cohort
+from melcore.commands._progress import StderrBar
 from melcore.errors import CohortError
 
 _LIST_IN_JSON = 50  # names of missing / unreadable images included in --json output
@@ -43,36 +43,20 @@ def _parse_mapping(items: list[str]) -> dict[str, str] | None:
     return mapping or None
 
 
-class _StderrBar:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.active = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.active or total <= 0:
-            return
-        width = 30
-        filled = int(width * done / total)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def run(args: argparse.Namespace) -> int:
-    cohort = load_cohort(
-        args.csv,
-        args.images,
-        format=args.format,
-        metadata=args.metadata,
-        clinic_column=args.clinic_column,
-        clinic_csv=args.clinic_csv,
-        mapping=_parse_mapping(args.map),
-        check_images=args.check_images,
-        progress=_StderrBar("decoding images"),
-    )
+    mapping = _parse_mapping(args.map)
+    with StderrBar("decoding images") as bar:
+        cohort = load_cohort(
+            args.csv,
+            args.images,
+            format=args.format,
+            metadata=args.metadata,
+            clinic_column=args.clinic_column,
+            clinic_csv=args.clinic_csv,
+            mapping=mapping,
+            check_images=args.check_images,
+            progress=bar,
+        )
     summary = cohort.summary()
     if args.json:
         summary.update(

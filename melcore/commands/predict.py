@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from melcore.commands._progress import StderrBar
 from melcore.errors import MelcoreError
 
 _LIST_SKIPPED = 20
@@ -38,33 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="PREDS.csv", help="output CSV: image_name,target")
 
 
-class _Bar:
-    def __init__(self, label: str):
-        self.label = label
-        self.active = sys.stderr.isatty()
-        self._shown = False
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.active or total <= 0:
-            return
-        width = 30
-        filled = int(width * done / total)
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}")
-        sys.stderr.flush()
-        self._shown = True
-
-    def close(self) -> None:
-        if self._shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     from melcore.predict import load_run_model, predict_cohort, predict_folder, write_submission
 
     on_error = "raise" if args.strict else "skip"
     model = load_run_model(args.model)
-    bar = _Bar("scoring" + (" (TTA x8)" if args.tta else ""))
+    bar = StderrBar("scoring" + (" (TTA x8)" if args.tta else ""))
     try:
         if args.csv:
             from melcore.cohort import load_cohort

@@ -15,20 +15,21 @@ ETA); Ctrl-C stops training within one batch (exit status 130, the partial run i
 and marked cancelled). On success the run directory and the validation results are
 printed on stdout.
 
-``add_train_options(parser)`` and ``config_from_args(args)`` are reused by ``jobs submit``.
+``add_train_options(parser)`` and ``config_from_args(args)`` are reused by ``jobs submit``;
+``cross-clinic`` also reuses the data/output options and :func:`train_with_progress`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 import time
 from pathlib import Path
 
 from melcore.errors import ConfigError
+from melcore.formatting import format_duration, format_number
 
 # option dest -> TrainConfig field (options whose dest differs from the field, or that
 # are flags, are listed here explicitly; see add_train_options).
@@ -140,7 +141,11 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.from_dict(data)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_options(parser: argparse.ArgumentParser):
+    """The cohort options (--csv, --images, --format, --clinic-column) in a "data" group; returns the group.
+
+    :func:`load_cohort_from_args` reads the cohort they name.
+    """
     from melcore.cohort import FORMATS
 
     data = parser.add_argument_group("data")
@@ -148,31 +153,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--images", help="folder with the image files (default: looked up beside the CSV)")
     data.add_argument("--format", choices=FORMATS, help="table format (default: detected from the header)")
     data.add_argument("--clinic-column", metavar="C", help="column holding the clinic (e.g. attribution)")
+    return data
+
+
+def load_cohort_from_args(args: argparse.Namespace):
+    """The cohort named by the :func:`add_data_options` options."""
+    from melcore.cohort import load_cohort
+
+    return load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
+
+
+def add_output_options(parser: argparse.ArgumentParser, default_out: str):
+    """--out (its help naming the default ``default_out``), --overwrite and --quiet; returns the group."""
     out = parser.add_argument_group("output")
-    out.add_argument("--out", metavar="RUNDIR",
-                     help="run directory (default: $MELREVIEW_HOME/runs/<time>-<model>-<clinic>)")
+    out.add_argument("--out", metavar="RUNDIR", help=f"run directory (default: {default_out})")
     out.add_argument("--overwrite", action="store_true", help="replace a finished run already in --out")
     out.add_argument("--quiet", action="store_true", help="no progress line")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_options(parser)
+    add_output_options(parser, "$MELREVIEW_HOME/runs/<time>-<model>-<clinic>")
     add_train_options(parser)
-
-
-def _duration(seconds) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "--"
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
-def _number(value, fmt: str = ".4f") -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "--"
-    return format(value, fmt) if math.isfinite(value) else "--"
 
 
 class TrainProgressBar:
@@ -205,9 +208,9 @@ class TrainProgressBar:
         if metrics.get("end_of_epoch"):
             self.last_val_auroc = metrics.get("val_auroc")
             best = metrics.get("best_val_auroc")
-            self._draw(f"epoch {epoch}/{epochs} [{stage}] train loss {_number(metrics.get('train_loss'))}  "
-                       f"val loss {_number(metrics.get('val_loss'))}  val AUROC {_number(self.last_val_auroc)}  "
-                       f"(best {_number(best)} at epoch {metrics.get('best_epoch')})  ETA {_duration(eta)}",
+            self._draw(f"epoch {epoch}/{epochs} [{stage}] train loss {format_number(metrics.get('train_loss'))}  "
+                       f"val loss {format_number(metrics.get('val_loss'))}  val AUROC {format_number(self.last_val_auroc)}  "
+                       f"(best {format_number(best)} at epoch {metrics.get('best_epoch')})  ETA {format_duration(eta)}",
                        final=True)
             return
         if not self.interactive:
@@ -220,13 +223,13 @@ class TrainProgressBar:
             text = f"decoding images {metrics.get('done', 0):,}/{metrics.get('total', 0):,}"
         elif stage == "validate":
             text = (f"epoch {epoch}/{epochs} validating {metrics.get('val_batch', 0)}/{metrics.get('val_steps', 0)}"
-                    f"  ETA {_duration(eta)}")
+                    f"  ETA {format_duration(eta)}")
         else:
             steps = metrics.get("steps", 0) or 1
             width = 20
             filled = int(width * min(batch, steps) / steps)
             text = (f"epoch {epoch}/{epochs} [{stage}] [{'#' * filled}{'.' * (width - filled)}] {batch}/{steps}  "
-                    f"loss {_number(loss)}  val AUROC {_number(self.last_val_auroc, '.3f')}  ETA {_duration(eta)}")
+                    f"loss {format_number(loss)}  val AUROC {format_number(self.last_val_auroc, '.3f')}  ETA {format_duration(eta)}")
         self._draw(text)
 
     def close(self) -> None:
@@ -274,8 +277,23 @@ def _check_out(path: Path | None, overwrite: bool) -> None:
         raise ConfigError(f"--out {path} already holds a finished run; choose a new folder or pass --overwrite")
 
 
+def train_with_progress(train, *args, quiet: bool = False, bar_class=None, **kwargs):
+    """``train(*args, progress=bar, should_stop=ctrl_c, **kwargs)`` with a stderr progress bar and Ctrl-C.
+
+    ``train`` is :func:`melcore.train.fit` or one of its kin (``fit_folds``, ``cross_clinic``);
+    the bar (``bar_class()``, default :class:`TrainProgressBar`; none when ``quiet``) is closed
+    however training ends. Returns what ``train`` returns.
+    """
+    bar = None if quiet else (bar_class or TrainProgressBar)()
+    with _Interrupt() as interrupt:
+        try:
+            return train(*args, progress=bar, should_stop=interrupt, **kwargs)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    from melcore.cohort import load_cohort
     from melcore.train import fit, validate
 
     config = validate(config_from_args(args))  # bad names and sizes fail before anything is read
@@ -286,16 +304,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
     if folds is not None and args.fold is not None:
         raise ConfigError("--folds trains every fold; do not combine it with --fold")
-    cohort = load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
+    cohort = load_cohort_from_args(args)
     if folds is not None:
         return _run_folds(config, cohort, folds, out, args)
-    bar = None if args.quiet else TrainProgressBar()
-    with _Interrupt() as interrupt:
-        try:
-            result = fit(config, cohort, progress=bar, should_stop=interrupt, run_dir=out)
-        finally:
-            if bar is not None:
-                bar.close()
+    result = train_with_progress(fit, config, cohort, quiet=args.quiet, run_dir=out)
     m = result.metrics
     if result.cancelled:
         print(f"cancelled after {m.get('epochs_run', 0)} epoch(s); partial run in {result.run_dir}", file=sys.stderr)
@@ -303,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"run          {result.run_dir}")
     print(f"model        {config.model} at {config.image_size} px, {m['epochs_run']} epoch(s), best epoch "
           f"{m['best_epoch']}{' (early stop)' if m.get('early_stopped') else ''}")
-    print(f"validation   AUROC {_number(m['val_auroc'])}{' (TTA)' if config.tta else ''}, loss "
-          f"{_number(m['val_loss'])}, sensitivity {_number(m['sensitivity'], '.3f')} / specificity "
-          f"{_number(m['specificity'], '.3f')} at {m['threshold']}")
+    print(f"validation   AUROC {format_number(m['val_auroc'])}{' (TTA)' if config.tta else ''}, loss "
+          f"{format_number(m['val_loss'])}, sensitivity {format_number(m['sensitivity'], '.3f')} / specificity "
+          f"{format_number(m['specificity'], '.3f')} at {m['threshold']}")
     print(f"images       train {m['n_train']:,} ({m['n_malignant']['train']:,} melanoma), validation "
           f"{m['n_val']:,} ({m['n_malignant']['val']:,} melanoma)")
     excluded = m.get("excluded", {})
@@ -316,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"weights      {weights.get('note', '')}")
     if weights.get("from_scratch") and str(weights.get("requested", "none")).lower() != "none":
         print(f"warning: {weights.get('note')}", file=sys.stderr)
-    print(f"time         {_duration(m['seconds'])} on {m['device']}")
+    print(f"time         {format_duration(m['seconds'])} on {m['device']}")
     return 0
 
 
@@ -324,20 +336,14 @@ def _run_folds(config, cohort, folds: int, out, args) -> int:
     """``--folds K``: every fold, then the out-of-fold summary (see :func:`melcore.crossval.fit_folds`)."""
     from melcore.crossval import fit_folds
 
-    bar = None if args.quiet else TrainProgressBar()
-    with _Interrupt() as interrupt:
-        try:
-            result = fit_folds(config, cohort, folds, progress=bar, should_stop=interrupt, run_dir=out)
-        finally:
-            if bar is not None:
-                bar.close()
+    result = train_with_progress(fit_folds, config, cohort, folds, quiet=args.quiet, run_dir=out)
     m = result.metrics
     if result.cancelled:
         print(f"cancelled after {m['folds_done']} of {folds} folds; partial run in {result.run_dir}", file=sys.stderr)
         return 130
     print(f"run          {result.run_dir}")
     print(f"model        {config.model} at {config.image_size} px, {folds} folds ({config.mode})")
-    print(f"out-of-fold  AUROC {_number(m['oof_auroc'])} over {m['n_oof']:,} images ({m['n_malignant']:,} melanoma)")
-    print("folds        " + ", ".join(f"{i}: {_number(a)}" for i, a in enumerate(m["fold_aurocs"])))
-    print(f"time         {_duration(m['seconds'])}")
+    print(f"out-of-fold  AUROC {format_number(m['oof_auroc'])} over {m['n_oof']:,} images ({m['n_malignant']:,} melanoma)")
+    print("folds        " + ", ".join(f"{i}: {format_number(a)}" for i, a in enumerate(m["fold_aurocs"])))
+    print(f"time         {format_duration(m['seconds'])}")
     return 0

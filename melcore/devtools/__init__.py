@@ -1,0 +1,1 @@
+"""Helpers for developing melreview (test fixtures, benchmarks); not used by the app itself."""
