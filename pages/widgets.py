@@ -235,7 +235,8 @@ def thumbnail_grid(lesions: pd.DataFrame, *, key: str, roots: Sequence, threshol
 
 
 def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: str | None = None,
-                  threshold: float | None = None, size: int = 96, max_items: int = 8) -> str | None:
+                  threshold: float | None = None, size: int = 96, max_items: int = 8,
+                  per_row: int = 4) -> str | None:
     """Small tiles of the patient's other lesions; the clicked image_name, else None."""
     others = lesions[lesions["image_name"].astype(str) != str(current)] if current is not None else lesions
     if len(others) == 0:
@@ -243,7 +244,9 @@ def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: 
         return None
     shown = others.iloc[:max_items].to_dict("records")
     clicked = None
-    cells = st.columns(max_items)
+    # Rows of at most four tiles: the strip often sits in a half-width column, where eight
+    # side by side leave no room for the badges and buttons.
+    cells = [cell for start in range(0, len(shown), per_row) for cell in st.columns(per_row)]
     for cell, row in zip(cells, shown):
         name = str(row["image_name"])
         tile = load_tile(row.get("image_path"), name, roots, size)
@@ -330,14 +333,16 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
         return
     labels = {int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" + (f" · {r['model']}" if r.get("model") else "")
               for r in candidates}
-    cols = st.columns([2, 2, 2, 1], vertical_alignment="bottom")
+    # Two rows of controls: they stay legible when the panel sits in a half-width column.
+    top = st.columns([4, 1], vertical_alignment="bottom")
     ids = list(labels)
-    run_id = cols[0].selectbox("Model", ids, format_func=labels.get, key=f"{key}_gc_run",
-                               index=ids.index(default_run) if default_run in ids else 0)
-    method = cols[1].radio("Method", list(GRADCAM_METHODS), format_func=GRADCAM_METHODS.get, horizontal=True,
-                           key=f"{key}_gc_method")
-    opacity = cols[2].slider("Opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_gc_opacity")
-    show = cols[3].toggle("Show", key=f"{key}_gc_show", help="Compute (once, then cached) and show the overlay")
+    run_id = top[0].selectbox("Model", ids, format_func=labels.get, key=f"{key}_gc_run",
+                              index=ids.index(default_run) if default_run in ids else 0)
+    show = top[1].toggle("Show", key=f"{key}_gc_show", help="Compute (once, then cached) and show the overlay")
+    bottom = st.columns(2, vertical_alignment="bottom")
+    method = bottom[0].radio("Method", list(GRADCAM_METHODS), format_func=GRADCAM_METHODS.get, horizontal=True,
+                             key=f"{key}_gc_method")
+    opacity = bottom[1].slider("Opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_gc_opacity")
     if not show:
         st.caption("Switch on to compute the overlay (a few seconds the first time for each model and image).")
         return

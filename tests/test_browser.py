@@ -52,7 +52,7 @@ if not CHROMIUM.exists():
 EXPECTED_NAV = ["Home", "Patients", "Train", "Compare", "Review", "Score"]
 VIEWPORT = {"width": 1400, "height": 1000}
 TRAIN_TIMEOUT = 300.0   # seconds for the worker to start, load TensorFlow and train the tiny job
-README_SHOTS = {"compare": "compare.png", "review": "review.png", "patients": "patients.png", "train": "train.png"}
+README_SHOTS = {"compare": "compare.png", "review": "review.png"}  # the two in the README
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,11 @@ def _review(page, server, shots, run_id: int):
         rows = conn.execute("SELECT image_name, reviewer, decision FROM reviews WHERE run_id = ?",
                             (run_id,)).fetchall()
     assert rows == [(image, "Dr Browser Test", "biopsy")]
+    # The Grad-CAM overlay of the lesion under review (the server loads TensorFlow on first use).
+    page.locator('[data-testid="stCheckbox"]').filter(has_text="Show").first.click()
+    page.get_by_text(re.compile(r"Grad-CAM · #\d+ .* red = raised the melanoma score")).first.wait_for(
+        timeout=180_000)
+    wait_idle(page, timeout=180)
     _checked_shot(page, shots, "review")
 
 
