@@ -376,10 +376,47 @@ def load_cohort(
         _decode_check(frame, report, progress)
 
     table = _finalise(frame)
+    shortcut = clinic_shortcut_warning(table)
+    if shortcut:
+        report.warnings.append(shortcut)
     if name is None:
         name = _default_name(source)
     return Cohort(table=table, name=name, format=format, images_dir=images_dir, report=report,
                   source=source.resolve())
+
+
+def clinic_shortcut_warning(table: pd.DataFrame, *, min_share: float = 0.1) -> str | None:
+    """A warning when the clinic alone goes far to predict the label; None otherwise.
+
+    When some clinics (or sources) hold no melanoma at all while others hold them all, a
+    model can score well overall by recognising where an image comes from (camera,
+    resolution, framing) instead of the lesion. That happens when public sets are pooled,
+    e.g. HAM10000 benign images beside ISIC archive melanomas. The warning names the
+    benign-only clinics holding at least ``min_share`` of the labelled images and says how
+    to judge models fairly (within clinics that have both classes).
+
+    Parameters
+    ----------
+    table : DataFrame with ``clinic`` and ``target`` columns (canonical cohort table)
+    min_share : float in (0, 1)
+        Benign-only clinics smaller than this share of the labelled images are ignored.
+    """
+    labelled = table.loc[table["target"].notna(), ["clinic", "target"]]
+    known = labelled[labelled["clinic"].astype(str) != UNKNOWN_CLINIC]
+    if known.empty or known["clinic"].nunique() < 2 or not known["target"].eq(1).any():
+        return None
+    per_clinic = known.groupby(known["clinic"].astype(str))["target"].agg(["size", "sum"])
+    benign_only = per_clinic[(per_clinic["sum"] == 0) & (per_clinic["size"] >= min_share * len(labelled))]
+    if benign_only.empty:
+        return None
+    with_melanoma = per_clinic[per_clinic["sum"] > 0]
+    names = ", ".join(f"{name!r} ({int(row['size']):,} images)" for name, row in benign_only.iterrows())
+    where = ", ".join(repr(name) for name in with_melanoma.index[:3]) + (" ..." if len(with_melanoma) > 3 else "")
+    verb = "has" if len(benign_only) == 1 else "have"
+    return (f"clinic/source {names} {verb} no melanoma while every melanoma comes from {where}: a model can score "
+            "well overall by recognising where an image comes from. Judge image models within clinics that have "
+            "both classes (Compare page: the Subset box, Clinic; python -m melcore evaluate --group-column "
+            "clinic).")
 
 
 # --------------------------------------------------------------------------- reading

@@ -653,3 +653,33 @@ def test_semicolon_separated_latin1_table(tmp_path):
     cohort = load_cohort(csv, check_images="none")
     assert cohort.table["target"].tolist() == [1, 0]
     assert cohort.table["clinic"].tolist() == ["Clínica Sur", "Clínica Sur"]
+
+
+def _clinic_table(clinics, targets):
+    return pd.DataFrame({"clinic": clinics, "target": pd.array(targets, dtype="Int64")})
+
+
+def test_a_benign_only_source_beside_the_melanoma_source_is_warned_about():
+    from melcore.cohort import clinic_shortcut_warning
+
+    pooled = _clinic_table(["HAM"] * 90 + ["ISIC"] * 30, [0] * 90 + [1] * 10 + [0] * 20)
+    message = clinic_shortcut_warning(pooled)
+    assert message.startswith("clinic/source 'HAM' (90 images) has no melanoma while every melanoma comes from "
+                              "'ISIC'") and "--group-column clinic" in message
+    # Every clinic has both classes, or one clinic, or no melanoma at all, or unknown clinics: nothing to say.
+    mixed = _clinic_table(["a"] * 10 + ["b"] * 10, [0, 1] * 10)
+    assert clinic_shortcut_warning(mixed) is None
+    assert clinic_shortcut_warning(_clinic_table(["a"] * 10, [0] * 9 + [1])) is None
+    assert clinic_shortcut_warning(_clinic_table(["a"] * 5 + ["b"] * 5, [0] * 10)) is None
+    assert clinic_shortcut_warning(_clinic_table(["unknown"] * 5 + ["b"] * 5, [0] * 5 + [1] * 5)) is None
+    # A tiny benign-only clinic (under 10% of the labelled images) is not worth a warning.
+    small = _clinic_table(["a"] * 50 + ["b"] * 50 + ["tiny"] * 5, [0, 1] * 50 + [0] * 5)
+    assert clinic_shortcut_warning(small) is None
+    two = _clinic_table(["x"] * 20 + ["y"] * 20 + ["m"] * 20, [0] * 40 + [1] * 20)
+    assert "'x' (20 images), 'y' (20 images) have no melanoma" in clinic_shortcut_warning(two)
+
+
+def test_loading_derm_real_dev_by_source_warns_about_the_source_shortcut(derm_real_dir):
+    cohort = load_cohort(derm_real_dir / "labels.csv", clinic_column="source")
+    assert any("'HAM10000' (904 images) has no melanoma" in w for w in cohort.report.warnings)
+    assert not any("no melanoma while" in w for w in load_cohort(derm_real_dir / "labels.csv").report.warnings)
