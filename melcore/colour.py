@@ -58,7 +58,7 @@ import numpy as np
 from melcore.errors import MelcoreError
 
 __all__ = ["WORK_SIZE", "FEATURE_NAMES", "BASE_FEATURE_NAMES", "EXTENDED_FEATURE_NAMES", "DEFAULT_KERNEL",
-           "RBF_C_GRID", "lesion_mask", "colour_features", "colour_feature_matrix", "ColourModel",
+           "RBF_C_GRID", "lesion_mask", "outline_overlay", "colour_features", "colour_feature_matrix", "ColourModel",
            "COLOUR_MODEL_FILE", "colour_features_of_files", "fit_colour_model", "colour_probabilities"]
 
 #: Side (pixels) every image is resized to before features are computed.
@@ -167,6 +167,36 @@ def lesion_mask(image) -> tuple[np.ndarray, bool]:
     """
     rgb = _resize(_check_image(image))
     return _mask_of(rgb, _lab(rgb))
+
+
+def outline_overlay(image, *, colour: tuple[int, int, int] = (0, 255, 255)) -> tuple[np.ndarray, bool]:
+    """The image with the outline of the lesion region the colour model measures.
+
+    The colour/texture/shape features describe the region inside :func:`lesion_mask`
+    (and the skin around it), so its outline is what a reviewer checks to trust a
+    colour-model score: a mask that missed the lesion means features of the wrong region.
+
+    Parameters
+    ----------
+    image : uint8 array (H, W, 3), RGB
+    colour : RGB of the outline (default cyan, visible on skin and pigment)
+
+    Returns
+    -------
+    (overlay, fallback) : (uint8 array (H, W, 3), bool)
+        A copy of ``image`` with the outline drawn at its own resolution, and whether the
+        mask is the centred fallback (no lesion could be separated from the skin).
+    """
+    import cv2
+
+    array = _check_image(image)
+    mask, fallback = lesion_mask(array)
+    height, width = array.shape[:2]
+    full = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(full, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    overlay = np.ascontiguousarray(array.copy())
+    cv2.drawContours(overlay, contours, -1, tuple(int(c) for c in colour), max(1, round(min(height, width) / 120)))
+    return overlay, fallback
 
 
 def _mask_of(rgb: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -689,7 +719,9 @@ class ColourModel:
 
     def predict_proba(self, features, cnn_logit=None) -> np.ndarray:
         """Melanoma probabilities, float64 (n,) in [0, 1]."""
-        return 1.0 / (1.0 + np.exp(-self.decision_function(features, cnn_logit)))
+        from scipy.special import expit  # no overflow warning for large margins
+
+        return expit(self.decision_function(features, cnn_logit))
 
     def to_dict(self) -> dict:
         if self.mean is None:

@@ -60,6 +60,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 from melcore.errors import CohortError, ConfigError, MelcoreError
 
@@ -996,7 +997,7 @@ class FusionModel:
             raise MelcoreError(f"fusion input lacks column(s) {', '.join(missing)}")
         values = Z[self.feature_names_].to_numpy(float)
         z = ((values - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
-        p = 1 / (1 + np.exp(-z))
+        p = expit(z)
         return np.column_stack([1 - p, p])
 
     def coefficients(self) -> dict:
@@ -1105,8 +1106,8 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
         if progress is not None:
             progress(i + 1, len(fold_ids))
     final = FusionModel(C).fit(Z, y)
-    image_p = 1 / (1 + np.exp(-Z["logit_image"].to_numpy()))
-    meta_p = 1 / (1 + np.exp(-Z["logit_meta"].to_numpy()))
+    image_p = expit(Z["logit_image"].to_numpy())
+    meta_p = expit(Z["logit_meta"].to_numpy())
     oof = pd.DataFrame({
         "image_name": names,
         "patient_id": _column(lab, "patient_id")[usable],

@@ -20,6 +20,7 @@ from melcore.errors import ImageError, MelcoreError
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
 from pages.common import page_start, show_error
+from pages.widgets import colour_outline
 
 K = "score_"  # session-state prefix of this page
 METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
@@ -98,6 +99,9 @@ def _result(result, run: dict, threshold: float, opacity: float) -> None:
         right.image(result.overlay(opacity), width="stretch",
                     caption=f"{METHODS.get(result.method, result.method)} (opacity {opacity:.2f}): red = regions "
                             "that raised the melanoma score")
+    if getattr(result, "scorer", "cnn") == "colour-model":
+        with left:
+            colour_outline(result.image)
 
 
 def main() -> None:

@@ -358,6 +358,31 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
         return
     st.image(picture, caption=f"{GRADCAM_METHODS[method]} · {labels[run_id]} · red = raised the melanoma score",
              width="stretch")
+    if colour_model_of(run["run_dir"]):
+        colour_outline(load_image(path, 256, cache=image_cache()))
+
+
+def colour_model_of(run_dir) -> bool:
+    """Whether a run delivers the scores of a colour/texture/shape model (``colour_model.json``)."""
+    from melcore.colour import COLOUR_MODEL_FILE
+
+    return bool(run_dir) and (Path(run_dir) / COLOUR_MODEL_FILE).is_file()
+
+
+def colour_outline(image: np.ndarray) -> None:
+    """The lesion outline a colour-model run measured, under a note that its Grad-CAM explains the CNN."""
+    from melcore.colour import outline_overlay
+
+    try:
+        picture, fallback = outline_overlay(image)
+    except MelcoreError as exc:
+        st.caption(f"Colour-model outline not available: {exc}")
+        return
+    st.image(picture, width="stretch",
+             caption="This run's score comes from its colour/texture/shape model, which measures the region "
+                     "inside the cyan outline and the skin around it (the Grad-CAM explains the run's CNN)."
+                     + (" No lesion could be separated from the skin: the model measured a centred disc."
+                        if fallback else ""))
 
 
 def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[Mapping] = (), store=None,

@@ -234,6 +234,16 @@ def test_gradcam_overlay_is_computed_on_demand_and_cached(seeded, tmp_path, monk
     at.radio(key="patients_panel_gc_method").set_value("gradcam++").run()
     assert len(calls) == 2 and calls[1][2] == "gradcam++"
     assert any(img.proto.imgs[0].caption.startswith("Grad-CAM++") for img in at.get("image"))
+    assert not any("cyan outline" in img.proto.imgs[0].caption for img in at.get("image"))
+
+    # A run whose scores come from a colour model also shows the region that model measured.
+    from melcore.colour import COLOUR_MODEL_FILE, FEATURE_NAMES, ColourModel
+
+    rng = np.random.default_rng(0)
+    ColourModel().fit(rng.normal(size=(12, len(FEATURE_NAMES))), np.array([0, 1] * 6)).save(run_dir / COLOUR_MODEL_FILE)
+    at.slider(key="patients_panel_gc_opacity").set_value(0.5).run()
+    assert not at.exception
+    assert any("inside the cyan outline" in img.proto.imgs[0].caption for img in at.get("image"))
 
 
 def _strip_app(folder: str) -> None:

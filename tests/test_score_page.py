@@ -144,3 +144,50 @@ def test_no_trained_run_says_what_to_do():
     Store().add_run("meta only", None, kind="meta")
     at = open_page()
     assert "No trained image model yet" in texts(at.info)
+
+
+def _disc_image(size: int = 64, radius: int = 14, pigment=(70, 40, 30)) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = (205, 160, 140)
+    image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius ** 2] = pigment
+    return image
+
+
+def test_outline_overlay_draws_the_measured_region():
+    from melcore.colour import outline_overlay
+
+    image = _disc_image(size=128, radius=30)
+    overlay, fallback = outline_overlay(image)
+    assert not fallback and overlay.shape == image.shape and overlay.dtype == np.uint8
+    changed = np.argwhere(np.any(overlay != image, axis=2))
+    distance = np.hypot(changed[:, 0] - 64, changed[:, 1] - 64)
+    assert len(changed) > 100 and np.all(np.abs(distance - 30) <= 5)  # on the disc's edge, nowhere else
+    assert np.all(overlay[changed[:, 0], changed[:, 1]] == (0, 255, 255))
+    _, flat_fallback = outline_overlay(np.full((64, 64, 3), 180, np.uint8))
+    assert flat_fallback  # nothing to separate from the skin: the centred disc, and the page says so
+
+
+def test_a_colour_model_run_shows_the_outline_it_measured(model_dir, tmp_path):
+    import shutil
+
+    from melcore.colour import COLOUR_MODEL_FILE, ColourModel, colour_feature_matrix
+
+    run_dir = tmp_path / "colour-run"
+    shutil.copytree(model_dir, run_dir)
+    images = [_disc_image(radius=r, pigment=(p, 40, 30)) for r in (8, 10, 12, 14, 16, 18) for p in (40, 90)]
+    labels = np.array([0, 1] * 6)
+    ColourModel().fit(colour_feature_matrix(images), labels).save(run_dir / COLOUR_MODEL_FILE)
+    store = Store()
+    run_id = store.add_run("cpu-default", run_dir, model="cnn-bn", threshold=0.5)
+    at = open_page()
+    at.selectbox(key="score_run").set_value(run_id)
+    run(at)
+    buffer = io.BytesIO()
+    Image.fromarray(_disc_image()).save(buffer, format="PNG")
+    at.file_uploader(key="score_upload").upload("lesion.png", buffer.getvalue(), "image/png")
+    run(at)
+    assert not at.exception
+    assert "From the run's colour/shape model" in texts(at.caption)
+    captions = [c for image in at.image for c in image.captions]
+    assert any("inside the cyan outline" in c for c in captions)
