@@ -71,7 +71,7 @@ def _filters(browser: PatientBrowser, threshold: float, has_run: bool) -> Filter
         values[name] = col.multiselect(label, options[name], key=K + key, placeholder="any")
     with cols[4]:
         malignant = st.checkbox("Has a malignant lesion", key=K + "malignant")
-        flagged = st.checkbox(f"Risk at or above the threshold ({threshold:.2f})", key=K + "flagged",
+        flagged = st.checkbox(f"Risk at or above the threshold ({threshold:.3f})", key=K + "flagged",
                               disabled=not has_run, help="Needs a run's scores: choose a run above.")
     return Filters(clinics=tuple(values["clinic"]), sexes=tuple(values["sex"]), age_bands=tuple(values["age_band"]),
                    sites=tuple(values["site"]), malignant=malignant, above_threshold=flagged and has_run,
@@ -208,7 +208,7 @@ def main() -> None:
         return
     if has_run:
         saved = "saved threshold" if run.get("threshold") is not None else "no saved threshold, default"
-        st.caption(f"Risk = run #{run['id']}'s predicted probability of melanoma; {saved} {threshold:.2f}. "
+        st.caption(f"Risk = run #{run['id']}'s predicted probability of melanoma; {saved} {threshold:.3f}. "
                    f"{int(browser.lesions['risk'].notna().sum()):,} of {len(browser.lesions):,} images scored "
                    "(images the run did not score, e.g. its training images, have no risk).")
     elif not scored:

@@ -130,7 +130,7 @@ def _reviewer_input(column) -> str:
 def _progress(full: pd.DataFrame, scope: str, threshold: float) -> None:
     progress = review_progress(full)
     if scope == "above threshold":
-        done, total, what = progress.flagged_reviewed, progress.flagged, f"lesions at or above {threshold:.2f}"
+        done, total, what = progress.flagged_reviewed, progress.flagged, f"lesions at or above {threshold:.3f}"
     else:
         done, total, what = progress.reviewed, progress.total, "scored lesions"
     cols = st.columns([1, 1, 3], vertical_alignment="center")
@@ -268,7 +268,7 @@ def main() -> None:
     run = scored[run_id]
     threshold = run_threshold(run)
     if run.get("threshold") is None:
-        st.info(f"No threshold saved for this run: using the default {threshold:.2f}. Choose one on the Compare "
+        st.info(f"No threshold saved for this run: using the default {threshold:.3f}. Choose one on the Compare "
                 "page and save it for the run.")
     else:
         st.caption(f"Decision threshold {threshold:.4f} (saved on the Compare page). Risk = the run's predicted "
@@ -348,7 +348,7 @@ def main() -> None:
     with right:
         lesion = _lesion(browser, row)
         st.caption(f"Rank {int(row['rank']):,} by risk · risk {row['risk']:.3f} "
-                   f"({'at or above' if row['flagged'] else 'below'} the threshold {threshold:.2f})")
+                   f"({'at or above' if row['flagged'] else 'below'} the threshold {threshold:.3f})")
         other_runs = [r for r in runs if int(r["id"]) != run_id]
         with st.container(border=True):
             # Keyed by run, so the Grad-CAM model choice follows the run under review.

@@ -79,14 +79,14 @@ def _result(result, run: dict, threshold: float, opacity: float) -> None:
     if getattr(result, "scorer", "cnn") == "colour-model":
         cols[0].caption(f"From the run's colour/shape model; its CNN says {result.cnn_probability:.3f} "
                         "(the Grad-CAM below explains the CNN).")
-    cols[1].metric("Run threshold", f"{threshold:.2f}", delta="at or above: flag" if above else "below",
+    cols[1].metric("Run threshold", f"{threshold:.3f}", delta="at or above: flag" if above else "below",
                    delta_color="inverse" if above else "off")
     with cols[2]:
         if above:
-            st.error(f"At or above run #{run['id']}'s threshold ({threshold:.2f}): this lesion would be flagged "
+            st.error(f"At or above run #{run['id']}'s threshold ({threshold:.3f}): this lesion would be flagged "
                      "for review or biopsy.")
         else:
-            st.success(f"Below run #{run['id']}'s threshold ({threshold:.2f}).")
+            st.success(f"Below run #{run['id']}'s threshold ({threshold:.3f}).")
         if result.tta:
             views = result.view_probabilities
             st.caption(f"Test-time augmentation: mean of {len(views)} flips/transposes "
@@ -126,7 +126,7 @@ def main() -> None:
                    + (f": {run['notes']}" if run.get("notes") else "")
                    + ". Its scores are usually less reliable than a pretrained model's.")
     if run.get("threshold") is None:
-        st.caption(f"No threshold saved for this run: using the default {threshold:.2f} (save one on the Compare "
+        st.caption(f"No threshold saved for this run: using the default {threshold:.3f} (save one on the Compare "
                    "page).")
     model_file = _model_file(run)
     if not model_file.is_file():
