@@ -69,6 +69,8 @@ __all__ = [
     "subset_key",
     "subset_options",
     "summary_table",
+    "threshold_from_points",
+    "threshold_window",
 ]
 
 #: Prediction splits in order of preference: held-out validation, then out-of-fold.
@@ -328,6 +330,11 @@ class RunEvaluation:
         m = self.at(threshold)
         return m["sensitivity"], m["ppv"]
 
+    @property
+    def score_range(self) -> tuple[float, float]:
+        """``(lowest, highest)`` predicted probability in this subset."""
+        return float(self.sweep.thresholds[0]), float(self.sweep.thresholds[-1])
+
     def presets(self, sensitivities: Sequence[float] = (0.9, 0.95)) -> dict[str, float]:
         """Thresholds of the preset buttons: ``{"youden": t, "sensitivity>=0.9": t, ...}``.
 
@@ -381,6 +388,66 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
     except MelcoreError as exc:
         evaluation.note = f"no confidence interval: {exc}"
     return evaluation
+
+
+# --------------------------------------------------------------------------- threshold controls
+
+def threshold_window(evaluations: Iterable[RunEvaluation], include: Iterable[float | None] = (), *,
+                     min_span: float = 0.5, decimals: int = 2) -> tuple[float, float]:
+    """The threshold range worth showing: ``(0, 1)``, or the scores' range when it is narrow.
+
+    A model trained briefly or from scratch often puts every score within a few
+    hundredths of 0.5; on a 0-1 axis its whole threshold curve is one vertical line
+    and a slider cannot reach the thresholds that matter. Below the lowest score every
+    lesion is flagged and above the highest none is, so nothing is lost by zooming.
+
+    Args:
+        evaluations: the runs on the plot (their :attr:`RunEvaluation.score_range`).
+        include: thresholds that must stay visible (the current and saved ones);
+            None and non-finite values are ignored.
+        min_span: scores spanning at least this much keep the whole ``(0, 1)``.
+        decimals: the window's ends are rounded outwards to this many decimals.
+
+    Returns ``(low, high)`` with ``0 <= low < high <= 1``.
+    """
+    ranges = [e.score_range for e in evaluations if e.n]
+    if not ranges:
+        return 0.0, 1.0
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if high - low >= min_span:
+        return 0.0, 1.0
+    pad = max(0.1 * (high - low), 10.0 ** -decimals)
+    scale = 10.0 ** decimals
+    low = math.floor((low - pad) * scale) / scale
+    high = math.ceil((high + pad) * scale) / scale
+    for value in include:
+        if value is not None and math.isfinite(value):
+            low, high = min(low, float(value)), max(high, float(value))
+    return max(0.0, low), min(1.0, high)
+
+
+def threshold_from_points(points: Sequence[Mapping] | None) -> float | None:
+    """The threshold of a clicked curve point, or None when no point carries one.
+
+    Args:
+        points: the ``selection.points`` of a chart event (Streamlit's plotly
+            selection); the ROC and threshold figures of :mod:`melcore.plots` put each
+            point's threshold in its ``customdata`` (a number, or a list whose first
+            item is the number).
+
+    The first point with a finite threshold wins; it is clipped to [0, 1].
+    """
+    for point in points or ():
+        value = point.get("customdata") if isinstance(point, Mapping) else None
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            return min(1.0, max(0.0, value))
+    return None
 
 
 # --------------------------------------------------------------------------- tables

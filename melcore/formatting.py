@@ -1,14 +1,20 @@
-"""Short human-readable text for durations and metric values (CLI lines, page tables, logs).
+"""Short human-readable text for durations, metric values, thresholds and risks.
 
-Both functions accept anything (None, strings, NaN) and answer ``"--"`` for what
+Every function accepts anything (None, strings, NaN) and answers ``"--"`` for what
 is not a finite number, so callers can pass raw progress/metrics values.
+
+Thresholds and risks shown side by side must never contradict the decision: a
+threshold saved from a curve point (0.50512) is not shown as "0.505", and a risk
+just below it is not shown as "0.51" beside a red/green flag that says otherwise.
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["format_duration", "format_number"]
+__all__ = ["format_duration", "format_number", "format_risk", "format_threshold"]
+
+MAX_DECIMALS = 6
 
 
 def format_duration(seconds) -> str:
@@ -34,3 +40,47 @@ def format_number(value, fmt: str = ".4f") -> str:
     except (TypeError, ValueError):
         return "--"
     return format(value, fmt) if math.isfinite(value) else "--"
+
+
+def _finite(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def format_threshold(threshold, min_decimals: int = 3) -> str:
+    """A decision threshold with the decimals it needs: ``0.5`` -> ``"0.500"``, ``0.50512`` -> ``"0.50512"``.
+
+    At least ``min_decimals``, more while rounding would change the value (at most 6).
+    """
+    value = _finite(threshold)
+    if value is None:
+        return "--"
+    for decimals in range(min_decimals, MAX_DECIMALS):
+        if abs(round(value, decimals) - value) < 0.5 * 10.0 ** -MAX_DECIMALS:
+            return f"{value:.{decimals}f}"
+    return f"{value:.{MAX_DECIMALS}f}"
+
+
+def format_risk(risk, threshold=None, min_decimals: int = 2) -> str:
+    """A predicted probability with enough decimals to compare with the shown threshold as the exact values do.
+
+    ``format_risk(0.5051, 0.50512)`` is ``"0.505"`` (below ``"0.50512"``; ``"0.51"`` would read as above
+    it); ``format_risk(0.73, 0.505)`` is ``"0.73"``. Decimals go from ``min_decimals`` up to 6; the
+    threshold is compared as :func:`format_threshold` shows it. Without a threshold: ``min_decimals``.
+    """
+    value = _finite(risk)
+    if value is None:
+        return "--"
+    limit = _finite(threshold)
+    if limit is None:
+        return f"{value:.{min_decimals}f}"
+    shown_limit = float(format_threshold(limit))
+    flagged = value >= limit
+    for decimals in range(min_decimals, MAX_DECIMALS + 1):
+        text = f"{value:.{decimals}f}"
+        if (float(text) >= shown_limit) == flagged:
+            return text
+    return f"{value:.{MAX_DECIMALS}f}"

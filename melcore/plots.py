@@ -13,6 +13,9 @@ Conventions shared by the builders
       hidden from the legend) can be found by name.
     * Markers show the current operating point: a dict name -> ``(x, y)``; points
       with a NaN coordinate are left out (e.g. PPV when nothing is flagged).
+    * Clickable curves (ROC with thresholds, sensitivity/specificity by threshold)
+      carry each point's threshold in ``customdata``, so a click on a curve can set
+      the operating point (:func:`melcore.compare.threshold_from_points` reads it).
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ __all__ = [
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#8c564b", "#7f7f7f")
 _GUIDE = dict(color="#9a9a9a", dash="dot", width=1)
 _MARKER = dict(size=12, symbol="circle", line=dict(color="white", width=2))
+# Plotly selects (and so reports clicks on) marker points only, never bare lines; these
+# markers make every curve point clickable without drawing it, and stay unchanged
+# whether the point is selected or not.
+_CLICK_TARGET = dict(marker=dict(size=9, opacity=0), selected=dict(marker=dict(opacity=0)),
+                     unselected=dict(marker=dict(opacity=0)))
 
 
 def color_for(index: int) -> str:
@@ -111,8 +119,11 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
     """Overlaid ROC curves, one per model, with the AUROC and its CI in the legend.
 
     Args:
-        curves: name -> ``(fpr, tpr, auc, ci)``: fpr, tpr float arrays (k,) as from
-            :func:`melcore.metrics.roc_curve`; auc float; ci ``(low, high)`` or None.
+        curves: name -> ``(fpr, tpr, auc, ci)`` or ``(fpr, tpr, auc, ci, thresholds)``:
+            fpr, tpr, thresholds float arrays (k,) as from :func:`melcore.metrics.roc_curve`;
+            auc float; ci ``(low, high)`` or None. With thresholds every point of the
+            curve is clickable and carries its threshold (clipped to [0, 1], the
+            leading ``inf`` becoming 1) in ``customdata``.
         markers: name -> ``(fpr, tpr)`` of the current operating point (one marker each).
         names: order of the colours (default: the order of ``curves``).
         level: the CI level written in the legend.
@@ -122,14 +133,22 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
     """
     colors = _color_map(names, curves)
     traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=_GUIDE, hoverinfo="skip")]
-    for name, (fpr, tpr, auc, ci) in curves.items():
+    for name, (fpr, tpr, auc, ci, *rest) in curves.items():
         fpr, tpr = _as_array(fpr), _as_array(tpr)
         if len(fpr) != len(tpr):
             raise MelcoreError(f"ROC curve of {name!r}: fpr has {len(fpr)} points but tpr has {len(tpr)}")
+        hover = "1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}"
+        clickable = {}
+        if rest and rest[0] is not None:
+            thresholds = np.clip(_as_array(rest[0]), 0.0, 1.0)
+            if len(thresholds) != len(fpr):
+                raise MelcoreError(f"ROC curve of {name!r}: {len(fpr)} points but {len(thresholds)} thresholds")
+            clickable = dict(mode="lines+markers", customdata=thresholds, **_CLICK_TARGET)
+            hover += "<br>threshold %{customdata:.3f} (click to use)"
         traces.append(go.Scatter(
-            x=fpr, y=tpr, mode="lines", name=f"{name}<br>AUROC {format_ci(auc, ci, level=level)}",
+            **{"mode": "lines", **clickable}, x=fpr, y=tpr, name=f"{name}<br>AUROC {format_ci(auc, ci, level=level)}",
             legendgroup=name, meta=name, line=dict(color=colors[name], width=2.5),
-            hovertemplate="1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}<extra>" + name + "</extra>"))
+            hovertemplate=hover + "<extra>" + name + "</extra>"))
     for name, (x, y) in (markers or {}).items():
         traces.append(_marker_trace(name, x, y, colors.get(name, color_for(len(colors))),
                                     f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"))
@@ -143,7 +162,7 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
 def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None,
                      markers: Mapping[str, tuple[float, float]] | None = None, *,
                      names: Sequence[str] | None = None, title: str = "Sensitivity and specificity by threshold",
-                     height: int = 460) -> go.Figure:
+                     height: int = 460, x_range: tuple[float, float] = (0.0, 1.0)) -> go.Figure:
     """Sensitivity (solid) and specificity (dashed) against the decision threshold.
 
     Args:
@@ -152,8 +171,10 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
         threshold: draws a vertical line there when given.
         markers: name -> ``(sensitivity, specificity)`` at ``threshold``; two markers
             per model, at ``(threshold, sensitivity)`` and ``(threshold, specificity)``.
+        x_range: the threshold axis shown (e.g. :func:`melcore.compare.threshold_window`).
 
-    Traces per model: ``"<name> sensitivity"`` and ``"<name> specificity"`` (``meta`` = name).
+    Traces per model: ``"<name> sensitivity"`` and ``"<name> specificity"`` (``meta`` = name);
+    every point is clickable and carries its threshold in ``customdata``.
     """
     colors = _color_map(names, curves)
     traces = []
@@ -166,9 +187,11 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
         x = np.clip(x, 0.0, 1.0)
         for metric, dash in (("sensitivity", "solid"), ("specificity", "dash")):
             traces.append(go.Scatter(
-                x=x, y=table[metric].to_numpy(dtype=float), mode="lines", name=f"{name} {metric}",
+                x=x, y=table[metric].to_numpy(dtype=float), mode="lines+markers", name=f"{name} {metric}",
                 legendgroup=name, meta=name, line=dict(color=colors[name], width=2.2, dash=dash, shape="hv"),
-                hovertemplate="threshold %{x:.3f}<br>" + metric + " %{y:.3f}<extra>" + name + "</extra>"))
+                customdata=x, **_CLICK_TARGET,
+                hovertemplate="threshold %{x:.3f} (click to use)<br>" + metric + " %{y:.3f}<extra>" + name
+                + "</extra>"))
     if threshold is not None and np.isfinite(threshold):
         for name, (sensitivity, specificity) in (markers or {}).items():
             color = colors.get(name, color_for(len(colors)))
@@ -176,7 +199,8 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
                 traces.append(_marker_trace(name, threshold, value, color, f"{name}<br>{metric} {value:.3f}",
                                             label=f"{name} {metric} @ threshold"))
     return _figure(traces, title, "decision threshold (flag for biopsy when p >= threshold)", "rate",
-                   height=height, xaxis={"range": [0, 1]}, yaxis={"range": [-0.02, 1.02]}, threshold=threshold,
+                   height=height, xaxis={"range": [float(x_range[0]), float(x_range[1])]},
+                   yaxis={"range": [-0.02, 1.02]}, threshold=threshold,
                    threshold_label=True)
 
 

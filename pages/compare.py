@@ -4,12 +4,14 @@ Layout only; the numbers come from :mod:`melcore.compare` and :mod:`melcore.metr
 the figures from :mod:`melcore.plots`. Everything that does not depend on the
 threshold (predictions joined with the cohort, sorted sweeps, bootstrap intervals,
 paired tests, per-clinic AUROCs) is cached per run and subset; the threshold-dependent
-part is one ``st.fragment``, so moving the slider or pressing a preset reruns only it:
-the sweeps answer in microseconds and the figures are redrawn.
+part is one ``st.fragment``, so moving the slider, pressing a preset or clicking a point
+of the ROC or threshold curve reruns only it: the sweeps answer in microseconds and the
+figures are redrawn.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -35,8 +37,11 @@ from melcore.compare import (
     subset_key,
     subset_options,
     summary_table,
+    threshold_from_points,
+    threshold_window,
 )
 from melcore.errors import MelcoreError
+from melcore.formatting import format_threshold
 from melcore.plots import (
     bar_figure,
     calibration_figure,
@@ -53,6 +58,7 @@ DEFAULT_RUNS = 3
 THRESHOLD = "compare_threshold"
 FOCUS = "compare_focus"
 SAVED_MESSAGE = "compare_saved_message"
+CLICKS = "compare_curve_clicks"  # bumped by every click on a curve: new chart keys clear the selection
 SPLIT_CHOICES = {"auto": "validation, else out-of-fold", "val": "held-out validation (val)",
                  "oof": "out-of-fold (oof)"}
 PRESETS = (("youden", "Youden", "Maximise sensitivity + specificity - 1"),
@@ -100,6 +106,21 @@ def _set_threshold(value: float) -> None:
     st.session_state[THRESHOLD] = float(value)
 
 
+def _curve_clicked(chart_key: str) -> None:
+    """A click on the ROC or threshold curve: its point's threshold becomes the operating point."""
+    event = st.session_state.get(chart_key)
+    value = threshold_from_points(event["selection"]["points"] if event else None)
+    if value is not None:
+        st.session_state[THRESHOLD] = value
+        st.session_state[CLICKS] = st.session_state.get(CLICKS, 0) + 1
+
+
+def _clickable_chart(container, figure, name: str) -> None:
+    key = f"compare_{name}_{st.session_state.get(CLICKS, 0)}"
+    container.plotly_chart(figure, width="stretch", key=key, on_select=functools.partial(_curve_clicked, key),
+                           selection_mode="points")
+
+
 def _focus_changed(saved: dict) -> None:
     value = saved.get(st.session_state.get(FOCUS))
     if value is not None:
@@ -113,7 +134,7 @@ def _save_threshold(run_id: int, label: str) -> None:
     except MelcoreError as exc:
         st.session_state[SAVED_MESSAGE] = ("error", str(exc))
         return
-    st.session_state[SAVED_MESSAGE] = ("success", f"Saved threshold {value:.4f} for {label}; the Review page "
+    st.session_state[SAVED_MESSAGE] = ("success", f"Saved threshold {format_threshold(value)} for {label}; the Review page "
                                                   "now flags images with p ≥ this value.")
 
 
@@ -236,9 +257,14 @@ def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float]:
                               on_change=_focus_changed, args=(saved,))
     evaluation = evaluations[focus]
     presets = evaluation.presets()
+    low, high = threshold_window(evaluations.values(), include=[st.session_state[THRESHOLD], *saved.values()])
     with cols[1]:
-        threshold = st.slider("Decision threshold: flag for biopsy when p ≥ threshold", 0.0, 1.0, step=0.001,
-                              format="%.3f", key=THRESHOLD)
+        threshold = st.slider("Decision threshold: flag for biopsy when p ≥ threshold", low, high, step=0.001,
+                              format="%.3f", key=THRESHOLD,
+                              help="Or click a point of the ROC or threshold curve below to use its threshold.")
+        if (low, high) != (0.0, 1.0):
+            st.caption(f"Zoomed to the scores' range {low:.2f}-{high:.2f}: below it every lesion is flagged, "
+                       "above it none.")
         buttons = st.columns(len(PRESETS) + 1)
         for col, (name, text, why) in zip(buttons, PRESETS):
             value = presets.get(name)
@@ -250,7 +276,7 @@ def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float]:
                            disabled=saved_value is None, width="stretch",
                            help=f"The focus run's saved threshold ({saved_value:.4f})" if saved_value is not None
                            else "No threshold saved for the focus run yet")
-    return focus, float(threshold)
+    return focus, float(threshold), (low, high)
 
 
 def _focus_metrics(evaluation, threshold: float) -> None:
@@ -267,9 +293,9 @@ def _focus_metrics(evaluation, threshold: float) -> None:
     cols[5].metric("Flagged", f"{m['n_flagged']:,}", help=f"Lesions sent to biopsy at this threshold, of {m['n']:,}")
 
 
-def _curves(evaluations: dict, threshold: float, names: list) -> None:
+def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float]) -> None:
     curved = {k: e for k, e in evaluations.items() if e.both_classes}
-    rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci) for k, e in curved.items()}
+    rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci, e.roc.thresholds) for k, e in curved.items()}
     roc_markers = {k: e.roc_point(threshold) for k, e in curved.items()}
     pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
     pr_markers = {k: e.pr_point(threshold) for k, e in curved.items()}
@@ -280,9 +306,9 @@ def _curves(evaluations: dict, threshold: float, names: list) -> None:
     prevalences = [e.prevalence for e in evaluations.values()]
     prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
     top = st.columns(2)
-    top[0].plotly_chart(roc_figure(rocs, roc_markers, names=names), width="stretch", key="compare_roc")
-    top[1].plotly_chart(threshold_figure(sweeps, threshold, sweep_markers, names=names), width="stretch",
-                        key="compare_sweep")
+    _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names), "roc")
+    _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window),
+                     "sweep")
     bottom = st.columns(2)
     bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names), width="stretch",
                            key="compare_pr")
@@ -338,13 +364,13 @@ def _clinic_table(breakdowns: dict, threshold: float) -> None:
 
 def _save_section(focus: str, run: dict, threshold: float) -> None:
     cols = st.columns([1.2, 2])
-    cols[0].button(f"Save {threshold:.3f} as this run's threshold", key="compare_save", type="primary",
+    cols[0].button(f"Save {format_threshold(threshold)} as this run's threshold", key="compare_save", type="primary",
                    on_click=_save_threshold, args=(run["id"], focus))
     message = st.session_state.pop(SAVED_MESSAGE, None)
     if message:
         (st.success if message[0] == "success" else st.error)(message[1])
     saved = run["threshold"]
-    cols[1].caption(f"Saved threshold of {focus}: **{saved:.4f}** (used by the Review page)" if saved is not None
+    cols[1].caption(f"Saved threshold of {focus}: **{format_threshold(saved)}** (used by the Review page)" if saved is not None
                     else f"{focus} has no saved threshold yet; the Review page uses 0.5 until you save one.")
 
 
@@ -416,9 +442,9 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     st.subheader("Operating point")
     store = get_store()
     runs = {label: store.get_run(runs_by_label[label]["id"]) for label in evaluations}  # saved thresholds change
-    focus, threshold = _threshold_controls(evaluations, {k: r["threshold"] for k, r in runs.items()})
+    focus, threshold, window = _threshold_controls(evaluations, {k: r["threshold"] for k, r in runs.items()})
     _focus_metrics(evaluations[focus], threshold)
-    _curves(evaluations, threshold, list(evaluations))
+    _curves(evaluations, threshold, list(evaluations), window)
     _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters)
     _save_section(focus, runs[focus], threshold)
 

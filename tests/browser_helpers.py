@@ -235,6 +235,32 @@ def set_number(page, label: str, value) -> None:
     wait_idle(page)
 
 
+def click_curve_point(page, chart_title: str, trace: int, avoid: float, fractions=(0.3, 0.6, 0.15, 0.8)) -> float:
+    """Click a point of a plotly curve whose ``customdata`` differs from ``avoid``; return that value.
+
+    ``trace`` counts the chart's scatter traces from 0; ``fractions`` (0-1) are the places
+    along it tried in turn. Plotly listens on an overlay above the points, so the mouse
+    clicks at the point's position (a locator click would stop at the overlay).
+    """
+    chart = page.locator('[data-testid="stPlotlyChart"]').filter(has_text=chart_title).first
+    chart.scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    points = chart.locator(".scatterlayer .trace").nth(trace).locator("path.point")
+    for fraction in fractions:
+        point = points.nth(int(fraction * (points.count() - 1)))
+        value = float(point.evaluate("(el) => el.closest('.trace').__data__[0].trace.customdata[el.__data__.i]"))
+        if abs(value - avoid) > 1e-3:
+            break
+    else:
+        raise AssertionError(f"{chart_title}: every point tried has the threshold {avoid}")
+    box = point.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.wait_for_timeout(200)
+    page.mouse.click(x, y)
+    return value
+
+
 def screenshot(page, path: Path, max_height: int = 8000) -> Path:
     """The whole page as a PNG.
 

@@ -33,6 +33,7 @@ from browser_helpers import (  # tests/ is on sys.path (pytest rootdir-relative 
     StreamlitServer,
     assert_no_exception,
     choose,
+    click_curve_point,
     go_to,
     kill_workers,
     nav_entries,
@@ -169,16 +170,24 @@ def _compare(page, server, shots, run_id: int):
     before = thumb.inner_text()
     page.get_by_role("button", name="Youden", exact=True).click()
     wait_idle(page)
+    youden = thumb.inner_text()
+    assert float(youden) != float(before), f"the Youden preset did not move the threshold slider ({before})"
+    # Tuning on the ROC plot: a click on a vertex makes its threshold the operating point.
+    clicked = click_curve_point(page, "ROC curves", trace=1, avoid=float(youden))
+    deadline = time.monotonic() + 30
+    while abs(float(thumb.inner_text()) - clicked) > 5e-4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    wait_idle(page)
     after = thumb.inner_text()
-    assert float(after) != float(before), f"the Youden preset did not move the threshold slider ({before})"
-    save = page.get_by_role("button", name=re.compile(r"^Save \d\.\d{3} as this run's threshold"))
-    shown_value = float(re.search(r"\d\.\d{3}", save.inner_text()).group(0))
-    assert abs(shown_value - float(after)) <= 1e-3
+    assert abs(float(after) - clicked) <= 5e-4, f"a click on the ROC curve set {after}, not its point's {clicked:.4f}"
+    save = page.get_by_role("button", name=re.compile(r"^Save \d\.\d{3,6} as this run's threshold"))
+    shown_value = float(re.search(r"\d\.\d{3,6}", save.inner_text()).group(0))
+    assert abs(shown_value - clicked) <= 5e-7, f"the Save button shows {shown_value}, not the clicked {clicked}"
     save.click()
-    page.get_by_text(re.compile(r"Saved threshold \d\.\d{4} for")).wait_for(timeout=30_000)
+    page.get_by_text(re.compile(r"Saved threshold \d\.\d{3,6} for")).wait_for(timeout=30_000)
     with _db(server) as conn:
         (saved,) = conn.execute("SELECT threshold FROM runs WHERE id = ?", (run_id,)).fetchone()
-    assert saved is not None and abs(saved - float(after)) <= 5e-4, (saved, after)
+    assert saved is not None and abs(saved - clicked) <= 1e-9, (saved, clicked)
     _checked_shot(page, shots, "compare")
     return saved
 

@@ -29,6 +29,8 @@ from melcore.compare import (
     subset_key,
     subset_options,
     summary_table,
+    threshold_from_points,
+    threshold_window,
 )
 from melcore.errors import MelcoreError
 from melcore.metrics import (
@@ -167,6 +169,57 @@ def test_threshold_slider_and_presets_update_the_numbers(seeded):
     assert float(metric(at, "Sensitivity").rstrip("%")) >= 95.0
 
 
+def test_narrow_scores_zoom_the_slider_and_the_threshold_plot(seeded):
+    store = seeded["store"]
+    run_id = store.add_run("barely-trained", dataset_id=seeded["dataset_id"], model="basic-cnn")
+    frame = simulated(seeded["table"], 2.0, seed=13)
+    frame["prediction"] = 0.5 + (frame["prediction"] - 0.5) * 0.05  # every score within 0.475-0.525
+    store.add_predictions(run_id, frame, split="val")
+    at = run_page()
+    runs_widget(at).set_value([run_id])
+    rerun(at)
+    slider = at.slider(key="compare_threshold")
+    low, high = slider.min, slider.max
+    assert 0.45 <= low < frame["prediction"].min() and frame["prediction"].max() < high <= 0.55
+    assert any("Zoomed to the scores' range" in c.value for c in at.caption)
+    slider.set_value(0.51)
+    rerun(at)
+    expected = ThresholdSweep(frame["target"], frame["prediction"]).at(0.51)
+    assert metric(at, "Sensitivity") == f"{expected['sensitivity']:.1%}"
+    # runs whose scores spread over the unit interval keep the full range and no caption
+    runs_widget(at).set_value([seeded["strong"]])
+    rerun(at)
+    assert (at.slider(key="compare_threshold").min, at.slider(key="compare_threshold").max) == (0.0, 1.0)
+    assert not any("Zoomed to the scores' range" in c.value for c in at.caption)
+
+
+def test_threshold_window():
+    def evaluation(scores):
+        scores = np.asarray(scores, dtype=float)
+        return evaluate_predictions(pd.DataFrame({"image_name": [f"i{k}" for k in range(len(scores))],
+                                                  "target": np.arange(len(scores)) % 2, "prediction": scores}),
+                                    n_boot=0)
+
+    wide = evaluation(np.linspace(0.05, 0.9, 20))
+    narrow = evaluation(np.linspace(0.493, 0.507, 20))
+    assert threshold_window([wide]) == (0.0, 1.0)
+    assert threshold_window([narrow]) == (0.48, 0.52)  # padded by at least 0.01, rounded outwards
+    assert threshold_window([narrow], include=[0.7, None, float("nan")]) == (0.48, 0.7)
+    assert threshold_window([narrow, wide]) == (0.0, 1.0)  # one window for every run on the plot
+    assert threshold_window([evaluation([0.001, 0.002])]) == (0.0, 0.02)  # clipped at 0
+    assert threshold_window([]) == (0.0, 1.0)
+    assert threshold_window([narrow], min_span=0.01) == (0.0, 1.0)
+
+
+def test_threshold_from_points_reads_the_clicked_points_customdata():
+    assert threshold_from_points([{"x": 0.1, "y": 0.8, "customdata": 0.4321}]) == 0.4321
+    assert threshold_from_points([{"customdata": [0.25, "extra"]}]) == 0.25
+    assert threshold_from_points([{"x": 0.5}, {"customdata": "n/a"}, {"customdata": 0.3}]) == 0.3
+    assert threshold_from_points([{"customdata": 7.0}]) == 1.0 and threshold_from_points([{"customdata": -1}]) == 0.0
+    assert threshold_from_points([{"customdata": float("nan")}]) is None
+    assert threshold_from_points([]) is None and threshold_from_points(None) is None
+
+
 def test_saving_the_threshold_persists_on_the_focus_run(seeded):
     at = run_page()
     at.selectbox(key="compare_focus").set_value(next(o for o in at.selectbox(key="compare_focus").options
@@ -178,8 +231,8 @@ def test_saving_the_threshold_persists_on_the_focus_run(seeded):
     rerun(at)
     assert Store().get_run(seeded["weak"])["threshold"] == pytest.approx(0.271)
     assert Store().get_run(seeded["strong"])["threshold"] is None
-    assert any("Saved threshold 0.2710" in s.value for s in at.success)
-    assert any("0.2710" in c.value and "Saved threshold" in c.value for c in at.caption)
+    assert any("Saved threshold 0.271 for" in s.value for s in at.success)
+    assert any("**0.271**" in c.value and "Saved threshold" in c.value for c in at.caption)
 
     # a new session starts on the saved threshold when the focus run has one
     Store().set_threshold(seeded["strong"], 0.42)

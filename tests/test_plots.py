@@ -83,6 +83,33 @@ def test_roc_figure_keeps_colours_by_names_order_and_skips_nan_markers(two_model
         roc_figure({"bad": ([0, 1], [0, 0.5, 1], 0.5, None)})
 
 
+def test_roc_figure_with_thresholds_makes_every_vertex_a_clickable_threshold(two_models):
+    y, models = two_models
+    fpr, tpr, thresholds = roc_curve(y, models["good"])
+    assert np.isinf(thresholds[0])  # the (0, 0) corner: nothing flagged
+    fig = roc_figure({"good": (fpr, tpr, 0.9, None, thresholds)})
+    line = next(t for t in fig.data if t.meta == "good")
+    assert line.mode == "lines+markers"  # plotly reports clicks on markers only
+    assert line.customdata[0] == 1.0
+    np.testing.assert_array_equal(line.customdata[1:], thresholds[1:])
+    assert line.marker.opacity == 0 and line.unselected.marker.opacity == 0  # clickable, not drawn
+    assert "threshold %{customdata:.3f}" in line.hovertemplate
+    with pytest.raises(MelcoreError, match="3 points but 2 thresholds"):
+        roc_figure({"bad": ([0, 0.5, 1], [0, 0.5, 1], 0.5, None, [1.0, 0.5])})
+
+
+def test_threshold_figure_points_carry_their_threshold_and_the_axis_follows_x_range(two_models):
+    y, models = two_models
+    curve = ThresholdSweep(y, models["good"]).curve(max_points=50)
+    fig = threshold_figure({"good": curve}, x_range=(0.42, 0.58))
+    for metric in ("sensitivity", "specificity"):
+        trace = by_name(fig, f"good {metric}")
+        np.testing.assert_array_equal(trace.customdata, trace.x)
+        assert "markers" in trace.mode
+    assert tuple(fig.layout.xaxis.range) == (0.42, 0.58)
+    assert tuple(threshold_figure({"good": curve}).layout.xaxis.range) == (0.0, 1.0)
+
+
 def test_threshold_figure_has_sensitivity_and_specificity_per_model_and_markers_at_threshold(two_models):
     y, models = two_models
     curves = {name: ThresholdSweep(y, p).curve(max_points=100) for name, p in models.items()}
