@@ -26,6 +26,7 @@ from melcore.browse import (
     sort_patients,
 )
 from melcore.errors import MelcoreError
+from melcore.formatting import format_risk, format_threshold
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 from pages.widgets import lesion_panel, thumbnail_grid
 
@@ -71,7 +72,7 @@ def _filters(browser: PatientBrowser, threshold: float, has_run: bool) -> Filter
         values[name] = col.multiselect(label, options[name], key=K + key, placeholder="any")
     with cols[4]:
         malignant = st.checkbox("Has a malignant lesion", key=K + "malignant")
-        flagged = st.checkbox(f"Risk at or above the threshold ({threshold:.3f})", key=K + "flagged",
+        flagged = st.checkbox(f"Risk at or above the threshold ({format_threshold(threshold)})", key=K + "flagged",
                               disabled=not has_run, help="Needs a run's scores: choose a run above.")
     return Filters(clinics=tuple(values["clinic"]), sexes=tuple(values["sex"]), age_bands=tuple(values["age_band"]),
                    sites=tuple(values["site"]), malignant=malignant, above_threshold=flagged and has_run,
@@ -143,7 +144,7 @@ def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, thr
     metrics[0].metric("Images", f"{row['n_images']:,}")
     metrics[1].metric("Lesions", f"{row['n_lesions']:,}")
     metrics[2].metric("Malignant lesions", f"{row['n_malignant']:,}")
-    metrics[3].metric("Highest risk", f"{row['highest_risk']:.3f}" if has_run and pd.notna(row["highest_risk"])
+    metrics[3].metric("Highest risk", format_risk(row["highest_risk"], threshold, 3) if has_run and pd.notna(row["highest_risk"])
                       else "—")
     metrics[4].metric("Sex · age", f"{row['sex']} · {_age_text(row['age_min'], row['age_max'])}")
     lesions = browser.patient_lesions(patient)
@@ -208,7 +209,7 @@ def main() -> None:
         return
     if has_run:
         saved = "saved threshold" if run.get("threshold") is not None else "no saved threshold, default"
-        st.caption(f"Risk = run #{run['id']}'s predicted probability of melanoma; {saved} {threshold:.3f}. "
+        st.caption(f"Risk = run #{run['id']}'s predicted probability of melanoma; {saved} {format_threshold(threshold)}. "
                    f"{int(browser.lesions['risk'].notna().sum()):,} of {len(browser.lesions):,} images scored "
                    "(images the run did not score, e.g. its training images, have no risk).")
     elif not scored:

@@ -18,6 +18,7 @@ import streamlit as st
 from melcore import settings
 from melcore.browse import PatientBrowser, dataset_roots, run_threshold, scored_run_label, scored_runs
 from melcore.errors import MelcoreError
+from melcore.formatting import format_risk, format_threshold
 from melcore.review import (
     REVIEW_DECISIONS,
     SCOPES,
@@ -130,7 +131,7 @@ def _reviewer_input(column) -> str:
 def _progress(full: pd.DataFrame, scope: str, threshold: float) -> None:
     progress = review_progress(full)
     if scope == "above threshold":
-        done, total, what = progress.flagged_reviewed, progress.flagged, f"lesions at or above {threshold:.3f}"
+        done, total, what = progress.flagged_reviewed, progress.flagged, f"lesions at or above {format_threshold(threshold)}"
     else:
         done, total, what = progress.reviewed, progress.total, "scored lesions"
     cols = st.columns([1, 1, 3], vertical_alignment="center")
@@ -268,10 +269,10 @@ def main() -> None:
     run = scored[run_id]
     threshold = run_threshold(run)
     if run.get("threshold") is None:
-        st.info(f"No threshold saved for this run: using the default {threshold:.3f}. Choose one on the Compare "
+        st.info(f"No threshold saved for this run: using the default {format_threshold(threshold)}. Choose one on the Compare "
                 "page and save it for the run.")
     else:
-        st.caption(f"Decision threshold {threshold:.4f} (saved on the Compare page). Risk = the run's predicted "
+        st.caption(f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's predicted "
                    "probability of melanoma.")
     if run.get("from_scratch"):
         st.warning("This run was trained from scratch (ImageNet weights were not available): its scores are "
@@ -347,8 +348,8 @@ def main() -> None:
             st.rerun()
     with right:
         lesion = _lesion(browser, row)
-        st.caption(f"Rank {int(row['rank']):,} by risk · risk {row['risk']:.3f} "
-                   f"({'at or above' if row['flagged'] else 'below'} the threshold {threshold:.3f})")
+        st.caption(f"Rank {int(row['rank']):,} by risk · risk {format_risk(row['risk'], threshold, 3)} "
+                   f"({'at or above' if row['flagged'] else 'below'} the threshold {format_threshold(threshold)})")
         other_runs = [r for r in runs if int(r["id"]) != run_id]
         with st.container(border=True):
             # Keyed by run, so the Grad-CAM model choice follows the run under review.

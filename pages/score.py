@@ -17,6 +17,7 @@ import streamlit as st
 
 from melcore.browse import run_threshold
 from melcore.errors import ImageError, MelcoreError
+from melcore.formatting import format_risk, format_threshold
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
 from pages.common import page_start, show_error
@@ -75,18 +76,18 @@ def _run_label(run: dict, datasets: dict) -> str:
 def _result(result, run: dict, threshold: float, opacity: float) -> None:
     above = result.probability >= threshold
     cols = st.columns([1, 1, 2], vertical_alignment="center")
-    cols[0].metric("Probability of melanoma", f"{result.probability:.3f}")
+    cols[0].metric("Probability of melanoma", format_risk(result.probability, threshold, 3))
     if getattr(result, "scorer", "cnn") == "colour-model":
         cols[0].caption(f"From the run's colour/shape model; its CNN says {result.cnn_probability:.3f} "
                         "(the Grad-CAM below explains the CNN).")
-    cols[1].metric("Run threshold", f"{threshold:.3f}", delta="at or above: flag" if above else "below",
+    cols[1].metric("Run threshold", format_threshold(threshold), delta="at or above: flag" if above else "below",
                    delta_color="inverse" if above else "off")
     with cols[2]:
         if above:
-            st.error(f"At or above run #{run['id']}'s threshold ({threshold:.3f}): this lesion would be flagged "
+            st.error(f"At or above run #{run['id']}'s threshold ({format_threshold(threshold)}): this lesion would be flagged "
                      "for review or biopsy.")
         else:
-            st.success(f"Below run #{run['id']}'s threshold ({threshold:.3f}).")
+            st.success(f"Below run #{run['id']}'s threshold ({format_threshold(threshold)}).")
         if result.tta:
             views = result.view_probabilities
             st.caption(f"Test-time augmentation: mean of {len(views)} flips/transposes "
@@ -126,7 +127,7 @@ def main() -> None:
                    + (f": {run['notes']}" if run.get("notes") else "")
                    + ". Its scores are usually less reliable than a pretrained model's.")
     if run.get("threshold") is None:
-        st.caption(f"No threshold saved for this run: using the default {threshold:.3f} (save one on the Compare "
+        st.caption(f"No threshold saved for this run: using the default {format_threshold(threshold)} (save one on the Compare "
                    "page).")
     model_file = _model_file(run)
     if not model_file.is_file():

@@ -64,6 +64,7 @@ import streamlit as st
 from melcore import settings
 from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
 from melcore.errors import ImageError, MelcoreError
+from melcore.formatting import format_risk
 from melcore.images import ImageCache, confine, load_image, stand_in_image, thumbnail
 
 __all__ = ["Tile", "lesion_panel", "load_tile", "patient_strip", "thumbnail_grid"]
@@ -164,7 +165,7 @@ def badges(row: Mapping, threshold: float | None, status: str = "ok") -> str:
     if risk is not None:
         limit = DEFAULT_THRESHOLD if threshold is None else threshold
         colour = "red" if risk >= limit else "green"
-        parts.append(f":{colour}-badge[risk {risk:.2f}]")
+        parts.append(f":{colour}-badge[risk {format_risk(risk, limit)}]")
     elif "risk" in row:
         parts.append(":gray-badge[not scored]")
     duck = _number(row.get("ugly_duckling"))
@@ -333,12 +334,11 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
         return
     labels = {int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" + (f" · {r['model']}" if r.get("model") else "")
               for r in candidates}
-    # Two rows of controls: they stay legible when the panel sits in a half-width column.
-    top = st.columns([4, 1], vertical_alignment="bottom")
+    # Controls in rows of their own: they stay legible when the panel sits in a half-width column.
+    show = st.toggle("Show the overlay", key=f"{key}_gc_show", help="Compute (once, then cached) and show it")
     ids = list(labels)
-    run_id = top[0].selectbox("Model", ids, format_func=labels.get, key=f"{key}_gc_run",
-                              index=ids.index(default_run) if default_run in ids else 0)
-    show = top[1].toggle("Show", key=f"{key}_gc_show", help="Compute (once, then cached) and show the overlay")
+    run_id = st.selectbox("Model", ids, format_func=labels.get, key=f"{key}_gc_run",
+                          index=ids.index(default_run) if default_run in ids else 0)
     bottom = st.columns(2, vertical_alignment="bottom")
     method = bottom[0].radio("Method", list(GRADCAM_METHODS), format_func=GRADCAM_METHODS.get, horizontal=True,
                              key=f"{key}_gc_method")

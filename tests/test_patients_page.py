@@ -275,3 +275,11 @@ def test_patient_strip_shows_the_other_lesions_and_returns_the_click(tmp_path):
     assert any("STAND-IN" in b for b in badges)
     at.button(key="strip_open_lost").click().run()
     assert at.session_state["clicked"] == "lost"
+
+
+def test_risk_badges_never_read_as_the_other_side_of_the_threshold():
+    from pages.widgets import badges
+
+    assert badges({"risk": 0.5051}, 0.50512).startswith(":green-badge[risk 0.505]")  # not "0.51"
+    assert badges({"risk": 0.50515}, 0.50512).startswith(":red-badge[risk 0.51]")
+    assert badges({"risk": 0.2}, None).startswith(":green-badge[risk 0.20]")  # the default threshold

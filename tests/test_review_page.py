@@ -72,7 +72,7 @@ def test_worklist_is_sorted_by_risk_and_opens_the_riskiest_lesion(seeded):
     np.testing.assert_array_equal(table["flagged"].to_numpy(), table["risk"].to_numpy() >= THRESHOLD)
     assert current(at) == seeded["order"][0]
     assert any(m.value.startswith(f"#### {seeded['order'][0]}") for m in at.markdown)  # the lesion panel
-    assert "0.3000" in texts(at.caption)  # the saved threshold
+    assert "Decision threshold 0.300 (saved" in texts(at.caption)  # the saved threshold
     assert metric(at, "Reviewed") == f"0 / {N_SCORED}"
     assert any(b.label.startswith("Open") for b in at.button)  # the patient's other lesions
 
