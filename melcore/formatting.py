@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["format_duration", "format_number", "format_risk", "format_threshold"]
+__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold"]
 
 MAX_DECIMALS = 6
 
 
+def as_finite(value) -> float | None:
+    """``value`` as a float, or None when it is not a finite number (None, text, NaN, inf)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def format_duration(seconds) -> str:
     """``"42s"``, ``"3m07s"`` or ``"1h05m"`` for a number of seconds (rounded); ``"--"`` when unknown or negative."""
-    try:
-        seconds = float(seconds)
-    except (TypeError, ValueError):
-        return "--"
-    if not math.isfinite(seconds) or seconds < 0:
+    seconds = as_finite(seconds)
+    if seconds is None or seconds < 0:
         return "--"
     seconds = int(round(seconds))
     if seconds >= 3600:
@@ -35,19 +41,8 @@ def format_duration(seconds) -> str:
 
 def format_number(value, fmt: str = ".4f") -> str:
     """``value`` formatted with ``fmt`` (a :func:`format` spec); ``"--"`` when not a finite number."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "--"
-    return format(value, fmt) if math.isfinite(value) else "--"
-
-
-def _finite(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+    value = as_finite(value)
+    return "--" if value is None else format(value, fmt)
 
 
 def format_threshold(threshold, min_decimals: int = 3) -> str:
@@ -55,7 +50,7 @@ def format_threshold(threshold, min_decimals: int = 3) -> str:
 
     At least ``min_decimals``, more while rounding would change the value (at most 6).
     """
-    value = _finite(threshold)
+    value = as_finite(threshold)
     if value is None:
         return "--"
     for decimals in range(min_decimals, MAX_DECIMALS):
@@ -71,10 +66,10 @@ def format_risk(risk, threshold=None, min_decimals: int = 2) -> str:
     it); ``format_risk(0.73, 0.505)`` is ``"0.73"``. Decimals go from ``min_decimals`` up to 6; the
     threshold is compared as :func:`format_threshold` shows it. Without a threshold: ``min_decimals``.
     """
-    value = _finite(risk)
+    value = as_finite(risk)
     if value is None:
         return "--"
-    limit = _finite(threshold)
+    limit = as_finite(threshold)
     if limit is None:
         return f"{value:.{min_decimals}f}"
     shown_limit = float(format_threshold(limit))

@@ -64,7 +64,7 @@ import streamlit as st
 from melcore import settings
 from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
 from melcore.errors import ImageError, MelcoreError
-from melcore.formatting import format_risk
+from melcore.formatting import as_finite, format_risk
 from melcore.images import ImageCache, confine, load_image, stand_in_image, thumbnail
 
 __all__ = ["Tile", "lesion_panel", "load_tile", "patient_strip", "thumbnail_grid"]
@@ -141,13 +141,6 @@ def load_tile(image_path, image_name: str, roots: Sequence, size: int) -> Tile:
 
 # --------------------------------------------------------------------------- badges
 
-def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
 
 def _label(target) -> str | None:
     if not _present(target):
@@ -161,14 +154,14 @@ def _label(target) -> str | None:
 def badges(row: Mapping, threshold: float | None, status: str = "ok") -> str:
     """Markdown badges for a lesion: risk (red at/above the threshold), ugly duckling, label, stand-in."""
     parts = []
-    risk = _number(row.get("risk"))
+    risk = as_finite(row.get("risk"))
     if risk is not None:
         limit = DEFAULT_THRESHOLD if threshold is None else threshold
         colour = "red" if risk >= limit else "green"
         parts.append(f":{colour}-badge[risk {format_risk(risk, limit)}]")
     elif "risk" in row:
         parts.append(":gray-badge[not scored]")
-    duck = _number(row.get("ugly_duckling"))
+    duck = as_finite(row.get("ugly_duckling"))
     if duck is not None:
         colour = "orange" if duck >= UGLY_DUCKLING_ALERT else "gray"
         parts.append(f":{colour}-badge[UD {duck:+.1f}]")
@@ -187,7 +180,7 @@ def _caption(row: Mapping) -> str:
     bits = [str(row.get("image_name"))]
     if _present(row.get("site")):
         bits.append(str(row["site"]))
-    age = _number(row.get("age_approx"))
+    age = as_finite(row.get("age_approx"))
     if age is not None:
         bits.append(f"{age:g} y")
     return " · ".join(bits)
@@ -264,7 +257,7 @@ def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: 
 # --------------------------------------------------------------------------- lesion panel
 
 def _metadata(lesion: Mapping, status: str, message: str, path: Path | None) -> pd.DataFrame:
-    age = _number(lesion.get("age_approx"))
+    age = as_finite(lesion.get("age_approx"))
     label = _label(lesion.get("target"))
     if status == "ok":
         where = str(path)
@@ -414,7 +407,7 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
         st.markdown("**Metadata**")
         st.dataframe(_metadata(lesion, tile.status, tile.message, tile.path), hide_index=True, width="stretch",
                      key=f"{key}_metadata")
-        duck = _number(lesion.get("ugly_duckling"))
+        duck = as_finite(lesion.get("ugly_duckling"))
         if duck is not None:
             st.caption(f"Ugly duckling {duck:+.2f}: how far this lesion's score sits from the patient's other "
                        "lesions, in units of their spread (positive = looks worse than the others).")
