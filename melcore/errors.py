@@ -29,3 +29,7 @@ class LeakageError(MelcoreError):
 
 class ConfigError(MelcoreError):
     """A training or evaluation configuration that cannot work (unknown name, bad size...)."""
+
+
+class CancelledError(MelcoreError):
+    """Work stopped on request (a cancelled job) before it finished; nothing was recorded."""

@@ -62,7 +62,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
-from melcore.errors import CohortError, ConfigError, MelcoreError
+from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreError
 
 __all__ = [
     "FEATURE_SETS",
@@ -81,6 +81,9 @@ __all__ = [
     "read_image_scores",
     "read_embeddings",
     "train_meta_run",
+    "META_JOB_DEFAULTS",
+    "meta_job_config",
+    "stored_image_scores",
 ]
 
 CATEGORICAL_FEATURES = ("sex", "site")
@@ -864,8 +867,8 @@ def _folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.nda
 
 
 def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=None, progress: Progress | None = None,
-                        *, embeddings=None, feature_set: str = "context", params: Mapping | None = None
-                        ) -> MetaResult:
+                        *, embeddings=None, feature_set: str = "context", params: Mapping | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> MetaResult:
     """Patient-grouped K-fold out-of-fold predictions of :class:`MetaModel` for every labelled image.
 
     Parameters
@@ -879,6 +882,8 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
     progress : callable(done_folds, n_folds), optional; called after each fold.
     feature_set : name in :data:`FEATURE_SETS`.
     params : overrides of :data:`DEFAULT_PARAMS`.
+    should_stop : callable() -> bool, optional; asked before each fold. When it answers True,
+        :class:`~melcore.errors.CancelledError` is raised.
 
     Returns
     -------
@@ -901,6 +906,8 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
     prediction = np.full(len(y), np.nan)
     fold_aurocs: list = []
     for k in range(n_folds):
+        if should_stop is not None and should_stop():
+            raise CancelledError(f"stopped on request after {k} of {n_folds} folds")
         train, val = folds != k, folds == k
         if not val.any():
             fold_aurocs.append(None)
@@ -1130,8 +1137,11 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
 def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_set: str = "context",
                    image_scores=None, embeddings=None, params: Mapping | None = None,
                    progress: Progress | None = None, log: Callable[[str], None] | None = None,
-                   config_extra: Mapping | None = None) -> dict:
+                   config_extra: Mapping | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
     """Cross-validate the meta model, fit it on all labelled images and write a run directory.
+
+    ``should_stop`` (optional) is asked before each fold and before the final fit; when it answers
+    True, :class:`~melcore.errors.CancelledError` is raised and ``metrics.json`` is never written.
 
     Files written to ``out_dir`` (created; must not already hold a run):
     ``config.json``, ``metrics.json`` (``oof_auroc`` of the ``prediction`` column, fold AUROCs, n, features,
@@ -1184,7 +1194,9 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
             progress(done, total)
 
     result = cross_validate_meta(cohort, n_folds, seed, image_scores, fold_done, embeddings=embeddings,
-                                 feature_set=feature_set, params=params)
+                                 feature_set=feature_set, params=params, should_stop=should_stop)
+    if should_stop is not None and should_stop():
+        raise CancelledError(f"stopped on request after {n_folds} of {n_folds} folds, before the final fit")
     for k, a in enumerate(result.fold_aurocs):
         say(f"fold {k} AUROC {a:.4f}" if a is not None else f"fold {k} AUROC n/a (one class)")
     say(f"meta OOF AUROC {result.oof_auroc:.4f}" if result.oof_auroc is not None else "meta OOF AUROC n/a")
@@ -1224,3 +1236,55 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(f"wrote {out}")
     return metrics
+
+
+# --------------------------------------------------------------------------- background jobs
+
+META_JOB_DEFAULTS = {"n_folds": 5, "seed": 0, "feature_set": "context", "image_run_id": None}
+"""Config of a ``meta`` job (``trainers.worker``): folds, fold seed, feature set, and the run whose
+stored predictions are the image scores for the ugly-duckling features and the fusion (None: none)."""
+
+
+def meta_job_config(values: Mapping | None) -> dict:
+    """A validated ``meta`` job config: :data:`META_JOB_DEFAULTS` updated with ``values``.
+
+    Raises ConfigError naming the bad key and the accepted values.
+    """
+    values = dict(values or {})
+    unknown = set(values) - set(META_JOB_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown patient-context job setting(s) {', '.join(sorted(unknown))}; "
+                          f"use {', '.join(META_JOB_DEFAULTS)}")
+    config = {**META_JOB_DEFAULTS, **values}
+
+    def whole(key: str, low: int, high: int | None = None) -> int:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+                high is not None and value > high):
+            span = f"{low}-{high}" if high is not None else f"{low} or more"
+            raise ConfigError(f"{key} must be a whole number {span}; got {value!r}")
+        return int(value)
+
+    config["n_folds"] = whole("n_folds", 2, 20)
+    config["seed"] = whole("seed", 0)
+    if config["feature_set"] not in FEATURE_SETS:
+        raise ConfigError(f"feature_set {config['feature_set']!r} is unknown; choose {', '.join(FEATURE_SETS)}")
+    if config["image_run_id"] is not None:
+        config["image_run_id"] = whole("image_run_id", 1)
+    return config
+
+
+def stored_image_scores(store, run_id: int) -> tuple[pd.DataFrame, str]:
+    """A run's stored predictions as image scores for :func:`train_meta_run`, and the split used.
+
+    Out-of-fold predictions (every image, from a K-fold run) when the run has them, else its
+    validation predictions (then only those images get ugly-duckling features and a fused score).
+    Returns (DataFrame[image_name, prediction], "oof" or "val"); raises MelcoreError when the run
+    stored neither.
+    """
+    for split in ("oof", "val"):
+        frame = store.get_predictions(run_id, split=split)
+        if len(frame):
+            return frame[["image_name", "prediction"]].reset_index(drop=True), split
+    raise MelcoreError(f"run #{run_id} has no stored predictions to use as image scores; choose a run that "
+                       "finished with validation or out-of-fold predictions (a K-fold run scores every image)")

@@ -24,7 +24,7 @@ import trainers.launch as launch  # looked up at call time (launch.ensure_worker
 from melcore import augment
 from melcore import registry as models
 from melcore import train as train_module
-from melcore.commands.jobs import submit_jobs
+from melcore.commands.jobs import submit_jobs, submit_meta_job
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
 from melcore.plots import training_curves_figure
@@ -121,6 +121,9 @@ def _progress(job: dict) -> tuple[float, str]:
     epochs = p.get("epochs") or (int(config.get("epochs") or 0) + int(config.get("fine_tune_epochs") or 0)) or 1
     epoch = int(p.get("epoch") or 0)
     stage = p.get("stage") or "train"
+    if stage == "fold":  # patient-context jobs report whole folds
+        fraction = 1.0 if state == "done" else min(1.0, epoch / epochs)
+        return fraction, f"fold {epoch}/{epochs} done"
     if stage == "load":
         done, total = int(p.get("done") or 0), int(p.get("total") or 0)
         fraction = done / total if total else 0.0
@@ -340,6 +343,41 @@ def _form(store) -> None:
     _submit(store, values, dataset, each_clinic=clinic == EACH_CLINIC, kind=kind)
 
 
+def _meta_form(store) -> None:
+    """Queue the metadata / patient-context model (no images), optionally fused with an image run."""
+    st.header("Patient-context model")
+    st.caption("Age, sex and site, and the patient's context: how many lesions they have, each lesion's age and "
+               "site relative to their others, and, fused with an image run, how far the lesion's image score "
+               "sits from the patient's other lesions (the ugly duckling). Trains in seconds on a CPU "
+               "(patient-grouped folds, out-of-fold predictions for every labelled image).")
+    name = st.session_state.get(K + "dataset")  # the dataset chosen in the form above
+    dataset = next((d for d in store.list_datasets() if d["name"] == name), None)
+    if dataset is None:
+        return
+    st.caption(f"Dataset **{dataset['name']}** (chosen above).")
+    image_runs = [r for r in store.list_runs(dataset_id=dataset["id"]) if (r.get("kind") or "image") == "image"]
+    labels = {None: "none (metadata and context only)"}
+    labels.update({int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" for r in image_runs})
+    cols = st.columns([1, 1, 3])
+    n_folds = int(cols[0].number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "meta_folds"))
+    feature_set = cols[1].selectbox("Features", ["context", "baseline"], key=K + "meta_features",
+                                    help="context: with the patient's other lesions; baseline: age, sex, site and "
+                                         "images per patient only")
+    image_run = cols[2].selectbox("Fuse with image run", list(labels), format_func=labels.get, key=K + "meta_run",
+                                  help="The run's stored out-of-fold predictions (a K-fold run scores every image), "
+                                       "else its validation predictions (then only those images get a fused score).")
+    if not st.button("Queue patient-context job", key=K + "meta_submit"):
+        return
+    try:
+        job_id = submit_meta_job(store, dataset, {"n_folds": n_folds, "feature_set": feature_set,
+                                                  "image_run_id": image_run})
+    except MelcoreError as exc:
+        show_error(exc, "Not queued")
+        return
+    st.success(f"Queued patient-context job #{job_id} on {dataset['name']!r}.")
+    _ensure_worker(store)
+
+
 def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "train") -> None:
     try:
         config = train_module.TrainConfig.from_dict(values)
@@ -352,6 +390,10 @@ def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "
         return
     listed = ", ".join(f"#{j}" for j in job_ids)
     st.success(f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on {dataset['name']!r}.")
+    _ensure_worker(store)
+
+
+def _ensure_worker(store) -> None:
     try:
         pid = launch.ensure_worker(store)
     except (OSError, MelcoreError) as exc:
@@ -397,7 +439,7 @@ def _job_table(jobs: list[dict], dataset_names: dict) -> None:
         fraction, _ = _progress(job)
         rows.append({
             "job": job["id"], "state": f"{STATE_ICONS.get(job['state'], '')} {job['state']}",
-            "dataset": dataset_names.get(job.get("dataset_id"), ""), "model": config.get("model"),
+            "dataset": dataset_names.get(job.get("dataset_id"), ""), "model": _what(job),
             "clinic": config.get("clinic") or "all", "progress": fraction,
             "epoch": f"{p.get('epoch', 0)}/{p.get('epochs', '?')}" if p else "",
             "loss": p.get("loss") if job["state"] == "running" else None,
@@ -434,10 +476,19 @@ def _run_note(store, job: dict) -> None:
         return
     metrics = run.get("metrics") or {}
     weights = metrics.get("weights") or {}
-    auroc = metrics.get("val_auroc")
-    how = "trained from scratch" if run.get("from_scratch") else (
-        f"started from {weights.get('loaded') or weights.get('requested') or 'pretrained'} weights")
-    st.success(f"➜ **Run #{run['id']}** ({run['name']}) · validation AUROC **{format_number(auroc, '.3f')}** · {how}. "
+    if run.get("kind") == "meta":
+        fusion = metrics.get("fusion") or {}
+        how = ("metadata and patient context" + (f", fused with the image scores ({metrics.get('model')})"
+                                                  if fusion else ", no images"))
+        if fusion and metrics.get("model") != "meta+image fusion":
+            how += f"; fused AUROC {format_number(fusion.get('oof_auroc'), '.3f')} on the {fusion.get('n'):,} " \
+                   "images with an image score"
+        score = f"out-of-fold AUROC **{format_number(metrics.get('oof_auroc'), '.3f')}**"
+    else:
+        how = "trained from scratch" if run.get("from_scratch") else (
+            f"started from {weights.get('loaded') or weights.get('requested') or 'pretrained'} weights")
+        score = f"validation AUROC **{format_number(metrics.get('val_auroc'), '.3f')}**"
+    st.success(f"➜ **Run #{run['id']}** ({run['name']}) · {score} · {how}. "
                "Open it on the **Compare** page; review its predictions on **Review**.")
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
@@ -447,19 +498,33 @@ def _run_note(store, job: dict) -> None:
         st.caption(run["notes"])
 
 
+def _what(job: dict) -> str:
+    config = job.get("config") or {}
+    return "patient context" if job.get("kind") == "meta" else str(config.get("model", "?"))
+
+
+def _extras(job: dict) -> list[str]:
+    config = job.get("config") or {}
+    if job.get("kind") == "meta":
+        extras = [f"{config.get('n_folds')} folds", f"{config.get('feature_set')} features"]
+        if config.get("image_run_id"):
+            extras.append(f"fused with run #{config['image_run_id']}")
+        return extras
+    extras = [f"{config.get('image_size') or 'default'} px", f"{config.get('epochs')} epoch(s)"]
+    if config.get("mode") == "fast-head":
+        extras.append("fast head")
+    if config.get("preset"):
+        extras.append(f"preset {config['preset']}")
+    return extras
+
+
 def _job_card(store, job: dict) -> None:
     config = job.get("config") or {}
     state = job["state"]
     with st.container(border=True):
         head = st.columns([5, 1], vertical_alignment="center")
-        extras = [f"{config.get('image_size') or 'default'} px", f"{config.get('epochs')} epoch(s)"]
-        if config.get("mode") == "fast-head":
-            extras.append("fast head")
-        if config.get("preset"):
-            extras.append(f"preset {config['preset']}")
         head[0].markdown(f"{STATE_ICONS.get(state, '')} **Job #{job['id']}** · {state} · "
-                         f"{config.get('model', '?')} on {config.get('clinic') or 'all clinics'} · "
-                         + " · ".join(extras))
+                         f"{_what(job)} on {config.get('clinic') or 'all clinics'} · " + " · ".join(_extras(job)))
         if state in ACTIVE:
             if job.get("cancel_requested"):
                 head[1].caption("cancel requested")
@@ -539,6 +604,10 @@ def main() -> None:
         _form(store)
     except (MelcoreError, OSError) as exc:
         show_error(exc, "The training form could not be prepared")
+    try:
+        _meta_form(store)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, "The patient-context form could not be prepared")
     st.header("Jobs")
     _live_jobs()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -309,3 +310,50 @@ def test_kfold_and_cross_clinic_jobs_are_queued_with_their_kind(monkeypatch, dem
     next(b for b in at.button if "Queue" in b.label or "Submit" in b.label).click()
     at.run()
     assert Store().list_jobs()[0]["kind"] == "cross-clinic"
+
+
+def test_the_patient_context_form_queues_a_meta_job_for_the_chosen_dataset(seeded, worker_calls):
+    store = seeded["store"]
+    image_run = store.add_run("cnn-bn · all clinics", dataset_id=seeded["dataset_id"], model="cnn-bn")
+    store.add_predictions(image_run, pd.DataFrame({"image_name": ["a", "b"], "prediction": [0.2, 0.7]}), split="val")
+    at = open_page()
+    assert "Dataset **demo** (chosen above)." in texts(at.caption)
+    assert at.selectbox(key="train_meta_run").options[1].startswith(f"#{image_run} ")
+    at.number_input(key="train_meta_folds").set_value(4)
+    at.selectbox(key="train_meta_run").set_value(image_run)
+    run(at)
+    at.button(key="train_meta_submit").click()
+    run(at)
+    job = store.list_jobs()[0]
+    assert (job["kind"], job["dataset_id"]) == ("meta", seeded["dataset_id"])
+    assert job["config"] == {"n_folds": 4, "seed": 0, "feature_set": "context", "image_run_id": image_run}
+    assert f"Queued patient-context job #{job['id']}" in texts(at.success) and worker_calls
+
+
+def test_a_run_that_cannot_be_fused_is_refused_with_the_reason(seeded, worker_calls):
+    store = seeded["store"]
+    empty = store.add_run("never scored", dataset_id=seeded["dataset_id"], model="cnn-bn")
+    at = open_page()
+    at.selectbox(key="train_meta_run").set_value(empty)
+    run(at)
+    at.button(key="train_meta_submit").click()
+    run(at)
+    assert f"Not queued: run #{empty} has no stored predictions" in texts(at.error)
+    assert store.list_jobs() == [] and not worker_calls
+
+
+def test_a_done_meta_job_shows_its_out_of_fold_auroc(seeded, worker_calls):
+    store = seeded["store"]
+    job_id = store.submit_job({"n_folds": 5, "seed": 0, "feature_set": "context", "image_run_id": None},
+                              dataset_id=seeded["dataset_id"], kind="meta")
+    job = store.claim_job("testhost:999:1")
+    store.update_job(job_id, progress={"epoch": 3, "epochs": 5, "stage": "fold", "end_of_epoch": True})
+    at = open_page()
+    assert "fold 3/5 done" in [p.text for p in progress_bars(at)]
+    run_id = store.add_run("patient context · all clinics", dataset_id=seeded["dataset_id"], job_id=job_id,
+                           model="meta", kind="meta", metrics={"oof_auroc": 0.7987, "model": "meta"})
+    assert store.finish_job(job_id, job["claim_token"], "done", run_id=run_id)
+    at = open_page()
+    note = texts(at.success)
+    assert f"Run #{run_id}" in note and "out-of-fold AUROC **0.799**" in note and "no images" in note
+    assert "patient context on all clinics · 5 folds · context features" in texts(at.markdown)

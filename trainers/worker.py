@@ -114,7 +114,8 @@ def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None 
     config = run.config.to_dict() if hasattr(run.config, "to_dict") else dict(run.config)
     metrics = dict(run.metrics)
     weights = metrics.get("weights") or {}
-    name = f"{config.get('model')} · {config.get('clinic') or 'all clinics'} · {Path(run.run_dir).name}"
+    name = f"{config.get('name') or config.get('model')} · {config.get('clinic') or 'all clinics'} · " \
+        f"{Path(run.run_dir).name}"
     run_id = store.add_run(name, run.run_dir, dataset_id=dataset_id, job_id=job_id, model=config.get("model"),
                            clinic=config.get("clinic"), kind=metrics.get("kind", "image"), config=config,
                            metrics=metrics, from_scratch=bool(weights.get("from_scratch")),
@@ -150,10 +151,60 @@ def run_cross_clinic_job(ctx: JobContext) -> tuple[str, int | None]:
     return _train_and_record(ctx, config, f"cross-clinic-{config.model}", cross_clinic)
 
 
+def run_meta_job(ctx: JobContext) -> tuple[str, int | None]:
+    """The metadata / patient-context model (no images), optionally fused with an image run's stored scores.
+
+    Patient-grouped K-fold CV of :func:`melcore.meta.train_meta_run`; the run (kind "meta") stores its
+    out-of-fold predictions as split "oof", so the Compare page ranks it beside the image models.
+    Progress is reported per fold; a cancel stops before the next fold.
+    """
+    import math
+
+    from melcore import meta
+    from melcore.errors import CancelledError
+
+    job = ctx.job
+    config = meta.meta_job_config(job["config"])
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
+    image_scores, source = None, None
+    if config["image_run_id"] is not None:
+        image_scores, split = meta.stored_image_scores(ctx.store, config["image_run_id"])
+        source = f"run #{config['image_run_id']} ({split} predictions, {len(image_scores):,} images)"
+        log.info("image scores from %s", source)
+    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-meta"
+
+    def fold_done(done: int, total: int) -> None:
+        ctx.report(done, 0, math.nan, {"stage": "fold", "epochs": total, "end_of_epoch": True})
+
+    try:
+        metrics = meta.train_meta_run(
+            cohort, run_dir, n_folds=config["n_folds"], seed=config["seed"], feature_set=config["feature_set"],
+            image_scores=image_scores, progress=fold_done, log=log.info, should_stop=ctx.should_stop,
+            config_extra={"image_run_id": config["image_run_id"], "image_scores_from": source})
+    except CancelledError as exc:
+        log.info("%s", exc)
+        return "cancelled", None
+    metrics["kind"] = "meta"
+    name = "patient context" + (f" + run #{config['image_run_id']}" if "fusion" in metrics else "")
+    run_config = {**config, "model": metrics.get("model", "meta"), "name": name, "image_scores_from": source}
+    run = _RecordedRun(config=run_config, metrics=metrics, run_dir=run_dir)
+    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+
+
+class _RecordedRun:
+    """What :func:`record_run` reads of a run: its config, metrics and folder."""
+
+    def __init__(self, config: dict, metrics: dict, run_dir: Path):
+        self.config, self.metrics, self.run_dir = config, metrics, run_dir
+
+
 JOB_KINDS: dict[str, Callable[[JobContext], tuple[str, int | None]]] = {
     "train": run_train_job,
     "kfold": run_kfold_job,
     "cross-clinic": run_cross_clinic_job,
+    "meta": run_meta_job,
 }
 
 

@@ -11,6 +11,7 @@ from melcore.errors import ConfigError
 from melcore.store import Store
 
 JOB_KINDS = ("train", "kfold", "cross-clinic")
+"""Image-model job kinds (a :class:`melcore.train.TrainConfig`); ``meta`` jobs go through :func:`submit_meta_job`."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit = actions.add_parser("submit", help="queue a training job; prints its id")
     submit.add_argument("--dataset", required=True, metavar="NAME", help="a registered dataset (name or id)")
     submit.add_argument("--each-clinic", action="store_true", help="queue one job per clinic of the dataset")
-    submit.add_argument("--kind", choices=JOB_KINDS, default="train",
-                        help="train (one model), kfold (every fold of --folds K, out-of-fold predictions) or "
-                             "cross-clinic (train on each clinic, score the others)")
+    submit.add_argument("--kind", choices=JOB_KINDS + ("meta",), default="train",
+                        help="train (one model), kfold (every fold of --folds K, out-of-fold predictions), "
+                             "cross-clinic (train on each clinic, score the others) or meta (metadata and "
+                             "patient-context model, no images; --folds, --seed, --meta-features, --image-run)")
+    submit.add_argument("--meta-features", choices=("context", "baseline"), default="context",
+                        help="meta jobs: patient-context features (default) or the baseline set")
+    submit.add_argument("--image-run", type=int, metavar="RUN", default=None,
+                        help="meta jobs: fuse with this image run's stored scores (out-of-fold, else validation)")
     add_train_options(submit)
     listing = actions.add_parser("list", help="the jobs, newest first")
     listing.add_argument("--json", action="store_true", help="one JSON array")
@@ -60,6 +66,23 @@ def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, 
     return [store.submit_job(c.to_dict(), dataset_id=dataset["id"], kind=kind) for c in configs]
 
 
+def submit_meta_job(store: Store, dataset: dict, values: dict | None = None) -> int:
+    """Validate a patient-context job (:func:`melcore.meta.meta_job_config`) and queue it; returns its id.
+
+    An ``image_run_id`` must name a run of the same dataset with stored predictions.
+    """
+    from melcore.meta import meta_job_config, stored_image_scores
+
+    config = meta_job_config(values)
+    run_id = config["image_run_id"]
+    if run_id is not None:
+        run = store.get_run(run_id)
+        if run.get("dataset_id") != dataset["id"]:
+            raise ConfigError(f"run #{run_id} belongs to another dataset; fuse with a run of {dataset['name']!r}")
+        stored_image_scores(store, run_id)  # refuses a run without stored scores now, not in the worker
+    return store.submit_job(config, dataset_id=dataset["id"], kind="meta")
+
+
 def _job_line(job: dict) -> str:
     progress = job.get("progress") or {}
     config = job.get("config") or {}
@@ -74,8 +97,16 @@ def _job_line(job: dict) -> str:
     if job.get("run_id"):
         detail += f" run {job['run_id']}"
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
-    return (f"{job['id']:>5}  {job['state']:<9}  {created}  {job['kind']:<12} {config.get('model', '?')} on "
-            f"{where}{detail}")
+    what = "patient context" if job["kind"] == "meta" else config.get("model", "?")
+    return f"{job['id']:>5}  {job['state']:<9}  {created}  {job['kind']:<12} {what} on {where}{detail}"
+
+
+def _submitted(store: Store, ids: list[int]) -> int:
+    for job_id in ids:
+        print(job_id)
+    if not store.live_workers():
+        print("no worker is running: start one with `python -m trainers.worker`", file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
 
         from dataclasses import replace
 
+        if args.kind == "meta":
+            values = {"n_folds": args.folds or 5, "seed": args.seed or 0, "feature_set": args.meta_features,
+                      "image_run_id": args.image_run}
+            ids = [submit_meta_job(store, _dataset(store, args.dataset), values)]
+            return _submitted(store, ids)
+        if args.image_run is not None:
+            raise ConfigError("--image-run goes with --kind meta")
         config, kind = config_from_args(args), args.kind
         if getattr(args, "folds", None) is not None:
             if kind == "cross-clinic":
@@ -92,12 +130,7 @@ def run(args: argparse.Namespace) -> int:
             if args.folds < 2:
                 raise ConfigError(f"--folds must be at least 2, got {args.folds}")
             config, kind = replace(config, n_folds=args.folds), "kfold"
-        ids = submit_jobs(store, config, _dataset(store, args.dataset), args.each_clinic, kind)
-        for job_id in ids:
-            print(job_id)
-        if not store.live_workers():
-            print("no worker is running: start one with `python -m trainers.worker`", file=sys.stderr)
-        return 0
+        return _submitted(store, submit_jobs(store, config, _dataset(store, args.dataset), args.each_clinic, kind))
     if args.action == "list":
         jobs = store.list_jobs(limit=args.limit)
         if args.json:
