@@ -224,11 +224,17 @@ def _scratch_warning(runs: list[dict]) -> None:
                    + "; ".join(scratch))
 
 
+def _weights_text(run: dict) -> str:
+    if run.get("kind") == "meta":
+        return "no images (metadata)"
+    return "from scratch" if is_from_scratch(run) else "pretrained"
+
+
 def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
     table = summary_table(evaluations)
     shown = pd.DataFrame({
         "Run": table["run"],
-        "Weights": ["from scratch" if is_from_scratch(runs_by_label[r]) else "pretrained" for r in table["run"]],
+        "Weights": [_weights_text(runs_by_label[r]) for r in table["run"]],
         "Split": [splits[r] for r in table["run"]],
         "Images": table["n"], "Malignant": table["n_malignant"], "Patients": table["n_patients"],
         "AUROC": table["auroc"].round(4),

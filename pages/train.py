@@ -558,12 +558,13 @@ def _job_card(store, job: dict) -> None:
             else:
                 st.info("Done (no run recorded).")
         p = job.get("progress") or {}
-        reached = f"reached epoch {p['epoch']}/{p.get('epochs', '?')} · " if p.get("epoch") else ""
+        unit = "fold" if p.get("stage") == "fold" else "epoch"
+        reached = f"reached {unit} {p['epoch']}/{p.get('epochs', '?')} · " if p.get("epoch") else ""
         st.caption(f"{reached}attempt {job.get('attempts') or 0} · started {_when(job.get('started_at'))} · "
                    f"ended {_when(job.get('finished_at'))}"
                    + (f" · took {format_duration(job['finished_at'] - job['started_at'])}"
                       if job.get("finished_at") and job.get("started_at") else ""))
-        if _epoch_points(job.get("history")):
+        if _epoch_points(job.get("history")) and job.get("kind") != "meta":  # meta jobs have no epochs
             with st.expander("Training curves"):
                 st.plotly_chart(_curves(job), width="stretch", key=f"{K}curves_{job['id']}")
         _log(job)

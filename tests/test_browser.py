@@ -251,6 +251,29 @@ def _patients(page, server, shots):
     _checked_shot(page, shots, "patients")
 
 
+def _patient_context(page, server, shots, image_run_id: int):
+    """Queue the patient-context model on Train, then see it beside the CNN on Compare."""
+    go_to(page, "Train")
+    page.get_by_role("button", name="Queue patient-context job").click()
+    queued = page.get_by_text(re.compile(r"Queued patient-context job #\d+"))
+    queued.wait_for(timeout=60_000)
+    job_id = int(re.search(r"#(\d+)", queued.inner_text()).group(1))
+    card = page.get_by_text(re.compile(rf"Job #{job_id} · (done|failed|cancelled)"))
+    card.wait_for(timeout=120_000)
+    assert f"Job #{job_id} · done · patient context" in card.first.inner_text(), _job_row(server, job_id)
+    page.get_by_text(re.compile(r"out-of-fold AUROC \d\.\d{3}")).first.wait_for(timeout=30_000)
+    assert_no_exception(page, "train (patient context)")
+    go_to(page, "Compare")
+    page.get_by_role("heading", name="Operating point").wait_for(timeout=120_000)
+    wait_idle(page)
+    chosen = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Runs").inner_text()
+    assert "patient context" in chosen and f"#{image_run_id} " in chosen, chosen
+    page.get_by_role("heading", name="Are the differences real?").wait_for()
+    # with two runs on the same images the paired tests are shown, not the "select two runs" hint
+    assert page.get_by_text("Select at least two runs").count() == 0
+    _checked_shot(page, shots, "compare-patient-context")
+
+
 def test_demo_path_in_a_real_browser(browser, server_factory, shots, tmp_path):
     started = time.monotonic()
     server = server_factory("demo")
@@ -263,6 +286,7 @@ def test_demo_path_in_a_real_browser(browser, server_factory, shots, tmp_path):
         _review(page, server, shots, run_id)
         _score(page, server, shots, tmp_path)
         _patients(page, server, shots)
+        _patient_context(page, server, shots, run_id)
 
         # A deep link on a server that has already run app.py gets the app's own navigation.
         deep = context.new_page()

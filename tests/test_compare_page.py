@@ -545,3 +545,16 @@ def test_cross_clinic_heatmap_on_the_page(seeded):
     assert any("Mean AUROC on the training clinic 0.897" in c.value for c in at.caption)
     # the cross-clinic run is not offered as a model to compare
     assert runs_widget(at).options and all("cross" not in o for o in runs_widget(at).options)
+
+
+def test_a_patient_context_run_is_compared_beside_the_image_models(seeded):
+    store = seeded["store"]
+    meta_run = store.add_run("patient context", dataset_id=seeded["dataset_id"], model="meta", kind="meta")
+    store.add_predictions(meta_run, simulated(seeded["table"], 1.2, seed=21), split="oof")
+    at = run_page()
+    runs_widget(at).set_value([meta_run, seeded["strong"]])
+    rerun(at)
+    table = summary(at)
+    row = table[table["Run"].str.contains("patient context")].iloc[0]
+    assert (row["Weights"], row["Split"]) == ("no images (metadata)", "oof")
+    assert table[table["Run"].str.contains("effnet")].iloc[0]["Weights"] == "pretrained"

@@ -356,4 +356,6 @@ def test_a_done_meta_job_shows_its_out_of_fold_auroc(seeded, worker_calls):
     at = open_page()
     note = texts(at.success)
     assert f"Run #{run_id}" in note and "out-of-fold AUROC **0.799**" in note and "no images" in note
+    assert "reached fold 3/5" in texts(at.caption)
+    assert "Training curves" not in [e.label for e in at.expander]  # folds are not epochs
     assert "patient context on all clinics · 5 folds · context features" in texts(at.markdown)
