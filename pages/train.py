@@ -441,7 +441,8 @@ def _job_table(jobs: list[dict], dataset_names: dict) -> None:
             "job": job["id"], "state": f"{STATE_ICONS.get(job['state'], '')} {job['state']}",
             "dataset": dataset_names.get(job.get("dataset_id"), ""), "model": _what(job),
             "clinic": config.get("clinic") or "all", "progress": fraction,
-            "epoch": f"{p.get('epoch', 0)}/{p.get('epochs', '?')}" if p else "",
+            "epoch / fold": (f"{'fold ' if p.get('stage') == 'fold' else ''}{p.get('epoch', 0)}/"
+                             f"{p.get('epochs', '?')}") if p else "",
             "loss": p.get("loss") if job["state"] == "running" else None,
             "val AUROC": _last_val_auroc(job),
             "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",

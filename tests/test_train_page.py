@@ -350,6 +350,8 @@ def test_a_done_meta_job_shows_its_out_of_fold_auroc(seeded, worker_calls):
     store.update_job(job_id, progress={"epoch": 3, "epochs": 5, "stage": "fold", "end_of_epoch": True})
     at = open_page()
     assert "fold 3/5 done" in [p.text for p in progress_bars(at)]
+    jobs_table = next(df.value for df in at.dataframe if "epoch / fold" in df.value.columns)
+    assert jobs_table.iloc[0][["model", "epoch / fold"]].tolist() == ["patient context", "fold 3/5"]
     run_id = store.add_run("patient context · all clinics", dataset_id=seeded["dataset_id"], job_id=job_id,
                            model="meta", kind="meta", metrics={"oof_auroc": 0.7987, "model": "meta"})
     assert store.finish_job(job_id, job["claim_token"], "done", run_id=run_id)
