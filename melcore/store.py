@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from melcore import settings
 from melcore.errors import MelcoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 JOB_STATES = ("queued", "running", "done", "cancelled", "failed")
 REVIEW_DECISIONS = ("agree", "disagree", "biopsy", "follow-up", "unsure")
@@ -73,6 +73,7 @@ runs = sa.Table(
     sa.Column("from_scratch", sa.Boolean, nullable=False, default=False),
     sa.Column("notes", sa.Text),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("archived_at", sa.Float),  # set: hidden from the pages' run lists; nothing of the run is deleted
 )
 
 jobs = sa.Table(
@@ -138,7 +139,9 @@ workers = sa.Table(
 # Steps from version N-1 to N, each a function of an open connection inside a
 # transaction. Append only; never edit a released step. Example of a future step:
 #   (2, "runs.tags", lambda conn: conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tags TEXT"))),
-MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = []
+MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
+    (2, "runs.archived_at", lambda conn: conn.execute(sa.text("ALTER TABLE runs ADD COLUMN archived_at FLOAT"))),
+]
 
 
 def _json_safe(value):
@@ -364,19 +367,31 @@ class Store:
         return found
 
     def list_runs(self, dataset_id: int | None = None, clinic: str | None = None, model: str | None = None,
-                  kind: str | None = None) -> list[dict]:
-        """Runs, newest first, optionally filtered."""
+                  kind: str | None = None, archived: bool | None = False) -> list[dict]:
+        """Runs, newest first, optionally filtered; ``archived``: False (default) the active runs only,
+        True the archived ones only, None both."""
         query = sa.select(runs).order_by(runs.c.id.desc())
         for column, value in ((runs.c.dataset_id, dataset_id), (runs.c.clinic, clinic), (runs.c.model, model),
                               (runs.c.kind, kind)):
             if value is not None:
                 query = query.where(column == value)
+        if archived is not None:
+            query = query.where(runs.c.archived_at.is_not(None) if archived else runs.c.archived_at.is_(None))
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query)]
 
     def update_run(self, run_id: int, **fields) -> None:
         with self._writer.begin() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(**fields))
+
+    def archive_run(self, run_id: int, archived: bool = True) -> None:
+        """Hide a run from the pages' run lists (``archived=False`` brings it back).
+
+        Nothing is deleted: its folder, predictions, saved threshold and every review stay,
+        and :meth:`get_run` still finds it.
+        """
+        self.get_run(run_id)
+        self.update_run(run_id, archived_at=_now() if archived else None)
 
     def set_threshold(self, run_id: int, value: float) -> None:
         """Save the decision threshold chosen for a run (used by the Review page)."""

@@ -58,6 +58,7 @@ DEFAULT_RUNS = 3
 THRESHOLD = "compare_threshold"
 FOCUS = "compare_focus"
 SAVED_MESSAGE = "compare_saved_message"
+ARCHIVE_MESSAGE = "compare_archive_message"
 CLICKS = "compare_curve_clicks"  # bumped by every click on a curve: new chart keys clear the selection
 SPLIT_CHOICES = {"auto": "validation, else out-of-fold", "val": "held-out validation (val)",
                  "oof": "out-of-fold (oof)"}
@@ -163,6 +164,11 @@ def _p_value(value: float) -> str:
 def _pick_runs(store, dataset: dict) -> tuple[list[dict], str, bool]:
     runs = [r for r in store.list_runs(dataset_id=dataset["id"]) if r["kind"] != "cross-clinic"]
     if not runs:
+        hidden = len(store.list_runs(dataset_id=dataset["id"], archived=True))
+        if hidden:
+            st.info(f"Every run of **{dataset['name']}** is archived ({hidden}); restore one below, or train a "
+                    "new one on the **Train** page.")
+            return [], "auto", False
         st.info(f"No trained runs for **{dataset['name']}** yet. Train one on the **Train** page, or queue one "
                 f"from a terminal with `python -m melcore jobs submit --dataset \"{dataset['name']}\" --model "
                 "efficientnet-b3` for the background worker (`python -m trainers.worker`); "
@@ -199,6 +205,40 @@ def _pick_runs(store, dataset: dict) -> tuple[list[dict], str, bool]:
         for cached in (_prepared, _evaluation, _pairwise, _breakdown):
             cached.clear()
     return [by_id[i] for i in chosen], split, common
+
+
+def _set_archived(archived: bool) -> None:
+    key = "compare_archive_ids" if archived else "compare_restore_ids"
+    ids = list(st.session_state.get(key) or [])
+    store = get_store()
+    for run_id in ids:
+        store.archive_run(run_id, archived=archived)
+    st.session_state[key] = []
+    listed = ", ".join(f"#{i}" for i in ids)
+    st.session_state[ARCHIVE_MESSAGE] = (f"Archived {listed}: hidden from every page, nothing deleted."
+                                         if archived else f"Restored {listed}.")
+
+
+def _archive_controls(store, dataset: dict) -> None:
+    active = store.list_runs(dataset_id=dataset["id"])
+    archived = store.list_runs(dataset_id=dataset["id"], archived=True)
+    message = st.session_state.pop(ARCHIVE_MESSAGE, None)
+    if message:
+        st.success(message)
+    if not active and not archived:
+        return
+    labels = {r["id"]: run_label(r) for r in active + archived}
+    with st.expander(f"Archive or restore runs ({len(archived)} archived)"):
+        st.caption("Archived runs leave the run lists of every page (Compare, Patients, Review, Score, the Train "
+                   "page's fusion choice). Nothing is deleted: folders, predictions, thresholds and reviews stay, "
+                   "and a restored run is back as it was.")
+        cols = st.columns(2)
+        chosen = cols[0].multiselect("Runs to archive", [r["id"] for r in active], format_func=labels.get,
+                                     key="compare_archive_ids", placeholder="choose runs")
+        cols[0].button("Archive", key="compare_archive", on_click=_set_archived, args=(True,), disabled=not chosen)
+        back = cols[1].multiselect("Archived runs to restore", [r["id"] for r in archived], format_func=labels.get,
+                                   key="compare_restore_ids", placeholder="choose runs")
+        cols[1].button("Restore", key="compare_restore", on_click=_set_archived, args=(False,), disabled=not back)
 
 
 def _subset_filters(frames: dict) -> dict:
@@ -465,6 +505,7 @@ def main() -> None:
     if dataset is None:
         return
     runs, split, common = _pick_runs(store, dataset)
+    _archive_controls(store, dataset)
     if not runs:
         if store.list_runs(dataset_id=dataset["id"]):
             _cross_clinic_section(store, dataset)

@@ -558,3 +558,36 @@ def test_a_patient_context_run_is_compared_beside_the_image_models(seeded):
     row = table[table["Run"].str.contains("patient context")].iloc[0]
     assert (row["Weights"], row["Split"]) == ("no images (metadata)", "oof")
     assert table[table["Run"].str.contains("effnet")].iloc[0]["Weights"] == "pretrained"
+
+
+def test_archiving_hides_a_run_everywhere_and_restoring_brings_it_back(seeded):
+    store = seeded["store"]
+    at = run_page()
+    at.multiselect(key="compare_archive_ids").set_value([seeded["weak"]])
+    rerun(at)
+    at.button(key="compare_archive").click()
+    rerun(at)
+    assert f"Archived #{seeded['weak']}: hidden from every page, nothing deleted." in [m.value for m in at.success]
+    weak_label = run_label(store.get_run(seeded["weak"]))
+    assert "weak-cnn" in weak_label and weak_label not in runs_widget(at).options
+    assert at.multiselect(key="compare_restore_ids").options == [weak_label]
+    assert len(store.get_predictions(seeded["weak"])) == len(seeded["table"])  # nothing deleted
+    review = open_page("review.py", timeout=60)
+    run_choices = [o for box in review.selectbox if box.label == "Run" for o in box.options]
+    assert run_choices and not any("weak-cnn" in o for o in run_choices)
+
+    at.multiselect(key="compare_restore_ids").set_value([seeded["weak"]])
+    rerun(at)
+    at.button(key="compare_restore").click()
+    rerun(at)
+    assert f"Restored #{seeded['weak']}." in [m.value for m in at.success]
+    assert weak_label in runs_widget(at).options
+
+
+def test_a_dataset_whose_runs_are_all_archived_says_how_to_restore_them(seeded):
+    store = seeded["store"]
+    for run_id in (seeded["weak"], seeded["strong"], seeded["empty"]):
+        store.archive_run(run_id)
+    at = run_page()
+    assert any("Every run of **tiny** is archived (3); restore one below" in m.value for m in at.info)
+    assert len(at.multiselect(key="compare_restore_ids").options) == 3

@@ -173,15 +173,16 @@ def test_migration_from_an_older_schema_keeps_data(db_url, tmp_path, monkeypatch
     def add_tags(conn):
         conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tags TEXT"))
 
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setattr(store_module, "MIGRATIONS", [(2, "runs.tags", add_tags)])
+    future = store_module.SCHEMA_VERSION + 1
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", future)
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS + [(future, "runs.tags", add_tags)])
     upgraded = Store(db_url)
-    assert upgraded.version() == 2
+    assert upgraded.version() == future
     assert upgraded.get_dataset("kept")["id"] == dataset_id
     with upgraded.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT name, tags FROM runs")).all() == [("kept run", None)]
     upgraded.close()
-    assert Store(db_url).version() == 2  # re-opening applies nothing twice
+    assert Store(db_url).version() == future  # re-opening applies nothing twice
 
 
 def test_a_newer_database_is_refused(db_url, monkeypatch):
@@ -199,3 +200,36 @@ def test_json_columns_store_nan_and_numpy_values_as_plain_json(store, tmp_path):
     run_id = store.add_run("r", tmp_path, metrics=metrics)
     assert store.get_run(run_id)["metrics"] == {"auroc": None, "ppv": None, "n": 3, "curve": [0.5, 1.0],
                                                 "nested": [{"x": None}]}
+
+
+def test_version_1_databases_gain_run_archiving_and_keep_their_runs(db_url, tmp_path):
+    old = Store(db_url)
+    run_id = old.add_run("kept run", tmp_path, threshold=0.3)
+    old.add_review(run_id, "img1", "Dr A", "agree")
+    with old.engine.begin() as conn:  # the database as melreview with schema version 1 left it
+        conn.execute(sa.text("ALTER TABLE runs DROP COLUMN archived_at"))
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version > 1"))
+    old.close()
+    upgraded = Store(db_url)
+    assert upgraded.version() == store_module.SCHEMA_VERSION >= 2
+    assert [r["id"] for r in upgraded.list_runs()] == [run_id]
+    assert upgraded.get_run(run_id)["threshold"] == 0.3 and len(upgraded.review_history(run_id)) == 1
+
+
+def test_archived_runs_leave_the_lists_but_keep_everything(store, tmp_path):
+    import pandas as pd
+
+    kept, hidden = store.add_run("kept", tmp_path), store.add_run("hidden", tmp_path, threshold=0.4)
+    store.add_predictions(hidden, pd.DataFrame({"image_name": ["a"], "prediction": [0.7]}))
+    store.add_review(hidden, "a", "Dr A", "biopsy")
+    store.archive_run(hidden)
+    assert [r["id"] for r in store.list_runs()] == [kept]
+    assert [r["id"] for r in store.list_runs(archived=True)] == [hidden]
+    assert [r["id"] for r in store.list_runs(archived=None)] == [hidden, kept]
+    run = store.get_run(hidden)
+    assert run["archived_at"] is not None and run["threshold"] == 0.4
+    assert len(store.get_predictions(hidden)) == 1 and len(store.review_history(hidden)) == 1
+    store.archive_run(hidden, archived=False)
+    assert [r["id"] for r in store.list_runs()] == [hidden, kept]
+    with pytest.raises(MelcoreError, match="no run with id 999"):
+        store.archive_run(999)

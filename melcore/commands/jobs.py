@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
+from melcore.commands._listing import dataset_arg, print_listing
 from melcore.errors import ConfigError
 from melcore.store import Store
 
@@ -36,10 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--limit", type=int, default=50)
     cancel = actions.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id", type=int, metavar="ID")
-
-
-def _dataset(store: Store, value: str) -> dict:
-    return store.get_dataset(int(value) if value.isdigit() else value)
 
 
 def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train") -> list[int]:
@@ -119,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         if args.kind == "meta":
             values = {"n_folds": args.folds or 5, "seed": args.seed or 0, "feature_set": args.meta_features,
                       "image_run_id": args.image_run}
-            ids = [submit_meta_job(store, _dataset(store, args.dataset), values)]
+            ids = [submit_meta_job(store, dataset_arg(store, args.dataset), values)]
             return _submitted(store, ids)
         if args.image_run is not None:
             raise ConfigError("--image-run goes with --kind meta")
@@ -130,18 +126,11 @@ def run(args: argparse.Namespace) -> int:
             if args.folds < 2:
                 raise ConfigError(f"--folds must be at least 2, got {args.folds}")
             config, kind = replace(config, n_folds=args.folds), "kfold"
-        return _submitted(store, submit_jobs(store, config, _dataset(store, args.dataset), args.each_clinic, kind))
+        return _submitted(store, submit_jobs(store, config, dataset_arg(store, args.dataset), args.each_clinic, kind))
     if args.action == "list":
-        jobs = store.list_jobs(limit=args.limit)
-        if args.json:
-            keys = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at",
-                    "started_at", "finished_at", "run_id", "error", "cancel_requested")
-            print(json.dumps([{k: job.get(k) for k in keys} for job in jobs], default=str))
-        else:
-            for job in jobs:
-                print(_job_line(job))
-            if not jobs:
-                print("no jobs", file=sys.stderr)
+        keys = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at",
+                "started_at", "finished_at", "run_id", "error", "cancel_requested")
+        print_listing(store.list_jobs(limit=args.limit), keys, _job_line, as_json=args.json, what="jobs")
         return 0
     state = store.request_cancel(args.job_id)
     print(f"job {args.job_id}: {state}" + (" (stops within one batch)" if state == "running" else ""))
