@@ -153,3 +153,19 @@ def test_cli_queues_a_meta_job(registered, capsys):
     assert main(["jobs", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [j["kind"] for j in listed] == ["meta"]
+
+
+def test_a_requeued_meta_job_trains_in_a_folder_of_its_own(registered):
+    from melcore import settings
+
+    store, dataset = registered
+    job_id = submit_meta_job(store, dataset, {"n_folds": 2})
+    # the first attempt's worker died after writing the start of its run folder
+    first = settings.subdir("runs") / f"job-{job_id:05d}-meta"
+    first.mkdir(parents=True)
+    (first / "config.json").write_text("{}")
+    store.update_job(job_id, attempts=1)
+    job = _run_worker(store)
+    assert job["state"] == "done", job.get("error")
+    assert store.get_run(job["run_id"])["run_dir"].endswith(f"job-{job_id:05d}-meta-attempt2")
+    assert (first / "config.json").read_text() == "{}"  # the earlier attempt's folder is left as it was

@@ -173,7 +173,9 @@ def run_meta_job(ctx: JobContext) -> tuple[str, int | None]:
         image_scores, split = meta.stored_image_scores(ctx.store, config["image_run_id"])
         source = f"run #{config['image_run_id']} ({split} predictions, {len(image_scores):,} images)"
         log.info("image scores from %s", source)
-    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-meta"
+    # A requeued attempt gets a folder of its own: the meta run refuses a folder that holds one.
+    attempt = int(job.get("attempts") or 1)
+    run_dir = settings.subdir("runs") / (f"job-{job['id']:05d}-meta" + (f"-attempt{attempt}" if attempt > 1 else ""))
 
     def fold_done(done: int, total: int) -> None:
         ctx.report(done, 0, math.nan, {"stage": "fold", "epochs": total, "end_of_epoch": True})
