@@ -266,7 +266,8 @@ def _patient_context(page, server, shots, image_run_id: int):
     go_to(page, "Compare")
     page.get_by_role("heading", name="Operating point").wait_for(timeout=120_000)
     wait_idle(page)
-    chosen = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Runs").inner_text()
+    runs_label = page.locator('[data-testid="stWidgetLabel"]').filter(has_text=re.compile(r"^Runs$"))
+    chosen = page.locator('[data-testid="stMultiSelect"]').filter(has=runs_label).inner_text()
     assert "patient context" in chosen and f"#{image_run_id} " in chosen, chosen
     page.get_by_role("heading", name="Are the differences real?").wait_for()
     # with two runs on the same images the paired tests are shown, not the "select two runs" hint
