@@ -274,6 +274,23 @@ def _patient_context(page, server, shots, image_run_id: int):
     assert page.get_by_text("Select at least two runs").count() == 0
     _checked_shot(page, shots, "compare-patient-context")
 
+    # Archive the patient-context run: it leaves the run picker, nothing of it is deleted.
+    page.get_by_text(re.compile(r"^Archive or restore runs")).click()
+    options = open_options(page, "Runs to archive")
+    options.filter(has_text="patient context").first.click()
+    page.keyboard.press("Escape")
+    wait_idle(page)
+    page.get_by_role("button", name="Archive", exact=True).click()
+    page.get_by_text(re.compile(r"Archived #\d+: hidden from every page, nothing deleted")).wait_for(timeout=30_000)
+    wait_idle(page)
+    chosen = page.locator('[data-testid="stMultiSelect"]').filter(has=runs_label).inner_text()
+    assert "patient context" not in chosen and f"#{image_run_id} " in chosen, chosen
+    with _db(server) as conn:
+        archived = conn.execute("SELECT id FROM runs WHERE archived_at IS NOT NULL").fetchall()
+        (kept,) = conn.execute("SELECT COUNT(*) FROM predictions WHERE run_id = ?", archived[0]).fetchone()
+    assert len(archived) == 1 and kept > 0
+    assert_no_exception(page, "compare (archived)")
+
 
 def test_demo_path_in_a_real_browser(browser, server_factory, shots, tmp_path):
     started = time.monotonic()
