@@ -135,8 +135,8 @@ def _save_threshold(run_id: int, label: str) -> None:
     except MelcoreError as exc:
         st.session_state[SAVED_MESSAGE] = ("error", str(exc))
         return
-    st.session_state[SAVED_MESSAGE] = ("success", f"Saved threshold {format_threshold(value)} for {label}; the Review page "
-                                                  "now flags images with p ≥ this value.")
+    st.session_state[SAVED_MESSAGE] = ("success", f"Saved threshold {format_threshold(value)} for {label}; the "
+                                                  "Review page now flags images with p ≥ this value.")
 
 
 # --------------------------------------------------------------------------- formatting
@@ -290,7 +290,8 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
     st.caption(f"AUROC intervals: {N_BOOT:,} patient-bootstrap resamples (a patient's lesions stay together).")
 
 
-def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float]:
+def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tuple[float, float]]:
+    """Focus run, threshold slider and presets; returns (focus label, threshold, the slider's range)."""
     labels = list(evaluations)
     if st.session_state.get(FOCUS) not in labels:
         st.session_state[FOCUS] = labels[0]
@@ -316,12 +317,13 @@ def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float]:
             value = presets.get(name)
             col.button(text, key=f"compare_preset_{name}", on_click=_set_threshold, args=(value,),
                        disabled=value is None, width="stretch",
-                       help=f"{why} (focus run: {value:.4f})" if value is not None else "needs both classes")
+                       help=(f"{why} (focus run: {format_threshold(value)})" if value is not None
+                             else "needs both classes"))
         saved_value = saved[focus]
         buttons[-1].button("Saved", key="compare_use_saved", on_click=_set_threshold, args=(saved_value,),
                            disabled=saved_value is None, width="stretch",
-                           help=f"The focus run's saved threshold ({saved_value:.4f})" if saved_value is not None
-                           else "No threshold saved for the focus run yet")
+                           help=(f"The focus run's saved threshold ({format_threshold(saved_value)})"
+                                 if saved_value is not None else "No threshold saved for the focus run yet"))
     return focus, float(threshold), (low, high)
 
 
@@ -416,7 +418,8 @@ def _save_section(focus: str, run: dict, threshold: float) -> None:
     if message:
         (st.success if message[0] == "success" else st.error)(message[1])
     saved = run["threshold"]
-    cols[1].caption(f"Saved threshold of {focus}: **{format_threshold(saved)}** (used by the Review page)" if saved is not None
+    cols[1].caption(f"Saved threshold of {focus}: **{format_threshold(saved)}** (used by the Review page)"
+                    if saved is not None
                     else f"{focus} has no saved threshold yet; the Review page uses 0.5 until you save one.")
 
 

@@ -144,8 +144,8 @@ def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, thr
     metrics[0].metric("Images", f"{row['n_images']:,}")
     metrics[1].metric("Lesions", f"{row['n_lesions']:,}")
     metrics[2].metric("Malignant lesions", f"{row['n_malignant']:,}")
-    metrics[3].metric("Highest risk", format_risk(row["highest_risk"], threshold, 3) if has_run and pd.notna(row["highest_risk"])
-                      else "—")
+    highest = row["highest_risk"]
+    metrics[3].metric("Highest risk", format_risk(highest, threshold, 3) if has_run and pd.notna(highest) else "—")
     metrics[4].metric("Sex · age", f"{row['sex']} · {_age_text(row['age_min'], row['age_max'])}")
     lesions = browser.patient_lesions(patient)
     if not has_run:  # no run chosen: no risk badges ("not scored" on every tile would only be noise)
@@ -209,7 +209,8 @@ def main() -> None:
         return
     if has_run:
         saved = "saved threshold" if run.get("threshold") is not None else "no saved threshold, default"
-        st.caption(f"Risk = run #{run['id']}'s predicted probability of melanoma; {saved} {format_threshold(threshold)}. "
+        st.caption(f"Risk = run #{run['id']}'s predicted probability of melanoma; {saved} "
+                   f"{format_threshold(threshold)}. "
                    f"{int(browser.lesions['risk'].notna().sum()):,} of {len(browser.lesions):,} images scored "
                    "(images the run did not score, e.g. its training images, have no risk).")
     elif not scored:

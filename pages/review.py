@@ -131,7 +131,8 @@ def _reviewer_input(column) -> str:
 def _progress(full: pd.DataFrame, scope: str, threshold: float) -> None:
     progress = review_progress(full)
     if scope == "above threshold":
-        done, total, what = progress.flagged_reviewed, progress.flagged, f"lesions at or above {format_threshold(threshold)}"
+        what = f"lesions at or above {format_threshold(threshold)}"
+        done, total = progress.flagged_reviewed, progress.flagged
     else:
         done, total, what = progress.reviewed, progress.total, "scored lesions"
     cols = st.columns([1, 1, 3], vertical_alignment="center")
@@ -269,11 +270,11 @@ def main() -> None:
     run = scored[run_id]
     threshold = run_threshold(run)
     if run.get("threshold") is None:
-        st.info(f"No threshold saved for this run: using the default {format_threshold(threshold)}. Choose one on the Compare "
-                "page and save it for the run.")
+        st.info(f"No threshold saved for this run: using the default {format_threshold(threshold)}. Choose one on "
+                "the Compare page and save it for the run.")
     else:
-        st.caption(f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's predicted "
-                   "probability of melanoma.")
+        st.caption(f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's "
+                   "predicted probability of melanoma.")
     if run.get("from_scratch"):
         st.warning("This run was trained from scratch (ImageNet weights were not available): its scores are "
                    "usually less reliable than a pretrained model's.")

@@ -84,8 +84,8 @@ def _result(result, run: dict, threshold: float, opacity: float) -> None:
                    delta_color="inverse" if above else "off")
     with cols[2]:
         if above:
-            st.error(f"At or above run #{run['id']}'s threshold ({format_threshold(threshold)}): this lesion would be flagged "
-                     "for review or biopsy.")
+            st.error(f"At or above run #{run['id']}'s threshold ({format_threshold(threshold)}): this lesion would "
+                     "be flagged for review or biopsy.")
         else:
             st.success(f"Below run #{run['id']}'s threshold ({format_threshold(threshold)}).")
         if result.tta:
@@ -127,8 +127,8 @@ def main() -> None:
                    + (f": {run['notes']}" if run.get("notes") else "")
                    + ". Its scores are usually less reliable than a pretrained model's.")
     if run.get("threshold") is None:
-        st.caption(f"No threshold saved for this run: using the default {format_threshold(threshold)} (save one on the Compare "
-                   "page).")
+        st.caption(f"No threshold saved for this run: using the default {format_threshold(threshold)} (save one on "
+                   "the Compare page).")
     model_file = _model_file(run)
     if not model_file.is_file():
         st.error(f"Run #{run['id']} has no model file: {model_file} does not exist (the run was cancelled before "

@@ -202,7 +202,7 @@ def go_to(page, title: str) -> None:
 
 
 def open_options(page, label: str):
-    """Open the select box labelled ``label`` and return its option locator.
+    """Open the select box (or multiselect) labelled ``label`` and return its option locator.
 
     Streamlit's select box is a react-aria combobox: a click on its text field does not
     always open the list (it only focuses it when the field already shows a value), so
@@ -214,7 +214,7 @@ def open_options(page, label: str):
     try:
         options.first.wait_for(timeout=3_000)
     except Exception:  # playwright's TimeoutError: fall back to the chevron
-        box = page.locator('[data-testid="stSelectbox"]').filter(has=field)
+        box = page.locator('[data-testid="stSelectbox"], [data-testid="stMultiSelect"]').filter(has=field)
         box.get_by_role("button", name="Open").first.click()
         options.first.wait_for(timeout=30_000)
     return options
