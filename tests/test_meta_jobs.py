@@ -148,6 +148,10 @@ def test_cli_queues_a_meta_job(registered, capsys):
     assert str(job["id"]) in capsys.readouterr().out
     assert (job["kind"], job["config"]["n_folds"], job["config"]["feature_set"]) == ("meta", 4, "baseline")
     assert main(["jobs", "submit", "--kind", "meta", "--dataset", dataset["name"], "--image-run", "999"]) == 2
+    assert main(["jobs", "submit", "--kind", "meta", "--dataset", dataset["name"], "--folds", "0"]) == 2
+    assert "n_folds must be a whole number 2-20; got 0" in capsys.readouterr().err
+    assert main(["jobs", "submit", "--kind", "meta", "--dataset", dataset["name"], "--each-clinic"]) == 2
+    assert "--each-clinic goes with image-model jobs" in capsys.readouterr().err
     assert main(["jobs", "submit", "--dataset", dataset["name"], "--image-run", "1", "--model", "basic-cnn"]) == 2
     assert "--image-run goes with --kind meta" in capsys.readouterr().err
     assert main(["jobs", "list", "--json"]) == 0

@@ -113,8 +113,10 @@ def run(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         if args.kind == "meta":
-            values = {"n_folds": args.folds or 5, "seed": args.seed or 0, "feature_set": args.meta_features,
-                      "image_run_id": args.image_run}
+            if args.each_clinic:
+                raise ConfigError("--each-clinic goes with image-model jobs; a meta job uses the whole dataset")
+            values = {"n_folds": 5 if args.folds is None else args.folds, "seed": args.seed or 0,
+                      "feature_set": args.meta_features, "image_run_id": args.image_run}
             ids = [submit_meta_job(store, dataset_arg(store, args.dataset), values)]
             return _submitted(store, ids)
         if args.image_run is not None:
