@@ -32,6 +32,7 @@ import pandas as pd
 
 from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
+from melcore.formatting import as_finite
 from melcore.metrics import (
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
@@ -441,11 +442,8 @@ def threshold_from_points(points: Sequence[Mapping] | None) -> float | None:
         value = point.get("customdata") if isinstance(point, Mapping) else None
         if isinstance(value, (list, tuple)):
             value = value[0] if value else None
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(value):
+        value = as_finite(value)
+        if value is not None:
             return min(1.0, max(0.0, value))
     return None
 

@@ -138,7 +138,7 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
         if len(fpr) != len(tpr):
             raise MelcoreError(f"ROC curve of {name!r}: fpr has {len(fpr)} points but tpr has {len(tpr)}")
         hover = "1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}"
-        clickable = {}
+        clickable = {"mode": "lines"}
         if rest and rest[0] is not None:
             thresholds = np.clip(_as_array(rest[0]), 0.0, 1.0)
             if len(thresholds) != len(fpr):
@@ -146,7 +146,7 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
             clickable = dict(mode="lines+markers", customdata=thresholds, **_CLICK_TARGET)
             hover += "<br>threshold %{customdata:.3f} (click to use)"
         traces.append(go.Scatter(
-            **{"mode": "lines", **clickable}, x=fpr, y=tpr, name=f"{name}<br>AUROC {format_ci(auc, ci, level=level)}",
+            **clickable, x=fpr, y=tpr, name=f"{name}<br>AUROC {format_ci(auc, ci, level=level)}",
             legendgroup=name, meta=name, line=dict(color=colors[name], width=2.5),
             hovertemplate=hover + "<extra>" + name + "</extra>"))
     for name, (x, y) in (markers or {}).items():

@@ -161,12 +161,11 @@ def _p_value(value: float) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-def _pick_runs(store, dataset: dict) -> tuple[list[dict], str, bool]:
-    runs = [r for r in store.list_runs(dataset_id=dataset["id"]) if r["kind"] != "cross-clinic"]
+def _pick_runs(store, dataset: dict, active: list[dict], n_archived: int) -> tuple[list[dict], str, bool]:
+    runs = [r for r in active if r["kind"] != "cross-clinic"]
     if not runs:
-        hidden = len(store.list_runs(dataset_id=dataset["id"], archived=True))
-        if hidden:
-            st.info(f"Every run of **{dataset['name']}** is archived ({hidden}); restore one below, or train a "
+        if n_archived:
+            st.info(f"Every run of **{dataset['name']}** is archived ({n_archived}); restore one below, or train a "
                     "new one on the **Train** page.")
             return [], "auto", False
         st.info(f"No trained runs for **{dataset['name']}** yet. Train one on the **Train** page, or queue one "
@@ -219,9 +218,7 @@ def _set_archived(archived: bool) -> None:
                                          if archived else f"Restored {listed}.")
 
 
-def _archive_controls(store, dataset: dict) -> None:
-    active = store.list_runs(dataset_id=dataset["id"])
-    archived = store.list_runs(dataset_id=dataset["id"], archived=True)
+def _archive_controls(active: list[dict], archived: list[dict]) -> None:
     message = st.session_state.pop(ARCHIVE_MESSAGE, None)
     if message:
         st.success(message)
@@ -507,10 +504,12 @@ def main() -> None:
     dataset = dataset_picker(store, key="compare_dataset")
     if dataset is None:
         return
-    runs, split, common = _pick_runs(store, dataset)
-    _archive_controls(store, dataset)
+    active = store.list_runs(dataset_id=dataset["id"])
+    archived = store.list_runs(dataset_id=dataset["id"], archived=True)
+    runs, split, common = _pick_runs(store, dataset, active, len(archived))
+    _archive_controls(active, archived)
     if not runs:
-        if store.list_runs(dataset_id=dataset["id"]):
+        if active:
             _cross_clinic_section(store, dataset)
         return
     try:
