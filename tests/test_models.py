@@ -47,7 +47,7 @@ def _one_eager_step(model, x, y) -> float:
 
 def test_registry_has_the_ladder_and_consistent_specs():
     expected = ["basic-cnn", "cnn-bn", "resnet50"] + [f"efficientnet-b{i}" for i in range(8)] \
-        + [f"efficientnet-b{i}-ns" for i in range(8)]
+        + [f"efficientnet-b{i}-ns" for i in range(8)] + [f"efficientnet-lite{i}" for i in range(5)]
     assert models.model_names() == expected
     from melcore.augment import PRESETS
 
@@ -64,7 +64,7 @@ def test_registry_has_the_ladder_and_consistent_specs():
 
 
 # One model per family also goes through model.keras and back (Keras safe mode).
-SAVE_LOAD = {"basic-cnn", "cnn-bn", "resnet50", "efficientnet-b0", "efficientnet-b0-ns"}
+SAVE_LOAD = {"basic-cnn", "cnn-bn", "resnet50", "efficientnet-b0", "efficientnet-b0-ns", "efficientnet-lite0"}
 
 
 @pytest.mark.parametrize("name", [
@@ -84,6 +84,9 @@ def test_every_model_builds_takes_raw_rgb_and_trains_one_step(name, tmp_path):
         assert isinstance(first, models.ImageNetPreprocessing) and first.mode == "caffe"
     elif spec.family == "efficientnet-ns":
         assert isinstance(first, models.ImageNetPreprocessing) and first.mode == "torch"
+    elif spec.family == "efficientnet-lite":  # (x - 127) / 128
+        assert isinstance(first, keras.layers.Rescaling) and first.scale == pytest.approx(1 / 128)
+        assert first.offset == pytest.approx(-127 / 128)
     else:
         assert isinstance(first, keras.layers.Rescaling) and first.scale == pytest.approx(1 / 255)
     # Flat graph: no nested model, so Grad-CAM reaches the conv layers by name.
