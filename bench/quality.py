@@ -101,16 +101,32 @@ class Recipe:
     classifier: str = "lr"       # colour rows: "lr", "hgb" or "svm"
     features: str = "v1"         # colour rows: "v1" (BASE_FEATURE_NAMES) or "v2" (all FEATURE_NAMES)
     parts: tuple = ()            # fusion rows: (colour row, cnn row)
+    weights: str = "imagenet"    # pretrained rows: "imagenet" or "none" (the same network, random weights)
+    pooling: str = "multi-level"  # pretrained rows: melcore.registry.POOLINGS
     note: str = ""
 
     @property
     def presettable(self) -> bool:
         # cpu-default's colour model is the v2 RBF SVM (melcore.colour.fit_colour_model's defaults).
-        return self.kind == "cnn" or (self.kind == "colour" and self.classifier == "svm" and self.features == "v2")
+        # colour-svm's model is the v2 RBF SVM (melcore.colour.fit_colour_model's defaults); cpu-default is the
+        # pretrained multi-level EfficientNet-Lite0 row.
+        return self.kind == "cnn" or (self.kind == "colour" and self.classifier == "svm" and self.features == "v2") \
+            or (self.kind == "pretrained" and self.weights == "imagenet" and self.pooling == "multi-level"
+                and self.train_on == "matched")
 
 
 CNN = "cnn"
+PRETRAINED = "pretrained"
 ROWS: list[Recipe] = [
+    Recipe("lite0-224-multi-logistic/matched", PRETRAINED, model="efficientnet-lite0", image_size=224,
+           note="EfficientNet-Lite0 ImageNet, frozen, multi-level avg+max pooling, logistic head, C by inner CV "
+                "(cpu-default)"),
+    Recipe("lite0-224-avg-logistic/matched", PRETRAINED, model="efficientnet-lite0", image_size=224, pooling="avg",
+           note="the same with the last map's average pooling only"),
+    Recipe("lite0-224-multi-logistic/all", PRETRAINED, train_on="all", model="efficientnet-lite0", image_size=224,
+           note="cpu-default's recipe trained on all images (mixed sources)"),
+    Recipe("lite0-224-random-multi-logistic/matched", PRETRAINED, model="efficientnet-lite0", image_size=224,
+           weights="none", note="the same network with random weights (what ImageNet adds)"),
     Recipe("colour-lr/matched", "colour", classifier="lr", note="v1 colour+shape features, logistic regression"),
     Recipe("colour-hgb/matched", "colour", classifier="hgb", note="v1 features, gradient boosting"),
     Recipe("colour-lr/all", "colour", train_on="all", classifier="lr"),
@@ -148,6 +164,7 @@ class Data:
     images: dict = field(default_factory=dict)  # size -> uint8 (n, s, s, 3)
     features: np.ndarray | None = None
     feature_seconds: float = 0.0
+    pretrained_seconds: dict = field(default_factory=dict)
 
 
 def make_folds(y: np.ndarray, matched: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
@@ -246,6 +263,37 @@ def colour_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
 run_colour = colour_probabilities_oof
 
 
+def pretrained_features(data: Data, recipe: Recipe) -> np.ndarray:
+    """Frozen backbone features (n, n_features) of every image, through melcore's feature cache."""
+    from melcore.features import compute_features, get_extractor
+    from melcore.train import TrainConfig, validate
+
+    key = (recipe.model, recipe.image_size, recipe.weights, recipe.pooling)
+    if key not in data.images:
+        config = validate(TrainConfig(model=recipe.model, image_size=recipe.image_size, weights=recipe.weights,
+                                      pooling=recipe.pooling, mode="fast-head", head_fit="logistic-cv"))
+        started = time.perf_counter()
+        result = compute_features(get_extractor(config), data.cohort.table["image_path"].tolist(), workers=2)
+        data.images[key] = result.features[0]
+        data.pretrained_seconds[key] = time.perf_counter() - started
+    return data.images[key]
+
+
+def pretrained_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
+    """Out-of-fold probabilities of a pretrained row: :func:`melcore.features.fit_logistic_head` (what a
+    ``cpu-default`` run fits: C by a lesion-grouped CV inside the training folds) per outer fold."""
+    from melcore.features import fit_logistic_head
+
+    x = pretrained_features(data, recipe)
+    out = np.empty(len(data.y))
+    for k in range(N_FOLDS):
+        rows = np.flatnonzero(train_mask(data, recipe, k))
+        fitted = fit_logistic_head(x[rows], data.y[rows], data.groups[rows], seed=SEED)
+        held = data.folds == k
+        out[held] = _sigmoid(x[held].astype(np.float64) @ fitted["kernel"][:, 0] + fitted["bias"][0])
+    return out
+
+
 def run_cnn(data: Data, recipe: Recipe, log) -> dict[str, np.ndarray]:
     """OOF probabilities without and with TTA (the same models): {"plain": (n,), "tta": (n,)}."""
     import keras
@@ -309,12 +357,21 @@ def run_fusion(data: Data, recipe: Recipe, colour_p: np.ndarray, cnn_p: np.ndarr
 
 # --------------------------------------------------------------------------- driver
 
+def clean_subset(data: Data) -> np.ndarray:
+    """The ISIC_0000xxx collection: the only one of the source-matched images holding both classes."""
+    names = data.cohort.table["image_name"].astype(str)
+    return data.matched & names.str.match(r"ISIC_0000\d{3}$").to_numpy()
+
+
 def evaluate(data: Data, p: np.ndarray, folds: np.ndarray | None = None) -> dict:
     m = data.matched
     folds = data.folds if folds is None else folds
     low, high = auroc_ci(data.y[m], p[m], groups=data.groups[m], n_boot=2000, seed=SEED)
+    c = clean_subset(data)
+    clean_low, clean_high = auroc_ci(data.y[c], p[c], groups=data.groups[c], n_boot=2000, seed=SEED)
     per_fold = [auroc(data.y[m & (folds == k)], p[m & (folds == k)]) for k in range(N_FOLDS)]
     return {"matched_auroc": auroc(data.y[m], p[m]), "ci": (low, high), "overall_auroc": auroc(data.y, p),
+            "clean_auroc": auroc(data.y[c], p[c]), "clean_ci": (clean_low, clean_high),
             "fold_mean": float(np.mean(per_fold))}
 
 
@@ -352,7 +409,7 @@ def main(argv=None) -> int:
 
     def cached(name: str):
         # Colour rows carry the feature version in the file name: v1-era caches are not reused.
-        suffix = "@colour2" if ROW_BY_NAME[name].kind == "colour" else ""
+        suffix = {"colour": "@colour2", PRETRAINED: "@pre1"}.get(ROW_BY_NAME[name].kind, "")
         return cache_dir / (name.replace("/", "__").replace(" ", "_") + suffix + ".npz")
 
     def load_cached(name):
@@ -374,6 +431,8 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         if recipe.kind == "colour":
             p = run_colour(data, recipe)
+        elif recipe.kind == PRETRAINED:
+            p = pretrained_probabilities_oof(data, recipe)
         else:
             # A "+tta" row scores the models of its base row with TTA: one training gives both rows.
             base = ROW_BY_NAME.get(name.removesuffix("+tta"), recipe) if recipe.tta else recipe
@@ -407,7 +466,7 @@ def main(argv=None) -> int:
 
     # Robustness to the fold draw: colour rows again on fold seeds 1 and 2 (nothing is chosen on them).
     other_seeds: dict[str, dict[int, dict]] = {}
-    for name in [n for n in wanted if n in results and ROW_BY_NAME[n].kind == "colour"]:
+    for name in [n for n in wanted if n in results and ROW_BY_NAME[n].kind in ("colour", PRETRAINED)]:
         for seed in OTHER_SEEDS:
             path = cached(name).with_name(cached(name).stem + f"@seed{seed}.npz")
             p = None
@@ -417,8 +476,10 @@ def main(argv=None) -> int:
             folds = make_folds(data.y, data.matched, data.groups, seed)
             if p is None:
                 log(f"{name}, fold seed {seed} ...")
-                shuffled = Data(data.cohort, data.y, data.matched, data.groups, folds, features=colour_matrix(data))
-                p = run_colour(shuffled, ROW_BY_NAME[name])
+                recipe = ROW_BY_NAME[name]
+                shuffled = Data(data.cohort, data.y, data.matched, data.groups, folds, images=data.images,
+                                features=colour_matrix(data) if recipe.kind == "colour" else None)
+                p = (run_colour if recipe.kind == "colour" else pretrained_probabilities_oof)(shuffled, recipe)
                 np.savez(path, p=p, seconds=0.0)
             other_seeds.setdefault(name, {})[seed] = evaluate(data, p, folds)
 
@@ -431,9 +492,9 @@ def main(argv=None) -> int:
     print("matched AUROC: pooled out-of-fold on the source-matched images, 95% lesion-bootstrap CI; fold mean: "
           "mean of the 5 per-fold AUROCs (not penalised by score shifts between fold models); * = a preset "
           "reproduces the row")
-    seed_heads = "".join(f" {'seed ' + str(s) + ' [95% CI]':24s}" for s in OTHER_SEEDS)
-    print(f"{'recipe':44s} {'matched AUROC [95% CI]':24s} {'fold mean':>9s} {'overall':>8s} {'seconds':>8s}"
-          f"{seed_heads}")
+    seed_heads = "".join(f" {'seed ' + str(s) + ' matched / clean':24s}" for s in OTHER_SEEDS)
+    print(f"{'recipe':44s} {'matched AUROC [95% CI]':24s} {'clean AUROC [95% CI]':24s} {'fold mean':>9s} "
+          f"{'overall':>8s} {'seconds':>8s}{seed_heads}")
 
     def cell(r):
         return f"{r['matched_auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
@@ -443,8 +504,10 @@ def main(argv=None) -> int:
         r = results[name]
         label = (name.replace("best cnn", best_cnn) if best_cnn else name) + (" *" if ROW_BY_NAME[name].presettable
                                                                                else "")
-        seeds_text = "".join(f" {cell(other_seeds[name][s]):24s}" for s in OTHER_SEEDS) if name in other_seeds else ""
-        print(f"{label:44s} {cell(r):24s} {r['fold_mean']:9.3f} {r['overall_auroc']:8.3f} "
+        seeds_text = "".join(f" {other_seeds[name][s]['matched_auroc']:.3f} / {other_seeds[name][s]['clean_auroc']:.3f}"
+                             + " " * 9 for s in OTHER_SEEDS) if name in other_seeds else ""
+        clean = f"{r['clean_auroc']:.3f} [{r['clean_ci'][0]:.3f}, {r['clean_ci'][1]:.3f}]"
+        print(f"{label:44s} {cell(r):24s} {clean:24s} {r['fold_mean']:9.3f} {r['overall_auroc']:8.3f} "
               f"{seconds.get(name, 0):8.0f}{seeds_text}")
     (cache_dir / "results.json").write_text(json.dumps(
         {n: {**r, "seconds": seconds.get(n), "other_seeds": other_seeds.get(n)} for n, r in results.items()},

@@ -104,8 +104,9 @@ def apply_view(batch: np.ndarray, view: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- keys
 
-def backbone_key(backbone, model_name: str, image_size: int) -> str:
-    """Hex SHA-256 naming a backbone's features: model name, image size, Keras version, weight values.
+def backbone_key(backbone, model_name: str, image_size: int, pooling: str = "avg") -> str:
+    """Hex SHA-256 naming a backbone's features: model name, image size, pooling, Keras version,
+    weight values.
 
     Hashing the loaded weight values (every variable, trainable or not, in graph order)
     identifies the weights whatever their source: the same ImageNet or user file gives
@@ -117,6 +118,8 @@ def backbone_key(backbone, model_name: str, image_size: int) -> str:
     digest = hashlib.sha256()
     digest.update(f"melcore-features v{FORMAT_VERSION}\0{model_name}\0{int(image_size)}\0"
                   f"keras {keras.__version__}\0".encode())
+    if pooling != "avg":  # (average-pooled keys stay those written before poolings existed)
+        digest.update(f"pooling {pooling}\0".encode())
     # Variable *paths* are left out on purpose: auto-named layers (e.g. "normalization_1") get a
     # new name on every build in a process, though the graph and the values are the same.
     for index, variable in enumerate(backbone.weights):
@@ -260,7 +263,7 @@ def _memo_key(config) -> tuple:
             file_state = None
     # Random weights depend on the seed; loaded weights do not (seed kept anyway: cheap and safe).
     return (config.model, int(config.image_size), weights, file_state, int(config.seed),
-            bool(config.fallback_to_scratch), keras.__version__)
+            bool(config.fallback_to_scratch), config.pooling, keras.__version__)
 
 
 def get_extractor(config, strategy=None, *, reuse: bool = True) -> FeatureExtractor:
@@ -287,9 +290,10 @@ def get_extractor(config, strategy=None, *, reuse: bool = True) -> FeatureExtrac
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         backbone, info = models.build_backbone(config.model, config.image_size, weights=config.weights,
-                                               fallback_to_scratch=config.fallback_to_scratch)
+                                               fallback_to_scratch=config.fallback_to_scratch,
+                                               pooling=config.pooling)
     backbone.trainable = False
-    key = backbone_key(backbone, config.model, config.image_size)
+    key = backbone_key(backbone, config.model, config.image_size, config.pooling)
     extractor = FeatureExtractor(backbone, info, key, config.model, int(config.image_size),
                                  time.perf_counter() - started)
     if reuse and strategy is None:
@@ -637,6 +641,12 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
     y_train = train_table["target"].astype("float32").to_numpy()
     y_val = val_table["target"].astype("float64").to_numpy()
 
+    if config.head_fit == "logistic-cv":
+        groups_train = data.cohort.groups.iloc[data.train_idx].astype(str).to_numpy()
+        return _logistic_head_run(config, data, extractor, info, computed, cache, x_train, y_train, groups_train,
+                                  x_val, y_val, val_table, counts, train_views, val_view_index, all_views, views,
+                                  run_dir, tracker, device, n_replicas, deterministic, started)
+
     # ---- the head
     head_started = time.perf_counter()
     balance = "none" if config.balance == "class-weight" else config.balance
@@ -737,4 +747,149 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
     else:
         log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %.4f (best epoch %s)", seconds,
                  feature_seconds, head_seconds, metrics["val_auroc"], tracker.best_epoch)
+    return T.Run(run_dir, config, metrics, tracker.cancelled)
+
+
+# --------------------------------------------------------------------------- logistic head (C by inner CV)
+
+#: Inverse L2 strengths tried by :func:`fit_logistic_head` (standardised features).
+LOGISTIC_CS = (0.001, 0.003, 0.01, 0.03, 0.1)
+
+
+def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndarray, *, seed: int = 0,
+                      balanced: bool = True, cs: Sequence[float] = LOGISTIC_CS, n_folds: int = 5) -> dict:
+    """An L2 logistic regression on standardised features, C chosen by a grouped inner CV.
+
+    Parameters
+    ----------
+    features : float array (n_views, n, n_features) or (n, n_features)
+        Training features; with several views every view is a training sample (augmentation),
+        and inner folds keep all views of an image (and every image of a group) together.
+    targets : (n,) 0/1
+    groups : (n,) str
+        Patient (else lesion, else image) of each image: inner folds never split a group.
+    balanced : bool
+        Weight the classes equally (what ``balance="oversample"`` does for gradient heads), so
+        probabilities are centred on 0.5 rather than on the prevalence.
+    cs : the C values tried; n_folds : inner folds (fewer when a class has fewer groups).
+
+    Returns
+    -------
+    dict
+        ``kernel`` (n_features, 1) float32 and ``bias`` (1,) float32 of a sigmoid Dense layer on
+        the raw (unstandardised) features; ``C``; ``inner_auroc`` {C: AUROC of the inner
+        out-of-fold scores}; ``inner_folds``; ``chosen_on`` (a sentence for metrics.json).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from melcore.metrics import auroc
+    from melcore.splits import group_kfold
+
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[None]
+    y = np.asarray(targets).astype(int)
+    groups = np.asarray(groups).astype(str)
+    n_views = x.shape[0]
+    weight = "balanced" if balanced else None
+    per_class = min(len(set(groups[y == 1])), len(set(groups[y == 0])))
+    folds_k = min(int(n_folds), per_class)
+
+    def fit(rows: np.ndarray, c: float):
+        stacked = x[:, rows].reshape(-1, x.shape[-1])
+        mean, scale = stacked.mean(0), stacked.std(0)
+        scale[scale < 1e-12] = 1.0
+        model = LogisticRegression(C=c, class_weight=weight, max_iter=5000)
+        model.fit((stacked - mean) / scale, np.tile(y[rows], n_views))
+        return model, mean, scale
+
+    scores: dict[float, float] = {}
+    if folds_k >= 2:
+        folds = group_kfold(groups, y, folds_k, seed=seed)
+        for c in cs:
+            oof = np.empty(len(y))
+            for k in range(folds_k):
+                model, mean, scale = fit(np.flatnonzero(folds != k), c)
+                held = np.flatnonzero(folds == k)
+                oof[held] = np.mean([model.predict_proba((x[v, held] - mean) / scale)[:, 1]
+                                     for v in range(n_views)], axis=0)
+            scores[float(c)] = float(auroc(y, oof))
+        chosen = max(scores, key=lambda c: (scores[c], -c))  # ties: the stronger penalty
+        chosen_on = (f"C chosen by a {folds_k}-fold cross-validation grouped by patient (else lesion) inside the "
+                     "training split; the validation images were not used")
+    else:
+        chosen = 0.01
+        chosen_on = "C fixed at 0.01: too few groups of one class in the training split for an inner cross-validation"
+    model, mean, scale = fit(np.arange(len(y)), chosen)
+    coef = model.coef_.reshape(-1) / scale
+    bias = float(model.intercept_[0] - np.sum(model.coef_.reshape(-1) * mean / scale))
+    return {"kernel": coef.astype(np.float32)[:, None], "bias": np.array([bias], dtype=np.float32), "C": chosen,
+            "inner_auroc": scores, "inner_folds": folds_k if folds_k >= 2 else 0, "chosen_on": chosen_on}
+
+
+def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, y_train, groups_train, x_val, y_val,
+                       val_table, counts, train_views, val_view_index, all_views, views, run_dir: Path, tracker,
+                       device, n_replicas, deterministic, started):
+    """The ``head_fit="logistic-cv"`` tail of :func:`_fast_head_in_run_dir` (same run files and keys)."""
+    import keras
+    import tensorflow as tf
+
+    from melcore import models
+    from melcore import train as T
+    from melcore.metrics import threshold_metrics
+
+    spec = models.get_spec(config.model)
+    tracker.stage = "head"
+    tracker.report(0, None, {"done": 0, "total": 1}, epoch=0, stage="head")
+    head_started = time.perf_counter()
+    fitted = fit_logistic_head(x_train, y_train, groups_train, seed=config.seed,
+                               balanced=config.balance != "none")
+    head = models.build_head(extractor.n_features, dropout=0.0)
+    head.get_layer(models.OUTPUT_LAYER).set_weights([fitted["kernel"], fitted["bias"]])
+    head_seconds = time.perf_counter() - head_started
+    log.info("head: L2 logistic regression on %d standardised features, C=%g (%s; inner AUROC by C: %s) in %.1f s",
+             extractor.n_features, fitted["C"], fitted["chosen_on"],
+             ", ".join(f"{c:g}: {a:.3f}" for c, a in fitted["inner_auroc"].items()) or "none", head_seconds)
+    tracker.report(1, None, {"done": 1, "total": 1}, epoch=1, stage="head")
+    if tracker.stop_requested():
+        tracker.cancelled = True
+    model = models.join(extractor.backbone, head, name=spec.name)
+    save_started = time.perf_counter()
+    T._save_model(model, run_dir / "model.keras")
+    p = score_features(head, x_val[val_view_index] if config.tta else x_val[[all_views.index(views[0])]])
+    pd.DataFrame({
+        "image_name": val_table["image_name"].astype(str), "patient_id": val_table["patient_id"],
+        "clinic": val_table["clinic"], "target": val_table["target"].astype("int64"), "prediction": p,
+    }).to_csv(run_dir / "val_predictions.csv", index=False)
+    at = threshold_metrics(y_val.astype(int), np.clip(p, 0.0, 1.0), T.THRESHOLD)
+    n_params = int(extractor.n_features + 1)
+    metrics: dict[str, Any] = {
+        "kind": "image", "mode": "fast-head", "head_fit": "logistic-cv", "scorer": "cnn",
+        "status": "cancelled" if tracker.cancelled else "done", "cancelled": tracker.cancelled,
+        "model": config.model, "clinic": config.clinic, "image_size": config.image_size,
+        "pooling": config.pooling, "cohort": getattr(data.cohort, "name", None),
+        "best_epoch": None, "best_epoch_val_auroc": None, **counts,
+        "excluded": data.excluded, "split": data.split, "history": [],
+        "stages": [{"stage": "head", "planned_epochs": 0, "epochs_run": 0, "learning_rate": None,
+                    "unfrozen_groups": [], "trainable_params": n_params}],
+        "epochs_run": 0, "planned_epochs": 0, "early_stopped": False,
+        "logistic_head": {"C": fitted["C"], "inner_auroc": {f"{c:g}": a for c, a in fitted["inner_auroc"].items()},
+                          "inner_folds": fitted["inner_folds"], "balanced": config.balance != "none"},
+        "chosen_on": {"C": fitted["chosen_on"], "epochs": "none: the head is fitted in closed form, no epochs"},
+        "weights": info.to_dict(), "from_scratch": bool(info.from_scratch),
+        "device": device, "n_replicas": n_replicas, "deterministic_ops": deterministic, "tta": config.tta,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "feature_cache": {"hits": computed.hits, "misses": computed.misses, "key": extractor.key,
+                          "views": list(all_views), "root": str(cache.root)},
+        "feature_seconds": computed.seconds, "head_seconds": head_seconds,
+        "backbone_seconds": 0.0 if extractor.reused else extractor.build_seconds,
+        "backbone_reused": extractor.reused,
+        "val_auroc": T._auroc(y_val, p), "val_loss": T._bce(y_val, p), "threshold": T.THRESHOLD,
+        "sensitivity": at["sensitivity"], "specificity": at["specificity"], "at_threshold": at,
+        "seconds": time.perf_counter() - started, "train_seconds": head_seconds, "fit_seconds": head_seconds,
+        "save_seconds": time.perf_counter() - save_started, "images_per_second": None,
+    }
+    T._write_json(run_dir / "metrics.json", metrics)
+    log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %.4f", metrics["seconds"],
+             computed.seconds, head_seconds, metrics["val_auroc"])
     return T.Run(run_dir, config, metrics, tracker.cancelled)

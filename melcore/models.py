@@ -65,7 +65,7 @@ import numpy as np
 
 from melcore.errors import ConfigError
 from melcore.registry import (  # noqa: F401  (re-exported: the registry is part of this module's API)
-    FEATURES_LAYER, HEAD_PREFIX, INPUT_LAYER, MAX_IMAGE_SIZE, OPTIMIZERS, OUTPUT_LAYER, REGISTRY, SCHEDULES,
+    FEATURES_LAYER, HEAD_PREFIX, INPUT_LAYER, MAX_IMAGE_SIZE, OPTIMIZERS, OUTPUT_LAYER, POOLINGS, REGISTRY, SCHEDULES,
     TRAINABLE_STAGES, ModelSpec, WeightsInfo, get_spec, model_names, validate_image_size, validate_model_name,
     weights_label)
 
@@ -213,10 +213,46 @@ _FEATURE_MAPS: dict[str, Callable] = {
 }
 
 
-def _random_backbone(spec: ModelSpec, size: int):
+def _check_pooling(pooling: str) -> str:
+    key = str(pooling).strip().lower() if pooling is not None else "avg"
+    if key not in POOLINGS:
+        raise ConfigError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+    return key
+
+
+def pooled_levels(model) -> list[str]:
+    """Layers whose maps ``pooling="multi-level"`` pools: the last 4-D layer of every numbered
+    block group from the third on (``block3b_add`` ... ``block7a_project_bn`` for
+    EfficientNet-Lite0), then the last feature map (``top_activation``), bottom to top."""
+    numbered = [g for g in block_groups(model) if g not in ("stem", "top")]
+    levels = []
+    for group in numbered[2:]:
+        last = None
+        for layer in model.layers:
+            if block_group(layer.name) == group and not isinstance(layer, _NOT_FEATURE_MAPS) \
+                    and len(layer.output.shape) == 4:
+                last = layer.name
+        if last is not None:
+            levels.append(last)
+    top = last_conv_layer_name(model)
+    if top not in levels:
+        levels.append(top)
+    return levels
+
+
+def _random_backbone(spec: ModelSpec, size: int, pooling: str = "avg"):
     inputs = keras.Input((size, size, 3), dtype="float32", name=INPUT_LAYER)
     feature_map = _FEATURE_MAPS[spec.family](spec, inputs)
-    features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(feature_map)
+    if pooling == "avg":
+        features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(feature_map)
+        return keras.Model(inputs, features, name=f"{spec.name}-backbone")
+    graph = keras.Model(inputs, feature_map)
+    pooled = []
+    for name in pooled_levels(graph):
+        level = graph.get_layer(name).output
+        pooled.append(keras.layers.GlobalAveragePooling2D(name=f"pool_{name}_avg")(level))
+        pooled.append(keras.layers.GlobalMaxPooling2D(name=f"pool_{name}_max")(level))
+    features = keras.layers.Concatenate(name=FEATURES_LAYER)(pooled)
     return keras.Model(inputs, features, name=f"{spec.name}-backbone")
 
 
@@ -549,7 +585,7 @@ def _apply_weights(spec: ModelSpec, plan: _WeightsPlan, backbone, model, request
 # --------------------------------------------------------------------------- public builders
 
 def build_backbone(name: str, image_size: int, weights: str | os.PathLike | None = "none",
-                   fallback_to_scratch: bool = False):
+                   fallback_to_scratch: bool = False, pooling: str = "avg"):
     """The feature extractor of a registry model: raw RGB -> pooled features.
 
     Args:
@@ -560,11 +596,13 @@ def build_backbone(name: str, image_size: int, weights: str | os.PathLike | None
             (backbone weights, or a whole model's, of which the backbone part is used).
         fallback_to_scratch: when the ImageNet download fails, return random weights (marked in
             the WeightsInfo) instead of raising.
+        pooling: ``"avg"`` or ``"multi-level"`` (:data:`POOLINGS`, :func:`pooled_levels`).
 
     Returns:
         ``(backbone, info)``: a flat ``keras.Model`` ``(batch, size, size, 3) float32 0..255 ->
         (batch, n_features) float32`` named ``"<name>-backbone"`` whose last layer is
-        ``"features"`` (global average pooling), and a :class:`WeightsInfo`.
+        ``"features"`` (global average pooling, or the concatenated multi-level pools), and a
+        :class:`WeightsInfo`.
 
     Raises:
         ConfigError: unknown name, bad size, download failure (without fallback), missing or
@@ -572,8 +610,9 @@ def build_backbone(name: str, image_size: int, weights: str | os.PathLike | None
     """
     spec = get_spec(name)
     size = validate_image_size(spec.name, image_size)
+    pooling = _check_pooling(pooling)
     plan = _plan_weights(spec, weights, fallback_to_scratch)
-    backbone = _random_backbone(spec, size)
+    backbone = _random_backbone(spec, size, pooling)
     model = None
     if plan.path is not None and plan.label is None:
         # A whole-model file is accepted too: give the loader a full model to try first.
@@ -583,7 +622,7 @@ def build_backbone(name: str, image_size: int, weights: str | os.PathLike | None
 
 
 def build_model(name: str, image_size: int, weights: str | os.PathLike | None = "none",
-                fallback_to_scratch: bool = False, dropout: float | None = None):
+                fallback_to_scratch: bool = False, dropout: float | None = None, pooling: str = "avg"):
     """A registry model ready to compile: raw RGB in, melanoma probability out.
 
     Args:
@@ -595,6 +634,7 @@ def build_model(name: str, image_size: int, weights: str | os.PathLike | None = 
         fallback_to_scratch: on download failure, random weights + ``info.from_scratch`` instead
             of ConfigError.
         dropout: head dropout rate; None = ``spec.default_dropout``.
+        pooling: ``"avg"`` or ``"multi-level"`` (see :func:`build_backbone`).
 
     Returns:
         ``(model, info)``: a flat ``keras.Model`` named ``name``, input ``"image"``
@@ -604,8 +644,9 @@ def build_model(name: str, image_size: int, weights: str | os.PathLike | None = 
     """
     spec = get_spec(name)
     size = validate_image_size(spec.name, image_size)
+    pooling = _check_pooling(pooling)
     plan = _plan_weights(spec, weights, fallback_to_scratch)
-    backbone = _random_backbone(spec, size)
+    backbone = _random_backbone(spec, size, pooling)
     head = build_head(backbone.output.shape[-1], dropout, model_name=spec.name)
     model = join(backbone, head, name=spec.name)
     info = _apply_weights(spec, plan, backbone, model, weights)

@@ -26,6 +26,11 @@ INPUT_LAYER = "image"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "exponential", "cosine")
 TRAINABLE_STAGES = ("head", "fine-tune", "all")
+#: How the backbone's feature maps become the ``"features"`` vector: ``"avg"`` = global average
+#: pooling of the last feature map; ``"multi-level"`` = global average and max pooling of the
+#: last feature map of every stage from the third on, concatenated (mid-level texture and
+#: colour cues that the last, most ImageNet-specific map pools away).
+POOLINGS = ("avg", "multi-level")
 
 
 # --------------------------------------------------------------------------- results

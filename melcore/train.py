@@ -88,6 +88,7 @@ __all__ = [
 log = logging.getLogger("melcore.train")
 
 BALANCES = ("none", "oversample", "class-weight")
+HEAD_FITS = ("gradient", "logistic-cv")
 #: Training modes. ``"full"`` trains the whole network on images. ``"fast-head"`` (cached
 #: backbone features + a head) is provided by :mod:`melcore.features` when that module
 #: exists; :func:`fit` dispatches to ``melcore.features.fit_fast_head(config, cohort, ...)``.
@@ -165,6 +166,14 @@ class TrainConfig:
         the training split's images, save it as ``colour_model.json`` in the run dir and
         deliver its scores as ``prediction`` (the CNN's stay in ``cnn_prediction``, and the
         CNN is kept for Grad-CAM). ``metrics["scorer"]`` says which model scored.
+    pooling : str
+        ``"avg"`` (global average pooling of the last feature map) or ``"multi-level"``
+        (average and max pooling of every stage from the third on; :data:`melcore.registry.POOLINGS`).
+    head_fit : str
+        Fast-head mode: ``"gradient"`` trains the head with the optimizer for ``epochs``;
+        ``"logistic-cv"`` fits an L2 logistic regression on standardised features with C
+        chosen by a patient-grouped cross-validation inside the training split (nothing is
+        chosen on the validation images; no epochs), written into the head's Dense layer.
     """
 
     model: str
@@ -193,6 +202,8 @@ class TrainConfig:
     cache_images: bool = True
     deterministic: bool = True
     colour_model: bool = False
+    pooling: str = "avg"
+    head_fit: str = "gradient"
 
     # -- JSON round trip
     @classmethod
@@ -384,6 +395,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     c.cache_images = _bool("cache_images", c.cache_images)
     c.deterministic = _bool("deterministic", c.deterministic)
     c.colour_model = _bool("colour_model", c.colour_model)
+    c.pooling = _choice("pooling", c.pooling, models.POOLINGS)
+    c.head_fit = _choice("head fit", c.head_fit, HEAD_FITS)
+    if c.head_fit == "logistic-cv" and c.mode != "fast-head":
+        raise ConfigError("head_fit 'logistic-cv' fits the head on cached features: it needs mode 'fast-head'")
     if c.colour_model and c.mode != "full":
         raise ConfigError(f"colour_model (set by the cpu-default preset) needs mode 'full', not {c.mode!r}: "
                           "use mode 'full' (Train page: untick the fast head) or set colour_model false")
@@ -964,6 +979,7 @@ def fit(config: TrainConfig, cohort, progress: Progress | None = None, should_st
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with scope:
             model, weights_info = models.build_model(config.model, config.image_size, weights=config.weights,
+                                                     pooling=config.pooling,
                                                      fallback_to_scratch=config.fallback_to_scratch)
         if weights_info.loaded and config.fine_tune_epochs > 0:
             _check_unfreeze_blocks(model, config.unfreeze_blocks)

