@@ -90,6 +90,8 @@ __all__ = [
     "COLORMAPS",
     "Explainer",
     "find_last_conv_layer",
+    "DETAILS",
+    "detail_layer",
     "get_explainer",
     "colorize",
     "overlay",
@@ -110,6 +112,10 @@ ENGINES = ("compiled", "tf-keras-vis")
 
 COLORMAPS = ("jet", "turbo", "gray")
 
+DETAILS = {"standard": "Standard (last feature map)", "fine": "Fine (a map of 2x or more the resolution)"}
+"""Grad-CAM resolutions (:func:`detail_layer`). The last map of an EfficientNet at 224 px is 7x7, a blob
+on a lesion; ``"fine"`` explains an earlier map through which every path to the score still passes."""
+
 SCORECAM_MAX_N = 64
 """Channels ScoreCAM scores (Faster-ScoreCAM: the channels with the largest variance)."""
 
@@ -119,6 +125,48 @@ CACHE_VERSION = 1
 _DEFAULT_SIZE = 256  # input size used when a model accepts any size
 _BATCH = 8
 _FEATURE_MARKER = "melcore_gradcam_features"
+
+
+# --------------------------------------------------------------------------- resolution
+
+def detail_layer(model, detail: str = "standard") -> str | None:
+    """The layer Grad-CAM uses for a resolution of :data:`DETAILS` (None = the last feature map).
+
+    ``"fine"``: for a model with multi-level pooled features (``pooling="multi-level"``), the
+    lowest pooled level (``block3b_add``: 28x28 at 224 px), since the score depends on the image
+    only through that map and those above it, so its Grad-CAM accounts for the whole score;
+    otherwise the last map at twice (or more) the last map's resolution (``block5c_add``, 14x14).
+    Models that have no such map keep the last one.
+    """
+    if detail not in DETAILS:
+        raise ConfigError(f"unknown Grad-CAM detail {detail!r}; choose one of {', '.join(DETAILS)}")
+    if detail == "standard":
+        return None
+    from melcore import models
+
+    names = [layer.name for layer in model.layers]
+    if models.FEATURES_LAYER in names and any(n.startswith("pool_") for n in names):
+        return models.pooled_levels(model)[0]
+    top = model.get_layer(find_last_conv_layer(model))
+    top_h = _spatial(_output_shape(top))
+    if not top_h or not top_h[0]:
+        return None
+    _NOT_MAPS = _not_maps()  # noqa: N806 - a tuple of classes, used like a constant
+    finer = None
+    for layer in model.layers:
+        if layer is top:
+            break
+        shape = _spatial(_output_shape(layer))
+        if shape and shape[0] and shape[0] >= 2 * top_h[0] and not isinstance(layer, _NOT_MAPS):
+            finer = layer.name
+    return finer
+
+
+def _not_maps():
+    import keras
+
+    return (keras.layers.InputLayer, keras.layers.Rescaling, keras.layers.Normalization, keras.layers.ZeroPadding2D,
+            keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout)
 
 
 # --------------------------------------------------------------------------- colour maps
@@ -963,7 +1011,7 @@ def _load(image_file: Path, size) -> np.ndarray:
 
 
 def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", opacity: float = 0.4, *,
-                  colormap: str = "jet", layer: str | None = None, use_cache: bool = True,
+                  colormap: str = "jet", layer: str | None = None, detail: str = "standard", use_cache: bool = True,
                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Explain one image file with a run's model: (overlay, heatmap), both at the model's input size.
 
@@ -983,7 +1031,9 @@ def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", 
         Weight of the colour map in the overlay.
     colormap : {"jet", "turbo", "gray"}
     layer : str, optional
-        Layer to explain (default: :func:`find_last_conv_layer`).
+        Layer to explain (default: :func:`find_last_conv_layer`, or the layer of ``detail``).
+    detail : {"standard", "fine"}
+        Resolution of the map when ``layer`` is not given (:func:`detail_layer`).
     use_cache : bool
         False recomputes and does not write the disk cache.
     progress : callable(done, total), optional
@@ -1005,9 +1055,12 @@ def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", 
     if method not in METHODS:
         raise ConfigError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     _lut(colormap)
+    if detail not in DETAILS:
+        raise ConfigError(f"unknown Grad-CAM detail {detail!r}; choose one of {', '.join(DETAILS)}")
     model_file = model_path(run)
     image_file, image_stat = _stat_image(image_path)
-    cache_file = _cache_file(model_file, image_file, image_stat, method, layer)
+    cache_file = _cache_file(model_file, image_file, image_stat, method,
+                             layer or (None if detail == "standard" else f"detail:{detail}"))
     if use_cache:
         heat = _read_cached(cache_file)
         if heat is not None:
@@ -1026,7 +1079,7 @@ def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", 
     model = load_run_model(model_file)
     if progress is not None:
         progress(1, 3)
-    explainer = get_explainer(model, method, layer)
+    explainer = get_explainer(model, method, layer if layer is not None else detail_layer(model, detail))
     if progress is not None:
         progress(2, 3)
     image = _load(image_file, explainer.input_size or _DEFAULT_SIZE)

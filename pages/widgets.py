@@ -299,10 +299,10 @@ def _has_model(run: Mapping) -> bool:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def _heatmap(run_dir: str, model_signature: tuple, image_path: str, image_signature: tuple,
-             method: str) -> np.ndarray:
+             method: str, detail: str = "standard") -> np.ndarray:
     from melcore.explain import explain_image
 
-    return explain_image(run_dir, image_path, method)[1]
+    return explain_image(run_dir, image_path, method, detail=detail)[1]
 
 
 def _signature(path: Path) -> tuple:
@@ -336,6 +336,10 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
     method = bottom[0].radio("Method", list(GRADCAM_METHODS), format_func=GRADCAM_METHODS.get, horizontal=True,
                              key=f"{key}_gc_method")
     opacity = bottom[1].slider("Opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_gc_opacity")
+    detail = st.radio("Detail", list(explain.DETAILS), format_func=explain.DETAILS.get, horizontal=True,
+                      key=f"{key}_gc_detail",
+                      help="Fine explains an earlier, higher-resolution feature map that every path to the score "
+                           "still passes through (e.g. 28x28 instead of 7x7 for EfficientNet-Lite0 at 224 px).")
     if not show:
         st.caption("Switch on to compute the overlay (a few seconds the first time for each model and image).")
         return
@@ -343,13 +347,14 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
     try:
         model_file = explain.model_path(run["run_dir"])
         with st.spinner(f"Computing {GRADCAM_METHODS[method]} for {lesion.get('image_name')}..."):
-            heat = _heatmap(str(run["run_dir"]), _signature(model_file), str(path), _signature(path), method)
+            heat = _heatmap(str(run["run_dir"]), _signature(model_file), str(path), _signature(path), method, detail)
         image = load_image(path, heat.shape, cache=image_cache())
         picture = explain.overlay(image, heat, opacity=opacity)
     except (MelcoreError, OSError) as exc:
         st.error(f"Grad-CAM failed: {exc}")
         return
-    st.image(picture, caption=f"{GRADCAM_METHODS[method]} · {labels[run_id]} · red = raised the melanoma score",
+    st.image(picture, caption=f"{GRADCAM_METHODS[method]} ({explain.DETAILS[detail].split(' (')[0].lower()}) · "
+                              f"{labels[run_id]} · red = raised the melanoma score",
              width="stretch")
     if colour_model_of(run["run_dir"]):
         colour_outline(load_image(path, 256, cache=image_cache()))

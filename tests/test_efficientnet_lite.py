@@ -245,3 +245,5 @@ def test_cpu_default_run_delivers_the_score_its_grad_cam_explains(demo_dir, tmp_
     assert fine_layer in [layer.name for layer in model.layers]
     _, fine = explain_image(run.run_dir, paths[0], layer=fine_layer)
     assert fine.shape == (64, 64) and not np.allclose(fine, heat)
+    _, by_detail = explain_image(run.run_dir, paths[0], detail="fine")
+    np.testing.assert_allclose(by_detail, fine, atol=1e-3)

@@ -213,7 +213,7 @@ def test_gradcam_overlay_is_computed_on_demand_and_cached(seeded, tmp_path, monk
     calls = []
 
     def fake_explain_image(run, image_path, method="gradcam", opacity=0.4, **kwargs):
-        calls.append((str(run), str(image_path), method))
+        calls.append((str(run), str(image_path), method, kwargs.get("detail", "standard")))
         heat = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
         return explain.overlay(np.zeros((32, 32, 3), np.uint8), heat, opacity), heat
 
@@ -228,12 +228,15 @@ def test_gradcam_overlay_is_computed_on_demand_and_cached(seeded, tmp_path, monk
     assert calls[0][1] == str(Path(seeded["table"].set_index("image_name").loc[
         at.selectbox(key="patients_lesion").value, "image_path"]).resolve())
     captions = [img.proto.imgs[0].caption for img in at.get("image")]
-    assert any(c.startswith("Grad-CAM ·") for c in captions)
+    assert any(c.startswith("Grad-CAM (standard) ·") for c in captions)
     at.slider(key="patients_panel_gc_opacity").set_value(0.8).run()
     assert len(calls) == 1  # opacity only re-blends the cached heatmap
     at.radio(key="patients_panel_gc_method").set_value("gradcam++").run()
     assert len(calls) == 2 and calls[1][2] == "gradcam++"
     assert any(img.proto.imgs[0].caption.startswith("Grad-CAM++") for img in at.get("image"))
+    at.radio(key="patients_panel_gc_detail").set_value("fine").run()
+    assert len(calls) == 3 and calls[2][2:] == ("gradcam++", "fine")
+    assert any(img.proto.imgs[0].caption.startswith("Grad-CAM++ (fine) ·") for img in at.get("image"))
     assert not any("cyan outline" in img.proto.imgs[0].caption for img in at.get("image"))
 
     # A run whose scores come from a colour model also shows the region that model measured.

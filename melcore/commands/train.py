@@ -40,7 +40,7 @@ _FIELDS = {
     "n_folds": "n_folds", "seed": "seed", "weights": "weights", "fallback_to_scratch": "fallback_to_scratch",
     "patience": "early_stopping_patience", "fine_tune_epochs": "fine_tune_epochs",
     "unfreeze_blocks": "unfreeze_blocks", "tta": "tta", "workers": "workers", "mode": "mode",
-    "cache_images": "cache_images", "deterministic": "deterministic",
+    "cache_images": "cache_images", "deterministic": "deterministic", "pooling": "pooling", "head_fit": "head_fit",
 }
 
 
@@ -54,11 +54,12 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--config", metavar="JSON",
                        help="a training config: a JSON file or JSON text; options given here override it")
     group.add_argument("--preset", metavar="NAME",
-                       help="start from a named recipe (cpu-default: the best CPU recipe; see melcore.presets); "
+                       help="start from a named recipe (cpu-default, the default when no --model is given: ImageNet "
+                            "EfficientNet-Lite0 transfer learning; colour-svm; see melcore.presets); "
                             "--config and the options given override its values")
     group.add_argument("--model", metavar="NAME",
                        help="registry name: basic-cnn, cnn-bn, resnet50, efficientnet-b0..b7, "
-                            "efficientnet-b0-ns..b7-ns")
+                            "efficientnet-b0-ns..b7-ns, efficientnet-lite0..lite4")
     group.add_argument("--image-size", type=int, metavar="N", help="square image side in pixels")
     group.add_argument("--epochs", type=int, metavar="E",
                        help="epochs (of the head stage when pretrained weights are loaded); default 10")
@@ -94,6 +95,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="score the final validation predictions with the 8 flips/transposes")
     group.add_argument("--workers", type=int, metavar="N", help="image-loading threads")
     group.add_argument("--mode", metavar="M", help="full (default) or fast-head")
+    group.add_argument("--pooling", metavar="P", help="avg (default) or multi-level: how feature maps are pooled")
+    group.add_argument("--head-fit", metavar="H",
+                       help="fast-head mode: gradient (default; epochs) or logistic-cv (L2 logistic head, C by "
+                            "patient-grouped inner cross-validation)")
     group.add_argument("--no-cache", dest="cache_images", action="store_false", default=None,
                        help="do not keep resized images in the on-disk cache")
     group.add_argument("--nondeterministic", dest="deterministic", action="store_false", default=None,
@@ -135,9 +140,10 @@ def config_from_args(args: argparse.Namespace):
             data[name] = value
     if getattr(args, "no_early_stopping", None):
         data["early_stopping_patience"] = None
-    if not data.get("model"):
-        raise ConfigError("no model given: pass --model NAME (e.g. cnn-bn or efficientnet-b3) or a --config "
-                          "with a 'model'")
+    if not data.get("model"):  # nothing names a model: the default recipe (pretrained EfficientNet-Lite0)
+        from melcore.presets import DEFAULT_PRESET, preset_values
+
+        data = {**preset_values(DEFAULT_PRESET), **data}
     return TrainConfig.from_dict(data)
 
 
