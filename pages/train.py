@@ -500,7 +500,7 @@ def _run_note(store, job: dict) -> None:
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
         st.warning(f"Asked for {requested} weights but trained from scratch: "
-                   f"{run.get('notes') or weights.get('note') or 'the weights could not be loaded'}")
+                   f"{run.get('notes') or (metrics.get("weights") or {}).get("note") or 'the weights could not be loaded'}")
     elif run.get("notes"):
         st.caption(run["notes"])
 
