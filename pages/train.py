@@ -497,10 +497,11 @@ def _run_note(store, job: dict) -> None:
         score = f"validation AUROC **{format_number(metrics.get('val_auroc'), '.3f')}**"
     st.success(f"➜ **Run #{run['id']}** ({run['name']}) · {score} · {how}. "
                "Open it on the **Compare** page; review its predictions on **Review**.")
+    weights = metrics.get("weights") or {}
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
         st.warning(f"Asked for {requested} weights but trained from scratch: "
-                   f"{run.get('notes') or (metrics.get("weights") or {}).get("note") or 'the weights could not be loaded'}")
+                   f"{run.get('notes') or weights.get('note') or 'the weights could not be loaded'}")
     elif run.get("notes"):
         st.caption(run["notes"])
 
