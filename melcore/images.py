@@ -51,6 +51,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from melcore.errors import ConfigError, ImageError
+from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -178,8 +179,7 @@ def _describe_bytes(head: bytes) -> str:
     except UnicodeDecodeError:
         text = None
     if text is not None and text and sum(ch.isprintable() or ch in "\r\n\t" for ch in text) >= 0.95 * len(text):
-        snippet = " ".join(text.split())[:40]
-        return f"text (starts with {snippet!r})"
+        return "text (its content is not shown)"
     if not head.strip(b"\x00"):
         return "only zero bytes"
     return "unrecognised binary data"
@@ -208,8 +208,11 @@ def _check_file(path: str) -> os.stat_result:
         raise ImageError(path, "permission denied; make the file readable for this user") from None
     except OSError as exc:
         raise ImageError(path, f"cannot read the file ({exc.strerror or exc})") from None
-    if os.path.isdir(path):
+    kind = not_a_regular_file(path)
+    if kind == "a folder":
         raise ImageError(path, "is a directory, not an image file")
+    if kind is not None:
+        raise ImageError(path, f"is {kind}, not an image file; refusing to read it")
     if st.st_size == 0:
         raise ImageError(path, "file is empty (0 bytes); the copy or download probably failed, copy it again")
     return st
@@ -848,18 +851,14 @@ def confine(path: PathLike, roots: Iterable[PathLike | None]) -> Path:
     raw = os.fspath(path)
     if "\x00" in raw:
         raise ImageError(raw.replace("\x00", "\\0"), "the path contains a NUL byte; refusing to read it")
-    resolved = Path(raw).expanduser().resolve(strict=False)
-    allowed = []
-    for root in roots:
-        if root is None or os.fspath(root) == "":
-            continue
-        allowed.append(Path(os.fspath(root)).expanduser().resolve(strict=False))
+    allowed = resolve_roots(roots)
     if not allowed:
         raise ImageError(raw, "no dataset folder is registered to read images from; refusing to read it "
                               "(register the dataset with its image folder)")
-    for root in allowed:
-        if resolved == root or resolved.is_relative_to(root):
-            return resolved
+    resolved = inside(raw, allowed)
+    if resolved is not None:
+        return resolved
+    resolved = Path(raw).expanduser().resolve(strict=False)
     where = " or ".join(str(r) for r in allowed)
     shown = raw if str(resolved) == raw else f"{raw} (resolves to {resolved})"
     raise ImageError(shown, f"outside the dataset's registered folders ({where}); refusing to read it. "

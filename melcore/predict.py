@@ -450,6 +450,8 @@ def predict_cohort(run_or_dir, cohort, tta: bool = False, batch_size: int = DEFA
 def list_image_files(folder, recursive: bool = False) -> list[Path]:
     """Image files of a folder (by extension: jpg, jpeg, png, bmp, tif, tiff, webp), sorted by name.
 
+    Symbolic links that resolve outside ``folder`` are left out (never read).
+
     Raises
     ------
     ConfigError
@@ -457,13 +459,15 @@ def list_image_files(folder, recursive: bool = False) -> list[Path]:
         (``a.jpg`` and ``a.png`` would give two rows named ``a``).
     """
     from melcore.cohort import IMAGE_EXTENSIONS
+    from melcore.safety import inside
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder of images")
     pattern = root.rglob("*") if recursive else root.iterdir()
     files = sorted((p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not p.name.startswith(".")), key=lambda p: (p.stem, str(p)))
+                    and not p.name.startswith(".") and inside(p, [root]) is not None),
+                   key=lambda p: (p.stem, str(p)))
     if not files:
         raise ConfigError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     seen: dict[str, Path] = {}

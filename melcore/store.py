@@ -173,6 +173,19 @@ def _row(row) -> dict:
     return dict(row._mapping) if row is not None else None
 
 
+def _check_data_roots(paths: dict) -> None:
+    """MelcoreError unless every given path (``{what: path or None}``) lies inside :func:`settings.data_roots`."""
+    from melcore.safety import inside
+
+    roots = settings.data_roots()
+    for what, path in paths.items():
+        if path is not None and str(path).strip() and inside(path, roots) is None:
+            allowed = ", ".join(str(r) for r in roots)
+            raise MelcoreError(f"{what} {path} is outside the folders datasets may be registered from ({allowed}); "
+                               "move the data into one of them, or ask the operator to add its folder to "
+                               "MELREVIEW_DATA_ROOTS")
+
+
 def _sqlite_pragmas(dbapi_conn, _record):
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -289,6 +302,8 @@ class Store:
 
         if self.find_dataset((name or "").strip()) is not None:
             raise MelcoreError(f"a dataset named {name.strip()!r} already exists; choose another name")
+        _check_data_roots({"label table": csv_path, "image folder": images_dir, "metadata table": metadata_path,
+                           "clinic table": load_options.get("clinic_csv")})
         cohort = load_cohort(csv_path, images_dir, format=format, clinic_column=clinic_column,
                              metadata=metadata_path, name=name, **load_options)
         dataset_id = self.add_dataset(name, Path(csv_path).resolve(),
