@@ -213,3 +213,28 @@ def test_a_named_pipe_as_an_image_is_reported_not_read(tmp_path):
 
     with pytest.raises(ImageError, match=r"is a named pipe \(FIFO\), not an image file"):
         load_image(images / "pipe.jpg", 16)
+
+
+# --------------------------------------------------------------------------- 3. store URL off the command line
+
+
+def test_the_started_worker_gets_the_store_url_from_its_environment_not_its_command_line(tmp_path):
+    import signal
+    import time
+
+    from trainers.launch import ensure_worker
+
+    url = f"sqlite:///{tmp_path / 'pw-store.db'}"
+    pid = ensure_worker(Store(url))
+    assert pid is not None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode()
+        assert "trainers.worker" in cmdline
+        assert url not in cmdline and "pw-store" not in cmdline
+        assert f"MELREVIEW_DB_URL={url}\0" in environ
+    finally:
+        os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.05)
