@@ -238,3 +238,36 @@ def test_the_started_worker_gets_the_store_url_from_its_environment_not_its_comm
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
             time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- 11. CSV export formula guard
+
+
+@pytest.mark.parametrize("note", ["fine\r=cmd|' /C calc'!A0", "fine\n=cmd|' /C calc'!A0", "fine\r\n@SUM(A1)",
+                                  "a\r\rb\r+HYPERLINK(\"http://x\")"])
+def test_export_quotes_line_breaks_and_guards_every_line(note):
+    import csv
+    import io
+    import re
+
+    from melcore.review import reviews_csv
+
+    store = Store()
+    run_id = store.add_run("r", model="m")
+    store.add_review(run_id, "IMG_1", "Dr A", "agree", note)
+    text = reviews_csv(store.review_history(run_id))
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert len(rows) == 2  # the header and one decision: the line break did not start a row
+    note_back = rows[1][rows[0].index("note")]
+    assert note_back.replace("'", "") == note.replace("'", "")
+    # a reader that splits rows at every CR or LF sees no line that starts like a formula
+    for line in re.split(r"\r\n|\r|\n", text):
+        assert not line.lstrip('"').startswith(("=", "+", "@")), line
+    assert '"' + note_back.replace('"', '""') + '"' in text  # the field holding line breaks is quoted
+
+
+def test_export_keeps_plain_numbers_on_every_line():
+    from melcore.review import _spreadsheet_safe
+
+    assert _spreadsheet_safe("-1.5\n-2") == "-1.5\n-2"
+    assert _spreadsheet_safe("ok\r\n=1+1") == "ok\r\n'=1+1"
