@@ -23,10 +23,17 @@ __all__ = ["escape_markdown", "inside", "not_a_regular_file", "resolve_roots"]
 
 PathLike = Union[str, os.PathLike]
 
-# Every ASCII punctuation character may be backslash-escaped in CommonMark; these are the
-# ones Markdown, GitHub-flavoured Markdown and Streamlit's extensions (":red[...]",
-# ":material/icon:", "$math$") give a meaning to.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:=&\"'])")
+# Characters that start a Markdown construct anywhere in a line: code, emphasis, links and
+# images ("[" and "]": "(", ")" and "!" mean nothing without them), raw HTML and "<url>"
+# links, math, strikethrough, Streamlit's ":red[...]" / ":material/x:" directives (and the
+# "http://" of a bare link), e-mail autolinks, entities.
+_ANYWHERE = re.compile(r"([\\`*\[\]<>$~:@&])")
+# "_" starts emphasis only at a word boundary ("ISIC_0001" is plain text), and "." only makes
+# a link in "www." (GitHub-flavoured bare links).
+_BOUNDARY_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+_WWW_DOT = re.compile(r"(?i)(?<=www)\.")
+# At the start of the text: a heading, a list item ("- ", "+ ", "1. ", "1) ") or a setext line.
+_LEADING = re.compile(r"^(\s*)([-+=#]|\d+(?=[.)]))")
 _LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x0b\x0c\x85]+")
 
 
@@ -94,4 +101,14 @@ def escape_markdown(text) -> str:
     """
     if text is None:
         return ""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", _LINE_BREAKS.sub(" ", str(text)))
+    text = _LINE_BREAKS.sub(" ", str(text))
+    text = _ANYWHERE.sub(r"\\\1", text)
+    text = _BOUNDARY_UNDERSCORE.sub(r"\\_", text)
+    text = _WWW_DOT.sub(r"\\.", text)
+    return _LEADING.sub(_escape_leading, text)
+
+
+def _escape_leading(match: re.Match) -> str:
+    """``- x`` -> ``\\- x``; ``12. x`` -> ``12\\. x`` (the dot or bracket after the number is escaped)."""
+    space, mark = match.group(1), match.group(2)
+    return space + (mark + "\\" if mark[0].isdigit() else "\\" + mark)
