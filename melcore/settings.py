@@ -13,9 +13,16 @@ from pathlib import Path
 
 
 def home() -> Path:
-    """The data directory, created on first use."""
+    """The data directory, created on first use; ConfigError when it cannot be a folder."""
+    from melcore.errors import ConfigError
+
     path = Path(os.environ.get("MELREVIEW_HOME", "~/.melreview")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "is a file, not a folder" if path.exists() else f"cannot be created ({exc.strerror or exc})"
+        raise ConfigError(f"MELREVIEW_HOME={path} {what}; set MELREVIEW_HOME to a folder this user can "
+                          "write") from None
     return path
 
 
