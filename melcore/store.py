@@ -174,6 +174,10 @@ def _row(row) -> dict:
     return dict(row._mapping) if row is not None else None
 
 
+MIGRATION_LOCK = 0x6D656C72  # PostgreSQL advisory lock key ("melr") held while the schema is created or migrated
+REQUEUED = "requeued:"  # how the note of a job put back in the queue after its worker died starts
+
+
 def _shortened(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, the cut marked with an ellipsis (for display names built from parts)."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -300,8 +304,16 @@ class Store:
             return int(value or 0)
 
     def migrate(self) -> int:
-        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`; returns the version."""
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`; returns the version.
+
+        On PostgreSQL the transaction first takes an advisory lock (:data:`MIGRATION_LOCK`),
+        so processes opening one database at the same time (workers on several machines, the
+        app) create or migrate the schema one after the other; SQLite's ``BEGIN IMMEDIATE``
+        serialises them already.
+        """
         with self._write() as conn:
+            if not self.is_sqlite:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             if not sa.inspect(conn).has_table("schema_version"):
                 metadata.create_all(conn)
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=_now()))
@@ -619,13 +631,19 @@ class Store:
 
     def finish_job(self, job_id: int, claim_token: str, state: str, *, run_id: int | None = None,
                    error: str | None = None, log: str | None = None) -> bool:
-        """Record a job's ending (done, cancelled or failed); False when the claim was lost."""
+        """Record a job's ending (done, cancelled or failed); False when the claim was lost.
+
+        Without an ``error``, a note left by :meth:`requeue_stale` stays, so a job that
+        succeeded on its second attempt still says its first worker died.
+        """
         if state not in ("done", "cancelled", "failed"):
             raise MelcoreError(f"a job ends as done, cancelled or failed, not {state!r}")
         with self._write() as conn:
             result = conn.execute(jobs.update().where(
                 jobs.c.id == job_id, jobs.c.claim_token == claim_token, jobs.c.state == "running").values(
-                state=state, run_id=run_id, error=error, log=log, finished_at=_now()))
+                state=state, run_id=run_id, log=log, finished_at=_now(),
+                error=error if error is not None else sa.case((jobs.c.error.like(REQUEUED + "%"), jobs.c.error),
+                                                              else_=None)))
             return result.rowcount == 1
 
     def requeue_stale(self, stale_after: float = 60.0) -> list[dict]:
@@ -633,7 +651,10 @@ class Store:
 
         A running job whose heartbeat is older than ``stale_after`` seconds goes back
         to the queue while it has attempts left, and otherwise fails with the reason.
-        Returns the jobs acted on as dicts with id and the new state.
+        A requeued job starts again from an empty curve (the dead attempt's points and
+        progress are dropped) and keeps the "requeued" note when the retry succeeds
+        (:meth:`finish_job`); the dead worker's row leaves ``workers``. Returns the jobs
+        acted on as dicts with id and the new state.
         """
         cutoff = _now() - stale_after
         acted = []
@@ -649,8 +670,8 @@ class Store:
                     values = dict(state="cancelled", finished_at=_now(), claim_token=None,
                                   error=f"worker {job.worker_id} stopped responding after the cancel request")
                 elif job.attempts < job.max_attempts:
-                    values = dict(state="queued", worker_id=None, claim_token=None,
-                                  error=f"requeued: worker {job.worker_id} stopped responding "
+                    values = dict(state="queued", worker_id=None, claim_token=None, history=[], progress={},
+                                  error=f"{REQUEUED} worker {job.worker_id} stopped responding "
                                         f"(attempt {job.attempts} of {job.max_attempts})")
                 else:
                     values = dict(state="failed", finished_at=_now(), claim_token=None,
@@ -658,6 +679,8 @@ class Store:
                                         f"{job.max_attempts} attempts")
                 if conn.execute(jobs.update().where(guard).values(**values)).rowcount == 1:
                     acted.append({"id": job.id, "state": values["state"]})
+                    if job.worker_id:
+                        conn.execute(workers.delete().where(workers.c.worker_id == job.worker_id))
         return acted
 
     def get_job(self, job_id: int) -> dict:
