@@ -559,6 +559,8 @@ def _job_card(store, job: dict) -> None:
                 _run_note(store, job)
             else:
                 st.info("Done (no run recorded).")
+            if job.get("error"):  # e.g. an earlier attempt's worker died and the job was requeued
+                st.caption(escape_markdown(job["error"]))
         p = job.get("progress") or {}
         unit = "fold" if p.get("stage") == "fold" else "epoch"
         reached = f"reached {unit} {p['epoch']}/{p.get('epochs', '?')} · " if p.get("epoch") else ""
