@@ -41,6 +41,7 @@ from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "columns_text",
     "FORMATS",
     "Cohort",
     "CohortReport",
@@ -86,6 +87,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 _TARGET_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "benign": 0, "malignant": 1}
 _SHOW = 5  # how many names/rows a message lists
+MAX_AGE = 120  # years; a larger (or negative, infinite) age is a typo and is treated as unknown
 
 # Internal bookkeeping columns, removed before the table is returned.
 _LINE = "__line"  # CSV line number (header = line 1), or None
@@ -452,7 +454,8 @@ def _read_csv(path: Path, what: str = "table") -> pd.DataFrame:
     table = None
     for encoding in ("utf-8-sig", "latin-1"):
         try:
-            table = pd.read_csv(path, dtype=object, sep=sep, encoding=encoding)
+            # index_col=False: a delimiter at the end of every row must not turn the first column into the index
+            table = pd.read_csv(path, dtype=object, sep=sep, encoding=encoding, index_col=False)
             break
         except UnicodeDecodeError:
             continue
@@ -463,7 +466,7 @@ def _read_csv(path: Path, what: str = "table") -> pd.DataFrame:
         raise CohortError(f"cannot read {what} {path}: unknown text encoding")
     table.columns = [str(c).strip() for c in table.columns]
     if table.empty:
-        raise CohortError(f"{what} {path} has a header ({_columns_text(table.columns)}) but no rows; "
+        raise CohortError(f"{what} {path} has a header ({columns_text(table.columns)}) but no rows; "
                           "expected one row per image below the header")
     return table
 
@@ -474,7 +477,7 @@ _KNOWN_COLUMNS = frozenset(
     + ["dx_type", "localization", "benign_malignant", "anatom_site_general_challenge"])
 
 
-def _columns_text(columns: Sequence[str]) -> str:
+def columns_text(columns: Sequence[str]) -> str:
     """The header's column names for a message, or only their count when none is a lesion-table column.
 
     A path typed into the app or the CLI may name any file the server can read (a
@@ -501,7 +504,7 @@ def _detect_format(columns: Sequence[str], path: Path) -> str:
     if lower & set(_ALIASES["image_name"]):
         return "generic"
     raise CohortError(
-        f"{path}: cannot tell the table format from its columns ({_columns_text(columns)}). Expected one of: "
+        f"{path}: cannot tell the table format from its columns ({columns_text(columns)}). Expected one of: "
         "ISIC 2020 (image_name, patient_id, sex, age_approx, anatom_site_general_challenge, diagnosis, "
         "target), ISIC 2019 (image, MEL, NV, BCC, ...), HAM10000 (lesion_id, image_id, dx, age, sex, "
         "localization), generic (image_name, target, ...). Pass --format (format=) or a column mapping "
@@ -540,7 +543,7 @@ def _missing_columns(path: Path, fmt: str, missing: Sequence[str], found: Sequen
                      expected: str) -> CohortError:
     return CohortError(
         f"{path}: the {fmt} format needs column(s) {', '.join(missing)}, but the table has "
-        f"{_columns_text(found)}; expected {expected}. Pass --format (format=) with the table's format, or a "
+        f"{columns_text(found)}; expected {expected}. Pass --format (format=) with the table's format, or a "
         "column mapping such as --map image_name=COLUMN (mapping={'image_name': COLUMN, 'target': COLUMN})."
     )
 
@@ -618,7 +621,7 @@ def _load_mapping(raw: pd.DataFrame, path: Path, mapping: Mapping[str, str]) -> 
             fixed[canonical] = found
     if absent:
         raise CohortError(f"{path}: mapped column(s) {', '.join(absent)} not in the table; "
-                          f"its columns are {_columns_text(raw.columns)}")
+                          f"its columns are {columns_text(raw.columns)}")
     sources = _resolve_aliases(raw.columns, fixed)
     if "image_name" not in sources:
         raise _missing_columns(path, "mapping", ["image_name"], list(raw.columns),
@@ -820,6 +823,15 @@ def _coerce_age(frame: pd.DataFrame, report: CohortReport) -> pd.Series:
                  zip(frame.loc[bad, _LINE][:_SHOW], frame.loc[bad, "image_name"][:_SHOW], raw[bad][:_SHOW])]
         report.warnings.append(f"{int(bad.sum()):,} age values are not numbers and are treated as unknown "
                                f"({'; '.join(shown)}{_more(int(bad.sum()))})")
+    implausible = numbers.notna() & ~numbers.between(0, MAX_AGE)
+    if implausible.any():
+        shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
+                 zip(frame.loc[implausible, _LINE][:_SHOW], frame.loc[implausible, "image_name"][:_SHOW],
+                     raw[implausible][:_SHOW])]
+        report.warnings.append(f"{int(implausible.sum()):,} age values are outside 0-{MAX_AGE} years and are treated "
+                               f"as unknown ({'; '.join(shown)}{_more(int(implausible.sum()))}); correct them in the "
+                               "table")
+        numbers = numbers.where(~implausible)
     return numbers
 
 
@@ -868,7 +880,7 @@ def _join_metadata(frame: pd.DataFrame, path: Path, report: CohortReport) -> Non
     meta = _read_csv(path, what="metadata")
     key = _find(meta.columns, _ALIASES["image_name"])
     if key is None:
-        raise CohortError(f"metadata {path} has no image column to join on (columns: {_columns_text(meta.columns)}); "
+        raise CohortError(f"metadata {path} has no image column to join on (columns: {columns_text(meta.columns)}); "
                           "expected one of image, image_name, image_id, isic_id")
     sources = _resolve_aliases(meta.columns, {"image_name": key}, skip=("target",))
     meta = _indexed_by_image(meta, key, path, "metadata", report)
@@ -902,7 +914,7 @@ def _clinic_from_column(raw: pd.DataFrame | None, frame: pd.DataFrame, column: s
     if found is not None:
         return frame[found].to_numpy()
     columns = list(raw.columns) if raw is not None else [c for c in frame.columns if not c.startswith("__")]
-    raise CohortError(f"{path}: clinic column {column!r} not found; the table has {_columns_text(columns)}. "
+    raise CohortError(f"{path}: clinic column {column!r} not found; the table has {columns_text(columns)}. "
                       "Name one of these with --clinic-column, or join a second table with --clinic-csv.")
 
 
@@ -911,15 +923,15 @@ def _clinic_from_csv(frame: pd.DataFrame, path: Path, column: str | None, report
     key = _find(table.columns, ("isic_id", "image_name", "image", "image_id", "filename", "file_name"))
     if key is None:
         raise CohortError(f"clinic table {path} has no image column to join on (columns: "
-                          f"{_columns_text(table.columns)}); expected isic_id, image_name, image or image_id")
+                          f"{columns_text(table.columns)}); expected isic_id, image_name, image or image_id")
     if column:
         clinic = _find(table.columns, (column.strip().lower(),))
         if clinic is None:
-            raise CohortError(f"clinic table {path} has no column {column!r} (columns: {_columns_text(table.columns)})")
+            raise CohortError(f"clinic table {path} has no column {column!r} (columns: {columns_text(table.columns)})")
     else:
         clinic = _find(table.columns, CLINIC_COLUMN_NAMES, exclude=(key,))
         if clinic is None:
-            raise CohortError(f"clinic table {path} has no clinic column (columns: {_columns_text(table.columns)}); "
+            raise CohortError(f"clinic table {path} has no clinic column (columns: {columns_text(table.columns)}); "
                               f"expected one of {', '.join(CLINIC_COLUMN_NAMES)} or name it with --clinic-column")
     table = _indexed_by_image(table, key, path, "clinic table", report)
     values = table[clinic].reindex(_join_key(frame["image_name"]))

@@ -675,3 +675,27 @@ def test_four_processes_opening_a_new_postgresql_database_at_once_all_succeed(fr
 
     assert [(code, out.strip()) for code, out, _ in results] == [(0, str(SCHEMA_VERSION))] * 4, \
         [err[-500:] for _, _, err in results]
+
+
+def test_one_non_numeric_prediction_is_the_only_one_named(tmp_path):
+    from melcore.commands.evaluate import read_predictions
+
+    csv = tmp_path / "preds.csv"
+    csv.write_text("image_name,prediction,target\na,0.1,0\nb,oops,1\nc,0.9,1\nd,0.3,0\n")
+    with pytest.raises(MelcoreError) as info:
+        read_predictions(csv)
+    message = str(info.value)
+    assert "not a number" in message and "(1 of 4 bad)" in message and "b" in message
+    good = tmp_path / "good.csv"
+    good.write_text("image_name,prediction,target\na,0.1,0\nb,0.2,1\n")
+    assert read_predictions(good)["prediction"].tolist() == [0.1, 0.2]
+
+
+def test_evaluate_names_a_secret_file_without_quoting_it(tmp_path):
+    from melcore.commands.evaluate import read_predictions
+
+    secret = tmp_path / ".env"
+    secret.write_text(SECRET_FILES[".env-with-rows"])
+    with pytest.raises(MelcoreError) as info:
+        read_predictions(secret)
+    assert ".env" in str(info.value) and SECRET not in str(info.value) and "DB_PASSWORD" not in str(info.value)
