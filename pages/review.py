@@ -113,7 +113,8 @@ def _save(run_id: int, image: str, then: str | None) -> None:
     _drafts().pop((run_id, image), None)
     st.session_state[note_key] = ""
     st.session_state[decision_key] = None
-    st.session_state[K + "flash"] = f"Saved **{decision}** for {image} by {reviewer}."
+    st.session_state[K + "flash"] = (f"Saved **{escape_markdown(decision)}** for {escape_markdown(image)} by "
+                                     f"{escape_markdown(reviewer)}.")
     _go_to(then)
 
 

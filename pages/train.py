@@ -494,7 +494,7 @@ def _run_note(store, job: dict) -> None:
                "Open it on the **Compare** page; review its predictions on **Review**.")
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
-        st.warning(f"Asked for {requested} weights but trained from scratch: "
+        st.warning(f"Asked for {escape_markdown(requested)} weights but trained from scratch: "
                    + escape_markdown(run.get("notes") or weights.get("note") or "the weights could not be loaded"))
     elif run.get("notes"):
         st.caption(escape_markdown(run["notes"]))

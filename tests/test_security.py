@@ -334,6 +334,29 @@ def test_review_page_shows_hostile_reviewer_names_and_notes_as_text(demo_dir):
     assert _unsafe(shown) == []  # ... as text only
 
 
+def test_saving_a_decision_as_a_hostile_reviewer_shows_the_name_as_text(demo_dir):
+    import numpy as np
+
+    from page_helpers import open_page, run
+
+    store = Store()
+    dataset_id, cohort = store.register_dataset("demo", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    table = cohort.table.iloc[:5]
+    run_id = store.add_run("run", dataset_id=dataset_id, model="cnn-bn", threshold=0.5)
+    store.add_predictions(run_id, table[["image_name", "patient_id", "clinic", "target"]].assign(
+        prediction=np.linspace(0.9, 0.1, len(table))), split="val")
+    at = open_page("review.py")
+    at.text_input(key="review_reviewer").input(PHISHING)
+    image = at.session_state["review_current"]
+    at.radio(key=f"review_decision_{run_id}_{image}").set_value("agree")
+    at.text_area(key=f"review_note_{run_id}_{image}").input(REMOTE_IMAGE)
+    at.button(key="review_save").click()
+    run(at)
+    assert store.review_history(run_id, image)["reviewer"].tolist() == [PHISHING]  # stored as typed
+    shown = "\n".join(str(e.value) for e in [*at.markdown, *at.caption, *at.success, *at.info, *at.error])
+    assert r"\[Re-login here\]" in shown and _unsafe(shown) == []
+
+
 def test_home_page_shows_hostile_dataset_names_and_paths_as_text(demo_dir, tmp_path):
     from streamlit.testing.v1 import AppTest
 
