@@ -280,7 +280,7 @@ class Store:
             raise StoreError(self._unusable(exc)) from None
 
     def _unusable(self, exc: BaseException) -> str:
-        """A one-line message for a store that cannot be opened: its URL (password hidden) and the reason."""
+        """A one-line message for a store that cannot be opened or written: its URL (password hidden), the reason."""
         reason = getattr(exc, "orig", None) or exc
         reason = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
         where = self.engine.url.render_as_string(hide_password=True)
