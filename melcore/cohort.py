@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from melcore.errors import CohortError
+from melcore.errors import CohortError, ImageError
 from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
@@ -1128,7 +1128,6 @@ def _verify_image(path: str) -> str | None:
     The same checks as training's reads: a regular file, at most the pixel limit in
     force (``MELREVIEW_MAX_PIXELS``), every byte of image data decoded (JPEGs at 1/8 scale).
     """
-    from melcore.errors import ImageError
     from melcore.images import verify_image
 
     try:
