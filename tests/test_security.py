@@ -722,3 +722,29 @@ def test_evaluate_names_a_secret_file_without_quoting_it(tmp_path):
     with pytest.raises(MelcoreError) as info:
         read_predictions(secret)
     assert ".env" in str(info.value) and SECRET not in str(info.value) and "DB_PASSWORD" not in str(info.value)
+
+
+def test_training_never_reads_or_quotes_files_outside_the_dataset(demo_dir, tmp_path):
+    import json
+
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "secret.jpg").write_text(f"PASSWORD={SECRET}\n")
+    (private / "up.jpg").write_text(f"TOKEN={SECRET}\n")
+    table = pd.read_csv(demo_dir / "labels.csv", dtype=str)
+    hostile = table.iloc[:2].copy()
+    hostile["image_name"] = [str(private / "secret.jpg"), "../private/up.jpg"]
+    (tmp_path / "ds").mkdir()
+    pd.concat([table, hostile]).to_csv(tmp_path / "ds" / "labels.csv", index=False)
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "melcore", "train", "--csv", str(tmp_path / "ds" / "labels.csv"),
+                             "--images", str(demo_dir / "jpeg" / "train"), "--model", "basic-cnn", "--image-size",
+                             "32", "--epochs", "1", "--augment", "none", "--out", str(run_dir)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = "\n".join(p.read_text(errors="replace") for p in run_dir.iterdir() if p.suffix in (".json", ".log",
+                                                                                                 ".csv"))
+    assert SECRET not in written + result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics  # the run finished and recorded its metrics without the two rows' files
