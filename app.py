@@ -88,8 +88,8 @@ def _register_form(store) -> None:
         show_error(exc, "Not registered")
         return
     summary = cohort.summary()
-    st.success(f"Registered {escape_markdown(repr(name.strip()))}: {summary['n_images']:,} images, {summary['n_patients']:,} patients, "
-               f"{summary['n_malignant']:,} malignant.")
+    st.success(f"Registered {escape_markdown(repr(name.strip()))}: {summary['n_images']:,} images, "
+               f"{summary['n_patients']:,} patients, {summary['n_malignant']:,} malignant.")
     for warning in summary.get("warnings") or []:
         st.warning(escape_markdown(warning))
 

@@ -272,7 +272,8 @@ class Store:
 
     @contextlib.contextmanager
     def _write(self):
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); StoreError, in one line, when the database refuses it."""
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); StoreError, in one line, when the database refuses
+        it (a read-only file, a folder that is gone, a server that is down)."""
         try:
             with self._writer.begin() as conn:
                 yield conn

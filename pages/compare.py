@@ -171,11 +171,12 @@ def _pick_runs(store, dataset: dict, active: list[dict], n_archived: int) -> tup
     runs = [r for r in active if r["kind"] != "cross-clinic"]
     if not runs:
         if n_archived:
-            st.info(f"Every run of **{escape_markdown(dataset['name'])}** is archived ({n_archived}); restore one below, or train a "
-                    "new one on the **Train** page.")
+            st.info(f"Every run of **{escape_markdown(dataset['name'])}** is archived ({n_archived}); restore one "
+                    "below, or train a new one on the **Train** page.")
             return [], "auto", False
-        st.info(f"No trained runs for **{escape_markdown(dataset['name'])}** yet. Train one on the **Train** page, or queue one "
-                f"from a terminal with `python -m melcore jobs submit --dataset \"{_in_code(dataset['name'])}\" --model "
+        st.info(f"No trained runs for **{escape_markdown(dataset['name'])}** yet. Train one on the **Train** page, "
+                "or queue one from a terminal with "
+                f"`python -m melcore jobs submit --dataset \"{_in_code(dataset['name'])}\" --model "
                 "efficientnet-b3` for the background worker (`python -m trainers.worker`); "
                 "`python -m melcore train --help` trains directly into a run folder. Finished runs appear here "
                 "with their validation predictions.")
@@ -423,7 +424,8 @@ def _save_section(focus: str, run: dict, threshold: float) -> None:
     saved = run["threshold"]
     cols[1].caption(f"Saved threshold of {escape_markdown(focus)}: **{format_threshold(saved)}** (used by the Review "
                     "page)" if saved is not None
-                    else f"{escape_markdown(focus)} has no saved threshold yet; the Review page uses 0.5 until you save one.")
+                    else f"{escape_markdown(focus)} has no saved threshold yet; the Review page uses 0.5 until you "
+                    "save one.")
 
 
 def _pairwise_section(table: pd.DataFrame) -> None:

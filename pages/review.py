@@ -242,8 +242,8 @@ def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshol
         st.session_state[K + "goto_scope"] = "all"
         st.rerun()
     else:
-        st.info(f"{escape_markdown(clicked)} is not in this run's worklist: the run did not score it (e.g. it was a training "
-                "image).")
+        st.info(f"{escape_markdown(clicked)} is not in this run's worklist: the run did not score it (e.g. it was a "
+                "training image).")
 
 
 # --------------------------------------------------------------------------- page

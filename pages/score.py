@@ -132,8 +132,8 @@ def main() -> None:
                    "the Compare page).")
     model_file = _model_file(run)
     if not model_file.is_file():
-        st.error(f"Run #{run['id']} has no model file: {escape_markdown(model_file)} does not exist (the run was cancelled before "
-                 "saving a model, or its folder was moved or deleted). Choose another run.")
+        st.error(f"Run #{run['id']} has no model file: {escape_markdown(model_file)} does not exist (the run was "
+                 "cancelled before saving a model, or its folder was moved or deleted). Choose another run.")
         return
 
     upload = st.file_uploader("Lesion image (JPEG or PNG, at most 20 MB)", type=["jpg", "jpeg", "png"],
@@ -150,8 +150,8 @@ def main() -> None:
     data = upload.getvalue()
     name = upload.name
     if len(data) > DEFAULT_MAX_UPLOAD_BYTES:
-        st.error(f"{escape_markdown(name)}: the file is {len(data) / 2**20:.1f} MB; the limit is {DEFAULT_MAX_UPLOAD_BYTES / 2**20:.0f} "
-                 "MB. Resize or re-compress the image.")
+        st.error(f"{escape_markdown(name)}: the file is {len(data) / 2**20:.1f} MB; the limit is "
+                 f"{DEFAULT_MAX_UPLOAD_BYTES / 2**20:.0f} MB. Resize or re-compress the image.")
         return
     try:
         stat = model_file.stat()

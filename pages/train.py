@@ -390,7 +390,8 @@ def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "
         show_error(exc, "Not queued")
         return
     listed = ", ".join(f"#{j}" for j in job_ids)
-    st.success(f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on {escape_markdown(repr(dataset['name']))}.")
+    st.success(f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on "
+               f"{escape_markdown(repr(dataset['name']))}.")
     _ensure_worker(store)
 
 
@@ -428,7 +429,8 @@ def _worker_status(store) -> None:
             doing = f"running job #{w['job_id']}"
         else:
             doing = "idle"
-        lines.append(f"**{escape_markdown(w.get('host') or '?')}** pid {w.get('pid') or '?'}: {doing} (beat {_ago(w['beat_at'])})")
+        lines.append(f"**{escape_markdown(w.get('host') or '?')}** pid {w.get('pid') or '?'}: {doing} "
+                     f"(beat {_ago(w['beat_at'])})")
     st.success(f"{len(shown)} worker{'s' if len(shown) > 1 else ''} running · " + " · ".join(lines))
 
 

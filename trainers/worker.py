@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="run the queued jobs, then exit")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between queue polls when idle")
-    parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file); a URL with a password "
+    parser.add_argument("--db", default=None,
+                        help="store URL (default: MELREVIEW_DB_URL or the SQLite file); a URL with a password "
                              "belongs in MELREVIEW_DB_URL, since every user can read a command line")
     parser.add_argument("--stale-after", type=float, default=STALE_AFTER,
                         help="seconds without a heartbeat before a running job is requeued")
