@@ -7,9 +7,12 @@ from pathlib import Path
 import streamlit as st
 
 from melcore.errors import MelcoreError
+from melcore.safety import escape_markdown
 from pages.common import ensure_first_dataset, page_start, show_error
 
 PAGES_DIR = Path(__file__).parent / "pages"
+# Served by this server: a ":material/..." page icon makes every browser fetch it from a font CDN.
+PAGE_ICON = Path(__file__).parent / "assets" / "page-icon.png"
 # (file, title, icon): pages appear in the navigation once their file exists.
 PAGES = [
     ("patients.py", "Patients", ":material/group:"),
@@ -37,9 +40,9 @@ def _dataset_card(dataset: dict) -> None:
     n_images = summary.get("n_images", 0)
     n_malignant = summary.get("n_malignant", 0)
     with st.container(border=True):
-        title = dataset["name"] + ("  ·  demo (synthetic)" if dataset.get("is_demo") else "")
+        title = escape_markdown(dataset["name"]) + ("  ·  demo (synthetic)" if dataset.get("is_demo") else "")
         st.subheader(title)
-        st.caption(f"{dataset.get('format') or 'auto'} · {dataset['csv_path']}")
+        st.caption(escape_markdown(f"{dataset.get('format') or 'auto'} · {dataset['csv_path']}"))
         cols = st.columns(4)
         cols[0].metric("Lesion images", f"{n_images:,}")
         cols[1].metric("Patients", f"{summary.get('n_patients', 0):,}")
@@ -48,12 +51,12 @@ def _dataset_card(dataset: dict) -> None:
         if summary.get("clinics"):
             st.plotly_chart(_clinic_chart(summary), width="stretch", key=f"clinics-{dataset['id']}")
         if summary.get("grouping"):
-            st.caption(f"Patient grouping: {summary['grouping']}")
+            st.caption(f"Patient grouping: {escape_markdown(summary['grouping'])}")
         warnings = summary.get("warnings") or []
         if warnings:
             with st.expander(f"{len(warnings)} warning(s)"):
                 for warning in warnings:
-                    st.warning(warning)
+                    st.warning(escape_markdown(warning))
 
 
 def _register_form(store) -> None:
@@ -85,10 +88,10 @@ def _register_form(store) -> None:
         show_error(exc, "Not registered")
         return
     summary = cohort.summary()
-    st.success(f"Registered {name.strip()!r}: {summary['n_images']:,} images, {summary['n_patients']:,} patients, "
-               f"{summary['n_malignant']:,} malignant.")
+    st.success(f"Registered {escape_markdown(repr(name.strip()))}: {summary['n_images']:,} images, "
+               f"{summary['n_patients']:,} patients, {summary['n_malignant']:,} malignant.")
     for warning in summary.get("warnings") or []:
-        st.warning(warning)
+        st.warning(escape_markdown(warning))
 
 
 def home() -> None:
@@ -117,5 +120,5 @@ def navigation():
     return st.navigation(pages)
 
 
-st.set_page_config(page_title="melreview", page_icon=":material/dermatology:", layout="wide")
+st.set_page_config(page_title="melreview", page_icon=str(PAGE_ICON), layout="wide")
 navigation().run()

@@ -278,6 +278,8 @@ def main(argv=None) -> int:
     home = tempfile.mkdtemp(prefix="melreview-bench-")
     os.environ["MELREVIEW_HOME"] = home
     os.environ.pop("MELREVIEW_DB_URL", None)
+    # the table's folder must be a folder datasets may be registered from (README, Security)
+    os.environ["MELREVIEW_DATA_ROOTS"] = str(args.csv.resolve().parent)
     try:
         store, _, cohort, full_run, _ = seed_store(args.csv)
         library, _, largest = bench_library(store, cohort, full_run, args.repeats)

@@ -36,10 +36,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from melcore.errors import CohortError
+from melcore.errors import CohortError, ImageError
+from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "columns_text",
     "FORMATS",
     "Cohort",
     "CohortReport",
@@ -85,6 +87,7 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 }
 _TARGET_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "benign": 0, "malignant": 1}
 _SHOW = 5  # how many names/rows a message lists
+MAX_AGE = 120  # years; a larger (or negative, infinite) age is a typo and is treated as unknown
 
 # Internal bookkeeping columns, removed before the table is returned.
 _LINE = "__line"  # CSV line number (header = line 1), or None
@@ -372,6 +375,8 @@ def load_cohort(
     else:
         images_dir, paths = _match_images(frame, source, images, format, check_images, report)
     frame["image_path"] = paths
+    _confine_images(frame, [images_dir, source.resolve() if format == "folders" else source.resolve().parent],
+                    report)
     if check_images == "decode":
         _decode_check(frame, report, progress)
 
@@ -424,11 +429,14 @@ def clinic_shortcut_warning(table: pd.DataFrame, *, min_share: float = 0.1) -> s
 
 def _read_csv(path: Path, what: str = "table") -> pd.DataFrame:
     """All columns as strings (ids keep leading zeros; labels are validated later)."""
-    if not path.exists():
+    kind = not_a_regular_file(path)
+    if kind == "missing":
         raise CohortError(f"{what} {path} does not exist")
-    if path.is_dir():
+    if kind == "a folder":
         hint = " (for one folder per class pass format='folders' / --format folders)" if what == "table" else ""
         raise CohortError(f"{what} {path} is a folder, not a CSV file{hint}")
+    if kind is not None:
+        raise CohortError(f"{what} {path} is {kind}, not a CSV file; give the path of a regular file")
     try:
         with open(path, "rb") as fh:
             head = fh.read(8192)
@@ -446,7 +454,8 @@ def _read_csv(path: Path, what: str = "table") -> pd.DataFrame:
     table = None
     for encoding in ("utf-8-sig", "latin-1"):
         try:
-            table = pd.read_csv(path, dtype=object, sep=sep, encoding=encoding)
+            # index_col=False: a delimiter at the end of every row must not turn the first column into the index
+            table = pd.read_csv(path, dtype=object, sep=sep, encoding=encoding, index_col=False)
             break
         except UnicodeDecodeError:
             continue
@@ -457,8 +466,31 @@ def _read_csv(path: Path, what: str = "table") -> pd.DataFrame:
         raise CohortError(f"cannot read {what} {path}: unknown text encoding")
     table.columns = [str(c).strip() for c in table.columns]
     if table.empty:
-        raise CohortError(f"{what} {path} has a header ({', '.join(table.columns)}) but no rows")
+        raise CohortError(f"{what} {path} has a header ({columns_text(table.columns)}) but no rows; "
+                          "expected one row per image below the header")
     return table
+
+
+_KNOWN_COLUMNS = frozenset(
+    [alias for aliases in _ALIASES.values() for alias in aliases]
+    + [c.lower() for c in ISIC2019_CLASSES] + list(CLINIC_COLUMN_NAMES)
+    + ["dx_type", "localization", "benign_malignant", "anatom_site_general_challenge"])
+
+
+def columns_text(columns: Sequence[str]) -> str:
+    """The header's column names for a message, or only their count when none is a lesion-table column.
+
+    A path typed into the app or the CLI may name any file the server can read (a
+    ``.env``, a ``.pgpass``): its first line would be read as the header. Names are
+    therefore shown only when at least one is a column name of a known lesion-table
+    format (:data:`_ALIASES`, the ISIC 2019 classes, the clinic columns); otherwise the
+    message gives their number and never their text.
+    """
+    columns = [str(c) for c in columns]
+    if any(c.strip().lower() in _KNOWN_COLUMNS for c in columns):
+        return _list(columns, 30)
+    return (f"{len(columns)} column(s), none of them a lesion-table column (their names are not shown: "
+            "the file does not look like a lesion table)")
 
 
 def _detect_format(columns: Sequence[str], path: Path) -> str:
@@ -472,7 +504,7 @@ def _detect_format(columns: Sequence[str], path: Path) -> str:
     if lower & set(_ALIASES["image_name"]):
         return "generic"
     raise CohortError(
-        f"{path}: cannot tell the table format from its columns ({_list(columns, 30)}). Expected one of: "
+        f"{path}: cannot tell the table format from its columns ({columns_text(columns)}). Expected one of: "
         "ISIC 2020 (image_name, patient_id, sex, age_approx, anatom_site_general_challenge, diagnosis, "
         "target), ISIC 2019 (image, MEL, NV, BCC, ...), HAM10000 (lesion_id, image_id, dx, age, sex, "
         "localization), generic (image_name, target, ...). Pass --format (format=) or a column mapping "
@@ -511,7 +543,7 @@ def _missing_columns(path: Path, fmt: str, missing: Sequence[str], found: Sequen
                      expected: str) -> CohortError:
     return CohortError(
         f"{path}: the {fmt} format needs column(s) {', '.join(missing)}, but the table has "
-        f"{_list(found, 30)}; expected {expected}. Pass --format (format=) with the table's format, or a "
+        f"{columns_text(found)}; expected {expected}. Pass --format (format=) with the table's format, or a "
         "column mapping such as --map image_name=COLUMN (mapping={'image_name': COLUMN, 'target': COLUMN})."
     )
 
@@ -589,7 +621,7 @@ def _load_mapping(raw: pd.DataFrame, path: Path, mapping: Mapping[str, str]) -> 
             fixed[canonical] = found
     if absent:
         raise CohortError(f"{path}: mapped column(s) {', '.join(absent)} not in the table; "
-                          f"its columns are {_list(raw.columns, 30)}")
+                          f"its columns are {columns_text(raw.columns)}")
     sources = _resolve_aliases(raw.columns, fixed)
     if "image_name" not in sources:
         raise _missing_columns(path, "mapping", ["image_name"], list(raw.columns),
@@ -791,6 +823,15 @@ def _coerce_age(frame: pd.DataFrame, report: CohortReport) -> pd.Series:
                  zip(frame.loc[bad, _LINE][:_SHOW], frame.loc[bad, "image_name"][:_SHOW], raw[bad][:_SHOW])]
         report.warnings.append(f"{int(bad.sum()):,} age values are not numbers and are treated as unknown "
                                f"({'; '.join(shown)}{_more(int(bad.sum()))})")
+    implausible = numbers.notna() & ~numbers.between(0, MAX_AGE)
+    if implausible.any():
+        shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
+                 zip(frame.loc[implausible, _LINE][:_SHOW], frame.loc[implausible, "image_name"][:_SHOW],
+                     raw[implausible][:_SHOW])]
+        report.warnings.append(f"{int(implausible.sum()):,} age values are outside 0-{MAX_AGE} years and are treated "
+                               f"as unknown ({'; '.join(shown)}{_more(int(implausible.sum()))}); correct them in the "
+                               "table")
+        numbers = numbers.where(~implausible)
     return numbers
 
 
@@ -839,7 +880,7 @@ def _join_metadata(frame: pd.DataFrame, path: Path, report: CohortReport) -> Non
     meta = _read_csv(path, what="metadata")
     key = _find(meta.columns, _ALIASES["image_name"])
     if key is None:
-        raise CohortError(f"metadata {path} has no image column to join on (columns: {_list(meta.columns, 30)}); "
+        raise CohortError(f"metadata {path} has no image column to join on (columns: {columns_text(meta.columns)}); "
                           "expected one of image, image_name, image_id, isic_id")
     sources = _resolve_aliases(meta.columns, {"image_name": key}, skip=("target",))
     meta = _indexed_by_image(meta, key, path, "metadata", report)
@@ -873,7 +914,7 @@ def _clinic_from_column(raw: pd.DataFrame | None, frame: pd.DataFrame, column: s
     if found is not None:
         return frame[found].to_numpy()
     columns = list(raw.columns) if raw is not None else [c for c in frame.columns if not c.startswith("__")]
-    raise CohortError(f"{path}: clinic column {column!r} not found; the table has {_list(columns, 30)}. "
+    raise CohortError(f"{path}: clinic column {column!r} not found; the table has {columns_text(columns)}. "
                       "Name one of these with --clinic-column, or join a second table with --clinic-csv.")
 
 
@@ -882,15 +923,15 @@ def _clinic_from_csv(frame: pd.DataFrame, path: Path, column: str | None, report
     key = _find(table.columns, ("isic_id", "image_name", "image", "image_id", "filename", "file_name"))
     if key is None:
         raise CohortError(f"clinic table {path} has no image column to join on (columns: "
-                          f"{_list(table.columns, 30)}); expected isic_id, image_name, image or image_id")
+                          f"{columns_text(table.columns)}); expected isic_id, image_name, image or image_id")
     if column:
         clinic = _find(table.columns, (column.strip().lower(),))
         if clinic is None:
-            raise CohortError(f"clinic table {path} has no column {column!r} (columns: {_list(table.columns, 30)})")
+            raise CohortError(f"clinic table {path} has no column {column!r} (columns: {columns_text(table.columns)})")
     else:
         clinic = _find(table.columns, CLINIC_COLUMN_NAMES, exclude=(key,))
         if clinic is None:
-            raise CohortError(f"clinic table {path} has no clinic column (columns: {_list(table.columns, 30)}); "
+            raise CohortError(f"clinic table {path} has no clinic column (columns: {columns_text(table.columns)}); "
                               f"expected one of {', '.join(CLINIC_COLUMN_NAMES)} or name it with --clinic-column")
     table = _indexed_by_image(table, key, path, "clinic table", report)
     values = table[clinic].reindex(_join_key(frame["image_name"]))
@@ -939,7 +980,7 @@ def _list_images(folder: Path) -> dict[str, str]:
                 if entry.name.startswith("."):
                     continue
                 ext = os.path.splitext(entry.name)[1].lower()
-                if ext in _EXTENSION_RANK:
+                if ext in _EXTENSION_RANK and entry.is_file():
                     files.append((0, _EXTENSION_RANK[ext], entry.name, entry.path))
                 elif entry.is_dir():
                     subdirs.append(entry.path)
@@ -947,7 +988,7 @@ def _list_images(folder: Path) -> dict[str, str]:
             with os.scandir(subdir) as entries:
                 for entry in entries:
                     ext = os.path.splitext(entry.name)[1].lower()
-                    if ext in _EXTENSION_RANK and not entry.name.startswith("."):
+                    if ext in _EXTENSION_RANK and not entry.name.startswith(".") and entry.is_file():
                         files.append((1, _EXTENSION_RANK[ext], entry.name, entry.path))
     except OSError:
         return {}
@@ -1047,19 +1088,54 @@ def _match_images(frame: pd.DataFrame, source: Path, images, fmt: str, check: st
     return images_dir, paths
 
 
+def _confine_images(frame: pd.DataFrame, roots: Sequence[Path | None], report: CohortReport) -> None:
+    """Clear (and report) every ``image_path`` outside ``roots`` once ``..`` and symbolic links are resolved.
+
+    The dataset's folders (its image folder and its table's folder) are the only
+    places its images are read from, by every consumer of the table (training,
+    prediction, Grad-CAM, pages): a row naming ``/etc/passwd`` or ``../../.env``, or a
+    symlink in the image folder pointing elsewhere, gets no image path.
+    """
+    allowed = resolve_roots(roots)
+    parent_inside: dict[str, bool] = {}
+
+    def confined(path: str) -> bool:
+        parent, name = os.path.split(path)
+        if name in ("", ".", "..") or f"{os.sep}..{os.sep}" in path:
+            return inside(path, allowed) is not None
+        if parent not in parent_inside:
+            parent_inside[parent] = inside(parent, allowed) is not None
+        return parent_inside[parent] and (not os.path.islink(path) or inside(path, allowed) is not None)
+
+    paths = frame["image_path"].to_numpy(copy=True)
+    outside = [i for i, path in enumerate(paths) if isinstance(path, str) and not confined(path)]
+    if not outside:
+        return
+    names = [str(frame["image_name"].iat[i]) for i in outside]
+    for i, name in zip(outside, names):
+        report.unreadable_images.append((name, "outside the dataset's folders; not read"))
+        paths[i] = None
+    frame["image_path"] = paths
+    where = " and ".join(str(r) for r in allowed) or "none registered"
+    report.warnings.append(f"{len(outside):,} image paths lie outside the dataset's folders ({where}) once links "
+                           f"are resolved (first: {_list(names)}); they are not read and their image_path is "
+                           "None. Move the images into the image folder.")
+
+
 def _verify_image(path: str) -> str | None:
-    """None when PIL can read the file, else the reason."""
-    from PIL import Image
+    """None when the file decodes as :func:`melcore.images.load_image` would read it, else the reason.
+
+    The same checks as training's reads: a regular file, at most the pixel limit in
+    force (``MELREVIEW_MAX_PIXELS``), every byte of image data decoded (JPEGs at 1/8 scale).
+    """
+    from melcore.images import verify_image
 
     try:
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.draft("RGB", (64, 64))  # DCT-domain downscale: a full check at a fraction of the cost
-            image.load()
+        verify_image(path)
+    except ImageError as exc:
+        return exc.reason
     except Exception as exc:  # noqa: BLE001 - every failure means "unreadable"; the reason is reported
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return type(exc).__name__
     return None
 
 

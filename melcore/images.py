@@ -51,10 +51,14 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from melcore.errors import ConfigError, ImageError
+from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
+    "DEFAULT_MAX_UPLOAD_DECODED_BYTES",
+    "decoded_bytes",
+    "read_upload_views",
     "ImageCache",
     "load_image",
     "load_images",
@@ -73,6 +77,13 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 """Largest upload :func:`read_upload` accepts by default (20 MB)."""
+
+DEFAULT_MAX_UPLOAD_DECODED_BYTES = 200_000_000
+"""Most memory an upload may take once decoded (see :func:`decoded_bytes`): 50 megapixels of RGB or RGBA.
+
+A 400 KB PNG can hold 10000 x 10000 RGBA pixels (400 MB decoded); uploads are refused
+from their header, before any pixel is decoded. JPEGs count at the reduced size they are
+decoded at, so a 24-megapixel phone photo scored at 256 px costs a few MB."""
 
 MAX_SIZE = 8192
 """Largest working size accepted for ``size`` (per side)."""
@@ -178,8 +189,7 @@ def _describe_bytes(head: bytes) -> str:
     except UnicodeDecodeError:
         text = None
     if text is not None and text and sum(ch.isprintable() or ch in "\r\n\t" for ch in text) >= 0.95 * len(text):
-        snippet = " ".join(text.split())[:40]
-        return f"text (starts with {snippet!r})"
+        return "text (its content is not shown)"
     if not head.strip(b"\x00"):
         return "only zero bytes"
     return "unrecognised binary data"
@@ -208,8 +218,11 @@ def _check_file(path: str) -> os.stat_result:
         raise ImageError(path, "permission denied; make the file readable for this user") from None
     except OSError as exc:
         raise ImageError(path, f"cannot read the file ({exc.strerror or exc})") from None
-    if os.path.isdir(path):
+    kind = not_a_regular_file(path)
+    if kind == "a folder":
         raise ImageError(path, "is a directory, not an image file")
+    if kind is not None:
+        raise ImageError(path, f"is {kind}, not an image file; refusing to read it")
     if st.st_size == 0:
         raise ImageError(path, "file is empty (0 bytes); the copy or download probably failed, copy it again")
     return st
@@ -244,6 +257,44 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+# Bytes per pixel of Pillow's image memory by mode; every other mode (RGB too) takes 4.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """Memory Pillow allocates to decode ``im`` at its current size (after ``draft`` for a JPEG).
+
+    Counts channels and bit depth as Pillow stores them: 1 byte per pixel for greyscale
+    and palette images, 2 for 16-bit greyscale, 4 for RGB, RGBA, CMYK, 32-bit and float.
+    """
+    width, height = im.size
+    return width * height * _PIXEL_BYTES.get(im.mode, 4)
+
+
+def _check_decoded_bytes(im: Image.Image, label: str, limit: int | None) -> None:
+    if limit is not None and decoded_bytes(im) > limit:
+        width, height = im.size
+        raise ImageError(label, f"a {width}x{height} {im.mode} image takes {decoded_bytes(im) / 1e6:,.0f} MB of "
+                                f"memory to decode, more than the limit of {limit / 1e6:,.0f} MB; resize it (e.g. "
+                                "to at most 4000 pixels a side) or save it as a JPEG")
+
+
+def _reduced(im: Image.Image, stored: tuple[int, int]) -> Image.Image:
+    """``im`` shrunk by a whole factor towards ``stored`` (width, height) before a conversion to RGB.
+
+    Converting a large RGBA, palette or 16-bit image makes several full-size copies;
+    shrinking first by the factor ``resize(..., reducing_gap=3.0)`` would use keeps them
+    small. RGB images (no conversion) and modes Pillow cannot reduce are returned as they are.
+    """
+    if im.mode == "RGB":
+        return im
+    factor = min(im.size[0] // (3 * stored[0]), im.size[1] // (3 * stored[1]))
+    if factor < 2:
+        return im
+    try:
+        return im.reduce(factor)
+    except (ValueError, NotImplementedError):
+        return im
 
 
 def _plan(width: int, height: int, orientation: int, target_hw: tuple[int, int] | None,
@@ -270,13 +321,15 @@ def _load_failure(label: str, fmt: str, exc: BaseException) -> ImageError:
 
 
 def _open_rgb(source, label: str, target_hw: tuple[int, int] | None, *, fit: bool, max_pixels: int,
-              allowed_formats: tuple[str, ...] | None = None) -> tuple[Image.Image, tuple[int, int]]:
+              allowed_formats: tuple[str, ...] | None = None,
+              max_decoded_bytes: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``source`` (a path or a binary file object) to an RGB Pillow image.
 
     target_hw: None keeps the full size; otherwise (height, width) of the result
     (squashed), or with ``fit=True`` the box the result must fit in (aspect kept,
-    never enlarged). The EXIF orientation is applied. Returns the image and the
-    original (width, height) once upright.
+    never enlarged). The EXIF orientation is applied. ``max_decoded_bytes`` refuses,
+    before decoding, an image whose pixels would take more memory (:func:`decoded_bytes`).
+    Returns the image and the original (width, height) once upright.
     """
     try:
         im = Image.open(source, formats=allowed_formats)
@@ -316,17 +369,21 @@ def _open_rgb(source, label: str, target_hw: tuple[int, int] | None, *, fit: boo
                 stored = _plan(width, height, orientation, target_hw, fit)
                 if target_hw is not None:
                     im.draft("RGB", stored)
+                _check_decoded_bytes(im, label, max_decoded_bytes)
                 im.load()
             else:  # e.g. PNG keeps EXIF after the image data
+                _check_decoded_bytes(im, label, max_decoded_bytes)
                 im.load()
                 orientation = _orientation(im)
                 stored = _plan(width, height, orientation, target_hw, fit)
+        except ImageError:
+            raise
         except Image.DecompressionBombError as exc:
             raise ImageError(label, f"possible decompression bomb ({exc})") from None
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError, struct.error) as exc:
             raise _load_failure(label, fmt, exc) from None
         try:
-            rgb = _to_rgb(im)
+            rgb = _to_rgb(im if max_decoded_bytes is None else _reduced(im, stored))
             if rgb.size != stored:
                 rgb = rgb.resize(stored, _RESAMPLE, reducing_gap=3.0)
         except (ValueError, OSError) as exc:
@@ -709,33 +766,8 @@ def verify_image(path: PathLike, *, max_pixels: int | None = None) -> tuple[int,
     return upright
 
 
-def read_upload(data, *, size: Size | None = None, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                max_pixels: int | None = None, name: str | None = None) -> np.ndarray:
-    """Decode an uploaded JPEG or PNG to an RGB uint8 array.
-
-    Parameters
-    ----------
-    data : bytes, bytearray, memoryview, or a file-like object (e.g. Streamlit's
-        UploadedFile: its ``name`` is used in messages).
-    size : int or (height, width), optional
-        Decode straight to this size (fast for big JPEGs); default full size.
-    max_bytes : int
-        Refuse larger uploads (default 20 MB).
-    max_pixels : int, optional
-        Pixel limit (decompression-bomb guard).
-    name : str, optional
-        How to name the upload in error messages (default the object's ``name`` or "upload").
-
-    Returns
-    -------
-    np.ndarray (height, width, 3) uint8 RGB.
-
-    Raises
-    ------
-    ImageError
-        Empty, too large, not a JPEG/PNG (the message says what it looks like), corrupt or too many pixels.
-    """
-    label = name or getattr(data, "name", None) or "upload"
+def _upload_bytes(data, label: str, max_bytes: int) -> bytes:
+    """The bytes of an upload (bytes-like or file-like), checked to be a non-empty JPEG or PNG within ``max_bytes``."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = bytes(data)
     elif hasattr(data, "getvalue"):
@@ -755,10 +787,73 @@ def read_upload(data, *, size: Size | None = None, max_bytes: int = DEFAULT_MAX_
     what = _describe_bytes(raw[:512])
     if what not in ("a JPEG image", "a PNG image"):
         raise ImageError(label, f"not a JPEG or PNG image: the data looks like {what}; upload a .jpg or .png file")
+    return raw
+
+
+def read_upload(data, *, size: Size | None = None, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                max_pixels: int | None = None, name: str | None = None,
+                max_decoded_bytes: int = DEFAULT_MAX_UPLOAD_DECODED_BYTES) -> np.ndarray:
+    """Decode an uploaded JPEG or PNG to an RGB uint8 array.
+
+    Parameters
+    ----------
+    data : bytes, bytearray, memoryview, or a file-like object (e.g. Streamlit's
+        UploadedFile: its ``name`` is used in messages).
+    size : int or (height, width), optional
+        Decode straight to this size (fast for big JPEGs); default full size.
+    max_bytes : int
+        Refuse larger uploads (default 20 MB).
+    max_pixels : int, optional
+        Pixel limit (decompression-bomb guard).
+    name : str, optional
+        How to name the upload in error messages (default the object's ``name`` or "upload").
+    max_decoded_bytes : int
+        Refuse, from its header, an image that would take more memory to decode
+        (:func:`decoded_bytes`; default :data:`DEFAULT_MAX_UPLOAD_DECODED_BYTES`).
+
+    Returns
+    -------
+    np.ndarray (height, width, 3) uint8 RGB.
+
+    Raises
+    ------
+    ImageError
+        Empty, too large, not a JPEG/PNG (the message says what it looks like), corrupt, too many pixels
+        or too much memory to decode.
+    """
+    label = name or getattr(data, "name", None) or "upload"
+    raw = _upload_bytes(data, label, max_bytes)
     size_hw = None if size is None else _size_hw(size)
     im, _ = _open_rgb(io.BytesIO(raw), label, size_hw, fit=False, max_pixels=_limit(max_pixels),
-                      allowed_formats=("JPEG", "PNG"))
+                      allowed_formats=("JPEG", "PNG"), max_decoded_bytes=max_decoded_bytes)
     return _as_array(im)
+
+
+def read_upload_views(data, size: int, preview_side: int, *, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                      max_pixels: int | None = None, name: str | None = None,
+                      max_decoded_bytes: int = DEFAULT_MAX_UPLOAD_DECODED_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Decode an upload once into what scoring needs: the model's input and a picture to show.
+
+    The image is decoded a single time, reduced (JPEG ``draft``, whole-factor
+    ``reduce``) to fit a box of ``max(size, preview_side)`` pixels, and both views are
+    resized from it. Checks and parameters as :func:`read_upload`.
+
+    Returns
+    -------
+    (model_input, preview) : uint8 RGB arrays; ``model_input`` is squashed to
+        ``size`` x ``size`` as training images are, ``preview`` keeps the aspect ratio
+        and fits in ``preview_side`` x ``preview_side`` (never enlarged).
+    """
+    label = name or getattr(data, "name", None) or "upload"
+    raw = _upload_bytes(data, label, max_bytes)
+    size_hw, side = _size_hw(size), _thumb_size(preview_side)
+    box = max(size_hw[0], side)
+    base, _ = _open_rgb(io.BytesIO(raw), label, (box, box), fit=True, max_pixels=_limit(max_pixels),
+                        allowed_formats=("JPEG", "PNG"), max_decoded_bytes=max_decoded_bytes)
+    model_input = base if base.size == size_hw[::-1] else base.resize(size_hw[::-1], _RESAMPLE, reducing_gap=3.0)
+    preview = base.copy()
+    preview.thumbnail((side, side), _RESAMPLE)
+    return _as_array(model_input), _as_array(preview)
 
 
 # --------------------------------------------------------------------------- stand-ins
@@ -848,18 +943,14 @@ def confine(path: PathLike, roots: Iterable[PathLike | None]) -> Path:
     raw = os.fspath(path)
     if "\x00" in raw:
         raise ImageError(raw.replace("\x00", "\\0"), "the path contains a NUL byte; refusing to read it")
-    resolved = Path(raw).expanduser().resolve(strict=False)
-    allowed = []
-    for root in roots:
-        if root is None or os.fspath(root) == "":
-            continue
-        allowed.append(Path(os.fspath(root)).expanduser().resolve(strict=False))
+    allowed = resolve_roots(roots)
     if not allowed:
         raise ImageError(raw, "no dataset folder is registered to read images from; refusing to read it "
                               "(register the dataset with its image folder)")
-    for root in allowed:
-        if resolved == root or resolved.is_relative_to(root):
-            return resolved
+    resolved = inside(raw, allowed)
+    if resolved is not None:
+        return resolved
+    resolved = Path(raw).expanduser().resolve(strict=False)
     where = " or ".join(str(r) for r in allowed)
     shown = raw if str(resolved) == raw else f"{raw} (resolves to {resolved})"
     raise ImageError(shown, f"outside the dataset's registered folders ({where}); refusing to read it. "

@@ -450,6 +450,8 @@ def predict_cohort(run_or_dir, cohort, tta: bool = False, batch_size: int = DEFA
 def list_image_files(folder, recursive: bool = False) -> list[Path]:
     """Image files of a folder (by extension: jpg, jpeg, png, bmp, tif, tiff, webp), sorted by name.
 
+    Symbolic links that resolve outside ``folder`` are left out (never read).
+
     Raises
     ------
     ConfigError
@@ -457,13 +459,15 @@ def list_image_files(folder, recursive: bool = False) -> list[Path]:
         (``a.jpg`` and ``a.png`` would give two rows named ``a``).
     """
     from melcore.cohort import IMAGE_EXTENSIONS
+    from melcore.safety import inside
 
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder of images")
     pattern = root.rglob("*") if recursive else root.iterdir()
     files = sorted((p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not p.name.startswith(".")), key=lambda p: (p.stem, str(p)))
+                    and not p.name.startswith(".") and inside(p, [root]) is not None),
+                   key=lambda p: (p.stem, str(p)))
     if not files:
         raise ConfigError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     seen: dict[str, Path] = {}
@@ -564,21 +568,6 @@ class UploadScore:
         return overlay(self.image, self.heatmap, opacity=opacity, colormap=colormap)
 
 
-def _preview(data: bytes, name: str | None, max_bytes: int) -> np.ndarray:
-    """The upload decoded in full (validating it), shrunk to fit a 512 px box for display."""
-    from PIL import Image
-
-    from melcore.images import read_upload
-
-    full = read_upload(data, name=name, max_bytes=max_bytes)
-    height, width = full.shape[:2]
-    scale = min(1.0, _PREVIEW_SIDE / max(height, width))
-    if scale == 1.0:
-        return full
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(full).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
-
-
 def score_upload(model, data, name: str | None = None, *, tta: bool = False, method: str | None = "gradcam",
                  max_bytes: int | None = None) -> UploadScore:
     """Score one uploaded JPEG/PNG with a run's model, and explain it.
@@ -615,8 +604,8 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
         No model file at the path, a model that does not load, an unknown method.
     """
     from melcore import explain
-    from melcore.images import DEFAULT_MAX_UPLOAD_BYTES, read_upload
-    
+    from melcore.images import DEFAULT_MAX_UPLOAD_BYTES, read_upload_views
+
     if method is not None and method not in explain.METHODS:
         raise ConfigError(f"unknown explanation method {method!r}; choose one of {', '.join(explain.METHODS)}")
     limit = DEFAULT_MAX_UPLOAD_BYTES if max_bytes is None else int(max_bytes)
@@ -625,13 +614,12 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
         name = name or getattr(data, "name", None)
         raw = data.getvalue() if hasattr(data, "getvalue") else data.read(limit + 1)
     raw = bytes(raw)
-    # Check the bytes before loading the model: a wrong file fails at once.
-    preview = _preview(raw, name, limit)
     colour_model = run_colour_model(model)
     if not (hasattr(model, "predict") and hasattr(model, "layers")):
         model = explain.load_run_model(model)
     size = model_image_size(model)
-    image = read_upload(raw, size=size, name=name, max_bytes=limit)  # squashed, as training images are
+    # One decode, reduced to the working size: the model's input (squashed, as training images are) and the preview
+    image, preview = read_upload_views(raw, size, _PREVIEW_SIDE, name=name, max_bytes=limit)
     if tta:
         views = np.stack(dihedral_views(image[None])).reshape((-1, size, size, 3))
         per_view = predict_images(model, views, tta=False)

@@ -32,6 +32,7 @@ TensorFlow is imported only inside it.
 from __future__ import annotations
 
 import csv
+import re
 import io
 import math
 from dataclasses import dataclass, field
@@ -329,29 +330,45 @@ def export_frame(history: pd.DataFrame, run: Mapping | None = None,
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_LINE_BREAK = re.compile(r"(\r\n|\r|\n)")
+
+
+def _guard_line(line: str) -> str:
+    """``line`` with a leading apostrophe when a spreadsheet would run it as a formula (not a plain number)."""
+    if not line.startswith(_FORMULA_START):
+        return line
+    try:
+        float(line)
+        return line  # a plain negative number
+    except ValueError:
+        return "'" + line
 
 
 def _spreadsheet_safe(value):
-    """Text that a spreadsheet would run as a formula gets a leading apostrophe (CSV injection guard)."""
-    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+    """Text that a spreadsheet would run as a formula gets a leading apostrophe (CSV injection guard).
+
+    Every line of the text is guarded, not only the first: a cell holding a line break
+    (CR, LF or CRLF) is read by some spreadsheets as several rows.
+    """
+    if not isinstance(value, str):
         return value
-    try:
-        float(value)
-        return value  # a plain negative number
-    except ValueError:
-        return "'" + value
+    parts = _LINE_BREAK.split(value)
+    parts[0::2] = [_guard_line(part) for part in parts[0::2]]
+    return "".join(parts)
 
 
 def reviews_csv(history: pd.DataFrame, run: Mapping | None = None, predictions: pd.DataFrame | None = None) -> str:
-    """:func:`export_frame` as CSV text (UTF-8, header row, risk with 6 decimals).
+    """:func:`export_frame` as CSV text (RFC 4180: UTF-8, CRLF line ends, header row, risk with 6 decimals).
 
-    Free text (notes, names) that starts like a spreadsheet formula (``=``, ``+``,
-    ``-``, ``@``) is prefixed with an apostrophe, so opening the file in a
-    spreadsheet cannot run it.
+    Free text (notes, names) whose first line, or any line after a line break, starts
+    like a spreadsheet formula (``=``, ``+``, ``-``, ``@``) is prefixed with an
+    apostrophe, so opening the file in a spreadsheet cannot run it. Every field holding
+    a CR or an LF is quoted, so a line break in a note never starts a new row.
     """
     frame = export_frame(history, run, predictions)
     for column in ("run", "image_name", "patient_id", "reviewer", "note"):
         frame[column] = frame[column].map(_spreadsheet_safe)
     buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, float_format="%.6f", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    # CRLF as the row end makes the csv module quote every field holding a CR or an LF
+    frame.to_csv(buffer, index=False, float_format="%.6f", quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
     return buffer.getvalue()

@@ -3,6 +3,7 @@
 ``MELREVIEW_HOME`` (default ``~/.melreview``) holds the SQLite store, run
 directories, image and feature caches and the demo cohort.
 ``MELREVIEW_DB_URL`` overrides the store (e.g. ``postgresql+psycopg://...``).
+``MELREVIEW_DATA_ROOTS`` lists the folders datasets may be registered from.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from pathlib import Path
 
 
 def home() -> Path:
-    """The data directory, created on first use."""
+    """The data directory, created on first use; ConfigError when it cannot be a folder."""
+    from melcore.errors import ConfigError
+
     path = Path(os.environ.get("MELREVIEW_HOME", "~/.melreview")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "is a file, not a folder" if path.exists() else f"cannot be created ({exc.strerror or exc})"
+        raise ConfigError(f"MELREVIEW_HOME={path} {what}; set MELREVIEW_HOME to a folder this user can "
+                          "write") from None
     return path
 
 
@@ -31,3 +39,17 @@ def subdir(name: str) -> Path:
     path = home() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def data_roots() -> list[Path]:
+    """Folders whose files may be registered as datasets (tables, metadata, image folders).
+
+    ``MELREVIEW_DATA_ROOTS`` holds them separated by ``os.pathsep`` (``:`` on Linux);
+    unset or empty, they are the user's home folder. The demo cohort's folder
+    (``MELREVIEW_HOME/demo``) is always allowed.
+    """
+    raw = os.environ.get("MELREVIEW_DATA_ROOTS", "")
+    roots = [Path(part).expanduser() for part in raw.split(os.pathsep) if part.strip()]
+    if not roots:
+        roots = [Path.home()]
+    return roots + [home() / "demo"]

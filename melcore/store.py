@@ -14,6 +14,7 @@ objects. Rows come back as ``dict``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -173,6 +174,50 @@ def _row(row) -> dict:
     return dict(row._mapping) if row is not None else None
 
 
+MIGRATION_LOCK = 0x6D656C72  # PostgreSQL advisory lock key ("melr") held while the schema is created or migrated
+REQUEUED = "requeued:"  # how the note of a job put back in the queue after its worker died starts
+
+
+def _shortened(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with an ellipsis (for display names built from parts)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_lengths(table: sa.Table, rows: Iterable[dict], what: str) -> None:
+    """MelcoreError naming the field and the limit when a value is longer than its column holds.
+
+    SQLite stores any length, PostgreSQL refuses it with a raw DataError: checking before
+    writing gives both backends the same clear message (and a job can be refused when it is
+    submitted rather than after it trained). ``rows`` are dicts of column values.
+    """
+    limits = {c.name: c.type.length for c in table.columns
+              if isinstance(c.type, sa.String) and getattr(c.type, "length", None)}
+    for row in rows:
+        for column, limit in limits.items():
+            value = row.get(column)
+            if isinstance(value, str) and len(value) > limit:
+                field = column.replace("_", " ")
+                raise MelcoreError(f"{what}: the {field} is {len(value):,} characters long, more than the "
+                                   f"{limit} the store keeps; shorten it")
+
+
+class StoreError(MelcoreError):
+    """The store cannot be opened or written (missing folder, read-only file, server down)."""
+
+
+def _check_data_roots(paths: dict) -> None:
+    """MelcoreError unless every given path (``{what: path or None}``) lies inside :func:`settings.data_roots`."""
+    from melcore.safety import inside
+
+    roots = settings.data_roots()
+    for what, path in paths.items():
+        if path is not None and str(path).strip() and inside(path, roots) is None:
+            allowed = ", ".join(str(r) for r in roots)
+            raise MelcoreError(f"{what} {path} is outside the folders datasets may be registered from ({allowed}); "
+                               "move the data into one of them, or ask the operator to add its folder to "
+                               "MELREVIEW_DATA_ROOTS")
+
+
 def _sqlite_pragmas(dbapi_conn, _record):
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -220,7 +265,29 @@ class Store:
                                            json_serializer=_json_dumps)
         self._writer = self.engine.execution_options(sqlite_immediate=True)
         if migrate:
-            self.migrate()
+            try:
+                self.migrate()
+            except sa.exc.SQLAlchemyError as exc:
+                raise StoreError(self._unusable(exc)) from None
+
+    @contextlib.contextmanager
+    def _write(self):
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); StoreError, in one line, when the database refuses
+        it (a read-only file, a folder that is gone, a server that is down)."""
+        try:
+            with self._writer.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as exc:
+            raise StoreError(self._unusable(exc)) from None
+
+    def _unusable(self, exc: BaseException) -> str:
+        """A one-line message for a store that cannot be opened or written: its URL (password hidden), the reason."""
+        reason = getattr(exc, "orig", None) or exc
+        reason = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        where = self.engine.url.render_as_string(hide_password=True)
+        hint = ("check that its folder exists and that this user may write the file and the folder"
+                if self.is_sqlite else "check that the server runs and the URL, user and database are right")
+        return f"cannot use the store {where}: {reason}; {hint} (MELREVIEW_DB_URL, MELREVIEW_HOME)"
 
     def __repr__(self) -> str:
         return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -238,8 +305,16 @@ class Store:
             return int(value or 0)
 
     def migrate(self) -> int:
-        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`; returns the version."""
-        with self._writer.begin() as conn:
+        """Create the schema, or bring an older one up to :data:`SCHEMA_VERSION`; returns the version.
+
+        On PostgreSQL the transaction first takes an advisory lock (:data:`MIGRATION_LOCK`),
+        so processes opening one database at the same time (workers on several machines, the
+        app) create or migrate the schema one after the other; SQLite's ``BEGIN IMMEDIATE``
+        serialises them already.
+        """
+        with self._write() as conn:
+            if not self.is_sqlite:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             if not sa.inspect(conn).has_table("schema_version"):
                 metadata.create_all(conn)
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=_now()))
@@ -274,7 +349,8 @@ class Store:
                       format=format, clinic_column=clinic_column,
                       metadata_path=str(metadata_path) if metadata_path else None,
                       options=options or {}, summary=summary or {}, is_demo=is_demo, created_at=_now())
-        with self._writer.begin() as conn:
+        check_lengths(datasets, [values], "dataset not registered")
+        with self._write() as conn:
             return int(conn.execute(datasets.insert().values(**values)).inserted_primary_key[0])
 
     def register_dataset(self, name: str, csv_path: str | Path, images_dir: str | Path | None = None, *,
@@ -289,6 +365,8 @@ class Store:
 
         if self.find_dataset((name or "").strip()) is not None:
             raise MelcoreError(f"a dataset named {name.strip()!r} already exists; choose another name")
+        _check_data_roots({"label table": csv_path, "image folder": images_dir, "metadata table": metadata_path,
+                           "clinic table": load_options.get("clinic_csv")})
         cohort = load_cohort(csv_path, images_dir, format=format, clinic_column=clinic_column,
                              metadata=metadata_path, name=name, **load_options)
         dataset_id = self.add_dataset(name, Path(csv_path).resolve(),
@@ -334,7 +412,7 @@ class Store:
             return [_row(r) for r in conn.execute(sa.select(datasets).order_by(datasets.c.id))]
 
     def update_dataset(self, dataset_id: int, **fields) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(**fields))
 
     def load_dataset_cohort(self, id_or_name: int | str, **kwargs):
@@ -356,7 +434,9 @@ class Store:
         values = dict(name=name, run_dir=str(run_dir) if run_dir else None, dataset_id=dataset_id, job_id=job_id,
                       model=model, clinic=clinic, kind=kind, config=config or {}, metrics=metrics or {},
                       threshold=threshold, from_scratch=bool(from_scratch), notes=notes, created_at=_now())
-        with self._writer.begin() as conn:
+        values["name"] = _shortened(name, runs.c.name.type.length)
+        check_lengths(runs, [values], "run not recorded")
+        with self._write() as conn:
             return int(conn.execute(runs.insert().values(**values)).inserted_primary_key[0])
 
     def get_run(self, run_id: int) -> dict:
@@ -381,7 +461,7 @@ class Store:
             return [_row(r) for r in conn.execute(query)]
 
     def update_run(self, run_id: int, **fields) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(**fields))
 
     def archive_run(self, run_id: int, archived: bool = True) -> None:
@@ -419,7 +499,8 @@ class Store:
                              patient_id=_str_or_none(rec.get("patient_id")), clinic=_str_or_none(rec.get("clinic")),
                              target=None if _is_missing(target) else int(target),
                              prediction=float(rec["prediction"])))
-        with self._writer.begin() as conn:
+        check_lengths(predictions, rows, "predictions not stored")
+        with self._write() as conn:
             conn.execute(predictions.delete().where(predictions.c.run_id == run_id, predictions.c.split == split))
             for start in range(0, len(rows), 5000):
                 conn.execute(predictions.insert(), rows[start:start + 5000])
@@ -472,8 +553,13 @@ class Store:
     # -------------------------------------------------------------------- jobs
     def submit_job(self, config: dict, dataset_id: int | None = None, kind: str = "train",
                    max_attempts: int = 3) -> int:
-        """Queue a job; returns its id."""
-        with self._writer.begin() as conn:
+        """Queue a job; returns its id.
+
+        MelcoreError when the run it would record cannot be stored (a model or clinic name
+        longer than the runs table keeps), so the job is refused before it trains.
+        """
+        check_lengths(runs, [{"model": config.get("model"), "clinic": config.get("clinic")}], "job not queued")
+        with self._write() as conn:
             result = conn.execute(jobs.insert().values(
                 kind=kind, dataset_id=dataset_id, config=config, state="queued", cancel_requested=False,
                 attempts=0, max_attempts=max_attempts, created_at=_now(), progress={}, history=[]))
@@ -489,7 +575,7 @@ class Store:
         worker_id = worker_id or default_worker_id()
         token = uuid.uuid4().hex
         now = _now()
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             query = sa.select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.id).limit(1)
             if not self.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
@@ -514,7 +600,7 @@ class Store:
         values: dict[str, Any] = {"heartbeat_at": _now()}
         if progress is not None:
             values["progress"] = progress
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             row = conn.execute(sa.select(jobs.c.claim_token, jobs.c.cancel_requested, jobs.c.history)
                                .where(jobs.c.id == job_id)).first()
             if row is None or row.claim_token != claim_token:
@@ -529,7 +615,7 @@ class Store:
 
         Returns the job's state after the request.
         """
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             job = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).first()
             if job is None:
                 raise MelcoreError(f"no job with id {job_id}")
@@ -546,13 +632,19 @@ class Store:
 
     def finish_job(self, job_id: int, claim_token: str, state: str, *, run_id: int | None = None,
                    error: str | None = None, log: str | None = None) -> bool:
-        """Record a job's ending (done, cancelled or failed); False when the claim was lost."""
+        """Record a job's ending (done, cancelled or failed); False when the claim was lost.
+
+        Without an ``error``, a note left by :meth:`requeue_stale` stays, so a job that
+        succeeded on its second attempt still says its first worker died.
+        """
         if state not in ("done", "cancelled", "failed"):
             raise MelcoreError(f"a job ends as done, cancelled or failed, not {state!r}")
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             result = conn.execute(jobs.update().where(
                 jobs.c.id == job_id, jobs.c.claim_token == claim_token, jobs.c.state == "running").values(
-                state=state, run_id=run_id, error=error, log=log, finished_at=_now()))
+                state=state, run_id=run_id, log=log, finished_at=_now(),
+                error=error if error is not None else sa.case((jobs.c.error.like(REQUEUED + "%"), jobs.c.error),
+                                                              else_=None)))
             return result.rowcount == 1
 
     def requeue_stale(self, stale_after: float = 60.0) -> list[dict]:
@@ -560,11 +652,14 @@ class Store:
 
         A running job whose heartbeat is older than ``stale_after`` seconds goes back
         to the queue while it has attempts left, and otherwise fails with the reason.
-        Returns the jobs acted on as dicts with id and the new state.
+        A requeued job starts again from an empty curve (the dead attempt's points and
+        progress are dropped) and keeps the "requeued" note when the retry succeeds
+        (:meth:`finish_job`); the dead worker's row leaves ``workers``. Returns the jobs
+        acted on as dicts with id and the new state.
         """
         cutoff = _now() - stale_after
         acted = []
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             query = sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.worker_id,
                               jobs.c.cancel_requested, jobs.c.claim_token).where(
                 jobs.c.state == "running", jobs.c.heartbeat_at < cutoff)
@@ -576,8 +671,8 @@ class Store:
                     values = dict(state="cancelled", finished_at=_now(), claim_token=None,
                                   error=f"worker {job.worker_id} stopped responding after the cancel request")
                 elif job.attempts < job.max_attempts:
-                    values = dict(state="queued", worker_id=None, claim_token=None,
-                                  error=f"requeued: worker {job.worker_id} stopped responding "
+                    values = dict(state="queued", worker_id=None, claim_token=None, history=[], progress={},
+                                  error=f"{REQUEUED} worker {job.worker_id} stopped responding "
                                         f"(attempt {job.attempts} of {job.max_attempts})")
                 else:
                     values = dict(state="failed", finished_at=_now(), claim_token=None,
@@ -585,6 +680,8 @@ class Store:
                                         f"{job.max_attempts} attempts")
                 if conn.execute(jobs.update().where(guard).values(**values)).rowcount == 1:
                     acted.append({"id": job.id, "state": values["state"]})
+                    if job.worker_id:
+                        conn.execute(workers.delete().where(workers.c.worker_id == job.worker_id))
         return acted
 
     def get_job(self, job_id: int) -> dict:
@@ -605,7 +702,7 @@ class Store:
             return [_row(r) for r in conn.execute(query)]
 
     def update_job(self, job_id: int, **fields) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(jobs.update().where(jobs.c.id == job_id).values(**fields))
 
     # ----------------------------------------------------------------- workers
@@ -614,7 +711,7 @@ class Store:
         now = _now()
         host, _, rest = worker_id.partition(":")
         pid = int(rest.split(":")[0]) if rest.split(":")[0].isdigit() else None
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             updated = conn.execute(workers.update().where(workers.c.worker_id == worker_id).values(
                 beat_at=now, job_id=job_id)).rowcount
             if not updated:
@@ -622,7 +719,7 @@ class Store:
                                                      beat_at=now, job_id=job_id))
 
     def worker_gone(self, worker_id: str) -> None:
-        with self._writer.begin() as conn:
+        with self._write() as conn:
             conn.execute(workers.delete().where(workers.c.worker_id == worker_id))
 
     def live_workers(self, within: float = 30.0) -> list[dict]:
@@ -639,10 +736,11 @@ class Store:
             raise MelcoreError("a review needs the reviewer's name")
         if decision not in REVIEW_DECISIONS:
             raise MelcoreError(f"unknown decision {decision!r}; choose one of {', '.join(REVIEW_DECISIONS)}")
-        with self._writer.begin() as conn:
-            result = conn.execute(reviews.insert().values(run_id=run_id, image_name=str(image_name),
-                                                          reviewer=reviewer, decision=decision, note=note or "",
-                                                          created_at=_now()))
+        values = dict(run_id=run_id, image_name=str(image_name), reviewer=reviewer, decision=decision,
+                      note=note or "", created_at=_now())
+        check_lengths(reviews, [values], "decision not saved")
+        with self._write() as conn:
+            result = conn.execute(reviews.insert().values(**values))
             return int(result.inserted_primary_key[0])
 
     def review_history(self, run_id: int, image_name: str | None = None):

@@ -6,6 +6,7 @@ Layout only: everything that computes lives in ``melcore``.
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +15,10 @@ import streamlit as st
 
 from melcore import settings
 from melcore.errors import MelcoreError
+from melcore.safety import escape_markdown
 from melcore.store import Store
+
+log = logging.getLogger("melreview.pages")
 
 
 def route_through_app() -> None:
@@ -43,7 +47,11 @@ def page_start(title: str, caption: str | None = None) -> Store:
     st.title(title)
     if caption:
         st.caption(caption)
-    return get_store()
+    try:
+        return get_store()
+    except MelcoreError as exc:
+        show_error(exc, "The store cannot be used")
+        st.stop()
 
 
 @st.cache_resource(show_spinner=False)
@@ -104,14 +112,17 @@ def dataset_picker(store: Store, key: str = "dataset", label: str = "Dataset") -
 
 
 def show_error(exc: BaseException, context: str = "") -> None:
-    """Show a user error in words; an unexpected one with its traceback folded away."""
+    """Show a user error in words; an unexpected one by its type only, its details going to the server log.
+
+    The text of an unexpected error can hold what users must not see (a database error
+    quotes its SQL and parameters), so it is logged with its traceback, not shown.
+    """
     prefix = f"{context}: " if context else ""
     if isinstance(exc, MelcoreError):
-        st.error(prefix + str(exc))
+        st.error(prefix + escape_markdown(exc))
     else:
-        st.error(f"{prefix}unexpected error: {type(exc).__name__}: {exc}")
-        with st.expander("Details"):
-            st.code("".join(traceback.format_exception(exc)))
+        log.error("%sunexpected error\n%s", prefix, "".join(traceback.format_exception(exc)))
+        st.error(f"{prefix}unexpected error ({type(exc).__name__}); the details are in the server's log.")
 
 
 if __name__ == "__main__":  # run as a page by the legacy pages-folder mode (a deep link to /common)

@@ -52,6 +52,7 @@ from melcore.plots import (
     roc_figure,
     threshold_figure,
 )
+from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 
 N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
@@ -162,15 +163,21 @@ def _p_value(value: float) -> str:
 
 # --------------------------------------------------------------------------- sections
 
+def _in_code(text) -> str:
+    """``text`` safe inside a Markdown code span: backticks (which would end the span) become apostrophes."""
+    return str(text).replace("`", "'")
+
+
 def _pick_runs(store, dataset: dict, active: list[dict], n_archived: int) -> tuple[list[dict], str, bool]:
     runs = [r for r in active if r["kind"] != "cross-clinic"]
     if not runs:
         if n_archived:
-            st.info(f"Every run of **{dataset['name']}** is archived ({n_archived}); restore one below, or train a "
-                    "new one on the **Train** page.")
+            st.info(f"Every run of **{escape_markdown(dataset['name'])}** is archived ({n_archived}); restore one "
+                    "below, or train a new one on the **Train** page.")
             return [], "auto", False
-        st.info(f"No trained runs for **{dataset['name']}** yet. Train one on the **Train** page, or queue one "
-                f"from a terminal with `python -m melcore jobs submit --dataset \"{dataset['name']}\" --model "
+        st.info(f"No trained runs for **{escape_markdown(dataset['name'])}** yet. Train one on the **Train** page, "
+                "or queue one from a terminal with "
+                f"`python -m melcore jobs submit --dataset \"{_in_code(dataset['name'])}\" --model "
                 "efficientnet-b3` for the background worker (`python -m trainers.worker`); "
                 "`python -m melcore train --help` trains directly into a run folder. Finished runs appear here "
                 "with their validation predictions.")
@@ -282,7 +289,7 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_summary")
     for label, evaluation in evaluations.items():
         if evaluation.note:
-            st.warning(f"{label}: {evaluation.note}.")
+            st.warning(escape_markdown(f"{label}: {evaluation.note}."))
     st.caption(f"AUROC intervals: {N_BOOT:,} patient-bootstrap resamples (a patient's lesions stay together).")
 
 
@@ -412,11 +419,12 @@ def _save_section(focus: str, run: dict, threshold: float) -> None:
                    on_click=_save_threshold, args=(run["id"], focus))
     message = st.session_state.pop(SAVED_MESSAGE, None)
     if message:
-        (st.success if message[0] == "success" else st.error)(message[1])
+        (st.success if message[0] == "success" else st.error)(escape_markdown(message[1]))
     saved = run["threshold"]
-    cols[1].caption(f"Saved threshold of {focus}: **{format_threshold(saved)}** (used by the Review page)"
-                    if saved is not None
-                    else f"{focus} has no saved threshold yet; the Review page uses 0.5 until you save one.")
+    cols[1].caption(f"Saved threshold of {escape_markdown(focus)}: **{format_threshold(saved)}** (used by the Review "
+                    "page)" if saved is not None
+                    else f"{escape_markdown(focus)} has no saved threshold yet; the Review page uses 0.5 until you "
+                    "save one.")
 
 
 def _pairwise_section(table: pd.DataFrame) -> None:
@@ -447,7 +455,7 @@ def _clinic_bars(breakdowns: dict, names: list) -> None:
     bases = {k: b.base for k, b in breakdowns.items()}
     clinics = sorted(set().union(*(set(t["group"]) for t in bases.values())))
     if len(clinics) < 2:
-        st.caption(f"One clinic only ({clinics[0]}) in this subset.")
+        st.caption(f"One clinic only ({escape_markdown(clinics[0])}) in this subset.")
         return
     series, errors = {}, {}
     for name, table in bases.items():
@@ -537,7 +545,7 @@ def main() -> None:
         frames[label], splits[label], runs_by_label[label] = frame, used, run
         notes += [f"{label}: {n}" for n in run_notes]
     for note in notes:
-        st.caption(note)
+        st.caption(escape_markdown(note))
     if not frames:
         st.info("None of the selected runs has predictions to compare yet.")
         return
@@ -549,13 +557,13 @@ def main() -> None:
     if common:
         subset = common_images(subset)
     if filters and any(filters.values()):
-        st.caption(f"Subset: {describe_subset(filters)}")
+        st.caption(f"Subset: {escape_markdown(describe_subset(filters))}")
 
     evaluations = {}
     for label, frame in subset.items():
         run_id = runs_by_label[label]["id"]
         if len(frame) == 0:
-            st.caption(f"{label}: no images in this subset, left out")
+            st.caption(f"{escape_markdown(label)}: no images in this subset, left out")
             continue
         try:
             evaluations[label] = _evaluation(url, run_id, splits[label], version, key, common_ids, frame)

@@ -27,6 +27,7 @@ from melcore.browse import (
 )
 from melcore.errors import MelcoreError
 from melcore.formatting import format_risk, format_threshold
+from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 from pages.widgets import lesion_panel, thumbnail_grid
 
@@ -139,14 +140,14 @@ def _patient_table(patients: pd.DataFrame, has_run: bool, filters: Filters) -> p
 
 def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, threshold: float, has_run: bool) -> None:
     row = browser.summary.loc[browser.summary["patient"] == patient].iloc[0]
-    st.subheader(f"Patient {patient}")
+    st.subheader(f"Patient {escape_markdown(patient)}")
     metrics = st.columns(5)
     metrics[0].metric("Images", f"{row['n_images']:,}")
     metrics[1].metric("Lesions", f"{row['n_lesions']:,}")
     metrics[2].metric("Malignant lesions", f"{row['n_malignant']:,}")
     highest = row["highest_risk"]
     metrics[3].metric("Highest risk", format_risk(highest, threshold, 3) if has_run and pd.notna(highest) else "—")
-    metrics[4].metric("Sex · age", f"{row['sex']} · {_age_text(row['age_min'], row['age_max'])}")
+    metrics[4].metric("Sex · age", escape_markdown(f"{row['sex']} · {_age_text(row['age_min'], row['age_max'])}"))
     lesions = browser.patient_lesions(patient)
     if not has_run:  # no run chosen: no risk badges ("not scored" on every tile would only be noise)
         lesions = lesions.drop(columns=["risk", "ugly_duckling"])

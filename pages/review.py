@@ -30,6 +30,7 @@ from melcore.review import (
     reviews_csv,
     worklist,
 )
+from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 from pages.widgets import lesion_panel, patient_strip
 
@@ -112,7 +113,8 @@ def _save(run_id: int, image: str, then: str | None) -> None:
     _drafts().pop((run_id, image), None)
     st.session_state[note_key] = ""
     st.session_state[decision_key] = None
-    st.session_state[K + "flash"] = f"Saved **{decision}** for {image} by {reviewer}."
+    st.session_state[K + "flash"] = (f"Saved **{escape_markdown(decision)}** for {escape_markdown(image)} by "
+                                     f"{escape_markdown(reviewer)}.")
     _go_to(then)
 
 
@@ -194,7 +196,7 @@ def _decision_form(run_id: int, image: str, names: list[str], index: int, review
         cols[2].caption(":orange[Enter your name as reviewer at the top: nothing is saved without it.]")
     error = _errors().get((run_id, image))
     if error:
-        st.error(error)
+        st.error(escape_markdown(error))
 
 
 def _history(store, run_id: int, image: str) -> None:
@@ -203,8 +205,8 @@ def _history(store, run_id: int, image: str) -> None:
         st.caption("No decision recorded for this lesion yet.")
         return
     last = history.iloc[-1]
-    st.markdown(f"**Current decision: {last['decision']}** by {last['reviewer']} at {iso_time(last['created_at'])}"
-                + (f" — {last['note']}" if last["note"] else ""))
+    st.markdown(f"**Current decision: {escape_markdown(last['decision'])}** by {escape_markdown(last['reviewer'])} "
+                f"at {iso_time(last['created_at'])}" + (f" — {escape_markdown(last['note'])}" if last["note"] else ""))
     st.caption(f"History ({len(history)} decision(s), newest first). Saving again adds a new entry; earlier "
                "entries are never changed.")
     st.dataframe(history_table(history), hide_index=True, width="stretch", key=f"{K}history")
@@ -227,7 +229,7 @@ def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshol
     patient = lesion.get("patient")
     if browser is None or patient is None or patient not in browser:
         return
-    st.markdown(f"**Patient {patient}: other lesions**")
+    st.markdown(f"**Patient {escape_markdown(patient)}: other lesions**")
     clicked = patient_strip(browser.patient_lesions(patient), key=K + "strip", roots=roots,
                             current=str(lesion["image_name"]), threshold=threshold)
     if clicked is None:
@@ -240,8 +242,8 @@ def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshol
         st.session_state[K + "goto_scope"] = "all"
         st.rerun()
     else:
-        st.info(f"{clicked} is not in this run's worklist: the run did not score it (e.g. it was a training "
-                "image).")
+        st.info(f"{escape_markdown(clicked)} is not in this run's worklist: the run did not score it (e.g. it was a "
+                "training image).")
 
 
 # --------------------------------------------------------------------------- page

@@ -20,6 +20,7 @@ from melcore.errors import ImageError, MelcoreError
 from melcore.formatting import format_risk, format_threshold
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
+from melcore.safety import escape_markdown
 from pages.common import page_start, show_error
 from pages.widgets import colour_outline
 
@@ -124,15 +125,15 @@ def main() -> None:
     threshold = run_threshold(run)
     if run.get("from_scratch"):
         st.warning("This run was trained from scratch (ImageNet weights were not available)"
-                   + (f": {run['notes']}" if run.get("notes") else "")
+                   + (f": {escape_markdown(run['notes'])}" if run.get("notes") else "")
                    + ". Its scores are usually less reliable than a pretrained model's.")
     if run.get("threshold") is None:
         st.caption(f"No threshold saved for this run: using the default {format_threshold(threshold)} (save one on "
                    "the Compare page).")
     model_file = _model_file(run)
     if not model_file.is_file():
-        st.error(f"Run #{run['id']} has no model file: {model_file} does not exist (the run was cancelled before "
-                 "saving a model, or its folder was moved or deleted). Choose another run.")
+        st.error(f"Run #{run['id']} has no model file: {escape_markdown(model_file)} does not exist (the run was "
+                 "cancelled before saving a model, or its folder was moved or deleted). Choose another run.")
         return
 
     upload = st.file_uploader("Lesion image (JPEG or PNG, at most 20 MB)", type=["jpg", "jpeg", "png"],
@@ -149,8 +150,8 @@ def main() -> None:
     data = upload.getvalue()
     name = upload.name
     if len(data) > DEFAULT_MAX_UPLOAD_BYTES:
-        st.error(f"{name}: the file is {len(data) / 2**20:.1f} MB; the limit is {DEFAULT_MAX_UPLOAD_BYTES / 2**20:.0f} "
-                 "MB. Resize or re-compress the image.")
+        st.error(f"{escape_markdown(name)}: the file is {len(data) / 2**20:.1f} MB; the limit is "
+                 f"{DEFAULT_MAX_UPLOAD_BYTES / 2**20:.0f} MB. Resize or re-compress the image.")
         return
     try:
         stat = model_file.stat()
@@ -159,7 +160,7 @@ def main() -> None:
             result = _score(hashlib.sha256(data).hexdigest(), str(model_file), stat.st_mtime_ns, bool(tta), method,
                             name, _model=model, _data=data)
     except ImageError as exc:
-        st.error(f"{name} cannot be scored: {exc.reason}")
+        st.error(f"{escape_markdown(name)} cannot be scored: {escape_markdown(exc.reason)}")
         return
     except (MelcoreError, OSError) as exc:
         show_error(exc, f"Run #{run['id']}'s model cannot score the upload")

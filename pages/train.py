@@ -29,6 +29,7 @@ from melcore.compare import weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
 from melcore.plots import training_curves_figure
+from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, page_start, show_error
 
 K = "train_"  # session-state prefix of this page
@@ -362,7 +363,7 @@ def _meta_form(store) -> None:
     dataset = next((d for d in store.list_datasets() if d["name"] == name), None)
     if dataset is None:
         return
-    st.caption(f"Dataset **{dataset['name']}** (chosen above).")
+    st.caption(f"Dataset **{escape_markdown(dataset['name'])}** (chosen above).")
     image_runs = [r for r in store.list_runs(dataset_id=dataset["id"]) if (r.get("kind") or "image") == "image"]
     labels = {None: "none (metadata and context only)"}
     labels.update({int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" for r in image_runs})
@@ -382,7 +383,7 @@ def _meta_form(store) -> None:
     except MelcoreError as exc:
         show_error(exc, "Not queued")
         return
-    st.success(f"Queued patient-context job #{job_id} on {dataset['name']!r}.")
+    st.success(f"Queued patient-context job #{job_id} on {escape_markdown(repr(dataset['name']))}.")
     _ensure_worker(store)
 
 
@@ -391,13 +392,14 @@ def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "
         config = train_module.TrainConfig.from_dict(values)
         job_ids = submit_jobs(store, config, dataset, each_clinic, kind)
     except ConfigError as exc:
-        st.error(f"Not queued: {exc}")
+        st.error(f"Not queued: {escape_markdown(exc)}")
         return
     except MelcoreError as exc:
         show_error(exc, "Not queued")
         return
     listed = ", ".join(f"#{j}" for j in job_ids)
-    st.success(f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on {dataset['name']!r}.")
+    st.success(f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on "
+               f"{escape_markdown(repr(dataset['name']))}.")
     _ensure_worker(store)
 
 
@@ -435,7 +437,8 @@ def _worker_status(store) -> None:
             doing = f"running job #{w['job_id']}"
         else:
             doing = "idle"
-        lines.append(f"**{w.get('host') or '?'}** pid {w.get('pid') or '?'}: {doing} (beat {_ago(w['beat_at'])})")
+        lines.append(f"**{escape_markdown(w.get('host') or '?')}** pid {w.get('pid') or '?'}: {doing} "
+                     f"(beat {_ago(w['beat_at'])})")
     st.success(f"{len(shown)} worker{'s' if len(shown) > 1 else ''} running · " + " · ".join(lines))
 
 
@@ -495,15 +498,15 @@ def _run_note(store, job: dict) -> None:
     else:
         how = weights_description({**run, "metrics": metrics})
         score = f"validation AUROC **{format_number(metrics.get('val_auroc'), '.3f')}**"
-    st.success(f"➜ **Run #{run['id']}** ({run['name']}) · {score} · {how}. "
+    st.success(f"➜ **Run #{run['id']}** ({escape_markdown(run['name'])}) · {score} · {how}. "
                "Open it on the **Compare** page; review its predictions on **Review**.")
     weights = metrics.get("weights") or {}
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
-        st.warning(f"Asked for {requested} weights but trained from scratch: "
-                   f"{run.get('notes') or weights.get('note') or 'the weights could not be loaded'}")
+        st.warning(f"Asked for {escape_markdown(requested)} weights but trained from scratch: "
+                   + escape_markdown(run.get("notes") or weights.get("note") or "the weights could not be loaded"))
     elif run.get("notes"):
-        st.caption(run["notes"])
+        st.caption(escape_markdown(run["notes"]))
 
 
 def _what(job: dict) -> str:
@@ -531,8 +534,8 @@ def _job_card(store, job: dict) -> None:
     state = job["state"]
     with st.container(border=True):
         head = st.columns([5, 1], vertical_alignment="center")
-        head[0].markdown(f"{STATE_ICONS.get(state, '')} **Job #{job['id']}** · {state} · "
-                         f"{_what(job)} on {config.get('clinic') or 'all clinics'} · " + " · ".join(_extras(job)))
+        what = f"{_what(job)} on {config.get('clinic') or 'all clinics'} · " + " · ".join(_extras(job))
+        head[0].markdown(f"{STATE_ICONS.get(state, '')} **Job #{job['id']}** · {state} · {escape_markdown(what)}")
         if state in ACTIVE:
             if job.get("cancel_requested"):
                 head[1].caption("cancel requested")
@@ -541,14 +544,14 @@ def _job_card(store, job: dict) -> None:
                                width="stretch")
         if state == "queued":
             st.caption(f"Queued {_ago(job.get('created_at'))} · waiting for a worker"
-                       + (f" · {job['error']}" if job.get("error") else ""))
+                       + (f" · {escape_markdown(job['error'])}" if job.get("error") else ""))
             return
         if state == "running":
             fraction, where = _progress(job)
             st.progress(fraction, text=where)
             p = job.get("progress") or {}
             beat = job.get("heartbeat_at") or p.get("updated_at")
-            note = (f"Worker {job.get('worker_id') or '?'} · attempt {job.get('attempts')} · "
+            note = (f"Worker {escape_markdown(job.get('worker_id') or '?')} · attempt {job.get('attempts')} · "
                     f"last heartbeat {_ago(beat)}")
             if beat and time.time() - float(beat) > 60:
                 note += " · the worker stopped responding; the job will be requeued"
@@ -557,14 +560,16 @@ def _job_card(store, job: dict) -> None:
             _log(job)
             return
         if state == "failed":
-            st.error(f"Failed: {job.get('error') or 'no reason recorded'}")
+            st.error(f"Failed: {escape_markdown(job.get('error') or 'no reason recorded')}")
         elif state == "cancelled":
-            st.info("Cancelled" + (f": {job['error']}" if job.get("error") else "."))
+            st.info("Cancelled" + (f": {escape_markdown(job['error'])}" if job.get("error") else "."))
         elif state == "done":
             if job.get("run_id"):
                 _run_note(store, job)
             else:
                 st.info("Done (no run recorded).")
+            if job.get("error"):  # e.g. an earlier attempt's worker died and the job was requeued
+                st.caption(escape_markdown(job["error"]))
         p = job.get("progress") or {}
         unit = "fold" if p.get("stage") == "fold" else "epoch"
         reached = f"reached {unit} {p['epoch']}/{p.get('epochs', '?')} · " if p.get("epoch") else ""

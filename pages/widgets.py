@@ -66,6 +66,7 @@ from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
 from melcore.errors import ImageError, MelcoreError
 from melcore.formatting import as_finite, format_risk
 from melcore.images import ImageCache, confine, load_image, stand_in_image, thumbnail
+from melcore.safety import escape_markdown
 
 __all__ = ["Tile", "lesion_panel", "load_tile", "patient_strip", "thumbnail_grid"]
 
@@ -219,7 +220,7 @@ def thumbnail_grid(lesions: pd.DataFrame, *, key: str, roots: Sequence, threshol
             with cell.container(border=True):
                 st.image(tile.data, width="stretch")
                 st.markdown(badges(row, threshold, tile.status) or "&nbsp;")
-                st.caption(_caption(row) + (f" · {tile.message}" if tile.message else ""))
+                st.caption(escape_markdown(_caption(row) + (f" · {tile.message}" if tile.message else "")))
                 if st.button("Open", key=f"{key}_open_{name}", width="stretch",
                              type="primary" if name == selected else "secondary"):
                     clicked = name
@@ -316,7 +317,7 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
     try:
         from melcore import explain
     except ImportError as exc:
-        st.info(f"Grad-CAM not available ({exc}).")
+        st.info(f"Grad-CAM not available ({escape_markdown(exc)}).")
         return
     candidates = [r for r in runs if (r.get("kind") or "image") == "image" and _has_model(r)]
     if not candidates:
@@ -351,7 +352,7 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
         image = load_image(path, heat.shape, cache=image_cache())
         picture = explain.overlay(image, heat, opacity=opacity)
     except (MelcoreError, OSError) as exc:
-        st.error(f"Grad-CAM failed: {exc}")
+        st.error(f"Grad-CAM failed: {escape_markdown(exc)}")
         return
     st.image(picture, caption=f"{GRADCAM_METHODS[method]} ({explain.DETAILS[detail].split(' (')[0].lower()}) · "
                               f"{labels[run_id]} · red = raised the melanoma score",
@@ -374,7 +375,7 @@ def colour_outline(image: np.ndarray) -> None:
     try:
         picture, fallback = outline_overlay(image)
     except MelcoreError as exc:
-        st.caption(f"Colour-model outline not available: {exc}")
+        st.caption(f"Colour-model outline not available: {escape_markdown(exc)}")
         return
     st.image(picture, width="stretch",
              caption="This run's score comes from its colour/texture/shape model, which measures the region "
@@ -389,7 +390,7 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
     """One lesion in full: image, metadata, every run's score, Grad-CAM. Returns the image status."""
     name = str(lesion.get("image_name"))
     tile = load_tile(lesion.get("image_path"), name, roots, image_size)
-    st.markdown(f"#### {name}  \n" + badges(lesion, threshold, tile.status))
+    st.markdown(f"#### {escape_markdown(name)}  \n" + badges(lesion, threshold, tile.status))
     if stacked:
         left = right = st.container()
     else:
@@ -401,9 +402,9 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
             st.image(tile.data, width="stretch", caption=f"{STAND_IN_NOTE}" if tile.status == "missing"
                      else f"STAND-IN: {tile.message}")
             if tile.status == "refused":
-                st.error(f"Image not shown: {tile.message}")
+                st.error(f"Image not shown: {escape_markdown(tile.message)}")
             elif tile.status == "unreadable":
-                st.warning(f"Image not shown: {tile.message}")
+                st.warning(f"Image not shown: {escape_markdown(tile.message)}")
             else:
                 st.warning("Stand-in picture: the image file was not found, so this is not the lesion.")
         if gradcam:
@@ -421,7 +422,7 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
             try:
                 scores = image_scores(store, name, runs)
             except MelcoreError as exc:
-                st.error(f"Scores not available: {exc}")
+                st.error(f"Scores not available: {escape_markdown(exc)}")
                 scores = None
         if scores is None or len(scores) == 0:
             st.caption("No run of this dataset has scored this image." if runs or scores is not None

@@ -6,6 +6,7 @@ SQLite store, unless it asks for ``postgres_url`` (or ``db_url``, which runs it 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,18 @@ SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def melreview_home(tmp_path, monkeypatch):
-    """A private data directory for each test; the store defaults to SQLite inside it."""
+def melreview_home(tmp_path, tmp_path_factory, monkeypatch):
+    """A private data directory for each test; the store defaults to SQLite inside it.
+
+    Datasets may be registered from the session's temporary folders and ``../shared/data``
+    (``MELREVIEW_DATA_ROOTS``), where the tests write and find their tables.
+    """
     home = tmp_path / "melreview-home"
     home.mkdir()
     monkeypatch.setenv("MELREVIEW_HOME", str(home))
     monkeypatch.delenv("MELREVIEW_DB_URL", raising=False)
+    roots = [str(tmp_path_factory.getbasetemp()), str(SHARED_DATA)]
+    monkeypatch.setenv("MELREVIEW_DATA_ROOTS", os.pathsep.join(roots))
     return home
 
 

@@ -427,20 +427,21 @@ def test_label_words_and_float_strings_are_coerced(tmp_path):
 
 
 def test_missing_required_columns_names_found_and_expected(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", "picture,outcome\na,1\n")
+    csv = write_csv(tmp_path / "t.csv", "picture,target\na,1\n")
     with pytest.raises(CohortError) as info:
         load_cohort(csv, format="isic2020")
     message = str(info.value)
     assert "needs column(s) image_name" in message
-    assert "the table has picture, outcome" in message
+    assert "the table has picture, target" in message
     assert "anatom_site_general_challenge" in message and "--format" in message and "mapping" in message
 
 
 def test_unrecognised_table_suggests_format_and_mapping(tmp_path):
     csv = write_csv(tmp_path / "t.csv", "picture,outcome\na,1\n")
-    with pytest.raises(CohortError, match=r"cannot tell the table format from its columns \(picture, outcome\)"
-                                          r".*--format.*--map image_name=COLUMN"):
+    with pytest.raises(CohortError, match=r"cannot tell the table format from its columns \(2 column\(s\), none of "
+                                          r"them a lesion-table column.*--format.*--map image_name=COLUMN") as info:
         load_cohort(csv)
+    assert "picture" not in str(info.value) and "outcome" not in str(info.value)
 
 
 def test_ham10000_format_forced_on_other_table(tmp_path):

@@ -100,13 +100,13 @@ def test_folders_and_mapping(tmp_path):
 
 def test_missing_columns_exit_2_with_one_line_reason(tmp_path):
     csv = tmp_path / "t.csv"
-    csv.write_text("picture,outcome\na,1\n")
+    csv.write_text("picture,target\na,1\n")
     result = inspect("--csv", csv, "--format", "generic")
     assert result.returncode == 2
     assert result.stdout == ""
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1
-    assert message.startswith("error:") and "picture, outcome" in message and "--format" in message
+    assert message.startswith("error:") and "picture, target" in message and "--format" in message
 
 
 def test_duplicates_and_bad_labels_exit_2(tmp_path):

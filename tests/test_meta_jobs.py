@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -171,5 +172,6 @@ def test_a_requeued_meta_job_trains_in_a_folder_of_its_own(registered):
     store.update_job(job_id, attempts=1)
     job = _run_worker(store)
     assert job["state"] == "done", job.get("error")
-    assert store.get_run(job["run_id"])["run_dir"].endswith(f"job-{job_id:05d}-meta-attempt2")
+    run_dir = Path(store.get_run(job["run_id"])["run_dir"])
+    assert run_dir != first and run_dir.name.startswith(f"job-{job_id:05d}-meta-")
     assert (first / "config.json").read_text() == "{}"  # the earlier attempt's folder is left as it was

@@ -150,11 +150,12 @@ def _awkward_dataset(root: Path) -> Path:
     return root / "ds"
 
 
-def test_missing_image_shows_a_stand_in_and_a_path_outside_the_roots_is_refused(tmp_path):
+def test_missing_image_and_a_path_outside_the_roots_show_stand_ins(tmp_path):
     folder = _awkward_dataset(tmp_path)
     _, cohort = Store().register_dataset("awkward", folder / "labels.csv", folder / "img", format="generic")
     paths = dict(zip(cohort.table["image_name"], cohort.table["image_path"]))
-    assert paths["secret"] == str((tmp_path / "outside" / "secret.jpg").resolve())  # the loader resolved it
+    assert paths["secret"] is None  # the loader confined it: outside the dataset's folders
+    assert ("secret", "outside the dataset's folders; not read") in cohort.report.unreadable_images
     assert paths["lost"] is None
     at = _page().run()
     assert not at.exception
@@ -163,7 +164,7 @@ def test_missing_image_shows_a_stand_in_and_a_path_outside_the_roots_is_refused(
     assert not at.exception
     assert sorted(_grid_order(at)) == ["lost", "ok0", "ok1", "secret"]
     tiles = " ".join(m.value for m in at.markdown if not m.value.startswith("####"))  # not the lesion panel
-    assert tiles.count(":gray-badge[STAND-IN]") == 1 and tiles.count(":red-badge[refused path]") == 1
+    assert tiles.count(":gray-badge[STAND-IN]") == 2 and tiles.count(":red-badge[refused path]") == 0
     assert "risk" not in tiles and "not scored" not in tiles  # no run chosen: no score badges
 
     at.button(key="patients_grid_open_lost").click().run()
@@ -175,9 +176,8 @@ def test_missing_image_shows_a_stand_in_and_a_path_outside_the_roots_is_refused(
 
     at.button(key="patients_grid_open_secret").click().run()
     assert not at.exception
-    assert any("refused" in e.value and "outside the dataset's registered folders" in e.value for e in at.error)
-    metadata = dict(zip(*_frame(at, "field").T.values))
-    assert metadata["image file"].startswith("refused")
+    captions = [img.proto.imgs[0].caption for img in at.get("image")]
+    assert any("STAND-IN" in c for c in captions)  # the file outside was never read
 
     at.button(key="patients_grid_open_ok1").click().run()
     metadata = dict(zip(*_frame(at, "field").T.values))

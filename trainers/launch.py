@@ -19,13 +19,17 @@ def ensure_worker(store: Store, *, within: float = 30.0) -> int | None:
     The worker outlives the calling process (its own session), uses the same store
     URL, and logs to ``$MELREVIEW_HOME/logs/worker.log``. Returns the new process id,
     or None when a live worker exists already.
+
+    The URL (which may hold the database password) reaches the worker through its
+    environment (``MELREVIEW_DB_URL``), readable by the same user only, never through its
+    command line, which every user of the machine sees in ``ps`` and ``/proc/*/cmdline``.
     """
     if store.live_workers(within=within):
         return None
     logs = settings.subdir("logs")
     env = dict(os.environ, MELREVIEW_DB_URL=store.url, PYTHONPATH=str(PROJECT_ROOT))
     with open(logs / "worker.log", "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "trainers.worker", "--db", store.url],
+        process = subprocess.Popen([sys.executable, "-m", "trainers.worker"],
                                    cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
     # Beat on its behalf at once so a second page load does not start another one.

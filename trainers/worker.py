@@ -21,13 +21,14 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from melcore import settings
 from melcore.caches import MAX_SIZE_VARIABLE, auto_prune, format_size
 from melcore.errors import MelcoreError
-from melcore.store import Store, default_worker_id
+from melcore.store import Store, StoreError, default_worker_id
 
 log = logging.getLogger("melreview.worker")
 
@@ -99,12 +100,29 @@ def _train_and_record(ctx: JobContext, config, label: str, train, *args) -> tupl
     if job.get("dataset_id") is None:
         raise MelcoreError("the job names no dataset; submit it with a dataset")
     cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
-    run_dir = settings.subdir("runs") / f"job-{job['id']:05d}-{label}"
+    run_dir = new_run_dir(job, label)
     run = train(config, cohort, *args, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
                 strategy=distribution_strategy())
     if getattr(run, "cancelled", False) or ctx.cancelled.is_set():
         return "cancelled", None
     return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+
+
+def new_run_dir(job: dict, label: str) -> Path:
+    """A new, empty folder ``runs/job-<id>-<label>-<random>`` for one attempt at a job, made atomically.
+
+    Job ids restart with every store, and several stores (SQLite, then PostgreSQL) may
+    share one ``MELREVIEW_HOME``: the random part and ``mkdir`` without ``exist_ok`` make
+    sure an attempt never writes into another store's run, or another attempt's.
+    """
+    runs = settings.subdir("runs")
+    while True:
+        path = runs / f"job-{job['id']:05d}-{label}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
 
 
 def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None) -> int:
@@ -173,9 +191,7 @@ def run_meta_job(ctx: JobContext) -> tuple[str, int | None]:
         image_scores, split = meta.stored_image_scores(ctx.store, config["image_run_id"])
         source = f"run #{config['image_run_id']} ({split} predictions, {len(image_scores):,} images)"
         log.info("image scores from %s", source)
-    # A requeued attempt gets a folder of its own: the meta run refuses a folder that holds one.
-    attempt = int(job.get("attempts") or 1)
-    run_dir = settings.subdir("runs") / (f"job-{job['id']:05d}-meta" + (f"-attempt{attempt}" if attempt > 1 else ""))
+    run_dir = new_run_dir(job, "meta")  # a requeued attempt gets a folder of its own
 
     def fold_done(done: int, total: int) -> None:
         ctx.report(done, 0, math.nan, {"stage": "fold", "epochs": total, "end_of_epoch": True})
@@ -341,13 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="run the queued jobs, then exit")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between queue polls when idle")
-    parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
+    parser.add_argument("--db", default=None,
+                        help="store URL (default: MELREVIEW_DB_URL or the SQLite file); a URL with a password "
+                             "belongs in MELREVIEW_DB_URL, since every user can read a command line")
     parser.add_argument("--stale-after", type=float, default=STALE_AFTER,
                         help="seconds without a heartbeat before a running job is requeued")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    worker = Worker(Store(args.db), poll=args.poll, once=args.once, stale_after=args.stale_after)
+    try:
+        store = Store(args.db)
+    except MelcoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    worker = Worker(store, poll=args.poll, once=args.once, stale_after=args.stale_after)
 
     def _stop(signum, _frame):
         log.info("signal %s: finishing the current job, then exiting", signum)
@@ -355,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    count = worker.run()
+    try:
+        count = worker.run()
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     log.info("worker %s exits after %d job(s)", worker.worker_id, count)
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from melcore.cohort import columns_text
 from melcore.errors import MelcoreError
 
 _LISTED = 5
@@ -133,17 +134,22 @@ def read_predictions(path: Path) -> pd.DataFrame:
     """
     frame = _read_csv(path, "predictions")
     if "image_name" not in frame.columns:
-        raise MelcoreError(f"{path}: no image_name column (columns: {', '.join(map(str, frame.columns))})")
+        raise MelcoreError(f"{path}: no image_name column (columns: {columns_text(frame.columns)})")
     if "prediction" not in frame.columns:
         if "target" not in frame.columns:
             raise MelcoreError(f"{path}: no prediction column; expected 'prediction' or 'target' "
-                               f"(columns: {', '.join(map(str, frame.columns))})")
+                               f"(columns: {columns_text(frame.columns)})")
         frame = frame.rename(columns={"target": "prediction"})
     frame = frame.dropna(subset=["image_name"])
     frame["image_name"] = frame["image_name"].astype(str).str.strip()
     _check_unique(frame, path)
     from melcore.metrics import check_predictions
 
+    # A single non-numeric cell makes pandas read the whole column as text: convert what is a number,
+    # so that check_predictions names only the cells that are not.
+    raw = frame["prediction"]
+    numbers = pd.to_numeric(raw, errors="coerce")
+    frame["prediction"] = numbers.astype(object).where(numbers.notna() | raw.isna(), raw)
     frame["prediction"] = check_predictions(frame["prediction"], names=frame["image_name"].tolist(),
                                             what=f"{path}: predictions")
     return frame
