@@ -236,9 +236,9 @@ def colour_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
             continue
         if recipe.classifier == "lr":
             model = ColourModel(C=0.1, kernel="linear", features=subset)
-        else:  # the inner CV of ColourModel picks C on the training rows only
+        else:  # the lesion-grouped inner CV of ColourModel picks C on the training rows only
             model = ColourModel(C=None, kernel="rbf", features=subset)
-        model.fit(features[fit_rows], data.y[fit_rows])
+        model.fit(features[fit_rows], data.y[fit_rows], groups=data.groups[fit_rows])
         out[held] = model.predict_proba(features[held])
     return out
 

@@ -1153,7 +1153,8 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
         colour_started = time.perf_counter()
         log.info("fitting the colour/shape model on %d training images", len(train_table))
         colour_model = colour.fit_colour_model(train_table["image_path"].tolist(),
-                                               train_table["target"].astype("int64").to_numpy(), cache=cache,
+                                               train_table["target"].astype("int64").to_numpy(),
+                                               data.cohort.groups.iloc[data.train_idx].to_numpy(), cache=cache,
                                                workers=config.workers)
         if not tracker.stop_requested():
             colour_model.save(run_dir / colour.COLOUR_MODEL_FILE)
