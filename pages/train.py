@@ -27,6 +27,7 @@ from melcore import train as train_module
 from melcore.commands.jobs import submit_jobs, submit_meta_job
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
+from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from pages.common import dataset_picker, get_store, page_start, show_error
 
@@ -360,9 +361,8 @@ def _meta_form(store) -> None:
     labels.update({int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" for r in image_runs})
     cols = st.columns([1, 1, 3])
     n_folds = int(cols[0].number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "meta_folds"))
-    feature_set = cols[1].selectbox("Features", ["context", "baseline"], key=K + "meta_features",
-                                    help="context: with the patient's other lesions; baseline: age, sex, site and "
-                                         "images per patient only")
+    feature_set = cols[1].selectbox("Features", list(FEATURE_SET_LABELS), key=K + "meta_features",
+                                    format_func=lambda name: f"{name}: {FEATURE_SET_LABELS[name]}")
     image_run = cols[2].selectbox("Fuse with image run", list(labels), format_func=labels.get, key=K + "meta_run",
                                   help="The run's stored out-of-fold predictions (a K-fold run scores every image), "
                                        "else its validation predictions (then only those images get a fused score).")
