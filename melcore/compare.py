@@ -288,7 +288,9 @@ class RunEvaluation:
         curve: DataFrame of threshold metrics at up to ``curve_points`` thresholds.
         calibration: :func:`~melcore.metrics.calibration_table` (10 uniform bins).
         note: "" or why something is missing (one class, too few patients...).
-        n_boot, level: the bootstrap settings behind ``ci``.
+        n_boot, level: the bootstrap settings behind ``ci``; n_boot_dropped: resamples left out
+            of it because they held one class (``note`` says so above
+            :data:`~melcore.metrics.BOOTSTRAP_DROPPED_WARN` of ``n_boot``).
         n_groups: patients (bootstrap units); multi_lesion: some patient has several images.
     """
 
@@ -306,6 +308,7 @@ class RunEvaluation:
     note: str = ""
     n_boot: int = 0
     level: float = 0.95
+    n_boot_dropped: int = 0
     n_groups: int = 0
     multi_lesion: bool = False
 
@@ -385,7 +388,8 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
     evaluation.pr = sweep.precision_recall_curve(drop_intermediate=True)
     evaluation.average_precision = sweep.average_precision()
     try:
-        evaluation.ci = auroc_ci(y, p, groups=groups, n_boot=n_boot, seed=seed, level=level)
+        interval = auroc_ci(y, p, groups=groups, n_boot=n_boot, seed=seed, level=level)
+        evaluation.ci, evaluation.n_boot_dropped, evaluation.note = interval[:2], interval.n_dropped, interval.note
     except MelcoreError as exc:
         evaluation.note = f"no confidence interval: {exc}"
     return evaluation
@@ -451,13 +455,14 @@ def threshold_from_points(points: Sequence[Mapping] | None) -> float | None:
 # --------------------------------------------------------------------------- tables
 
 def summary_table(evaluations: Mapping[Hashable, RunEvaluation]) -> pd.DataFrame:
-    """One row per run: run, n, n_malignant, n_patients, auroc, auroc_low, auroc_high,
+    """One row per run: run, n, n_malignant, n_patients, auroc, auroc_low, auroc_high, boot_dropped,
     average_precision, brier, note."""
     rows = [{"run": name, "n": e.n, "n_malignant": e.n_malignant, "n_patients": e.n_groups, "auroc": e.auroc,
-             "auroc_low": e.ci[0], "auroc_high": e.ci[1], "average_precision": e.average_precision,
-             "brier": e.brier, "note": e.note} for name, e in evaluations.items()]
+             "auroc_low": e.ci[0], "auroc_high": e.ci[1], "boot_dropped": e.n_boot_dropped,
+             "average_precision": e.average_precision, "brier": e.brier, "note": e.note}
+            for name, e in evaluations.items()]
     return pd.DataFrame(rows, columns=["run", "n", "n_malignant", "n_patients", "auroc", "auroc_low",
-                                       "auroc_high", "average_precision", "brier", "note"])
+                                       "auroc_high", "boot_dropped", "average_precision", "brier", "note"])
 
 
 def at_threshold_table(evaluations: Mapping[Hashable, RunEvaluation], threshold: float) -> pd.DataFrame:

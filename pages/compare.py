@@ -42,6 +42,7 @@ from melcore.compare import (
 )
 from melcore.errors import MelcoreError
 from melcore.formatting import format_threshold
+from melcore.metrics import bootstrap_dropped_note
 from melcore.plots import (
     bar_figure,
     calibration_figure,
@@ -405,6 +406,10 @@ def _clinic_table(breakdowns: dict, threshold: float) -> None:
         "Note": rows["note"],
     })
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table")
+    for run, clinic, dropped in zip(rows["run"], rows["group"], rows["boot_dropped"]):
+        note = bootstrap_dropped_note(int(dropped), N_BOOT)
+        if note:
+            st.warning(f"{run}, clinic {clinic}: {note}.")
 
 
 def _save_section(focus: str, run: dict, threshold: float) -> None:

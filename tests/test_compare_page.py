@@ -324,6 +324,23 @@ def joined(cohort_and_table, separation=2.2, seed=12, drop_patient=False):
     return frame, notes
 
 
+def test_an_interval_resting_on_few_resamples_is_flagged(seeded):
+    # one melanoma patient among four: about (3/4)^4 = 32% of the patient resamples hold no melanoma
+    table = seeded["table"]
+    has_melanoma = table.groupby("patient_id")["target"].max()
+    patients = [has_melanoma[has_melanoma == 1].index[0], *has_melanoma[has_melanoma == 0].index[:3]]
+    store = seeded["store"]
+    run_id = store.add_run("four-patients", dataset_id=seeded["dataset_id"], model="basic-cnn")
+    store.add_predictions(run_id, simulated(table, 2.0, seed=14)[table["patient_id"].isin(patients)], split="val")
+    at = run_page()
+    runs_widget(at).set_value([run_id, seeded["strong"]])
+    rerun(at)
+    flagged = [w.value for w in at.warning if "bootstrap resamples" in w.value]
+    assert len(flagged) == 2 and all("four-patients" in w and "too narrow" in w for w in flagged)  # run, clinic
+    row = summary(at).set_index("Run").filter(like="four-patients", axis=0).iloc[0]
+    assert "held one class and were left out" in row["Note"]
+
+
 def test_choose_split():
     assert choose_split(["oof", "val"]) == "val"
     assert choose_split(["oof"]) == "oof"

@@ -251,8 +251,21 @@ def test_bootstrap_skips_one_class_resamples():
     skipped = np.isnan(boots)
     assert skipped.any() and (~skipped).any()
     assert 0.2 < skipped.mean() < 0.4  # P(no "a" among 3 draws) = (2/3)^3 = 0.30 -> about 30% skipped
-    low, high = metrics.auroc_ci(y, p, groups=["a", "a", "b", "b", "c", "c"], n_boot=200, seed=0)
+    low, high, *_ = metrics.auroc_ci(y, p, groups=["a", "a", "b", "b", "c", "c"], n_boot=200, seed=0)
     assert low <= high
+
+
+def test_auroc_ci_reports_the_one_class_resamples_it_left_out():
+    y = [1, 0, 0, 0, 0, 0]
+    p = [0.9, 0.2, 0.3, 0.95, 0.1, 0.4]
+    ci = metrics.auroc_ci(y, p, groups=["a", "a", "b", "b", "c", "c"], n_boot=2000, seed=0)
+    assert ci.n_boot == 2000
+    assert abs(ci.dropped_share - (2 / 3) ** 3) < 0.03  # resamples without patient "a" hold no melanoma
+    assert f"{ci.n_dropped:,} of 2,000 bootstrap resamples" in ci.note and "too narrow" in ci.note
+    rng = np.random.default_rng(1)
+    y = (rng.random(300) < 0.3).astype(int)
+    plenty = metrics.auroc_ci(y, expit(rng.normal(size=300) + y), groups=rng.integers(0, 100, 300), n_boot=500)
+    assert plenty.n_dropped == 0 and plenty.note == ""
 
 
 def test_bootstrap_ci_covers_true_auroc_binormal():
@@ -265,8 +278,8 @@ def test_bootstrap_ci_covers_true_auroc_binormal():
     hits = 0
     for sim in range(200):
         p = expit(rng.normal(size=200) + mu * y)
-        low, high = metrics.auroc_ci(y, p, n_boot=300, seed=sim)
-        hits += low <= true_auroc <= high
+        ci = metrics.auroc_ci(y, p, n_boot=300, seed=sim)
+        hits += ci.low <= true_auroc <= ci.high
     assert 0.88 <= hits / 200 <= 0.99
 
 
@@ -281,8 +294,8 @@ def test_patient_bootstrap_ci_covers_true_auroc_with_correlated_lesions():
     for sim in range(200):
         y = (rng.random(300) < 0.3).astype(int)
         x = rng.normal(0, 1, 100)[patients] + mu * y + rng.normal(0, 0.5, 300)
-        low, high = metrics.auroc_ci(y, expit(x), groups=patients, n_boot=300, seed=sim)
-        hits += low <= true_auroc <= high
+        ci = metrics.auroc_ci(y, expit(x), groups=patients, n_boot=300, seed=sim)
+        hits += ci.low <= true_auroc <= ci.high
     assert 0.88 <= hits / 200 <= 0.99
 
 
@@ -485,10 +498,25 @@ def test_per_group_matches_metrics_on_each_subset():
             assert row["auroc"] == skm.roc_auc_score(subset["target"], subset["prediction"])
             ci = metrics.auroc_ci(subset["target"], subset["prediction"], groups=subset["patient_id"],
                                   n_boot=300, seed=3)
-            assert (row["auroc_low"], row["auroc_high"]) == ci
-            assert row["note"] == ""
+            assert (row["auroc_low"], row["auroc_high"]) == (ci.low, ci.high)
+            assert row["boot_dropped"] == ci.n_dropped
+            assert row["note"] == ci.note
     north, south = result.set_index("group").loc[["north", "south"], "auroc"]
     assert north > south  # the simulated north clinic separates the classes better
+
+
+def test_per_group_counts_and_flags_one_class_resamples():
+    # clinic "small": one melanoma patient among three, so about 30% of its resamples hold one class
+    table = pd.DataFrame({"image_name": [f"i{k}" for k in range(10)],
+                          "clinic": ["small"] * 6 + ["big"] * 4,
+                          "patient_id": ["a", "a", "b", "b", "c", "c", "d", "e", "f", "g"],
+                          "target": [1, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+                          "prediction": [0.9, 0.2, 0.3, 0.95, 0.1, 0.4, 0.8, 0.7, 0.3, 0.2]})
+    result = metrics.per_group(table, "clinic", n_boot=1000, seed=0).set_index("group")
+    small = metrics.auroc_ci(table["target"][:6], table["prediction"][:6], groups=table["patient_id"][:6],
+                             n_boot=1000, seed=0)
+    assert result.loc["small", "boot_dropped"] == small.n_dropped > 200
+    assert "held one class and were left out" in result.loc["small", "note"]
 
 
 def test_per_group_age_band_derived_and_missing_column_named():
