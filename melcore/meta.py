@@ -209,23 +209,17 @@ def _image_names(table: pd.DataFrame) -> np.ndarray:
 
 
 def _patient_keys(table: pd.DataFrame, groups: pd.Series | None) -> np.ndarray:
-    """Group key per row: ``Cohort.groups`` when given, else patient, else lesion, else image."""
+    """Group key per row: ``Cohort.groups`` when given, else the same rule on the table's ids
+    (:func:`melcore.cohort.group_keys`: patient, else lesion, else image, linked sets joined)."""
     if groups is not None:
         keys = _clean_str(groups.tolist())
         if not pd.isna(keys).any():
             return keys.astype(str)
-    patient = _column(table, "patient_id")
-    lesion = _column(table, "lesion_id")
-    names = _image_names(table)
-    out = np.empty(len(table), dtype=object)
-    for i in range(len(table)):
-        if patient[i] is not None:
-            out[i] = patient[i]
-        elif lesion[i] is not None:
-            out[i] = "lesion:" + lesion[i]
-        else:
-            out[i] = "image:" + names[i]
-    return out.astype(str)
+    from melcore.cohort import group_keys
+
+    ids = pd.DataFrame({"image_name": _image_names(table), "patient_id": _column(table, "patient_id"),
+                        "lesion_id": _column(table, "lesion_id")})
+    return group_keys(ids).to_numpy().astype(str)
 
 
 def _lesion_keys(table: pd.DataFrame, patient_keys: np.ndarray) -> np.ndarray:
