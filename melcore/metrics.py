@@ -1021,8 +1021,10 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
             from ``age_approx`` when there is no such column). Missing values form
             the group "unknown".
         threshold: the operating threshold for sensitivity, specificity...
-        patient_column: column resampled by the bootstrap; "auto" uses
-            "patient_id" when present, else images; None resamples images.
+        patient_column: column resampled by the bootstrap; "auto" resamples the
+            cohort's groups (:func:`melcore.cohort.group_keys`: patient, else
+            lesion) when ``patient_id`` or ``lesion_id`` is present, else images;
+            None resamples images.
         n_boot, seed, level: bootstrap settings (see :func:`auroc_ci`).
         progress: ``progress(done, total)`` over groups.
 
@@ -1042,8 +1044,9 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
     names = df["image_name"].astype(str).tolist() if "image_name" in df.columns else None
     labels, scores = _check_pair(y_col, p_col, names=names)
     if patient_column == "auto":
-        patient_column = "patient_id" if "patient_id" in df.columns else None
-    patients = _resolve_column(df, patient_column, "patient").to_numpy() if patient_column else None
+        patients = _id_groups(df)
+    else:
+        patients = _resolve_column(df, patient_column, "patient").to_numpy() if patient_column else None
     keys = groups_col.astype(object).where(groups_col.notna(), "unknown").astype(str).to_numpy()
     unique = sorted(set(keys))
     rows = []
@@ -1058,6 +1061,20 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
     columns = list(dict.fromkeys(["group", "n", "n_malignant", "auroc", "auroc_low", "auroc_high",
                                   *THRESHOLD_METRIC_KEYS, "brier", "boot_dropped", "note"]))
     return pd.DataFrame(rows, columns=columns)
+
+
+def _id_groups(df: pd.DataFrame) -> np.ndarray | None:
+    """Patient-else-lesion group key per row (:func:`melcore.cohort.group_keys`); None without either id."""
+    from melcore.cohort import group_keys
+
+    if not any(c in df.columns and df[c].notna().any() for c in ("patient_id", "lesion_id")):
+        return None
+    names = df["image_name"] if "image_name" in df.columns else pd.Series(range(len(df)), index=df.index)
+    ids = pd.DataFrame({"image_name": names.astype(str).to_numpy()}, index=df.index)
+    for column in ("patient_id", "lesion_id"):
+        if column in df.columns:
+            ids[column] = df[column]
+    return group_keys(ids).to_numpy()
 
 
 def _group_row(key, labels, scores, patients, threshold, n_boot, seed, level) -> dict:

@@ -519,6 +519,20 @@ def test_per_group_counts_and_flags_one_class_resamples():
     assert "held one class and were left out" in result.loc["small", "note"]
 
 
+def test_without_patient_ids_the_bootstrap_resamples_lesions():
+    rng = np.random.default_rng(5)
+    lesion = np.repeat([f"L{i}" for i in range(40)], 3)   # three images of each lesion, no patient id
+    y = np.repeat((rng.random(40) < 0.4).astype(int), 3)
+    p = expit(np.repeat(rng.normal(size=40), 3) + y + rng.normal(0, 0.1, 120))
+    table = pd.DataFrame({"image_name": [f"i{k}" for k in range(120)], "lesion_id": lesion, "clinic": "north",
+                          "target": y, "prediction": p})
+    row = metrics.per_group(table, "clinic", n_boot=500, seed=2).iloc[0]
+    by_lesion = metrics.auroc_ci(y, p, groups=lesion, n_boot=500, seed=2)
+    by_image = metrics.auroc_ci(y, p, n_boot=500, seed=2)
+    assert (row["auroc_low"], row["auroc_high"]) == (by_lesion.low, by_lesion.high)
+    assert by_lesion.high - by_lesion.low > by_image.high - by_image.low
+
+
 def test_per_group_age_band_derived_and_missing_column_named():
     table = _clinic_table()
     result = metrics.per_group(table, "age_band", n_boot=100)
