@@ -123,6 +123,22 @@ def test_cross_clinic_needs_two_clinics(tmp_path):
         cross_clinic(_config(), load_cohort(csv, images))
 
 
+def test_cross_clinic_refuses_a_patient_seen_in_two_clinics(tmp_path):
+    from melcore.cohort import load_cohort
+    from melcore.crossval import cross_clinic
+    from melcore.errors import LeakageError
+
+    csv, images = make_easy_cohort(tmp_path / "moved", n_patients=6, clinics=("north", "south"))
+    table = pd.read_csv(csv)
+    patient = table["patient_id"].iloc[0]
+    moved = table.index[table["patient_id"] == patient][-1]
+    table.loc[moved, "clinic"] = "south" if table.loc[moved, "clinic"] == "north" else "north"
+    table.to_csv(csv, index=False)
+    with pytest.raises(LeakageError, match=f"1 patient.*{patient}.*north, south"):
+        cross_clinic(_config(), load_cohort(csv, images), run_dir=tmp_path / "cross")
+    assert not (tmp_path / "cross").exists()  # refused before anything was trained or written
+
+
 def test_train_cli_folds(demo_dir, tmp_path):
     out = tmp_path / "kfold"
     cmd = [sys.executable, "-m", "melcore", "train", "--csv", str(demo_dir / "labels.csv"), "--images",
