@@ -109,7 +109,8 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
     melcore.train.Run
         Its ``metrics`` (``metrics.json``): kind "kfold", status, cancelled, model, mode,
         clinic, image_size, n_folds, folds_done, oof_auroc (AUROC of all out-of-fold
-        predictions), fold_aurocs (validation AUROC per fold, list), mean_fold_auroc,
+        predictions), fold_aurocs (validation AUROC per fold, list; each fold's best epoch is
+        chosen on training patients of that fold, never on its out-of-fold images), mean_fold_auroc,
         n_oof, n_malignant, fold_runs (sub-folder names), weights, seconds.
 
     Raises

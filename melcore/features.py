@@ -525,7 +525,8 @@ def fit_fast_head(config, cohort, progress=None, should_stop=None, run_dir=None,
 
     Same contract as :func:`melcore.train.fit` (it is what ``fit`` calls for
     ``mode="fast-head"``): same data preparation and split, same ``balance`` options,
-    early stopping on the validation AUROC with the best epoch restored, same progress
+    early stopping and the best epoch chosen on the selection split (training patients held
+    out; the validation images choose nothing), same progress
     and ``should_stop`` contract (stage ``"load"`` while features are computed, with
     ``done``/``total``; stage ``"head"`` while training; ``end_of_epoch`` calls), same
     run directory files. The backbone stays frozen: ``fine_tune_epochs`` and the image
@@ -634,8 +635,10 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
     train_table, val_table, counts = T._split_tables(data)
     x_train = features[train_views][:, data.train_idx]
     x_val = features[:, data.val_idx]
+    x_select = features[[all_views.index(views[0])]][:, data.select_idx]
     y_train = train_table["target"].astype("float32").to_numpy()
     y_val = val_table["target"].astype("float64").to_numpy()
+    y_select = T._select_table(data)["target"].astype("float64").to_numpy()
 
     # ---- the head
     head_started = time.perf_counter()
@@ -656,12 +659,14 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
              config.epochs, steps, config.batch_size, config.optimizer, config.learning_rate, config.schedule,
              f"{n_params:,}", extractor.n_features)
 
-    def score_validation(tta: bool = False) -> dict | None:
-        chosen = x_val[val_view_index] if tta else x_val[[all_views.index(views[0])]]
-        p = score_features(head, chosen)
-        return {"val_auroc": T._auroc(y_val, p), "val_loss": T._bce(y_val, p), "p": p}
+    def score_validation(tta: bool = False) -> np.ndarray:
+        return score_features(head, x_val[val_view_index] if tta else x_val[[all_views.index(views[0])]])
 
-    monitor = T._tracker_callback(tracker, {"batch_size": config.batch_size}, score_validation)
+    def score_selection() -> dict:
+        p = score_features(head, x_select)
+        return {"select_auroc": T._auroc(y_select, p), "select_loss": T._bce(y_select, p)}
+
+    monitor = T._tracker_callback(tracker, {"batch_size": config.batch_size}, score_selection)
     tracker.stage = "head"
     tracker.patience = config.early_stopping_patience
     for epoch in range(config.epochs):
@@ -683,7 +688,8 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         "cancelled": tracker.cancelled, "model": config.model, "clinic": config.clinic,
         "image_size": config.image_size, "cohort": getattr(data.cohort, "name", None),
         "best_epoch": tracker.best_epoch,
-        "best_epoch_val_auroc": tracker.best_auroc if tracker.best_epoch else None,
+        "best_epoch_select_auroc": tracker.best_auroc if tracker.best_epoch else None,
+        "chosen_on": T._chosen_on(counts),
         **counts,
         "excluded": data.excluded, "split": data.split,
         "history": tracker.history, "stages": stage_records, "epochs_run": len(tracker.history),
@@ -703,7 +709,7 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         T._save_model(model, run_dir / "model.keras")
     predictions = None
     if tracker.best_weights is not None and not tracker.cancelled:
-        predictions = score_validation(tta=config.tta)["p"]
+        predictions = score_validation(tta=config.tta)
     if predictions is not None:
         pd.DataFrame({
             "image_name": val_table["image_name"].astype(str),
@@ -719,7 +725,7 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
             "at_threshold": at,
         })
     else:
-        metrics.update({"val_auroc": None, "val_loss": tracker.best_val_loss, "threshold": T.THRESHOLD,
+        metrics.update({"val_auroc": None, "val_loss": None, "threshold": T.THRESHOLD,
                         "sensitivity": None, "specificity": None})
         if not tracker.cancelled and tracker.best_weights is None:
             raise MelcoreError("training ended without a single validated epoch")

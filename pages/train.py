@@ -103,11 +103,12 @@ def _epoch_points(history) -> list[dict]:
     return [p for p in (history or []) if p.get("end_of_epoch")]
 
 
-def _last_val_auroc(job: dict):
+def _last_select_auroc(job: dict):
+    """The last epoch's AUROC on the selection split (training patients held out to choose the epoch)."""
     points = _epoch_points(job.get("history"))
-    if points and points[-1].get("val_auroc") is not None:
-        return points[-1]["val_auroc"]
-    return (job.get("progress") or {}).get("val_auroc")
+    if points and points[-1].get("select_auroc") is not None:
+        return points[-1]["select_auroc"]
+    return (job.get("progress") or {}).get("select_auroc")
 
 
 def _progress(job: dict) -> tuple[float, str]:
@@ -140,18 +141,18 @@ def _progress(job: dict) -> tuple[float, str]:
         where = f"epoch {epoch}/{epochs} · validating {p.get('val_batch', 0)}/{p.get('val_steps', 0)}"
     else:
         where = f"epoch {epoch}/{epochs} [{stage}] · batch {min(batch, steps) if steps else batch}/{steps or '?'}"
-    parts = [where, f"loss {format_number(p.get('loss'))}", f"val AUROC {format_number(_last_val_auroc(job), '.3f')}"]
+    parts = [where, f"loss {format_number(p.get('loss'))}", f"selection AUROC {format_number(_last_select_auroc(job), '.3f')}"]
     if state == "running":
         parts.append(f"ETA {format_duration(p.get('eta'))}")
     return fraction, " · ".join(parts)
 
 
 def _curves(job: dict):
-    """Loss and validation AUROC per epoch (training_curves_figure), plus the live batch loss."""
+    """Loss and selection-split AUROC per epoch (training_curves_figure), plus the live batch loss."""
     import plotly.graph_objects as go
 
     history = job.get("history") or []
-    keys = ("train_loss", "val_loss", "val_auroc")
+    keys = ("train_loss", "select_loss", "select_auroc")
     epochs = [{"epoch": p["epoch"], **{k: p.get(k) for k in keys}} for p in _epoch_points(history)
               if p.get("epoch") is not None]
     metrics = [k for k in keys if any(row.get(k) is not None for row in epochs)]
@@ -444,7 +445,7 @@ def _job_table(jobs: list[dict], dataset_names: dict) -> None:
             "epoch / fold": (f"{'fold ' if p.get('stage') == 'fold' else ''}{p.get('epoch', 0)}/"
                              f"{p.get('epochs', '?')}") if p else "",
             "loss": p.get("loss") if job["state"] == "running" else None,
-            "val AUROC": _last_val_auroc(job),
+            "selection AUROC": _last_select_auroc(job),
             "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",
             "run": job.get("run_id"), "submitted": _when(job.get("created_at")),
         })
