@@ -89,6 +89,19 @@ def _register_form(store) -> None:
                f"{summary['n_malignant']:,} malignant.")
     for warning in summary.get("warnings") or []:
         st.warning(warning)
+    _shortcut_audit(cohort)
+
+
+def _shortcut_audit(cohort) -> None:
+    from melcore.audit import audit_images, audit_table, audit_warnings, shortcut_audit
+
+    with st.spinner("Shortcut audit: how well acquisition attributes alone predict the label..."):
+        rows = shortcut_audit(cohort, images=bool(audit_images(cohort)))
+    st.markdown("**Shortcut audit**: patient-grouped out-of-fold AUROC of each acquisition attribute alone "
+                "(0.5 = it says nothing about the label).")
+    st.dataframe(audit_table(rows), hide_index=True, width="stretch", key="home_shortcut_audit")
+    for warning in audit_warnings(rows):
+        st.warning(warning[0].upper() + warning[1:] + ".")
 
 
 def home() -> None:
