@@ -43,11 +43,14 @@ from melcore.metrics import (
     check_predictions,
     calibration_table,
     delong_test,
+    operating_point_ci,
     paired_auroc_bootstrap,
     per_group,
 )
 
 __all__ = [
+    "THRESHOLD_RULES",
+    "threshold_elsewhere",
     "FILTER_COLUMNS",
     "SPLITS",
     "CrossClinic",
@@ -396,6 +399,39 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
 
 
 # --------------------------------------------------------------------------- threshold controls
+
+THRESHOLD_RULES = {"youden": "Youden's J", "sensitivity>=0.9": "sensitivity >= 90%",
+                   "sensitivity>=0.95": "sensitivity >= 95%"}
+"""Rules :func:`threshold_elsewhere` chooses a threshold by (keys of :meth:`RunEvaluation.presets`)."""
+
+
+def threshold_elsewhere(chooser: RunEvaluation, judged: pd.DataFrame, rule: str, *, n_boot: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict:
+    """A threshold chosen by ``rule`` on one set of predictions, judged on another.
+
+    Args:
+        chooser: the evaluation whose predictions choose the threshold (e.g. a run's
+            validation / out-of-fold predictions).
+        judged: DataFrame[target, prediction(, group)] of the predictions the operating point is
+            shown on (a test set, another clinic, a later run); ``group`` is the bootstrap unit.
+        rule: a key of :data:`THRESHOLD_RULES`.
+
+    Returns :func:`melcore.metrics.operating_point_ci` on ``judged`` at the chosen threshold, plus
+    ``rule``. Raises MelcoreError when the chooser has one class or ``judged`` is empty.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise MelcoreError(f"unknown threshold rule {rule!r}; choose {', '.join(THRESHOLD_RULES)}")
+    presets = chooser.presets()
+    if rule not in presets:
+        raise MelcoreError("the predictions that choose the threshold hold one class only; choose on predictions "
+                           "with benign and malignant images")
+    if len(judged) == 0:
+        raise MelcoreError("no predictions to judge the threshold on")
+    groups = judged["group"].to_numpy() if "group" in judged.columns else None
+    point = operating_point_ci(judged["target"].to_numpy(), judged["prediction"].to_numpy(dtype=np.float64),
+                               presets[rule], groups=groups, n_boot=n_boot, seed=seed, level=level)
+    return {"rule": rule, **point}
+
 
 def threshold_window(evaluations: Iterable[RunEvaluation], include: Iterable[float | None] = (), *,
                      min_span: float = 0.5, decimals: int = 2) -> tuple[float, float]:

@@ -56,6 +56,7 @@ __all__ = [
     "BOOTSTRAP_DROPPED_WARN",
     "AurocInterval",
     "bootstrap_dropped_note",
+    "operating_point_ci",
     "THRESHOLD_METRIC_KEYS",
     "DelongResult",
     "PairedBootstrapResult",
@@ -762,6 +763,45 @@ def auroc_ci(y, p, groups=None, n_boot: int = 2000, seed: int = 0, level: float 
         raise MelcoreError("every bootstrap resample held a single class; there are too few patients "
                            "with each label for a confidence interval")
     return _interval(boots, level)
+
+
+def operating_point_ci(y, p, threshold: float, groups=None, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> dict:
+    """Sensitivity, specificity, PPV and NPV at a FIXED ``threshold``, each with a cluster-bootstrap CI.
+
+    The threshold is taken as given (it must have been chosen on other predictions for the
+    intervals to mean anything); resamples draw ``groups`` (patients; None: images) with
+    replacement, ``n_boot`` times, seeded. A resample where a quantity is undefined (no
+    malignant image for sensitivity, nothing flagged for PPV, ...) is left out of that
+    quantity's interval.
+
+    Returns
+    -------
+    dict: the :func:`threshold_metrics` keys at ``threshold``, plus ``<name>_ci`` = [low, high]
+    for ``sensitivity``, ``specificity``, ``ppv`` and ``npv``.
+    """
+    level = _check_level(level)
+    labels, scores = _check_pair(y, p)
+    threshold = _check_threshold(threshold)
+    if not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise MelcoreError(f"n_boot must be a positive whole number of resamples, got {n_boot!r}")
+    out = threshold_metrics(labels, scores, threshold)
+    codes, n_groups = _group_codes(groups, len(labels))
+    flagged = scores >= threshold
+    cells = np.stack([flagged & (labels == 1), flagged & (labels == 0), ~flagged & (labels == 0),
+                      ~flagged & (labels == 1)], axis=1).astype(np.int64)          # tp, fp, tn, fn per image
+    per_group = np.zeros((n_groups, 4), dtype=np.int64)
+    np.add.at(per_group, codes, cells)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws])
+    tp, fp, tn, fn = (counts @ per_group).T.astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "ppv": tp / (tp + fp),
+                 "npv": tn / (tn + fn)}
+    for name, values in boots.items():
+        out[f"{name}_ci"] = list(_percentile_interval(values, level))
+    return out
 
 
 class PairedBootstrapResult(NamedTuple):

@@ -21,6 +21,7 @@ import streamlit as st
 
 from melcore import settings
 from melcore.compare import (
+    THRESHOLD_RULES,
     GroupBreakdown,
     apply_subset,
     at_threshold_table,
@@ -38,6 +39,7 @@ from melcore.compare import (
     subset_options,
     summary_table,
     threshold_from_points,
+    threshold_elsewhere,
     threshold_window,
 )
 from melcore.errors import MelcoreError
@@ -412,6 +414,33 @@ def _clinic_table(breakdowns: dict, threshold: float) -> None:
             st.warning(f"{run}, clinic {clinic}: {note}.")
 
 
+def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict) -> None:
+    """A threshold chosen on one run's predictions and judged, with CIs, on another's."""
+    st.subheader("Threshold chosen on one set, judged on another")
+    names = list(evaluations)
+    cols = st.columns(3)
+    chooser = cols[0].selectbox("Choose the threshold on", names, key="compare_choose_on")
+    rule = cols[1].selectbox("Rule", list(THRESHOLD_RULES), format_func=THRESHOLD_RULES.get, key="compare_rule")
+    judged = cols[2].selectbox("Judge it on", names, index=min(1, len(names) - 1), key="compare_judge_on")
+    try:
+        point = threshold_elsewhere(evaluations[chooser], frames[judged], rule, n_boot=N_BOOT)
+    except MelcoreError as exc:
+        show_error(exc, "No operating point")
+        return
+    st.caption(f"Threshold **{format_threshold(point['threshold'])}** chosen by {THRESHOLD_RULES[rule]} on the "
+               f"{splits[chooser]} predictions of {chooser}; operating point on the {splits[judged]} predictions "
+               f"of {judged} ({point['n']:,} images), with {N_BOOT:,}-resample patient-bootstrap 95% CIs.")
+    if chooser == judged:
+        st.warning("The threshold is chosen and judged on the same predictions, so these numbers are optimistic: "
+                   "judge it on another run (a test set, another clinic, a later run).")
+    measures = ("sensitivity", "specificity", "ppv", "npv")
+    st.dataframe(pd.DataFrame({
+        "Measure": ["Sensitivity", "Specificity", "PPV", "NPV"],
+        "Value": [_pct(point[n]) for n in measures],
+        "95% CI": [f"{_pct(point[n + '_ci'][0])}-{_pct(point[n + '_ci'][1])}" for n in measures],
+    }), hide_index=True, width="stretch", key="compare_threshold_elsewhere")
+
+
 def _save_section(focus: str, run: dict, threshold: float) -> None:
     cols = st.columns([1.2, 2])
     cols[0].button(f"Save {format_threshold(threshold)} as this run's threshold", key="compare_save", type="primary",
@@ -584,6 +613,7 @@ def main() -> None:
             show_error(exc, f"{label}: per-clinic table")
 
     _operating_point(evaluations, breakdowns, runs_by_label, dataset, filters)
+    _threshold_elsewhere(evaluations, {k: subset[k] for k in names}, splits)
 
     pair_frames = {k: subset[k] for k in names}
     pair_key = tuple(runs_by_label[k]["id"] for k in names)

@@ -533,6 +533,26 @@ def test_without_patient_ids_the_bootstrap_resamples_lesions():
     assert by_lesion.high - by_lesion.low > by_image.high - by_image.low
 
 
+def test_operating_point_ci_equals_an_independent_patient_bootstrap_loop():
+    rng = np.random.default_rng(9)
+    patients = rng.integers(0, 50, 200)
+    y = (rng.random(200) < 0.3).astype(int)
+    p = expit(rng.normal(size=200) + 1.5 * y)
+    point = metrics.operating_point_ci(y, p, 0.5, groups=patients, n_boot=400, seed=3, level=0.9)
+    assert point["sensitivity"] == metrics.threshold_metrics(y, p, 0.5)["sensitivity"]
+    # the same resamples drawn by hand: group codes in order of first appearance, as the library numbers them
+    codes, uniques = pd.factorize(pd.Series(patients))
+    draws = np.random.default_rng(3).integers(0, len(uniques), size=(400, len(uniques)))
+    sensitivity, npv = [], []
+    for row in draws:
+        rows = np.concatenate([np.flatnonzero(codes == g) for g in row])
+        flagged, truth = p[rows] >= 0.5, y[rows]
+        sensitivity.append((flagged & (truth == 1)).sum() / (truth == 1).sum())
+        npv.append((~flagged & (truth == 0)).sum() / (~flagged).sum())
+    assert point["sensitivity_ci"] == pytest.approx(list(np.quantile(sensitivity, [0.05, 0.95])), abs=1e-12)
+    assert point["npv_ci"] == pytest.approx(list(np.quantile(npv, [0.05, 0.95])), abs=1e-12)
+
+
 def test_per_group_age_band_derived_and_missing_column_named():
     table = _clinic_table()
     result = metrics.per_group(table, "age_band", n_boot=100)
