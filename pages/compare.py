@@ -339,6 +339,8 @@ def _focus_metrics(evaluation, threshold: float) -> None:
     cols[4].metric("Biopsies / melanoma", _biopsies(m["biopsies_per_melanoma"]),
                    help="Flagged lesions per melanoma found (1 / PPV)")
     cols[5].metric("Flagged", f"{m['n_flagged']:,}", help=f"Lesions sent to biopsy at this threshold, of {m['n']:,}")
+    st.caption("A threshold set here (slider, click or preset) is chosen on these same predictions, so the numbers "
+               "above are optimistic for it; below, a threshold chosen on one run is judged on another.")
 
 
 def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float]) -> None:
