@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from melcore.audit import audit_table, audit_warnings
 from melcore.errors import MelcoreError
 from pages.common import ensure_first_dataset, page_start, show_error
 
@@ -49,6 +50,7 @@ def _dataset_card(dataset: dict) -> None:
             st.plotly_chart(_clinic_chart(summary), width="stretch", key=f"clinics-{dataset['id']}")
         if summary.get("grouping"):
             st.caption(f"Patient grouping: {summary['grouping']}")
+        _shortcut_audit(summary.get("shortcut_audit") or [], key=f"audit-{dataset['id']}")
         warnings = summary.get("warnings") or []
         if warnings:
             with st.expander(f"{len(warnings)} warning(s)"):
@@ -89,19 +91,18 @@ def _register_form(store) -> None:
                f"{summary['n_malignant']:,} malignant.")
     for warning in summary.get("warnings") or []:
         st.warning(warning)
-    _shortcut_audit(cohort)
+    stored = store.get_dataset(name.strip())
+    _shortcut_audit(stored["summary"].get("shortcut_audit") or [], key="home_shortcut_audit_new")
+    for warning in audit_warnings(stored["summary"].get("shortcut_audit") or []):
+        st.warning(warning[0].upper() + warning[1:] + ".")
 
 
-def _shortcut_audit(cohort) -> None:
-    from melcore.audit import audit_images, audit_table, audit_warnings, shortcut_audit
-
-    with st.spinner("Shortcut audit: how well acquisition attributes alone predict the label..."):
-        rows = shortcut_audit(cohort, images=bool(audit_images(cohort)))
+def _shortcut_audit(rows: list[dict], key: str) -> None:
+    if not rows:
+        return
     st.markdown("**Shortcut audit**: patient-grouped out-of-fold AUROC of each acquisition attribute alone "
                 "(0.5 = it says nothing about the label).")
-    st.dataframe(audit_table(rows), hide_index=True, width="stretch", key="home_shortcut_audit")
-    for warning in audit_warnings(rows):
-        st.warning(warning[0].upper() + warning[1:] + ".")
+    st.dataframe(audit_table(rows), hide_index=True, width="stretch", key=key)
 
 
 def home() -> None:

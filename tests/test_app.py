@@ -79,10 +79,14 @@ def test_registering_shows_the_shortcut_audit(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     at = _register(_app().run(), "blocks", str(tmp_path / "labels.csv"), str(images), "generic")
     assert not at.exception
-    audit = next(df.value for df in at.dataframe if "Attribute" in df.value.columns)
+    audit = [df.value for df in at.dataframe if "Attribute" in df.value.columns][-1]  # the form's, after the cards
     block = audit.set_index("Attribute").loc["file-name number block"]
     assert block["AUROC"] > 0.9 and "shortcut" in block["Note"]
     assert any("The file-name number block alone predicts the label" in w.value for w in at.warning)
+    stored = Store().get_dataset("blocks")["summary"]
+    assert any("file-name number block alone" in w for w in stored["warnings"])  # the dataset card shows it later
+    assert [r["attribute"] for r in stored["shortcut_audit"]][:4] == [
+        "clinic", "file-name prefix", "file-name number block", "file format"]
 
 
 def test_bad_registrations_say_why_and_keep_what_was_saved(demo_dir, tmp_path):
