@@ -598,6 +598,7 @@ def _exclude_unreadable(data: _Data, bad: dict[int, str]) -> _Data:
     names = data.cohort.table["image_name"].astype(str).to_numpy()
     data.excluded["unreadable"] = len(bad)
     data.excluded["unreadable_images"] = [[names[i], bad[i]] for i in sorted(bad)][:50]
+
     def kept(idx: np.ndarray) -> np.ndarray:
         return np.asarray(new_position[[i for i in idx if keep[i]]], dtype=np.int64)
 
