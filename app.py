@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from melcore.audit import audit_table, audit_warnings
 from melcore.errors import MelcoreError
 from melcore.safety import escape_markdown
 from pages.common import ensure_first_dataset, page_start, show_error
@@ -52,6 +53,7 @@ def _dataset_card(dataset: dict) -> None:
             st.plotly_chart(_clinic_chart(summary), width="stretch", key=f"clinics-{dataset['id']}")
         if summary.get("grouping"):
             st.caption(f"Patient grouping: {escape_markdown(summary['grouping'])}")
+        _shortcut_audit(summary.get("shortcut_audit") or [], key=f"audit-{dataset['id']}")
         warnings = summary.get("warnings") or []
         if warnings:
             with st.expander(f"{len(warnings)} warning(s)"):
@@ -92,6 +94,18 @@ def _register_form(store) -> None:
                f"{summary['n_patients']:,} patients, {summary['n_malignant']:,} malignant.")
     for warning in summary.get("warnings") or []:
         st.warning(escape_markdown(warning))
+    stored = store.get_dataset(name.strip())
+    _shortcut_audit(stored["summary"].get("shortcut_audit") or [], key="home_shortcut_audit_new")
+    for warning in audit_warnings(stored["summary"].get("shortcut_audit") or []):
+        st.warning(escape_markdown(warning[0].upper() + warning[1:] + "."))
+
+
+def _shortcut_audit(rows: list[dict], key: str) -> None:
+    if not rows:
+        return
+    st.markdown("**Shortcut audit**: patient-grouped out-of-fold AUROC of each acquisition attribute alone "
+                "(0.5 = it says nothing about the label).")
+    st.dataframe(audit_table(rows), hide_index=True, width="stretch", key=key)
 
 
 def home() -> None:

@@ -36,7 +36,7 @@ Protocol (fixed before any result was seen, the same for every row):
   statistics). Classifiers: standardised logistic regression (C=0.1, fixed) or
   HistGradientBoosting (depth 3, 200 iterations, learning rate 0.05, fixed), and the RBF SVM
   (gamma = 1/n_features on standardised features, C from {0.3, 1, 3, 10} chosen by a 5-fold
-  stratified cross-validation INSIDE the training folds, Platt-scaled on those inner
+  lesion-grouped cross-validation INSIDE the training folds, Platt-scaled on those inner
   out-of-fold scores). Logistic and SVM rows use :class:`melcore.colour.ColourModel`, the
   class a ``cpu-default`` run saves as ``colour_model.json``, so "colour-svm-v2" rows measure
   exactly what that preset's runs deliver.
@@ -253,9 +253,9 @@ def colour_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
             continue
         if recipe.classifier == "lr":
             model = ColourModel(C=0.1, kernel="linear", features=subset)
-        else:  # the inner CV of ColourModel picks C on the training rows only
+        else:  # the lesion-grouped inner CV of ColourModel picks C on the training rows only
             model = ColourModel(C=None, kernel="rbf", features=subset)
-        model.fit(features[fit_rows], data.y[fit_rows])
+        model.fit(features[fit_rows], data.y[fit_rows], groups=data.groups[fit_rows])
         out[held] = model.predict_proba(features[held])
     return out
 
@@ -366,9 +366,9 @@ def clean_subset(data: Data) -> np.ndarray:
 def evaluate(data: Data, p: np.ndarray, folds: np.ndarray | None = None) -> dict:
     m = data.matched
     folds = data.folds if folds is None else folds
-    low, high = auroc_ci(data.y[m], p[m], groups=data.groups[m], n_boot=2000, seed=SEED)
+    low, high, *_ = auroc_ci(data.y[m], p[m], groups=data.groups[m], n_boot=2000, seed=SEED)
     c = clean_subset(data)
-    clean_low, clean_high = auroc_ci(data.y[c], p[c], groups=data.groups[c], n_boot=2000, seed=SEED)
+    clean_low, clean_high, *_ = auroc_ci(data.y[c], p[c], groups=data.groups[c], n_boot=2000, seed=SEED)
     per_fold = [auroc(data.y[m & (folds == k)], p[m & (folds == k)]) for k in range(N_FOLDS)]
     return {"matched_auroc": auroc(data.y[m], p[m]), "ci": (low, high), "overall_auroc": auroc(data.y, p),
             "clean_auroc": auroc(data.y[c], p[c]), "clean_ci": (clean_low, clean_high),

@@ -82,7 +82,7 @@ def main() -> None:
     print(f"full sensitivity/specificity curve ({len(curve):,} thresholds): {curve_ms:.1f} ms")
 
     start = time.perf_counter()
-    low, high = auroc_ci(y, p, groups=patients, n_boot=2000, seed=0)
+    low, high, *_ = auroc_ci(y, p, groups=patients, n_boot=2000, seed=0)
     boot_s = time.perf_counter() - start
     print(f"auroc_ci, 2000 patient resamples: {boot_s:.2f} s (95% CI {low:.3f}-{high:.3f})")
 

@@ -202,18 +202,10 @@ def _table_of(data) -> tuple[pd.DataFrame, pd.Series | None]:
 
 
 def _group_keys(table: pd.DataFrame) -> np.ndarray:
-    """Patient key per row for a bare DataFrame (same rule as ``Cohort.groups``)."""
-    out = np.empty(len(table), dtype=object)
-    patient = table["patient_id"].to_numpy(dtype=object) if "patient_id" in table else np.full(len(table), None)
-    lesion = table["lesion_id"].to_numpy(dtype=object) if "lesion_id" in table else np.full(len(table), None)
-    names = table["image_name"].astype(str).to_numpy(dtype=object)
-    has_patient = pd.notna(patient)
-    has_lesion = pd.notna(lesion) & ~has_patient
-    out[has_patient] = patient[has_patient].astype(str)
-    out[has_lesion] = ["lesion:" + str(v) for v in lesion[has_lesion]]
-    rest = ~has_patient & ~has_lesion
-    out[rest] = ["image:" + str(v) for v in names[rest]]
-    return out
+    """Patient key per row for a bare DataFrame (``Cohort.groups``' rule, :func:`melcore.cohort.group_keys`)."""
+    from melcore.cohort import group_keys
+
+    return group_keys(table).to_numpy(dtype=object)
 
 
 def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling: bool = True) -> pd.DataFrame:

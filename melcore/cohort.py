@@ -46,6 +46,8 @@ __all__ = [
     "Cohort",
     "CohortReport",
     "load_cohort",
+    "group_keys",
+    "describe_grouping",
 ]
 
 CANONICAL_COLUMNS = (
@@ -158,7 +160,7 @@ class Cohort:
 
     def __post_init__(self) -> None:
         if self.grouping is None:
-            self.grouping = _describe_grouping(self.table)
+            self.grouping = describe_grouping(self.table)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -171,11 +173,9 @@ class Cohort:
     def groups(self) -> pd.Series:
         """Group key per row (str, aligned with ``table``): patient, else lesion, else image.
 
-        A row's key depends only on that row, so keys agree between a cohort and its
-        subsets: the patient id itself, else ``"lesion:" + lesion_id``, else
-        ``"image:" + image_name`` (the prefixes keep the three id spaces apart).
+        See :func:`group_keys`: rows linked by a patient id or a lesion id share one key.
         """
-        return _group_keys(self.table)
+        return group_keys(self.table)
 
     def summary(self) -> dict:
         """Counts for display and JSON.
@@ -1182,19 +1182,56 @@ def _levels(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return has_patient, has_lesion, by_image
 
 
-def _describe_grouping(table: pd.DataFrame) -> str:
+def describe_grouping(table: pd.DataFrame) -> str:
+    """Which ids :func:`group_keys` groups ``table``'s rows by, e.g. ``"patient_id, else lesion_id"``."""
     levels = _levels(table)
     used = [name for name, mask in zip(("patient_id", "lesion_id", "image_name"), levels) if mask.any()]
     return ", else ".join(used) if used else "image_name"
 
 
-def _group_keys(table: pd.DataFrame) -> pd.Series:
-    keys = np.empty(len(table), dtype=object)
-    for mask, column, prefix in zip(_levels(table), ("patient_id", "lesion_id", "image_name"),
-                                    ("", "lesion:", "image:")):
-        if mask.any():
-            keys[mask] = [prefix + str(v) for v in table[column].to_numpy()[mask].tolist()]
-    return pd.Series(keys, index=table.index, dtype=object, name="group")
+def group_keys(table: pd.DataFrame) -> pd.Series:
+    """One group key per connected set of rows: the unit that splits and bootstraps keep whole.
+
+    Rows are linked when they share a ``patient_id`` or a ``lesion_id`` (missing ids link
+    nothing), so a lesion whose images carry a patient id only on some rows, or that is
+    filed under two patients, makes one group with every row it touches.
+
+    Parameters
+    ----------
+    table : DataFrame with ``image_name`` and, when known, ``patient_id`` / ``lesion_id``.
+
+    Returns
+    -------
+    pd.Series of str, aligned with ``table``, named ``group``: the set's smallest patient
+    id, else ``"lesion:"`` + its smallest lesion id, else ``"image:" + image_name`` (the
+    prefixes keep the three id spaces apart). A key depends only on the rows of its set, so
+    keys agree between a cohort and any subset that keeps a set whole.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(table)
+    rows, nodes, offset = [], [], n
+    for column in ("patient_id", "lesion_id"):
+        present = _id_present(table, column)
+        codes, _ = pd.factorize(table[column].astype(str).where(present)) if present.any() else (None, [])
+        if present.any():
+            rows.append(np.flatnonzero(present))
+            nodes.append(codes[present] + offset)
+            offset += int(codes.max()) + 1
+    edges_from = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    edges_to = np.concatenate(nodes) if nodes else np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(edges_from)), (edges_from, edges_to)), shape=(offset, offset))
+    _, component = connected_components(graph, directed=False)
+    component = pd.Series(component[:n], index=table.index)
+    keys = pd.Series("image:" + table["image_name"].astype(str), index=table.index, dtype=object)
+    for column, prefix in (("lesion_id", "lesion:"), ("patient_id", "")):
+        present = _id_present(table, column)
+        if present.any():
+            smallest = table[column].astype(str).where(present).groupby(component).min()
+            found = component.map(smallest)
+            keys = keys.where(found.isna(), prefix + found.astype(str))
+    return keys.rename("group")
 
 
 def _finalise(frame: pd.DataFrame) -> pd.DataFrame:

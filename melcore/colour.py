@@ -563,11 +563,14 @@ class ColourModel:
     * ``"linear"``: L2 logistic regression (scikit-learn ``LogisticRegression(C)``).
     * ``"rbf"``: support-vector machine with a Gaussian kernel (``SVC(kernel="rbf",
       gamma="scale")``, i.e. gamma = 1 / n_features on standardised features). With
-      ``C=None`` its C is chosen from :data:`RBF_C_GRID` by a 5-fold stratified
-      cross-validation (ROC AUC) inside the training rows only. Its decision values are
-      mapped to probabilities by Platt scaling: a 1-D logistic regression fitted on the
-      out-of-fold decision values of that same inner cross-validation (so the
-      probabilities are not over-confident on the training images).
+      ``C=None`` its C is chosen from :data:`RBF_C_GRID` by a 5-fold cross-validation
+      (ROC AUC) inside the training rows only, grouped by the ``groups`` given to
+      :meth:`fit` (patient, else lesion) and stratified by group malignancy
+      (:func:`melcore.splits.group_kfold`), so near-identical images of one lesion never
+      sit on both sides. Its decision values are mapped to probabilities by Platt
+      scaling: a 1-D logistic regression fitted on the out-of-fold decision values of
+      that same inner cross-validation (so the probabilities are not over-confident on
+      the training images).
 
     Stored as plain JSON (format ``melreview-colour-model/2``: kernel, feature names,
     means, scales, coefficients or support vectors and dual coefficients, intercept,
@@ -597,6 +600,8 @@ class ColourModel:
     intercept : float
     platt : (slope, offset) applied to the SVM decision value (``"rbf"``; (1, 0) for linear)
     chosen_C : float  the C used (chosen by inner CV when ``C`` was None)
+    inner_auroc : float or None  the grouped inner-CV AUROC of ``chosen_C`` (``"rbf"`` with inner
+        folds; not saved)
     """
 
     FORMAT = "melreview-colour-model/2"
@@ -619,6 +624,7 @@ class ColourModel:
         self.intercept = 0.0
         self.platt = (1.0, 0.0)
         self.chosen_C = self.C
+        self.inner_auroc: float | None = None
 
     def _design(self, features, cnn_logit=None) -> np.ndarray:
         x = np.asarray(features, dtype=np.float64)
@@ -635,12 +641,27 @@ class ColourModel:
             raise MelcoreError("colour features or logits hold NaN or infinite values")
         return x
 
-    def fit(self, features, y, cnn_logit=None) -> "ColourModel":
-        """Fit on ``features`` (n, len(FEATURE_NAMES)) float and 0/1 labels ``y`` (n,); returns self."""
+    def fit(self, features, y, cnn_logit=None, *, groups=None) -> "ColourModel":
+        """Fit on colour features and labels; returns self.
+
+        Parameters
+        ----------
+        features : float array (n, len(FEATURE_NAMES))
+        y : 0/1 array (n,)
+        cnn_logit : float array (n,), optional; the image model's logit as one more feature.
+        groups : array (n,) of group keys, optional
+            Patient (else lesion, else image) of each row, e.g. ``Cohort.groups``: the ``"rbf"``
+            inner cross-validation keeps each group in one fold. None treats every row as its own
+            group, which is right only when no two rows show the same patient or lesion.
+        """
         x = self._design(features, cnn_logit)
         labels = np.asarray(y).astype(np.int64).reshape(-1)
         if len(labels) != len(x) or set(np.unique(labels)) != {0, 1}:
             raise MelcoreError("colour model needs one 0/1 label per row and both classes")
+        groups = np.arange(len(labels)).astype(str) if groups is None else np.asarray(groups, dtype=object)
+        if groups.shape != labels.shape:
+            raise MelcoreError(f"colour model: {len(groups)} group keys for {len(labels)} rows; "
+                               "pass one patient/lesion key per row")
         self.mean = x.mean(axis=0)
         scale = x.std(axis=0)
         self.scale = np.where(scale > 0, scale, 1.0)
@@ -655,22 +676,25 @@ class ColourModel:
             self.support_vectors = self.dual_coef = None
             self.platt = (1.0, 0.0)
         else:
-            self._fit_rbf(z, labels)
+            self._fit_rbf(z, labels, groups)
         self.feature_names = list(self.features) + (["cnn_logit"] if cnn_logit is not None else [])
         return self
 
-    def _fit_rbf(self, z: np.ndarray, labels: np.ndarray) -> None:
+    def _fit_rbf(self, z: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> None:
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
-        from sklearn.model_selection import StratifiedKFold
         from sklearn.svm import SVC
 
+        from melcore.splits import group_kfold
+
         self.gamma = 1.0 / z.shape[1]   # sklearn's gamma="scale" on standardised features
-        n_inner = min(_INNER_FOLDS, int(np.bincount(labels).min()))
+        malignant_groups = set(groups[labels == 1].tolist())
+        n_inner = min(_INNER_FOLDS, len(malignant_groups), len(set(groups.tolist()) - malignant_groups))
         grid = RBF_C_GRID if self.C is None else (self.C,)
         best_C, best_auc, best_oof = grid[0], -np.inf, None
         if n_inner >= 2:
-            splits = list(StratifiedKFold(n_inner, shuffle=True, random_state=0).split(z, labels))
+            folds = group_kfold(groups, labels, n_inner, seed=0)
+            splits = [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in range(n_inner)]
             for C in grid:
                 oof = np.empty(len(labels))
                 for fit_rows, held in splits:
@@ -683,6 +707,7 @@ class ColourModel:
                     best_C, best_auc, best_oof = C, score, oof
         svm = SVC(kernel="rbf", C=best_C, gamma=self.gamma).fit(z, labels)
         self.chosen_C = float(best_C)
+        self.inner_auroc = float(best_auc) if best_oof is not None else None
         self.support_vectors = svm.support_vectors_.astype(np.float64)
         self.dual_coef = svm.dual_coef_.reshape(-1).astype(np.float64)
         self.intercept = float(svm.intercept_[0])
@@ -816,16 +841,18 @@ def colour_features_of_files(paths: Sequence, *, cache=None, workers: int | None
                                  progress=progress)
 
 
-def fit_colour_model(paths: Sequence, targets: Sequence, *, kernel: str = DEFAULT_KERNEL, C: float | None = None,
-                     cache=None, workers: int | None = None) -> ColourModel:
+def fit_colour_model(paths: Sequence, targets: Sequence, groups: Sequence, *, kernel: str = DEFAULT_KERNEL,
+                     C: float | None = None, cache=None, workers: int | None = None) -> ColourModel:
     """A :class:`ColourModel` fitted on image files and their 0/1 targets (colour features only).
 
-    The defaults are the ``cpu-default`` recipe: RBF SVM on all :data:`FEATURE_NAMES`, C chosen
-    by inner cross-validation. ``kernel="linear"`` with ``C=None`` gives logistic regression
-    with C=0.1.
+    ``groups`` holds each file's patient (else lesion, else image) key (``Cohort.groups``), so the
+    inner cross-validation that picks C and fits Platt scaling is grouped. The defaults are the
+    ``cpu-default`` recipe: RBF SVM on all :data:`FEATURE_NAMES`, C chosen by that inner
+    cross-validation. ``kernel="linear"`` with ``C=None`` gives logistic regression with C=0.1.
     """
     return ColourModel(C=C, kernel=kernel).fit(colour_features_of_files(paths, cache=cache, workers=workers),
-                                               np.asarray(targets, dtype=np.float64).astype(np.int64))
+                                               np.asarray(targets, dtype=np.float64).astype(np.int64),
+                                               groups=np.asarray(groups, dtype=object))
 
 
 def colour_probabilities(model: ColourModel, paths: Sequence, *, cache=None,

@@ -44,11 +44,14 @@ from melcore.metrics import (
     check_predictions,
     calibration_table,
     delong_test,
+    operating_point_ci,
     paired_auroc_bootstrap,
     per_group,
 )
 
 __all__ = [
+    "THRESHOLD_RULES",
+    "threshold_elsewhere",
     "FILTER_COLUMNS",
     "SPLITS",
     "CrossClinic",
@@ -310,7 +313,9 @@ class RunEvaluation:
         curve: DataFrame of threshold metrics at up to ``curve_points`` thresholds.
         calibration: :func:`~melcore.metrics.calibration_table` (10 uniform bins).
         note: "" or why something is missing (one class, too few patients...).
-        n_boot, level: the bootstrap settings behind ``ci``.
+        n_boot, level: the bootstrap settings behind ``ci``; n_boot_dropped: resamples left out
+            of it because they held one class (``note`` says so above
+            :data:`~melcore.metrics.BOOTSTRAP_DROPPED_WARN` of ``n_boot``).
         n_groups: patients (bootstrap units); multi_lesion: some patient has several images.
     """
 
@@ -328,6 +333,7 @@ class RunEvaluation:
     note: str = ""
     n_boot: int = 0
     level: float = 0.95
+    n_boot_dropped: int = 0
     n_groups: int = 0
     multi_lesion: bool = False
 
@@ -407,13 +413,47 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
     evaluation.pr = sweep.precision_recall_curve(drop_intermediate=True)
     evaluation.average_precision = sweep.average_precision()
     try:
-        evaluation.ci = auroc_ci(y, p, groups=groups, n_boot=n_boot, seed=seed, level=level)
+        interval = auroc_ci(y, p, groups=groups, n_boot=n_boot, seed=seed, level=level)
+        evaluation.ci, evaluation.n_boot_dropped, evaluation.note = interval[:2], interval.n_dropped, interval.note
     except MelcoreError as exc:
         evaluation.note = f"no confidence interval: {exc}"
     return evaluation
 
 
 # --------------------------------------------------------------------------- threshold controls
+
+THRESHOLD_RULES = {"youden": "Youden's J", "sensitivity>=0.9": "sensitivity >= 90%",
+                   "sensitivity>=0.95": "sensitivity >= 95%"}
+"""Rules :func:`threshold_elsewhere` chooses a threshold by (keys of :meth:`RunEvaluation.presets`)."""
+
+
+def threshold_elsewhere(chooser: RunEvaluation, judged: pd.DataFrame, rule: str, *, n_boot: int = 1000,
+                        seed: int = 0, level: float = 0.95) -> dict:
+    """A threshold chosen by ``rule`` on one set of predictions, judged on another.
+
+    Args:
+        chooser: the evaluation whose predictions choose the threshold (e.g. a run's
+            validation / out-of-fold predictions).
+        judged: DataFrame[target, prediction(, group)] of the predictions the operating point is
+            shown on (a test set, another clinic, a later run); ``group`` is the bootstrap unit.
+        rule: a key of :data:`THRESHOLD_RULES`.
+
+    Returns :func:`melcore.metrics.operating_point_ci` on ``judged`` at the chosen threshold, plus
+    ``rule``. Raises MelcoreError when the chooser has one class or ``judged`` is empty.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise MelcoreError(f"unknown threshold rule {rule!r}; choose {', '.join(THRESHOLD_RULES)}")
+    presets = chooser.presets()
+    if rule not in presets:
+        raise MelcoreError("the predictions that choose the threshold hold one class only; choose on predictions "
+                           "with benign and malignant images")
+    if len(judged) == 0:
+        raise MelcoreError("no predictions to judge the threshold on")
+    groups = judged["group"].to_numpy() if "group" in judged.columns else None
+    point = operating_point_ci(judged["target"].to_numpy(), judged["prediction"].to_numpy(dtype=np.float64),
+                               presets[rule], groups=groups, n_boot=n_boot, seed=seed, level=level)
+    return {"rule": rule, **point}
+
 
 def threshold_window(evaluations: Iterable[RunEvaluation], include: Iterable[float | None] = (), *,
                      min_span: float = 0.5, decimals: int = 2) -> tuple[float, float]:
@@ -473,13 +513,14 @@ def threshold_from_points(points: Sequence[Mapping] | None) -> float | None:
 # --------------------------------------------------------------------------- tables
 
 def summary_table(evaluations: Mapping[Hashable, RunEvaluation]) -> pd.DataFrame:
-    """One row per run: run, n, n_malignant, n_patients, auroc, auroc_low, auroc_high,
+    """One row per run: run, n, n_malignant, n_patients, auroc, auroc_low, auroc_high, boot_dropped,
     average_precision, brier, note."""
     rows = [{"run": name, "n": e.n, "n_malignant": e.n_malignant, "n_patients": e.n_groups, "auroc": e.auroc,
-             "auroc_low": e.ci[0], "auroc_high": e.ci[1], "average_precision": e.average_precision,
-             "brier": e.brier, "note": e.note} for name, e in evaluations.items()]
+             "auroc_low": e.ci[0], "auroc_high": e.ci[1], "boot_dropped": e.n_boot_dropped,
+             "average_precision": e.average_precision, "brier": e.brier, "note": e.note}
+            for name, e in evaluations.items()]
     return pd.DataFrame(rows, columns=["run", "n", "n_malignant", "n_patients", "auroc", "auroc_low",
-                                       "auroc_high", "average_precision", "brier", "note"])
+                                       "auroc_high", "boot_dropped", "average_precision", "brier", "note"])
 
 
 def at_threshold_table(evaluations: Mapping[Hashable, RunEvaluation], threshold: float) -> pd.DataFrame:

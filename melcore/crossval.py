@@ -109,7 +109,8 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
     melcore.train.Run
         Its ``metrics`` (``metrics.json``): kind "kfold", status, cancelled, model, mode,
         clinic, image_size, n_folds, folds_done, oof_auroc (AUROC of all out-of-fold
-        predictions), fold_aurocs (validation AUROC per fold, list), mean_fold_auroc,
+        predictions), fold_aurocs (validation AUROC per fold, list; each fold's best epoch is
+        chosen on training patients of that fold, never on its out-of-fold images), mean_fold_auroc,
         n_oof, n_malignant, fold_runs (sub-folder names), weights, seconds.
 
     Raises
@@ -198,6 +199,26 @@ def cohort_clinics(cohort) -> list[str]:
     return sorted({str(c) for c in table.loc[usable, "clinic"]})
 
 
+def _check_one_clinic_per_patient(cohort, clinics: list[str]) -> None:
+    """LeakageError when a patient (``Cohort.groups``) has labelled images in two of ``clinics``.
+
+    Such a patient's images would be trained on in one clinic and scored as unseen in the other,
+    making the off-diagonal AUROCs optimistic.
+    """
+    table = cohort.table
+    clinic = table["clinic"].astype("string")
+    usable = (table["target"].notna() & table["image_path"].notna() & clinic.isin(clinics).fillna(False)).to_numpy()
+    per_patient = clinic[usable].groupby(cohort.groups[usable].to_numpy()).nunique()
+    shared = per_patient[per_patient > 1]
+    if len(shared):
+        first = shared.index[0]
+        where = sorted(clinic[usable][cohort.groups[usable].eq(first).to_numpy()].unique())
+        raise LeakageError(f"{len(shared)} patient(s) have images in more than one clinic (e.g. {first!r} in "
+                           f"{', '.join(where)}), so a clinic's model would be scored on patients it was trained "
+                           "on; give each patient one clinic (e.g. that of the first visit) or leave those "
+                           "patients out")
+
+
 def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray | None:
     """Probabilities of the run's model for the rows of ``table`` (None when stopped)."""
     paths = table["image_path"].astype(str).tolist()
@@ -256,6 +277,8 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
         ``config.clinic`` set, or bad config.
     CohortError
         Fewer than two clinics with labelled images, or an unknown clinic in ``clinics``.
+    LeakageError
+        A patient has labelled images in two of the clinics (before anything is trained).
     """
     from melcore import train as T
 
@@ -275,6 +298,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
         raise CohortError(f"cross-clinic evaluation needs at least two clinics with labelled images; cohort "
                           f"{getattr(cohort, 'name', '')!r} has {len(clinics)} ({', '.join(clinics) or 'none'}): "
                           "pass --clinic-column or a table with a clinic column")
+    _check_one_clinic_per_patient(cohort, clinics)
     started = time.perf_counter()
     k = len(clinics)
     run_dir = _open_run_dir(run_dir, "cross-clinic", config)

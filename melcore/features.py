@@ -529,7 +529,8 @@ def fit_fast_head(config, cohort, progress=None, should_stop=None, run_dir=None,
 
     Same contract as :func:`melcore.train.fit` (it is what ``fit`` calls for
     ``mode="fast-head"``): same data preparation and split, same ``balance`` options,
-    early stopping on the validation AUROC with the best epoch restored, same progress
+    early stopping and the best epoch chosen on the selection split (training patients held
+    out; the validation images choose nothing), same progress
     and ``should_stop`` contract (stage ``"load"`` while features are computed, with
     ``done``/``total``; stage ``"head"`` while training; ``end_of_epoch`` calls), same
     run directory files. The backbone stays frozen: ``fine_tune_epochs`` and the image
@@ -638,12 +639,19 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
     train_table, val_table, counts = T._split_tables(data)
     x_train = features[train_views][:, data.train_idx]
     x_val = features[:, data.val_idx]
+    x_select = features[[all_views.index(views[0])]][:, data.select_idx]
     y_train = train_table["target"].astype("float32").to_numpy()
     y_val = val_table["target"].astype("float64").to_numpy()
+    y_select = T._select_table(data)["target"].astype("float64").to_numpy()
 
     if config.head_fit == "logistic-cv":
-        groups_train = data.cohort.groups.iloc[data.train_idx].astype(str).to_numpy()
-        return _logistic_head_run(config, data, extractor, info, computed, cache, x_train, y_train, groups_train,
+        # No epochs to choose: the head is fitted on every training patient, the selection split included
+        # (its C is chosen by the grouped inner CV), and the validation images are only scored.
+        fit_idx = np.concatenate([data.train_idx, data.select_idx])
+        x_fit = features[train_views][:, fit_idx]
+        y_fit = data.cohort.table["target"].iloc[fit_idx].astype("float32").to_numpy()
+        groups_fit = data.cohort.groups.iloc[fit_idx].astype(str).to_numpy()
+        return _logistic_head_run(config, data, extractor, info, computed, cache, x_fit, y_fit, groups_fit,
                                   x_val, y_val, val_table, counts, train_views, val_view_index, all_views, views,
                                   run_dir, tracker, device, n_replicas, deterministic, started)
 
@@ -666,12 +674,14 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
              config.epochs, steps, config.batch_size, config.optimizer, config.learning_rate, config.schedule,
              f"{n_params:,}", extractor.n_features)
 
-    def score_validation(tta: bool = False) -> dict | None:
-        chosen = x_val[val_view_index] if tta else x_val[[all_views.index(views[0])]]
-        p = score_features(head, chosen)
-        return {"val_auroc": T._auroc(y_val, p), "val_loss": T._bce(y_val, p), "p": p}
+    def score_validation(tta: bool = False) -> np.ndarray:
+        return score_features(head, x_val[val_view_index] if tta else x_val[[all_views.index(views[0])]])
 
-    monitor = T._tracker_callback(tracker, {"batch_size": config.batch_size}, score_validation)
+    def score_selection() -> dict:
+        p = score_features(head, x_select)
+        return {"select_auroc": T._auroc(y_select, p), "select_loss": T._bce(y_select, p)}
+
+    monitor = T._tracker_callback(tracker, {"batch_size": config.batch_size}, score_selection)
     tracker.stage = "head"
     tracker.patience = config.early_stopping_patience
     for epoch in range(config.epochs):
@@ -693,7 +703,8 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         "cancelled": tracker.cancelled, "model": config.model, "clinic": config.clinic,
         "image_size": config.image_size, "cohort": getattr(data.cohort, "name", None),
         "best_epoch": tracker.best_epoch,
-        "best_epoch_val_auroc": tracker.best_auroc if tracker.best_epoch else None,
+        "best_epoch_select_auroc": tracker.best_auroc if tracker.best_epoch else None,
+        "chosen_on": T._chosen_on(counts),
         **counts,
         "excluded": data.excluded, "split": data.split,
         "history": tracker.history, "stages": stage_records, "epochs_run": len(tracker.history),
@@ -713,7 +724,7 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         T._save_model(model, run_dir / "model.keras")
     predictions = None
     if tracker.best_weights is not None and not tracker.cancelled:
-        predictions = score_validation(tta=config.tta)["p"]
+        predictions = score_validation(tta=config.tta)
     if predictions is not None:
         pd.DataFrame({
             "image_name": val_table["image_name"].astype(str),
@@ -729,7 +740,7 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
             "at_threshold": at,
         })
     else:
-        metrics.update({"val_auroc": None, "val_loss": tracker.best_val_loss, "threshold": T.THRESHOLD,
+        metrics.update({"val_auroc": None, "val_loss": None, "threshold": T.THRESHOLD,
                         "sensitivity": None, "specificity": None})
         if not tracker.cancelled and tracker.best_weights is None:
             raise MelcoreError("training ended without a single validated epoch")
@@ -875,7 +886,9 @@ def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, 
         "epochs_run": 0, "planned_epochs": 0, "early_stopped": False,
         "logistic_head": {"C": fitted["C"], "inner_auroc": {f"{c:g}": a for c, a in fitted["inner_auroc"].items()},
                           "inner_folds": fitted["inner_folds"], "balanced": config.balance != "none"},
-        "chosen_on": {"C": fitted["chosen_on"], "epochs": "none: the head is fitted in closed form, no epochs"},
+        "chosen_on": {"C": fitted["chosen_on"], "epochs": "none: the head is fitted in closed form, no epochs",
+                      "fitted_on": f"{len(y_train)} images: the training and the selection patients together "
+                                   "(no epoch to choose, so the selection split chooses nothing)"},
         "weights": info.to_dict(), "from_scratch": bool(info.from_scratch),
         "device": device, "n_replicas": n_replicas, "deterministic_ops": deterministic, "tta": config.tta,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},

@@ -10,16 +10,24 @@ from any label:
 
 * the lesion's own ``age_approx``, ``sex`` and ``site`` (categorical);
 * patient aggregates: images, lesions and distinct sites per patient;
-* the lesion relative to the patient: age minus the patient's youngest/mean age
-  and the patient's oldest age minus it, its age rank within the patient (a
-  lesion first imaged at a later visit ranks high), how many of the patient's
-  images share its site and that count as a share of the patient's images;
+* the lesion relative to the patient: age minus the patient's youngest/mean age,
+  its age rank within the patient (a lesion first imaged at a later visit ranks
+  high), how many of the patient's images share its site and that count as a
+  share of the patient's images;
 * with image scores (probabilities from an image model, keyed by
   ``image_name``): the ugly-duckling features, i.e. the lesion's logit score
   minus the mean/median of the patient's *other* lesions, the leave-one-out
   z-score and its rank within the patient; with embeddings, the cosine and
   euclidean distance of the lesion's embedding to the mean embedding of the
   patient's other lesions.
+
+Patient aggregates read only what is known at the visit (the default feature
+sets, :data:`FEATURE_HISTORY` ``"as_of_visit"``): the patient's images at ages up
+to the row's own ``age_approx``, the only time stamp of these tables. The
+``"retrospective"`` feature set reads the patient's whole history, later visits
+included (and adds the patient's oldest age minus the row's): it describes a
+finished cohort and cannot be computed at triage, so its AUROC is optimistic
+for use at the visit (ISIC 2020: bench/RESULTS.md).
 
 The patient is ``Cohort.groups`` (patient, else lesion, else image), so a table
 without patient ids degrades to per-lesion features instead of failing.
@@ -66,6 +74,8 @@ from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreErro
 
 __all__ = [
     "FEATURE_SETS",
+    "FEATURE_HISTORY",
+    "FEATURE_SET_LABELS",
     "UGLY_DUCKLING_FEATURES",
     "EMBEDDING_FEATURES",
     "DEFAULT_PARAMS",
@@ -88,20 +98,38 @@ __all__ = [
 
 CATEGORICAL_FEATURES = ("sex", "site")
 
+_CONTEXT_COLUMNS = (
+    "age_approx", "sex", "site", "pt_n_images",
+    "age_minus_pt_min", "age_minus_pt_mean", "pt_max_minus_age", "age_rank_in_pt",
+    "n_at_site", "share_at_site", "pt_n_sites",
+    "pt_n_lesions", "lesion_n_images",
+)
+
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     # The plain model of the issue: the lesion's own metadata and the patient's image count.
     "baseline": ("age_approx", "sex", "site", "pt_n_images"),
-    # Label-free patient context (the default): 0.80 OOF AUROC on ISIC 2020 against 0.73 for "baseline".
+    # Label-free patient context as known at the visit (the default, usable for triage). As of the visit
+    # the patient's oldest known age is the visit's own, so pt_max_minus_age (always 0) is left out.
+    "context": tuple(c for c in _CONTEXT_COLUMNS if c != "pt_max_minus_age"),
+    # The same context from the patient's whole history, later visits included: a retrospective
+    # description of a finished cohort, not usable at the visit (ISIC 2020 figures: bench/RESULTS.md).
     # The patient's own min/mean/max age and number of distinct ages were tried too: with the relative ages
-    # below they are redundant (age minus relative age) and cost 0.002-0.003 AUROC, so they are left out.
-    "context": (
-        "age_approx", "sex", "site", "pt_n_images",
-        "age_minus_pt_min", "age_minus_pt_mean", "pt_max_minus_age", "age_rank_in_pt",
-        "n_at_site", "share_at_site", "pt_n_sites",
-        "pt_n_lesions", "lesion_n_images",
-    ),
+    # they are redundant (age minus relative age) and cost 0.002-0.003 AUROC, so they are left out.
+    "retrospective": _CONTEXT_COLUMNS,
 }
 """Named feature lists for :func:`meta_features` (image-score features are added on top)."""
+
+FEATURE_HISTORY: dict[str, str] = {"baseline": "as_of_visit", "context": "as_of_visit", "retrospective": "full"}
+"""Which of a patient's images each feature set's patient aggregates read: ``"as_of_visit"`` the images at
+ages up to the row's own (prospective), ``"full"`` all of them (retrospective)."""
+
+FEATURE_SET_LABELS: dict[str, str] = {
+    "context": "patient context known at the visit (prospective, default)",
+    "baseline": "age, sex, site and the patient's images so far",
+    "retrospective": "patient context from the whole history, later visits included (retrospective: "
+                     "not usable at the visit, optimistic)",
+}
+"""One-line description of each feature set for the CLI and the Train page."""
 
 UGLY_DUCKLING_FEATURES = (
     "ud_score_minus_mean", "ud_score_minus_median", "ud_score_z", "ud_score_rank", "ud_n_other_lesions",
@@ -181,23 +209,17 @@ def _image_names(table: pd.DataFrame) -> np.ndarray:
 
 
 def _patient_keys(table: pd.DataFrame, groups: pd.Series | None) -> np.ndarray:
-    """Group key per row: ``Cohort.groups`` when given, else patient, else lesion, else image."""
+    """Group key per row: ``Cohort.groups`` when given, else the same rule on the table's ids
+    (:func:`melcore.cohort.group_keys`: patient, else lesion, else image, linked sets joined)."""
     if groups is not None:
         keys = _clean_str(groups.tolist())
         if not pd.isna(keys).any():
             return keys.astype(str)
-    patient = _column(table, "patient_id")
-    lesion = _column(table, "lesion_id")
-    names = _image_names(table)
-    out = np.empty(len(table), dtype=object)
-    for i in range(len(table)):
-        if patient[i] is not None:
-            out[i] = patient[i]
-        elif lesion[i] is not None:
-            out[i] = "lesion:" + lesion[i]
-        else:
-            out[i] = "image:" + names[i]
-    return out.astype(str)
+    from melcore.cohort import group_keys
+
+    ids = pd.DataFrame({"image_name": _image_names(table), "patient_id": _column(table, "patient_id"),
+                        "lesion_id": _column(table, "lesion_id")})
+    return group_keys(ids).to_numpy().astype(str)
 
 
 def _lesion_keys(table: pd.DataFrame, patient_keys: np.ndarray) -> np.ndarray:
@@ -454,8 +476,9 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
         out-of-fold scores, or the features carry the image model's training fit.
     embeddings : DataFrame[image_name, dims...] or ndarray (n_rows, d), optional
         Adds :data:`EMBEDDING_FEATURES`.
-    feature_set : {"context", "baseline"}
-        Which of :data:`FEATURE_SETS` to return.
+    feature_set : {"context", "baseline", "retrospective"}
+        Which of :data:`FEATURE_SETS` to return; ``"context"`` and ``"baseline"`` read, for each row, only
+        the patient's images at ages up to its own (as of the visit), ``"retrospective"`` all of them.
 
     Returns
     -------
@@ -463,7 +486,8 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
     strings, None when unknown); all other columns are float64 (NaN when undefined, e.g. no age).
     Every value of a row depends only on the table's non-label columns of that row's patient (and on
     image scores/embeddings), so computing features on a whole cohort and then splitting by patient
-    leaks nothing across folds.
+    leaks nothing across folds. Ugly-duckling features compare a lesion with all of the patient's
+    other scored lesions, whatever the feature set.
     """
     if feature_set not in FEATURE_SETS:
         raise ConfigError(f"unknown feature_set {feature_set!r}; choose from {', '.join(FEATURE_SETS)}")
@@ -475,28 +499,8 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
     sex = np.array([s.lower() if s is not None else None for s in _column(frame, "sex")], dtype=object)
     site = np.array([s.lower() if s is not None else None for s in _column(frame, "site")], dtype=object)
 
-    work = pd.DataFrame({
-        "pk": pk, "lk": lk, "age": age,
-        "site_key": np.where(pd.isna(site), "\0unknown", site).astype(str),
-        "site": site,
-    })
-    by_patient = work.groupby("pk", sort=False)
     f: dict[str, np.ndarray] = {"age_approx": age, "sex": sex, "site": site}
-    n_images = by_patient["lk"].transform("size").to_numpy(float)
-    f["pt_n_images"] = n_images
-    f["pt_n_lesions"] = by_patient["lk"].transform("nunique").to_numpy(float)
-    f["pt_n_sites"] = _nunique_known(work, "site")
-    age_min = by_patient["age"].transform("min").to_numpy(float)
-    age_max = by_patient["age"].transform("max").to_numpy(float)
-    age_mean = by_patient["age"].transform("mean").to_numpy(float)
-    f["age_minus_pt_min"] = age - age_min
-    f["age_minus_pt_mean"] = age - age_mean
-    f["pt_max_minus_age"] = age_max - age
-    f["age_rank_in_pt"] = by_patient["age"].rank(method="average", pct=True).to_numpy(float)
-    n_at_site = work.groupby(["pk", "site_key"], sort=False)["lk"].transform("size").to_numpy(float)
-    f["n_at_site"] = np.where(pd.isna(site), np.nan, n_at_site)
-    f["share_at_site"] = f["n_at_site"] / n_images
-    f["lesion_n_images"] = work.groupby("lk", sort=False)["pk"].transform("size").to_numpy(float)
+    f.update(_patient_context(pk, lk, age, site, as_of_visit=FEATURE_HISTORY[feature_set] == "as_of_visit"))
 
     columns = list(FEATURE_SETS[feature_set])
     result = pd.DataFrame({c: f[c] for c in columns}, index=frame.index)
@@ -514,11 +518,95 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
     return result
 
 
-def _nunique_known(work: pd.DataFrame, column: str) -> np.ndarray:
-    """Distinct non-missing values of ``column`` per patient, broadcast to rows (vectorised)."""
-    known = work[work[column].notna()]
-    counts = known.groupby("pk")[column].nunique()
-    return work["pk"].map(counts).fillna(0).to_numpy(float)
+def _visible_pairs(patient_keys: np.ndarray, age: np.ndarray, as_of_visit: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) of rows of one patient where row j is known at row i's visit.
+
+    Parameters
+    ----------
+    patient_keys : ndarray of str, shape (n,)
+    age : ndarray of float64, shape (n,); years, NaN when unknown.
+    as_of_visit : bool
+        True: j is known at i's visit when ``age[j] <= age[i]`` (``age_approx`` is the only time stamp,
+        so images at the same age count as one visit), and rows without an age see each other only.
+        False (full history): every row of the patient is known.
+
+    Returns
+    -------
+    (i, j) : two int64 arrays of equal length, every i paired with itself. Memory is O(sum of the
+    squared images per patient): about 1.3 million pairs for ISIC 2020 (at most 115 images a patient).
+    """
+    codes, _ = pd.factorize(patient_keys)
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    size_of, start_of = sizes[codes[order]], starts[codes[order]]
+    i_sorted = np.repeat(np.arange(len(order)), size_of)
+    offsets = np.arange(len(i_sorted)) - np.repeat(np.cumsum(size_of) - size_of, size_of)
+    i, j = order[i_sorted], order[np.repeat(start_of, size_of) + offsets]
+    if as_of_visit:
+        a_i, a_j = age[i], age[j]
+        known = np.where(np.isnan(a_i), np.isnan(a_j), a_j <= a_i)
+        i, j = i[known], j[known]
+    return i, j
+
+
+def _patient_context(patient_keys: np.ndarray, lesion_keys: np.ndarray, age: np.ndarray, site: np.ndarray,
+                     *, as_of_visit: bool) -> dict[str, np.ndarray]:
+    """Patient-context features per row from the rows of its patient known at its visit.
+
+    Parameters
+    ----------
+    patient_keys, lesion_keys : ndarray of str, shape (n,)
+    age : ndarray of float64, shape (n,); years, NaN when unknown.
+    site : ndarray of object, shape (n,); lower-case site, None when unknown.
+    as_of_visit : bool
+        Which rows are known at a row's visit (see :func:`_visible_pairs`): True for the prospective
+        features usable at triage, False for the full-history (retrospective) ones.
+
+    Returns
+    -------
+    dict of float64 arrays, shape (n,): ``pt_n_images``, ``pt_n_lesions``, ``pt_n_sites``,
+    ``age_minus_pt_min``, ``age_minus_pt_mean``, ``pt_max_minus_age``, ``age_rank_in_pt`` (average
+    rank among the known ages, as a fraction of them), ``n_at_site``, ``share_at_site``,
+    ``lesion_n_images``. Age features are NaN without an age, site counts NaN without a site.
+    """
+    n = len(patient_keys)
+    i, j = _visible_pairs(patient_keys, age, as_of_visit)
+
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(i[mask], minlength=n).astype(float)
+
+    def distinct(codes: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        pair_codes = np.unique(i[mask].astype(np.int64) * (codes.max(initial=0) + 1) + codes[j[mask]])
+        return np.bincount(pair_codes // (codes.max(initial=0) + 1), minlength=n).astype(float)
+
+    everything = np.ones(len(i), dtype=bool)
+    lesion_codes, _ = pd.factorize(lesion_keys)
+    site_codes, _ = pd.factorize(site, use_na_sentinel=True)
+    aged = np.isfinite(age[j])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_aged = count(aged)
+        age_sum = np.bincount(i[aged], weights=age[j][aged], minlength=n)
+        age_min, age_max = np.full(n, np.inf), np.full(n, -np.inf)
+        np.minimum.at(age_min, i[aged], age[j][aged])
+        np.maximum.at(age_max, i[aged], age[j][aged])
+        below = count(aged & (age[j] < age[i]))
+        tied = count(aged & (age[j] == age[i]))
+        n_images = count(everything)
+        n_at_site = count((site_codes[j] == site_codes[i]) & (site_codes[i] >= 0))
+        no_age = ~np.isfinite(age)
+        return {
+            "pt_n_images": n_images,
+            "pt_n_lesions": distinct(lesion_codes, everything),
+            "pt_n_sites": distinct(site_codes, site_codes[j] >= 0),
+            "age_minus_pt_min": np.where(no_age, np.nan, age - age_min),
+            "age_minus_pt_mean": np.where(no_age, np.nan, age - age_sum / n_aged),
+            "pt_max_minus_age": np.where(no_age, np.nan, age_max - age),
+            "age_rank_in_pt": np.where(no_age, np.nan, (below + (tied + 1) / 2) / n_aged),
+            "n_at_site": np.where(site_codes < 0, np.nan, n_at_site),
+            "share_at_site": np.where(site_codes < 0, np.nan, n_at_site / n_images),
+            "lesion_n_images": count(lesion_codes[j] == lesion_codes[i]),
+        }
 
 
 # --------------------------------------------------------------------------- model

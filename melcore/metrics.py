@@ -20,7 +20,11 @@ Conventions
     * Bootstrap confidence intervals resample *patients* (``groups``) with
       replacement, because a patient's lesions are correlated; images whose group
       is missing (None/NaN) count as their own group. Resamples that contain only
-      one class are skipped. The interval is the percentile interval.
+      one class are left out, and their number is reported with the interval
+      (:class:`AurocInterval`, ``per_group``'s ``boot_dropped``); above
+      :data:`BOOTSTRAP_DROPPED_WARN` of the resamples a note says so, because the
+      interval then rests on the resamples that happened to hold both classes and is
+      too narrow. The interval is the percentile interval.
     * Where scikit-learn computes the same quantity (``roc_curve``, ``roc_auc_score``,
       ``precision_recall_curve``, ``average_precision_score``, ``confusion_matrix``,
       ``recall_score``, ``precision_score``, ``f1_score``, ``accuracy_score``,
@@ -49,6 +53,10 @@ from melcore.errors import MelcoreError
 
 __all__ = [
     "AGE_BANDS",
+    "BOOTSTRAP_DROPPED_WARN",
+    "AurocInterval",
+    "bootstrap_dropped_note",
+    "operating_point_ci",
     "THRESHOLD_METRIC_KEYS",
     "DelongResult",
     "PairedBootstrapResult",
@@ -99,6 +107,9 @@ UNKNOWN_AGE = "unknown"
 
 _LISTED = 5  # how many offending values an error message names
 _BOOT_BLOCK_ELEMENTS = 2_000_000  # resamples x images per vectorised block (~16 MB of int64)
+
+BOOTSTRAP_DROPPED_WARN = 0.05
+"""Share of one-class bootstrap resamples above which an interval carries a note (and Compare warns)."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -700,21 +711,97 @@ def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float
     return float(low), float(high)
 
 
+class AurocInterval(NamedTuple):
+    """Percentile bootstrap interval of an AUROC and the resamples behind it.
+
+    low, high: the interval; n_boot: resamples drawn; n_dropped: resamples left out
+    because they held one class (the interval is computed on the other
+    ``n_boot - n_dropped``).
+    """
+
+    low: float
+    high: float
+    n_boot: int
+    n_dropped: int
+
+    @property
+    def dropped_share(self) -> float:
+        return self.n_dropped / self.n_boot if self.n_boot else math.nan
+
+    @property
+    def note(self) -> str:
+        """"" or :func:`bootstrap_dropped_note`'s sentence when too many resamples were left out."""
+        return bootstrap_dropped_note(self.n_dropped, self.n_boot)
+
+
+def bootstrap_dropped_note(n_dropped: int, n_boot: int) -> str:
+    """"" when at most :data:`BOOTSTRAP_DROPPED_WARN` of ``n_boot`` resamples held one class, else a
+    sentence saying how many were left out and what that means for the interval."""
+    if n_boot <= 0 or n_dropped / n_boot <= BOOTSTRAP_DROPPED_WARN:
+        return ""
+    return (f"{n_dropped:,} of {n_boot:,} bootstrap resamples ({n_dropped / n_boot:.0%}) held one class and were "
+            "left out, so the interval is too narrow; it needs more patients with each label")
+
+
+def _interval(boots: np.ndarray, level: float) -> AurocInterval:
+    low, high = _percentile_interval(boots, level)
+    return AurocInterval(low, high, len(boots), int(np.isnan(boots).sum()))
+
+
 def auroc_ci(y, p, groups=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-             progress: Progress | None = None) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval ``(low, high)`` for the AUROC.
+             progress: Progress | None = None) -> AurocInterval:
+    """Percentile bootstrap confidence interval for the AUROC, with the resamples it rests on.
 
     Resamples ``groups`` (patients) with replacement, ``n_boot`` times, seeded;
-    resamples with a single class are skipped. ``groups=None`` resamples images
-    (too narrow when patients contribute several lesions). Raises MelcoreError
-    for one-class input.
+    resamples with a single class are left out and counted (``n_dropped``; see
+    :class:`AurocInterval`). ``groups=None`` resamples images (too narrow when
+    patients contribute several lesions). Raises MelcoreError for one-class input.
     """
     level = _check_level(level)
     boots = auroc_bootstrap(y, p, groups=groups, n_boot=n_boot, seed=seed, progress=progress)
     if not np.isfinite(boots).any():
         raise MelcoreError("every bootstrap resample held a single class; there are too few patients "
                            "with each label for a confidence interval")
-    return _percentile_interval(boots, level)
+    return _interval(boots, level)
+
+
+def operating_point_ci(y, p, threshold: float, groups=None, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> dict:
+    """Sensitivity, specificity, PPV and NPV at a FIXED ``threshold``, each with a cluster-bootstrap CI.
+
+    The threshold is taken as given (it must have been chosen on other predictions for the
+    intervals to mean anything); resamples draw ``groups`` (patients; None: images) with
+    replacement, ``n_boot`` times, seeded. A resample where a quantity is undefined (no
+    malignant image for sensitivity, nothing flagged for PPV, ...) is left out of that
+    quantity's interval.
+
+    Returns
+    -------
+    dict: the :func:`threshold_metrics` keys at ``threshold``, plus ``<name>_ci`` = [low, high]
+    for ``sensitivity``, ``specificity``, ``ppv`` and ``npv``.
+    """
+    level = _check_level(level)
+    labels, scores = _check_pair(y, p)
+    threshold = _check_threshold(threshold)
+    if not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise MelcoreError(f"n_boot must be a positive whole number of resamples, got {n_boot!r}")
+    out = threshold_metrics(labels, scores, threshold)
+    codes, n_groups = _group_codes(groups, len(labels))
+    flagged = scores >= threshold
+    cells = np.stack([flagged & (labels == 1), flagged & (labels == 0), ~flagged & (labels == 0),
+                      ~flagged & (labels == 1)], axis=1).astype(np.int64)          # tp, fp, tn, fn per image
+    per_group = np.zeros((n_groups, 4), dtype=np.int64)
+    np.add.at(per_group, codes, cells)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws])
+    tp, fp, tn, fn = (counts @ per_group).T.astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "ppv": tp / (tp + fp),
+                 "npv": tn / (tn + fn)}
+    for name, values in boots.items():
+        out[f"{name}_ci"] = list(_percentile_interval(values, level))
+    return out
 
 
 class PairedBootstrapResult(NamedTuple):
@@ -974,17 +1061,20 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
             from ``age_approx`` when there is no such column). Missing values form
             the group "unknown".
         threshold: the operating threshold for sensitivity, specificity...
-        patient_column: column resampled by the bootstrap; "auto" uses
-            "patient_id" when present, else images; None resamples images.
+        patient_column: column resampled by the bootstrap; "auto" resamples the
+            cohort's groups (:func:`melcore.cohort.group_keys`: patient, else
+            lesion) when ``patient_id`` or ``lesion_id`` is present, else images;
+            None resamples images.
         n_boot, seed, level: bootstrap settings (see :func:`auroc_ci`).
         progress: ``progress(done, total)`` over groups.
 
     Returns:
         DataFrame, one row per group sorted by name, columns ``group``, ``n``,
         ``n_malignant``, ``auroc``, ``auroc_low``, ``auroc_high``, then the
-        :func:`threshold_metrics` keys from ``threshold`` on, ``brier`` and
-        ``note`` ("" or why a value is missing). Groups with one class get nan
-        AUROC/CI and a note instead of an error.
+        :func:`threshold_metrics` keys from ``threshold`` on, ``brier``,
+        ``boot_dropped`` (one-class bootstrap resamples left out of the CI) and
+        ``note`` ("" or why a value is missing or less reliable). Groups with one
+        class get nan AUROC/CI and a note instead of an error.
     """
     if not isinstance(df, pd.DataFrame):
         raise MelcoreError(f"per_group needs a pandas DataFrame, got {type(df).__name__}")
@@ -994,8 +1084,9 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
     names = df["image_name"].astype(str).tolist() if "image_name" in df.columns else None
     labels, scores = _check_pair(y_col, p_col, names=names)
     if patient_column == "auto":
-        patient_column = "patient_id" if "patient_id" in df.columns else None
-    patients = _resolve_column(df, patient_column, "patient").to_numpy() if patient_column else None
+        patients = _id_groups(df)
+    else:
+        patients = _resolve_column(df, patient_column, "patient").to_numpy() if patient_column else None
     keys = groups_col.astype(object).where(groups_col.notna(), "unknown").astype(str).to_numpy()
     unique = sorted(set(keys))
     rows = []
@@ -1008,22 +1099,38 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
             progress(i + 1, len(unique))
     # group, n, n_malignant, auroc, auroc_low, auroc_high, threshold, n_benign, tp, ..., brier, note
     columns = list(dict.fromkeys(["group", "n", "n_malignant", "auroc", "auroc_low", "auroc_high",
-                                  *THRESHOLD_METRIC_KEYS, "brier", "note"]))
+                                  *THRESHOLD_METRIC_KEYS, "brier", "boot_dropped", "note"]))
     return pd.DataFrame(rows, columns=columns)
+
+
+def _id_groups(df: pd.DataFrame) -> np.ndarray | None:
+    """Patient-else-lesion group key per row (:func:`melcore.cohort.group_keys`); None without either id."""
+    from melcore.cohort import group_keys
+
+    if not any(c in df.columns and df[c].notna().any() for c in ("patient_id", "lesion_id")):
+        return None
+    names = df["image_name"] if "image_name" in df.columns else pd.Series(range(len(df)), index=df.index)
+    ids = pd.DataFrame({"image_name": names.astype(str).to_numpy()}, index=df.index)
+    for column in ("patient_id", "lesion_id"):
+        if column in df.columns:
+            ids[column] = df[column]
+    return group_keys(ids).to_numpy()
 
 
 def _group_row(key, labels, scores, patients, threshold, n_boot, seed, level) -> dict:
     metrics = ThresholdSweep(labels, scores).at(threshold)
-    row = {"group": key, **metrics, "brier": float(np.mean((labels - scores) ** 2)), "note": ""}
+    row = {"group": key, **metrics, "brier": float(np.mean((labels - scores) ** 2)), "boot_dropped": 0,
+           "note": ""}
     n_malignant = int(labels.sum())
     if n_malignant == 0 or n_malignant == len(labels):
         row.update(auroc=math.nan, auroc_low=math.nan, auroc_high=math.nan,
                    note=_one_class_note(n_malignant, len(labels)))
         return row
     row["auroc"] = auroc(labels, scores)
-    boots = _bootstrap_aurocs(labels, scores[None, :], patients, n_boot, seed, None)[:, 0]
-    row["auroc_low"], row["auroc_high"] = _percentile_interval(boots, level)
-    if math.isnan(row["auroc_low"]):
+    interval = _interval(_bootstrap_aurocs(labels, scores[None, :], patients, n_boot, seed, None)[:, 0], level)
+    row.update(auroc_low=interval.low, auroc_high=interval.high, boot_dropped=interval.n_dropped,
+               note=interval.note)
+    if math.isnan(interval.low):
         row["note"] = "too few patients of each class for a bootstrap interval"
     return row
 
@@ -1035,7 +1142,8 @@ def summarize(y, p, *, groups=None, threshold: float = 0.5, n_boot: int = 2000, 
     """Everything a model card needs, as one JSON-ready dict (never raises for one class).
 
     Keys: ``n``, ``n_malignant``, ``prevalence``, ``auroc``, ``auroc_ci`` ([low, high]),
-    ``ci_level``, ``n_boot``, ``bootstrap_unit`` ("group" or "image"),
+    ``ci_level``, ``n_boot``, ``n_boot_dropped`` (one-class resamples left out of the interval),
+    ``bootstrap_unit`` ("group" or "image"),
     ``average_precision``, ``brier``, ``threshold``, ``sensitivity``,
     ``specificity`` (at ``threshold``), ``threshold_metrics`` (the full
     :func:`threshold_metrics` dict), ``operating_points`` (list, see
@@ -1049,7 +1157,7 @@ def summarize(y, p, *, groups=None, threshold: float = 0.5, n_boot: int = 2000, 
     out = {
         "n": sweep.n, "n_malignant": n_malignant, "prevalence": n_malignant / sweep.n,
         "auroc": math.nan, "auroc_ci": [math.nan, math.nan], "ci_level": _check_level(level),
-        "n_boot": n_boot, "bootstrap_unit": "image" if groups is None else "group",
+        "n_boot": n_boot, "n_boot_dropped": 0, "bootstrap_unit": "image" if groups is None else "group",
         "average_precision": math.nan, "brier": float(np.mean((labels - scores) ** 2)),
         "threshold": at["threshold"], "sensitivity": at["sensitivity"], "specificity": at["specificity"],
         "threshold_metrics": at, "operating_points": [], "notes": [],
@@ -1060,9 +1168,11 @@ def summarize(y, p, *, groups=None, threshold: float = 0.5, n_boot: int = 2000, 
     out["auroc"] = sweep.auroc()
     out["average_precision"] = sweep.average_precision()
     out["operating_points"] = sweep.operating_points(sensitivities, specificities)
-    boots = _bootstrap_aurocs(labels, scores[None, :], groups, n_boot, seed, progress)[:, 0]
-    out["auroc_ci"] = list(_percentile_interval(boots, level))
-    skipped = int(np.isnan(boots).sum())
-    if skipped:
-        out["notes"].append(f"{skipped} of {n_boot} bootstrap resamples held one class and were skipped")
+    interval = _interval(_bootstrap_aurocs(labels, scores[None, :], groups, n_boot, seed, progress)[:, 0], level)
+    out["auroc_ci"] = [interval.low, interval.high]
+    out["n_boot_dropped"] = interval.n_dropped
+    if interval.note:
+        out["notes"].append(interval.note)
+    elif interval.n_dropped:
+        out["notes"].append(f"{interval.n_dropped} of {n_boot} bootstrap resamples held one class and were left out")
     return out

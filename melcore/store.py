@@ -358,8 +358,11 @@ class Store:
                          metadata_path: str | Path | None = None, is_demo: bool = False, **load_options):
         """Read a dataset with :func:`melcore.cohort.load_cohort` and register it with its summary.
 
+        The stored summary is :meth:`Cohort.summary` plus ``shortcut_audit``
+        (:func:`melcore.audit.shortcut_audit`, image attributes read for up to
+        :data:`melcore.audit.AUTO_IMAGE_LIMIT` images), whose warnings join ``warnings``.
         Nothing is registered when the table cannot be read (the CohortError propagates).
-        Returns ``(dataset_id, cohort)``; the cohort's report holds the warnings.
+        Returns ``(dataset_id, cohort)``; the cohort's report holds the loading warnings.
         """
         from melcore.cohort import load_cohort
 
@@ -373,8 +376,17 @@ class Store:
                                       Path(images_dir).resolve() if images_dir else cohort.images_dir,
                                       format=cohort.format, clinic_column=clinic_column,
                                       metadata_path=Path(metadata_path).resolve() if metadata_path else None,
-                                      options=load_options, summary=cohort.summary(), is_demo=is_demo)
+                                      options=load_options, summary=self._summary_with_audit(cohort),
+                                      is_demo=is_demo)
         return dataset_id, cohort
+
+    @staticmethod
+    def _summary_with_audit(cohort) -> dict:
+        from melcore.audit import audit_images, audit_warnings, shortcut_audit
+
+        summary = cohort.summary()
+        audit = shortcut_audit(cohort, images=bool(audit_images(cohort)))
+        return {**summary, "shortcut_audit": audit, "warnings": list(summary["warnings"]) + audit_warnings(audit)}
 
     def ensure_demo_dataset(self, name: str = "demo") -> int:
         """Register the synthetic demo cohort (made on first use) unless a dataset exists; returns its id."""

@@ -16,7 +16,10 @@ What :func:`fit` does, in order (everything up to step 4 fails fast, before trai
    refuses a cohort with one class only;
 3. splits by patient (else lesion, else image) with the leakage check:
    :func:`melcore.splits.cohort_split` (``val_fraction``) or fold ``config.fold`` of
-   :func:`melcore.splits.cohort_folds`; both sides must hold both classes;
+   :func:`melcore.splits.cohort_folds`, then holds out ``select_fraction`` of the
+   training patients (the *selection* split, also grouped and stratified) to choose the
+   best epoch and to stop early; all three parts must hold both classes. The
+   validation images are scored once, with the chosen weights, and never choose anything;
 4. seeds Python, NumPy and Keras (:func:`keras.utils.set_random_seed`) and builds the
    model (inside ``strategy.scope()`` when a tf.distribute strategy is given); weights
    that cannot be loaded raise ConfigError here unless ``fallback_to_scratch``;
@@ -26,10 +29,10 @@ What :func:`fit` does, in order (everything up to step 4 fails fast, before trai
    epochs (stage ``"head"``), then, when ``fine_tune_epochs`` > 0, the top
    ``unfreeze_blocks`` block groups as well at ``learning_rate x spec.finetune_lr_factor``
    (stage ``"fine-tune"``). From scratch: everything for ``epochs + fine_tune_epochs``
-   epochs (stage ``"train"``). After every epoch the validation set is scored
-   (stage ``"validate"``); training stops early when the validation AUROC has not
-   improved for ``early_stopping_patience`` epochs (per stage), and the weights of the
-   best epoch are restored (before fine-tuning and at the end);
+   epochs (stage ``"train"``). After every epoch the selection split is scored
+   (stage ``"validate"``); training stops early when its AUROC has not improved for
+   ``early_stopping_patience`` epochs (per stage), and the weights of the epoch best on
+   the selection split are restored (before fine-tuning and at the end);
 7. writes the run directory.
 
 Run directory (``run_dir`` or ``settings.subdir("runs") / "<timestamp>-<model>-<clinic|all>"``):
@@ -132,6 +135,10 @@ class TrainConfig:
         Train on this clinic's images only; None = all clinics.
     val_fraction : float
         Share of patients held out for validation (ignored when ``fold`` is set).
+    select_fraction : float
+        Share of the *training* patients held out (grouped, stratified, seeded) to choose the
+        best epoch and to stop early; the model trains on the other training patients. The
+        validation (or out-of-fold) images are never used for a choice.
     fold, n_folds : int or None, int
         Validate on fold ``fold`` (0-based) of ``n_folds`` patient-grouped folds.
     seed : int
@@ -144,7 +151,7 @@ class TrainConfig:
     mode : str
         ``"full"`` or ``"fast-head"`` (see :data:`MODES`).
     early_stopping_patience : int or None
-        Stop a stage after this many epochs without a better validation AUROC; None = never.
+        Stop a stage after this many epochs without a better selection-split AUROC; None = never.
     fine_tune_epochs : int
         Epochs of the fine-tune stage (pretrained weights only; from scratch they are added
         to the single training stage).
@@ -187,6 +194,7 @@ class TrainConfig:
     augment: str | None = None
     clinic: str | None = None
     val_fraction: float = 0.2
+    select_fraction: float = 0.2
     fold: int | None = None
     n_folds: int = 5
     seed: int = 0
@@ -352,6 +360,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     c.val_fraction = _float("val_fraction", c.val_fraction)
     if not 0.0 < c.val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be between 0 and 1 (e.g. 0.2), got {c.val_fraction}")
+    c.select_fraction = _float("select_fraction", c.select_fraction)
+    if not 0.0 < c.select_fraction < 1.0:
+        raise ConfigError(f"select_fraction (share of the training patients that choose the best epoch) must be "
+                          f"between 0 and 1 (e.g. 0.2), got {c.select_fraction}")
     c.n_folds = _int("n_folds", c.n_folds, 2)
     c.fold = _int("fold", c.fold, 0, allow_none=True)
     if c.fold is not None and c.fold >= c.n_folds:
@@ -486,10 +498,12 @@ def default_run_dir(config: TrainConfig, kind: str | None = None) -> Path:
 @dataclass
 class _Data:
     cohort: Any                 # labelled rows with images of the chosen clinic(s)
-    train_idx: np.ndarray
-    val_idx: np.ndarray
+    train_idx: np.ndarray       # rows the model is fitted on
+    val_idx: np.ndarray         # rows reported (validation / out-of-fold); never choose anything
     excluded: dict
     split: dict
+    select_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """Rows of training patients held out to choose the best epoch and to stop early."""
 
 
 def _names(values, n: int = _SHOW) -> str:
@@ -548,14 +562,34 @@ def _prepare_data(config: TrainConfig, cohort) -> _Data:
         train_idx, val_idx = cohort_split(usable, config.val_fraction, config.seed)
         split = {"method": "val_fraction", "val_fraction": config.val_fraction}
     split.update({"grouping": usable.grouping, "seed": config.seed})
-    data = _Data(usable, np.asarray(train_idx), np.asarray(val_idx), excluded, split)
+    fit_idx, select_idx = _selection_split(usable, np.asarray(train_idx), config)
+    split["selection"] = {"select_fraction": config.select_fraction, "seed": config.seed,
+                          "chooses": ["best epoch", "early stopping"],
+                          "images": "patients held out of the training split; the validation images choose "
+                                    "nothing"}
+    data = _Data(usable, fit_idx, np.asarray(val_idx), excluded, split, select_idx)
     _check_split_classes(data, where)
     return data
 
 
+def _selection_split(cohort, train_idx: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rows fitted on, rows that choose the epoch): a grouped, stratified split of ``train_idx``.
+
+    Both are sorted positions in ``cohort`` and together are ``train_idx``; no patient is on both sides.
+    """
+    from melcore.splits import check_no_leakage, train_val_split
+
+    groups = cohort.groups.iloc[train_idx]
+    fit, select = train_val_split(groups, cohort.table["target"].iloc[train_idx], config.select_fraction,
+                                  config.seed)
+    check_no_leakage(groups.iloc[fit], groups.iloc[select], what="patient")
+    return train_idx[fit], train_idx[select]
+
+
 def _check_split_classes(data: _Data, where: str) -> None:
     targets = data.cohort.table["target"]
-    for side, idx in (("training", data.train_idx), ("validation", data.val_idx)):
+    for side, idx in (("training", data.train_idx), ("selection (inner split of the training patients)",
+                                                        data.select_idx), ("validation", data.val_idx)):
         if len(idx) == 0:
             raise CohortError(f"the {side} split of {where} is empty; use more patients")
         n_mal, n_ben = _class_counts(targets.iloc[idx])
@@ -566,7 +600,7 @@ def _check_split_classes(data: _Data, where: str) -> None:
             raise CohortError(
                 f"the {side} split of {where} has no {lacking} image ({len(idx)} images): {total_mal} melanoma "
                 f"image(s) from {groups_mal} patient(s) cannot fill both sides; validation AUROC needs both "
-                "classes on each side: add data, or change val_fraction / the fold")
+                "classes on each side: add data, or change val_fraction / select_fraction / the fold")
 
 
 def _exclude_unreadable(data: _Data, bad: dict[int, str]) -> _Data:
@@ -579,10 +613,12 @@ def _exclude_unreadable(data: _Data, bad: dict[int, str]) -> _Data:
     names = data.cohort.table["image_name"].astype(str).to_numpy()
     data.excluded["unreadable"] = len(bad)
     data.excluded["unreadable_images"] = [[names[i], bad[i]] for i in sorted(bad)][:50]
-    train_idx = new_position[[i for i in data.train_idx if keep[i]]]
-    val_idx = new_position[[i for i in data.val_idx if keep[i]]]
-    return _Data(data.cohort.subset(keep), np.asarray(train_idx, dtype=np.int64),
-                 np.asarray(val_idx, dtype=np.int64), data.excluded, data.split)
+
+    def kept(idx: np.ndarray) -> np.ndarray:
+        return np.asarray(new_position[[i for i in idx if keep[i]]], dtype=np.int64)
+
+    return _Data(data.cohort.subset(keep), kept(data.train_idx), kept(data.val_idx), data.excluded, data.split,
+                 kept(data.select_idx))
 
 
 def _drop_unreadable(data: _Data, bad: dict[int, str], config: TrainConfig) -> _Data:
@@ -604,24 +640,40 @@ def _drop_unreadable(data: _Data, bad: dict[int, str], config: TrainConfig) -> _
 def _split_tables(data: _Data) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(training rows, validation rows, counts) of ``data``; the counts are logged.
 
-    counts: ``n_train``, ``n_val`` (images), ``n_malignant`` and ``n_patients``
-    (``{"train": int, "val": int}``), as they go into ``metrics.json``.
+    counts: ``n_train``, ``n_select``, ``n_val`` (images), ``n_malignant`` and ``n_patients``
+    (``{"train": int, "select": int, "val": int}``), as they go into ``metrics.json``. The
+    selection rows are :func:`_select_table`.
     """
     table = data.cohort.table
     train_table = table.iloc[data.train_idx].reset_index(drop=True)
     val_table = table.iloc[data.val_idx].reset_index(drop=True)
     groups = data.cohort.groups
+    sides = {"train": data.train_idx, "select": data.select_idx, "val": data.val_idx}
     counts = {
-        "n_train": len(train_table), "n_val": len(val_table),
-        "n_malignant": {"train": int(train_table["target"].eq(1).sum()), "val": int(val_table["target"].eq(1).sum())},
-        "n_patients": {"train": int(groups.iloc[data.train_idx].nunique()),
-                       "val": int(groups.iloc[data.val_idx].nunique())},
+        "n_train": len(data.train_idx), "n_select": len(data.select_idx), "n_val": len(data.val_idx),
+        "n_malignant": {side: int(table["target"].iloc[idx].eq(1).sum()) for side, idx in sides.items()},
+        "n_patients": {side: int(groups.iloc[idx].nunique()) for side, idx in sides.items()},
     }
-    log.info("split (%s, grouped by %s): train %d images (%d melanoma, %d patients), validation %d images "
-             "(%d melanoma, %d patients)", data.split["method"], data.split["grouping"], counts["n_train"],
-             counts["n_malignant"]["train"], counts["n_patients"]["train"], counts["n_val"],
+    log.info("split (%s, grouped by %s): train %d images (%d melanoma, %d patients), selection of the best epoch "
+             "%d images (%d melanoma, %d training patients held out), validation %d images (%d melanoma, "
+             "%d patients; chooses nothing)", data.split["method"], data.split["grouping"], counts["n_train"],
+             counts["n_malignant"]["train"], counts["n_patients"]["train"], counts["n_select"],
+             counts["n_malignant"]["select"], counts["n_patients"]["select"], counts["n_val"],
              counts["n_malignant"]["val"], counts["n_patients"]["val"])
     return train_table, val_table, counts
+
+
+def _chosen_on(counts: dict) -> dict:
+    """Which images chose what (``metrics["chosen_on"]``): the validation images choose nothing."""
+    return {"best_epoch": "selection", "early_stopping": "selection", "threshold": "fixed at 0.5, not chosen",
+            "selection": {"images": counts["n_select"], "patients": counts["n_patients"]["select"],
+                          "what": "training patients held out of the fit (select_fraction)"},
+            "validation": "scored once with the chosen weights; chooses nothing"}
+
+
+def _select_table(data: _Data) -> pd.DataFrame:
+    """The selection rows (training patients held out to choose the best epoch), RangeIndex."""
+    return data.cohort.table.iloc[data.select_idx].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -751,7 +803,7 @@ class _Tracker:
         self.best_auroc = -math.inf
         self.best_epoch: int | None = None
         self.best_weights = None
-        self.best_val_loss = None
+        self.best_select_loss = None
         self.wait = 0
         self.patience: int | None = None
         self.early_stopped = False
@@ -808,11 +860,13 @@ class _Tracker:
         self.report(batch, loss, eta=self.eta(batch))
 
 
-def _tracker_callback(tracker: _Tracker, data_info: dict, score_validation: Callable[[], dict | None]):
+def _tracker_callback(tracker: _Tracker, data_info: dict, score_selection: Callable[[], dict | None]):
+    """The Keras callback of a fit; ``score_selection()`` scores the selection split (the held-out training
+    patients, never the validation images): ``{"select_auroc", "select_loss"}``, None when cancelled."""
     import keras
 
     class TrainingMonitor(keras.callbacks.Callback):
-        """Progress, cancel within one batch, per-epoch validation AUROC, early stopping, best weights."""
+        """Progress, cancel within one batch, per-epoch selection AUROC, early stopping, best weights."""
 
         def on_epoch_begin(self, epoch, logs=None):
             tracker.start_epoch(epoch + 1)
@@ -829,37 +883,37 @@ def _tracker_callback(tracker: _Tracker, data_info: dict, score_validation: Call
                 return
             train_loss = float((logs or {}).get("loss", tracker.loss if tracker.loss is not None else math.nan))
             started = time.perf_counter()
-            scores = score_validation()
+            scores = score_selection()
             if scores is None:  # cancelled while predicting
                 self.model.stop_training = True
                 return
             tracker.val_seconds.append(time.perf_counter() - started)
-            auroc, val_loss = scores["val_auroc"], scores["val_loss"]
-            # Ties (common when AUROC saturates) go to the lower validation loss.
+            auroc, select_loss = scores["select_auroc"], scores["select_loss"]
+            # Ties (common when AUROC saturates) go to the lower selection loss.
             improved = (tracker.best_weights is None or auroc > tracker.best_auroc
-                        or (auroc == tracker.best_auroc and val_loss < tracker.best_val_loss))
+                        or (auroc == tracker.best_auroc and select_loss < tracker.best_select_loss))
             if improved:
-                tracker.best_auroc, tracker.best_epoch, tracker.best_val_loss = auroc, epoch + 1, val_loss
+                tracker.best_auroc, tracker.best_epoch, tracker.best_select_loss = auroc, epoch + 1, select_loss
                 tracker.best_weights = self.model.get_weights()
                 tracker.wait = 0
             else:
                 tracker.wait += 1
             lr = _current_lr(self.model)
-            entry = {"epoch": epoch + 1, "stage": tracker.stage, "train_loss": train_loss, "val_loss": val_loss,
-                     "val_auroc": auroc, "learning_rate": lr,
+            entry = {"epoch": epoch + 1, "stage": tracker.stage, "train_loss": train_loss,
+                     "select_loss": select_loss, "select_auroc": auroc, "learning_rate": lr,
                      "seconds": time.perf_counter() - tracker._epoch_start, "best": improved}
             tracker.history.append(entry)
-            log.info("epoch %d/%d [%s] train loss %.4f, val loss %.4f, val AUROC %.4f%s",
-                     epoch + 1, tracker.total_epochs, tracker.stage, train_loss, val_loss, auroc,
+            log.info("epoch %d/%d [%s] train loss %.4f, selection loss %.4f, selection AUROC %.4f%s",
+                     epoch + 1, tracker.total_epochs, tracker.stage, train_loss, select_loss, auroc,
                      " (best so far)" if improved else "")
             tracker.report(tracker.steps, train_loss,
-                           {"end_of_epoch": True, "val_auroc": auroc, "val_loss": val_loss,
-                            "train_loss": train_loss, "best_val_auroc": tracker.best_auroc,
+                           {"end_of_epoch": True, "select_auroc": auroc, "select_loss": select_loss,
+                            "train_loss": train_loss, "best_select_auroc": tracker.best_auroc,
                             "best_epoch": tracker.best_epoch},
                            eta=tracker.eta(tracker.steps, validating=True))
             if tracker.patience is not None and tracker.wait >= tracker.patience:
                 tracker.early_stopped = True
-                log.info("early stopping: no better validation AUROC for %d epoch(s) (best %.4f at epoch %d)",
+                log.info("early stopping: no better selection AUROC for %d epoch(s) (best %.4f at epoch %d)",
                          tracker.wait, tracker.best_auroc, tracker.best_epoch)
                 self.model.stop_training = True
 
@@ -926,7 +980,8 @@ def fit(config: TrainConfig, cohort, progress: Progress | None = None, should_st
         ``"load"``, ``"head"``, ``"fine-tune"``, ``"train"``, ``"validate"``); during
         ``"load"`` also ``done`` / ``total`` images; during ``"validate"`` also
         ``val_batch`` / ``val_steps``; at each epoch end a call with ``end_of_epoch: True``,
-        ``val_auroc``, ``val_loss``, ``train_loss``, ``best_val_auroc``, ``best_epoch``.
+        ``select_auroc``, ``select_loss`` (of the selection split), ``train_loss``,
+        ``best_select_auroc``, ``best_epoch``.
         Keep it cheap.
     should_stop : callable() -> bool, optional
         Polled after every training batch, every validation batch, between image-loading
@@ -943,14 +998,16 @@ def fit(config: TrainConfig, cohort, progress: Progress | None = None, should_st
     Run
         ``run.metrics`` (also ``metrics.json``): kind ("image"), status ("done" /
         "cancelled"), cancelled, model, clinic, image_size, val_auroc (of the saved
-        validation predictions, with TTA when ``config.tta``), best_epoch_val_auroc (the
-        early-stopping criterion, without TTA), val_loss, best_epoch, threshold (0.5),
+        validation predictions, with TTA when ``config.tta``; the validation images choose
+        nothing), best_epoch (chosen on the selection split), best_epoch_select_auroc (the
+        early-stopping criterion, without TTA), chosen_on (which images chose what, see
+        :func:`_chosen_on`), val_loss, threshold (0.5),
         sensitivity, specificity (at 0.5, of the delivered ``prediction``), scorer ("cnn" or
         "colour-model"; with the colour model also cnn_val_auroc, colour_val_auroc, cnn_val_loss),
-        n_train, n_val, n_malignant {"train", "val"},
-        n_patients {"train", "val"}, excluded {other_clinics, unlabelled, no_image,
-        unreadable, unreadable_images}, split, history (per epoch: epoch, stage,
-        train_loss, val_loss, val_auroc, learning_rate, seconds, best), stages, epochs_run,
+        n_train, n_select, n_val, n_malignant {"train", "select", "val"},
+        n_patients {"train", "select", "val"}, excluded {other_clinics, unlabelled, no_image,
+        unreadable, unreadable_images}, split (with ``selection``), history (per epoch: epoch,
+        stage, train_loss, select_loss, select_auroc, learning_rate, seconds, best), stages, epochs_run,
         planned_epochs, early_stopped, weights (WeightsInfo dict: requested, loaded,
         from_scratch, note, source, scope), from_scratch, seconds, train_seconds,
         images_per_second, device, n_replicas, deterministic_ops, versions, tta, cohort.
@@ -1063,7 +1120,9 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
         log.info("decoded %d images at %d px in %.1f s", total, config.image_size, time.perf_counter() - load_started)
     data = _drop_unreadable(data, bad, config)
     train_table, val_table, counts = _split_tables(data)
+    select_table = _select_table(data)
     y_val = val_table["target"].astype("float64").to_numpy()
+    y_select = select_table["target"].astype("float64").to_numpy()
 
     # ---- datasets
     train_data = ImageBatches.from_table(train_table, config.image_size, batch_size=config.batch_size,
@@ -1077,30 +1136,32 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
     data_info = {"batch_size": config.batch_size}
     val_paths = val_table["image_path"].tolist()
     val_batch = max(config.batch_size, 32)
-    val_sizes = [min(val_batch, len(val_paths) - s) for s in range(0, len(val_paths), val_batch)]
 
-    def predict_validation(tta: bool = False) -> np.ndarray | None:
+    def predict_paths(paths: list, tta: bool = False) -> np.ndarray | None:
         from melcore.predict import predict_dataset
 
-        dataset = PredictionBatches(val_paths, config.image_size, batch_size=val_batch, cache=cache,
+        sizes = [min(val_batch, len(paths) - s) for s in range(0, len(paths), val_batch)]
+        dataset = PredictionBatches(paths, config.image_size, batch_size=val_batch, cache=cache,
                                     workers=config.workers)
-        n_val_steps = len(val_sizes)
 
         def validating(done, total_):
-            batch_no = min(n_val_steps, max(1, math.ceil(done / val_batch)))
-            tracker.report(tracker.steps, tracker.loss, {"val_batch": batch_no, "val_steps": n_val_steps},
+            batch_no = min(len(sizes), max(1, math.ceil(done / val_batch)))
+            tracker.report(tracker.steps, tracker.loss, {"val_batch": batch_no, "val_steps": len(sizes)},
                            eta=tracker.eta(tracker.steps, validating=True), stage="validate")
 
-        return predict_dataset(model, dataset, len(val_paths), val_sizes, tta, progress=validating,
-                                should_stop=tracker.stop_requested)
+        return predict_dataset(model, dataset, len(paths), sizes, tta, progress=validating,
+                               should_stop=tracker.stop_requested)
 
-    def score_validation() -> dict | None:
-        p = predict_validation()
+    def predict_validation(tta: bool = False) -> np.ndarray | None:
+        return predict_paths(val_paths, tta)
+
+    def score_selection() -> dict | None:
+        p = predict_paths(select_table["image_path"].tolist())
         if p is None:
             return None
-        return {"val_auroc": _auroc(y_val, p), "val_loss": _bce(y_val, p)}
+        return {"select_auroc": _auroc(y_select, p), "select_loss": _bce(y_select, p)}
 
-    monitor = _tracker_callback(tracker, data_info, score_validation)
+    monitor = _tracker_callback(tracker, data_info, score_selection)
     stage_records = []
     epoch_offset = 0
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
@@ -1146,8 +1207,9 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
         "kind": "image", "status": "cancelled" if tracker.cancelled else "done", "cancelled": tracker.cancelled,
         "model": config.model, "clinic": config.clinic, "image_size": config.image_size,
         "cohort": getattr(data.cohort, "name", None),
-        "best_epoch": tracker.best_epoch, "best_epoch_val_auroc": (tracker.best_auroc if tracker.best_epoch
-                                                                   else None),
+        "best_epoch": tracker.best_epoch,
+        "best_epoch_select_auroc": tracker.best_auroc if tracker.best_epoch else None,
+        "chosen_on": _chosen_on(counts),
         **counts,
         "excluded": data.excluded, "split": data.split,
         "history": tracker.history, "stages": stage_records, "epochs_run": len(tracker.history),
@@ -1169,7 +1231,8 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
         colour_started = time.perf_counter()
         log.info("fitting the colour/shape model on %d training images", len(train_table))
         colour_model = colour.fit_colour_model(train_table["image_path"].tolist(),
-                                               train_table["target"].astype("int64").to_numpy(), cache=cache,
+                                               train_table["target"].astype("int64").to_numpy(),
+                                               data.cohort.groups.iloc[data.train_idx].to_numpy(), cache=cache,
                                                workers=config.workers)
         if not tracker.stop_requested():
             colour_model.save(run_dir / colour.COLOUR_MODEL_FILE)
@@ -1210,7 +1273,7 @@ def _fit_in_run_dir(config, data: _Data, model, weights_info, run_dir: Path, pro
                             "colour_val_auroc": _auroc(y_val, colour_predictions),
                             "cnn_val_loss": _bce(y_val, cnn_predictions)})
     else:
-        metrics.update({"val_auroc": None, "val_loss": tracker.best_val_loss, "threshold": THRESHOLD,
+        metrics.update({"val_auroc": None, "val_loss": None, "threshold": THRESHOLD,
                         "sensitivity": None, "specificity": None})
         if not tracker.cancelled and tracker.best_weights is None:
             raise MelcoreError("training ended without a single validated epoch")

@@ -21,6 +21,7 @@ import streamlit as st
 
 from melcore import settings
 from melcore.compare import (
+    THRESHOLD_RULES,
     GroupBreakdown,
     apply_subset,
     at_threshold_table,
@@ -39,10 +40,12 @@ from melcore.compare import (
     subset_options,
     summary_table,
     threshold_from_points,
+    threshold_elsewhere,
     threshold_window,
 )
 from melcore.errors import MelcoreError
 from melcore.formatting import format_threshold
+from melcore.metrics import bootstrap_dropped_note
 from melcore.plots import (
     bar_figure,
     calibration_figure,
@@ -342,6 +345,8 @@ def _focus_metrics(evaluation, threshold: float) -> None:
     cols[4].metric("Biopsies / melanoma", _biopsies(m["biopsies_per_melanoma"]),
                    help="Flagged lesions per melanoma found (1 / PPV)")
     cols[5].metric("Flagged", f"{m['n_flagged']:,}", help=f"Lesions sent to biopsy at this threshold, of {m['n']:,}")
+    st.caption("A threshold set here (slider, click or preset) is chosen on these same predictions, so the numbers "
+               "above are optimistic for it; below, a threshold chosen on one run is judged on another.")
 
 
 def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float]) -> None:
@@ -411,6 +416,37 @@ def _clinic_table(breakdowns: dict, threshold: float) -> None:
         "Note": rows["note"],
     })
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table")
+    for run, clinic, dropped in zip(rows["run"], rows["group"], rows["boot_dropped"]):
+        note = bootstrap_dropped_note(int(dropped), N_BOOT)
+        if note:
+            st.warning(f"{run}, clinic {clinic}: {note}.")
+
+
+def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict) -> None:
+    """A threshold chosen on one run's predictions and judged, with CIs, on another's."""
+    st.subheader("Threshold chosen on one set, judged on another")
+    names = list(evaluations)
+    cols = st.columns(3)
+    chooser = cols[0].selectbox("Choose the threshold on", names, key="compare_choose_on")
+    rule = cols[1].selectbox("Rule", list(THRESHOLD_RULES), format_func=THRESHOLD_RULES.get, key="compare_rule")
+    judged = cols[2].selectbox("Judge it on", names, index=min(1, len(names) - 1), key="compare_judge_on")
+    try:
+        point = threshold_elsewhere(evaluations[chooser], frames[judged], rule, n_boot=N_BOOT)
+    except MelcoreError as exc:
+        show_error(exc, "No operating point")
+        return
+    st.caption(f"Threshold **{format_threshold(point['threshold'])}** chosen by {THRESHOLD_RULES[rule]} on the "
+               f"{splits[chooser]} predictions of {chooser}; operating point on the {splits[judged]} predictions "
+               f"of {judged} ({point['n']:,} images), with {N_BOOT:,}-resample patient-bootstrap 95% CIs.")
+    if chooser == judged:
+        st.warning("The threshold is chosen and judged on the same predictions, so these numbers are optimistic: "
+                   "judge it on another run (a test set, another clinic, a later run).")
+    measures = ("sensitivity", "specificity", "ppv", "npv")
+    st.dataframe(pd.DataFrame({
+        "Measure": ["Sensitivity", "Specificity", "PPV", "NPV"],
+        "Value": [_pct(point[n]) for n in measures],
+        "95% CI": [f"{_pct(point[n + '_ci'][0])}-{_pct(point[n + '_ci'][1])}" for n in measures],
+    }), hide_index=True, width="stretch", key="compare_threshold_elsewhere")
 
 
 def _save_section(focus: str, run: dict, threshold: float) -> None:
@@ -586,6 +622,7 @@ def main() -> None:
             show_error(exc, f"{label}: per-clinic table")
 
     _operating_point(evaluations, breakdowns, runs_by_label, dataset, filters)
+    _threshold_elsewhere(evaluations, {k: subset[k] for k in names}, splits)
 
     pair_frames = {k: subset[k] for k in names}
     pair_key = tuple(runs_by_label[k]["id"] for k in names)

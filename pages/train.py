@@ -28,6 +28,7 @@ from melcore.commands.jobs import submit_jobs, submit_meta_job
 from melcore.compare import weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
+from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, page_start, show_error
@@ -104,11 +105,12 @@ def _epoch_points(history) -> list[dict]:
     return [p for p in (history or []) if p.get("end_of_epoch")]
 
 
-def _last_val_auroc(job: dict):
+def _last_select_auroc(job: dict):
+    """The last epoch's AUROC on the selection split (training patients held out to choose the epoch)."""
     points = _epoch_points(job.get("history"))
-    if points and points[-1].get("val_auroc") is not None:
-        return points[-1]["val_auroc"]
-    return (job.get("progress") or {}).get("val_auroc")
+    if points and points[-1].get("select_auroc") is not None:
+        return points[-1]["select_auroc"]
+    return (job.get("progress") or {}).get("select_auroc")
 
 
 def _progress(job: dict) -> tuple[float, str]:
@@ -141,18 +143,18 @@ def _progress(job: dict) -> tuple[float, str]:
         where = f"epoch {epoch}/{epochs} · validating {p.get('val_batch', 0)}/{p.get('val_steps', 0)}"
     else:
         where = f"epoch {epoch}/{epochs} [{stage}] · batch {min(batch, steps) if steps else batch}/{steps or '?'}"
-    parts = [where, f"loss {format_number(p.get('loss'))}", f"val AUROC {format_number(_last_val_auroc(job), '.3f')}"]
+    parts = [where, f"loss {format_number(p.get('loss'))}", f"selection AUROC {format_number(_last_select_auroc(job), '.3f')}"]
     if state == "running":
         parts.append(f"ETA {format_duration(p.get('eta'))}")
     return fraction, " · ".join(parts)
 
 
 def _curves(job: dict):
-    """Loss and validation AUROC per epoch (training_curves_figure), plus the live batch loss."""
+    """Loss and selection-split AUROC per epoch (training_curves_figure), plus the live batch loss."""
     import plotly.graph_objects as go
 
     history = job.get("history") or []
-    keys = ("train_loss", "val_loss", "val_auroc")
+    keys = ("train_loss", "select_loss", "select_auroc")
     epochs = [{"epoch": p["epoch"], **{k: p.get(k) for k in keys}} for p in _epoch_points(history)
               if p.get("epoch") is not None]
     metrics = [k for k in keys if any(row.get(k) is not None for row in epochs)]
@@ -369,9 +371,8 @@ def _meta_form(store) -> None:
     labels.update({int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" for r in image_runs})
     cols = st.columns([1, 1, 3])
     n_folds = int(cols[0].number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "meta_folds"))
-    feature_set = cols[1].selectbox("Features", ["context", "baseline"], key=K + "meta_features",
-                                    help="context: with the patient's other lesions; baseline: age, sex, site and "
-                                         "images per patient only")
+    feature_set = cols[1].selectbox("Features", list(FEATURE_SET_LABELS), key=K + "meta_features",
+                                    format_func=lambda name: f"{name}: {FEATURE_SET_LABELS[name]}")
     image_run = cols[2].selectbox("Fuse with image run", list(labels), format_func=labels.get, key=K + "meta_run",
                                   help="The run's stored out-of-fold predictions (a K-fold run scores every image), "
                                        "else its validation predictions (then only those images get a fused score).")
@@ -455,7 +456,7 @@ def _job_table(jobs: list[dict], dataset_names: dict) -> None:
             "epoch / fold": (f"{'fold ' if p.get('stage') == 'fold' else ''}{p.get('epoch', 0)}/"
                              f"{p.get('epochs', '?')}") if p else "",
             "loss": p.get("loss") if job["state"] == "running" else None,
-            "val AUROC": _last_val_auroc(job),
+            "selection AUROC": _last_select_auroc(job),
             "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",
             "run": job.get("run_id"), "submitted": _when(job.get("created_at")),
         })

@@ -66,6 +66,29 @@ def test_register_a_dataset_shows_its_summary_and_warnings(demo_dir, tmp_path):
     assert stored["summary"]["n_missing_images"] == 1
 
 
+def test_registering_shows_the_shortcut_audit(tmp_path):
+    images = tmp_path / "img"
+    images.mkdir()
+    rows = []
+    for p in range(30):  # every melanoma patient's images are filed in a later number block
+        target = int(p % 3 == 0)
+        for j in range(2):
+            name = f"ISIC_{target * 1000 + 10 * p + j:07d}"
+            Image.new("RGB", (40, 40), (150, 100, 90)).save(images / f"{name}.jpg")
+            rows.append({"image_name": name, "patient_id": f"p{p}", "target": target, "clinic": "north"})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    at = _register(_app().run(), "blocks", str(tmp_path / "labels.csv"), str(images), "generic")
+    assert not at.exception
+    audit = [df.value for df in at.dataframe if "Attribute" in df.value.columns][-1]  # the form's, after the cards
+    block = audit.set_index("Attribute").loc["file-name number block"]
+    assert block["AUROC"] > 0.9 and "shortcut" in block["Note"]
+    assert any("The file-name number block alone predicts the label" in w.value for w in at.warning)
+    stored = Store().get_dataset("blocks")["summary"]
+    assert any("file-name number block alone" in w for w in stored["warnings"])  # the dataset card shows it later
+    assert [r["attribute"] for r in stored["shortcut_audit"]][:4] == [
+        "clinic", "file-name prefix", "file-name number block", "file format"]
+
+
 def test_bad_registrations_say_why_and_keep_what_was_saved(demo_dir, tmp_path):
     Store().add_dataset("already", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
     bad = tmp_path / "bad.csv"

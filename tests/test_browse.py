@@ -77,12 +77,21 @@ def big():
     return table, predictions, PatientBrowser(table, predictions)
 
 
+def _reference_patient(frame: pd.DataFrame) -> np.ndarray:
+    """Patient key per row written with plain pandas: the patient id, else the patient of the row's lesion
+    (another image of it has a patient id; the synthetic lesion ids never span two patients), else
+    ``lesion:<id>``, else ``image:<name>``."""
+    lesion_patient = frame.dropna(subset=["patient_id", "lesion_id"]).groupby("lesion_id")["patient_id"].min()
+    patient = frame["patient_id"].fillna(frame["lesion_id"].map(lesion_patient))
+    return np.where(patient.notna(), patient,
+                    np.where(frame["lesion_id"].notna(), "lesion:" + frame["lesion_id"].astype(str),
+                             "image:" + frame["image_name"]))
+
+
 def _reference(table: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
     """The patient table written the obvious way with pandas groupby, independently of melcore.browse."""
     frame = table.copy()
-    frame["patient"] = np.where(frame["patient_id"].notna(), frame["patient_id"],
-                                np.where(frame["lesion_id"].notna(), "lesion:" + frame["lesion_id"].astype(str),
-                                         "image:" + frame["image_name"]))
+    frame["patient"] = _reference_patient(frame)
     frame["lesion"] = frame["lesion_id"].fillna("image:" + frame["image_name"])
     frame["risk"] = frame["image_name"].map(predictions.set_index("image_name")["prediction"])
     frame["clinic_"] = frame["clinic"].fillna("unknown")
@@ -115,8 +124,7 @@ def test_patient_aggregation_matches_pandas_groupby_at_isic_scale(big):
 
 def _expected_patients(table, predictions, mask_fn, threshold=0.5):
     frame = table.copy()
-    frame["patient"] = frame["patient_id"].fillna("lesion:" + frame["lesion_id"].astype(str))
-    frame.loc[frame["patient_id"].isna() & frame["lesion_id"].isna(), "patient"] = "image:" + frame["image_name"]
+    frame["patient"] = _reference_patient(frame)
     frame["risk"] = frame["image_name"].map(predictions.set_index("image_name")["prediction"])
     frame["age_band"] = age_band(frame["age_approx"])
     matching = frame[mask_fn(frame)].groupby("patient").size()

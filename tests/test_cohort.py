@@ -561,6 +561,27 @@ def test_grouping_falls_back_per_row(tmp_path):
     assert lesions_only.groups.tolist() == ["lesion:L3", "lesion:L3", "image:e"]
 
 
+def test_rows_linked_by_a_patient_or_a_lesion_id_share_one_group(tmp_path):
+    # L1's second image lacks the patient id; L9 is filed under two patients; L5 has no patient at all
+    csv = write_csv(tmp_path / "t.csv", """
+        image_name,patient_id,lesion_id,target
+        a,P1,L1,1
+        b,,L1,1
+        c,P2,L9,0
+        d,P3,L9,0
+        e,P3,L4,0
+        f,,L5,0
+        g,,L5,1
+        h,,,0
+    """)
+    cohort = load_cohort(csv, check_images="none")
+    assert cohort.groups.tolist() == ["P1", "P1", "P2", "P2", "P2", "lesion:L5", "lesion:L5", "image:h"]
+    from melcore.splits import cohort_folds
+
+    folds = cohort_folds(cohort, n_folds=2, seed=0)
+    assert folds[0] == folds[1] and folds[2] == folds[3] == folds[4]
+
+
 def test_cohort_subset_for_clinic_labelled_with_images(tmp_path):
     csv = write_csv(tmp_path / "t.csv", """
         image_name,patient_id,target,clinic

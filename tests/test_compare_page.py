@@ -38,6 +38,7 @@ from melcore.metrics import (
     age_band,
     auroc,
     delong_test,
+    operating_point_ci,
     paired_auroc_bootstrap,
     per_group,
     threshold_metrics,
@@ -322,6 +323,48 @@ def joined(cohort_and_table, separation=2.2, seed=12, drop_patient=False):
         preds = preds.drop(columns=["patient_id", "clinic"])
     frame, notes = attach_metadata(preds, cohort)
     return frame, notes
+
+
+def test_an_interval_resting_on_few_resamples_is_flagged(seeded):
+    # one melanoma patient among four: about (3/4)^4 = 32% of the patient resamples hold no melanoma
+    table = seeded["table"]
+    has_melanoma = table.groupby("patient_id")["target"].max()
+    patients = [has_melanoma[has_melanoma == 1].index[0], *has_melanoma[has_melanoma == 0].index[:3]]
+    store = seeded["store"]
+    run_id = store.add_run("four-patients", dataset_id=seeded["dataset_id"], model="basic-cnn")
+    store.add_predictions(run_id, simulated(table, 2.0, seed=14)[table["patient_id"].isin(patients)], split="val")
+    at = run_page()
+    runs_widget(at).set_value([run_id, seeded["strong"]])
+    rerun(at)
+    flagged = [w.value for w in at.warning if "bootstrap resamples" in w.value]
+    assert len(flagged) == 2 and all("four-patients" in w and "too narrow" in w for w in flagged)  # run, clinic
+    row = summary(at).set_index("Run").filter(like="four-patients", axis=0).iloc[0]
+    assert "held one class and were left out" in row["Note"]
+
+
+def test_a_threshold_chosen_on_one_run_is_judged_on_another_with_cis(seeded):
+    at = run_page()
+    assert not at.exception
+    labels = at.selectbox(key="compare_choose_on").options
+    weak = next(label for label in labels if "weak-cnn" in label)
+    strong = next(label for label in labels if "effnet" in label)
+    at.selectbox(key="compare_choose_on").set_value(weak)
+    at.selectbox(key="compare_judge_on").set_value(strong)
+    rerun(at)
+    chooser = seeded["preds"][seeded["weak"]]
+    threshold = ThresholdSweep(chooser["target"], chooser["prediction"]).youden()["threshold"]
+    judged = seeded["preds"][seeded["strong"]]
+    expected = operating_point_ci(judged["target"], judged["prediction"], threshold,
+                                  groups=judged["patient_id"], n_boot=1000)
+    table = next(df.value for df in at.dataframe if "Measure" in df.value.columns).set_index("Measure")
+    assert table.loc["Sensitivity", "Value"] == f"{expected['sensitivity']:.1%}"
+    low, high = expected["specificity_ci"]
+    assert table.loc["Specificity", "95% CI"] == f"{low:.1%}-{high:.1%}"
+    assert any("weak-cnn" in c.value and "chosen by Youden" in c.value for c in at.caption)
+    assert not any("chosen and judged on the same predictions" in w.value for w in at.warning)
+    at.selectbox(key="compare_judge_on").set_value(weak)
+    rerun(at)
+    assert any("chosen and judged on the same predictions" in w.value for w in at.warning)
 
 
 def test_choose_split():

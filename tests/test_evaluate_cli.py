@@ -211,3 +211,22 @@ def test_isic2020_labels_through_the_cohort_reader(isic2020_dir, tmp_path):
     assert out["n"] == len(train) and out["n_malignant"] == train["target"].sum()
     assert out["bootstrap_unit"] == "patient_id"
     assert "head/neck" in out["groups"]
+
+
+def test_labels_with_lesion_ids_only_bootstrap_over_lesions(tmp_path):
+    from melcore.metrics import auroc_ci
+
+    rng = np.random.default_rng(8)
+    lesion = np.repeat([f"HAM_{i:07d}" for i in range(40)], 3)
+    y = np.repeat((rng.random(40) < 0.4).astype(int), 3)
+    scores = expit(np.repeat(rng.normal(size=40), 3) + y + rng.normal(0, 0.1, len(y)))
+    names = [f"ISIC_{k:07d}" for k in range(len(y))]
+    pd.DataFrame({"image_name": names, "lesion_id": lesion, "target": y}).to_csv(tmp_path / "labels.csv", index=False)
+    pd.DataFrame({"image_name": names, "target": scores}).to_csv(tmp_path / "preds.csv", index=False)
+    result = evaluate("--predictions", tmp_path / "preds.csv", "--labels", tmp_path / "labels.csv",
+                      "--n-boot", 300, "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["bootstrap_unit"] == "lesion_id"
+    expected = auroc_ci(y, scores, groups=lesion, n_boot=300, seed=0)
+    assert out["auroc_ci"] == pytest.approx([expected.low, expected.high], abs=1e-12)

@@ -128,7 +128,7 @@ def test_fast_head_run_has_the_format_of_a_normal_run(cohort, tmp_path):
     assert m["mode"] == "fast-head" and m["kind"] == "image" and m["status"] == "done"
     assert m["feature_cache"]["misses"] == len(cohort) and m["feature_cache"]["hits"] == 0
     assert m["feature_seconds"] >= 0 and m["head_seconds"] > 0
-    assert m["n_train"] + m["n_val"] == len(cohort)
+    assert m["n_train"] + m["n_select"] + m["n_val"] == len(cohort)
     loaded = Run.load(fast.run_dir)
     assert loaded.config.mode == "fast-head" and loaded.metrics["val_auroc"] == m["val_auroc"]
 
@@ -167,7 +167,7 @@ def test_fast_head_progress_contract_and_cancel(cohort, tmp_path):
     loads = [c for c in recorder.calls if c[3]["stage"] == "load"]
     assert loads[-1][3]["done"] == loads[-1][3]["total"] == len(cohort)
     ends = [c for c in recorder.calls if c[3].get("end_of_epoch")]
-    assert [c[0] for c in ends] == [1, 2, 3] and all("val_auroc" in c[3] for c in ends)
+    assert [c[0] for c in ends] == [1, 2, 3] and all("select_auroc" in c[3] for c in ends)
     batches = recorder.batches()
     assert batches and all(c[3]["steps"] == batches[0][3]["steps"] and c[3]["epochs"] == 3 for c in batches)
     assert run.metrics["epochs_run"] == 3

@@ -90,11 +90,11 @@ def test_features_describe_the_patient_context(table):
     assert (f["pt_n_sites"] == 2).all()
 
 
-def test_relative_age_features_follow_the_patient():
+def test_retrospective_features_read_the_whole_history():
     t = pd.DataFrame({"image_name": list("abcd"), "patient_id": ["p", "p", "p", "q"],
                       "age_approx": [40.0, 45.0, 50.0, np.nan], "sex": ["Male ", "male", "male", None],
                       "site": ["torso", "torso", None, "torso"]})
-    f = meta_features(t)
+    f = meta_features(t, feature_set="retrospective")
     assert f["age_minus_pt_min"].tolist()[:3] == [0, 5, 10]
     assert f["age_minus_pt_mean"].tolist()[:3] == [-5, 0, 5]
     assert f["pt_max_minus_age"].tolist()[:3] == [10, 5, 0]
@@ -102,7 +102,33 @@ def test_relative_age_features_follow_the_patient():
     assert np.isnan(f.loc[3, "age_minus_pt_mean"])
     assert f["sex"].tolist() == ["male", "male", "male", None]
     assert np.isnan(f.loc[2, "n_at_site"]) and f.loc[0, "n_at_site"] == 2
-    assert f.loc[3, "pt_n_images"] == 1
+    assert f["pt_n_images"].tolist() == [3, 3, 3, 1]
+
+
+def test_context_features_read_only_the_visits_so_far():
+    t = pd.DataFrame({"image_name": list("abcde"), "patient_id": ["p", "p", "p", "p", "q"],
+                      "lesion_id": ["l1", "l2", "l1", "l3", "l9"],
+                      "age_approx": [40.0, 40.0, 45.0, 50.0, np.nan],
+                      "site": ["torso", "torso", "torso", "head/neck", "torso"]})
+    f = meta_features(t)
+    assert "pt_max_minus_age" not in f.columns
+    assert f["pt_n_images"].tolist() == [2, 2, 3, 4, 1]
+    assert f["pt_n_lesions"].tolist() == [2, 2, 2, 3, 1]
+    assert f["pt_n_sites"].tolist() == [1, 1, 1, 2, 1]
+    assert f["age_minus_pt_mean"].tolist()[:4] == pytest.approx([0, 0, 45 - 125 / 3, 50 - 175 / 4])
+    assert f["age_rank_in_pt"].tolist()[:4] == pytest.approx([3 / 4, 3 / 4, 1, 1])
+    assert f["n_at_site"].tolist() == [2, 2, 3, 1, 1]
+    assert f["lesion_n_images"].tolist() == [1, 1, 2, 1, 1]
+
+
+def test_a_visits_context_features_ignore_later_visits(table):
+    later = table[table["patient_id"].isin(["IP_0000", "IP_0001"])].assign(
+        age_approx=lambda d: d["age_approx"] + 5, image_name=lambda d: d["image_name"] + "_later",
+        lesion_id=lambda d: d["lesion_id"] + "_later", site="palms/soles")
+    with_later = meta_features(pd.concat([table, later], ignore_index=True))
+    pd.testing.assert_frame_equal(with_later.iloc[:len(table)], meta_features(table))
+    retrospective = meta_features(pd.concat([table, later], ignore_index=True), feature_set="retrospective")
+    assert not retrospective.iloc[:len(table)].equals(meta_features(table, feature_set="retrospective"))
 
 
 def test_features_never_read_labels(table):

@@ -251,8 +251,21 @@ def test_bootstrap_skips_one_class_resamples():
     skipped = np.isnan(boots)
     assert skipped.any() and (~skipped).any()
     assert 0.2 < skipped.mean() < 0.4  # P(no "a" among 3 draws) = (2/3)^3 = 0.30 -> about 30% skipped
-    low, high = metrics.auroc_ci(y, p, groups=["a", "a", "b", "b", "c", "c"], n_boot=200, seed=0)
+    low, high, *_ = metrics.auroc_ci(y, p, groups=["a", "a", "b", "b", "c", "c"], n_boot=200, seed=0)
     assert low <= high
+
+
+def test_auroc_ci_reports_the_one_class_resamples_it_left_out():
+    y = [1, 0, 0, 0, 0, 0]
+    p = [0.9, 0.2, 0.3, 0.95, 0.1, 0.4]
+    ci = metrics.auroc_ci(y, p, groups=["a", "a", "b", "b", "c", "c"], n_boot=2000, seed=0)
+    assert ci.n_boot == 2000
+    assert abs(ci.dropped_share - (2 / 3) ** 3) < 0.03  # resamples without patient "a" hold no melanoma
+    assert f"{ci.n_dropped:,} of 2,000 bootstrap resamples" in ci.note and "too narrow" in ci.note
+    rng = np.random.default_rng(1)
+    y = (rng.random(300) < 0.3).astype(int)
+    plenty = metrics.auroc_ci(y, expit(rng.normal(size=300) + y), groups=rng.integers(0, 100, 300), n_boot=500)
+    assert plenty.n_dropped == 0 and plenty.note == ""
 
 
 def test_bootstrap_ci_covers_true_auroc_binormal():
@@ -265,8 +278,8 @@ def test_bootstrap_ci_covers_true_auroc_binormal():
     hits = 0
     for sim in range(200):
         p = expit(rng.normal(size=200) + mu * y)
-        low, high = metrics.auroc_ci(y, p, n_boot=300, seed=sim)
-        hits += low <= true_auroc <= high
+        ci = metrics.auroc_ci(y, p, n_boot=300, seed=sim)
+        hits += ci.low <= true_auroc <= ci.high
     assert 0.88 <= hits / 200 <= 0.99
 
 
@@ -281,8 +294,8 @@ def test_patient_bootstrap_ci_covers_true_auroc_with_correlated_lesions():
     for sim in range(200):
         y = (rng.random(300) < 0.3).astype(int)
         x = rng.normal(0, 1, 100)[patients] + mu * y + rng.normal(0, 0.5, 300)
-        low, high = metrics.auroc_ci(y, expit(x), groups=patients, n_boot=300, seed=sim)
-        hits += low <= true_auroc <= high
+        ci = metrics.auroc_ci(y, expit(x), groups=patients, n_boot=300, seed=sim)
+        hits += ci.low <= true_auroc <= ci.high
     assert 0.88 <= hits / 200 <= 0.99
 
 
@@ -485,10 +498,59 @@ def test_per_group_matches_metrics_on_each_subset():
             assert row["auroc"] == skm.roc_auc_score(subset["target"], subset["prediction"])
             ci = metrics.auroc_ci(subset["target"], subset["prediction"], groups=subset["patient_id"],
                                   n_boot=300, seed=3)
-            assert (row["auroc_low"], row["auroc_high"]) == ci
-            assert row["note"] == ""
+            assert (row["auroc_low"], row["auroc_high"]) == (ci.low, ci.high)
+            assert row["boot_dropped"] == ci.n_dropped
+            assert row["note"] == ci.note
     north, south = result.set_index("group").loc[["north", "south"], "auroc"]
     assert north > south  # the simulated north clinic separates the classes better
+
+
+def test_per_group_counts_and_flags_one_class_resamples():
+    # clinic "small": one melanoma patient among three, so about 30% of its resamples hold one class
+    table = pd.DataFrame({"image_name": [f"i{k}" for k in range(10)],
+                          "clinic": ["small"] * 6 + ["big"] * 4,
+                          "patient_id": ["a", "a", "b", "b", "c", "c", "d", "e", "f", "g"],
+                          "target": [1, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+                          "prediction": [0.9, 0.2, 0.3, 0.95, 0.1, 0.4, 0.8, 0.7, 0.3, 0.2]})
+    result = metrics.per_group(table, "clinic", n_boot=1000, seed=0).set_index("group")
+    small = metrics.auroc_ci(table["target"][:6], table["prediction"][:6], groups=table["patient_id"][:6],
+                             n_boot=1000, seed=0)
+    assert result.loc["small", "boot_dropped"] == small.n_dropped > 200
+    assert "held one class and were left out" in result.loc["small", "note"]
+
+
+def test_without_patient_ids_the_bootstrap_resamples_lesions():
+    rng = np.random.default_rng(5)
+    lesion = np.repeat([f"L{i}" for i in range(40)], 3)   # three images of each lesion, no patient id
+    y = np.repeat((rng.random(40) < 0.4).astype(int), 3)
+    p = expit(np.repeat(rng.normal(size=40), 3) + y + rng.normal(0, 0.1, 120))
+    table = pd.DataFrame({"image_name": [f"i{k}" for k in range(120)], "lesion_id": lesion, "clinic": "north",
+                          "target": y, "prediction": p})
+    row = metrics.per_group(table, "clinic", n_boot=500, seed=2).iloc[0]
+    by_lesion = metrics.auroc_ci(y, p, groups=lesion, n_boot=500, seed=2)
+    by_image = metrics.auroc_ci(y, p, n_boot=500, seed=2)
+    assert (row["auroc_low"], row["auroc_high"]) == (by_lesion.low, by_lesion.high)
+    assert by_lesion.high - by_lesion.low > by_image.high - by_image.low
+
+
+def test_operating_point_ci_equals_an_independent_patient_bootstrap_loop():
+    rng = np.random.default_rng(9)
+    patients = rng.integers(0, 50, 200)
+    y = (rng.random(200) < 0.3).astype(int)
+    p = expit(rng.normal(size=200) + 1.5 * y)
+    point = metrics.operating_point_ci(y, p, 0.5, groups=patients, n_boot=400, seed=3, level=0.9)
+    assert point["sensitivity"] == metrics.threshold_metrics(y, p, 0.5)["sensitivity"]
+    # the same resamples drawn by hand: group codes in order of first appearance, as the library numbers them
+    codes, uniques = pd.factorize(pd.Series(patients))
+    draws = np.random.default_rng(3).integers(0, len(uniques), size=(400, len(uniques)))
+    sensitivity, npv = [], []
+    for row in draws:
+        rows = np.concatenate([np.flatnonzero(codes == g) for g in row])
+        flagged, truth = p[rows] >= 0.5, y[rows]
+        sensitivity.append((flagged & (truth == 1)).sum() / (truth == 1).sum())
+        npv.append((~flagged & (truth == 0)).sum() / (~flagged).sum())
+    assert point["sensitivity_ci"] == pytest.approx(list(np.quantile(sensitivity, [0.05, 0.95])), abs=1e-12)
+    assert point["npv_ci"] == pytest.approx(list(np.quantile(npv, [0.05, 0.95])), abs=1e-12)
 
 
 def test_per_group_age_band_derived_and_missing_column_named():

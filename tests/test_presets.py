@@ -329,7 +329,7 @@ def test_colour_model_from_files_scores_like_the_in_memory_path(tmp_path):
         Image.fromarray(image).save(path, quality=95)
         paths.append(path)
         targets.append(s % 2)
-    model = fit_colour_model(paths, targets)
+    model = fit_colour_model(paths, targets, [f"lesion:{s}" for s in range(10)])
     features = colour_features_of_files(paths)
     # Training and prediction read the files the same way: identical features and scores.
     np.testing.assert_array_equal(features, colour_feature_matrix(load_images(paths, WORK_SIZE)))
@@ -468,6 +468,32 @@ def test_rbf_colour_model_learns_a_non_linear_signal_and_round_trips(tmp_path):
     np.testing.assert_array_equal(ColourModel.load(path).predict_proba(x), rbf.predict_proba(x))
 
 
+def test_rbf_colour_model_inner_cv_keeps_a_lesions_images_in_one_fold():
+    from melcore.colour import FEATURE_NAMES, ColourModel
+
+    # Four near-identical images of each lesion and labels that are pure noise per lesion: an inner CV
+    # that splits a lesion's images scores the memorised copies (AUROC near 1), picks the largest C and
+    # maps decision values to near-certain probabilities.
+    rng = np.random.default_rng(0)
+    n_lesions, copies = 60, 4
+    x = np.repeat(rng.normal(size=(n_lesions, len(FEATURE_NAMES))), copies, axis=0)
+    x += rng.normal(scale=0.05, size=x.shape)
+    y = np.repeat((rng.random(n_lesions) < 0.35).astype(int), copies)
+    lesions = np.repeat([f"lesion:{i}" for i in range(n_lesions)], copies)
+    used = FEATURE_NAMES[:8]
+    fresh = rng.normal(size=(200, len(FEATURE_NAMES)))
+
+    grouped = ColourModel(C=None, kernel="rbf", features=used).fit(x, y, groups=lesions)
+    assert grouped.inner_auroc < 0.85
+    p = grouped.predict_proba(fresh)
+    assert 0.02 < p.min() and p.max() < 0.98
+
+    per_image = ColourModel(C=None, kernel="rbf", features=used).fit(x, y)  # rows taken as independent
+    assert per_image.inner_auroc > 0.95
+    with pytest.raises(MelcoreError, match="group keys"):
+        ColourModel(C=None, kernel="rbf", features=used).fit(x, y, groups=lesions[:-1])
+
+
 def test_version_1_colour_models_still_load_and_score():
     from melcore.colour import BASE_FEATURE_NAMES, ColourModel, colour_feature_matrix
 
@@ -515,6 +541,7 @@ def test_fit_colour_model_defaults_to_the_rbf_recipe(tmp_path):
         Image.fromarray(_textured_lesion(size=64, seed=s, texture=70.0 * (s % 2))).save(path, quality=95)
         paths.append(path)
         targets.append(s % 2)
-    model = fit_colour_model(paths, targets)
+    patients = [f"patient-{s // 2}" for s in range(12)]
+    model = fit_colour_model(paths, targets, patients)
     assert DEFAULT_KERNEL == "rbf" and model.kernel == "rbf"
-    assert fit_colour_model(paths, targets, kernel="linear").kernel == "linear"
+    assert fit_colour_model(paths, targets, patients, kernel="linear").kernel == "linear"

@@ -86,23 +86,23 @@ def test_progress_bar_line_in_place_and_epoch_summaries():
     bar(0, 0, float("nan"), {"epochs": 2, "steps": 0, "stage": "load", "done": 5, "total": 10}, None)
     bar._last_draw = 0
     bar(1, 3, 0.5, {"epochs": 2, "steps": 10, "stage": "train"}, 75.0)
-    bar(1, 10, 0.4, {"epochs": 2, "steps": 10, "stage": "train", "end_of_epoch": True, "val_auroc": 0.81,
-                     "val_loss": 0.45, "train_loss": 0.4, "best_val_auroc": 0.81, "best_epoch": 1}, 30.0)
+    bar(1, 10, 0.4, {"epochs": 2, "steps": 10, "stage": "train", "end_of_epoch": True, "select_auroc": 0.81,
+                     "select_loss": 0.45, "train_loss": 0.4, "best_select_auroc": 0.81, "best_epoch": 1}, 30.0)
     bar._last_draw = 0
     bar(2, 4, 0.3, {"epochs": 2, "steps": 10, "stage": "train"}, 20.0)
     bar.close()
     out = tty.getvalue()
     assert "\rdecoding images 5/10" in out
     assert "\repoch 1/2 [train]" in out and "3/10" in out and "loss 0.5000" in out and "ETA 1m15s" in out
-    assert "val AUROC 0.8100" in out and "(best 0.8100 at epoch 1)" in out
-    assert "val AUROC 0.810  ETA 20s" in out  # the last validation AUROC stays on the batch line
+    assert "selection AUROC 0.8100" in out and "(best 0.8100 at epoch 1)" in out
+    assert "selection AUROC 0.810  ETA 20s" in out  # the last selection-split AUROC stays on the batch line
     assert out.endswith("\n")
 
     log = io.StringIO()
     quiet = TrainProgressBar(log, interactive=False)
     quiet(1, 3, 0.5, {"epochs": 2, "steps": 10, "stage": "train"}, 75.0)
-    quiet(1, 10, 0.4, {"epochs": 2, "steps": 10, "stage": "train", "end_of_epoch": True, "val_auroc": 0.7,
-                       "val_loss": 0.5, "train_loss": 0.4, "best_val_auroc": 0.7, "best_epoch": 1}, 30.0)
+    quiet(1, 10, 0.4, {"epochs": 2, "steps": 10, "stage": "train", "end_of_epoch": True, "select_auroc": 0.7,
+                       "select_loss": 0.5, "train_loss": 0.4, "best_select_auroc": 0.7, "best_epoch": 1}, 30.0)
     assert log.getvalue().count("\n") == 1 and "\r" not in log.getvalue()
 
 

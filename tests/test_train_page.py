@@ -192,7 +192,7 @@ def test_a_running_job_shows_its_progress_bar_and_curves(seeded, worker_calls):
                             "loss": 0.7 - 0.05 * epoch - 0.01 * batch})
         if epoch == 1:
             history.append({"epoch": 1, "batch": 10, "steps": 10, "epochs": 3, "stage": "train", "loss": 0.6,
-                            "end_of_epoch": True, "train_loss": 0.62, "val_loss": 0.58, "val_auroc": 0.71})
+                            "end_of_epoch": True, "train_loss": 0.62, "select_loss": 0.58, "select_auroc": 0.71})
     progress = {"epoch": 2, "batch": 5, "steps": 10, "epochs": 3, "stage": "train", "loss": 0.4321,
                 "eta": 95.0, "updated_at": time.time(), "log_tail": "epoch 1/3 train loss 0.62"}
     store.update_job(job["id"], progress=progress, history=history)
@@ -204,7 +204,7 @@ def test_a_running_job_shows_its_progress_bar_and_curves(seeded, worker_calls):
     assert "0.4321" in bars[0].text and "0.710" in bars[0].text and "ETA 1m35s" in bars[0].text
     traces = chart_traces(at)
     assert len(traces) == 1
-    assert {"train_loss", "val_loss", "val_auroc", "loss (batches)"} <= set(traces[0])
+    assert {"train_loss", "select_loss", "select_auroc", "loss (batches)"} <= set(traces[0])
     assert "epoch 1/3 train loss 0.62" in texts(at.code)
     workers_line = texts(at.warning)
     assert "No worker running" in workers_line

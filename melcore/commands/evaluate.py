@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decision threshold: prediction >= T is positive (default 0.5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument("--patient-column", default="auto", metavar="C",
-                        help="column resampled by the bootstrap (default: patient_id when present; "
-                             "'none' resamples images)")
+                        help="column resampled by the bootstrap (default: patient_id, else lesion_id, where "
+                             "present; 'none' resamples images)")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
@@ -59,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     table, source = load_evaluation_table(args.predictions, args.labels, warnings,
                                           ignore_missing=args.ignore_missing)
-    patient_column = _patient_column(table, args.patient_column)
-    groups = table[patient_column].to_numpy() if patient_column else None
+    groups, unit = _bootstrap_groups(table, args.patient_column)
     sensitivities = tuple(args.sensitivity or (0.9, 0.95))
     specificities = tuple(args.specificity or (0.9,))
     names = table["image_name"].tolist()
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = metrics.summarize(table["target"].to_numpy(), table["prediction"].to_numpy(), groups=groups,
                                 names=names, progress=bar.part(0), **settings)
-    summary["bootstrap_unit"] = patient_column or "image"
+    summary["bootstrap_unit"] = unit
     summary["predictions"] = str(args.predictions)
     summary["labels"] = source
     summary["warnings"] = warnings
@@ -250,17 +249,24 @@ def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list
     return table.reset_index(drop=True), source
 
 
-def _patient_column(table: pd.DataFrame, choice: str) -> str | None:
+def _bootstrap_groups(table: pd.DataFrame, choice: str) -> tuple[np.ndarray | None, str]:
+    """(group key per row or None for images, what the bootstrap resamples) for ``--patient-column``.
+
+    "auto": the cohort's rule (:func:`melcore.cohort.group_keys`: patient, else lesion, rows linked by
+    either id joined) when the table has a patient or lesion id, else images.
+    """
     if choice == "none":
-        return None
+        return None, "image"
     if choice == "auto":
-        if "patient_id" in table.columns and table["patient_id"].notna().any():
-            return "patient_id"
-        return None
+        from melcore.cohort import describe_grouping, group_keys
+
+        if not any(c in table.columns and table[c].notna().any() for c in ("patient_id", "lesion_id")):
+            return None, "image"
+        return group_keys(table).to_numpy(), describe_grouping(table)
     if choice not in table.columns:
         raise MelcoreError(f"--patient-column {choice!r} is not a column of the joined table "
                            f"(columns: {', '.join(map(str, table.columns))})")
-    return choice
+    return table[choice].to_numpy(), choice
 
 
 def _group_keys(table: pd.DataFrame, column: str) -> np.ndarray:

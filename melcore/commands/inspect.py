@@ -11,6 +11,7 @@ import argparse
 import json
 
 from melcore.cohort import CHECK_IMAGES, FORMATS, load_cohort
+from melcore.audit import AUDIT_MODES, audit_warnings
 from melcore.commands._progress import StderrBar
 from melcore.errors import CohortError
 
@@ -30,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-images", choices=CHECK_IMAGES, default="exists",
                         help="none: do not look at files; exists (default): match file names; "
                              "decode: also open every image and report corrupt ones")
+    parser.add_argument("--audit", choices=AUDIT_MODES, default="auto",
+                        help="shortcut audit (how well acquisition attributes alone predict the label): table "
+                             "columns only, also image size and border colour (images; auto: up to 5,000 "
+                             "images), or none")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -58,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
             progress=bar,
         )
     summary = cohort.summary()
+    audit = _audit(cohort, args.audit)
+    if audit is not None:
+        summary["shortcut_audit"] = audit
+        summary["warnings"] = list(summary["warnings"]) + audit_warnings(audit)
     if args.json:
         summary.update(
             source=str(cohort.source) if cohort.source else None,
@@ -70,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(_text(cohort, summary))
     return 0
+
+
+def _audit(cohort, mode: str) -> list[dict] | None:
+    from melcore.audit import audit_images, shortcut_audit
+
+    images = audit_images(cohort, mode)
+    if images is None:
+        return None
+    with StderrBar("shortcut audit") as bar:
+        return shortcut_audit(cohort, images=images, progress=bar)
 
 
 def _text(cohort, s: dict) -> str:
@@ -90,6 +109,12 @@ def _text(cohort, s: dict) -> str:
         lines.append(f"unreadable   {s['n_unreadable_images']:>9,}")
     lines.append("clinics")
     lines.extend(f"  {count:>9,}  {clinic}" for clinic, count in s["clinics"].items())
+    if s.get("shortcut_audit"):
+        lines.append("shortcut audit (grouped out-of-fold AUROC of each attribute alone)")
+        lines.extend(f"  {row['attribute']:<24} " + (f"{row['auroc']:.3f} [{row['auroc_ci'][0]:.3f}, "
+                                                      f"{row['auroc_ci'][1]:.3f}]" if row["auroc"] is not None
+                                                      else row["note"])
+                     for row in s["shortcut_audit"])
     if s["warnings"]:
         lines.append("warnings")
         lines.extend(f"  - {w}" for w in s["warnings"])

@@ -86,8 +86,8 @@ def _job_line(job: dict) -> str:
     detail = ""
     if job["state"] == "running" and progress:
         detail = f" epoch {progress.get('epoch')}/{progress.get('epochs', '?')} loss {progress.get('loss') or 0:.4f}"
-        if progress.get("val_auroc") is not None:
-            detail += f" val AUROC {progress['val_auroc']:.3f}"
+        if progress.get("select_auroc") is not None:
+            detail += f" selection AUROC {progress['select_auroc']:.3f}"
     elif job.get("error"):
         detail = f" ({job['error'].splitlines()[0][:120]})"
     if job.get("run_id"):

@@ -36,7 +36,8 @@ from melcore.formatting import format_duration, format_number
 _FIELDS = {
     "model": "model", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
     "lr": "learning_rate", "optimizer": "optimizer", "schedule": "schedule", "balance": "balance",
-    "augment": "augment", "clinic": "clinic", "val_fraction": "val_fraction", "fold": "fold",
+    "augment": "augment", "clinic": "clinic", "val_fraction": "val_fraction", "select_fraction": "select_fraction",
+    "fold": "fold",
     "n_folds": "n_folds", "seed": "seed", "weights": "weights", "fallback_to_scratch": "fallback_to_scratch",
     "patience": "early_stopping_patience", "fine_tune_epochs": "fine_tune_epochs",
     "unfreeze_blocks": "unfreeze_blocks", "tta": "tta", "workers": "workers", "mode": "mode",
@@ -77,6 +78,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--clinic", metavar="X", help="train on this clinic's images only")
     group.add_argument("--val-fraction", type=float, metavar="F",
                        help="share of patients held out for validation (default 0.2)")
+    group.add_argument("--select-fraction", type=float, metavar="F",
+                       help="share of the training patients held out to choose the best epoch and stop early "
+                            "(default 0.2); the validation images never choose anything")
     group.add_argument("--fold", type=int, metavar="I",
                        help="validate on patient-grouped fold I (0-based) of --n-folds instead of --val-fraction")
     group.add_argument("--n-folds", type=int, metavar="K", help="number of folds for --fold (default 5)")
@@ -194,7 +198,7 @@ class TrainProgressBar:
     def __init__(self, stream=None, interactive: bool | None = None):
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
-        self.last_val_auroc = None
+        self.last_select_auroc = None
         self._last_draw = 0.0
         self._width = 0
 
@@ -212,10 +216,11 @@ class TrainProgressBar:
         stage = metrics.get("stage", "train")
         epochs = metrics.get("epochs", "?")
         if metrics.get("end_of_epoch"):
-            self.last_val_auroc = metrics.get("val_auroc")
-            best = metrics.get("best_val_auroc")
+            self.last_select_auroc = metrics.get("select_auroc")
+            best = metrics.get("best_select_auroc")
             self._draw(f"epoch {epoch}/{epochs} [{stage}] train loss {format_number(metrics.get('train_loss'))}  "
-                       f"val loss {format_number(metrics.get('val_loss'))}  val AUROC {format_number(self.last_val_auroc)}  "
+                       f"selection loss {format_number(metrics.get('select_loss'))}  "
+                       f"selection AUROC {format_number(self.last_select_auroc)}  "
                        f"(best {format_number(best)} at epoch {metrics.get('best_epoch')})  ETA {format_duration(eta)}",
                        final=True)
             return
@@ -235,7 +240,8 @@ class TrainProgressBar:
             width = 20
             filled = int(width * min(batch, steps) / steps)
             text = (f"epoch {epoch}/{epochs} [{stage}] [{'#' * filled}{'.' * (width - filled)}] {batch}/{steps}  "
-                    f"loss {format_number(loss)}  val AUROC {format_number(self.last_val_auroc, '.3f')}  ETA {format_duration(eta)}")
+                    f"loss {format_number(loss)}  selection AUROC {format_number(self.last_select_auroc, '.3f')}  "
+                    f"ETA {format_duration(eta)}")
         self._draw(text)
 
     def close(self) -> None:
@@ -320,12 +326,14 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(f"run          {result.run_dir}")
     print(f"model        {config.model} at {config.image_size} px, {m['epochs_run']} epoch(s), best epoch "
-          f"{m['best_epoch']}{' (early stop)' if m.get('early_stopped') else ''}")
+          f"{m['best_epoch']}{' (early stop)' if m.get('early_stopped') else ''}, chosen on "
+          f"{m['n_select']:,} held-out training images")
     print(f"validation   AUROC {format_number(m['val_auroc'])}{' (TTA)' if config.tta else ''}, loss "
           f"{format_number(m['val_loss'])}, sensitivity {format_number(m['sensitivity'], '.3f')} / specificity "
           f"{format_number(m['specificity'], '.3f')} at {m['threshold']}")
-    print(f"images       train {m['n_train']:,} ({m['n_malignant']['train']:,} melanoma), validation "
-          f"{m['n_val']:,} ({m['n_malignant']['val']:,} melanoma)")
+    print(f"images       train {m['n_train']:,} ({m['n_malignant']['train']:,} melanoma), selection "
+          f"{m['n_select']:,} ({m['n_malignant']['select']:,}), validation {m['n_val']:,} "
+          f"({m['n_malignant']['val']:,} melanoma; chose nothing)")
     excluded = m.get("excluded", {})
     left_out = {k: v for k, v in excluded.items() if isinstance(v, int) and v}
     if left_out:

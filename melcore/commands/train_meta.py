@@ -23,6 +23,8 @@ from melcore.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from melcore import meta
+
     parser.add_argument("--csv", required=True, metavar="CSV", help="lesion table (ISIC 2020/2019, HAM10000, ...)")
     parser.add_argument("--format", metavar="F", default=None,
                         help="table format (isic2020, isic2019, ham10000, generic, ...); default: detected")
@@ -33,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clinic-column", metavar="C", default=None, help="column naming the clinic / source")
     parser.add_argument("--folds", type=int, default=5, metavar="K", help="patient-grouped folds (default 5)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="fold seed (default 0)")
-    parser.add_argument("--features", dest="feature_set", default="context", choices=("context", "baseline"),
-                        help="feature set: context (patient context, default) or baseline "
-                             "(age, sex, site, images per patient)")
+    parser.add_argument("--features", dest="feature_set", default="context", choices=list(meta.FEATURE_SETS),
+                        help="feature set: " + "; ".join(f"{name}: {text}"
+                                                         for name, text in meta.FEATURE_SET_LABELS.items()))
     parser.add_argument("--image-scores", metavar="CSV", default=None,
                         help="out-of-fold image-model scores (image_name + prediction) for ugly-duckling "
                              "features and the stacked fusion")
