@@ -165,6 +165,7 @@ class Data:
     features: np.ndarray | None = None
     feature_seconds: float = 0.0
     pretrained_seconds: dict = field(default_factory=dict)
+    choices: dict = field(default_factory=dict)  # row -> what each outer fold's inner CV chose
 
 
 def make_folds(y: np.ndarray, matched: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
@@ -265,7 +266,7 @@ run_colour = colour_probabilities_oof
 
 def pretrained_features(data: Data, recipe: Recipe) -> np.ndarray:
     """Frozen backbone features (n, n_features) of every image, through melcore's feature cache."""
-    from melcore.features import compute_features, get_extractor
+    from melcore.features import compute_features, get_extractor, pooling_column_sets
     from melcore.train import TrainConfig, validate
 
     key = (recipe.model, recipe.image_size, recipe.weights, recipe.pooling)
@@ -273,22 +274,27 @@ def pretrained_features(data: Data, recipe: Recipe) -> np.ndarray:
         config = validate(TrainConfig(model=recipe.model, image_size=recipe.image_size, weights=recipe.weights,
                                       pooling=recipe.pooling, mode="fast-head", head_fit="logistic-cv"))
         started = time.perf_counter()
-        result = compute_features(get_extractor(config), data.cohort.table["image_path"].tolist(), workers=2)
+        extractor = get_extractor(config)
+        result = compute_features(extractor, data.cohort.table["image_path"].tolist(), workers=2)
         data.images[key] = result.features[0]
+        data.images[key + ("column sets",)] = pooling_column_sets(extractor.backbone)
         data.pretrained_seconds[key] = time.perf_counter() - started
     return data.images[key]
 
 
 def pretrained_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
     """Out-of-fold probabilities of a pretrained row: :func:`melcore.features.fit_logistic_head` (what a
-    ``cpu-default`` run fits: C by a lesion-grouped CV inside the training folds) per outer fold."""
+    ``cpu-default`` run fits: C, and for multi-level rows whether to use every pooled level or the last
+    map's average pool only, by a lesion-grouped CV inside the training folds) per outer fold."""
     from melcore.features import fit_logistic_head
 
     x = pretrained_features(data, recipe)
+    column_sets = data.images[(recipe.model, recipe.image_size, recipe.weights, recipe.pooling, "column sets")]
     out = np.empty(len(data.y))
     for k in range(N_FOLDS):
         rows = np.flatnonzero(train_mask(data, recipe, k))
-        fitted = fit_logistic_head(x[rows], data.y[rows], data.groups[rows], seed=SEED)
+        fitted = fit_logistic_head(x[rows], data.y[rows], data.groups[rows], seed=SEED, column_sets=column_sets)
+        data.choices.setdefault(recipe.name, []).append(f"{fitted['columns']}, C={fitted['C']:g}")
         held = data.folds == k
         out[held] = _sigmoid(x[held].astype(np.float64) @ fitted["kernel"][:, 0] + fitted["bias"][0])
     return out
@@ -409,7 +415,7 @@ def main(argv=None) -> int:
 
     def cached(name: str):
         # Colour rows carry the feature version in the file name: v1-era caches are not reused.
-        suffix = {"colour": "@colour2", PRETRAINED: "@pre1"}.get(ROW_BY_NAME[name].kind, "")
+        suffix = {"colour": "@colour2", PRETRAINED: "@pre2"}.get(ROW_BY_NAME[name].kind, "")
         return cache_dir / (name.replace("/", "__").replace(" ", "_") + suffix + ".npz")
 
     def load_cached(name):
@@ -469,6 +475,8 @@ def main(argv=None) -> int:
     for name in [n for n in wanted if n in results and ROW_BY_NAME[n].kind in ("colour", PRETRAINED)]:
         for seed in OTHER_SEEDS:
             path = cached(name).with_name(cached(name).stem + f"@seed{seed}.npz")
+            if ROW_BY_NAME[name].kind == PRETRAINED:
+                pretrained_features(data, ROW_BY_NAME[name])  # (its column sets too, when read from the cache)
             p = None
             if path.is_file() and not args.fresh:
                 with np.load(path, allow_pickle=False) as z:
@@ -478,7 +486,8 @@ def main(argv=None) -> int:
                 log(f"{name}, fold seed {seed} ...")
                 recipe = ROW_BY_NAME[name]
                 shuffled = Data(data.cohort, data.y, data.matched, data.groups, folds, images=data.images,
-                                features=colour_matrix(data) if recipe.kind == "colour" else None)
+                                features=colour_matrix(data) if recipe.kind == "colour" else None,
+                                choices=data.choices)
                 p = (run_colour if recipe.kind == "colour" else pretrained_probabilities_oof)(shuffled, recipe)
                 np.savez(path, p=p, seconds=0.0)
             other_seeds.setdefault(name, {})[seed] = evaluate(data, p, folds)
@@ -512,6 +521,8 @@ def main(argv=None) -> int:
     (cache_dir / "results.json").write_text(json.dumps(
         {n: {**r, "seconds": seconds.get(n), "other_seeds": other_seeds.get(n)} for n, r in results.items()},
         indent=2, default=float))
+    for name, chosen in data.choices.items():
+        print(f"inner-CV choices, {name}, fold seed {SEED} then the others: {'; '.join(chosen)}")
     overall = max(results, key=lambda n: results[n]["matched_auroc"])
     presettable = [n for n in results if ROW_BY_NAME[n].presettable]
     best_preset = max(presettable, key=lambda n: results[n]["matched_auroc"]) if presettable else None

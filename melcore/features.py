@@ -768,8 +768,9 @@ LOGISTIC_CS = (0.001, 0.003, 0.01, 0.03, 0.1)
 
 
 def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndarray, *, seed: int = 0,
-                      balanced: bool = True, cs: Sequence[float] = LOGISTIC_CS, n_folds: int = 5) -> dict:
-    """An L2 logistic regression on standardised features, C chosen by a grouped inner CV.
+                      balanced: bool = True, cs: Sequence[float] = LOGISTIC_CS, n_folds: int = 5,
+                      column_sets: dict[str, np.ndarray] | None = None) -> dict:
+    """An L2 logistic regression on standardised features, C (and the features) chosen by a grouped inner CV.
 
     Parameters
     ----------
@@ -783,13 +784,18 @@ def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndar
         Weight the classes equally (what ``balance="oversample"`` does for gradient heads), so
         probabilities are centred on 0.5 rather than on the prevalence.
     cs : the C values tried; n_folds : inner folds (fewer when a class has fewer groups).
+    column_sets : {name: column indices}, optional
+        Candidate feature subsets (e.g. the last map's average pool vs every pooled level), chosen
+        together with C by the same inner CV; columns outside the chosen set get weight 0.
+        Default: one set, every column.
 
     Returns
     -------
     dict
         ``kernel`` (n_features, 1) float32 and ``bias`` (1,) float32 of a sigmoid Dense layer on
-        the raw (unstandardised) features; ``C``; ``inner_auroc`` {C: AUROC of the inner
-        out-of-fold scores}; ``inner_folds``; ``chosen_on`` (a sentence for metrics.json).
+        the raw (unstandardised) features; ``C``; ``columns`` (the chosen set's name);
+        ``inner_auroc`` {C: AUROC of the inner out-of-fold scores} for the chosen set and
+        ``inner_auroc_by_set`` {set: {C: AUROC}}; ``inner_folds``; ``chosen_on`` (a sentence).
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -801,41 +807,69 @@ def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndar
         x = x[None]
     y = np.asarray(targets).astype(int)
     groups = np.asarray(groups).astype(str)
-    n_views = x.shape[0]
+    n_views, n_features = x.shape[0], x.shape[-1]
+    sets = {"all": np.arange(n_features)} if not column_sets else {k: np.asarray(v) for k, v in column_sets.items()}
     weight = "balanced" if balanced else None
     per_class = min(len(set(groups[y == 1])), len(set(groups[y == 0])))
     folds_k = min(int(n_folds), per_class)
 
-    def fit(rows: np.ndarray, c: float):
-        stacked = x[:, rows].reshape(-1, x.shape[-1])
+    def fit(rows: np.ndarray, c: float, columns: np.ndarray):
+        stacked = x[:, rows][:, :, columns].reshape(-1, len(columns))
         mean, scale = stacked.mean(0), stacked.std(0)
         scale[scale < 1e-12] = 1.0
         model = LogisticRegression(C=c, class_weight=weight, max_iter=5000)
         model.fit((stacked - mean) / scale, np.tile(y[rows], n_views))
         return model, mean, scale
 
-    scores: dict[float, float] = {}
+    scores: dict[str, dict[float, float]] = {}
     if folds_k >= 2:
         folds = group_kfold(groups, y, folds_k, seed=seed)
-        for c in cs:
-            oof = np.empty(len(y))
-            for k in range(folds_k):
-                model, mean, scale = fit(np.flatnonzero(folds != k), c)
-                held = np.flatnonzero(folds == k)
-                oof[held] = np.mean([model.predict_proba((x[v, held] - mean) / scale)[:, 1]
-                                     for v in range(n_views)], axis=0)
-            scores[float(c)] = float(auroc(y, oof))
-        chosen = max(scores, key=lambda c: (scores[c], -c))  # ties: the stronger penalty
-        chosen_on = (f"C chosen by a {folds_k}-fold cross-validation grouped by patient (else lesion) inside the "
-                     "training split; the validation images were not used")
+        for name, columns in sets.items():
+            scores[name] = {}
+            for c in cs:
+                oof = np.empty(len(y))
+                for k in range(folds_k):
+                    model, mean, scale = fit(np.flatnonzero(folds != k), c, columns)
+                    held = np.flatnonzero(folds == k)
+                    oof[held] = np.mean([model.predict_proba((x[v, held][:, columns] - mean) / scale)[:, 1]
+                                         for v in range(n_views)], axis=0)
+                scores[name][float(c)] = float(auroc(y, oof))
+        # Best inner AUROC; ties go to the smaller feature set, then the stronger penalty.
+        order = list(sets)
+        chosen_set, chosen = max(((name, c) for name in order for c in scores[name]),
+                                 key=lambda t: (scores[t[0]][t[1]], -len(sets[t[0]]), -t[1]))
+        what = "C" + (" and the feature set" if len(sets) > 1 else "")
+        chosen_on = (f"{what} chosen by a {folds_k}-fold cross-validation grouped by patient (else lesion) inside "
+                     "the training split; the validation images were not used")
     else:
-        chosen = 0.01
-        chosen_on = "C fixed at 0.01: too few groups of one class in the training split for an inner cross-validation"
-    model, mean, scale = fit(np.arange(len(y)), chosen)
-    coef = model.coef_.reshape(-1) / scale
+        chosen_set, chosen = list(sets)[-1], 0.01
+        chosen_on = ("C fixed at 0.01 and every feature used: too few groups of one class in the training split for "
+                     "an inner cross-validation")
+    columns = sets[chosen_set]
+    model, mean, scale = fit(np.arange(len(y)), chosen, columns)
+    coef = np.zeros(n_features)
+    coef[columns] = model.coef_.reshape(-1) / scale
     bias = float(model.intercept_[0] - np.sum(model.coef_.reshape(-1) * mean / scale))
     return {"kernel": coef.astype(np.float32)[:, None], "bias": np.array([bias], dtype=np.float32), "C": chosen,
-            "inner_auroc": scores, "inner_folds": folds_k if folds_k >= 2 else 0, "chosen_on": chosen_on}
+            "columns": chosen_set, "inner_auroc": scores.get(chosen_set, {}), "inner_auroc_by_set": scores,
+            "inner_folds": folds_k if folds_k >= 2 else 0, "chosen_on": chosen_on}
+
+
+def pooling_column_sets(backbone) -> dict[str, np.ndarray] | None:
+    """Candidate feature sets of a multi-level backbone for :func:`fit_logistic_head`:
+    ``{"last map (avg)": the last map's average-pool columns, "multi-level": every column}``;
+    None for an average-pooled backbone (one set)."""
+    layer = next((lay for lay in backbone.layers if lay.name == "features"), None)
+    inputs = layer.input if layer is not None else None
+    if not isinstance(inputs, (list, tuple)):
+        return None
+    offsets, start = {}, 0
+    for tensor in inputs:  # the Concatenate's own inputs, in their order
+        width = int(tensor.shape[-1])
+        offsets[tensor._keras_history.operation.name] = np.arange(start, start + width)
+        start += width
+    top_avg = [name for name in offsets if name.endswith("_avg")][-1]
+    return {"last map (avg)": offsets[top_avg], "multi-level": np.arange(start)}
 
 
 def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, y_train, groups_train, x_val, y_val,
@@ -854,12 +888,13 @@ def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, 
     tracker.report(0, None, {"done": 0, "total": 1}, epoch=0, stage="head")
     head_started = time.perf_counter()
     fitted = fit_logistic_head(x_train, y_train, groups_train, seed=config.seed,
-                               balanced=config.balance != "none")
+                               balanced=config.balance != "none",
+                               column_sets=pooling_column_sets(extractor.backbone))
     head = models.build_head(extractor.n_features, dropout=0.0)
     head.get_layer(models.OUTPUT_LAYER).set_weights([fitted["kernel"], fitted["bias"]])
     head_seconds = time.perf_counter() - head_started
-    log.info("head: L2 logistic regression on %d standardised features, C=%g (%s; inner AUROC by C: %s) in %.1f s",
-             extractor.n_features, fitted["C"], fitted["chosen_on"],
+    log.info("head: L2 logistic regression on %d standardised features (%s), C=%g (%s; inner AUROC by C: %s) "
+             "in %.1f s", extractor.n_features, fitted["columns"], fitted["C"], fitted["chosen_on"],
              ", ".join(f"{c:g}: {a:.3f}" for c, a in fitted["inner_auroc"].items()) or "none", head_seconds)
     tracker.report(1, None, {"done": 1, "total": 1}, epoch=1, stage="head")
     if tracker.stop_requested():
@@ -884,7 +919,10 @@ def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, 
         "stages": [{"stage": "head", "planned_epochs": 0, "epochs_run": 0, "learning_rate": None,
                     "unfrozen_groups": [], "trainable_params": n_params}],
         "epochs_run": 0, "planned_epochs": 0, "early_stopped": False,
-        "logistic_head": {"C": fitted["C"], "inner_auroc": {f"{c:g}": a for c, a in fitted["inner_auroc"].items()},
+        "logistic_head": {"C": fitted["C"], "features": fitted["columns"],
+                          "inner_auroc": {f"{c:g}": a for c, a in fitted["inner_auroc"].items()},
+                          "inner_auroc_by_set": {name: {f"{c:g}": a for c, a in by_c.items()}
+                                                 for name, by_c in fitted["inner_auroc_by_set"].items()},
                           "inner_folds": fitted["inner_folds"], "balanced": config.balance != "none"},
         "chosen_on": {"C": fitted["chosen_on"], "epochs": "none: the head is fitted in closed form, no epochs",
                       "fitted_on": f"{len(y_train)} images: the training and the selection patients together "

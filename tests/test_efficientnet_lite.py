@@ -247,3 +247,17 @@ def test_cpu_default_run_delivers_the_score_its_grad_cam_explains(demo_dir, tmp_
     assert fine.shape == (64, 64) and not np.allclose(fine, heat)
     _, by_detail = explain_image(run.run_dir, paths[0], detail="fine")
     np.testing.assert_allclose(by_detail, fine, atol=1e-3)
+
+
+def test_logistic_head_chooses_the_feature_set_on_the_inner_folds_too():
+    from melcore.features import fit_logistic_head
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, size=160)
+    signal = y[:, None] * 1.5 + rng.normal(size=(160, 3))
+    x = np.hstack([signal, rng.normal(size=(160, 300))])
+    groups = np.array([str(i) for i in range(160)])
+    fitted = fit_logistic_head(x, y, groups, column_sets={"signal": np.arange(3), "all": np.arange(303)})
+    assert set(fitted["inner_auroc_by_set"]) == {"signal", "all"}
+    assert fitted["columns"] == "signal" and "feature set" in fitted["chosen_on"]
+    assert np.all(fitted["kernel"][3:] == 0) and np.all(fitted["kernel"][:3] != 0)
