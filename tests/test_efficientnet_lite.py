@@ -261,3 +261,24 @@ def test_logistic_head_chooses_the_feature_set_on_the_inner_folds_too():
     assert set(fitted["inner_auroc_by_set"]) == {"signal", "all"}
     assert fitted["columns"] == "signal" and "feature set" in fitted["chosen_on"]
     assert np.all(fitted["kernel"][3:] == 0) and np.all(fitted["kernel"][:3] != 0)
+
+
+def test_full_mode_fine_tunes_the_top_blocks_of_the_pretrained_lite0_with_batchnorm_frozen(demo_dir, tmp_path):
+    from melcore.cohort import load_cohort
+    from melcore.train import TrainConfig, fit
+
+    cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    config = TrainConfig(model="efficientnet-lite0", image_size=32, weights="imagenet", epochs=1, fine_tune_epochs=1,
+                         batch_size=16, augment="none", early_stopping_patience=None, workers=1)
+    run = fit(config, cohort, run_dir=tmp_path / "run")
+    stages = {s["stage"]: s for s in run.metrics["stages"]}
+    assert set(stages) == {"head", "fine-tune"} and run.metrics["weights"]["loaded"]
+    assert stages["fine-tune"]["unfrozen_groups"] == ["block6", "block7", "top"]
+    assert stages["fine-tune"]["trainable_params"] > stages["head"]["trainable_params"]
+    model = run.load_model()
+    from melcore.models import set_trainable
+
+    set_trainable(model, "fine-tune")
+    import keras
+
+    assert not any(layer.trainable for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
