@@ -569,7 +569,7 @@ class UploadScore:
 
 
 def score_upload(model, data, name: str | None = None, *, tta: bool = False, method: str | None = "gradcam",
-                 max_bytes: int | None = None) -> UploadScore:
+                 detail: str = "standard", max_bytes: int | None = None) -> UploadScore:
     """Score one uploaded JPEG/PNG with a run's model, and explain it.
 
     Parameters
@@ -589,6 +589,8 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
         the same as ``predict_images(model, image, tta=True)``; costs 8 model passes.
     method : {"gradcam", "gradcam++", "scorecam"} or None
         Heatmap method; None skips the heatmap.
+    detail : {"standard", "fine"}
+        Heatmap resolution (:func:`melcore.explain.detail_layer`).
     max_bytes : int, optional
         Upload size limit (default :data:`melcore.images.DEFAULT_MAX_UPLOAD_BYTES`, 20 MB).
 
@@ -627,7 +629,7 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
         per_view = predict_images(model, image[None], tta=False)
     heatmap = None
     if method is not None:
-        heatmap = explain.get_explainer(model, method).heatmap(image)
+        heatmap = explain.get_explainer(model, method, explain.detail_layer(model, detail)).heatmap(image)
     cnn_probability = float(np.mean(per_view))
     probability, scorer = cnn_probability, "cnn"
     if colour_model is not None:

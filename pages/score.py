@@ -17,6 +17,7 @@ import streamlit as st
 
 from melcore.browse import run_threshold
 from melcore.errors import ImageError, MelcoreError
+from melcore.explain import DETAILS
 from melcore.formatting import format_risk, format_threshold
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
@@ -51,12 +52,13 @@ def _model(model_file: str, mtime_ns: int, size: int):
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _score(digest: str, model_file: str, mtime_ns: int, tta: bool, method: str, name: str, _model, _data: bytes):
+def _score(digest: str, model_file: str, mtime_ns: int, tta: bool, method: str, name: str, _model, _data: bytes,
+           detail: str = "standard"):
     from melcore.colour import COLOUR_MODEL_FILE
 
     # A run that delivers a colour/shape model's scores needs its folder, not just the CNN.
     has_colour = (Path(model_file).parent / COLOUR_MODEL_FILE).is_file()
-    return score_upload(model_file if has_colour else _model, _data, name, tta=tta, method=method)
+    return score_upload(model_file if has_colour else _model, _data, name, tta=tta, method=method, detail=detail)
 
 
 def _run_label(run: dict, datasets: dict) -> str:
@@ -74,7 +76,7 @@ def _run_label(run: dict, datasets: dict) -> str:
     return " · ".join(parts)
 
 
-def _result(result, run: dict, threshold: float, opacity: float) -> None:
+def _result(result, run: dict, threshold: float, opacity: float, detail: str = "standard") -> None:
     above = result.probability >= threshold
     cols = st.columns([1, 1, 2], vertical_alignment="center")
     cols[0].metric("Probability of melanoma", format_risk(result.probability, threshold, 3))
@@ -99,7 +101,8 @@ def _result(result, run: dict, threshold: float, opacity: float) -> None:
     left.image(result.image, caption="Uploaded image", width="stretch")
     if result.heatmap is not None:
         right.image(result.overlay(opacity), width="stretch",
-                    caption=f"{METHODS.get(result.method, result.method)} (opacity {opacity:.2f}): red = regions "
+                    caption=f"{METHODS.get(result.method, result.method)} (opacity {opacity:.2f}"
+                            f"{', fine detail' if detail == 'fine' else ''}): red = regions "
                             "that raised the melanoma score")
     if getattr(result, "scorer", "cnn") == "colour-model":
         with left:
@@ -144,6 +147,9 @@ def main() -> None:
     method = cols[1].radio("Explanation", list(METHODS), format_func=METHODS.get, horizontal=True,
                            key=K + "method")
     opacity = cols[2].slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=K + "opacity")
+    detail = st.radio("Grad-CAM detail", list(DETAILS), format_func=DETAILS.get, horizontal=True, key=K + "detail",
+                      help="Fine explains an earlier, higher-resolution feature map that every path to the score "
+                           "still passes through.")
     if upload is None:
         return
 
@@ -158,7 +164,7 @@ def main() -> None:
         model = _model(str(model_file), stat.st_mtime_ns, stat.st_size)
         with st.spinner(f"Scoring {name}" + (" with 8-view TTA" if tta else "") + "..."):
             result = _score(hashlib.sha256(data).hexdigest(), str(model_file), stat.st_mtime_ns, bool(tta), method,
-                            name, _model=model, _data=data)
+                            name, _model=model, _data=data, detail=detail)
     except ImageError as exc:
         st.error(f"{escape_markdown(name)} cannot be scored: {escape_markdown(exc.reason)}")
         return
@@ -168,7 +174,7 @@ def main() -> None:
     if not np.isfinite(result.probability):
         st.error("The model returned no valid probability (NaN) for this image; the model file may be damaged.")
         return
-    _result(result, run, threshold, opacity)
+    _result(result, run, threshold, opacity, detail)
 
 
 main()

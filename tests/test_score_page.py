@@ -83,6 +83,14 @@ def test_upload_shows_probability_threshold_and_gradcam(runs, model_dir):
     captions = [c for image in at.image for c in image.captions]
     assert any(c.startswith("Grad-CAM++ (opacity 0.80)") for c in captions)
     assert probability(at) == pytest.approx(value, abs=1e-6)
+    coarse = [image for image in at.image if any(c.startswith("Grad-CAM++") for c in image.captions)][0]
+    at.radio(key="score_detail").set_value("fine")
+    run(at)
+    captions = [c for image in at.image for c in image.captions]
+    assert any(c.startswith("Grad-CAM++ (opacity 0.80, fine detail)") for c in captions)
+    fine = [image for image in at.image if any(c.startswith("Grad-CAM++") for c in image.captions)][0]
+    assert fine.proto.imgs[0].url != coarse.proto.imgs[0].url  # another map, not the same picture
+    assert probability(at) == pytest.approx(value, abs=1e-6)
 
 
 def test_tta_toggle_averages_eight_views(runs, model_dir):
