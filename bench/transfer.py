@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         print("\n".join(lines[-9:]), flush=True)
     if "retrain" not in args.skip:
         cold, warm, m = _warm_retrain(cohort, args.retrain_n, home)
-        lines += ["", f"cpu-default on {m['n_train'] + m['n_val']:,} images: cold run {cold:.1f} s (features "
+        lines += ["", f"cpu-default on {m['n_train'] + m.get('n_select', 0) + m['n_val']:,} images: cold run {cold:.1f} s (features "
                       f"computed and cached); **warm retrain {warm:.1f} s** (backbone rebuilt "
                       f"{m['backbone_seconds']:.1f} s, features from the cache {m['feature_seconds']:.1f} s, "
                       f"logistic head with its inner CV {m['head_seconds']:.1f} s, save {m['save_seconds']:.1f} s); "
