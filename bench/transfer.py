@@ -79,7 +79,9 @@ def _clean_split(cohort):
 
 
 def _gradcam_mass(cohort, n_images: int, home: Path) -> list[tuple[str, str, float, float]]:
-    """(weights, detail, mean heat share inside the lesion, mean lesion area share) rows."""
+    """(weights, detail, mean heat share inside the lesion, mean lesion area share, images, val AUROC) rows."""
+    import cv2
+
     from melcore.colour import lesion_mask
     from melcore.explain import explain_image
     from melcore.images import load_image
@@ -106,8 +108,6 @@ def _gradcam_mass(cohort, n_images: int, home: Path) -> list[tuple[str, str, flo
             inside, area = [], []
             for path, mask in zip(paths, masks):
                 _, heat = explain_image(run.run_dir, path, detail=detail)
-                import cv2
-
                 full = cv2.resize(mask.astype(np.uint8), heat.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
                 total = float(heat.sum())
                 if total > 0:

@@ -151,22 +151,19 @@ def detail_layer(model, detail: str = "standard") -> str | None:
     top_h = _spatial(_output_shape(top))
     if not top_h or not top_h[0]:
         return None
-    _NOT_MAPS = _not_maps()  # noqa: N806 - a tuple of classes, used like a constant
+    import keras
+
+    # The layers models.last_conv_layer_name skips, and the input's own rescaling/normalisation.
+    not_maps = models._NOT_FEATURE_MAPS + (keras.layers.Rescaling, keras.layers.Normalization)
     finer = None
     for layer in model.layers:
         if layer is top:
             break
         shape = _spatial(_output_shape(layer))
-        if shape and shape[0] and shape[0] >= 2 * top_h[0] and not isinstance(layer, _NOT_MAPS):
+        if shape and shape[0] and shape[0] >= 2 * top_h[0] and not isinstance(layer, not_maps):
             finer = layer.name
     return finer
 
-
-def _not_maps():
-    import keras
-
-    return (keras.layers.InputLayer, keras.layers.Rescaling, keras.layers.Normalization, keras.layers.ZeroPadding2D,
-            keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout)
 
 
 # --------------------------------------------------------------------------- colour maps
