@@ -4,7 +4,7 @@ Measures, in one run, on the same N images (default 1,000 of the shared
 ``derm-real-dev`` set, else the demo cohort):
 
 1. cold fast-head run: backbone features computed and cached, head trained
-   (``melcore.train.fit`` with ``mode="fast-head"``);
+   (``melcore.training.api.fit`` with ``mode="fast-head"``);
 2. warm fast-head retrain, the number that matters: features from the cache, the
    backbone rebuilt from scratch (as a fresh process would), head trained, run
    directory (model.keras, predictions, metrics) written; also the same with the
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     os.environ["MELREVIEW_HOME"] = home
 
     from melcore import features
-    from melcore.train import TrainConfig, fit
+    from melcore.training.api import fit
+    from melcore.training.config import TrainConfig
 
     cohort = _cohort(args.n, 0)
     n = len(cohort)

@@ -23,7 +23,7 @@ Protocol (fixed before any result was seen, the same for every row):
 * CNNs are trained from scratch (no internet: ImageNet weights cannot be downloaded, so no
   pretrained backbone is available) for a FIXED number of epochs with the last epoch's
   weights: no early stopping and no model selection on the held-out fold. Batches,
-  oversampling and augmentation are those of :func:`melcore.train.fit`
+  oversampling and augmentation are those of :func:`melcore.training.api.fit`
   (:class:`melcore.pipeline.ImageBatches`); TTA is the 8 dihedral views of
   :mod:`melcore.predict`.
 * Colour features: :mod:`melcore.colour`. "v1" rows use its 40 version-1 features
@@ -266,8 +266,9 @@ run_colour = colour_probabilities_oof
 
 def pretrained_features(data: Data, recipe: Recipe) -> np.ndarray:
     """Frozen backbone features (n, n_features) of every image, through melcore's feature cache."""
-    from melcore.features import compute_features, get_extractor, pooling_column_sets
-    from melcore.train import TrainConfig, validate
+    from melcore.features import compute_features, get_extractor
+    from melcore.training.config import TrainConfig, validate
+    from melcore.training.fast_head import pooling_column_sets
 
     key = (recipe.model, recipe.image_size, recipe.weights, recipe.pooling)
     if key not in data.images:
@@ -283,10 +284,10 @@ def pretrained_features(data: Data, recipe: Recipe) -> np.ndarray:
 
 
 def pretrained_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
-    """Out-of-fold probabilities of a pretrained row: :func:`melcore.features.fit_logistic_head` (what a
+    """Out-of-fold probabilities of a pretrained row: :func:`melcore.training.fast_head.fit_logistic_head` (what a
     ``cpu-default`` run fits: C, and for multi-level rows whether to use every pooled level or the last
     map's average pool only, by a lesion-grouped CV inside the training folds) per outer fold."""
-    from melcore.features import fit_logistic_head
+    from melcore.training.fast_head import fit_logistic_head
 
     x = pretrained_features(data, recipe)
     column_sets = data.images[(recipe.model, recipe.image_size, recipe.weights, recipe.pooling, "column sets")]

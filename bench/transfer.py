@@ -12,7 +12,7 @@ Run by hand: ``cd /work/main && python bench/transfer.py [--n 256] [--gradcam 60
    ``../shared/data/isic2020/jpeg/train`` (decoding runs in parallel threads beside the forward pass, so
    the estimate is the larger of the two, and the sum is an upper bound). Target: <= 15 min.
 3. **Warm head retrain** of ``cpu-default`` on ``--retrain-n`` (1,000) images whose features are
-   cached: a full :func:`melcore.train.fit` (backbone rebuilt as in a fresh process, features read,
+   cached: a full :func:`melcore.training.api.fit` (backbone rebuilt as in a fresh process, features read,
    logistic head with its inner CV fitted, run folder written). Target: <= 5 s.
 4. **Grad-CAM mass inside the lesion**: for ``--gradcam`` held-out images of the clean subset
    (ISIC_0000xxx), the share of the Grad-CAM heat that falls inside the lesion outline
@@ -85,8 +85,8 @@ def _gradcam_mass(cohort, n_images: int, home: Path) -> list[tuple[str, str, flo
     from melcore.colour import lesion_mask
     from melcore.explain import explain_image
     from melcore.images import load_image
-    from melcore.presets import preset_config
-    from melcore.train import fit
+    from melcore.training.api import fit
+    from melcore.training.config import preset_config
 
     matched, clean = _clean_split(cohort)
     rng = np.random.default_rng(0)
@@ -120,8 +120,8 @@ def _gradcam_mass(cohort, n_images: int, home: Path) -> list[tuple[str, str, flo
 
 def _warm_retrain(cohort, n: int, home: Path) -> tuple[float, float, dict]:
     from melcore import features
-    from melcore.presets import preset_config
-    from melcore.train import fit
+    from melcore.training.api import fit
+    from melcore.training.config import preset_config
 
     if len(cohort) > n:
         keep = np.zeros(len(cohort), dtype=bool)

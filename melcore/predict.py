@@ -18,7 +18,7 @@ Bad images (missing, corrupt, not an image) are handled by ``on_error``:
 :func:`write_submission` writes the Kaggle SIIM-ISIC submission format
 ``image_name,target`` (target = probability), one row per image.
 
-Models are the ``model.keras`` files of :mod:`melcore.train` runs (raw RGB 0..255
+Models are the ``model.keras`` files of :mod:`melcore.training` runs (raw RGB 0..255
 in, one sigmoid probability out); the image size is read from the model's input.
 
 Colour model: when the run directory holds ``colour_model.json``
@@ -109,7 +109,7 @@ def load_run_model(run_or_dir):
 
     Parameters
     ----------
-    run_or_dir : melcore.train.Run, a run directory (holding ``model.keras``), or a
+    run_or_dir : melcore.training.rundir.Run, a run directory (holding ``model.keras``), or a
         ``.keras`` file, or an already loaded ``keras.Model`` (returned as is).
 
     Raises

@@ -1,7 +1,7 @@
 """Train: queue clinic-specific training jobs and follow them live.
 
 Training never runs inside a Streamlit script run. The form only validates the
-config (:func:`melcore.train.validate`) and queues jobs in the store
+config (:func:`melcore.training.config.validate`) and queues jobs in the store
 (:func:`melcore.commands.jobs.submit_jobs`); a detached background worker
 (``python -m trainers.worker``, started by :func:`trainers.launch.ensure_worker`
 when no worker has a live heartbeat) claims and runs them. A page reload, a second
@@ -23,7 +23,6 @@ import streamlit as st
 import trainers.launch as launch  # looked up at call time (launch.ensure_worker), so tests can replace it
 from melcore import augment
 from melcore import registry as models
-from melcore import train as train_module
 from melcore.commands.jobs import submit_jobs, submit_meta_job
 from melcore.compare import weights_description
 from melcore.errors import ConfigError, MelcoreError
@@ -31,6 +30,7 @@ from melcore.formatting import format_duration, format_number
 from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from melcore.safety import escape_markdown
+from melcore.training import config as train_module
 from pages.common import dataset_picker, get_store, page_start, show_error
 
 K = "train_"  # session-state prefix of this page
@@ -74,11 +74,11 @@ def _fast_head_available() -> tuple[bool, str]:
 
 
 def _presets():
-    """The :mod:`melcore.presets` module when this installation has it, else None."""
+    """The :mod:`melcore.training.recipes` module when this installation has it, else None."""
     try:
-        return importlib.import_module("melcore.presets")
+        return importlib.import_module("melcore.training.recipes")
     except ModuleNotFoundError as exc:
-        if exc.name in ("melcore.presets", "melcore"):
+        if exc.name in ("melcore.training.recipes", "melcore.training", "melcore"):
             return None
         raise
 

@@ -362,10 +362,10 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
 
 
 def colour_model_of(run_dir) -> bool:
-    """Whether a run delivers the scores of a colour/texture/shape model (``colour_model.json``)."""
-    from melcore.colour import COLOUR_MODEL_FILE
+    """Whether a run delivers the scores of a colour/texture/shape model (:func:`melcore.training.rundir.run_scorer`)."""
+    from melcore.training.rundir import run_scorer
 
-    return bool(run_dir) and (Path(run_dir) / COLOUR_MODEL_FILE).is_file()
+    return bool(run_dir) and run_scorer(run_dir) == "colour-model"
 
 
 def colour_outline(image: np.ndarray) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from test_train import Recorder, easy_config, make_easy_cohort
 
 pytestmark = pytest.mark.slow
@@ -46,9 +45,9 @@ def _env(home: Path) -> dict:
 def test_fit_folds_predicts_every_image_exactly_once(cohort, tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from melcore.crossval import OOF_COLUMNS, fit_folds
     from melcore.splits import cohort_folds
-    from melcore.train import Run
+    from melcore.training.crossval import OOF_COLUMNS, fit_folds
+    from melcore.training.rundir import Run
 
     recorder = Recorder()
     run = fit_folds(_config(), cohort, 3, progress=recorder, run_dir=tmp_path / "kfold")
@@ -78,7 +77,7 @@ def test_fit_folds_predicts_every_image_exactly_once(cohort, tmp_path):
 
 def test_on_random_labels_the_reported_fold_aurocs_are_centred_on_chance(tmp_path):
     from melcore.cohort import load_cohort
-    from melcore.crossval import fit_folds
+    from melcore.training.crossval import fit_folds
 
     # Labels drawn independently of the images: any choice made on the reported folds (the best of 16
     # epochs) shows up as fold AUROCs above 0.5; chosen on held-out training patients, they centre on 0.5.
@@ -100,10 +99,10 @@ def test_on_random_labels_the_reported_fold_aurocs_are_centred_on_chance(tmp_pat
 
 def test_cross_clinic_matrix_is_stored_and_read_by_compare(cohort, tmp_path):
     from melcore.compare import latest_cross_clinic
-    from melcore.crossval import cross_clinic
     from melcore.errors import ConfigError
     from melcore.store import Store
-    from melcore.train import Run
+    from melcore.training.crossval import cross_clinic
+    from melcore.training.rundir import Run
 
     run = cross_clinic(_config(), cohort, run_dir=tmp_path / "cross")
     m = run.metrics
@@ -137,8 +136,8 @@ def test_cross_clinic_matrix_is_stored_and_read_by_compare(cohort, tmp_path):
 
 def test_cross_clinic_needs_two_clinics(tmp_path):
     from melcore.cohort import load_cohort
-    from melcore.crossval import cross_clinic
     from melcore.errors import CohortError
+    from melcore.training.crossval import cross_clinic
 
     csv, images = make_easy_cohort(tmp_path / "one", n_patients=6, clinics=("only",))
     with pytest.raises(CohortError, match="at least two clinics"):
@@ -147,8 +146,8 @@ def test_cross_clinic_needs_two_clinics(tmp_path):
 
 def test_cross_clinic_refuses_a_patient_seen_in_two_clinics(tmp_path):
     from melcore.cohort import load_cohort
-    from melcore.crossval import cross_clinic
     from melcore.errors import LeakageError
+    from melcore.training.crossval import cross_clinic
 
     csv, images = make_easy_cohort(tmp_path / "moved", n_patients=6, clinics=("north", "south"))
     table = pd.read_csv(csv)
@@ -231,9 +230,9 @@ def test_worker_runs_kfold_and_cross_clinic_jobs(easy_dir):
 
 
 def test_cross_clinic_full_mode_scores_with_the_saved_model(cohort, tmp_path):
-    from melcore.crossval import cross_clinic
     from melcore.predict import predict_paths
-    from melcore.train import Run
+    from melcore.training.crossval import cross_clinic
+    from melcore.training.rundir import Run
 
     run = cross_clinic(_config(mode="full", epochs=1), cohort, run_dir=tmp_path / "cross", clinics=["north", "east"])
     m = run.metrics
@@ -247,7 +246,7 @@ def test_cross_clinic_full_mode_scores_with_the_saved_model(cohort, tmp_path):
 
 
 def test_fit_folds_cancel_keeps_the_finished_folds(cohort, tmp_path):
-    from melcore.crossval import fit_folds
+    from melcore.training.crossval import fit_folds
 
     seen = Recorder()
 

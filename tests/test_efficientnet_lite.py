@@ -8,11 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from torchfile_writer import (
+    write_legacy_state_dict,  # tests/ is on sys.path (pytest rootdir-relative import)
+)
 
 from melcore import efficientnet_lite as lite
 from melcore import torchfile
 from melcore.errors import ConfigError
-from torchfile_writer import write_legacy_state_dict  # tests/ is on sys.path (pytest rootdir-relative import)
 
 # ImageNet-1k class indices (the standard order) of what scikit-learn's two sample photos show.
 CHINA_CLASSES = {442: "bell cote", 449: "boathouse", 483: "castle", 497: "church", 663: "monastery",
@@ -199,7 +201,7 @@ def test_keras_graph_matches_the_state_dict_layer_for_layer(lite0_state):
 # --------------------------------------------------------------------------- transfer learning runs
 
 def test_logistic_head_chooses_c_on_grouped_inner_folds():
-    from melcore.features import fit_logistic_head
+    from melcore.training.fast_head import fit_logistic_head
 
     # 40 lesions x 5 identical copies, random labels per lesion: only a split that keeps copies
     # together gives an honest (chance) inner AUROC; splitting them would score the copies themselves.
@@ -221,8 +223,8 @@ def test_cpu_default_run_delivers_the_score_its_grad_cam_explains(demo_dir, tmp_
     from melcore.explain import explain_image, load_run_model
     from melcore.images import load_images
     from melcore.predict import predict_images
-    from melcore.presets import preset_config
-    from melcore.train import fit
+    from melcore.training.api import fit
+    from melcore.training.config import preset_config
 
     cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
     run = fit(preset_config("cpu-default", image_size=64), cohort, run_dir=tmp_path / "run")
@@ -250,7 +252,7 @@ def test_cpu_default_run_delivers_the_score_its_grad_cam_explains(demo_dir, tmp_
 
 
 def test_logistic_head_chooses_the_feature_set_on_the_inner_folds_too():
-    from melcore.features import fit_logistic_head
+    from melcore.training.fast_head import fit_logistic_head
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, size=160)
@@ -265,7 +267,8 @@ def test_logistic_head_chooses_the_feature_set_on_the_inner_folds_too():
 
 def test_full_mode_fine_tunes_the_top_blocks_of_the_pretrained_lite0_with_batchnorm_frozen(demo_dir, tmp_path):
     from melcore.cohort import load_cohort
-    from melcore.train import TrainConfig, fit
+    from melcore.training.api import fit
+    from melcore.training.config import TrainConfig
 
     cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
     config = TrainConfig(model="efficientnet-lite0", image_size=32, weights="imagenet", epochs=1, fine_tune_epochs=1,

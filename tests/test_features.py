@@ -29,7 +29,7 @@ def cohort(easy_dir):
 
 
 def _config(**overrides):
-    from melcore.train import validate
+    from melcore.training.config import validate
 
     values = dict(mode="fast-head", epochs=8, learning_rate=1e-2)
     values.update(overrides)
@@ -118,7 +118,8 @@ def test_views_are_the_dihedral_transforms(easy_dir, tmp_path):
 def test_fast_head_run_has_the_format_of_a_normal_run(cohort, tmp_path):
     from melcore.models import load_model
     from melcore.predict import predict_paths
-    from melcore.train import Run, fit
+    from melcore.training.api import fit
+    from melcore.training.rundir import Run
 
     full = fit(_config(mode="full", epochs=1), cohort, run_dir=tmp_path / "full")
     fast = fit(_config(), cohort, run_dir=tmp_path / "fast")
@@ -146,7 +147,8 @@ def test_fast_head_run_has_the_format_of_a_normal_run(cohort, tmp_path):
 
 
 def test_fast_head_learns_an_easy_task_with_views_and_tta(cohort, tmp_path):
-    from melcore.features import VIEWS, fit_fast_head
+    from melcore.features import VIEWS
+    from melcore.training.fast_head import fit_fast_head
 
     run = fit_fast_head(_config(tta=True, balance="class-weight"), cohort, run_dir=tmp_path / "run",
                         views=VIEWS[:4])
@@ -158,7 +160,7 @@ def test_fast_head_learns_an_easy_task_with_views_and_tta(cohort, tmp_path):
 
 
 def test_fast_head_progress_contract_and_cancel(cohort, tmp_path):
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     recorder = Recorder()
     run = fit(_config(epochs=3), cohort, progress=recorder, run_dir=tmp_path / "run")

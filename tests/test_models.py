@@ -410,7 +410,7 @@ def test_registry_and_config_validation_do_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys; from melcore import registry; from melcore.train import TrainConfig, validate; "
+    code = ("import sys; from melcore import registry; from melcore.training.config import TrainConfig, validate; "
             "validate(TrainConfig(model='efficientnet-b3', weights='none')); "
             "print(len(registry.model_names()), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

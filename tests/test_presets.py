@@ -1,4 +1,4 @@
-"""Training presets (melcore.presets, ``train --preset``) and the colour features (melcore.colour)."""
+"""Training presets (melcore.training.recipes, ``train --preset``) and the colour features (melcore.colour)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def _train_args(*argv):
 
 def test_cpu_default_resolves_to_a_valid_config_that_needs_no_download():
     from melcore import models
-    from melcore.presets import PRESETS, preset_config
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig, preset_config
+    from melcore.training.recipes import PRESETS
 
     assert "cpu-default" in PRESETS
     preset = PRESETS["cpu-default"]
@@ -55,7 +55,8 @@ def test_cpu_default_resolves_to_a_valid_config_that_needs_no_download():
 
 
 def test_preset_config_applies_overrides_and_keeps_the_rest():
-    from melcore.presets import PRESETS, preset_config
+    from melcore.training.config import preset_config
+    from melcore.training.recipes import PRESETS
 
     config = preset_config("Colour_SVM", image_size=32, epochs=1, clinic="north", seed=None)
     assert (config.image_size, config.epochs, config.clinic, config.preset) == (32, 1, "north", "colour-svm")
@@ -68,7 +69,7 @@ def test_preset_config_applies_overrides_and_keeps_the_rest():
 
 
 def test_preset_values_are_copies():
-    from melcore.presets import PRESETS, preset_values
+    from melcore.training.recipes import PRESETS, preset_values
 
     values = preset_values("cpu-default")
     values["model"] = "resnet50"
@@ -77,8 +78,8 @@ def test_preset_values_are_copies():
 
 
 def test_unknown_preset_lists_the_valid_ones():
-    from melcore.presets import get_preset
-    from melcore.train import TrainConfig, validate
+    from melcore.training.config import TrainConfig, validate
+    from melcore.training.recipes import get_preset
 
     with pytest.raises(ConfigError, match=r"unknown preset 'gpu-fast'; valid presets: cpu-default, colour-svm"):
         get_preset("gpu-fast")
@@ -88,7 +89,7 @@ def test_unknown_preset_lists_the_valid_ones():
 
 def test_cli_preset_precedence_preset_then_config_then_options(tmp_path):
     from melcore.commands.train import config_from_args
-    from melcore.presets import PRESETS
+    from melcore.training.recipes import PRESETS
 
     base = PRESETS["colour-svm"].config
     config = config_from_args(_train_args("--preset", "colour-svm"))
@@ -121,7 +122,7 @@ def preset_run(demo_dir, tmp_path_factory):
 def test_cli_preset_trains_end_to_end_on_the_demo_cohort(demo_dir, preset_run):
     from melcore.images import load_images
     from melcore.predict import predict_images
-    from melcore.train import Run
+    from melcore.training.rundir import Run
 
     result, out = preset_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -145,7 +146,7 @@ def test_cli_preset_trains_end_to_end_on_the_demo_cohort(demo_dir, preset_run):
 def test_preset_run_delivers_the_colour_model_scores(demo_dir, preset_run):
     from melcore.colour import COLOUR_MODEL_FILE, ColourModel, colour_probabilities
     from melcore.metrics import threshold_metrics
-    from melcore.train import Run
+    from melcore.training.rundir import Run
 
     result, out = preset_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -174,7 +175,7 @@ def test_preset_run_delivers_the_colour_model_scores(demo_dir, preset_run):
 def test_predict_cohort_on_a_colour_run_reproduces_its_validation_predictions(demo_dir, preset_run):
     from melcore.cohort import load_cohort
     from melcore.predict import load_run_model, predict_cohort
-    from melcore.train import Run
+    from melcore.training.rundir import Run
 
     result, out = preset_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -207,8 +208,8 @@ def test_run_without_colour_model_has_no_file_and_delivers_the_cnn(demo_dir, tmp
     from melcore.cohort import load_cohort
     from melcore.colour import COLOUR_MODEL_FILE
     from melcore.predict import predict_cohort
-    from melcore.presets import preset_config
-    from melcore.train import fit
+    from melcore.training.api import fit
+    from melcore.training.config import preset_config
 
     cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
     config = preset_config("colour-svm", image_size=32, epochs=1, workers=1, colour_model=False)
@@ -226,7 +227,7 @@ def test_run_without_colour_model_has_no_file_and_delivers_the_cnn(demo_dir, tmp
 
 def test_preset_run_model_explains_with_gradcam(demo_dir, preset_run):
     from melcore.explain import explain_image
-    from melcore.train import Run
+    from melcore.training.rundir import Run
 
     result, out = preset_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -318,8 +319,13 @@ def test_colour_model_json_round_trip_gives_identical_scores(tmp_path):
 def test_colour_model_from_files_scores_like_the_in_memory_path(tmp_path):
     from PIL import Image
 
-    from melcore.colour import (WORK_SIZE, colour_feature_matrix, colour_features_of_files, colour_probabilities,
-                                fit_colour_model)
+    from melcore.colour import (
+        WORK_SIZE,
+        colour_feature_matrix,
+        colour_features_of_files,
+        colour_probabilities,
+        fit_colour_model,
+    )
     from melcore.images import load_images
 
     paths, targets = [], []
@@ -337,8 +343,7 @@ def test_colour_model_from_files_scores_like_the_in_memory_path(tmp_path):
 
 
 def test_colour_model_flag_is_validated_and_round_trips():
-    from melcore.presets import preset_config
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig, preset_config
 
     config = preset_config("colour-svm")
     assert config.colour_model is True
@@ -376,7 +381,12 @@ def _named(image):
 
 
 def test_feature_names_extend_version_1_without_changing_it():
-    from melcore.colour import BASE_FEATURE_NAMES, EXTENDED_FEATURE_NAMES, FEATURE_NAMES, colour_features
+    from melcore.colour import (
+        BASE_FEATURE_NAMES,
+        EXTENDED_FEATURE_NAMES,
+        FEATURE_NAMES,
+        colour_features,
+    )
 
     assert FEATURE_NAMES == BASE_FEATURE_NAMES + EXTENDED_FEATURE_NAMES
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES) and len(BASE_FEATURE_NAMES) == 40

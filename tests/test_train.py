@@ -58,7 +58,7 @@ def make_easy_cohort(root, n_patients: int = 24, per_patient: int = 3, size: int
 
 
 def easy_config(**overrides):
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
 
     values = dict(model="basic-cnn", image_size=32, epochs=3, batch_size=8, optimizer="adam", learning_rate=1e-3,
                   augment="none", seed=1, early_stopping_patience=None, workers=2)
@@ -99,7 +99,7 @@ def _load(root):
 @pytest.fixture(scope="module")
 def easy_run(easy_dir, tmp_path_factory):
     """One 3-epoch fit on the easy cohort, with its progress calls (shared by several tests)."""
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     home = tmp_path_factory.mktemp("easy-home")
     with pytest.MonkeyPatch.context() as mp:
@@ -113,7 +113,7 @@ def easy_run(easy_dir, tmp_path_factory):
 
 def test_config_json_round_trip_and_resolution():
     from melcore.models import get_spec
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
 
     config = TrainConfig(model="cnn-bn", epochs=4, clinic="north", fold=2, n_folds=4, tta=True,
                          early_stopping_patience=None, weights="none")
@@ -134,7 +134,7 @@ def test_config_json_round_trip_and_resolution():
 
 
 def test_from_dict_rejects_unknown_keys_and_names_the_valid_ones():
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
 
     with pytest.raises(ConfigError) as err:
         TrainConfig.from_dict({"model": "cnn-bn", "epoch": 3})
@@ -163,7 +163,7 @@ def test_from_dict_rejects_unknown_keys_and_names_the_valid_ones():
     ({"fallback_to_scratch": "yes"}, r"fallback_to_scratch must be true or false"),
 ])
 def test_validate_rejects_bad_configs_with_precise_messages(overrides, message):
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
 
     values = {"model": "basic-cnn", "image_size": 32}
     values.update(overrides)
@@ -172,7 +172,7 @@ def test_validate_rejects_bad_configs_with_precise_messages(overrides, message):
 
 
 def test_bad_config_fails_before_the_cohort_is_touched():
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     class Untouchable:
         def __getattr__(self, name):
@@ -185,7 +185,7 @@ def test_bad_config_fails_before_the_cohort_is_touched():
 # --------------------------------------------------------------------------- data checks before training
 
 def test_one_class_cohort_is_refused_before_training(tmp_path):
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     make_easy_cohort(tmp_path, n_patients=6, only_benign=True)
     recorder = Recorder()
@@ -196,7 +196,7 @@ def test_one_class_cohort_is_refused_before_training(tmp_path):
 
 
 def test_empty_clinic_lists_the_clinics(easy_dir, tmp_path):
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     with pytest.raises(CohortError) as err:
         fit(easy_config(clinic="west"), _load(easy_dir), run_dir=tmp_path / "run")
@@ -205,7 +205,7 @@ def test_empty_clinic_lists_the_clinics(easy_dir, tmp_path):
 
 
 def test_validation_side_without_melanoma_is_refused(tmp_path):
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     # One melanoma patient only: it cannot be on both sides of a patient split.
     csv, images = make_easy_cohort(tmp_path, n_patients=6, per_patient=2, only_benign=True)
@@ -222,7 +222,8 @@ def test_fit_on_the_demo_cohort_writes_every_artifact(demo_dir, tmp_path):
     from melcore.cohort import load_cohort
     from melcore.images import load_images
     from melcore.models import load_model
-    from melcore.train import Run, fit
+    from melcore.training.api import fit
+    from melcore.training.rundir import Run
 
     cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
     config = easy_config(epochs=1, batch_size=16, augment="basic", seed=0, balance="class-weight")
@@ -317,7 +318,7 @@ def test_progress_reports_batches_and_epoch_ends(easy_run):
 
 
 def test_same_seed_same_results(easy_run, easy_dir, tmp_path):
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     first, _ = easy_run
     second = fit(easy_config(), _load(easy_dir), run_dir=tmp_path / "again")
@@ -328,7 +329,8 @@ def test_same_seed_same_results(easy_run, easy_dir, tmp_path):
 
 
 def test_cancel_stops_within_one_batch_and_reports_left_out_rows(tmp_path):
-    from melcore.train import Run, fit
+    from melcore.training.api import fit
+    from melcore.training.rundir import Run
 
     csv, images = make_easy_cohort(tmp_path, n_patients=12)
     table = pd.read_csv(csv)
@@ -362,7 +364,7 @@ def test_cancel_stops_within_one_batch_and_reports_left_out_rows(tmp_path):
 
 
 def test_cancel_before_training_returns_a_cancelled_run(easy_dir, tmp_path):
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     recorder = Recorder()
     run = fit(easy_config(), _load(easy_dir), progress=recorder, should_stop=lambda: True, run_dir=tmp_path / "run")
@@ -376,7 +378,7 @@ def test_imagenet_fallback_is_recorded_and_refused_without_fallback(easy_dir, tm
     import keras
 
     from melcore import models
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
 
@@ -413,7 +415,7 @@ def test_imagenet_fallback_is_recorded_and_refused_without_fallback(easy_dir, tm
 def test_loaded_weights_train_head_then_fine_tune_top_blocks_on_a_fold(easy_dir, tmp_path):
     from melcore import models
     from melcore.splits import cohort_folds
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     base, _ = models.build_model("basic-cnn", 32)
     weights_file = models.save_backbone_weights(base, tmp_path / "backbone.weights.h5")
@@ -457,7 +459,8 @@ def test_mirrored_strategy_on_two_logical_cpus(easy_dir, tmp_path):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from melcore.cohort import load_cohort
-        from melcore.train import TrainConfig, fit
+        from melcore.training.api import fit
+        from melcore.training.config import TrainConfig
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         cohort = load_cohort({str(easy_dir / 'labels.csv')!r}, {str(easy_dir / 'images')!r})
         config = TrainConfig(model="basic-cnn", image_size=32, epochs=2, batch_size=8, optimizer="adam",
@@ -483,7 +486,7 @@ def test_mirrored_strategy_on_two_logical_cpus(easy_dir, tmp_path):
 
 def test_too_many_unfreeze_blocks_fail_before_training(easy_dir, tmp_path):
     from melcore import models
-    from melcore.train import fit
+    from melcore.training.api import fit
 
     base, _ = models.build_model("basic-cnn", 32)
     weights_file = models.save_backbone_weights(base, tmp_path / "backbone.weights.h5")

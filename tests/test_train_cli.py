@@ -62,7 +62,7 @@ def test_config_from_args_merges_a_config_file_with_the_options(tmp_path):
     assert config.early_stopping_patience is None and config.clinic == "north"
 
     bare = config_from_args(parser.parse_args(["--model", "basic-cnn"]))
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
 
     assert bare == TrainConfig(model="basic-cnn")  # nothing given = the TrainConfig defaults
 

@@ -254,7 +254,7 @@ def test_worker_status_line_and_start_button(seeded, worker_calls):
 
 
 def test_a_training_preset_fills_the_form_and_is_recorded(seeded, worker_calls):
-    presets = pytest.importorskip("melcore.presets", reason="this version has no training presets")
+    presets = pytest.importorskip("melcore.training.recipes", reason="this version has no training presets")
     name = presets.preset_names()[0]
     recipe = presets.get_preset(name).config
     at = open_page(name)

@@ -41,7 +41,7 @@ class JobContext:
     """What a job function gets: the job, its store, progress reporting and the cancel flag.
 
     ``report(epoch, batch, loss, metrics, eta)`` matches the ``progress`` callback of
-    :func:`melcore.train.fit`; it only records the values in memory, the heartbeat
+    :func:`melcore.training.api.fit`; it only records the values in memory, the heartbeat
     thread writes the newest ones to the store about once a second, plus every
     end-of-epoch point (``metrics["end_of_epoch"]``) for the live curves.
     """
@@ -83,7 +83,8 @@ class JobContext:
 
 def run_train_job(ctx: JobContext) -> tuple[str, int | None]:
     """Train one model as the job's config says; returns (final state, run id)."""
-    from melcore.train import TrainConfig, fit
+    from melcore.training.api import fit
+    from melcore.training.config import TrainConfig
 
     config = TrainConfig.from_dict(ctx.job["config"])
     return _train_and_record(ctx, config, config.model, fit)
@@ -92,7 +93,7 @@ def run_train_job(ctx: JobContext) -> tuple[str, int | None]:
 def _train_and_record(ctx: JobContext, config, label: str, train, *args) -> tuple[str, int | None]:
     """``train(config, cohort, *args, ...)`` on the job's dataset into ``runs/job-<id>-<label>``, then recorded.
 
-    ``train`` is :func:`melcore.train.fit` or one of its kin (``fit_folds``, ``cross_clinic``): it
+    ``train`` is :func:`melcore.training.api.fit` or one of its kin (``fit_folds``, ``cross_clinic``): it
     gets the job's progress/cancel callbacks and :func:`distribution_strategy`. Returns (final
     state, run id): ("cancelled", None) when the job was cancelled, else ("done", id).
     """
@@ -126,7 +127,7 @@ def new_run_dir(job: dict, label: str) -> Path:
 
 
 def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None) -> int:
-    """Register a finished :class:`melcore.train.Run` (its metrics and validation predictions) in the store."""
+    """Register a finished :class:`melcore.training.rundir.Run` (its metrics and validation predictions) in the store."""
     import pandas as pd
 
     config = run.config.to_dict() if hasattr(run.config, "to_dict") else dict(run.config)
@@ -147,8 +148,8 @@ def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None 
 
 def run_kfold_job(ctx: JobContext) -> tuple[str, int | None]:
     """Train every fold (``config["n_folds"]``, default 5); records oof_predictions.csv as split "oof"."""
-    from melcore.crossval import fit_folds
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
+    from melcore.training.crossval import fit_folds
 
     config = TrainConfig.from_dict(ctx.job["config"])
     return _train_and_record(ctx, config, f"kfold-{config.model}", fit_folds, config.n_folds)
@@ -158,10 +159,10 @@ def run_cross_clinic_job(ctx: JobContext) -> tuple[str, int | None]:
     """Train on each clinic and score the others; the run (kind "cross-clinic") feeds the Compare heatmap.
 
     Without a ``mode`` in the job's config, fast-head is used on a CPU (see
-    :func:`melcore.crossval.default_cross_clinic_mode`).
+    :func:`melcore.training.crossval.default_cross_clinic_mode`).
     """
-    from melcore.crossval import cross_clinic, default_cross_clinic_mode
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
+    from melcore.training.crossval import cross_clinic, default_cross_clinic_mode
 
     data = dict(ctx.job["config"])
     data.setdefault("mode", default_cross_clinic_mode())

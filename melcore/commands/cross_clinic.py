@@ -20,9 +20,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from melcore.commands.train import (TrainProgressBar, _check_out, _read_config_option, add_data_options,
-                                    add_output_options, add_train_options, config_from_args, load_cohort_from_args,
-                                    train_with_progress)
+from melcore.commands.train import (
+    TrainProgressBar,
+    _check_out,
+    _read_config_option,
+    add_data_options,
+    add_output_options,
+    add_train_options,
+    config_from_args,
+    load_cohort_from_args,
+    train_with_progress,
+)
 from melcore.errors import ConfigError
 from melcore.formatting import format_number
 
@@ -79,8 +87,8 @@ def _register(name: str, args, cohort, run) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore.crossval import cross_clinic, default_cross_clinic_mode
-    from melcore.train import validate
+    from melcore.training.config import validate
+    from melcore.training.crossval import cross_clinic, default_cross_clinic_mode
 
     config = config_from_args(args)
     if config.clinic is not None:

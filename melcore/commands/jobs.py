@@ -11,7 +11,7 @@ from melcore.errors import ConfigError
 from melcore.store import Store
 
 JOB_KINDS = ("train", "kfold", "cross-clinic")
-"""Image-model job kinds (a :class:`melcore.train.TrainConfig`); ``meta`` jobs go through :func:`submit_meta_job`."""
+"""Image-model job kinds (a :class:`melcore.training.config.TrainConfig`); ``meta`` jobs go through :func:`submit_meta_job`."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, 
     """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids."""
     from dataclasses import replace
 
-    from melcore.train import validate
+    from melcore.training.config import validate
 
     if kind not in JOB_KINDS:
         raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")

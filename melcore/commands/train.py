@@ -6,7 +6,7 @@ Example::
         --image-size 300 --epochs 3 --fine-tune-epochs 5 --weights imagenet --fallback-to-scratch \\
         --clinic-column attribution --clinic "clinic-north" --out runs/b3-north
 
-Options map one to one onto :class:`melcore.train.TrainConfig` fields; ``--config`` reads
+Options map one to one onto :class:`melcore.training.config.TrainConfig` fields; ``--config`` reads
 a JSON config (a file, or the JSON text itself) and the options given on the command
 line override its values. The config is checked before the table is read, and the data
 (clinic, classes, split) before training starts: bad input exits with status 2 and one
@@ -56,7 +56,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="a training config: a JSON file or JSON text; options given here override it")
     group.add_argument("--preset", metavar="NAME",
                        help="start from a named recipe (cpu-default, the default when no --model is given: ImageNet "
-                            "EfficientNet-Lite0 transfer learning; colour-svm; see melcore.presets); "
+                            "EfficientNet-Lite0 transfer learning; colour-svm; see melcore.training.recipes); "
                             "--config and the options given override its values")
     group.add_argument("--model", metavar="NAME",
                        help="registry name: basic-cnn, cnn-bn, resnet50, efficientnet-b0..b7, "
@@ -128,14 +128,14 @@ def _read_config_option(value: str) -> dict:
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig of the parsed options: ``--config`` values, overridden by the options given.
 
-    Not validated here (call :func:`melcore.train.validate`); unknown config keys and a
+    Not validated here (call :func:`melcore.training.config.validate`); unknown config keys and a
     missing model raise ConfigError.
     """
-    from melcore.train import TrainConfig
+    from melcore.training.config import TrainConfig
 
     data = _read_config_option(args.config) if getattr(args, "config", None) else {}
     if getattr(args, "preset", None) is not None:
-        from melcore.presets import preset_values  # ConfigError listing the presets when unknown
+        from melcore.training.recipes import preset_values  # ConfigError listing the presets when unknown
 
         data = {**preset_values(args.preset), **data}  # precedence: preset < --config < options
     for dest, name in _FIELDS.items():
@@ -145,7 +145,7 @@ def config_from_args(args: argparse.Namespace):
     if getattr(args, "no_early_stopping", None):
         data["early_stopping_patience"] = None
     if not data.get("model"):  # nothing names a model: the default recipe (pretrained EfficientNet-Lite0)
-        from melcore.presets import DEFAULT_PRESET, preset_values
+        from melcore.training.recipes import DEFAULT_PRESET, preset_values
 
         data = {**preset_values(DEFAULT_PRESET), **data}
     return TrainConfig.from_dict(data)
@@ -189,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class TrainProgressBar:
-    """The ``progress`` callback of :func:`melcore.train.fit` drawn on stderr.
+    """The ``progress`` callback of :func:`melcore.training.api.fit` drawn on stderr.
 
     On a terminal one line is rewritten in place (at most 10 times a second); each epoch
     end leaves a summary line. Elsewhere (logs, pipes) only the epoch summaries are written.
@@ -292,7 +292,7 @@ def _check_out(path: Path | None, overwrite: bool) -> None:
 def train_with_progress(train, *args, quiet: bool = False, bar_class=None, **kwargs):
     """``train(*args, progress=bar, should_stop=ctrl_c, **kwargs)`` with a stderr progress bar and Ctrl-C.
 
-    ``train`` is :func:`melcore.train.fit` or one of its kin (``fit_folds``, ``cross_clinic``);
+    ``train`` is :func:`melcore.training.api.fit` or one of its kin (``fit_folds``, ``cross_clinic``);
     the bar (``bar_class()``, default :class:`TrainProgressBar`; none when ``quiet``) is closed
     however training ends. Returns what ``train`` returns.
     """
@@ -306,7 +306,8 @@ def train_with_progress(train, *args, quiet: bool = False, bar_class=None, **kwa
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore.train import fit, validate
+    from melcore.training.api import fit
+    from melcore.training.config import validate
 
     config = validate(config_from_args(args))  # bad names and sizes fail before anything is read
     out = Path(args.out).expanduser() if args.out else None
@@ -347,8 +348,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_folds(config, cohort, folds: int, out, args) -> int:
-    """``--folds K``: every fold, then the out-of-fold summary (see :func:`melcore.crossval.fit_folds`)."""
-    from melcore.crossval import fit_folds
+    """``--folds K``: every fold, then the out-of-fold summary (see :func:`melcore.training.crossval.fit_folds`)."""
+    from melcore.training.crossval import fit_folds
 
     result = train_with_progress(fit_folds, config, cohort, folds, quiet=args.quiet, run_dir=out)
     m = result.metrics

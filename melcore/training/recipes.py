@@ -1,11 +1,11 @@
-"""Named training presets: a tested :class:`melcore.train.TrainConfig` recipe under a short name.
+"""Named training presets: a tested :class:`melcore.training.config.TrainConfig` recipe under a short name.
 
 A preset is a set of TrainConfig fields with the evidence for them. Users get one with
 ``python -m melcore train --preset cpu-default --csv ... --images ... --out RUNDIR``
 (options given on the command line override the preset's values), from Python with
-:func:`preset_config`, or from the Train page's preset box::
+:func:`melcore.training.config.preset_config`, or from the Train page's preset box::
 
-    from melcore.presets import preset_config
+    from melcore.training.config import preset_config
     config = preset_config("cpu-default", clinic="clinic-north")      # a validated TrainConfig
     quick = preset_config("cpu-default", image_size=32, epochs=1)     # e.g. for a smoke test
 
@@ -25,8 +25,9 @@ Presets:
     colour/texture/shape features (``colour_model.json``) delivers the predictions, with a small
     CNN from scratch kept (``cnn_prediction``) for Grad-CAM. See :data:`COLOUR_SVM_EVIDENCE`.
 
-Only the standard library and :mod:`melcore.errors` are imported at module import;
-:func:`preset_config` imports :mod:`melcore.train` (no TensorFlow at that point either).
+Only the standard library and :mod:`melcore.errors` are imported here: this module is data,
+and :mod:`melcore.training.config` (which checks ``TrainConfig.preset`` against :data:`PRESETS`)
+imports it, never the other way round.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 from melcore.errors import ConfigError
 
 __all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT", "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM", "COLOUR_SVM_EVIDENCE",
-           "preset_names", "get_preset", "preset_values", "preset_config"]
+           "preset_names", "get_preset", "preset_values"]
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ CPU_DEFAULT = Preset(
     evidence=CPU_DEFAULT_EVIDENCE,
 )
 
-#: name -> :class:`Preset`, in menu order. ``melcore.train.validate`` checks ``TrainConfig.preset`` against it.
+#: name -> :class:`Preset`, in menu order. :func:`melcore.training.config.validate` checks ``TrainConfig.preset``
+#: against it.
 PRESETS: dict[str, Preset] = {CPU_DEFAULT.name: CPU_DEFAULT, COLOUR_SVM.name: COLOUR_SVM}
 
 #: The recipe used when nothing names a model (``train`` and ``jobs submit`` without --model).
@@ -171,7 +173,7 @@ def get_preset(name: str) -> Preset:
 def preset_values(name: str, overrides: dict[str, Any] | None = None) -> dict:
     """The preset's TrainConfig fields, then ``overrides`` (None values ignored), plus ``preset=name``.
 
-    Not validated (see :func:`preset_config`). Raises ConfigError for an unknown preset.
+    Not validated (see :func:`melcore.training.config.preset_config`). Raises ConfigError for an unknown preset.
     """
     preset = get_preset(name)
     values = preset.values()
@@ -180,15 +182,3 @@ def preset_values(name: str, overrides: dict[str, Any] | None = None) -> dict:
             values[key] = value
     values["preset"] = preset.name
     return values
-
-
-def preset_config(name: str, **overrides):
-    """A validated, resolved :class:`melcore.train.TrainConfig` from a preset and overrides.
-
-    ``overrides`` are TrainConfig fields (e.g. ``clinic="north"``, ``image_size=32``,
-    ``epochs=1``); a None value keeps the preset's. Raises ConfigError for an unknown preset,
-    unknown fields (listing the valid ones) or invalid values.
-    """
-    from melcore.train import TrainConfig, validate
-
-    return validate(TrainConfig.from_dict(preset_values(name, overrides)))

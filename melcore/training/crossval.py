@@ -1,7 +1,7 @@
 """K-fold out-of-fold training and cross-clinic evaluation.
 
 :func:`fit_folds` trains one run per patient-grouped fold (sub-runs ``fold-0`` ...
-``fold-K-1``, each an ordinary :func:`melcore.train.fit` run) and writes the
+``fold-K-1``, each an ordinary :func:`melcore.training.api.fit` run) and writes the
 out-of-fold predictions of every image::
 
     run = fit_folds(TrainConfig(model="efficientnet-b3", mode="fast-head"), cohort, n_folds=5)
@@ -35,13 +35,18 @@ import logging
 import math
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from melcore.checks import check_int
 from melcore.errors import CohortError, ConfigError, LeakageError, MelcoreError
 from melcore.formatting import format_number
+from melcore.training.api import fit
+from melcore.training.callbacks import auroc
+from melcore.training.config import validate
+from melcore.training.prepare import prepare_data
+from melcore.training.rundir import RunDir
 
 __all__ = ["fit_folds", "cross_clinic", "default_cross_clinic_mode", "cohort_clinics"]
 
@@ -54,17 +59,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
-def _open_run_dir(run_dir, kind: str, config) -> Path:
-    """``run_dir`` (default :func:`melcore.train.default_run_dir` with ``kind``), created and cleared of results."""
-    from melcore import train as T
+#: Result files of a k-fold or cross-clinic run, removed when one starts in an existing folder.
+RESULT_FILES = ("metrics.json", "oof_predictions.csv", "cross_predictions.csv", "train.log")
 
-    run_dir = Path(run_dir).expanduser() if run_dir is not None else T.default_run_dir(config, kind)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir = run_dir.resolve()
-    for stale in ("metrics.json", "oof_predictions.csv", "cross_predictions.csv", "train.log"):
-        (run_dir / stale).unlink(missing_ok=True)
-    T._write_json(run_dir / "config.json", config.to_dict())
-    return run_dir
+
+def _open_run_dir(run_dir, kind: str, config) -> RunDir:
+    """``run_dir`` (default :func:`melcore.training.rundir.default_run_dir` with ``kind``), created and
+    cleared of results."""
+    return RunDir.create(run_dir, config, kind, stale=RESULT_FILES)
 
 
 class _SubProgress:
@@ -96,7 +98,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
     n_folds : int, optional
         Default ``config.n_folds``. At least 2.
     progress : callable(epoch, batch, loss, metrics, eta), optional
-        As :func:`melcore.train.fit` (epochs count within the fold); ``metrics`` also holds
+        As :func:`melcore.training.api.fit` (epochs count within the fold); ``metrics`` also holds
         ``fold`` (0-based) and ``n_folds``; the ETA covers the folds still to come once
         one fold has finished.
     should_stop : callable() -> bool, optional
@@ -106,7 +108,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
 
     Returns
     -------
-    melcore.train.Run
+    melcore.training.rundir.Run
         Its ``metrics`` (``metrics.json``): kind "kfold", status, cancelled, model, mode,
         clinic, image_size, n_folds, folds_done, oof_auroc (AUROC of all out-of-fold
         predictions), fold_aurocs (validation AUROC per fold, list; each fold's best epoch is
@@ -116,23 +118,22 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
     Raises
     ------
     ConfigError, CohortError, LeakageError
-        As :func:`melcore.train.fit` (checked on fold 0 before anything trains).
+        As :func:`melcore.training.api.fit` (checked on fold 0 before anything trains).
     """
-    from melcore import train as T
-
-    config = T.validate(config)
-    n_folds = config.n_folds if n_folds is None else T._int("n_folds", n_folds, 2)
-    config = T.validate(dataclasses.replace(config, fold=None, n_folds=n_folds))
+    config = validate(config)
+    n_folds = config.n_folds if n_folds is None else check_int("n_folds", n_folds, 2)
+    config = validate(dataclasses.replace(config, fold=None, n_folds=n_folds))
     started = time.perf_counter()
-    T._prepare_data(dataclasses.replace(config, fold=0), cohort)  # fail fast: clinic, classes, leakage
-    run_dir = _open_run_dir(run_dir, "kfold", config)
+    prepare_data(dataclasses.replace(config, fold=0), cohort)  # fail fast: clinic, classes, leakage
+    out = _open_run_dir(run_dir, "kfold", config)
+    run_dir = out.path
     fold_seconds: list[float] = []
     fold_aurocs: list[float | None] = []
     fold_runs: list[str] = []
     frames: list[pd.DataFrame] = []
     cancelled = False
     last = None
-    with T._run_log(run_dir):
+    with out.log():
         log.info("%d-fold training of %s (%s mode) on %s", n_folds, config.model, config.mode,
                  config.clinic or "all clinics")
         for fold in range(n_folds):
@@ -141,7 +142,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
                 break
             fold_started = time.perf_counter()
             sub = _SubProgress(progress, {"fold": fold, "n_folds": n_folds}, n_folds - fold - 1, fold_seconds)
-            run = T.fit(dataclasses.replace(config, fold=fold), cohort, progress=sub, should_stop=should_stop,
+            run = fit(dataclasses.replace(config, fold=fold), cohort, progress=sub, should_stop=should_stop,
                         run_dir=run_dir / f"fold-{fold}", strategy=strategy)
             last = run
             if run.cancelled:
@@ -161,7 +162,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
             oof.to_csv(run_dir / "oof_predictions.csv", index=False)
         y = oof["target"].astype("float64").to_numpy()
         p = oof["prediction"].astype("float64").to_numpy()
-        oof_auroc = T._auroc(y, p) if len(oof) else None
+        oof_auroc = auroc(y, p) if len(oof) else None
         finite = [a for a in fold_aurocs if a is not None and math.isfinite(a)]
         metrics = {
             "kind": "kfold", "status": "cancelled" if cancelled else "done", "cancelled": cancelled,
@@ -174,13 +175,13 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
             "from_scratch": bool((last.metrics.get("weights") or {}).get("from_scratch")) if last else None,
             "seconds": time.perf_counter() - started, "fold_seconds": fold_seconds,
         }
-        T._write_json(run_dir / "metrics.json", metrics)
+        metrics = out.write_metrics(metrics)
         if cancelled:
             log.warning("k-fold training cancelled after %d of %d folds", len(frames), n_folds)
         else:
             log.info("out-of-fold AUROC %s over %d images; fold AUROCs %s", format_number(oof_auroc), len(oof),
                      ", ".join(format_number(a) for a in fold_aurocs))
-    return T.Run(run_dir, config, T._clean_floats(metrics), cancelled)
+    return out.run(config, metrics, cancelled)
 
 
 # --------------------------------------------------------------------------- cross-clinic
@@ -256,7 +257,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
         The per-clinic training config; ``clinic`` must be None (every clinic is used).
     cohort : melcore.cohort.Cohort
         Needs a ``clinic`` column with at least two clinics of labelled images.
-    progress, should_stop : as :func:`melcore.train.fit`
+    progress, should_stop : as :func:`melcore.training.api.fit`
         ``metrics`` also holds ``clinic`` (the training clinic), ``clinic_index`` and ``n_clinics``.
     run_dir : path, optional
         Default ``settings.subdir("runs") / "<time>-cross-clinic-<model>-all"``.
@@ -265,7 +266,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
 
     Returns
     -------
-    melcore.train.Run
+    melcore.training.rundir.Run
         ``metrics``: ``{"kind": "cross-clinic", "clinics": [...], "matrix": [[AUROC]],
         "n": [[images scored]]}`` (None where unknown) plus status, cancelled, model, mode,
         image_size, runs ({clinic: sub-folder}), errors ({clinic: why it was not trained}),
@@ -280,9 +281,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
     LeakageError
         A patient has labelled images in two of the clinics (before anything is trained).
     """
-    from melcore import train as T
-
-    config = T.validate(config)
+    config = validate(config)
     if config.clinic is not None:
         raise ConfigError(f"cross-clinic evaluation trains on every clinic; do not set clinic ({config.clinic!r})")
     available = cohort_clinics(cohort)
@@ -301,7 +300,8 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
     _check_one_clinic_per_patient(cohort, clinics)
     started = time.perf_counter()
     k = len(clinics)
-    run_dir = _open_run_dir(run_dir, "cross-clinic", config)
+    out = _open_run_dir(run_dir, "cross-clinic", config)
+    run_dir = out.path
     table = cohort.table
     usable = table["target"].notna() & table["image_path"].notna()
     by_clinic = {c: table[usable & table["clinic"].astype("string").eq(c).fillna(False)].reset_index(drop=True)
@@ -314,7 +314,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
     part_seconds: list[float] = []
     cancelled = False
     weights = None
-    with T._run_log(run_dir):
+    with out.log():
         log.info("cross-clinic evaluation of %s (%s mode) over %d clinics: %s", config.model, config.mode, k,
                  ", ".join(clinics))
         for i, clinic in enumerate(clinics):
@@ -326,7 +326,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                                part_seconds)
             folder = f"clinic-{_slug(clinic)}"
             try:
-                run = T.fit(dataclasses.replace(config, clinic=clinic), cohort, progress=sub,
+                run = fit(dataclasses.replace(config, clinic=clinic), cohort, progress=sub,
                             should_stop=should_stop, run_dir=run_dir / folder, strategy=strategy)
             except (CohortError, LeakageError) as exc:
                 errors[clinic] = str(exc)
@@ -354,7 +354,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                     break
                 ok = np.isfinite(p)
                 y = rows["target"].astype("float64").to_numpy()
-                matrix[i][j] = T._auroc(y[ok], p[ok]) if ok.any() else None
+                matrix[i][j] = auroc(y[ok], p[ok]) if ok.any() else None
                 n[i][j] = int(ok.sum())
                 scores.append(pd.DataFrame({"trained_on": clinic, "image_name": rows["image_name"].astype(str),
                                             "patient_id": rows["patient_id"], "clinic": rows["clinic"],
@@ -374,8 +374,8 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
             "from_scratch": bool((weights or {}).get("from_scratch")) if weights else None,
             "seconds": time.perf_counter() - started,
         }
-        T._write_json(run_dir / "metrics.json", metrics)
+        metrics = out.write_metrics(metrics)
         if not runs and not cancelled:
             raise MelcoreError("no clinic could be trained on: " + "; ".join(f"{c}: {e}" for c, e in errors.items()))
         log.info("cross-clinic evaluation %s in %.1f s", "cancelled" if cancelled else "done", metrics["seconds"])
-    return T.Run(run_dir, config, T._clean_floats(metrics), cancelled)
+    return out.run(config, metrics, cancelled)

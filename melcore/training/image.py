@@ -1,0 +1,383 @@
+"""Full training (``mode="full"``): the whole image model trained on the images of a cohort.
+
+:func:`fit_image` is what :func:`melcore.training.api.fit` calls for ``mode="full"``; it
+takes a config resolved by :func:`melcore.training.config.validate` and returns a
+:class:`melcore.training.rundir.Run`. What it does, in order (everything up to step 4
+fails fast, before training):
+
+1. takes a validated config (:func:`melcore.training.config.validate`);
+2. keeps the clinic's rows (``config.clinic``), then the labelled rows with an image
+   file, and says how many were left out and why (log and ``metrics["excluded"]``);
+   refuses a cohort with one class only;
+3. splits by patient (else lesion, else image) with the leakage check:
+   :func:`melcore.splits.cohort_split` (``val_fraction``) or fold ``config.fold`` of
+   :func:`melcore.splits.cohort_folds`, then holds out ``select_fraction`` of the
+   training patients (the *selection* split, also grouped and stratified) to choose the
+   best epoch and to stop early; all three parts must hold both classes. The
+   validation images are scored once, with the chosen weights, and never choose anything;
+4. seeds Python, NumPy and Keras (:func:`keras.utils.set_random_seed`) and builds the
+   model (inside ``strategy.scope()`` when a tf.distribute strategy is given); weights
+   that cannot be loaded raise ConfigError here unless ``fallback_to_scratch``;
+5. decodes every image once at the working size into the on-disk image cache
+   (stage ``"load"``); unreadable files are left out and reported;
+6. trains. With loaded weights (ImageNet or a file): the head on the frozen backbone for ``epochs``
+   epochs (stage ``"head"``), then, when ``fine_tune_epochs`` > 0, the top
+   ``unfreeze_blocks`` block groups as well at ``learning_rate x spec.finetune_lr_factor``
+   (stage ``"fine-tune"``). From scratch: everything for ``epochs + fine_tune_epochs``
+   epochs (stage ``"train"``). After every epoch the selection split is scored
+   (stage ``"validate"``); training stops early when its AUROC has not improved for
+   ``early_stopping_patience`` epochs (per stage), and the weights of the epoch best on
+   the selection split are restored (before fine-tuning and at the end);
+7. writes the run directory.
+
+The run directory and its files: :mod:`melcore.training.rundir`. Progress:
+``progress(epoch, batch, loss, metrics, eta)``, see :func:`melcore.training.api.fit`.
+Reproducibility and op determinism: :mod:`melcore.training.runtime`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from melcore import colour
+from melcore.errors import ConfigError, MelcoreError
+from melcore.training.callbacks import (
+    BestEpoch,
+    Cancellation,
+    Progress,
+    ProgressReporter,
+    ShouldStop,
+    auroc,
+    bce,
+    keras_callbacks,
+)
+from melcore.training.config import TrainConfig
+from melcore.training.prepare import (
+    PreparedData,
+    chosen_on,
+    drop_unreadable,
+    prepare_data,
+    select_table,
+    split_tables,
+)
+from melcore.training.rundir import NO_VALIDATION, THRESHOLD, Run, RunDir
+from melcore.training.runtime import device_description, op_determinism
+
+__all__ = ["STAGES", "fit_image"]
+
+log = logging.getLogger("melcore.train")
+
+STAGES = ("load", "head", "fine-tune", "train", "validate")
+
+
+def fit_image(config: TrainConfig, cohort, progress: Progress | None = None, should_stop: ShouldStop | None = None,
+              run_dir=None, strategy=None) -> Run:
+    """Train the whole model on the images (``mode="full"``); write and return the run.
+
+    ``config`` is resolved (:func:`melcore.training.config.validate`); the other parameters,
+    the run's files and ``metrics`` are those of :func:`melcore.training.api.fit`.
+    """
+    started = time.perf_counter()
+    data = prepare_data(config, cohort)
+
+    import keras
+
+    from melcore import models
+
+    with op_determinism(config.deterministic) as deterministic:
+        keras.utils.set_random_seed(config.seed)
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        with scope:
+            model, weights_info = models.build_model(config.model, config.image_size, weights=config.weights,
+                                                     pooling=config.pooling,
+                                                     fallback_to_scratch=config.fallback_to_scratch)
+        if weights_info.loaded and config.fine_tune_epochs > 0:
+            check_unfreeze_blocks(model, config.unfreeze_blocks)
+        out = RunDir.create(run_dir, config)
+        with out.log():
+            try:
+                return _fit_in_run_dir(config, data, model, weights_info, out, progress, should_stop,
+                                       strategy, started, bool(deterministic))
+            except Exception:
+                log.exception("training failed")
+                raise
+
+
+def check_unfreeze_blocks(model, n_blocks: int) -> None:
+    """ConfigError before training when the fine-tune stage could not unfreeze ``n_blocks`` groups."""
+    from melcore import models
+
+    numbered = [g for g in models.block_groups(model) if g not in ("stem", "top")]
+    if n_blocks > len(numbered):
+        raise ConfigError(f"unfreeze_blocks={n_blocks} but {model.name} has {len(numbered)} block groups "
+                          f"({', '.join(numbered)}); use at most {len(numbered)}")
+
+
+def _stages(config: TrainConfig, weights_info) -> list[tuple[str, int]]:
+    """(stage, epochs) in order. Any loaded weights (ImageNet, or a file, e.g. a model trained on
+    another clinic) get two stages: a fresh head on the frozen backbone first, so large gradients
+    from the random head do not wreck the pretrained features."""
+    if weights_info.loaded:
+        return [("head", config.epochs)] + ([("fine-tune", config.fine_tune_epochs)]
+                                            if config.fine_tune_epochs > 0 else [])
+    if config.fine_tune_epochs:
+        log.info("no pretrained weights: the %d fine-tune epoch(s) are added to the single training stage",
+                 config.fine_tune_epochs)
+    return [("train", config.planned_epochs)]
+
+
+def _log_start(config: TrainConfig, data: PreparedData, weights_info, out: RunDir, device: str) -> None:
+    log.info("run %s: %s at %d px, cohort %r (%s), device %s", out.name, config.model, config.image_size,
+             getattr(data.cohort, "name", "cohort"), config.clinic or "all clinics", device)
+    log.info("config: %s", json.dumps(config.to_dict()))
+    if weights_info.from_scratch:
+        (log.warning if config.weights not in ("none",) else log.info)("weights: %s", weights_info.note)
+    else:
+        log.info("weights: %s", weights_info.note)
+    ex = data.excluded
+    log.info("data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
+             "%d labelled without an image file", len(data.cohort), ex["other_clinics"], ex["unlabelled"],
+             ex["no_image"])
+    if config.deterministic:
+        log.info("TensorFlow op determinism is on for this fit (config.deterministic)")
+
+
+def _decode_images(config: TrainConfig, paths: list, cache, reporter: ProgressReporter,
+                   cancel: Cancellation) -> dict[int, str]:
+    """Decode every image once at the working size (fills the cache; finds unreadable files before
+    training); returns ``{position: reason}`` of the unreadable ones. Stage ``"load"``."""
+    from melcore import images as images_module
+
+    bad: dict[int, str] = {}
+    total = len(paths)
+    chunk = max(64, config.batch_size * 4)
+    reporter.stage = "load"
+    reporter.report(0, None, {"done": 0, "total": total}, epoch=0, stage="load")
+    load_started = time.perf_counter()
+    for start in range(0, total, chunk):
+        if cancel.requested():
+            break
+
+        def failed(index, error, offset=start):
+            bad[offset + index] = error.reason
+
+        def loading(done, _total, offset=start):
+            reporter.report(0, None, {"done": offset + done, "total": total}, epoch=0, stage="load")
+
+        images_module.load_images(paths[start:start + chunk], config.image_size, cache=cache,
+                                  workers=config.workers, on_error=failed, progress=loading)
+    if not cancel.cancelled:
+        log.info("decoded %d images at %d px in %.1f s", total, config.image_size, time.perf_counter() - load_started)
+    return bad
+
+
+def _train_stages(config: TrainConfig, model, stages, train_data, class_weight, callbacks, strategy,
+                  reporter: ProgressReporter, cancel: Cancellation, best: BestEpoch, history: list) -> list[dict]:
+    """Compile and fit ``model`` stage by stage; returns the ``metrics["stages"]`` records."""
+    import keras
+
+    from melcore import models
+
+    spec = models.get_spec(config.model)
+    steps = reporter.steps
+    stage_records = []
+    epoch_offset = 0
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    for stage, n_epochs in stages:
+        if cancel.requested():
+            break
+        if stage == "fine-tune" and best.best_weights is not None:
+            model.set_weights(best.best_weights)  # fine-tune from the best head epoch
+        trainable_stage = {"head": "head", "fine-tune": "fine-tune", "train": "all"}[stage]
+        lr = config.learning_rate * (spec.finetune_lr_factor if stage == "fine-tune" else 1.0)
+        with scope:
+            info = models.set_trainable(model, trainable_stage,
+                                        config.unfreeze_blocks if stage == "fine-tune" else None)
+            optimizer = models.make_optimizer(spec, lr, steps, n_epochs, optimizer=config.optimizer,
+                                              schedule=config.schedule)
+            model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
+        log.info("stage %s: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable / %s frozen params%s",
+                 stage, n_epochs, steps, config.batch_size, config.optimizer, lr, config.schedule,
+                 f"{info['trainable_params']:,}", f"{info['frozen_params']:,}",
+                 f", unfrozen: {', '.join(info['unfrozen_groups'])}" if info["unfrozen_groups"] else "")
+        reporter.stage = stage
+        best.start_stage(config.early_stopping_patience)
+        reporter.batch_seconds = None if stage != "fine-tune" else reporter.batch_seconds
+        epochs_before = len(history)
+        model.fit(train_data, epochs=epoch_offset + n_epochs, initial_epoch=epoch_offset, shuffle=False,
+                  class_weight=class_weight, callbacks=callbacks, verbose=0)
+        run_epochs = len(history) - epochs_before
+        stage_records.append({"stage": stage, "planned_epochs": n_epochs, "epochs_run": run_epochs,
+                              "learning_rate": lr, "unfrozen_groups": info["unfrozen_groups"],
+                              "trainable_params": info["trainable_params"]})
+        # Epoch numbers stay contiguous when a stage stops early.
+        epoch_offset += run_epochs
+        reporter.total_epochs -= n_epochs - run_epochs if not cancel.cancelled else 0
+        if cancel.cancelled:
+            break
+    return stage_records
+
+
+def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info, out: RunDir, progress, should_stop,
+                    strategy, started: float, deterministic: bool) -> Run:
+    import keras
+    import tensorflow as tf
+
+    from melcore import images as images_module
+    from melcore.pipeline import ImageBatches, PredictionBatches, class_weights
+
+    device, n_replicas = device_description(strategy)
+    _log_start(config, data, weights_info, out, device)
+    reporter = ProgressReporter(progress)
+    cancel = Cancellation(should_stop, reporter)
+    best = BestEpoch()
+    history: list[dict] = []
+    stages = _stages(config, weights_info)
+    reporter.total_epochs = sum(n for _, n in stages)
+
+    cache = images_module.ImageCache() if config.cache_images else None
+    bad = _decode_images(config, data.cohort.table["image_path"].tolist(), cache, reporter, cancel)
+    data = drop_unreadable(data, bad, config)
+    train_table, val_table, counts = split_tables(data)
+    selection = select_table(data)
+    y_val = val_table["target"].astype("float64").to_numpy()
+    y_select = selection["target"].astype("float64").to_numpy()
+
+    train_data = ImageBatches.from_table(train_table, config.image_size, batch_size=config.batch_size,
+                                         augment=config.augment,
+                                         balance="none" if config.balance == "class-weight" else config.balance,
+                                         seed=config.seed, cache=cache, workers=config.workers)
+    class_weight = class_weights(train_table["target"].astype("float32").to_numpy()) \
+        if config.balance == "class-weight" else None
+    reporter.steps = len(train_data)
+    val_paths = val_table["image_path"].tolist()
+    val_batch = max(config.batch_size, 32)
+
+    def predict_paths(paths: list, tta: bool = False) -> np.ndarray | None:
+        from melcore.predict import predict_dataset
+
+        sizes = [min(val_batch, len(paths) - s) for s in range(0, len(paths), val_batch)]
+        dataset = PredictionBatches(paths, config.image_size, batch_size=val_batch, cache=cache,
+                                    workers=config.workers)
+
+        def validating(done, total_):
+            batch_no = min(len(sizes), max(1, math.ceil(done / val_batch)))
+            reporter.report(reporter.steps, reporter.loss, {"val_batch": batch_no, "val_steps": len(sizes)},
+                            eta=reporter.eta(reporter.steps, validating=True), stage="validate")
+
+        return predict_dataset(model, dataset, len(paths), sizes, tta, progress=validating,
+                               should_stop=cancel.requested)
+
+    def score_selection() -> dict | None:
+        p = predict_paths(selection["image_path"].tolist())
+        if p is None:
+            return None
+        return {"select_auroc": auroc(y_select, p), "select_loss": bce(y_select, p)}
+
+    callbacks = keras_callbacks(reporter, cancel, best, history, score_selection, config.batch_size)
+    fit_started = time.perf_counter()
+    stage_records = _train_stages(config, model, stages, train_data, class_weight, callbacks, strategy, reporter,
+                                  cancel, best, history)
+    fit_seconds = time.perf_counter() - fit_started
+
+    if best.best_weights is not None:
+        model.set_weights(best.best_weights)
+    metrics: dict[str, Any] = {
+        "kind": "image", "status": "cancelled" if cancel.cancelled else "done", "cancelled": cancel.cancelled,
+        "model": config.model, "clinic": config.clinic, "image_size": config.image_size,
+        "cohort": getattr(data.cohort, "name", None),
+        "best_epoch": best.best_epoch,
+        "best_epoch_select_auroc": best.best_auroc if best.best_epoch else None,
+        "chosen_on": chosen_on(counts),
+        **counts,
+        "excluded": data.excluded, "split": data.split,
+        "history": history, "stages": stage_records, "epochs_run": len(history),
+        "planned_epochs": sum(n for _, n in stages), "early_stopped": best.early_stopped,
+        "weights": weights_info.to_dict(), "from_scratch": bool(weights_info.from_scratch),
+        "device": device, "n_replicas": n_replicas, "deterministic_ops": deterministic, "tta": config.tta,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+    if best.best_weights is not None:
+        out.save_model(model)
+    predictions = None
+    if best.best_weights is not None and not cancel.cancelled:
+        if config.tta:
+            log.info("scoring the validation set with 8-view test-time augmentation")
+        predictions = predict_paths(val_paths, config.tta)
+    cnn_predictions = predictions
+    colour_predictions = None
+    if predictions is not None and config.colour_model:
+        colour_predictions = _colour_scores(config, data, train_table, val_paths, y_val, cnn_predictions, cache, out,
+                                            cancel)
+        predictions = colour_predictions  # None when cancelled during the colour model
+    metrics["scorer"] = "colour-model" if colour_predictions is not None else "cnn"
+    metrics["scorer_description"] = _scorer_description(config, colour_predictions is not None)
+    if predictions is not None:
+        extra = {"cnn_prediction": cnn_predictions} if colour_predictions is not None else {}
+        metrics.update(out.write_validation(val_table, predictions, **extra))
+        if colour_predictions is not None:
+            metrics.update({"cnn_val_auroc": auroc(y_val, cnn_predictions),
+                            "colour_val_auroc": auroc(y_val, colour_predictions),
+                            "cnn_val_loss": bce(y_val, cnn_predictions)})
+    else:
+        metrics.update(NO_VALIDATION)
+        if not cancel.cancelled and best.best_weights is None:
+            raise MelcoreError("training ended without a single validated epoch")
+    if cancel.cancelled:
+        metrics["cancelled"] = True
+        metrics["status"] = "cancelled"
+    seconds = time.perf_counter() - started
+    metrics.update({
+        "seconds": seconds, "train_seconds": reporter.train_seconds, "fit_seconds": fit_seconds,
+        "images_per_second": (reporter.train_images / reporter.train_seconds) if reporter.train_seconds > 0 else None,
+    })
+    out.write_metrics(metrics)
+    if cancel.cancelled:
+        log.warning("run cancelled after %d epoch(s); %s", len(history),
+                    "model.keras holds the best epoch so far" if best.best_weights is not None
+                    else "no epoch finished, no model saved")
+    else:
+        log.info("done in %.1f s: validation AUROC %.4f (best epoch %s), sensitivity %.3f, specificity %.3f at %.2f; "
+                 "%s", seconds, metrics["val_auroc"], best.best_epoch, metrics["sensitivity"],
+                 metrics["specificity"], THRESHOLD, "trained from scratch" if weights_info.from_scratch
+                 else weights_info.note)
+    return out.run(config, metrics, cancel.cancelled)
+
+
+def _colour_scores(config: TrainConfig, data: PreparedData, train_table, val_paths: list, y_val: np.ndarray,
+                   cnn_predictions: np.ndarray, cache, out: RunDir, cancel: Cancellation) -> np.ndarray | None:
+    """Fit the colour/shape model on the training split, save ``colour_model.json`` and score the
+    validation images; None when cancelled (and then no colour model is left behind)."""
+    colour_predictions = None
+    if not cancel.requested():
+        colour_started = time.perf_counter()
+        log.info("fitting the colour/shape model on %d training images", len(train_table))
+        colour_model = colour.fit_colour_model(train_table["image_path"].tolist(),
+                                               train_table["target"].astype("int64").to_numpy(),
+                                               data.cohort.groups.iloc[data.train_idx].to_numpy(), cache=cache,
+                                               workers=config.workers)
+        if not cancel.requested():
+            out.save_colour_model(colour_model)
+            colour_predictions = colour.colour_probabilities(colour_model, val_paths, cache=cache,
+                                                             workers=config.workers)
+            log.info("colour model: validation AUROC %.4f (CNN %.4f), %.1f s; it scores the delivered predictions",
+                     auroc(y_val, colour_predictions), auroc(y_val, cnn_predictions),
+                     time.perf_counter() - colour_started)
+    if colour_predictions is None:
+        out.remove(colour.COLOUR_MODEL_FILE)
+    return colour_predictions
+
+
+def _scorer_description(config: TrainConfig, colour_scores: bool) -> str:
+    """``metrics["scorer_description"]`` of a full-mode run."""
+    if colour_scores:
+        return "colour SVM (RBF) on colour/texture/shape features"
+    from melcore import models
+
+    return f"CNN ({models.get_spec(config.model).name}, trained end to end)"

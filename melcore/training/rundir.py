@@ -1,0 +1,335 @@
+"""A run directory: the files one training run writes, and :class:`Run`, the run read back.
+
+:class:`RunDir` owns the folder: it clears the result files a previous run left
+(:data:`RESULT_FILES`), writes ``config.json``, logs to ``train.log``, saves
+``model.keras``, ``val_predictions.csv`` and the colour model, and writes
+``metrics.json`` (:meth:`RunDir.write_metrics`, the one writer of that file for image runs,
+written last). Files of a run::
+
+    config.json           the resolved TrainConfig
+    train.log             the log of the run
+    model.keras           best weights (melcore.models.load_model / Run.load_model)
+    val_predictions.csv   image_name, patient_id, clinic, target, prediction [, cnn_prediction]
+    colour_model.json     only when a colour model scores (melcore.colour)
+    metrics.json          written last; ``scorer`` says what delivers ``prediction``
+
+Which model delivers the scores is ``metrics["scorer"]`` (``"cnn"`` or ``"colour-model"``) and,
+in words, ``metrics["scorer_description"]``; :func:`run_scorer` reads it, and for run folders
+written before it was recorded falls back to the presence of ``colour_model.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from melcore import settings
+from melcore.colour import COLOUR_MODEL_FILE
+from melcore.errors import MelcoreError
+from melcore.training.callbacks import auroc, bce
+from melcore.training.config import TrainConfig
+
+__all__ = ["RESULT_FILES", "PREDICTION_COLUMNS", "THRESHOLD", "NO_VALIDATION", "SCORER_WORDS", "RunDir", "Run",
+           "run_scorer", "validation_metrics", "default_run_dir", "save_model", "write_json"]
+
+log = logging.getLogger("melcore.train")
+
+#: Files a new run replaces: they are removed when a run starts in an existing folder.
+RESULT_FILES = ("metrics.json", "model.keras", "val_predictions.csv", "train.log", COLOUR_MODEL_FILE)
+PREDICTION_COLUMNS = ("image_name", "patient_id", "clinic", "target", "prediction")
+#: The decision threshold of ``sensitivity`` / ``specificity`` in metrics.json: fixed, chosen by nothing.
+THRESHOLD = 0.5
+#: The validation keys of metrics.json when there are no validation predictions (a cancelled run).
+NO_VALIDATION = {"val_auroc": None, "val_loss": None, "threshold": THRESHOLD, "sensitivity": None,
+                 "specificity": None}
+#: ``metrics["scorer"]`` values in words (the fallback of :attr:`Run.scorer_description`).
+SCORER_WORDS = {"cnn": "CNN", "colour-model": "colour SVM"}
+
+
+def validation_metrics(y: np.ndarray, predictions: np.ndarray) -> dict:
+    """The metrics.json keys of the delivered validation predictions.
+
+    Parameters
+    ----------
+    y : (n,) 0/1 float
+    predictions : (n,) probabilities
+
+    Returns
+    -------
+    dict
+        ``val_auroc``, ``val_loss`` (binary cross-entropy), ``threshold`` (:data:`THRESHOLD`),
+        ``sensitivity``, ``specificity`` and ``at_threshold``
+        (:func:`melcore.metrics.threshold_metrics` at the threshold).
+    """
+    from melcore.metrics import threshold_metrics
+
+    at = threshold_metrics(y.astype(int), np.clip(predictions, 0.0, 1.0), THRESHOLD)
+    return {"val_auroc": auroc(y, predictions), "val_loss": bce(y, predictions), "threshold": THRESHOLD,
+            "sensitivity": at["sensitivity"], "specificity": at["specificity"], "at_threshold": at}
+
+
+def run_scorer(run_dir, metrics: dict | None = None) -> str:
+    """What delivers a run's ``prediction``: ``metrics["scorer"]`` (``"cnn"`` or ``"colour-model"``).
+
+    ``metrics`` defaults to the folder's ``metrics.json``. Runs that do not record it (written
+    before the scorer was recorded, or unfinished) count as ``"colour-model"`` when the folder
+    holds ``colour_model.json`` and ``"cnn"`` otherwise.
+    """
+    run_dir = Path(run_dir)
+    if metrics is None:
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metrics = {}
+    scorer = metrics.get("scorer") if isinstance(metrics, dict) else None
+    if scorer:
+        return str(scorer)
+    return "colour-model" if (run_dir / COLOUR_MODEL_FILE).is_file() else "cnn"
+
+
+@dataclass
+class Run:
+    """A trained (or cancelled) run.
+
+    Attributes
+    ----------
+    run_dir : Path
+    config : TrainConfig
+        The resolved config the run used.
+    metrics : dict
+        The content of ``metrics.json``.
+    cancelled : bool
+        True when ``should_stop`` ended the run early; such a run makes no claim of success.
+    """
+
+    run_dir: Path
+    config: TrainConfig
+    metrics: dict = field(default_factory=dict)
+    cancelled: bool = False
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.run_dir) / "model.keras"
+
+    @property
+    def scorer(self) -> str:
+        """What delivers ``prediction``: ``"colour-model"`` or ``"cnn"`` (see :func:`run_scorer`)."""
+        return run_scorer(self.run_dir, self.metrics)
+
+    @property
+    def scorer_description(self) -> str:
+        """The scorer in words (``metrics["scorer_description"]``), e.g. "logistic head on EfficientNet-Lite0
+        features"; for run folders written before it was recorded, the words for :attr:`scorer`."""
+        return self.metrics.get("scorer_description") or SCORER_WORDS.get(self.scorer, self.scorer)
+
+    @classmethod
+    def load(cls, run_dir) -> "Run":
+        """Read a run directory written by :func:`melcore.training.api.fit`.
+
+        Raises
+        ------
+        MelcoreError
+            No config.json / metrics.json (not a run, or a run that did not finish).
+        """
+        run_dir = Path(run_dir).expanduser().resolve()
+        config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
+        if not config_path.is_file():
+            raise MelcoreError(f"{run_dir} is not a training run (no config.json)")
+        if not metrics_path.is_file():
+            raise MelcoreError(f"{run_dir} holds no metrics.json: the run did not finish (see train.log)")
+        config = TrainConfig.from_json(config_path.read_text(encoding="utf-8"))
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        return cls(run_dir, config, metrics, bool(metrics.get("cancelled", False)))
+
+    def load_model(self):
+        """The best-weights Keras model (``model.keras``), in Keras safe mode."""
+        from melcore.models import load_model
+
+        return load_model(self.model_path)
+
+    def val_predictions(self) -> pd.DataFrame:
+        """``val_predictions.csv`` as a DataFrame."""
+        path = Path(self.run_dir) / "val_predictions.csv"
+        if not path.is_file():
+            raise MelcoreError(f"{path} not found (a cancelled run may have none)")
+        return pd.read_csv(path, dtype={"image_name": str, "patient_id": str, "clinic": str})
+
+
+def default_run_dir(config: TrainConfig, kind: str | None = None) -> Path:
+    """``settings.subdir("runs") / "<YYYYmmdd-HHMMSS>-<model>-<clinic or all>"`` (not created).
+
+    With ``kind`` (e.g. ``"kfold"``, ``"cross-clinic"``: :mod:`melcore.training.crossval`) the name is
+    ``<YYYYmmdd-HHMMSS>-<kind>-<model>-<clinic or all>``. A numeric suffix is added when that
+    folder already exists.
+    """
+    clinic = re.sub(r"[^A-Za-z0-9._-]+", "_", config.clinic or "all").strip("_") or "clinic"
+    prefix = f"{datetime.now():%Y%m%d-%H%M%S}" + (f"-{kind}" if kind else "")
+    base = settings.subdir("runs") / f"{prefix}-{config.model}-{clinic}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+class RunDir:
+    """The folder of one run, and the one writer of its files.
+
+    Parameters
+    ----------
+    path : path
+        The folder (made absolute; created by :meth:`create`).
+
+    Use :meth:`create` to start a run: it makes the folder, removes the result files of an
+    earlier run and writes ``config.json``.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @classmethod
+    def create(cls, path, config: TrainConfig, kind: str | None = None,
+               stale: tuple[str, ...] = RESULT_FILES) -> "RunDir":
+        """Make the folder (default :func:`default_run_dir` of ``config`` and ``kind``), remove the
+        ``stale`` files an earlier run left there and write ``config.json``."""
+        path = Path(path).expanduser() if path is not None else default_run_dir(config, kind)
+        path.mkdir(parents=True, exist_ok=True)
+        run_dir = cls(path.resolve())
+        run_dir.remove(*stale)
+        run_dir.write_json("config.json", config.to_dict())
+        return run_dir
+
+    def remove(self, *names: str) -> None:
+        """Delete these files of the run when they exist."""
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+
+    def write_json(self, name: str, data: dict) -> dict:
+        """Write ``data`` as strict JSON (NaN and inf as null) atomically; returns what was written."""
+        return write_json(self.path / name, data)
+
+    def write_metrics(self, metrics: dict) -> dict:
+        """Write ``metrics.json`` (last, once the other files are in place); returns the cleaned metrics."""
+        return self.write_json("metrics.json", metrics)
+
+    def log(self):
+        """Context manager: the ``melcore.train`` log goes to ``train.log`` while the block runs."""
+        return _run_log(self.path)
+
+    def save_model(self, model) -> None:
+        """``model.keras`` (see :func:`save_model`)."""
+        save_model(model, self.path / "model.keras")
+
+    def save_colour_model(self, colour_model) -> None:
+        """``colour_model.json`` (:class:`melcore.colour.ColourModel`)."""
+        colour_model.save(self.path / COLOUR_MODEL_FILE)
+
+    def write_predictions(self, table: pd.DataFrame, predictions, **extra) -> None:
+        """``val_predictions.csv``: the :data:`PREDICTION_COLUMNS` of ``table`` (validation rows) with
+        ``predictions``, then the ``extra`` columns (e.g. ``cnn_prediction=...``)."""
+        columns = {
+            "image_name": table["image_name"].astype(str),
+            "patient_id": table["patient_id"],
+            "clinic": table["clinic"],
+            "target": table["target"].astype("int64"),
+            "prediction": predictions,
+            **extra,
+        }
+        pd.DataFrame(columns).to_csv(self.path / "val_predictions.csv", index=False)
+
+    def write_validation(self, table: pd.DataFrame, predictions: np.ndarray, **extra) -> dict:
+        """``val_predictions.csv`` (:meth:`write_predictions`); returns its :func:`validation_metrics`."""
+        self.write_predictions(table, predictions, **extra)
+        return validation_metrics(table["target"].astype("float64").to_numpy(), predictions)
+
+    def run(self, config: TrainConfig, metrics: dict, cancelled: bool) -> "Run":
+        """The :class:`Run` of this folder."""
+        return Run(self.path, config, metrics, cancelled)
+
+
+def save_model(model, path: Path) -> None:
+    """Save the weights and graph without the optimizer state (3x smaller for Adam-type optimizers).
+
+    A new functional model over the same layers is uncompiled, so Keras leaves the
+    optimizer out; it loads with :func:`melcore.models.load_model` like the original.
+    """
+    import keras
+
+    # Single tensors, not one-element lists: a list-output model reloads as a
+    # multi-output graph, which Grad-CAM and callers indexing the output reject.
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+    bare = keras.Model(inputs, outputs, name=model.name)
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    bare.save(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> dict:
+    """Write ``data`` to ``path`` as strict JSON (NaN / inf -> null), through a temporary sibling."""
+    data = _clean_floats(data)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return data
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _clean_floats(value):
+    """NaN / inf -> None, recursively (metrics.json stays strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _clean_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_floats(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+@contextlib.contextmanager
+def _run_log(run_dir: Path):
+    """Log ``melcore.train`` (and its children) to ``run_dir/train.log`` while the block runs."""
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    previous = log.level
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        log.setLevel(previous)
