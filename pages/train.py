@@ -2,7 +2,7 @@
 
 Training never runs inside a Streamlit script run. The form only validates the
 config (:func:`melcore.training.config.validate`) and queues jobs in the store
-(:func:`melcore.commands.jobs.submit_jobs`); a detached background worker
+(:func:`melcore.jobs.submit_jobs`); a detached background worker
 (``python -m trainers.worker``, started by :func:`trainers.launch.ensure_worker`
 when no worker has a live heartbeat) claims and runs them. A page reload, a second
 user or a closed tab therefore neither stops nor duplicates a job.
@@ -23,10 +23,10 @@ import streamlit as st
 import trainers.launch as launch  # looked up at call time (launch.ensure_worker), so tests can replace it
 from melcore import augment
 from melcore import registry as models
-from melcore.commands.jobs import submit_jobs, submit_meta_job
 from melcore.compare import weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
+from melcore.jobs import submit_jobs, submit_meta_job
 from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from melcore.safety import escape_markdown

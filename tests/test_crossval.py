@@ -206,8 +206,9 @@ def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch):
 
 
 def test_worker_runs_kfold_and_cross_clinic_jobs(easy_dir):
+    from melcore.jobs import JOB_KINDS
     from melcore.store import Store
-    from trainers.worker import JOB_KINDS, Worker
+    from trainers.worker import Worker
 
     assert {"kfold", "cross-clinic"} <= set(JOB_KINDS)
     store = Store()

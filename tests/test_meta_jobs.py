@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from melcore.commands.jobs import submit_meta_job
+from melcore.jobs import submit_meta_job
 from melcore.errors import CancelledError, ConfigError, MelcoreError
 from melcore.meta import cross_validate_meta, meta_job_config, stored_image_scores, train_meta_run
 from melcore.metrics import auroc

@@ -484,7 +484,7 @@ def test_the_page_icon_is_a_file_this_server_serves(monkeypatch):
 
 
 def test_two_stores_sharing_a_home_never_share_a_run_folder(tmp_path):
-    from trainers.worker import new_run_dir
+    from melcore.jobs import new_run_dir
 
     job = {"id": 1}
     other_store_run = settings.subdir("runs") / "job-00001-basic-cnn"  # the naming that collided
@@ -497,6 +497,7 @@ def test_two_stores_sharing_a_home_never_share_a_run_folder(tmp_path):
 
 
 def test_the_worker_trains_each_job_in_a_new_folder(tmp_path, monkeypatch, demo_dir):
+    import melcore.jobs as jobs
     import trainers.worker as worker
 
     store_a, store_b = Store(f"sqlite:///{tmp_path / 'a.db'}"), Store(f"sqlite:///{tmp_path / 'b.db'}")
@@ -512,7 +513,7 @@ def test_the_worker_trains_each_job_in_a_new_folder(tmp_path, monkeypatch, demo_
         job = {"id": 1, "dataset_id": dataset_id, "config": {}}
         ctx = worker.JobContext(store, job, None)
         with pytest.raises(MelcoreError, match="stop after"):
-            worker._train_and_record(ctx, None, "basic-cnn", fake_train)
+            jobs._train_and_record(ctx, None, "basic-cnn", fake_train)
     assert len(seen) == 2 and seen[0] != seen[1]
     assert all(p.parent == settings.subdir("runs") for p in seen)
 

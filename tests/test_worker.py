@@ -164,6 +164,6 @@ def test_jobs_cli_submit_list_and_validation(queue, db_url):
 
 
 def test_no_mirrored_strategy_on_a_single_device():
-    from trainers.worker import distribution_strategy
+    from melcore.jobs import distribution_strategy
 
     assert distribution_strategy() is None

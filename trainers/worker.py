@@ -21,13 +21,11 @@ import sys
 import threading
 import time
 import traceback
-import uuid
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from melcore import settings
 from melcore.caches import MAX_SIZE_VARIABLE, auto_prune, format_size
 from melcore.errors import MelcoreError
+from melcore.jobs import get_job_kind
 from melcore.store import Store, StoreError, default_worker_id
 
 log = logging.getLogger("melreview.worker")
@@ -81,162 +79,6 @@ class JobContext:
         return "\n".join(self.log_buffer.getvalue().splitlines()[-lines:])
 
 
-def run_train_job(ctx: JobContext) -> tuple[str, int | None]:
-    """Train one model as the job's config says; returns (final state, run id)."""
-    from melcore.training.api import fit
-    from melcore.training.config import TrainConfig
-
-    config = TrainConfig.from_dict(ctx.job["config"])
-    return _train_and_record(ctx, config, config.model, fit)
-
-
-def _train_and_record(ctx: JobContext, config, label: str, train, *args) -> tuple[str, int | None]:
-    """``train(config, cohort, *args, ...)`` on the job's dataset into ``runs/job-<id>-<label>``, then recorded.
-
-    ``train`` is :func:`melcore.training.api.fit` or one of its kin (``fit_folds``, ``cross_clinic``): it
-    gets the job's progress/cancel callbacks and :func:`distribution_strategy`. Returns (final
-    state, run id): ("cancelled", None) when the job was cancelled, else ("done", id).
-    """
-    job = ctx.job
-    if job.get("dataset_id") is None:
-        raise MelcoreError("the job names no dataset; submit it with a dataset")
-    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
-    run_dir = new_run_dir(job, label)
-    run = train(config, cohort, *args, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
-                strategy=distribution_strategy())
-    if getattr(run, "cancelled", False) or ctx.cancelled.is_set():
-        return "cancelled", None
-    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
-
-
-def new_run_dir(job: dict, label: str) -> Path:
-    """A new, empty folder ``runs/job-<id>-<label>-<random>`` for one attempt at a job, made atomically.
-
-    Job ids restart with every store, and several stores (SQLite, then PostgreSQL) may
-    share one ``MELREVIEW_HOME``: the random part and ``mkdir`` without ``exist_ok`` make
-    sure an attempt never writes into another store's run, or another attempt's.
-    """
-    runs = settings.subdir("runs")
-    while True:
-        path = runs / f"job-{job['id']:05d}-{label}-{uuid.uuid4().hex[:8]}"
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-
-
-def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None) -> int:
-    """Register a finished :class:`melcore.training.rundir.Run` (its metrics and validation predictions) in the store."""
-    import pandas as pd
-
-    config = run.config.to_dict() if hasattr(run.config, "to_dict") else dict(run.config)
-    metrics = dict(run.metrics)
-    weights = metrics.get("weights") or {}
-    name = f"{config.get('name') or config.get('model')} · {config.get('clinic') or 'all clinics'} · " \
-        f"{Path(run.run_dir).name}"
-    run_id = store.add_run(name, run.run_dir, dataset_id=dataset_id, job_id=job_id, model=config.get("model"),
-                           clinic=config.get("clinic"), kind=metrics.get("kind", "image"), config=config,
-                           metrics=metrics, from_scratch=bool(weights.get("from_scratch")),
-                           notes=weights.get("note"))
-    for split, filename in (("val", "val_predictions.csv"), ("oof", "oof_predictions.csv")):
-        path = Path(run.run_dir) / filename
-        if path.exists():
-            store.add_predictions(run_id, pd.read_csv(path, dtype={"image_name": str}), split=split)
-    return run_id
-
-
-def run_kfold_job(ctx: JobContext) -> tuple[str, int | None]:
-    """Train every fold (``config["n_folds"]``, default 5); records oof_predictions.csv as split "oof"."""
-    from melcore.training.config import TrainConfig
-    from melcore.training.crossval import fit_folds
-
-    config = TrainConfig.from_dict(ctx.job["config"])
-    return _train_and_record(ctx, config, f"kfold-{config.model}", fit_folds, config.n_folds)
-
-
-def run_cross_clinic_job(ctx: JobContext) -> tuple[str, int | None]:
-    """Train on each clinic and score the others; the run (kind "cross-clinic") feeds the Compare heatmap.
-
-    Without a ``mode`` in the job's config, fast-head is used on a CPU (see
-    :func:`melcore.training.crossval.default_cross_clinic_mode`).
-    """
-    from melcore.training.config import TrainConfig
-    from melcore.training.crossval import cross_clinic, default_cross_clinic_mode
-
-    data = dict(ctx.job["config"])
-    data.setdefault("mode", default_cross_clinic_mode())
-    config = TrainConfig.from_dict(data)
-    return _train_and_record(ctx, config, f"cross-clinic-{config.model}", cross_clinic)
-
-
-def run_meta_job(ctx: JobContext) -> tuple[str, int | None]:
-    """The metadata / patient-context model (no images), optionally fused with an image run's stored scores.
-
-    Patient-grouped K-fold CV of :func:`melcore.meta.train_meta_run`; the run (kind "meta") stores its
-    out-of-fold predictions as split "oof", so the Compare page ranks it beside the image models.
-    Progress is reported per fold; a cancel stops before the next fold.
-    """
-    import math
-
-    from melcore import meta
-    from melcore.errors import CancelledError
-
-    job = ctx.job
-    config = meta.meta_job_config(job["config"])
-    if job.get("dataset_id") is None:
-        raise MelcoreError("the job names no dataset; submit it with a dataset")
-    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
-    image_scores, source = None, None
-    if config["image_run_id"] is not None:
-        image_scores, split = meta.stored_image_scores(ctx.store, config["image_run_id"])
-        source = f"run #{config['image_run_id']} ({split} predictions, {len(image_scores):,} images)"
-        log.info("image scores from %s", source)
-    run_dir = new_run_dir(job, "meta")  # a requeued attempt gets a folder of its own
-
-    def fold_done(done: int, total: int) -> None:
-        ctx.report(done, 0, math.nan, {"stage": "fold", "epochs": total, "end_of_epoch": True})
-
-    try:
-        metrics = meta.train_meta_run(
-            cohort, run_dir, n_folds=config["n_folds"], seed=config["seed"], feature_set=config["feature_set"],
-            image_scores=image_scores, progress=fold_done, log=log.info, should_stop=ctx.should_stop,
-            config_extra={"image_run_id": config["image_run_id"], "image_scores_from": source})
-    except CancelledError as exc:
-        log.info("%s", exc)
-        return "cancelled", None
-    metrics["kind"] = "meta"
-    name = "patient context" + (f" + run #{config['image_run_id']}" if "fusion" in metrics else "")
-    run_config = {**config, "model": metrics.get("model", "meta"), "name": name, "image_scores_from": source}
-    run = _RecordedRun(config=run_config, metrics=metrics, run_dir=run_dir)
-    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
-
-
-class _RecordedRun:
-    """What :func:`record_run` reads of a run: its config, metrics and folder."""
-
-    def __init__(self, config: dict, metrics: dict, run_dir: Path):
-        self.config, self.metrics, self.run_dir = config, metrics, run_dir
-
-
-JOB_KINDS: dict[str, Callable[[JobContext], tuple[str, int | None]]] = {
-    "train": run_train_job,
-    "kfold": run_kfold_job,
-    "cross-clinic": run_cross_clinic_job,
-    "meta": run_meta_job,
-}
-
-
-def distribution_strategy():
-    """MirroredStrategy across the GPUs when more than one is visible, else None (the default device)."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
-    return None
-
-
 def _heartbeat_loop(ctx: JobContext, token: str, worker_id: str, done: threading.Event) -> None:
     history: list[dict] | None = None
     while not done.wait(BEAT_EVERY):
@@ -276,10 +118,7 @@ def run_job(store: Store, job: dict, worker_id: str) -> str:
         if store.is_cancel_requested(job["id"]):
             state = "cancelled"
         else:
-            kind = JOB_KINDS.get(job["kind"])
-            if kind is None:
-                raise MelcoreError(f"unknown job kind {job['kind']!r}; this worker runs {', '.join(JOB_KINDS)}")
-            state, run_id = kind(ctx)
+            state, run_id = get_job_kind(job["kind"]).run(ctx)
     except MelcoreError as exc:
         state, error = "failed", str(exc)
         log.error("job %s failed: %s", job["id"], exc)

@@ -8,10 +8,8 @@ import time
 
 from melcore.commands._listing import dataset_arg, print_listing
 from melcore.errors import ConfigError
+from melcore.jobs import JOB_KINDS, submit_jobs, submit_meta_job
 from melcore.store import Store
-
-JOB_KINDS = ("train", "kfold", "cross-clinic")
-"""Image-model job kinds (a :class:`melcore.training.config.TrainConfig`); ``meta`` jobs go through :func:`submit_meta_job`."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,10 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit = actions.add_parser("submit", help="queue a training job; prints its id")
     submit.add_argument("--dataset", required=True, metavar="NAME", help="a registered dataset (name or id)")
     submit.add_argument("--each-clinic", action="store_true", help="queue one job per clinic of the dataset")
-    submit.add_argument("--kind", choices=JOB_KINDS + ("meta",), default="train",
-                        help="train (one model), kfold (every fold of --folds K, out-of-fold predictions), "
-                             "cross-clinic (train on each clinic, score the others) or meta (metadata and "
-                             "patient-context model, no images; --folds, --seed, --meta-features, --image-run)")
+    submit.add_argument("--kind", choices=tuple(JOB_KINDS), default="train",
+                        help=", ".join(f"{kind.name} ({kind.description})" for kind in JOB_KINDS.values())
+                        + "; meta jobs take --folds, --seed, --meta-features, --image-run")
     submit.add_argument("--meta-features", choices=("context", "baseline"), default="context",
                         help="meta jobs: patient-context features (default) or the baseline set")
     submit.add_argument("--image-run", type=int, metavar="RUN", default=None,
@@ -36,47 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--limit", type=int, default=50)
     cancel = actions.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id", type=int, metavar="ID")
-
-
-def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train") -> list[int]:
-    """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids."""
-    from dataclasses import replace
-
-    from melcore.training.config import validate
-
-    if kind not in JOB_KINDS:
-        raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(JOB_KINDS)}")
-    if kind == "cross-clinic" and (each_clinic or config.clinic is not None):
-        raise ConfigError("a cross-clinic job trains on every clinic itself; give no clinic")
-    validate(config)
-    clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
-    if config.clinic is not None and clinics and config.clinic not in clinics:
-        raise ConfigError(f"dataset {dataset['name']!r} has no clinic {config.clinic!r}; "
-                          f"its clinics: {', '.join(clinics)}")
-    if each_clinic:
-        if not clinics:
-            raise ConfigError(f"dataset {dataset['name']!r} has no clinic column to split by")
-        configs = [replace(config, clinic=clinic) for clinic in clinics]
-    else:
-        configs = [config]
-    return [store.submit_job(c.to_dict(), dataset_id=dataset["id"], kind=kind) for c in configs]
-
-
-def submit_meta_job(store: Store, dataset: dict, values: dict | None = None) -> int:
-    """Validate a patient-context job (:func:`melcore.meta.meta_job_config`) and queue it; returns its id.
-
-    An ``image_run_id`` must name a run of the same dataset with stored predictions.
-    """
-    from melcore.meta import meta_job_config, stored_image_scores
-
-    config = meta_job_config(values)
-    run_id = config["image_run_id"]
-    if run_id is not None:
-        run = store.get_run(run_id)
-        if run.get("dataset_id") != dataset["id"]:
-            raise ConfigError(f"run #{run_id} belongs to another dataset; fuse with a run of {dataset['name']!r}")
-        stored_image_scores(store, run_id)  # refuses a run without stored scores now, not in the worker
-    return store.submit_job(config, dataset_id=dataset["id"], kind="meta")
 
 
 def _job_line(job: dict) -> str:
@@ -108,9 +64,9 @@ def _submitted(store: Store, ids: list[int]) -> int:
 def run(args: argparse.Namespace) -> int:
     store = Store(args.db)
     if args.action == "submit":
-        from melcore.commands.train import config_from_args
-
         from dataclasses import replace
+
+        from melcore.commands.train import config_from_args
 
         if args.kind == "meta":
             if args.each_clinic:

@@ -1,0 +1,269 @@
+"""Kinds of background job: one registry (:data:`JOB_KINDS`) for the CLI, the Train page and the worker.
+
+A :class:`JobKind` says what a job of that kind is and does, in one place:
+
+* **validate** (at submit time, before anything is queued): :func:`submit_jobs` for the image-model
+  kinds (the config is a :class:`melcore.training.config.TrainConfig`), :func:`submit_meta_job`
+  for ``meta`` (:func:`melcore.meta.meta_job_config`);
+* **run**: ``kind.run(ctx)`` trains on the job's dataset and returns ``(final state, run id)``;
+  ``ctx`` is the worker's job context (``store``, ``job``, ``report`` (the ``progress`` callback
+  of :func:`melcore.training.api.fit`), ``should_stop()``, ``cancelled`` (an event));
+* **record**: :func:`record_run` registers the finished run, its metrics and its predictions
+  (``val_predictions.csv`` as split "val", ``oof_predictions.csv`` as "oof") in the store.
+
+``python -m melcore jobs submit --kind`` offers :data:`JOB_KINDS`; the worker
+(:mod:`trainers.worker`) looks the claimed job's kind up here.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from melcore import settings
+from melcore.errors import ConfigError, MelcoreError
+from melcore.store import Store
+
+__all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job", "record_run",
+           "new_run_dir", "distribution_strategy"]
+
+log = logging.getLogger("melcore.jobs")
+
+
+def run_train_job(ctx) -> tuple[str, int | None]:
+    """Train one model as the job's config says; returns (final state, run id)."""
+    from melcore.training.api import fit
+    from melcore.training.config import TrainConfig
+
+    config = TrainConfig.from_dict(ctx.job["config"])
+    return _train_and_record(ctx, config, config.model, fit)
+
+
+def _train_and_record(ctx, config, label: str, train, *args) -> tuple[str, int | None]:
+    """``train(config, cohort, *args, ...)`` on the job's dataset into ``runs/job-<id>-<label>``, then recorded.
+
+    ``train`` is :func:`melcore.training.api.fit` or one of its kin (``fit_folds``, ``cross_clinic``): it
+    gets the job's progress/cancel callbacks and :func:`distribution_strategy`. Returns (final
+    state, run id): ("cancelled", None) when the job was cancelled, else ("done", id).
+    """
+    job = ctx.job
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
+    run_dir = new_run_dir(job, label)
+    run = train(config, cohort, *args, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
+                strategy=distribution_strategy())
+    if getattr(run, "cancelled", False) or ctx.cancelled.is_set():
+        return "cancelled", None
+    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+
+
+def new_run_dir(job: dict, label: str) -> Path:
+    """A new, empty folder ``runs/job-<id>-<label>-<random>`` for one attempt at a job, made atomically.
+
+    Job ids restart with every store, and several stores (SQLite, then PostgreSQL) may
+    share one ``MELREVIEW_HOME``: the random part and ``mkdir`` without ``exist_ok`` make
+    sure an attempt never writes into another store's run, or another attempt's.
+    """
+    runs = settings.subdir("runs")
+    while True:
+        path = runs / f"job-{job['id']:05d}-{label}-{uuid.uuid4().hex[:8]}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+
+
+def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None) -> int:
+    """Register a finished :class:`melcore.training.rundir.Run` (its metrics and validation predictions) in the store."""
+    import pandas as pd
+
+    config = run.config.to_dict() if hasattr(run.config, "to_dict") else dict(run.config)
+    metrics = dict(run.metrics)
+    weights = metrics.get("weights") or {}
+    name = f"{config.get('name') or config.get('model')} · {config.get('clinic') or 'all clinics'} · " \
+        f"{Path(run.run_dir).name}"
+    run_id = store.add_run(name, run.run_dir, dataset_id=dataset_id, job_id=job_id, model=config.get("model"),
+                           clinic=config.get("clinic"), kind=metrics.get("kind", "image"), config=config,
+                           metrics=metrics, from_scratch=bool(weights.get("from_scratch")),
+                           notes=weights.get("note"))
+    for split, filename in (("val", "val_predictions.csv"), ("oof", "oof_predictions.csv")):
+        path = Path(run.run_dir) / filename
+        if path.exists():
+            store.add_predictions(run_id, pd.read_csv(path, dtype={"image_name": str}), split=split)
+    return run_id
+
+
+def run_kfold_job(ctx) -> tuple[str, int | None]:
+    """Train every fold (``config["n_folds"]``, default 5); records oof_predictions.csv as split "oof"."""
+    from melcore.training.config import TrainConfig
+    from melcore.training.crossval import fit_folds
+
+    config = TrainConfig.from_dict(ctx.job["config"])
+    return _train_and_record(ctx, config, f"kfold-{config.model}", fit_folds, config.n_folds)
+
+
+def run_cross_clinic_job(ctx) -> tuple[str, int | None]:
+    """Train on each clinic and score the others; the run (kind "cross-clinic") feeds the Compare heatmap.
+
+    Without a ``mode`` in the job's config, fast-head is used on a CPU (see
+    :func:`melcore.training.crossval.default_cross_clinic_mode`).
+    """
+    from melcore.training.config import TrainConfig
+    from melcore.training.crossval import cross_clinic, default_cross_clinic_mode
+
+    data = dict(ctx.job["config"])
+    data.setdefault("mode", default_cross_clinic_mode())
+    config = TrainConfig.from_dict(data)
+    return _train_and_record(ctx, config, f"cross-clinic-{config.model}", cross_clinic)
+
+
+def run_meta_job(ctx) -> tuple[str, int | None]:
+    """The metadata / patient-context model (no images), optionally fused with an image run's stored scores.
+
+    Patient-grouped K-fold CV of :func:`melcore.meta.train_meta_run`; the run (kind "meta") stores its
+    out-of-fold predictions as split "oof", so the Compare page ranks it beside the image models.
+    Progress is reported per fold; a cancel stops before the next fold.
+    """
+    import math
+
+    from melcore import meta
+    from melcore.errors import CancelledError
+
+    job = ctx.job
+    config = meta.meta_job_config(job["config"])
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
+    image_scores, source = None, None
+    if config["image_run_id"] is not None:
+        image_scores, split = meta.stored_image_scores(ctx.store, config["image_run_id"])
+        source = f"run #{config['image_run_id']} ({split} predictions, {len(image_scores):,} images)"
+        log.info("image scores from %s", source)
+    run_dir = new_run_dir(job, "meta")  # a requeued attempt gets a folder of its own
+
+    def fold_done(done: int, total: int) -> None:
+        ctx.report(done, 0, math.nan, {"stage": "fold", "epochs": total, "end_of_epoch": True})
+
+    try:
+        metrics = meta.train_meta_run(
+            cohort, run_dir, n_folds=config["n_folds"], seed=config["seed"], feature_set=config["feature_set"],
+            image_scores=image_scores, progress=fold_done, log=log.info, should_stop=ctx.should_stop,
+            config_extra={"image_run_id": config["image_run_id"], "image_scores_from": source})
+    except CancelledError as exc:
+        log.info("%s", exc)
+        return "cancelled", None
+    metrics["kind"] = "meta"
+    name = "patient context" + (f" + run #{config['image_run_id']}" if "fusion" in metrics else "")
+    run_config = {**config, "model": metrics.get("model", "meta"), "name": name, "image_scores_from": source}
+    run = _RecordedRun(config=run_config, metrics=metrics, run_dir=run_dir)
+    return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
+
+
+class _RecordedRun:
+    """What :func:`record_run` reads of a run: its config, metrics and folder."""
+
+    def __init__(self, config: dict, metrics: dict, run_dir: Path):
+        self.config, self.metrics, self.run_dir = config, metrics, run_dir
+
+
+def distribution_strategy():
+    """MirroredStrategy across the GPUs when more than one is visible, else None (the default device)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    return None
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job.
+
+    Attributes
+    ----------
+    name : str
+        The store's ``kind`` of the job and the CLI's ``--kind``.
+    description : str
+        One sentence for ``--help`` and the pages.
+    image_model : bool
+        The job's config is a TrainConfig (validated by :func:`submit_jobs`); else it is the
+        ``meta`` job's (validated by :func:`submit_meta_job`).
+    run : callable(ctx) -> (state, run id)
+        Trains and records the job (see the module docstring for ``ctx``).
+    """
+
+    name: str
+    description: str
+    image_model: bool
+    run: Callable[[Any], tuple[str, "int | None"]]
+
+
+#: name -> :class:`JobKind`, in menu order.
+JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
+    JobKind("train", "one model", True, run_train_job),
+    JobKind("kfold", "every fold of --folds K, out-of-fold predictions", True, run_kfold_job),
+    JobKind("cross-clinic", "train on each clinic, score the others", True, run_cross_clinic_job),
+    JobKind("meta", "metadata and patient-context model, no images", False, run_meta_job),
+)}
+#: The kinds whose config is a TrainConfig.
+IMAGE_JOB_KINDS = tuple(name for name, kind in JOB_KINDS.items() if kind.image_model)
+
+
+def get_job_kind(name: str) -> JobKind:
+    """The :class:`JobKind` called ``name``.
+
+    Raises
+    ------
+    MelcoreError
+        Unknown kind; the message lists the known ones.
+    """
+    if name not in JOB_KINDS:
+        raise MelcoreError(f"unknown job kind {name!r}; this worker runs {', '.join(JOB_KINDS)}")
+    return JOB_KINDS[name]
+
+
+def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train") -> list[int]:
+    """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids."""
+    from dataclasses import replace
+
+    from melcore.training.config import validate
+
+    if kind not in IMAGE_JOB_KINDS:
+        raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(IMAGE_JOB_KINDS)}")
+    if kind == "cross-clinic" and (each_clinic or config.clinic is not None):
+        raise ConfigError("a cross-clinic job trains on every clinic itself; give no clinic")
+    validate(config)
+    clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
+    if config.clinic is not None and clinics and config.clinic not in clinics:
+        raise ConfigError(f"dataset {dataset['name']!r} has no clinic {config.clinic!r}; "
+                          f"its clinics: {', '.join(clinics)}")
+    if each_clinic:
+        if not clinics:
+            raise ConfigError(f"dataset {dataset['name']!r} has no clinic column to split by")
+        configs = [replace(config, clinic=clinic) for clinic in clinics]
+    else:
+        configs = [config]
+    return [store.submit_job(c.to_dict(), dataset_id=dataset["id"], kind=kind) for c in configs]
+
+
+def submit_meta_job(store: Store, dataset: dict, values: dict | None = None) -> int:
+    """Validate a patient-context job (:func:`melcore.meta.meta_job_config`) and queue it; returns its id.
+
+    An ``image_run_id`` must name a run of the same dataset with stored predictions.
+    """
+    from melcore.meta import meta_job_config, stored_image_scores
+
+    config = meta_job_config(values)
+    run_id = config["image_run_id"]
+    if run_id is not None:
+        run = store.get_run(run_id)
+        if run.get("dataset_id") != dataset["id"]:
+            raise ConfigError(f"run #{run_id} belongs to another dataset; fuse with a run of {dataset['name']!r}")
+        stored_image_scores(store, run_id)  # refuses a run without stored scores now, not in the worker
+    return store.submit_job(config, dataset_id=dataset["id"], kind="meta")

@@ -1,0 +1,127 @@
+"""The training core's contracts that need no training: config checks, the run folder, the registries."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from melcore.errors import ConfigError, MelcoreError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.check_int("epochs", 0, 1), "epochs must be positive, got 0"),
+    (lambda c: c.check_int("seed", True, 0), "seed must be an integer, got True"),
+    (lambda c: c.check_int("n_folds", 1, 2), "n_folds must be >= 2, got 1"),
+    (lambda c: c.check_float("learning rate", float("nan")), "learning rate must be finite, got nan"),
+    (lambda c: c.check_fraction("val_fraction", 1.5), "val_fraction must be between 0 and 1 (e.g. 0.2), got 1.5"),
+    (lambda c: c.check_bool("tta", 1), "tta must be true or false, got 1"),
+    (lambda c: c.check_choice("optimizer", "rmsprop", ("sgd", "adam")),
+     "unknown optimizer 'rmsprop'; valid optimizers: sgd, adam"),
+])
+def test_checks_name_the_field_the_value_and_what_is_valid(call, message):
+    from melcore import checks
+
+    with pytest.raises(ConfigError) as excinfo:
+        call(checks)
+    assert str(excinfo.value) == message
+
+
+def test_checks_return_canonical_values():
+    from melcore import checks
+
+    assert checks.check_int("epochs", 3.0, 1) == 3 and checks.check_choice("schedule", " Cosine ", ("cosine",)) == "cosine"
+    assert checks.check_choice("balance", "class_weight", ("class-weight",)) == "class-weight"
+
+
+def test_the_config_gives_the_checks_messages():
+    from melcore.training.config import TrainConfig, validate
+
+    with pytest.raises(ConfigError, match="select_fraction \\(share of the training patients that choose the best "
+                                          "epoch\\) must be between 0 and 1"):
+        validate(TrainConfig(model="cnn-bn", select_fraction=0.0))
+    with pytest.raises(ConfigError, match="unknown preset 'fast'; valid presets: cpu-default, colour-svm"):
+        validate(TrainConfig(model="cnn-bn", preset="fast"))
+
+
+def test_a_run_folder_starts_without_the_results_of_an_earlier_run(tmp_path):
+    from melcore.colour import COLOUR_MODEL_FILE
+    from melcore.training.config import TrainConfig
+    from melcore.training.rundir import RESULT_FILES, RunDir
+
+    for name in RESULT_FILES:
+        (tmp_path / name).write_text("old")
+    (tmp_path / "notes.txt").write_text("kept")
+    config = TrainConfig(model="cnn-bn", mode="fast-head")
+    out = RunDir.create(tmp_path, config)
+    assert COLOUR_MODEL_FILE in RESULT_FILES and not any((tmp_path / name).exists() for name in RESULT_FILES)
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+    assert json.loads((tmp_path / "config.json").read_text())["mode"] == "fast-head"
+    written = out.write_metrics({"val_auroc": float("nan"), "n": 3})
+    assert written == {"val_auroc": None, "n": 3} == json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_the_scorer_is_read_from_metrics_with_the_colour_model_file_for_old_runs(tmp_path):
+    from melcore.colour import COLOUR_MODEL_FILE
+    from melcore.training.rundir import run_scorer
+
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    (recorded / "metrics.json").write_text(json.dumps({"scorer": "colour-model"}))
+    assert run_scorer(recorded) == "colour-model"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({"val_auroc": 0.7}))
+    assert run_scorer(old) == "cnn"
+    (old / COLOUR_MODEL_FILE).write_text("{}")
+    assert run_scorer(old) == "colour-model"
+    assert run_scorer(tmp_path / "missing") == "cnn"
+
+
+def test_every_training_mode_has_one_trainer():
+    from melcore.training import api
+    from melcore.training.config import MODES
+
+    assert set(api.TRAINERS) == set(MODES)
+
+
+def test_one_job_kind_registry_for_the_cli_and_the_worker():
+    import argparse
+
+    from melcore import jobs
+    from melcore.commands import jobs as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    submit = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("submit"))
+    kind = next(a for a in submit._actions if a.dest == "kind")
+    assert tuple(kind.choices) == tuple(jobs.JOB_KINDS)
+    assert set(jobs.IMAGE_JOB_KINDS) == {"train", "kfold", "cross-clinic"}
+    with pytest.raises(MelcoreError, match="unknown job kind 'pixels'; this worker runs train, kfold, cross-clinic, meta"):
+        jobs.get_job_kind("pixels")
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_pages_never_import_the_command_line():
+    files = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]
+    offending = {f.name: sorted(n for n in _imports(f) if n == "melcore.commands" or n.startswith("melcore.commands."))
+                 for f in files}
+    assert {name: found for name, found in offending.items() if found} == {}
+
+
+def test_no_training_mode_imports_the_dispatcher():
+    training = ROOT / "melcore" / "training"
+    for name in ("image.py", "fast_head.py", "prepare.py", "callbacks.py", "rundir.py", "config.py", "recipes.py"):
+        assert not any(n.startswith("melcore.training.api") for n in _imports(training / name)), name
