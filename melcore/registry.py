@@ -81,6 +81,7 @@ class ModelSpec:
         default_batch_size: a batch that fits CPU RAM / a common GPU at the default size.
         head_hidden_units: hidden Dense widths of the head (``()`` = dropout + one Dense).
         head_batch_norm: BatchNormalization after each hidden Dense.
+        conv_batch_norm: BatchNormalization after each convolution (the ``cnn`` family).
         finetune_blocks: block groups unfrozen by ``set_trainable(model, "fine-tune")``.
         finetune_lr_factor: fine-tune LR = ``default_learning_rate * finetune_lr_factor``.
     """
@@ -101,6 +102,7 @@ class ModelSpec:
     default_batch_size: int
     head_hidden_units: tuple[int, ...] = ()
     head_batch_norm: bool = False
+    conv_batch_norm: bool = False
     finetune_blocks: int = 2
     finetune_lr_factor: float = 0.1
     variant: str = ""  # "b0".."b7" for EfficientNets, "lite0".."lite4" for EfficientNet-Lite
@@ -158,8 +160,8 @@ def _make_registry() -> dict[str, ModelSpec]:
             default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
             default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-4,
             default_schedule="cosine", default_augment="isic-strong", default_dropout=0.3,
-            default_batch_size=32, head_hidden_units=(128, 64), head_batch_norm=True, finetune_blocks=2,
-            finetune_lr_factor=0.1),
+            default_batch_size=32, head_hidden_units=(128, 64), head_batch_norm=True, conv_batch_norm=True,
+            finetune_blocks=2, finetune_lr_factor=0.1),
         ModelSpec(
             name="resnet50", family="resnet",
             description="ResNet50 (keras.applications, ImageNet weights): head-only on the frozen base, "

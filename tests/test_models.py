@@ -260,13 +260,13 @@ def test_bad_weights_files_raise_config_errors_naming_the_file(tmp_path):
 @pytest.fixture
 def unreachable_weights_server(monkeypatch, tmp_path):
     """Keep the real file names and hashes, but point downloads at a closed local port and an empty cache."""
-    real = models._pretrained_file
+    real = models.pretrained_weights
 
     def local(spec):
-        file_name, url, file_hash, label = real(spec)
-        return file_name, "http://127.0.0.1:9/" + file_name, file_hash, label
+        weights = real(spec)
+        return weights._replace(url="http://127.0.0.1:9/" + weights.file_name)
 
-    monkeypatch.setattr(models, "_pretrained_file", local)
+    monkeypatch.setattr(models, "pretrained_weights", local)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
 
 
@@ -288,12 +288,16 @@ def test_imagenet_download_failure(name, file_name, unreachable_weights_server):
 
 
 def test_published_weights_urls_come_from_the_libraries():
-    file_name, url, md5, label = models._pretrained_file(models.get_spec("efficientnet-b3"))
-    assert url.endswith("/efficientnetb3_notop.h5") and url.startswith("https://") and len(md5) == 32
-    file_name, url, md5, label = models._pretrained_file(models.get_spec("efficientnet-b3-ns"))
-    assert file_name == "efficientnet-b3_noisy-student_notop.h5" and label == "noisy-student"
+    b3 = models.pretrained_weights(models.get_spec("efficientnet-b3"))
+    assert b3.url.endswith("/efficientnetb3_notop.h5") and b3.url.startswith("https://") and len(b3.file_hash) == 32
+    ns = models.pretrained_weights(models.get_spec("efficientnet-b3-ns"))
+    assert ns.file_name == "efficientnet-b3_noisy-student_notop.h5" and ns.label == "noisy-student"
     with pytest.raises(ConfigError, match="no published pretrained weights"):
-        models._pretrained_file(models.get_spec("cnn-bn"))
+        models.pretrained_weights(models.get_spec("cnn-bn"))
+
+
+def test_every_registered_model_has_a_registered_family():
+    assert {spec.family for spec in models.REGISTRY.values()} == set(models.FAMILIES)
 
 
 def test_imagenet_for_a_from_scratch_model():
