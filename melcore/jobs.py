@@ -79,7 +79,7 @@ def new_run_dir(job: dict, label: str) -> Path:
 
 
 def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None) -> int:
-    """Register a finished :class:`melcore.training.rundir.Run` (its metrics and validation predictions) in the store."""
+    """Register a finished :class:`melcore.training.rundir.Run` (metrics, validation predictions) in the store."""
     import pandas as pd
 
     config = run.config.to_dict() if hasattr(run.config, "to_dict") else dict(run.config)

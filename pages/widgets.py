@@ -362,7 +362,7 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
 
 
 def colour_model_of(run_dir) -> bool:
-    """Whether a run delivers the scores of a colour/texture/shape model (:func:`melcore.training.rundir.run_scorer`)."""
+    """Whether a run delivers the scores of a colour/texture/shape model (``rundir.run_scorer``)."""
     from melcore.training.rundir import run_scorer
 
     return bool(run_dir) and run_scorer(run_dir) == "colour-model"

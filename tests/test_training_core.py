@@ -32,7 +32,8 @@ def test_checks_name_the_field_the_value_and_what_is_valid(call, message):
 def test_checks_return_canonical_values():
     from melcore import checks
 
-    assert checks.check_int("epochs", 3.0, 1) == 3 and checks.check_choice("schedule", " Cosine ", ("cosine",)) == "cosine"
+    assert checks.check_int("epochs", 3.0, 1) == 3
+    assert checks.check_choice("schedule", " Cosine ", ("cosine",)) == "cosine"
     assert checks.check_choice("balance", "class_weight", ("class-weight",)) == "class-weight"
 
 
@@ -99,7 +100,7 @@ def test_one_job_kind_registry_for_the_cli_and_the_worker():
     kind = next(a for a in submit._actions if a.dest == "kind")
     assert tuple(kind.choices) == tuple(jobs.JOB_KINDS)
     assert set(jobs.IMAGE_JOB_KINDS) == {"train", "kfold", "cross-clinic"}
-    with pytest.raises(MelcoreError, match="unknown job kind 'pixels'; this worker runs train, kfold, cross-clinic, meta"):
+    with pytest.raises(MelcoreError, match="unknown job kind 'pixels'; this worker runs train, kfold, cross-clinic"):
         jobs.get_job_kind("pixels")
 
 

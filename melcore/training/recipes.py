@@ -37,8 +37,8 @@ from typing import Any
 
 from melcore.errors import ConfigError
 
-__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT", "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM", "COLOUR_SVM_EVIDENCE",
-           "preset_names", "get_preset", "preset_values"]
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT", "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM",
+           "COLOUR_SVM_EVIDENCE", "preset_names", "get_preset", "preset_values"]
 
 
 @dataclass(frozen=True)
