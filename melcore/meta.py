@@ -70,6 +70,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
+import melcore
 from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreError
 
 __all__ = [
@@ -1291,6 +1292,7 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
     metrics = result.metrics()
     metrics["model"] = "meta"
     metrics["meta_oof_auroc"] = result.oof_auroc
+    metrics["melcore_version"] = melcore.__version__
     oof = result.oof
     final = MetaModel(**params).fit(result.features, result.targets)
     final.save(out)

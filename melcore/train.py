@@ -75,6 +75,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+import melcore
 from melcore import colour, settings
 from melcore.errors import CohortError, ConfigError, MelcoreError
 
@@ -763,6 +764,9 @@ def _clean_floats(value):
 
 
 def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` atomically; a ``metrics.json`` also records ``melcore_version`` (the code behind its numbers)."""
+    if path.name == "metrics.json":
+        data = {**data, "melcore_version": melcore.__version__}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_clean_floats(data), indent=2, default=_json_default) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -64,6 +64,18 @@ def test_version_is_one_value():
     assert len(parts) == 3 and all(p.isdigit() for p in parts), melcore.__version__
 
 
+def test_metrics_json_records_the_melcore_version_and_config_json_is_unchanged(tmp_path):
+    import json
+
+    import melcore
+    from melcore.train import _write_json  # every image run's metrics.json goes through it
+
+    _write_json(tmp_path / "metrics.json", {"auroc": 0.8})
+    _write_json(tmp_path / "config.json", {"model": "small-cnn"})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"auroc": 0.8, "melcore_version": melcore.__version__}
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model": "small-cnn"}
+
+
 def test_the_dashboard_is_found_in_a_checkout():
     from melcore.dashboard import app_path, command
 
