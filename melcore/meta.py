@@ -227,8 +227,8 @@ def _lesion_keys(table: pd.DataFrame, patient_keys: np.ndarray) -> np.ndarray:
     """Lesion key per row, scoped to the patient: lesion_id, else the image itself."""
     lesion = _column(table, "lesion_id")
     names = _image_names(table)
-    return np.array([f"{p}|{l}" if l is not None else f"{p}|image:{n}"
-                     for p, l, n in zip(patient_keys, lesion, names)], dtype=str)
+    return np.array([f"{p}|{les}" if les is not None else f"{p}|image:{n}"
+                     for p, les, n in zip(patient_keys, lesion, names)], dtype=str)
 
 
 def _ages(table: pd.DataFrame) -> np.ndarray:
