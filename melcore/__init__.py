@@ -17,6 +17,7 @@ Modules, one concept each:
     predict   batch scoring with optional test-time augmentation
     metrics   ROC, AUROC with CI, DeLong, operating points, per-group metrics
     explain   Grad-CAM / Grad-CAM++ overlays
+    dashboard finding the installed app.py and starting it (the `melreview` command)
 """
 
 __version__ = "0.1.0"

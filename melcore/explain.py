@@ -395,7 +395,7 @@ def find_last_conv_layer(model, *, follow: bool = True) -> str:
     _check_model(model)
     entries = list(_walk(model))
     last = None
-    for index, (path, layer) in enumerate(entries):
+    for index, (_path, layer) in enumerate(entries):
         if _is_conv(layer) and _spatial(_output_shape(layer)) is not None:
             last = index
     if last is None:

@@ -113,7 +113,7 @@ def max_pixels_default() -> int:
     try:
         value = int(float(raw))
     except ValueError:
-        raise ConfigError(f"MELREVIEW_MAX_PIXELS={raw!r} is not a number; set it to a pixel count such as 100000000")
+        raise ConfigError(f"MELREVIEW_MAX_PIXELS={raw!r} is not a number; set it to a pixel count such as 100000000") from None
     if value <= 0:
         raise ConfigError(f"MELREVIEW_MAX_PIXELS={raw!r} must be a positive pixel count")
     return value
@@ -136,7 +136,7 @@ def _size_hw(size: Size) -> tuple[int, int]:
             h, w = size  # type: ignore[misc]
             hw = (int(h), int(w))
         except (TypeError, ValueError):
-            raise ConfigError(f"size={size!r} must be an int or a (height, width) pair of ints")
+            raise ConfigError(f"size={size!r} must be an int or a (height, width) pair of ints") from None
         if hw != tuple(size) or any(isinstance(v, bool) for v in size):  # type: ignore[arg-type]
             raise ConfigError(f"size={size!r} must hold whole numbers of pixels")
     if not all(1 <= v <= MAX_SIZE for v in hw):

@@ -70,6 +70,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit
 
+import melcore
 from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreError
 
 __all__ = [
@@ -226,8 +227,8 @@ def _lesion_keys(table: pd.DataFrame, patient_keys: np.ndarray) -> np.ndarray:
     """Lesion key per row, scoped to the patient: lesion_id, else the image itself."""
     lesion = _column(table, "lesion_id")
     names = _image_names(table)
-    return np.array([f"{p}|{l}" if l is not None else f"{p}|image:{n}"
-                     for p, l, n in zip(patient_keys, lesion, names)], dtype=str)
+    return np.array([f"{p}|{les}" if les is not None else f"{p}|image:{n}"
+                     for p, les, n in zip(patient_keys, lesion, names)], dtype=str)
 
 
 def _ages(table: pd.DataFrame) -> np.ndarray:
@@ -1291,6 +1292,7 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
     metrics = result.metrics()
     metrics["model"] = "meta"
     metrics["meta_oof_auroc"] = result.oof_auroc
+    metrics["melcore_version"] = melcore.__version__
     oof = result.oof
     final = MetaModel(**params).fit(result.features, result.targets)
     final.save(out)

@@ -32,7 +32,6 @@ from browser_helpers import (  # tests/ is on sys.path (pytest rootdir-relative 
     PROJECT_ROOT,
     StreamlitServer,
     assert_no_exception,
-    choose,
     click_curve_point,
     go_to,
     kill_workers,

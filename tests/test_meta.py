@@ -350,6 +350,9 @@ def test_cli_writes_a_meta_run(table, tmp_path, capsys):
     assert 0.75 < metrics["oof_auroc"] <= 1
     assert len(metrics["fold_aurocs"]) == 3 and metrics["n"] == len(table)
     assert metrics["features"] == list(FEATURE_SETS["context"])
+    import melcore
+
+    assert metrics["melcore_version"] == melcore.__version__
     oof = pd.read_csv(out / "oof_predictions.csv")
     assert list(oof.columns) == ["image_name", "patient_id", "clinic", "target", "prediction", "fold"]
     config = json.loads((out / "config.json").read_text())

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import melcore
 from melcore import settings
 from melcore.colour import COLOUR_MODEL_FILE
 from melcore.errors import MelcoreError
@@ -229,8 +230,9 @@ class RunDir:
         return write_json(self.path / name, data)
 
     def write_metrics(self, metrics: dict) -> dict:
-        """Write ``metrics.json`` (last, once the other files are in place); returns the cleaned metrics."""
-        return self.write_json("metrics.json", metrics)
+        """Write ``metrics.json`` (last, once the other files are in place) with ``melcore_version``, the
+        code behind its numbers; returns the cleaned metrics."""
+        return self.write_json("metrics.json", {**metrics, "melcore_version": melcore.__version__})
 
     def log(self):
         """Context manager: the ``melcore.train`` log goes to ``train.log`` while the block runs."""
