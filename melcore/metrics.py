@@ -466,6 +466,22 @@ class ThresholdSweep:
         above = np.nextafter(self.thresholds[-1], np.inf)
         return (np.append(self.thresholds, above), np.append(self.tp, 0), np.append(self.fp, 0))
 
+    def net_benefit(self, thresholds=None) -> pd.DataFrame:
+        """:func:`net_benefit` table at ``thresholds`` (default 0.01, ..., 0.99), O(k log n)."""
+        t = (np.round(np.arange(1, 100) / 100, 2) if thresholds is None
+             else np.asarray(thresholds, dtype=np.float64).ravel())
+        if np.isnan(t).any() or (t < 0).any() or (t >= 1).any():
+            raise MelcoreError("decision-curve thresholds must be probabilities in [0, 1) (the net benefit is "
+                               "undefined at 1)")
+        tp = self.n_malignant - np.searchsorted(self._malignant_scores, t, "left")
+        fp = self.n_benign - np.searchsorted(self._benign_scores, t, "left")
+        odds = t / (1 - t)
+        prevalence = self.n_malignant / self.n
+        return pd.DataFrame({
+            "threshold": t, "net_benefit": tp / self.n - fp / self.n * odds,
+            "treat_all": prevalence - (1 - prevalence) * odds, "treat_none": np.zeros(len(t)),
+            "n_flagged": tp + fp, "tp": tp, "fp": fp})
+
     # -- curves
     def roc_curve(self, drop_intermediate: bool = True) -> RocCurve:
         """ROC curve identical to ``sklearn.metrics.roc_curve`` (same points, same thresholds)."""
@@ -950,26 +966,7 @@ def net_benefit(y, p, thresholds=None) -> pd.DataFrame:
     DataFrame with k rows: threshold, net_benefit (model), treat_all, treat_none (0.0),
     n_flagged, tp, fp.
     """
-    labels, scores = _check_pair(y, p)
-    t = (np.round(np.arange(1, 100) / 100, 2) if thresholds is None
-         else np.asarray(thresholds, dtype=np.float64).ravel())
-    if np.isnan(t).any() or (t < 0).any() or (t >= 1).any():
-        raise MelcoreError("decision-curve thresholds must be probabilities in [0, 1) (the net benefit is undefined "
-                           "at 1)")
-    sweep = ThresholdSweep(labels, scores)
-    table = sweep.at_many(t)
-    n = sweep.n
-    odds = t / (1 - t)
-    prevalence = sweep.n_malignant / n
-    return pd.DataFrame({
-        "threshold": t,
-        "net_benefit": table["tp"].to_numpy() / n - table["fp"].to_numpy() / n * odds,
-        "treat_all": prevalence - (1 - prevalence) * odds,
-        "treat_none": np.zeros(len(t)),
-        "n_flagged": table["n_flagged"].to_numpy(),
-        "tp": table["tp"].to_numpy(),
-        "fp": table["fp"].to_numpy(),
-    })
+    return ThresholdSweep(y, p).net_benefit(thresholds)
 
 
 class PairedBootstrapResult(NamedTuple):

@@ -27,6 +27,7 @@ from melcore.compare import (
     at_threshold_table,
     attach_metadata,
     common_images,
+    decision_curves,
     describe_subset,
     evaluate_predictions,
     is_from_scratch,
@@ -50,6 +51,7 @@ from melcore.plots import (
     bar_figure,
     calibration_figure,
     confusion_figure,
+    decision_curve_figure,
     heatmap_figure,
     pr_figure,
     roc_figure,
@@ -286,6 +288,7 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
         "AUROC": table["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
                    for lo, hi in zip(table["auroc_low"], table["auroc_high"])],
+        **_pauc_columns(table),
         "Avg precision": table["average_precision"].round(4), "Brier": table["brier"].round(4),
         "Note": table["note"],
     })
@@ -293,7 +296,40 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
     for label, evaluation in evaluations.items():
         if evaluation.note:
             st.warning(escape_markdown(f"{label}: {evaluation.note}."))
-    st.caption(f"AUROC intervals: {N_BOOT:,} patient-bootstrap resamples (a patient's lesions stay together).")
+    st.caption(f"AUROC intervals: {N_BOOT:,} patient-bootstrap resamples (a patient's lesions stay together). "
+               + PAUC_NOTE)
+
+
+PAUC_NOTE = ("pAUC = partial AUROC above 80% sensitivity, unstandardised as in ISIC 2024 (the area under the ROC "
+             "curve and above sensitivity 0.8: 0 to 0.2, 0.02 for a random ranking; not scikit-learn's "
+             "McClish-standardised max_fpr value), with its patient-bootstrap 95% CI.")
+
+
+def _pauc_columns(table: pd.DataFrame) -> dict:
+    """The pAUC and its CI as display columns, beside the AUROC's."""
+    return {"pAUC (sens ≥ 80%)": table["pauc"].round(4),
+            "pAUC 95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
+                            for lo, hi in zip(table["pauc_low"], table["pauc_high"])]}
+
+
+def _decision_curve(evaluations: dict, threshold: float, names: list) -> None:
+    """Net benefit of every run against biopsy-all and biopsy-none, the chosen threshold marked."""
+    st.subheader("Decision curves")
+    curved = {k: e for k, e in evaluations.items() if e.n}
+    curves = decision_curves(curved, include=threshold)
+    high = min(0.99, max(0.5, round(threshold + 0.1, 1)))
+    st.plotly_chart(decision_curve_figure(curves, threshold if threshold < 1 else None, names=names,
+                                          x_range=(0.0, high)),
+                    width="stretch", key="compare_decision_curve")
+    at = {k: c.set_index("threshold").loc[threshold] for k, c in curves.items()} if threshold < 1 else {}
+    parts = [f"{escape_markdown(k)} {row['net_benefit']:.4f} (biopsy all {row['treat_all']:.4f})"
+             for k, row in at.items()]
+    st.caption("Net benefit = true positives / n - false positives / n × t / (1 - t): the melanomas found per "
+               "lesion, less the unnecessary biopsies weighted by the odds at which a clinician would biopsy "
+               "(threshold probability t). A model is useful at t where its curve lies above both 'biopsy all' and "
+               "'biopsy none' (0); the scores must be calibrated probabilities for t to mean a risk. "
+               + (f"At the chosen threshold {format_threshold(threshold)}: " + "; ".join(parts) + "." if parts
+                  else ""))
 
 
 def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tuple[float, float]]:
@@ -534,6 +570,7 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     focus, threshold, window = _threshold_controls(evaluations, {k: r["threshold"] for k, r in runs.items()})
     _focus_metrics(evaluations[focus], threshold)
     _curves(evaluations, threshold, list(evaluations), window)
+    _decision_curve(evaluations, threshold, list(evaluations))
     _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters)
     _save_section(focus, runs[focus], threshold)
 
