@@ -33,6 +33,7 @@ Undefined values are NaN, as in :mod:`melcore.metrics`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from typing import NamedTuple
@@ -52,6 +53,7 @@ __all__ = [
     "POSITIVE_DECISION",
     "READ_COLUMNS",
     "READER_COLUMNS",
+    "STUDY_WORKLIST_COLUMNS",
     "MeanReaderResult",
     "aided_vs_unaided",
     "cohen_kappa",
@@ -60,7 +62,9 @@ __all__ = [
     "mean_reader_comparison",
     "pairwise_kappa",
     "reader_table",
+    "study_order",
     "study_reads",
+    "study_worklist",
     "wilson_interval",
 ]
 
@@ -157,6 +161,74 @@ def study_reads(history: pd.DataFrame | None, predictions: pd.DataFrame | None) 
         "review_id": frame["id"].astype(np.int64).to_numpy(),
     })
     return out.sort_values(["reviewer", "mode", "image_name"], kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- the study worklist
+
+STUDY_WORKLIST_COLUMNS = ("position", "image_name", "patient_id", "read", "decision", "confidence")
+"""Columns of :func:`study_worklist` (no score, rank or label: a blinded page may show all of it)."""
+
+
+def study_order(image_names, seed: int) -> list[str]:
+    """The image names in the study's fixed random order.
+
+    Each name's place comes from a SHA-256 of ``f"{seed}:{name}"``, so the order is the same
+    for every reader and every session, does not depend on the model's scores, and adding
+    lesions to the run leaves the order of the others unchanged.
+    """
+    names = sorted({str(n) for n in image_names})
+    return sorted(names, key=lambda n: hashlib.sha256(f"{int(seed)}:{n}".encode()).hexdigest())
+
+
+def study_worklist(predictions: pd.DataFrame, history: pd.DataFrame | None, reviewer: str | None, mode: str,
+                   seed: int) -> pd.DataFrame:
+    """The lesions of a reader study, in the fixed random order, with this reader's reads in ``mode``.
+
+    Parameters
+    ----------
+    predictions : DataFrame
+        The run's predictions (image_name, patient_id): the study reads every scored lesion.
+    history : DataFrame or None
+        ``Store.review_history(run_id)``.
+    reviewer : str or None
+        The reader; other readers' decisions are never listed (reads stay independent).
+    mode : {"unaided", "aided"}
+    seed : int
+        :func:`study_order`'s seed (the page uses the run id).
+
+    Returns
+    -------
+    DataFrame with :data:`STUDY_WORKLIST_COLUMNS`: position (1-based), image_name, patient_id,
+    read (bool: the reader has a management decision on it in this mode), decision and
+    confidence (the reader's latest, None / NaN when unread). It carries no score: nothing in
+    it reveals the model's risk or the lesion's label.
+    """
+    _check_mode(mode)
+    if predictions is None or len(predictions) == 0:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in STUDY_WORKLIST_COLUMNS})
+    scored = predictions[pd.to_numeric(predictions["prediction"], errors="coerce").notna()]
+    names = study_order(scored["image_name"], seed)
+    patients = scored.assign(image_name=scored["image_name"].astype(str)).drop_duplicates("image_name", keep="last")
+    patients = (patients.set_index("image_name")["patient_id"] if "patient_id" in patients.columns
+                else pd.Series(None, index=patients["image_name"], dtype=object))
+    out = pd.DataFrame({"position": np.arange(1, len(names) + 1), "image_name": names})
+    out["patient_id"] = out["image_name"].map(patients).astype(object)
+    out["patient_id"] = out["patient_id"].where(out["patient_id"].notna(), None)
+    own = pd.DataFrame(columns=["image_name", "decision", "confidence"])
+    if history is not None and len(history) and reviewer:
+        aided = history["aided"] if "aided" in history.columns else pd.Series(True, index=history.index)
+        mask = ((history["reviewer"] == reviewer) & history["decision"].isin(STUDY_DECISIONS)
+                & (aided.fillna(True).astype(bool) == (mode == "aided")))
+        own = history[mask].sort_values("id" if "id" in history.columns else "created_at", kind="stable")
+        own = own.assign(image_name=own["image_name"].astype(str)).drop_duplicates("image_name", keep="last")
+        if "confidence" not in own.columns:
+            own = own.assign(confidence=np.nan)
+    own = own.set_index("image_name")
+    out["read"] = out["image_name"].isin(own.index)
+    out["decision"] = out["image_name"].map(own["decision"]).astype(object)
+    out["decision"] = out["decision"].where(out["read"], None)
+    out["confidence"] = pd.to_numeric(out["image_name"].map(own["confidence"]), errors="coerce").astype("float64")
+    return out[list(STUDY_WORKLIST_COLUMNS)]
 
 
 # --------------------------------------------------------------------------- one reader

@@ -20,7 +20,9 @@ from melcore.readers import (
     mean_reader_comparison,
     pairwise_kappa,
     reader_table,
+    study_order,
     study_reads,
+    study_worklist,
     wilson_interval,
 )
 from melcore.store import Store
@@ -253,3 +255,31 @@ def test_reads_saved_in_the_store_feed_the_reader_table(tmp_path):
     assert (row["reviewer"], row["mode"], row["n"]) == ("Dr A", "unaided", 40)
     assert row["sensitivity"] == 1.0 and row["specificity"] == 1.0 and row["reader_auroc"] == 1.0
     store.close()
+
+
+# --------------------------------------------------------------------------- the study worklist
+
+def test_study_order_is_fixed_random_and_independent_of_the_scores():
+    names = [f"IMG_{i:03d}" for i in range(200)]
+    order = study_order(names, seed=7)
+    assert sorted(order) == names and order != names
+    assert study_order(list(reversed(names)), seed=7) == order  # the same for everyone, any input order
+    assert study_order(names, seed=8) != order
+    assert [n for n in study_order(names + ["IMG_new"], seed=7) if n != "IMG_new"] == order
+
+
+def test_study_worklist_lists_only_this_readers_reads_in_this_mode_and_no_score():
+    predictions = pd.DataFrame({"image_name": ["a", "b", "c"], "patient_id": ["P1", "P2", "P2"],
+                                "target": [1, 0, 0], "prediction": [0.91, 0.12, 0.55]})
+    history = pd.DataFrame({"id": [1, 2, 3, 4], "image_name": ["a", "a", "b", "c"],
+                            "reviewer": ["Dr A", "Dr A", "Dr B", "Dr A"],
+                            "decision": ["reassure", "biopsy", "biopsy", "follow-up"],
+                            "aided": [False, False, False, True], "confidence": [10, 85, 90, None]})
+    table = study_worklist(predictions, history, "Dr A", "unaided", seed=3)
+    assert list(table.columns) == ["position", "image_name", "patient_id", "read", "decision", "confidence"]
+    assert table["image_name"].tolist() == study_order(["a", "b", "c"], 3)
+    mine = table.set_index("image_name")
+    assert mine.loc["a", "decision"] == "biopsy" and mine.loc["a", "confidence"] == 85
+    assert not mine.loc["b", "read"]  # Dr B's read is not Dr A's
+    assert not mine.loc["c", "read"]  # an aided read is not an unaided one
+    assert study_worklist(predictions, history, "Dr A", "aided", seed=3).set_index("image_name").loc["c", "read"]
