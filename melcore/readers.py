@@ -55,13 +55,16 @@ __all__ = [
     "READER_COLUMNS",
     "STUDY_WORKLIST_COLUMNS",
     "MeanReaderResult",
+    "ModelOnReads",
     "aided_vs_unaided",
     "cohen_kappa",
     "fleiss_kappa",
     "fleiss_kappa_of",
     "mean_reader_comparison",
+    "model_on_reads",
     "pairwise_kappa",
     "reader_table",
+    "reader_table_csv",
     "study_order",
     "study_reads",
     "study_worklist",
@@ -339,6 +342,62 @@ def reader_table(reads: pd.DataFrame, *, min_reads: int = MIN_READS, level: floa
         for reviewer, mode in keys:
             rows.append(_reader_row(reviewer, mode, grouped[(reviewer, mode)], min_reads, level, n_boot, seed))
     return pd.DataFrame(rows, columns=list(READER_COLUMNS))
+
+
+class ModelOnReads(NamedTuple):
+    """The model's ROC curve on the lesions some given readers read (the readers' ROC plot).
+
+    fpr, tpr: float (k,); auroc and ci (low, high): patient-bootstrap interval; n,
+    n_malignant, n_patients: the lesions; readers: the readers whose lesions they are;
+    same_lesions: every one of those readers read exactly these lesions (then each
+    reader's point and the curve are on the same lesions).
+    """
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auroc: float
+    ci: tuple
+    n: int
+    n_malignant: int
+    n_patients: int
+    readers: tuple
+    same_lesions: bool
+
+
+def model_on_reads(reads: pd.DataFrame, readers, *, modes=MODES, n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> ModelOnReads | None:
+    """The model's ROC curve and AUROC on every lesion the given readers read in ``modes``.
+
+    Returns None when those lesions hold one class only (no curve).
+    """
+    frame = reads[reads["reviewer"].isin(list(readers)) & reads["mode"].isin(list(modes))]
+    lesions = frame.drop_duplicates("image_name").sort_values("image_name")
+    y = lesions["target"].to_numpy(dtype=np.int64)
+    if not 0 < y.sum() < len(y):
+        return None
+    p = lesions["risk"].to_numpy(dtype=np.float64)
+    sweep = ThresholdSweep(y, p)
+    fpr, tpr, _ = sweep.roc_curve()
+    try:
+        interval = auroc_ci(y, p, groups=lesions["group"].to_numpy(), n_boot=n_boot, seed=seed, level=level)
+        ci = (interval.low, interval.high)
+    except MelcoreError:
+        ci = (math.nan, math.nan)
+    per_reader = frame.groupby(["reviewer", "mode"])["image_name"].nunique()
+    return ModelOnReads(fpr, tpr, sweep.auroc(), ci, len(lesions), int(y.sum()), int(lesions["group"].nunique()),
+                        tuple(sorted(set(frame["reviewer"]))), bool((per_reader == len(lesions)).all()))
+
+
+def reader_table_csv(table: pd.DataFrame) -> str:
+    """:func:`reader_table` (or any reader table) as CSV text; names that a spreadsheet would run as a
+    formula get a leading apostrophe, as in :func:`melcore.review.reviews_csv`."""
+    from melcore.review import spreadsheet_safe
+
+    frame = table.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = frame[column].map(spreadsheet_safe)
+    return frame.to_csv(index=False, float_format="%.6f", lineterminator="\r\n")
 
 
 # --------------------------------------------------------------------------- the mean reader

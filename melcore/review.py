@@ -363,6 +363,10 @@ def _spreadsheet_safe(value):
     return "".join(parts)
 
 
+spreadsheet_safe = _spreadsheet_safe
+"""Public name of the CSV-injection guard, for other exports of user text (e.g. reader tables)."""
+
+
 def reviews_csv(history: pd.DataFrame, run: Mapping | None = None, predictions: pd.DataFrame | None = None) -> str:
     """:func:`export_frame` as CSV text (RFC 4180: UTF-8, CRLF line ends, header row, risk with 6 decimals).
 
