@@ -44,8 +44,11 @@ from melcore.metrics import (
     check_predictions,
     calibration_table,
     delong_test,
+    PAUC_MIN_TPR,
     operating_point_ci,
     paired_auroc_bootstrap,
+    partial_auroc,
+    partial_auroc_ci,
     per_group,
 )
 
@@ -317,6 +320,9 @@ class RunEvaluation:
             of it because they held one class (``note`` says so above
             :data:`~melcore.metrics.BOOTSTRAP_DROPPED_WARN` of ``n_boot``).
         n_groups: patients (bootstrap units); multi_lesion: some patient has several images.
+        pauc, pauc_ci: partial AUROC above :data:`~melcore.metrics.PAUC_MIN_TPR` sensitivity
+            (unstandardised, 0 to 0.2, the ISIC 2024 metric) and its patient-bootstrap
+            interval (the same resamples as ``ci``).
     """
 
     n: int
@@ -336,6 +342,8 @@ class RunEvaluation:
     n_boot_dropped: int = 0
     n_groups: int = 0
     multi_lesion: bool = False
+    pauc: float = math.nan
+    pauc_ci: tuple[float, float] = (math.nan, math.nan)
 
     @property
     def prevalence(self) -> float:
@@ -412,12 +420,30 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
     evaluation.auroc = sweep.auroc()
     evaluation.pr = sweep.precision_recall_curve(drop_intermediate=True)
     evaluation.average_precision = sweep.average_precision()
+    evaluation.pauc = partial_auroc(y, p, PAUC_MIN_TPR)
     try:
         interval = auroc_ci(y, p, groups=groups, n_boot=n_boot, seed=seed, level=level)
         evaluation.ci, evaluation.n_boot_dropped, evaluation.note = interval[:2], interval.n_dropped, interval.note
+        partial = partial_auroc_ci(y, p, groups=groups, min_tpr=PAUC_MIN_TPR, n_boot=n_boot, seed=seed, level=level)
+        evaluation.pauc_ci = partial[:2]
     except MelcoreError as exc:
         evaluation.note = f"no confidence interval: {exc}"
     return evaluation
+
+
+def decision_curves(evaluations: Mapping[Hashable, RunEvaluation], thresholds=None,
+                    include: float | None = None) -> dict[Hashable, pd.DataFrame]:
+    """:func:`~melcore.metrics.net_benefit` of every run on its (subset of) predictions.
+
+    Args:
+        evaluations: the runs shown.
+        thresholds: threshold probabilities in [0, 1) (default 0.005, 0.010, ..., 0.995).
+        include: a threshold added to the grid (the chosen operating point), when in [0, 1).
+    """
+    grid = np.round(np.arange(1, 200) / 200, 3) if thresholds is None else np.asarray(thresholds, np.float64)
+    if include is not None and math.isfinite(include) and 0 <= include < 1:
+        grid = np.union1d(grid, [float(include)])
+    return {name: e.sweep.net_benefit(grid) for name, e in evaluations.items()}
 
 
 # --------------------------------------------------------------------------- threshold controls
@@ -513,14 +539,16 @@ def threshold_from_points(points: Sequence[Mapping] | None) -> float | None:
 # --------------------------------------------------------------------------- tables
 
 def summary_table(evaluations: Mapping[Hashable, RunEvaluation]) -> pd.DataFrame:
-    """One row per run: run, n, n_malignant, n_patients, auroc, auroc_low, auroc_high, boot_dropped,
-    average_precision, brier, note."""
+    """One row per run: run, n, n_malignant, n_patients, auroc, auroc_low, auroc_high, pauc, pauc_low,
+    pauc_high (partial AUROC above 80% sensitivity, unstandardised), boot_dropped, average_precision, brier, note."""
     rows = [{"run": name, "n": e.n, "n_malignant": e.n_malignant, "n_patients": e.n_groups, "auroc": e.auroc,
-             "auroc_low": e.ci[0], "auroc_high": e.ci[1], "boot_dropped": e.n_boot_dropped,
+             "auroc_low": e.ci[0], "auroc_high": e.ci[1], "pauc": e.pauc, "pauc_low": e.pauc_ci[0],
+             "pauc_high": e.pauc_ci[1], "boot_dropped": e.n_boot_dropped,
              "average_precision": e.average_precision, "brier": e.brier, "note": e.note}
             for name, e in evaluations.items()]
     return pd.DataFrame(rows, columns=["run", "n", "n_malignant", "n_patients", "auroc", "auroc_low",
-                                       "auroc_high", "boot_dropped", "average_precision", "brier", "note"])
+                                       "auroc_high", "pauc", "pauc_low", "pauc_high", "boot_dropped",
+                                       "average_precision", "brier", "note"])
 
 
 def at_threshold_table(evaluations: Mapping[Hashable, RunEvaluation], threshold: float) -> pd.DataFrame:
@@ -537,18 +565,20 @@ def operating_point_table(evaluations: Mapping[Hashable, RunEvaluation], thresho
     Per run: the ``"chosen"`` row at ``threshold``, then (with both classes) Youden's
     point, the highest threshold reaching each target sensitivity and the lowest
     reaching each target specificity. Columns: ``run``, ``point``, ``target``,
-    ``auroc``, ``auroc_low``, ``auroc_high`` and the threshold-metric keys.
+    ``auroc``, ``auroc_low``, ``auroc_high``, ``pauc``, ``pauc_low``, ``pauc_high`` and the
+    threshold-metric keys.
     """
     rows = []
     for name, e in evaluations.items():
-        common = {"run": name, "auroc": e.auroc, "auroc_low": e.ci[0], "auroc_high": e.ci[1]}
+        common = {"run": name, "auroc": e.auroc, "auroc_low": e.ci[0], "auroc_high": e.ci[1], "pauc": e.pauc,
+                  "pauc_low": e.pauc_ci[0], "pauc_high": e.pauc_ci[1]}
         rows.append({**common, "point": "chosen", "target": None, **e.at(threshold)})
         if e.both_classes:
             for point in e.sweep.operating_points(sensitivities, specificities):
                 metrics = {k: point[k] for k in THRESHOLD_METRIC_KEYS}
                 rows.append({**common, "point": point["name"], "target": point["target"], **metrics})
-    return pd.DataFrame(rows, columns=["run", "point", "target", "auroc", "auroc_low", "auroc_high",
-                                       *THRESHOLD_METRIC_KEYS])
+    return pd.DataFrame(rows, columns=["run", "point", "target", "auroc", "auroc_low", "auroc_high", "pauc",
+                                       "pauc_low", "pauc_high", *THRESHOLD_METRIC_KEYS])
 
 
 def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 1000, seed: int = 0,

@@ -77,7 +77,12 @@ __all__ = [
     "delong_se",
     "delong_test",
     "operating_points",
+    "PAUC_MIN_TPR",
+    "net_benefit",
     "paired_auroc_bootstrap",
+    "partial_auroc",
+    "partial_auroc_bootstrap",
+    "partial_auroc_ci",
     "per_group",
     "precision_recall_curve",
     "roc_curve",
@@ -461,6 +466,22 @@ class ThresholdSweep:
         above = np.nextafter(self.thresholds[-1], np.inf)
         return (np.append(self.thresholds, above), np.append(self.tp, 0), np.append(self.fp, 0))
 
+    def net_benefit(self, thresholds=None) -> pd.DataFrame:
+        """:func:`net_benefit` table at ``thresholds`` (default 0.01, ..., 0.99), O(k log n)."""
+        t = (np.round(np.arange(1, 100) / 100, 2) if thresholds is None
+             else np.asarray(thresholds, dtype=np.float64).ravel())
+        if np.isnan(t).any() or (t < 0).any() or (t >= 1).any():
+            raise MelcoreError("decision-curve thresholds must be probabilities in [0, 1) (the net benefit is "
+                               "undefined at 1)")
+        tp = self.n_malignant - np.searchsorted(self._malignant_scores, t, "left")
+        fp = self.n_benign - np.searchsorted(self._benign_scores, t, "left")
+        odds = t / (1 - t)
+        prevalence = self.n_malignant / self.n
+        return pd.DataFrame({
+            "threshold": t, "net_benefit": tp / self.n - fp / self.n * odds,
+            "treat_all": prevalence - (1 - prevalence) * odds, "treat_none": np.zeros(len(t)),
+            "n_flagged": tp + fp, "tp": tp, "fp": fp})
+
     # -- curves
     def roc_curve(self, drop_intermediate: bool = True) -> RocCurve:
         """ROC curve identical to ``sklearn.metrics.roc_curve`` (same points, same thresholds)."""
@@ -802,6 +823,150 @@ def operating_point_ci(y, p, threshold: float, groups=None, n_boot: int = 2000, 
     for name, values in boots.items():
         out[f"{name}_ci"] = list(_percentile_interval(values, level))
     return out
+
+
+# --------------------------------------------------------------------------- partial AUROC
+
+PAUC_MIN_TPR = 0.8
+"""Sensitivity above which :func:`partial_auroc` measures the area (the ISIC 2024 primary metric)."""
+
+
+def _check_min_tpr(min_tpr) -> float:
+    if not isinstance(min_tpr, numbers.Real) or not 0.0 <= float(min_tpr) < 1.0:
+        raise MelcoreError(f"min_tpr must be a sensitivity in [0, 1), e.g. 0.8; got {min_tpr!r}")
+    return float(min_tpr)
+
+
+def _area_above(fpr: np.ndarray, tpr: np.ndarray, min_tpr: float) -> np.ndarray:
+    """Area between piecewise-linear ROC curves and the line TPR = ``min_tpr``, where they lie above it.
+
+    fpr, tpr: float (b, k), each row a curve from (0, 0) to (1, 1), non-decreasing. Returns (b,).
+    """
+    width = np.diff(fpr, axis=1)
+    t0, t1 = tpr[:, :-1], tpr[:, 1:]
+    above0, above1 = np.maximum(t0 - min_tpr, 0.0), np.maximum(t1 - min_tpr, 0.0)
+    rise = np.where(t1 > t0, t1 - t0, 1.0)
+    # a segment wholly above the line is a trapezoid; one crossing it, the triangle above the crossing
+    area = np.where(t0 >= min_tpr, width * (above0 + above1) / 2, width * above1 ** 2 / (2 * rise))
+    return area.sum(axis=1)
+
+
+class _WeightedRoc:
+    """ROC curves of one set of scores under many weightings of the images (bootstrap resamples)."""
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray, codes: np.ndarray):
+        order = np.argsort(-scores, kind="stable")
+        sorted_scores = scores[order]
+        self._malignant = labels[order].astype(np.float64)
+        self._codes = codes[order]
+        # last position of each distinct score (descending): one ROC point per distinct threshold
+        self._ends = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(sorted_scores) - 1]
+
+    def partial_area(self, counts: np.ndarray, min_tpr: float) -> np.ndarray:
+        """counts: (b, n_groups) group weights -> area above ``min_tpr`` (b,), nan where a class has no weight."""
+        weights = counts[:, self._codes].astype(np.float64)
+        tps = np.cumsum(weights * self._malignant, axis=1)[:, self._ends]
+        fps = np.cumsum(weights * (1.0 - self._malignant), axis=1)[:, self._ends]
+        zeros = np.zeros((len(counts), 1))
+        tps, fps = np.hstack([zeros, tps]), np.hstack([zeros, fps])
+        positives, negatives = tps[:, -1:], fps[:, -1:]
+        ok = (positives[:, 0] > 0) & (negatives[:, 0] > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            area = _area_above(fps / negatives, tps / positives, min_tpr)
+        return np.where(ok, area, np.nan)
+
+
+def partial_auroc(y, p, min_tpr: float = PAUC_MIN_TPR) -> float:
+    """Partial AUROC above a sensitivity: the area under the ROC curve and above TPR = ``min_tpr``.
+
+    This is the ISIC 2024 challenge's primary metric, *unstandardised*: it ranges from 0 to
+    ``1 - min_tpr`` (0.2 for the default 0.8); a random ranking scores
+    ``(1 - min_tpr) ** 2 / 2`` (0.02). It is not scikit-learn's
+    ``roc_auc_score(max_fpr=...)``, which standardises (McClish 1989) the area at low false
+    positive rates to [0.5, 1]; the two are linked by
+    ``pauc = m**2 / 2 + (m - m**2 / 2) * 2 * (standardised(1 - y, -p, max_fpr=m) - 0.5)`` with
+    ``m = 1 - min_tpr`` (the ISIC 2024 scoring code).
+
+    Parameters
+    ----------
+    y : array-like (n,)
+        0/1 labels, both classes present.
+    p : array-like (n,)
+        Scores; ties count as the ROC curve's diagonal segments, as in :func:`auroc`.
+    min_tpr : float in [0, 1)
+        The sensitivity above which the area counts.
+
+    Returns
+    -------
+    float in [0, 1 - min_tpr].
+    """
+    min_tpr = _check_min_tpr(min_tpr)
+    fpr, tpr, _ = ThresholdSweep(*_check_pair(y, p, need_both_classes=True)).roc_curve(drop_intermediate=False)
+    return float(_area_above(fpr[None, :], tpr[None, :], min_tpr)[0])
+
+
+def partial_auroc_bootstrap(y, p, groups=None, min_tpr: float = PAUC_MIN_TPR, n_boot: int = 2000, seed: int = 0,
+                            progress: Progress | None = None) -> np.ndarray:
+    """:func:`partial_auroc` of ``n_boot`` cluster-bootstrap resamples, float64 (n_boot,).
+
+    The resamples are drawn exactly as in :func:`auroc_bootstrap` (same seed, same groups:
+    the same resamples); one-class resamples are ``nan``.
+    """
+    min_tpr = _check_min_tpr(min_tpr)
+    labels, scores = _check_pair(y, p, need_both_classes=True)
+    if not isinstance(n_boot, numbers.Integral) or n_boot < 1:
+        raise MelcoreError(f"n_boot must be a positive whole number of resamples, got {n_boot!r}")
+    codes, n_groups = _group_codes(groups, len(labels))
+    engine = _WeightedRoc(labels, scores, codes)
+    rng = np.random.default_rng(seed)
+    block = max(1, min(n_boot, _BOOT_BLOCK_ELEMENTS // (4 * max(len(labels), n_groups))))
+    out = np.empty(n_boot)
+    for start in range(0, n_boot, block):
+        b = min(block, n_boot - start)
+        draws = rng.integers(0, n_groups, size=(b, n_groups))
+        draws += (np.arange(b) * n_groups)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
+        out[start:start + b] = engine.partial_area(counts, min_tpr)
+        if progress is not None:
+            progress(start + b, n_boot)
+    return out
+
+
+def partial_auroc_ci(y, p, groups=None, min_tpr: float = PAUC_MIN_TPR, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95, progress: Progress | None = None) -> AurocInterval:
+    """Percentile cluster-bootstrap interval of :func:`partial_auroc` (see :func:`auroc_ci` for the resampling)."""
+    level = _check_level(level)
+    boots = partial_auroc_bootstrap(y, p, groups=groups, min_tpr=min_tpr, n_boot=n_boot, seed=seed,
+                                    progress=progress)
+    if not np.isfinite(boots).any():
+        raise MelcoreError("every bootstrap resample held a single class; there are too few patients "
+                           "with each label for a confidence interval")
+    return _interval(boots, level)
+
+
+# --------------------------------------------------------------------------- decision curves
+
+def net_benefit(y, p, thresholds=None) -> pd.DataFrame:
+    """Decision-curve analysis (Vickers and Elkin 2006): net benefit against the threshold probability.
+
+    Biopsying the lesions with ``p >= t`` has net benefit ``TP / n - FP / n * t / (1 - t)``:
+    true positives found, less false positives weighted by the odds at which a clinician
+    is indifferent between biopsy and not. "Biopsy all" has
+    ``prevalence - (1 - prevalence) * t / (1 - t)``; "biopsy none" has 0.
+
+    Parameters
+    ----------
+    y, p : array-like (n,)
+        Labels 0/1 and predicted probabilities (meaningful when ``p`` is calibrated).
+    thresholds : array-like (k,), optional
+        Threshold probabilities in [0, 1); default 0.01, 0.02, ..., 0.99.
+
+    Returns
+    -------
+    DataFrame with k rows: threshold, net_benefit (model), treat_all, treat_none (0.0),
+    n_flagged, tp, fp.
+    """
+    return ThresholdSweep(y, p).net_benefit(thresholds)
 
 
 class PairedBootstrapResult(NamedTuple):

@@ -20,6 +20,7 @@ Conventions shared by the builders
 
 from __future__ import annotations
 
+import html
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -31,6 +32,8 @@ from melcore.errors import MelcoreError
 __all__ = [
     "PALETTE",
     "bar_figure",
+    "decision_curve_figure",
+    "readers_roc_figure",
     "calibration_figure",
     "color_for",
     "confusion_figure",
@@ -155,6 +158,128 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
     return _figure(traces, title, "1 - specificity (false positive rate)", "sensitivity (true positive rate)",
                    height=height, square=True, xaxis=unit, yaxis=dict(unit))
+
+
+# --------------------------------------------------------------------------- readers
+
+READER_SYMBOLS = {"unaided": "diamond", "aided": "circle"}
+"""Marker of a reader's point by reading mode on :func:`readers_roc_figure`."""
+
+
+def readers_roc_figure(fpr, tpr, auc: float, ci: Sequence[float] | None, readers: pd.DataFrame, *,
+                       model_name: str = "model", mean_reader: Mapping[str, tuple[float, float]] | None = None,
+                       title: str = "Readers on the model's ROC curve", level: float = 0.95,
+                       height: int = 520) -> go.Figure:
+    """The model's ROC curve with every reader's operating point and its confidence intervals.
+
+    Args:
+        fpr, tpr: the model's ROC curve (k,) on the readers' lesions.
+        auc, ci: its AUROC and interval, for the legend.
+        readers: one row per point with ``reviewer``, ``mode`` ("unaided"/"aided"),
+            ``sensitivity``, ``sensitivity_low``, ``sensitivity_high``, ``specificity``,
+            ``specificity_low``, ``specificity_high``, ``n`` (e.g. the eligible rows of
+            :func:`melcore.readers.reader_table`).
+        mean_reader: mode -> ``(specificity, sensitivity)`` of the mean reader (a star each).
+
+    Traces: the chance diagonal, the model's curve (``meta`` = model name), then one
+    marker per reader and mode named ``"<reviewer> (<mode>)"`` with error bars (x: 1 -
+    specificity, y: sensitivity; ``meta`` = reviewer), then the mean readers. Reviewer names
+    are user text: they are HTML-escaped before Plotly renders them.
+    """
+    fpr, tpr = _as_array(fpr), _as_array(tpr)
+    if len(fpr) != len(tpr):
+        raise MelcoreError(f"ROC curve of {model_name!r}: fpr has {len(fpr)} points but tpr has {len(tpr)}")
+    model = html.escape(str(model_name))
+    traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=_GUIDE, hoverinfo="skip"),
+              go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{model}<br>AUROC {format_ci(auc, ci, level=level)}",
+                         meta=model, line=dict(color=PALETTE[0], width=2.5),
+                         hovertemplate="1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}<extra>" + model
+                                       + "</extra>")]
+    names = sorted(set(readers["reviewer"])) if len(readers) else []
+    colors = {name: color_for(i + 1) for i, name in enumerate(names)}
+    for row in readers.to_dict("records"):
+        name = html.escape(str(row["reviewer"]))
+        x, y = 1 - row["specificity"], row["sensitivity"]
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        traces.append(go.Scatter(
+            x=[x], y=[y], mode="markers", name=f"{name} ({row['mode']})", meta=name,
+            marker=dict(color=colors[row["reviewer"]], size=12, symbol=READER_SYMBOLS.get(row["mode"], "square"),
+                        line=dict(color="white", width=1.5)),
+            error_x=dict(type="data", symmetric=False, array=[(1 - row["specificity_low"]) - x],
+                         arrayminus=[x - (1 - row["specificity_high"])], thickness=1, width=3),
+            error_y=dict(type="data", symmetric=False, array=[row["sensitivity_high"] - y],
+                         arrayminus=[y - row["sensitivity_low"]], thickness=1, width=3),
+            hovertemplate=(f"{name} ({row['mode']}, {int(row['n'])} lesions)<br>sensitivity {y:.3f} "
+                           f"({row['sensitivity_low']:.3f}-{row['sensitivity_high']:.3f})<br>specificity "
+                           f"{row['specificity']:.3f} ({row['specificity_low']:.3f}-{row['specificity_high']:.3f})"
+                           "<extra></extra>")))
+    for mode, (specificity, sensitivity) in (mean_reader or {}).items():
+        if np.isfinite(specificity) and np.isfinite(sensitivity):
+            traces.append(go.Scatter(
+                x=[1 - specificity], y=[sensitivity], mode="markers", name=f"mean reader ({mode})",
+                meta="mean reader", marker=dict(color="#222", size=16, symbol="star"),
+                hovertemplate=f"mean reader ({mode})<br>sensitivity {sensitivity:.3f}<br>specificity "
+                              f"{specificity:.3f}<extra></extra>"))
+    unit = {"range": [-0.01, 1.01], "constrain": "domain"}
+    return _figure(traces, title, "1 - specificity (false positive rate)", "sensitivity (true positive rate)",
+                   height=height, square=True, xaxis=unit, yaxis=dict(unit))
+
+
+# --------------------------------------------------------------------------- decision curves
+
+def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None, *,
+                          names: Sequence[str] | None = None, title: str = "Decision curves (net benefit)",
+                          height: int = 420, x_range: tuple[float, float] = (0.0, 0.5)) -> go.Figure:
+    """Net benefit against the threshold probability, with "biopsy all" and "biopsy none".
+
+    Args:
+        curves: name -> :func:`melcore.metrics.net_benefit` table (threshold, net_benefit,
+            treat_all, treat_none).
+        threshold: the chosen operating point: a vertical line and one marker per model.
+        x_range: threshold probabilities shown (clinically, biopsy thresholds are low).
+
+    Traces: "biopsy none", one "biopsy all" per distinct prevalence (named "biopsy all" when
+    all runs share their images' prevalence, else ``"biopsy all (<name>)"``), then one line
+    per model (``meta`` = name), then the markers ``"<name> @ threshold"``.
+    """
+    colors = _color_map(names, curves)
+    tables = list(curves.items())
+    traces = []
+    if tables:
+        grid = tables[0][1]["threshold"].to_numpy()
+        traces.append(go.Scatter(x=grid, y=np.zeros(len(grid)), mode="lines", name="biopsy none",
+                                 line=dict(color="#444", width=1.5), hoverinfo="skip"))
+    alls = {}
+    for name, table in tables:
+        key = tuple(np.round(table["treat_all"].to_numpy(), 12))
+        alls.setdefault(key, []).append((name, table))
+    for members in alls.values():
+        name, table = members[0]
+        label = "biopsy all" if len(alls) == 1 else f"biopsy all ({name})"
+        traces.append(go.Scatter(x=table["threshold"], y=table["treat_all"], mode="lines", name=label,
+                                 line=dict(color=colors[name] if len(alls) > 1 else "#9a9a9a", dash="dash",
+                                           width=1.5),
+                                 hovertemplate="threshold %{x:.2f}<br>net benefit %{y:.4f}<extra>" + label
+                                               + "</extra>"))
+    lowest = 0.0
+    for name, table in tables:
+        traces.append(go.Scatter(x=table["threshold"], y=table["net_benefit"], mode="lines", name=name, meta=name,
+                                 legendgroup=name, line=dict(color=colors[name], width=2.5),
+                                 hovertemplate="threshold %{x:.2f}<br>net benefit %{y:.4f}<extra>" + name
+                                               + "</extra>"))
+        lowest = min(lowest, float(np.nanmin(table["net_benefit"])))
+    if threshold is not None and np.isfinite(threshold) and 0 <= threshold < 1:
+        for name, table in tables:
+            t = table["threshold"].to_numpy()
+            k = int(np.argmin(np.abs(t - threshold)))
+            traces.append(_marker_trace(name, float(t[k]), float(table["net_benefit"].iloc[k]), colors[name],
+                                        f"{name}<br>threshold {t[k]:.2f}<br>net benefit "
+                                        f"{table['net_benefit'].iloc[k]:.4f}"))
+    top = max([float(np.nanmax(t["treat_all"])) for _, t in tables] + [0.01])
+    return _figure(traces, title, "threshold probability (biopsy when risk ≥ this)", "net benefit", height=height,
+                   threshold=threshold, xaxis={"range": list(x_range)},
+                   yaxis={"range": [max(lowest, -0.5 * top) - 0.05 * top, top * 1.1]})
 
 
 # --------------------------------------------------------------------------- threshold

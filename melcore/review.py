@@ -75,7 +75,7 @@ WORKLIST_COLUMNS = ("rank", "image_name", "patient_id", "clinic", "target", "ris
 """Columns of :func:`worklist`."""
 
 EXPORT_COLUMNS = ("run_id", "run", "image_name", "patient_id", "risk", "reviewer", "decision", "note", "time",
-                  "current", "review_id")
+                  "current", "review_id", "aided", "confidence")
 """Columns of :func:`export_frame` / :func:`reviews_csv`."""
 
 MAX_REVIEWER_LENGTH = 200
@@ -295,7 +295,9 @@ def export_frame(history: pd.DataFrame, run: Mapping | None = None,
     Returns
     -------
     DataFrame with :data:`EXPORT_COLUMNS`: time is ISO-8601 UTC; current is True on
-    each image's latest decision; review_id is the store's row id (increasing).
+    each image's latest decision; review_id is the store's row id (increasing); aided is
+    False for a blinded read (True where the history has no such column); confidence is
+    the reader's malignancy confidence 0-100 (Int64, missing when not given).
     """
     if history is None or len(history) == 0:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in EXPORT_COLUMNS})
@@ -326,6 +328,10 @@ def export_frame(history: pd.DataFrame, run: Mapping | None = None,
         "time": [iso_time(t) for t in frame["created_at"]],
         "current": current.to_numpy(dtype=bool),
         "review_id": frame["id"].to_numpy() if "id" in frame.columns else np.arange(1, len(frame) + 1),
+        "aided": frame["aided"].fillna(True).astype(bool).to_numpy() if "aided" in frame.columns
+        else np.ones(len(frame), dtype=bool),
+        "confidence": pd.array(frame["confidence"], dtype="Int64") if "confidence" in frame.columns
+        else pd.array([pd.NA] * len(frame), dtype="Int64"),
     })[list(EXPORT_COLUMNS)]
 
 
@@ -355,6 +361,10 @@ def _spreadsheet_safe(value):
     parts = _LINE_BREAK.split(value)
     parts[0::2] = [_guard_line(part) for part in parts[0::2]]
     return "".join(parts)
+
+
+spreadsheet_safe = _spreadsheet_safe
+"""Public name of the CSV-injection guard, for other exports of user text (e.g. reader tables)."""
 
 
 def reviews_csv(history: pd.DataFrame, run: Mapping | None = None, predictions: pd.DataFrame | None = None) -> str:

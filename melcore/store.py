@@ -30,10 +30,14 @@ import sqlalchemy as sa
 from melcore import settings
 from melcore.errors import MelcoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 JOB_STATES = ("queued", "running", "done", "cancelled", "failed")
 REVIEW_DECISIONS = ("agree", "disagree", "biopsy", "follow-up", "unsure")
+STUDY_DECISIONS = ("biopsy", "follow-up", "reassure")
+"""Management decisions of a reader study (:mod:`melcore.readers`: "biopsy" is the positive call)."""
+DECISIONS = tuple(dict.fromkeys(REVIEW_DECISIONS + STUDY_DECISIONS))
+"""Every decision the store accepts."""
 
 metadata = sa.MetaData()
 
@@ -124,6 +128,9 @@ reviews = sa.Table(
     sa.Column("decision", sa.String(20), nullable=False),
     sa.Column("note", sa.Text, nullable=False, default=""),
     sa.Column("created_at", sa.Float, nullable=False),
+    # aided: the reader saw the model's risk (and Grad-CAM); False for a blinded (unaided) read
+    sa.Column("aided", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
+    sa.Column("confidence", sa.Integer),  # the reader's malignancy confidence, 0-100, when given
     sa.Index("ix_reviews_run_image", "run_id", "image_name"),
 )
 
@@ -140,8 +147,17 @@ workers = sa.Table(
 # Steps from version N-1 to N, each a function of an open connection inside a
 # transaction. Append only; never edit a released step. Example of a future step:
 #   (2, "runs.tags", lambda conn: conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tags TEXT"))),
+def _reviews_aided_and_confidence(conn: sa.Connection) -> None:
+    # Every decision recorded before version 3 was made on the Review page with the model's
+    # risk on screen, so existing rows are aided reads.
+    true = "1" if conn.dialect.name == "sqlite" else "TRUE"
+    conn.execute(sa.text(f"ALTER TABLE reviews ADD COLUMN aided BOOLEAN NOT NULL DEFAULT {true}"))
+    conn.execute(sa.text("ALTER TABLE reviews ADD COLUMN confidence INTEGER"))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (2, "runs.archived_at", lambda conn: conn.execute(sa.text("ALTER TABLE runs ADD COLUMN archived_at FLOAT"))),
+    (3, "reviews.aided, reviews.confidence", _reviews_aided_and_confidence),
 ]
 
 
@@ -741,15 +757,21 @@ class Store:
                 sa.select(workers).where(workers.c.beat_at >= _now() - within).order_by(workers.c.started_at))]
 
     # ----------------------------------------------------------------- reviews
-    def add_review(self, run_id: int, image_name: str, reviewer: str, decision: str, note: str = "") -> int:
-        """Append a reviewer's decision on a lesion; earlier decisions stay in the history."""
+    def add_review(self, run_id: int, image_name: str, reviewer: str, decision: str, note: str = "", *,
+                   aided: bool = True, confidence: int | float | None = None) -> int:
+        """Append a reviewer's decision on a lesion; earlier decisions stay in the history.
+
+        ``aided`` is False for a blinded read (the model's risk, rank and Grad-CAM hidden);
+        ``confidence`` is the reader's malignancy confidence, a whole number 0-100, or None.
+        """
         reviewer = (reviewer or "").strip()
         if not reviewer:
             raise MelcoreError("a review needs the reviewer's name")
-        if decision not in REVIEW_DECISIONS:
-            raise MelcoreError(f"unknown decision {decision!r}; choose one of {', '.join(REVIEW_DECISIONS)}")
+        if decision not in DECISIONS:
+            raise MelcoreError(f"unknown decision {decision!r}; choose one of {', '.join(DECISIONS)}")
         values = dict(run_id=run_id, image_name=str(image_name), reviewer=reviewer, decision=decision,
-                      note=note or "", created_at=_now())
+                      note=note or "", created_at=_now(), aided=bool(aided),
+                      confidence=check_confidence(confidence))
         check_lengths(reviews, [values], "decision not saved")
         with self._write() as conn:
             result = conn.execute(reviews.insert().values(**values))
@@ -772,6 +794,20 @@ class Store:
         if history.empty:
             return history
         return history.sort_values("id").groupby("image_name", as_index=False).tail(1).reset_index(drop=True)
+
+
+def check_confidence(value) -> int | None:
+    """A malignancy confidence as a whole number 0-100 (None stays None); MelcoreError otherwise."""
+    if _is_missing(value):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MelcoreError(f"the confidence must be a number from 0 to 100, got {value!r}") from None
+    if not (math.isfinite(number) and 0 <= number <= 100 and number == int(number)):
+        raise MelcoreError(f"the confidence must be a whole number from 0 (surely benign) to 100 (surely "
+                           f"melanoma), got {value!r}")
+    return int(number)
 
 
 def default_worker_id() -> str:

@@ -27,6 +27,7 @@ from melcore.compare import (
     at_threshold_table,
     attach_metadata,
     common_images,
+    decision_curves,
     describe_subset,
     evaluate_predictions,
     is_from_scratch,
@@ -46,12 +47,27 @@ from melcore.compare import (
 from melcore.errors import MelcoreError
 from melcore.formatting import format_threshold
 from melcore.metrics import bootstrap_dropped_note
+from melcore.png import readers_roc_png
+from melcore.readers import (
+    MIN_READS,
+    MODES,
+    aided_vs_unaided,
+    fleiss_kappa_of,
+    mean_reader_comparison,
+    model_on_reads,
+    pairwise_kappa,
+    reader_table,
+    reader_table_csv,
+    study_reads,
+)
 from melcore.plots import (
     bar_figure,
     calibration_figure,
     confusion_figure,
+    decision_curve_figure,
     heatmap_figure,
     pr_figure,
+    readers_roc_figure,
     roc_figure,
     threshold_figure,
 )
@@ -286,6 +302,7 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
         "AUROC": table["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
                    for lo, hi in zip(table["auroc_low"], table["auroc_high"])],
+        **_pauc_columns(table),
         "Avg precision": table["average_precision"].round(4), "Brier": table["brier"].round(4),
         "Note": table["note"],
     })
@@ -293,7 +310,40 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
     for label, evaluation in evaluations.items():
         if evaluation.note:
             st.warning(escape_markdown(f"{label}: {evaluation.note}."))
-    st.caption(f"AUROC intervals: {N_BOOT:,} patient-bootstrap resamples (a patient's lesions stay together).")
+    st.caption(f"AUROC intervals: {N_BOOT:,} patient-bootstrap resamples (a patient's lesions stay together). "
+               + PAUC_NOTE)
+
+
+PAUC_NOTE = ("pAUC = partial AUROC above 80% sensitivity, unstandardised as in ISIC 2024 (the area under the ROC "
+             "curve and above sensitivity 0.8: 0 to 0.2, 0.02 for a random ranking; not scikit-learn's "
+             "McClish-standardised max_fpr value), with its patient-bootstrap 95% CI.")
+
+
+def _pauc_columns(table: pd.DataFrame) -> dict:
+    """The pAUC and its CI as display columns, beside the AUROC's."""
+    return {"pAUC (sens ≥ 80%)": table["pauc"].round(4),
+            "pAUC 95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
+                            for lo, hi in zip(table["pauc_low"], table["pauc_high"])]}
+
+
+def _decision_curve(evaluations: dict, threshold: float, names: list) -> None:
+    """Net benefit of every run against biopsy-all and biopsy-none, the chosen threshold marked."""
+    st.subheader("Decision curves")
+    curved = {k: e for k, e in evaluations.items() if e.n}
+    curves = decision_curves(curved, include=threshold)
+    high = min(0.99, max(0.5, round(threshold + 0.1, 1)))
+    st.plotly_chart(decision_curve_figure(curves, threshold if threshold < 1 else None, names=names,
+                                          x_range=(0.0, high)),
+                    width="stretch", key="compare_decision_curve")
+    at = {k: c.set_index("threshold").loc[threshold] for k, c in curves.items()} if threshold < 1 else {}
+    parts = [f"{escape_markdown(k)} {row['net_benefit']:.4f} (biopsy all {row['treat_all']:.4f})"
+             for k, row in at.items()]
+    st.caption("Net benefit = true positives / n - false positives / n × t / (1 - t): the melanomas found per "
+               "lesion, less the unnecessary biopsies weighted by the odds at which a clinician would biopsy "
+               "(threshold probability t). A model is useful at t where its curve lies above both 'biopsy all' and "
+               "'biopsy none' (0); the scores must be calibrated probabilities for t to mean a risk. "
+               + (f"At the chosen threshold {format_threshold(threshold)}: " + "; ".join(parts) + "." if parts
+                  else ""))
 
 
 def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tuple[float, float]]:
@@ -534,8 +584,153 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     focus, threshold, window = _threshold_controls(evaluations, {k: r["threshold"] for k, r in runs.items()})
     _focus_metrics(evaluations[focus], threshold)
     _curves(evaluations, threshold, list(evaluations), window)
+    _decision_curve(evaluations, threshold, list(evaluations))
     _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters)
     _save_section(focus, runs[focus], threshold)
+
+
+# --------------------------------------------------------------------------- readers
+
+MODE_WORDS = {"unaided": "blinded (unaided)", "aided": "aided"}
+
+
+@st.cache_resource(show_spinner="Reader statistics (readers x patients bootstrap)...", max_entries=16, ttl=3600)
+def _reader_study(url: str, run_id: int, review_version: tuple, prediction_version: tuple, _history, _predictions):
+    """Everything the Readers section shows for one run, computed once per set of reads."""
+    reads = study_reads(_history, _predictions)
+    table = reader_table(reads, n_boot=N_BOOT)
+    eligible = table[table["eligible"]]
+    curve = model_on_reads(reads, eligible["reviewer"].unique(), n_boot=N_BOOT) if len(eligible) else None
+    means = {}
+    for mode in MODES:
+        readers = eligible.loc[eligible["mode"] == mode, "reviewer"].tolist()
+        if readers:
+            means[mode] = mean_reader_comparison(reads, mode=mode, readers=readers, n_boot=N_BOOT)
+    agreement = {mode: (pairwise_kappa(reads, mode=mode), fleiss_kappa_of(reads, mode=mode)) for mode in MODES}
+    return {"reads": reads, "table": table, "curve": curve, "means": means, "aided": aided_vs_unaided(reads),
+            "agreement": agreement}
+
+
+def _ci_text(value: float, low: float, high: float) -> str:
+    return "n/a" if not np.isfinite(value) else (f"{value:.1%} ({low:.1%}-{high:.1%})" if np.isfinite(low)
+                                                else f"{value:.1%}")
+
+
+def _reader_rows(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "Reader": table["reviewer"], "Mode": table["mode"].map(MODE_WORDS), "Lesions": table["n"],
+        "Malignant": table["n_malignant"],
+        "Sensitivity (95% CI)": [_ci_text(v, lo, hi) for v, lo, hi in
+                                 zip(table["sensitivity"], table["sensitivity_low"], table["sensitivity_high"])],
+        "Specificity (95% CI)": [_ci_text(v, lo, hi) for v, lo, hi in
+                                 zip(table["specificity"], table["specificity_low"], table["specificity_high"])],
+        "Model sensitivity at this specificity": table["model_sensitivity_at_reader_specificity"].map(_pct),
+        "Model AUROC (same lesions)": table["model_auroc"].round(3),
+        "Rated": table["n_confidence"],
+        "Confidence AUROC (95% CI)": [
+            f"{v:.3f} ({lo:.3f}-{hi:.3f})" if np.isfinite(lo) else (f"{v:.3f}" if np.isfinite(v) else "")
+            for v, lo, hi in zip(table["reader_auroc"], table["reader_auroc_low"], table["reader_auroc_high"])],
+        "On ROC plot": table["eligible"], "Note": table["note"],
+    })
+
+
+def _mean_reader_text(result, level: float = 0.95) -> str:
+    names = ", ".join(escape_markdown(n) for n in result.readers)
+    if not np.isfinite(result.sensitivity_diff):
+        return f"**Mean reader ({MODE_WORDS[result.mode]})**: {escape_markdown(result.note)}"
+    low, high = result.sensitivity_diff_ci
+    s_low, s_high = result.specificity_diff_ci
+    return (f"**Mean reader ({MODE_WORDS[result.mode]})**, {len(result.readers)} reader(s) ({names}) on the "
+            f"{result.n:,} lesions all of them read ({result.n_malignant:,} melanomas, {result.n_patients:,} "
+            f"patients): sensitivity {_pct(result.reader_sensitivity)}, specificity "
+            f"{_pct(result.reader_specificity)}. The model at that specificity: sensitivity "
+            f"{_pct(result.model_sensitivity)}, a difference of {result.sensitivity_diff:+.1%} ({level:.0%} CI "
+            f"{low:+.1%} to {high:+.1%}); at the mean reader's sensitivity its specificity differs by "
+            f"{result.specificity_diff:+.1%} ({s_low:+.1%} to {s_high:+.1%}). Intervals: {result.n_boot:,} "
+            "two-way bootstrap resamples of readers and patients."
+            + (f" {escape_markdown(result.note)}." if result.note else ""))
+
+
+def _readers_section(store, runs_by_label: dict) -> None:
+    """Readers of a reader study (Review page) against the model on the same lesions."""
+    st.subheader("Readers against the model")
+    url = settings.db_url()
+    histories = {label: store.review_history(run["id"]) for label, run in runs_by_label.items()}
+    with_reads = {label: h for label, h in histories.items()
+                  if len(h) and h["decision"].isin(("biopsy", "follow-up", "reassure")).any()}
+    if not with_reads:
+        st.caption("No reader-study reads for the selected runs yet. On the **Review** page choose a reader-study "
+                   "mode (blinded or aided) and record management decisions; readers with at least "
+                   f"{MIN_READS} reads on labelled lesions then appear here on the model's ROC curve.")
+        return
+    label = st.selectbox("Reader study of run", list(with_reads), key="compare_readers_run") \
+        if len(with_reads) > 1 else next(iter(with_reads))
+    run = runs_by_label[label]
+    history = with_reads[label]
+    predictions = store.get_predictions(run["id"])
+    study = _reader_study(url, run["id"], (len(history), int(history["id"].max())),
+                          store.prediction_counts([run["id"]]).get(run["id"], (0, 0)), history, predictions)
+    table, curve = study["table"], study["curve"]
+    if table.empty:
+        st.info("The reads of this run are on lesions without a label or a score: nothing to compare yet.")
+        return
+    eligible = table[table["eligible"]]
+    st.caption(f"Run {escape_markdown(label)}: every stored prediction of the run (all splits; the subset filters "
+               "above do not apply). A reader's call is positive when the decision is biopsy / excise; "
+               "sensitivity and specificity carry Wilson 95% intervals. The model is judged on each reader's own "
+               "lesions.")
+    figure_args = None
+    if curve is not None and len(eligible):
+        mean_points = {m: (r.reader_specificity, r.reader_sensitivity) for m, r in study["means"].items()}
+        figure_args = (curve.fpr, curve.tpr, curve.auroc, curve.ci, eligible)
+        st.plotly_chart(readers_roc_figure(*figure_args, model_name=label, mean_reader=mean_points),
+                        width="stretch", key="compare_readers_roc")
+        st.caption(f"Model curve on the {curve.n:,} lesions read by the readers shown ({curve.n_malignant:,} "
+                   f"melanomas, {curve.n_patients:,} patients); "
+                   + ("every reader read all of them." if curve.same_lesions else
+                      "readers read different subsets, so each point is on its reader's lesions (the table gives "
+                      "the model on exactly those).")
+                   + " Diamonds: blinded reads; circles: aided; stars: the mean reader.")
+    else:
+        st.info(f"No reader has {MIN_READS} reads on labelled lesions with both classes yet: the ROC plot needs "
+                "them. The table shows what there is.")
+    st.dataframe(_reader_rows(table), hide_index=True, width="stretch", key="compare_readers_table")
+    for result in study["means"].values():
+        st.markdown(_mean_reader_text(result))
+    if len(study["aided"]):
+        st.markdown("**Aided against blinded reading** (the same lesions, each reader)")
+        paired = study["aided"]
+        st.dataframe(pd.DataFrame({
+            "Reader": paired["reviewer"], "Lesions": paired["n"], "Malignant": paired["n_malignant"],
+            "Sensitivity blinded": paired["sensitivity_unaided"].map(_pct),
+            "Sensitivity aided": paired["sensitivity_aided"].map(_pct),
+            "Change": paired["sensitivity_diff"].map(lambda v: "" if not np.isfinite(v) else f"{v:+.1%}"),
+            "McNemar p (sens)": paired["sensitivity_p"].map(_p_value),
+            "Specificity blinded": paired["specificity_unaided"].map(_pct),
+            "Specificity aided": paired["specificity_aided"].map(_pct),
+            "Change ": paired["specificity_diff"].map(lambda v: "" if not np.isfinite(v) else f"{v:+.1%}"),
+            "McNemar p (spec)": paired["specificity_p"].map(_p_value),
+        }), hide_index=True, width="stretch", key="compare_readers_aided")
+    for mode, (pairs, (fleiss, n_lesions, n_readers)) in study["agreement"].items():
+        if pairs.empty:
+            continue
+        st.markdown(f"**Agreement, {MODE_WORDS[mode]} reads** (biopsy / follow-up / reassure)")
+        st.dataframe(pd.DataFrame({"Reader A": pairs["reviewer_a"], "Reader B": pairs["reviewer_b"],
+                                   "Shared lesions": pairs["n_shared"],
+                                   "Same decision": pairs["agreement"].map(_pct),
+                                   "Cohen's kappa": pairs["kappa"].round(3)}),
+                     hide_index=True, width="stretch", key=f"compare_readers_kappa_{mode}")
+        st.caption(f"Fleiss' kappa across {n_readers} readers on the {n_lesions:,} lesions all of them read: "
+                   + (f"{fleiss:.3f}" if np.isfinite(fleiss) else "n/a (needs two readers and shared lesions)"))
+    cols = st.columns(2)
+    cols[0].download_button("Download reader table (CSV)", reader_table_csv(table).encode(), key="compare_readers_csv",
+                            file_name=f"readers-run{run['id']}.csv", mime="text/csv", on_click="ignore")
+    if figure_args is not None:
+        mean_points = {m: (r.reader_specificity, r.reader_sensitivity) for m, r in study["means"].items()}
+        cols[1].download_button("Download reader figure (PNG)",
+                                readers_roc_png(*figure_args, model_name=label, mean_reader=mean_points),
+                                key="compare_readers_png", file_name=f"readers-run{run['id']}.png",
+                                mime="image/png", on_click="ignore")
 
 
 # --------------------------------------------------------------------------- page
@@ -629,6 +824,7 @@ def main() -> None:
     _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames))
     if breakdowns:
         _clinic_bars(breakdowns, names)
+    _readers_section(store, {k: runs_by_label[k] for k in names})
     _cross_clinic_section(store, dataset)
 
 

@@ -30,13 +30,24 @@ from melcore.review import (
     reviews_csv,
     worklist,
 )
+from melcore.readers import study_worklist
 from melcore.safety import escape_markdown
+from melcore.store import STUDY_DECISIONS
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
-from pages.widgets import lesion_panel, patient_strip
+from pages.widgets import lesion_panel, load_tile, patient_strip
 
 K = "review_"  # session-state prefix of this page
 REVIEWER = "melreview_reviewer"  # the reviewer's name, kept for the whole session (not a widget key)
 TABLE_ROWS = 50  # worklist rows shown around the current lesion
+READING_MODES = {
+    "review": "Review (risk order, model shown)",
+    "unaided": "Reader study: blinded (no model output)",
+    "aided": "Reader study: aided (model's risk shown)",
+}
+STUDY_DECISION_LABELS = {"biopsy": "biopsy / excise", "follow-up": "follow-up", "reassure": "reassure"}
+STUDY_SCOPES = {"all": "All lesions", "unread": "Only lesions I have not read in this mode"}
+BLINDED_FIELDS = (("image", "image_name"), ("patient", "patient"), ("sex", "sex"), ("age", "age_approx"),
+                  ("site", "site"), ("clinic", "clinic"))  # what an unaided reader sees beside the image
 
 
 # --------------------------------------------------------------------------- cached data
@@ -246,6 +257,180 @@ def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshol
                 "training image).")
 
 
+# --------------------------------------------------------------------------- reader study
+
+def _reading_mode() -> str:
+    return st.radio("Reading", list(READING_MODES), format_func=READING_MODES.get, key=K + "mode", horizontal=True,
+                    help="A reader study reads every scored lesion in a fixed random order (the same for every "
+                         "reader). Blinded hides the model's risk, rank and Grad-CAM; aided shows them. Neither "
+                         "shows the lesion's label or diagnosis, nor other readers' decisions.")
+
+
+def _study_key(part: str, mode: str, run_id: int, image: str) -> str:
+    return f"{K}study_{part}_{mode}_{run_id}_{image}"
+
+
+def _save_study(run_id: int, image: str, mode: str, then: str | None) -> None:
+    """Append a study read (button callback): decision, optional confidence and note, aided or not."""
+    decision_key, confidence_key, note_key = (_study_key(p, mode, run_id, image)
+                                              for p in ("decision", "confidence", "note"))
+    decision = st.session_state.get(decision_key)
+    confidence = st.session_state.get(confidence_key)
+    note = st.session_state.get(note_key, "") or ""
+    error_key = (run_id, image, mode)
+    try:
+        reviewer = check_reviewer(st.session_state.get(K + "reviewer") or st.session_state.get(REVIEWER))
+        if decision not in STUDY_DECISIONS:
+            raise MelcoreError(f"choose a decision ({', '.join(STUDY_DECISION_LABELS.values())}) before saving")
+        get_store().add_review(run_id, image, reviewer, decision, note, aided=mode == "aided", confidence=confidence)
+    except Exception as exc:  # whatever went wrong, the reader's input stays in the form
+        reason = str(exc) if isinstance(exc, MelcoreError) else f"{type(exc).__name__}: {exc}"
+        _errors()[error_key] = f"Not saved: {reason}. Your decision and note are kept in the form."
+        return
+    _errors().pop(error_key, None)
+    for key in (decision_key, confidence_key):
+        st.session_state[key] = None
+    st.session_state[note_key] = ""
+    st.session_state[K + "flash"] = (f"Saved **{escape_markdown(STUDY_DECISION_LABELS[decision])}** "
+                                     f"({'aided' if mode == 'aided' else 'blinded'} read) for "
+                                     f"{escape_markdown(image)} by {escape_markdown(reviewer)}.")
+    if then is not None:
+        st.session_state[K + "study_current"] = then
+
+
+def _study_go_to(image: str | None) -> None:
+    if image is not None:
+        st.session_state[K + "study_current"] = image
+
+
+def _study_position(names: list[str]) -> None:
+    position = int(st.session_state.get(K + "study_pos") or 1)
+    _study_go_to(names[min(max(position, 1), len(names)) - 1] if names else None)
+
+
+def _blinded_lesion(lesion: dict, roots) -> None:
+    """The image and what is known at the visit: no score, rank, Grad-CAM, label or diagnosis."""
+    name = str(lesion.get("image_name"))
+    tile = load_tile(lesion.get("image_path"), name, roots, 448)
+    st.markdown(f"#### {escape_markdown(name)}")
+    left, right = st.columns(2)
+    left.image(tile.data, width="stretch",
+               caption=None if tile.status == "ok" else f"STAND-IN: {tile.message or 'image file not found'}")
+    values = [lesion.get("patient_id", lesion.get("patient")) if field == "patient" else lesion.get(field)
+              for _, field in BLINDED_FIELDS]
+    right.dataframe(pd.DataFrame({"field": [label for label, _ in BLINDED_FIELDS],
+                                  "value": ["unknown" if v is None or (isinstance(v, float) and v != v) else str(v)
+                                            for v in values]}),
+                    hide_index=True, width="stretch", key=K + "study_metadata")
+
+
+def _study_form(run_id: int, image: str, mode: str, following: str | None, reviewer: str) -> None:
+    decision_key, confidence_key, note_key = (_study_key(p, mode, run_id, image)
+                                              for p in ("decision", "confidence", "note"))
+    st.markdown("**Your management decision**")
+    st.radio("Management decision", list(STUDY_DECISION_LABELS), format_func=STUDY_DECISION_LABELS.get,
+             key=decision_key, horizontal=True, label_visibility="collapsed", index=None)
+    st.number_input("Malignancy confidence, 0 (surely benign) to 100 (surely melanoma), optional", min_value=0,
+                    max_value=100, step=1, value=None, key=confidence_key,
+                    help="How sure you are that this is a melanoma, whatever you decide to do; it gives you a "
+                         "ROC curve of your own.")
+    st.text_area("Note (optional)", key=note_key, height=70)
+    cols = st.columns([1, 1, 2], vertical_alignment="center")
+    cols[0].button("Save", key=K + "study_save", type="primary", on_click=_save_study,
+                   args=(run_id, image, mode, None), width="stretch")
+    cols[1].button("Save and next", key=K + "study_save_next", on_click=_save_study,
+                   args=(run_id, image, mode, following), width="stretch", disabled=following is None)
+    if not reviewer:
+        cols[2].caption(":orange[Enter your name as reviewer at the top: nothing is saved without it.]")
+    error = _errors().get((run_id, image, mode))
+    if error:
+        st.error(escape_markdown(error))
+
+
+def _study(store, dataset: dict, run: dict, runs: list, mode: str, reviewer: str, version: tuple) -> None:
+    """A reader study on the run's scored lesions: fixed random order, this reader's reads only."""
+    run_id = int(run["id"])
+    blinded = mode == "unaided"
+    st.caption("Blinded reading: the model's risk, rank and Grad-CAM are hidden; read the lesion as you would "
+               "without the model." if blinded else
+               "Aided reading: the model's risk and Grad-CAM are shown beside the lesion.")
+    try:
+        predictions = _predictions(settings.db_url(), run_id, version)
+        table = study_worklist(predictions, store.review_history(run_id), reviewer, mode, seed=run_id)
+    except MelcoreError as exc:
+        show_error(exc, "The study's worklist cannot be prepared")
+        return
+    done = int(table["read"].sum())
+    st.progress(done / len(table) if len(table) else 0.0,
+                text=(f"You have read {done:,} of {len(table):,} lesions in the {'blinded' if blinded else 'aided'} "
+                      "mode" if reviewer else "Enter your name as reviewer to see your progress"))
+    scope = st.radio("Lesions", list(STUDY_SCOPES), format_func=STUDY_SCOPES.get, key=K + "study_scope",
+                     horizontal=True)
+    flash = st.session_state.pop(K + "flash", None)
+    if flash:
+        st.success(flash)
+    shown = table[~table["read"]] if scope == "unread" else table
+    if shown.empty:
+        st.success("You have read every lesion of this study in this mode." if len(table) else "No lesion to read.")
+        return
+    names = shown["image_name"].astype(str).tolist()
+    current = st.session_state.get(K + "study_current")
+    if current in names:
+        position = names.index(current) + 1
+    else:  # the lesion just read left the list, or none chosen yet: the same place, i.e. the next lesion
+        position = min(max(int(st.session_state.get(K + "study_pos") or 1), 1), len(names))
+    st.session_state[K + "study_pos"] = position
+    image = st.session_state[K + "study_current"] = names[position - 1]
+
+    try:
+        cohort = load_cohort_cached(dataset)
+        browser = _browser(settings.db_url(), int(dataset["id"]), _csv_mtime(dataset), run_id, version,
+                           _cohort=cohort, _predictions=predictions)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, f"Dataset {dataset['name']!r} cannot be read; lesions are shown without their images")
+        browser = None
+    row = shown.iloc[position - 1]
+    lesion = {"image_name": image, "patient": row["patient_id"], "image_path": None}
+    if browser is not None:
+        try:
+            lesion = browser.lesion(image)
+        except MelcoreError:
+            pass
+    roots = dataset_roots(dataset)
+
+    left, right = st.columns([2, 3], gap="large")
+    with left:
+        nav = st.columns([1, 2, 1], vertical_alignment="bottom")
+        nav[0].button("◀ Previous", key=K + "study_prev", on_click=_study_go_to,
+                      args=(names[position - 2] if position > 1 else None,), disabled=position <= 1, width="stretch")
+        nav[1].number_input(f"Lesion (of {len(names):,})", min_value=1, max_value=len(names), step=1,
+                            key=K + "study_pos", on_change=_study_position, args=(names,))
+        nav[2].button("Next ▶", key=K + "study_next", on_click=_study_go_to,
+                      args=(names[position] if position < len(names) else None,), disabled=position >= len(names),
+                      width="stretch")
+        st.caption("Fixed random order (the same for every reader); only your own reads in this mode are listed.")
+        st.dataframe(pd.DataFrame({
+            "#": shown["position"].to_numpy(), "image": shown["image_name"].to_numpy(),
+            "patient": shown["patient_id"].to_numpy(),
+            "your decision": [STUDY_DECISION_LABELS.get(d, "—") if d else "—" for d in shown["decision"]],
+        }), hide_index=True, width="stretch", key=f"{K}study_table_{mode}", height=min(38 + 35 * len(shown), 420))
+    with right:
+        with st.container(border=True):
+            if blinded:
+                _blinded_lesion(lesion, roots)
+            else:
+                threshold = run_threshold(run)
+                lesion_panel(lesion, key=f"{K}study_panel_{run_id}", roots=roots, runs=[run], store=store,
+                             threshold=threshold, default_run=run_id, show_truth=False)
+        with st.container(border=True):
+            _study_form(run_id, image, mode, names[position] if position < len(names) else None, reviewer)
+            if row["read"]:
+                confidence = row["confidence"]
+                st.caption(f"Your current read: {STUDY_DECISION_LABELS.get(row['decision'], row['decision'])}"
+                           + (f", confidence {int(confidence)}" if confidence == confidence else "")
+                           + ". Saving again adds a new entry; the latest counts.")
+
+
 # --------------------------------------------------------------------------- page
 
 def main() -> None:
@@ -270,6 +455,10 @@ def main() -> None:
                               format_func=lambda i: scored_run_label(scored[i], counts[i][0]))
     reviewer = _reviewer_input(top[2])
     run = scored[run_id]
+    mode = _reading_mode()
+    if mode in ("unaided", "aided"):
+        _study(store, dataset, run, runs, mode, reviewer, counts[run_id])
+        return
     threshold = run_threshold(run)
     if run.get("threshold") is None:
         st.info(f"No threshold saved for this run: using the default {format_threshold(threshold)}. Choose one on "

@@ -73,6 +73,7 @@ __all__ = ["Tile", "lesion_panel", "load_tile", "patient_strip", "thumbnail_grid
 STAND_IN_NOTE = "STAND-IN: image file not found"
 GRADCAM_METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
 UGLY_DUCKLING_ALERT = 2.0  # z above which a lesion is marked as unlike the patient's others
+TRUTH_FIELDS = ("target", "diagnosis", "benign_malignant")  # what a reader in a study must not see
 
 
 # --------------------------------------------------------------------------- images
@@ -386,10 +387,16 @@ def colour_outline(image: np.ndarray) -> None:
 
 def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[Mapping] = (), store=None,
                  scores: pd.DataFrame | None = None, threshold: float | None = None, image_size: int = 448,
-                 gradcam: bool = True, stacked: bool = False, default_run: int | None = None) -> str:
-    """One lesion in full: image, metadata, every run's score, Grad-CAM. Returns the image status."""
+                 gradcam: bool = True, stacked: bool = False, default_run: int | None = None,
+                 show_truth: bool = True) -> str:
+    """One lesion in full: image, metadata, every run's score, Grad-CAM. Returns the image status.
+
+    ``show_truth=False`` (a reader study) leaves out the lesion's label and diagnosis.
+    """
     name = str(lesion.get("image_name"))
     tile = load_tile(lesion.get("image_path"), name, roots, image_size)
+    if not show_truth:
+        lesion = {k: v for k, v in dict(lesion).items() if k not in TRUTH_FIELDS}
     st.markdown(f"#### {escape_markdown(name)}  \n" + badges(lesion, threshold, tile.status))
     if stacked:
         left = right = st.container()
@@ -411,8 +418,10 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
             _gradcam_section(lesion, tile.path, runs, key, default_run)
     with right:
         st.markdown("**Metadata**")
-        st.dataframe(_metadata(lesion, tile.status, tile.message, tile.path), hide_index=True, width="stretch",
-                     key=f"{key}_metadata")
+        metadata = _metadata(lesion, tile.status, tile.message, tile.path)
+        if not show_truth:
+            metadata = metadata[~metadata["field"].isin(("label", "diagnosis"))]
+        st.dataframe(metadata, hide_index=True, width="stretch", key=f"{key}_metadata")
         duck = as_finite(lesion.get("ugly_duckling"))
         if duck is not None:
             st.caption(f"Ugly duckling {duck:+.2f}: how far this lesion's score sits from the patient's other "

@@ -143,6 +143,36 @@ def test_page_shows_both_runs_with_their_auroc(seeded):
     assert any("cross-clinic" in i.value for i in at.info)
 
 
+def _isic_2024_pauc(y, p) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    scaled = roc_auc_score(1 - np.asarray(y), -np.asarray(p), max_fpr=0.2)
+    return 0.5 * 0.2 ** 2 + (0.2 - 0.5 * 0.2 ** 2) / 0.5 * (scaled - 0.5)
+
+
+def test_summary_shows_the_isic_2024_pauc_beside_the_auroc_and_the_decision_curve(seeded):
+    at = run_page()
+    table = summary(at)
+    for run_id, name in ((seeded["strong"], "effnet"), (seeded["weak"], "weak-cnn")):
+        frame = seeded["preds"][run_id]
+        row = table[table["Run"].str.contains(name)].iloc[0]
+        assert row["pAUC (sens ≥ 80%)"] == pytest.approx(_isic_2024_pauc(frame["target"], frame["prediction"]),
+                                                       abs=1e-4)
+        low, high = (float(v) for v in row["pAUC 95% CI"].split("-"))
+        assert low <= row["pAUC (sens ≥ 80%)"] <= high <= 0.2
+    assert any("unstandardised as in ISIC 2024" in c.value for c in at.caption)
+    threshold = at.session_state["compare_threshold"]
+    caption = next(c.value for c in at.caption if c.value.startswith("Net benefit ="))
+    frame = seeded["preds"][seeded["strong"]]
+    y, p = frame["target"].to_numpy(), frame["prediction"].to_numpy()
+    tp, fp = int(((p >= threshold) & (y == 1)).sum()), int(((p >= threshold) & (y == 0)).sum())
+    expected = tp / len(y) - fp / len(y) * threshold / (1 - threshold)
+    assert f"{expected:.4f}" in caption
+    evaluation = evaluate_predictions(attach_metadata(frame)[0], n_boot=200)
+    download = operating_point_table({"effnet": evaluation}, 0.5)
+    assert download["pauc"].iloc[0] == pytest.approx(_isic_2024_pauc(y, p))
+
+
 def test_threshold_slider_and_presets_update_the_numbers(seeded):
     at = run_page()
     slider = at.slider(key="compare_threshold")

@@ -574,3 +574,84 @@ def test_summarize_keys_and_one_class_tolerated():
     benign = metrics.summarize([0, 0, 0], [0.1, 0.6, 0.2])
     assert math.isnan(benign["auroc"]) and benign["operating_points"] == []
     assert "only benign" in benign["notes"][0]
+
+
+# --------------------------------------------------------------------------- partial AUROC, net benefit
+
+def _isic_2024_pauc(y, p, min_tpr=0.8) -> float:
+    """The ISIC 2024 challenge's scoring: scikit-learn's McClish-standardised pAUC of the flipped problem,
+    unstandardised back to the area above TPR = min_tpr."""
+    max_fpr = 1 - min_tpr
+    scaled = skm.roc_auc_score(1 - np.asarray(y), -np.asarray(p), max_fpr=max_fpr)
+    return 0.5 * max_fpr ** 2 + (max_fpr - 0.5 * max_fpr ** 2) / (1.0 - 0.5) * (scaled - 0.5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(labelled_scores(), st.sampled_from([0.0, 0.5, 0.8, 0.9]))
+def test_partial_auroc_equals_the_isic_2024_computation(data, min_tpr):
+    y, p = data
+    assert metrics.partial_auroc(y, p, min_tpr) == pytest.approx(_isic_2024_pauc(y, p, min_tpr), abs=1e-12)
+
+
+def test_partial_auroc_range_and_the_full_area():
+    y = np.array([0, 0, 1, 1])
+    assert metrics.partial_auroc(y, [0.1, 0.2, 0.8, 0.9]) == pytest.approx(0.2)  # perfect ranking: 1 - 0.8
+    assert metrics.partial_auroc(y, [0.9, 0.8, 0.2, 0.1]) == 0.0
+    rng = np.random.default_rng(3)
+    y = (rng.random(400) < 0.3).astype(int)
+    p = expit(rng.normal(size=400) + y)
+    assert metrics.partial_auroc(y, p, min_tpr=0.0) == pytest.approx(metrics.auroc(y, p), abs=1e-12)
+    with pytest.raises(MelcoreError, match="min_tpr"):
+        metrics.partial_auroc(y, p, min_tpr=1.0)
+
+
+def test_partial_auroc_bootstrap_equals_the_area_of_the_explicit_resample():
+    rng = np.random.default_rng(8)
+    n, n_groups = 90, 25
+    groups = rng.integers(0, n_groups, size=n)
+    y = (rng.random(n) < 0.35).astype(int)
+    p = np.round(rng.random(n), 1)
+    counts = rng.integers(0, 3, size=(30, n_groups))
+    codes, _ = metrics._group_codes(groups, n)
+    group_of_code = {code: g for code, g in zip(codes, groups)}  # codes number the groups by first appearance
+    values = metrics._WeightedRoc(y, p, codes).partial_area(
+        counts[:, [group_of_code[c] for c in range(len(group_of_code))]], 0.8)
+    for row, value in zip(counts, values):
+        repeat = row[groups]
+        y_b, p_b = np.repeat(y, repeat), np.repeat(p, repeat)
+        if y_b.min() == y_b.max():
+            assert math.isnan(value)
+        else:
+            assert value == pytest.approx(_isic_2024_pauc(y_b, p_b), abs=1e-12)
+
+
+def test_partial_auroc_ci_brackets_the_estimate_and_uses_the_auroc_resamples():
+    rng = np.random.default_rng(1)
+    y = (rng.random(300) < 0.3).astype(int)
+    p = expit(rng.normal(size=300) + 1.5 * y)
+    patients = rng.integers(0, 100, size=300)
+    ci = metrics.partial_auroc_ci(y, p, groups=patients, n_boot=500, seed=4)
+    assert ci.low < metrics.partial_auroc(y, p) < ci.high <= 0.2 and ci.n_dropped == 0
+    # the same seed draws the same patients as the AUROC bootstrap: both move together
+    a = metrics.auroc_bootstrap(y, p, groups=patients, n_boot=200, seed=9)
+    b = metrics.partial_auroc_bootstrap(y, p, groups=patients, n_boot=200, seed=9)
+    assert np.corrcoef(a, b)[0, 1] > 0.5
+
+
+def test_net_benefit_matches_its_definition_and_the_reference_strategies():
+    rng = np.random.default_rng(4)
+    y = (rng.random(500) < 0.2).astype(int)
+    p = expit(rng.normal(size=500) + 2 * y - 1.5)
+    table = metrics.net_benefit(y, p, [0.05, 0.1, 0.3])
+    for _, row in table.iterrows():
+        t = row["threshold"]
+        flagged = p >= t
+        tp, fp = int((flagged & (y == 1)).sum()), int((flagged & (y == 0)).sum())
+        assert row["net_benefit"] == pytest.approx(tp / 500 - fp / 500 * t / (1 - t))
+        assert row["treat_all"] == pytest.approx(y.mean() - (1 - y.mean()) * t / (1 - t))
+    assert (table["treat_none"] == 0).all()
+    everything = metrics.net_benefit(y, p, [0.0])
+    assert everything["net_benefit"].iloc[0] == pytest.approx(everything["treat_all"].iloc[0]) == y.mean()
+    assert len(metrics.net_benefit(y, p)) == 99
+    with pytest.raises(MelcoreError, match=r"\[0, 1\)"):
+        metrics.net_benefit(y, p, [0.5, 1.0])

@@ -8,15 +8,17 @@ import plotly.graph_objects as go
 import pytest
 
 from melcore.errors import MelcoreError
-from melcore.metrics import ThresholdSweep, calibration_table, precision_recall_curve, roc_curve
+from melcore.metrics import ThresholdSweep, calibration_table, net_benefit, precision_recall_curve, roc_curve
 from melcore.plots import (
     PALETTE,
     bar_figure,
     calibration_figure,
     confusion_figure,
+    decision_curve_figure,
     format_ci,
     heatmap_figure,
     pr_figure,
+    readers_roc_figure,
     roc_figure,
     threshold_figure,
     training_curves_figure,
@@ -220,3 +222,38 @@ def test_training_curves_figure_pairs_training_and_validation():
     assert not empty.data and empty.layout.annotations[0].text == "no epochs yet"
     with pytest.raises(MelcoreError, match="no \\['auc'\\]"):
         training_curves_figure(history, metrics=["auc"])
+
+
+def test_readers_roc_figure_places_each_reader_with_both_intervals_and_escapes_names(two_models):
+    y, scores = two_models
+    fpr, tpr, _ = roc_curve(y, scores["good"])
+    readers = pd.DataFrame({
+        "reviewer": ["Dr A", "<b>Dr B</b>"], "mode": ["unaided", "aided"], "n": [400, 400],
+        "sensitivity": [0.8, 0.6], "sensitivity_low": [0.7, 0.5], "sensitivity_high": [0.88, 0.7],
+        "specificity": [0.75, 0.9], "specificity_low": [0.7, 0.86], "specificity_high": [0.8, 0.93]})
+    fig = readers_roc_figure(fpr, tpr, 0.9, (0.85, 0.94), readers, model_name="run-1",
+                             mean_reader={"unaided": (0.75, 0.8)})
+    point = by_name(fig, "Dr A (unaided)")
+    assert point.x[0] == pytest.approx(0.25) and point.y[0] == 0.8 and point.marker.symbol == "diamond"
+    assert point.error_y.array[0] == pytest.approx(0.08) and point.error_y.arrayminus[0] == pytest.approx(0.1)
+    assert point.error_x.array[0] == pytest.approx(0.05) and point.error_x.arrayminus[0] == pytest.approx(0.05)
+    escaped = by_name(fig, "&lt;b&gt;Dr B&lt;/b&gt; (aided)")
+    assert "<b>" not in escaped.hovertemplate and escaped.marker.symbol == "circle"
+    assert by_name(fig, "mean reader (unaided)").x[0] == pytest.approx(0.25)
+    assert by_name(fig, "run-1<br>AUROC 0.900 (95% CI 0.850-0.940)").meta == "run-1"
+
+
+def test_decision_curve_figure_draws_both_references_and_marks_the_threshold(two_models):
+    y, scores = two_models
+    grid = np.round(np.arange(1, 51) / 100, 2)
+    curves = {name: net_benefit(y, p, grid) for name, p in scores.items()}
+    fig = decision_curve_figure(curves, 0.2, names=["good", "weak"])
+    assert by_name(fig, "biopsy none").y.tolist() == [0.0] * 50
+    assert np.allclose(by_name(fig, "biopsy all").y, curves["good"]["treat_all"])  # same images: one line
+    marker = by_name(fig, "good @ threshold")
+    assert marker.x[0] == 0.2 and marker.y[0] == pytest.approx(curves["good"].set_index("threshold").loc[0.2,
+                                                                                                   "net_benefit"])
+    assert fig.layout.shapes[0].x0 == 0.2
+    other = {"good": curves["good"], "half": net_benefit(y[:200], scores["weak"][:200], grid)}
+    names = [t.name for t in decision_curve_figure(other).data]
+    assert "biopsy all (good)" in names and "biopsy all (half)" in names

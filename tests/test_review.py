@@ -198,6 +198,17 @@ def test_export_holds_every_decision_with_iso_times(run_with_predictions):
     risk = dict(zip(frame["image_name"], frame["prediction"]))
     assert back["risk"].iloc[1] == pytest.approx(risk["IMG_007"], abs=1e-6)
     assert back["patient_id"].iloc[1] == "P2"
+    assert back["aided"].tolist() == [True, True, True] and back["confidence"].tolist() == ["", "", ""]
+
+
+def test_export_says_which_reads_were_blinded_and_how_confident(run_with_predictions):
+    store, run_id, frame = run_with_predictions
+    store.add_review(run_id, "IMG_003", "Dr A", "reassure", aided=False, confidence=10)
+    store.add_review(run_id, "IMG_003", "Dr A", "biopsy", aided=True, confidence=70)
+    store.add_review(run_id, "IMG_007", "Dr B", "follow-up", aided=False)
+    back = pd.read_csv(io.StringIO(reviews_csv(store.review_history(run_id))), keep_default_na=False)
+    assert back["aided"].tolist() == [False, True, False]
+    assert back["confidence"].astype(str).tolist() == ["10", "70", ""]
 
 
 def test_export_guards_against_spreadsheet_formulas(run_with_predictions):

@@ -280,3 +280,95 @@ def test_gradcam_toggle_shows_the_overlay_for_the_run(seeded, tmp_path):
     run(at)
     assert at.toggle(key=f"review_panel_{with_model}_gc_show").value
     assert any("Grad-CAM" in c for image in at.image for c in image.captions)
+
+
+# --------------------------------------------------------------------------- reader study
+
+def _everything_sent(at: AppTest) -> str:
+    """Every element the page sent, as text: protobuf text of each element, dataframes as CSV."""
+    from streamlit.testing.v1.element_tree import Dataframe
+
+    parts = []
+
+    def walk(node):
+        for child in getattr(node, "children", {}).values():
+            walk(child)
+        if isinstance(node, Dataframe):
+            parts.append(node.value.to_csv())
+        elif getattr(node, "proto", None) is not None and not getattr(node, "children", None):
+            parts.append(str(node.proto))
+
+    walk(at._tree)
+    return "\n".join(parts)
+
+
+def _leaked_scores(predictions: pd.DataFrame, sent: str) -> list[str]:
+    """The scores found in ``sent`` as whole numbers: in full, or rounded to 2-4 decimals as pages show them."""
+    import re
+
+    found = []
+    for r in predictions["prediction"]:
+        for text in {repr(float(r)), f"{r:.2f}", f"{r:.3f}", f"{r:.4f}"}:
+            if re.search(r"(?<![\d.])" + re.escape(text) + r"(?![\d])", sent):
+                found.append(text)
+    return sorted(found)
+
+
+def test_blinded_reading_never_sends_the_models_score_to_the_page(seeded):
+    from melcore.readers import study_order
+
+    store, run_id, predictions = seeded["store"], seeded["run_id"], seeded["predictions"]
+    at = open_page()
+    at.text_input(key="review_reviewer").input("Dr Blind")
+    at.radio(key="review_mode").set_value("unaided")
+    at = run(at)
+    order = study_order(predictions["image_name"], seed=run_id)
+    image = at.session_state["review_study_current"]
+    assert image == order[0]  # the fixed random order, not the riskiest first
+    sent = _everything_sent(at)
+    assert image in sent and "Fixed random order" in sent  # the page's content is what is searched
+    assert not _leaked_scores(predictions, sent)
+    assert "_gc_" not in sent and "badge[risk" not in sent and "Grad-CAM**" not in sent
+    assert not at.get("plotly_chart")
+    for frame in at.dataframe:
+        assert not {"risk", "score", "rank", "flagged", "target", "label", "diagnosis"} & set(frame.value.columns)
+        assert "label" not in frame.value.get("field", pd.Series(dtype=object)).tolist()
+    truth = seeded["cohort"].table.set_index("image_name").loc[image]
+    if isinstance(truth.get("diagnosis"), str) and truth["diagnosis"]:
+        assert truth["diagnosis"] not in texts(at.markdown)
+
+    # a blinded read with a confidence, then the next lesion of the study
+    at.radio(key=f"review_study_decision_unaided_{run_id}_{image}").set_value("biopsy")
+    at.number_input(key=f"review_study_confidence_unaided_{run_id}_{image}").set_value(70)
+    at.button(key="review_study_save_next").click()
+    at = run(at)
+    read = store.review_history(run_id, image).iloc[-1]
+    assert (read["reviewer"], read["decision"], bool(read["aided"]), read["confidence"]) == (
+        "Dr Blind", "biopsy", False, 70)
+    assert at.session_state["review_study_current"] == order[1]
+    assert "You have read 1 of" in _everything_sent(at)
+    assert not _leaked_scores(predictions, _everything_sent(at))
+
+
+def test_aided_reading_shows_the_risk_but_not_the_label_and_records_an_aided_read(seeded):
+    store, run_id, predictions = seeded["store"], seeded["run_id"], seeded["predictions"]
+    at = open_page()
+    at.text_input(key="review_reviewer").input("Dr Aided")
+    at.radio(key="review_mode").set_value("aided")
+    at = run(at)
+    image = at.session_state["review_study_current"]
+    risk = float(predictions.set_index("image_name").loc[image, "prediction"])
+    assert f"risk {risk:.2f}" in texts(at.markdown) or f"risk {risk:.3f}" in texts(at.markdown)
+    assert repr(risk) in _leaked_scores(predictions, _everything_sent(at))  # what the blinded test looks for
+    metadata = next(df.value for df in at.dataframe if "field" in df.value.columns)
+    assert "label" not in metadata["field"].tolist() and "diagnosis" not in metadata["field"].tolist()
+    assert "melanoma (label)" not in texts(at.markdown)
+    at.radio(key=f"review_study_decision_aided_{run_id}_{image}").set_value("reassure")
+    at.button(key="review_study_save").click()
+    at = run(at)
+    read = store.review_history(run_id, image).iloc[-1]
+    assert (read["decision"], bool(read["aided"])) == ("reassure", True) and pd.isna(read["confidence"])
+    # the standard review does not list study reads as another reader's hidden view: they are in the history
+    at.radio(key="review_mode").set_value("review")
+    at = run(at)
+    assert worklist_table(at).set_index("image").loc[image, "decision"] == "reassure"

@@ -208,12 +208,57 @@ def test_version_1_databases_gain_run_archiving_and_keep_their_runs(db_url, tmp_
     old.add_review(run_id, "img1", "Dr A", "agree")
     with old.engine.begin() as conn:  # the database as melreview with schema version 1 left it
         conn.execute(sa.text("ALTER TABLE runs DROP COLUMN archived_at"))
+        conn.execute(sa.text("ALTER TABLE reviews DROP COLUMN aided"))
+        conn.execute(sa.text("ALTER TABLE reviews DROP COLUMN confidence"))
         conn.execute(sa.text("DELETE FROM schema_version WHERE version > 1"))
     old.close()
     upgraded = Store(db_url)
     assert upgraded.version() == store_module.SCHEMA_VERSION >= 2
     assert [r["id"] for r in upgraded.list_runs()] == [run_id]
     assert upgraded.get_run(run_id)["threshold"] == 0.3 and len(upgraded.review_history(run_id)) == 1
+
+
+def test_version_2_reviews_become_aided_reads_without_confidence_and_none_is_lost(db_url, tmp_path):
+    old = Store(db_url)
+    run_id = old.add_run("kept run", tmp_path)
+    with old.engine.begin() as conn:  # the reviews table as melreview with schema version 2 made it
+        conn.execute(sa.text("DROP TABLE reviews"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 2"))
+        key = "INTEGER PRIMARY KEY" if old.is_sqlite else "SERIAL PRIMARY KEY"
+        conn.execute(sa.text(
+            f"CREATE TABLE reviews (id {key}, run_id INTEGER NOT NULL REFERENCES runs (id), "
+            "image_name VARCHAR(300) NOT NULL, reviewer VARCHAR(200) NOT NULL, decision VARCHAR(20) NOT NULL, "
+            "note TEXT NOT NULL, created_at FLOAT NOT NULL)"))
+        for k, (image, reviewer, decision) in enumerate([("img1", "Dr A", "agree"), ("img1", "Dr B", "biopsy"),
+                                                          ("img2", "Dr A", "unsure")], start=1):
+            conn.execute(sa.text("INSERT INTO reviews (run_id, image_name, reviewer, decision, note, created_at) "
+                                 "VALUES (:run, :image, :reviewer, :decision, 'n', :t)"),
+                         dict(run=run_id, image=image, reviewer=reviewer, decision=decision, t=100.0 + k))
+    old.close()
+    upgraded = Store(db_url)
+    assert upgraded.version() == store_module.SCHEMA_VERSION >= 3
+    history = upgraded.review_history(run_id)
+    assert history["id"].tolist() == [1, 2, 3]
+    assert history["decision"].tolist() == ["agree", "biopsy", "unsure"]
+    assert history["aided"].tolist() == [True, True, True]
+    assert history["confidence"].isna().all()
+    assert upgraded.add_review(run_id, "img2", "Dr B", "reassure", aided=False, confidence=5) == 4
+    assert upgraded.review_history(run_id)["aided"].tolist() == [True, True, True, False]
+    upgraded.close()
+
+
+def test_blinded_reads_and_confidences_are_stored_and_checked(store, tmp_path):
+    run_id = store.add_run("r", tmp_path)
+    store.add_review(run_id, "img1", "Dr A", "reassure", aided=False, confidence=15)
+    store.add_review(run_id, "img1", "Dr A", "biopsy", confidence=80.0)
+    store.add_review(run_id, "img2", "Dr A", "follow-up", aided=False)
+    history = store.review_history(run_id)
+    assert history["aided"].tolist() == [False, True, False]
+    assert history["confidence"].tolist()[:2] == [15, 80] and pd.isna(history["confidence"].iloc[2])
+    for bad in (-1, 101, 50.5, "high", float("inf")):
+        with pytest.raises(MelcoreError, match="confidence"):
+            store.add_review(run_id, "img1", "Dr A", "biopsy", confidence=bad)
+    assert len(store.review_history(run_id)) == 3
 
 
 def test_archived_runs_leave_the_lists_but_keep_everything(store, tmp_path):
