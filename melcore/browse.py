@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from melcore.errors import MelcoreError
+from melcore.runinfo import run_title
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -594,19 +595,12 @@ def scored_runs(store, runs: Sequence[Mapping]) -> tuple[dict[int, Mapping], dic
 
 
 def scored_run_label(run: Mapping, n_predictions: int, *, mark_from_scratch: bool = True) -> str:
-    """``"#12 name · model · clinic A · trained from scratch · 1,234 scores"`` (parts present only when known).
+    """``"#12 efficientnet-b3 · clinic A · trained from scratch (chosen) · 1,234 scores"``: what produces the
+    score (:func:`melcore.runinfo.run_title`) and how many images it scored.
 
     ``mark_from_scratch=False`` leaves out the "trained from scratch" part.
     """
-    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
-    if run.get("model"):
-        parts.append(str(run["model"]))
-    if run.get("clinic"):
-        parts.append(f"clinic {run['clinic']}")
-    if mark_from_scratch and run.get("from_scratch"):
-        parts.append("trained from scratch")
-    parts.append(f"{n_predictions:,} scores")
-    return " · ".join(parts)
+    return f"{run_title(run, scratch=mark_from_scratch)} · {n_predictions:,} scores"
 
 
 def image_scores(store, image_name: str, runs: Sequence[Mapping]) -> pd.DataFrame:

@@ -34,6 +34,7 @@ import pandas as pd
 from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
+from melcore.runinfo import run_title, scratch_words
 from melcore.metrics import (
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
@@ -109,7 +110,7 @@ def weights_description(run: Mapping) -> str:
     if run.get("kind") == "meta":
         return "no images (metadata)"
     if is_from_scratch(run):
-        return "trained from scratch"
+        return scratch_words({**run, "from_scratch": True}) or "trained from scratch"
     weights = (run.get("metrics") or {}).get("weights") or {}
     source = weights.get("source")
     from melcore.registry import REGISTRY, weights_label
@@ -123,16 +124,10 @@ def weights_description(run: Mapping) -> str:
 
 
 def run_label(run: Mapping) -> str:
-    """A short unique label: ``"#12 effnet-b3 · efficientnet-b3 · clinic A · from scratch"``."""
-    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
-    model = run.get("model")
-    if model and model not in parts[0]:
-        parts.append(str(model))
-    if run.get("clinic"):
-        parts.append(f"clinic {run['clinic']}")
-    if is_from_scratch(run):
-        parts.append("from scratch")
-    return " · ".join(parts)
+    """A short unique label naming what produces the score: ``"#12 efficientnet-b3 · clinic A · trained from
+    scratch (chosen)"``, ``"#14 colour/shape SVM (cnn-bn for Grad-CAM) · all clinics"``
+    (:func:`melcore.runinfo.run_title`)."""
+    return run_title(run)
 
 
 def choose_split(available: Iterable[str], preference: str = "auto") -> str | None:
