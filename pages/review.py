@@ -112,7 +112,7 @@ def _save(run_id: int, image: str, then: str | None) -> None:
     _errors().pop((run_id, image), None)
     _drafts().pop((run_id, image), None)
     st.session_state[note_key] = ""
-    st.session_state[decision_key] = None
+    st.session_state[decision_key] = decision  # the form shows the decision just saved
     st.session_state[K + "flash"] = (f"Saved **{escape_markdown(decision)}** for {escape_markdown(image)} by "
                                      f"{escape_markdown(reviewer)}.")
     _go_to(then)
@@ -174,13 +174,15 @@ def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int)
     return chosen if chosen is not None and chosen != last else None
 
 
-def _decision_form(run_id: int, image: str, names: list[str], index: int, reviewer: str) -> None:
+def _decision_form(run_id: int, image: str, names: list[str], index: int, reviewer: str,
+                   current: str | None = None) -> None:
+    """The decision radio (showing the unsaved draft, else the lesion's ``current`` decision), note and save."""
     note_key, decision_key = _note_key(run_id, image), _decision_key(run_id, image)
     draft = _drafts().get((run_id, image), {})
     if note_key not in st.session_state:
         st.session_state[note_key] = draft.get("note", "")
     if decision_key not in st.session_state:
-        st.session_state[decision_key] = draft.get("decision")
+        st.session_state[decision_key] = draft.get("decision") or (current if current in REVIEW_DECISIONS else None)
     st.markdown("**Your decision**")
     st.radio("Decision", REVIEW_DECISIONS, key=decision_key, horizontal=True, label_visibility="collapsed",
              on_change=_keep_draft, args=(run_id, image))
@@ -246,6 +248,22 @@ def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshol
                 "training image).")
 
 
+def _position(shown: pd.DataFrame, full: pd.DataFrame, current: str | None, restart: bool) -> int:
+    """The 1-based position in ``shown`` to open: the current image when listed; the first lesion after a
+    change of worklist (``restart``); else the next lesion by rank after the current one (the one just
+    saved leaves "Only unreviewed")."""
+    names = shown["image_name"].astype(str).tolist()
+    if current in names:
+        return names.index(current) + 1
+    if restart or current is None:
+        return 1
+    ranks = full.loc[full["image_name"].astype(str) == current, "rank"]
+    if ranks.empty:
+        return 1
+    later = (shown["rank"].to_numpy() > int(ranks.iloc[0])).nonzero()[0]
+    return int(later[0]) + 1 if len(later) else len(names)
+
+
 # --------------------------------------------------------------------------- page
 
 def main() -> None:
@@ -309,17 +327,13 @@ def main() -> None:
                    else "No lesion in this worklist.")
         return
 
-    # Where we are: the current image if still listed, else the same position (the next lesion).
     names = shown["image_name"].astype(str).tolist()
-    index_of = {name: i for i, name in enumerate(names)}
     goto = st.session_state.pop(K + "goto", None)
     if goto is not None:
         st.session_state[K + "current"] = goto
-    current = st.session_state.get(K + "current")
-    if current in index_of:
-        position = index_of[current] + 1
-    else:
-        position = min(max(int(st.session_state.get(K + "pos") or 1), 1), len(names))
+    scope_changed = st.session_state.get(K + "shown_scope", scope) != scope
+    st.session_state[K + "shown_scope"] = scope
+    position = _position(shown, full, st.session_state.get(K + "current"), scope_changed and goto is None)
     st.session_state[K + "pos"] = position
     st.session_state[K + "current"] = names[position - 1]
     image = names[position - 1]
@@ -360,7 +374,9 @@ def main() -> None:
                          threshold=threshold, default_run=run_id)
         _patient_strip(browser, lesion, roots, threshold, set(full["image_name"].astype(str)), set(names))
         with st.container(border=True):
-            _decision_form(run_id, image, names, position - 1, reviewer)
+            decision = row.get("decision")
+            _decision_form(run_id, image, names, position - 1, reviewer,
+                           current=None if pd.isna(decision) else str(decision))
             _history(store, run_id, image)
 
 

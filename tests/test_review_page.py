@@ -101,6 +101,7 @@ def test_decisions_are_saved_appended_and_counted(seeded):
     assert shown[["reviewer", "decision", "note"]].values.tolist() == [["Dr Ana Ruiz", "agree", "regular network"]]
     assert "Current decision: agree" in texts(at.markdown)
     assert at.text_area(key=f"review_note_{run_id}_{image}").value == ""  # the form is ready for a new entry
+    assert at.radio(key=f"review_decision_{run_id}_{image}").value == "agree"  # and shows the saved decision
     assert worklist_table(at).set_index("image").loc[image, "decision"] == "agree"
 
     # A second decision on the same lesion appends; the latest is the current one.
@@ -184,6 +185,28 @@ def test_scopes_above_threshold_and_unreviewed(seeded):
     assert first not in set(worklist_table(at)["image"])
     assert current(at) == seeded["order"][1]
     assert len(store.review_history(run_id)) == 1
+
+
+def test_only_unreviewed_opens_the_first_unreviewed_lesion_not_the_same_position(seeded):
+    store, run_id, order = seeded["store"], seeded["run_id"], seeded["order"]
+    for image in (order[1], order[2]):  # ranks 2 and 3 reviewed; 1 and 4 are not
+        store.add_review(run_id, image, "Dr A", "agree")
+    at = open_page()
+    at.button(key="review_next").click()
+    run(at)
+    at.button(key="review_next").click()
+    run(at)
+    assert current(at) == order[2]  # rank 3, position 3
+    at.radio(key="review_scope").set_value("unreviewed")
+    run(at)
+    assert current(at) == order[0]  # rank 1: the first unreviewed, not the 3rd (rank 5)
+    assert worklist_table(at)["rank"].tolist()[:3] == [1, 4, 5]
+    # opening a lesion that has a decision shows it in the radio
+    at.radio(key="review_scope").set_value("all")
+    run(at)
+    at.button(key="review_next").click()
+    run(at)
+    assert at.radio(key=f"review_decision_{run_id}_{order[1]}").value == "agree"
 
 
 def test_a_failed_save_shows_the_error_and_keeps_the_note(seeded, monkeypatch):
