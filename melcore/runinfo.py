@@ -70,15 +70,19 @@ def delivered_auroc(run: Mapping | None) -> float | None:
 
 def scratch_reason(run: Mapping) -> str | None:
     """Why the run has no pretrained weights: ``"chosen"`` (the config asked for none),
-    ``"weights unavailable"`` (asked for pretrained weights that could not be loaded), or
-    None when it started from pretrained weights (or has no network, a metadata run)."""
+    ``"weights unavailable"`` (asked for pretrained weights that could not be loaded),
+    ``"unknown"`` (a run that recorded neither), or None when it started from pretrained weights (or has no network, a metadata run)."""
     if (run.get("kind") or "image") == "meta":
         return None
     weights = _metrics(run).get("weights") or {}
     if not (run.get("from_scratch") or weights.get("from_scratch") or _metrics(run).get("from_scratch")):
         return None
-    requested = str(weights.get("requested") or (run.get("config") or {}).get("weights") or "none").strip().lower()
-    return "chosen" if requested in ("", "none", "scratch") else "weights unavailable"
+    requested = weights.get("requested") or (run.get("config") or {}).get("weights")
+    if requested is None:  # an older run: only its notes can say
+        notes = str(run.get("notes") or weights.get("note") or "").lower()
+        fell_back = any(w in notes for w in ("unavailable", "could not", "fell back", "fallback", "failed"))
+        return "weights unavailable" if fell_back else "unknown"
+    return "chosen" if str(requested).strip().lower() in ("", "none", "scratch") else "weights unavailable"
 
 
 def scratch_words(run: Mapping) -> str | None:
@@ -88,8 +92,11 @@ def scratch_words(run: Mapping) -> str | None:
         return None
     if reason == "chosen":
         return "trained from scratch (chosen)"
-    requested = str((_metrics(run).get("weights") or {}).get("requested") or "pretrained")
-    return f"trained from scratch ({'ImageNet' if requested == 'imagenet' else requested} weights unavailable)"
+    if reason == "unknown":
+        return "trained from scratch"
+    requested = str((_metrics(run).get("weights") or {}).get("requested") or (run.get("config") or {}).get("weights")
+                    or "ImageNet")
+    return f"trained from scratch ({'ImageNet' if requested.lower() == 'imagenet' else requested} weights unavailable)"
 
 
 def run_title(run: Mapping, *, clinic: bool = True, scratch: bool = True) -> str:
