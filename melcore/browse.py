@@ -67,6 +67,7 @@ __all__ = [
     "lesion_frame",
     "paginate",
     "patient_table",
+    "patient_diagnoses",
     "prediction_counts",
     "risk_by_image",
     "run_threshold",
@@ -301,6 +302,22 @@ def patient_table(lesions: pd.DataFrame) -> pd.DataFrame:
     })
     out = out.rename_axis("patient").reset_index()
     return out[list(PATIENT_COLUMNS)]
+
+
+def patient_diagnoses(lesions: pd.DataFrame, patients: Sequence[str]) -> pd.Series:
+    """Each listed patient's diagnoses, most frequent first: ``"nevus ×3, melanoma"`` (index: patient).
+
+    ``lesions``: a :func:`lesion_frame` (``patient``, ``diagnosis``); images without a
+    diagnosis are left out, a patient with none gets ``"unknown"``.
+    """
+    wanted = pd.Index([str(p) for p in patients])
+    rows = lesions[lesions["patient"].astype(str).isin(wanted) & lesions["diagnosis"].notna()]
+    counts = rows.groupby([rows["patient"].astype(str), rows["diagnosis"].astype(str)]).size()
+    text = {}
+    for patient, group in counts.groupby(level=0):
+        ordered = group.droplevel(0).sort_values(ascending=False, kind="stable")
+        text[patient] = ", ".join(f"{d} ×{n}" if n > 1 else d for d, n in ordered.items())
+    return pd.Series([text.get(p, UNKNOWN) for p in wanted], index=wanted, dtype=object)
 
 
 # --------------------------------------------------------------------------- filters and pages

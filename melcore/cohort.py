@@ -49,6 +49,7 @@ __all__ = [
     "group_keys",
     "describe_grouping",
     "grouping_unit",
+    "group_label",
 ]
 
 CANONICAL_COLUMNS = (
@@ -1204,13 +1205,25 @@ def describe_grouping(table: pd.DataFrame) -> str:
     return ", else ".join(used) if used else "image_name"
 
 
-def grouping_unit(grouping: str | None) -> str:
+def grouping_unit(grouping: str | None, *, singular: bool = False) -> str:
     """What one group of :func:`describe_grouping` is, in words for a count: ``"patients"``
     when every row has a patient id, ``"lesions"`` / ``"images"`` when none has, else the
-    chain (``"lesions/images"``: lesion ids where known, else single images)."""
+    chain (``"lesions/images"``: lesion ids where known, else single images).
+    ``singular=True``: ``"patient"``, ``"lesion/image"``."""
     words = {"patient_id": "patients", "lesion_id": "lesions", "image_name": "images"}
+    if singular:
+        words = {k: v[:-1] for k, v in words.items()}
     parts = [words.get(part.strip(), part.strip()) for part in str(grouping or "patient_id").split(", else ")]
     return "/".join(parts)
+
+
+def group_label(key) -> str:
+    """A :func:`group_keys` key for display: the id without its ``"image:"`` / ``"lesion:"`` prefix."""
+    text = str(key)
+    for prefix in ("image:", "lesion:"):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def group_keys(table: pd.DataFrame) -> pd.Series:

@@ -18,8 +18,11 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-__all__ = ["COLOUR_SCORER", "delivered_auroc", "explained_model", "run_title", "scorer_name", "scratch_reason",
-           "scratch_words", "uses_colour_model"]
+__all__ = ["CHANCE_AUROC_MARGIN", "COLOUR_SCORER", "delivered_auroc", "explained_auroc", "explained_model",
+           "gradcam_caveats", "run_title", "scorer_name", "scratch_reason", "scratch_words", "uses_colour_model"]
+
+#: A network whose validation AUROC is within this of 0.5 is "near chance" (its heatmap explains noise).
+CHANCE_AUROC_MARGIN = 0.05
 
 #: The name of the colour/texture/shape model (:mod:`melcore.colour`) when it scores a run.
 COLOUR_SCORER = "colour/shape SVM"
@@ -66,6 +69,32 @@ def delivered_auroc(run: Mapping | None) -> float | None:
             if math.isfinite(value):
                 return value
     return None
+
+
+def explained_auroc(run: Mapping) -> float | None:
+    """The validation AUROC of the network Grad-CAM explains: ``cnn_val_auroc`` for a colour-model run,
+    else the delivered one."""
+    if uses_colour_model(run):
+        value = _metrics(run).get("cnn_val_auroc")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
+    return delivered_auroc(run)
+
+
+def gradcam_caveats(run: Mapping) -> list[str]:
+    """Short warnings to draw on a Grad-CAM overlay of ``run``: the explained network is near chance
+    (validation AUROC within :data:`CHANCE_AUROC_MARGIN` of 0.5), and/or it is not the model that
+    delivered the run's score. Empty when neither applies."""
+    caveats = []
+    auroc = explained_auroc(run)
+    if auroc is not None and abs(auroc - 0.5) <= CHANCE_AUROC_MARGIN:
+        caveats.append(f"NEAR CHANCE: {explained_model(run)} val AUROC {auroc:.2f}")
+    if uses_colour_model(run):
+        caveats.append(f"EXPLAINS {explained_model(run)}, NOT THE {COLOUR_SCORER.upper()} THAT SCORED")
+    return caveats
 
 
 def scratch_reason(run: Mapping) -> str | None:
