@@ -17,6 +17,7 @@ import streamlit as st
 
 from melcore import settings
 from melcore.browse import PatientBrowser, dataset_roots, run_threshold, scored_run_label, scored_runs
+from melcore.classes import ClassNames, dataset_classes
 from melcore.errors import MelcoreError
 from melcore.formatting import format_risk, format_threshold
 from melcore.review import (
@@ -30,6 +31,7 @@ from melcore.review import (
     reviews_csv,
     worklist,
 )
+from melcore.runinfo import scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 from pages.widgets import lesion_panel, patient_strip
@@ -146,18 +148,26 @@ def _progress(full: pd.DataFrame, scope: str, threshold: float) -> None:
         st.caption(f"Current decisions: {counts}" if counts else "No decision recorded yet for this run.")
 
 
-def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int) -> str | None:
-    """The window of the worklist around the current lesion; the image whose row was selected, if new."""
+def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int, classes: ClassNames,
+                    diagnoses: pd.Series | None) -> str | None:
+    """The window of the worklist around the current lesion; the image whose row was selected, if new.
+
+    The risk, decision and reviewer columns come first after the rank, so they need no horizontal scrolling.
+    """
     start = (position - 1) // TABLE_ROWS * TABLE_ROWS
     window = shown.iloc[start:start + TABLE_ROWS]
+    names = window["image_name"].astype(str)
     table = pd.DataFrame({
         "rank": window["rank"].to_numpy(),
-        "image": window["image_name"].to_numpy(),
-        "patient": window["patient_id"].to_numpy(),
         "risk": window["risk"].to_numpy(dtype=float),
         "flagged": window["flagged"].to_numpy(dtype=bool),
         "decision": window["decision"].fillna("—").to_numpy(),
         "reviewer": window["reviewer"].fillna("").to_numpy(),
+        "image": names.to_numpy(),
+        "label": classes.labels(window["target"].to_numpy(dtype=object)).to_numpy(),
+        "diagnosis": (names.map(diagnoses).fillna("unknown").to_numpy() if diagnoses is not None
+                      else ["unknown"] * len(window)),
+        "patient": window["patient_id"].fillna("unknown").to_numpy(),
     })
     st.caption(f"Rows {start + 1}-{start + len(window)} of {len(shown):,} (rank = position by risk in the whole "
                "run). Select a row to open it.")
@@ -165,8 +175,12 @@ def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int)
     event = st.dataframe(
         table, hide_index=True, width="stretch", key=key, on_select="rerun", selection_mode="single-row",
         height=min(38 + 35 * len(table), 600),
-        column_config={"risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=1.0, format="%.3f"),
-                       "flagged": st.column_config.CheckboxColumn("≥ threshold")})
+        column_config={"rank": st.column_config.NumberColumn("rank", width="small"),
+                       "risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=1.0, format="%.3f",
+                                                               width="small"),
+                       "flagged": st.column_config.CheckboxColumn("≥ thr.", width="small",
+                                                                  help="Risk at or above the run's threshold"),
+                       "decision": st.column_config.TextColumn("decision", width="small")})
     rows = list(getattr(getattr(event, "selection", None), "rows", []) or [])
     chosen = str(window["image_name"].iloc[rows[0]]) if rows and rows[0] < len(window) else None
     last = st.session_state.get(K + "table_last")
@@ -295,9 +309,9 @@ def main() -> None:
     else:
         st.caption(f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's "
                    "predicted probability of melanoma.")
-    if run.get("from_scratch"):
-        st.warning("This run was trained from scratch (ImageNet weights were not available): its scores are "
-                   "usually less reliable than a pretrained model's.")
+    scratch = scratch_words(run)
+    if scratch and not uses_colour_model(run):
+        st.warning(f"This run was {scratch}: its scores are usually less reliable than a pretrained model's.")
 
     pending_scope = st.session_state.pop(K + "goto_scope", None)
     if pending_scope is not None:
@@ -312,13 +326,23 @@ def main() -> None:
         show_error(exc, "The worklist cannot be prepared")
         return
     shown = apply_scope(full, scope)
+    classes = dataset_classes(dataset)
+    try:
+        cohort = load_cohort_cached(dataset)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, f"Dataset {dataset['name']!r} cannot be read; lesions are shown without their images")
+        cohort = None
+    lesions = cohort.table[["image_name", "diagnosis", "clinic"]] if cohort is not None else None
+    diagnoses = (lesions.assign(image_name=lesions["image_name"].astype(str)).drop_duplicates("image_name")
+                 .set_index("image_name")["diagnosis"] if lesions is not None else None)
     _progress(full, scope, threshold)
     st.download_button(
         "Download decisions (CSV, full history)", key=K + "export", on_click="ignore",
-        data=reviews_csv(history, run, predictions),
+        data=reviews_csv(history, run, predictions, lesions=lesions, classes=classes),
         file_name=f"melreview-run{run_id}-decisions.csv", mime="text/csv",
-        help="Every decision of this run, oldest first: run, image, reviewer, decision, note, time (ISO-8601 UTC) "
-             "and whether it is the lesion's current decision.")
+        help="Every decision of this run, oldest first: run (what scored it), image, patient, clinic, diagnosis, "
+             "label, risk, the run's threshold, reviewer, decision, note, time (ISO-8601 UTC) and whether it is "
+             "the lesion's current decision.")
     flash = st.session_state.pop(K + "flash", None)
     if flash:
         st.success(flash)
@@ -340,7 +364,8 @@ def main() -> None:
     row = shown.iloc[position - 1]
 
     try:
-        cohort = load_cohort_cached(dataset)
+        if cohort is None:
+            raise MelcoreError("the dataset's table could not be read")
         browser = _browser(settings.db_url(), int(dataset["id"]), _csv_mtime(dataset), run_id, counts[run_id],
                            _cohort=cohort, _predictions=predictions)
     except (MelcoreError, OSError) as exc:
@@ -359,7 +384,7 @@ def main() -> None:
         nav[2].button("Next ▶", key=K + "next", on_click=_go_to,
                       args=(names[position] if position < len(names) else None,),
                       disabled=position >= len(names), width="stretch")
-        chosen = _worklist_table(shown, position, scope, run_id)
+        chosen = _worklist_table(shown, position, scope, run_id, classes, diagnoses)
         if chosen is not None and chosen != image:
             st.session_state[K + "goto"] = chosen
             st.rerun()
@@ -371,7 +396,7 @@ def main() -> None:
         with st.container(border=True):
             # Keyed by run, so the Grad-CAM model choice follows the run under review.
             lesion_panel(lesion, key=f"{K}panel_{run_id}", roots=roots, runs=[run] + other_runs, store=store,
-                         threshold=threshold, default_run=run_id)
+                         threshold=threshold, default_run=run_id, classes=classes)
         _patient_strip(browser, lesion, roots, threshold, set(full["image_name"].astype(str)), set(names))
         with st.container(border=True):
             decision = row.get("decision")

@@ -264,9 +264,17 @@ def test_csv_export_holds_the_decisions_with_history(seeded, monkeypatch):
     at = decide(at, run_id, "disagree", "=1+1, second look")
     name = f"melreview-run{run_id}-decisions.csv"
     assert name in saved, sorted(saved)
-    export = pd.read_csv(io.BytesIO(saved[name]), keep_default_na=False)
+    export = pd.read_csv(io.BytesIO(saved[name]), keep_default_na=False, dtype={"threshold": str})
     assert export[["run_id", "run", "image_name", "reviewer", "decision"]].values.tolist() == [
-        [run_id, "cnn-bn demo", image, "Dr A", "agree"], [run_id, "cnn-bn demo", image, "Dr A", "disagree"]]
+        [run_id, f"#{run_id} cnn-bn · all clinics", image, "Dr A", "agree"],
+        [run_id, f"#{run_id} cnn-bn · all clinics", image, "Dr A", "disagree"]]
+    lesion = seeded["cohort"].table.set_index("image_name").loc[image]
+    assert export["diagnosis"].tolist() == [str(lesion["diagnosis"])] * 2
+    assert export["clinic"].tolist() == [str(lesion["clinic"])] * 2
+    assert export["threshold"].tolist() == ["0.300"] * 2  # as the page's caption writes it
+    table = worklist_table(at)
+    assert list(table.columns)[:5] == ["rank", "risk", "flagged", "decision", "reviewer"]  # no scrolling for these
+    assert set(table["label"]) <= {"malignant", "benign"} and "diagnosis" in table.columns
     assert export["note"].tolist() == ["first look", "'=1+1, second look"]
     assert export["current"].tolist() == [False, True]
     history = seeded["store"].review_history(run_id)
