@@ -31,7 +31,8 @@ from melcore.cohort import group_label, grouping_unit
 from melcore.errors import MelcoreError
 from melcore.formatting import format_risk, format_threshold
 from melcore.safety import escape_markdown
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
+                          show_error)
 from pages.widgets import lesion_panel, thumbnail_grid
 
 PAGE_SIZE = 50
@@ -203,11 +204,11 @@ def main() -> None:
     scored, counts = scored_runs(store, runs)
     with top[1]:
         choices = list(scored) + [NO_RUN]
-        if st.session_state.get(K + "run") not in choices:
-            st.session_state.pop(K + "run", None)
+        restore_run(K + "run", choices)
         run_id = st.selectbox("Scores from run", choices, key=K + "run",
                               format_func=lambda i: scored_run_label(scored[i], counts[i][0], mark_from_scratch=False)
                               if i else "none (no scores)")
+        record_run(run_id)
     run = scored.get(run_id)
     threshold = run_threshold(run)
     has_run = run is not None

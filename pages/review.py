@@ -33,7 +33,8 @@ from melcore.review import (
 )
 from melcore.runinfo import scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
+                          show_error)
 from pages.widgets import lesion_panel, patient_strip
 
 K = "review_"  # session-state prefix of this page
@@ -296,10 +297,10 @@ def main() -> None:
                 "its predictions here.")
         return
     with top[1]:
-        if st.session_state.get(K + "run") not in scored:
-            st.session_state.pop(K + "run", None)
+        restore_run(K + "run", scored)
         run_id = st.selectbox("Run", list(scored), key=K + "run",
                               format_func=lambda i: scored_run_label(scored[i], counts[i][0]))
+        record_run(run_id)
     reviewer = _reviewer_input(top[2])
     run = scored[run_id]
     threshold = run_threshold(run)

@@ -23,7 +23,7 @@ from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
 from melcore.runinfo import run_title, scratch_reason, scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
-from pages.common import page_start, show_error
+from pages.common import page_start, record_run, restore_run, show_error
 from pages.widgets import colour_outline
 
 K = "score_"  # session-state prefix of this page
@@ -122,9 +122,9 @@ def main() -> None:
     runs.sort(key=lambda r: (not _has_model(r), -int(r["id"])))  # runs with a model first, newest first
     datasets = {d["id"]: d["name"] for d in store.list_datasets()}
     by_id = {int(r["id"]): r for r in runs}
-    if st.session_state.get(K + "run") not in by_id:
-        st.session_state.pop(K + "run", None)
+    restore_run(K + "run", by_id)
     run_id = st.selectbox("Run", list(by_id), key=K + "run", format_func=lambda i: _run_label(by_id[i], datasets))
+    record_run(run_id)
     run = by_id[run_id]
     threshold = run_threshold(run)
     scratch = scratch_words(run)

@@ -299,3 +299,16 @@ def test_risk_badges_never_read_as_the_other_side_of_the_threshold():
     assert badges({"risk": 0.5051}, 0.50512).startswith(":green-badge[risk 0.505]")  # not "0.51"
     assert badges({"risk": 0.50515}, 0.50512).startswith(":red-badge[risk 0.51]")
     assert badges({"risk": 0.2}, None).startswith(":green-badge[risk 0.20]")  # the default threshold
+
+
+def test_the_dataset_in_the_url_or_chosen_on_another_page_is_the_one_a_page_opens_on(demo_dir):
+    store = Store()
+    store.register_dataset("first", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    store.register_dataset("second", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    at = _page()
+    at.query_params["dataset"] = "second"
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="patients_dataset").value == "second"
+    at.selectbox(key="patients_dataset").select("first").run()
+    assert at.session_state["melreview_dataset"] == "first" and at.query_params["dataset"] in ("first", ["first"])

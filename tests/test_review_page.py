@@ -311,3 +311,14 @@ def test_gradcam_toggle_shows_the_overlay_for_the_run(seeded, tmp_path):
     run(at)
     assert at.toggle(key=f"review_panel_{with_model}_gc_show").value
     assert any("Grad-CAM" in c for image in at.image for c in image.captions)
+
+
+def test_the_run_in_the_url_is_the_one_review_opens_on(seeded):
+    store, predictions = seeded["store"], seeded["predictions"]
+    newer = store.add_run("newer", dataset_id=seeded["dataset_id"], model="basic-cnn")
+    store.add_predictions(newer, predictions, split="val")
+    at = AppTest.from_file(str(page_helpers.PAGES / "review.py"), default_timeout=120)
+    at.query_params["run"] = str(seeded["run_id"])
+    run(at)
+    assert at.selectbox(key="review_run").value == seeded["run_id"]  # not the newest run
+    assert at.session_state["melreview_run"] == seeded["run_id"]
