@@ -236,8 +236,11 @@ def subset_options(frame: pd.DataFrame, max_levels: int = 30) -> dict[str, list[
     :data:`FILTER_COLUMNS` first (clinic, source, site, sex, age_band), then any
     other text/boolean column with 2..``max_levels`` values (identifiers, labels and
     predictions excluded). Missing values appear as "unknown"; age bands are in age order.
+    A column holding the same values as one already offered (a dataset whose clinic
+    column *is* its ``source``) is offered once, under the first name.
     """
     options = {}
+    offered: list[pd.Series] = []
     ordered = [c for c in FILTER_COLUMNS if c in frame.columns]
     ordered += [c for c in frame.columns if c not in ordered]
     for column in ordered:
@@ -248,9 +251,13 @@ def subset_options(frame: pd.DataFrame, max_levels: int = 30) -> dict[str, list[
                                                  or isinstance(values.dtype, pd.CategoricalDtype)
                                                  or pd.api.types.is_string_dtype(values.dtype)):
             continue
-        levels = _category(values).unique().tolist()
+        category = _category(values)
+        levels = category.unique().tolist()
         if not 2 <= len(levels) <= max_levels:
             continue
+        if any(category.equals(seen) for seen in offered):
+            continue
+        offered.append(category)
         options[column] = filter_levels(column, levels)
     return options
 
