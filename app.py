@@ -7,6 +7,8 @@ from pathlib import Path
 import streamlit as st
 
 from melcore.audit import audit_table, audit_warnings
+from melcore.classes import dataset_classes
+from melcore.cohort import grouping_unit
 from melcore.errors import MelcoreError
 from melcore.safety import escape_markdown
 from pages.common import ensure_first_dataset, page_start, show_error
@@ -40,15 +42,20 @@ def _dataset_card(dataset: dict) -> None:
     summary = dataset.get("summary") or {}
     n_images = summary.get("n_images", 0)
     n_malignant = summary.get("n_malignant", 0)
+    classes = dataset_classes(dataset)
     with st.container(border=True):
         title = escape_markdown(dataset["name"]) + ("  ·  demo (synthetic)" if dataset.get("is_demo") else "")
         st.subheader(title)
         st.caption(escape_markdown(f"{dataset.get('format') or 'auto'} · {dataset['csv_path']}"))
         cols = st.columns(4)
+        unit = grouping_unit(summary.get("grouping"))
         cols[0].metric("Lesion images", f"{n_images:,}")
-        cols[1].metric("Patients", f"{summary.get('n_patients', 0):,}")
-        cols[2].metric("Malignant", f"{n_malignant:,}")
-        cols[3].metric("Malignant rate", f"{(n_malignant / n_images if n_images else 0):.1%}")
+        cols[1].metric(unit[:1].upper() + unit[1:], f"{summary.get('n_patients', 0):,}",
+                       help=None if unit == "patients" else "The table has no patient ids: images are grouped by "
+                                                             "lesion id where known, else counted one by one.")
+        cols[2].metric(classes.positive_title, f"{n_malignant:,}")
+        cols[3].metric(f"{classes.positive_title} rate", f"{(n_malignant / n_images if n_images else 0):.1%}",
+                       help=f"Target 1 means {classes.positive}, 0 {classes.negative}: {classes.why}.")
         if summary.get("clinics"):
             st.plotly_chart(_clinic_chart(summary), width="stretch", key=f"clinics-{dataset['id']}")
         if summary.get("grouping"):
@@ -90,8 +97,10 @@ def _register_form(store) -> None:
         show_error(exc, "Not registered")
         return
     summary = cohort.summary()
+    classes = cohort.classes
     st.success(f"Registered {escape_markdown(repr(name.strip()))}: {summary['n_images']:,} images, "
-               f"{summary['n_patients']:,} patients, {summary['n_malignant']:,} malignant.")
+               f"{summary['n_patients']:,} {grouping_unit(summary.get('grouping'))}, {summary['n_malignant']:,} "
+               f"{classes.positive_plural} ({summary['n_benign']:,} {classes.negative}).")
     for warning in summary.get("warnings") or []:
         st.warning(escape_markdown(warning))
     stored = store.get_dataset(name.strip())
@@ -116,14 +125,16 @@ def home() -> None:
         ensure_first_dataset(store)
     except Exception as exc:  # the app must still start and say why
         show_error(exc, "The demo cohort could not be prepared")
-    datasets = store.list_datasets()
     st.header("Datasets")
-    if not datasets:
-        st.info("No dataset registered yet.")
-    for dataset in datasets:
-        _dataset_card(dataset)
+    listing = st.container()  # filled after the form, so a dataset registered in this run is listed
     st.header("Add a dataset")
     _register_form(store)
+    with listing:
+        datasets = store.list_datasets()
+        if not datasets:
+            st.info("No dataset registered yet.")
+        for dataset in datasets:
+            _dataset_card(dataset)
 
 
 def navigation():

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from melcore.errors import MelcoreError
+from melcore.runinfo import run_title
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -66,6 +67,7 @@ __all__ = [
     "lesion_frame",
     "paginate",
     "patient_table",
+    "patient_diagnoses",
     "prediction_counts",
     "risk_by_image",
     "run_threshold",
@@ -300,6 +302,22 @@ def patient_table(lesions: pd.DataFrame) -> pd.DataFrame:
     })
     out = out.rename_axis("patient").reset_index()
     return out[list(PATIENT_COLUMNS)]
+
+
+def patient_diagnoses(lesions: pd.DataFrame, patients: Sequence[str]) -> pd.Series:
+    """Each listed patient's diagnoses, most frequent first: ``"nevus ×3, melanoma"`` (index: patient).
+
+    ``lesions``: a :func:`lesion_frame` (``patient``, ``diagnosis``); images without a
+    diagnosis are left out, a patient with none gets ``"unknown"``.
+    """
+    wanted = pd.Index([str(p) for p in patients])
+    rows = lesions[lesions["patient"].astype(str).isin(wanted) & lesions["diagnosis"].notna()]
+    counts = rows.groupby([rows["patient"].astype(str), rows["diagnosis"].astype(str)]).size()
+    text = {}
+    for patient, group in counts.groupby(level=0):
+        ordered = group.droplevel(0).sort_values(ascending=False, kind="stable")
+        text[patient] = ", ".join(f"{d} ×{n}" if n > 1 else d for d, n in ordered.items())
+    return pd.Series([text.get(p, UNKNOWN) for p in wanted], index=wanted, dtype=object)
 
 
 # --------------------------------------------------------------------------- filters and pages
@@ -594,19 +612,12 @@ def scored_runs(store, runs: Sequence[Mapping]) -> tuple[dict[int, Mapping], dic
 
 
 def scored_run_label(run: Mapping, n_predictions: int, *, mark_from_scratch: bool = True) -> str:
-    """``"#12 name · model · clinic A · trained from scratch · 1,234 scores"`` (parts present only when known).
+    """``"#12 efficientnet-b3 · clinic A · trained from scratch (chosen) · 1,234 scores"``: what produces the
+    score (:func:`melcore.runinfo.run_title`) and how many images it scored.
 
     ``mark_from_scratch=False`` leaves out the "trained from scratch" part.
     """
-    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
-    if run.get("model"):
-        parts.append(str(run["model"]))
-    if run.get("clinic"):
-        parts.append(f"clinic {run['clinic']}")
-    if mark_from_scratch and run.get("from_scratch"):
-        parts.append("trained from scratch")
-    parts.append(f"{n_predictions:,} scores")
-    return " · ".join(parts)
+    return f"{run_title(run, scratch=mark_from_scratch)} · {n_predictions:,} scores"
 
 
 def image_scores(store, image_name: str, runs: Sequence[Mapping]) -> pd.DataFrame:

@@ -48,6 +48,8 @@ __all__ = [
     "load_cohort",
     "group_keys",
     "describe_grouping",
+    "grouping_unit",
+    "group_label",
 ]
 
 CANONICAL_COLUMNS = (
@@ -148,6 +150,12 @@ class Cohort:
         Non-fatal problems found while loading.
     source : Path or None
         The CSV (or root folder) the cohort was read from.
+    target_column : str or None
+        The source column (or ``"class folder"``) the target was read from; with the
+        format and diagnoses it decides the class names (:func:`melcore.classes.infer_classes`).
+    classes : ClassNames or None
+        What target 1 and 0 mean; inferred from the whole table when not given, and kept
+        by :meth:`subset` (a subset without carcinomas still means melanoma vs not).
     """
 
     table: pd.DataFrame
@@ -157,10 +165,16 @@ class Cohort:
     grouping: str | None = None
     report: CohortReport = field(default_factory=CohortReport)
     source: Path | None = None
+    target_column: str | None = None
+    classes: object = None
 
     def __post_init__(self) -> None:
         if self.grouping is None:
             self.grouping = describe_grouping(self.table)
+        if self.classes is None:
+            from melcore.classes import infer_classes
+
+            self.classes = infer_classes(self.format, self.target_column, self.table)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -186,7 +200,8 @@ class Cohort:
             n_images (rows), n_lesions (distinct lesion ids where known, else images),
             n_patients (distinct groups: patient ids where known, else the grouping used),
             n_malignant, n_benign, n_unlabelled, n_missing_images, n_unreadable_images,
-            clinics ({clinic: n_images}, largest first), warnings, grouping, format, name.
+            clinics ({clinic: n_images}, largest first), warnings, grouping, format, name,
+            classes (:meth:`melcore.classes.ClassNames.to_dict`: what target 1 and 0 mean).
         """
         table = self.table
         lesion = table["lesion_id"]
@@ -206,6 +221,7 @@ class Cohort:
             "clinics": {str(k): int(v) for k, v in clinics.items()},
             "warnings": list(self.report.warnings),
             "grouping": self.grouping,
+            "classes": self.classes.to_dict(),
         }
 
     def subset(self, mask) -> "Cohort":
@@ -229,7 +245,7 @@ class Cohort:
             unreadable_images=[(n, r) for n, r in self.report.unreadable_images if n in kept],
         )
         return Cohort(table=table, name=self.name, format=self.format, images_dir=self.images_dir,
-                      report=report, source=self.source)
+                      report=report, source=self.source, target_column=self.target_column, classes=self.classes)
 
     def for_clinic(self, clinic: str) -> "Cohort":
         """The images of one clinic; CohortError listing the clinics when it has none."""
@@ -387,7 +403,7 @@ def load_cohort(
     if name is None:
         name = _default_name(source)
     return Cohort(table=table, name=name, format=format, images_dir=images_dir, report=report,
-                  source=source.resolve())
+                  source=source.resolve(), target_column=target_source)
 
 
 def clinic_shortcut_warning(table: pd.DataFrame, *, min_share: float = 0.1) -> str | None:
@@ -1187,6 +1203,27 @@ def describe_grouping(table: pd.DataFrame) -> str:
     levels = _levels(table)
     used = [name for name, mask in zip(("patient_id", "lesion_id", "image_name"), levels) if mask.any()]
     return ", else ".join(used) if used else "image_name"
+
+
+def grouping_unit(grouping: str | None, *, singular: bool = False) -> str:
+    """What one group of :func:`describe_grouping` is, in words for a count: ``"patients"``
+    when every row has a patient id, ``"lesions"`` / ``"images"`` when none has, else the
+    chain (``"lesions/images"``: lesion ids where known, else single images).
+    ``singular=True``: ``"patient"``, ``"lesion/image"``."""
+    words = {"patient_id": "patients", "lesion_id": "lesions", "image_name": "images"}
+    if singular:
+        words = {k: v[:-1] for k, v in words.items()}
+    parts = [words.get(part.strip(), part.strip()) for part in str(grouping or "patient_id").split(", else ")]
+    return "/".join(parts)
+
+
+def group_label(key) -> str:
+    """A :func:`group_keys` key for display: the id without its ``"image:"`` / ``"lesion:"`` prefix."""
+    text = str(key)
+    for prefix in ("image:", "lesion:"):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def group_keys(table: pd.DataFrame) -> pd.Series:

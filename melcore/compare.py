@@ -34,6 +34,7 @@ import pandas as pd
 from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
+from melcore.runinfo import run_title, scratch_words
 from melcore.metrics import (
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
@@ -112,7 +113,7 @@ def weights_description(run: Mapping) -> str:
     if run.get("kind") == "meta":
         return "no images (metadata)"
     if is_from_scratch(run):
-        return "trained from scratch"
+        return scratch_words({**run, "from_scratch": True}) or "trained from scratch"
     weights = (run.get("metrics") or {}).get("weights") or {}
     source = weights.get("source")
     from melcore.registry import REGISTRY, weights_label
@@ -126,16 +127,10 @@ def weights_description(run: Mapping) -> str:
 
 
 def run_label(run: Mapping) -> str:
-    """A short unique label: ``"#12 effnet-b3 · efficientnet-b3 · clinic A · from scratch"``."""
-    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
-    model = run.get("model")
-    if model and model not in parts[0]:
-        parts.append(str(model))
-    if run.get("clinic"):
-        parts.append(f"clinic {run['clinic']}")
-    if is_from_scratch(run):
-        parts.append("from scratch")
-    return " · ".join(parts)
+    """A short unique label naming what produces the score: ``"#12 efficientnet-b3 · clinic A · trained from
+    scratch (chosen)"``, ``"#14 colour/shape SVM (cnn-bn for Grad-CAM) · all clinics"``
+    (:func:`melcore.runinfo.run_title`)."""
+    return run_title(run)
 
 
 def choose_split(available: Iterable[str], preference: str = "auto") -> str | None:
@@ -244,8 +239,11 @@ def subset_options(frame: pd.DataFrame, max_levels: int = 30) -> dict[str, list[
     :data:`FILTER_COLUMNS` first (clinic, source, site, sex, age_band), then any
     other text/boolean column with 2..``max_levels`` values (identifiers, labels and
     predictions excluded). Missing values appear as "unknown"; age bands are in age order.
+    A column holding the same values as one already offered (a dataset whose clinic
+    column *is* its ``source``) is offered once, under the first name.
     """
     options = {}
+    offered: list[pd.Series] = []
     ordered = [c for c in FILTER_COLUMNS if c in frame.columns]
     ordered += [c for c in frame.columns if c not in ordered]
     for column in ordered:
@@ -256,9 +254,13 @@ def subset_options(frame: pd.DataFrame, max_levels: int = 30) -> dict[str, list[
                                                  or isinstance(values.dtype, pd.CategoricalDtype)
                                                  or pd.api.types.is_string_dtype(values.dtype)):
             continue
-        levels = _category(values).unique().tolist()
+        category = _category(values)
+        levels = category.unique().tolist()
         if not 2 <= len(levels) <= max_levels:
             continue
+        if any(category.equals(seen) for seen in offered):
+            continue
+        offered.append(category)
         options[column] = filter_levels(column, levels)
     return options
 

@@ -76,7 +76,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -95,6 +95,7 @@ __all__ = [
     "get_explainer",
     "colorize",
     "overlay",
+    "flag_picture",
     "explain_image",
     "precompute_heatmaps",
     "load_run_model",
@@ -246,6 +247,32 @@ def colorize(heatmap, colormap: str = "jet") -> np.ndarray:
     heat = _check_heatmap(heatmap)
     index = np.rint(heat * 255.0).astype(np.uint8)
     return _lut(colormap)[index]
+
+
+def flag_picture(image, lines: Sequence[str]) -> np.ndarray:
+    """``image`` with ``lines`` of warning text drawn on a dark band across its top.
+
+    A warning belongs on the picture itself (a screenshot or an exported overlay keeps
+    it). ``image``: (height, width, 3) uint8; returns a new array of the same shape
+    (the image unchanged when ``lines`` is empty).
+    """
+    from PIL import ImageDraw, ImageFont
+
+    array = _check_image(image)
+    if not lines:
+        return array.copy()
+    picture = Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
+    draw = ImageDraw.Draw(picture)
+    size = max(10, picture.width // 32)
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        font = ImageFont.load_default()
+    line_height = size + 4
+    draw.rectangle([0, 0, picture.width, line_height * len(lines) + 4], fill=(150, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + i * line_height), str(line), fill=(255, 255, 255), font=font)
+    return np.asarray(picture)
 
 
 def overlay(image, heatmap, opacity: float = 0.4, colormap: str = "jet") -> np.ndarray:

@@ -21,6 +21,7 @@ Conventions shared by the builders
 from __future__ import annotations
 
 import html
+import math
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -527,6 +528,11 @@ def training_curves_figure(history, metrics: Sequence[str] | None = None, *, x: 
     accuracy, learning rate...) on a right axis; validation series (``val_`` prefix)
     are dashed and share their training series' colour. One trace per metric, named
     after its key. An empty history gives an empty figure saying "no epochs yet".
+
+    When every right-axis metric is an AUROC (key containing "auroc" or "auc"), that axis
+    is fixed at 0.5-1.0 (lower when a value falls below 0.48) with ticks every 0.1, so a
+    chance-level model's 0.498-0.516 is not zoomed into something that looks like a peak;
+    the user can still zoom.
     """
     frame = pd.DataFrame(list(history)) if not isinstance(history, pd.DataFrame) else history.copy()
     if x is None:
@@ -557,6 +563,13 @@ def training_curves_figure(history, metrics: Sequence[str] | None = None, *, x: 
     extra = {}
     if has_right:
         extra["yaxis2"] = {"title": {"text": "metric"}, "overlaying": "y", "side": "right", "showgrid": False}
+        right_metrics = [m for m in metrics if "loss" not in m.lower()]
+        if right_metrics and all("auroc" in m.lower() or "auc" in m.lower() for m in right_metrics):
+            values = pd.concat([numeric[m] for m in right_metrics]).dropna()
+            lowest = float(values.min()) if len(values) else 0.5
+            # Chance level (down to 0.48) stays on the 0.5 line; clearly worse widens the axis.
+            low = 0.5 if lowest >= 0.48 else math.floor(lowest * 10) / 10
+            extra["yaxis2"].update(title={"text": "AUROC"}, range=[low, 1.0], dtick=0.1, tickformat=".1f")
     if not metrics or len(frame) == 0:
         extra["annotations"] = [{"text": "no epochs yet", "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper",
                                  "yref": "paper"}]

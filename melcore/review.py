@@ -42,7 +42,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from melcore.browse import risk_by_image
+from melcore.browse import DEFAULT_THRESHOLD, risk_by_image
 from melcore.errors import MelcoreError
 from melcore.store import REVIEW_DECISIONS
 
@@ -74,8 +74,8 @@ WORKLIST_COLUMNS = ("rank", "image_name", "patient_id", "clinic", "target", "ris
                     "reviewer", "reviewed_at", "n_reviews")
 """Columns of :func:`worklist`."""
 
-EXPORT_COLUMNS = ("run_id", "run", "image_name", "patient_id", "risk", "reviewer", "decision", "note", "time",
-                  "current", "review_id", "aided", "confidence")
+EXPORT_COLUMNS = ("run_id", "run", "image_name", "patient_id", "clinic", "diagnosis", "label", "risk", "threshold",
+                  "reviewer", "decision", "note", "time", "current", "review_id", "aided", "confidence")
 """Columns of :func:`export_frame` / :func:`reviews_csv`."""
 
 MAX_REVIEWER_LENGTH = 200
@@ -280,7 +280,8 @@ def history_table(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def export_frame(history: pd.DataFrame, run: Mapping | None = None,
-                 predictions: pd.DataFrame | None = None) -> pd.DataFrame:
+                 predictions: pd.DataFrame | None = None, *, lesions: pd.DataFrame | None = None,
+                 classes=None) -> pd.DataFrame:
     """Every decision of a run, oldest first, for export (the full audit trail).
 
     Parameters
@@ -290,15 +291,27 @@ def export_frame(history: pd.DataFrame, run: Mapping | None = None,
     run : mapping, optional
         The run's row (``Store.get_run``): its id and name fill run_id and run.
     predictions : DataFrame, optional
-        The run's predictions: fill patient_id and risk.
+        The run's predictions: fill patient_id, clinic, label (from target) and risk.
+    lesions : DataFrame, optional
+        The dataset's table (image_name, diagnosis, clinic): fills diagnosis (and clinic
+        where the predictions lack it).
+    classes : melcore.classes.ClassNames, optional
+        The dataset's class words for ``label`` (default melanoma / not melanoma).
 
     Returns
     -------
-    DataFrame with :data:`EXPORT_COLUMNS`: time is ISO-8601 UTC; current is True on
-    each image's latest decision; review_id is the store's row id (increasing); aided is
+    DataFrame with :data:`EXPORT_COLUMNS`: run is what produces the score
+    (:func:`melcore.runinfo.run_title`); threshold the run's saved decision threshold
+    as text (:func:`melcore.formatting.format_threshold`, "0.500 (default)" when none is
+    saved); time is ISO-8601 UTC; current is True on each image's latest decision;
+    review_id is the store's row id (increasing). Unknown values are empty, never "None". aided is
     False for a blinded read (True where the history has no such column); confidence is
     the reader's malignancy confidence 0-100 (Int64, missing when not given).
     """
+    from melcore.classes import MELANOMA
+    from melcore.formatting import format_threshold
+    from melcore.runinfo import run_title
+
     if history is None or len(history) == 0:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in EXPORT_COLUMNS})
     frame = history.sort_values("id" if "id" in history.columns else "created_at", kind="stable")
@@ -309,19 +322,42 @@ def export_frame(history: pd.DataFrame, run: Mapping | None = None,
         run_ids = frame["run_id"].to_numpy()
     else:
         run_ids = np.full(len(frame), run_id, dtype=object)
-    patient = pd.Series([None] * len(frame), dtype=object)
+    nothing = pd.Series([None] * len(frame), dtype=object)
+    patient, clinic, diagnosis, label = nothing, nothing, nothing, nothing
     risk = pd.Series(np.full(len(frame), np.nan))
     if predictions is not None and len(predictions):
         rows = _prediction_rows(predictions).set_index("image_name")
         patient = names.map(rows["patient_id"]).astype(object)
+        clinic = names.map(rows["clinic"]).astype(object)
+        label = pd.Series([(classes or MELANOMA).label(t) for t in names.map(rows["target"])], dtype=object)
         risk = names.map(rows["risk"]).astype("float64")
+    if lesions is not None and len(lesions) and "image_name" in lesions.columns:
+        table = lesions.assign(image_name=lesions["image_name"].astype(str)).drop_duplicates("image_name")
+        table = table.set_index("image_name")
+        if "diagnosis" in table.columns:
+            diagnosis = names.map(table["diagnosis"]).astype(object)
+        if "clinic" in table.columns:
+            clinic = clinic.where(clinic.notna(), names.map(table["clinic"]).astype(object))
+    saved = (run or {}).get("threshold")
+    if saved is None or (isinstance(saved, float) and np.isnan(saved)):
+        threshold = f"{format_threshold(DEFAULT_THRESHOLD)} (default)" if run else ""
+    else:
+        threshold = format_threshold(saved)
     current = ~names.duplicated(keep="last")
+
+    def text(values: pd.Series) -> np.ndarray:
+        return values.where(values.notna(), "").astype(str).to_numpy(dtype=object)
+
     return pd.DataFrame({
         "run_id": run_ids,
-        "run": (run or {}).get("name"),
+        "run": run_title(run) if run and run.get("id") is not None else "",
         "image_name": names.to_numpy(dtype=object),
-        "patient_id": patient.where(patient.notna(), None).to_numpy(dtype=object),
+        "patient_id": text(patient),
+        "clinic": text(clinic),
+        "diagnosis": text(diagnosis),
+        "label": text(label),
         "risk": risk.to_numpy(dtype="float64"),
+        "threshold": threshold,
         "reviewer": frame["reviewer"].astype(str).to_numpy(),
         "decision": frame["decision"].astype(str).to_numpy(),
         "note": frame["note"].fillna("").astype(str).to_numpy(),
@@ -367,7 +403,8 @@ spreadsheet_safe = _spreadsheet_safe
 """Public name of the CSV-injection guard, for other exports of user text (e.g. reader tables)."""
 
 
-def reviews_csv(history: pd.DataFrame, run: Mapping | None = None, predictions: pd.DataFrame | None = None) -> str:
+def reviews_csv(history: pd.DataFrame, run: Mapping | None = None, predictions: pd.DataFrame | None = None, *,
+                lesions: pd.DataFrame | None = None, classes=None) -> str:
     """:func:`export_frame` as CSV text (RFC 4180: UTF-8, CRLF line ends, header row, risk with 6 decimals).
 
     Free text (notes, names) whose first line, or any line after a line break, starts
@@ -375,8 +412,8 @@ def reviews_csv(history: pd.DataFrame, run: Mapping | None = None, predictions: 
     apostrophe, so opening the file in a spreadsheet cannot run it. Every field holding
     a CR or an LF is quoted, so a line break in a note never starts a new row.
     """
-    frame = export_frame(history, run, predictions)
-    for column in ("run", "image_name", "patient_id", "reviewer", "note"):
+    frame = export_frame(history, run, predictions, lesions=lesions, classes=classes)
+    for column in ("run", "image_name", "patient_id", "clinic", "diagnosis", "reviewer", "note"):
         frame[column] = frame[column].map(_spreadsheet_safe)
     buffer = io.StringIO()
     # CRLF as the row end makes the csv module quote every field holding a CR or an LF

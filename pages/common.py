@@ -100,15 +100,61 @@ def load_cohort_cached(dataset: dict):
     return _cohort(settings.db_url(), int(dataset["id"]), mtime)
 
 
+#: Session-state key of the dataset chosen on any page (pages open on it); the URL holds it as ``?dataset=``.
+CHOSEN_DATASET = "melreview_dataset"
+DATASET_PARAM = "dataset"
+
+
 def dataset_picker(store: Store, key: str = "dataset", label: str = "Dataset") -> dict | None:
-    """A select box over the registered datasets; the chosen dataset's row (None when there is none)."""
+    """A select box over the registered datasets; the chosen dataset's row (None when there is none).
+
+    It opens on the dataset last chosen on any page of this session, else the one named in
+    the URL (``?dataset=``, so a reload keeps it), and records the choice in both.
+    """
     datasets = store.list_datasets()
     if not datasets:
         st.info("No dataset is registered yet: add one on the Home page.")
         return None
     names = [d["name"] for d in datasets]
+    remembered = st.session_state.get(CHOSEN_DATASET) or st.query_params.get(DATASET_PARAM)
+    if st.session_state.get(key) not in names:
+        st.session_state.pop(key, None)
+        if remembered in names:
+            st.session_state[key] = remembered
     name = st.selectbox(label, names, key=key)
+    st.session_state[CHOSEN_DATASET] = name
+    if st.query_params.get(DATASET_PARAM) != name:
+        st.query_params[DATASET_PARAM] = name
     return next(d for d in datasets if d["name"] == name)
+
+
+#: Session-state key of the run chosen on any page; the URL holds it as ``?run=``.
+CHOSEN_RUN = "melreview_run"
+RUN_PARAM = "run"
+
+
+def restore_run(key: str, options) -> None:
+    """Before drawing a run select box ``key`` over run ids ``options``: drop a value not among them and
+    open on the run last chosen on any page (else the URL's ``?run=``) when it is one of them."""
+    options = list(options)
+    if st.session_state.get(key) not in options:
+        st.session_state.pop(key, None)
+        remembered = st.session_state.get(CHOSEN_RUN)
+        if remembered is None:
+            try:
+                remembered = int(st.query_params.get(RUN_PARAM, ""))
+            except ValueError:
+                remembered = None
+        if remembered in options:
+            st.session_state[key] = remembered
+
+
+def record_run(run_id) -> None:
+    """Remember the chosen run for the other pages and in the URL."""
+    if run_id:
+        st.session_state[CHOSEN_RUN] = int(run_id)
+        if st.query_params.get(RUN_PARAM) != str(run_id):
+            st.query_params[RUN_PARAM] = str(run_id)
 
 
 def show_error(exc: BaseException, context: str = "") -> None:

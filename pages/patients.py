@@ -20,15 +20,19 @@ from melcore.browse import (
     PatientBrowser,
     dataset_roots,
     paginate,
+    patient_diagnoses,
     run_threshold,
     scored_run_label,
     scored_runs,
     sort_patients,
 )
+from melcore.classes import ClassNames, dataset_classes
+from melcore.cohort import group_label, grouping_unit
 from melcore.errors import MelcoreError
 from melcore.formatting import format_risk, format_threshold
 from melcore.safety import escape_markdown
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
+                          show_error)
 from pages.widgets import lesion_panel, thumbnail_grid
 
 PAGE_SIZE = 50
@@ -63,7 +67,7 @@ def _reset_on_context_change(context: tuple) -> None:
             st.session_state.pop(K + name, None)
 
 
-def _filters(browser: PatientBrowser, threshold: float, has_run: bool) -> Filters:
+def _filters(browser: PatientBrowser, threshold: float, has_run: bool, classes: ClassNames) -> Filters:
     options = browser.options()
     cols = st.columns([2, 1, 2, 2, 2])
     values = {}
@@ -72,7 +76,7 @@ def _filters(browser: PatientBrowser, threshold: float, has_run: bool) -> Filter
         _keep_valid(K + key, options[name])
         values[name] = col.multiselect(label, options[name], key=K + key, placeholder="any")
     with cols[4]:
-        malignant = st.checkbox("Has a malignant lesion", key=K + "malignant")
+        malignant = st.checkbox(f"Has a {classes.positive} lesion", key=K + "malignant")
         flagged = st.checkbox(f"Risk at or above the threshold ({format_threshold(threshold)})", key=K + "flagged",
                               disabled=not has_run, help="Needs a run's scores: choose a run above.")
     return Filters(clinics=tuple(values["clinic"]), sexes=tuple(values["sex"]), age_bands=tuple(values["age_band"]),
@@ -86,15 +90,17 @@ def _age_text(low, high) -> str:
     return f"{low:g}" if low == high else f"{low:g}-{high:g}"
 
 
-def _display(page: pd.DataFrame, has_run: bool, filtered: bool) -> pd.DataFrame:
+def _display(page: pd.DataFrame, has_run: bool, filtered: bool, classes: ClassNames, row_name: str,
+             diagnoses: pd.Series) -> pd.DataFrame:
     table = pd.DataFrame({
-        "patient": page["patient"].to_numpy(),
+        row_name: [group_label(p) for p in page["patient"]],
         "clinic": page["clinic"].to_numpy(),
         "sex": page["sex"].to_numpy(),
         "age": [_age_text(lo, hi) for lo, hi in zip(page["age_min"], page["age_max"])],
         "images": page["n_images"].to_numpy(),
         "lesions": page["n_lesions"].to_numpy(),
-        "malignant": page["n_malignant"].to_numpy(),
+        f"{classes.positive} lesions": page["n_malignant"].to_numpy(),
+        "diagnoses": diagnoses.reindex(page["patient"].astype(str)).to_numpy(),
     })
     if filtered:
         table["matching"] = page["n_matching"].to_numpy()
@@ -105,7 +111,8 @@ def _display(page: pd.DataFrame, has_run: bool, filtered: bool) -> pd.DataFrame:
     return table
 
 
-def _patient_table(patients: pd.DataFrame, has_run: bool, filters: Filters) -> pd.DataFrame:
+def _patient_table(browser: PatientBrowser, patients: pd.DataFrame, has_run: bool, filters: Filters,
+                   classes: ClassNames, unit: str, row_name: str) -> pd.DataFrame:
     """Sort and page controls and the table; returns the patients in the chosen order."""
     n_pages = max(1, -(-len(patients) // PAGE_SIZE))
     if st.session_state.get(K + "filters_last") != filters:  # new filters start on the first page
@@ -121,12 +128,14 @@ def _patient_table(patients: pd.DataFrame, has_run: bool, filters: Filters) -> p
     number = cols[1].number_input(f"Page (of {n_pages})", min_value=1, max_value=n_pages, step=1, key=K + "page")
     patients = sort_patients(patients, sort)
     page = paginate(patients, number, PAGE_SIZE)
-    cols[2].caption(f"Patients {page.start + 1 if page.total else 0}-{page.stop} of {page.total:,}. "
-                    "Select a row (or choose below) to open the patient.")
+    cols[2].caption(f"{unit[:1].upper() + unit[1:]} {page.start + 1 if page.total else 0}-{page.stop} of "
+                    f"{page.total:,}. Select a row (or choose below) to open it.")
     # A new key whenever the rows change, so a row selected on another page or order is not carried over.
     table_key = f"{K}table_{abs(hash((filters, sort, page.page, has_run))):x}"
     event = st.dataframe(
-        _display(page.frame, has_run, not filters.is_empty()), hide_index=True, width="stretch", key=table_key,
+        _display(page.frame, has_run, not filters.is_empty(), classes, row_name,
+                 patient_diagnoses(browser.lesions, page.frame["patient"].astype(str).tolist())),
+        hide_index=True, width="stretch", key=table_key,
         on_select="rerun", selection_mode="single-row",
         column_config={"highest risk": st.column_config.ProgressColumn("highest risk", min_value=0.0, max_value=1.0,
                                                                        format="%.3f")})
@@ -138,13 +147,15 @@ def _patient_table(patients: pd.DataFrame, has_run: bool, filters: Filters) -> p
     return patients
 
 
-def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, threshold: float, has_run: bool) -> None:
+def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, threshold: float, has_run: bool,
+                  classes: ClassNames, unit: str) -> None:
     row = browser.summary.loc[browser.summary["patient"] == patient].iloc[0]
-    st.subheader(f"Patient {escape_markdown(patient)}")
+    noun = "Patient" if unit == "patients" else ("Lesion" if str(patient).startswith("lesion:") else "Image")
+    st.subheader(f"{noun} {escape_markdown(group_label(patient))}")
     metrics = st.columns(5)
     metrics[0].metric("Images", f"{row['n_images']:,}")
     metrics[1].metric("Lesions", f"{row['n_lesions']:,}")
-    metrics[2].metric("Malignant lesions", f"{row['n_malignant']:,}")
+    metrics[2].metric(f"{classes.positive_title} lesions", f"{row['n_malignant']:,}")
     highest = row["highest_risk"]
     metrics[3].metric("Highest risk", format_risk(highest, threshold, 3) if has_run and pd.notna(highest) else "—")
     metrics[4].metric("Sex · age", escape_markdown(f"{row['sex']} · {_age_text(row['age_min'], row['age_max'])}"))
@@ -163,9 +174,9 @@ def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, thr
         st.markdown("**Lesion images, highest risk first**" if has_run else "**Lesion images**")
         st.caption("Badges: the run's risk (red at or above the threshold), UD = ugly duckling (how far the "
                    "lesion's score sits above this patient's other lesions, in units of their spread; orange from "
-                   "+2), the melanoma label, STAND-IN when the image file is missing.")
+                   f"+2), the {classes.positive} label, STAND-IN when the image file is missing.")
         clicked = thumbnail_grid(lesions, key=K + "grid", roots=roots, threshold=threshold if has_run else None,
-                                 columns=3, selected=st.session_state.get(K + "lesion"))
+                                 columns=3, selected=st.session_state.get(K + "lesion"), classes=classes)
         if clicked is not None:
             st.session_state[K + "lesion"] = clicked
     with right:
@@ -174,7 +185,7 @@ def _patient_view(browser: PatientBrowser, patient: str, roots, runs, store, thr
         with st.container(border=True):
             lesion_panel(lesion, key=K + "panel", roots=roots, runs=runs, store=store,
                          threshold=threshold if has_run else None, stacked=True,
-                         default_run=st.session_state.get(K + "run") or None)
+                         default_run=st.session_state.get(K + "run") or None, classes=classes)
 
 
 def main() -> None:
@@ -193,11 +204,11 @@ def main() -> None:
     scored, counts = scored_runs(store, runs)
     with top[1]:
         choices = list(scored) + [NO_RUN]
-        if st.session_state.get(K + "run") not in choices:
-            st.session_state.pop(K + "run", None)
+        restore_run(K + "run", choices)
         run_id = st.selectbox("Scores from run", choices, key=K + "run",
                               format_func=lambda i: scored_run_label(scored[i], counts[i][0], mark_from_scratch=False)
                               if i else "none (no scores)")
+        record_run(run_id)
     run = scored.get(run_id)
     threshold = run_threshold(run)
     has_run = run is not None
@@ -217,30 +228,36 @@ def main() -> None:
     elif not scored:
         st.caption("No run of this dataset has stored predictions yet: train one on the Train page to see risks.")
 
-    filters = _filters(browser, threshold, has_run)
+    classes = dataset_classes(dataset)
+    unit = grouping_unit(cohort.grouping)
+    filters = _filters(browser, threshold, has_run, classes)
     patients = browser.patients(filters)
     metrics = st.columns(4)
-    metrics[0].metric("Patients", f"{len(patients):,} of {len(browser):,}")
+    metrics[0].metric(unit[:1].upper() + unit[1:], f"{len(patients):,} of {len(browser):,}",
+                      help=None if unit == "patients" else "This table has no patient ids: images are grouped by "
+                                                            "lesion id where known, else listed one by one.")
     metrics[1].metric("Lesion images", f"{int(patients['n_images'].sum()):,}")
-    metrics[2].metric("Malignant lesions", f"{int(patients['n_malignant'].sum()):,}")
+    metrics[2].metric(f"{classes.positive_title} lesions", f"{int(patients['n_malignant'].sum()):,}")
     metrics[3].metric("Flagged images", f"{int(patients['n_flagged'].sum()):,}" if has_run else "—")
     if not filters.is_empty():
         st.caption("A patient is listed when at least one of their lesion images matches every filter; counts "
                    "cover all of the patient's lesions (matching = images that match).")
     if patients.empty:
-        st.info("No patient matches these filters.")
+        st.info(f"No {unit} match these filters.")
         return
-    patients = _patient_table(patients, has_run, filters)
+    patients = _patient_table(browser, patients, has_run, filters, classes, unit,
+                              grouping_unit(cohort.grouping, singular=True))
 
     names = patients["patient"].tolist()
     if st.session_state.get(K + "open") not in [NO_PATIENT] + names:
         st.session_state[K + "open"] = NO_PATIENT
-    patient = st.selectbox("Open patient", [NO_PATIENT] + names, key=K + "open",
-                           format_func=lambda p: p or "choose a patient (or select a table row)")
+    patient = st.selectbox("Open patient" if unit == "patients" else f"Open ({unit})", [NO_PATIENT] + names,
+                           key=K + "open",
+                           format_func=lambda p: group_label(p) if p else "choose one (or select a table row)")
     if patient:
         roots = dataset_roots(dataset)
         try:
-            _patient_view(browser, patient, roots, runs, store, threshold, has_run)
+            _patient_view(browser, patient, roots, runs, store, threshold, has_run, classes, unit)
         except MelcoreError as exc:
             show_error(exc, "The patient cannot be shown")
 

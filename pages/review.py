@@ -17,6 +17,7 @@ import streamlit as st
 
 from melcore import settings
 from melcore.browse import PatientBrowser, dataset_roots, run_threshold, scored_run_label, scored_runs
+from melcore.classes import ClassNames, dataset_classes
 from melcore.errors import MelcoreError
 from melcore.formatting import format_risk, format_threshold
 from melcore.review import (
@@ -31,9 +32,11 @@ from melcore.review import (
     worklist,
 )
 from melcore.readers import study_worklist
+from melcore.runinfo import scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
 from melcore.store import STUDY_DECISIONS
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
+                          show_error)
 from pages.widgets import lesion_panel, load_tile, patient_strip
 
 K = "review_"  # session-state prefix of this page
@@ -123,7 +126,7 @@ def _save(run_id: int, image: str, then: str | None) -> None:
     _errors().pop((run_id, image), None)
     _drafts().pop((run_id, image), None)
     st.session_state[note_key] = ""
-    st.session_state[decision_key] = None
+    st.session_state[decision_key] = decision  # the form shows the decision just saved
     st.session_state[K + "flash"] = (f"Saved **{escape_markdown(decision)}** for {escape_markdown(image)} by "
                                      f"{escape_markdown(reviewer)}.")
     _go_to(then)
@@ -157,18 +160,26 @@ def _progress(full: pd.DataFrame, scope: str, threshold: float) -> None:
         st.caption(f"Current decisions: {counts}" if counts else "No decision recorded yet for this run.")
 
 
-def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int) -> str | None:
-    """The window of the worklist around the current lesion; the image whose row was selected, if new."""
+def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int, classes: ClassNames,
+                    diagnoses: pd.Series | None) -> str | None:
+    """The window of the worklist around the current lesion; the image whose row was selected, if new.
+
+    The risk, decision and reviewer columns come first after the rank, so they need no horizontal scrolling.
+    """
     start = (position - 1) // TABLE_ROWS * TABLE_ROWS
     window = shown.iloc[start:start + TABLE_ROWS]
+    names = window["image_name"].astype(str)
     table = pd.DataFrame({
         "rank": window["rank"].to_numpy(),
-        "image": window["image_name"].to_numpy(),
-        "patient": window["patient_id"].to_numpy(),
         "risk": window["risk"].to_numpy(dtype=float),
         "flagged": window["flagged"].to_numpy(dtype=bool),
         "decision": window["decision"].fillna("—").to_numpy(),
         "reviewer": window["reviewer"].fillna("").to_numpy(),
+        "image": names.to_numpy(),
+        "label": classes.labels(window["target"].to_numpy(dtype=object)).to_numpy(),
+        "diagnosis": (names.map(diagnoses).fillna("unknown").to_numpy() if diagnoses is not None
+                      else ["unknown"] * len(window)),
+        "patient": window["patient_id"].fillna("unknown").to_numpy(),
     })
     st.caption(f"Rows {start + 1}-{start + len(window)} of {len(shown):,} (rank = position by risk in the whole "
                "run). Select a row to open it.")
@@ -176,8 +187,12 @@ def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int)
     event = st.dataframe(
         table, hide_index=True, width="stretch", key=key, on_select="rerun", selection_mode="single-row",
         height=min(38 + 35 * len(table), 600),
-        column_config={"risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=1.0, format="%.3f"),
-                       "flagged": st.column_config.CheckboxColumn("≥ threshold")})
+        column_config={"rank": st.column_config.NumberColumn("rank", width="small"),
+                       "risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=1.0, format="%.3f",
+                                                               width="small"),
+                       "flagged": st.column_config.CheckboxColumn("≥ thr.", width="small",
+                                                                  help="Risk at or above the run's threshold"),
+                       "decision": st.column_config.TextColumn("decision", width="small")})
     rows = list(getattr(getattr(event, "selection", None), "rows", []) or [])
     chosen = str(window["image_name"].iloc[rows[0]]) if rows and rows[0] < len(window) else None
     last = st.session_state.get(K + "table_last")
@@ -185,13 +200,15 @@ def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int)
     return chosen if chosen is not None and chosen != last else None
 
 
-def _decision_form(run_id: int, image: str, names: list[str], index: int, reviewer: str) -> None:
+def _decision_form(run_id: int, image: str, names: list[str], index: int, reviewer: str,
+                   current: str | None = None) -> None:
+    """The decision radio (showing the unsaved draft, else the lesion's ``current`` decision), note and save."""
     note_key, decision_key = _note_key(run_id, image), _decision_key(run_id, image)
     draft = _drafts().get((run_id, image), {})
     if note_key not in st.session_state:
         st.session_state[note_key] = draft.get("note", "")
     if decision_key not in st.session_state:
-        st.session_state[decision_key] = draft.get("decision")
+        st.session_state[decision_key] = draft.get("decision") or (current if current in REVIEW_DECISIONS else None)
     st.markdown("**Your decision**")
     st.radio("Decision", REVIEW_DECISIONS, key=decision_key, horizontal=True, label_visibility="collapsed",
              on_change=_keep_draft, args=(run_id, image))
@@ -431,6 +448,22 @@ def _study(store, dataset: dict, run: dict, runs: list, mode: str, reviewer: str
                            + ". Saving again adds a new entry; the latest counts.")
 
 
+def _position(shown: pd.DataFrame, full: pd.DataFrame, current: str | None, restart: bool) -> int:
+    """The 1-based position in ``shown`` to open: the current image when listed; the first lesion after a
+    change of worklist (``restart``); else the next lesion by rank after the current one (the one just
+    saved leaves "Only unreviewed")."""
+    names = shown["image_name"].astype(str).tolist()
+    if current in names:
+        return names.index(current) + 1
+    if restart or current is None:
+        return 1
+    ranks = full.loc[full["image_name"].astype(str) == current, "rank"]
+    if ranks.empty:
+        return 1
+    later = (shown["rank"].to_numpy() > int(ranks.iloc[0])).nonzero()[0]
+    return int(later[0]) + 1 if len(later) else len(names)
+
+
 # --------------------------------------------------------------------------- page
 
 def main() -> None:
@@ -449,10 +482,10 @@ def main() -> None:
                 "its predictions here.")
         return
     with top[1]:
-        if st.session_state.get(K + "run") not in scored:
-            st.session_state.pop(K + "run", None)
+        restore_run(K + "run", scored)
         run_id = st.selectbox("Run", list(scored), key=K + "run",
                               format_func=lambda i: scored_run_label(scored[i], counts[i][0]))
+        record_run(run_id)
     reviewer = _reviewer_input(top[2])
     run = scored[run_id]
     mode = _reading_mode()
@@ -466,9 +499,9 @@ def main() -> None:
     else:
         st.caption(f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's "
                    "predicted probability of melanoma.")
-    if run.get("from_scratch"):
-        st.warning("This run was trained from scratch (ImageNet weights were not available): its scores are "
-                   "usually less reliable than a pretrained model's.")
+    scratch = scratch_words(run)
+    if scratch and not uses_colour_model(run):
+        st.warning(f"This run was {scratch}: its scores are usually less reliable than a pretrained model's.")
 
     pending_scope = st.session_state.pop(K + "goto_scope", None)
     if pending_scope is not None:
@@ -483,13 +516,23 @@ def main() -> None:
         show_error(exc, "The worklist cannot be prepared")
         return
     shown = apply_scope(full, scope)
+    classes = dataset_classes(dataset)
+    try:
+        cohort = load_cohort_cached(dataset)
+    except (MelcoreError, OSError) as exc:
+        show_error(exc, f"Dataset {dataset['name']!r} cannot be read; lesions are shown without their images")
+        cohort = None
+    lesions = cohort.table[["image_name", "diagnosis", "clinic"]] if cohort is not None else None
+    diagnoses = (lesions.assign(image_name=lesions["image_name"].astype(str)).drop_duplicates("image_name")
+                 .set_index("image_name")["diagnosis"] if lesions is not None else None)
     _progress(full, scope, threshold)
     st.download_button(
         "Download decisions (CSV, full history)", key=K + "export", on_click="ignore",
-        data=reviews_csv(history, run, predictions),
+        data=reviews_csv(history, run, predictions, lesions=lesions, classes=classes),
         file_name=f"melreview-run{run_id}-decisions.csv", mime="text/csv",
-        help="Every decision of this run, oldest first: run, image, reviewer, decision, note, time (ISO-8601 UTC) "
-             "and whether it is the lesion's current decision.")
+        help="Every decision of this run, oldest first: run (what scored it), image, patient, clinic, diagnosis, "
+             "label, risk, the run's threshold, reviewer, decision, note, time (ISO-8601 UTC) and whether it is "
+             "the lesion's current decision.")
     flash = st.session_state.pop(K + "flash", None)
     if flash:
         st.success(flash)
@@ -498,24 +541,21 @@ def main() -> None:
                    else "No lesion in this worklist.")
         return
 
-    # Where we are: the current image if still listed, else the same position (the next lesion).
     names = shown["image_name"].astype(str).tolist()
-    index_of = {name: i for i, name in enumerate(names)}
     goto = st.session_state.pop(K + "goto", None)
     if goto is not None:
         st.session_state[K + "current"] = goto
-    current = st.session_state.get(K + "current")
-    if current in index_of:
-        position = index_of[current] + 1
-    else:
-        position = min(max(int(st.session_state.get(K + "pos") or 1), 1), len(names))
+    scope_changed = st.session_state.get(K + "shown_scope", scope) != scope
+    st.session_state[K + "shown_scope"] = scope
+    position = _position(shown, full, st.session_state.get(K + "current"), scope_changed and goto is None)
     st.session_state[K + "pos"] = position
     st.session_state[K + "current"] = names[position - 1]
     image = names[position - 1]
     row = shown.iloc[position - 1]
 
     try:
-        cohort = load_cohort_cached(dataset)
+        if cohort is None:
+            raise MelcoreError("the dataset's table could not be read")
         browser = _browser(settings.db_url(), int(dataset["id"]), _csv_mtime(dataset), run_id, counts[run_id],
                            _cohort=cohort, _predictions=predictions)
     except (MelcoreError, OSError) as exc:
@@ -534,7 +574,7 @@ def main() -> None:
         nav[2].button("Next ▶", key=K + "next", on_click=_go_to,
                       args=(names[position] if position < len(names) else None,),
                       disabled=position >= len(names), width="stretch")
-        chosen = _worklist_table(shown, position, scope, run_id)
+        chosen = _worklist_table(shown, position, scope, run_id, classes, diagnoses)
         if chosen is not None and chosen != image:
             st.session_state[K + "goto"] = chosen
             st.rerun()
@@ -546,10 +586,12 @@ def main() -> None:
         with st.container(border=True):
             # Keyed by run, so the Grad-CAM model choice follows the run under review.
             lesion_panel(lesion, key=f"{K}panel_{run_id}", roots=roots, runs=[run] + other_runs, store=store,
-                         threshold=threshold, default_run=run_id)
+                         threshold=threshold, default_run=run_id, classes=classes)
         _patient_strip(browser, lesion, roots, threshold, set(full["image_name"].astype(str)), set(names))
         with st.container(border=True):
-            _decision_form(run_id, image, names, position - 1, reviewer)
+            decision = row.get("decision")
+            _decision_form(run_id, image, names, position - 1, reviewer,
+                           current=None if pd.isna(decision) else str(decision))
             _history(store, run_id, image)
 
 

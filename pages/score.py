@@ -21,8 +21,9 @@ from melcore.explain import DETAILS
 from melcore.formatting import format_risk, format_threshold
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
+from melcore.runinfo import run_title, scratch_reason, scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
-from pages.common import page_start, show_error
+from pages.common import page_start, record_run, restore_run, show_error
 from pages.widgets import colour_outline
 
 K = "score_"  # session-state prefix of this page
@@ -62,15 +63,9 @@ def _score(digest: str, model_file: str, mtime_ns: int, tta: bool, method: str, 
 
 
 def _run_label(run: dict, datasets: dict) -> str:
-    parts = [f"#{run['id']} {run.get('name') or 'run'}"]
-    if run.get("model"):
-        parts.append(str(run["model"]))
+    parts = [run_title(run)]
     if run.get("dataset_id") in datasets:
         parts.append(f"dataset {datasets[run['dataset_id']]}")
-    if run.get("clinic"):
-        parts.append(f"clinic {run['clinic']}")
-    if run.get("from_scratch"):
-        parts.append("trained from scratch")
     if not _has_model(run):
         parts.append("MODEL FILE MISSING")
     return " · ".join(parts)
@@ -83,8 +78,9 @@ def _result(result, run: dict, threshold: float, opacity: float, detail: str = "
     if getattr(result, "scorer", "cnn") == "colour-model":
         cols[0].caption(f"From the run's colour/shape model; its CNN says {result.cnn_probability:.3f} "
                         "(the Grad-CAM below explains the CNN).")
-    cols[1].metric("Run threshold", format_threshold(threshold), delta="at or above: flag" if above else "below",
-                   delta_color="inverse" if above else "off")
+    # No metric delta: Streamlit draws an up arrow for any text that does not start with "-".
+    cols[1].metric("Run threshold", format_threshold(threshold))
+    cols[1].caption("At or above: flag" if above else "Below the threshold")
     with cols[2]:
         if above:
             st.error(f"At or above run #{run['id']}'s threshold ({format_threshold(threshold)}): this lesion would "
@@ -93,8 +89,13 @@ def _result(result, run: dict, threshold: float, opacity: float, detail: str = "
             st.success(f"Below run #{run['id']}'s threshold ({format_threshold(threshold)}).")
         if result.tta:
             views = result.view_probabilities
-            st.caption(f"Test-time augmentation: mean of {len(views)} flips/transposes "
-                       f"(range {views.min():.3f}-{views.max():.3f}).")
+            spread = f"mean of {len(views)} flips/transposes (range {views.min():.3f}-{views.max():.3f})"
+            if getattr(result, "scorer", "cnn") == "colour-model":
+                st.caption(f"Test-time augmentation applies to the CNN only: its {spread} is "
+                           f"{result.cnn_probability:.3f}. The headline {result.probability:.3f} is the colour/"
+                           "shape model's, which scores the image once.")
+            else:
+                st.caption(f"Test-time augmentation: {spread}.")
         st.caption(f"The model sees the image squashed to {result.input_size[0]}×{result.input_size[1]} px, as in "
                    "training. A research model, not a diagnosis.")
     left, right = st.columns(2)
@@ -121,14 +122,16 @@ def main() -> None:
     runs.sort(key=lambda r: (not _has_model(r), -int(r["id"])))  # runs with a model first, newest first
     datasets = {d["id"]: d["name"] for d in store.list_datasets()}
     by_id = {int(r["id"]): r for r in runs}
-    if st.session_state.get(K + "run") not in by_id:
-        st.session_state.pop(K + "run", None)
+    restore_run(K + "run", by_id)
     run_id = st.selectbox("Run", list(by_id), key=K + "run", format_func=lambda i: _run_label(by_id[i], datasets))
+    record_run(run_id)
     run = by_id[run_id]
     threshold = run_threshold(run)
-    if run.get("from_scratch"):
-        st.warning("This run was trained from scratch (ImageNet weights were not available)"
-                   + (f": {escape_markdown(run['notes'])}" if run.get("notes") else "")
+    scratch = scratch_words(run)
+    if scratch and not uses_colour_model(run):
+        st.warning(f"This run was {scratch}"
+                   + (f": {escape_markdown(run['notes'])}" if run.get("notes") and scratch_reason(run) != "chosen"
+                      else "")
                    + ". Its scores are usually less reliable than a pretrained model's.")
     if run.get("threshold") is None:
         st.caption(f"No threshold saved for this run: using the default {format_threshold(threshold)} (save one on "

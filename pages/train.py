@@ -29,6 +29,7 @@ from melcore.formatting import format_duration, format_number
 from melcore.jobs import submit_jobs, submit_meta_job
 from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
+from melcore.runinfo import COLOUR_SCORER, delivered_auroc, run_title, scratch_words
 from melcore.safety import escape_markdown
 from melcore.training import config as train_module
 from pages.common import dataset_picker, get_store, page_start, show_error
@@ -215,7 +216,7 @@ def _form(store) -> None:
         options = ["(custom)"] + list(table)
         choice = top[1].selectbox("Preset", options, key=K + "preset",
                                   index=options.index("cpu-default") if "cpu-default" in options else 0,
-                                  help="A tested recipe (melcore.presets); every field below can still be changed.")
+                                  help="A tested recipe (melcore.training.recipes); every field below can still be changed.")
         if choice != "(custom)":
             preset_name, preset = choice, _preset_values(presets, choice)
             evidence = getattr(table[choice], "evidence", "")
@@ -443,7 +444,9 @@ def _worker_status(store) -> None:
     st.success(f"{len(shown)} worker{'s' if len(shown) > 1 else ''} running · " + " · ".join(lines))
 
 
-def _job_table(jobs: list[dict], dataset_names: dict) -> None:
+def _job_table(jobs: list[dict], dataset_names: dict, runs: dict) -> None:
+    """One row per job; a finished job's AUROC is its run's delivered one (the card's and Compare's), a
+    running job's the last epoch's selection AUROC."""
     rows = []
     for job in jobs:
         config = job.get("config") or {}
@@ -456,16 +459,25 @@ def _job_table(jobs: list[dict], dataset_names: dict) -> None:
             "epoch / fold": (f"{'fold ' if p.get('stage') == 'fold' else ''}{p.get('epoch', 0)}/"
                              f"{p.get('epochs', '?')}") if p else "",
             "loss": p.get("loss") if job["state"] == "running" else None,
-            "selection AUROC": _last_select_auroc(job),
+            "AUROC": _table_auroc(job, runs),
             "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",
             "run": job.get("run_id"), "submitted": _when(job.get("created_at")),
         })
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=K + "table", column_config={
         "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
         "loss": st.column_config.NumberColumn(format="%.4f"),
-        "val AUROC": st.column_config.NumberColumn(format="%.3f"),
+        "AUROC": st.column_config.NumberColumn(
+            format="%.3f", help="Finished: the run's AUROC (of the model that delivered its scores, on its "
+                                "validation or out-of-fold images). Running: the last epoch's selection AUROC."),
         "run": st.column_config.NumberColumn(format="%d"),
     })
+
+
+def _table_auroc(job: dict, runs: dict):
+    run = runs.get(job.get("run_id"))
+    if run is not None:
+        return delivered_auroc(run)
+    return _last_select_auroc(job) if job["state"] in ACTIVE else None
 
 
 def _log(job: dict) -> None:
@@ -498,21 +510,27 @@ def _run_note(store, job: dict) -> None:
         score = f"out-of-fold AUROC **{format_number(metrics.get('oof_auroc'), '.3f')}**"
     else:
         how = weights_description({**run, "metrics": metrics})
-        score = f"validation AUROC **{format_number(metrics.get('val_auroc'), '.3f')}**"
-    st.success(f"➜ **Run #{run['id']}** ({escape_markdown(run['name'])}) · {score} · {how}. "
+        score = f"validation AUROC **{format_number(delivered_auroc(run), '.3f')}**"
+    title = run_title(run, scratch=False).split(" ", 1)[1]  # without the "#id" run_title starts with
+    st.success(f"➜ **Run #{run['id']}** {escape_markdown(title)} · {score} · {how}. "
                "Open it on the **Compare** page; review its predictions on **Review**.")
     weights = metrics.get("weights") or {}
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
-        st.warning(f"Asked for {escape_markdown(requested)} weights but trained from scratch: "
+        st.warning(f"Asked for {escape_markdown(requested)} weights but {scratch_words(run)}: "
                    + escape_markdown(run.get("notes") or weights.get("note") or "the weights could not be loaded"))
     elif run.get("notes"):
         st.caption(escape_markdown(run["notes"]))
 
 
 def _what(job: dict) -> str:
+    """What will produce (or produced) the job's scores: the colour/shape SVM when the config fits one."""
     config = job.get("config") or {}
-    return "patient context" if job.get("kind") == "meta" else str(config.get("model", "?"))
+    if job.get("kind") == "meta":
+        return "patient context"
+    if config.get("colour_model"):
+        return f"{COLOUR_SCORER} ({config.get('model', '?')} for Grad-CAM)"
+    return str(config.get("model", "?"))
 
 
 def _extras(job: dict) -> list[str]:
@@ -597,7 +615,8 @@ def _live_jobs() -> None:
         st.caption("No jobs yet: queue one above.")
         return
     dataset_names = {d["id"]: d["name"] for d in store.list_datasets()}
-    _job_table(jobs, dataset_names)
+    runs = {r["id"]: r for r in store.list_runs(archived=None)} if any(j.get("run_id") for j in jobs) else {}
+    _job_table(jobs, dataset_names, runs)
     active = [j for j in jobs if j["state"] in ACTIVE]
     finished = [j for j in jobs if j["state"] in FINISHED][:RECENT_FINISHED]
     if active:

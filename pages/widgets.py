@@ -63,8 +63,10 @@ import streamlit as st
 
 from melcore import settings
 from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
+from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import ImageError, MelcoreError
-from melcore.formatting import as_finite, format_risk
+from melcore.formatting import as_finite, format_risk, format_threshold
+from melcore.runinfo import gradcam_caveats, run_title
 from melcore.images import ImageCache, confine, load_image, stand_in_image, thumbnail
 from melcore.safety import escape_markdown
 
@@ -144,16 +146,15 @@ def load_tile(image_path, image_name: str, roots: Sequence, size: int) -> Tile:
 # --------------------------------------------------------------------------- badges
 
 
-def _label(target) -> str | None:
+def _label(target, classes: ClassNames | None = None) -> str | None:
+    """The class word of a target (the dataset's own: "melanoma" / "not melanoma", or malignant / benign)."""
     if not _present(target):
         return None
-    try:
-        return "malignant" if int(target) == 1 else "benign"
-    except (TypeError, ValueError):
-        return None
+    word = (classes or MELANOMA).label(target)
+    return None if word == "unlabelled" else word
 
 
-def badges(row: Mapping, threshold: float | None, status: str = "ok") -> str:
+def badges(row: Mapping, threshold: float | None, status: str = "ok", classes: ClassNames | None = None) -> str:
     """Markdown badges for a lesion: risk (red at/above the threshold), ugly duckling, label, stand-in."""
     parts = []
     risk = as_finite(row.get("risk"))
@@ -167,8 +168,9 @@ def badges(row: Mapping, threshold: float | None, status: str = "ok") -> str:
     if duck is not None:
         colour = "orange" if duck >= UGLY_DUCKLING_ALERT else "gray"
         parts.append(f":{colour}-badge[UD {duck:+.1f}]")
-    if _label(row.get("target")) == "malignant":
-        parts.append(":violet-badge[melanoma (label)]")
+    classes = classes or MELANOMA
+    if _label(row.get("target"), classes) == classes.positive:
+        parts.append(f":violet-badge[{classes.positive} (label)]")
     if status == "missing":
         parts.append(":gray-badge[STAND-IN]")
     elif status == "refused":
@@ -198,7 +200,7 @@ def _clamp_page(state_key: str, n_pages: int) -> None:
 
 def thumbnail_grid(lesions: pd.DataFrame, *, key: str, roots: Sequence, threshold: float | None = None,
                    columns: int = 4, size: int = 160, page_size: int = 24,
-                   selected: str | None = None) -> str | None:
+                   selected: str | None = None, classes: ClassNames | None = None) -> str | None:
     """Lesion tiles with score badges; the image_name whose "Open" button was clicked, else None."""
     if lesions is None or len(lesions) == 0:
         st.info("No lesion images to show.")
@@ -220,7 +222,7 @@ def thumbnail_grid(lesions: pd.DataFrame, *, key: str, roots: Sequence, threshol
             tile = load_tile(row.get("image_path"), name, roots, size)
             with cell.container(border=True):
                 st.image(tile.data, width="stretch")
-                st.markdown(badges(row, threshold, tile.status) or "&nbsp;")
+                st.markdown(badges(row, threshold, tile.status, classes) or "&nbsp;")
                 st.caption(escape_markdown(_caption(row) + (f" · {tile.message}" if tile.message else "")))
                 if st.button("Open", key=f"{key}_open_{name}", width="stretch",
                              type="primary" if name == selected else "secondary"):
@@ -232,7 +234,7 @@ def thumbnail_grid(lesions: pd.DataFrame, *, key: str, roots: Sequence, threshol
 
 def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: str | None = None,
                   threshold: float | None = None, size: int = 96, max_items: int = 8,
-                  per_row: int = 4) -> str | None:
+                  per_row: int = 4, classes: ClassNames | None = None) -> str | None:
     """Small tiles of the patient's other lesions; the clicked image_name, else None."""
     others = lesions[lesions["image_name"].astype(str) != str(current)] if current is not None else lesions
     if len(others) == 0:
@@ -248,7 +250,8 @@ def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: 
         tile = load_tile(row.get("image_path"), name, roots, size)
         with cell:
             st.image(tile.data, width="stretch")
-            st.markdown(badges({k: row.get(k) for k in ("risk", "target")}, threshold, tile.status) or "&nbsp;")
+            st.markdown(badges({k: row.get(k) for k in ("risk", "target")}, threshold, tile.status, classes)
+                        or "&nbsp;")
             if st.button("Open", key=f"{key}_open_{name}", width="stretch", help=name):
                 clicked = name
     if len(others) > max_items:
@@ -258,9 +261,10 @@ def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: 
 
 # --------------------------------------------------------------------------- lesion panel
 
-def _metadata(lesion: Mapping, status: str, message: str, path: Path | None) -> pd.DataFrame:
+def _metadata(lesion: Mapping, status: str, message: str, path: Path | None,
+              classes: ClassNames | None = None) -> pd.DataFrame:
     age = as_finite(lesion.get("age_approx"))
-    label = _label(lesion.get("target"))
+    label = _label(lesion.get("target"), classes)
     if status == "ok":
         where = str(path)
     elif status == "missing":
@@ -284,11 +288,16 @@ def _metadata(lesion: Mapping, status: str, message: str, path: Path | None) -> 
                          "value": [str(v) if _present(v) else "unknown" for _, v in fields]})
 
 
-def _scores_table(scores: pd.DataFrame) -> pd.DataFrame:
+def _scores_table(scores: pd.DataFrame, runs: Sequence[Mapping] = ()) -> pd.DataFrame:
+    """One row per run: the run named by what scores it, its split, score, threshold (as everywhere) and call."""
+    by_id = {int(r["id"]): r for r in runs}
     table = scores.copy()
-    table["run"] = [f"#{i} {n}" for i, n in zip(table["run_id"], table["run"])]
-    table["call"] = np.where(table["flagged"], "above threshold", "below")
-    return table[["run", "model", "kind", "clinic", "split", "score", "threshold", "call"]]
+    table["run"] = [run_title(by_id[int(i)]) if int(i) in by_id else f"#{i} {n}"
+                    for i, n in zip(table["run_id"], table["run"])]
+    table["split"] = table["split"].map({"val": "validation", "oof": "out-of-fold"}).fillna(table["split"])
+    table["threshold"] = [format_threshold(t) for t in table["threshold"]]
+    table["call"] = np.where(table["flagged"], "at or above threshold", "below threshold")
+    return table[["run", "score", "threshold", "call", "split"]]
 
 
 def _has_model(run: Mapping) -> bool:
@@ -327,8 +336,7 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
     if path is None:
         st.info("Grad-CAM needs the image file, which is not available for this lesion.")
         return
-    labels = {int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" + (f" · {r['model']}" if r.get("model") else "")
-              for r in candidates}
+    labels = {int(r["id"]): run_title(r) for r in candidates}
     # Controls in rows of their own: they stay legible when the panel sits in a half-width column.
     show = st.toggle("Show the overlay", key=f"{key}_gc_show", help="Compute (once, then cached) and show it")
     ids = list(labels)
@@ -351,13 +359,17 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
         with st.spinner(f"Computing {GRADCAM_METHODS[method]} for {lesion.get('image_name')}..."):
             heat = _heatmap(str(run["run_dir"]), _signature(model_file), str(path), _signature(path), method, detail)
         image = load_image(path, heat.shape, cache=image_cache())
-        picture = explain.overlay(image, heat, opacity=opacity)
+        caveats = gradcam_caveats(run)
+        picture = explain.flag_picture(explain.overlay(image, heat, opacity=opacity), caveats)
     except (MelcoreError, OSError) as exc:
         st.error(f"Grad-CAM failed: {escape_markdown(exc)}")
         return
     st.image(picture, caption=f"{GRADCAM_METHODS[method]} ({explain.DETAILS[detail].split(' (')[0].lower()}) · "
-                              f"{labels[run_id]} · red = raised the melanoma score",
+                              f"{labels[run_id]} · red = raised the melanoma score most in this image (each "
+                              "heatmap is normalised per image: colours do not compare across images)",
              width="stretch")
+    if caveats:
+        st.warning(escape_markdown("; ".join(c[:1] + c[1:].lower() for c in caveats)) + ".")
     if colour_model_of(run["run_dir"]):
         colour_outline(load_image(path, 256, cache=image_cache()))
 
@@ -388,16 +400,17 @@ def colour_outline(image: np.ndarray) -> None:
 def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[Mapping] = (), store=None,
                  scores: pd.DataFrame | None = None, threshold: float | None = None, image_size: int = 448,
                  gradcam: bool = True, stacked: bool = False, default_run: int | None = None,
-                 show_truth: bool = True) -> str:
-    """One lesion in full: image, metadata, every run's score, Grad-CAM. Returns the image status.
+                 show_truth: bool = True, classes: ClassNames | None = None) -> str:
+    """One lesion in full: image, metadata, Grad-CAM, then every run's score across the panel's width.
 
-    ``show_truth=False`` (a reader study) leaves out the lesion's label and diagnosis.
+    Returns the image status. ``classes``: the dataset's class names (default melanoma /
+    not melanoma). ``show_truth=False`` (a reader study) leaves out the lesion's label and diagnosis.
     """
     name = str(lesion.get("image_name"))
     tile = load_tile(lesion.get("image_path"), name, roots, image_size)
     if not show_truth:
         lesion = {k: v for k, v in dict(lesion).items() if k not in TRUTH_FIELDS}
-    st.markdown(f"#### {escape_markdown(name)}  \n" + badges(lesion, threshold, tile.status))
+    st.markdown(f"#### {escape_markdown(name)}  \n" + badges(lesion, threshold, tile.status, classes))
     if stacked:
         left = right = st.container()
     else:
@@ -418,7 +431,7 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
             _gradcam_section(lesion, tile.path, runs, key, default_run)
     with right:
         st.markdown("**Metadata**")
-        metadata = _metadata(lesion, tile.status, tile.message, tile.path)
+        metadata = _metadata(lesion, tile.status, tile.message, tile.path, classes)
         if not show_truth:
             metadata = metadata[~metadata["field"].isin(("label", "diagnosis"))]
         st.dataframe(metadata, hide_index=True, width="stretch", key=f"{key}_metadata")
@@ -426,6 +439,8 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
         if duck is not None:
             st.caption(f"Ugly duckling {duck:+.2f}: how far this lesion's score sits from the patient's other "
                        "lesions, in units of their spread (positive = looks worse than the others).")
+    # Full width below both columns: the run names need the room.
+    with st.container():
         st.markdown("**Scores from every run**")
         if scores is None and store is not None and runs:
             try:
@@ -437,10 +452,10 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
             st.caption("No run of this dataset has scored this image." if runs or scores is not None
                        else "No run of this dataset yet.")
         else:
-            st.dataframe(_scores_table(scores), hide_index=True, width="stretch", key=f"{key}_scores",
-                         column_config={"score": st.column_config.ProgressColumn(
-                             "score", min_value=0.0, max_value=1.0, format="%.3f"),
-                             "threshold": st.column_config.NumberColumn(format="%.2f")})
+            st.dataframe(_scores_table(scores, runs), hide_index=True, width="stretch", key=f"{key}_scores",
+                         column_config={"run": st.column_config.TextColumn("run", width="large"),
+                                        "score": st.column_config.ProgressColumn(
+                                            "score", min_value=0.0, max_value=1.0, format="%.3f")})
             unscored = len(runs) - len(scores) if runs else 0
             if unscored > 0:
                 st.caption(f"{unscored} other run(s) did not score this image (e.g. it was in their training data).")

@@ -64,6 +64,17 @@ def test_register_a_dataset_shows_its_summary_and_warnings(demo_dir, tmp_path):
     stored = Store().get_dataset("tiny")
     assert stored["summary"]["clinics"] == {"north": 4, "south": 3}
     assert stored["summary"]["n_missing_images"] == 1
+    # listed at once, without a reload
+    assert [h.value for h in at.subheader if h.value.startswith("tiny")] == ["tiny"]
+
+
+def test_derm_real_dev_reads_melanoma_and_lesions_images_not_malignant_and_patients(derm_real_dir):
+    at = _register(_app().run(), "derm", str(derm_real_dir / "labels.csv"), "", "auto", "source")
+    assert not at.exception, [e.value for e in at.exception]
+    card = {m.label: m.value for m in at.metric}
+    assert card["Melanoma"] == "124" and card["Melanoma rate"] == "10.3%"  # the demo card says "Malignant"
+    assert card["Lesions/images"] == "979"
+    assert any("124 melanomas (1,085 not melanoma)" in s.value for s in at.success)
 
 
 def test_registering_shows_the_shortcut_audit(tmp_path):

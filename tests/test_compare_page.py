@@ -669,3 +669,14 @@ def test_a_dataset_whose_runs_are_all_archived_says_how_to_restore_them(seeded):
     at = run_page()
     assert any("Every run of **tiny** is archived (3); restore one below" in m.value for m in at.info)
     assert len(at.multiselect(key="compare_restore_ids").options) == 3
+
+
+def test_clinic_and_an_identical_source_column_are_offered_as_one_filter():
+    import pandas as pd
+
+    from melcore.compare import subset_options
+
+    frame = pd.DataFrame({"clinic": ["a", "b", "a"], "source": ["a", "b", "a"], "site": ["x", "y", None]})
+    assert list(subset_options(frame)) == ["clinic", "site"]
+    frame["source"] = ["s1", "s1", "s2"]
+    assert list(subset_options(frame)) == ["clinic", "source", "site"]

@@ -181,8 +181,21 @@ def test_missing_image_and_a_path_outside_the_roots_show_stand_ins(tmp_path):
 
     at.button(key="patients_grid_open_ok1").click().run()
     metadata = dict(zip(*_frame(at, "field").T.values))
-    assert metadata["image file"] == str(folder / "img" / "ok1.jpg") and metadata["label"] == "malignant"
+    assert metadata["image file"] == str(folder / "img" / "ok1.jpg") and metadata["label"] == "melanoma"  # a generic target means melanoma
     assert not at.error
+
+
+def test_derm_real_dev_lists_lesions_images_with_their_diagnoses_and_melanoma_words(derm_real_dir):
+    Store().register_dataset("derm", derm_real_dir / "labels.csv", None, clinic_column="source")
+    at = _page().run()
+    assert not at.exception
+    assert _metric(at, "Lesions/images") == "979 of 979"
+    assert _metric(at, "Melanoma lesions") == "124"
+    table = _frame(at, "lesion/image")
+    assert not table["lesion/image"].str.startswith(("image:", "lesion:")).any()
+    assert {"melanoma lesions", "diagnoses"} <= set(table.columns)
+    assert table["diagnoses"].ne("unknown").all()  # every derm-real-dev image has a diagnosis
+    assert at.checkbox(key="patients_malignant").label == "Has a melanoma lesion"
 
 
 def test_load_tile_reads_only_inside_the_roots(tmp_path):
@@ -286,3 +299,16 @@ def test_risk_badges_never_read_as_the_other_side_of_the_threshold():
     assert badges({"risk": 0.5051}, 0.50512).startswith(":green-badge[risk 0.505]")  # not "0.51"
     assert badges({"risk": 0.50515}, 0.50512).startswith(":red-badge[risk 0.51]")
     assert badges({"risk": 0.2}, None).startswith(":green-badge[risk 0.20]")  # the default threshold
+
+
+def test_the_dataset_in_the_url_or_chosen_on_another_page_is_the_one_a_page_opens_on(demo_dir):
+    store = Store()
+    store.register_dataset("first", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    store.register_dataset("second", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    at = _page()
+    at.query_params["dataset"] = "second"
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="patients_dataset").value == "second"
+    at.selectbox(key="patients_dataset").select("first").run()
+    assert at.session_state["melreview_dataset"] == "first" and at.query_params["dataset"] in ("first", ["first"])

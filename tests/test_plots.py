@@ -257,3 +257,13 @@ def test_decision_curve_figure_draws_both_references_and_marks_the_threshold(two
     other = {"good": curves["good"], "half": net_benefit(y[:200], scores["weak"][:200], grid)}
     names = [t.name for t in decision_curve_figure(other).data]
     assert "biopsy all (good)" in names and "biopsy all (half)" in names
+
+
+def test_a_chance_level_auroc_curve_keeps_the_half_to_one_axis_instead_of_zooming_into_a_peak():
+    history = [{"epoch": e, "select_loss": 0.7, "select_auroc": a} for e, a in enumerate([0.498, 0.516, 0.503], 1)]
+    fig = training_curves_figure(history)
+    assert tuple(fig.layout.yaxis2.range) == (0.5, 1.0)
+    below = training_curves_figure([{"epoch": 1, "select_auroc": 0.43}])
+    assert tuple(below.layout.yaxis2.range) == (0.4, 1.0)
+    mixed = training_curves_figure([{"epoch": 1, "select_auroc": 0.6, "learning_rate": 1e-3}])
+    assert mixed.layout.yaxis2.range is None  # not an AUROC-only axis: left to autorange

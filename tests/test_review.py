@@ -184,14 +184,16 @@ def test_export_holds_every_decision_with_iso_times(run_with_predictions):
     history = store.review_history(run_id)
     run = store.get_run(run_id)
     text = reviews_csv(history, run, store.get_predictions(run_id))
-    back = pd.read_csv(io.StringIO(text), keep_default_na=False)
+    back = pd.read_csv(io.StringIO(text), keep_default_na=False, dtype={"threshold": str})
     assert list(back.columns) == list(EXPORT_COLUMNS)
     assert len(back) == 3
     assert back["image_name"].tolist() == ["IMG_003", "IMG_007", "IMG_003"]
     assert back["decision"].tolist() == ["agree", "biopsy", "follow-up"]
     assert back["note"].tolist()[1] == 'asymmetric, "blue-white veil"\nsecond line'
     assert back["current"].tolist() == [False, True, True]
-    assert set(back["run_id"]) == {run_id} and set(back["run"]) == {"effnet"}
+    assert set(back["run_id"]) == {run_id} and set(back["run"]) == {f"#{run_id} efficientnet-b3 · all clinics"}
+    assert set(back["threshold"]) == {"0.400"}  # the run's saved threshold, as every page writes it
+    assert "None" not in set(back["clinic"]) | set(back["diagnosis"]) | set(back["label"])
     assert back["review_id"].tolist() == history["id"].tolist()
     for iso, seconds in zip(back["time"], history["created_at"]):
         assert datetime.fromisoformat(iso).timestamp() == pytest.approx(seconds, abs=1e-3)

@@ -101,6 +101,7 @@ def test_decisions_are_saved_appended_and_counted(seeded):
     assert shown[["reviewer", "decision", "note"]].values.tolist() == [["Dr Ana Ruiz", "agree", "regular network"]]
     assert "Current decision: agree" in texts(at.markdown)
     assert at.text_area(key=f"review_note_{run_id}_{image}").value == ""  # the form is ready for a new entry
+    assert at.radio(key=f"review_decision_{run_id}_{image}").value == "agree"  # and shows the saved decision
     assert worklist_table(at).set_index("image").loc[image, "decision"] == "agree"
 
     # A second decision on the same lesion appends; the latest is the current one.
@@ -186,6 +187,28 @@ def test_scopes_above_threshold_and_unreviewed(seeded):
     assert len(store.review_history(run_id)) == 1
 
 
+def test_only_unreviewed_opens_the_first_unreviewed_lesion_not_the_same_position(seeded):
+    store, run_id, order = seeded["store"], seeded["run_id"], seeded["order"]
+    for image in (order[1], order[2]):  # ranks 2 and 3 reviewed; 1 and 4 are not
+        store.add_review(run_id, image, "Dr A", "agree")
+    at = open_page()
+    at.button(key="review_next").click()
+    run(at)
+    at.button(key="review_next").click()
+    run(at)
+    assert current(at) == order[2]  # rank 3, position 3
+    at.radio(key="review_scope").set_value("unreviewed")
+    run(at)
+    assert current(at) == order[0]  # rank 1: the first unreviewed, not the 3rd (rank 5)
+    assert worklist_table(at)["rank"].tolist()[:3] == [1, 4, 5]
+    # opening a lesion that has a decision shows it in the radio
+    at.radio(key="review_scope").set_value("all")
+    run(at)
+    at.button(key="review_next").click()
+    run(at)
+    assert at.radio(key=f"review_decision_{run_id}_{order[1]}").value == "agree"
+
+
 def test_a_failed_save_shows_the_error_and_keeps_the_note(seeded, monkeypatch):
     run_id = seeded["run_id"]
     at = open_page()
@@ -241,9 +264,17 @@ def test_csv_export_holds_the_decisions_with_history(seeded, monkeypatch):
     at = decide(at, run_id, "disagree", "=1+1, second look")
     name = f"melreview-run{run_id}-decisions.csv"
     assert name in saved, sorted(saved)
-    export = pd.read_csv(io.BytesIO(saved[name]), keep_default_na=False)
+    export = pd.read_csv(io.BytesIO(saved[name]), keep_default_na=False, dtype={"threshold": str})
     assert export[["run_id", "run", "image_name", "reviewer", "decision"]].values.tolist() == [
-        [run_id, "cnn-bn demo", image, "Dr A", "agree"], [run_id, "cnn-bn demo", image, "Dr A", "disagree"]]
+        [run_id, f"#{run_id} cnn-bn · all clinics", image, "Dr A", "agree"],
+        [run_id, f"#{run_id} cnn-bn · all clinics", image, "Dr A", "disagree"]]
+    lesion = seeded["cohort"].table.set_index("image_name").loc[image]
+    assert export["diagnosis"].tolist() == [str(lesion["diagnosis"])] * 2
+    assert export["clinic"].tolist() == [str(lesion["clinic"])] * 2
+    assert export["threshold"].tolist() == ["0.300"] * 2  # as the page's caption writes it
+    table = worklist_table(at)
+    assert list(table.columns)[:5] == ["rank", "risk", "flagged", "decision", "reviewer"]  # no scrolling for these
+    assert set(table["label"]) <= {"malignant", "benign"} and "diagnosis" in table.columns
     assert export["note"].tolist() == ["first look", "'=1+1, second look"]
     assert export["current"].tolist() == [False, True]
     history = seeded["store"].review_history(run_id)
@@ -372,3 +403,14 @@ def test_aided_reading_shows_the_risk_but_not_the_label_and_records_an_aided_rea
     at.radio(key="review_mode").set_value("review")
     at = run(at)
     assert worklist_table(at).set_index("image").loc[image, "decision"] == "reassure"
+
+
+def test_the_run_in_the_url_is_the_one_review_opens_on(seeded):
+    store, predictions = seeded["store"], seeded["predictions"]
+    newer = store.add_run("newer", dataset_id=seeded["dataset_id"], model="basic-cnn")
+    store.add_predictions(newer, predictions, split="val")
+    at = AppTest.from_file(str(page_helpers.PAGES / "review.py"), default_timeout=120)
+    at.query_params["run"] = str(seeded["run_id"])
+    run(at)
+    assert at.selectbox(key="review_run").value == seeded["run_id"]  # not the newest run
+    assert at.session_state["melreview_run"] == seeded["run_id"]

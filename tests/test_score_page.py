@@ -199,3 +199,9 @@ def test_a_colour_model_run_shows_the_outline_it_measured(model_dir, tmp_path):
     assert "From the run's colour/shape model" in texts(at.caption)
     captions = [c for image in at.image for c in image.captions]
     assert any("inside the cyan outline" in c for c in captions)
+    headline = probability(at)
+    at.toggle(key="score_tta").set_value(True)
+    run(at)
+    caption = next(c for c in texts(at.caption).splitlines() if "Test-time augmentation" in c)
+    assert "applies to the CNN only" in caption and f"headline {headline:.3f}" in caption
+    assert not any(m.proto.delta for m in at.metric)  # no "↑ below" arrow

@@ -234,6 +234,24 @@ def test_a_done_job_points_to_its_run(seeded, worker_calls):
     note = texts(at.success)
     assert f"Run #{run_id}" in note and "0.812" in note and "trained from scratch" in note
     assert "could not be downloaded" in texts(at.warning)
+    assert "ImageNet weights unavailable" in note
+
+
+def test_a_done_colour_model_job_shows_the_delivered_auroc_in_the_table_and_names_the_svm(seeded, worker_calls):
+    store = seeded["store"]
+    job = running_job(store, seeded["dataset_id"], colour_model=True, weights="none")
+    history = [{"epoch": 1, "end_of_epoch": True, "stage": "train", "select_auroc": 0.497, "train_loss": 0.7}]
+    store.update_job(job["id"], history=history, progress={"epoch": 1, "epochs": 1, "select_auroc": 0.497})
+    run_id = store.add_run("cnn-bn · all clinics", dataset_id=seeded["dataset_id"], job_id=job["id"], model="cnn-bn",
+                           metrics={"val_auroc": 0.796, "cnn_val_auroc": 0.497, "scorer": "colour-model",
+                                    "weights": {"requested": "none", "from_scratch": True}}, from_scratch=True)
+    assert store.finish_job(job["id"], job["claim_token"], "done", run_id=run_id)
+    at = open_page()
+    table = next(d.value for d in at.dataframe if "job" in d.value.columns)
+    assert table.loc[table["job"] == job["id"], "AUROC"].tolist() == [0.796]
+    assert "colour/shape SVM" in table.loc[table["job"] == job["id"], "model"].iloc[0]
+    note = texts(at.success)
+    assert "0.796" in note and "colour/shape SVM" in note and "0.497" not in note
 
 
 def test_worker_status_line_and_start_button(seeded, worker_calls):
