@@ -6,9 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from melcore.audit import audit_table, audit_warnings
+from melcore.audit import audit_table
 from melcore.classes import dataset_classes
 from melcore.cohort import grouping_unit
+from melcore.datasets import register_dataset
 from melcore.errors import MelcoreError
 from melcore.safety import escape_markdown
 from pages.common import ensure_first_dataset, page_start, show_error
@@ -74,7 +75,8 @@ def _register_form(store) -> None:
         name = st.text_input("Name", placeholder="e.g. isic2020-mskcc", key="reg_name")
         csv_path = st.text_input("Label table (CSV) or class-folder root", placeholder="/data/isic2020/train.csv",
                                  key="reg_csv")
-        images_dir = st.text_input("Image folder (optional for ISIC layouts)", placeholder="/data/isic2020/jpeg/train",
+        images_dir = st.text_input("Image folder or ISIC-layout root (optional for ISIC layouts)",
+                                   placeholder="/data/isic2020 or /data/isic2020/jpeg/train",
                                    key="reg_images")
         cols = st.columns(3)
         fmt = cols[0].selectbox("Format", FORMATS, key="reg_format")
@@ -84,29 +86,23 @@ def _register_form(store) -> None:
         submitted = st.form_submit_button("Inspect and register")
     if not submitted:
         return
-    if not name.strip() or not csv_path.strip():
-        st.error("Give the dataset a name and the path of its label table.")
-        return
     try:
         with st.spinner("Reading the table and checking the images..."):
-            _, cohort = store.register_dataset(
-                name.strip(), csv_path.strip(), images_dir.strip() or None,
-                format=None if fmt == "auto" else fmt, clinic_column=clinic_column.strip() or None,
-                metadata_path=metadata.strip() or None)
+            result = register_dataset(store, name, csv_path, images_dir, format=fmt, clinic_column=clinic_column,
+                                      metadata_path=metadata)
     except (MelcoreError, OSError) as exc:
         show_error(exc, "Not registered")
         return
-    summary = cohort.summary()
-    classes = cohort.classes
-    st.success(f"Registered {escape_markdown(repr(name.strip()))}: {summary['n_images']:,} images, "
+    summary = result.dataset["summary"]
+    classes = dataset_classes(result.dataset)
+    st.success(f"Registered {escape_markdown(repr(result.dataset['name']))}: {summary['n_images']:,} images, "
                f"{summary['n_patients']:,} {grouping_unit(summary.get('grouping'))}, {summary['n_malignant']:,} "
                f"{classes.positive_plural} ({summary['n_benign']:,} {classes.negative}).")
-    for warning in summary.get("warnings") or []:
-        st.warning(escape_markdown(warning))
-    stored = store.get_dataset(name.strip())
-    _shortcut_audit(stored["summary"].get("shortcut_audit") or [], key="home_shortcut_audit_new")
-    for warning in audit_warnings(stored["summary"].get("shortcut_audit") or []):
-        st.warning(escape_markdown(warning[0].upper() + warning[1:] + "."))
+    for note in result.notes:
+        st.info(escape_markdown(note[0].upper() + note[1:] + "."))
+    _shortcut_audit(result.shortcut_audit, key="home_shortcut_audit_new")
+    for warning in result.warnings:
+        st.warning(escape_markdown(warning[0].upper() + warning[1:]))
 
 
 def _shortcut_audit(rows: list[dict], key: str) -> None:

@@ -15,7 +15,8 @@ from melcore.errors import MelcoreError
 
 COMMANDS = {
     "inspect": ("inspect", "Read a lesion table and report counts, clinics and problems."),
-    "demo": ("demo", "Write the synthetic ISIC 2020-style demo cohort."),
+    "demo": ("demo", "Write the synthetic ISIC 2020-style demo cohort (--register: as dataset 'demo')."),
+    "datasets": ("datasets", "List, register, show and remove datasets (the Home page's checks and warnings)."),
     "train": ("train", "Train a model on a cohort into a run directory."),
     "predict": ("predict", "Score images with a trained run (Kaggle submission format)."),
     "evaluate": ("evaluate", "AUROC with CI, operating points and threshold metrics for predictions."),

@@ -119,12 +119,16 @@ class CohortReport:
     unreadable_images : list of (image name, reason)
         Files that exist but could not be decoded (``check_images="decode"``); their
         ``image_path`` is None too.
+    notes : list of str
+        What loading chose that is not a problem, e.g. the image sub-folder used when the
+        image folder given is an ISIC-layout root (:func:`image_folder_in_root`).
     """
 
     warnings: list[str] = field(default_factory=list)
     dropped: list[tuple[object, str]] = field(default_factory=list)
     missing_images: list[str] = field(default_factory=list)
     unreadable_images: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -200,7 +204,8 @@ class Cohort:
             n_images (rows), n_lesions (distinct lesion ids where known, else images),
             n_patients (distinct groups: patient ids where known, else the grouping used),
             n_malignant, n_benign, n_unlabelled, n_missing_images, n_unreadable_images,
-            clinics ({clinic: n_images}, largest first), warnings, grouping, format, name,
+            clinics ({clinic: n_images}, largest first), warnings, notes (what loading chose, such
+            as the image sub-folder of an ISIC-layout root), grouping, format, name,
             classes (:meth:`melcore.classes.ClassNames.to_dict`: what target 1 and 0 mean).
         """
         table = self.table
@@ -220,6 +225,7 @@ class Cohort:
             "n_unreadable_images": len(self.report.unreadable_images),
             "clinics": {str(k): int(v) for k, v in clinics.items()},
             "warnings": list(self.report.warnings),
+            "notes": list(self.report.notes),
             "grouping": self.grouping,
             "classes": self.classes.to_dict(),
         }
@@ -243,6 +249,7 @@ class Cohort:
             dropped=list(self.report.dropped),
             missing_images=[n for n in self.report.missing_images if n in kept],
             unreadable_images=[(n, r) for n, r in self.report.unreadable_images if n in kept],
+            notes=list(self.report.notes),
         )
         return Cohort(table=table, name=self.name, format=self.format, images_dir=self.images_dir,
                       report=report, source=self.source, target_column=self.target_column, classes=self.classes)
@@ -964,9 +971,7 @@ def _clinic_from_csv(frame: pd.DataFrame, path: Path, column: str | None, report
 
 def _image_dir_candidates(source: Path, fmt: str, frame: pd.DataFrame) -> list[Path]:
     base = source.parent
-    stem = source.stem.lower()
-    labelled = frame["target"].notna().any()
-    split = "test" if ("test" in stem or not labelled) else "train"
+    split = _table_split(source, frame)
     other = "train" if split == "test" else "test"
     names = [f"jpeg/{split}", f"jpeg/{other}", split, "images", f"{split}_images",
              "ISIC_2019_Training_Input/ISIC_2019_Training_Input", "ISIC_2019_Training_Input",
@@ -980,6 +985,45 @@ def _image_dir_candidates(source: Path, fmt: str, frame: pd.DataFrame) -> list[P
             seen.add(path)
             out.append(path)
     return out
+
+
+def _table_split(source: Path, frame: pd.DataFrame) -> str:
+    """``"test"`` for a test table (its name says so, or it holds no label), else ``"train"``."""
+    return "test" if ("test" in source.stem.lower() or not frame["target"].notna().any()) else "train"
+
+
+def _holds_images(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(os.path.splitext(e.name)[1].lower() in _EXTENSION_RANK and not e.name.startswith(".")
+                       and e.is_file() for e in entries)
+    except OSError:
+        return False
+
+
+def image_folder_in_root(folder: str | Path, split: str = "train") -> Path | None:
+    """The image folder inside an ISIC-layout root, or None when ``folder`` is not one.
+
+    An ISIC-layout root holds no image itself but ``jpeg/<split>/`` (Kaggle SIIM-ISIC 2020,
+    the demo cohort) or ``<split>/`` with images; ``split`` is ``"train"`` or ``"test"``
+    (the other split is taken when only it exists).
+
+    Parameters
+    ----------
+    folder : path
+        The folder given as the image folder.
+    split : {"train", "test"}
+        Which split's folder the table describes.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir() or _holds_images(folder):
+        return None
+    other = "test" if split == "train" else "train"
+    for name in (f"jpeg/{split}", split, f"jpeg/{other}", other):
+        candidate = folder / name
+        if candidate.is_dir() and _holds_images(candidate):
+            return candidate.resolve()
+    return None
 
 
 def _list_images(folder: Path) -> dict[str, str]:
@@ -1052,6 +1096,11 @@ def _match_images(frame: pd.DataFrame, source: Path, images, fmt: str, check: st
     has_rel = _is_path(frame[_FILE])
     if images is not None:
         images_dir = Path(images).expanduser().resolve()
+        inner = image_folder_in_root(images_dir, _table_split(source, frame))
+        if inner is not None:
+            report.notes.append(f"image folder {images_dir} is an ISIC-layout root; using "
+                                f"{inner.relative_to(images_dir)}/ in it ({inner})")
+            images_dir = images = inner
         candidates = [images_dir]
         if not images_dir.is_dir():
             report.warnings.append(f"image folder {images_dir} does not exist")

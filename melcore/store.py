@@ -388,8 +388,9 @@ class Store:
                            "clinic table": load_options.get("clinic_csv")})
         cohort = load_cohort(csv_path, images_dir, format=format, clinic_column=clinic_column,
                              metadata=metadata_path, name=name, **load_options)
+        # cohort.images_dir is the folder really read: the sub-folder of an ISIC-layout root given as images_dir
         dataset_id = self.add_dataset(name, Path(csv_path).resolve(),
-                                      Path(images_dir).resolve() if images_dir else cohort.images_dir,
+                                      cohort.images_dir or (Path(images_dir).resolve() if images_dir else None),
                                       format=cohort.format, clinic_column=clinic_column,
                                       metadata_path=Path(metadata_path).resolve() if metadata_path else None,
                                       options=load_options, summary=self._summary_with_audit(cohort),
@@ -442,6 +443,29 @@ class Store:
     def update_dataset(self, dataset_id: int, **fields) -> None:
         with self._write() as conn:
             conn.execute(datasets.update().where(datasets.c.id == dataset_id).values(**fields))
+
+    def remove_dataset(self, id_or_name: int | str) -> dict:
+        """Unregister a dataset; nothing on disk is touched and its runs are kept.
+
+        Refused (MelcoreError naming the jobs) while a job on the dataset is queued or running.
+        Its runs (folders, predictions, thresholds, reviews) and finished jobs stay, no longer
+        tied to a dataset. Returns ``{"dataset": row, "runs_kept": n, "jobs_kept": n}``.
+        """
+        dataset = self.get_dataset(id_or_name)
+        with self._write() as conn:
+            busy = conn.execute(sa.select(jobs.c.id, jobs.c.state).where(
+                jobs.c.dataset_id == dataset["id"], jobs.c.state.in_(("queued", "running")))
+                .order_by(jobs.c.id)).fetchall()
+            if busy:
+                listed = ", ".join(f"#{j.id} ({j.state})" for j in busy)
+                raise MelcoreError(f"dataset {dataset['name']!r} is not removed: job(s) {listed} are on it; wait "
+                                   "for them to finish or cancel them (`python -m melcore jobs cancel ID`)")
+            runs_kept = conn.execute(runs.update().where(runs.c.dataset_id == dataset["id"])
+                                     .values(dataset_id=None)).rowcount
+            jobs_kept = conn.execute(jobs.update().where(jobs.c.dataset_id == dataset["id"])
+                                     .values(dataset_id=None)).rowcount
+            conn.execute(datasets.delete().where(datasets.c.id == dataset["id"]))
+        return {"dataset": dataset, "runs_kept": int(runs_kept), "jobs_kept": int(jobs_kept)}
 
     def load_dataset_cohort(self, id_or_name: int | str, **kwargs):
         """Read a registered dataset with :func:`melcore.cohort.load_cohort`."""

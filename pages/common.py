@@ -81,11 +81,14 @@ def get_store() -> Store:
 
 
 def ensure_first_dataset(store: Store) -> None:
-    """On a fresh install, make and register the demo cohort so every page has content."""
+    """On a fresh install, make and register the demo cohort so every page has content
+    (:func:`melcore.datasets.ensure_first_dataset`, as ``python -m melcore demo --register`` does)."""
+    from melcore import datasets
+
     if store.list_datasets():
         return
     with st.spinner("First start: generating the synthetic demo cohort (a few seconds)..."):
-        store.ensure_demo_dataset()
+        datasets.ensure_first_dataset(store)
 
 
 @st.cache_resource(show_spinner="Reading the dataset...", max_entries=8)

@@ -112,3 +112,14 @@ def test_bad_registrations_say_why_and_keep_what_was_saved(demo_dir, tmp_path):
     at = _register(at, "already", _tiny_cohort(tmp_path))
     assert at.error and "already exists" in at.error[0].value
     assert [d["name"] for d in Store().list_datasets()] == ["already"]
+
+
+def test_home_accepts_an_isic_layout_root_and_says_which_folder_it_read(demo_dir):
+    Store().add_dataset("already", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
+    at = _register(_app().run(), "root", str(demo_dir / "labels.csv"), str(demo_dir))
+    assert not at.exception
+    assert any("Registered 'root'" in s.value for s in at.success)
+    assert any("ISIC-layout root" in i.value and "jpeg/train" in i.value for i in at.info)
+    stored = Store().get_dataset("root")
+    assert Path(stored["images_dir"]) == (demo_dir / "jpeg" / "train").resolve()
+    assert stored["summary"]["n_missing_images"] == 0

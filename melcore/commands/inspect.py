@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", required=True,
                         help="the label table (or, with --format folders, the folder of class folders)")
     parser.add_argument("--metadata", help="second table joined on the image name (e.g. ISIC 2019 metadata)")
-    parser.add_argument("--images", help="folder with the image files (default: looked up beside the CSV)")
+    parser.add_argument("--images", help="folder with the image files, or an ISIC-layout root holding jpeg/train/ "
+                                         "or train/ (default: looked up beside the CSV)")
     parser.add_argument("--format", choices=FORMATS, help="table format (default: detected from the header)")
     parser.add_argument("--clinic-column", help="column holding the clinic / source, e.g. attribution")
     parser.add_argument("--clinic-csv", help="table joined on the image name that gives the clinic")
@@ -97,6 +98,7 @@ def _text(cohort, s: dict) -> str:
     lines = [
         f"cohort       {s['name']}  (format {s['format']}, {cohort.source})",
         f"images dir   {cohort.images_dir or 'not found'}",
+        *(f"  note: {note}" for note in s.get("notes") or []),
         f"images       {s['n_images']:>9,}",
         f"lesions      {s['n_lesions']:>9,}",
         f"patients     {s['n_patients']:>9,}  (grouped by {s['grouping']})",

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from melcore.commands._listing import dataset_arg, print_listing
+from melcore.commands._listing import print_listing
 from melcore.errors import ConfigError
 from melcore.jobs import JOB_KINDS, submit_jobs, submit_meta_job
 from melcore.store import Store
@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "submit":
         from dataclasses import replace
 
+        from melcore.datasets import find_or_register_demo
+
+        dataset = find_or_register_demo(store, args.dataset)  # "demo" on a fresh home: registered as the app does
+
         from melcore.commands.train import config_from_args
 
         if args.kind == "meta":
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError("--each-clinic goes with image-model jobs; a meta job uses the whole dataset")
             values = {"n_folds": 5 if args.folds is None else args.folds, "seed": args.seed or 0,
                       "feature_set": args.meta_features, "image_run_id": args.image_run}
-            ids = [submit_meta_job(store, dataset_arg(store, args.dataset), values)]
+            ids = [submit_meta_job(store, dataset, values)]
             return _submitted(store, ids)
         if args.image_run is not None:
             raise ConfigError("--image-run goes with --kind meta")
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             if args.folds < 2:
                 raise ConfigError(f"--folds must be at least 2, got {args.folds}")
             config, kind = replace(config, n_folds=args.folds), "kfold"
-        return _submitted(store, submit_jobs(store, config, dataset_arg(store, args.dataset), args.each_clinic, kind))
+        return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind))
     if args.action == "list":
         keys = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at",
                 "started_at", "finished_at", "run_id", "error", "cancel_requested")

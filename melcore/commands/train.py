@@ -160,7 +160,8 @@ def add_data_options(parser: argparse.ArgumentParser):
 
     data = parser.add_argument_group("data")
     data.add_argument("--csv", required=True, help="the label table (or, with --format folders, the folder)")
-    data.add_argument("--images", help="folder with the image files (default: looked up beside the CSV)")
+    data.add_argument("--images", help="folder with the image files, or an ISIC-layout root holding jpeg/train/ or "
+                                       "train/ (default: looked up beside the CSV)")
     data.add_argument("--format", choices=FORMATS, help="table format (default: detected from the header)")
     data.add_argument("--clinic-column", metavar="C", help="column holding the clinic (e.g. attribution)")
     return data
@@ -170,7 +171,10 @@ def load_cohort_from_args(args: argparse.Namespace):
     """The cohort named by the :func:`add_data_options` options."""
     from melcore.cohort import load_cohort
 
-    return load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
+    cohort = load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
+    for note in cohort.report.notes:  # e.g. the image folder used inside an ISIC-layout root
+        print(f"note: {note}", file=sys.stderr)
+    return cohort
 
 
 def add_output_options(parser: argparse.ArgumentParser, default_out: str):
