@@ -1,0 +1,116 @@
+"""Training across processes (melcore.distributed): placements, the fit loop, two local workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from melcore import distributed
+from melcore.errors import ConfigError
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_placement_round_trips_through_tf_config():
+    placement = distributed.Placement.parse("a.example:2222, b.example:2223", 1)
+    assert placement.workers == ("a.example:2222", "b.example:2223")
+    assert not placement.is_chief and placement.n_workers == 2
+    again = distributed.Placement.from_environment({"TF_CONFIG": json.dumps(placement.tf_config())})
+    assert again == placement
+    assert distributed.Placement.from_environment({}) is None
+
+
+@pytest.mark.parametrize("workers, index, message", [
+    ("", 0, "at least one worker"),
+    ("host", 0, "not host:port"),
+    ("host:99999", 0, "not host:port"),
+    ("h:1,h:1", 0, "repeat"),
+    ("h:1,h:2", 2, "index must be 0..1"),
+])
+def test_bad_placements_say_what_is_wrong(workers, index, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.Placement.parse(workers, index)
+
+
+def test_tf_config_that_is_not_a_worker_cluster_is_refused():
+    with pytest.raises(ConfigError, match="not a worker cluster"):
+        distributed.Placement.from_tf_config("{}")
+    with pytest.raises(ConfigError, match="task type 'ps'"):
+        distributed.Placement.from_tf_config(json.dumps({"cluster": {"worker": ["h:1"]},
+                                                         "task": {"type": "ps", "index": 0}}))
+
+
+@pytest.mark.parametrize("n_rows, n_replicas", [(8, 2), (7, 2), (3, 4), (0, 3), (10, 3)])
+def test_replica_rows_partition_the_batch(n_rows, n_replicas):
+    parts = [distributed.replica_rows(n_rows, n_replicas, r) for r in range(n_replicas)]
+    covered = np.concatenate([np.arange(n_rows)[p] for p in parts])
+    assert covered.tolist() == list(range(n_rows))
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_fit_loop_matches_keras_fit():
+    sys.path.insert(0, str(HERE))
+    import multiworker_fit as job
+
+    model = job.build()
+    history = distributed.fit_loop(model, job.Batches(), epochs=3, class_weight={0: 1.0, 1: 2.0})
+    reference = job.build()
+    keras_history = reference.fit(job.Batches(), epochs=3, class_weight={0: 1.0, 1: 2.0}, shuffle=False, verbose=0)
+    np.testing.assert_allclose(history["loss"], keras_history.history["loss"], rtol=1e-4)
+    for mine, theirs in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert history["loss"][-1] < history["loss"][0]  # it learned something
+    scores = distributed.predict_loop(model, [b[0] for b in (job.Batches()[0], job.Batches()[1])])
+    np.testing.assert_allclose(scores, model.predict(np.concatenate([job.Batches()[i][0] for i in (0, 1)]),
+                                                     verbose=0), rtol=1e-5)
+
+
+def test_fit_loop_stops_when_a_callback_says_so():
+    import keras
+
+    sys.path.insert(0, str(HERE))
+    import multiworker_fit as job
+
+    class StopAfterTwoBatches(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                self.model.stop_training = True
+
+    history = distributed.fit_loop(job.build(), job.Batches(), epochs=3, callbacks=[StopAfterTwoBatches()])
+    assert len(history["loss"]) == 1
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_local_workers_train_the_same_model_as_one_process(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_CONFIG", None)
+    script = str(HERE / "multiworker_fit.py")
+    single = tmp_path / "single.npz"
+    subprocess.run([sys.executable, script, str(single)], env=env, check=True, timeout=300)
+    workers = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    chief_out = tmp_path / "chief.npz"
+    procs = [subprocess.Popen([sys.executable, script, str(chief_out), workers, str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    one, two = np.load(single), np.load(chief_out)
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
+    for i in range(int(one["n"])):
+        np.testing.assert_allclose(two[f"w{i}"], one[f"w{i}"], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,108 @@
+"""The import contract (melcore/devtools/layers.py) and the README's module map."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from melcore.devtools import layers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for package in ("melcore", "melcore/commands", "pages", "trainers"):
+        if (tmp_path / package).is_dir() and not (tmp_path / package / "__init__.py").exists():
+            (tmp_path / package / "__init__.py").write_text("")
+    return tmp_path
+
+
+def test_repository_keeps_the_import_contract():
+    violations = layers.check_tree(ROOT)
+    assert violations == [], "\n".join(map(str, violations))
+
+
+def test_upward_import_inside_a_function_is_reported(tmp_path):
+    root = _tree(tmp_path, {
+        "melcore/images.py": "def f():\n    from melcore.train import fit\n",
+        "melcore/train.py": "from melcore import images\n",
+    })
+    [violation] = layers.check_tree(root)
+    assert (violation.path, violation.line, violation.target) == ("melcore/images.py", 2, "melcore.train")
+    assert "'data' may not import layer 'training'" in violation.reason
+
+
+def test_relative_upward_import_is_resolved_and_reported(tmp_path):
+    root = _tree(tmp_path, {"melcore/metrics.py": "from .compare import x\n", "melcore/compare.py": ""})
+    [violation] = layers.check_tree(root)
+    assert violation.target == "melcore.compare"
+
+
+def test_interface_rules(tmp_path):
+    root = _tree(tmp_path, {
+        "melcore/store.py": "import streamlit as st\n",
+        "melcore/commands/jobs.py": "",
+        "pages/train.py": "from melcore.commands.jobs import submit\nimport trainers.worker\nimport trainers.launch\n",
+        "trainers/worker.py": "from pages import common\n",
+        "trainers/launch.py": "",
+        "pages/common.py": "",
+    })
+    found = {(v.path, v.target) for v in layers.check_tree(root)}
+    assert found == {("melcore/store.py", "streamlit"), ("pages/train.py", "melcore.commands.jobs"),
+                     ("pages/train.py", "trainers.worker"), ("trainers/worker.py", "pages.common")}
+
+
+def test_unplaced_module_is_reported(tmp_path):
+    root = _tree(tmp_path, {"melcore/newthing.py": "from melcore import errors\n", "melcore/errors.py": ""})
+    [violation] = layers.check_tree(root)
+    assert violation.target == "melcore.newthing" and "no layer" in violation.reason
+
+
+def test_downward_and_same_layer_imports_pass(tmp_path):
+    root = _tree(tmp_path, {
+        "melcore/train.py": "from melcore import images, features\nfrom melcore.errors import X\n",
+        "melcore/features.py": "", "melcore/images.py": "", "melcore/errors.py": "",
+        "pages/train.py": "from melcore.train import fit\n",
+    })
+    assert layers.check_tree(root) == []
+
+
+def test_main_exit_status(tmp_path, capsys):
+    assert layers.main([str(ROOT)]) == 0
+    root = _tree(tmp_path, {"melcore/errors.py": "import pages\n"})
+    assert layers.main([str(root)]) == 1
+    assert "melcore never imports pages" in capsys.readouterr().out
+    assert layers.main([str(tmp_path / "nowhere")]) == 2
+
+
+def _module_map_rows() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Module map\n(.*?)(?=^## )", text, flags=re.S | re.M)
+    assert match, "README.md has no '## Module map' section"
+    return match.group(1)
+
+
+def test_every_melcore_module_is_in_the_readme_module_map():
+    table = _module_map_rows()
+    named = set(re.findall(r"`(melcore/[\w/]+(?:\.py|/))`", table))
+    modules = set()
+    for path in (ROOT / "melcore").iterdir():
+        if path.suffix == ".py" and path.name not in ("__init__.py", "__main__.py"):
+            modules.add(f"melcore/{path.name}")
+        elif path.is_dir() and (path / "__init__.py").exists():
+            modules.add(f"melcore/{path.name}/")
+    missing = sorted(modules - named)
+    assert not missing, f"README.md's module map does not name {missing}: add a row for each"
+    stale = sorted(n for n in named if not (ROOT / n).exists())
+    assert not stale, f"README.md's module map names modules that do not exist: {stale}"
+
+
+@pytest.mark.parametrize("module", ["melcore.images", "melcore.training.api", "melcore.commands.jobs"])
+def test_layer_of_known_modules(module):
+    assert layers.layer_of(module) is not None
