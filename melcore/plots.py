@@ -251,7 +251,7 @@ def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float |
         grid = tables[0][1]["threshold"].to_numpy()
         traces.append(go.Scatter(x=grid, y=np.zeros(len(grid)), mode="lines", name="biopsy none",
                                  line=dict(color="#444", width=1.5), hoverinfo="skip"))
-    alls = {}
+    alls: dict = {}
     for name, table in tables:
         key = tuple(np.round(table["treat_all"].to_numpy(), 12))
         alls.setdefault(key, []).append((name, table))

@@ -35,14 +35,14 @@ __all__ = ["LAYERS", "Violation", "layer_of", "module_imports", "check_tree", "m
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("errors", "settings", "safety", "formatting", "torchfile", "caches", "devtools",
                     "checks", "version")),
-    ("data", ("images", "cohort", "cohorts", "splits", "augment", "pipeline", "demo", "metrics", "audit")),
-    ("models and store", ("registry", "efficientnet_lite", "models", "colour", "store")),
+    ("data", ("images", "cohort", "cohorts", "splits", "augment", "pipeline", "demo", "metrics", "audit", "classes")),
+    ("models and store", ("registry", "efficientnet_lite", "models", "colour", "store", "datasets")),
     ("inference", ("predict", "explain")),
     ("training", ("train", "training", "features", "presets", "crossval", "meta")),
     ("jobs", ("jobs", "distributed", "shards")),
-    ("evaluation", ("compare", "plots", "browse", "readers")),
-    ("review", ("review", "archive")),
-    ("interfaces", ("commands", "__main__")),
+    ("evaluation", ("compare", "plots", "png", "browse", "runinfo")),
+    ("review", ("review", "readers", "run_archive")),
+    ("interfaces", ("commands", "__main__", "dashboard")),
 )
 _INTERFACES = len(LAYERS) - 1
 _FORBIDDEN_IN_MELCORE = ("streamlit", "pages", "trainers")
