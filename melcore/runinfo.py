@@ -132,7 +132,9 @@ def run_title(run: Mapping, *, clinic: bool = True, scratch: bool = True) -> str
     """``"#12 colour/shape SVM (cnn-bn for Grad-CAM) · clinic A · trained from scratch (chosen)"``.
 
     The first part names what produces the score; a colour-model run also names the
-    network its Grad-CAM explains. Parts that are unknown are left out (never "None").
+    network its Grad-CAM explains. A name the user gave (one that does not start with the
+    network's name, as the worker's ``"cnn-bn · all clinics · job-..."`` does) follows.
+    Parts that are unknown are left out (never "None").
     """
     name = scorer_name(run)
     if uses_colour_model(run):
@@ -140,6 +142,10 @@ def run_title(run: Mapping, *, clinic: bool = True, scratch: bool = True) -> str
     parts = [f"#{run['id']} {name}"]
     if clinic:
         parts.append(f"clinic {run['clinic']}" if run.get("clinic") else "all clinics")
+    given = str(run.get("name") or "").strip()
+    network = explained_model(run)
+    if given and not given.startswith(network) and given != name:
+        parts.append(given)
     words = scratch_words(run) if scratch else None
     if words and not uses_colour_model(run):
         parts.append(words)

@@ -132,7 +132,7 @@ def test_page_shows_both_runs_with_their_auroc(seeded):
         assert low < row["AUROC"] < high
     # the run trained from scratch is marked
     weak_row = table[table["Run"].str.contains("weak-cnn")].iloc[0]
-    assert weak_row["Weights"] == "trained from scratch" and "from scratch" in weak_row["Run"]
+    assert weak_row["Weights"] == "trained from scratch (ImageNet weights unavailable)" and "from scratch" in weak_row["Run"]
     assert any("from scratch" in w.value for w in at.warning)
     # a DeLong row for the pair, on all shared images, with the patient bootstrap (several lesions per patient)
     pairs = next(df.value for df in at.dataframe if "DeLong p" in df.value.columns)
@@ -593,9 +593,9 @@ def test_runs_labels_and_cross_clinic(seeded):
     strong = store.get_run(seeded["strong"])
     assert is_from_scratch(weak) and not is_from_scratch(strong)
     assert is_from_scratch({"from_scratch": False, "notes": "fell back to scratch: no weights"})
-    assert run_label(strong) == f"#{strong['id']} effnet · efficientnet-b3"
+    assert run_label(strong) == f"#{strong['id']} efficientnet-b3 · all clinics · effnet"  # scorer first
     assert run_label({"id": 9, "name": "resnet50 on A", "model": "resnet50", "clinic": "A",
-                      "from_scratch": True}) == "#9 resnet50 on A · clinic A · from scratch"
+                      "from_scratch": True}) == "#9 resnet50 · clinic A · trained from scratch"
 
     assert latest_cross_clinic(store, seeded["dataset_id"]) is None
     metrics = {"clinics": ["A", "B"], "matrix": [[0.9, 0.7], [None, 0.85]], "n": [[10, 12], [11, 13]]}
