@@ -191,7 +191,7 @@ def test_export_holds_every_decision_with_iso_times(run_with_predictions):
     assert back["decision"].tolist() == ["agree", "biopsy", "follow-up"]
     assert back["note"].tolist()[1] == 'asymmetric, "blue-white veil"\nsecond line'
     assert back["current"].tolist() == [False, True, True]
-    assert set(back["run_id"]) == {run_id} and set(back["run"]) == {f"#{run_id} efficientnet-b3 · all clinics"}
+    assert set(back["run_id"]) == {run_id} and set(back["run"]) == {f"#{run_id} efficientnet-b3 · all clinics · effnet"}
     assert set(back["threshold"]) == {"0.400"}  # the run's saved threshold, as every page writes it
     assert "None" not in set(back["clinic"]) | set(back["diagnosis"]) | set(back["label"])
     assert back["review_id"].tolist() == history["id"].tolist()

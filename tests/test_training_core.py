@@ -61,7 +61,10 @@ def test_a_run_folder_starts_without_the_results_of_an_earlier_run(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "kept"
     assert json.loads((tmp_path / "config.json").read_text())["mode"] == "fast-head"
     written = out.write_metrics({"val_auroc": float("nan"), "n": 3})
-    assert written == {"val_auroc": None, "n": 3} == json.loads((tmp_path / "metrics.json").read_text())
+    import melcore
+
+    expected = {"val_auroc": None, "n": 3, "melcore_version": melcore.__version__}
+    assert written == expected == json.loads((tmp_path / "metrics.json").read_text())
 
 
 def test_the_scorer_is_read_from_metrics_with_the_colour_model_file_for_old_runs(tmp_path):

@@ -300,18 +300,10 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         metrics.update(NO_VALIDATION)
         if not cancel.cancelled and best.best_weights is None:
             raise MelcoreError("training ended without a single validated epoch")
-    seconds = time.perf_counter() - started
-    metrics.update({
-        "seconds": seconds, "train_seconds": reporter.train_seconds, "fit_seconds": head_seconds,
-        "save_seconds": time.perf_counter() - save_started,
-        "images_per_second": (reporter.train_images / reporter.train_seconds) if reporter.train_seconds > 0 else None,
-    })
-    out.write_metrics(metrics)
-    if cancel.cancelled:
-        log.warning("run cancelled after %d epoch(s); %s", len(history),
-                    "model.keras holds the best epoch so far" if best.best_weights is not None
-                    else "no epoch finished, no model saved")
-    else:
+    seconds = out.finish(metrics, reporter, started, head_seconds, cancelled=cancel.cancelled,
+                         has_model=best.best_weights is not None, n_epochs=len(history),
+                         save_seconds=time.perf_counter() - save_started)
+    if not cancel.cancelled:
         log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %.4f (best epoch %s)", seconds,
                  feature_seconds, head_seconds, metrics["val_auroc"], best.best_epoch)
     return out.run(config, metrics, cancel.cancelled)

@@ -332,17 +332,9 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     if cancel.cancelled:
         metrics["cancelled"] = True
         metrics["status"] = "cancelled"
-    seconds = time.perf_counter() - started
-    metrics.update({
-        "seconds": seconds, "train_seconds": reporter.train_seconds, "fit_seconds": fit_seconds,
-        "images_per_second": (reporter.train_images / reporter.train_seconds) if reporter.train_seconds > 0 else None,
-    })
-    out.write_metrics(metrics)
-    if cancel.cancelled:
-        log.warning("run cancelled after %d epoch(s); %s", len(history),
-                    "model.keras holds the best epoch so far" if best.best_weights is not None
-                    else "no epoch finished, no model saved")
-    else:
+    seconds = out.finish(metrics, reporter, started, fit_seconds, cancelled=cancel.cancelled,
+                         has_model=best.best_weights is not None, n_epochs=len(history))
+    if not cancel.cancelled:
         log.info("done in %.1f s: validation AUROC %.4f (best epoch %s), sensitivity %.3f, specificity %.3f at %.2f; "
                  "%s", seconds, metrics["val_auroc"], best.best_epoch, metrics["sensitivity"],
                  metrics["specificity"], THRESHOLD, "trained from scratch" if weights_info.from_scratch

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -232,7 +233,28 @@ class RunDir:
     def write_metrics(self, metrics: dict) -> dict:
         """Write ``metrics.json`` (last, once the other files are in place) with ``melcore_version``, the
         code behind its numbers; returns the cleaned metrics."""
-        return self.write_json("metrics.json", {**metrics, "melcore_version": melcore.__version__})
+        metrics["melcore_version"] = melcore.__version__  # in place: the Run's metrics are the file's
+        return self.write_json("metrics.json", metrics)
+
+    def finish(self, metrics: dict, reporter, started: float, fit_seconds: float, *, cancelled: bool,
+               has_model: bool, n_epochs: int, **extra) -> float:
+        """Add the run's timings to ``metrics``, write ``metrics.json`` and log a cancellation.
+
+        Timings: ``seconds`` since ``started`` (a ``time.perf_counter()`` value), the
+        reporter's ``train_seconds`` and training ``images_per_second``, ``fit_seconds``,
+        plus any ``extra`` values. Returns ``seconds``.
+        """
+        seconds = time.perf_counter() - started
+        metrics.update({
+            "seconds": seconds, "train_seconds": reporter.train_seconds, "fit_seconds": fit_seconds, **extra,
+            "images_per_second": (reporter.train_images / reporter.train_seconds) if reporter.train_seconds > 0
+            else None,
+        })
+        self.write_metrics(metrics)
+        if cancelled:
+            log.warning("run cancelled after %d epoch(s); %s", n_epochs,
+                        "model.keras holds the best epoch so far" if has_model else "no epoch finished, no model saved")
+        return seconds
 
     def log(self):
         """Context manager: the ``melcore.train`` log goes to ``train.log`` while the block runs."""
