@@ -34,7 +34,7 @@ import pandas as pd
 from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
-from melcore.runinfo import run_title, scratch_words
+from melcore.runinfo import SourceConfounding, run_title, scratch_words, source_confounding
 from melcore.metrics import (
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
@@ -54,6 +54,7 @@ from melcore.metrics import (
 )
 
 __all__ = [
+    "run_source_confounding",
     "THRESHOLD_RULES",
     "threshold_elsewhere",
     "FILTER_COLUMNS",
@@ -668,6 +669,22 @@ class GroupBreakdown:
         for column in THRESHOLD_METRIC_KEYS:
             table[column] = metrics[column].to_numpy()
         return table
+
+
+def run_source_confounding(store, run: Mapping, cohort=None, *, split: str = "auto",
+                           n_boot: int = 1000) -> SourceConfounding | None:
+    """:func:`melcore.runinfo.source_confounding` of a stored run on its delivered predictions
+    (validation, else out-of-fold), with its dataset's cohort table (``cohort``, a
+    :class:`melcore.cohort.Cohort`, or None: the predictions' clinics decide) and shortcut audit.
+    None when the run stored no predictions.
+    """
+    frame, used = load_predictions(store, int(run["id"]), split)
+    if used is None:
+        return None
+    frame, _ = attach_metadata(frame, cohort)
+    dataset = store.find_dataset(int(run["dataset_id"])) if run.get("dataset_id") is not None else None
+    audit = ((dataset or {}).get("summary") or {}).get("shortcut_audit")
+    return source_confounding(cohort.table if cohort is not None else None, frame, audit=audit, n_boot=n_boot)
 
 
 # --------------------------------------------------------------------------- cross-clinic

@@ -20,6 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from melcore import settings
+from melcore.classes import dataset_classes
 from melcore.compare import (
     THRESHOLD_RULES,
     GroupBreakdown,
@@ -71,6 +72,7 @@ from melcore.plots import (
     roc_figure,
     threshold_figure,
 )
+from melcore.runinfo import source_confounding
 from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 
@@ -120,6 +122,12 @@ def _pairwise(url: str, run_ids: tuple, split: str, cohort_version: tuple, subse
 @st.cache_resource(show_spinner="Per-clinic intervals...", max_entries=64, ttl=3600)
 def _breakdown(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame):
     return GroupBreakdown(_frame, "clinic", n_boot=N_BOOT)
+
+
+@st.cache_resource(show_spinner="Within-source AUROC...", max_entries=64, ttl=3600)
+def _confounding(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _table,
+                 _frame, _audit):
+    return source_confounding(_table, _frame, audit=_audit, n_boot=N_BOOT)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -228,7 +236,7 @@ def _pick_runs(store, dataset: dict, active: list[dict], n_archived: int) -> tup
     if row[1].button("Reload predictions", key="compare_reload", width="stretch",
                      help="Predictions and intervals are cached per run; read them again after a run was "
                           "re-evaluated."):
-        for cached in (_prepared, _evaluation, _pairwise, _breakdown):
+        for cached in (_prepared, _evaluation, _pairwise, _breakdown, _confounding):
             cached.clear()
     return [by_id[i] for i in chosen], split, common
 
@@ -292,13 +300,26 @@ def _weights_text(run: dict) -> str:
     return weights_description(run)
 
 
-def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
+def _confounding_lead(confounding: dict, positive_plural: str) -> None:
+    """Confounded runs lead with their within-source (per-clinic) AUROC; the pooled one is named confounded."""
+    for label, result in confounding.items():
+        if result.confounded:
+            st.warning(f"**{escape_markdown(label)}**: " + escape_markdown(result.lead(positive_plural)))
+
+
+def _summary(evaluations: dict, runs_by_label: dict, splits: dict, confounding: dict | None = None) -> None:
     table = summary_table(evaluations)
+    confounding = confounding or {}
+    confounded = any(c.confounded for c in confounding.values())
+    within = {"Within-source AUROC (95% CI)": [
+        confounding[r].within_text().split(";")[0] if r in confounding and confounding[r].confounded else ""
+        for r in table["run"]]} if confounded else {}
     shown = pd.DataFrame({
         "Run": table["run"],
         "Weights": [_weights_text(runs_by_label[r]) for r in table["run"]],
         "Split": [splits[r] for r in table["run"]],
         "Images": table["n"], "Malignant": table["n_malignant"], "Patients": table["n_patients"],
+        **within,
         "AUROC": table["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
                    for lo, hi in zip(table["auroc_low"], table["auroc_high"])],
@@ -306,7 +327,10 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
         "Avg precision": table["average_precision"].round(4), "Brier": table["brier"].round(4),
         "Note": table["note"],
     })
-    st.dataframe(shown, hide_index=True, width="stretch", key="compare_summary")
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_summary", column_config={
+        "AUROC": st.column_config.NumberColumn(
+            "Pooled AUROC (confounded)" if confounded else "AUROC",
+            help="Over every scored image; confounded by source when a clinic/source holds no melanoma")})
     for label, evaluation in evaluations.items():
         if evaluation.note:
             st.warning(escape_markdown(f"{label}: {evaluation.note}."))
@@ -805,8 +829,13 @@ def main() -> None:
         return
     names = list(evaluations)
 
+    audit = (dataset.get("summary") or {}).get("shortcut_audit")
+    confounding = {label: _confounding(url, runs_by_label[label]["id"], splits[label], version, key, common_ids,
+                                       cohort.table if cohort is not None else None, subset[label], audit)
+                   for label in names}
+    _confounding_lead(confounding, dataset_classes(dataset).positive_plural)
     _scratch_warning([runs_by_label[k] for k in names])
-    _summary(evaluations, runs_by_label, splits)
+    _summary(evaluations, runs_by_label, splits, confounding)
 
     breakdowns = {}
     for label in names:
