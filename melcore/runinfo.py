@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["CHANCE_AUROC_MARGIN", "COLOUR_SCORER", "SourceConfounding", "source_confounding", "delivered_auroc", "explained_auroc", "explained_model",
+__all__ = ["CHANCE_AUROC_MARGIN", "COLOUR_SCORER", "SourceConfounding", "missingness_of", "source_confounding", "delivered_auroc", "explained_auroc", "explained_model",
            "gradcam_caveats", "run_title", "scorer_name", "scratch_reason", "scratch_words", "uses_colour_model"]
 
 #: A network whose validation AUROC is within this of 0.5 is "near chance" (its heatmap explains noise).
@@ -157,6 +157,22 @@ def run_title(run: Mapping, *, clinic: bool = True, scratch: bool = True) -> str
     if words and not uses_colour_model(run):
         parts.append(words)
     return " · ".join(parts)
+
+
+def missingness_of(run: Mapping, cohort=None) -> list[str]:
+    """A metadata run's warnings that it can learn from missing age/sex/site
+    (:func:`melcore.meta.missingness_warnings`): the ones its training recorded, else computed from
+    ``cohort`` (its dataset's Cohort) when given; empty for an image run."""
+    if (run.get("kind") or _metrics(run).get("kind")) != "meta":
+        return []
+    recorded = _metrics(run).get("missingness_warnings")
+    if recorded is not None:
+        return [str(w) for w in recorded]
+    if cohort is None:
+        return []
+    from melcore.meta import missingness_warnings
+
+    return missingness_warnings(cohort)
 
 
 # --------------------------------------------------------------------------- confounding by source

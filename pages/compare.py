@@ -72,7 +72,7 @@ from melcore.plots import (
     roc_figure,
     threshold_figure,
 )
-from melcore.runinfo import source_confounding
+from melcore.runinfo import missingness_of, source_confounding
 from melcore.safety import escape_markdown
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 
@@ -834,6 +834,9 @@ def main() -> None:
                                        cohort.table if cohort is not None else None, subset[label], audit)
                    for label in names}
     _confounding_lead(confounding, dataset_classes(dataset).positive_plural)
+    for label in names:
+        for warning in missingness_of(runs_by_label[label], cohort):
+            st.warning(f"**{escape_markdown(label)}** (metadata model): " + escape_markdown(warning))
     _scratch_warning([runs_by_label[k] for k in names])
     _summary(evaluations, runs_by_label, splits, confounding)
 

@@ -31,7 +31,7 @@ from melcore.formatting import format_duration, format_number
 from melcore.jobs import submit_jobs, submit_meta_job
 from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
-from melcore.runinfo import COLOUR_SCORER, delivered_auroc, run_title, scratch_words
+from melcore.runinfo import COLOUR_SCORER, delivered_auroc, missingness_of, run_title, scratch_words
 from melcore.safety import escape_markdown
 from melcore.training import config as train_module
 from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
@@ -523,6 +523,8 @@ def _run_note(store, job: dict) -> None:
                "Open it on the **Compare** page; review its predictions on **Review**.")
     if confounding is not None and confounding.confounded:
         st.warning(escape_markdown(confounding.lead()))
+    for warning in _missingness(store, run):
+        st.warning("Metadata model: " + escape_markdown(warning))
     weights = metrics.get("weights") or {}
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
@@ -557,6 +559,20 @@ def _confounding(store, run: dict):
     except (MelcoreError, OSError, ValueError) as exc:
         log.warning("within-source AUROC of run #%s: %s", run["id"], exc)
         return None
+
+
+def _missingness(store, run: dict) -> list[str]:
+    """A metadata run's learning-from-missingness warnings (recorded, else from its dataset's table)."""
+    if run.get("kind") != "meta":
+        return []
+    cohort = None
+    if "missingness_warnings" not in (run.get("metrics") or {}) and run.get("dataset_id") is not None:
+        dataset = store.find_dataset(int(run["dataset_id"]))
+        try:
+            cohort = load_cohort_cached(dataset) if dataset else None
+        except (MelcoreError, OSError):
+            cohort = None
+    return missingness_of(run, cohort)
 
 
 def _what(job: dict) -> str:

@@ -94,3 +94,28 @@ def test_the_train_job_card_leads_with_the_within_source_auroc(pooled, monkeypat
     assert card.index("within-source AUROC") < card.index("pooled validation AUROC")
     assert "'HAM' holds no melanoma" in plain(texts(at.warning))
 
+
+def test_a_metadata_run_that_can_learn_from_missing_age_is_warned_about_on_compare_and_its_card(tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.setattr(launch, "ensure_worker", lambda store, **kwargs: 4242)
+    store = Store()
+    table = write_pooled(tmp_path / "pooled.csv", confounded=False)
+    table.loc[table["clinic"] == "HAM", "age_approx"] = np.nan  # one source records no age
+    table.to_csv(tmp_path / "pooled.csv", index=False)
+    dataset_id = store.add_dataset("pooled", tmp_path / "pooled.csv", format="generic",
+                                   options={"check_images": "none"})
+    image_run = store.add_run("cnn", dataset_id=dataset_id, model="basic-cnn", metrics={"val_auroc": 0.6})
+    meta_run = store.add_run("patient context", dataset_id=dataset_id, kind="meta", model="meta",
+                             metrics={"oof_auroc": 0.9, "kind": "meta"})
+    for run_id, seed in ((image_run, 3), (meta_run, 4)):
+        store.add_predictions(run_id, source_scores(table, seed), split="val" if run_id == image_run else "oof")
+    job_id = store.submit_job({"model": "meta", "n_folds": 3}, dataset_id=dataset_id, kind="meta")
+    job = store.claim_job("testhost:999:1")
+    assert store.finish_job(job_id, job["claim_token"], "done", run_id=meta_run)
+
+    at = open_page("compare.py", timeout=90)
+    warnings = plain(texts(at.warning))
+    assert "(metadata model): age is missing for 100% of clinic/source 'HAM' but 0% of 'ISIC'" in warnings
+    assert warnings.count("(metadata model)") == 1  # not for the image run
+    card = open_page("train.py", timeout=90)
+    assert "Metadata model: age is missing for 100% of clinic/source 'HAM'" in plain(texts(card.warning))

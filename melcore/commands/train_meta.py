@@ -107,5 +107,7 @@ def run(args: argparse.Namespace) -> int:
         line += (f"; fused {fused:.4f}" if fused is not None else "; fused n/a") + \
             f" on the {fusion['n']} images with an image score"
     print(line)
+    for warning in metrics.get("missingness_warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"run: {out}")
     return 0
