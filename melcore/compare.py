@@ -54,6 +54,11 @@ from melcore.metrics import (
 )
 
 __all__ = [
+    "MIN_PAIRED_IMAGES",
+    "MIN_PAIRED_PER_CLASS",
+    "at_own_thresholds_table",
+    "image_overlap",
+    "underpowered_note",
     "run_source_confounding",
     "THRESHOLD_RULES",
     "threshold_elsewhere",
@@ -632,12 +637,50 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
                 boot = paired_auroc_bootstrap(y, p1, p2, groups=groups, n_boot=n_boot, seed=seed, level=level)
                 row.update(bootstrap_p=boot.p_value, bootstrap_low=boot.low, bootstrap_high=boot.high)
             else:
-                notes.append("one image per patient: DeLong suffices")
+                notes.append("one image per patient: no patient bootstrap (DeLong's test)")
         row["note"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows, columns=["run_a", "run_b", "n_shared", "n_malignant", "n_patients", "auroc_a",
                                        "auroc_b", "diff", "delong_p", "bootstrap_p", "bootstrap_low",
                                        "bootstrap_high", "note"])
+
+
+#: A paired AUROC test on fewer shared images, or fewer of either class, is called underpowered.
+MIN_PAIRED_IMAGES = 100
+MIN_PAIRED_PER_CLASS = 20
+
+
+def underpowered_note(n_shared: int, n_positive: int, classes=None) -> str:
+    """Why a paired test on ``n_shared`` images (``n_positive`` of them positive) is underpowered, or "".
+
+    ``classes`` (:class:`melcore.classes.ClassNames`, default melanoma / not melanoma) names the classes.
+    """
+    from melcore.classes import MELANOMA
+
+    classes = classes or MELANOMA
+    n_negative = int(n_shared) - int(n_positive)
+    if n_shared >= MIN_PAIRED_IMAGES and min(n_positive, n_negative) >= MIN_PAIRED_PER_CLASS:
+        return ""
+    return (f"underpowered: {int(n_shared):,} shared images ({int(n_positive):,} {classes.positive}, "
+            f"{n_negative:,} {classes.negative}; fewer than {MIN_PAIRED_IMAGES} images or "
+            f"{MIN_PAIRED_PER_CLASS} of a class). A p-value above 0.05 does not show the runs are equally good: "
+            "such a test misses all but large differences")
+
+
+def image_overlap(frames: Mapping[Hashable, pd.DataFrame]) -> tuple[int, dict]:
+    """``(n_shared, {name: n_images})``: images scored by every run (on ``image_name``) and each run's count."""
+    sets = {name: set(frame["image_name"].astype(str)) for name, frame in frames.items()}
+    shared = set.intersection(*sets.values()) if sets else set()
+    return len(shared), {name: len(images) for name, images in sets.items()}
+
+
+def at_own_thresholds_table(evaluations: Mapping[Hashable, RunEvaluation],
+                            thresholds: Mapping[Hashable, float]) -> pd.DataFrame:
+    """Every run at its own threshold: ``run``, ``prevalence`` and the threshold-metric keys
+    (``threshold`` is the run's)."""
+    rows = [{"run": name, "prevalence": e.prevalence, **e.at(float(thresholds[name]))}
+            for name, e in evaluations.items()]
+    return pd.DataFrame(rows, columns=["run", "prevalence", *THRESHOLD_METRIC_KEYS])
 
 
 class GroupBreakdown:

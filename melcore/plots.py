@@ -119,7 +119,7 @@ def _as_array(values) -> np.ndarray:
 
 def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, float]] | None = None, *,
                names: Sequence[str] | None = None, title: str = "ROC curves", level: float = 0.95,
-               height: int = 460) -> go.Figure:
+               height: int = 460, marker_notes: Mapping[str, str] | None = None) -> go.Figure:
     """Overlaid ROC curves, one per model, with the AUROC and its CI in the legend.
 
     Args:
@@ -131,6 +131,7 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
         markers: name -> ``(fpr, tpr)`` of the current operating point (one marker each).
         names: order of the colours (default: the order of ``curves``).
         level: the CI level written in the legend.
+        marker_notes: name -> a line added to the marker's hover (e.g. ``"threshold 0.420 (saved)"``).
 
     Traces: one line per model named ``"<name><br>AUROC 0.871 (95% CI 0.842-0.899)"``
     (``meta`` = name), the chance diagonal named "chance", then the markers.
@@ -154,8 +155,10 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
             legendgroup=name, meta=name, line=dict(color=colors[name], width=2.5),
             hovertemplate=hover + "<extra>" + name + "</extra>"))
     for name, (x, y) in (markers or {}).items():
+        note = (marker_notes or {}).get(name)
         traces.append(_marker_trace(name, x, y, colors.get(name, color_for(len(colors))),
-                                    f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"))
+                                    f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"
+                                    + (f"<br>{html.escape(note)}" if note else "")))
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
     return _figure(traces, title, "1 - specificity (false positive rate)", "sensitivity (true positive rate)",
                    height=height, square=True, xaxis=unit, yaxis=dict(unit))

@@ -25,12 +25,13 @@ from melcore.compare import (
     THRESHOLD_RULES,
     GroupBreakdown,
     apply_subset,
-    at_threshold_table,
+    at_own_thresholds_table,
     attach_metadata,
     common_images,
     decision_curves,
     describe_subset,
     evaluate_predictions,
+    image_overlap,
     is_from_scratch,
     weights_description,
     latest_cross_clinic,
@@ -44,6 +45,7 @@ from melcore.compare import (
     threshold_from_points,
     threshold_elsewhere,
     threshold_window,
+    underpowered_note,
 )
 from melcore.errors import MelcoreError
 from melcore.formatting import format_threshold
@@ -79,6 +81,7 @@ from pages.common import dataset_picker, get_store, load_cohort_cached, page_sta
 N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
 DEFAULT_RUNS = 3
 THRESHOLD = "compare_threshold"
+OWN_THRESHOLDS = "compare_own_thresholds"
 FOCUS = "compare_focus"
 SAVED_MESSAGE = "compare_saved_message"
 ARCHIVE_MESSAGE = "compare_archive_message"
@@ -296,6 +299,20 @@ def _scratch_warning(runs: list[dict]) -> None:
                    + "; ".join(scratch))
 
 
+def _overlap_warning(frames: dict) -> None:
+    """Runs scored on different image sets: how many images they share."""
+    if len(frames) < 2:
+        return
+    n_shared, sizes = image_overlap(frames)
+    if len(set(sizes.values())) == 1 and n_shared == next(iter(sizes.values())):
+        return
+    each = "; ".join(f"{escape_markdown(k)}: {n:,}" for k, n in sizes.items())
+    st.warning(f"The selected runs were scored on **different images**: {n_shared:,} images are shared by all "
+               f"of them ({each}). Their AUROCs and operating points are not directly comparable; tick 'Only "
+               "images scored by every selected run' to compare them on the shared images (the paired tests "
+               "below always use a pair's shared images).")
+
+
 def _weights_text(run: dict) -> str:
     return weights_description(run)
 
@@ -419,24 +436,31 @@ def _focus_metrics(evaluation, threshold: float) -> None:
     cols[4].metric("Biopsies / melanoma", _biopsies(m["biopsies_per_melanoma"]),
                    help="Flagged lesions per melanoma found (1 / PPV)")
     cols[5].metric("Flagged", f"{m['n_flagged']:,}", help=f"Lesions sent to biopsy at this threshold, of {m['n']:,}")
+    st.caption(f"Prevalence {_pct(evaluation.prevalence)} ({m['n_malignant']:,} melanomas of {m['n']:,} images): "
+               "PPV, NPV and biopsies per melanoma depend on it and change at a clinic with another prevalence.")
     st.caption("A threshold set here (slider, click or preset) is chosen on these same predictions, so the numbers "
                "above are optimistic for it; below, a threshold chosen on one run is judged on another.")
 
 
-def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float]) -> None:
+def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float],
+            thresholds: dict | None = None) -> None:
+    thresholds = thresholds or {k: threshold for k in evaluations}
     curved = {k: e for k, e in evaluations.items() if e.both_classes}
     rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci, e.roc.thresholds) for k, e in curved.items()}
-    roc_markers = {k: e.roc_point(threshold) for k, e in curved.items()}
+    roc_markers = {k: e.roc_point(thresholds[k]) for k, e in curved.items()}
+    notes = {k: f"threshold {format_threshold(thresholds[k])}" + (" (saved)" if thresholds[k] != threshold else "")
+             for k in curved}
     pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
-    pr_markers = {k: e.pr_point(threshold) for k, e in curved.items()}
+    pr_markers = {k: e.pr_point(thresholds[k]) for k, e in curved.items()}
     sweeps = {k: e.curve for k, e in evaluations.items()}
+    # the threshold plot marks the slider's threshold: only the runs judged there
     sweep_markers = {k: (e.at(threshold)["sensitivity"], e.at(threshold)["specificity"])
-                     for k, e in evaluations.items()}
+                     for k, e in evaluations.items() if thresholds[k] == threshold}
     calibration = {k: (e.calibration, e.brier) for k, e in evaluations.items()}
     prevalences = [e.prevalence for e in evaluations.values()]
     prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
     top = st.columns(2)
-    _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names), "roc")
+    _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names, marker_notes=notes), "roc")
     _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window),
                      "sweep")
     bottom = st.columns(2)
@@ -447,16 +471,20 @@ def _curves(evaluations: dict, threshold: float, names: list, window: tuple[floa
 
 
 def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focus: str, dataset: dict,
-                     filters: dict) -> None:
+                     filters: dict, thresholds: dict | None = None) -> None:
     st.subheader("At this threshold")
     cols = st.columns([1.1, 2])
     m = evaluations[focus].at(threshold)
     cols[0].plotly_chart(confusion_figure(m["tp"], m["fp"], m["tn"], m["fn"], title="Focus run"),
                          width="stretch", key="compare_confusion")
-    table = at_threshold_table(evaluations, threshold)
+    thresholds = thresholds or {k: threshold for k in evaluations}
+    table = at_own_thresholds_table(evaluations, thresholds)
     shown = pd.DataFrame({
-        "Run": table["run"], "Sensitivity": table["sensitivity"].map(_pct),
-        "Specificity": table["specificity"].map(_pct), "PPV": table["ppv"].map(_pct), "NPV": table["npv"].map(_pct),
+        "Run": table["run"],
+        "Threshold": [format_threshold(t) + ("" if t == threshold else " (saved)") for t in table["threshold"]],
+        "Sensitivity": table["sensitivity"].map(_pct),
+        "Specificity": table["specificity"].map(_pct), "Prevalence": table["prevalence"].map(_pct),
+        "PPV": table["ppv"].map(_pct), "NPV": table["npv"].map(_pct),
         "Biopsies / melanoma": table["biopsies_per_melanoma"].map(_biopsies),
         "TP": table["tp"], "FP": table["fp"], "TN": table["tn"], "FN": table["fn"],
     })
@@ -486,6 +514,7 @@ def _clinic_table(breakdowns: dict, threshold: float) -> None:
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else "" for lo, hi in
                    zip(rows["auroc_low"], rows["auroc_high"])],
         "Sensitivity": rows["sensitivity"].map(_pct), "Specificity": rows["specificity"].map(_pct),
+        "Prevalence": (rows["n_malignant"] / rows["n"]).map(_pct),
         "PPV": rows["ppv"].map(_pct), "Biopsies / melanoma": rows["biopsies_per_melanoma"].map(_biopsies),
         "Note": rows["note"],
     })
@@ -537,7 +566,7 @@ def _save_section(focus: str, run: dict, threshold: float) -> None:
                     "save one.")
 
 
-def _pairwise_section(table: pd.DataFrame) -> None:
+def _pairwise_section(table: pd.DataFrame, classes=None) -> None:
     st.subheader("Are the differences real?")
     if table.empty:
         st.caption("Select at least two runs to test their AUROC difference.")
@@ -555,6 +584,10 @@ def _pairwise_section(table: pd.DataFrame) -> None:
                                     for lo, hi in zip(table["bootstrap_low"], table["bootstrap_high"])]
     shown["Note"] = table["note"]
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_pairwise")
+    for row in table.itertuples():
+        note = underpowered_note(row.n_shared, row.n_malignant, classes)
+        if note and row.n_shared:
+            st.warning(escape_markdown(f"{row.run_a} vs {row.run_b}: {note}."))
     st.caption("Each pair is compared on the images both runs scored (joined on image name). DeLong's test treats "
                "images as independent; when patients have several lesions the paired patient bootstrap "
                f"({N_BOOT:,} resamples) is the one to trust.")
@@ -605,11 +638,17 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     st.subheader("Operating point")
     store = get_store()
     runs = {label: store.get_run(runs_by_label[label]["id"]) for label in evaluations}  # saved thresholds change
-    focus, threshold, window = _threshold_controls(evaluations, {k: r["threshold"] for k, r in runs.items()})
+    saved = {k: r["threshold"] for k, r in runs.items()}
+    focus, threshold, window = _threshold_controls(evaluations, saved)
+    own = st.toggle("Other runs at their own saved threshold", value=True, key=OWN_THRESHOLDS,
+                    help="On: the focus run is at the slider's threshold and every other run at the threshold "
+                         "saved for it (the one Review uses), else the slider's. Off: one threshold for all.")
+    thresholds = {k: (threshold if k == focus or not own or saved[k] is None else float(saved[k]))
+                  for k in evaluations}
     _focus_metrics(evaluations[focus], threshold)
-    _curves(evaluations, threshold, list(evaluations), window)
+    _curves(evaluations, threshold, list(evaluations), window, thresholds)
     _decision_curve(evaluations, threshold, list(evaluations))
-    _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters)
+    _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters, thresholds)
     _save_section(focus, runs[focus], threshold)
 
 
@@ -837,6 +876,7 @@ def main() -> None:
     for label in names:
         for warning in missingness_of(runs_by_label[label], cohort):
             st.warning(f"**{escape_markdown(label)}** (metadata model): " + escape_markdown(warning))
+    _overlap_warning({k: subset[k] for k in names})
     _scratch_warning([runs_by_label[k] for k in names])
     _summary(evaluations, runs_by_label, splits, confounding)
 
@@ -853,7 +893,7 @@ def main() -> None:
 
     pair_frames = {k: subset[k] for k in names}
     pair_key = tuple(runs_by_label[k]["id"] for k in names)
-    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames))
+    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames), dataset_classes(dataset))
     if breakdowns:
         _clinic_bars(breakdowns, names)
     _readers_section(store, {k: runs_by_label[k] for k in names})
