@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import MelcoreError
 
 __all__ = [
@@ -370,19 +371,22 @@ def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, fl
 
 def calibration_figure(tables: Mapping[str, tuple[pd.DataFrame, float]], threshold: float | None = None, *,
                        names: Sequence[str] | None = None, title: str = "Calibration",
-                       height: int = 460) -> go.Figure:
-    """Reliability diagram: observed malignant fraction against mean predicted probability.
+                       height: int = 460, classes: ClassNames | None = None) -> go.Figure:
+    """Reliability diagram: observed positive (melanoma / malignant) fraction against mean predicted probability.
 
     Args:
         tables: name -> ``(calibration_table, brier)`` with the table of
             :func:`melcore.metrics.calibration_table` (columns ``mean_predicted``,
             ``fraction_malignant``, ``n``); empty bins are skipped.
         threshold: vertical line at the decision threshold when given.
+        classes: the dataset's class names (:func:`melcore.classes.dataset_classes`; default melanoma /
+            not melanoma) for the axis title and hover.
 
     Traces: "perfect calibration", then ``"<name><br>Brier 0.0410"`` per model
     (markers sized by the bin's image count, hover shows the count).
     """
     colors = _color_map(names, tables)
+    positive = (classes or MELANOMA).positive
     traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=_GUIDE,
                          hoverinfo="skip")]
     for name, (table, brier) in tables.items():
@@ -395,10 +399,11 @@ def calibration_figure(tables: Mapping[str, tuple[pd.DataFrame, float]], thresho
             name=f"{name}<br>Brier {brier_text}", legendgroup=name, meta=name,
             line=dict(color=colors[name], width=2), marker=dict(size=sizes, color=colors[name]),
             customdata=counts,
-            hovertemplate=("predicted %{x:.3f}<br>observed %{y:.3f}<br>%{customdata:,.0f} images"
+            hovertemplate=("predicted %{x:.3f}<br>observed " + positive + " fraction %{y:.3f}<br>"
+                           "%{customdata:,.0f} images"
                            "<extra>" + name + "</extra>")))
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
-    return _figure(traces, title, "mean predicted probability", "observed malignant fraction", height=height,
+    return _figure(traces, title, "mean predicted probability", f"observed {positive} fraction", height=height,
                    square=True, xaxis=unit, yaxis=dict(unit), threshold=threshold)
 
 
@@ -449,11 +454,12 @@ def heatmap_figure(matrix, labels: Sequence[str], *, column_labels: Sequence[str
 
 
 def confusion_figure(tp: int, fp: int, tn: int, fn: int, *, title: str = "Confusion matrix",
-                     height: int = 300) -> go.Figure:
-    """2x2 counts: rows truth (malignant, benign), columns decision (biopsy, no biopsy).
+                     height: int = 300, classes: ClassNames | None = None) -> go.Figure:
+    """2x2 counts: rows truth (the dataset's positive, negative class: ``classes``, default melanoma /
+    not melanoma), columns decision (biopsy, no biopsy).
 
-    Colours are row-normalised (share of the malignant / benign lesions), so a rare
-    class still shows how it is split; the text gives the counts.
+    Colours are row-normalised (share of each class's lesions), so a rare class still shows
+    how it is split; the text gives the counts.
     """
     counts = np.array([[tp, fn], [fp, tn]], dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -461,7 +467,8 @@ def confusion_figure(tp: int, fp: int, tn: int, fn: int, *, title: str = "Confus
     z = np.where(np.isfinite(shares), shares, None)
     text = [[f"TP<br>{tp:,}", f"FN<br>{fn:,}"], [f"FP<br>{fp:,}", f"TN<br>{tn:,}"]]
     trace = go.Heatmap(
-        z=z, x=["biopsy", "no biopsy"], y=["malignant", "benign"], text=text,
+        z=z, x=["biopsy", "no biopsy"], y=[(classes or MELANOMA).positive, (classes or MELANOMA).negative],
+        text=text,
         texttemplate="%{text}", colorscale="Blues", showscale=False,
         hovertemplate="truth %{y}<br>decision %{x}<br>%{text}<extra></extra>")
     return _figure([trace], title, "decision", "truth", height=height, yaxis={"autorange": "reversed"},

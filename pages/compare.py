@@ -20,7 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from melcore import settings
-from melcore.classes import dataset_classes
+from melcore.classes import MELANOMA, dataset_classes
 from melcore.compare import (
     THRESHOLD_RULES,
     GroupBreakdown,
@@ -177,11 +177,16 @@ def _pct(value: float) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.1%}"
 
 
-def _biopsies(value: float) -> str:
+def _per(classes) -> str:
+    """The positive class as one counted thing: ``"melanoma"`` / ``"malignant lesion"``."""
+    return classes.positive if classes.positive == "melanoma" else f"{classes.positive} lesion"
+
+
+def _biopsies(value: float, classes=MELANOMA) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "none flagged"
     if math.isinf(value):
-        return "∞ (no melanoma found)"
+        return f"∞ (no {_per(classes)} found)"
     return f"{value:.1f}"
 
 
@@ -324,7 +329,8 @@ def _confounding_lead(confounding: dict, positive_plural: str) -> None:
             st.warning(f"**{escape_markdown(label)}**: " + escape_markdown(result.lead(positive_plural)))
 
 
-def _summary(evaluations: dict, runs_by_label: dict, splits: dict, confounding: dict | None = None) -> None:
+def _summary(evaluations: dict, runs_by_label: dict, splits: dict, confounding: dict | None = None,
+             classes=MELANOMA) -> None:
     table = summary_table(evaluations)
     confounding = confounding or {}
     confounded = any(c.confounded for c in confounding.values())
@@ -335,7 +341,8 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict, confounding: 
         "Run": table["run"],
         "Weights": [_weights_text(runs_by_label[r]) for r in table["run"]],
         "Split": [splits[r] for r in table["run"]],
-        "Images": table["n"], "Malignant": table["n_malignant"], "Patients": table["n_patients"],
+        "Images": table["n"], classes.positive_plural.capitalize(): table["n_malignant"],
+        "Patients": table["n_patients"],
         **within,
         "AUROC": table["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
@@ -367,7 +374,7 @@ def _pauc_columns(table: pd.DataFrame) -> dict:
                             for lo, hi in zip(table["pauc_low"], table["pauc_high"])]}
 
 
-def _decision_curve(evaluations: dict, threshold: float, names: list) -> None:
+def _decision_curve(evaluations: dict, threshold: float, names: list, classes=MELANOMA) -> None:
     """Net benefit of every run against biopsy-all and biopsy-none, the chosen threshold marked."""
     st.subheader("Decision curves")
     curved = {k: e for k, e in evaluations.items() if e.n}
@@ -379,15 +386,16 @@ def _decision_curve(evaluations: dict, threshold: float, names: list) -> None:
     at = {k: c.set_index("threshold").loc[threshold] for k, c in curves.items()} if threshold < 1 else {}
     parts = [f"{escape_markdown(k)} {row['net_benefit']:.4f} (biopsy all {row['treat_all']:.4f})"
              for k, row in at.items()]
-    st.caption("Net benefit = true positives / n - false positives / n × t / (1 - t): the melanomas found per "
-               "lesion, less the unnecessary biopsies weighted by the odds at which a clinician would biopsy "
+    st.caption("Net benefit = true positives / n - false positives / n × t / (1 - t): the "
+               f"{classes.positive_plural} found per lesion, less the unnecessary biopsies weighted by the odds at which a clinician would biopsy "
                "(threshold probability t). A model is useful at t where its curve lies above both 'biopsy all' and "
                "'biopsy none' (0); the scores must be calibrated probabilities for t to mean a risk. "
                + (f"At the chosen threshold {format_threshold(threshold)}: " + "; ".join(parts) + "." if parts
                   else ""))
 
 
-def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tuple[float, float]]:
+def _threshold_controls(evaluations: dict, saved: dict,
+                        classes=MELANOMA) -> tuple[str, float, tuple[float, float]]:
     """Focus run, threshold slider and presets; returns (focus label, threshold, the slider's range)."""
     labels = list(evaluations)
     if st.session_state.get(FOCUS) not in labels:
@@ -414,7 +422,8 @@ def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tup
             value = presets.get(name)
             col.button(text, key=f"compare_preset_{name}", on_click=_set_threshold, args=(value,),
                        disabled=value is None, width="stretch",
-                       help=(f"{why} (focus run: {format_threshold(value)})" if value is not None
+                       help=(f"{why.replace('melanomas', classes.positive_plural)} (focus run: "
+                             f"{format_threshold(value)})" if value is not None
                              else "needs both classes"))
         saved_value = saved[focus]
         buttons[-1].button("Saved", key="compare_use_saved", on_click=_set_threshold, args=(saved_value,),
@@ -424,26 +433,26 @@ def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tup
     return focus, float(threshold), (low, high)
 
 
-def _focus_metrics(evaluation, threshold: float) -> None:
+def _focus_metrics(evaluation, threshold: float, classes=MELANOMA) -> None:
     m = evaluation.at(threshold)
     cols = st.columns(6)
-    cols[0].metric("Sensitivity", _pct(m["sensitivity"]), help=f"{m['tp']:,} of {m['n_malignant']:,} melanomas "
-                                                             "flagged")
-    cols[1].metric("Specificity", _pct(m["specificity"]), help=f"{m['tn']:,} of {m['n_benign']:,} benign "
-                                                             "lesions not flagged")
-    cols[2].metric("PPV", _pct(m["ppv"]), help="Flagged lesions that are melanomas")
-    cols[3].metric("NPV", _pct(m["npv"]), help="Lesions not flagged that are benign")
-    cols[4].metric("Biopsies / melanoma", _biopsies(m["biopsies_per_melanoma"]),
-                   help="Flagged lesions per melanoma found (1 / PPV)")
+    cols[0].metric("Sensitivity", _pct(m["sensitivity"]),
+                   help=f"{m['tp']:,} of {m['n_malignant']:,} {classes.positive_plural} flagged")
+    cols[1].metric("Specificity", _pct(m["specificity"]),
+                   help=f"{m['tn']:,} of {m['n_benign']:,} {classes.negative_plural} not flagged")
+    cols[2].metric("PPV", _pct(m["ppv"]), help=f"Flagged lesions that are {classes.positive_plural}")
+    cols[3].metric("NPV", _pct(m["npv"]), help=f"Lesions not flagged that are {classes.negative_plural}")
+    cols[4].metric(f"Biopsies / {_per(classes)}", _biopsies(m["biopsies_per_melanoma"], classes),
+                   help=f"Flagged lesions per {_per(classes)} found (1 / PPV)")
     cols[5].metric("Flagged", f"{m['n_flagged']:,}", help=f"Lesions sent to biopsy at this threshold, of {m['n']:,}")
-    st.caption(f"Prevalence {_pct(evaluation.prevalence)} ({m['n_malignant']:,} melanomas of {m['n']:,} images): "
-               "PPV, NPV and biopsies per melanoma depend on it and change at a clinic with another prevalence.")
+    st.caption(f"Prevalence {_pct(evaluation.prevalence)} ({m['n_malignant']:,} {classes.positive_plural} of "
+               f"{m['n']:,} images): PPV, NPV and biopsies per {_per(classes)} depend on it and change at a clinic with another prevalence.")
     st.caption("A threshold set here (slider, click or preset) is chosen on these same predictions, so the numbers "
                "above are optimistic for it; below, a threshold chosen on one run is judged on another.")
 
 
 def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float],
-            thresholds: dict | None = None) -> None:
+            thresholds: dict | None = None, classes=MELANOMA) -> None:
     thresholds = thresholds or {k: threshold for k in evaluations}
     curved = {k: e for k, e in evaluations.items() if e.both_classes}
     rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci, e.roc.thresholds) for k, e in curved.items()}
@@ -466,16 +475,16 @@ def _curves(evaluations: dict, threshold: float, names: list, window: tuple[floa
     bottom = st.columns(2)
     bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names), width="stretch",
                            key="compare_pr")
-    bottom[1].plotly_chart(calibration_figure(calibration, threshold, names=names), width="stretch",
+    bottom[1].plotly_chart(calibration_figure(calibration, threshold, names=names, classes=classes), width="stretch",
                            key="compare_calibration")
 
 
 def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focus: str, dataset: dict,
-                     filters: dict, thresholds: dict | None = None) -> None:
+                     filters: dict, thresholds: dict | None = None, classes=MELANOMA) -> None:
     st.subheader("At this threshold")
     cols = st.columns([1.1, 2])
     m = evaluations[focus].at(threshold)
-    cols[0].plotly_chart(confusion_figure(m["tp"], m["fp"], m["tn"], m["fn"], title="Focus run"),
+    cols[0].plotly_chart(confusion_figure(m["tp"], m["fp"], m["tn"], m["fn"], title="Focus run", classes=classes),
                          width="stretch", key="compare_confusion")
     thresholds = thresholds or {k: threshold for k in evaluations}
     table = at_own_thresholds_table(evaluations, thresholds)
@@ -485,14 +494,14 @@ def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focu
         "Sensitivity": table["sensitivity"].map(_pct),
         "Specificity": table["specificity"].map(_pct), "Prevalence": table["prevalence"].map(_pct),
         "PPV": table["ppv"].map(_pct), "NPV": table["npv"].map(_pct),
-        "Biopsies / melanoma": table["biopsies_per_melanoma"].map(_biopsies),
+        f"Biopsies / {_per(classes)}": [_biopsies(v, classes) for v in table["biopsies_per_melanoma"]],
         "TP": table["tp"], "FP": table["fp"], "TN": table["tn"], "FN": table["fn"],
     })
     with cols[1]:
         runs_tab, clinics_tab = st.tabs(["Selected runs", "By clinic"])
         runs_tab.dataframe(shown, hide_index=True, width="stretch", key="compare_at_threshold")
         with clinics_tab:
-            _clinic_table(breakdowns, threshold)
+            _clinic_table(breakdowns, threshold, classes)
         download = operating_point_table(evaluations, threshold)
         download.insert(1, "dataset", dataset["name"])
         download.insert(2, "subset", describe_subset(filters))
@@ -503,19 +512,21 @@ def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focu
                                 "90% specificity.")
 
 
-def _clinic_table(breakdowns: dict, threshold: float) -> None:
+def _clinic_table(breakdowns: dict, threshold: float, classes=MELANOMA) -> None:
     if not breakdowns:
         st.caption("No per-clinic table for this selection.")
         return
     rows = pd.concat([b.at(threshold).assign(run=name) for name, b in breakdowns.items()], ignore_index=True)
     shown = pd.DataFrame({
-        "Run": rows["run"], "Clinic": rows["group"], "Images": rows["n"], "Malignant": rows["n_malignant"],
+        "Run": rows["run"], "Clinic": rows["group"], "Images": rows["n"],
+        classes.positive_plural.capitalize(): rows["n_malignant"],
         "AUROC": rows["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else "" for lo, hi in
                    zip(rows["auroc_low"], rows["auroc_high"])],
         "Sensitivity": rows["sensitivity"].map(_pct), "Specificity": rows["specificity"].map(_pct),
         "Prevalence": (rows["n_malignant"] / rows["n"]).map(_pct),
-        "PPV": rows["ppv"].map(_pct), "Biopsies / melanoma": rows["biopsies_per_melanoma"].map(_biopsies),
+        "PPV": rows["ppv"].map(_pct),
+        f"Biopsies / {_per(classes)}": [_biopsies(v, classes) for v in rows["biopsies_per_melanoma"]],
         "Note": rows["note"],
     })
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table")
@@ -574,7 +585,7 @@ def _pairwise_section(table: pd.DataFrame, classes=None) -> None:
     any_boot = table["bootstrap_p"].notna().any()
     shown = pd.DataFrame({
         "Run A": table["run_a"], "Run B": table["run_b"], "Shared images": table["n_shared"],
-        "Malignant": table["n_malignant"], "Patients": table["n_patients"],
+        (classes or MELANOMA).positive_plural.capitalize(): table["n_malignant"], "Patients": table["n_patients"],
         "AUROC A": table["auroc_a"].round(4), "AUROC B": table["auroc_b"].round(4),
         "A - B": table["diff"].round(4), "DeLong p": table["delong_p"].map(_p_value),
     })
@@ -639,16 +650,17 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     store = get_store()
     runs = {label: store.get_run(runs_by_label[label]["id"]) for label in evaluations}  # saved thresholds change
     saved = {k: r["threshold"] for k, r in runs.items()}
-    focus, threshold, window = _threshold_controls(evaluations, saved)
+    classes = dataset_classes(dataset)
+    focus, threshold, window = _threshold_controls(evaluations, saved, classes)
     own = st.toggle("Other runs at their own saved threshold", value=True, key=OWN_THRESHOLDS,
                     help="On: the focus run is at the slider's threshold and every other run at the threshold "
                          "saved for it (the one Review uses), else the slider's. Off: one threshold for all.")
     thresholds = {k: (threshold if k == focus or not own or saved[k] is None else float(saved[k]))
                   for k in evaluations}
-    _focus_metrics(evaluations[focus], threshold)
-    _curves(evaluations, threshold, list(evaluations), window, thresholds)
-    _decision_curve(evaluations, threshold, list(evaluations))
-    _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters, thresholds)
+    _focus_metrics(evaluations[focus], threshold, classes)
+    _curves(evaluations, threshold, list(evaluations), window, thresholds, classes)
+    _decision_curve(evaluations, threshold, list(evaluations), classes)
+    _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters, thresholds, classes)
     _save_section(focus, runs[focus], threshold)
 
 
@@ -878,7 +890,7 @@ def main() -> None:
             st.warning(f"**{escape_markdown(label)}** (metadata model): " + escape_markdown(warning))
     _overlap_warning({k: subset[k] for k in names})
     _scratch_warning([runs_by_label[k] for k in names])
-    _summary(evaluations, runs_by_label, splits, confounding)
+    _summary(evaluations, runs_by_label, splits, confounding, dataset_classes(dataset))
 
     breakdowns = {}
     for label in names:

@@ -159,6 +159,11 @@ def test_calibration_figure_shows_brier_and_skips_empty_bins(two_models):
     np.testing.assert_allclose(trace.x, non_empty["mean_predicted"])
     np.testing.assert_allclose(trace.customdata, non_empty["n"])
     assert [s.x0 for s in fig.layout.shapes] == [0.42]
+    assert fig.layout.yaxis.title.text == "observed melanoma fraction" and "melanoma fraction" in trace.hovertemplate
+    from melcore.classes import MALIGNANT
+
+    malignant = calibration_figure({"good": (table, 0.08123)}, classes=MALIGNANT)
+    assert malignant.layout.yaxis.title.text == "observed malignant fraction"
 
 
 def test_heatmap_figure_annotates_values_and_counts():
@@ -183,7 +188,10 @@ def test_confusion_figure_layout():
     (trace,) = fig.data
     np.testing.assert_allclose(np.asarray(trace.z, dtype=float), [[0.8, 0.2], [30 / 180, 150 / 180]])  # row shares
     assert confusion_figure(0, 5, 5, 0).data[0].z[0][0] is None  # no malignant image: no share
-    assert list(trace.y) == ["malignant", "benign"]
+    assert list(trace.y) == ["melanoma", "not melanoma"]  # the default words
+    from melcore.classes import MALIGNANT
+
+    assert list(confusion_figure(8, 30, 150, 2, classes=MALIGNANT).data[0].y) == ["malignant", "benign"]
     assert trace.text[0][0] == "TP<br>8" and trace.text[1][1] == "TN<br>150"
 
 
