@@ -72,6 +72,7 @@ from melcore.plots import (
     pr_figure,
     readers_roc_figure,
     roc_figure,
+    run_color,
     threshold_figure,
 )
 from melcore.runinfo import missingness_of, source_confounding
@@ -93,6 +94,10 @@ PRESETS = (("youden", "Youden", "Maximise sensitivity + specificity - 1"),
            ("sensitivity>=0.95", "Sens 95%", "Highest threshold that still finds 95% of melanomas"))
 FILTER_LABELS = {"clinic": "Clinic", "source": "Source", "site": "Anatomical site", "sex": "Sex",
                  "age_band": "Age band", "diagnosis": "Diagnosis"}
+
+
+#: Run names are long ("#12 colour/shape SVM (cnn-bn for Grad-CAM) · clinic A · ..."): room for them in tables.
+RUN_COLUMN = st.column_config.TextColumn(width="large")
 
 
 # --------------------------------------------------------------------------- cached computations
@@ -352,6 +357,7 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict, confounding: 
         "Note": table["note"],
     })
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_summary", column_config={
+        "Run": RUN_COLUMN, "Weights": st.column_config.TextColumn(width="medium"),
         "AUROC": st.column_config.NumberColumn(
             "Pooled AUROC (confounded)" if confounded else "AUROC",
             help="Over every scored image; confounded by source when a clinic/source holds no melanoma")})
@@ -374,14 +380,15 @@ def _pauc_columns(table: pd.DataFrame) -> dict:
                             for lo, hi in zip(table["pauc_low"], table["pauc_high"])]}
 
 
-def _decision_curve(evaluations: dict, threshold: float, names: list, classes=MELANOMA) -> None:
+def _decision_curve(evaluations: dict, threshold: float, names: list, classes=MELANOMA,
+                    colors: dict | None = None) -> None:
     """Net benefit of every run against biopsy-all and biopsy-none, the chosen threshold marked."""
     st.subheader("Decision curves")
     curved = {k: e for k, e in evaluations.items() if e.n}
     curves = decision_curves(curved, include=threshold)
     high = min(0.99, max(0.5, round(threshold + 0.1, 1)))
     st.plotly_chart(decision_curve_figure(curves, threshold if threshold < 1 else None, names=names,
-                                          x_range=(0.0, high)),
+                                          x_range=(0.0, high), colors=colors),
                     width="stretch", key="compare_decision_curve")
     at = {k: c.set_index("threshold").loc[threshold] for k, c in curves.items()} if threshold < 1 else {}
     parts = [f"{escape_markdown(k)} {row['net_benefit']:.4f} (biopsy all {row['treat_all']:.4f})"
@@ -435,7 +442,7 @@ def _threshold_controls(evaluations: dict, saved: dict,
 
 def _focus_metrics(evaluation, threshold: float, classes=MELANOMA) -> None:
     m = evaluation.at(threshold)
-    cols = st.columns(6)
+    cols = st.columns(3) + st.columns(3)  # two rows: labels such as "Biopsies / malignant lesion" fit
     cols[0].metric("Sensitivity", _pct(m["sensitivity"]),
                    help=f"{m['tp']:,} of {m['n_malignant']:,} {classes.positive_plural} flagged")
     cols[1].metric("Specificity", _pct(m["specificity"]),
@@ -452,7 +459,7 @@ def _focus_metrics(evaluation, threshold: float, classes=MELANOMA) -> None:
 
 
 def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float],
-            thresholds: dict | None = None, classes=MELANOMA) -> None:
+            thresholds: dict | None = None, classes=MELANOMA, colors: dict | None = None) -> None:
     thresholds = thresholds or {k: threshold for k in evaluations}
     curved = {k: e for k, e in evaluations.items() if e.both_classes}
     rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci, e.roc.thresholds) for k, e in curved.items()}
@@ -469,13 +476,15 @@ def _curves(evaluations: dict, threshold: float, names: list, window: tuple[floa
     prevalences = [e.prevalence for e in evaluations.values()]
     prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
     top = st.columns(2)
-    _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names, marker_notes=notes), "roc")
-    _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window),
-                     "sweep")
+    _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names, marker_notes=notes, colors=colors), "roc")
+    _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window,
+                                              colors=colors), "sweep")
     bottom = st.columns(2)
-    bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names), width="stretch",
+    bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names, colors=colors),
+                           width="stretch",
                            key="compare_pr")
-    bottom[1].plotly_chart(calibration_figure(calibration, threshold, names=names, classes=classes), width="stretch",
+    bottom[1].plotly_chart(calibration_figure(calibration, threshold, names=names, classes=classes, colors=colors),
+                           width="stretch",
                            key="compare_calibration")
 
 
@@ -499,7 +508,9 @@ def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focu
     })
     with cols[1]:
         runs_tab, clinics_tab = st.tabs(["Selected runs", "By clinic"])
-        runs_tab.dataframe(shown, hide_index=True, width="stretch", key="compare_at_threshold")
+        runs_tab.dataframe(shown, hide_index=True, width="stretch", key="compare_at_threshold",
+                           column_config={"Run": RUN_COLUMN, f"Biopsies / {_per(classes)}":
+                                          st.column_config.TextColumn(width="medium")})
         with clinics_tab:
             _clinic_table(breakdowns, threshold, classes)
         download = operating_point_table(evaluations, threshold)
@@ -529,7 +540,7 @@ def _clinic_table(breakdowns: dict, threshold: float, classes=MELANOMA) -> None:
         f"Biopsies / {_per(classes)}": [_biopsies(v, classes) for v in rows["biopsies_per_melanoma"]],
         "Note": rows["note"],
     })
-    st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table")
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table", column_config={"Run": RUN_COLUMN})
     for run, clinic, dropped in zip(rows["run"], rows["group"], rows["boot_dropped"]):
         note = bootstrap_dropped_note(int(dropped), N_BOOT)
         if note:
@@ -594,7 +605,9 @@ def _pairwise_section(table: pd.DataFrame, classes=None) -> None:
         shown["95% CI of A - B"] = [f"{lo:.3f} to {hi:.3f}" if np.isfinite(lo) else ""
                                     for lo, hi in zip(table["bootstrap_low"], table["bootstrap_high"])]
     shown["Note"] = table["note"]
-    st.dataframe(shown, hide_index=True, width="stretch", key="compare_pairwise")
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_pairwise",
+                 column_config={"Run A": RUN_COLUMN, "Run B": RUN_COLUMN, "Note": st.column_config.TextColumn(
+                     width="large")})
     for row in table.itertuples():
         note = underpowered_note(row.n_shared, row.n_malignant, classes)
         if note and row.n_shared:
@@ -604,7 +617,7 @@ def _pairwise_section(table: pd.DataFrame, classes=None) -> None:
                f"({N_BOOT:,} resamples) is the one to trust.")
 
 
-def _clinic_bars(breakdowns: dict, names: list) -> None:
+def _clinic_bars(breakdowns: dict, names: list, colors: dict | None = None) -> None:
     st.subheader("By clinic")
     bases = {k: b.base for k, b in breakdowns.items()}
     clinics = sorted(set().union(*(set(t["group"]) for t in bases.values())))
@@ -617,7 +630,7 @@ def _clinic_bars(breakdowns: dict, names: list) -> None:
         series[name] = indexed["auroc"].to_numpy(dtype=float)
         errors[name] = (indexed["auroc_low"].to_numpy(dtype=float), indexed["auroc_high"].to_numpy(dtype=float))
     st.plotly_chart(bar_figure(clinics, series, errors=errors, names=names, title="AUROC per clinic (95% CI)",
-                               x_title="clinic", y_title="AUROC", y_range=(0.0, 1.08)),
+                               x_title="clinic", y_title="AUROC", y_range=(0.0, 1.08), colors=colors),
                     width="stretch", key="compare_clinic_bars")
     st.caption("Sensitivity, specificity and biopsies per clinic at the chosen threshold: the 'By clinic' tab above.")
 
@@ -651,6 +664,7 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     runs = {label: store.get_run(runs_by_label[label]["id"]) for label in evaluations}  # saved thresholds change
     saved = {k: r["threshold"] for k, r in runs.items()}
     classes = dataset_classes(dataset)
+    colors = {label: run_color(runs_by_label[label]["id"]) for label in evaluations}
     focus, threshold, window = _threshold_controls(evaluations, saved, classes)
     own = st.toggle("Other runs at their own saved threshold", value=True, key=OWN_THRESHOLDS,
                     help="On: the focus run is at the slider's threshold and every other run at the threshold "
@@ -658,8 +672,8 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     thresholds = {k: (threshold if k == focus or not own or saved[k] is None else float(saved[k]))
                   for k in evaluations}
     _focus_metrics(evaluations[focus], threshold, classes)
-    _curves(evaluations, threshold, list(evaluations), window, thresholds, classes)
-    _decision_curve(evaluations, threshold, list(evaluations), classes)
+    _curves(evaluations, threshold, list(evaluations), window, thresholds, classes, colors)
+    _decision_curve(evaluations, threshold, list(evaluations), classes, colors)
     _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters, thresholds, classes)
     _save_section(focus, runs[focus], threshold)
 
@@ -907,7 +921,7 @@ def main() -> None:
     pair_key = tuple(runs_by_label[k]["id"] for k in names)
     _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames), dataset_classes(dataset))
     if breakdowns:
-        _clinic_bars(breakdowns, names)
+        _clinic_bars(breakdowns, names, {k: run_color(runs_by_label[k]["id"]) for k in names})
     _readers_section(store, {k: runs_by_label[k] for k in names})
     _cross_clinic_section(store, dataset)
 

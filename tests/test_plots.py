@@ -275,3 +275,22 @@ def test_a_chance_level_auroc_curve_keeps_the_half_to_one_axis_instead_of_zoomin
     assert tuple(below.layout.yaxis2.range) == (0.4, 1.0)
     mixed = training_curves_figure([{"epoch": 1, "select_auroc": 0.6, "learning_rate": 1e-3}])
     assert mixed.layout.yaxis2.range is None  # not an AUROC-only axis: left to autorange
+
+
+def test_run_colours_are_keyed_by_run_id_and_legends_are_shortened_with_the_full_name_in_the_hover():
+    from melcore.plots import LEGEND_CHARS, PALETTE, run_color, short_label
+
+    assert run_color(3) == run_color(3) and run_color(3) != run_color(4) and run_color(3) in PALETTE
+    long = "#12 colour/shape SVM (cnn-bn for Grad-CAM) · clinic A · trained from scratch (chosen)"
+    short = short_label(long)
+    assert len(short) <= LEGEND_CHARS and short.endswith("…") and short.startswith("#12 colour/shape SVM")
+    assert short_label("#2 basic-cnn · all clinics") == "#2 basic-cnn · all clinics"
+    parts = short_label("#2 basic-cnn · all clinics · few-images · trained from scratch (chosen)")
+    assert parts == "#2 basic-cnn · all clinics …"
+    fpr, tpr = np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.8, 1.0])
+    fig = roc_figure({long: (fpr, tpr, 0.8, (0.7, 0.9)), "b": (fpr, tpr, 0.8, None)}, colors={long: "#123456"})
+    line = next(t for t in fig.data if t.meta == long)
+    assert line.name.startswith(short + "<br>AUROC") and line.line.color == "#123456"
+    assert long in line.hovertemplate and fig.layout.hoverlabel.namelength == -1
+    other = next(t for t in fig.data if t.meta == "b")
+    assert other.line.color == PALETTE[1]  # no colour given: by position
