@@ -77,13 +77,17 @@ from melcore.plots import (
 )
 from melcore.runinfo import missingness_of, source_confounding
 from melcore.safety import escape_markdown
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_choice, remembered,
+                          show_error)
 
 N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
 DEFAULT_RUNS = 3
 THRESHOLD = "compare_threshold"
 OWN_THRESHOLDS = "compare_own_thresholds"
 FOCUS = "compare_focus"
+#: The focus run's id, shared across pages (session state) and reloads (``?focus=``).
+CHOSEN_FOCUS = "melreview_focus_run"
+FOCUS_PARAM = "focus"
 SAVED_MESSAGE = "compare_saved_message"
 ARCHIVE_MESSAGE = "compare_archive_message"
 CLICKS = "compare_curve_clicks"  # bumped by every click on a curve: new chart keys clear the selection
@@ -401,19 +405,29 @@ def _decision_curve(evaluations: dict, threshold: float, names: list, classes=ME
                   else ""))
 
 
-def _threshold_controls(evaluations: dict, saved: dict,
-                        classes=MELANOMA) -> tuple[str, float, tuple[float, float]]:
-    """Focus run, threshold slider and presets; returns (focus label, threshold, the slider's range)."""
+def _threshold_controls(evaluations: dict, saved: dict, classes=MELANOMA,
+                        run_ids: dict | None = None) -> tuple[str, float, tuple[float, float]]:
+    """Focus run, threshold slider and presets; returns (focus label, threshold, the slider's range).
+
+    The focus run opens on the one last focused on (this session, else the URL's ``?focus=`` run id)
+    when it is among the runs shown, else the first.
+    """
     labels = list(evaluations)
+    run_ids = run_ids or {}
     if st.session_state.get(FOCUS) not in labels:
-        st.session_state[FOCUS] = labels[0]
-        if THRESHOLD not in st.session_state and saved[labels[0]] is not None:
-            st.session_state[THRESHOLD] = float(saved[labels[0]])
+        focus_id = remembered(CHOSEN_FOCUS, FOCUS_PARAM, int)
+        by_id = {run_id: label for label, run_id in run_ids.items()}
+        first = by_id.get(focus_id, labels[0]) if focus_id is not None else labels[0]
+        st.session_state[FOCUS] = first
+        if THRESHOLD not in st.session_state and saved[first] is not None:
+            st.session_state[THRESHOLD] = float(saved[first])
     if THRESHOLD not in st.session_state:
         st.session_state[THRESHOLD] = 0.5
     cols = st.columns([1.2, 2])
     focus = cols[0].selectbox("Focus run (confusion matrix, presets, saving)", labels, key=FOCUS,
                               on_change=_focus_changed, args=(saved,))
+    if focus in run_ids:
+        record_choice(CHOSEN_FOCUS, FOCUS_PARAM, int(run_ids[focus]))
     evaluation = evaluations[focus]
     presets = evaluation.presets()
     low, high = threshold_window(evaluations.values(), include=[st.session_state[THRESHOLD], *saved.values()])
@@ -665,7 +679,8 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     saved = {k: r["threshold"] for k, r in runs.items()}
     classes = dataset_classes(dataset)
     colors = {label: run_color(runs_by_label[label]["id"]) for label in evaluations}
-    focus, threshold, window = _threshold_controls(evaluations, saved, classes)
+    focus, threshold, window = _threshold_controls(evaluations, saved, classes,
+                                                   {k: int(runs_by_label[k]["id"]) for k in evaluations})
     own = st.toggle("Other runs at their own saved threshold", value=True, key=OWN_THRESHOLDS,
                     help="On: the focus run is at the slider's threshold and every other run at the threshold "
                          "saved for it (the one Review uses), else the slider's. Off: one threshold for all.")
