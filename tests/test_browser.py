@@ -276,7 +276,7 @@ def _reader_study(page, server, shots, run_id: int):
         reads = conn.execute("SELECT image_name, decision, aided, confidence FROM reviews WHERE run_id = ? AND "
                              "decision IN ('biopsy', 'reassure') AND reviewer = 'Dr Browser Test' ORDER BY id",
                              (run_id,)).fetchall()
-        labelled = conn.execute("SELECT image_name, target FROM predictions WHERE run_id = ? AND target IN (0, 1) "
+        labelled = conn.execute("SELECT DISTINCT image_name, target FROM predictions WHERE run_id = ? AND target IN (0, 1) "
                                 "AND image_name != ? ORDER BY image_name", (run_id, blinded)).fetchall()
     assert reads[-2:] == [(blinded, "biopsy", 0, 80), (blinded, "reassure", 1, None)], reads
 
