@@ -15,12 +15,17 @@ config, metrics), ``weights`` (the weights provenance recorded in ``metrics.json
 ``files`` (``[{"path", "bytes", "sha256"}]``, paths relative to ``run/``).
 
 :func:`import_run` refuses an archive, with the reason and before anything is registered, when
-a member's name is absolute, climbs with ``..``, holds a backslash or is a symlink; when the
-members are not exactly the manifest's files; when a file's size or sha256 differs from the
-manifest; when the archive would unpack to more than ``max_bytes`` (a zip bomb: sizes are
-counted while reading, not taken from the headers); or when ``model.keras`` does not load in
-Keras safe mode. Files are unpacked into a new folder under ``MELREVIEW_HOME/runs`` and
-nowhere else; a refused archive leaves nothing behind.
+it is not a readable zip; when ``manifest.json`` is missing, not JSON, not a run manifest or of
+another version; when a member's name is absolute, climbs with ``..``, holds a backslash or is a
+symlink; when the members are not exactly the manifest's files; when a file's size or sha256
+differs from the manifest, or a member does not unpack (damaged); when the archive would unpack to
+more than ``max_bytes`` or a member over 1 MiB unpacks to more than :data:`MAX_RATIO` times its
+compressed size (a zip bomb; sizes are also counted while reading, not only taken from the
+headers); when the threshold or a predictions file is not what the store keeps; or when
+``model.keras`` does not load in Keras safe mode. Files are unpacked into a new folder under
+``MELREVIEW_HOME/runs`` and nowhere else, and the run is registered by
+:func:`melcore.jobs.record_run` (the run and its predictions in one transaction); a refused
+archive leaves no file and no run behind.
 """
 
 from __future__ import annotations
