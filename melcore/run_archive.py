@@ -295,8 +295,11 @@ def _unpack(archive: zipfile.ZipFile, manifest: dict, target: Path, max_bytes: i
         dest = (target / entry["path"]).resolve()
         if not dest.is_relative_to(root):
             raise ArchiveError(f"member {entry['path']!r} would be written outside the target folder; refused")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            raise ArchiveError(f"{where}: {entry['path']} lies inside another member's file; refused") from None
         try:
             with archive.open(PREFIX + entry["path"]) as src, open(dest, "xb") as out:
                 for chunk in iter(lambda: src.read(_CHUNK), b""):
@@ -309,6 +312,8 @@ def _unpack(archive: zipfile.ZipFile, manifest: dict, target: Path, max_bytes: i
                     out.write(chunk)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise ArchiveError(f"{where}: {entry['path']} does not unpack ({exc}); the archive is damaged") from None
+        except (FileExistsError, IsADirectoryError):
+            raise ArchiveError(f"{where}: {entry['path']} is also another member's folder; refused") from None
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
             raise ArchiveError(f"{where}: checksum mismatch for {entry['path']} (sha256 {digest.hexdigest()[:12]}..., "
                                f"manifest {entry['sha256'][:12]}...); the archive is damaged or was altered")

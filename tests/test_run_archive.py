@@ -303,6 +303,17 @@ def test_a_manifest_entry_leaving_the_target_is_refused(exported, tmp_path):
     _refused(Store(), bad, "climbs out with '..'", tmp_path)
 
 
+@pytest.mark.parametrize("first, reason", [("x", "x/y lies inside another member's file"),
+                                           ("x/y", "x is also another member's folder")])
+def test_a_file_and_a_folder_of_the_same_name_are_refused(exported, tmp_path, first, reason):
+    def unpack_first(manifest):  # the manifest's order is the order of unpacking
+        manifest["files"].sort(key=lambda entry: entry["path"] != first)
+
+    bad = _altered(exported[0], tmp_path / "bad.zip", {"run/x": b"one", "run/x/y": b"two"}, resign=True,
+                   manifest_edit=unpack_first)
+    _refused(Store(), bad, f"{reason}; refused", tmp_path)
+
+
 def test_a_symlink_member_is_refused(exported, tmp_path):
     bad = _altered(exported[0], tmp_path / "bad.zip", {"run/link.csv": b"/etc/passwd"}, resign=True,
                    symlinks=("run/link.csv",))
