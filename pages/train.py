@@ -32,6 +32,7 @@ from melcore.plots import training_curves_figure
 from melcore.runinfo import COLOUR_SCORER, delivered_auroc, run_title, scratch_words
 from melcore.safety import escape_markdown
 from melcore.training import config as train_module
+from melcore.training.recipes import recipe_for
 from pages.common import dataset_picker, get_store, page_start, show_error
 
 K = "train_"  # session-state prefix of this page
@@ -228,6 +229,7 @@ def _form(store) -> None:
         "Model", names, index=names.index(default_model) if default_model in names else 0,
         key=f"{K}model_{tag}")
     spec = models.get_spec(model)
+    recipe = recipe_for(model)
     st.caption(spec.description)
     scope = f"{model}_{tag}"  # widgets whose defaults follow the model (and preset)
 
@@ -253,20 +255,20 @@ def _form(store) -> None:
                                  value=int(preset.get("epochs") or 10), key=f"{K}epochs_{tag}",
                                  help="Epochs of the first stage (the head stage with pretrained weights).")
     batch_size = row[3].number_input("Batch size", min_value=1, max_value=4096, step=1,
-                                     value=int(preset.get("batch_size") or spec.default_batch_size),
+                                     value=int(preset.get("batch_size") or recipe.batch_size),
                                      key=f"{K}batch_{scope}")
     row = st.columns(4)
     learning_rate = row[0].number_input(
         "Learning rate", min_value=0.0, max_value=10.0, format="%g", step=1e-4,
-        value=float(preset.get("learning_rate") or spec.default_learning_rate), key=f"{K}lr_{scope}",
-        help=f"Initial learning rate; {spec.name} default {spec.default_learning_rate:g}.")
+        value=float(preset.get("learning_rate") or recipe.learning_rate), key=f"{K}lr_{scope}",
+        help=f"Initial learning rate; {spec.name} default {recipe.learning_rate:g}.")
     balance_keys = list(train_module.BALANCES)
     default_balance = preset.get("balance") if preset.get("balance") in balance_keys else "oversample"
     balance = row[1].selectbox("Balance", balance_keys, index=balance_keys.index(default_balance),
                                format_func=lambda b: BALANCE_LABELS.get(b, b), key=f"{K}balance_{tag}",
                                help="Melanoma is rare (about 1.8% in ISIC 2020): oversampling gives balanced batches.")
     augment_names = list(augment.PRESETS)
-    default_augment = preset.get("augment") if preset.get("augment") in augment_names else spec.default_augment
+    default_augment = preset.get("augment") if preset.get("augment") in augment_names else recipe.augment
     augment_name = row[2].selectbox(
         "Augmentation", augment_names, index=augment_names.index(default_augment),
         format_func=lambda a: f"{a}: {augment.PRESETS[a].description}", key=f"{K}augment_{scope}")
