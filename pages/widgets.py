@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from melcore import settings
+from melcore import explain, settings
 from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
 from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import ImageError, MelcoreError
@@ -311,9 +311,7 @@ def _has_model(run: Mapping) -> bool:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _heatmap(run_dir: str, model_signature: tuple, image_path: str, image_signature: tuple,
              method: str, detail: str = "standard") -> np.ndarray:
-    from melcore.explain import explain_image
-
-    return explain_image(run_dir, image_path, method, detail=detail)[1]
+    return explain.explain_image(run_dir, image_path, method, detail=detail)[1]
 
 
 def _signature(path: Path) -> tuple:
@@ -324,11 +322,6 @@ def _signature(path: Path) -> tuple:
 def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping], key: str,
                      default_run: int | None = None) -> None:
     st.markdown("**Grad-CAM**")
-    try:
-        from melcore import explain
-    except ImportError as exc:
-        st.info(f"Grad-CAM not available ({escape_markdown(exc)}).")
-        return
     candidates = [r for r in runs if (r.get("kind") or "image") == "image" and _has_model(r)]
     if not candidates:
         st.info("Grad-CAM not available: no run of this dataset has a saved model (model.keras).")
