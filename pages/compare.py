@@ -72,7 +72,7 @@ from melcore.plots import (
     threshold_figure,
 )
 from melcore.safety import escape_markdown
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 
 N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
 DEFAULT_RUNS = 3

@@ -31,7 +31,7 @@ from melcore.runinfo import COLOUR_SCORER, delivered_auroc, run_title, scratch_w
 from melcore.safety import escape_markdown
 from melcore.training import config as train_module
 from melcore.training import recipes
-from pages.common import dataset_picker, get_store, page_start, show_error
+from ui.common import dataset_picker, get_store, page_start, show_error
 
 K = "train_"  # session-state prefix of this page
 ALL_CLINICS = "All clinics (one job)"

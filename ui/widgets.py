@@ -453,9 +453,3 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
             if unscored > 0:
                 st.caption(f"{unscored} other run(s) did not score this image (e.g. it was in their training data).")
     return tile.status
-
-
-if __name__ == "__main__":  # run as a page by the legacy pages-folder mode (a deep link to /widgets)
-    from pages.common import route_through_app
-
-    route_through_app()
