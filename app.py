@@ -1,4 +1,8 @@
-"""melreview: the dermatology review dashboard. Run with ``streamlit run app.py``."""
+"""melreview: the dermatology review dashboard. Run with ``streamlit run app.py`` (or ``melreview``).
+
+The entry point: the page config, the Home page (datasets) and the navigation over the pages
+in ``pages/`` (:mod:`ui.navigation`: the page table and the one ``st.navigation`` call).
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,11 @@ from melcore.cohort import grouping_unit
 from melcore.datasets import register_dataset
 from melcore.errors import MelcoreError
 from melcore.safety import escape_markdown
-from pages.common import ensure_first_dataset, page_start, show_error
+from ui import navigation
+from ui.common import ensure_first_dataset, page_start, show_error
 
-PAGES_DIR = Path(__file__).parent / "pages"
 # Served by this server: a ":material/..." page icon makes every browser fetch it from a font CDN.
 PAGE_ICON = Path(__file__).parent / "assets" / "page-icon.png"
-# (file, title, icon): pages appear in the navigation once their file exists.
-PAGES = [
-    ("patients.py", "Patients", ":material/group:"),
-    ("train.py", "Train", ":material/model_training:"),
-    ("compare.py", "Compare", ":material/monitoring:"),
-    ("review.py", "Review", ":material/rate_review:"),
-    ("score.py", "Score", ":material/upload_file:"),
-]
 FORMATS = ["auto", "isic2020", "isic2019", "ham10000", "folders", "generic"]
 
 
@@ -133,13 +129,5 @@ def home() -> None:
             _dataset_card(dataset)
 
 
-def navigation():
-    pages = [st.Page(home, title="Home", icon=":material/home:", default=True)]
-    for filename, title, icon in PAGES:
-        if (PAGES_DIR / filename).exists():
-            pages.append(st.Page(str(PAGES_DIR / filename), title=title, icon=icon))
-    return st.navigation(pages)
-
-
 st.set_page_config(page_title="melreview", page_icon=str(PAGE_ICON), layout="wide")
-navigation().run()
+navigation.run(home)

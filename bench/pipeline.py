@@ -76,9 +76,10 @@ def model_ips(name, size, batch, steps) -> tuple[float, float]:
     import keras
 
     from melcore import models
+    from melcore.training.optimizers import make_optimizer
 
     model, _ = models.build_model(name, size, weights="none")
-    model.compile(optimizer=models.make_optimizer(name, steps_per_epoch=steps, epochs=1),
+    model.compile(optimizer=make_optimizer(name, steps_per_epoch=steps, epochs=1),
                   loss="binary_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")

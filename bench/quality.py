@@ -309,25 +309,27 @@ def run_cnn(data: Data, recipe: Recipe, log) -> dict[str, np.ndarray]:
     from melcore.images import ImageCache
     from melcore.pipeline import ImageBatches, class_weights
     from melcore.predict import predict_images
+    from melcore.training.optimizers import make_optimizer
+    from melcore.training.recipes import recipe_for
 
     images = images_at(data, recipe.image_size)
     table = data.cohort.table
     cache = ImageCache()
-    spec = models.get_spec(recipe.model)
+    defaults = recipe_for(recipe.model)
     plain, tta = np.empty(len(data.y)), np.empty(len(data.y))
     for k in range(N_FOLDS):
         started = time.perf_counter()
         rows = np.flatnonzero(train_mask(data, recipe, k))
         keras.utils.set_random_seed(SEED + k)
         model, _ = models.build_model(recipe.model, recipe.image_size, weights="none")
-        batches = ImageBatches.from_table(table.iloc[rows], recipe.image_size, batch_size=spec.default_batch_size,
+        batches = ImageBatches.from_table(table.iloc[rows], recipe.image_size, batch_size=defaults.batch_size,
                                           augment=recipe.augment,
                                           balance="none" if recipe.balance == "class-weight" else recipe.balance,
                                           seed=SEED + k, cache=cache, workers=2)
         weights = class_weights(data.y[rows]) if recipe.balance == "class-weight" else None
         models.set_trainable(model, "all")
-        lr = recipe.learning_rate or spec.default_learning_rate
-        model.compile(optimizer=models.make_optimizer(spec, lr, len(batches), recipe.epochs),
+        lr = recipe.learning_rate or defaults.learning_rate
+        model.compile(optimizer=make_optimizer(defaults, lr, len(batches), recipe.epochs),
                       loss=keras.losses.BinaryCrossentropy())
         model.fit(batches, epochs=recipe.epochs, shuffle=False, class_weight=weights, verbose=0)
         held = np.flatnonzero(data.folds == k)

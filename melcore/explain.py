@@ -938,16 +938,10 @@ def model_path(run: PathLike) -> Path:
 
 
 def _load_keras_file(path: Path):
-    try:
-        from melcore.models import load_model  # registers the registry's custom layers
-    except ImportError:
-        load_model = None
-    try:
-        if load_model is not None:
-            return load_model(path)
-        import keras
+    from melcore.models import load_model  # registers the registry's custom layers (imports Keras)
 
-        return keras.saving.load_model(path, safe_mode=True)
+    try:
+        return load_model(path)
     except MelcoreError:
         raise
     except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, TypeError...

@@ -1,9 +1,10 @@
 """Registry of melanoma classifiers: raw RGB in, melanoma probability out.
 
 One table, :data:`REGISTRY`, maps a model name to a :class:`ModelSpec` (how to
-build it, default image size, minimum size, recommended optimizer, schedule,
-augmentation preset and how to freeze/unfreeze it for transfer learning), in
-the spirit of ``keras.applications`` / ``timm``.
+build it, default image size, minimum size, its weights and how to freeze/unfreeze
+it for transfer learning), in the spirit of ``keras.applications`` / ``timm``. The
+spec holds no training recipe: optimizer, learning rate, schedule, augmentation and
+batch size are the model's :class:`melcore.training.recipes.Recipe`.
 
 Every model built here
 
@@ -38,13 +39,13 @@ published weights are. A new family is one decorated builder here plus its specs
 Transfer learning, as :mod:`melcore.training.image` drives it::
 
     model, info = build_model("efficientnet-b3", 300, weights="imagenet", fallback_to_scratch=True)
-    spec = get_spec("efficientnet-b3")
+    recipe = recipe_for("efficientnet-b3")            # melcore.training.recipes
     if info.loaded:
         set_trainable(model, "head")                  # 1. frozen backbone, train the head
-        model.compile(make_optimizer(spec, spec.default_learning_rate, steps, head_epochs), ...)
+        model.compile(make_optimizer(recipe, recipe.learning_rate, steps, head_epochs), ...)
         model.fit(...)
         set_trainable(model, "fine-tune")             # 2. unfreeze the top blocks (BN stays frozen)
-        model.compile(make_optimizer(spec, spec.default_learning_rate * spec.finetune_lr_factor, ...), ...)
+        model.compile(make_optimizer(recipe, recipe.learning_rate * recipe.finetune_lr_factor, ...), ...)
         model.fit(...)
     else:
         set_trainable(model, "all")                   # from scratch: everything trains
@@ -876,56 +877,6 @@ def set_trainable(model, stage: str, n_blocks: int | None = None, *, train_batch
     return {"stage": stage, "unfrozen_groups": unfrozen,
             "trainable_params": count(model.trainable_weights),
             "frozen_params": count(model.non_trainable_weights)}
-
-
-# --------------------------------------------------------------------------- optimizer
-
-def make_optimizer(spec_or_name, lr: float | None = None, steps_per_epoch: int = 1, epochs: int = 1,
-                   weight_decay: float | None = None, *, optimizer: str | None = None,
-                   schedule: str | None = None, momentum: float = 0.9, decay_rate: float = 0.9):
-    """The recommended optimizer with its learning-rate schedule.
-
-    Args:
-        spec_or_name: a :class:`ModelSpec` or registry name (gives the defaults).
-        lr: initial learning rate; None = ``spec.default_learning_rate``.
-        steps_per_epoch, epochs: length of the run the schedule spans (batches, epochs).
-        weight_decay: decoupled weight decay; None = ``spec.default_weight_decay``; 0 = none.
-        optimizer: ``"sgd"`` (Nesterov momentum), ``"adam"`` or ``"adamw"``; None = the spec's.
-        schedule: ``"constant"``; ``"exponential"`` (LR x ``decay_rate`` per epoch, staircase);
-            ``"cosine"`` (cosine decay to 1% over ``epochs``); None = the spec's.
-        momentum: SGD momentum.
-        decay_rate: per-epoch factor of the exponential schedule.
-
-    Returns:
-        A fresh ``keras.optimizers.Optimizer`` (one per ``compile``).
-    """
-    spec = spec_or_name if isinstance(spec_or_name, ModelSpec) else get_spec(spec_or_name)
-    lr = spec.default_learning_rate if lr is None else float(lr)
-    weight_decay = spec.default_weight_decay if weight_decay is None else float(weight_decay)
-    optimizer = (optimizer or spec.default_optimizer).lower()
-    schedule = (schedule or spec.default_schedule).lower()
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown learning-rate schedule {schedule!r}; valid schedules: {', '.join(SCHEDULES)}")
-    if not lr > 0:
-        raise ConfigError(f"learning rate must be positive, got {lr}")
-    if weight_decay < 0:
-        raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
-    steps_per_epoch, epochs = max(1, int(steps_per_epoch)), max(1, int(epochs))
-    if schedule == "exponential":
-        rate = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=steps_per_epoch,
-                                                            decay_rate=decay_rate, staircase=True)
-    elif schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * epochs, alpha=0.01)
-    else:
-        rate = lr
-    decay = weight_decay or None
-    if optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=rate, momentum=momentum, nesterov=True, weight_decay=decay)
-    if optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=rate, weight_decay=decay)
-    return keras.optimizers.AdamW(learning_rate=rate, weight_decay=weight_decay)
 
 
 # --------------------------------------------------------------------------- Grad-CAM helpers

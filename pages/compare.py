@@ -77,8 +77,8 @@ from melcore.plots import (
 )
 from melcore.runinfo import missingness_of, source_confounding
 from melcore.safety import escape_markdown
-from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_choice, remembered,
-                          show_error)
+from ui.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_choice, remembered,
+                       show_error)
 
 N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
 DEFAULT_RUNS = 3

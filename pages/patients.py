@@ -1,7 +1,7 @@
 """Patients: browse a dataset by patient, open a patient's lesions, then one lesion in full.
 
 Layout only; the table, filters and joins come from :mod:`melcore.browse`, the
-tiles and the lesion view from :mod:`pages.widgets`. The dataset and a run's
+tiles and the lesion view from :mod:`ui.widgets`. The dataset and a run's
 scores are prepared once per (dataset version, run, predictions version) and
 cached, so a filter change only re-runs vectorised filters over the cached table.
 """
@@ -31,9 +31,9 @@ from melcore.cohort import group_label, grouping_unit
 from melcore.errors import MelcoreError
 from melcore.formatting import format_risk, format_threshold
 from melcore.safety import escape_markdown
-from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
+from ui.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
                           show_error)
-from pages.widgets import lesion_panel, thumbnail_grid
+from ui.widgets import lesion_panel, thumbnail_grid
 
 PAGE_SIZE = 50
 NO_RUN = 0

@@ -2,7 +2,7 @@
 
 Layout only; the worklist, progress counts, history and CSV export come from
 :mod:`melcore.review`, the lesion view and the patient strip from
-:mod:`pages.widgets`. Decisions are appended to the store (``Store.add_review``)
+:mod:`ui.widgets`. Decisions are appended to the store (``Store.add_review``)
 the moment they are saved and never overwritten, so each lesion keeps its full
 history. Whatever the reviewer typed survives a failed save and moving to another
 lesion (drafts are kept in the session until saved).
@@ -35,9 +35,9 @@ from melcore.readers import study_worklist
 from melcore.runinfo import scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
 from melcore.store import STUDY_DECISIONS
-from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
+from ui.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
                           show_error)
-from pages.widgets import lesion_panel, load_tile, patient_strip
+from ui.widgets import lesion_panel, load_tile, patient_strip
 
 K = "review_"  # session-state prefix of this page
 REVIEWER = "melreview_reviewer"  # the reviewer's name, kept for the whole session (not a widget key)

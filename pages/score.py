@@ -23,8 +23,8 @@ from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
 from melcore.predict import score_upload
 from melcore.runinfo import run_title, scratch_reason, scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
-from pages.common import page_start, record_run, restore_run, show_error
-from pages.widgets import colour_outline
+from ui.common import page_start, record_run, restore_run, show_error
+from ui.widgets import colour_outline
 
 K = "score_"  # session-state prefix of this page
 METHODS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}

@@ -13,8 +13,6 @@ seconds (state, progress, live curves, worker heartbeats) without rerunning the 
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -34,7 +32,8 @@ from melcore.plots import training_curves_figure
 from melcore.runinfo import COLOUR_SCORER, delivered_auroc, missingness_of, run_title, scratch_words
 from melcore.safety import escape_markdown
 from melcore.training import config as train_module
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from melcore.training import recipes
+from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 
 log = logging.getLogger("melreview.pages.train")
 K = "train_"  # session-state prefix of this page
@@ -65,32 +64,12 @@ STATE_ICONS = {"queued": "⏳", "running": "▶️", "done": "✅", "cancelled":
 TRAIN_STAGES = ("head", "fine-tune", "train")
 
 
-# --------------------------------------------------------------------------- optional features
+# --------------------------------------------------------------------------- presets
 
-def _fast_head_available() -> tuple[bool, str]:
-    """Whether the fast-head mode can be offered, and a note saying why not."""
-    if "fast-head" not in getattr(train_module, "MODES", ()):
-        return False, "Fast head on cached features is not available in this version (TrainConfig has no such mode)."
-    if importlib.util.find_spec("melcore.features") is None:
-        return False, ("Fast head on cached features needs `melcore.features`, which this installation does not "
-                       "have yet; jobs train the full network.")
-    return True, ""
-
-
-def _presets():
-    """The :mod:`melcore.training.recipes` module when this installation has it, else None."""
-    try:
-        return importlib.import_module("melcore.training.recipes")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("melcore.training.recipes", "melcore.training", "melcore"):
-            return None
-        raise
-
-
-def _preset_values(presets, name: str) -> dict:
+def _preset_values(name: str) -> dict:
     """The TrainConfig fields preset ``name`` sets (a None value is meaningful, e.g. no early stopping)."""
     fields = set(train_module.TrainConfig.field_names())
-    return {k: v for k, v in presets.preset_values(name).items() if k in fields and k != "preset"}
+    return {k: v for k, v in recipes.preset_values(name).items() if k in fields and k != "preset"}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -206,7 +185,6 @@ def _start_worker() -> None:
 
 def _form(store) -> None:
     st.header("New training job")
-    presets = _presets()
     preset_name = None
     preset: dict = {}
     top = st.columns([2, 2, 3])
@@ -214,23 +192,22 @@ def _form(store) -> None:
         dataset = dataset_picker(store, key=K + "dataset")
     if dataset is None:
         return
-    table = dict(getattr(presets, "PRESETS", {}) or {}) if presets is not None else {}
-    if table:
-        options = ["(custom)"] + list(table)
-        choice = top[1].selectbox("Preset", options, key=K + "preset",
-                                  index=options.index("cpu-default") if "cpu-default" in options else 0,
-                                  help="A tested recipe (melcore.training.recipes); every field below can still be changed.")
-        if choice != "(custom)":
-            preset_name, preset = choice, _preset_values(presets, choice)
-            evidence = getattr(table[choice], "evidence", "")
-            st.caption(f"Preset **{choice}**: {table[choice].description}" + (f" ({evidence})" if evidence else ""))
+    options = ["(custom)"] + recipes.preset_names()
+    choice = top[1].selectbox("Preset", options, key=K + "preset", index=options.index(recipes.DEFAULT_PRESET),
+                              help="A tested recipe (melcore.training.recipes); every field below can still be changed.")
+    if choice != "(custom)":
+        preset_name, preset = choice, _preset_values(choice)
+        evidence = recipes.get_preset(choice).evidence
+        st.caption(f"Preset **{choice}**: {recipes.get_preset(choice).description}"
+                   + (f" ({evidence})" if evidence else ""))
     tag = preset_name or "custom"
     names = models.model_names()
     default_model = preset.get("model") if preset.get("model") in names else "efficientnet-lite0"
-    model = top[2 if table else 1].selectbox(
+    model = top[2].selectbox(
         "Model", names, index=names.index(default_model) if default_model in names else 0,
         key=f"{K}model_{tag}")
     spec = models.get_spec(model)
+    recipe = recipes.recipe_for(model)
     st.caption(spec.description)
     scope = f"{model}_{tag}"  # widgets whose defaults follow the model (and preset)
 
@@ -256,20 +233,20 @@ def _form(store) -> None:
                                  value=int(preset.get("epochs") or 10), key=f"{K}epochs_{tag}",
                                  help="Epochs of the first stage (the head stage with pretrained weights).")
     batch_size = row[3].number_input("Batch size", min_value=1, max_value=4096, step=1,
-                                     value=int(preset.get("batch_size") or spec.default_batch_size),
+                                     value=int(preset.get("batch_size") or recipe.batch_size),
                                      key=f"{K}batch_{scope}")
     row = st.columns(4)
     learning_rate = row[0].number_input(
         "Learning rate", min_value=0.0, max_value=10.0, format="%g", step=1e-4,
-        value=float(preset.get("learning_rate") or spec.default_learning_rate), key=f"{K}lr_{scope}",
-        help=f"Initial learning rate; {spec.name} default {spec.default_learning_rate:g}.")
+        value=float(preset.get("learning_rate") or recipe.learning_rate), key=f"{K}lr_{scope}",
+        help=f"Initial learning rate; {spec.name} default {recipe.learning_rate:g}.")
     balance_keys = list(train_module.BALANCES)
     default_balance = preset.get("balance") if preset.get("balance") in balance_keys else "oversample"
     balance = row[1].selectbox("Balance", balance_keys, index=balance_keys.index(default_balance),
                                format_func=lambda b: BALANCE_LABELS.get(b, b), key=f"{K}balance_{tag}",
                                help="Melanoma is rare (about 1.8% in ISIC 2020): oversampling gives balanced batches.")
     augment_names = list(augment.PRESETS)
-    default_augment = preset.get("augment") if preset.get("augment") in augment_names else spec.default_augment
+    default_augment = preset.get("augment") if preset.get("augment") in augment_names else recipe.augment
     augment_name = row[2].selectbox(
         "Augmentation", augment_names, index=augment_names.index(default_augment),
         format_func=lambda a: f"{a}: {augment.PRESETS[a].description}", key=f"{K}augment_{scope}")
@@ -306,15 +283,10 @@ def _form(store) -> None:
                                value=bool(preset.get("fallback_to_scratch", False)), key=f"{K}fallback_{scope}",
                                help="The run then records that it was trained from scratch.")
 
-    fast_ok, fast_note = _fast_head_available()
-    fast_head = False
-    if fast_ok:
-        fast_head = st.checkbox("Fast head on cached features", value=preset.get("mode") == "fast-head",
-                                key=f"{K}fast_head_{tag}",
-                                help="Compute the frozen backbone's features once, cache them, and train only the "
-                                     "head on them: minutes instead of hours, no fine-tuning.")
-    else:
-        st.caption(fast_note)
+    fast_head = st.checkbox("Fast head on cached features", value=preset.get("mode") == "fast-head",
+                            key=f"{K}fast_head_{tag}",
+                            help="Compute the frozen backbone's features once, cache them, and train only the "
+                                 "head on them: minutes instead of hours, no fine-tuning.")
 
     with st.expander("More options"):
         more = st.columns(4)
@@ -346,8 +318,7 @@ def _form(store) -> None:
                   clinic=None if clinic in (ALL_CLINICS, EACH_CLINIC) else clinic)
     if kind == "kfold":
         values["n_folds"] = n_folds
-    if fast_ok:
-        values["mode"] = "fast-head" if fast_head else "full"
+    values["mode"] = "fast-head" if fast_head else "full"
     if values.get("mode") != "fast-head":
         values["head_fit"] = "gradient"  # a closed-form head needs cached features
     if preset_name is not None:

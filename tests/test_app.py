@@ -123,3 +123,19 @@ def test_home_accepts_an_isic_layout_root_and_says_which_folder_it_read(demo_dir
     stored = Store().get_dataset("root")
     assert Path(stored["images_dir"]) == (demo_dir / "jpeg" / "train").resolve()
     assert stored["summary"]["n_missing_images"] == 0
+
+
+def test_the_navigation_offers_every_page_file_under_its_title():
+    from ui import navigation
+
+    files = sorted(p.name for p in navigation.PAGES_DIR.glob("*.py"))
+    assert sorted(filename for filename, _title, _icon in navigation.PAGES) == files
+    assert [title for _file, title, _icon in navigation.PAGES] == ["Patients", "Train", "Compare", "Review", "Score"]
+    assert navigation.APP_FILE == Path(__file__).resolve().parents[1] / "app.py"
+
+
+def test_the_app_opens_a_page_through_its_navigation():
+    at = _app().run()
+    at.switch_page("pages/score.py").run()
+    assert not at.exception
+    assert [t.value for t in at.title] == ["Score"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    for package in ("melcore", "melcore/commands", "pages", "trainers"):
+    for package in ("melcore", "melcore/commands", "pages", "ui", "trainers"):
         if (tmp_path / package).is_dir() and not (tmp_path / package / "__init__.py").exists():
             (tmp_path / package / "__init__.py").write_text("")
     return tmp_path
@@ -56,6 +57,58 @@ def test_interface_rules(tmp_path):
     found = {(v.path, v.target) for v in layers.check_tree(root)}
     assert found == {("melcore/store.py", "streamlit"), ("pages/train.py", "melcore.commands.jobs"),
                      ("pages/train.py", "trainers.worker"), ("trainers/worker.py", "pages.common")}
+
+
+def test_dashboard_helper_rules(tmp_path):
+    root = _tree(tmp_path, {
+        "melcore/store.py": "from ui.common import get_store\n",
+        "melcore/commands/jobs.py": "",
+        "ui/common.py": "from pages import train\nfrom melcore.commands import jobs\nimport trainers.launch\n",
+        "ui/widgets.py": "from ui.common import get_store\nfrom melcore import store\n",
+        "pages/train.py": "from ui.common import get_store\n",
+        "trainers/worker.py": "import ui.widgets\n",
+        "trainers/launch.py": "",
+    })
+    found = {(v.path, v.target) for v in layers.check_tree(root)}
+    assert found == {("melcore/store.py", "ui.common.get_store"), ("ui/common.py", "pages.train"),
+                     ("ui/common.py", "melcore.commands.jobs"), ("trainers/worker.py", "ui.widgets")}
+
+
+def _dashboard_sources() -> list[Path]:
+    return [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")), *sorted((ROOT / "ui").glob("*.py"))]
+
+
+def test_the_dashboard_uses_public_streamlit_only():
+    # Private Streamlit state (streamlit.runtime, streamlit.web, `_`-named modules or attributes) changes
+    # without notice between releases; app.py, the pages and their helpers use `import streamlit as st`.
+    found = []
+    for path in _dashboard_sources():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "streamlit" and (len(parts) > 1 and parts[1] != "testing"
+                                                 or any(p.startswith("_") for p in parts)):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}")
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("st",
+                                                                                                      "streamlit"):
+                if node.attr.startswith("_"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: uses st.{node.attr}")
+    assert not found, "\n".join(found)
+
+
+def test_pages_folder_holds_pages_only():
+    # Streamlit offers every .py file of pages/ as a page until st.navigation runs; the shared helpers
+    # live in ui/, so no file there needs a `__main__` guard.
+    for path in sorted((ROOT / "pages").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert "__main__" not in text, f"{path.name} is a helper with a __main__ guard: move it to ui/"
+        assert "page_start(" in text, f"{path.name} does not open as a page (ui.common.page_start)"
 
 
 def test_unplaced_module_is_reported(tmp_path):

@@ -49,18 +49,18 @@ def test_registry_has_the_ladder_and_consistent_specs():
     expected = ["basic-cnn", "cnn-bn", "resnet50"] + [f"efficientnet-b{i}" for i in range(8)] \
         + [f"efficientnet-b{i}-ns" for i in range(8)] + [f"efficientnet-lite{i}" for i in range(5)]
     assert models.model_names() == expected
-    from melcore.augment import PRESETS
-
     for name, spec in models.REGISTRY.items():
         assert spec.name == name
         assert spec.min_image_size <= spec.default_image_size <= models.MAX_IMAGE_SIZE
-        assert spec.default_augment in PRESETS
-        assert spec.default_optimizer in models.OPTIMIZERS and spec.default_schedule in models.SCHEDULES
         assert spec.pretrained == (spec.default_weights == "imagenet")
         assert spec.to_dict()["name"] == name
-    assert models.get_spec("basic-cnn").default_optimizer == "sgd"
-    assert models.get_spec("cnn-bn").default_augment == "isic-strong"
-    assert models.get_spec("cnn-bn").default_weight_decay > 0
+
+
+def test_the_spec_is_architecture_and_weights_only():
+    recipe_fields = {"optimizer", "learning_rate", "weight_decay", "schedule", "augment", "batch_size", "epochs",
+                     "lr_factor"}
+    for field in models.ModelSpec.__dataclass_fields__:
+        assert not any(word in field for word in recipe_fields), f"ModelSpec.{field} is a training recipe"
 
 
 # One model per family also goes through model.keras and back (Keras safe mode).
@@ -366,25 +366,6 @@ def test_head_stage_training_leaves_the_backbone_untouched():
         np.testing.assert_array_equal(before, after)
     assert not np.allclose(head_before, _numpy(model.get_layer(models.OUTPUT_LAYER).kernel))
     assert models.set_trainable(model, "fine-tune")["unfrozen_groups"] == ["conv3", "conv4"]
-
-
-def test_make_optimizer_follows_the_spec():
-    sgd = models.make_optimizer("basic-cnn", steps_per_epoch=10, epochs=5)
-    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov
-    schedule = sgd.learning_rate if callable(sgd.learning_rate) else sgd._learning_rate
-    assert float(schedule(0)) == pytest.approx(0.01)
-    assert float(schedule(10)) == pytest.approx(0.009)  # one epoch later: x0.9
-    adamw = models.make_optimizer(models.get_spec("cnn-bn"), lr=3e-4, steps_per_epoch=4, epochs=2)
-    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(1e-4)
-    constant = models.make_optimizer("efficientnet-b0", 1e-4, schedule="constant", optimizer="adam",
-                                     weight_decay=0)
-    assert isinstance(constant, keras.optimizers.Adam) and float(constant.learning_rate) == pytest.approx(1e-4)
-    with pytest.raises(ConfigError, match="valid optimizers"):
-        models.make_optimizer("cnn-bn", optimizer="lbfgs")
-    with pytest.raises(ConfigError, match="valid schedules"):
-        models.make_optimizer("cnn-bn", schedule="step")
-    with pytest.raises(ConfigError, match="positive"):
-        models.make_optimizer("cnn-bn", lr=0)
 
 
 def test_backbone_head_join_for_cached_features(tmp_path):

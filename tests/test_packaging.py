@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a source distribution of the project holds: the package, the dashboard and the build files.
-SOURCES = ["melcore", "trainers", "pages", "assets", ".streamlit", "app.py", "pyproject.toml", "README.md",
+SOURCES = ["melcore", "trainers", "pages", "ui", "assets", ".streamlit", "app.py", "pyproject.toml", "README.md",
            "requirements.txt", "requirements-dev.txt"]
 
 

@@ -1,4 +1,4 @@
-"""The Patients page (pages/patients.py) and the shared widgets (pages/widgets.py), with AppTest."""
+"""The Patients page (pages/patients.py) and the shared widgets (ui/widgets.py), with AppTest."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def test_derm_real_dev_lists_lesions_images_with_their_diagnoses_and_melanoma_wo
 
 
 def test_load_tile_reads_only_inside_the_roots(tmp_path):
-    from pages.widgets import load_tile
+    from ui.widgets import load_tile
 
     folder = _awkward_dataset(tmp_path)
     roots = [folder / "img", folder]
@@ -268,7 +268,7 @@ def _strip_app(folder: str) -> None:
     import pandas as pd
     import streamlit as st
 
-    from pages.widgets import patient_strip
+    from ui.widgets import patient_strip
 
     root = Path(folder)
     lesions = pd.DataFrame({"image_name": ["ok0", "ok1", "lost"],
@@ -294,7 +294,7 @@ def test_patient_strip_shows_the_other_lesions_and_returns_the_click(tmp_path):
 
 
 def test_risk_badges_never_read_as_the_other_side_of_the_threshold():
-    from pages.widgets import badges
+    from ui.widgets import badges
 
     assert badges({"risk": 0.5051}, 0.50512).startswith(":green-badge[risk 0.505]")  # not "0.51"
     assert badges({"risk": 0.50515}, 0.50512).startswith(":red-badge[risk 0.51]")

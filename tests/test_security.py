@@ -568,7 +568,7 @@ def test_an_unexpected_error_shows_neither_sql_nor_parameters():
     def script():
         import sqlalchemy as sa
 
-        from pages.common import show_error
+        from ui.common import show_error
 
         show_error(sa.exc.DataError("INSERT INTO reviews (note) VALUES (?)", ("hunter2-s3cret-token",),
                                     Exception("value too long")), "Not saved")

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from melcore.errors import CohortError, ConfigError
+from melcore.training.recipes import recipe_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,12 +124,12 @@ def test_config_json_round_trip_and_resolution():
     assert json.loads(config.to_json())["clinic"] == "north"
 
     resolved = config.validate()
-    spec = get_spec("cnn-bn")
+    spec, recipe = get_spec("cnn-bn"), recipe_for("cnn-bn")
     assert resolved.image_size == spec.default_image_size
-    assert resolved.batch_size == spec.default_batch_size
-    assert resolved.optimizer == spec.default_optimizer
-    assert resolved.augment == spec.default_augment
-    assert resolved.learning_rate == spec.default_learning_rate
+    assert resolved.batch_size == recipe.batch_size
+    assert resolved.optimizer == recipe.optimizer
+    assert resolved.augment == recipe.augment
+    assert resolved.learning_rate == recipe.learning_rate
     assert config.image_size is None  # validate returns a copy
     assert TrainConfig.from_dict(resolved.to_dict()).validate() == resolved
 
@@ -431,7 +432,7 @@ def test_loaded_weights_train_head_then_fine_tune_top_blocks_on_a_fold(easy_dir,
     assert m["weights"]["loaded"] is True and m["from_scratch"] is False
     assert [(s["stage"], s["epochs_run"]) for s in m["stages"]] == [("head", 1), ("fine-tune", 1)]
     assert m["stages"][0]["unfrozen_groups"] == [] and m["stages"][1]["unfrozen_groups"] == ["conv4"]
-    assert m["stages"][1]["learning_rate"] == pytest.approx(2e-3 * models.get_spec("basic-cnn").finetune_lr_factor)
+    assert m["stages"][1]["learning_rate"] == pytest.approx(2e-3 * recipe_for("basic-cnn").finetune_lr_factor)
     assert [(h["epoch"], h["stage"]) for h in m["history"]] == [(1, "head"), (2, "fine-tune")]
     assert {c[3]["stage"] for c in recorder.batches()} == {"head", "fine-tune"}
     assert all(c[3]["epochs"] == 2 for c in recorder.calls)

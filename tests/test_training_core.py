@@ -47,6 +47,80 @@ def test_the_config_gives_the_checks_messages():
         validate(TrainConfig(model="cnn-bn", preset="fast"))
 
 
+# The defaults every model trained with when the architecture spec still held them (ModelSpec.default_*).
+_RECIPES_BEFORE = {
+    "basic-cnn": ("sgd", 0.01, 0.0, "exponential", "basic", 32, 0.1),
+    "cnn-bn": ("adamw", 1e-3, 1e-4, "cosine", "isic-strong", 32, 0.1),
+    "resnet50": ("adamw", 1e-3, 1e-5, "cosine", "isic-strong", 32, 0.1),
+    "efficientnet-b3": ("adamw", 1e-3, 1e-5, "cosine", "isic-strong", 32, 0.1),
+    "efficientnet-b5": ("adamw", 1e-3, 1e-5, "cosine", "isic-strong", 16, 0.1),
+    "efficientnet-b7-ns": ("adamw", 1e-3, 1e-5, "cosine", "isic-strong", 8, 0.1),
+    "efficientnet-lite0": ("adamw", 1e-3, 1e-5, "cosine", "isic-strong", 32, 0.1),
+    "efficientnet-lite4": ("adamw", 1e-3, 1e-5, "cosine", "isic-strong", 16, 0.1),
+}
+
+
+@pytest.mark.parametrize("model", sorted(_RECIPES_BEFORE))
+def test_a_models_default_recipe_is_the_one_it_trained_with(model):
+    from melcore.training.config import TrainConfig, validate
+    from melcore.training.recipes import recipe_for
+
+    recipe = recipe_for(model.upper().replace("-", "_"))
+    assert (recipe.optimizer, recipe.learning_rate, recipe.weight_decay, recipe.schedule, recipe.augment,
+            recipe.batch_size, recipe.finetune_lr_factor) == _RECIPES_BEFORE[model]
+    resolved = validate(TrainConfig(model=model, weights="none"))
+    assert (resolved.optimizer, resolved.learning_rate, resolved.schedule, resolved.augment,
+            resolved.batch_size) == (recipe.optimizer, recipe.learning_rate, recipe.schedule, recipe.augment,
+                                     recipe.batch_size)
+
+
+def test_every_model_has_one_recipe_and_it_names_known_choices():
+    from melcore.augment import PRESETS
+    from melcore.registry import OPTIMIZERS, REGISTRY, SCHEDULES
+    from melcore.training.recipes import RECIPES, recipe_for
+
+    assert list(RECIPES) == list(REGISTRY)
+    for recipe in RECIPES.values():
+        assert recipe.optimizer in OPTIMIZERS and recipe.schedule in SCHEDULES and recipe.augment in PRESETS
+        assert recipe.learning_rate > 0 and recipe.weight_decay >= 0 and recipe.batch_size >= 1
+    with pytest.raises(ConfigError, match="unknown model 'vgg16'; valid models: basic-cnn, cnn-bn"):
+        recipe_for("vgg16")
+
+
+def test_given_values_override_the_recipe():
+    from melcore.training.config import TrainConfig, validate
+
+    resolved = validate(TrainConfig(model="basic-cnn", optimizer="adam", learning_rate=0.5, schedule="constant",
+                                    augment="none", batch_size=4))
+    assert (resolved.optimizer, resolved.learning_rate, resolved.schedule, resolved.augment,
+            resolved.batch_size) == ("adam", 0.5, "constant", "none", 4)
+
+
+def test_make_optimizer_follows_the_recipe():
+    import keras
+
+    from melcore.registry import get_spec
+    from melcore.training.optimizers import make_optimizer
+    from melcore.training.recipes import recipe_for
+
+    sgd = make_optimizer("basic-cnn", steps_per_epoch=10, epochs=5)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov
+    schedule = sgd.learning_rate if callable(sgd.learning_rate) else sgd._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(10)) == pytest.approx(0.009)  # one epoch later: x0.9
+    adamw = make_optimizer(get_spec("cnn-bn"), lr=3e-4, steps_per_epoch=4, epochs=2)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(1e-4)
+    assert make_optimizer(recipe_for("cnn-bn")).weight_decay == pytest.approx(1e-4)
+    constant = make_optimizer("efficientnet-b0", 1e-4, schedule="constant", optimizer="adam", weight_decay=0)
+    assert isinstance(constant, keras.optimizers.Adam) and float(constant.learning_rate) == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="valid optimizers"):
+        make_optimizer("cnn-bn", optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="valid schedules"):
+        make_optimizer("cnn-bn", schedule="step")
+    with pytest.raises(ConfigError, match="positive"):
+        make_optimizer("cnn-bn", lr=0)
+
+
 def test_a_run_folder_starts_without_the_results_of_an_earlier_run(tmp_path):
     from melcore.colour import COLOUR_MODEL_FILE
     from melcore.training.config import TrainConfig

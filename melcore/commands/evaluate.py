@@ -2,9 +2,9 @@
 
 Joins a predictions CSV (image_name + ``prediction``, or ``target`` as in a Kaggle
 submission) with a labels table on image_name. The labels table is read with
-``melcore.cohort.load_cohort`` when that module is available (any format it
-knows: ISIC 2020/2019, HAM10000, generic...), otherwise (or when it cannot read
-the file) as a plain CSV with ``image_name`` and ``target``. Without ``--labels``
+``melcore.cohort.load_cohort`` (any format it knows: ISIC 2020/2019, HAM10000,
+generic...), or, when it cannot read the file, as a plain CSV with ``image_name``
+and ``target``. Without ``--labels``
 the predictions CSV itself must hold both ``target`` (label) and ``prediction``,
 as a run's ``val_predictions.csv`` does.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melcore.cohort import columns_text
+from melcore.cohort import columns_text, load_cohort
 from melcore.errors import MelcoreError
 
 _LISTED = 5
@@ -157,14 +157,10 @@ def read_predictions(path: Path) -> pd.DataFrame:
 def read_labels(path: Path, warnings: list[str]) -> pd.DataFrame:
     """Labels table -> DataFrame with image_name (str) and target (Int8, <NA> = unlabelled).
 
-    Uses ``melcore.cohort.load_cohort`` (imported lazily) when available; falls
-    back to a plain CSV with image_name and target.
+    Read with ``melcore.cohort.load_cohort``; a table it cannot read (or a missing file) is read
+    as a plain CSV with image_name and target.
     """
-    try:
-        from melcore.cohort import load_cohort
-    except ImportError:
-        load_cohort = None
-    if load_cohort is not None and path.exists():
+    if path.exists():
         try:
             cohort = load_cohort(path, check_images="none")
         except MelcoreError as exc:

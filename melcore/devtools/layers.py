@@ -8,12 +8,15 @@ depends on the dashboard::
 
 A module may import modules of its own layer or of any layer below it, never above.
 Imports inside functions count the same as imports at the top of a file: a lazy import
-is about start-up time, not about who may depend on whom. On top of the layer order:
+is about start-up time, not about who may depend on whom. The dashboard is layered the
+same way: ``app.py`` and ``pages`` -> ``ui`` (the Streamlit helpers they share) -> melcore.
+On top of the layer order:
 
-* melcore never imports Streamlit, ``pages`` or ``trainers``;
-* ``pages`` and ``app.py`` never import ``melcore.commands`` (the CLI) and, of
+* melcore never imports Streamlit, ``pages``, ``ui`` or ``trainers``;
+* ``ui`` never imports ``pages`` (helpers never depend on the pages that use them);
+* ``pages``, ``ui`` and ``app.py`` never import ``melcore.commands`` (the CLI) and, of
   ``trainers``, only :mod:`trainers.launch` (to start the background worker);
-* ``trainers`` never imports ``pages``.
+* ``trainers`` never imports ``pages`` or ``ui``.
 
 A module that is not in :data:`LAYERS` is reported too, so a new module is placed
 deliberately. Run ``python -m melcore.devtools.layers [ROOT]`` (exit status 1 on any
@@ -45,7 +48,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("interfaces", ("commands", "__main__", "dashboard")),
 )
 _INTERFACES = len(LAYERS) - 1
-_FORBIDDEN_IN_MELCORE = ("streamlit", "pages", "trainers")
+_FORBIDDEN_IN_MELCORE = ("streamlit", "pages", "ui", "trainers")
+_DASHBOARD = ("pages", "ui", "app")
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def _melcore_target(name: str, known: set[str]) -> str:
 
 
 def _sources(root: Path) -> Iterator[Path]:
-    for folder in ("melcore", "pages", "trainers"):
+    for folder in ("melcore", "pages", "ui", "trainers"):
         if (root / folder).is_dir():
             yield from sorted(p for p in (root / folder).rglob("*.py") if "__pycache__" not in p.parts)
     if (root / "app.py").is_file():
@@ -122,7 +126,7 @@ def _sources(root: Path) -> Iterator[Path]:
 
 
 def check_tree(root: Path | str) -> list[Violation]:
-    """Every import in ``root``'s melcore/, pages/, trainers/ and app.py that breaks the contract.
+    """Every import in ``root``'s melcore/, pages/, ui/, trainers/ and app.py that breaks the contract.
 
     Parameters
     ----------
@@ -154,16 +158,20 @@ def check_tree(root: Path | str) -> list[Violation]:
             if top == "melcore" and first in _FORBIDDEN_IN_MELCORE:
                 violations.append(Violation(rel, line, name, f"melcore never imports {first}"))
                 continue
-            if first == "trainers" and top in ("pages", "app") and not name.startswith("trainers.launch"):
+            if first == "trainers" and top in _DASHBOARD and not name.startswith("trainers.launch"):
                 violations.append(Violation(rel, line, name, "pages start the worker through trainers.launch only"))
                 continue
-            if first == "pages" and top == "trainers":
-                violations.append(Violation(rel, line, name, "trainers never import pages"))
+            if first in ("pages", "ui") and top == "trainers":
+                violations.append(Violation(rel, line, name, f"trainers never import {first}"))
+                continue
+            if first in ("pages", "app") and top == "ui":
+                violations.append(Violation(rel, line, name, "ui holds the helpers the pages use: it never imports "
+                                                             "the pages or app.py"))
                 continue
             if first != "melcore":
                 continue
             target = _melcore_target(name, known)
-            if top in ("pages", "app") and (target == "melcore.commands" or target.startswith("melcore.commands.")):
+            if top in _DASHBOARD and (target == "melcore.commands" or target.startswith("melcore.commands.")):
                 violations.append(Violation(rel, line, target, "pages never import the CLI (melcore.commands); "
                                                                "call the melcore function it calls"))
                 continue

@@ -2,8 +2,9 @@
 
 Modules, each one job, imported in this order (a module imports only those above it)::
 
-    recipes    named presets (data only)
+    recipes    per-model recipes (optimizer, learning rate, augmentation...) and named presets (data only)
     config     TrainConfig and validate: the only place a config is checked
+    optimizers the optimizer and learning-rate schedule of a stage, from the model's recipe
     callbacks  progress, cancel, best epoch, selection scoring (one job each)
     runtime    op determinism for the run, the device in words
     prepare    cohort -> rows kept, split with the leakage check, the selection split

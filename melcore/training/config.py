@@ -1,8 +1,10 @@
 """What to train: :class:`TrainConfig`, and :func:`validate`, the one place a config is checked.
 
 A config is checked before any data is touched; :meth:`TrainConfig.resolved` (or
-:func:`validate`) returns a copy with every ``None`` replaced by the model spec's default,
-and names canonical.
+:func:`validate`) returns a copy with every ``None`` replaced by its default, and names
+canonical: the model's recipe (:func:`melcore.training.recipes.recipe_for`: optimizer,
+learning rate, schedule, augmentation, batch size) or its spec (image size, weights,
+fine-tune blocks).
 The value checks themselves are :mod:`melcore.checks`; the Train page, the CLI and the
 job queue all call :func:`validate`, so they give the same messages::
 
@@ -43,7 +45,7 @@ MODES = ("full", "fast-head")
 
 @dataclass
 class TrainConfig:
-    """What to train. Every ``None`` means "the model spec's default" (:meth:`resolved` fills them in).
+    """What to train. Every ``None`` means "the model's default" (:meth:`resolved` fills them in).
 
     Attributes
     ----------
@@ -54,17 +56,17 @@ class TrainConfig:
     epochs : int
         Epochs of the first stage (head stage with pretrained weights; all epochs from scratch).
     batch_size : int or None
-        None = ``spec.default_batch_size``.
+        None = the recipe's (:attr:`melcore.training.recipes.Recipe.batch_size`).
     learning_rate : float or None
-        Initial learning rate (of the head stage with pretrained weights); None = the spec's.
+        Initial learning rate (of the head stage with pretrained weights); None = the recipe's.
     optimizer : str or None
-        ``"sgd"``, ``"adam"``, ``"adamw"``; None = the spec's.
+        ``"sgd"``, ``"adam"``, ``"adamw"``; None = the recipe's.
     schedule : str or None
-        Learning-rate schedule ``"constant"``, ``"exponential"``, ``"cosine"``; None = the spec's.
+        Learning-rate schedule ``"constant"``, ``"exponential"``, ``"cosine"``; None = the recipe's.
     balance : str
         ``"none"``, ``"oversample"`` (balanced batches, the default) or ``"class-weight"``.
     augment : str or None
-        Augmentation preset (:data:`melcore.augment.PRESETS`); None = the spec's.
+        Augmentation preset (:data:`melcore.augment.PRESETS`); None = the recipe's.
     clinic : str or None
         Train on this clinic's images only; None = all clinics.
     val_fraction : float
@@ -196,7 +198,7 @@ class TrainConfig:
         return validate(self)
 
     def resolved(self) -> "TrainConfig":
-        """A validated copy with every None default replaced by the model spec's value."""
+        """A validated copy with every None default replaced by the model's recipe or spec value."""
         return validate(self)
 
     @property
@@ -226,20 +228,21 @@ def validate(config: TrainConfig) -> TrainConfig:
     c = dataclasses.replace(config)
     c.model = models.validate_model_name(c.model)
     spec = models.get_spec(c.model)
+    recipe = recipes.recipe_for(c.model)
     c.image_size = models.validate_image_size(c.model, spec.default_image_size if c.image_size is None
                                               else c.image_size)
     c.epochs = check_int("epochs", c.epochs, 1)
-    c.batch_size = check_int("batch size", spec.default_batch_size if c.batch_size is None else c.batch_size, 1)
-    c.learning_rate = check_float("learning rate", spec.default_learning_rate if c.learning_rate is None
+    c.batch_size = check_int("batch size", recipe.batch_size if c.batch_size is None else c.batch_size, 1)
+    c.learning_rate = check_float("learning rate", recipe.learning_rate if c.learning_rate is None
                                   else c.learning_rate)
     if c.learning_rate <= 0:
         raise ConfigError(f"learning rate must be positive, got {c.learning_rate}")
-    c.optimizer = check_choice("optimizer", spec.default_optimizer if c.optimizer is None else c.optimizer,
+    c.optimizer = check_choice("optimizer", recipe.optimizer if c.optimizer is None else c.optimizer,
                                models.OPTIMIZERS)
-    c.schedule = check_choice("schedule", spec.default_schedule if c.schedule is None else c.schedule,
+    c.schedule = check_choice("schedule", recipe.schedule if c.schedule is None else c.schedule,
                               models.SCHEDULES)
     c.balance = check_choice("balance", c.balance, BALANCES)
-    c.augment = augment_module.validate_preset(spec.default_augment if c.augment is None else c.augment)
+    c.augment = augment_module.validate_preset(recipe.augment if c.augment is None else c.augment)
     if c.clinic is not None:
         if not isinstance(c.clinic, str) or not c.clinic.strip():
             raise ConfigError(f"clinic must be a clinic name or null (all clinics), got {c.clinic!r}")

@@ -46,6 +46,7 @@ from melcore.training.callbacks import (
     keras_callbacks,
 )
 from melcore.training.config import validate
+from melcore.training.optimizers import make_optimizer
 from melcore.training.prepare import (
     chosen_on,
     drop_unreadable,
@@ -234,8 +235,8 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         head = models.build_head(extractor.n_features, model_name=spec.name)
-        optimizer = models.make_optimizer(spec, config.learning_rate, steps, config.epochs,
-                                          optimizer=config.optimizer, schedule=config.schedule)
+        optimizer = make_optimizer(spec, config.learning_rate, steps, config.epochs,
+                                   optimizer=config.optimizer, schedule=config.schedule)
         head.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
     n_params = int(sum(np.prod(w.shape) for w in head.trainable_weights))
     log.info("stage head: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable params on %d features",

@@ -22,7 +22,7 @@ fails fast, before training):
    (stage ``"load"``); unreadable files are left out and reported;
 6. trains. With loaded weights (ImageNet or a file): the head on the frozen backbone for ``epochs``
    epochs (stage ``"head"``), then, when ``fine_tune_epochs`` > 0, the top
-   ``unfreeze_blocks`` block groups as well at ``learning_rate x spec.finetune_lr_factor``
+   ``unfreeze_blocks`` block groups as well at ``learning_rate x recipe.finetune_lr_factor``
    (stage ``"fine-tune"``). From scratch: everything for ``epochs + fine_tune_epochs``
    epochs (stage ``"train"``). After every epoch the selection split is scored
    (stage ``"validate"``); training stops early when its AUROC has not improved for
@@ -58,6 +58,7 @@ from melcore.training.callbacks import (
     keras_callbacks,
 )
 from melcore.training.config import TrainConfig
+from melcore.training.optimizers import make_optimizer
 from melcore.training.prepare import (
     PreparedData,
     chosen_on,
@@ -66,6 +67,7 @@ from melcore.training.prepare import (
     select_table,
     split_tables,
 )
+from melcore.training.recipes import recipe_for
 from melcore.training.rundir import NO_VALIDATION, THRESHOLD, Run, RunDir
 from melcore.training.runtime import device_description, op_determinism
 
@@ -184,7 +186,7 @@ def _train_stages(config: TrainConfig, model, stages, train_data, class_weight, 
 
     from melcore import models
 
-    spec = models.get_spec(config.model)
+    recipe = recipe_for(config.model)
     steps = reporter.steps
     stage_records = []
     epoch_offset = 0
@@ -195,12 +197,12 @@ def _train_stages(config: TrainConfig, model, stages, train_data, class_weight, 
         if stage == "fine-tune" and best.best_weights is not None:
             model.set_weights(best.best_weights)  # fine-tune from the best head epoch
         trainable_stage = {"head": "head", "fine-tune": "fine-tune", "train": "all"}[stage]
-        lr = config.learning_rate * (spec.finetune_lr_factor if stage == "fine-tune" else 1.0)
+        lr = config.learning_rate * (recipe.finetune_lr_factor if stage == "fine-tune" else 1.0)
         with scope:
             info = models.set_trainable(model, trainable_stage,
                                         config.unfreeze_blocks if stage == "fine-tune" else None)
-            optimizer = models.make_optimizer(spec, lr, steps, n_epochs, optimizer=config.optimizer,
-                                              schedule=config.schedule)
+            optimizer = make_optimizer(recipe, lr, steps, n_epochs, optimizer=config.optimizer,
+                                       schedule=config.schedule)
             model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
         log.info("stage %s: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable / %s frozen params%s",
                  stage, n_epochs, steps, config.batch_size, config.optimizer, lr, config.schedule,

@@ -25,20 +25,105 @@ Presets:
     colour/texture/shape features (``colour_model.json``) delivers the predictions, with a small
     CNN from scratch kept (``cnn_prediction``) for Grad-CAM. See :data:`COLOUR_SVM_EVIDENCE`.
 
-Only the standard library and :mod:`melcore.errors` are imported here: this module is data,
-and :mod:`melcore.training.config` (which checks ``TrainConfig.preset`` against :data:`PRESETS`)
-imports it, never the other way round.
+Per-model recipes. :data:`RECIPES` holds, for every registry model, the training values a
+config leaves None (optimizer, learning rate, weight decay, schedule, augmentation, batch
+size, fine-tune learning-rate factor) as a :class:`Recipe`; :func:`melcore.training.config.validate`,
+the Train page and :func:`melcore.training.optimizers.make_optimizer` read them from here,
+and the architecture spec (:class:`melcore.registry.ModelSpec`) holds none::
+
+    recipe_for("cnn-bn")      # Recipe(optimizer='adamw', learning_rate=0.001, ..., augment='isic-strong', ...)
+
+Only the standard library, :mod:`melcore.errors` and :mod:`melcore.registry` (the model
+names) are imported here: this module is data, and :mod:`melcore.training.config` (which
+checks ``TrainConfig.preset`` against :data:`PRESETS`) imports it, never the other way round.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from melcore.errors import ConfigError
+from melcore.registry import REGISTRY, validate_model_name
 
-__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT", "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM",
-           "COLOUR_SVM_EVIDENCE", "preset_names", "get_preset", "preset_values"]
+__all__ = ["Recipe", "RECIPES", "recipe_for", "Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT",
+           "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM", "COLOUR_SVM_EVIDENCE", "preset_names", "get_preset", "preset_values"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one model trains by default: the values a :class:`~melcore.training.config.TrainConfig` None means.
+
+    Attributes
+    ----------
+    optimizer : str
+        One of :data:`melcore.registry.OPTIMIZERS`.
+    learning_rate : float
+        From-scratch learning rate, or the head-stage one in transfer learning.
+    weight_decay : float
+        Decoupled weight decay of the optimizer (0 = none).
+    schedule : str
+        One of :data:`melcore.registry.SCHEDULES` (see :func:`melcore.training.optimizers.make_optimizer`).
+    augment : str
+        Augmentation preset (:data:`melcore.augment.PRESETS`).
+    batch_size : int
+        Images per batch; fits CPU RAM / a common GPU at the model's default image size.
+    finetune_lr_factor : float
+        Fine-tune learning rate = ``learning_rate * finetune_lr_factor``.
+    """
+
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    schedule: str
+    augment: str
+    batch_size: int = 32
+    finetune_lr_factor: float = 0.1
+
+
+#: The models trained from scratch, each with its own recipe.
+_FROM_SCRATCH = {
+    "basic-cnn": Recipe(optimizer="sgd", learning_rate=0.01, weight_decay=0.0, schedule="exponential",
+                        augment="basic"),
+    "cnn-bn": Recipe(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+                     augment="isic-strong"),
+}
+#: Every pretrained model: AdamW, cosine decay, the strong ISIC augmentation; batch 32 unless
+#: :data:`_TRANSFER_BATCH_SIZES` lists a smaller one (the larger default image sizes).
+_TRANSFER = Recipe(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-5, schedule="cosine", augment="isic-strong")
+_TRANSFER_BATCH_SIZES = {
+    **{f"efficientnet-{variant}{ns}": batch for ns in ("", "-ns")
+       for variant, batch in (("b4", 16), ("b5", 16), ("b6", 8), ("b7", 8))},
+    "efficientnet-lite3": 16, "efficientnet-lite4": 16,
+}
+
+
+def _make_recipes() -> dict[str, Recipe]:
+    table = {}
+    for name, spec in REGISTRY.items():
+        if name in _FROM_SCRATCH:
+            table[name] = _FROM_SCRATCH[name]
+        elif spec.pretrained:
+            table[name] = replace(_TRANSFER, batch_size=_TRANSFER_BATCH_SIZES.get(name, _TRANSFER.batch_size))
+        else:
+            raise ConfigError(f"model {name!r} trains from scratch but has no recipe: add one to _FROM_SCRATCH "
+                              "in melcore/training/recipes.py")
+    return table
+
+
+#: registry name -> :class:`Recipe`, for every model of :data:`melcore.registry.REGISTRY`.
+RECIPES: dict[str, Recipe] = _make_recipes()
+
+
+def recipe_for(model: str) -> Recipe:
+    """The :class:`Recipe` of a registry model (case-insensitive, ``_`` = ``-``).
+
+    Raises
+    ------
+    ConfigError
+        Unknown model; the message lists every valid name.
+    """
+    return RECIPES[validate_model_name(model)]
 
 
 @dataclass(frozen=True)
@@ -52,7 +137,7 @@ class Preset:
         One sentence for menus and ``--help``.
     config : dict
         TrainConfig fields the preset sets (never ``preset`` itself); the others keep the
-        TrainConfig / model-spec defaults.
+        TrainConfig defaults and the model's :class:`Recipe`.
     evidence : str
         Where the recipe's numbers come from (benchmark, data, AUROC with CI, time).
     """

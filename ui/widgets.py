@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from melcore import settings
+from melcore import explain, settings
 from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
 from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import ImageError, MelcoreError
@@ -69,7 +69,7 @@ from melcore.formatting import as_finite, format_risk, format_threshold
 from melcore.runinfo import gradcam_caveats, run_title
 from melcore.images import ImageCache, confine, load_image, stand_in_image, thumbnail
 from melcore.safety import escape_markdown
-from pages.common import record_choice, restore_choice
+from ui.common import record_choice, restore_choice
 
 __all__ = ["Tile", "lesion_panel", "load_tile", "patient_strip", "thumbnail_grid"]
 
@@ -312,9 +312,7 @@ def _has_model(run: Mapping) -> bool:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _heatmap(run_dir: str, model_signature: tuple, image_path: str, image_signature: tuple,
              method: str, detail: str = "standard") -> np.ndarray:
-    from melcore.explain import explain_image
-
-    return explain_image(run_dir, image_path, method, detail=detail)[1]
+    return explain.explain_image(run_dir, image_path, method, detail=detail)[1]
 
 
 def _signature(path: Path) -> tuple:
@@ -337,11 +335,6 @@ def _opacity(text: str) -> float:
 def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping], key: str,
                      default_run: int | None = None) -> None:
     st.markdown("**Grad-CAM**")
-    try:
-        from melcore import explain
-    except ImportError as exc:
-        st.info(f"Grad-CAM not available ({escape_markdown(exc)}).")
-        return
     candidates = [r for r in runs if (r.get("kind") or "image") == "image" and _has_model(r)]
     if not candidates:
         st.info("Grad-CAM not available: no run of this dataset has a saved model (model.keras).")
@@ -485,9 +478,3 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
             if unscored > 0:
                 st.caption(f"{unscored} other run(s) did not score this image (e.g. it was in their training data).")
     return tile.status
-
-
-if __name__ == "__main__":  # run as a page by the legacy pages-folder mode (a deep link to /widgets)
-    from pages.common import route_through_app
-
-    route_through_app()

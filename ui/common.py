@@ -17,32 +17,14 @@ from melcore import settings
 from melcore.errors import MelcoreError
 from melcore.safety import escape_markdown
 from melcore.store import Store
+from ui.navigation import route_through_app
 
 log = logging.getLogger("melreview.pages")
 
 
-def route_through_app() -> None:
-    """Make sure this page runs inside ``app.py``'s navigation; call it first in every page.
-
-    A ``pages/`` folder beside ``app.py`` puts Streamlit in its legacy pages-folder mode
-    until ``st.navigation`` has run once in the server process. If the very first request
-    is a deep link such as ``/compare``, Streamlit runs ``pages/compare.py`` alone: no
-    ``app.py`` (page config, navigation), and the folder's files as the menu. The page
-    then switches that mode off and reruns: the rerun goes through ``app.py``, whose
-    ``st.navigation`` opens the same page (same URL path, hence same page hash).
-    """
-    try:
-        from streamlit.runtime.pages_manager import PagesManager
-    except ImportError:  # a Streamlit without the legacy mode
-        return
-    if getattr(PagesManager, "uses_pages_directory", None):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
 def page_start(title: str, caption: str | None = None) -> Store:
-    """Open a page: route it through ``app.py`` (:func:`route_through_app`), show its title and
-    caption, and return the store."""
+    """Open a page: route it through ``app.py`` (:func:`ui.navigation.route_through_app`), show its
+    title and caption, and return the store."""
     route_through_app()
     st.title(title)
     if caption:
@@ -204,7 +186,3 @@ def show_error(exc: BaseException, context: str = "") -> None:
     else:
         log.error("%sunexpected error\n%s", prefix, "".join(traceback.format_exception(exc)))
         st.error(f"{prefix}unexpected error ({type(exc).__name__}); the details are in the server's log.")
-
-
-if __name__ == "__main__":  # run as a page by the legacy pages-folder mode (a deep link to /common)
-    route_through_app()
