@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +31,7 @@ import numpy as np
 from melcore.errors import ConfigError
 
 __all__ = ["Placement", "multi_worker_strategy", "fit_loop", "predict_loop", "replica_rows",
-           "is_multi_worker"]
+           "is_multi_worker", "worker_run_dir", "check_distributable"]
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:(\d{1,5})$")
 
@@ -125,6 +126,30 @@ def multi_worker_strategy(placement: Placement):
     import tensorflow as tf
 
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def worker_run_dir(placement: Placement | None, run_dir=None):
+    """Where this worker writes its run: ``run_dir`` for the chief (or with no placement), else scratch.
+
+    Every worker trains the whole run, but only the chief's folder is the run; the others
+    write into a new temporary folder (``melreview-worker<I>-*`` in the system's temporary
+    directory) that the caller removes afterwards.
+    """
+    if placement is None or placement.is_chief:
+        return run_dir
+    return tempfile.mkdtemp(prefix=f"melreview-worker{placement.index}-")
+
+
+def check_distributable(config) -> None:
+    """ConfigError unless ``config`` (a TrainConfig) can train across workers: full mode only.
+
+    Fast-head runs spend their time computing features, which shards across workers as
+    ``features`` jobs (:mod:`melcore.shards`) instead.
+    """
+    mode = getattr(config, "mode", "full")
+    if mode != "full":
+        raise ConfigError(f"training across workers needs mode 'full', not {mode!r}; for fast-head runs, cache "
+                          "the features in shards (jobs submit --kind features --shards N) and train on one worker")
 
 
 def is_multi_worker(strategy) -> bool:

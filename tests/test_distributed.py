@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from melcore import distributed
@@ -114,3 +115,48 @@ def test_two_local_workers_train_the_same_model_as_one_process(tmp_path):
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
     for i in range(int(one["n"])):
         np.testing.assert_allclose(two[f"w{i}"], one[f"w{i}"], rtol=1e-4, atol=1e-5)
+
+
+def _train_args(cohort_dir: Path, out: Path) -> list[str]:
+    """A tiny full-mode run of the CLI (dropout off: tests/multiworker_train.py): basic-cnn at 32 px, 2 epochs."""
+    return [sys.executable, str(HERE / "multiworker_train.py"), "train", "--csv", str(cohort_dir / "labels.csv"), "--images",
+            str(cohort_dir / "images"), "--model", "basic-cnn", "--image-size", "32", "--epochs", "2",
+            "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--augment", "none", "--seed", "1",
+            "--no-early-stopping", "--workers", "1", "--quiet", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_two_workers_through_the_train_cli_record_the_run_one_process_records(tmp_path):
+    from test_train import make_easy_cohort
+
+    make_easy_cohort(tmp_path / "cohort", n_patients=12, per_patient=3, size=32)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE.parent)}
+    env.pop("TF_CONFIG", None)
+    single = subprocess.run(_train_args(tmp_path / "cohort", tmp_path / "single"), env=env, cwd=HERE.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    chief_out = tmp_path / "placed"
+    procs = [subprocess.Popen(_train_args(tmp_path / "cohort", chief_out) + ["--worker-hosts", hosts,
+                                                                              "--worker-index", str(i)],
+                              env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[1][-3000:] for o in outputs)
+    assert f"run          {chief_out}" in outputs[0][0]
+    assert "worker 1: done; worker 0 (localhost:" in outputs[1][0]
+    one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    two = json.loads((chief_out / "metrics.json").read_text())
+    assert (two["n_replicas"], one["n_replicas"]) == (2, 1)
+    assert "MultiWorkerMirroredStrategy" in two["device"]
+    for key in ("n_train", "n_select", "n_val", "n_malignant", "epochs_run", "best_epoch"):
+        assert two[key] == one[key], key
+    for key in ("train_loss", "select_loss", "select_auroc"):
+        np.testing.assert_allclose([h[key] for h in two["history"]], [h[key] for h in one["history"]],
+                                   rtol=1e-3, err_msg=key)
+    for key in ("val_loss", "val_auroc", "sensitivity", "specificity"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-3, err_msg=key)
+    assert one["history"][-1]["train_loss"] < one["history"][0]["train_loss"]  # it learned something
+    scores = [pd.read_csv(d / "val_predictions.csv")["prediction"] for d in (tmp_path / "single", chief_out)]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-3, atol=1e-5)
+    assert (chief_out / "model.keras").is_file() and (chief_out / "val_predictions.csv").is_file()
