@@ -4,8 +4,10 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
 
 * **validate** (at submit time, before anything is queued): :func:`submit_jobs` for the image-model
   kinds (the config is a :class:`melcore.training.config.TrainConfig`), :func:`submit_meta_job`
-  for ``meta`` (:func:`melcore.meta.meta_job_config`);
-* **run**: ``kind.run(ctx)`` trains on the job's dataset and returns ``(final state, run id)``;
+  for ``meta`` (:func:`melcore.meta.meta_job_config`), :func:`submit_feature_jobs` for
+  ``features`` (a TrainConfig naming the backbone, queued as one job per shard);
+* **run**: ``kind.run(ctx)`` trains on the job's dataset and returns ``(final state, run id)``
+  (a ``features`` job records no run: its progress keeps the shard's counts);
   ``ctx`` is the worker's job context (``store``, ``job``, ``report`` (the ``progress`` callback
   of :func:`melcore.training.api.fit`), ``should_stop()``, ``cancelled`` (an event));
 * **record**: :func:`record_run` registers the finished run, its metrics and its predictions
@@ -25,10 +27,11 @@ from typing import Any, Callable
 
 from melcore import settings
 from melcore.errors import ConfigError, MelcoreError
+from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
 from melcore.store import Store
 
-__all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job", "record_run",
-           "new_run_dir", "distribution_strategy"]
+__all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job",
+           "submit_feature_jobs", "record_run", "new_run_dir", "distribution_strategy"]
 
 log = logging.getLogger("melcore.jobs")
 
@@ -164,6 +167,56 @@ def run_meta_job(ctx) -> tuple[str, int | None]:
     return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
 
 
+def run_features_job(ctx) -> tuple[str, None]:
+    """Cache the backbone features of one shard of the dataset's images (:func:`melcore.shards.featurise_shard`).
+
+    The job's config is a TrainConfig plus ``shard`` and ``n_shards``; the images are the
+    dataset's rows with an image file (of ``clinic`` when the config names one), in the
+    dataset's order, so every worker cuts the same shards. The shard's counts (images,
+    taken from the cache, computed, unreadable, seconds) stay in the job's progress.
+    """
+    job = ctx.job
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    config, n_shards, shard = _feature_job_config(job["config"])
+    paths = _feature_paths(ctx.store.load_dataset_cohort(job["dataset_id"]), config.clinic)
+    rows = shard_rows(len(paths), n_shards, shard)
+    total = rows.stop - rows.start
+    log.info("features of shard %d of %d: images %d-%d of %d (%s at %d px)", shard + 1, n_shards, rows.start + 1,
+             rows.stop, len(paths), config.model, config.image_size)
+
+    def progress(done: int, _total: int) -> None:
+        ctx.report(0, done, None, {"stage": "features", "done": done, "total": total, "epochs": 1})
+
+    progress(0, total)
+    result = featurise_shard(config, paths, n_shards, shard, progress=progress, should_stop=ctx.should_stop)
+    ctx.report(0, total, None, {"stage": "features", "done": result.hits + result.misses + result.bad,
+                                "total": total, "epochs": 1, **result.to_dict()})
+    log.info("shard %d of %d: %d from the cache, %d computed, %d unreadable in %.1f s", shard + 1, n_shards,
+             result.hits, result.misses, result.bad, result.seconds)
+    if result.cancelled or ctx.cancelled.is_set():
+        return "cancelled", None
+    return "done", None
+
+
+def _feature_job_config(data: dict):
+    """(TrainConfig, n_shards, shard) of a ``features`` job's config."""
+    from melcore.training.config import TrainConfig, validate
+
+    values = dict(data)
+    n_shards, shard = values.pop("n_shards", None), values.pop("shard", None)
+    shard_rows(0, n_shards, shard)  # ConfigError naming the bad number
+    return validate(TrainConfig.from_dict(values)), n_shards, shard
+
+
+def _feature_paths(cohort, clinic: str | None) -> list[str]:
+    """The image files a ``features`` job's shards are cut from, in the cohort's order."""
+    table = cohort.table
+    if clinic is not None:
+        table = table[table["clinic"] == clinic]
+    return [str(p) for p in table["image_path"].dropna().tolist()]
+
+
 class _RecordedRun:
     """What :func:`record_run` reads of a run: its config, metrics and folder."""
 
@@ -192,8 +245,9 @@ class JobKind:
     description : str
         One sentence for ``--help`` and the pages.
     image_model : bool
-        The job's config is a TrainConfig (validated by :func:`submit_jobs`); else it is the
-        ``meta`` job's (validated by :func:`submit_meta_job`).
+        The job trains an image model from a TrainConfig (validated by :func:`submit_jobs`);
+        the other kinds have their own submit function (:func:`submit_meta_job`,
+        :func:`submit_feature_jobs`).
     run : callable(ctx) -> (state, run id)
         Trains and records the job (see the module docstring for ``ctx``).
     """
@@ -210,6 +264,8 @@ JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("kfold", "every fold of --folds K, out-of-fold predictions", True, run_kfold_job),
     JobKind("cross-clinic", "train on each clinic, score the others", True, run_cross_clinic_job),
     JobKind("meta", "metadata and patient-context model, no images", False, run_meta_job),
+    JobKind(FEATURES_JOB, "cache the backbone features of the dataset's images, one job per shard of --shards N",
+            False, run_features_job),
 )}
 #: The kinds whose config is a TrainConfig.
 IMAGE_JOB_KINDS = tuple(name for name, kind in JOB_KINDS.items() if kind.image_model)
@@ -267,3 +323,23 @@ def submit_meta_job(store: Store, dataset: dict, values: dict | None = None) -> 
             raise ConfigError(f"run #{run_id} belongs to another dataset; fuse with a run of {dataset['name']!r}")
         stored_image_scores(store, run_id)  # refuses a run without stored scores now, not in the worker
     return store.submit_job(config, dataset_id=dataset["id"], kind="meta")
+
+
+def submit_feature_jobs(store: Store, config, dataset: dict, n_shards: int) -> list[int]:
+    """Queue the feature caching of ``dataset`` with ``config``'s backbone as ``n_shards`` jobs; returns their ids.
+
+    ``config`` is a TrainConfig; its model, image size, weights, pooling, seed and TTA name
+    the cache entries a fast-head run of the same config reads (:mod:`melcore.shards`).
+    Workers sharing the store and ``MELREVIEW_HOME`` take one shard each; a shard whose
+    worker dies is requeued on its own.
+    """
+    from melcore.training.config import validate
+
+    config = validate(config)
+    shard_rows(0, n_shards, 0)  # ConfigError for a bad number of shards
+    n_images = int((dataset.get("summary") or {}).get("n_images") or 0)
+    if n_images and n_shards > n_images:
+        raise ConfigError(f"--shards {n_shards} is more than the {n_images:,} images of dataset "
+                          f"{dataset['name']!r}; use at most {n_images}")
+    return [store.submit_job(shard_config(config.to_dict(), n_shards, shard), dataset_id=dataset["id"],
+                             kind=FEATURES_JOB) for shard in range(n_shards)]
