@@ -26,23 +26,143 @@ from pathlib import Path
 from typing import Any, Callable
 
 from melcore import settings
+from melcore.distributed import (
+    Placement,
+    check_distributable,
+    is_local_host,
+    multi_worker_strategy,
+    worker_run_dir,
+)
 from melcore.errors import ConfigError, MelcoreError
 from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
 from melcore.store import Store
 
 __all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job",
-           "submit_feature_jobs", "record_run", "new_run_dir", "distribution_strategy"]
+           "submit_feature_jobs", "record_run", "new_run_dir", "distribution_strategy", "job_placement", "can_run_here",
+           "run_placed_job"]
 
 log = logging.getLogger("melcore.jobs")
 
 
 def run_train_job(ctx) -> tuple[str, int | None]:
-    """Train one model as the job's config says; returns (final state, run id)."""
+    """Train one model as the job's config says; returns (final state, run id).
+
+    A config with a ``placement`` (``{"workers": [...], "index": i}``, see
+    :func:`submit_jobs`) is worker ``i`` of a run trained across workers
+    (:func:`run_placed_job`).
+    """
     from melcore.training.api import fit
     from melcore.training.config import TrainConfig
 
-    config = TrainConfig.from_dict(ctx.job["config"])
+    data = dict(ctx.job["config"])
+    placement = data.pop("placement", None)
+    config = TrainConfig.from_dict(data)
+    if placement is not None:
+        return run_placed_job(ctx, config, Placement.from_dict(placement))
     return _train_and_record(ctx, config, config.model, fit)
+
+
+def job_placement(job: dict) -> Placement | None:
+    """The :class:`melcore.distributed.Placement` a job's config carries, or None."""
+    data = (job.get("config") or {}).get("placement")
+    return None if data is None else Placement.from_dict(data)
+
+
+def can_run_here(job: dict) -> bool:
+    """Whether this machine may claim ``job``: any job without a placement, and a placed one whose
+    address (its worker index's host) is this machine's (:func:`melcore.distributed.is_local_host`)."""
+    try:
+        placement = job_placement(job)
+    except ConfigError:
+        return True  # claimed and failed with the message, rather than left in the queue
+    return placement is None or is_local_host(placement.host)
+
+
+def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
+    """Worker ``placement.index`` of one run trained across ``placement`` (MultiWorkerMirroredStrategy).
+
+    TensorFlow fixes its collective setup at the first op of a process, and a worker process
+    may have trained before, so the training runs in a new process (``spawn``): it sets up
+    the strategy from the placement, trains with :func:`melcore.training.api.fit` and sends
+    its progress back; the job's cancel flag reaches it within one batch. Worker 0 (the chief)
+    writes ``runs/job-<id>-...`` and records the run; the others train into a scratch folder
+    they remove and end "done" without a run. Every job of the placement must be claimed (one
+    worker process per address) before any of them trains.
+    """
+    import multiprocessing
+    import queue as queue_module
+    import shutil
+
+    job = ctx.job
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    check_distributable(config)
+    run_dir = new_run_dir(job, config.model) if placement.is_chief else Path(worker_run_dir(placement, None))
+    spawn = multiprocessing.get_context("spawn")
+    messages, stop = spawn.Queue(), spawn.Event()
+    child = spawn.Process(target=_placed_training, daemon=True, name=f"melreview-placed-job-{job['id']}",
+                          args=(config.to_dict(), placement.to_dict(), ctx.store.url, job["dataset_id"],
+                                str(run_dir), messages, stop))
+    child.start()
+    log.info("job %s: %s, training in process %s", job["id"], placement, child.pid)
+    ending: tuple | None = None
+    try:
+        while ending is None:
+            if ctx.should_stop():
+                stop.set()
+            try:
+                message = messages.get(timeout=0.5)
+            except queue_module.Empty:
+                if not child.is_alive():
+                    break
+                continue
+            if message[0] == "progress":
+                ctx.report(*message[1])
+            else:
+                ending = message
+        child.join(timeout=60)
+    finally:
+        if child.is_alive():
+            child.terminate()
+        if not placement.is_chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if ending is None:
+        raise MelcoreError(f"the training process of {placement} exited with status {child.exitcode} before the "
+                           "run ended (see the worker log)")
+    if ending[0] == "error":
+        raise MelcoreError(ending[1]) if ending[2] else RuntimeError(ending[1])
+    if ending[1] or ctx.cancelled.is_set():
+        return "cancelled", None
+    if not placement.is_chief:
+        log.info("job %s: done; worker 0 (%s) records the run", job["id"], placement.workers[0])
+        return "done", None
+    from melcore.training.rundir import Run
+
+    return "done", record_run(ctx.store, Run.load(run_dir), dataset_id=job["dataset_id"], job_id=job["id"])
+
+
+def _placed_training(config: dict, placement: dict, store_url: str, dataset_id: int, run_dir: str, messages,
+                     stop) -> None:
+    """The body of :func:`run_placed_job`'s process; ends by putting ("end", cancelled) or ("error", text, is_ours)."""
+    try:
+        strategy = multi_worker_strategy(Placement.from_dict(placement))
+        from melcore.training.api import fit
+        from melcore.training.config import TrainConfig
+
+        store = Store(store_url)
+        cohort = store.load_dataset_cohort(dataset_id)
+        store.close()
+
+        def progress(*values) -> None:
+            messages.put(("progress", values))
+
+        run = fit(TrainConfig.from_dict(config), cohort, progress=progress, should_stop=stop.is_set,
+                  run_dir=run_dir, strategy=strategy)
+        messages.put(("end", bool(run.cancelled)))
+    except MelcoreError as exc:
+        messages.put(("error", str(exc), True))
+    except Exception as exc:  # noqa: BLE001 - reported to the job, whose worker logs it
+        messages.put(("error", f"{type(exc).__name__}: {exc}", False))
 
 
 def _train_and_record(ctx, config, label: str, train, *args) -> tuple[str, int | None]:
@@ -284,14 +404,25 @@ def get_job_kind(name: str) -> JobKind:
     return JOB_KINDS[name]
 
 
-def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train") -> list[int]:
-    """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids."""
+def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train",
+                workers: Placement | None = None) -> list[int]:
+    """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids.
+
+    With ``workers`` (a :class:`melcore.distributed.Placement`; its index is ignored) one
+    ``train`` run is queued across them: one job per worker address, each carrying the
+    placement and its index in its config; the worker process on each address's machine
+    claims that address's job (:func:`can_run_here`), and worker 0's job records the run.
+    """
     from dataclasses import replace
 
     from melcore.training.config import validate
 
     if kind not in IMAGE_JOB_KINDS:
         raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(IMAGE_JOB_KINDS)}")
+    if workers is not None:
+        if kind != "train" or each_clinic:
+            raise ConfigError("a run across workers is one train job (no --each-clinic, --folds or cross-clinic)")
+        check_distributable(config)
     if kind == "cross-clinic" and (each_clinic or config.clinic is not None):
         raise ConfigError("a cross-clinic job trains on every clinic itself; give no clinic")
     validate(config)
@@ -305,6 +436,9 @@ def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, 
         configs = [replace(config, clinic=clinic) for clinic in clinics]
     else:
         configs = [config]
+    if workers is not None:
+        return [store.submit_job({**config.to_dict(), "placement": Placement(workers.workers, i).to_dict()},
+                                 dataset_id=dataset["id"], kind=kind) for i in range(workers.n_workers)]
     return [store.submit_job(c.to_dict(), dataset_id=dataset["id"], kind=kind) for c in configs]
 
 

@@ -555,6 +555,10 @@ def _extras(job: dict) -> list[str]:
         extras.append("fast head")
     if config.get("preset"):
         extras.append(f"preset {config['preset']}")
+    placement = config.get("placement") or {}
+    if placement:
+        extras.append(f"worker {placement.get('index')} of {len(placement.get('workers') or [])}"
+                      + (" (records the run)" if placement.get("index") == 0 else ""))
     return extras
 
 

@@ -160,3 +160,60 @@ def test_two_workers_through_the_train_cli_record_the_run_one_process_records(tm
     scores = [pd.read_csv(d / "val_predictions.csv")["prediction"] for d in (tmp_path / "single", chief_out)]
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-3, atol=1e-5)
     assert (chief_out / "model.keras").is_file() and (chief_out / "val_predictions.csv").is_file()
+
+
+def test_a_job_placed_on_another_machine_is_left_for_that_machine(tmp_path):
+    from melcore.jobs import can_run_here
+    from melcore.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    elsewhere = store.submit_job({"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222",
+                                                                                 "localhost:2223"], "index": 0}})
+    here = store.submit_job({"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222",
+                                                                            "localhost:2223"], "index": 1}})
+    plain = store.submit_job({"model": "basic-cnn"})
+    assert store.claim_job("w1", accept=can_run_here)["id"] == here
+    assert store.claim_job("w2", accept=can_run_here)["id"] == plain
+    assert store.claim_job("w3", accept=can_run_here) is None
+    assert store.get_job(elsewhere)["state"] == "queued"
+    assert store.claim_job("w4")["id"] == elsewhere  # without the filter (as before) the oldest is taken
+
+
+@pytest.mark.slow
+def test_jobs_submitted_across_two_local_workers_train_one_recorded_run(tmp_path, capsys):
+    from test_train import make_easy_cohort
+
+    from melcore.__main__ import main
+    from melcore.store import Store
+
+    csv, images = make_easy_cohort(tmp_path / "cohort", n_patients=12, per_patient=3, size=32)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.register_dataset("easy", csv, images)
+    hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--model", "basic-cnn", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "8", "--augment", "none", "--seed", "1", "--workers", "1",
+                 "--worker-hosts", hosts]) == 0
+    ids = [int(line) for line in capsys.readouterr().out.split()]
+    assert [store.get_job(i)["config"]["placement"]["index"] for i in ids] == [0, 1]
+    assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--model", "basic-cnn", "--mode", "fast-head",
+                 "--worker-hosts", hosts]) == 2
+    assert "needs mode 'full'" in capsys.readouterr().err
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE.parent)}
+    env.pop("TF_CONFIG", None)
+    workers = [subprocess.Popen([sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
+                                cwd=HERE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    chief, other = (store.get_job(i) for i in ids)
+    assert (chief["state"], other["state"]) == ("done", "done"), (chief["error"], other["error"])
+    assert chief["run_id"] is not None and other["run_id"] is None
+    assert len({chief["worker_id"], other["worker_id"]}) == 2
+    run = store.get_run(chief["run_id"])
+    assert run["metrics"]["n_replicas"] == 2 and "2 workers" in run["metrics"]["device"]
+    assert [r["id"] for r in store.list_runs()] == [run["id"]]  # only the chief recorded a run
+    assert len(store.get_predictions(run["id"])) == run["metrics"]["n_val"]
+    assert any(point.get("end_of_epoch") for point in chief["history"])  # progress came back from the process
+    assert main(["jobs", "--db", url, "list"]) == 0
+    assert "as worker 1 of 2" in capsys.readouterr().out

@@ -2,7 +2,8 @@
 
 ``jobs submit --kind features --shards N`` queues the feature caching of a dataset as N jobs,
 one per shard (:mod:`melcore.shards`); any number of workers sharing the store and
-``MELREVIEW_HOME`` compute them at once.
+``MELREVIEW_HOME`` compute them at once. ``jobs submit --worker-hosts H:P,H:P`` queues one
+model trained across workers, one job per address (:func:`melcore.jobs.submit_jobs`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import time
 
 from melcore.commands._listing import print_listing
+from melcore.distributed import Placement
 from melcore.errors import ConfigError
 from melcore.jobs import JOB_KINDS, submit_feature_jobs, submit_jobs, submit_meta_job
 from melcore.shards import FEATURES_JOB
@@ -19,7 +21,7 @@ from melcore.store import Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore.commands.train import add_train_options
+    from melcore.commands.train import add_placement_options, add_train_options
 
     parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="features jobs: split the dataset's images into N shards, one job each (default 1); "
                              "every worker sharing the store and MELREVIEW_HOME takes one at a time")
     add_train_options(submit)
+    add_placement_options(submit, index=False)
     listing = actions.add_parser("list", help="the jobs, newest first")
     listing.add_argument("--json", action="store_true", help="one JSON array")
     listing.add_argument("--limit", type=int, default=50)
@@ -59,6 +62,9 @@ def _job_line(job: dict) -> str:
         detail += f" run {job['run_id']}"
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
     what = "patient context" if job["kind"] == "meta" else config.get("model", "?")
+    if config.get("placement"):
+        placement = config["placement"]
+        what += f" as worker {placement.get('index')} of {len(placement.get('workers') or [])}"
     if job["kind"] == FEATURES_JOB:
         what = f"features of {what} at {config.get('image_size')} px, shard {int(config.get('shard', 0)) + 1}" \
             f"/{config.get('n_shards', '?')}"
@@ -89,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
 
         from melcore.commands.train import config_from_args
 
+        if args.worker_hosts is not None and args.kind != "train":
+            raise ConfigError("--worker-hosts goes with --kind train: one model trained across the workers")
         if args.shards is not None and args.kind != FEATURES_JOB:
             raise ConfigError(f"--shards goes with --kind {FEATURES_JOB}")
         if args.kind == "meta":
@@ -113,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             if args.folds < 2:
                 raise ConfigError(f"--folds must be at least 2, got {args.folds}")
             config, kind = replace(config, n_folds=args.folds), "kfold"
-        return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind))
+        workers = None if args.worker_hosts is None else Placement.parse(args.worker_hosts, 0)
+        return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind, workers=workers))
     if args.action == "list":
         keys = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at",
                 "started_at", "finished_at", "run_id", "error", "cancel_requested")

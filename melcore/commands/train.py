@@ -193,12 +193,17 @@ def add_output_options(parser: argparse.ArgumentParser, default_out: str):
     return out
 
 
-def add_placement_options(parser: argparse.ArgumentParser):
-    """--worker-hosts and --worker-index (training across processes or machines); returns the group.
+def add_placement_options(parser: argparse.ArgumentParser, index: bool = True):
+    """--worker-hosts and (with ``index``) --worker-index, training across processes or machines; returns the group.
 
     :func:`placement_from_args` reads them.
     """
     group = parser.add_argument_group("several machines (MultiWorkerMirroredStrategy)")
+    if not index:
+        group.add_argument("--worker-hosts", metavar="HOST:PORT,...",
+                           help="queue one train job per address: a worker process on each address's machine "
+                                "claims its job and they train one model together; worker 0's job records the run")
+        return group
     group.add_argument("--worker-hosts", metavar="HOST:PORT,...",
                        help="train one model across these worker processes (one per machine): every worker runs "
                             "the same command with its own --worker-index and a free port of its machine; "
