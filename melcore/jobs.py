@@ -20,6 +20,7 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     messages, stop = spawn.Queue(), spawn.Event()
     child = spawn.Process(target=_placed_training, daemon=True, name=f"melreview-placed-job-{job['id']}",
                           args=(config.to_dict(), placement.to_dict(), ctx.store.url, job["dataset_id"],
-                                str(run_dir), messages, stop))
+                                str(run_dir), messages, stop, os.getpid()))
     child.start()
     log.info("job %s: %s, training in process %s", job["id"], placement, child.pid)
     ending: tuple | None = None
@@ -142,8 +143,15 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
 
 
 def _placed_training(config: dict, placement: dict, store_url: str, dataset_id: int, run_dir: str, messages,
-                     stop) -> None:
-    """The body of :func:`run_placed_job`'s process; ends by putting ("end", cancelled) or ("error", text, is_ours)."""
+                     stop, parent: int) -> None:
+    """The body of :func:`run_placed_job`'s process; ends by putting ("end", cancelled) or ("error", text, is_ours).
+
+    Stops within one batch when ``stop`` is set or its worker process (``parent``) is gone.
+    """
+
+    def should_stop() -> bool:
+        return stop.is_set() or os.getppid() != parent
+
     try:
         strategy = multi_worker_strategy(Placement.from_dict(placement))
         from melcore.training.api import fit
@@ -156,7 +164,7 @@ def _placed_training(config: dict, placement: dict, store_url: str, dataset_id: 
         def progress(*values) -> None:
             messages.put(("progress", values))
 
-        run = fit(TrainConfig.from_dict(config), cohort, progress=progress, should_stop=stop.is_set,
+        run = fit(TrainConfig.from_dict(config), cohort, progress=progress, should_stop=should_stop,
                   run_dir=run_dir, strategy=strategy)
         messages.put(("end", bool(run.cancelled)))
     except MelcoreError as exc:

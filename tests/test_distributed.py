@@ -217,3 +217,19 @@ def test_jobs_submitted_across_two_local_workers_train_one_recorded_run(tmp_path
     assert any(point.get("end_of_epoch") for point in chief["history"])  # progress came back from the process
     assert main(["jobs", "--db", url, "list"]) == 0
     assert "as worker 1 of 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--worker-hosts", "localhost:2222,localhost:2223"], "needs --worker-index"),
+    (["--worker-index", "1"], "--worker-index goes with --worker-hosts"),
+    (["--worker-hosts", "localhost:2222,localhost:2223", "--worker-index", "2"], "worker index must be 0..1"),
+    (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--mode", "fast-head"], "needs mode 'full'"),
+    (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--folds", "3"], "--folds trains on one worker"),
+])
+def test_bad_placements_on_the_train_cli_exit_2_before_training(tmp_path, capsys, extra, message):
+    from melcore.__main__ import main
+
+    code = main(["train", "--csv", str(tmp_path / "missing.csv"), "--model", "basic-cnn", "--image-size", "32",
+                 *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
