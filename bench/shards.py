@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             *rows,
             "",
             f"`{headline}`. The 2 cores were shared with other engineers' work during the run (load averages "
-            "above), and on one 2-core machine two workers split the same cores that TensorFlow's thread pools "
-            "already use, so the ratio here is a floor for what several machines give, not a measure of it: "
-            "on N machines each shard runs on its own cores.",
+            "above). On one 2-core machine two workers split the cores TensorFlow's thread pools already use, "
+            "so this measures sharing one machine; several machines (each shard on its own cores) were not "
+            "measured here.",
             "",
         ])
         with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as out:
