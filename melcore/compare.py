@@ -49,6 +49,7 @@ from melcore.metrics import (
     operating_point_ci,
     paired_auroc_bootstrap,
     partial_auroc,
+    partial_auroc_bootstrap,
     partial_auroc_ci,
     per_group,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "SPLITS",
     "CrossClinic",
     "GroupBreakdown",
+    "PAIRED_PAUC_COLUMNS",
     "RunEvaluation",
     "apply_subset",
     "at_threshold_table",
@@ -596,15 +598,21 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
         ``n_shared`` (images scored by both), ``n_malignant``, ``n_patients``,
         ``auroc_a``, ``auroc_b``, ``diff`` (a - b) on the shared images, ``delong_p``,
         ``bootstrap_p``, ``bootstrap_low``, ``bootstrap_high`` (interval of the
-        difference) and ``note``. The bootstrap is run only when some patient has
-        several shared images (otherwise it would resample images, which DeLong
-        already covers); undefined values are nan with a note.
+        difference), the partial AUROCs above :data:`~melcore.metrics.PAUC_MIN_TPR`
+        sensitivity (unstandardised, ISIC 2024) ``pauc_a``, ``pauc_b`` with their
+        intervals ``pauc_a_low``... and ``pauc_diff`` (a - b) with ``pauc_diff_low``,
+        ``pauc_diff_high``, and ``note``. The AUROC bootstrap is run only when some
+        patient has several shared images (otherwise it would resample images, which
+        DeLong already covers); the pAUC intervals always come from a paired bootstrap
+        (the same resamples of patients, else images, for both runs). Undefined values
+        are nan with a note.
     """
     rows = []
     for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2):
         row = {"run_a": name_a, "run_b": name_b, "n_shared": 0, "n_malignant": 0, "n_patients": 0,
                "auroc_a": math.nan, "auroc_b": math.nan, "diff": math.nan, "delong_p": math.nan,
-               "bootstrap_p": math.nan, "bootstrap_low": math.nan, "bootstrap_high": math.nan, "note": ""}
+               "bootstrap_p": math.nan, "bootstrap_low": math.nan, "bootstrap_high": math.nan,
+               **dict.fromkeys(PAIRED_PAUC_COLUMNS, math.nan), "note": ""}
         left = a[["image_name", "target", "prediction"] + (["group"] if "group" in a.columns else [])]
         merged = left.merge(b[["image_name", "target", "prediction"]], on="image_name", suffixes=("_a", "_b"))
         disagree = merged["target_a"] != merged["target_b"]
@@ -627,6 +635,7 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
             p1, p2 = merged["prediction_a"].to_numpy(), merged["prediction_b"].to_numpy()
             result = delong_test(y, p1, p2)
             row.update(auroc_a=result.auc1, auroc_b=result.auc2, diff=result.diff, delong_p=result.p_value)
+            row.update(_paired_pauc(y, p1, p2, groups, n_boot, seed, level))
             if groups is not None and row["n_patients"] < len(merged):
                 boot = paired_auroc_bootstrap(y, p1, p2, groups=groups, n_boot=n_boot, seed=seed, level=level)
                 row.update(bootstrap_p=boot.p_value, bootstrap_low=boot.low, bootstrap_high=boot.high)
@@ -636,7 +645,36 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
         rows.append(row)
     return pd.DataFrame(rows, columns=["run_a", "run_b", "n_shared", "n_malignant", "n_patients", "auroc_a",
                                        "auroc_b", "diff", "delong_p", "bootstrap_p", "bootstrap_low",
-                                       "bootstrap_high", "note"])
+                                       "bootstrap_high", *PAIRED_PAUC_COLUMNS, "note"])
+
+
+PAIRED_PAUC_COLUMNS = ("pauc_a", "pauc_a_low", "pauc_a_high", "pauc_b", "pauc_b_low", "pauc_b_high", "pauc_diff",
+                       "pauc_diff_low", "pauc_diff_high")
+"""The pAUC columns of :func:`pairwise_tests`."""
+
+
+def _paired_pauc(y, p1, p2, groups, n_boot: int, seed: int, level: float) -> dict:
+    """Both runs' partial AUROCs, their intervals and the interval of their difference, from one set of resamples.
+
+    :func:`~melcore.metrics.partial_auroc_bootstrap` draws the same resamples for the same
+    seed and groups, so the two bootstrap series are paired resample by resample.
+    """
+    boots = [partial_auroc_bootstrap(y, p, groups=groups, n_boot=n_boot, seed=seed) for p in (p1, p2)]
+    out = {}
+    for side, p, boot in (("a", p1, boots[0]), ("b", p2, boots[1])):
+        out[f"pauc_{side}"] = partial_auroc(y, p, PAUC_MIN_TPR)
+        out[f"pauc_{side}_low"], out[f"pauc_{side}_high"] = _percentile(boot, level)
+    out["pauc_diff"] = out["pauc_a"] - out["pauc_b"]
+    out["pauc_diff_low"], out["pauc_diff_high"] = _percentile(boots[0] - boots[1], level)
+    return out
+
+
+def _percentile(values: np.ndarray, level: float) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if len(finite) == 0:
+        return math.nan, math.nan
+    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 class GroupBreakdown:

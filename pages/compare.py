@@ -319,11 +319,24 @@ PAUC_NOTE = ("pAUC = partial AUROC above 80% sensitivity, unstandardised as in I
              "McClish-standardised max_fpr value), with its patient-bootstrap 95% CI.")
 
 
-def _pauc_columns(table: pd.DataFrame) -> dict:
-    """The pAUC and its CI as display columns, beside the AUROC's."""
-    return {"pAUC (sens ≥ 80%)": table["pauc"].round(4),
-            "pAUC 95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
-                            for lo, hi in zip(table["pauc_low"], table["pauc_high"])]}
+PAUC_HEADER = "pAUC sens ≥ 80% (ISIC 2024)"
+"""Column header of the partial AUROC in every table (:data:`PAUC_NOTE` says which area it is)."""
+
+
+def _interval_text(lows, highs, signed: bool = False) -> list[str]:
+    """Interval bounds as text ("0.012-0.034", or "-0.010 to +0.020" for a signed difference); "" when undefined."""
+    return [("" if not np.isfinite(lo) else f"{lo:+.3f} to {hi:+.3f}" if signed else f"{lo:.3f}-{hi:.3f}")
+            for lo, hi in zip(lows, highs)]
+
+
+def _pauc_columns(table: pd.DataFrame, column: str = "pauc", run: str = "") -> dict:
+    """The pAUC ``table[column]`` and its CI (``column_low``, ``column_high``) as display columns.
+
+    ``run`` ("A", "B") names the run of a pairwise table in the headers.
+    """
+    name = f"pAUC {run}".strip()
+    return {PAUC_HEADER.replace("pAUC", name, 1): table[column].round(4),
+            f"{name} 95% CI": _interval_text(table[f"{column}_low"], table[f"{column}_high"])}
 
 
 def _decision_curve(evaluations: dict, threshold: float, names: list) -> None:
@@ -461,11 +474,13 @@ def _clinic_table(breakdowns: dict, threshold: float) -> None:
         "AUROC": rows["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else "" for lo, hi in
                    zip(rows["auroc_low"], rows["auroc_high"])],
+        **_pauc_columns(rows),
         "Sensitivity": rows["sensitivity"].map(_pct), "Specificity": rows["specificity"].map(_pct),
         "PPV": rows["ppv"].map(_pct), "Biopsies / melanoma": rows["biopsies_per_melanoma"].map(_biopsies),
         "Note": rows["note"],
     })
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table")
+    st.caption(PAUC_NOTE)
     for run, clinic, dropped in zip(rows["run"], rows["group"], rows["boot_dropped"]):
         note = bootstrap_dropped_note(int(dropped), N_BOOT)
         if note:
@@ -529,11 +544,16 @@ def _pairwise_section(table: pd.DataFrame) -> None:
         shown["Patient-bootstrap p"] = table["bootstrap_p"].map(_p_value)
         shown["95% CI of A - B"] = [f"{lo:.3f} to {hi:.3f}" if np.isfinite(lo) else ""
                                     for lo, hi in zip(table["bootstrap_low"], table["bootstrap_high"])]
+    for run in ("a", "b"):
+        shown = shown.assign(**_pauc_columns(table, f"pauc_{run}", run.upper()))
+    shown["pAUC A - B"] = table["pauc_diff"].round(4)
+    shown["95% CI of pAUC A - B"] = _interval_text(table["pauc_diff_low"], table["pauc_diff_high"], signed=True)
     shown["Note"] = table["note"]
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_pairwise")
     st.caption("Each pair is compared on the images both runs scored (joined on image name). DeLong's test treats "
                "images as independent; when patients have several lesions the paired patient bootstrap "
-               f"({N_BOOT:,} resamples) is the one to trust.")
+               f"({N_BOOT:,} resamples) is the one to trust. The pAUC intervals come from the paired patient "
+               "bootstrap (the same resamples for both runs). " + PAUC_NOTE)
 
 
 def _clinic_bars(breakdowns: dict, names: list) -> None:

@@ -19,6 +19,10 @@ from melcore.jobs import JOB_KINDS, submit_feature_jobs, submit_jobs, submit_met
 from melcore.shards import FEATURES_JOB
 from melcore.store import Store
 
+JOB_FIELDS = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at", "started_at",
+              "finished_at", "run_id", "error", "cancel_requested")
+"""Fields of each object of ``jobs list --json``, in order (documented in the README; scripts rely on them)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from melcore.commands.train import add_placement_options, add_train_options
@@ -124,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
         workers = None if args.worker_hosts is None else Placement.parse(args.worker_hosts, 0)
         return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind, workers=workers))
     if args.action == "list":
-        keys = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at",
-                "started_at", "finished_at", "run_id", "error", "cancel_requested")
-        print_listing(store.list_jobs(limit=args.limit), keys, _job_line, as_json=args.json, what="jobs")
+        print_listing(store.list_jobs(limit=args.limit), JOB_FIELDS, _job_line, as_json=args.json, what="jobs")
         return 0
     state = store.request_cancel(args.job_id)
     print(f"job {args.job_id}: {state}" + (" (stops within one batch)" if state == "running" else ""))
