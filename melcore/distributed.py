@@ -22,6 +22,8 @@ import json
 import math
 import os
 import re
+import socket
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +32,7 @@ import numpy as np
 from melcore.errors import ConfigError
 
 __all__ = ["Placement", "multi_worker_strategy", "fit_loop", "predict_loop", "replica_rows",
-           "is_multi_worker"]
+           "is_multi_worker", "worker_run_dir", "check_distributable", "is_local_host"]
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:(\d{1,5})$")
 
@@ -113,6 +115,21 @@ class Placement:
     def to_dict(self) -> dict:
         return {"workers": list(self.workers), "index": self.index}
 
+    @classmethod
+    def from_dict(cls, data) -> "Placement":
+        """From :meth:`to_dict`'s ``{"workers": [...], "index": i}`` (e.g. a job's config)."""
+        if not isinstance(data, Mapping) or "workers" not in data:
+            raise ConfigError(f"a placement is {{'workers': ['host:port', ...], 'index': i}}, got {data!r}")
+        return cls(tuple(data["workers"]), data.get("index", 0))
+
+    @property
+    def host(self) -> str:
+        """The host part of this worker's address (brackets of an IPv6 address removed)."""
+        return self.workers[self.index].rsplit(":", 1)[0].strip("[]")
+
+    def __str__(self) -> str:
+        return f"worker {self.index} of {self.n_workers} ({', '.join(self.workers)})"
+
 
 def multi_worker_strategy(placement: Placement):
     """A :class:`tf.distribute.MultiWorkerMirroredStrategy` for ``placement``.
@@ -125,6 +142,44 @@ def multi_worker_strategy(placement: Placement):
     import tensorflow as tf
 
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def worker_run_dir(placement: Placement | None, run_dir=None):
+    """Where this worker writes its run: ``run_dir`` for the chief (or with no placement), else scratch.
+
+    Every worker trains the whole run, but only the chief's folder is the run; the others
+    write into a new temporary folder (``melreview-worker<I>-*`` in the system's temporary
+    directory) that the caller removes afterwards.
+    """
+    if placement is None or placement.is_chief:
+        return run_dir
+    return tempfile.mkdtemp(prefix=f"melreview-worker{placement.index}-")
+
+
+def is_local_host(host: str) -> bool:
+    """Whether ``host`` names this machine: localhost, its host name, or an address of it."""
+    host = host.strip().lower()
+    names = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname().lower(), socket.getfqdn().lower()}
+    if host in names:
+        return True
+    try:
+        wanted = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        mine = {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return False
+    return any(a.startswith("127.") or a == "::1" for a in wanted) or bool(wanted & mine)
+
+
+def check_distributable(config) -> None:
+    """ConfigError unless ``config`` (a TrainConfig) can train across workers: full mode only.
+
+    Fast-head runs spend their time computing features, which shards across workers as
+    ``features`` jobs (:mod:`melcore.shards`) instead.
+    """
+    mode = getattr(config, "mode", "full")
+    if mode != "full":
+        raise ConfigError(f"training across workers needs mode 'full', not {mode!r}; for fast-head runs, cache "
+                          "the features in shards (jobs submit --kind features --shards N) and train on one worker")
 
 
 def is_multi_worker(strategy) -> bool:

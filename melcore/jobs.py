@@ -4,8 +4,10 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
 
 * **validate** (at submit time, before anything is queued): :func:`submit_jobs` for the image-model
   kinds (the config is a :class:`melcore.training.config.TrainConfig`), :func:`submit_meta_job`
-  for ``meta`` (:func:`melcore.meta.meta_job_config`);
-* **run**: ``kind.run(ctx)`` trains on the job's dataset and returns ``(final state, run id)``;
+  for ``meta`` (:func:`melcore.meta.meta_job_config`), :func:`submit_feature_jobs` for
+  ``features`` (a TrainConfig naming the backbone, queued as one job per shard);
+* **run**: ``kind.run(ctx)`` trains on the job's dataset and returns ``(final state, run id)``
+  (a ``features`` job records no run: its progress keeps the shard's counts);
   ``ctx`` is the worker's job context (``store``, ``job``, ``report`` (the ``progress`` callback
   of :func:`melcore.training.api.fit`), ``should_stop()``, ``cancelled`` (an event));
 * **record**: :func:`record_run` registers the finished run, its metrics and its predictions
@@ -18,28 +20,157 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from melcore import settings
+from melcore.distributed import (
+    Placement,
+    check_distributable,
+    is_local_host,
+    multi_worker_strategy,
+    worker_run_dir,
+)
 from melcore.errors import ConfigError, MelcoreError
+from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
 from melcore.store import Store
 
-__all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job", "record_run",
-           "RecordedRun", "PREDICTION_FILES", "new_run_dir", "distribution_strategy"]
+__all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job",
+           "submit_feature_jobs", "record_run", "RecordedRun", "PREDICTION_FILES", "new_run_dir",
+           "distribution_strategy", "job_placement", "can_run_here", "run_placed_job"]
 
 log = logging.getLogger("melcore.jobs")
 
 
 def run_train_job(ctx) -> tuple[str, int | None]:
-    """Train one model as the job's config says; returns (final state, run id)."""
+    """Train one model as the job's config says; returns (final state, run id).
+
+    A config with a ``placement`` (``{"workers": [...], "index": i}``, see
+    :func:`submit_jobs`) is worker ``i`` of a run trained across workers
+    (:func:`run_placed_job`).
+    """
     from melcore.training.api import fit
     from melcore.training.config import TrainConfig
 
-    config = TrainConfig.from_dict(ctx.job["config"])
+    data = dict(ctx.job["config"])
+    placement = data.pop("placement", None)
+    config = TrainConfig.from_dict(data)
+    if placement is not None:
+        return run_placed_job(ctx, config, Placement.from_dict(placement))
     return _train_and_record(ctx, config, config.model, fit)
+
+
+def job_placement(job: dict) -> Placement | None:
+    """The :class:`melcore.distributed.Placement` a job's config carries, or None."""
+    data = (job.get("config") or {}).get("placement")
+    return None if data is None else Placement.from_dict(data)
+
+
+def can_run_here(job: dict) -> bool:
+    """Whether this machine may claim ``job``: any job without a placement, and a placed one whose
+    address (its worker index's host) is this machine's (:func:`melcore.distributed.is_local_host`)."""
+    try:
+        placement = job_placement(job)
+    except ConfigError:
+        return True  # claimed and failed with the message, rather than left in the queue
+    return placement is None or is_local_host(placement.host)
+
+
+def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
+    """Worker ``placement.index`` of one run trained across ``placement`` (MultiWorkerMirroredStrategy).
+
+    TensorFlow fixes its collective setup at the first op of a process, and a worker process
+    may have trained before, so the training runs in a new process (``spawn``): it sets up
+    the strategy from the placement, trains with :func:`melcore.training.api.fit` and sends
+    its progress back; the job's cancel flag reaches it within one batch. Worker 0 (the chief)
+    writes ``runs/job-<id>-...`` and records the run; the others train into a scratch folder
+    they remove and end "done" without a run. Every job of the placement must be claimed (one
+    worker process per address) before any of them trains.
+    """
+    import multiprocessing
+    import queue as queue_module
+    import shutil
+
+    job = ctx.job
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    check_distributable(config)
+    run_dir = new_run_dir(job, config.model) if placement.is_chief else Path(worker_run_dir(placement, None))
+    spawn = multiprocessing.get_context("spawn")
+    messages, stop = spawn.Queue(), spawn.Event()
+    child = spawn.Process(target=_placed_training, daemon=True, name=f"melreview-placed-job-{job['id']}",
+                          args=(config.to_dict(), placement.to_dict(), ctx.store.url, job["dataset_id"],
+                                str(run_dir), messages, stop, os.getpid()))
+    child.start()
+    log.info("job %s: %s, training in process %s", job["id"], placement, child.pid)
+    ending: tuple | None = None
+    try:
+        while ending is None:
+            if ctx.should_stop():
+                stop.set()
+            try:
+                message = messages.get(timeout=0.5)
+            except queue_module.Empty:
+                if not child.is_alive():
+                    break
+                continue
+            if message[0] == "progress":
+                ctx.report(*message[1])
+            else:
+                ending = message
+        child.join(timeout=60)
+    finally:
+        if child.is_alive():
+            child.terminate()
+        if not placement.is_chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if ending is None:
+        raise MelcoreError(f"the training process of {placement} exited with status {child.exitcode} before the "
+                           "run ended (see the worker log)")
+    if ending[0] == "error":
+        raise MelcoreError(ending[1]) if ending[2] else RuntimeError(ending[1])
+    if ending[1] or ctx.cancelled.is_set():
+        return "cancelled", None
+    if not placement.is_chief:
+        log.info("job %s: done; worker 0 (%s) records the run", job["id"], placement.workers[0])
+        return "done", None
+    from melcore.training.rundir import Run
+
+    return "done", record_run(ctx.store, Run.load(run_dir), dataset_id=job["dataset_id"], job_id=job["id"])
+
+
+def _placed_training(config: dict, placement: dict, store_url: str, dataset_id: int, run_dir: str, messages,
+                     stop, parent: int) -> None:
+    """The body of :func:`run_placed_job`'s process; ends by putting ("end", cancelled) or ("error", text, is_ours).
+
+    Stops within one batch when ``stop`` is set or its worker process (``parent``) is gone.
+    """
+
+    def should_stop() -> bool:
+        return stop.is_set() or os.getppid() != parent
+
+    try:
+        strategy = multi_worker_strategy(Placement.from_dict(placement))
+        from melcore.training.api import fit
+        from melcore.training.config import TrainConfig
+
+        store = Store(store_url)
+        cohort = store.load_dataset_cohort(dataset_id)
+        store.close()
+
+        def progress(*values) -> None:
+            messages.put(("progress", values))
+
+        run = fit(TrainConfig.from_dict(config), cohort, progress=progress, should_stop=should_stop,
+                  run_dir=run_dir, strategy=strategy)
+        messages.put(("end", bool(run.cancelled)))
+    except MelcoreError as exc:
+        messages.put(("error", str(exc), True))
+    except Exception as exc:  # noqa: BLE001 - reported to the job, whose worker logs it
+        messages.put(("error", f"{type(exc).__name__}: {exc}", False))
 
 
 def _train_and_record(ctx, config, label: str, train, *args) -> tuple[str, int | None]:
@@ -189,6 +320,56 @@ def run_meta_job(ctx) -> tuple[str, int | None]:
     return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
 
 
+def run_features_job(ctx) -> tuple[str, None]:
+    """Cache the backbone features of one shard of the dataset's images (:func:`melcore.shards.featurise_shard`).
+
+    The job's config is a TrainConfig plus ``shard`` and ``n_shards``; the images are the
+    dataset's rows with an image file (of ``clinic`` when the config names one), in the
+    dataset's order, so every worker cuts the same shards. The shard's counts (images,
+    taken from the cache, computed, unreadable, seconds) stay in the job's progress.
+    """
+    job = ctx.job
+    if job.get("dataset_id") is None:
+        raise MelcoreError("the job names no dataset; submit it with a dataset")
+    config, n_shards, shard = _feature_job_config(job["config"])
+    paths = _feature_paths(ctx.store.load_dataset_cohort(job["dataset_id"]), config.clinic)
+    rows = shard_rows(len(paths), n_shards, shard)
+    total = rows.stop - rows.start
+    log.info("features of shard %d of %d: images %d-%d of %d (%s at %d px)", shard + 1, n_shards, rows.start + 1,
+             rows.stop, len(paths), config.model, config.image_size)
+
+    def progress(done: int, _total: int) -> None:
+        ctx.report(0, done, None, {"stage": "features", "done": done, "total": total, "epochs": 1})
+
+    progress(0, total)
+    result = featurise_shard(config, paths, n_shards, shard, progress=progress, should_stop=ctx.should_stop)
+    ctx.report(0, total, None, {"stage": "features", "done": result.hits + result.misses + result.bad,
+                                "total": total, "epochs": 1, **result.to_dict()})
+    log.info("shard %d of %d: %d from the cache, %d computed, %d unreadable in %.1f s", shard + 1, n_shards,
+             result.hits, result.misses, result.bad, result.seconds)
+    if result.cancelled or ctx.cancelled.is_set():
+        return "cancelled", None
+    return "done", None
+
+
+def _feature_job_config(data: dict):
+    """(TrainConfig, n_shards, shard) of a ``features`` job's config."""
+    from melcore.training.config import TrainConfig, validate
+
+    values = dict(data)
+    n_shards, shard = values.pop("n_shards", None), values.pop("shard", None)
+    shard_rows(0, n_shards, shard)  # ConfigError naming the bad number
+    return validate(TrainConfig.from_dict(values)), n_shards, shard
+
+
+def _feature_paths(cohort, clinic: str | None) -> list[str]:
+    """The image files a ``features`` job's shards are cut from, in the cohort's order."""
+    table = cohort.table
+    if clinic is not None:
+        table = table[table["clinic"] == clinic]
+    return [str(p) for p in table["image_path"].dropna().tolist()]
+
+
 class RecordedRun:
     """What :func:`record_run` reads of a run: its config, metrics and folder."""
 
@@ -217,8 +398,9 @@ class JobKind:
     description : str
         One sentence for ``--help`` and the pages.
     image_model : bool
-        The job's config is a TrainConfig (validated by :func:`submit_jobs`); else it is the
-        ``meta`` job's (validated by :func:`submit_meta_job`).
+        The job trains an image model from a TrainConfig (validated by :func:`submit_jobs`);
+        the other kinds have their own submit function (:func:`submit_meta_job`,
+        :func:`submit_feature_jobs`).
     run : callable(ctx) -> (state, run id)
         Trains and records the job (see the module docstring for ``ctx``).
     """
@@ -235,6 +417,8 @@ JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("kfold", "every fold of --folds K, out-of-fold predictions", True, run_kfold_job),
     JobKind("cross-clinic", "train on each clinic, score the others", True, run_cross_clinic_job),
     JobKind("meta", "metadata and patient-context model, no images", False, run_meta_job),
+    JobKind(FEATURES_JOB, "cache the backbone features of the dataset's images, one job per shard of --shards N",
+            False, run_features_job),
 )}
 #: The kinds whose config is a TrainConfig.
 IMAGE_JOB_KINDS = tuple(name for name, kind in JOB_KINDS.items() if kind.image_model)
@@ -253,14 +437,25 @@ def get_job_kind(name: str) -> JobKind:
     return JOB_KINDS[name]
 
 
-def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train") -> list[int]:
-    """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids."""
+def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train",
+                workers: Placement | None = None) -> list[int]:
+    """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids.
+
+    With ``workers`` (a :class:`melcore.distributed.Placement`; its index is ignored) one
+    ``train`` run is queued across them: one job per worker address, each carrying the
+    placement and its index in its config; the worker process on each address's machine
+    claims that address's job (:func:`can_run_here`), and worker 0's job records the run.
+    """
     from dataclasses import replace
 
     from melcore.training.config import validate
 
     if kind not in IMAGE_JOB_KINDS:
         raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(IMAGE_JOB_KINDS)}")
+    if workers is not None:
+        if kind != "train" or each_clinic:
+            raise ConfigError("a run across workers is one train job (no --each-clinic, --folds or cross-clinic)")
+        check_distributable(config)
     if kind == "cross-clinic" and (each_clinic or config.clinic is not None):
         raise ConfigError("a cross-clinic job trains on every clinic itself; give no clinic")
     validate(config)
@@ -274,6 +469,9 @@ def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, 
         configs = [replace(config, clinic=clinic) for clinic in clinics]
     else:
         configs = [config]
+    if workers is not None:
+        return [store.submit_job({**config.to_dict(), "placement": Placement(workers.workers, i).to_dict()},
+                                 dataset_id=dataset["id"], kind=kind) for i in range(workers.n_workers)]
     return [store.submit_job(c.to_dict(), dataset_id=dataset["id"], kind=kind) for c in configs]
 
 
@@ -292,3 +490,23 @@ def submit_meta_job(store: Store, dataset: dict, values: dict | None = None) -> 
             raise ConfigError(f"run #{run_id} belongs to another dataset; fuse with a run of {dataset['name']!r}")
         stored_image_scores(store, run_id)  # refuses a run without stored scores now, not in the worker
     return store.submit_job(config, dataset_id=dataset["id"], kind="meta")
+
+
+def submit_feature_jobs(store: Store, config, dataset: dict, n_shards: int) -> list[int]:
+    """Queue the feature caching of ``dataset`` with ``config``'s backbone as ``n_shards`` jobs; returns their ids.
+
+    ``config`` is a TrainConfig; its model, image size, weights, pooling, seed and TTA name
+    the cache entries a fast-head run of the same config reads (:mod:`melcore.shards`).
+    Workers sharing the store and ``MELREVIEW_HOME`` take one shard each; a shard whose
+    worker dies is requeued on its own.
+    """
+    from melcore.training.config import validate
+
+    config = validate(config)
+    shard_rows(0, n_shards, 0)  # ConfigError for a bad number of shards
+    n_images = int((dataset.get("summary") or {}).get("n_images") or 0)
+    if n_images and n_shards > n_images:
+        raise ConfigError(f"--shards {n_shards} is more than the {n_images:,} images of dataset "
+                          f"{dataset['name']!r}; use at most {n_images}")
+    return [store.submit_job(shard_config(config.to_dict(), n_shards, shard), dataset_id=dataset["id"],
+                             kind=FEATURES_JOB) for shard in range(n_shards)]

@@ -262,7 +262,7 @@ def predict_images(model, images_uint8: np.ndarray, tta: bool = False, batch_siz
 
 def predict_dataset(model, dataset, n_images: int, batch_sizes: Sequence[int], tta: bool,
                      progress: Callable[[int, int], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> np.ndarray | None:
+                     should_stop: Callable[[], bool] | None = None, per_batch: bool = False) -> np.ndarray | None:
     """Probabilities (float64, shape (n_images,)) for a PyDataset of image batches; None when stopped.
 
     ``batch_sizes`` lists the images in each batch of ``dataset`` (needed to average the
@@ -271,10 +271,15 @@ def predict_dataset(model, dataset, n_images: int, batch_sizes: Sequence[int], t
     Goes through ``model.predict`` (not per-batch calls) so a tf.distribute strategy
     the model was built under splits the batches across replicas correctly. Stops
     within one batch when ``should_stop()`` turns true (Keras' ``stop_predicting``).
+    With ``per_batch`` the model is called on each batch instead (``model(x, training=False)``),
+    for a model built under MultiWorkerMirroredStrategy, where ``model.predict`` cannot run
+    and every worker holds the same weights.
     """
     import keras
 
     source = _tta_batches(dataset) if tta else dataset
+    if per_batch:
+        return _predict_per_batch(model, source, n_images, batch_sizes, tta, progress, should_stop)
     stopped = [False]
     done = [0]
 
@@ -304,6 +309,27 @@ def predict_dataset(model, dataset, n_images: int, batch_sizes: Sequence[int], t
         parts.append(_tta_mean(raw[offset:offset + N_TTA_VIEWS * b], b))
         offset += N_TTA_VIEWS * b
     return np.concatenate(parts) if parts else np.empty(0, dtype="float64")
+
+
+def _predict_per_batch(model, source, n_images: int, batch_sizes: Sequence[int], tta: bool, progress,
+                       should_stop) -> np.ndarray | None:
+    """:func:`predict_dataset` by one ``model(x, training=False)`` call per batch of ``source``."""
+    parts, done = [], 0
+    for index in range(len(source)):
+        if should_stop is not None and should_stop():
+            return None
+        raw = np.asarray(model(np.asarray(source[index], dtype="float32"), training=False), dtype="float64")
+        raw = raw.reshape(-1)
+        size = batch_sizes[index] if index < len(batch_sizes) else len(raw) // (N_TTA_VIEWS if tta else 1)
+        parts.append(_tta_mean(raw, size) if tta else raw)
+        done += size
+        if progress is not None:
+            progress(min(done, n_images), n_images)
+    out = np.concatenate(parts) if parts else np.empty(0, dtype="float64")
+    if out.shape[0] != n_images:
+        raise MelcoreError(f"the model returned {out.shape[0]} predictions for {n_images} images; "
+                           "expected one probability per image")
+    return out
 
 
 def _tta_batches(base):

@@ -192,6 +192,7 @@ def _row(row) -> dict:
 
 MIGRATION_LOCK = 0x6D656C72  # PostgreSQL advisory lock key ("melr") held while the schema is created or migrated
 REQUEUED = "requeued:"  # how the note of a job put back in the queue after its worker died starts
+CLAIM_WINDOW = 200  # queued jobs a worker with an accept filter looks at per claim
 
 
 def _shortened(text: str, limit: int) -> str:
@@ -617,21 +618,26 @@ class Store:
                 attempts=0, max_attempts=max_attempts, created_at=_now(), progress={}, history=[]))
             return int(result.inserted_primary_key[0])
 
-    def claim_job(self, worker_id: str | None = None) -> dict | None:
+    def claim_job(self, worker_id: str | None = None, accept: Callable[[dict], bool] | None = None) -> dict | None:
         """Atomically take the oldest queued job for this worker; None when the queue is empty.
 
         PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED``; SQLite: the same select
         and a guarded UPDATE inside a ``BEGIN IMMEDIATE`` transaction. Either way
-        two workers can never claim the same job.
+        two workers can never claim the same job. ``accept({"id", "kind", "config"})``,
+        when given, passes over the jobs this worker cannot run (e.g. a job placed on
+        another machine); the oldest of the next :data:`CLAIM_WINDOW` queued jobs it accepts is taken.
         """
         worker_id = worker_id or default_worker_id()
         token = uuid.uuid4().hex
         now = _now()
         with self._write() as conn:
-            query = sa.select(jobs.c.id).where(jobs.c.state == "queued").order_by(jobs.c.id).limit(1)
+            query = sa.select(jobs.c.id, jobs.c.kind, jobs.c.config).where(jobs.c.state == "queued") \
+                .order_by(jobs.c.id).limit(1 if accept is None else CLAIM_WINDOW)
             if not self.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
-            job_id = conn.execute(query).scalar()
+            job_id = next((row.id for row in conn.execute(query).fetchall()
+                           if accept is None or accept({"id": row.id, "kind": row.kind, "config": row.config})),
+                          None)
             if job_id is None:
                 return None
             claimed = conn.execute(

@@ -31,6 +31,7 @@ from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from melcore.runinfo import COLOUR_SCORER, delivered_auroc, missingness_of, run_title, scratch_words
 from melcore.safety import escape_markdown
+from melcore.shards import FEATURES_JOB
 from melcore.training import config as train_module
 from melcore.training import recipes
 from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
@@ -111,6 +112,10 @@ def _progress(job: dict) -> tuple[float, str]:
     if stage == "fold":  # patient-context jobs report whole folds
         fraction = 1.0 if state == "done" else min(1.0, epoch / epochs)
         return fraction, f"fold {epoch}/{epochs} done"
+    if stage == "features":  # feature-caching shards count images
+        done, total = int(p.get("done") or 0), int(p.get("total") or 0)
+        fraction = 1.0 if state == "done" else (done / total if total else 0.0)
+        return fraction, f"features of {done:,}/{total:,} images ({fraction:.0%})"
     if stage == "load":
         done, total = int(p.get("done") or 0), int(p.get("total") or 0)
         fraction = done / total if total else 0.0
@@ -551,6 +556,8 @@ def _what(job: dict) -> str:
     config = job.get("config") or {}
     if job.get("kind") == "meta":
         return "patient context"
+    if job.get("kind") == FEATURES_JOB:
+        return f"features of {config.get('model', '?')}"
     if config.get("colour_model"):
         return f"{COLOUR_SCORER} ({config.get('model', '?')} for Grad-CAM)"
     return str(config.get("model", "?"))
@@ -563,11 +570,18 @@ def _extras(job: dict) -> list[str]:
         if config.get("image_run_id"):
             extras.append(f"fused with run #{config['image_run_id']}")
         return extras
+    if job.get("kind") == FEATURES_JOB:
+        return [f"features at {config.get('image_size') or 'default'} px",
+                f"shard {int(config.get('shard') or 0) + 1} of {config.get('n_shards')}"]
     extras = [f"{config.get('image_size') or 'default'} px", f"{config.get('epochs')} epoch(s)"]
     if config.get("mode") == "fast-head":
         extras.append("fast head")
     if config.get("preset"):
         extras.append(f"preset {config['preset']}")
+    placement = config.get("placement") or {}
+    if placement:
+        extras.append(f"worker {placement.get('index')} of {len(placement.get('workers') or [])}"
+                      + (" (records the run)" if placement.get("index") == 0 else ""))
     return extras
 
 

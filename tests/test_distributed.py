@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from melcore import distributed
@@ -114,3 +115,121 @@ def test_two_local_workers_train_the_same_model_as_one_process(tmp_path):
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
     for i in range(int(one["n"])):
         np.testing.assert_allclose(two[f"w{i}"], one[f"w{i}"], rtol=1e-4, atol=1e-5)
+
+
+def _train_args(cohort_dir: Path, out: Path) -> list[str]:
+    """A tiny full-mode run of the CLI (dropout off: tests/multiworker_train.py): basic-cnn at 32 px, 2 epochs."""
+    return [sys.executable, str(HERE / "multiworker_train.py"), "train", "--csv", str(cohort_dir / "labels.csv"), "--images",
+            str(cohort_dir / "images"), "--model", "basic-cnn", "--image-size", "32", "--epochs", "2",
+            "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--augment", "none", "--seed", "1",
+            "--no-early-stopping", "--workers", "1", "--quiet", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_two_workers_through_the_train_cli_record_the_run_one_process_records(tmp_path):
+    from test_train import make_easy_cohort
+
+    make_easy_cohort(tmp_path / "cohort", n_patients=12, per_patient=3, size=32)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE.parent)}
+    env.pop("TF_CONFIG", None)
+    single = subprocess.run(_train_args(tmp_path / "cohort", tmp_path / "single"), env=env, cwd=HERE.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    chief_out = tmp_path / "placed"
+    procs = [subprocess.Popen(_train_args(tmp_path / "cohort", chief_out) + ["--worker-hosts", hosts,
+                                                                              "--worker-index", str(i)],
+                              env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[1][-3000:] for o in outputs)
+    assert f"run          {chief_out}" in outputs[0][0]
+    assert "worker 1: done; worker 0 (localhost:" in outputs[1][0]
+    one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    two = json.loads((chief_out / "metrics.json").read_text())
+    assert (two["n_replicas"], one["n_replicas"]) == (2, 1)
+    assert "MultiWorkerMirroredStrategy" in two["device"]
+    for key in ("n_train", "n_select", "n_val", "n_malignant", "epochs_run", "best_epoch"):
+        assert two[key] == one[key], key
+    for key in ("train_loss", "select_loss", "select_auroc"):
+        np.testing.assert_allclose([h[key] for h in two["history"]], [h[key] for h in one["history"]],
+                                   rtol=1e-3, err_msg=key)
+    for key in ("val_loss", "val_auroc", "sensitivity", "specificity"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-3, err_msg=key)
+    assert one["history"][-1]["train_loss"] < one["history"][0]["train_loss"]  # it learned something
+    scores = [pd.read_csv(d / "val_predictions.csv")["prediction"] for d in (tmp_path / "single", chief_out)]
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-3, atol=1e-5)
+    assert (chief_out / "model.keras").is_file() and (chief_out / "val_predictions.csv").is_file()
+
+
+def test_a_job_placed_on_another_machine_is_left_for_that_machine(tmp_path):
+    from melcore.jobs import can_run_here
+    from melcore.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    elsewhere = store.submit_job({"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222",
+                                                                                 "localhost:2223"], "index": 0}})
+    here = store.submit_job({"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222",
+                                                                            "localhost:2223"], "index": 1}})
+    plain = store.submit_job({"model": "basic-cnn"})
+    assert store.claim_job("w1", accept=can_run_here)["id"] == here
+    assert store.claim_job("w2", accept=can_run_here)["id"] == plain
+    assert store.claim_job("w3", accept=can_run_here) is None
+    assert store.get_job(elsewhere)["state"] == "queued"
+    assert store.claim_job("w4")["id"] == elsewhere  # without the filter (as before) the oldest is taken
+
+
+@pytest.mark.slow
+def test_jobs_submitted_across_two_local_workers_train_one_recorded_run(tmp_path, capsys):
+    from test_train import make_easy_cohort
+
+    from melcore.__main__ import main
+    from melcore.store import Store
+
+    csv, images = make_easy_cohort(tmp_path / "cohort", n_patients=12, per_patient=3, size=32)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    store.register_dataset("easy", csv, images)
+    hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--model", "basic-cnn", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "8", "--augment", "none", "--seed", "1", "--workers", "1",
+                 "--worker-hosts", hosts]) == 0
+    ids = [int(line) for line in capsys.readouterr().out.split()]
+    assert [store.get_job(i)["config"]["placement"]["index"] for i in ids] == [0, 1]
+    assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--model", "basic-cnn", "--mode", "fast-head",
+                 "--worker-hosts", hosts]) == 2
+    assert "needs mode 'full'" in capsys.readouterr().err
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE.parent)}
+    env.pop("TF_CONFIG", None)
+    workers = [subprocess.Popen([sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
+                                cwd=HERE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    chief, other = (store.get_job(i) for i in ids)
+    assert (chief["state"], other["state"]) == ("done", "done"), (chief["error"], other["error"])
+    assert chief["run_id"] is not None and other["run_id"] is None
+    assert len({chief["worker_id"], other["worker_id"]}) == 2
+    run = store.get_run(chief["run_id"])
+    assert run["metrics"]["n_replicas"] == 2 and "2 workers" in run["metrics"]["device"]
+    assert [r["id"] for r in store.list_runs()] == [run["id"]]  # only the chief recorded a run
+    assert len(store.get_predictions(run["id"])) == run["metrics"]["n_val"]
+    assert any(point.get("end_of_epoch") for point in chief["history"])  # progress came back from the process
+    assert main(["jobs", "--db", url, "list"]) == 0
+    assert "as worker 1 of 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--worker-hosts", "localhost:2222,localhost:2223"], "needs --worker-index"),
+    (["--worker-index", "1"], "--worker-index goes with --worker-hosts"),
+    (["--worker-hosts", "localhost:2222,localhost:2223", "--worker-index", "2"], "worker index must be 0..1"),
+    (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--mode", "fast-head"], "needs mode 'full'"),
+    (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--folds", "3"], "--folds trains on one worker"),
+])
+def test_bad_placements_on_the_train_cli_exit_2_before_training(tmp_path, capsys, extra, message):
+    from melcore.__main__ import main
+
+    code = main(["train", "--csv", str(tmp_path / "missing.csv"), "--model", "basic-cnn", "--image-size", "32",
+                 *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -8,7 +8,10 @@ second) and reads cancel requests; training stops within one batch of a cancel.
 A worker killed outright leaves a stale heartbeat: the next worker (or the app)
 requeues the job while it has attempts left, and fails it with the reason after.
 
-Any number of workers, on one or several machines, may share one database.
+Any number of workers, on one or several machines, may share one database. A job
+placed across workers (``jobs submit --worker-hosts``) is claimed only by a worker on
+the machine its address names, and trains in a new process of its own
+(:func:`melcore.jobs.run_placed_job`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from melcore.caches import MAX_SIZE_VARIABLE, auto_prune, format_size
 from melcore.errors import MelcoreError
-from melcore.jobs import get_job_kind
+from melcore.jobs import can_run_here, get_job_kind
 from melcore.store import Store, StoreError, default_worker_id
 
 log = logging.getLogger("melreview.worker")
@@ -163,7 +166,7 @@ class Worker:
                 self.store.worker_beat(self.worker_id)
                 for recovered in self.store.requeue_stale(self.stale_after):
                     log.warning("job %s had a stale heartbeat: %s", recovered["id"], recovered["state"])
-                job = self.store.claim_job(self.worker_id)
+                job = self.store.claim_job(self.worker_id, accept=can_run_here)  # placed jobs: on their machine
                 if job is None:
                     if self.once:
                         break

@@ -1,4 +1,10 @@
-"""``python -m melcore jobs submit|list|cancel``: the background training queue (same store as the app)."""
+"""``python -m melcore jobs submit|list|cancel``: the background training queue (same store as the app).
+
+``jobs submit --kind features --shards N`` queues the feature caching of a dataset as N jobs,
+one per shard (:mod:`melcore.shards`); any number of workers sharing the store and
+``MELREVIEW_HOME`` compute them at once. ``jobs submit --worker-hosts H:P,H:P`` queues one
+model trained across workers, one job per address (:func:`melcore.jobs.submit_jobs`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,10 @@ import sys
 import time
 
 from melcore.commands._listing import print_listing
+from melcore.distributed import Placement
 from melcore.errors import ConfigError
-from melcore.jobs import JOB_KINDS, submit_jobs, submit_meta_job
+from melcore.jobs import JOB_KINDS, submit_feature_jobs, submit_jobs, submit_meta_job
+from melcore.shards import FEATURES_JOB
 from melcore.store import Store
 
 JOB_FIELDS = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at", "started_at",
@@ -17,7 +25,7 @@ JOB_FIELDS = ("id", "kind", "state", "dataset_id", "config", "progress", "attemp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore.commands.train import add_train_options
+    from melcore.commands.train import add_placement_options, add_train_options
 
     parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -31,7 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="meta jobs: patient-context features (default) or the baseline set")
     submit.add_argument("--image-run", type=int, metavar="RUN", default=None,
                         help="meta jobs: fuse with this image run's stored scores (out-of-fold, else validation)")
+    submit.add_argument("--shards", type=int, metavar="N", default=None,
+                        help="features jobs: split the dataset's images into N shards, one job each (default 1); "
+                             "every worker sharing the store and MELREVIEW_HOME takes one at a time")
     add_train_options(submit)
+    add_placement_options(submit, index=False)
     listing = actions.add_parser("list", help="the jobs, newest first")
     listing.add_argument("--json", action="store_true", help="one JSON array")
     listing.add_argument("--limit", type=int, default=50)
@@ -54,6 +66,17 @@ def _job_line(job: dict) -> str:
         detail += f" run {job['run_id']}"
     created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job["created_at"]))
     what = "patient context" if job["kind"] == "meta" else config.get("model", "?")
+    if config.get("placement"):
+        placement = config["placement"]
+        what += f" as worker {placement.get('index')} of {len(placement.get('workers') or [])}"
+    if job["kind"] == FEATURES_JOB:
+        what = f"features of {what} at {config.get('image_size')} px, shard {int(config.get('shard', 0)) + 1}" \
+            f"/{config.get('n_shards', '?')}"
+        if job["state"] == "running" and progress:
+            detail = f" {progress.get('done', 0):,}/{progress.get('total', 0):,} images"
+        elif job["state"] == "done" and "misses" in progress:
+            detail = f" {progress['misses']:,} computed, {progress['hits']:,} cached, {progress['bad']:,} unreadable" \
+                + (f" ({job['error'].splitlines()[0][:120]})" if job.get("error") else "")
     return f"{job['id']:>5}  {job['state']:<9}  {created}  {job['kind']:<12} {what} on {where}{detail}"
 
 
@@ -76,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
 
         from melcore.commands.train import config_from_args
 
+        if args.worker_hosts is not None and args.kind != "train":
+            raise ConfigError("--worker-hosts goes with --kind train: one model trained across the workers")
+        if args.shards is not None and args.kind != FEATURES_JOB:
+            raise ConfigError(f"--shards goes with --kind {FEATURES_JOB}")
         if args.kind == "meta":
             if args.each_clinic:
                 raise ConfigError("--each-clinic goes with image-model jobs; a meta job uses the whole dataset")
@@ -85,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
             return _submitted(store, ids)
         if args.image_run is not None:
             raise ConfigError("--image-run goes with --kind meta")
+        if args.kind == FEATURES_JOB:
+            if args.each_clinic or args.folds is not None:
+                raise ConfigError("--each-clinic and --folds go with training jobs; a features job caches the "
+                                  "dataset's images (give --clinic for one clinic's)")
+            return _submitted(store, submit_feature_jobs(store, config_from_args(args), dataset,
+                                                         1 if args.shards is None else args.shards))
         config, kind = config_from_args(args), args.kind
         if getattr(args, "folds", None) is not None:
             if kind == "cross-clinic":
@@ -92,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
             if args.folds < 2:
                 raise ConfigError(f"--folds must be at least 2, got {args.folds}")
             config, kind = replace(config, n_folds=args.folds), "kfold"
-        return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind))
+        workers = None if args.worker_hosts is None else Placement.parse(args.worker_hosts, 0)
+        return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind, workers=workers))
     if args.action == "list":
         print_listing(store.list_jobs(limit=args.limit), JOB_FIELDS, _job_line, as_json=args.json, what="jobs")
         return 0

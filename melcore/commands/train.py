@@ -15,6 +15,11 @@ ETA); Ctrl-C stops training within one batch (exit status 130, the partial run i
 and marked cancelled). On success the run directory and the validation results are
 printed on stdout.
 
+Across several processes or machines: ``--worker-hosts host1:port,host2:port --worker-index I``
+on every worker (the same command and data, its own index) trains one model under
+TensorFlow's MultiWorkerMirroredStrategy (:mod:`melcore.distributed`); worker 0 writes the
+run directory and prints the results, the others train into a scratch folder they remove.
+
 ``add_train_options(parser)`` and ``config_from_args(args)`` are reused by ``jobs submit``;
 ``cross-clinic`` also reuses the data/output options and :func:`train_with_progress`.
 """
@@ -23,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
+from melcore.distributed import Placement, check_distributable, multi_worker_strategy, worker_run_dir
 from melcore.errors import ConfigError
 from melcore.formatting import format_duration, format_number
 
@@ -186,10 +193,42 @@ def add_output_options(parser: argparse.ArgumentParser, default_out: str):
     return out
 
 
+def add_placement_options(parser: argparse.ArgumentParser, index: bool = True):
+    """--worker-hosts and (with ``index``) --worker-index, training across processes or machines; returns the group.
+
+    :func:`placement_from_args` reads them.
+    """
+    group = parser.add_argument_group("several machines (MultiWorkerMirroredStrategy)")
+    if not index:
+        group.add_argument("--worker-hosts", metavar="HOST:PORT,...",
+                           help="queue one train job per address: a worker process on each address's machine "
+                                "claims its job and they train one model together; worker 0's job records the run")
+        return group
+    group.add_argument("--worker-hosts", metavar="HOST:PORT,...",
+                       help="train one model across these worker processes (one per machine): every worker runs "
+                            "the same command with its own --worker-index and a free port of its machine; "
+                            "worker 0 writes the run (--workers is the image-loading threads)")
+    group.add_argument("--worker-index", type=int, metavar="I", help="this process's position in --worker-hosts (0..N-1; 0 is the chief)")
+    return group
+
+
+def placement_from_args(args: argparse.Namespace):
+    """The :class:`melcore.distributed.Placement` of ``--worker-hosts`` / ``--worker-index``, or None."""
+    workers, index = getattr(args, "worker_hosts", None), getattr(args, "worker_index", None)
+    if workers is None:
+        if index is not None:
+            raise ConfigError("--worker-index goes with --worker-hosts HOST:PORT,HOST:PORT")
+        return None
+    if index is None:
+        raise ConfigError("--worker-hosts needs --worker-index: this process's position in the list (0 is the chief)")
+    return Placement.parse(workers, index)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_options(parser)
     add_output_options(parser, "$MELREVIEW_HOME/runs/<time>-<model>-<clinic>")
     add_train_options(parser)
+    add_placement_options(parser)
 
 
 class TrainProgressBar:
@@ -321,10 +360,41 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--folds must be at least 2, got {folds}")
     if folds is not None and args.fold is not None:
         raise ConfigError("--folds trains every fold; do not combine it with --fold")
+    placement = placement_from_args(args)
+    if placement is not None:
+        check_distributable(config)
+        if folds is not None:
+            raise ConfigError("--folds trains on one worker; give --fold I to train one fold across workers")
     cohort = load_cohort_from_args(args)
     if folds is not None:
         return _run_folds(config, cohort, folds, out, args)
+    if placement is not None:
+        return _run_placed(fit, config, cohort, placement, out, args)
     result = train_with_progress(fit, config, cohort, quiet=args.quiet, run_dir=out)
+    return _report(config, result)
+
+
+def _run_placed(fit, config, cohort, placement, out, args) -> int:
+    """One worker of a run trained across ``placement``; the chief reports it, the others say whose it is."""
+    print(f"worker {placement.index} of {placement.n_workers}: waiting for every worker to join "
+          f"({', '.join(placement.workers)})", file=sys.stderr)
+    strategy = multi_worker_strategy(placement)
+    run_dir = worker_run_dir(placement, out)
+    try:
+        result = train_with_progress(fit, config, cohort, quiet=args.quiet or not placement.is_chief,
+                                     run_dir=run_dir, strategy=strategy)
+    finally:
+        if not placement.is_chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if not placement.is_chief:
+        state = "cancelled" if result.cancelled else "done"
+        print(f"worker {placement.index}: {state}; worker 0 ({placement.workers[0]}) wrote the run")
+        return 130 if result.cancelled else 0
+    return _report(config, result)
+
+
+def _report(config, result) -> int:
+    """The summary of a finished run on stdout (or the cancellation on stderr); the exit status."""
     m = result.metrics
     if result.cancelled:
         print(f"cancelled after {m.get('epochs_run', 0)} epoch(s); partial run in {result.run_dir}", file=sys.stderr)

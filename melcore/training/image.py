@@ -32,7 +32,11 @@ fails fast, before training):
 
 The run directory and its files: :mod:`melcore.training.rundir`. Progress:
 ``progress(epoch, batch, loss, metrics, eta)``, see :func:`melcore.training.api.fit`.
-Reproducibility and op determinism: :mod:`melcore.training.runtime`.
+Reproducibility and op determinism: :mod:`melcore.training.runtime`. Under a
+MultiWorkerMirroredStrategy (several processes, :mod:`melcore.distributed`) the stages run
+through :func:`melcore.distributed.fit_loop` instead of ``Model.fit`` and the selection and
+validation images are scored batch by batch; every worker computes the same scores, so they
+all stop at the same epoch.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from melcore import colour
+from melcore.distributed import fit_loop, is_multi_worker
 from melcore.errors import ConfigError, MelcoreError
 from melcore.training.callbacks import (
     BestEpoch,
@@ -212,8 +217,12 @@ def _train_stages(config: TrainConfig, model, stages, train_data, class_weight, 
         best.start_stage(config.early_stopping_patience)
         reporter.batch_seconds = None if stage != "fine-tune" else reporter.batch_seconds
         epochs_before = len(history)
-        model.fit(train_data, epochs=epoch_offset + n_epochs, initial_epoch=epoch_offset, shuffle=False,
-                  class_weight=class_weight, callbacks=callbacks, verbose=0)
+        if is_multi_worker(strategy):  # Model.fit cannot drive it (keras-team/keras#20585)
+            fit_loop(model, train_data, epochs=epoch_offset + n_epochs, initial_epoch=epoch_offset,
+                     class_weight=class_weight, callbacks=callbacks, strategy=strategy)
+        else:
+            model.fit(train_data, epochs=epoch_offset + n_epochs, initial_epoch=epoch_offset, shuffle=False,
+                      class_weight=class_weight, callbacks=callbacks, verbose=0)
         run_epochs = len(history) - epochs_before
         stage_records.append({"stage": stage, "planned_epochs": n_epochs, "epochs_run": run_epochs,
                               "learning_rate": lr, "unfrozen_groups": info["unfrozen_groups"],
@@ -260,6 +269,7 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     reporter.steps = len(train_data)
     val_paths = val_table["image_path"].tolist()
     val_batch = max(config.batch_size, 32)
+    per_batch = is_multi_worker(strategy)
 
     def predict_paths(paths: list, tta: bool = False) -> np.ndarray | None:
         from melcore.predict import predict_dataset
@@ -274,7 +284,7 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
                             eta=reporter.eta(reporter.steps, validating=True), stage="validate")
 
         return predict_dataset(model, dataset, len(paths), sizes, tta, progress=validating,
-                               should_stop=cancel.requested)
+                               should_stop=cancel.requested, per_batch=per_batch)
 
     def score_selection() -> dict | None:
         p = predict_paths(selection["image_path"].tolist())

@@ -14,6 +14,8 @@ import contextlib
 import os
 import platform
 
+from melcore.distributed import Placement, is_multi_worker
+
 __all__ = ["op_determinism", "device_description"]
 
 
@@ -48,8 +50,14 @@ def op_determinism(enabled: bool):
 
 
 def device_description(strategy) -> tuple[str, int]:
+    """The device a run trains on in words (``metrics["device"]``), and its number of replicas."""
     import tensorflow as tf
 
+    if is_multi_worker(strategy):
+        placement = Placement.from_environment()
+        where = f" on {placement.n_workers} workers ({', '.join(placement.workers)})" if placement else ""
+        return (f"MultiWorkerMirroredStrategy, {int(strategy.num_replicas_in_sync)} replicas{where}",
+                int(strategy.num_replicas_in_sync))
     if strategy is not None:
         devices = list(getattr(strategy.extended, "worker_devices", ()) or ())
         return (f"{type(strategy).__name__} over {', '.join(devices)}" if devices else type(strategy).__name__,
