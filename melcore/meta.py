@@ -72,6 +72,7 @@ from scipy.special import expit
 
 import melcore
 from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreError
+from melcore.metrics import auroc_or_none, format_auroc
 
 __all__ = [
     "FEATURE_SETS",
@@ -859,15 +860,6 @@ def _binary_targets(y, n: int) -> np.ndarray:
     return numeric.to_numpy().astype(np.int64)
 
 
-def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y)
-    if len(y) == 0 or y.min() == y.max():
-        return None
-    return float(roc_auc_score(y, p))
-
-
 # --------------------------------------------------------------------------- cross-validation
 
 @dataclass
@@ -918,7 +910,7 @@ def _per_clinic(oof: pd.DataFrame, column: str = "prediction") -> dict:
     for clinic, part in oof.groupby(clinics, sort=True):
         y = part["target"].to_numpy()
         out[str(clinic)] = {"n": int(len(part)), "n_positive": int(y.sum()),
-                            "auroc": _auroc(y, part[column].to_numpy())}
+                            "auroc": auroc_or_none(y, part[column].to_numpy())}
     return out
 
 
@@ -1005,7 +997,7 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
                 raise CohortError(f"fold {k} leaves only one class to train on; use fewer folds")
             model = MetaModel(**params).fit(X[train], y[train])
             prediction[val] = model.predict_proba(X[val])[:, 1]
-            fold_aurocs.append(_auroc(y[val], prediction[val]))
+            fold_aurocs.append(auroc_or_none(y[val], prediction[val]))
         if progress is not None:
             progress(k + 1, n_folds)
     lab = table[labelled]
@@ -1017,7 +1009,7 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
         "prediction": prediction,
         "fold": folds,
     })
-    return MetaResult(oof=oof, oof_auroc=_auroc(y, prediction), fold_aurocs=fold_aurocs,
+    return MetaResult(oof=oof, oof_auroc=auroc_or_none(y, prediction), fold_aurocs=fold_aurocs,
                       feature_names=list(X.columns), feature_set=feature_set, params=params,
                       per_clinic=_per_clinic(oof), n_folds=n_folds, seed=seed, n_groups=len(set(groups)),
                       seconds=time.perf_counter() - started, features=X.reset_index(drop=True), targets=y)
@@ -1198,7 +1190,7 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
             raise CohortError(f"fusion fold {k} leaves only one class to train on; use fewer folds")
         model = FusionModel(C).fit(Z[train], y[train])
         prediction[val] = model.predict_proba(Z[val])[:, 1]
-        fold_aurocs.append(_auroc(y[val], prediction[val]))
+        fold_aurocs.append(auroc_or_none(y[val], prediction[val]))
         if progress is not None:
             progress(i + 1, len(fold_ids))
     final = FusionModel(C).fit(Z, y)
@@ -1215,8 +1207,8 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
         "meta_prediction": meta_p,
         "ugly_duckling": ud[labelled].to_numpy()[usable],
     })
-    return FusionResult(oof=oof, oof_auroc=_auroc(y, prediction), fold_aurocs=fold_aurocs,
-                        image_auroc=_auroc(y, image_p), meta_auroc=_auroc(y, meta_p),
+    return FusionResult(oof=oof, oof_auroc=auroc_or_none(y, prediction), fold_aurocs=fold_aurocs,
+                        image_auroc=auroc_or_none(y, image_p), meta_auroc=auroc_or_none(y, meta_p),
                         feature_names=list(Z.columns), coefficients=final.coefficients(), model=final,
                         per_clinic=_per_clinic(oof))
 
@@ -1287,8 +1279,8 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
     if should_stop is not None and should_stop():
         raise CancelledError(f"stopped on request after {n_folds} of {n_folds} folds, before the final fit")
     for k, a in enumerate(result.fold_aurocs):
-        say(f"fold {k} AUROC {a:.4f}" if a is not None else f"fold {k} AUROC n/a (one class)")
-    say(f"meta OOF AUROC {result.oof_auroc:.4f}" if result.oof_auroc is not None else "meta OOF AUROC n/a")
+        say(f"fold {k} AUROC {format_auroc(a)}")
+    say(f"meta OOF AUROC {format_auroc(result.oof_auroc)}")
     metrics = result.metrics()
     metrics["model"] = "meta"
     metrics["meta_oof_auroc"] = result.oof_auroc
@@ -1311,8 +1303,8 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
             oof["prediction"] = oof["fused_prediction"]
             oof = oof.drop(columns=["fused_prediction"])
             metrics["model"] = "meta+image fusion"
-            metrics["oof_auroc"] = _auroc(oof["target"].to_numpy(), oof["prediction"].to_numpy())
-            metrics["fold_aurocs"] = [_auroc(part["target"].to_numpy(), part["prediction"].to_numpy())
+            metrics["oof_auroc"] = auroc_or_none(oof["target"].to_numpy(), oof["prediction"].to_numpy())
+            metrics["fold_aurocs"] = [auroc_or_none(part["target"].to_numpy(), part["prediction"].to_numpy())
                                       for _, part in oof.groupby("fold", sort=True)]
             metrics["per_clinic"] = _per_clinic(oof)
         else:

@@ -64,9 +64,12 @@ __all__ = [
     "RocCurve",
     "ThresholdSweep",
     "age_band",
+    "ONE_CLASS_AUROC",
     "auroc",
+    "auroc_or_none",
     "auroc_bootstrap",
     "auroc_ci",
+    "format_auroc",
     "average_precision",
     "brier_score",
     "calibration_curve",
@@ -607,6 +610,51 @@ def auroc(y, p) -> float:
     Raises MelcoreError when only one class is present.
     """
     return ThresholdSweep(y, p).auroc()
+
+
+#: How an AUROC that :func:`auroc_or_none` leaves undefined is shown (logs, CLI, pages).
+ONE_CLASS_AUROC = "n/a (one class)"
+
+
+def auroc_or_none(y, p) -> float | None:
+    """:func:`auroc` where it is defined, else None: the one policy for an AUROC that may be undefined.
+
+    A training split, a fold or a clinic can hold one class only; its AUROC is then not a
+    number at all, so it is recorded as None (JSON null) and shown as :data:`ONE_CLASS_AUROC`
+    (see :func:`format_auroc`). Use :func:`auroc` where one class is a caller's error.
+
+    Parameters
+    ----------
+    y : array-like of shape (n,)
+        0/1 labels (see the module docstring); may be empty.
+    p : array-like of shape (n,) or (n, 1)
+        Probabilities in [0, 1], no NaN.
+
+    Returns
+    -------
+    float or None
+        The area under the ROC curve, identical to ``sklearn.metrics.roc_auc_score``; None
+        when ``y`` is empty or holds one class.
+
+    Raises
+    ------
+    MelcoreError
+        Invalid labels or predictions (as :func:`auroc`).
+    """
+    if len(y) == 0:
+        return None
+    sweep = ThresholdSweep(y, p)
+    if sweep.n_malignant == 0 or sweep.n_benign == 0:
+        return None
+    return sweep.auroc()
+
+
+def format_auroc(value, fmt: str = ".4f") -> str:
+    """An AUROC for logs and messages: ``format(value, fmt)``, or :data:`ONE_CLASS_AUROC` when it is
+    None or NaN (undefined, see :func:`auroc_or_none`)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ONE_CLASS_AUROC
+    return format(value, fmt)
 
 
 def average_precision(y, p) -> float:

@@ -129,3 +129,17 @@ def test_no_training_mode_imports_the_dispatcher():
     training = ROOT / "melcore" / "training"
     for name in ("image.py", "fast_head.py", "prepare.py", "callbacks.py", "rundir.py", "config.py", "recipes.py"):
         assert not any(n.startswith("melcore.training.api") for n in _imports(training / name)), name
+
+
+def test_an_undefined_selection_auroc_keeps_the_first_epoch_and_lets_patience_run_out():
+    from melcore.training.callbacks import BestEpoch
+
+    best = BestEpoch()
+    best.start_stage(patience=2)
+    assert best.update(1, None, 0.7, lambda: ["w1"]) is True
+    assert best.update(2, None, 0.5, lambda: ["w2"]) is False
+    assert best.update(3, None, 0.4, lambda: ["w3"]) is False
+    assert best.best_epoch == 1 and best.best_weights == ["w1"] and best.patience_exhausted
+    defined = BestEpoch()
+    defined.update(1, 0.6, 0.7, lambda: ["a"])
+    assert defined.update(2, 0.6, 0.6, lambda: ["b"]) is True and defined.update(3, 0.5, 0.1, lambda: ["c"]) is False

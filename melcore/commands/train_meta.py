@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from melcore.errors import ConfigError
+from melcore.metrics import format_auroc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,16 +97,14 @@ def run(args: argparse.Namespace) -> int:
     metrics = meta.train_meta_run(cohort, out, n_folds=args.folds, seed=args.seed, feature_set=args.feature_set,
                                   image_scores=image_scores, embeddings=embeddings,
                                   progress=_FoldBar(not args.quiet), log=log, config_extra=config_extra)
-    auroc = metrics["oof_auroc"]
-    text = f"{auroc:.4f}" if auroc is not None else "n/a (one class)"
-    line = f"OOF AUROC {text} ({metrics['model']}, {metrics['n']} images, {args.folds} patient-grouped folds)"
+    line = (f"OOF AUROC {format_auroc(metrics['oof_auroc'])} ({metrics['model']}, {metrics['n']} images, "
+            f"{args.folds} patient-grouped folds)")
     fusion = metrics.get("fusion")
     if fusion and metrics["model"] != "meta":
-        line += f"; meta alone {metrics['meta_oof_auroc']:.4f}"
+        line += f"; meta alone {format_auroc(metrics['meta_oof_auroc'])}"
     elif fusion:
         fused = fusion["oof_auroc"]
-        line += (f"; fused {fused:.4f}" if fused is not None else "; fused n/a") + \
-            f" on the {fusion['n']} images with an image score"
+        line += f"; fused {format_auroc(fused)} on the {fusion['n']} images with an image score"
     print(line)
     print(f"run: {out}")
     return 0

@@ -43,7 +43,7 @@ from melcore.checks import check_int
 from melcore.errors import CohortError, ConfigError, LeakageError, MelcoreError
 from melcore.formatting import format_number
 from melcore.training.api import fit
-from melcore.training.callbacks import auroc
+from melcore.metrics import auroc_or_none
 from melcore.training.config import validate
 from melcore.training.prepare import prepare_data
 from melcore.training.rundir import RunDir
@@ -162,7 +162,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
             oof.to_csv(run_dir / "oof_predictions.csv", index=False)
         y = oof["target"].astype("float64").to_numpy()
         p = oof["prediction"].astype("float64").to_numpy()
-        oof_auroc = auroc(y, p) if len(oof) else None
+        oof_auroc = auroc_or_none(y, p)
         finite = [a for a in fold_aurocs if a is not None and math.isfinite(a)]
         metrics = {
             "kind": "kfold", "status": "cancelled" if cancelled else "done", "cancelled": cancelled,
@@ -354,7 +354,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                     break
                 ok = np.isfinite(p)
                 y = rows["target"].astype("float64").to_numpy()
-                matrix[i][j] = auroc(y[ok], p[ok]) if ok.any() else None
+                matrix[i][j] = auroc_or_none(y[ok], p[ok])
                 n[i][j] = int(ok.sum())
                 scores.append(pd.DataFrame({"trained_on": clinic, "image_name": rows["image_name"].astype(str),
                                             "patient_id": rows["patient_id"], "clinic": rows["clinic"],

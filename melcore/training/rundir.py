@@ -38,7 +38,8 @@ import melcore
 from melcore import settings
 from melcore.colour import COLOUR_MODEL_FILE
 from melcore.errors import MelcoreError
-from melcore.training.callbacks import auroc, bce
+from melcore.metrics import auroc_or_none, threshold_metrics
+from melcore.training.callbacks import bce
 from melcore.training.config import TrainConfig
 
 __all__ = ["RESULT_FILES", "PREDICTION_COLUMNS", "THRESHOLD", "NO_VALIDATION", "SCORER_WORDS", "RunDir", "Run",
@@ -73,10 +74,8 @@ def validation_metrics(y: np.ndarray, predictions: np.ndarray) -> dict:
         ``sensitivity``, ``specificity`` and ``at_threshold``
         (:func:`melcore.metrics.threshold_metrics` at the threshold).
     """
-    from melcore.metrics import threshold_metrics
-
     at = threshold_metrics(y.astype(int), np.clip(predictions, 0.0, 1.0), THRESHOLD)
-    return {"val_auroc": auroc(y, predictions), "val_loss": bce(y, predictions), "threshold": THRESHOLD,
+    return {"val_auroc": auroc_or_none(y, predictions), "val_loss": bce(y, predictions), "threshold": THRESHOLD,
             "sensitivity": at["sensitivity"], "specificity": at["specificity"], "at_threshold": at}
 
 
