@@ -47,6 +47,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from melcore.cohort import lesion_keys, table_and_groups
 from melcore.errors import MelcoreError
 from melcore.runinfo import run_title
 
@@ -194,22 +195,6 @@ def risk_by_image(predictions: pd.DataFrame | None) -> pd.Series:
                      dtype="float64", name="risk")
 
 
-def _table_of(data) -> tuple[pd.DataFrame, pd.Series | None]:
-    table = getattr(data, "table", None)
-    if isinstance(table, pd.DataFrame):
-        return table, data.groups
-    if isinstance(data, pd.DataFrame):
-        return data, None
-    raise MelcoreError(f"expected a melcore Cohort or a canonical lesion DataFrame, not {type(data).__name__}")
-
-
-def _group_keys(table: pd.DataFrame) -> np.ndarray:
-    """Patient key per row for a bare DataFrame (``Cohort.groups``' rule, :func:`melcore.cohort.group_keys`)."""
-    from melcore.cohort import group_keys
-
-    return group_keys(table).to_numpy(dtype=object)
-
-
 def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling: bool = True) -> pd.DataFrame:
     """The cohort table with the columns a browser needs, one row per image.
 
@@ -232,9 +217,7 @@ def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling
     scored by the run), ``ugly_duckling`` (float64, NaN when unknown) and
     ``image_found`` (bool: the cohort found the file).
     """
-    table, groups = _table_of(data)
-    if "image_name" not in table.columns:
-        raise MelcoreError("the lesion table has no image_name column; load it with melcore.cohort.load_cohort")
+    table, groups = table_and_groups(data)
     frame = table.reset_index(drop=True).copy()
     for column in ("patient_id", "lesion_id", "sex", "site", "diagnosis", "clinic", "image_path"):
         if column not in frame.columns:
@@ -244,12 +227,8 @@ def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling
     if "target" not in frame.columns:
         frame["target"] = pd.array([pd.NA] * len(frame), dtype="Int8")
     names = frame["image_name"].astype(str)
-    patient = groups.to_numpy(dtype=object) if groups is not None else _group_keys(frame)
-    frame["patient"] = patient.astype(str)
-    lesion_id = frame["lesion_id"].to_numpy(dtype=object)
-    has_lesion = pd.notna(lesion_id)
-    lesion = np.where(has_lesion, lesion_id, "image:" + names.to_numpy(dtype=object))
-    frame["lesion"] = lesion.astype(str)
+    frame["patient"] = groups.to_numpy(dtype=object).astype(str)
+    frame["lesion"] = lesion_keys(frame).to_numpy(dtype=object)
     frame["age_band"] = age_bands(frame["age_approx"].to_numpy())
     risk = risk_by_image(predictions)
     frame["risk"] = names.map(risk).to_numpy(dtype=float) if len(risk) else np.full(len(frame), np.nan)

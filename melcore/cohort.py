@@ -47,6 +47,8 @@ __all__ = [
     "CohortReport",
     "load_cohort",
     "group_keys",
+    "lesion_keys",
+    "table_and_groups",
     "describe_grouping",
     "grouping_unit",
     "group_label",
@@ -1234,10 +1236,17 @@ def _decode_check(frame: pd.DataFrame, report: CohortReport, progress: Progress 
 # --------------------------------------------------------------------------- grouping and output
 
 
-def _id_present(table: pd.DataFrame, column: str) -> np.ndarray:
+def _ids(table: pd.DataFrame, column: str) -> pd.Series:
+    """``table[column]`` as stripped str, None where missing or blank (all None without the column)."""
     if column not in table:
-        return np.zeros(len(table), dtype=bool)
-    return table[column].notna().to_numpy()
+        return pd.Series([None] * len(table), index=table.index, dtype=object)
+    values = table[column]
+    text = values.astype(str).str.strip().astype(object)
+    return text.where(values.notna().to_numpy() & text.ne("").to_numpy(), None)
+
+
+def _id_present(table: pd.DataFrame, column: str) -> np.ndarray:
+    return _ids(table, column).notna().to_numpy()
 
 
 def _levels(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1298,9 +1307,10 @@ def group_keys(table: pd.DataFrame) -> pd.Series:
 
     n = len(table)
     rows, nodes, offset = [], [], n
+    ids = {column: _ids(table, column) for column in ("patient_id", "lesion_id")}
     for column in ("patient_id", "lesion_id"):
-        present = _id_present(table, column)
-        codes, _ = pd.factorize(table[column].astype(str).where(present)) if present.any() else (None, [])
+        present = ids[column].notna().to_numpy()
+        codes, _ = pd.factorize(ids[column].where(present)) if present.any() else (None, [])
         if present.any():
             rows.append(np.flatnonzero(present))
             nodes.append(codes[present] + offset)
@@ -1312,12 +1322,66 @@ def group_keys(table: pd.DataFrame) -> pd.Series:
     component = pd.Series(component[:n], index=table.index)
     keys = pd.Series("image:" + table["image_name"].astype(str), index=table.index, dtype=object)
     for column, prefix in (("lesion_id", "lesion:"), ("patient_id", "")):
-        present = _id_present(table, column)
+        present = ids[column].notna().to_numpy()
         if present.any():
-            smallest = table[column].astype(str).where(present).groupby(component).min()
+            smallest = ids[column].where(present).groupby(component).min()
             found = component.map(smallest)
             keys = keys.where(found.isna(), prefix + found.astype(str))
     return keys.rename("group")
+
+
+def lesion_keys(table: pd.DataFrame) -> pd.Series:
+    """One key per lesion, unique within a patient: the ``lesion_id``, else ``"image:" + image_name``
+    (an image without a lesion id is a lesion of its own).
+
+    Parameters
+    ----------
+    table : DataFrame with ``image_name`` and, when known, ``lesion_id``.
+
+    Returns
+    -------
+    pd.Series of str, aligned with ``table``, named ``lesion``. Combine it with
+    :func:`group_keys` to tell lesions of different patients apart.
+    """
+    lesion = _ids(table, "lesion_id")
+    images = "image:" + table["image_name"].astype(str)
+    return lesion.where(lesion.notna(), images).astype(str).rename("lesion")
+
+
+def table_and_groups(data, what: str = "table") -> tuple[pd.DataFrame, pd.Series]:
+    """The lesion table of ``data`` and its group key per row (patient, else lesion, else image).
+
+    The one way library code takes "a Cohort or a DataFrame": a :class:`Cohort` gives its
+    ``table`` and :attr:`Cohort.groups`; a DataFrame is taken as a canonical lesion table and
+    grouped by :func:`group_keys`, the same rule.
+
+    Parameters
+    ----------
+    data : Cohort or DataFrame
+        A DataFrame needs ``image_name`` and may have ``patient_id`` / ``lesion_id``.
+    what : str
+        What ``data`` is called in the error message ("table", "cohort").
+
+    Returns
+    -------
+    (DataFrame, pd.Series of str)
+        The table as given and its group keys, aligned with it (same index).
+
+    Raises
+    ------
+    CohortError
+        ``data`` is neither, or a DataFrame without ``image_name``.
+    """
+    table = getattr(data, "table", None)
+    if isinstance(table, pd.DataFrame):
+        return table, pd.Series(data.groups, index=table.index)
+    if not isinstance(data, pd.DataFrame):
+        raise CohortError(f"{what} must be a melcore Cohort or a pandas DataFrame with canonical columns, "
+                          f"not {type(data).__name__}")
+    if "image_name" not in data.columns:
+        raise CohortError(f"the lesion table has no image_name column (columns: {', '.join(map(str, data.columns))});"
+                          " load it with melcore.cohort.load_cohort or rename the image id column to image_name")
+    return data, group_keys(data)
 
 
 def _finalise(frame: pd.DataFrame) -> pd.DataFrame:

@@ -71,6 +71,7 @@ import pandas as pd
 from scipy.special import expit
 
 import melcore
+from melcore.cohort import lesion_keys, table_and_groups
 from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreError
 from melcore.metrics import auroc_or_none, format_auroc
 
@@ -163,18 +164,6 @@ Progress = Callable[[int, int], None]
 
 # --------------------------------------------------------------------------- table helpers
 
-def _table_and_groups(data, what: str = "table") -> tuple[pd.DataFrame, pd.Series | None]:
-    """The DataFrame of a Cohort (with its ``.groups``) or a DataFrame as given."""
-    table = getattr(data, "table", None)
-    if isinstance(table, pd.DataFrame):
-        groups = getattr(data, "groups", None)
-        return table, (pd.Series(groups, index=table.index) if groups is not None else None)
-    if isinstance(data, pd.DataFrame):
-        return data, None
-    raise MelcoreError(f"{what} must be a melcore Cohort or a pandas DataFrame with canonical columns, "
-                       f"not {type(data).__name__}")
-
-
 def _clean_str(values) -> np.ndarray:
     """Object array of stripped strings, None for missing/empty/NaN."""
     out = np.empty(len(values), dtype=object)
@@ -210,26 +199,11 @@ def _image_names(table: pd.DataFrame) -> np.ndarray:
     return names.astype(str)
 
 
-def _patient_keys(table: pd.DataFrame, groups: pd.Series | None) -> np.ndarray:
-    """Group key per row: ``Cohort.groups`` when given, else the same rule on the table's ids
-    (:func:`melcore.cohort.group_keys`: patient, else lesion, else image, linked sets joined)."""
-    if groups is not None:
-        keys = _clean_str(groups.tolist())
-        if not pd.isna(keys).any():
-            return keys.astype(str)
-    from melcore.cohort import group_keys
-
-    ids = pd.DataFrame({"image_name": _image_names(table), "patient_id": _column(table, "patient_id"),
-                        "lesion_id": _column(table, "lesion_id")})
-    return group_keys(ids).to_numpy().astype(str)
-
-
-def _lesion_keys(table: pd.DataFrame, patient_keys: np.ndarray) -> np.ndarray:
-    """Lesion key per row, scoped to the patient: lesion_id, else the image itself."""
-    lesion = _column(table, "lesion_id")
-    names = _image_names(table)
-    return np.array([f"{p}|{les}" if les is not None else f"{p}|image:{n}"
-                     for p, les, n in zip(patient_keys, lesion, names)], dtype=str)
+def _patient_lesion_keys(frame: pd.DataFrame, groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(patient key, lesion key scoped to the patient) per row: :func:`melcore.cohort.table_and_groups`'
+    groups and ``patient|`` + :func:`melcore.cohort.lesion_keys`."""
+    patient = groups.astype(str).to_numpy()
+    return patient, (groups.astype(str) + "|" + lesion_keys(frame)).to_numpy().astype(str)
 
 
 def _ages(table: pd.DataFrame) -> np.ndarray:
@@ -446,10 +420,9 @@ def ugly_duckling_scores(table, image_scores, embeddings=None) -> pd.Series:
         lies from the mean of the others than the patient's lesions typically do). Images of one lesion
         share a value. NaN when the patient has no other scored lesion.
     """
-    frame, groups = _table_and_groups(table)
+    frame, groups = table_and_groups(table)
     names = _image_names(frame)
-    pk = _patient_keys(frame, groups)
-    lk = _lesion_keys(frame, pk)
+    pk, lk = _patient_lesion_keys(frame, groups)
     scores = _align_scores(names, image_scores)
     emb = _align_embeddings(names, embeddings) if embeddings is not None else None
     ud = _ugly_duckling_frame(pk, lk, scores, emb)
@@ -493,10 +466,9 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
     """
     if feature_set not in FEATURE_SETS:
         raise ConfigError(f"unknown feature_set {feature_set!r}; choose from {', '.join(FEATURE_SETS)}")
-    frame, groups = _table_and_groups(table)
+    frame, groups = table_and_groups(table)
     names = _image_names(frame)
-    pk = _patient_keys(frame, groups)
-    lk = _lesion_keys(frame, pk)
+    pk, lk = _patient_lesion_keys(frame, groups)
     age = _ages(frame)
     sex = np.array([s.lower() if s is not None else None for s in _column(frame, "sex")], dtype=object)
     site = np.array([s.lower() if s is not None else None for s in _column(frame, "site")], dtype=object)
@@ -760,7 +732,7 @@ class MetaModel:
             raise MelcoreError("this meta model was trained with embedding features; pass embeddings")
         features = meta_features(table, image_scores if needs_scores else None,
                                  embeddings if needs_emb else None, feature_set=fs)
-        frame, _ = _table_and_groups(table)
+        frame, _ = table_and_groups(table)
         return pd.Series(self.predict_proba(features)[:, 1], index=pd.Index(_image_names(frame), name="image_name"),
                          name="prediction")
 
@@ -916,7 +888,7 @@ def _per_clinic(oof: pd.DataFrame, column: str = "prediction") -> dict:
 
 def _labelled_frame(cohort) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
     """(table, groups, labelled mask, targets of labelled rows) of a Cohort or DataFrame."""
-    table, groups = _table_and_groups(cohort, "cohort")
+    table, groups = table_and_groups(cohort, "cohort")
     if "target" not in table.columns:
         raise CohortError("the cohort has no target column; the meta model needs labelled images")
     target = pd.to_numeric(pd.Series(table["target"].tolist(), dtype=object), errors="coerce")
@@ -925,7 +897,7 @@ def _labelled_frame(cohort) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.nd
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise CohortError(f"target must be 0, 1 or empty; row {i} has {table['target'].iloc[i]!r}")
     labelled = target.notna().to_numpy()
-    pk = _patient_keys(table, groups)
+    pk = groups.astype(str).to_numpy()
     return table, pk, labelled, target[labelled].to_numpy().astype(np.int64)
 
 
@@ -1030,10 +1002,9 @@ def fusion_features(table, image_scores, meta_scores, embeddings=None) -> pd.Dat
     ``ud_score_rank`` (0.5 then), ``has_other_lesions`` (0/1); with embeddings ``ud_emb_z`` and
     ``ud_emb_cosine`` (0 when undefined).
     """
-    frame, groups = _table_and_groups(table)
+    frame, groups = table_and_groups(table)
     names = _image_names(frame)
-    pk = _patient_keys(frame, groups)
-    lk = _lesion_keys(frame, pk)
+    pk, lk = _patient_lesion_keys(frame, groups)
     img = _align_scores(names, image_scores, "image_scores")
     meta = _align_scores(names, meta_scores, "meta_scores")
     emb = _align_embeddings(names, embeddings) if embeddings is not None else None
