@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from melcore.checks import check_choice
 from melcore.errors import ConfigError
 
 #: Largest image side accepted by :func:`validate_image_size` (memory guard).
@@ -227,10 +228,7 @@ def validate_model_name(name: str) -> str:
     Raises:
         ConfigError: unknown name; the message lists every valid name.
     """
-    key = str(name).strip().lower().replace("_", "-") if name is not None else ""
-    if key not in REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(REGISTRY)}")
-    return key
+    return check_choice("model", name, REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:

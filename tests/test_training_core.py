@@ -143,3 +143,24 @@ def test_an_undefined_selection_auroc_keeps_the_first_epoch_and_lets_patience_ru
     defined = BestEpoch()
     defined.update(1, 0.6, 0.7, lambda: ["a"])
     assert defined.update(2, 0.6, 0.6, lambda: ["b"]) is True and defined.update(3, 0.5, 0.1, lambda: ["c"]) is False
+
+
+def test_one_name_normaliser_for_models_presets_and_augmentations():
+    """Registry, recipe and augmentation names are read by melcore.checks.canonical_name only."""
+    import re
+    from pathlib import Path
+
+    import melcore
+    from melcore import augment, registry
+    from melcore.training import recipes
+
+    package = Path(melcore.__file__).parent
+    copies = [f"{path.name}:{i}" for path in sorted(package.rglob("*.py")) if path.name != "checks.py"
+              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+              if re.search(r"\.lower\(\)\.replace\(\"_\", \"-\"\)", line)]
+    assert copies == []
+    name = registry.model_names()[0]
+    assert registry.validate_model_name(f" {name.upper().replace('-', '_')} ") == name
+    assert augment.validate_preset(None) == "none" and augment.validate_preset(" NONE ") == "none"
+    preset = next(iter(recipes.PRESETS))
+    assert recipes.get_preset(preset.upper().replace("-", "_")) is recipes.PRESETS[preset]

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from melcore.errors import ConfigError
+from melcore.checks import check_choice
 
 __all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT", "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM",
            "COLOUR_SVM_EVIDENCE", "preset_names", "get_preset", "preset_values"]
@@ -164,10 +164,7 @@ def get_preset(name: str) -> Preset:
     ConfigError
         Unknown name; the message lists the valid presets.
     """
-    key = str(name).strip().lower().replace("_", "-") if name is not None else ""
-    if key not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS) or 'none'}")
-    return PRESETS[key]
+    return PRESETS[check_choice("preset", name, PRESETS)]
 
 
 def preset_values(name: str, overrides: dict[str, Any] | None = None) -> dict:
