@@ -1,4 +1,4 @@
-"""Short human-readable text for durations, metric values, thresholds and risks.
+"""Short human-readable text for durations, metric values, thresholds and risks; JSON-safe values.
 
 Every function accepts anything (None, strings, NaN) and answers ``"--"`` for what
 is not a finite number, so callers can pass raw progress/metrics values.
@@ -6,13 +6,18 @@ is not a finite number, so callers can pass raw progress/metrics values.
 Thresholds and risks shown side by side must never contradict the decision: a
 threshold saved from a curve point (0.50512) is not shown as "0.505", and a risk
 just below it is not shown as "0.51" beside a red/green flag that says otherwise.
+
+:func:`json_safe` is the one rule for writing numbers as JSON (``metrics.json``, the store's
+JSON columns, the CLI's ``--json``, job progress): what is not a finite number is null.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import PurePath
+from typing import Any
 
-__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold"]
+__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold", "json_safe"]
 
 MAX_DECIMALS = 6
 
@@ -79,3 +84,32 @@ def format_risk(risk, threshold=None, min_decimals: int = 2) -> str:
         if (float(text) >= shown_limit) == flagged:
             return text
     return f"{value:.{MAX_DECIMALS}f}"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data that every reader and database accepts (strict JSON, no NaN).
+
+    Parameters
+    ----------
+    value : any
+        Nested dicts, lists and tuples of numbers, str, bool, None, numpy scalars and arrays,
+        paths.
+
+    Returns
+    -------
+    The same structure with dict keys as str, tuples and arrays as lists, numpy scalars as
+    Python numbers and bools, paths as str, and NaN / inf as None (an undefined ratio, a
+    biopsies-per-melanoma with no melanoma found). Anything else is returned as it is (callers
+    pass ``default=str`` to :func:`json.dumps` for it).
+    """
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, PurePath):
+        return str(value)
+    return value

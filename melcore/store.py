@@ -29,6 +29,7 @@ import sqlalchemy as sa
 
 from melcore import settings
 from melcore.errors import MelcoreError
+from melcore.formatting import json_safe
 
 SCHEMA_VERSION = 3
 
@@ -161,25 +162,10 @@ MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
 ]
 
 
-def _json_safe(value):
-    """Plain JSON for any database: NaN/inf become null, numpy scalars and arrays become Python values."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _json_safe(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _json_dumps(value) -> str:
     # PostgreSQL's json type rejects NaN, which metrics legitimately contain (e.g. an
     # undefined PPV); both backends store null instead.
-    return json.dumps(_json_safe(value), allow_nan=False, default=str)
+    return json.dumps(json_safe(value), allow_nan=False, default=str)
 
 
 def _now() -> float:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from melcore.cohort import columns_text
 from melcore.errors import MelcoreError
+from melcore.formatting import json_safe
 
 _LISTED = 5
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
 
     if args.json:
-        print(json.dumps(_jsonable(summary), allow_nan=False))
+        print(json.dumps(json_safe(summary), allow_nan=False))
     else:
         print(format_report(summary))
     return 0
@@ -284,21 +285,6 @@ def _group_keys(table: pd.DataFrame, column: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- output
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None  # nan (undefined) and inf (no melanoma found)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
 
 def _num(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
