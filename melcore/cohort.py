@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from melcore.errors import CohortError, ImageError
+from melcore.formatting import SHOWN, first_few
 from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
@@ -92,7 +93,6 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "clinic": ("clinic",),
 }
 _TARGET_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "benign": 0, "malignant": 1}
-_SHOW = 5  # how many names/rows a message lists
 MAX_AGE = 120  # years; a larger (or negative, infinite) age is a typo and is treated as unknown
 
 # Internal bookkeeping columns, removed before the table is returned.
@@ -513,7 +513,7 @@ def columns_text(columns: Sequence[str]) -> str:
     """
     columns = [str(c) for c in columns]
     if any(c.strip().lower() in _KNOWN_COLUMNS for c in columns):
-        return _list(columns, 30)
+        return first_few(columns, 30)
     return (f"{len(columns)} column(s), none of them a lesion-table column (their names are not shown: "
             "the file does not look like a lesion table)")
 
@@ -620,7 +620,7 @@ def _load_aliased(raw: pd.DataFrame, path: Path, fmt: str, report: CohortReport)
                 names = raw.loc[disagree, sources["image_name"]].tolist()
                 report.warnings.append(
                     f"{int(disagree.sum()):,} rows have {sources['target']!r} disagreeing with {other!r} "
-                    f"(first: {_list(names)}); {sources['target']!r} is used")
+                    f"(first: {first_few(names)}); {sources['target']!r} is used")
     if "target" not in sources:
         report.warnings.append(f"no target (label) column: all {len(raw):,} images are unlabelled")
         derived["target"] = np.full(len(raw), np.nan)
@@ -691,9 +691,9 @@ def _load_isic2019(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     several = np.flatnonzero(n_hot > 1)
     if len(several):
         shown = [f"line {lines[i]} ({names[i]}): "
-                 f"{'+'.join(c for (c, _), h in zip(present, hot[i]) if h)}" for i in several[:_SHOW]]
+                 f"{'+'.join(c for (c, _), h in zip(present, hot[i]) if h)}" for i in several[:SHOWN]]
         raise CohortError(f"{path}: {len(several):,} rows mark more than one diagnosis class "
-                          f"({'; '.join(shown)}{_more(len(several))}); each row of the ISIC 2019 "
+                          f"({first_few(shown, total=len(several), sep='; ')}); each row of the ISIC 2019 "
                           "ground truth must have exactly one 1")
     labels = np.array([c for c, _ in present], dtype=object)
     diagnosis = np.where(n_hot == 1, labels[hot.argmax(axis=1)], None)
@@ -737,7 +737,7 @@ def _load_folders(root: Path, report: CohortReport) -> pd.DataFrame:
                           f"(found {found}); expected e.g. {root}/melanoma/*.jpg and {root}/nevus/*.jpg")
     if ignored:
         report.warnings.append(f"ignored {len(ignored):,} entries that are not images in a class folder "
-                               f"(first: {_list(ignored)})")
+                               f"(first: {first_few(ignored)})")
     if not any(r[3] for r in rows):
         report.warnings.append(f"no folder named melanoma, mel or malignant in {root} (classes: "
                                f"{', '.join(sorted(e.name for e in class_dirs))}): every image is labelled 0")
@@ -759,16 +759,6 @@ def _where(line, name) -> str:
     return f"line {line} ({name})" if line is not None and not pd.isna(line) else str(name)
 
 
-def _list(values, n: int = _SHOW) -> str:
-    values = [str(v) for v in values]
-    shown = ", ".join(values[:n])
-    return shown + (f", ... (+{len(values) - n:,} more)" if len(values) > n else "")
-
-
-def _more(total: int) -> str:
-    return f"; ... (+{total - _SHOW:,} more)" if total > _SHOW else ""
-
-
 def _drop_rows_without_name(frame: pd.DataFrame, report: CohortReport) -> pd.DataFrame:
     """Strip names, split off extensions / folders, drop (and report) rows with no name."""
     text = pd.Series([t or "" for t in _clean_text(frame["image_name"])], index=frame.index, dtype=object)
@@ -778,7 +768,7 @@ def _drop_rows_without_name(frame: pd.DataFrame, report: CohortReport) -> pd.Dat
         for i, line in enumerate(lines):
             report.dropped.append((line if line is not None else int(np.flatnonzero(empty)[i]),
                                    "no image name"))
-        report.warnings.append(f"dropped {int(empty.sum()):,} rows with no image name (lines {_list(lines)})")
+        report.warnings.append(f"dropped {int(empty.sum()):,} rows with no image name (lines {first_few(lines)})")
         frame = frame.loc[~empty].reset_index(drop=True)
         text = text[~empty].reset_index(drop=True)
     has_path = frame[_PATH].notna() if _PATH in frame else pd.Series(False, index=frame.index)
@@ -803,11 +793,11 @@ def _check_duplicates(frame: pd.DataFrame, path: Path) -> None:
     for name, line in zip(names[dup], frame.loc[dup, _LINE]):
         lines_by_name.setdefault(name, []).append(line)
     shown = []
-    for name, lines in list(lines_by_name.items())[:_SHOW]:
+    for name, lines in list(lines_by_name.items())[:SHOWN]:
         known = [str(x) for x in lines if x is not None and not pd.isna(x)]
         shown.append(f"{name} (lines {', '.join(known)})" if known else f"{name} ({len(lines)} times)")
     raise CohortError(f"{path}: {len(lines_by_name):,} image names appear more than once "
-                      f"({int(dup.sum()):,} rows; first: {'; '.join(shown)}{_more(len(lines_by_name))}); "
+                      f"({int(dup.sum()):,} rows; first: {first_few(shown, total=len(lines_by_name), sep='; ')}); "
                       "each image must have exactly one row")
 
 
@@ -825,10 +815,10 @@ def _coerce_binary(values: pd.Series, column: str, lines, names) -> np.ndarray:
         bad = np.isnan(out) & ~missing
     if bad.any():
         index = np.flatnonzero(bad)
-        shown = [f"{_where(lines[i], names[i])}: {series.iloc[i]!r}" for i in index[:_SHOW]]
+        shown = [f"{_where(lines[i], names[i])}: {series.iloc[i]!r}" for i in index[:SHOWN]]
         raise CohortError(
             f"column {column!r} has {len(index):,} values that are not a 0/1 label "
-            f"({'; '.join(shown)}{_more(len(index))}). Use 1 for malignant and 0 for benign (or the words "
+            f"({first_few(shown, total=len(index), sep='; ')}). Use 1 for malignant and 0 for benign (or the words "
             "malignant/benign); leave the cell empty for unlabelled images, or map another column as target.")
     return out
 
@@ -845,16 +835,16 @@ def _coerce_age(frame: pd.DataFrame, report: CohortReport) -> pd.Series:
     bad = text_present & numbers.isna()
     if bad.any():
         shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
-                 zip(frame.loc[bad, _LINE][:_SHOW], frame.loc[bad, "image_name"][:_SHOW], raw[bad][:_SHOW])]
+                 zip(frame.loc[bad, _LINE][:SHOWN], frame.loc[bad, "image_name"][:SHOWN], raw[bad][:SHOWN])]
         report.warnings.append(f"{int(bad.sum()):,} age values are not numbers and are treated as unknown "
-                               f"({'; '.join(shown)}{_more(int(bad.sum()))})")
+                               f"({first_few(shown, total=int(bad.sum()), sep='; ')})")
     implausible = numbers.notna() & ~numbers.between(0, MAX_AGE)
     if implausible.any():
         shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
-                 zip(frame.loc[implausible, _LINE][:_SHOW], frame.loc[implausible, "image_name"][:_SHOW],
-                     raw[implausible][:_SHOW])]
+                 zip(frame.loc[implausible, _LINE][:SHOWN], frame.loc[implausible, "image_name"][:SHOWN],
+                     raw[implausible][:SHOWN])]
         report.warnings.append(f"{int(implausible.sum()):,} age values are outside 0-{MAX_AGE} years and are treated "
-                               f"as unknown ({'; '.join(shown)}{_more(int(implausible.sum()))}); correct them in the "
+                               f"as unknown ({first_few(shown, total=int(implausible.sum()), sep='; ')}); correct them in the "
                                "table")
         numbers = numbers.where(~implausible)
     return numbers
@@ -896,7 +886,7 @@ def _indexed_by_image(table: pd.DataFrame, key_column: str, path: Path, what: st
     duplicated = keys.duplicated()
     if duplicated.any():
         report.warnings.append(f"{what} {path} has {int(duplicated.sum()):,} repeated image names "
-                               f"(first: {_list(keys[duplicated].unique())}); the first row of each is used")
+                               f"(first: {first_few(keys[duplicated].unique())}); the first row of each is used")
         table, keys = table[~duplicated], keys[~duplicated]
     return table.set_axis(keys.to_numpy(), axis=0)
 
@@ -927,7 +917,7 @@ def _join_metadata(frame: pd.DataFrame, path: Path, report: CohortReport) -> Non
     if not matched.all():
         names = frame.loc[~matched, "image_name"].tolist()
         report.warnings.append(f"{len(names):,} images have no row in metadata {path.name} "
-                               f"(first: {_list(names)}); their metadata stays unknown")
+                               f"(first: {first_few(names)}); their metadata stays unknown")
 
 
 def _clinic_from_column(raw: pd.DataFrame | None, frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
@@ -964,7 +954,7 @@ def _clinic_from_csv(frame: pd.DataFrame, path: Path, column: str | None, report
     if unmatched.any():
         names = frame.loc[unmatched, "image_name"].tolist()
         report.warnings.append(f"{len(names):,} images have no clinic in {path.name} "
-                               f"(first: {_list(names)}); their clinic is {UNKNOWN_CLINIC!r}")
+                               f"(first: {first_few(names)}); their clinic is {UNKNOWN_CLINIC!r}")
     return values.to_numpy()
 
 
@@ -1151,7 +1141,7 @@ def _match_images(frame: pd.DataFrame, source: Path, images, fmt: str, check: st
         else:
             where = f"in {images}"
         report.warnings.append(f"{len(names):,} of {n:,} image files not found {where} "
-                               f"(first: {_list(names)}); their image_path is None")
+                               f"(first: {first_few(names)}); their image_path is None")
     return images_dir, paths
 
 
@@ -1185,7 +1175,7 @@ def _confine_images(frame: pd.DataFrame, roots: Sequence[Path | None], report: C
     frame["image_path"] = paths
     where = " and ".join(str(r) for r in allowed) or "none registered"
     report.warnings.append(f"{len(outside):,} image paths lie outside the dataset's folders ({where}) once links "
-                           f"are resolved (first: {_list(names)}); they are not read and their image_path is "
+                           f"are resolved (first: {first_few(names)}); they are not read and their image_path is "
                            "None. Move the images into the image folder.")
 
 
@@ -1228,9 +1218,9 @@ def _decode_check(frame: pd.DataFrame, report: CohortReport, progress: Progress 
         report.unreadable_images.append((str(frame["image_name"].iat[idx]), reason))
         image_path[idx] = None
     frame["image_path"] = image_path
-    shown = [f"{n} ({r})" for n, r in report.unreadable_images[:_SHOW]]
-    report.warnings.append(f"{len(bad):,} image files could not be decoded ({'; '.join(shown)}"
-                           f"{_more(len(bad))}); their image_path is None")
+    shown = [f"{n} ({r})" for n, r in report.unreadable_images[:SHOWN]]
+    report.warnings.append(f"{len(bad):,} image files could not be decoded ({first_few(shown, total=len(bad), sep='; ')}"
+                           f"); their image_path is None")
 
 
 # --------------------------------------------------------------------------- grouping and output

@@ -17,9 +17,11 @@ import math
 from pathlib import PurePath
 from typing import Any
 
-__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold", "json_safe"]
+__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold", "first_few",
+           "json_safe", "SHOWN"]
 
 MAX_DECIMALS = 6
+SHOWN = 5  # how many names, rows or values a message lists
 
 
 def as_finite(value) -> float | None:
@@ -113,3 +115,23 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, PurePath):
         return str(value)
     return value
+
+
+def first_few(values, n: int = SHOWN, *, total: int | None = None, sep: str = ", ") -> str:
+    """The first ``n`` of ``values`` for a message, then how many more: ``"a, b, c, ... (+4 more)"``.
+
+    Parameters
+    ----------
+    values : iterable
+        The items (any type, shown with ``str``), or only the first of them when ``total`` is given.
+    n : int
+        How many to show (:data:`SHOWN`).
+    total : int, optional
+        How many items there are in all (default: ``len(values)``).
+    sep : str
+        Between items and before the ``... (+k more)`` tail.
+    """
+    values = list(values)
+    shown = [str(v) for v in values[:n]]
+    extra = (len(values) if total is None else int(total)) - len(shown)
+    return sep.join(shown) + (f"{sep}... (+{extra:,} more)" if extra > 0 else "")

@@ -50,6 +50,7 @@ from scipy import stats
 from scipy.integrate import trapezoid
 
 from melcore.errors import MelcoreError
+from melcore.formatting import SHOWN, first_few
 
 __all__ = [
     "AGE_BANDS",
@@ -113,7 +114,6 @@ AGE_BANDS = (
 )
 UNKNOWN_AGE = "unknown"
 
-_LISTED = 5  # how many offending values an error message names
 _BOOT_BLOCK_ELEMENTS = 2_000_000  # resamples x images per vectorised block (~16 MB of int64)
 
 BOOTSTRAP_DROPPED_WARN = 0.05
@@ -145,11 +145,8 @@ def _where(index: int, names) -> str:
 
 
 def _list_bad(bad_index: np.ndarray, values: np.ndarray, names) -> str:
-    shown = [f"{_show(values[i])} at {_where(int(i), names)}" for i in bad_index[:_LISTED]]
-    text = ", ".join(shown)
-    if len(bad_index) > _LISTED:
-        text += f" and {len(bad_index) - _LISTED} more"
-    return text
+    return first_few((f"{_show(values[i])} at {_where(int(i), names)}" for i in bad_index[:SHOWN]),
+                     total=len(bad_index))
 
 
 def _show(value) -> str:

@@ -68,3 +68,12 @@ def test_one_json_cleaner_in_the_code():
               for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
               if re.match(r"\s*def _?(json_?safe|jsonable|clean_floats|json_default)\s*\(", line)]
     assert copies == []
+
+
+def test_first_few_shows_the_first_and_counts_the_rest():
+    from melcore.formatting import SHOWN, first_few
+
+    assert first_few(["a", "b"]) == "a, b"
+    assert first_few(range(8)) == "0, 1, 2, 3, 4, ... (+3 more)" and SHOWN == 5
+    assert first_few(["x (bad)", "y (bad)"], total=1502, sep="; ") == "x (bad); y (bad); ... (+1,500 more)"
+    assert first_few([], total=0) == ""

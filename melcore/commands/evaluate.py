@@ -22,9 +22,8 @@ import pandas as pd
 
 from melcore.cohort import columns_text
 from melcore.errors import MelcoreError
-from melcore.formatting import json_safe
+from melcore.formatting import first_few, json_safe
 
-_LISTED = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,17 +112,11 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         raise MelcoreError(f"{path}: cannot read it as CSV ({str(exc).splitlines()[0]})") from None
 
 
-def _first(names) -> str:
-    names = list(names)
-    shown = ", ".join(map(str, names[:_LISTED]))
-    return shown + (", ..." if len(names) > _LISTED else "")
-
-
 def _check_unique(frame: pd.DataFrame, path: Path) -> None:
     duplicated = frame["image_name"][frame["image_name"].duplicated()].unique()
     if len(duplicated):
         raise MelcoreError(f"{path}: {len(duplicated)} image names appear more than once "
-                           f"(first: {_first(duplicated)}); keep one row per image")
+                           f"(first: {first_few(duplicated)}); keep one row per image")
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
@@ -227,13 +220,13 @@ def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list
     unlabelled = labelled["target"].isna()
     if unlabelled.any():
         warnings.append(f"{source}: {int(unlabelled.sum())} images have no label and are ignored "
-                        f"(first: {_first(labelled['image_name'][unlabelled])})")
+                        f"(first: {first_few(labelled['image_name'][unlabelled])})")
         labelled = labelled[~unlabelled]
     have = set(preds["image_name"])
     no_prediction = ~labelled["image_name"].isin(have)
     if no_prediction.any():
         message = (f"{int(no_prediction.sum())} of {len(labelled)} labelled images have no prediction in "
-                   f"{predictions} (first: {_first(labelled['image_name'][no_prediction])})")
+                   f"{predictions} (first: {first_few(labelled['image_name'][no_prediction])})")
         if not ignore_missing:
             raise MelcoreError(message + "; score them, or pass --ignore-missing to evaluate only the "
                                          "images that have predictions")
@@ -242,7 +235,7 @@ def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list
     no_label = ~preds["image_name"].isin(set(labelled["image_name"]))
     if no_label.any():
         warnings.append(f"{int(no_label.sum())} predictions have no label and are ignored "
-                        f"(first: {_first(preds['image_name'][no_label])})")
+                        f"(first: {first_few(preds['image_name'][no_label])})")
     table = labelled.merge(preds, on="image_name", how="inner", validate="one_to_one")
     if table.empty:
         raise MelcoreError(f"no image of {predictions} has a label in {source}; are these the same images?")

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from melcore.errors import CohortError, MelcoreError
+from melcore.formatting import first_few
 from melcore.training.config import TrainConfig
 
 __all__ = ["PreparedData", "prepare_data", "selection_split", "check_split_classes", "drop_unreadable",
@@ -27,7 +28,6 @@ __all__ = ["PreparedData", "prepare_data", "selection_split", "check_split_class
 
 log = logging.getLogger("melcore.train")
 
-_SHOW = 5
 
 
 @dataclass
@@ -46,12 +46,6 @@ class PreparedData:
     split: dict
     select_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """Rows of training patients held out to choose the best epoch and to stop early."""
-
-
-def _names(values, n: int = _SHOW) -> str:
-    values = list(values)
-    shown = ", ".join(map(str, values[:n]))
-    return shown + (f", ... (+{len(values) - n} more)" if len(values) > n else "")
 
 
 def _class_counts(targets) -> tuple[int, int]:
@@ -173,7 +167,7 @@ def drop_unreadable(data: PreparedData, bad: dict[int, str], config: TrainConfig
         return data
     names = data.cohort.table["image_name"].astype(str).to_numpy()
     log.warning("left out %d unreadable image(s): %s", len(bad),
-                "; ".join(f"{names[i]}: {reason}" for i, reason in list(bad.items())[:_SHOW]))
+                first_few((f"{names[i]}: {reason}" for i, reason in bad.items()), sep="; "))
     data = _exclude_unreadable(data, bad)
     check_split_classes(data, f"clinic {config.clinic!r}" if config.clinic else "the cohort")
     return data
