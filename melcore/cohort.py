@@ -27,6 +27,7 @@ image name) are listed in :class:`CohortReport` and never dropped silently.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,12 +37,15 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from melcore.errors import CohortError, ImageError
+from melcore.errors import CohortError, ImageError, MelcoreError
 from melcore.formatting import SHOWN, first_few
 from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
+    "AGE_BANDS",
+    "UNKNOWN_AGE",
     "CANONICAL_COLUMNS",
+    "age_band",
     "columns_text",
     "FORMATS",
     "Cohort",
@@ -1318,6 +1322,73 @@ def group_keys(table: pd.DataFrame) -> pd.Series:
             found = component.map(smallest)
             keys = keys.where(found.isna(), prefix + found.astype(str))
     return keys.rename("group")
+
+
+#: Age bands of ``age_approx``: (lowest age included, first age excluded, label), youngest first.
+AGE_BANDS = (
+    (0.0, 30.0, "0-29"),
+    (30.0, 45.0, "30-44"),
+    (45.0, 60.0, "45-59"),
+    (60.0, 75.0, "60-74"),
+    (75.0, math.inf, "75+"),
+)
+UNKNOWN_AGE = "unknown"
+
+
+def age_band(age):
+    """Age band label for an age in years, or for each age of an array-like.
+
+    Parameters
+    ----------
+    age : number, None, or array-like of shape (n,)
+        Ages in years (``age_approx``); None / NaN / missing are unknown.
+
+    Returns
+    -------
+    str for a scalar; for an array-like a pd.Series of str named ``age_band`` (a Series keeps its
+    index): the :data:`AGE_BANDS` label ("0-29" for ages below 30, "30-44", "45-59", "60-74",
+    "75+"), :data:`UNKNOWN_AGE` when the age is missing.
+
+    Raises
+    ------
+    MelcoreError
+        An age that is not a number or is negative (the message names the first few and where).
+    """
+    if np.ndim(age) == 0:
+        return _age_band_one(age)
+    series = age if isinstance(age, pd.Series) else pd.Series(np.asarray(age, dtype=object))
+    numeric = pd.to_numeric(series, errors="coerce")
+    bad = np.flatnonzero((series.notna() & numeric.isna()).to_numpy())
+    if len(bad):
+        raise MelcoreError("ages must be numbers in years: found "
+                           + first_few((f"{series.iloc[i]!r} at position {i}" for i in bad[:SHOWN]), total=len(bad)))
+    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+    negative = np.flatnonzero(values < 0)
+    if len(negative):
+        raise MelcoreError("ages cannot be negative: found "
+                           + first_few((f"{values[i]:g} at position {i}" for i in negative[:SHOWN]),
+                                       total=len(negative)))
+    labels = np.full(len(values), UNKNOWN_AGE, dtype=object)
+    for low, high, label in AGE_BANDS:
+        labels[(values >= low) & (values < high)] = label
+    return pd.Series(labels, index=series.index, name="age_band", dtype=object)
+
+
+def _age_band_one(age) -> str:
+    if age is None or age is pd.NA:
+        return UNKNOWN_AGE
+    try:
+        value = float(age)
+    except (TypeError, ValueError):
+        raise MelcoreError(f"age must be a number in years, got {age!r}") from None
+    if math.isnan(value):
+        return UNKNOWN_AGE
+    if value < 0:
+        raise MelcoreError(f"age cannot be negative, got {age!r}")
+    for low, high, label in AGE_BANDS:
+        if low <= value < high:
+            return label
+    return UNKNOWN_AGE
 
 
 def lesion_keys(table: pd.DataFrame) -> pd.Series:

@@ -35,12 +35,12 @@ from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
 from melcore.runinfo import run_title, scratch_words
+from melcore.cohort import age_band
 from melcore.metrics import (
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
     RocCurve,
     ThresholdSweep,
-    age_band,
     auroc_ci,
     check_predictions,
     calibration_table,

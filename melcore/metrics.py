@@ -49,11 +49,11 @@ import pandas as pd
 from scipy import stats
 from scipy.integrate import trapezoid
 
+from melcore.cohort import age_band
 from melcore.errors import MelcoreError
 from melcore.formatting import SHOWN, first_few
 
 __all__ = [
-    "AGE_BANDS",
     "BOOTSTRAP_DROPPED_WARN",
     "AurocInterval",
     "bootstrap_dropped_note",
@@ -64,7 +64,6 @@ __all__ = [
     "PrecisionRecallCurve",
     "RocCurve",
     "ThresholdSweep",
-    "age_band",
     "ONE_CLASS_AUROC",
     "auroc",
     "auroc_or_none",
@@ -103,16 +102,6 @@ THRESHOLD_METRIC_KEYS = (
     "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "youden_j",
     "biopsies_per_melanoma",
 )
-
-#: Age bands used by :func:`age_band`: (lowest age included, first age excluded, label).
-AGE_BANDS = (
-    (0.0, 30.0, "0-29"),
-    (30.0, 45.0, "30-44"),
-    (45.0, 60.0, "45-59"),
-    (60.0, 75.0, "60-74"),
-    (75.0, math.inf, "75+"),
-)
-UNKNOWN_AGE = "unknown"
 
 _BOOT_BLOCK_ELEMENTS = 2_000_000  # resamples x images per vectorised block (~16 MB of int64)
 
@@ -1203,48 +1192,6 @@ def calibration_table(y, p, *, n_bins: int = 10, strategy: str = "uniform") -> p
 
 
 # --------------------------------------------------------------------------- groups
-
-def age_band(age):
-    """Age band label for an age in years, or for each age of an array-like.
-
-    Bands (:data:`AGE_BANDS`): "0-29" (age < 30), "30-44", "45-59", "60-74", "75+";
-    missing/NaN ages are "unknown". A scalar returns a str; an array-like returns a
-    pandas Series of str (index kept for a Series). Negative ages raise MelcoreError.
-    """
-    if np.ndim(age) == 0:
-        return _age_band_one(age)
-    series = age if isinstance(age, pd.Series) else pd.Series(np.asarray(age, dtype=object))
-    numeric = pd.to_numeric(series, errors="coerce")
-    bad = series.notna() & numeric.isna()
-    if bad.any():
-        index = np.flatnonzero(bad.to_numpy())
-        raise MelcoreError(f"ages must be numbers in years: found {_list_bad(index, series.to_numpy(), None)}")
-    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
-    if (values < 0).any():
-        index = np.flatnonzero(values < 0)
-        raise MelcoreError(f"ages cannot be negative: found {_list_bad(index, values, None)}")
-    labels = np.full(len(values), UNKNOWN_AGE, dtype=object)
-    for low, high, label in AGE_BANDS:
-        labels[(values >= low) & (values < high)] = label
-    return pd.Series(labels, index=series.index, name="age_band", dtype=object)
-
-
-def _age_band_one(age) -> str:
-    if age is None or age is pd.NA:
-        return UNKNOWN_AGE
-    try:
-        value = float(age)
-    except (TypeError, ValueError):
-        raise MelcoreError(f"age must be a number in years, got {age!r}") from None
-    if math.isnan(value):
-        return UNKNOWN_AGE
-    if value < 0:
-        raise MelcoreError(f"age cannot be negative, got {age!r}")
-    for low, high, label in AGE_BANDS:
-        if low <= value < high:
-            return label
-    return UNKNOWN_AGE
-
 
 def _resolve_column(df: pd.DataFrame, column: str, role: str) -> pd.Series:
     if column in df.columns:

@@ -15,6 +15,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve as sk_calibration_curve
 
 from melcore import metrics
+from melcore.cohort import age_band
 from melcore.errors import MelcoreError
 from melcore.metrics import ThresholdSweep
 
@@ -457,13 +458,13 @@ def test_keras_shaped_predictions_and_pandas_inputs_accepted():
 # --------------------------------------------------------------------------- groups
 
 def test_age_band_bands_and_unknown():
-    assert [metrics.age_band(a) for a in (0, 29.9, 30, 44, 45, 59, 60, 74, 75, 90)] == [
+    assert [age_band(a) for a in (0, 29.9, 30, 44, 45, 59, 60, 74, 75, 90)] == [
         "0-29", "0-29", "30-44", "30-44", "45-59", "45-59", "60-74", "60-74", "75+", "75+"]
-    assert metrics.age_band(None) == "unknown" and metrics.age_band(float("nan")) == "unknown"
-    series = metrics.age_band(pd.Series([35.0, np.nan, 80.0], index=[7, 8, 9]))
+    assert age_band(None) == "unknown" and age_band(float("nan")) == "unknown"
+    series = age_band(pd.Series([35.0, np.nan, 80.0], index=[7, 8, 9]))
     assert list(series) == ["30-44", "unknown", "75+"] and list(series.index) == [7, 8, 9]
     with pytest.raises(MelcoreError, match="negative"):
-        metrics.age_band([20, -5])
+        age_band([20, -5])
 
 
 def _clinic_table(seed=0):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melcore.cohort import columns_text
+from melcore.cohort import age_band, columns_text
 from melcore.errors import MelcoreError
 from melcore.formatting import first_few, json_safe
 
@@ -267,7 +267,6 @@ def _group_keys(table: pd.DataFrame, column: str) -> np.ndarray:
     if column in table.columns:
         values = table[column]
     elif column == "age_band" and "age_approx" in table.columns:
-        from melcore.metrics import age_band
 
         values = age_band(table["age_approx"])
     else:
