@@ -164,3 +164,30 @@ def test_one_name_normaliser_for_models_presets_and_augmentations():
     assert augment.validate_preset(None) == "none" and augment.validate_preset(" NONE ") == "none"
     preset = next(iter(recipes.PRESETS))
     assert recipes.get_preset(preset.upper().replace("-", "_")) is recipes.PRESETS[preset]
+
+
+def test_the_weights_rules_and_their_messages_live_in_the_registry(tmp_path):
+    import re
+    from pathlib import Path
+
+    import melcore
+    from melcore.registry import REGISTRY, check_weights
+
+    scratch = next(spec for spec in REGISTRY.values() if not spec.pretrained)
+    pretrained = next(spec for spec in REGISTRY.values() if spec.pretrained and spec.family != "efficientnet-ns")
+    assert check_weights(scratch, None) == check_weights(scratch, " None ") == "none"
+    assert check_weights(pretrained, "ImageNet") == "imagenet"
+    assert check_weights(scratch, "imagenet", fallback_to_scratch=True) == "imagenet"
+    with pytest.raises(ConfigError, match="has no ImageNet weights"):
+        check_weights(scratch, "imagenet")
+    with pytest.raises(ConfigError, match="only for the -ns models"):
+        check_weights(pretrained, "noisy-student")
+    with pytest.raises(ConfigError, match="not found; weights must be 'none', 'imagenet' or the path"):
+        check_weights(pretrained, tmp_path / "missing.h5")
+    (tmp_path / "w.h5").write_bytes(b"")
+    assert check_weights(pretrained, tmp_path / "w.h5") == str((tmp_path / "w.h5").resolve())
+    package = Path(melcore.__file__).parent
+    copies = [path.name for path in sorted(package.rglob("*.py")) if path.name != "registry.py"
+              and re.search(r"noisy-student weights exist only|has no ImageNet weights \(it is",
+                            path.read_text(encoding="utf-8"))]
+    assert copies == []
