@@ -37,6 +37,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from melcore.classes import infer_classes
 from melcore.errors import CohortError, ImageError, MelcoreError
 from melcore.formatting import SHOWN, first_few
 from melcore.safety import inside, not_a_regular_file, resolve_roots
@@ -182,8 +183,6 @@ class Cohort:
         if self.grouping is None:
             self.grouping = describe_grouping(self.table)
         if self.classes is None:
-            from melcore.classes import infer_classes
-
             self.classes = infer_classes(self.format, self.target_column, self.table)
 
     def __len__(self) -> int:

@@ -72,8 +72,9 @@ from scipy.special import expit
 
 import melcore
 from melcore.cohort import lesion_keys, table_and_groups
-from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreError
+from melcore.errors import CancelledError, CohortError, ConfigError, LeakageError, MelcoreError
 from melcore.metrics import auroc_or_none, format_auroc
+from melcore.splits import group_kfold
 
 __all__ = [
     "FEATURE_SETS",
@@ -902,8 +903,6 @@ def _labelled_frame(cohort) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.nd
 
 
 def _folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    from melcore.splits import group_kfold
-
     if not isinstance(n_folds, int) or n_folds < 2:
         raise ConfigError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     n_groups = len(set(groups))
@@ -913,8 +912,6 @@ def _folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.nda
     # Re-check the contract: a patient never spans two folds.
     per_group = pd.Series(folds).groupby(groups).nunique()
     if (per_group > 1).any():
-        from melcore.errors import LeakageError
-
         raise LeakageError(f"group_kfold put patient {per_group[per_group > 1].index[0]!r} in two folds")
     return folds
 

@@ -49,7 +49,7 @@ import pandas as pd
 from scipy import stats
 from scipy.integrate import trapezoid
 
-from melcore.cohort import age_band
+from melcore.cohort import age_band, group_keys
 from melcore.errors import MelcoreError
 from melcore.formatting import SHOWN, first_few
 
@@ -1262,8 +1262,6 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
 
 def _id_groups(df: pd.DataFrame) -> np.ndarray | None:
     """Patient-else-lesion group key per row (:func:`melcore.cohort.group_keys`); None without either id."""
-    from melcore.cohort import group_keys
-
     if not any(c in df.columns and df[c].notna().any() for c in ("patient_id", "lesion_id")):
         return None
     names = df["image_name"] if "image_name" in df.columns else pd.Series(range(len(df)), index=df.index)

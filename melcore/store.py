@@ -28,8 +28,11 @@ from typing import Any, Callable, Iterable
 import sqlalchemy as sa
 
 from melcore import settings
+from melcore.audit import audit_images, audit_warnings, shortcut_audit
+from melcore.cohort import load_cohort
 from melcore.errors import MelcoreError
 from melcore.formatting import json_safe
+from melcore.safety import inside
 
 SCHEMA_VERSION = 3
 
@@ -209,8 +212,6 @@ class StoreError(MelcoreError):
 
 def _check_data_roots(paths: dict) -> None:
     """MelcoreError unless every given path (``{what: path or None}``) lies inside :func:`settings.data_roots`."""
-    from melcore.safety import inside
-
     roots = settings.data_roots()
     for what, path in paths.items():
         if path is not None and str(path).strip() and inside(path, roots) is None:
@@ -366,8 +367,6 @@ class Store:
         Nothing is registered when the table cannot be read (the CohortError propagates).
         Returns ``(dataset_id, cohort)``; the cohort's report holds the loading warnings.
         """
-        from melcore.cohort import load_cohort
-
         if self.find_dataset((name or "").strip()) is not None:
             raise MelcoreError(f"a dataset named {name.strip()!r} already exists; choose another name")
         _check_data_roots({"label table": csv_path, "image folder": images_dir, "metadata table": metadata_path,
@@ -385,8 +384,6 @@ class Store:
 
     @staticmethod
     def _summary_with_audit(cohort) -> dict:
-        from melcore.audit import audit_images, audit_warnings, shortcut_audit
-
         summary = cohort.summary()
         audit = shortcut_audit(cohort, images=bool(audit_images(cohort)))
         return {**summary, "shortcut_audit": audit, "warnings": list(summary["warnings"]) + audit_warnings(audit)}
@@ -455,8 +452,6 @@ class Store:
 
     def load_dataset_cohort(self, id_or_name: int | str, **kwargs):
         """Read a registered dataset with :func:`melcore.cohort.load_cohort`."""
-        from melcore.cohort import load_cohort
-
         d = self.get_dataset(id_or_name)
         options = dict(d.get("options") or {})
         options.update(kwargs)

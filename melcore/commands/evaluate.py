@@ -2,9 +2,8 @@
 
 Joins a predictions CSV (image_name + ``prediction``, or ``target`` as in a Kaggle
 submission) with a labels table on image_name. The labels table is read with
-``melcore.cohort.load_cohort`` when that module is available (any format it
-knows: ISIC 2020/2019, HAM10000, generic...), otherwise (or when it cannot read
-the file) as a plain CSV with ``image_name`` and ``target``. Without ``--labels``
+``melcore.cohort.load_cohort`` (any format it knows: ISIC 2020/2019, HAM10000,
+generic...), or, when it cannot read the file, as a plain CSV with ``image_name`` and ``target``. Without ``--labels``
 the predictions CSV itself must hold both ``target`` (label) and ``prediction``,
 as a run's ``val_predictions.csv`` does.
 """
@@ -20,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melcore.cohort import age_band, columns_text
+from melcore import metrics
+from melcore.cohort import age_band, columns_text, describe_grouping, group_keys, load_cohort
 from melcore.errors import MelcoreError
 from melcore.formatting import first_few, json_safe
-
+from melcore.metrics import check_predictions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore import metrics
-
     warnings: list[str] = []
     table, source = load_evaluation_table(args.predictions, args.labels, warnings,
                                           ignore_missing=args.ignore_missing)
@@ -136,7 +134,6 @@ def read_predictions(path: Path) -> pd.DataFrame:
     frame = frame.dropna(subset=["image_name"])
     frame["image_name"] = frame["image_name"].astype(str).str.strip()
     _check_unique(frame, path)
-    from melcore.metrics import check_predictions
 
     # A single non-numeric cell makes pandas read the whole column as text: convert what is a number,
     # so that check_predictions names only the cells that are not.
@@ -151,14 +148,10 @@ def read_predictions(path: Path) -> pd.DataFrame:
 def read_labels(path: Path, warnings: list[str]) -> pd.DataFrame:
     """Labels table -> DataFrame with image_name (str) and target (Int8, <NA> = unlabelled).
 
-    Uses ``melcore.cohort.load_cohort`` (imported lazily) when available; falls
-    back to a plain CSV with image_name and target.
+    Uses :func:`melcore.cohort.load_cohort`; falls back to a plain CSV with image_name and
+    target when it cannot read the file.
     """
-    try:
-        from melcore.cohort import load_cohort
-    except ImportError:
-        load_cohort = None
-    if load_cohort is not None and path.exists():
+    if path.exists():
         try:
             cohort = load_cohort(path, check_images="none")
         except MelcoreError as exc:
@@ -252,8 +245,6 @@ def _bootstrap_groups(table: pd.DataFrame, choice: str) -> tuple[np.ndarray | No
     if choice == "none":
         return None, "image"
     if choice == "auto":
-        from melcore.cohort import describe_grouping, group_keys
-
         if not any(c in table.columns and table[c].notna().any() for c in ("patient_id", "lesion_id")):
             return None, "image"
         return group_keys(table).to_numpy(), describe_grouping(table)

@@ -7,14 +7,14 @@ import sys
 import time
 
 from melcore.commands._listing import print_listing
+from melcore.commands.train import add_train_options, config_from_args
+from melcore.datasets import find_or_register_demo
 from melcore.errors import ConfigError
 from melcore.jobs import JOB_KINDS, submit_jobs, submit_meta_job
 from melcore.store import Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore.commands.train import add_train_options
-
     parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     submit = actions.add_parser("submit", help="queue a training job; prints its id")
@@ -66,11 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "submit":
         from dataclasses import replace
 
-        from melcore.datasets import find_or_register_demo
-
         dataset = find_or_register_demo(store, args.dataset)  # "demo" on a fresh home: registered as the app does
-
-        from melcore.commands.train import config_from_args
 
         if args.kind == "meta":
             if args.each_clinic:

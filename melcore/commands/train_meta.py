@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from melcore import meta
+from melcore.cohort import load_cohort
 from melcore.errors import ConfigError
 from melcore.metrics import format_auroc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore import meta
-
     parser.add_argument("--csv", required=True, metavar="CSV", help="lesion table (ISIC 2020/2019, HAM10000, ...)")
     parser.add_argument("--format", metavar="F", default=None,
                         help="table format (isic2020, isic2019, ham10000, generic, ...); default: detected")
@@ -64,9 +64,6 @@ class _FoldBar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore import meta
-    from melcore.cohort import load_cohort
-
     if args.embeddings and not args.image_scores:
         raise ConfigError("--embeddings needs --image-scores (the fusion stacks image scores; embeddings add "
                           "ugly-duckling distances)")

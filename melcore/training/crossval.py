@@ -39,11 +39,13 @@ import time
 import numpy as np
 import pandas as pd
 
+from melcore import features
 from melcore.checks import check_int
 from melcore.errors import CohortError, ConfigError, LeakageError, MelcoreError
 from melcore.formatting import format_number
-from melcore.training.api import fit
 from melcore.metrics import auroc_or_none
+from melcore.predict import predict_paths
+from melcore.training.api import fit
 from melcore.training.config import validate
 from melcore.training.prepare import prepare_data
 from melcore.training.rundir import RunDir
@@ -224,8 +226,6 @@ def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray |
     """Probabilities of the run's model for the rows of ``table`` (None when stopped)."""
     paths = table["image_path"].astype(str).tolist()
     if config.mode == "fast-head":
-        from melcore import features
-
         extractor = features.get_extractor(config)
         from melcore.images import ImageCache
 
@@ -240,7 +240,6 @@ def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray |
             scores[list(result.bad)] = np.nan
         return scores
     from melcore.images import ImageCache
-    from melcore.predict import predict_paths
 
     return predict_paths(run.load_model(), paths, tta=config.tta, batch_size=max(32, config.batch_size),
                          should_stop=should_stop, cache=ImageCache() if config.cache_images else None,

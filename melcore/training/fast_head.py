@@ -28,7 +28,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from melcore.errors import MelcoreError
-from melcore.metrics import auroc, auroc_or_none, format_auroc
 from melcore.features import (
     VIEWS,
     FeatureCache,
@@ -38,6 +37,8 @@ from melcore.features import (
     get_extractor,
     score_features,
 )
+from melcore.metrics import auroc, auroc_or_none, format_auroc
+from melcore.splits import group_kfold
 from melcore.training.callbacks import (
     BestEpoch,
     Cancellation,
@@ -346,8 +347,6 @@ def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndar
         ``inner_auroc_by_set`` {set: {C: AUROC}}; ``inner_folds``; ``chosen_on`` (a sentence).
     """
     from sklearn.linear_model import LogisticRegression
-
-    from melcore.splits import group_kfold
 
     x = np.asarray(features, dtype=np.float64)
     if x.ndim == 2:

@@ -48,6 +48,7 @@ import numpy as np
 from melcore import colour
 from melcore.errors import ConfigError, MelcoreError
 from melcore.metrics import auroc_or_none, format_auroc
+from melcore.predict import predict_dataset
 from melcore.training.callbacks import (
     BestEpoch,
     Cancellation,
@@ -260,8 +261,6 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     val_batch = max(config.batch_size, 32)
 
     def predict_paths(paths: list, tta: bool = False) -> np.ndarray | None:
-        from melcore.predict import predict_dataset
-
         sizes = [min(val_batch, len(paths) - s) for s in range(0, len(paths), val_batch)]
         dataset = PredictionBatches(paths, config.image_size, batch_size=val_batch, cache=cache,
                                     workers=config.workers)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from melcore.errors import CohortError, MelcoreError
 from melcore.formatting import first_few
+from melcore.splits import check_no_leakage, cohort_folds, cohort_split, train_val_split
 from melcore.training.config import TrainConfig
 
 __all__ = ["PreparedData", "prepare_data", "selection_split", "check_split_classes", "drop_unreadable",
@@ -62,8 +63,6 @@ def _require_both_classes(cohort, where: str) -> None:
 
 
 def prepare_data(config: TrainConfig, cohort) -> PreparedData:
-    from melcore.splits import check_no_leakage, cohort_folds, cohort_split
-
     if not hasattr(cohort, "table") or not hasattr(cohort, "subset"):
         raise MelcoreError(f"fit needs a melcore.cohort.Cohort, got {type(cohort).__name__}")
     name = getattr(cohort, "name", "cohort")
@@ -113,8 +112,6 @@ def selection_split(cohort, train_idx: np.ndarray, config: TrainConfig) -> tuple
 
     Both are sorted positions in ``cohort`` and together are ``train_idx``; no patient is on both sides.
     """
-    from melcore.splits import check_no_leakage, train_val_split
-
     groups = cohort.groups.iloc[train_idx]
     fit, select = train_val_split(groups, cohort.table["target"].iloc[train_idx], config.select_fraction,
                                   config.seed)
