@@ -23,6 +23,11 @@ Every other source column is kept after these. Problems that make the table unus
 :class:`~melcore.errors.CohortError` with a message naming the rows, columns or files;
 problems that only affect some rows (missing or corrupt image files, rows without an
 image name) are listed in :class:`CohortReport` and never dropped silently.
+
+The rules derived from these columns live here and nowhere else: the group a row belongs
+to (:func:`group_keys`: patient, else lesion, else image; :func:`table_and_groups` for a
+Cohort or a bare DataFrame), the lesion key (:func:`lesion_keys`) and the age band of
+``age_approx`` (:data:`AGE_BANDS`, :func:`age_band`).
 """
 
 from __future__ import annotations

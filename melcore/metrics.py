@@ -31,6 +31,9 @@ Conventions
       ``calibration_curve``, ``brier_score_loss``) the results here are the same
       (tested with hypothesis); the functions here add validation with messages
       for people and refuse one-class inputs where the quantity is undefined.
+    * Where one class is a legitimate outcome (a fold, a clinic, a training split),
+      :func:`auroc_or_none` is the one policy: None (JSON null), shown as
+      :data:`ONE_CLASS_AUROC` by :func:`format_auroc`.
 
 Invalid input raises :class:`melcore.errors.MelcoreError` saying what was wrong and
 where (positions, or image names when the caller passes ``names``).
