@@ -52,6 +52,7 @@ __all__ = [
     "UNKNOWN_AGE",
     "CANONICAL_COLUMNS",
     "age_band",
+    "benign_only_clinics",
     "columns_text",
     "FORMATS",
     "Cohort",
@@ -423,6 +424,34 @@ def load_cohort(
                   source=source.resolve(), target_column=target_source)
 
 
+def _labels_per_clinic(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Labelled images (``size``) and melanomas (``sum``) per known clinic; None when fewer than two
+    clinics are known or no image is a melanoma."""
+    labelled = table.loc[table["target"].notna(), ["clinic", "target"]]
+    known = labelled[labelled["clinic"].notna() & (labelled["clinic"].astype(str) != UNKNOWN_CLINIC)]
+    if known.empty or known["clinic"].nunique() < 2 or not known["target"].eq(1).any():
+        return None
+    return known.groupby(known["clinic"].astype(str))["target"].agg(["size", "sum"])
+
+
+def benign_only_clinics(table: pd.DataFrame, *, min_share: float = 0.1) -> list[str]:
+    """The clinics / sources that hold no melanoma although they hold at least ``min_share`` of the
+    labelled images (largest first), when another clinic holds melanomas; what
+    :func:`clinic_shortcut_warning` warns about.
+
+    Parameters
+    ----------
+    table : DataFrame with ``clinic`` and ``target`` columns (n images)
+    min_share : float in (0, 1)
+    """
+    per_clinic = _labels_per_clinic(table)
+    if per_clinic is None:
+        return []
+    labelled = int(table["target"].notna().sum())
+    benign_only = per_clinic[(per_clinic["sum"] == 0) & (per_clinic["size"] >= min_share * labelled)]
+    return [str(name) for name in benign_only.sort_values("size", ascending=False).index]
+
+
 def clinic_shortcut_warning(table: pd.DataFrame, *, min_share: float = 0.1) -> str | None:
     """A warning when the clinic alone goes far to predict the label; None otherwise.
 
@@ -439,12 +468,11 @@ def clinic_shortcut_warning(table: pd.DataFrame, *, min_share: float = 0.1) -> s
     min_share : float in (0, 1)
         Benign-only clinics smaller than this share of the labelled images are ignored.
     """
-    labelled = table.loc[table["target"].notna(), ["clinic", "target"]]
-    known = labelled[labelled["clinic"].astype(str) != UNKNOWN_CLINIC]
-    if known.empty or known["clinic"].nunique() < 2 or not known["target"].eq(1).any():
+    per_clinic = _labels_per_clinic(table)
+    if per_clinic is None:
         return None
-    per_clinic = known.groupby(known["clinic"].astype(str))["target"].agg(["size", "sum"])
-    benign_only = per_clinic[(per_clinic["sum"] == 0) & (per_clinic["size"] >= min_share * len(labelled))]
+    labelled = int(table["target"].notna().sum())
+    benign_only = per_clinic[(per_clinic["sum"] == 0) & (per_clinic["size"] >= min_share * labelled)]
     if benign_only.empty:
         return None
     with_melanoma = per_clinic[per_clinic["sum"] > 0]

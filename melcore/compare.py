@@ -34,7 +34,7 @@ import pandas as pd
 from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
-from melcore.runinfo import run_title, scratch_words
+from melcore.runinfo import SourceConfounding, run_title, scratch_words, source_confounding
 from melcore.cohort import age_band
 from melcore.registry import PUBLISHED_WEIGHTS, REGISTRY, weights_label
 from melcore.metrics import (
@@ -50,17 +50,25 @@ from melcore.metrics import (
     operating_point_ci,
     paired_auroc_bootstrap,
     partial_auroc,
+    partial_auroc_bootstrap,
     partial_auroc_ci,
     per_group,
 )
 
 __all__ = [
+    "MIN_PAIRED_IMAGES",
+    "MIN_PAIRED_PER_CLASS",
+    "at_own_thresholds_table",
+    "image_overlap",
+    "underpowered_note",
+    "run_source_confounding",
     "THRESHOLD_RULES",
     "threshold_elsewhere",
     "FILTER_COLUMNS",
     "SPLITS",
     "CrossClinic",
     "GroupBreakdown",
+    "PAIRED_PAUC_COLUMNS",
     "RunEvaluation",
     "apply_subset",
     "at_threshold_table",
@@ -595,15 +603,21 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
         ``n_shared`` (images scored by both), ``n_malignant``, ``n_patients``,
         ``auroc_a``, ``auroc_b``, ``diff`` (a - b) on the shared images, ``delong_p``,
         ``bootstrap_p``, ``bootstrap_low``, ``bootstrap_high`` (interval of the
-        difference) and ``note``. The bootstrap is run only when some patient has
-        several shared images (otherwise it would resample images, which DeLong
-        already covers); undefined values are nan with a note.
+        difference), the partial AUROCs above :data:`~melcore.metrics.PAUC_MIN_TPR`
+        sensitivity (unstandardised, ISIC 2024) ``pauc_a``, ``pauc_b`` with their
+        intervals ``pauc_a_low``... and ``pauc_diff`` (a - b) with ``pauc_diff_low``,
+        ``pauc_diff_high``, and ``note``. The AUROC bootstrap is run only when some
+        patient has several shared images (otherwise it would resample images, which
+        DeLong already covers); the pAUC intervals always come from a paired bootstrap
+        (the same resamples of patients, else images, for both runs). Undefined values
+        are nan with a note.
     """
     rows = []
     for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2):
         row = {"run_a": name_a, "run_b": name_b, "n_shared": 0, "n_malignant": 0, "n_patients": 0,
                "auroc_a": math.nan, "auroc_b": math.nan, "diff": math.nan, "delong_p": math.nan,
-               "bootstrap_p": math.nan, "bootstrap_low": math.nan, "bootstrap_high": math.nan, "note": ""}
+               "bootstrap_p": math.nan, "bootstrap_low": math.nan, "bootstrap_high": math.nan,
+               **dict.fromkeys(PAIRED_PAUC_COLUMNS, math.nan), "note": ""}
         left = a[["image_name", "target", "prediction"] + (["group"] if "group" in a.columns else [])]
         merged = left.merge(b[["image_name", "target", "prediction"]], on="image_name", suffixes=("_a", "_b"))
         disagree = merged["target_a"] != merged["target_b"]
@@ -626,16 +640,84 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
             p1, p2 = merged["prediction_a"].to_numpy(), merged["prediction_b"].to_numpy()
             result = delong_test(y, p1, p2)
             row.update(auroc_a=result.auc1, auroc_b=result.auc2, diff=result.diff, delong_p=result.p_value)
+            row.update(_paired_pauc(y, p1, p2, groups, n_boot, seed, level))
             if groups is not None and row["n_patients"] < len(merged):
                 boot = paired_auroc_bootstrap(y, p1, p2, groups=groups, n_boot=n_boot, seed=seed, level=level)
                 row.update(bootstrap_p=boot.p_value, bootstrap_low=boot.low, bootstrap_high=boot.high)
             else:
-                notes.append("one image per patient: DeLong suffices")
+                notes.append("one image per patient: no patient bootstrap (DeLong's test)")
         row["note"] = "; ".join(notes)
         rows.append(row)
     return pd.DataFrame(rows, columns=["run_a", "run_b", "n_shared", "n_malignant", "n_patients", "auroc_a",
                                        "auroc_b", "diff", "delong_p", "bootstrap_p", "bootstrap_low",
-                                       "bootstrap_high", "note"])
+                                       "bootstrap_high", *PAIRED_PAUC_COLUMNS, "note"])
+
+
+PAIRED_PAUC_COLUMNS = ("pauc_a", "pauc_a_low", "pauc_a_high", "pauc_b", "pauc_b_low", "pauc_b_high", "pauc_diff",
+                       "pauc_diff_low", "pauc_diff_high")
+"""The pAUC columns of :func:`pairwise_tests`."""
+
+
+def _paired_pauc(y, p1, p2, groups, n_boot: int, seed: int, level: float) -> dict:
+    """Both runs' partial AUROCs, their intervals and the interval of their difference, from one set of resamples.
+
+    :func:`~melcore.metrics.partial_auroc_bootstrap` draws the same resamples for the same
+    seed and groups, so the two bootstrap series are paired resample by resample.
+    """
+    boots = [partial_auroc_bootstrap(y, p, groups=groups, n_boot=n_boot, seed=seed) for p in (p1, p2)]
+    out = {}
+    for side, p, boot in (("a", p1, boots[0]), ("b", p2, boots[1])):
+        out[f"pauc_{side}"] = partial_auroc(y, p, PAUC_MIN_TPR)
+        out[f"pauc_{side}_low"], out[f"pauc_{side}_high"] = _percentile(boot, level)
+    out["pauc_diff"] = out["pauc_a"] - out["pauc_b"]
+    out["pauc_diff_low"], out["pauc_diff_high"] = _percentile(boots[0] - boots[1], level)
+    return out
+
+
+def _percentile(values: np.ndarray, level: float) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if len(finite) == 0:
+        return math.nan, math.nan
+    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+#: A paired AUROC test on fewer shared images, or fewer of either class, is called underpowered.
+MIN_PAIRED_IMAGES = 100
+MIN_PAIRED_PER_CLASS = 20
+
+
+def underpowered_note(n_shared: int, n_positive: int, classes=None) -> str:
+    """Why a paired test on ``n_shared`` images (``n_positive`` of them positive) is underpowered, or "".
+
+    ``classes`` (:class:`melcore.classes.ClassNames`, default melanoma / not melanoma) names the classes.
+    """
+    from melcore.classes import MELANOMA
+
+    classes = classes or MELANOMA
+    n_negative = int(n_shared) - int(n_positive)
+    if n_shared >= MIN_PAIRED_IMAGES and min(n_positive, n_negative) >= MIN_PAIRED_PER_CLASS:
+        return ""
+    return (f"underpowered: {int(n_shared):,} shared images ({int(n_positive):,} {classes.positive}, "
+            f"{n_negative:,} {classes.negative}; fewer than {MIN_PAIRED_IMAGES} images or "
+            f"{MIN_PAIRED_PER_CLASS} of a class). A p-value above 0.05 does not show the runs are equally good: "
+            "such a test misses all but large differences")
+
+
+def image_overlap(frames: Mapping[Hashable, pd.DataFrame]) -> tuple[int, dict]:
+    """``(n_shared, {name: n_images})``: images scored by every run (on ``image_name``) and each run's count."""
+    sets = {name: set(frame["image_name"].astype(str)) for name, frame in frames.items()}
+    shared = set.intersection(*sets.values()) if sets else set()
+    return len(shared), {name: len(images) for name, images in sets.items()}
+
+
+def at_own_thresholds_table(evaluations: Mapping[Hashable, RunEvaluation],
+                            thresholds: Mapping[Hashable, float]) -> pd.DataFrame:
+    """Every run at its own threshold: ``run``, ``prevalence`` and the threshold-metric keys
+    (``threshold`` is the run's)."""
+    rows = [{"run": name, "prevalence": e.prevalence, **e.at(float(thresholds[name]))}
+            for name, e in evaluations.items()]
+    return pd.DataFrame(rows, columns=["run", "prevalence", *THRESHOLD_METRIC_KEYS])
 
 
 class GroupBreakdown:
@@ -667,6 +749,22 @@ class GroupBreakdown:
         for column in THRESHOLD_METRIC_KEYS:
             table[column] = metrics[column].to_numpy()
         return table
+
+
+def run_source_confounding(store, run: Mapping, cohort=None, *, split: str = "auto",
+                           n_boot: int = 1000) -> SourceConfounding | None:
+    """:func:`melcore.runinfo.source_confounding` of a stored run on its delivered predictions
+    (validation, else out-of-fold), with its dataset's cohort table (``cohort``, a
+    :class:`melcore.cohort.Cohort`, or None: the predictions' clinics decide) and shortcut audit.
+    None when the run stored no predictions.
+    """
+    frame, used = load_predictions(store, int(run["id"]), split)
+    if used is None:
+        return None
+    frame, _ = attach_metadata(frame, cohort)
+    dataset = store.find_dataset(int(run["dataset_id"])) if run.get("dataset_id") is not None else None
+    audit = ((dataset or {}).get("summary") or {}).get("shortcut_audit")
+    return source_confounding(cohort.table if cohort is not None else None, frame, audit=audit, n_boot=n_boot)
 
 
 # --------------------------------------------------------------------------- cross-clinic

@@ -28,7 +28,7 @@ from melcore.errors import ConfigError, MelcoreError
 from melcore.store import Store
 
 __all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job", "record_run",
-           "new_run_dir", "distribution_strategy"]
+           "RecordedRun", "PREDICTION_FILES", "new_run_dir", "distribution_strategy"]
 
 log = logging.getLogger("melcore.jobs")
 
@@ -78,24 +78,49 @@ def new_run_dir(job: dict, label: str) -> Path:
         return path
 
 
-def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None) -> int:
-    """Register a finished :class:`melcore.training.rundir.Run` (metrics, validation predictions) in the store."""
+PREDICTION_FILES = (("val", "val_predictions.csv"), ("oof", "oof_predictions.csv"))
+"""(split, file name) of the predictions a run folder may hold, as :func:`record_run` stores them."""
+
+
+def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None, name: str | None = None,
+               notes: str | None = None, threshold: float | None = None, predictions: dict | None = None) -> int:
+    """Register a finished run (its config, metrics and predictions) in the store; returns the run id.
+
+    The one place a run is recorded: the worker's jobs and :func:`melcore.run_archive.import_run` both
+    come here. The run and its predictions are written in one transaction (all or nothing).
+
+    Parameters
+    ----------
+    store : Store
+    run : melcore.training.rundir.Run or alike
+        Has ``config`` (a TrainConfig or dict; ``model``, ``clinic``, ``name`` are read), ``metrics``
+        (``kind`` and ``weights`` are read) and ``run_dir``.
+    dataset_id, job_id : int, optional
+        What the run belongs to.
+    name : str, optional
+        The run's name; default ``"<config name or model> · <clinic or all clinics> · <folder>"``.
+    notes : str, optional
+        Default: the weights' provenance note.
+    threshold : float, optional
+        A decision threshold in [0, 1] saved with the run.
+    predictions : dict, optional
+        {split: DataFrame}; default read from the folder's :data:`PREDICTION_FILES`.
+    """
     import pandas as pd
 
     config = run.config.to_dict() if hasattr(run.config, "to_dict") else dict(run.config)
     metrics = dict(run.metrics)
     weights = metrics.get("weights") or {}
-    name = f"{config.get('name') or config.get('model')} · {config.get('clinic') or 'all clinics'} · " \
-        f"{Path(run.run_dir).name}"
-    run_id = store.add_run(name, run.run_dir, dataset_id=dataset_id, job_id=job_id, model=config.get("model"),
-                           clinic=config.get("clinic"), kind=metrics.get("kind", "image"), config=config,
-                           metrics=metrics, from_scratch=bool(weights.get("from_scratch")),
-                           notes=weights.get("note"))
-    for split, filename in (("val", "val_predictions.csv"), ("oof", "oof_predictions.csv")):
-        path = Path(run.run_dir) / filename
-        if path.exists():
-            store.add_predictions(run_id, pd.read_csv(path, dtype={"image_name": str}), split=split)
-    return run_id
+    if name is None:
+        name = f"{config.get('name') or config.get('model')} · {config.get('clinic') or 'all clinics'} · " \
+            f"{Path(run.run_dir).name}"
+    if predictions is None:
+        predictions = {split: pd.read_csv(Path(run.run_dir) / filename, dtype={"image_name": str})
+                       for split, filename in PREDICTION_FILES if (Path(run.run_dir) / filename).exists()}
+    return store.add_run(name, run.run_dir, dataset_id=dataset_id, job_id=job_id, model=config.get("model"),
+                         clinic=config.get("clinic"), kind=metrics.get("kind", "image"), config=config,
+                         metrics=metrics, threshold=threshold, from_scratch=bool(weights.get("from_scratch")),
+                         notes=weights.get("note") if notes is None else notes, predictions=predictions)
 
 
 def run_kfold_job(ctx) -> tuple[str, int | None]:
@@ -160,11 +185,11 @@ def run_meta_job(ctx) -> tuple[str, int | None]:
     metrics["kind"] = "meta"
     name = "patient context" + (f" + run #{config['image_run_id']}" if "fusion" in metrics else "")
     run_config = {**config, "model": metrics.get("model", "meta"), "name": name, "image_scores_from": source}
-    run = _RecordedRun(config=run_config, metrics=metrics, run_dir=run_dir)
+    run = RecordedRun(config=run_config, metrics=metrics, run_dir=run_dir)
     return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
 
 
-class _RecordedRun:
+class RecordedRun:
     """What :func:`record_run` reads of a run: its config, metrics and folder."""
 
     def __init__(self, config: dict, metrics: dict, run_dir: Path):

@@ -77,6 +77,9 @@ from melcore.metrics import auroc_or_none, format_auroc
 from melcore.splits import group_kfold
 
 __all__ = [
+    "MISSING_CLASS_GAP",
+    "MISSING_SOURCE_GAP",
+    "missingness_warnings",
     "FEATURE_SETS",
     "FEATURE_HISTORY",
     "FEATURE_SET_LABELS",
@@ -833,6 +836,63 @@ def _binary_targets(y, n: int) -> np.ndarray:
     return numeric.to_numpy().astype(np.int64)
 
 
+# --------------------------------------------------------------------------- learning from missingness
+
+#: Missing-value rates of a field differing by at least this between the classes make the model able to
+#: score the label from the gap alone.
+MISSING_CLASS_GAP = 0.2
+#: Missing-value rates differing by at least this between clinics/sources make missingness name the source.
+MISSING_SOURCE_GAP = 0.5
+_MISSING_FIELDS = (("age_approx", "age"), ("sex", "sex"), ("site", "site"))
+
+
+def missingness_warnings(cohort, *, class_gap: float = MISSING_CLASS_GAP, source_gap: float = MISSING_SOURCE_GAP,
+                         min_share: float = 0.05) -> list[str]:
+    """Warnings when a metadata model can learn from missing age, sex or site instead of their values.
+
+    A gradient-boosted model splits on "missing" like on any value: when age is missing for
+    30% of the melanomas and 2% of the rest, or for every image of one source and none of
+    another (a source without melanoma, say), "age unknown" scores the label or the source.
+
+    Parameters
+    ----------
+    cohort : Cohort or DataFrame (labelled rows are read; ``age_approx``, ``sex``, ``site``, ``clinic``)
+    class_gap : warn when a field's missing rate differs by at least this between the classes.
+    source_gap : warn when it differs by at least this between two clinics/sources each holding at
+        least ``min_share`` of the labelled images.
+
+    Returns
+    -------
+    list of str, one per field and reason (empty when missingness says nothing).
+    """
+    table, _, labelled, y = _labelled_frame(cohort)
+    lab = table[labelled].reset_index(drop=True)
+    warnings: list[str] = []
+    if len(y) == 0:
+        return warnings
+    clinics = pd.Series(_column(lab, "clinic"), dtype=object)
+    for column, word in _MISSING_FIELDS:
+        values = _ages(lab) if column == "age_approx" else _column(lab, column)
+        missing = pd.isna(pd.Series(values, dtype=object)).to_numpy()
+        if not missing.any():
+            continue
+        if (y == 1).any() and (y == 0).any():
+            positive, negative = missing[y == 1].mean(), missing[y == 0].mean()
+            if abs(positive - negative) >= class_gap:
+                warnings.append(f"{word} is missing for {positive:.0%} of the melanomas but {negative:.0%} of the "
+                                f"other images: a metadata model can score the label from '{word} unknown' alone")
+        known = clinics.notna().to_numpy()
+        if known.any():
+            rates = pd.Series(missing[known]).groupby(clinics[known].astype(str).to_numpy()).agg(["mean", "size"])
+            rates = rates[rates["size"] >= min_share * len(y)]
+            if len(rates) >= 2 and rates["mean"].max() - rates["mean"].min() >= source_gap:
+                most, least = rates["mean"].idxmax(), rates["mean"].idxmin()
+                warnings.append(f"{word} is missing for {rates.loc[most, 'mean']:.0%} of clinic/source {most!r} "
+                                f"but {rates.loc[least, 'mean']:.0%} of {least!r}: '{word} unknown' identifies "
+                                "the source, so a metadata model can score where an image comes from (judge it "
+                                "within a source)")
+    return warnings
+
 # --------------------------------------------------------------------------- cross-validation
 
 @dataclass
@@ -1253,6 +1313,9 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
     metrics["model"] = "meta"
     metrics["meta_oof_auroc"] = result.oof_auroc
     metrics["melcore_version"] = melcore.__version__
+    metrics["missingness_warnings"] = missingness_warnings(cohort)
+    for warning in metrics["missingness_warnings"]:
+        say(f"warning: {warning}", echo=False)
     oof = result.oof
     final = MetaModel(**params).fit(result.features, result.targets)
     final.save(out)

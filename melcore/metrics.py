@@ -1230,7 +1230,10 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
 
     Returns:
         DataFrame, one row per group sorted by name, columns ``group``, ``n``,
-        ``n_malignant``, ``auroc``, ``auroc_low``, ``auroc_high``, then the
+        ``n_malignant``, ``auroc``, ``auroc_low``, ``auroc_high``, ``pauc``,
+        ``pauc_low``, ``pauc_high`` (:func:`partial_auroc` above
+        :data:`PAUC_MIN_TPR` sensitivity with its interval from the same
+        resamples as the AUROC's), then the
         :func:`threshold_metrics` keys from ``threshold`` on, ``brier``,
         ``boot_dropped`` (one-class bootstrap resamples left out of the CI) and
         ``note`` ("" or why a value is missing or less reliable). Groups with one
@@ -1257,9 +1260,9 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
                                threshold, n_boot, seed, level))
         if progress is not None:
             progress(i + 1, len(unique))
-    # group, n, n_malignant, auroc, auroc_low, auroc_high, threshold, n_benign, tp, ..., brier, note
-    columns = list(dict.fromkeys(["group", "n", "n_malignant", "auroc", "auroc_low", "auroc_high",
-                                  *THRESHOLD_METRIC_KEYS, "brier", "boot_dropped", "note"]))
+    # group, n, n_malignant, auroc, auroc_low, auroc_high, pauc, pauc_low, pauc_high, threshold, n_benign, tp, ..., brier, note
+    columns = list(dict.fromkeys(["group", "n", "n_malignant", "auroc", "auroc_low", "auroc_high", "pauc",
+                                  "pauc_low", "pauc_high", *THRESHOLD_METRIC_KEYS, "brier", "boot_dropped", "note"]))
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -1281,13 +1284,15 @@ def _group_row(key, labels, scores, patients, threshold, n_boot, seed, level) ->
            "note": ""}
     n_malignant = int(labels.sum())
     if n_malignant == 0 or n_malignant == len(labels):
-        row.update(auroc=math.nan, auroc_low=math.nan, auroc_high=math.nan,
-                   note=_one_class_note(n_malignant, len(labels)))
+        row.update(auroc=math.nan, auroc_low=math.nan, auroc_high=math.nan, pauc=math.nan, pauc_low=math.nan,
+                   pauc_high=math.nan, note=_one_class_note(n_malignant, len(labels)))
         return row
     row["auroc"] = auroc(labels, scores)
+    row["pauc"] = partial_auroc(labels, scores)
     interval = _interval(_bootstrap_aurocs(labels, scores[None, :], patients, n_boot, seed, None)[:, 0], level)
-    row.update(auroc_low=interval.low, auroc_high=interval.high, boot_dropped=interval.n_dropped,
-               note=interval.note)
+    partial = _interval(partial_auroc_bootstrap(labels, scores, groups=patients, n_boot=n_boot, seed=seed), level)
+    row.update(auroc_low=interval.low, auroc_high=interval.high, pauc_low=partial.low, pauc_high=partial.high,
+               boot_dropped=interval.n_dropped, note=interval.note)
     if math.isnan(interval.low):
         row["note"] = "too few patients of each class for a bootstrap interval"
     return row

@@ -4,7 +4,10 @@ Every builder takes plain numbers (numpy arrays, lists, DataFrames) keyed by a
 display name, returns a ``plotly.graph_objects.Figure`` and never computes a
 metric itself: the numbers come from :mod:`melcore.metrics`. A name keeps the
 same colour in every figure when the same ``names`` order is passed, so one model
-is one colour across ROC, threshold, precision-recall and calibration plots.
+is one colour across ROC, threshold, precision-recall and calibration plots; ``colors``
+(name -> colour, e.g. :func:`run_color` of each run's id) keeps a run's colour when other
+runs are added or removed. Legend entries are shortened (:func:`short_label`); hovers show
+the full name.
 
 Conventions shared by the builders
     * Curve traces are named after the model (plus its summary, e.g.
@@ -28,10 +31,14 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import MelcoreError
 
 __all__ = [
     "PALETTE",
+    "LEGEND_CHARS",
+    "run_color",
+    "short_label",
     "bar_figure",
     "decision_curve_figure",
     "readers_roc_figure",
@@ -60,6 +67,32 @@ _CLICK_TARGET = dict(marker=dict(size=9, opacity=0), selected=dict(marker=dict(o
 def color_for(index: int) -> str:
     """The palette colour of the ``index``-th model (cycles after 8)."""
     return PALETTE[index % len(PALETTE)]
+
+
+def run_color(run_id: int) -> str:
+    """The colour of run ``run_id`` on every page and figure, whatever else is shown beside it
+    (consecutive runs differ; cycles after 8)."""
+    return PALETTE[int(run_id) % len(PALETTE)]
+
+
+#: Legend entries longer than this many characters are shortened (the full name stays in the hover).
+LEGEND_CHARS = 34
+
+
+def short_label(name: str, limit: int = LEGEND_CHARS) -> str:
+    """``name`` for a legend: whole when short, else its leading `` · ``-separated parts that fit, then "…"."""
+    name = str(name)
+    if len(name) <= limit:
+        return name
+    parts = name.split(" · ")
+    kept = parts[0]
+    if len(kept) > limit - 2:
+        return kept[: limit - 1].rstrip() + "…"
+    for part in parts[1:]:
+        if len(kept) + 3 + len(part) > limit - 2:
+            break
+        kept += " · " + part
+    return kept + " …"
 
 
 def format_ci(value: float, ci: Sequence[float] | None = None, digits: int = 3, level: float = 0.95) -> str:
@@ -91,6 +124,7 @@ def _figure(traces: list, title: str, x_title: str, y_title: str, *, height: int
                  "showarrow": False, "text": f"threshold {threshold:.3f}"})
     return go.Figure(data=[t for t in traces if t is not None], layout={
         "title": {"text": title, "x": 0.01, "xanchor": "left"}, "height": height, "hovermode": "closest",
+        "hoverlabel": {"namelength": -1},
         "margin": {"l": 10, "r": 10, "t": 45, "b": 10},
         "legend": {"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0,
                    "font": {"size": 11}},
@@ -105,10 +139,11 @@ def _marker_trace(name: str, x: float, y: float, color: str, hover: str,
                       showlegend=False, marker=dict(color=color, **_MARKER), hovertemplate=hover + "<extra></extra>")
 
 
-def _color_map(names: Sequence[str] | None, keys) -> dict[str, str]:
+def _color_map(names: Sequence[str] | None, keys, colors: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Name -> colour: ``colors`` where given (e.g. :func:`run_color` by run id), else by position in ``names``."""
     order = list(names) if names is not None else []
     order += [k for k in keys if k not in order]
-    return {name: color_for(i) for i, name in enumerate(order)}
+    return {name: (colors or {}).get(name) or color_for(i) for i, name in enumerate(order)}
 
 
 def _as_array(values) -> np.ndarray:
@@ -119,7 +154,8 @@ def _as_array(values) -> np.ndarray:
 
 def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, float]] | None = None, *,
                names: Sequence[str] | None = None, title: str = "ROC curves", level: float = 0.95,
-               height: int = 460) -> go.Figure:
+               height: int = 460, marker_notes: Mapping[str, str] | None = None,
+               colors: Mapping[str, str] | None = None) -> go.Figure:
     """Overlaid ROC curves, one per model, with the AUROC and its CI in the legend.
 
     Args:
@@ -131,11 +167,12 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
         markers: name -> ``(fpr, tpr)`` of the current operating point (one marker each).
         names: order of the colours (default: the order of ``curves``).
         level: the CI level written in the legend.
+        marker_notes: name -> a line added to the marker's hover (e.g. ``"threshold 0.420 (saved)"``).
 
     Traces: one line per model named ``"<name><br>AUROC 0.871 (95% CI 0.842-0.899)"``
     (``meta`` = name), the chance diagonal named "chance", then the markers.
     """
-    colors = _color_map(names, curves)
+    colors = _color_map(names, curves, colors)
     traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=_GUIDE, hoverinfo="skip")]
     for name, (fpr, tpr, auc, ci, *rest) in curves.items():
         fpr, tpr = _as_array(fpr), _as_array(tpr)
@@ -150,12 +187,14 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
             clickable = dict(mode="lines+markers", customdata=thresholds, **_CLICK_TARGET)
             hover += "<br>threshold %{customdata:.3f} (click to use)"
         traces.append(go.Scatter(
-            **clickable, x=fpr, y=tpr, name=f"{name}<br>AUROC {format_ci(auc, ci, level=level)}",
+            **clickable, x=fpr, y=tpr, name=f"{short_label(name)}<br>AUROC {format_ci(auc, ci, level=level)}",
             legendgroup=name, meta=name, line=dict(color=colors[name], width=2.5),
             hovertemplate=hover + "<extra>" + name + "</extra>"))
     for name, (x, y) in (markers or {}).items():
+        note = (marker_notes or {}).get(name)
         traces.append(_marker_trace(name, x, y, colors.get(name, color_for(len(colors))),
-                                    f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"))
+                                    f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"
+                                    + (f"<br>{html.escape(note)}" if note else "")))
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
     return _figure(traces, title, "1 - specificity (false positive rate)", "sensitivity (true positive rate)",
                    height=height, square=True, xaxis=unit, yaxis=dict(unit))
@@ -231,7 +270,8 @@ def readers_roc_figure(fpr, tpr, auc: float, ci: Sequence[float] | None, readers
 
 def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None, *,
                           names: Sequence[str] | None = None, title: str = "Decision curves (net benefit)",
-                          height: int = 420, x_range: tuple[float, float] = (0.0, 0.5)) -> go.Figure:
+                          height: int = 420, x_range: tuple[float, float] = (0.0, 0.5),
+                          colors: Mapping[str, str] | None = None) -> go.Figure:
     """Net benefit against the threshold probability, with "biopsy all" and "biopsy none".
 
     Args:
@@ -244,7 +284,7 @@ def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float |
     all runs share their images' prevalence, else ``"biopsy all (<name>)"``), then one line
     per model (``meta`` = name), then the markers ``"<name> @ threshold"``.
     """
-    colors = _color_map(names, curves)
+    colors = _color_map(names, curves, colors)
     tables = list(curves.items())
     traces = []
     if tables:
@@ -265,7 +305,8 @@ def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float |
                                                + "</extra>"))
     lowest = 0.0
     for name, table in tables:
-        traces.append(go.Scatter(x=table["threshold"], y=table["net_benefit"], mode="lines", name=name, meta=name,
+        traces.append(go.Scatter(x=table["threshold"], y=table["net_benefit"], mode="lines", name=short_label(name),
+                                 meta=name,
                                  legendgroup=name, line=dict(color=colors[name], width=2.5),
                                  hovertemplate="threshold %{x:.2f}<br>net benefit %{y:.4f}<extra>" + name
                                                + "</extra>"))
@@ -288,7 +329,8 @@ def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float |
 def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None,
                      markers: Mapping[str, tuple[float, float]] | None = None, *,
                      names: Sequence[str] | None = None, title: str = "Sensitivity and specificity by threshold",
-                     height: int = 460, x_range: tuple[float, float] = (0.0, 1.0)) -> go.Figure:
+                     height: int = 460, x_range: tuple[float, float] = (0.0, 1.0),
+                     colors: Mapping[str, str] | None = None) -> go.Figure:
     """Sensitivity (solid) and specificity (dashed) against the decision threshold.
 
     Args:
@@ -302,7 +344,7 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
     Traces per model: ``"<name> sensitivity"`` and ``"<name> specificity"`` (``meta`` = name);
     every point is clickable and carries its threshold in ``customdata``.
     """
-    colors = _color_map(names, curves)
+    colors = _color_map(names, curves, colors)
     traces = []
     for name, table in curves.items():
         missing = {"threshold", "sensitivity", "specificity"} - set(table.columns)
@@ -313,7 +355,7 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
         x = np.clip(x, 0.0, 1.0)
         for metric, dash in (("sensitivity", "solid"), ("specificity", "dash")):
             traces.append(go.Scatter(
-                x=x, y=table[metric].to_numpy(dtype=float), mode="lines+markers", name=f"{name} {metric}",
+                x=x, y=table[metric].to_numpy(dtype=float), mode="lines+markers", name=f"{short_label(name)} {metric}",
                 legendgroup=name, meta=name, line=dict(color=colors[name], width=2.2, dash=dash, shape="hv"),
                 customdata=x, **_CLICK_TARGET,
                 hovertemplate="threshold %{x:.3f} (click to use)<br>" + metric + " %{y:.3f}<extra>" + name
@@ -334,7 +376,7 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
 
 def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, float]] | None = None, *,
               prevalence: float | None = None, names: Sequence[str] | None = None,
-              title: str = "Precision-recall", height: int = 460) -> go.Figure:
+              title: str = "Precision-recall", height: int = 460, colors: Mapping[str, str] | None = None) -> go.Figure:
     """Precision (PPV) against recall (sensitivity), one curve per model.
 
     Args:
@@ -345,7 +387,7 @@ def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, fl
 
     Traces: ``"<name><br>AP 0.512"`` per model, "no skill" when prevalence is given, then markers.
     """
-    colors = _color_map(names, curves)
+    colors = _color_map(names, curves, colors)
     traces = []
     if prevalence is not None and np.isfinite(prevalence):
         traces.append(go.Scatter(x=[0, 1], y=[prevalence, prevalence], mode="lines",
@@ -353,7 +395,7 @@ def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, fl
     for name, (precision, recall, ap) in curves.items():
         precision, recall = _as_array(precision), _as_array(recall)
         traces.append(go.Scatter(
-            x=recall, y=precision, mode="lines", name=f"{name}<br>AP {format_ci(ap)}", legendgroup=name,
+            x=recall, y=precision, mode="lines", name=f"{short_label(name)}<br>AP {format_ci(ap)}", legendgroup=name,
             meta=name, line=dict(color=colors[name], width=2.2, shape="hv"),
             hovertemplate="recall %{x:.3f}<br>precision %{y:.3f}<extra>" + name + "</extra>"))
     for name, (recall, precision) in (markers or {}).items():
@@ -367,19 +409,23 @@ def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, fl
 
 def calibration_figure(tables: Mapping[str, tuple[pd.DataFrame, float]], threshold: float | None = None, *,
                        names: Sequence[str] | None = None, title: str = "Calibration",
-                       height: int = 460) -> go.Figure:
-    """Reliability diagram: observed malignant fraction against mean predicted probability.
+                       height: int = 460, classes: ClassNames | None = None,
+                       colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Reliability diagram: observed positive (melanoma / malignant) fraction against mean predicted probability.
 
     Args:
         tables: name -> ``(calibration_table, brier)`` with the table of
             :func:`melcore.metrics.calibration_table` (columns ``mean_predicted``,
             ``fraction_malignant``, ``n``); empty bins are skipped.
         threshold: vertical line at the decision threshold when given.
+        classes: the dataset's class names (:func:`melcore.classes.dataset_classes`; default melanoma /
+            not melanoma) for the axis title and hover.
 
     Traces: "perfect calibration", then ``"<name><br>Brier 0.0410"`` per model
     (markers sized by the bin's image count, hover shows the count).
     """
-    colors = _color_map(names, tables)
+    colors = _color_map(names, tables, colors)
+    positive = (classes or MELANOMA).positive
     traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=_GUIDE,
                          hoverinfo="skip")]
     for name, (table, brier) in tables.items():
@@ -389,13 +435,14 @@ def calibration_figure(tables: Mapping[str, tuple[pd.DataFrame, float]], thresho
         brier_text = f"{brier:.4f}" if brier is not None and np.isfinite(brier) else "n/a"
         traces.append(go.Scatter(
             x=shown["mean_predicted"], y=shown["fraction_malignant"], mode="lines+markers",
-            name=f"{name}<br>Brier {brier_text}", legendgroup=name, meta=name,
+            name=f"{short_label(name)}<br>Brier {brier_text}", legendgroup=name, meta=name,
             line=dict(color=colors[name], width=2), marker=dict(size=sizes, color=colors[name]),
             customdata=counts,
-            hovertemplate=("predicted %{x:.3f}<br>observed %{y:.3f}<br>%{customdata:,.0f} images"
+            hovertemplate=("predicted %{x:.3f}<br>observed " + positive + " fraction %{y:.3f}<br>"
+                           "%{customdata:,.0f} images"
                            "<extra>" + name + "</extra>")))
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
-    return _figure(traces, title, "mean predicted probability", "observed malignant fraction", height=height,
+    return _figure(traces, title, "mean predicted probability", f"observed {positive} fraction", height=height,
                    square=True, xaxis=unit, yaxis=dict(unit), threshold=threshold)
 
 
@@ -446,11 +493,12 @@ def heatmap_figure(matrix, labels: Sequence[str], *, column_labels: Sequence[str
 
 
 def confusion_figure(tp: int, fp: int, tn: int, fn: int, *, title: str = "Confusion matrix",
-                     height: int = 300) -> go.Figure:
-    """2x2 counts: rows truth (malignant, benign), columns decision (biopsy, no biopsy).
+                     height: int = 300, classes: ClassNames | None = None) -> go.Figure:
+    """2x2 counts: rows truth (the dataset's positive, negative class: ``classes``, default melanoma /
+    not melanoma), columns decision (biopsy, no biopsy).
 
-    Colours are row-normalised (share of the malignant / benign lesions), so a rare
-    class still shows how it is split; the text gives the counts.
+    Colours are row-normalised (share of each class's lesions), so a rare class still shows
+    how it is split; the text gives the counts.
     """
     counts = np.array([[tp, fn], [fp, tn]], dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -458,7 +506,8 @@ def confusion_figure(tp: int, fp: int, tn: int, fn: int, *, title: str = "Confus
     z = np.where(np.isfinite(shares), shares, None)
     text = [[f"TP<br>{tp:,}", f"FN<br>{fn:,}"], [f"FP<br>{fp:,}", f"TN<br>{tn:,}"]]
     trace = go.Heatmap(
-        z=z, x=["biopsy", "no biopsy"], y=["malignant", "benign"], text=text,
+        z=z, x=["biopsy", "no biopsy"], y=[(classes or MELANOMA).positive, (classes or MELANOMA).negative],
+        text=text,
         texttemplate="%{text}", colorscale="Blues", showscale=False,
         hovertemplate="truth %{y}<br>decision %{x}<br>%{text}<extra></extra>")
     return _figure([trace], title, "decision", "truth", height=height, yaxis={"autorange": "reversed"},
@@ -469,7 +518,7 @@ def bar_figure(categories: Sequence[str], series: Mapping[str, Sequence[float]],
                errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
                names: Sequence[str] | None = None, title: str = "", x_title: str = "", y_title: str = "",
                y_range: tuple[float, float] | None = None, value_format: str = ".3f",
-               horizontal: bool = False, height: int = 380) -> go.Figure:
+               horizontal: bool = False, height: int = 380, colors: Mapping[str, str] | None = None) -> go.Figure:
     """Grouped bars: one bar per category for each series (e.g. AUROC per clinic for each model).
 
     Args:
@@ -481,7 +530,7 @@ def bar_figure(categories: Sequence[str], series: Mapping[str, Sequence[float]],
 
     One ``go.Bar`` trace per series, named after it.
     """
-    colors = _color_map(names, series)
+    colors = _color_map(names, series, colors)
     categories = [str(c) for c in categories]
     traces = []
     for name, values in series.items():
@@ -495,7 +544,7 @@ def bar_figure(categories: Sequence[str], series: Mapping[str, Sequence[float]],
                          arrayminus=np.nan_to_num(values - low), color="#555", thickness=1.2)
         shown = np.where(np.isfinite(values), values, None)
         text = [format(v, value_format) if np.isfinite(v) else "" for v in values]
-        common = dict(name=name, meta=name, marker_color=colors[name], text=text,
+        common = dict(name=short_label(name), meta=name, marker_color=colors[name], text=text,
                       textposition="inside", insidetextanchor="start")
         if horizontal:
             traces.append(go.Bar(x=shown, y=categories, orientation="h", error_x=error, **common))

@@ -15,12 +15,17 @@ config, metrics), ``weights`` (the weights provenance recorded in ``metrics.json
 ``files`` (``[{"path", "bytes", "sha256"}]``, paths relative to ``run/``).
 
 :func:`import_run` refuses an archive, with the reason and before anything is registered, when
-a member's name is absolute, climbs with ``..``, holds a backslash or is a symlink; when the
-members are not exactly the manifest's files; when a file's size or sha256 differs from the
-manifest; when the archive would unpack to more than ``max_bytes`` (a zip bomb: sizes are
-counted while reading, not taken from the headers); or when ``model.keras`` does not load in
-Keras safe mode. Files are unpacked into a new folder under ``MELREVIEW_HOME/runs`` and
-nowhere else; a refused archive leaves nothing behind.
+it is not a readable zip; when ``manifest.json`` is missing, not JSON, not a run manifest or of
+another version; when a member's name is absolute, climbs with ``..``, holds a backslash or is a
+symlink; when the members are not exactly the manifest's files; when a file's size or sha256
+differs from the manifest, or a member does not unpack (damaged); when the archive would unpack to
+more than ``max_bytes`` or a member over 1 MiB unpacks to more than :data:`MAX_RATIO` times its
+compressed size (a zip bomb; sizes are also counted while reading, not only taken from the
+headers); when the threshold or a predictions file is not what the store keeps; or when
+``model.keras`` does not load in Keras safe mode. Files are unpacked into a new folder under
+``MELREVIEW_HOME/runs`` and nowhere else, and the run is registered by
+:func:`melcore.jobs.record_run` (the run and its predictions in one transaction); a refused
+archive leaves no file and no run behind.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import tempfile
 import time
 import uuid
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from melcore.errors import MelcoreError
+from melcore.jobs import PREDICTION_FILES, RecordedRun, record_run
 
 ARCHIVE_FORMAT = "melreview-run"
 ARCHIVE_VERSION = 1
@@ -45,9 +52,11 @@ PREFIX = "run/"
 DEFAULT_MAX_BYTES = 4 * 1024 ** 3
 """Largest total unpacked size :func:`import_run` accepts (4 GiB; ``MELREVIEW_IMPORT_MAX_BYTES`` overrides)."""
 MAX_MEMBERS = 20_000
+MAX_RATIO = 200
+"""Largest unpacked/compressed size ratio of a member over :data:`RATIO_FROM_BYTES` (deflate of real run files
+stays far below; a zip bomb is far above)."""
+RATIO_FROM_BYTES = 1024 ** 2
 MAX_MANIFEST_BYTES = 16 * 1024 ** 2
-PREDICTION_FILES = (("val", "val_predictions.csv"), ("oof", "oof_predictions.csv"))
-"""(split, file) pairs of a run folder whose predictions are stored, as the background trainer stores them."""
 _CHUNK = 1 << 20
 
 
@@ -246,10 +255,15 @@ def verify_archive(path, max_bytes: int | None = None) -> tuple[dict, zipfile.Zi
             raise ArchiveError(f"{path}: files not listed in the manifest: {', '.join(extra[:5])}; refused")
         sizes = {e["path"]: e["bytes"] for e in manifest["files"]}
         for info in infos:
-            if info.filename.startswith(PREFIX) and not info.is_dir() \
-                    and info.file_size != sizes[info.filename[len(PREFIX):]]:
+            if not info.filename.startswith(PREFIX) or info.is_dir():
+                continue
+            if info.file_size != sizes[info.filename[len(PREFIX):]]:
                 raise ArchiveError(f"{path}: {info.filename} is {info.file_size:,} bytes, the manifest says "
                                    f"{sizes[info.filename[len(PREFIX):]]:,}; the archive was altered")
+            if info.file_size > RATIO_FROM_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise ArchiveError(f"{path}: {info.filename} unpacks {info.file_size / max(info.compress_size, 1):,.0f} "
+                                   f"times its compressed size (more than {MAX_RATIO}); refused as a possible "
+                                   "zip bomb")
         total = sum(sizes.values())
         if total > max_bytes:
             raise ArchiveError(f"{path} would unpack to {total:,} bytes, more than the {max_bytes:,} accepted "
@@ -281,17 +295,25 @@ def _unpack(archive: zipfile.ZipFile, manifest: dict, target: Path, max_bytes: i
         dest = (target / entry["path"]).resolve()
         if not dest.is_relative_to(root):
             raise ArchiveError(f"member {entry['path']!r} would be written outside the target folder; refused")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         digest, size = hashlib.sha256(), 0
-        with archive.open(PREFIX + entry["path"]) as src, open(dest, "xb") as out:
-            for chunk in iter(lambda: src.read(_CHUNK), b""):
-                size += len(chunk)
-                total += len(chunk)
-                if size > entry["bytes"] or total > max_bytes:
-                    raise ArchiveError(f"{where}: {entry['path']} unpacks to more bytes than the manifest says "
-                                       "(or than the size accepted); refused as a possible zip bomb")
-                digest.update(chunk)
-                out.write(chunk)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            raise ArchiveError(f"{where}: {entry['path']} lies inside another member's file; refused") from None
+        try:
+            with archive.open(PREFIX + entry["path"]) as src, open(dest, "xb") as out:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    size += len(chunk)
+                    total += len(chunk)
+                    if size > entry["bytes"] or total > max_bytes:
+                        raise ArchiveError(f"{where}: {entry['path']} unpacks to more bytes than the manifest "
+                                           "says (or than the size accepted); refused as a possible zip bomb")
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise ArchiveError(f"{where}: {entry['path']} does not unpack ({exc}); the archive is damaged") from None
+        except (FileExistsError, IsADirectoryError):
+            raise ArchiveError(f"{where}: {entry['path']} is also another member's folder; refused") from None
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
             raise ArchiveError(f"{where}: checksum mismatch for {entry['path']} (sha256 {digest.hexdigest()[:12]}..., "
                                f"manifest {entry['sha256'][:12]}...); the archive is damaged or was altered")
@@ -326,7 +348,27 @@ def _read_predictions(path: Path, where: Path):
         row = int(np.flatnonzero(bad)[0])
         raise ArchiveError(f"{where}: {path.name} row {row + 2}: prediction is not a probability in [0, 1]")
     frame["prediction"] = values
+    if "target" in frame.columns:
+        target = pd.to_numeric(frame["target"], errors="coerce")
+        bad = ~(frame["target"].isna() | target.isin([0, 1]))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise ArchiveError(f"{where}: {path.name} row {row + 2}: target is neither 0, 1 nor empty")
+        frame["target"] = target
     return frame
+
+
+def _threshold(value, where: Path) -> float | None:
+    """The manifest's threshold as a float in [0, 1] (or None); ArchiveError otherwise."""
+    if value is None:
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0.0 <= threshold <= 1.0:
+        raise ArchiveError(f"{where}: {MANIFEST} gives the threshold {value!r}; a threshold is a number in [0, 1]")
+    return threshold
 
 
 def import_run(store, path, *, dataset: str | int | None = None, max_bytes: int | None = None,
@@ -356,18 +398,23 @@ def import_run(store, path, *, dataset: str | int | None = None, max_bytes: int 
 
     path = Path(path).expanduser()
     limit = _max_bytes(max_bytes)
-    manifest, archive = verify_archive(path, limit)
-    info = manifest["run"]
     target_dataset = None
     if dataset is not None:
         target_dataset = store.get_dataset(int(dataset) if str(dataset).isdigit() else str(dataset))
-    elif info.get("dataset"):
-        target_dataset = store.find_dataset(str(info["dataset"]))
-    runs_root = settings.subdir("runs")
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", suffix=".tmp", dir=runs_root))
-    try:
-        with archive:
+    manifest, archive = verify_archive(path, limit)
+    with archive:
+        info = manifest["run"]
+        threshold = _threshold(info.get("threshold"), path)
+        if dataset is None and info.get("dataset"):
+            target_dataset = store.find_dataset(str(info["dataset"]))
+        runs_root = settings.subdir("runs")
+        tmp = Path(tempfile.mkdtemp(prefix=".import-", suffix=".tmp", dir=runs_root))
+        try:
             _unpack(archive, manifest, tmp, limit, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    try:
         if check_model:
             _check_model(tmp)
         frames = {split: _read_predictions(tmp / filename, path) for split, filename in PREDICTION_FILES
@@ -378,22 +425,21 @@ def import_run(store, path, *, dataset: str | int | None = None, max_bytes: int 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
+    config = dict(info["config"]) if isinstance(info.get("config"), dict) else {}
+    config.setdefault("model", info.get("model"))
+    config.setdefault("clinic", info.get("clinic"))
+    metrics = dict(info["metrics"]) if isinstance(info.get("metrics"), dict) else {}
+    metrics.setdefault("kind", str(info.get("kind") or "image"))
     note = (f"imported from {path.name} (exported by melreview {manifest.get('melreview_version', 'unknown')}"
             f"{', dataset ' + repr(info['dataset']) if info.get('dataset') else ''})")
-    threshold = info.get("threshold")
     try:
-        run_id = store.add_run(str(info.get("name") or final.name), final,
-                               dataset_id=target_dataset["id"] if target_dataset else None,
-                               model=info.get("model"), clinic=info.get("clinic"), kind=str(info.get("kind") or "image"),
-                               config=info.get("config") if isinstance(info.get("config"), dict) else {},
-                               metrics=metrics, from_scratch=bool(info.get("from_scratch")),
-                               notes="; ".join(n for n in (info.get("notes"), note) if n))
-        if threshold is not None:
-            store.set_threshold(run_id, float(threshold))
+        run_id = record_run(store, RecordedRun(config=config, metrics=metrics, run_dir=final),
+                            dataset_id=target_dataset["id"] if target_dataset else None,
+                            name=str(info.get("name") or final.name),
+                            notes="; ".join(str(n) for n in (info.get("notes"), note) if n),
+                            threshold=threshold, predictions=frames)
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
-    stored = {split: store.add_predictions(run_id, frame, split=split) for split, frame in frames.items()}
     return {"run_id": run_id, "run_dir": final, "dataset": target_dataset["name"] if target_dataset else None,
-            "predictions": stored, "manifest": manifest}
+            "predictions": {split: len(frame) for split, frame in frames.items()}, "manifest": manifest}

@@ -10,15 +10,22 @@ label, the headline AUROC and the from-scratch reason are the same everywhere:
 * :func:`delivered_auroc` -- the AUROC of those delivered predictions (validation, else
   out-of-fold), never an epoch's selection AUROC of a network that did not score;
 * :func:`scratch_reason` -- "chosen" (weights "none") or "weights unavailable";
-* :func:`run_title` -- ``"#12 colour/shape SVM (cnn-bn kept for Grad-CAM) · clinic A"``.
+* :func:`run_title` -- ``"#12 colour/shape SVM (cnn-bn kept for Grad-CAM) · clinic A"``;
+* :func:`source_confounding` -- whether the run's dataset is confounded by source (a clinic /
+  source holding no melanoma, or a shortcut-audit attribute predicting the label), which sources,
+  and the within-source (per-clinic) AUROC with CI that pages then lead with.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
-__all__ = ["CHANCE_AUROC_MARGIN", "COLOUR_SCORER", "delivered_auroc", "explained_auroc", "explained_model",
+import numpy as np
+import pandas as pd
+
+__all__ = ["CHANCE_AUROC_MARGIN", "COLOUR_SCORER", "SourceConfounding", "missingness_of", "source_confounding", "delivered_auroc", "explained_auroc", "explained_model",
            "gradcam_caveats", "run_title", "scorer_name", "scratch_reason", "scratch_words", "uses_colour_model"]
 
 #: A network whose validation AUROC is within this of 0.5 is "near chance" (its heatmap explains noise).
@@ -150,3 +157,144 @@ def run_title(run: Mapping, *, clinic: bool = True, scratch: bool = True) -> str
     if words and not uses_colour_model(run):
         parts.append(words)
     return " · ".join(parts)
+
+
+def missingness_of(run: Mapping, cohort=None) -> list[str]:
+    """A metadata run's warnings that it can learn from missing age/sex/site
+    (:func:`melcore.meta.missingness_warnings`): the ones its training recorded, else computed from
+    ``cohort`` (its dataset's Cohort) when given; empty for an image run."""
+    if (run.get("kind") or _metrics(run).get("kind")) != "meta":
+        return []
+    recorded = _metrics(run).get("missingness_warnings")
+    if recorded is not None:
+        return [str(w) for w in recorded]
+    if cohort is None:
+        return []
+    from melcore.meta import missingness_warnings
+
+    return missingness_warnings(cohort)
+
+
+# --------------------------------------------------------------------------- confounding by source
+
+@dataclass
+class SourceConfounding:
+    """Whether a run's pooled AUROC is confounded by where images come from (:func:`source_confounding`).
+
+    Attributes
+    ----------
+    confounded : bool
+        A clinic/source holds no melanoma (registration's warning) or the shortcut audit fired.
+    sources : list of str
+        The clinics/sources holding no melanoma, largest first.
+    shortcuts : list of str
+        Shortcut-audit attributes whose AUROC alone exceeds :data:`melcore.audit.WARN_AUROC`
+        (e.g. ``"clinic"``, ``"file-name number block"``).
+    within : DataFrame
+        One row per clinic/source holding both classes among the scored images, largest first:
+        ``clinic``, ``n``, ``n_malignant``, ``auroc``, ``auroc_low``, ``auroc_high`` (patient-bootstrap
+        95% CI).
+    pooled : tuple of float
+        ``(auroc, low, high)`` over every scored image (nan when unknown).
+    """
+
+    confounded: bool
+    sources: list[str] = field(default_factory=list)
+    shortcuts: list[str] = field(default_factory=list)
+    within: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["clinic", "n", "n_malignant", "auroc", "auroc_low", "auroc_high"]))
+    pooled: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+
+    @property
+    def within_auroc(self) -> float | None:
+        """The AUROC of the largest clinic/source holding both classes (None when there is none)."""
+        return float(self.within["auroc"].iloc[0]) if len(self.within) else None
+
+    def reason(self) -> str:
+        """Why the pooled AUROC is confounded, naming the sources (plain text, to be escaped)."""
+        parts = []
+        if self.sources:
+            names = ", ".join(repr(s) for s in self.sources)
+            verb = "holds" if len(self.sources) == 1 else "hold"
+            parts.append(f"clinic/source {names} {verb} no melanoma")
+        other = [a for a in self.shortcuts if not (self.sources and a == "clinic")]
+        if other:
+            parts.append("the shortcut audit found that the " + ", ".join(other)
+                         + (" alone predicts" if len(other) == 1 else " alone predict") + " the label")
+        return "; ".join(parts)
+
+    def within_text(self, positive_plural: str = "melanomas") -> str:
+        """``"0.530 (95% CI 0.450-0.610) in 'ISIC' (312 images, 40 melanomas)"``, one per clinic; or why none."""
+        if not len(self.within):
+            return "none: no clinic/source holds both classes among the scored images"
+        return "; ".join(
+            f"{_ci(row.auroc, row.auroc_low, row.auroc_high)} in {row.clinic!r} ({int(row.n):,} images, "
+            f"{int(row.n_malignant):,} {positive_plural})" for row in self.within.itertuples())
+
+    def lead(self, positive_plural: str = "melanomas") -> str:
+        """The sentence a page leads a confounded run's numbers with (plain text, to be escaped)."""
+        pooled = _ci(*self.pooled)
+        return (f"Within-source AUROC: {self.within_text(positive_plural)}. The pooled AUROC {pooled} is "
+                f"confounded ({self.reason()}): it partly measures where an image comes from, not the lesion.")
+
+
+def _ci(value: float, low: float, high: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{value:.3f}"
+    return f"{value:.3f} (95% CI {low:.3f}-{high:.3f})"
+
+
+def source_confounding(table: pd.DataFrame | None, predictions: pd.DataFrame, *,
+                       audit: Sequence[Mapping] | None = None, n_boot: int = 1000, seed: int = 0,
+                       min_share: float = 0.1) -> SourceConfounding:
+    """Whether a dataset is confounded by source, which sources, and a run's per-source AUROC.
+
+    Parameters
+    ----------
+    table : DataFrame or None
+        The dataset's cohort table (``clinic``, ``target``; n images); None: the predictions'
+        own clinics decide.
+    predictions : DataFrame
+        The run's labelled predictions (``target``, ``prediction``, ``clinic``; ``group`` the
+        patient key when present), e.g. :func:`melcore.compare.attach_metadata`'s frame.
+    audit : list of dict, optional
+        :func:`melcore.audit.shortcut_audit` rows (the dataset's ``summary["shortcut_audit"]``).
+    n_boot, seed : the patient bootstrap of each AUROC's 95% CI.
+    min_share : a clinic without melanoma counts when it holds at least this share of the
+        labelled images (as registration's warning, :func:`melcore.cohort.clinic_shortcut_warning`).
+
+    Returns
+    -------
+    SourceConfounding
+        ``within`` and ``pooled`` are computed only when ``confounded`` (else left empty / nan).
+    """
+    from melcore.cohort import benign_only_clinics
+    from melcore.metrics import auroc, auroc_ci, per_group
+
+    base = table if table is not None and {"clinic", "target"} <= set(table.columns) else predictions
+    sources = benign_only_clinics(base, min_share=min_share) if "clinic" in base.columns else []
+    if "clinic" in predictions.columns:  # a subset without a source's images is not confounded by it
+        scored = set(predictions["clinic"].dropna().astype(str))
+        sources = [s for s in sources if s in scored] if len(scored) > 1 else []
+    shortcuts = [str(row.get("attribute")) for row in (audit or []) if row.get("warning")]
+    result = SourceConfounding(confounded=bool(sources or shortcuts), sources=sources, shortcuts=shortcuts)
+    if not result.confounded or len(predictions) == 0:
+        return result
+    y = predictions["target"].to_numpy(dtype=int)
+    p = predictions["prediction"].to_numpy(dtype=float)
+    groups = predictions["group"].to_numpy() if "group" in predictions.columns else None
+    if len(np.unique(y)) == 2:
+        ci = auroc_ci(y, p, groups=groups, n_boot=n_boot, seed=seed)
+        result.pooled = (float(auroc(y, p)), float(ci.low), float(ci.high))
+    if "clinic" in predictions.columns:
+        has_both = predictions.groupby(predictions["clinic"].astype(str))["target"].agg(lambda t: t.nunique() == 2)
+        both = predictions[predictions["clinic"].astype(str).isin(has_both[has_both].index)]
+        if len(both):
+            rows = per_group(both, "clinic", patient_column="group" if groups is not None else None,
+                             n_boot=n_boot, seed=seed)
+            rows = rows.rename(columns={"group": "clinic"}).sort_values("n", ascending=False, kind="stable")
+            result.within = rows[["clinic", "n", "n_malignant", "auroc", "auroc_low", "auroc_high"]] \
+                .reset_index(drop=True)
+    return result

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import sqlalchemy as sa
 
@@ -462,15 +462,26 @@ class Store:
     def add_run(self, name: str, run_dir: str | Path | None = None, *, dataset_id: int | None = None,
                 job_id: int | None = None, model: str | None = None, clinic: str | None = None,
                 kind: str = "image", config: dict | None = None, metrics: dict | None = None,
-                threshold: float | None = None, from_scratch: bool = False, notes: str | None = None) -> int:
-        """Record a finished run; returns its id."""
+                threshold: float | None = None, from_scratch: bool = False, notes: str | None = None,
+                predictions: Mapping[str, Any] | None = None) -> int:
+        """Record a finished run; returns its id.
+
+        ``predictions`` ({split: DataFrame}, as :meth:`add_predictions` takes them) are stored in the
+        same transaction: the run and its predictions are recorded together or not at all.
+        """
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise MelcoreError(f"a threshold must lie in [0, 1], got {threshold}")
         values = dict(name=name, run_dir=str(run_dir) if run_dir else None, dataset_id=dataset_id, job_id=job_id,
                       model=model, clinic=clinic, kind=kind, config=config or {}, metrics=metrics or {},
                       threshold=threshold, from_scratch=bool(from_scratch), notes=notes, created_at=_now())
         values["name"] = _shortened(name, runs.c.name.type.length)
         check_lengths(runs, [values], "run not recorded")
+        rows = {split: _prediction_rows(frame, split) for split, frame in (predictions or {}).items()}
         with self._write() as conn:
-            return int(conn.execute(runs.insert().values(**values)).inserted_primary_key[0])
+            run_id = int(conn.execute(runs.insert().values(**values)).inserted_primary_key[0])
+            for split_rows in rows.values():
+                _insert_predictions(conn, run_id, split_rows)
+            return run_id
 
     def get_run(self, run_id: int) -> dict:
         with self.engine.connect() as conn:
@@ -522,21 +533,10 @@ class Store:
         [0, 1]) and optionally patient_id, clinic, target. Replaces earlier rows of
         the same run and split.
         """
-        missing = {"image_name", "prediction"} - set(frame.columns)
-        if missing:
-            raise MelcoreError(f"predictions need columns {sorted(missing)}; found {list(frame.columns)}")
-        rows = []
-        for rec in frame.to_dict("records"):
-            target = rec.get("target")
-            rows.append(dict(run_id=run_id, split=split, image_name=str(rec["image_name"]),
-                             patient_id=_str_or_none(rec.get("patient_id")), clinic=_str_or_none(rec.get("clinic")),
-                             target=None if _is_missing(target) else int(target),
-                             prediction=float(rec["prediction"])))
-        check_lengths(predictions, rows, "predictions not stored")
+        rows = _prediction_rows(frame, split)
         with self._write() as conn:
             conn.execute(predictions.delete().where(predictions.c.run_id == run_id, predictions.c.split == split))
-            for start in range(0, len(rows), 5000):
-                conn.execute(predictions.insert(), rows[start:start + 5000])
+            _insert_predictions(conn, run_id, rows)
         return len(rows)
 
     def get_predictions(self, run_id: int, split: str | None = None):
@@ -799,6 +799,27 @@ class Store:
         if history.empty:
             return history
         return history.sort_values("id").groupby("image_name", as_index=False).tail(1).reset_index(drop=True)
+
+
+def _prediction_rows(frame, split: str) -> list[dict]:
+    """The rows of a predictions DataFrame as the ``predictions`` table stores them (without run_id), checked."""
+    missing = {"image_name", "prediction"} - set(frame.columns)
+    if missing:
+        raise MelcoreError(f"predictions need columns {sorted(missing)}; found {list(frame.columns)}")
+    rows = []
+    for rec in frame.to_dict("records"):
+        target = rec.get("target")
+        rows.append(dict(split=split, image_name=str(rec["image_name"]),
+                         patient_id=_str_or_none(rec.get("patient_id")), clinic=_str_or_none(rec.get("clinic")),
+                         target=None if _is_missing(target) else int(target),
+                         prediction=float(rec["prediction"])))
+    check_lengths(predictions, rows, "predictions not stored")
+    return rows
+
+
+def _insert_predictions(conn: sa.Connection, run_id: int, rows: list[dict]) -> None:
+    for start in range(0, len(rows), 5000):
+        conn.execute(predictions.insert(), [{**row, "run_id": run_id} for row in rows[start:start + 5000]])
 
 
 def check_confidence(value) -> int | None:

@@ -160,6 +160,38 @@ def record_run(run_id) -> None:
             st.query_params[RUN_PARAM] = str(run_id)
 
 
+def remembered(shared: str, param: str, parse=str):
+    """The value last chosen on any page (``st.session_state[shared]``), else the URL's ``?param=``
+    read by ``parse`` (None when absent or unreadable)."""
+    value = st.session_state.get(shared)
+    if value is None and param in st.query_params:
+        try:
+            value = parse(st.query_params[param])
+        except (TypeError, ValueError):
+            value = None
+    return value
+
+
+def restore_choice(key: str, shared: str, param: str, options=None, parse=str) -> None:
+    """Before drawing the widget ``key``: when it holds no value (or one not among ``options``), open it
+    on :func:`remembered` when that is valid (among ``options`` when given); record with :func:`record_choice`."""
+    if key in st.session_state and (options is None or st.session_state[key] in list(options)):
+        return
+    st.session_state.pop(key, None)
+    value = remembered(shared, param, parse)
+    if value is not None and (options is None or value in list(options)):
+        st.session_state[key] = value
+
+
+def record_choice(shared: str, param: str, value, text=str) -> None:
+    """Remember ``value`` for the other pages (``st.session_state[shared]``) and reloads (``?param=``)."""
+    if value is None:
+        return
+    st.session_state[shared] = value
+    if st.query_params.get(param) != text(value):
+        st.query_params[param] = text(value)
+
+
 def show_error(exc: BaseException, context: str = "") -> None:
     """Show a user error in words; an unexpected one by its type only, its details going to the server log.
 

@@ -20,16 +20,18 @@ import pandas as pd
 import streamlit as st
 
 from melcore import settings
+from melcore.classes import MELANOMA, dataset_classes
 from melcore.compare import (
     THRESHOLD_RULES,
     GroupBreakdown,
     apply_subset,
-    at_threshold_table,
+    at_own_thresholds_table,
     attach_metadata,
     common_images,
     decision_curves,
     describe_subset,
     evaluate_predictions,
+    image_overlap,
     is_from_scratch,
     weights_description,
     latest_cross_clinic,
@@ -43,6 +45,7 @@ from melcore.compare import (
     threshold_from_points,
     threshold_elsewhere,
     threshold_window,
+    underpowered_note,
 )
 from melcore.errors import MelcoreError
 from melcore.formatting import format_threshold
@@ -69,15 +72,22 @@ from melcore.plots import (
     pr_figure,
     readers_roc_figure,
     roc_figure,
+    run_color,
     threshold_figure,
 )
+from melcore.runinfo import missingness_of, source_confounding
 from melcore.safety import escape_markdown
-from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from pages.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_choice, remembered,
+                          show_error)
 
 N_BOOT = 1000  # patient resamples behind every interval and paired p-value on this page
 DEFAULT_RUNS = 3
 THRESHOLD = "compare_threshold"
+OWN_THRESHOLDS = "compare_own_thresholds"
 FOCUS = "compare_focus"
+#: The focus run's id, shared across pages (session state) and reloads (``?focus=``).
+CHOSEN_FOCUS = "melreview_focus_run"
+FOCUS_PARAM = "focus"
 SAVED_MESSAGE = "compare_saved_message"
 ARCHIVE_MESSAGE = "compare_archive_message"
 CLICKS = "compare_curve_clicks"  # bumped by every click on a curve: new chart keys clear the selection
@@ -88,6 +98,10 @@ PRESETS = (("youden", "Youden", "Maximise sensitivity + specificity - 1"),
            ("sensitivity>=0.95", "Sens 95%", "Highest threshold that still finds 95% of melanomas"))
 FILTER_LABELS = {"clinic": "Clinic", "source": "Source", "site": "Anatomical site", "sex": "Sex",
                  "age_band": "Age band", "diagnosis": "Diagnosis"}
+
+
+#: Run names are long ("#12 colour/shape SVM (cnn-bn for Grad-CAM) · clinic A · ..."): room for them in tables.
+RUN_COLUMN = st.column_config.TextColumn(width="large")
 
 
 # --------------------------------------------------------------------------- cached computations
@@ -120,6 +134,12 @@ def _pairwise(url: str, run_ids: tuple, split: str, cohort_version: tuple, subse
 @st.cache_resource(show_spinner="Per-clinic intervals...", max_entries=64, ttl=3600)
 def _breakdown(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame):
     return GroupBreakdown(_frame, "clinic", n_boot=N_BOOT)
+
+
+@st.cache_resource(show_spinner="Within-source AUROC...", max_entries=64, ttl=3600)
+def _confounding(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _table,
+                 _frame, _audit):
+    return source_confounding(_table, _frame, audit=_audit, n_boot=N_BOOT)
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -166,11 +186,16 @@ def _pct(value: float) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.1%}"
 
 
-def _biopsies(value: float) -> str:
+def _per(classes) -> str:
+    """The positive class as one counted thing: ``"melanoma"`` / ``"malignant lesion"``."""
+    return classes.positive if classes.positive == "melanoma" else f"{classes.positive} lesion"
+
+
+def _biopsies(value: float, classes=MELANOMA) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "none flagged"
     if math.isinf(value):
-        return "∞ (no melanoma found)"
+        return f"∞ (no {_per(classes)} found)"
     return f"{value:.1f}"
 
 
@@ -228,7 +253,7 @@ def _pick_runs(store, dataset: dict, active: list[dict], n_archived: int) -> tup
     if row[1].button("Reload predictions", key="compare_reload", width="stretch",
                      help="Predictions and intervals are cached per run; read them again after a run was "
                           "re-evaluated."):
-        for cached in (_prepared, _evaluation, _pairwise, _breakdown):
+        for cached in (_prepared, _evaluation, _pairwise, _breakdown, _confounding):
             cached.clear()
     return [by_id[i] for i in chosen], split, common
 
@@ -288,17 +313,46 @@ def _scratch_warning(runs: list[dict]) -> None:
                    + "; ".join(scratch))
 
 
+def _overlap_warning(frames: dict) -> None:
+    """Runs scored on different image sets: how many images they share."""
+    if len(frames) < 2:
+        return
+    n_shared, sizes = image_overlap(frames)
+    if len(set(sizes.values())) == 1 and n_shared == next(iter(sizes.values())):
+        return
+    each = "; ".join(f"{escape_markdown(k)}: {n:,}" for k, n in sizes.items())
+    st.warning(f"The selected runs were scored on **different images**: {n_shared:,} images are shared by all "
+               f"of them ({each}). Their AUROCs and operating points are not directly comparable; tick 'Only "
+               "images scored by every selected run' to compare them on the shared images (the paired tests "
+               "below always use a pair's shared images).")
+
+
 def _weights_text(run: dict) -> str:
     return weights_description(run)
 
 
-def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
+def _confounding_lead(confounding: dict, positive_plural: str) -> None:
+    """Confounded runs lead with their within-source (per-clinic) AUROC; the pooled one is named confounded."""
+    for label, result in confounding.items():
+        if result.confounded:
+            st.warning(f"**{escape_markdown(label)}**: " + escape_markdown(result.lead(positive_plural)))
+
+
+def _summary(evaluations: dict, runs_by_label: dict, splits: dict, confounding: dict | None = None,
+             classes=MELANOMA) -> None:
     table = summary_table(evaluations)
+    confounding = confounding or {}
+    confounded = any(c.confounded for c in confounding.values())
+    within = {"Within-source AUROC (95% CI)": [
+        confounding[r].within_text().split(";")[0] if r in confounding and confounding[r].confounded else ""
+        for r in table["run"]]} if confounded else {}
     shown = pd.DataFrame({
         "Run": table["run"],
         "Weights": [_weights_text(runs_by_label[r]) for r in table["run"]],
         "Split": [splits[r] for r in table["run"]],
-        "Images": table["n"], "Malignant": table["n_malignant"], "Patients": table["n_patients"],
+        "Images": table["n"], classes.positive_plural.capitalize(): table["n_malignant"],
+        "Patients": table["n_patients"],
+        **within,
         "AUROC": table["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
                    for lo, hi in zip(table["auroc_low"], table["auroc_high"])],
@@ -306,7 +360,11 @@ def _summary(evaluations: dict, runs_by_label: dict, splits: dict) -> None:
         "Avg precision": table["average_precision"].round(4), "Brier": table["brier"].round(4),
         "Note": table["note"],
     })
-    st.dataframe(shown, hide_index=True, width="stretch", key="compare_summary")
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_summary", column_config={
+        "Run": RUN_COLUMN, "Weights": st.column_config.TextColumn(width="medium"),
+        "AUROC": st.column_config.NumberColumn(
+            "Pooled AUROC (confounded)" if confounded else "AUROC",
+            help="Over every scored image; confounded by source when a clinic/source holds no melanoma")})
     for label, evaluation in evaluations.items():
         if evaluation.note:
             st.warning(escape_markdown(f"{label}: {evaluation.note}."))
@@ -319,45 +377,70 @@ PAUC_NOTE = ("pAUC = partial AUROC above 80% sensitivity, unstandardised as in I
              "McClish-standardised max_fpr value), with its patient-bootstrap 95% CI.")
 
 
-def _pauc_columns(table: pd.DataFrame) -> dict:
-    """The pAUC and its CI as display columns, beside the AUROC's."""
-    return {"pAUC (sens ≥ 80%)": table["pauc"].round(4),
-            "pAUC 95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else ""
-                            for lo, hi in zip(table["pauc_low"], table["pauc_high"])]}
+PAUC_HEADER = "pAUC sens ≥ 80% (ISIC 2024)"
+"""Column header of the partial AUROC in every table (:data:`PAUC_NOTE` says which area it is)."""
 
 
-def _decision_curve(evaluations: dict, threshold: float, names: list) -> None:
+def _interval_text(lows, highs, signed: bool = False) -> list[str]:
+    """Interval bounds as text ("0.012-0.034", or "-0.010 to +0.020" for a signed difference); "" when undefined."""
+    return [("" if not np.isfinite(lo) else f"{lo:+.3f} to {hi:+.3f}" if signed else f"{lo:.3f}-{hi:.3f}")
+            for lo, hi in zip(lows, highs)]
+
+
+def _pauc_columns(table: pd.DataFrame, column: str = "pauc", run: str = "") -> dict:
+    """The pAUC ``table[column]`` and its CI (``column_low``, ``column_high``) as display columns.
+
+    ``run`` ("A", "B") names the run of a pairwise table in the headers.
+    """
+    name = f"pAUC {run}".strip()
+    return {PAUC_HEADER.replace("pAUC", name, 1): table[column].round(4),
+            f"{name} 95% CI": _interval_text(table[f"{column}_low"], table[f"{column}_high"])}
+
+
+def _decision_curve(evaluations: dict, threshold: float, names: list, classes=MELANOMA,
+                    colors: dict | None = None) -> None:
     """Net benefit of every run against biopsy-all and biopsy-none, the chosen threshold marked."""
     st.subheader("Decision curves")
     curved = {k: e for k, e in evaluations.items() if e.n}
     curves = decision_curves(curved, include=threshold)
     high = min(0.99, max(0.5, round(threshold + 0.1, 1)))
     st.plotly_chart(decision_curve_figure(curves, threshold if threshold < 1 else None, names=names,
-                                          x_range=(0.0, high)),
+                                          x_range=(0.0, high), colors=colors),
                     width="stretch", key="compare_decision_curve")
     at = {k: c.set_index("threshold").loc[threshold] for k, c in curves.items()} if threshold < 1 else {}
     parts = [f"{escape_markdown(k)} {row['net_benefit']:.4f} (biopsy all {row['treat_all']:.4f})"
              for k, row in at.items()]
-    st.caption("Net benefit = true positives / n - false positives / n × t / (1 - t): the melanomas found per "
-               "lesion, less the unnecessary biopsies weighted by the odds at which a clinician would biopsy "
+    st.caption("Net benefit = true positives / n - false positives / n × t / (1 - t): the "
+               f"{classes.positive_plural} found per lesion, less the unnecessary biopsies weighted by the odds at which a clinician would biopsy "
                "(threshold probability t). A model is useful at t where its curve lies above both 'biopsy all' and "
                "'biopsy none' (0); the scores must be calibrated probabilities for t to mean a risk. "
                + (f"At the chosen threshold {format_threshold(threshold)}: " + "; ".join(parts) + "." if parts
                   else ""))
 
 
-def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tuple[float, float]]:
-    """Focus run, threshold slider and presets; returns (focus label, threshold, the slider's range)."""
+def _threshold_controls(evaluations: dict, saved: dict, classes=MELANOMA,
+                        run_ids: dict | None = None) -> tuple[str, float, tuple[float, float]]:
+    """Focus run, threshold slider and presets; returns (focus label, threshold, the slider's range).
+
+    The focus run opens on the one last focused on (this session, else the URL's ``?focus=`` run id)
+    when it is among the runs shown, else the first.
+    """
     labels = list(evaluations)
+    run_ids = run_ids or {}
     if st.session_state.get(FOCUS) not in labels:
-        st.session_state[FOCUS] = labels[0]
-        if THRESHOLD not in st.session_state and saved[labels[0]] is not None:
-            st.session_state[THRESHOLD] = float(saved[labels[0]])
+        focus_id = remembered(CHOSEN_FOCUS, FOCUS_PARAM, int)
+        by_id = {run_id: label for label, run_id in run_ids.items()}
+        first = by_id.get(focus_id, labels[0]) if focus_id is not None else labels[0]
+        st.session_state[FOCUS] = first
+        if THRESHOLD not in st.session_state and saved[first] is not None:
+            st.session_state[THRESHOLD] = float(saved[first])
     if THRESHOLD not in st.session_state:
         st.session_state[THRESHOLD] = 0.5
     cols = st.columns([1.2, 2])
     focus = cols[0].selectbox("Focus run (confusion matrix, presets, saving)", labels, key=FOCUS,
                               on_change=_focus_changed, args=(saved,))
+    if focus in run_ids:
+        record_choice(CHOSEN_FOCUS, FOCUS_PARAM, int(run_ids[focus]))
     evaluation = evaluations[focus]
     presets = evaluation.presets()
     low, high = threshold_window(evaluations.values(), include=[st.session_state[THRESHOLD], *saved.values()])
@@ -373,7 +456,8 @@ def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tup
             value = presets.get(name)
             col.button(text, key=f"compare_preset_{name}", on_click=_set_threshold, args=(value,),
                        disabled=value is None, width="stretch",
-                       help=(f"{why} (focus run: {format_threshold(value)})" if value is not None
+                       help=(f"{why.replace('melanomas', classes.positive_plural)} (focus run: "
+                             f"{format_threshold(value)})" if value is not None
                              else "needs both classes"))
         saved_value = saved[focus]
         buttons[-1].button("Saved", key="compare_use_saved", on_click=_set_threshold, args=(saved_value,),
@@ -383,64 +467,79 @@ def _threshold_controls(evaluations: dict, saved: dict) -> tuple[str, float, tup
     return focus, float(threshold), (low, high)
 
 
-def _focus_metrics(evaluation, threshold: float) -> None:
+def _focus_metrics(evaluation, threshold: float, classes=MELANOMA) -> None:
     m = evaluation.at(threshold)
-    cols = st.columns(6)
-    cols[0].metric("Sensitivity", _pct(m["sensitivity"]), help=f"{m['tp']:,} of {m['n_malignant']:,} melanomas "
-                                                             "flagged")
-    cols[1].metric("Specificity", _pct(m["specificity"]), help=f"{m['tn']:,} of {m['n_benign']:,} benign "
-                                                             "lesions not flagged")
-    cols[2].metric("PPV", _pct(m["ppv"]), help="Flagged lesions that are melanomas")
-    cols[3].metric("NPV", _pct(m["npv"]), help="Lesions not flagged that are benign")
-    cols[4].metric("Biopsies / melanoma", _biopsies(m["biopsies_per_melanoma"]),
-                   help="Flagged lesions per melanoma found (1 / PPV)")
+    cols = st.columns(3) + st.columns(3)  # two rows: labels such as "Biopsies / malignant lesion" fit
+    cols[0].metric("Sensitivity", _pct(m["sensitivity"]),
+                   help=f"{m['tp']:,} of {m['n_malignant']:,} {classes.positive_plural} flagged")
+    cols[1].metric("Specificity", _pct(m["specificity"]),
+                   help=f"{m['tn']:,} of {m['n_benign']:,} {classes.negative_plural} not flagged")
+    cols[2].metric("PPV", _pct(m["ppv"]), help=f"Flagged lesions that are {classes.positive_plural}")
+    cols[3].metric("NPV", _pct(m["npv"]), help=f"Lesions not flagged that are {classes.negative_plural}")
+    cols[4].metric(f"Biopsies / {_per(classes)}", _biopsies(m["biopsies_per_melanoma"], classes),
+                   help=f"Flagged lesions per {_per(classes)} found (1 / PPV)")
     cols[5].metric("Flagged", f"{m['n_flagged']:,}", help=f"Lesions sent to biopsy at this threshold, of {m['n']:,}")
+    st.caption(f"Prevalence {_pct(evaluation.prevalence)} ({m['n_malignant']:,} {classes.positive_plural} of "
+               f"{m['n']:,} images): PPV, NPV and biopsies per {_per(classes)} depend on it and change at a clinic with another prevalence.")
     st.caption("A threshold set here (slider, click or preset) is chosen on these same predictions, so the numbers "
                "above are optimistic for it; below, a threshold chosen on one run is judged on another.")
 
 
-def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float]) -> None:
+def _curves(evaluations: dict, threshold: float, names: list, window: tuple[float, float],
+            thresholds: dict | None = None, classes=MELANOMA, colors: dict | None = None) -> None:
+    thresholds = thresholds or {k: threshold for k in evaluations}
     curved = {k: e for k, e in evaluations.items() if e.both_classes}
     rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci, e.roc.thresholds) for k, e in curved.items()}
-    roc_markers = {k: e.roc_point(threshold) for k, e in curved.items()}
+    roc_markers = {k: e.roc_point(thresholds[k]) for k, e in curved.items()}
+    notes = {k: f"threshold {format_threshold(thresholds[k])}" + (" (saved)" if thresholds[k] != threshold else "")
+             for k in curved}
     pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
-    pr_markers = {k: e.pr_point(threshold) for k, e in curved.items()}
+    pr_markers = {k: e.pr_point(thresholds[k]) for k, e in curved.items()}
     sweeps = {k: e.curve for k, e in evaluations.items()}
+    # the threshold plot marks the slider's threshold: only the runs judged there
     sweep_markers = {k: (e.at(threshold)["sensitivity"], e.at(threshold)["specificity"])
-                     for k, e in evaluations.items()}
+                     for k, e in evaluations.items() if thresholds[k] == threshold}
     calibration = {k: (e.calibration, e.brier) for k, e in evaluations.items()}
     prevalences = [e.prevalence for e in evaluations.values()]
     prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
     top = st.columns(2)
-    _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names), "roc")
-    _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window),
-                     "sweep")
+    _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names, marker_notes=notes, colors=colors), "roc")
+    _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window,
+                                              colors=colors), "sweep")
     bottom = st.columns(2)
-    bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names), width="stretch",
+    bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names, colors=colors),
+                           width="stretch",
                            key="compare_pr")
-    bottom[1].plotly_chart(calibration_figure(calibration, threshold, names=names), width="stretch",
+    bottom[1].plotly_chart(calibration_figure(calibration, threshold, names=names, classes=classes, colors=colors),
+                           width="stretch",
                            key="compare_calibration")
 
 
 def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focus: str, dataset: dict,
-                     filters: dict) -> None:
+                     filters: dict, thresholds: dict | None = None, classes=MELANOMA) -> None:
     st.subheader("At this threshold")
     cols = st.columns([1.1, 2])
     m = evaluations[focus].at(threshold)
-    cols[0].plotly_chart(confusion_figure(m["tp"], m["fp"], m["tn"], m["fn"], title="Focus run"),
+    cols[0].plotly_chart(confusion_figure(m["tp"], m["fp"], m["tn"], m["fn"], title="Focus run", classes=classes),
                          width="stretch", key="compare_confusion")
-    table = at_threshold_table(evaluations, threshold)
+    thresholds = thresholds or {k: threshold for k in evaluations}
+    table = at_own_thresholds_table(evaluations, thresholds)
     shown = pd.DataFrame({
-        "Run": table["run"], "Sensitivity": table["sensitivity"].map(_pct),
-        "Specificity": table["specificity"].map(_pct), "PPV": table["ppv"].map(_pct), "NPV": table["npv"].map(_pct),
-        "Biopsies / melanoma": table["biopsies_per_melanoma"].map(_biopsies),
+        "Run": table["run"],
+        "Threshold": [format_threshold(t) + ("" if t == threshold else " (saved)") for t in table["threshold"]],
+        "Sensitivity": table["sensitivity"].map(_pct),
+        "Specificity": table["specificity"].map(_pct), "Prevalence": table["prevalence"].map(_pct),
+        "PPV": table["ppv"].map(_pct), "NPV": table["npv"].map(_pct),
+        f"Biopsies / {_per(classes)}": [_biopsies(v, classes) for v in table["biopsies_per_melanoma"]],
         "TP": table["tp"], "FP": table["fp"], "TN": table["tn"], "FN": table["fn"],
     })
     with cols[1]:
         runs_tab, clinics_tab = st.tabs(["Selected runs", "By clinic"])
-        runs_tab.dataframe(shown, hide_index=True, width="stretch", key="compare_at_threshold")
+        runs_tab.dataframe(shown, hide_index=True, width="stretch", key="compare_at_threshold",
+                           column_config={"Run": RUN_COLUMN, f"Biopsies / {_per(classes)}":
+                                          st.column_config.TextColumn(width="medium")})
         with clinics_tab:
-            _clinic_table(breakdowns, threshold)
+            _clinic_table(breakdowns, threshold, classes)
         download = operating_point_table(evaluations, threshold)
         download.insert(1, "dataset", dataset["name"])
         download.insert(2, "subset", describe_subset(filters))
@@ -451,21 +550,26 @@ def _operating_table(evaluations: dict, breakdowns: dict, threshold: float, focu
                                 "90% specificity.")
 
 
-def _clinic_table(breakdowns: dict, threshold: float) -> None:
+def _clinic_table(breakdowns: dict, threshold: float, classes=MELANOMA) -> None:
     if not breakdowns:
         st.caption("No per-clinic table for this selection.")
         return
     rows = pd.concat([b.at(threshold).assign(run=name) for name, b in breakdowns.items()], ignore_index=True)
     shown = pd.DataFrame({
-        "Run": rows["run"], "Clinic": rows["group"], "Images": rows["n"], "Malignant": rows["n_malignant"],
+        "Run": rows["run"], "Clinic": rows["group"], "Images": rows["n"],
+        classes.positive_plural.capitalize(): rows["n_malignant"],
         "AUROC": rows["auroc"].round(4),
         "95% CI": [f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else "" for lo, hi in
                    zip(rows["auroc_low"], rows["auroc_high"])],
+        **_pauc_columns(rows),
         "Sensitivity": rows["sensitivity"].map(_pct), "Specificity": rows["specificity"].map(_pct),
-        "PPV": rows["ppv"].map(_pct), "Biopsies / melanoma": rows["biopsies_per_melanoma"].map(_biopsies),
+        "Prevalence": (rows["n_malignant"] / rows["n"]).map(_pct),
+        "PPV": rows["ppv"].map(_pct),
+        f"Biopsies / {_per(classes)}": [_biopsies(v, classes) for v in rows["biopsies_per_melanoma"]],
         "Note": rows["note"],
     })
-    st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table")
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table", column_config={"Run": RUN_COLUMN})
+    st.caption(PAUC_NOTE)
     for run, clinic, dropped in zip(rows["run"], rows["group"], rows["boot_dropped"]):
         note = bootstrap_dropped_note(int(dropped), N_BOOT)
         if note:
@@ -513,7 +617,7 @@ def _save_section(focus: str, run: dict, threshold: float) -> None:
                     "save one.")
 
 
-def _pairwise_section(table: pd.DataFrame) -> None:
+def _pairwise_section(table: pd.DataFrame, classes=None) -> None:
     st.subheader("Are the differences real?")
     if table.empty:
         st.caption("Select at least two runs to test their AUROC difference.")
@@ -521,7 +625,7 @@ def _pairwise_section(table: pd.DataFrame) -> None:
     any_boot = table["bootstrap_p"].notna().any()
     shown = pd.DataFrame({
         "Run A": table["run_a"], "Run B": table["run_b"], "Shared images": table["n_shared"],
-        "Malignant": table["n_malignant"], "Patients": table["n_patients"],
+        (classes or MELANOMA).positive_plural.capitalize(): table["n_malignant"], "Patients": table["n_patients"],
         "AUROC A": table["auroc_a"].round(4), "AUROC B": table["auroc_b"].round(4),
         "A - B": table["diff"].round(4), "DeLong p": table["delong_p"].map(_p_value),
     })
@@ -529,14 +633,25 @@ def _pairwise_section(table: pd.DataFrame) -> None:
         shown["Patient-bootstrap p"] = table["bootstrap_p"].map(_p_value)
         shown["95% CI of A - B"] = [f"{lo:.3f} to {hi:.3f}" if np.isfinite(lo) else ""
                                     for lo, hi in zip(table["bootstrap_low"], table["bootstrap_high"])]
+    for run in ("a", "b"):
+        shown = shown.assign(**_pauc_columns(table, f"pauc_{run}", run.upper()))
+    shown["pAUC A - B"] = table["pauc_diff"].round(4)
+    shown["95% CI of pAUC A - B"] = _interval_text(table["pauc_diff_low"], table["pauc_diff_high"], signed=True)
     shown["Note"] = table["note"]
-    st.dataframe(shown, hide_index=True, width="stretch", key="compare_pairwise")
+    st.dataframe(shown, hide_index=True, width="stretch", key="compare_pairwise",
+                 column_config={"Run A": RUN_COLUMN, "Run B": RUN_COLUMN, "Note": st.column_config.TextColumn(
+                     width="large")})
+    for row in table.itertuples():
+        note = underpowered_note(row.n_shared, row.n_malignant, classes)
+        if note and row.n_shared:
+            st.warning(escape_markdown(f"{row.run_a} vs {row.run_b}: {note}."))
     st.caption("Each pair is compared on the images both runs scored (joined on image name). DeLong's test treats "
                "images as independent; when patients have several lesions the paired patient bootstrap "
-               f"({N_BOOT:,} resamples) is the one to trust.")
+               f"({N_BOOT:,} resamples) is the one to trust. The pAUC intervals come from the paired patient "
+               "bootstrap (the same resamples for both runs). " + PAUC_NOTE)
 
 
-def _clinic_bars(breakdowns: dict, names: list) -> None:
+def _clinic_bars(breakdowns: dict, names: list, colors: dict | None = None) -> None:
     st.subheader("By clinic")
     bases = {k: b.base for k, b in breakdowns.items()}
     clinics = sorted(set().union(*(set(t["group"]) for t in bases.values())))
@@ -549,7 +664,7 @@ def _clinic_bars(breakdowns: dict, names: list) -> None:
         series[name] = indexed["auroc"].to_numpy(dtype=float)
         errors[name] = (indexed["auroc_low"].to_numpy(dtype=float), indexed["auroc_high"].to_numpy(dtype=float))
     st.plotly_chart(bar_figure(clinics, series, errors=errors, names=names, title="AUROC per clinic (95% CI)",
-                               x_title="clinic", y_title="AUROC", y_range=(0.0, 1.08)),
+                               x_title="clinic", y_title="AUROC", y_range=(0.0, 1.08), colors=colors),
                     width="stretch", key="compare_clinic_bars")
     st.caption("Sensitivity, specificity and biopsies per clinic at the chosen threshold: the 'By clinic' tab above.")
 
@@ -581,11 +696,20 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     st.subheader("Operating point")
     store = get_store()
     runs = {label: store.get_run(runs_by_label[label]["id"]) for label in evaluations}  # saved thresholds change
-    focus, threshold, window = _threshold_controls(evaluations, {k: r["threshold"] for k, r in runs.items()})
-    _focus_metrics(evaluations[focus], threshold)
-    _curves(evaluations, threshold, list(evaluations), window)
-    _decision_curve(evaluations, threshold, list(evaluations))
-    _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters)
+    saved = {k: r["threshold"] for k, r in runs.items()}
+    classes = dataset_classes(dataset)
+    colors = {label: run_color(runs_by_label[label]["id"]) for label in evaluations}
+    focus, threshold, window = _threshold_controls(evaluations, saved, classes,
+                                                   {k: int(runs_by_label[k]["id"]) for k in evaluations})
+    own = st.toggle("Other runs at their own saved threshold", value=True, key=OWN_THRESHOLDS,
+                    help="On: the focus run is at the slider's threshold and every other run at the threshold "
+                         "saved for it (the one Review uses), else the slider's. Off: one threshold for all.")
+    thresholds = {k: (threshold if k == focus or not own or saved[k] is None else float(saved[k]))
+                  for k in evaluations}
+    _focus_metrics(evaluations[focus], threshold, classes)
+    _curves(evaluations, threshold, list(evaluations), window, thresholds, classes, colors)
+    _decision_curve(evaluations, threshold, list(evaluations), classes, colors)
+    _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters, thresholds, classes)
     _save_section(focus, runs[focus], threshold)
 
 
@@ -805,8 +929,17 @@ def main() -> None:
         return
     names = list(evaluations)
 
+    audit = (dataset.get("summary") or {}).get("shortcut_audit")
+    confounding = {label: _confounding(url, runs_by_label[label]["id"], splits[label], version, key, common_ids,
+                                       cohort.table if cohort is not None else None, subset[label], audit)
+                   for label in names}
+    _confounding_lead(confounding, dataset_classes(dataset).positive_plural)
+    for label in names:
+        for warning in missingness_of(runs_by_label[label], cohort):
+            st.warning(f"**{escape_markdown(label)}** (metadata model): " + escape_markdown(warning))
+    _overlap_warning({k: subset[k] for k in names})
     _scratch_warning([runs_by_label[k] for k in names])
-    _summary(evaluations, runs_by_label, splits)
+    _summary(evaluations, runs_by_label, splits, confounding, dataset_classes(dataset))
 
     breakdowns = {}
     for label in names:
@@ -821,9 +954,9 @@ def main() -> None:
 
     pair_frames = {k: subset[k] for k in names}
     pair_key = tuple(runs_by_label[k]["id"] for k in names)
-    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames))
+    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames), dataset_classes(dataset))
     if breakdowns:
-        _clinic_bars(breakdowns, names)
+        _clinic_bars(breakdowns, names, {k: run_color(runs_by_label[k]["id"]) for k in names})
     _readers_section(store, {k: runs_by_label[k] for k in names})
     _cross_clinic_section(store, dataset)
 

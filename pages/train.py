@@ -15,25 +15,28 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import time
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 import trainers.launch as launch  # looked up at call time (launch.ensure_worker), so tests can replace it
-from melcore import augment
+from melcore import augment, settings
 from melcore import registry as models
-from melcore.compare import weights_description
+from melcore.compare import run_source_confounding, weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
 from melcore.jobs import submit_jobs, submit_meta_job
 from melcore.meta import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
-from melcore.runinfo import COLOUR_SCORER, delivered_auroc, run_title, scratch_words
+from melcore.runinfo import COLOUR_SCORER, delivered_auroc, missingness_of, run_title, scratch_words
 from melcore.safety import escape_markdown
 from melcore.training import config as train_module
-from pages.common import dataset_picker, get_store, page_start, show_error
+from pages.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
 
+log = logging.getLogger("melreview.pages.train")
 K = "train_"  # session-state prefix of this page
 ALL_CLINICS = "All clinics (one job)"
 EACH_CLINIC = "One job per clinic"
@@ -512,8 +515,16 @@ def _run_note(store, job: dict) -> None:
         how = weights_description({**run, "metrics": metrics})
         score = f"validation AUROC **{format_number(delivered_auroc(run), '.3f')}**"
     title = run_title(run, scratch=False).split(" ", 1)[1]  # without the "#id" run_title starts with
+    confounding = _confounding(store, run)
+    if confounding is not None and confounding.confounded:
+        within = escape_markdown(confounding.within_text().split(";")[0])
+        score = f"within-source AUROC **{within}** · pooled {score.replace('**', '')} (confounded)"
     st.success(f"➜ **Run #{run['id']}** {escape_markdown(title)} · {score} · {how}. "
                "Open it on the **Compare** page; review its predictions on **Review**.")
+    if confounding is not None and confounding.confounded:
+        st.warning(escape_markdown(confounding.lead()))
+    for warning in _missingness(store, run):
+        st.warning("Metadata model: " + escape_markdown(warning))
     weights = metrics.get("weights") or {}
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
@@ -521,6 +532,47 @@ def _run_note(store, job: dict) -> None:
                    + escape_markdown(run.get("notes") or weights.get("note") or "the weights could not be loaded"))
     elif run.get("notes"):
         st.caption(escape_markdown(run["notes"]))
+
+
+@st.cache_resource(show_spinner=False, max_entries=64, ttl=3600)
+def _run_confounding(url: str, run_id: int, prediction_version: tuple, cohort_version: float):
+    store = get_store()
+    run = store.get_run(run_id)
+    dataset = store.find_dataset(int(run["dataset_id"])) if run.get("dataset_id") is not None else None
+    cohort = None
+    if dataset is not None:
+        try:
+            cohort = load_cohort_cached(dataset)
+        except (MelcoreError, OSError):
+            cohort = None  # the predictions' own clinics decide
+    return run_source_confounding(store, run, cohort)
+
+
+def _confounding(store, run: dict):
+    """The run's :class:`melcore.runinfo.SourceConfounding` (cached per run), None when unknown."""
+    dataset = store.find_dataset(int(run["dataset_id"])) if run.get("dataset_id") is not None else None
+    path = Path(dataset["csv_path"]) if dataset else None
+    version = path.stat().st_mtime if path is not None and path.exists() else 0.0
+    try:
+        counts = store.prediction_counts([run["id"]]).get(run["id"], (0, 0))
+        return _run_confounding(settings.db_url(), int(run["id"]), tuple(counts), version)
+    except (MelcoreError, OSError, ValueError) as exc:
+        log.warning("within-source AUROC of run #%s: %s", run["id"], exc)
+        return None
+
+
+def _missingness(store, run: dict) -> list[str]:
+    """A metadata run's learning-from-missingness warnings (recorded, else from its dataset's table)."""
+    if run.get("kind") != "meta":
+        return []
+    cohort = None
+    if "missingness_warnings" not in (run.get("metrics") or {}) and run.get("dataset_id") is not None:
+        dataset = store.find_dataset(int(run["dataset_id"]))
+        try:
+            cohort = load_cohort_cached(dataset) if dataset else None
+        except (MelcoreError, OSError):
+            cohort = None
+    return missingness_of(run, cohort)
 
 
 def _what(job: dict) -> str:

@@ -69,6 +69,7 @@ from melcore.formatting import as_finite, format_risk, format_threshold
 from melcore.runinfo import gradcam_caveats, run_title
 from melcore.images import ImageCache, confine, load_image, stand_in_image, thumbnail
 from melcore.safety import escape_markdown
+from pages.common import record_choice, restore_choice
 
 __all__ = ["Tile", "lesion_panel", "load_tile", "patient_strip", "thumbnail_grid"]
 
@@ -321,6 +322,18 @@ def _signature(path: Path) -> tuple:
     return stat.st_mtime_ns, stat.st_size
 
 
+#: Session-state key prefix of the Grad-CAM settings shared by every page's lesion panel.
+GRADCAM_STATE = "melreview_gradcam_"
+
+
+def _opacity(text: str) -> float:
+    """An opacity from the URL: a number in [0, 1] on the slider's 0.05 steps (ValueError otherwise)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"opacity {value} is outside 0-1")
+    return round(round(value / 0.05) * 0.05, 2)
+
+
 def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping], key: str,
                      default_run: int | None = None) -> None:
     st.markdown("**Grad-CAM**")
@@ -337,19 +350,31 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
         st.info("Grad-CAM needs the image file, which is not available for this lesion.")
         return
     labels = {int(r["id"]): run_title(r) for r in candidates}
+    ids = list(labels)
+    # The settings follow the user across pages and reloads (session state and ?gc_...= in the URL).
+    restore_choice(f"{key}_gc_show", GRADCAM_STATE + "show", "gc_show", (True, False), lambda v: v == "1")
+    restore_choice(f"{key}_gc_run", GRADCAM_STATE + "run", "gc_run", ids, int)
+    restore_choice(f"{key}_gc_method", GRADCAM_STATE + "method", "gc_method", list(GRADCAM_METHODS))
+    restore_choice(f"{key}_gc_opacity", GRADCAM_STATE + "opacity", "gc_opacity", None, _opacity)
+    restore_choice(f"{key}_gc_detail", GRADCAM_STATE + "detail", "gc_detail", list(explain.DETAILS))
+    st.session_state.setdefault(f"{key}_gc_run", default_run if default_run in ids else ids[0])
+    st.session_state.setdefault(f"{key}_gc_opacity", 0.4)
     # Controls in rows of their own: they stay legible when the panel sits in a half-width column.
     show = st.toggle("Show the overlay", key=f"{key}_gc_show", help="Compute (once, then cached) and show it")
-    ids = list(labels)
-    run_id = st.selectbox("Model", ids, format_func=labels.get, key=f"{key}_gc_run",
-                          index=ids.index(default_run) if default_run in ids else 0)
+    run_id = st.selectbox("Model", ids, format_func=labels.get, key=f"{key}_gc_run")
     bottom = st.columns(2, vertical_alignment="bottom")
     method = bottom[0].radio("Method", list(GRADCAM_METHODS), format_func=GRADCAM_METHODS.get, horizontal=True,
                              key=f"{key}_gc_method")
-    opacity = bottom[1].slider("Opacity", 0.0, 1.0, 0.4, 0.05, key=f"{key}_gc_opacity")
+    opacity = bottom[1].slider("Opacity", 0.0, 1.0, step=0.05, key=f"{key}_gc_opacity")
     detail = st.radio("Detail", list(explain.DETAILS), format_func=explain.DETAILS.get, horizontal=True,
                       key=f"{key}_gc_detail",
                       help="Fine explains an earlier, higher-resolution feature map that every path to the score "
                            "still passes through (e.g. 28x28 instead of 7x7 for EfficientNet-Lite0 at 224 px).")
+    record_choice(GRADCAM_STATE + "show", "gc_show", bool(show), lambda v: "1" if v else "0")
+    record_choice(GRADCAM_STATE + "run", "gc_run", int(run_id))
+    record_choice(GRADCAM_STATE + "method", "gc_method", method)
+    record_choice(GRADCAM_STATE + "opacity", "gc_opacity", float(opacity), lambda v: f"{v:.2f}")
+    record_choice(GRADCAM_STATE + "detail", "gc_detail", detail)
     if not show:
         st.caption("Switch on to compute the overlay (a few seconds the first time for each model and image).")
         return

@@ -4,7 +4,9 @@ One walk along the demo path, as a new user would take it: Home (the first start
 makes the synthetic demo cohort) -> Train (queue the default job, cpu-default: ImageNet EfficientNet-Lite0
 at 64 px; the background worker that the page starts trains it) -> Compare (the run appears;
 move the threshold with a preset and save it) -> Review (one decision on the
-first lesion, shown in its history) -> Score (upload a PNG, get a probability) ->
+first lesion, shown in its history; then one blinded and one aided reader-study read,
+the blinded page showing no score, rank or Grad-CAM) -> Compare (the reader on the
+readers' ROC plot) -> Score (upload a PNG, get a probability) ->
 Patients (open a patient). Every page is checked for Streamlit exceptions and
 tracebacks and saved as a full-page screenshot under the test's temporary folder.
 
@@ -112,7 +114,7 @@ def _home(page, server, shots):
     page.goto(server.url + "/")
     page.get_by_text("demo (synthetic)").first.wait_for(timeout=120_000)  # first start: makes the demo cohort
     wait_idle(page)
-    assert page.get_by_text("Lesion images").first.is_visible()
+    page.get_by_text("Lesion images").first.wait_for(timeout=30_000)  # visible (a rerun may still be drawing it)
     assert nav_entries(page) == EXPECTED_NAV
     _checked_shot(page, shots, "home")
 
@@ -220,6 +222,88 @@ def _review(page, server, shots, run_id: int):
     _checked_shot(page, shots, "review")
 
 
+def _scores_in(text: str, score: float) -> list[str]:
+    """The ways a page would write ``score`` (in full, or to 2-4 decimals) that occur in ``text``."""
+    return [f for f in {repr(score), f"{score:.2f}", f"{score:.3f}", f"{score:.4f}"}
+            if re.search(r"(?<![\d.])" + re.escape(f) + r"(?!\d)", text)]
+
+
+def _study_read(page, mode_label: str, decision: str, confidence: int | None, kind: str) -> str:
+    """Switch Review to a reader-study mode, read the lesion it opens on, save; returns the image name."""
+    page.get_by_text(mode_label, exact=True).click()
+    page.get_by_text(re.compile(r"^(Blinded|Aided) reading: ")).first.wait_for(timeout=60_000)
+    wait_idle(page)
+    page.get_by_text(decision, exact=True).first.click()
+    wait_idle(page)
+    if confidence is not None:
+        set_number(page, "Malignancy confidence, 0 (surely benign) to 100 (surely melanoma), optional", confidence)
+    page.get_by_role("button", name="Save", exact=True).click()
+    flash = page.get_by_text(re.compile(rf"Saved {re.escape(decision)} \({kind} read\) for \S+ by Dr Browser Test"))
+    flash.wait_for(timeout=30_000)
+    wait_idle(page)
+    return re.search(r" read\) for (\S+) by", flash.inner_text()).group(1)
+
+
+def _reader_study(page, server, shots, run_id: int):
+    """One blinded and one aided read on Review, then the reader on Compare's readers' ROC plot."""
+    from melcore.readers import MIN_READS
+    from melcore.store import Store
+
+    with _db(server) as conn:
+        scores = dict(conn.execute("SELECT image_name, prediction FROM predictions WHERE run_id = ?", (run_id,)))
+    # blinded: the lesion and what is known at the visit, no score, rank, Grad-CAM or score chart
+    blinded = _study_read(page, "Reader study: blinded (no model output)", "biopsy / excise", 80, "blinded")
+    main = page.locator('[data-testid="stMain"]')
+    text = main.inner_text()
+    assert "Fixed random order" in text and blinded in text
+    assert not re.search(r"\brisk \d", text) and not re.search(r"\bRank \d", text), "blinded: a risk or rank shown"
+    assert not _scores_in(text, scores[blinded]), f"blinded: the lesion's score {scores[blinded]} is on the page"
+    assert main.locator("strong").filter(has_text=re.compile(r"^Grad-CAM$")).count() == 0, "blinded: Grad-CAM shown"
+    assert main.get_by_text("Show the overlay").count() == 0, "blinded: the Grad-CAM overlay is offered"
+    assert "Scores from every run" not in text and main.locator('[data-testid="stPlotlyChart"]').count() == 0
+    _checked_shot(page, shots, "review-blinded")
+    # aided: the same lesion (the study's order is the same), now with the model's risk and Grad-CAM
+    aided = _study_read(page, "Reader study: aided (model's risk shown)", "reassure", None, "aided")
+    text = main.inner_text()
+    assert aided == blinded, (aided, blinded)
+    shown = re.search(r"\brisk (\d\.\d+)", text)
+    assert shown and abs(float(shown.group(1)) - scores[aided]) <= 0.006, f"aided: risk {shown} for {scores[aided]}"
+    assert main.locator("strong").filter(has_text=re.compile(r"^Grad-CAM$")).count() > 0, "aided: no Grad-CAM"
+    assert main.get_by_text("Show the overlay").count() > 0, "aided: the Grad-CAM overlay is not offered"
+    assert "(label)" not in text
+    assert_no_exception(page, "review (aided)")
+    with _db(server) as conn:
+        reads = conn.execute("SELECT image_name, decision, aided, confidence FROM reviews WHERE run_id = ? AND "
+                             "decision IN ('biopsy', 'reassure') AND reviewer = 'Dr Browser Test' ORDER BY id",
+                             (run_id,)).fetchall()
+        labelled = conn.execute("SELECT DISTINCT image_name, target FROM predictions WHERE run_id = ? AND target IN (0, 1) "
+                                "AND image_name != ? ORDER BY image_name", (run_id, blinded)).fetchall()
+    assert reads[-2:] == [(blinded, "biopsy", 0, 80), (blinded, "reassure", 1, None)], reads
+
+    # more blinded reads by the same reader, stored as the Review page stores them, so that the reader has
+    # enough to be placed on the ROC plot (one read per lesion and mode)
+    malignant = [n for n, t in labelled if t == 1][:8]
+    benign = [n for n, t in labelled if t == 0][: MIN_READS + 4 - len(malignant)]
+    assert malignant and len(malignant) + len(benign) >= MIN_READS, "the demo run has too few labelled lesions"
+    store = Store(f"sqlite:///{server.home / 'melreview.db'}")
+    for i, name in enumerate(malignant + benign):
+        biopsy = i % 4 != 0 if name in malignant else i % 3 == 0
+        store.add_review(run_id, name, "Dr Browser Test", "biopsy" if biopsy else "follow-up", aided=False)
+    store.engine.dispose()
+
+    go_to(page, "Compare")
+    page.get_by_role("heading", name="Readers against the model").wait_for(timeout=120_000)
+    wait_idle(page)
+    chart = page.locator('[data-testid="stPlotlyChart"]').filter(has_text="Readers on the model's ROC curve").first
+    chart.scroll_into_view_if_needed()
+    chart.locator(".legendtext").first.wait_for(timeout=30_000)
+    legend = chart.locator(".legendtext").all_text_contents()
+    assert "Dr Browser Test (unaided)" in legend, legend
+    assert chart.locator(".scatterlayer .trace").count() >= 3  # chance, the model's curve, the reader
+    assert page.get_by_role("button", name="Download reader figure (PNG)").count() == 1
+    _checked_shot(page, shots, "compare-readers")
+
+
 def _score(page, server, shots, tmp_path: Path):
     from PIL import Image, ImageDraw
 
@@ -300,6 +384,7 @@ def test_demo_path_in_a_real_browser(browser, server_factory, shots, tmp_path):
         assert worker_pids(server.home), "the Train page did not start a background worker"
         _compare(page, server, shots, run_id)
         _review(page, server, shots, run_id)
+        _reader_study(page, server, shots, run_id)
         _score(page, server, shots, tmp_path)
         _patients(page, server, shots)
         _patient_context(page, server, shots, run_id)

@@ -40,6 +40,7 @@ from melcore.metrics import (
     delong_test,
     operating_point_ci,
     paired_auroc_bootstrap,
+    partial_auroc_bootstrap,
     per_group,
     threshold_metrics,
 )
@@ -143,6 +144,9 @@ def test_page_shows_both_runs_with_their_auroc(seeded):
     assert any("cross-clinic" in i.value for i in at.info)
 
 
+PAUC = "pAUC sens ≥ 80% (ISIC 2024)"  # the header of the partial AUROC column in every table
+
+
 def _isic_2024_pauc(y, p) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -156,10 +160,9 @@ def test_summary_shows_the_isic_2024_pauc_beside_the_auroc_and_the_decision_curv
     for run_id, name in ((seeded["strong"], "effnet"), (seeded["weak"], "weak-cnn")):
         frame = seeded["preds"][run_id]
         row = table[table["Run"].str.contains(name)].iloc[0]
-        assert row["pAUC (sens ≥ 80%)"] == pytest.approx(_isic_2024_pauc(frame["target"], frame["prediction"]),
-                                                       abs=1e-4)
+        assert row[PAUC] == pytest.approx(_isic_2024_pauc(frame["target"], frame["prediction"]), abs=1e-4)
         low, high = (float(v) for v in row["pAUC 95% CI"].split("-"))
-        assert low <= row["pAUC (sens ≥ 80%)"] <= high <= 0.2
+        assert low <= row[PAUC] <= high <= 0.2
     assert any("unstandardised as in ISIC 2024" in c.value for c in at.caption)
     threshold = at.session_state["compare_threshold"]
     caption = next(c.value for c in at.caption if c.value.startswith("Net benefit ="))
@@ -171,6 +174,34 @@ def test_summary_shows_the_isic_2024_pauc_beside_the_auroc_and_the_decision_curv
     evaluation = evaluate_predictions(attach_metadata(frame)[0], n_boot=200)
     download = operating_point_table({"effnet": evaluation}, 0.5)
     assert download["pauc"].iloc[0] == pytest.approx(_isic_2024_pauc(y, p))
+
+
+def test_per_clinic_and_pairwise_tables_show_the_isic_2024_pauc_with_cis(seeded):
+    at = run_page()
+    clinics = next(df.value for df in at.dataframe if "Clinic" in df.value.columns)
+    assert list(clinics.columns[clinics.columns.get_loc("95% CI") + 1:][:2]) == [PAUC, "pAUC 95% CI"]
+    for run_id, name in ((seeded["strong"], "effnet"), (seeded["weak"], "weak-cnn")):
+        frame = seeded["preds"][run_id]
+        for clinic, part in frame.groupby("clinic"):
+            row = clinics[clinics["Run"].str.contains(name) & (clinics["Clinic"] == clinic)].iloc[0]
+            assert row[PAUC] == pytest.approx(_isic_2024_pauc(part["target"], part["prediction"]), abs=1e-4)
+            low, high = (float(v) for v in row["pAUC 95% CI"].split("-"))
+            assert 0 <= low <= row[PAUC] <= high <= 0.2
+    pairs = next(df.value for df in at.dataframe if "DeLong p" in df.value.columns)
+    (row,) = pairs.to_dict("records")
+    # the newest run is run A
+    a, b = seeded["preds"][seeded["strong"]], seeded["preds"][seeded["weak"]]
+    assert row[PAUC.replace("pAUC", "pAUC A")] == pytest.approx(_isic_2024_pauc(a["target"], a["prediction"]),
+                                                                abs=1e-4)
+    assert row[PAUC.replace("pAUC", "pAUC B")] == pytest.approx(_isic_2024_pauc(b["target"], b["prediction"]),
+                                                                abs=1e-4)
+    for run in "AB":
+        low, high = (float(v) for v in row[f"pAUC {run} 95% CI"].split("-"))
+        assert low <= row[PAUC.replace("pAUC", f"pAUC {run}")] <= high
+    low, high = (float(v) for v in row["95% CI of pAUC A - B"].split(" to "))
+    assert low <= row["pAUC A - B"] <= high
+    assert any("unstandardised as in ISIC 2024" in c.value and "paired patient bootstrap" in c.value
+               for c in at.caption)
 
 
 def test_threshold_slider_and_presets_update_the_numbers(seeded):
@@ -560,11 +591,20 @@ def test_pairwise_tests_on_shared_images(cohort):
                                   groups=merged["group_a"], n_boot=200, seed=1)
     assert row["bootstrap_p"] == pytest.approx(boot.p_value)
     assert row["bootstrap_low"] <= row["diff"] <= row["bootstrap_high"]
+    # the partial AUROCs on the shared images, their intervals from the same patient resamples as each other
+    for side in ("a", "b"):
+        assert row[f"pauc_{side}"] == pytest.approx(_isic_2024_pauc(merged["target_a"], merged[f"prediction_{side}"]))
+        boots = partial_auroc_bootstrap(merged["target_a"], merged[f"prediction_{side}"], groups=merged["group_a"],
+                                        n_boot=200, seed=1)
+        assert (row[f"pauc_{side}_low"], row[f"pauc_{side}_high"]) == pytest.approx(
+            tuple(np.quantile(boots[np.isfinite(boots)], [0.025, 0.975])))
+    assert row["pauc_diff"] == pytest.approx(row["pauc_a"] - row["pauc_b"])
+    assert row["pauc_diff_low"] <= row["pauc_diff"] <= row["pauc_diff_high"]
 
     # one image per patient: no bootstrap, a note says why
     single = {k: f.drop_duplicates("patient_id") for k, f in {"strong": strong, "weak": weak}.items()}
     (row,) = pairwise_tests(single, n_boot=50).to_dict("records")
-    assert np.isnan(row["bootstrap_p"]) and "DeLong suffices" in row["note"] and np.isfinite(row["delong_p"])
+    assert np.isnan(row["bootstrap_p"]) and "no patient bootstrap" in row["note"] and np.isfinite(row["delong_p"])
 
     # different labels for an image, and runs without shared images
     relabelled = weak.copy()
@@ -583,6 +623,10 @@ def test_group_breakdown_matches_per_group(cohort):
     at = breakdown.at(0.35)
     direct = per_group(frame, "clinic", threshold=0.35, patient_column="group", n_boot=100)
     pd.testing.assert_frame_equal(at, direct)
+    for clinic, part in frame.groupby("clinic"):
+        row = at.set_index("group").loc[clinic]
+        assert row["pauc"] == pytest.approx(_isic_2024_pauc(part["target"], part["prediction"]))
+        assert row["pauc_low"] <= row["pauc"] <= row["pauc_high"]
     by_age = GroupBreakdown(frame.drop(columns=["age_band"]), "age_band", n_boot=20).at(0.5)
     assert set(by_age["group"]) == set(frame["age_band"])
 

@@ -405,3 +405,24 @@ def test_isic2020_patient_context_reaches_the_goal(isic2020_dir):
     assert result.oof["target"].sum() == 584
     assert "diagnosis" not in result.feature_names and "benign_malignant" not in result.feature_names
     assert result.oof_auroc >= 0.76
+
+
+def test_missingness_that_tells_the_class_or_the_source_is_warned_about(table, tmp_path):
+    from melcore.meta import missingness_warnings, train_meta_run
+
+    assert missingness_warnings(table) == []  # every field known everywhere
+    by_source = table.copy()
+    by_source.loc[by_source["clinic"] == "south", "age_approx"] = np.nan
+    warnings = missingness_warnings(by_source)
+    assert len(warnings) == 1 and "age is missing for 100% of clinic/source 'south' but 0% of 'north'" in warnings[0]
+    by_class = table.copy()
+    melanomas = by_class.index[by_class["target"] == 1]
+    by_class.loc[melanomas[: len(melanomas) // 2], "sex"] = None  # half the melanomas, none of the rest
+    warnings = missingness_warnings(by_class)
+    assert len(warnings) == 1 and warnings[0].startswith("sex is missing for 50% of the melanomas but 0% of")
+    # a small gap is not a shortcut: a tenth of the melanomas without sex
+    by_class.loc[melanomas[len(melanomas) // 10: len(melanomas) // 2], "sex"] = "female"
+    assert by_class["sex"].isna().sum() > 0 and missingness_warnings(by_class) == []
+    metrics = train_meta_run(by_source, tmp_path / "run", n_folds=3)
+    assert metrics["missingness_warnings"] == missingness_warnings(by_source)
+    assert "warning: age is missing for 100%" in (tmp_path / "run" / "train.log").read_text()

@@ -493,7 +493,7 @@ def test_per_group_matches_metrics_on_each_subset():
         for key in ("sensitivity", "specificity", "ppv", "tp", "fp", "tn", "fn"):
             assert same(float(row[key]), float(direct[key]))
         if row["group"] == "east":  # benign only: no AUROC, a note, no crash
-            assert math.isnan(row["auroc"]) and math.isnan(row["auroc_low"])
+            assert math.isnan(row["auroc"]) and math.isnan(row["auroc_low"]) and math.isnan(row["pauc_high"])
             assert "only benign" in row["note"]
         else:
             assert row["auroc"] == skm.roc_auc_score(subset["target"], subset["prediction"])
@@ -502,6 +502,12 @@ def test_per_group_matches_metrics_on_each_subset():
             assert (row["auroc_low"], row["auroc_high"]) == (ci.low, ci.high)
             assert row["boot_dropped"] == ci.n_dropped
             assert row["note"] == ci.note
+            # the ISIC 2024 pAUC (scikit-learn's McClish value mapped back) and its interval, same resamples
+            scaled = skm.roc_auc_score(1 - subset["target"], -subset["prediction"], max_fpr=0.2)
+            assert row["pauc"] == pytest.approx(0.02 + (0.2 - 0.02) / 0.5 * (scaled - 0.5))
+            partial = metrics.partial_auroc_ci(subset["target"], subset["prediction"], groups=subset["patient_id"],
+                                               n_boot=300, seed=3)
+            assert (row["pauc_low"], row["pauc_high"]) == (partial.low, partial.high)
     north, south = result.set_index("group").loc[["north", "south"], "auroc"]
     assert north > south  # the simulated north clinic separates the classes better
 

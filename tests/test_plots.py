@@ -159,6 +159,11 @@ def test_calibration_figure_shows_brier_and_skips_empty_bins(two_models):
     np.testing.assert_allclose(trace.x, non_empty["mean_predicted"])
     np.testing.assert_allclose(trace.customdata, non_empty["n"])
     assert [s.x0 for s in fig.layout.shapes] == [0.42]
+    assert fig.layout.yaxis.title.text == "observed melanoma fraction" and "melanoma fraction" in trace.hovertemplate
+    from melcore.classes import MALIGNANT
+
+    malignant = calibration_figure({"good": (table, 0.08123)}, classes=MALIGNANT)
+    assert malignant.layout.yaxis.title.text == "observed malignant fraction"
 
 
 def test_heatmap_figure_annotates_values_and_counts():
@@ -183,7 +188,10 @@ def test_confusion_figure_layout():
     (trace,) = fig.data
     np.testing.assert_allclose(np.asarray(trace.z, dtype=float), [[0.8, 0.2], [30 / 180, 150 / 180]])  # row shares
     assert confusion_figure(0, 5, 5, 0).data[0].z[0][0] is None  # no malignant image: no share
-    assert list(trace.y) == ["malignant", "benign"]
+    assert list(trace.y) == ["melanoma", "not melanoma"]  # the default words
+    from melcore.classes import MALIGNANT
+
+    assert list(confusion_figure(8, 30, 150, 2, classes=MALIGNANT).data[0].y) == ["malignant", "benign"]
     assert trace.text[0][0] == "TP<br>8" and trace.text[1][1] == "TN<br>150"
 
 
@@ -267,3 +275,22 @@ def test_a_chance_level_auroc_curve_keeps_the_half_to_one_axis_instead_of_zoomin
     assert tuple(below.layout.yaxis2.range) == (0.4, 1.0)
     mixed = training_curves_figure([{"epoch": 1, "select_auroc": 0.6, "learning_rate": 1e-3}])
     assert mixed.layout.yaxis2.range is None  # not an AUROC-only axis: left to autorange
+
+
+def test_run_colours_are_keyed_by_run_id_and_legends_are_shortened_with_the_full_name_in_the_hover():
+    from melcore.plots import LEGEND_CHARS, PALETTE, run_color, short_label
+
+    assert run_color(3) == run_color(3) and run_color(3) != run_color(4) and run_color(3) in PALETTE
+    long = "#12 colour/shape SVM (cnn-bn for Grad-CAM) · clinic A · trained from scratch (chosen)"
+    short = short_label(long)
+    assert len(short) <= LEGEND_CHARS and short.endswith("…") and short.startswith("#12 colour/shape SVM")
+    assert short_label("#2 basic-cnn · all clinics") == "#2 basic-cnn · all clinics"
+    parts = short_label("#2 basic-cnn · all clinics · few-images · trained from scratch (chosen)")
+    assert parts == "#2 basic-cnn · all clinics …"
+    fpr, tpr = np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.8, 1.0])
+    fig = roc_figure({long: (fpr, tpr, 0.8, (0.7, 0.9)), "b": (fpr, tpr, 0.8, None)}, colors={long: "#123456"})
+    line = next(t for t in fig.data if t.meta == long)
+    assert line.name.startswith(short + "<br>AUROC") and line.line.color == "#123456"
+    assert long in line.hovertemplate and fig.layout.hoverlabel.namelength == -1
+    other = next(t for t in fig.data if t.meta == "b")
+    assert other.line.color == PALETTE[1]  # no colour given: by position

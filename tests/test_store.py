@@ -75,6 +75,22 @@ def test_runs_predictions_and_threshold(store, tmp_path):
         store.add_predictions(run_id, pd.DataFrame({"image_name": ["x"]}))
 
 
+def test_a_run_and_its_predictions_are_recorded_together_or_not_at_all(store, tmp_path):
+    good = pd.DataFrame({"image_name": ["a", "b"], "target": [1, 0], "prediction": [0.7, 0.1]})
+    run_id = store.add_run("r", tmp_path, threshold=0.25, predictions={"val": good, "oof": good.iloc[:1]})
+    assert store.get_run(run_id)["threshold"] == pytest.approx(0.25)
+    assert store.get_predictions(run_id).groupby("split").size().to_dict() == {"oof": 1, "val": 2}
+    overlong = pd.DataFrame({"image_name": ["x" * 5000], "prediction": [0.5]})
+    for predictions, message in (({"val": good, "oof": overlong}, "predictions not stored: the image name is 5,000"),
+                                 ({"val": good.drop(columns="prediction")}, "predictions need columns")):
+        with pytest.raises(MelcoreError, match=message):
+            store.add_run("half", tmp_path, predictions=predictions)
+    with pytest.raises(MelcoreError, match=r"a threshold must lie in \[0, 1\], got 2"):
+        store.add_run("bad threshold", tmp_path, threshold=2)
+    assert [r["id"] for r in store.list_runs(archived=None)] == [run_id]
+    assert len(store.get_predictions(run_id + 1)) == 0
+
+
 def test_job_lifecycle_claim_progress_cancel_finish(store):
     first = store.submit_job({"model": "basic-cnn"})
     second = store.submit_job({"model": "cnn-bn"})

@@ -13,6 +13,10 @@ from melcore.errors import ConfigError
 from melcore.jobs import JOB_KINDS, submit_jobs, submit_meta_job
 from melcore.store import Store
 
+JOB_FIELDS = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at", "started_at",
+              "finished_at", "run_id", "error", "cancel_requested")
+"""Fields of each object of ``jobs list --json``, in order (documented in the README; scripts rely on them)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
@@ -86,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
             config, kind = replace(config, n_folds=args.folds), "kfold"
         return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind))
     if args.action == "list":
-        keys = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at",
-                "started_at", "finished_at", "run_id", "error", "cancel_requested")
-        print_listing(store.list_jobs(limit=args.limit), keys, _job_line, as_json=args.json, what="jobs")
+        print_listing(store.list_jobs(limit=args.limit), JOB_FIELDS, _job_line, as_json=args.json, what="jobs")
         return 0
     state = store.request_cancel(args.job_id)
     print(f"job {args.job_id}: {state}" + (" (stops within one batch)" if state == "running" else ""))

@@ -21,6 +21,10 @@ from melcore.formatting import format_number, format_threshold
 from melcore.run_archive import export_run, import_run
 from melcore.store import Store
 
+RUN_FIELDS = ("id", "name", "dataset_id", "job_id", "kind", "model", "clinic", "run_dir", "threshold",
+              "from_scratch", "notes", "created_at", "archived_at", "metrics")
+"""Fields of each object of ``runs list --json``, in order (documented in the README; scripts rely on them)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
@@ -73,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         dataset_id = dataset_arg(store, args.dataset)["id"] if args.dataset is not None else None
         runs = store.list_runs(dataset_id=dataset_id, archived=None if args.all else bool(args.archived))
-        keys = ("id", "name", "dataset_id", "job_id", "kind", "model", "clinic", "run_dir", "threshold",
-                "from_scratch", "created_at", "archived_at", "metrics")
-        print_listing(runs, keys, _line, as_json=args.json, what="runs")
+        print_listing(runs, RUN_FIELDS, _line, as_json=args.json, what="runs")
         return 0
     if args.action == "export":
         return _export(store, args)

@@ -103,5 +103,7 @@ def run(args: argparse.Namespace) -> int:
         fused = fusion["oof_auroc"]
         line += f"; fused {format_auroc(fused)} on the {fusion['n']} images with an image score"
     print(line)
+    for warning in metrics.get("missingness_warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"run: {out}")
     return 0
