@@ -31,6 +31,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from melcore.errors import ConfigError
+from melcore.splits import group_kfold
+
 __all__ = ["audit_table", "WARN_AUROC", "NUMBER_BLOCK", "BORDER_SIZE", "AUTO_IMAGE_LIMIT", "AUDIT_MODES", "audit_images", "shortcut_audit", "audit_warnings"]
 
 WARN_AUROC = 0.65
@@ -148,7 +151,6 @@ def shortcut_audit(cohort, *, images: bool = False, n_folds: int = _N_FOLDS, see
     None: set when ``auroc`` > :data:`WARN_AUROC`), ``note`` (why no AUROC, else "").
     """
     from melcore.metrics import auroc, auroc_ci
-    from melcore.splits import group_kfold
 
     table = cohort.table
     labelled = table["target"].notna().to_numpy()
@@ -202,8 +204,6 @@ AUDIT_MODES = ("auto", "table", "images", "none")
 def audit_images(cohort, mode: str = "auto") -> bool | None:
     """Whether :func:`shortcut_audit` should read the image files for ``mode``; None: no audit."""
     if mode not in AUDIT_MODES:
-        from melcore.errors import ConfigError
-
         raise ConfigError(f"unknown audit mode {mode!r}; choose {', '.join(AUDIT_MODES)}")
     if mode == "none":
         return None

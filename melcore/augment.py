@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from melcore.checks import canonical_name
 from melcore.errors import ConfigError, MelcoreError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
@@ -128,7 +129,7 @@ def validate_preset(name: str) -> str:
     Raises:
         ConfigError: unknown preset; the message lists the valid names.
     """
-    key = str(name).strip().lower().replace("_", "-") if name is not None else "none"
+    key = canonical_name(name) if name is not None else "none"
     if key not in PRESETS:
         raise ConfigError(f"unknown augmentation preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return key

@@ -47,6 +47,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from melcore.cohort import AGE_BANDS, UNKNOWN_AGE, age_band, lesion_keys, table_and_groups
 from melcore.errors import MelcoreError
 from melcore.runinfo import run_title
 
@@ -56,11 +57,9 @@ __all__ = [
     "PATIENT_SORTS",
     "SPLIT_PREFERENCE",
     "UNKNOWN",
-    "AGE_BANDS",
     "Filters",
     "Page",
     "PatientBrowser",
-    "age_bands",
     "dataset_roots",
     "filter_levels",
     "image_scores",
@@ -93,11 +92,7 @@ PATIENT_SORTS = {
 }
 """Sort orders for the patient table: name -> (columns, ascending); missing values always last."""
 
-AGE_BANDS = ((0.0, 30.0, "0-29"), (30.0, 45.0, "30-44"), (45.0, 60.0, "45-59"), (60.0, 75.0, "60-74"),
-             (75.0, math.inf, "75+"))
-"""Age bands [low, high) in years, the same as :data:`melcore.metrics.AGE_BANDS` (a test checks), defined
-here so that opening the Patients page does not import scipy (melcore.metrics does, ~1 s)."""
-_AGE_BAND_ORDER = [label for _, _, label in AGE_BANDS] + [UNKNOWN]
+_AGE_BAND_ORDER = [label for _, _, label in AGE_BANDS] + [UNKNOWN_AGE]
 
 
 def filter_levels(column: str, values: Iterable[str]) -> list[str]:
@@ -107,15 +102,6 @@ def filter_levels(column: str, values: Iterable[str]) -> list[str]:
     if column == "age_band":
         return [b for b in _AGE_BAND_ORDER if b in values]
     return sorted(values, key=lambda v: (v == UNKNOWN, v.lower()))
-
-
-def age_bands(ages) -> np.ndarray:
-    """Age band label per age (object array of str); NaN/missing ages are :data:`UNKNOWN`."""
-    values = pd.to_numeric(pd.Series(ages, dtype=object), errors="coerce").to_numpy(dtype=float)
-    labels = np.full(len(values), UNKNOWN, dtype=object)
-    for low, high, label in AGE_BANDS:
-        labels[(values >= low) & (values < high)] = label
-    return labels
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -194,22 +180,6 @@ def risk_by_image(predictions: pd.DataFrame | None) -> pd.Series:
                      dtype="float64", name="risk")
 
 
-def _table_of(data) -> tuple[pd.DataFrame, pd.Series | None]:
-    table = getattr(data, "table", None)
-    if isinstance(table, pd.DataFrame):
-        return table, data.groups
-    if isinstance(data, pd.DataFrame):
-        return data, None
-    raise MelcoreError(f"expected a melcore Cohort or a canonical lesion DataFrame, not {type(data).__name__}")
-
-
-def _group_keys(table: pd.DataFrame) -> np.ndarray:
-    """Patient key per row for a bare DataFrame (``Cohort.groups``' rule, :func:`melcore.cohort.group_keys`)."""
-    from melcore.cohort import group_keys
-
-    return group_keys(table).to_numpy(dtype=object)
-
-
 def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling: bool = True) -> pd.DataFrame:
     """The cohort table with the columns a browser needs, one row per image.
 
@@ -228,13 +198,11 @@ def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling
     -------
     DataFrame (same row order, fresh RangeIndex): the table's columns, plus
     ``patient`` (str), ``lesion`` (str, unique within the patient), ``age_band``
-    (str, see :func:`age_bands`), ``risk`` (float64, NaN = not
+    (str, see :func:`melcore.cohort.age_band`), ``risk`` (float64, NaN = not
     scored by the run), ``ugly_duckling`` (float64, NaN when unknown) and
     ``image_found`` (bool: the cohort found the file).
     """
-    table, groups = _table_of(data)
-    if "image_name" not in table.columns:
-        raise MelcoreError("the lesion table has no image_name column; load it with melcore.cohort.load_cohort")
+    table, groups = table_and_groups(data)
     frame = table.reset_index(drop=True).copy()
     for column in ("patient_id", "lesion_id", "sex", "site", "diagnosis", "clinic", "image_path"):
         if column not in frame.columns:
@@ -244,13 +212,10 @@ def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling
     if "target" not in frame.columns:
         frame["target"] = pd.array([pd.NA] * len(frame), dtype="Int8")
     names = frame["image_name"].astype(str)
-    patient = groups.to_numpy(dtype=object) if groups is not None else _group_keys(frame)
-    frame["patient"] = patient.astype(str)
-    lesion_id = frame["lesion_id"].to_numpy(dtype=object)
-    has_lesion = pd.notna(lesion_id)
-    lesion = np.where(has_lesion, lesion_id, "image:" + names.to_numpy(dtype=object))
-    frame["lesion"] = lesion.astype(str)
-    frame["age_band"] = age_bands(frame["age_approx"].to_numpy())
+    frame["patient"] = groups.to_numpy(dtype=object).astype(str)
+    frame["lesion"] = lesion_keys(frame).to_numpy(dtype=object)
+    ages = pd.to_numeric(pd.Series(frame["age_approx"].to_numpy(), dtype=object), errors="coerce")
+    frame["age_band"] = age_band(ages.where(ages >= 0)).to_numpy()  # a bad age is unknown here, never an error
     risk = risk_by_image(predictions)
     frame["risk"] = names.map(risk).to_numpy(dtype=float) if len(risk) else np.full(len(frame), np.nan)
     frame["ugly_duckling"] = np.nan

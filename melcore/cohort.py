@@ -23,10 +23,16 @@ Every other source column is kept after these. Problems that make the table unus
 :class:`~melcore.errors.CohortError` with a message naming the rows, columns or files;
 problems that only affect some rows (missing or corrupt image files, rows without an
 image name) are listed in :class:`CohortReport` and never dropped silently.
+
+The rules derived from these columns live here and nowhere else: the group a row belongs
+to (:func:`group_keys`: patient, else lesion, else image; :func:`table_and_groups` for a
+Cohort or a bare DataFrame), the lesion key (:func:`lesion_keys`) and the age band of
+``age_approx`` (:data:`AGE_BANDS`, :func:`age_band`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,11 +42,16 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from melcore.errors import CohortError, ImageError
+from melcore.classes import infer_classes
+from melcore.errors import CohortError, ImageError, MelcoreError
+from melcore.formatting import SHOWN, first_few
 from melcore.safety import inside, not_a_regular_file, resolve_roots
 
 __all__ = [
+    "AGE_BANDS",
+    "UNKNOWN_AGE",
     "CANONICAL_COLUMNS",
+    "age_band",
     "benign_only_clinics",
     "columns_text",
     "FORMATS",
@@ -48,6 +59,8 @@ __all__ = [
     "CohortReport",
     "load_cohort",
     "group_keys",
+    "lesion_keys",
+    "table_and_groups",
     "describe_grouping",
     "grouping_unit",
     "group_label",
@@ -91,7 +104,6 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "clinic": ("clinic",),
 }
 _TARGET_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "benign": 0, "malignant": 1}
-_SHOW = 5  # how many names/rows a message lists
 MAX_AGE = 120  # years; a larger (or negative, infinite) age is a typo and is treated as unknown
 
 # Internal bookkeeping columns, removed before the table is returned.
@@ -177,8 +189,6 @@ class Cohort:
         if self.grouping is None:
             self.grouping = describe_grouping(self.table)
         if self.classes is None:
-            from melcore.classes import infer_classes
-
             self.classes = infer_classes(self.format, self.target_column, self.table)
 
     def __len__(self) -> int:
@@ -539,7 +549,7 @@ def columns_text(columns: Sequence[str]) -> str:
     """
     columns = [str(c) for c in columns]
     if any(c.strip().lower() in _KNOWN_COLUMNS for c in columns):
-        return _list(columns, 30)
+        return first_few(columns, 30)
     return (f"{len(columns)} column(s), none of them a lesion-table column (their names are not shown: "
             "the file does not look like a lesion table)")
 
@@ -646,7 +656,7 @@ def _load_aliased(raw: pd.DataFrame, path: Path, fmt: str, report: CohortReport)
                 names = raw.loc[disagree, sources["image_name"]].tolist()
                 report.warnings.append(
                     f"{int(disagree.sum()):,} rows have {sources['target']!r} disagreeing with {other!r} "
-                    f"(first: {_list(names)}); {sources['target']!r} is used")
+                    f"(first: {first_few(names)}); {sources['target']!r} is used")
     if "target" not in sources:
         report.warnings.append(f"no target (label) column: all {len(raw):,} images are unlabelled")
         derived["target"] = np.full(len(raw), np.nan)
@@ -717,9 +727,9 @@ def _load_isic2019(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     several = np.flatnonzero(n_hot > 1)
     if len(several):
         shown = [f"line {lines[i]} ({names[i]}): "
-                 f"{'+'.join(c for (c, _), h in zip(present, hot[i]) if h)}" for i in several[:_SHOW]]
+                 f"{'+'.join(c for (c, _), h in zip(present, hot[i]) if h)}" for i in several[:SHOWN]]
         raise CohortError(f"{path}: {len(several):,} rows mark more than one diagnosis class "
-                          f"({'; '.join(shown)}{_more(len(several))}); each row of the ISIC 2019 "
+                          f"({first_few(shown, total=len(several), sep='; ')}); each row of the ISIC 2019 "
                           "ground truth must have exactly one 1")
     labels = np.array([c for c, _ in present], dtype=object)
     diagnosis = np.where(n_hot == 1, labels[hot.argmax(axis=1)], None)
@@ -763,7 +773,7 @@ def _load_folders(root: Path, report: CohortReport) -> pd.DataFrame:
                           f"(found {found}); expected e.g. {root}/melanoma/*.jpg and {root}/nevus/*.jpg")
     if ignored:
         report.warnings.append(f"ignored {len(ignored):,} entries that are not images in a class folder "
-                               f"(first: {_list(ignored)})")
+                               f"(first: {first_few(ignored)})")
     if not any(r[3] for r in rows):
         report.warnings.append(f"no folder named melanoma, mel or malignant in {root} (classes: "
                                f"{', '.join(sorted(e.name for e in class_dirs))}): every image is labelled 0")
@@ -785,16 +795,6 @@ def _where(line, name) -> str:
     return f"line {line} ({name})" if line is not None and not pd.isna(line) else str(name)
 
 
-def _list(values, n: int = _SHOW) -> str:
-    values = [str(v) for v in values]
-    shown = ", ".join(values[:n])
-    return shown + (f", ... (+{len(values) - n:,} more)" if len(values) > n else "")
-
-
-def _more(total: int) -> str:
-    return f"; ... (+{total - _SHOW:,} more)" if total > _SHOW else ""
-
-
 def _drop_rows_without_name(frame: pd.DataFrame, report: CohortReport) -> pd.DataFrame:
     """Strip names, split off extensions / folders, drop (and report) rows with no name."""
     text = pd.Series([t or "" for t in _clean_text(frame["image_name"])], index=frame.index, dtype=object)
@@ -804,7 +804,7 @@ def _drop_rows_without_name(frame: pd.DataFrame, report: CohortReport) -> pd.Dat
         for i, line in enumerate(lines):
             report.dropped.append((line if line is not None else int(np.flatnonzero(empty)[i]),
                                    "no image name"))
-        report.warnings.append(f"dropped {int(empty.sum()):,} rows with no image name (lines {_list(lines)})")
+        report.warnings.append(f"dropped {int(empty.sum()):,} rows with no image name (lines {first_few(lines)})")
         frame = frame.loc[~empty].reset_index(drop=True)
         text = text[~empty].reset_index(drop=True)
     has_path = frame[_PATH].notna() if _PATH in frame else pd.Series(False, index=frame.index)
@@ -829,11 +829,11 @@ def _check_duplicates(frame: pd.DataFrame, path: Path) -> None:
     for name, line in zip(names[dup], frame.loc[dup, _LINE]):
         lines_by_name.setdefault(name, []).append(line)
     shown = []
-    for name, lines in list(lines_by_name.items())[:_SHOW]:
+    for name, lines in list(lines_by_name.items())[:SHOWN]:
         known = [str(x) for x in lines if x is not None and not pd.isna(x)]
         shown.append(f"{name} (lines {', '.join(known)})" if known else f"{name} ({len(lines)} times)")
     raise CohortError(f"{path}: {len(lines_by_name):,} image names appear more than once "
-                      f"({int(dup.sum()):,} rows; first: {'; '.join(shown)}{_more(len(lines_by_name))}); "
+                      f"({int(dup.sum()):,} rows; first: {first_few(shown, total=len(lines_by_name), sep='; ')}); "
                       "each image must have exactly one row")
 
 
@@ -851,10 +851,10 @@ def _coerce_binary(values: pd.Series, column: str, lines, names) -> np.ndarray:
         bad = np.isnan(out) & ~missing
     if bad.any():
         index = np.flatnonzero(bad)
-        shown = [f"{_where(lines[i], names[i])}: {series.iloc[i]!r}" for i in index[:_SHOW]]
+        shown = [f"{_where(lines[i], names[i])}: {series.iloc[i]!r}" for i in index[:SHOWN]]
         raise CohortError(
             f"column {column!r} has {len(index):,} values that are not a 0/1 label "
-            f"({'; '.join(shown)}{_more(len(index))}). Use 1 for malignant and 0 for benign (or the words "
+            f"({first_few(shown, total=len(index), sep='; ')}). Use 1 for malignant and 0 for benign (or the words "
             "malignant/benign); leave the cell empty for unlabelled images, or map another column as target.")
     return out
 
@@ -871,16 +871,16 @@ def _coerce_age(frame: pd.DataFrame, report: CohortReport) -> pd.Series:
     bad = text_present & numbers.isna()
     if bad.any():
         shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
-                 zip(frame.loc[bad, _LINE][:_SHOW], frame.loc[bad, "image_name"][:_SHOW], raw[bad][:_SHOW])]
+                 zip(frame.loc[bad, _LINE][:SHOWN], frame.loc[bad, "image_name"][:SHOWN], raw[bad][:SHOWN])]
         report.warnings.append(f"{int(bad.sum()):,} age values are not numbers and are treated as unknown "
-                               f"({'; '.join(shown)}{_more(int(bad.sum()))})")
+                               f"({first_few(shown, total=int(bad.sum()), sep='; ')})")
     implausible = numbers.notna() & ~numbers.between(0, MAX_AGE)
     if implausible.any():
         shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
-                 zip(frame.loc[implausible, _LINE][:_SHOW], frame.loc[implausible, "image_name"][:_SHOW],
-                     raw[implausible][:_SHOW])]
+                 zip(frame.loc[implausible, _LINE][:SHOWN], frame.loc[implausible, "image_name"][:SHOWN],
+                     raw[implausible][:SHOWN])]
         report.warnings.append(f"{int(implausible.sum()):,} age values are outside 0-{MAX_AGE} years and are treated "
-                               f"as unknown ({'; '.join(shown)}{_more(int(implausible.sum()))}); correct them in the "
+                               f"as unknown ({first_few(shown, total=int(implausible.sum()), sep='; ')}); correct them in the "
                                "table")
         numbers = numbers.where(~implausible)
     return numbers
@@ -922,7 +922,7 @@ def _indexed_by_image(table: pd.DataFrame, key_column: str, path: Path, what: st
     duplicated = keys.duplicated()
     if duplicated.any():
         report.warnings.append(f"{what} {path} has {int(duplicated.sum()):,} repeated image names "
-                               f"(first: {_list(keys[duplicated].unique())}); the first row of each is used")
+                               f"(first: {first_few(keys[duplicated].unique())}); the first row of each is used")
         table, keys = table[~duplicated], keys[~duplicated]
     return table.set_axis(keys.to_numpy(), axis=0)
 
@@ -953,7 +953,7 @@ def _join_metadata(frame: pd.DataFrame, path: Path, report: CohortReport) -> Non
     if not matched.all():
         names = frame.loc[~matched, "image_name"].tolist()
         report.warnings.append(f"{len(names):,} images have no row in metadata {path.name} "
-                               f"(first: {_list(names)}); their metadata stays unknown")
+                               f"(first: {first_few(names)}); their metadata stays unknown")
 
 
 def _clinic_from_column(raw: pd.DataFrame | None, frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
@@ -990,7 +990,7 @@ def _clinic_from_csv(frame: pd.DataFrame, path: Path, column: str | None, report
     if unmatched.any():
         names = frame.loc[unmatched, "image_name"].tolist()
         report.warnings.append(f"{len(names):,} images have no clinic in {path.name} "
-                               f"(first: {_list(names)}); their clinic is {UNKNOWN_CLINIC!r}")
+                               f"(first: {first_few(names)}); their clinic is {UNKNOWN_CLINIC!r}")
     return values.to_numpy()
 
 
@@ -1177,7 +1177,7 @@ def _match_images(frame: pd.DataFrame, source: Path, images, fmt: str, check: st
         else:
             where = f"in {images}"
         report.warnings.append(f"{len(names):,} of {n:,} image files not found {where} "
-                               f"(first: {_list(names)}); their image_path is None")
+                               f"(first: {first_few(names)}); their image_path is None")
     return images_dir, paths
 
 
@@ -1211,7 +1211,7 @@ def _confine_images(frame: pd.DataFrame, roots: Sequence[Path | None], report: C
     frame["image_path"] = paths
     where = " and ".join(str(r) for r in allowed) or "none registered"
     report.warnings.append(f"{len(outside):,} image paths lie outside the dataset's folders ({where}) once links "
-                           f"are resolved (first: {_list(names)}); they are not read and their image_path is "
+                           f"are resolved (first: {first_few(names)}); they are not read and their image_path is "
                            "None. Move the images into the image folder.")
 
 
@@ -1254,18 +1254,25 @@ def _decode_check(frame: pd.DataFrame, report: CohortReport, progress: Progress 
         report.unreadable_images.append((str(frame["image_name"].iat[idx]), reason))
         image_path[idx] = None
     frame["image_path"] = image_path
-    shown = [f"{n} ({r})" for n, r in report.unreadable_images[:_SHOW]]
-    report.warnings.append(f"{len(bad):,} image files could not be decoded ({'; '.join(shown)}"
-                           f"{_more(len(bad))}); their image_path is None")
+    shown = [f"{n} ({r})" for n, r in report.unreadable_images[:SHOWN]]
+    report.warnings.append(f"{len(bad):,} image files could not be decoded ({first_few(shown, total=len(bad), sep='; ')}"
+                           f"); their image_path is None")
 
 
 # --------------------------------------------------------------------------- grouping and output
 
 
-def _id_present(table: pd.DataFrame, column: str) -> np.ndarray:
+def _ids(table: pd.DataFrame, column: str) -> pd.Series:
+    """``table[column]`` as stripped str, None where missing or blank (all None without the column)."""
     if column not in table:
-        return np.zeros(len(table), dtype=bool)
-    return table[column].notna().to_numpy()
+        return pd.Series([None] * len(table), index=table.index, dtype=object)
+    values = table[column]
+    text = values.astype(str).str.strip().astype(object)
+    return text.where(values.notna().to_numpy() & text.ne("").to_numpy(), None)
+
+
+def _id_present(table: pd.DataFrame, column: str) -> np.ndarray:
+    return _ids(table, column).notna().to_numpy()
 
 
 def _levels(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1326,9 +1333,10 @@ def group_keys(table: pd.DataFrame) -> pd.Series:
 
     n = len(table)
     rows, nodes, offset = [], [], n
+    ids = {column: _ids(table, column) for column in ("patient_id", "lesion_id")}
     for column in ("patient_id", "lesion_id"):
-        present = _id_present(table, column)
-        codes, _ = pd.factorize(table[column].astype(str).where(present)) if present.any() else (None, [])
+        present = ids[column].notna().to_numpy()
+        codes, _ = pd.factorize(ids[column].where(present)) if present.any() else (None, [])
         if present.any():
             rows.append(np.flatnonzero(present))
             nodes.append(codes[present] + offset)
@@ -1340,12 +1348,133 @@ def group_keys(table: pd.DataFrame) -> pd.Series:
     component = pd.Series(component[:n], index=table.index)
     keys = pd.Series("image:" + table["image_name"].astype(str), index=table.index, dtype=object)
     for column, prefix in (("lesion_id", "lesion:"), ("patient_id", "")):
-        present = _id_present(table, column)
+        present = ids[column].notna().to_numpy()
         if present.any():
-            smallest = table[column].astype(str).where(present).groupby(component).min()
+            smallest = ids[column].where(present).groupby(component).min()
             found = component.map(smallest)
             keys = keys.where(found.isna(), prefix + found.astype(str))
     return keys.rename("group")
+
+
+#: Age bands of ``age_approx``: (lowest age included, first age excluded, label), youngest first.
+AGE_BANDS = (
+    (0.0, 30.0, "0-29"),
+    (30.0, 45.0, "30-44"),
+    (45.0, 60.0, "45-59"),
+    (60.0, 75.0, "60-74"),
+    (75.0, math.inf, "75+"),
+)
+UNKNOWN_AGE = "unknown"
+
+
+def age_band(age):
+    """Age band label for an age in years, or for each age of an array-like.
+
+    Parameters
+    ----------
+    age : number, None, or array-like of shape (n,)
+        Ages in years (``age_approx``); None / NaN / missing are unknown.
+
+    Returns
+    -------
+    str for a scalar; for an array-like a pd.Series of str named ``age_band`` (a Series keeps its
+    index): the :data:`AGE_BANDS` label ("0-29" for ages below 30, "30-44", "45-59", "60-74",
+    "75+"), :data:`UNKNOWN_AGE` when the age is missing.
+
+    Raises
+    ------
+    MelcoreError
+        An age that is not a number or is negative (the message names the first few and where).
+    """
+    if np.ndim(age) == 0:
+        return _age_band_one(age)
+    series = age if isinstance(age, pd.Series) else pd.Series(np.asarray(age, dtype=object))
+    numeric = pd.to_numeric(series, errors="coerce")
+    bad = np.flatnonzero((series.notna() & numeric.isna()).to_numpy())
+    if len(bad):
+        raise MelcoreError("ages must be numbers in years: found "
+                           + first_few((f"{series.iloc[i]!r} at position {i}" for i in bad[:SHOWN]), total=len(bad)))
+    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+    negative = np.flatnonzero(values < 0)
+    if len(negative):
+        raise MelcoreError("ages cannot be negative: found "
+                           + first_few((f"{values[i]:g} at position {i}" for i in negative[:SHOWN]),
+                                       total=len(negative)))
+    labels = np.full(len(values), UNKNOWN_AGE, dtype=object)
+    for low, high, label in AGE_BANDS:
+        labels[(values >= low) & (values < high)] = label
+    return pd.Series(labels, index=series.index, name="age_band", dtype=object)
+
+
+def _age_band_one(age) -> str:
+    if age is None or age is pd.NA:
+        return UNKNOWN_AGE
+    try:
+        value = float(age)
+    except (TypeError, ValueError):
+        raise MelcoreError(f"age must be a number in years, got {age!r}") from None
+    if math.isnan(value):
+        return UNKNOWN_AGE
+    if value < 0:
+        raise MelcoreError(f"age cannot be negative, got {age!r}")
+    for low, high, label in AGE_BANDS:
+        if low <= value < high:
+            return label
+    return UNKNOWN_AGE
+
+
+def lesion_keys(table: pd.DataFrame) -> pd.Series:
+    """One key per lesion, unique within a patient: the ``lesion_id``, else ``"image:" + image_name``
+    (an image without a lesion id is a lesion of its own).
+
+    Parameters
+    ----------
+    table : DataFrame with ``image_name`` and, when known, ``lesion_id``.
+
+    Returns
+    -------
+    pd.Series of str, aligned with ``table``, named ``lesion``. Combine it with
+    :func:`group_keys` to tell lesions of different patients apart.
+    """
+    lesion = _ids(table, "lesion_id")
+    images = "image:" + table["image_name"].astype(str)
+    return lesion.where(lesion.notna(), images).astype(str).rename("lesion")
+
+
+def table_and_groups(data, what: str = "table") -> tuple[pd.DataFrame, pd.Series]:
+    """The lesion table of ``data`` and its group key per row (patient, else lesion, else image).
+
+    The one way library code takes "a Cohort or a DataFrame": a :class:`Cohort` gives its
+    ``table`` and :attr:`Cohort.groups`; a DataFrame is taken as a canonical lesion table and
+    grouped by :func:`group_keys`, the same rule.
+
+    Parameters
+    ----------
+    data : Cohort or DataFrame
+        A DataFrame needs ``image_name`` and may have ``patient_id`` / ``lesion_id``.
+    what : str
+        What ``data`` is called in the error message ("table", "cohort").
+
+    Returns
+    -------
+    (DataFrame, pd.Series of str)
+        The table as given and its group keys, aligned with it (same index).
+
+    Raises
+    ------
+    CohortError
+        ``data`` is neither, or a DataFrame without ``image_name``.
+    """
+    table = getattr(data, "table", None)
+    if isinstance(table, pd.DataFrame):
+        return table, pd.Series(data.groups, index=table.index)
+    if not isinstance(data, pd.DataFrame):
+        raise CohortError(f"{what} must be a melcore Cohort or a pandas DataFrame with canonical columns, "
+                          f"not {type(data).__name__}")
+    if "image_name" not in data.columns:
+        raise CohortError(f"the lesion table has no image_name column (columns: {', '.join(map(str, data.columns))});"
+                          " load it with melcore.cohort.load_cohort or rename the image id column to image_name")
+    return data, group_keys(data)
 
 
 def _finalise(frame: pd.DataFrame) -> pd.DataFrame:

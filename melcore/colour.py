@@ -56,6 +56,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from melcore.errors import MelcoreError
+from melcore.splits import group_kfold
 
 __all__ = ["WORK_SIZE", "FEATURE_NAMES", "BASE_FEATURE_NAMES", "EXTENDED_FEATURE_NAMES", "DEFAULT_KERNEL",
            "RBF_C_GRID", "lesion_mask", "outline_overlay", "colour_features", "colour_feature_matrix", "ColourModel",
@@ -684,8 +685,6 @@ class ColourModel:
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import roc_auc_score
         from sklearn.svm import SVC
-
-        from melcore.splits import group_kfold
 
         self.gamma = 1.0 / z.shape[1]   # sklearn's gamma="scale" on standardised features
         malignant_groups = set(groups[labels == 1].tolist())

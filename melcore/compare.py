@@ -35,12 +35,13 @@ from melcore.browse import filter_levels
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
 from melcore.runinfo import SourceConfounding, run_title, scratch_words, source_confounding
+from melcore.cohort import age_band
+from melcore.registry import PUBLISHED_WEIGHTS, REGISTRY, weights_label
 from melcore.metrics import (
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
     RocCurve,
     ThresholdSweep,
-    age_band,
     auroc_ci,
     check_predictions,
     calibration_table,
@@ -124,10 +125,8 @@ def weights_description(run: Mapping) -> str:
         return scratch_words({**run, "from_scratch": True}) or "trained from scratch"
     weights = (run.get("metrics") or {}).get("weights") or {}
     source = weights.get("source")
-    from melcore.registry import REGISTRY, weights_label
-
     spec = REGISTRY.get(str(run.get("model") or ""))
-    if source in ("imagenet", "noisy-student") and spec is not None:
+    if source in PUBLISHED_WEIGHTS and spec is not None:
         return weights_label(spec)
     if source:
         return f"weights from {Path(str(source)).name}"

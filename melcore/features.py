@@ -52,6 +52,7 @@ import numpy as np
 
 from melcore import settings
 from melcore.errors import ConfigError, ImageError
+from melcore.registry import PUBLISHED_WEIGHTS
 
 __all__ = [
     "VIEWS",
@@ -254,7 +255,7 @@ def _memo_key(config) -> tuple:
 
     weights = str(config.weights)
     file_state = None
-    if weights.lower() not in ("none", "imagenet", "noisy-student"):
+    if weights.lower() not in ("none", *PUBLISHED_WEIGHTS):
         try:
             st = os.stat(weights)
             file_state = (st.st_mtime_ns, st.st_size)

@@ -1,4 +1,4 @@
-"""Short human-readable text for durations, metric values, thresholds and risks.
+"""Short human-readable text for durations, metric values, thresholds and risks; JSON-safe values.
 
 Every function accepts anything (None, strings, NaN) and answers ``"--"`` for what
 is not a finite number, so callers can pass raw progress/metrics values.
@@ -6,15 +6,22 @@ is not a finite number, so callers can pass raw progress/metrics values.
 Thresholds and risks shown side by side must never contradict the decision: a
 threshold saved from a curve point (0.50512) is not shown as "0.505", and a risk
 just below it is not shown as "0.51" beside a red/green flag that says otherwise.
+
+:func:`json_safe` is the one rule for writing numbers as JSON (``metrics.json``, the store's
+JSON columns, the CLI's ``--json``, job progress): what is not a finite number is null.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import PurePath
+from typing import Any
 
-__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold"]
+__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold", "first_few",
+           "json_safe", "SHOWN"]
 
 MAX_DECIMALS = 6
+SHOWN = 5  # how many names, rows or values a message lists
 
 
 def as_finite(value) -> float | None:
@@ -79,3 +86,52 @@ def format_risk(risk, threshold=None, min_decimals: int = 2) -> str:
         if (float(text) >= shown_limit) == flagged:
             return text
     return f"{value:.{MAX_DECIMALS}f}"
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data that every reader and database accepts (strict JSON, no NaN).
+
+    Parameters
+    ----------
+    value : any
+        Nested dicts, lists and tuples of numbers, str, bool, None, numpy scalars and arrays,
+        paths.
+
+    Returns
+    -------
+    The same structure with dict keys as str, tuples and arrays as lists, numpy scalars as
+    Python numbers and bools, paths as str, and NaN / inf as None (an undefined ratio, a
+    biopsies-per-melanoma with no melanoma found). Anything else is returned as it is (callers
+    pass ``default=str`` to :func:`json.dumps` for it).
+    """
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
+
+
+def first_few(values, n: int = SHOWN, *, total: int | None = None, sep: str = ", ") -> str:
+    """The first ``n`` of ``values`` for a message, then how many more: ``"a, b, c, ... (+4 more)"``.
+
+    Parameters
+    ----------
+    values : iterable
+        The items (any type, shown with ``str``), or only the first of them when ``total`` is given.
+    n : int
+        How many to show (:data:`SHOWN`).
+    total : int, optional
+        How many items there are in all (default: ``len(values)``).
+    sep : str
+        Between items and before the ``... (+k more)`` tail.
+    """
+    values = list(values)
+    shown = [str(v) for v in values[:n]]
+    extra = (len(values) if total is None else int(total)) - len(shown)
+    return sep.join(shown) + (f"{sep}... (+{extra:,} more)" if extra > 0 else "")

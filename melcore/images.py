@@ -50,6 +50,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
+from melcore import settings
+from melcore.caches import prune_files
 from melcore.errors import ConfigError, ImageError
 from melcore.safety import inside, not_a_regular_file, resolve_roots
 
@@ -472,8 +474,6 @@ class ImageCache:
 
     def __init__(self, root: PathLike | None = None, *, max_pixels: int | None = None):
         if root is None:
-            from melcore import settings
-
             root = settings.subdir("cache/images")
         self.root = Path(root).expanduser().absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -586,8 +586,6 @@ class ImageCache:
         Recency is the later of the entry's access and modification times (coarse
         on ``relatime`` mounts, which is enough here). Returns the number of files removed.
         """
-        from melcore.caches import prune_files
-
         removed, _ = prune_files(self._files(), max_bytes=max_bytes)
         return len(removed)
 

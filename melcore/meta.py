@@ -71,7 +71,10 @@ import pandas as pd
 from scipy.special import expit
 
 import melcore
-from melcore.errors import CancelledError, CohortError, ConfigError, MelcoreError
+from melcore.cohort import lesion_keys, table_and_groups
+from melcore.errors import CancelledError, CohortError, ConfigError, LeakageError, MelcoreError
+from melcore.metrics import auroc_or_none, format_auroc
+from melcore.splits import group_kfold
 
 __all__ = [
     "MISSING_CLASS_GAP",
@@ -165,18 +168,6 @@ Progress = Callable[[int, int], None]
 
 # --------------------------------------------------------------------------- table helpers
 
-def _table_and_groups(data, what: str = "table") -> tuple[pd.DataFrame, pd.Series | None]:
-    """The DataFrame of a Cohort (with its ``.groups``) or a DataFrame as given."""
-    table = getattr(data, "table", None)
-    if isinstance(table, pd.DataFrame):
-        groups = getattr(data, "groups", None)
-        return table, (pd.Series(groups, index=table.index) if groups is not None else None)
-    if isinstance(data, pd.DataFrame):
-        return data, None
-    raise MelcoreError(f"{what} must be a melcore Cohort or a pandas DataFrame with canonical columns, "
-                       f"not {type(data).__name__}")
-
-
 def _clean_str(values) -> np.ndarray:
     """Object array of stripped strings, None for missing/empty/NaN."""
     out = np.empty(len(values), dtype=object)
@@ -212,26 +203,11 @@ def _image_names(table: pd.DataFrame) -> np.ndarray:
     return names.astype(str)
 
 
-def _patient_keys(table: pd.DataFrame, groups: pd.Series | None) -> np.ndarray:
-    """Group key per row: ``Cohort.groups`` when given, else the same rule on the table's ids
-    (:func:`melcore.cohort.group_keys`: patient, else lesion, else image, linked sets joined)."""
-    if groups is not None:
-        keys = _clean_str(groups.tolist())
-        if not pd.isna(keys).any():
-            return keys.astype(str)
-    from melcore.cohort import group_keys
-
-    ids = pd.DataFrame({"image_name": _image_names(table), "patient_id": _column(table, "patient_id"),
-                        "lesion_id": _column(table, "lesion_id")})
-    return group_keys(ids).to_numpy().astype(str)
-
-
-def _lesion_keys(table: pd.DataFrame, patient_keys: np.ndarray) -> np.ndarray:
-    """Lesion key per row, scoped to the patient: lesion_id, else the image itself."""
-    lesion = _column(table, "lesion_id")
-    names = _image_names(table)
-    return np.array([f"{p}|{les}" if les is not None else f"{p}|image:{n}"
-                     for p, les, n in zip(patient_keys, lesion, names)], dtype=str)
+def _patient_lesion_keys(frame: pd.DataFrame, groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(patient key, lesion key scoped to the patient) per row: :func:`melcore.cohort.table_and_groups`'
+    groups and ``patient|`` + :func:`melcore.cohort.lesion_keys`."""
+    patient = groups.astype(str).to_numpy()
+    return patient, (groups.astype(str) + "|" + lesion_keys(frame)).to_numpy().astype(str)
 
 
 def _ages(table: pd.DataFrame) -> np.ndarray:
@@ -448,10 +424,9 @@ def ugly_duckling_scores(table, image_scores, embeddings=None) -> pd.Series:
         lies from the mean of the others than the patient's lesions typically do). Images of one lesion
         share a value. NaN when the patient has no other scored lesion.
     """
-    frame, groups = _table_and_groups(table)
+    frame, groups = table_and_groups(table)
     names = _image_names(frame)
-    pk = _patient_keys(frame, groups)
-    lk = _lesion_keys(frame, pk)
+    pk, lk = _patient_lesion_keys(frame, groups)
     scores = _align_scores(names, image_scores)
     emb = _align_embeddings(names, embeddings) if embeddings is not None else None
     ud = _ugly_duckling_frame(pk, lk, scores, emb)
@@ -495,10 +470,9 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
     """
     if feature_set not in FEATURE_SETS:
         raise ConfigError(f"unknown feature_set {feature_set!r}; choose from {', '.join(FEATURE_SETS)}")
-    frame, groups = _table_and_groups(table)
+    frame, groups = table_and_groups(table)
     names = _image_names(frame)
-    pk = _patient_keys(frame, groups)
-    lk = _lesion_keys(frame, pk)
+    pk, lk = _patient_lesion_keys(frame, groups)
     age = _ages(frame)
     sex = np.array([s.lower() if s is not None else None for s in _column(frame, "sex")], dtype=object)
     site = np.array([s.lower() if s is not None else None for s in _column(frame, "site")], dtype=object)
@@ -762,7 +736,7 @@ class MetaModel:
             raise MelcoreError("this meta model was trained with embedding features; pass embeddings")
         features = meta_features(table, image_scores if needs_scores else None,
                                  embeddings if needs_emb else None, feature_set=fs)
-        frame, _ = _table_and_groups(table)
+        frame, _ = table_and_groups(table)
         return pd.Series(self.predict_proba(features)[:, 1], index=pd.Index(_image_names(frame), name="image_name"),
                          name="prediction")
 
@@ -860,15 +834,6 @@ def _binary_targets(y, n: int) -> np.ndarray:
         raise MelcoreError(f"targets must be 0 or 1 with no missing values; row {i} has {values.iloc[i]!r} "
                            f"({int(bad.sum())} such rows); train on cohort.labelled()")
     return numeric.to_numpy().astype(np.int64)
-
-
-def _auroc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    y = np.asarray(y)
-    if len(y) == 0 or y.min() == y.max():
-        return None
-    return float(roc_auc_score(y, p))
 
 
 # --------------------------------------------------------------------------- learning from missingness
@@ -978,13 +943,13 @@ def _per_clinic(oof: pd.DataFrame, column: str = "prediction") -> dict:
     for clinic, part in oof.groupby(clinics, sort=True):
         y = part["target"].to_numpy()
         out[str(clinic)] = {"n": int(len(part)), "n_positive": int(y.sum()),
-                            "auroc": _auroc(y, part[column].to_numpy())}
+                            "auroc": auroc_or_none(y, part[column].to_numpy())}
     return out
 
 
 def _labelled_frame(cohort) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
     """(table, groups, labelled mask, targets of labelled rows) of a Cohort or DataFrame."""
-    table, groups = _table_and_groups(cohort, "cohort")
+    table, groups = table_and_groups(cohort, "cohort")
     if "target" not in table.columns:
         raise CohortError("the cohort has no target column; the meta model needs labelled images")
     target = pd.to_numeric(pd.Series(table["target"].tolist(), dtype=object), errors="coerce")
@@ -993,13 +958,11 @@ def _labelled_frame(cohort) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.nd
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise CohortError(f"target must be 0, 1 or empty; row {i} has {table['target'].iloc[i]!r}")
     labelled = target.notna().to_numpy()
-    pk = _patient_keys(table, groups)
+    pk = groups.astype(str).to_numpy()
     return table, pk, labelled, target[labelled].to_numpy().astype(np.int64)
 
 
 def _folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    from melcore.splits import group_kfold
-
     if not isinstance(n_folds, int) or n_folds < 2:
         raise ConfigError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     n_groups = len(set(groups))
@@ -1009,8 +972,6 @@ def _folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.nda
     # Re-check the contract: a patient never spans two folds.
     per_group = pd.Series(folds).groupby(groups).nunique()
     if (per_group > 1).any():
-        from melcore.errors import LeakageError
-
         raise LeakageError(f"group_kfold put patient {per_group[per_group > 1].index[0]!r} in two folds")
     return folds
 
@@ -1065,7 +1026,7 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
                 raise CohortError(f"fold {k} leaves only one class to train on; use fewer folds")
             model = MetaModel(**params).fit(X[train], y[train])
             prediction[val] = model.predict_proba(X[val])[:, 1]
-            fold_aurocs.append(_auroc(y[val], prediction[val]))
+            fold_aurocs.append(auroc_or_none(y[val], prediction[val]))
         if progress is not None:
             progress(k + 1, n_folds)
     lab = table[labelled]
@@ -1077,7 +1038,7 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
         "prediction": prediction,
         "fold": folds,
     })
-    return MetaResult(oof=oof, oof_auroc=_auroc(y, prediction), fold_aurocs=fold_aurocs,
+    return MetaResult(oof=oof, oof_auroc=auroc_or_none(y, prediction), fold_aurocs=fold_aurocs,
                       feature_names=list(X.columns), feature_set=feature_set, params=params,
                       per_clinic=_per_clinic(oof), n_folds=n_folds, seed=seed, n_groups=len(set(groups)),
                       seconds=time.perf_counter() - started, features=X.reset_index(drop=True), targets=y)
@@ -1098,10 +1059,9 @@ def fusion_features(table, image_scores, meta_scores, embeddings=None) -> pd.Dat
     ``ud_score_rank`` (0.5 then), ``has_other_lesions`` (0/1); with embeddings ``ud_emb_z`` and
     ``ud_emb_cosine`` (0 when undefined).
     """
-    frame, groups = _table_and_groups(table)
+    frame, groups = table_and_groups(table)
     names = _image_names(frame)
-    pk = _patient_keys(frame, groups)
-    lk = _lesion_keys(frame, pk)
+    pk, lk = _patient_lesion_keys(frame, groups)
     img = _align_scores(names, image_scores, "image_scores")
     meta = _align_scores(names, meta_scores, "meta_scores")
     emb = _align_embeddings(names, embeddings) if embeddings is not None else None
@@ -1258,7 +1218,7 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
             raise CohortError(f"fusion fold {k} leaves only one class to train on; use fewer folds")
         model = FusionModel(C).fit(Z[train], y[train])
         prediction[val] = model.predict_proba(Z[val])[:, 1]
-        fold_aurocs.append(_auroc(y[val], prediction[val]))
+        fold_aurocs.append(auroc_or_none(y[val], prediction[val]))
         if progress is not None:
             progress(i + 1, len(fold_ids))
     final = FusionModel(C).fit(Z, y)
@@ -1275,8 +1235,8 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
         "meta_prediction": meta_p,
         "ugly_duckling": ud[labelled].to_numpy()[usable],
     })
-    return FusionResult(oof=oof, oof_auroc=_auroc(y, prediction), fold_aurocs=fold_aurocs,
-                        image_auroc=_auroc(y, image_p), meta_auroc=_auroc(y, meta_p),
+    return FusionResult(oof=oof, oof_auroc=auroc_or_none(y, prediction), fold_aurocs=fold_aurocs,
+                        image_auroc=auroc_or_none(y, image_p), meta_auroc=auroc_or_none(y, meta_p),
                         feature_names=list(Z.columns), coefficients=final.coefficients(), model=final,
                         per_clinic=_per_clinic(oof))
 
@@ -1347,8 +1307,8 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
     if should_stop is not None and should_stop():
         raise CancelledError(f"stopped on request after {n_folds} of {n_folds} folds, before the final fit")
     for k, a in enumerate(result.fold_aurocs):
-        say(f"fold {k} AUROC {a:.4f}" if a is not None else f"fold {k} AUROC n/a (one class)")
-    say(f"meta OOF AUROC {result.oof_auroc:.4f}" if result.oof_auroc is not None else "meta OOF AUROC n/a")
+        say(f"fold {k} AUROC {format_auroc(a)}")
+    say(f"meta OOF AUROC {format_auroc(result.oof_auroc)}")
     metrics = result.metrics()
     metrics["model"] = "meta"
     metrics["meta_oof_auroc"] = result.oof_auroc
@@ -1374,8 +1334,8 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
             oof["prediction"] = oof["fused_prediction"]
             oof = oof.drop(columns=["fused_prediction"])
             metrics["model"] = "meta+image fusion"
-            metrics["oof_auroc"] = _auroc(oof["target"].to_numpy(), oof["prediction"].to_numpy())
-            metrics["fold_aurocs"] = [_auroc(part["target"].to_numpy(), part["prediction"].to_numpy())
+            metrics["oof_auroc"] = auroc_or_none(oof["target"].to_numpy(), oof["prediction"].to_numpy())
+            metrics["fold_aurocs"] = [auroc_or_none(part["target"].to_numpy(), part["prediction"].to_numpy())
                                       for _, part in oof.groupby("fold", sort=True)]
             metrics["per_clinic"] = _per_clinic(oof)
         else:

@@ -31,6 +31,9 @@ Conventions
       ``calibration_curve``, ``brier_score_loss``) the results here are the same
       (tested with hypothesis); the functions here add validation with messages
       for people and refuse one-class inputs where the quantity is undefined.
+    * Where one class is a legitimate outcome (a fold, a clinic, a training split),
+      :func:`auroc_or_none` is the one policy: None (JSON null), shown as
+      :data:`ONE_CLASS_AUROC` by :func:`format_auroc`.
 
 Invalid input raises :class:`melcore.errors.MelcoreError` saying what was wrong and
 where (positions, or image names when the caller passes ``names``).
@@ -49,10 +52,11 @@ import pandas as pd
 from scipy import stats
 from scipy.integrate import trapezoid
 
+from melcore.cohort import age_band, group_keys
 from melcore.errors import MelcoreError
+from melcore.formatting import SHOWN, first_few
 
 __all__ = [
-    "AGE_BANDS",
     "BOOTSTRAP_DROPPED_WARN",
     "AurocInterval",
     "bootstrap_dropped_note",
@@ -63,10 +67,12 @@ __all__ = [
     "PrecisionRecallCurve",
     "RocCurve",
     "ThresholdSweep",
-    "age_band",
+    "ONE_CLASS_AUROC",
     "auroc",
+    "auroc_or_none",
     "auroc_bootstrap",
     "auroc_ci",
+    "format_auroc",
     "average_precision",
     "brier_score",
     "calibration_curve",
@@ -100,17 +106,6 @@ THRESHOLD_METRIC_KEYS = (
     "biopsies_per_melanoma",
 )
 
-#: Age bands used by :func:`age_band`: (lowest age included, first age excluded, label).
-AGE_BANDS = (
-    (0.0, 30.0, "0-29"),
-    (30.0, 45.0, "30-44"),
-    (45.0, 60.0, "45-59"),
-    (60.0, 75.0, "60-74"),
-    (75.0, math.inf, "75+"),
-)
-UNKNOWN_AGE = "unknown"
-
-_LISTED = 5  # how many offending values an error message names
 _BOOT_BLOCK_ELEMENTS = 2_000_000  # resamples x images per vectorised block (~16 MB of int64)
 
 BOOTSTRAP_DROPPED_WARN = 0.05
@@ -142,11 +137,8 @@ def _where(index: int, names) -> str:
 
 
 def _list_bad(bad_index: np.ndarray, values: np.ndarray, names) -> str:
-    shown = [f"{_show(values[i])} at {_where(int(i), names)}" for i in bad_index[:_LISTED]]
-    text = ", ".join(shown)
-    if len(bad_index) > _LISTED:
-        text += f" and {len(bad_index) - _LISTED} more"
-    return text
+    return first_few((f"{_show(values[i])} at {_where(int(i), names)}" for i in bad_index[:SHOWN]),
+                     total=len(bad_index))
 
 
 def _show(value) -> str:
@@ -607,6 +599,51 @@ def auroc(y, p) -> float:
     Raises MelcoreError when only one class is present.
     """
     return ThresholdSweep(y, p).auroc()
+
+
+#: How an AUROC that :func:`auroc_or_none` leaves undefined is shown (logs, CLI, pages).
+ONE_CLASS_AUROC = "n/a (one class)"
+
+
+def auroc_or_none(y, p) -> float | None:
+    """:func:`auroc` where it is defined, else None: the one policy for an AUROC that may be undefined.
+
+    A training split, a fold or a clinic can hold one class only; its AUROC is then not a
+    number at all, so it is recorded as None (JSON null) and shown as :data:`ONE_CLASS_AUROC`
+    (see :func:`format_auroc`). Use :func:`auroc` where one class is a caller's error.
+
+    Parameters
+    ----------
+    y : array-like of shape (n,)
+        0/1 labels (see the module docstring); may be empty.
+    p : array-like of shape (n,) or (n, 1)
+        Probabilities in [0, 1], no NaN.
+
+    Returns
+    -------
+    float or None
+        The area under the ROC curve, identical to ``sklearn.metrics.roc_auc_score``; None
+        when ``y`` is empty or holds one class.
+
+    Raises
+    ------
+    MelcoreError
+        Invalid labels or predictions (as :func:`auroc`).
+    """
+    if len(y) == 0:
+        return None
+    sweep = ThresholdSweep(y, p)
+    if sweep.n_malignant == 0 or sweep.n_benign == 0:
+        return None
+    return sweep.auroc()
+
+
+def format_auroc(value, fmt: str = ".4f") -> str:
+    """An AUROC for logs and messages: ``format(value, fmt)``, or :data:`ONE_CLASS_AUROC` when it is
+    None or NaN (undefined, see :func:`auroc_or_none`)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ONE_CLASS_AUROC
+    return format(value, fmt)
 
 
 def average_precision(y, p) -> float:
@@ -1159,48 +1196,6 @@ def calibration_table(y, p, *, n_bins: int = 10, strategy: str = "uniform") -> p
 
 # --------------------------------------------------------------------------- groups
 
-def age_band(age):
-    """Age band label for an age in years, or for each age of an array-like.
-
-    Bands (:data:`AGE_BANDS`): "0-29" (age < 30), "30-44", "45-59", "60-74", "75+";
-    missing/NaN ages are "unknown". A scalar returns a str; an array-like returns a
-    pandas Series of str (index kept for a Series). Negative ages raise MelcoreError.
-    """
-    if np.ndim(age) == 0:
-        return _age_band_one(age)
-    series = age if isinstance(age, pd.Series) else pd.Series(np.asarray(age, dtype=object))
-    numeric = pd.to_numeric(series, errors="coerce")
-    bad = series.notna() & numeric.isna()
-    if bad.any():
-        index = np.flatnonzero(bad.to_numpy())
-        raise MelcoreError(f"ages must be numbers in years: found {_list_bad(index, series.to_numpy(), None)}")
-    values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
-    if (values < 0).any():
-        index = np.flatnonzero(values < 0)
-        raise MelcoreError(f"ages cannot be negative: found {_list_bad(index, values, None)}")
-    labels = np.full(len(values), UNKNOWN_AGE, dtype=object)
-    for low, high, label in AGE_BANDS:
-        labels[(values >= low) & (values < high)] = label
-    return pd.Series(labels, index=series.index, name="age_band", dtype=object)
-
-
-def _age_band_one(age) -> str:
-    if age is None or age is pd.NA:
-        return UNKNOWN_AGE
-    try:
-        value = float(age)
-    except (TypeError, ValueError):
-        raise MelcoreError(f"age must be a number in years, got {age!r}") from None
-    if math.isnan(value):
-        return UNKNOWN_AGE
-    if value < 0:
-        raise MelcoreError(f"age cannot be negative, got {age!r}")
-    for low, high, label in AGE_BANDS:
-        if low <= value < high:
-            return label
-    return UNKNOWN_AGE
-
-
 def _resolve_column(df: pd.DataFrame, column: str, role: str) -> pd.Series:
     if column in df.columns:
         return df[column]
@@ -1273,8 +1268,6 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
 
 def _id_groups(df: pd.DataFrame) -> np.ndarray | None:
     """Patient-else-lesion group key per row (:func:`melcore.cohort.group_keys`); None without either id."""
-    from melcore.cohort import group_keys
-
     if not any(c in df.columns and df[c].notna().any() for c in ("patient_id", "lesion_id")):
         return None
     names = df["image_name"] if "image_name" in df.columns else pd.Series(range(len(df)), index=df.index)

@@ -73,8 +73,8 @@ import numpy as np
 from melcore.errors import ConfigError
 from melcore.registry import (  # noqa: F401  (re-exported: the registry is part of this module's API)
     FEATURES_LAYER, HEAD_PREFIX, INPUT_LAYER, MAX_IMAGE_SIZE, OPTIMIZERS, OUTPUT_LAYER, POOLINGS, REGISTRY, SCHEDULES,
-    TRAINABLE_STAGES, ModelSpec, WeightsInfo, get_spec, model_names, validate_image_size, validate_model_name,
-    weights_label)
+    PUBLISHED_WEIGHTS, TRAINABLE_STAGES, ModelSpec, WeightsInfo, check_weights, get_spec, model_names,
+    validate_image_size, validate_model_name, weights_label)
 
 # --------------------------------------------------------------------------- preprocessing layer
 
@@ -620,18 +620,12 @@ def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _Weigh
     Done before building so that a failed download or a missing file fails fast.
     """
     requested = "none" if weights is None else str(weights)
-    key = requested.strip().lower()
-    if key in ("none", ""):
+    key = check_weights(spec, requested, fallback_to_scratch)
+    if key == "none":
         return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
                                         note="random initialisation (weights='none'); trained from scratch"))
-    if key in ("imagenet", "noisy-student"):
-        if key == "noisy-student" and spec.family != "efficientnet-ns":
-            raise ConfigError(f"noisy-student weights exist only for the -ns models, not {spec.name}; "
-                              "use weights='imagenet'")
+    if key in PUBLISHED_WEIGHTS:
         if not spec.pretrained:
-            if not fallback_to_scratch:
-                raise ConfigError(f"{spec.name} has no ImageNet weights (it is trained from scratch); "
-                                  "use weights='none'")
             return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
                                             note=f"{spec.name} has no ImageNet weights; trained from scratch"))
         if spec.family == "efficientnet-lite":
@@ -646,12 +640,9 @@ def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _Weigh
                 requested, loaded=False, from_scratch=True,
                 note=f"{what} weights could not be downloaded ({exc.reason}); trained from scratch"))
         return _WeightsPlan(path=Path(path), label=label)
-    path = Path(requested).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"weights file {path} not found; weights must be 'none', 'imagenet' or the path "
-                          "of a local '.h5' / '.weights.h5' / '.keras' file")
+    path = Path(key)
     _h5_kind(path)  # not a weights file at all: say so before building
-    return _WeightsPlan(path=path.resolve())
+    return _WeightsPlan(path=path)
 
 
 def _apply_weights(spec: ModelSpec, plan: _WeightsPlan, backbone, model, requested) -> WeightsInfo:

@@ -43,7 +43,10 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from melcore import colour
+from melcore.cohort import IMAGE_EXTENSIONS
 from melcore.errors import ConfigError, ImageError, MelcoreError
+from melcore.safety import inside
 
 __all__ = [
     "N_TTA_VIEWS",
@@ -155,8 +158,6 @@ def run_colour_model(run_or_dir):
     ``model.keras`` file, or a model loaded by :func:`load_run_model` from one of those.
     Raises MelcoreError when ``colour_model.json`` exists but does not load.
     """
-    from melcore import colour
-
     run_dir = None
     try:
         run_dir = _RUN_DIRS.get(run_or_dir)
@@ -432,8 +433,6 @@ def _score_table(model, names: list[str], paths: list, *, tta: bool, batch_size:
     scores = scores if scores is not None else np.empty(0)
     result = pd.DataFrame({"image_name": [names[i] for i in good], "prediction": scores})
     if colour_model is not None:
-        from melcore import colour
-
         result["prediction"] = (colour.colour_probabilities(colour_model, [paths[i] for i in good], cache=cache)
                                 if good else np.empty(0))
         result["cnn_prediction"] = scores
@@ -484,9 +483,6 @@ def list_image_files(folder, recursive: bool = False) -> list[Path]:
         Not a folder, no image files, or two files with the same name stem
         (``a.jpg`` and ``a.png`` would give two rows named ``a``).
     """
-    from melcore.cohort import IMAGE_EXTENSIONS
-    from melcore.safety import inside
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder of images")
@@ -672,8 +668,6 @@ def _colour_probability_of_bytes(colour_model, raw: bytes) -> float:
     :func:`melcore.images.load_images`), so the upload gets the same features as the file would.
     """
     import tempfile
-
-    from melcore import colour
 
     suffix = ".png" if raw[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
     with tempfile.TemporaryDirectory(prefix="melreview-upload-") as folder:

@@ -45,6 +45,7 @@ from scipy import stats
 from melcore.browse import risk_by_image
 from melcore.errors import MelcoreError
 from melcore.metrics import ThresholdSweep, auroc, auroc_ci
+from melcore.review import spreadsheet_safe
 from melcore.store import STUDY_DECISIONS
 
 __all__ = [
@@ -391,8 +392,6 @@ def model_on_reads(reads: pd.DataFrame, readers, *, modes=MODES, n_boot: int = 1
 def reader_table_csv(table: pd.DataFrame) -> str:
     """:func:`reader_table` (or any reader table) as CSV text; names that a spreadsheet would run as a
     formula get a leading apostrophe, as in :func:`melcore.review.reviews_csv`."""
-    from melcore.review import spreadsheet_safe
-
     frame = table.copy()
     for column in frame.columns:
         if frame[column].dtype == object:

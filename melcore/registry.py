@@ -8,10 +8,12 @@ pay for importing Keras.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from melcore.checks import check_choice
 from melcore.errors import ConfigError
 
 #: Largest image side accepted by :func:`validate_image_size` (memory guard).
@@ -189,6 +191,55 @@ def weights_label(spec: ModelSpec) -> str:
     return "none (trained from scratch)"
 
 
+#: The published weights a ``weights`` option may name (anything else is a local file, or ``"none"``).
+PUBLISHED_WEIGHTS = ("imagenet", "noisy-student")
+
+
+def check_weights(spec: ModelSpec, weights: Any, fallback_to_scratch: bool = False) -> str:
+    """The canonical ``weights`` option for ``spec``, or a ConfigError saying what to use instead.
+
+    The one place the weights rules live (the training config checks them before any work, the
+    model builders again before loading anything).
+
+    Parameters
+    ----------
+    spec : ModelSpec
+    weights : str, path or None
+        ``"none"`` (or None / blank: random initialisation), a :data:`PUBLISHED_WEIGHTS` name
+        (case-insensitive), or the path of a local ``.h5`` / ``.weights.h5`` / ``.keras`` file.
+    fallback_to_scratch : bool
+        Accept published weights for a model that has none (it then trains from scratch).
+
+    Returns
+    -------
+    str
+        ``"none"``, ``"imagenet"``, ``"noisy-student"`` or the file's absolute path.
+
+    Raises
+    ------
+    ConfigError
+        Noisy-student weights for a model outside the ``-ns`` family; ImageNet weights for a
+        model without them (unless ``fallback_to_scratch``); a file that does not exist.
+    """
+    text = "" if weights is None else str(weights).strip()
+    key = text.lower()
+    if key in ("", "none"):
+        return "none"
+    if key in PUBLISHED_WEIGHTS:
+        if key == "noisy-student" and spec.family != "efficientnet-ns":
+            raise ConfigError(f"noisy-student weights exist only for the -ns models, not {spec.name}; "
+                              "use weights='imagenet'")
+        if not spec.pretrained and not fallback_to_scratch:
+            raise ConfigError(f"{spec.name} has no ImageNet weights (it is trained from scratch); use "
+                              "weights='none'")
+        return key
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} not found; weights must be 'none', 'imagenet' or the "
+                          "path of a local '.h5' / '.weights.h5' / '.keras' file")
+    return str(path.resolve())
+
+
 #: name -> :class:`ModelSpec`, in ladder order (basic-cnn first).
 REGISTRY: dict[str, ModelSpec] = _make_registry()
 
@@ -204,10 +255,7 @@ def validate_model_name(name: str) -> str:
     Raises:
         ConfigError: unknown name; the message lists every valid name.
     """
-    key = str(name).strip().lower().replace("_", "-") if name is not None else ""
-    if key not in REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(REGISTRY)}")
-    return key
+    return check_choice("model", name, REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:

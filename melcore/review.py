@@ -32,9 +32,9 @@ TensorFlow is imported only inside it.
 from __future__ import annotations
 
 import csv
-import re
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Mapping
@@ -43,7 +43,10 @@ import numpy as np
 import pandas as pd
 
 from melcore.browse import DEFAULT_THRESHOLD, risk_by_image
+from melcore.classes import MELANOMA
 from melcore.errors import MelcoreError
+from melcore.formatting import format_threshold
+from melcore.runinfo import run_title
 from melcore.store import REVIEW_DECISIONS
 
 __all__ = [
@@ -308,10 +311,6 @@ def export_frame(history: pd.DataFrame, run: Mapping | None = None,
     False for a blinded read (True where the history has no such column); confidence is
     the reader's malignancy confidence 0-100 (Int64, missing when not given).
     """
-    from melcore.classes import MELANOMA
-    from melcore.formatting import format_threshold
-    from melcore.runinfo import run_title
-
     if history is None or len(history) == 0:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in EXPORT_COLUMNS})
     frame = history.sort_values("id" if "id" in history.columns else "created_at", kind="stable")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from melcore.errors import ConfigError
+
 
 def home() -> Path:
     """The data directory, created on first use; ConfigError when it cannot be a folder."""
-    from melcore.errors import ConfigError
-
     path = Path(os.environ.get("MELREVIEW_HOME", "~/.melreview")).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from melcore import features
 from melcore.distributed import replica_rows
 from melcore.errors import ConfigError
 
@@ -79,7 +80,6 @@ def featurise_shard(config, paths: Sequence, n_shards: int, shard: int, *, views
     progress, should_stop : callables, optional
         As :func:`melcore.features.compute_features`.
     """
-    from melcore import features
     from melcore import images as images_module
 
     rows = shard_rows(len(paths), n_shards, shard)

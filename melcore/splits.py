@@ -20,11 +20,9 @@ import numpy as np
 import pandas as pd
 
 from melcore.errors import ConfigError, LeakageError, MelcoreError
+from melcore.formatting import first_few
 
 __all__ = ["group_kfold", "train_val_split", "check_no_leakage", "cohort_folds", "cohort_split"]
-
-_SHOW = 5
-
 
 def _prepare(groups, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(group code per row, rows per group, malignant rows per group)."""
@@ -34,7 +32,7 @@ def _prepare(groups, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise MelcoreError(f"groups has {len(groups)} rows but targets has {len(targets)}; they must align")
     missing = np.flatnonzero(groups.isna().to_numpy())
     if len(missing):
-        raise MelcoreError(f"{len(missing)} rows have no group (rows {', '.join(map(str, missing[:_SHOW]))}); "
+        raise MelcoreError(f"{len(missing)} rows have no group (rows {first_few(missing)}); "
                            "give every row a patient, lesion or image id")
     malignant = pd.to_numeric(targets.where(targets.notna(), np.nan), errors="coerce").to_numpy(dtype=float) == 1
     codes, _ = pd.factorize(groups, sort=False)
@@ -182,8 +180,7 @@ def check_no_leakage(train_groups, val_groups, what: str = "patient") -> None:
     val = {g for g in pd.Series(list(val_groups), dtype=object).dropna()}
     shared = sorted(train & val, key=str)
     if shared:
-        shown = ", ".join(map(str, shared[:_SHOW])) + (f", ... (+{len(shared) - _SHOW} more)" if len(shared) > _SHOW
-                                                        else "")
+        shown = first_few(shared)
         raise LeakageError(f"{len(shared)} {what}{'s' if len(shared) != 1 else ''} appear in both training and "
                            f"validation ({shown}); split by {what} so each {what} is on one side only")
 

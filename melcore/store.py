@@ -28,7 +28,11 @@ from typing import Any, Callable, Iterable, Mapping
 import sqlalchemy as sa
 
 from melcore import settings
+from melcore.audit import audit_images, audit_warnings, shortcut_audit
+from melcore.cohort import load_cohort
 from melcore.errors import MelcoreError
+from melcore.formatting import json_safe
+from melcore.safety import inside
 
 SCHEMA_VERSION = 3
 
@@ -161,25 +165,10 @@ MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
 ]
 
 
-def _json_safe(value):
-    """Plain JSON for any database: NaN/inf become null, numpy scalars and arrays become Python values."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _json_safe(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _json_dumps(value) -> str:
     # PostgreSQL's json type rejects NaN, which metrics legitimately contain (e.g. an
     # undefined PPV); both backends store null instead.
-    return json.dumps(_json_safe(value), allow_nan=False, default=str)
+    return json.dumps(json_safe(value), allow_nan=False, default=str)
 
 
 def _now() -> float:
@@ -224,8 +213,6 @@ class StoreError(MelcoreError):
 
 def _check_data_roots(paths: dict) -> None:
     """MelcoreError unless every given path (``{what: path or None}``) lies inside :func:`settings.data_roots`."""
-    from melcore.safety import inside
-
     roots = settings.data_roots()
     for what, path in paths.items():
         if path is not None and str(path).strip() and inside(path, roots) is None:
@@ -381,8 +368,6 @@ class Store:
         Nothing is registered when the table cannot be read (the CohortError propagates).
         Returns ``(dataset_id, cohort)``; the cohort's report holds the loading warnings.
         """
-        from melcore.cohort import load_cohort
-
         if self.find_dataset((name or "").strip()) is not None:
             raise MelcoreError(f"a dataset named {name.strip()!r} already exists; choose another name")
         _check_data_roots({"label table": csv_path, "image folder": images_dir, "metadata table": metadata_path,
@@ -400,8 +385,6 @@ class Store:
 
     @staticmethod
     def _summary_with_audit(cohort) -> dict:
-        from melcore.audit import audit_images, audit_warnings, shortcut_audit
-
         summary = cohort.summary()
         audit = shortcut_audit(cohort, images=bool(audit_images(cohort)))
         return {**summary, "shortcut_audit": audit, "warnings": list(summary["warnings"]) + audit_warnings(audit)}
@@ -470,8 +453,6 @@ class Store:
 
     def load_dataset_cohort(self, id_or_name: int | str, **kwargs):
         """Read a registered dataset with :func:`melcore.cohort.load_cohort`."""
-        from melcore.cohort import load_cohort
-
         d = self.get_dataset(id_or_name)
         options = dict(d.get("options") or {})
         options.update(kwargs)

@@ -16,6 +16,7 @@ import numpy as np
 import streamlit as st
 
 from melcore.browse import run_threshold
+from melcore.colour import COLOUR_MODEL_FILE
 from melcore.errors import ImageError, MelcoreError
 from melcore.explain import DETAILS
 from melcore.formatting import format_risk, format_threshold
@@ -55,8 +56,6 @@ def _model(model_file: str, mtime_ns: int, size: int):
 @st.cache_data(show_spinner=False, max_entries=16)
 def _score(digest: str, model_file: str, mtime_ns: int, tta: bool, method: str, name: str, _model, _data: bytes,
            detail: str = "standard"):
-    from melcore.colour import COLOUR_MODEL_FILE
-
     # A run that delivers a colour/shape model's scores needs its folder, not just the CNN.
     has_colour = (Path(model_file).parent / COLOUR_MODEL_FILE).is_file()
     return score_upload(model_file if has_colour else _model, _data, name, tta=tta, method=method, detail=detail)

@@ -9,11 +9,9 @@ import pandas as pd
 import pytest
 
 from melcore.browse import (
-    AGE_BANDS,
     PATIENT_COLUMNS,
     Filters,
     PatientBrowser,
-    age_bands,
     dataset_roots,
     image_scores,
     lesion_frame,
@@ -26,8 +24,7 @@ from melcore.browse import (
 )
 from melcore.errors import ImageError, MelcoreError
 from melcore.images import confine
-from melcore import metrics
-from melcore.metrics import age_band
+from melcore.cohort import age_band
 from melcore.meta import ugly_duckling_scores
 from melcore.store import Store
 
@@ -317,7 +314,23 @@ def test_confine_refuses_paths_outside_the_roots(tmp_path):
         confine(str(root) + "/a\x00.jpg", [root])
 
 
-def test_age_bands_are_those_of_melcore_metrics():
-    assert AGE_BANDS == metrics.AGE_BANDS
-    ages = np.array([0, 29.5, 30, 44, 45, 59, 60, 74, 75, 104, np.nan])
-    assert age_bands(ages).tolist() == age_band(ages).tolist()
+def test_age_bands_have_one_definition():
+    """The band edges and the band function exist once, in melcore.cohort (the Patients page, Compare,
+    the evaluate CLI and per-group metrics all read them from there): a second copy fails here."""
+    import re
+    from pathlib import Path
+
+    import melcore
+
+    pattern = re.compile(r"\bAGE_BANDS\s*=|\bdef _?age_bands?\s*\(|[\"']30-44[\"']")
+    package = Path(melcore.__file__).parent
+    hits = [(str(path.relative_to(package.parent)), line.strip()) for path in sorted(package.rglob("*.py"))
+            for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line)]
+    assert {path for path, _ in hits} == {"melcore/cohort.py"}, hits
+    assert sum(line.startswith("def age_band(") for _, line in hits) == 1
+    assert sum(line.startswith("AGE_BANDS =") for _, line in hits) == 1
+
+
+def test_a_bad_age_is_an_unknown_band_on_the_patients_page():
+    frame = lesion_frame(pd.DataFrame({"image_name": ["a", "b", "c", "d"], "age_approx": [35, -4, "old", None]}))
+    assert frame["age_band"].tolist() == ["30-44", "unknown", "unknown", "unknown"]

@@ -705,3 +705,18 @@ def test_loading_derm_real_dev_by_source_warns_about_the_source_shortcut(derm_re
     cohort = load_cohort(derm_real_dir / "labels.csv", clinic_column="source")
     assert any("'HAM10000' (904 images) has no melanoma" in w for w in cohort.report.warnings)
     assert not any("no melanoma while" in w for w in load_cohort(derm_real_dir / "labels.csv").report.warnings)
+
+
+def test_a_table_and_its_groups_come_from_one_rule_for_a_cohort_or_a_dataframe():
+    from melcore.cohort import lesion_keys, table_and_groups
+
+    frame = pd.DataFrame({"image_name": ["a", "b", "c", "d", "e"],
+                          "patient_id": ["P1", " P1 ", None, "", None],
+                          "lesion_id": [None, "L1", "L1", None, "L9"]})
+    table, groups = table_and_groups(frame)
+    assert table is frame and groups.tolist() == ["P1", "P1", "P1", "image:d", "lesion:L9"]
+    assert lesion_keys(frame).tolist() == ["image:a", "L1", "L1", "image:d", "L9"]
+    with pytest.raises(CohortError, match="no image_name column"):
+        table_and_groups(frame.drop(columns=["image_name"]))
+    with pytest.raises(CohortError, match="must be a melcore Cohort or a pandas DataFrame"):
+        table_and_groups([1, 2])

@@ -32,10 +32,10 @@ from melcore.compare import (
     threshold_from_points,
     threshold_window,
 )
+from melcore.cohort import age_band
 from melcore.errors import MelcoreError
 from melcore.metrics import (
     ThresholdSweep,
-    age_band,
     auroc,
     delong_test,
     operating_point_ci,

@@ -38,3 +38,42 @@ def test_shown_risk_and_threshold_always_agree_with_the_decision(risk, threshold
     shown_risk, shown_threshold = float(format_risk(risk, threshold)), float(format_threshold(threshold))
     if abs(risk - threshold) >= 1e-6:  # closer than the 6 decimals shown cannot be told apart in text
         assert (shown_risk >= shown_threshold) == (risk >= threshold), (risk, threshold)
+
+
+def test_json_safe_writes_what_is_not_a_finite_number_as_null_and_numpy_as_python():
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from melcore.formatting import json_safe
+
+    value = {"auroc": float("nan"), "ppv": np.float32(np.inf), 3: [np.int64(2), np.array([0.5, np.nan])],
+             "flags": (np.bool_(True), False), "path": Path("/runs/a"), "name": "x", "none": None}
+    safe = json_safe(value)
+    assert safe == {"auroc": None, "ppv": None, "3": [2, [0.5, None]], "flags": [True, False], "path": "/runs/a",
+                    "name": "x", "none": None}
+    assert type(safe["3"][0]) is int and type(safe["flags"][0]) is bool
+    json.dumps(safe, allow_nan=False)
+
+
+def test_one_json_cleaner_in_the_code():
+    """NaN/inf -> null lives in melcore.formatting.json_safe only."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    copies = [f"{path.relative_to(root)}:{i}" for folder in ("melcore", "pages", "trainers")
+              for path in sorted((root / folder).rglob("*.py")) if path.name != "formatting.py"
+              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+              if re.match(r"\s*def _?(json_?safe|jsonable|clean_floats|json_default)\s*\(", line)]
+    assert copies == []
+
+
+def test_first_few_shows_the_first_and_counts_the_rest():
+    from melcore.formatting import SHOWN, first_few
+
+    assert first_few(["a", "b"]) == "a, b"
+    assert first_few(range(8)) == "0, 1, 2, 3, 4, ... (+3 more)" and SHOWN == 5
+    assert first_few(["x (bad)", "y (bad)"], total=1502, sep="; ") == "x (bad); y (bad); ... (+1,500 more)"
+    assert first_few([], total=0) == ""

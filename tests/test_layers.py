@@ -159,3 +159,26 @@ def test_every_melcore_module_is_in_the_readme_module_map():
 @pytest.mark.parametrize("module", ["melcore.images", "melcore.training.api", "melcore.commands.jobs"])
 def test_layer_of_known_modules(module):
     assert layers.layer_of(module) is not None
+
+
+def test_the_app_and_its_pages_start_without_tensorflow():
+    """What app.py and the pages import at the top never imports TensorFlow or Keras (the Keras
+    boundary stays lazy: melcore.models and melcore.pipeline are imported inside functions)."""
+    import ast
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    modules = set()
+    for path in [root / "app.py", *sorted((root / "pages").glob("*.py"))]:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("melcore"):
+                modules.add(node.module)
+            elif isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names if alias.name.startswith("melcore"))
+    assert "melcore.browse" in modules and "melcore.store" in modules
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in sorted(modules))
+            + "print(sorted(m for m in ('tensorflow', 'keras', 'tf_keras_vis', 'albumentations') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

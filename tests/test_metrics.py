@@ -15,6 +15,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve as sk_calibration_curve
 
 from melcore import metrics
+from melcore.cohort import age_band
 from melcore.errors import MelcoreError
 from melcore.metrics import ThresholdSweep
 
@@ -457,13 +458,13 @@ def test_keras_shaped_predictions_and_pandas_inputs_accepted():
 # --------------------------------------------------------------------------- groups
 
 def test_age_band_bands_and_unknown():
-    assert [metrics.age_band(a) for a in (0, 29.9, 30, 44, 45, 59, 60, 74, 75, 90)] == [
+    assert [age_band(a) for a in (0, 29.9, 30, 44, 45, 59, 60, 74, 75, 90)] == [
         "0-29", "0-29", "30-44", "30-44", "45-59", "45-59", "60-74", "60-74", "75+", "75+"]
-    assert metrics.age_band(None) == "unknown" and metrics.age_band(float("nan")) == "unknown"
-    series = metrics.age_band(pd.Series([35.0, np.nan, 80.0], index=[7, 8, 9]))
+    assert age_band(None) == "unknown" and age_band(float("nan")) == "unknown"
+    series = age_band(pd.Series([35.0, np.nan, 80.0], index=[7, 8, 9]))
     assert list(series) == ["30-44", "unknown", "75+"] and list(series.index) == [7, 8, 9]
     with pytest.raises(MelcoreError, match="negative"):
-        metrics.age_band([20, -5])
+        age_band([20, -5])
 
 
 def _clinic_table(seed=0):
@@ -661,3 +662,34 @@ def test_net_benefit_matches_its_definition_and_the_reference_strategies():
     assert len(metrics.net_benefit(y, p)) == 99
     with pytest.raises(MelcoreError, match=r"\[0, 1\)"):
         metrics.net_benefit(y, p, [0.5, 1.0])
+
+
+# --------------------------------------------------------------------------- the one-class policy
+
+def test_auroc_or_none_is_auroc_where_defined_and_none_for_one_class_or_nothing():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    p = rng.random(60)
+    assert metrics.auroc_or_none(y, p) == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+    assert metrics.auroc_or_none(np.zeros(5, dtype=int), p[:5]) is None
+    assert metrics.auroc_or_none([1, 1], [0.2, 0.9]) is None
+    assert metrics.auroc_or_none([], []) is None
+    with pytest.raises(MelcoreError):
+        metrics.auroc_or_none([0, 1], [0.2, 1.5])  # invalid input still says what is wrong
+
+
+def test_an_undefined_auroc_is_shown_as_one_class_wherever_it_is_shown():
+    assert metrics.format_auroc(None) == metrics.format_auroc(float("nan")) == metrics.ONE_CLASS_AUROC
+    assert metrics.format_auroc(0.81234) == "0.8123" and metrics.format_auroc(0.8, ".2f") == "0.80"
+
+
+def test_no_module_keeps_its_own_auroc_policy():
+    """Every AUROC that may be undefined goes through melcore.metrics.auroc_or_none."""
+    import re
+    from pathlib import Path
+
+    package = Path(metrics.__file__).parent
+    own = [f"{path.relative_to(package.parent)}:{i}" for path in sorted(package.rglob("*.py"))
+           for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+           if re.match(r"\s*def _?auroc\s*\(", line) and path.name != "metrics.py"]
+    assert own == []

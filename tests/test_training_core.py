@@ -203,3 +203,65 @@ def test_no_training_mode_imports_the_dispatcher():
     training = ROOT / "melcore" / "training"
     for name in ("image.py", "fast_head.py", "prepare.py", "callbacks.py", "rundir.py", "config.py", "recipes.py"):
         assert not any(n.startswith("melcore.training.api") for n in _imports(training / name)), name
+
+
+def test_an_undefined_selection_auroc_keeps_the_first_epoch_and_lets_patience_run_out():
+    from melcore.training.callbacks import BestEpoch
+
+    best = BestEpoch()
+    best.start_stage(patience=2)
+    assert best.update(1, None, 0.7, lambda: ["w1"]) is True
+    assert best.update(2, None, 0.5, lambda: ["w2"]) is False
+    assert best.update(3, None, 0.4, lambda: ["w3"]) is False
+    assert best.best_epoch == 1 and best.best_weights == ["w1"] and best.patience_exhausted
+    defined = BestEpoch()
+    defined.update(1, 0.6, 0.7, lambda: ["a"])
+    assert defined.update(2, 0.6, 0.6, lambda: ["b"]) is True and defined.update(3, 0.5, 0.1, lambda: ["c"]) is False
+
+
+def test_one_name_normaliser_for_models_presets_and_augmentations():
+    """Registry, recipe and augmentation names are read by melcore.checks.canonical_name only."""
+    import re
+    from pathlib import Path
+
+    import melcore
+    from melcore import augment, registry
+    from melcore.training import recipes
+
+    package = Path(melcore.__file__).parent
+    copies = [f"{path.name}:{i}" for path in sorted(package.rglob("*.py")) if path.name != "checks.py"
+              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+              if re.search(r"\.lower\(\)\.replace\(\"_\", \"-\"\)", line)]
+    assert copies == []
+    name = registry.model_names()[0]
+    assert registry.validate_model_name(f" {name.upper().replace('-', '_')} ") == name
+    assert augment.validate_preset(None) == "none" and augment.validate_preset(" NONE ") == "none"
+    preset = next(iter(recipes.PRESETS))
+    assert recipes.get_preset(preset.upper().replace("-", "_")) is recipes.PRESETS[preset]
+
+
+def test_the_weights_rules_and_their_messages_live_in_the_registry(tmp_path):
+    import re
+    from pathlib import Path
+
+    import melcore
+    from melcore.registry import REGISTRY, check_weights
+
+    scratch = next(spec for spec in REGISTRY.values() if not spec.pretrained)
+    pretrained = next(spec for spec in REGISTRY.values() if spec.pretrained and spec.family != "efficientnet-ns")
+    assert check_weights(scratch, None) == check_weights(scratch, " None ") == "none"
+    assert check_weights(pretrained, "ImageNet") == "imagenet"
+    assert check_weights(scratch, "imagenet", fallback_to_scratch=True) == "imagenet"
+    with pytest.raises(ConfigError, match="has no ImageNet weights"):
+        check_weights(scratch, "imagenet")
+    with pytest.raises(ConfigError, match="only for the -ns models"):
+        check_weights(pretrained, "noisy-student")
+    with pytest.raises(ConfigError, match="not found; weights must be 'none', 'imagenet' or the path"):
+        check_weights(pretrained, tmp_path / "missing.h5")
+    (tmp_path / "w.h5").write_bytes(b"")
+    assert check_weights(pretrained, tmp_path / "w.h5") == str((tmp_path / "w.h5").resolve())
+    package = Path(melcore.__file__).parent
+    copies = [path.name for path in sorted(package.rglob("*.py")) if path.name != "registry.py"
+              and re.search(r"noisy-student weights exist only|has no ImageNet weights \(it is",
+                            path.read_text(encoding="utf-8"))]
+    assert copies == []

@@ -28,6 +28,7 @@ from typing import Any
 
 from melcore.caches import MAX_SIZE_VARIABLE, auto_prune, format_size
 from melcore.errors import MelcoreError
+from melcore.formatting import json_safe
 from melcore.jobs import can_run_here, get_job_kind
 from melcore.store import Store, StoreError, default_worker_id
 
@@ -63,7 +64,7 @@ class JobContext:
         metrics = dict(metrics or {})
         now = time.time()
         progress = {"epoch": int(epoch), "batch": int(batch), "loss": _num(loss), "eta": _num(eta),
-                    "updated_at": now, **{k: _jsonable(v) for k, v in metrics.items()}}
+                    "updated_at": now, **json_safe(metrics)}
         with self._lock:
             self._progress = progress
             if metrics.get("end_of_epoch") or now - self._last_point >= BEAT_EVERY:
@@ -235,15 +236,6 @@ def _num(value):
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _jsonable(value):
-    if isinstance(value, (str, bool, int)) or value is None:
-        return value
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ from melcore.commands.train import (
 )
 from melcore.errors import ConfigError
 from melcore.formatting import format_number
+from melcore.store import Store
+from melcore.training.config import validate
+from melcore.training.crossval import cross_clinic, default_cross_clinic_mode
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +67,6 @@ class _ClinicBar(TrainProgressBar):
 
 
 def _register(name: str, args, cohort, run) -> int:
-    from melcore.store import Store
-
     store = Store()
     try:
         dataset = store.find_dataset(name)
@@ -87,9 +88,6 @@ def _register(name: str, args, cohort, run) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore.training.config import validate
-    from melcore.training.crossval import cross_clinic, default_cross_clinic_mode
-
     config = config_from_args(args)
     if config.clinic is not None:
         raise ConfigError("--clinic does not apply: cross-clinic trains on every clinic (use --clinics to choose)")

@@ -15,6 +15,7 @@ import time
 
 from melcore import demo
 from melcore.datasets import DEMO_NAME, register_demo
+from melcore.store import Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _register(folder, name: str) -> None:
-    from melcore.store import Store
-
     result = register_demo(Store(), folder, name)
     dataset = result.dataset
     verb = "registered" if result.created else "already registered"

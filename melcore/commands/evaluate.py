@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melcore.cohort import columns_text, load_cohort
+from melcore import metrics
+from melcore.cohort import age_band, columns_text, describe_grouping, group_keys, load_cohort
 from melcore.errors import MelcoreError
-
-_LISTED = 5
+from melcore.formatting import first_few, json_safe
+from melcore.metrics import check_predictions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore import metrics
-
     warnings: list[str] = []
     table, source = load_evaluation_table(args.predictions, args.labels, warnings,
                                           ignore_missing=args.ignore_missing)
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
 
     if args.json:
-        print(json.dumps(_jsonable(summary), allow_nan=False))
+        print(json.dumps(json_safe(summary), allow_nan=False))
     else:
         print(format_report(summary))
     return 0
@@ -112,17 +111,11 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         raise MelcoreError(f"{path}: cannot read it as CSV ({str(exc).splitlines()[0]})") from None
 
 
-def _first(names) -> str:
-    names = list(names)
-    shown = ", ".join(map(str, names[:_LISTED]))
-    return shown + (", ..." if len(names) > _LISTED else "")
-
-
 def _check_unique(frame: pd.DataFrame, path: Path) -> None:
     duplicated = frame["image_name"][frame["image_name"].duplicated()].unique()
     if len(duplicated):
         raise MelcoreError(f"{path}: {len(duplicated)} image names appear more than once "
-                           f"(first: {_first(duplicated)}); keep one row per image")
+                           f"(first: {first_few(duplicated)}); keep one row per image")
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
@@ -142,7 +135,6 @@ def read_predictions(path: Path) -> pd.DataFrame:
     frame = frame.dropna(subset=["image_name"])
     frame["image_name"] = frame["image_name"].astype(str).str.strip()
     _check_unique(frame, path)
-    from melcore.metrics import check_predictions
 
     # A single non-numeric cell makes pandas read the whole column as text: convert what is a number,
     # so that check_predictions names only the cells that are not.
@@ -222,13 +214,13 @@ def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list
     unlabelled = labelled["target"].isna()
     if unlabelled.any():
         warnings.append(f"{source}: {int(unlabelled.sum())} images have no label and are ignored "
-                        f"(first: {_first(labelled['image_name'][unlabelled])})")
+                        f"(first: {first_few(labelled['image_name'][unlabelled])})")
         labelled = labelled[~unlabelled]
     have = set(preds["image_name"])
     no_prediction = ~labelled["image_name"].isin(have)
     if no_prediction.any():
         message = (f"{int(no_prediction.sum())} of {len(labelled)} labelled images have no prediction in "
-                   f"{predictions} (first: {_first(labelled['image_name'][no_prediction])})")
+                   f"{predictions} (first: {first_few(labelled['image_name'][no_prediction])})")
         if not ignore_missing:
             raise MelcoreError(message + "; score them, or pass --ignore-missing to evaluate only the "
                                          "images that have predictions")
@@ -237,7 +229,7 @@ def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list
     no_label = ~preds["image_name"].isin(set(labelled["image_name"]))
     if no_label.any():
         warnings.append(f"{int(no_label.sum())} predictions have no label and are ignored "
-                        f"(first: {_first(preds['image_name'][no_label])})")
+                        f"(first: {first_few(preds['image_name'][no_label])})")
     table = labelled.merge(preds, on="image_name", how="inner", validate="one_to_one")
     if table.empty:
         raise MelcoreError(f"no image of {predictions} has a label in {source}; are these the same images?")
@@ -254,8 +246,6 @@ def _bootstrap_groups(table: pd.DataFrame, choice: str) -> tuple[np.ndarray | No
     if choice == "none":
         return None, "image"
     if choice == "auto":
-        from melcore.cohort import describe_grouping, group_keys
-
         if not any(c in table.columns and table[c].notna().any() for c in ("patient_id", "lesion_id")):
             return None, "image"
         return group_keys(table).to_numpy(), describe_grouping(table)
@@ -269,7 +259,6 @@ def _group_keys(table: pd.DataFrame, column: str) -> np.ndarray:
     if column in table.columns:
         values = table[column]
     elif column == "age_band" and "age_approx" in table.columns:
-        from melcore.metrics import age_band
 
         values = age_band(table["age_approx"])
     else:
@@ -280,21 +269,6 @@ def _group_keys(table: pd.DataFrame, column: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- output
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None  # nan (undefined) and inf (no melanoma found)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
 
 def _num(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):

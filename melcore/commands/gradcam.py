@@ -18,14 +18,13 @@ import sys
 from pathlib import Path
 
 from melcore.errors import MelcoreError
+from melcore.explain import COLORMAPS, METHODS, explain_image
 
 _IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 _STAGES = ("loading the model", "preparing the explainer", "computing the heatmap", "done")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore.explain import COLORMAPS, METHODS
-
     parser.add_argument("--model", required=True, metavar="RUNDIR",
                         help="run directory containing model.keras, or a .keras file")
     parser.add_argument("--image", required=True, help="the lesion image (JPEG, PNG, ...)")
@@ -70,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
     from PIL import Image
-
-    from melcore.explain import explain_image
 
     picture, heat = explain_image(args.model, args.image, method=args.method, opacity=args.opacity,
                                   colormap=args.colormap, layer=args.layer, use_cache=not args.no_cache,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from melcore.audit import AUDIT_MODES, audit_images, audit_warnings, shortcut_audit
 from melcore.cohort import CHECK_IMAGES, FORMATS, load_cohort
-from melcore.audit import AUDIT_MODES, audit_warnings
 from melcore.commands._progress import StderrBar
 from melcore.errors import CohortError
 
@@ -83,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _audit(cohort, mode: str) -> list[dict] | None:
-    from melcore.audit import audit_images, shortcut_audit
-
     images = audit_images(cohort, mode)
     if images is None:
         return None

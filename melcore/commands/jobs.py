@@ -13,6 +13,8 @@ import sys
 import time
 
 from melcore.commands._listing import print_listing
+from melcore.commands.train import add_placement_options, add_train_options, config_from_args
+from melcore.datasets import find_or_register_demo
 from melcore.distributed import Placement
 from melcore.errors import ConfigError
 from melcore.jobs import JOB_KINDS, submit_feature_jobs, submit_jobs, submit_meta_job
@@ -25,8 +27,6 @@ JOB_FIELDS = ("id", "kind", "state", "dataset_id", "config", "progress", "attemp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore.commands.train import add_placement_options, add_train_options
-
     parser.add_argument("--db", default=None, help="store URL (default: MELREVIEW_DB_URL or the SQLite file)")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     submit = actions.add_parser("submit", help="queue a training job; prints its id")
@@ -93,11 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "submit":
         from dataclasses import replace
 
-        from melcore.datasets import find_or_register_demo
-
         dataset = find_or_register_demo(store, args.dataset)  # "demo" on a fresh home: registered as the app does
-
-        from melcore.commands.train import config_from_args
 
         if args.worker_hosts is not None and args.kind != "train":
             raise ConfigError("--worker-hosts goes with --kind train: one model trained across the workers")

@@ -16,15 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from melcore.cohort import FORMATS, load_cohort
 from melcore.commands._progress import StderrBar
 from melcore.errors import MelcoreError
+from melcore.predict import load_run_model, predict_cohort, predict_folder, write_submission
 
 _LIST_SKIPPED = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore.cohort import FORMATS
-
     parser.add_argument("--model", required=True, metavar="RUNDIR",
                         help="run directory written by 'python -m melcore train' (or its model.keras)")
     parser.add_argument("--images", required=True, metavar="DIR", help="folder with the image files")
@@ -40,15 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore.predict import load_run_model, predict_cohort, predict_folder, write_submission
-
     on_error = "raise" if args.strict else "skip"
     model = load_run_model(args.model)
     bar = StderrBar("scoring" + (" (TTA x8)" if args.tta else ""))
     try:
         if args.csv:
-            from melcore.cohort import load_cohort
-
             cohort = load_cohort(args.csv, args.images, format=args.format)
             result = predict_cohort(model, cohort, tta=args.tta, batch_size=args.batch_size, progress=bar,
                                     on_error=on_error)

@@ -18,6 +18,7 @@ import time
 from melcore.commands._listing import dataset_arg, print_listing
 from melcore.errors import MelcoreError
 from melcore.formatting import format_number, format_threshold
+from melcore.run_archive import export_run, import_run
 from melcore.store import Store
 
 RUN_FIELDS = ("id", "name", "dataset_id", "job_id", "kind", "model", "clinic", "run_dir", "threshold",
@@ -93,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
 def _export(store: Store, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from melcore.run_archive import export_run
-
     record, dataset_name = None, None
     if args.run.isdigit():
         record = store.get_run(int(args.run))
@@ -117,8 +116,6 @@ def _export(store: Store, args: argparse.Namespace) -> int:
 
 
 def _import(store: Store, args: argparse.Namespace) -> int:
-    from melcore.run_archive import import_run
-
     result = import_run(store, args.archive, dataset=args.dataset)
     if args.json:
         print(json.dumps({k: result[k] for k in ("run_id", "run_dir", "dataset", "predictions")}, default=str))

@@ -34,9 +34,14 @@ import sys
 import time
 from pathlib import Path
 
+from melcore.cohort import FORMATS, load_cohort
 from melcore.distributed import Placement, check_distributable, multi_worker_strategy, worker_run_dir
 from melcore.errors import ConfigError
 from melcore.formatting import format_duration, format_number
+from melcore.training.api import fit
+from melcore.training.config import TrainConfig, validate
+from melcore.training.crossval import fit_folds
+from melcore.training.recipes import DEFAULT_PRESET, preset_values
 
 # option dest -> TrainConfig field (options whose dest differs from the field, or that
 # are flags, are listed here explicitly; see add_train_options).
@@ -138,12 +143,8 @@ def config_from_args(args: argparse.Namespace):
     Not validated here (call :func:`melcore.training.config.validate`); unknown config keys and a
     missing model raise ConfigError.
     """
-    from melcore.training.config import TrainConfig
-
     data = _read_config_option(args.config) if getattr(args, "config", None) else {}
     if getattr(args, "preset", None) is not None:
-        from melcore.training.recipes import preset_values  # ConfigError listing the presets when unknown
-
         data = {**preset_values(args.preset), **data}  # precedence: preset < --config < options
     for dest, name in _FIELDS.items():
         value = getattr(args, dest, None)
@@ -152,7 +153,6 @@ def config_from_args(args: argparse.Namespace):
     if getattr(args, "no_early_stopping", None):
         data["early_stopping_patience"] = None
     if not data.get("model"):  # nothing names a model: the default recipe (pretrained EfficientNet-Lite0)
-        from melcore.training.recipes import DEFAULT_PRESET, preset_values
 
         data = {**preset_values(DEFAULT_PRESET), **data}
     return TrainConfig.from_dict(data)
@@ -163,8 +163,6 @@ def add_data_options(parser: argparse.ArgumentParser):
 
     :func:`load_cohort_from_args` reads the cohort they name.
     """
-    from melcore.cohort import FORMATS
-
     data = parser.add_argument_group("data")
     data.add_argument("--csv", required=True, help="the label table (or, with --format folders, the folder)")
     data.add_argument("--images", help="folder with the image files, or an ISIC-layout root holding jpeg/train/ or "
@@ -176,8 +174,6 @@ def add_data_options(parser: argparse.ArgumentParser):
 
 def load_cohort_from_args(args: argparse.Namespace):
     """The cohort named by the :func:`add_data_options` options."""
-    from melcore.cohort import load_cohort
-
     cohort = load_cohort(args.csv, args.images, format=args.format, clinic_column=args.clinic_column)
     for note in cohort.report.notes:  # e.g. the image folder used inside an ISIC-layout root
         print(f"note: {note}", file=sys.stderr)
@@ -349,9 +345,6 @@ def train_with_progress(train, *args, quiet: bool = False, bar_class=None, **kwa
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore.training.api import fit
-    from melcore.training.config import validate
-
     config = validate(config_from_args(args))  # bad names and sizes fail before anything is read
     out = Path(args.out).expanduser() if args.out else None
     _check_out(out, args.overwrite)
@@ -423,8 +416,6 @@ def _report(config, result) -> int:
 
 def _run_folds(config, cohort, folds: int, out, args) -> int:
     """``--folds K``: every fold, then the out-of-fold summary (see :func:`melcore.training.crossval.fit_folds`)."""
-    from melcore.training.crossval import fit_folds
-
     result = train_with_progress(fit_folds, config, cohort, folds, quiet=args.quiet, run_dir=out)
     m = result.metrics
     if result.cancelled:

@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from melcore import meta
+from melcore.cohort import load_cohort
 from melcore.errors import ConfigError
+from melcore.metrics import format_auroc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from melcore import meta
-
     parser.add_argument("--csv", required=True, metavar="CSV", help="lesion table (ISIC 2020/2019, HAM10000, ...)")
     parser.add_argument("--format", metavar="F", default=None,
                         help="table format (isic2020, isic2019, ham10000, generic, ...); default: detected")
@@ -63,9 +64,6 @@ class _FoldBar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from melcore import meta
-    from melcore.cohort import load_cohort
-
     if args.embeddings and not args.image_scores:
         raise ConfigError("--embeddings needs --image-scores (the fusion stacks image scores; embeddings add "
                           "ugly-duckling distances)")
@@ -96,16 +94,14 @@ def run(args: argparse.Namespace) -> int:
     metrics = meta.train_meta_run(cohort, out, n_folds=args.folds, seed=args.seed, feature_set=args.feature_set,
                                   image_scores=image_scores, embeddings=embeddings,
                                   progress=_FoldBar(not args.quiet), log=log, config_extra=config_extra)
-    auroc = metrics["oof_auroc"]
-    text = f"{auroc:.4f}" if auroc is not None else "n/a (one class)"
-    line = f"OOF AUROC {text} ({metrics['model']}, {metrics['n']} images, {args.folds} patient-grouped folds)"
+    line = (f"OOF AUROC {format_auroc(metrics['oof_auroc'])} ({metrics['model']}, {metrics['n']} images, "
+            f"{args.folds} patient-grouped folds)")
     fusion = metrics.get("fusion")
     if fusion and metrics["model"] != "meta":
-        line += f"; meta alone {metrics['meta_oof_auroc']:.4f}"
+        line += f"; meta alone {format_auroc(metrics['meta_oof_auroc'])}"
     elif fusion:
         fused = fusion["oof_auroc"]
-        line += (f"; fused {fused:.4f}" if fused is not None else "; fused n/a") + \
-            f" on the {fusion['n']} images with an image score"
+        line += f"; fused {format_auroc(fused)} on the {fusion['n']} images with an image score"
     print(line)
     for warning in metrics.get("missingness_warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)

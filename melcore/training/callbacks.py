@@ -12,7 +12,8 @@ Keras callbacks :func:`keras_callbacks` makes from it:
   held-out training patients, never the validation images), feeds :class:`BestEpoch`,
   appends the epoch to the run's history and reports it.
 
-:func:`auroc` and :func:`bce` are the scores used for choosing and for ``metrics.json``.
+:func:`melcore.metrics.auroc_or_none` and :func:`bce` are the scores used for choosing and for
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from typing import Callable
 
 import numpy as np
 
+from melcore.metrics import format_auroc
+
 __all__ = ["Progress", "ShouldStop", "ProgressReporter", "Cancellation", "BestEpoch", "keras_callbacks",
-           "auroc", "bce", "current_lr"]
+           "bce", "current_lr"]
 
 log = logging.getLogger("melcore.train")
 
@@ -125,12 +128,14 @@ class BestEpoch:
     """The epoch best on the selection split, its weights, and early stopping by patience.
 
     An epoch is better when its selection AUROC is higher, or equal with a lower selection
-    loss (ties are common when AUROC saturates). :meth:`start_stage` resets the patience
-    count; the best weights carry over from stage to stage.
+    loss (ties are common when AUROC saturates). An undefined AUROC (None: the selection split
+    holds one class, so every epoch's is) never beats a recorded epoch: the first epoch is kept
+    and patience runs out. :meth:`start_stage` resets the patience count; the best weights
+    carry over from stage to stage.
     """
 
     def __init__(self):
-        self.best_auroc = -math.inf
+        self.best_auroc: float | None = -math.inf
         self.best_epoch: int | None = None
         self.best_select_loss: float | None = None
         self.best_weights = None
@@ -142,10 +147,12 @@ class BestEpoch:
         self.wait = 0
         self.patience = patience
 
-    def update(self, epoch: int, auroc_value: float, select_loss: float, get_weights: Callable[[], list]) -> bool:
+    def update(self, epoch: int, auroc_value: float | None, select_loss: float,
+               get_weights: Callable[[], list]) -> bool:
         """Record epoch ``epoch`` (1-based); returns whether it is the best so far."""
-        improved = (self.best_weights is None or auroc_value > self.best_auroc
-                    or (auroc_value == self.best_auroc and select_loss < self.best_select_loss))
+        best = self.best_auroc
+        improved = self.best_weights is None or (auroc_value is not None and best is not None and (
+            auroc_value > best or (auroc_value == best and select_loss < self.best_select_loss)))
         if improved:
             self.best_auroc, self.best_epoch, self.best_select_loss = auroc_value, epoch, select_loss
             self.best_weights = get_weights()
@@ -209,8 +216,8 @@ def keras_callbacks(reporter: ProgressReporter, cancel: Cancellation, best: Best
                             "select_loss": select_loss, "select_auroc": auroc_value,
                             "learning_rate": current_lr(self.model),
                             "seconds": time.perf_counter() - reporter.epoch_start, "best": improved})
-            log.info("epoch %d/%d [%s] train loss %.4f, selection loss %.4f, selection AUROC %.4f%s",
-                     epoch + 1, reporter.total_epochs, reporter.stage, train_loss, select_loss, auroc_value,
+            log.info("epoch %d/%d [%s] train loss %.4f, selection loss %.4f, selection AUROC %s%s",
+                     epoch + 1, reporter.total_epochs, reporter.stage, train_loss, select_loss, format_auroc(auroc_value),
                      " (best so far)" if improved else "")
             reporter.report(reporter.steps, train_loss,
                             {"end_of_epoch": True, "select_auroc": auroc_value, "select_loss": select_loss,
@@ -219,8 +226,8 @@ def keras_callbacks(reporter: ProgressReporter, cancel: Cancellation, best: Best
                             eta=reporter.eta(reporter.steps, validating=True))
             if best.patience_exhausted:
                 best.early_stopped = True
-                log.info("early stopping: no better selection AUROC for %d epoch(s) (best %.4f at epoch %d)",
-                         best.wait, best.best_auroc, best.best_epoch)
+                log.info("early stopping: no better selection AUROC for %d epoch(s) (best %s at epoch %d)",
+                         best.wait, format_auroc(best.best_auroc), best.best_epoch)
                 self.model.stop_training = True
 
     return [ProgressCallback(), CancelCallback(), SelectionScoring()]
@@ -242,12 +249,3 @@ def bce(y: np.ndarray, p: np.ndarray) -> float:
     """Mean binary cross-entropy of probabilities ``p`` (clipped to [1e-7, 1 - 1e-7]) for 0/1 ``y``."""
     p = np.clip(p.astype("float64"), 1e-7, 1 - 1e-7)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def auroc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC of scores ``p`` for 0/1 ``y``; NaN when ``y`` holds one class."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y, p))

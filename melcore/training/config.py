@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from melcore.checks import (
     check_bool,
@@ -30,6 +29,8 @@ from melcore.checks import (
     check_fraction,
     check_int,
 )
+from melcore import augment as augment_module
+from melcore import registry as models
 from melcore.errors import ConfigError
 from melcore.training import recipes
 
@@ -222,9 +223,6 @@ def validate(config: TrainConfig) -> TrainConfig:
     """
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(config)
-    from melcore import augment as augment_module
-    from melcore import registry as models
-
     c = dataclasses.replace(config)
     c.model = models.validate_model_name(c.model)
     spec = models.get_spec(c.model)
@@ -255,25 +253,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"fold {c.fold} does not exist with n_folds={c.n_folds}; folds are 0..{c.n_folds - 1}")
     c.seed = check_int("seed", c.seed, 0)
     c.fallback_to_scratch = check_bool("fallback_to_scratch", c.fallback_to_scratch)
-    weights = spec.default_weights if c.weights is None else str(c.weights).strip()
-    key = weights.lower()
-    if key in ("", "none"):
-        weights = "none"
-    elif key in ("imagenet", "noisy-student"):
-        weights = key
-        if key == "noisy-student" and spec.family != "efficientnet-ns":
-            raise ConfigError(f"noisy-student weights exist only for the -ns models, not {spec.name}; "
-                              "use weights='imagenet'")
-        if not spec.pretrained and not c.fallback_to_scratch:
-            raise ConfigError(f"{spec.name} has no ImageNet weights (it is trained from scratch); use "
-                              "weights='none'")
-    else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"weights file {path} not found; weights must be 'none', 'imagenet' or the "
-                              "path of a local '.h5' / '.weights.h5' / '.keras' file")
-        weights = str(path.resolve())
-    c.weights = weights
+    c.weights = models.check_weights(spec, spec.default_weights if c.weights is None else c.weights,
+                                       c.fallback_to_scratch)
     c.mode = check_choice("mode", c.mode, MODES)
     c.early_stopping_patience = check_int("early_stopping_patience", c.early_stopping_patience, 1, allow_none=True)
     c.fine_tune_epochs = check_int("fine_tune_epochs", 0 if c.fine_tune_epochs is None else c.fine_tune_epochs, 0)

@@ -39,11 +39,13 @@ import time
 import numpy as np
 import pandas as pd
 
+from melcore import features
 from melcore.checks import check_int
 from melcore.errors import CohortError, ConfigError, LeakageError, MelcoreError
 from melcore.formatting import format_number
+from melcore.metrics import auroc_or_none
+from melcore.predict import predict_paths
 from melcore.training.api import fit
-from melcore.training.callbacks import auroc
 from melcore.training.config import validate
 from melcore.training.prepare import prepare_data
 from melcore.training.rundir import RunDir
@@ -162,7 +164,7 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
             oof.to_csv(run_dir / "oof_predictions.csv", index=False)
         y = oof["target"].astype("float64").to_numpy()
         p = oof["prediction"].astype("float64").to_numpy()
-        oof_auroc = auroc(y, p) if len(oof) else None
+        oof_auroc = auroc_or_none(y, p)
         finite = [a for a in fold_aurocs if a is not None and math.isfinite(a)]
         metrics = {
             "kind": "kfold", "status": "cancelled" if cancelled else "done", "cancelled": cancelled,
@@ -224,8 +226,6 @@ def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray |
     """Probabilities of the run's model for the rows of ``table`` (None when stopped)."""
     paths = table["image_path"].astype(str).tolist()
     if config.mode == "fast-head":
-        from melcore import features
-
         extractor = features.get_extractor(config)
         from melcore.images import ImageCache
 
@@ -240,7 +240,6 @@ def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray |
             scores[list(result.bad)] = np.nan
         return scores
     from melcore.images import ImageCache
-    from melcore.predict import predict_paths
 
     return predict_paths(run.load_model(), paths, tta=config.tta, batch_size=max(32, config.batch_size),
                          should_stop=should_stop, cache=ImageCache() if config.cache_images else None,
@@ -354,7 +353,7 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                     break
                 ok = np.isfinite(p)
                 y = rows["target"].astype("float64").to_numpy()
-                matrix[i][j] = auroc(y[ok], p[ok]) if ok.any() else None
+                matrix[i][j] = auroc_or_none(y[ok], p[ok])
                 n[i][j] = int(ok.sum())
                 scores.append(pd.DataFrame({"trained_on": clinic, "image_name": rows["image_name"].astype(str),
                                             "patient_id": rows["patient_id"], "clinic": rows["clinic"],

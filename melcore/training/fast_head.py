@@ -37,11 +37,12 @@ from melcore.features import (
     get_extractor,
     score_features,
 )
+from melcore.metrics import auroc, auroc_or_none, format_auroc
+from melcore.splits import group_kfold
 from melcore.training.callbacks import (
     BestEpoch,
     Cancellation,
     ProgressReporter,
-    auroc,
     bce,
     keras_callbacks,
 )
@@ -248,7 +249,7 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
 
     def score_selection() -> dict:
         p = score_features(head, x_select)
-        return {"select_auroc": auroc(y_select, p), "select_loss": bce(y_select, p)}
+        return {"select_auroc": auroc_or_none(y_select, p), "select_loss": bce(y_select, p)}
 
     callbacks = keras_callbacks(reporter, cancel, best, history, score_selection, config.batch_size)
     reporter.stage = "head"
@@ -305,8 +306,8 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
                          has_model=best.best_weights is not None, n_epochs=len(history),
                          save_seconds=time.perf_counter() - save_started)
     if not cancel.cancelled:
-        log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %.4f (best epoch %s)", seconds,
-                 feature_seconds, head_seconds, metrics["val_auroc"], best.best_epoch)
+        log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %s (best epoch %s)", seconds,
+                 feature_seconds, head_seconds, format_auroc(metrics["val_auroc"]), best.best_epoch)
     return out.run(config, metrics, cancel.cancelled)
 
 
@@ -347,9 +348,6 @@ def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndar
         ``inner_auroc_by_set`` {set: {C: AUROC}}; ``inner_folds``; ``chosen_on`` (a sentence).
     """
     from sklearn.linear_model import LogisticRegression
-
-    from melcore.metrics import auroc
-    from melcore.splits import group_kfold
 
     x = np.asarray(features, dtype=np.float64)
     if x.ndim == 2:
@@ -484,6 +482,6 @@ def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, 
         "save_seconds": time.perf_counter() - save_started, "images_per_second": None,
     }
     out.write_metrics(metrics)
-    log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %.4f", metrics["seconds"],
-             computed.seconds, head_seconds, metrics["val_auroc"])
+    log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %s", metrics["seconds"],
+             computed.seconds, head_seconds, format_auroc(metrics["val_auroc"]))
     return out.run(config, metrics, cancel.cancelled)

@@ -52,13 +52,14 @@ import numpy as np
 from melcore import colour
 from melcore.distributed import fit_loop, is_multi_worker
 from melcore.errors import ConfigError, MelcoreError
+from melcore.metrics import auroc_or_none, format_auroc
+from melcore.predict import predict_dataset
 from melcore.training.callbacks import (
     BestEpoch,
     Cancellation,
     Progress,
     ProgressReporter,
     ShouldStop,
-    auroc,
     bce,
     keras_callbacks,
 )
@@ -272,8 +273,6 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     per_batch = is_multi_worker(strategy)
 
     def predict_paths(paths: list, tta: bool = False) -> np.ndarray | None:
-        from melcore.predict import predict_dataset
-
         sizes = [min(val_batch, len(paths) - s) for s in range(0, len(paths), val_batch)]
         dataset = PredictionBatches(paths, config.image_size, batch_size=val_batch, cache=cache,
                                     workers=config.workers)
@@ -290,7 +289,7 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
         p = predict_paths(selection["image_path"].tolist())
         if p is None:
             return None
-        return {"select_auroc": auroc(y_select, p), "select_loss": bce(y_select, p)}
+        return {"select_auroc": auroc_or_none(y_select, p), "select_loss": bce(y_select, p)}
 
     callbacks = keras_callbacks(reporter, cancel, best, history, score_selection, config.batch_size)
     fit_started = time.perf_counter()
@@ -334,8 +333,8 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
         extra = {"cnn_prediction": cnn_predictions} if colour_predictions is not None else {}
         metrics.update(out.write_validation(val_table, predictions, **extra))
         if colour_predictions is not None:
-            metrics.update({"cnn_val_auroc": auroc(y_val, cnn_predictions),
-                            "colour_val_auroc": auroc(y_val, colour_predictions),
+            metrics.update({"cnn_val_auroc": auroc_or_none(y_val, cnn_predictions),
+                            "colour_val_auroc": auroc_or_none(y_val, colour_predictions),
                             "cnn_val_loss": bce(y_val, cnn_predictions)})
     else:
         metrics.update(NO_VALIDATION)
@@ -347,8 +346,8 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     seconds = out.finish(metrics, reporter, started, fit_seconds, cancelled=cancel.cancelled,
                          has_model=best.best_weights is not None, n_epochs=len(history))
     if not cancel.cancelled:
-        log.info("done in %.1f s: validation AUROC %.4f (best epoch %s), sensitivity %.3f, specificity %.3f at %.2f; "
-                 "%s", seconds, metrics["val_auroc"], best.best_epoch, metrics["sensitivity"],
+        log.info("done in %.1f s: validation AUROC %s (best epoch %s), sensitivity %.3f, specificity %.3f at %.2f; "
+                 "%s", seconds, format_auroc(metrics["val_auroc"]), best.best_epoch, metrics["sensitivity"],
                  metrics["specificity"], THRESHOLD, "trained from scratch" if weights_info.from_scratch
                  else weights_info.note)
     return out.run(config, metrics, cancel.cancelled)
@@ -370,8 +369,9 @@ def _colour_scores(config: TrainConfig, data: PreparedData, train_table, val_pat
             out.save_colour_model(colour_model)
             colour_predictions = colour.colour_probabilities(colour_model, val_paths, cache=cache,
                                                              workers=config.workers)
-            log.info("colour model: validation AUROC %.4f (CNN %.4f), %.1f s; it scores the delivered predictions",
-                     auroc(y_val, colour_predictions), auroc(y_val, cnn_predictions),
+            log.info("colour model: validation AUROC %s (CNN %s), %.1f s; it scores the delivered predictions",
+                     format_auroc(auroc_or_none(y_val, colour_predictions)),
+                     format_auroc(auroc_or_none(y_val, cnn_predictions)),
                      time.perf_counter() - colour_started)
     if colour_predictions is None:
         out.remove(colour.COLOUR_MODEL_FILE)

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 
 from melcore.errors import CohortError, MelcoreError
+from melcore.formatting import first_few
+from melcore.splits import check_no_leakage, cohort_folds, cohort_split, train_val_split
 from melcore.training.config import TrainConfig
 
 __all__ = ["PreparedData", "prepare_data", "selection_split", "check_split_classes", "drop_unreadable",
@@ -27,7 +29,6 @@ __all__ = ["PreparedData", "prepare_data", "selection_split", "check_split_class
 
 log = logging.getLogger("melcore.train")
 
-_SHOW = 5
 
 
 @dataclass
@@ -48,12 +49,6 @@ class PreparedData:
     """Rows of training patients held out to choose the best epoch and to stop early."""
 
 
-def _names(values, n: int = _SHOW) -> str:
-    values = list(values)
-    shown = ", ".join(map(str, values[:n]))
-    return shown + (f", ... (+{len(values) - n} more)" if len(values) > n else "")
-
-
 def _class_counts(targets) -> tuple[int, int]:
     t = pd.Series(targets).astype("float64")
     return int((t == 1).sum()), int((t == 0).sum())
@@ -68,8 +63,6 @@ def _require_both_classes(cohort, where: str) -> None:
 
 
 def prepare_data(config: TrainConfig, cohort) -> PreparedData:
-    from melcore.splits import check_no_leakage, cohort_folds, cohort_split
-
     if not hasattr(cohort, "table") or not hasattr(cohort, "subset"):
         raise MelcoreError(f"fit needs a melcore.cohort.Cohort, got {type(cohort).__name__}")
     name = getattr(cohort, "name", "cohort")
@@ -119,8 +112,6 @@ def selection_split(cohort, train_idx: np.ndarray, config: TrainConfig) -> tuple
 
     Both are sorted positions in ``cohort`` and together are ``train_idx``; no patient is on both sides.
     """
-    from melcore.splits import check_no_leakage, train_val_split
-
     groups = cohort.groups.iloc[train_idx]
     fit, select = train_val_split(groups, cohort.table["target"].iloc[train_idx], config.select_fraction,
                                   config.seed)
@@ -173,7 +164,7 @@ def drop_unreadable(data: PreparedData, bad: dict[int, str], config: TrainConfig
         return data
     names = data.cohort.table["image_name"].astype(str).to_numpy()
     log.warning("left out %d unreadable image(s): %s", len(bad),
-                "; ".join(f"{names[i]}: {reason}" for i, reason in list(bad.items())[:_SHOW]))
+                first_few((f"{names[i]}: {reason}" for i, reason in bad.items()), sep="; "))
     data = _exclude_unreadable(data, bad)
     check_split_classes(data, f"clinic {config.clinic!r}" if config.clinic else "the cohort")
     return data

@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from melcore.checks import check_choice
 from melcore.errors import ConfigError
 from melcore.registry import REGISTRY, validate_model_name
 
@@ -249,10 +250,7 @@ def get_preset(name: str) -> Preset:
     ConfigError
         Unknown name; the message lists the valid presets.
     """
-    key = str(name).strip().lower().replace("_", "-") if name is not None else ""
-    if key not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS) or 'none'}")
-    return PRESETS[key]
+    return PRESETS[check_choice("preset", name, PRESETS)]
 
 
 def preset_values(name: str, overrides: dict[str, Any] | None = None) -> dict:

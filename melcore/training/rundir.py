@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -38,7 +37,9 @@ import melcore
 from melcore import settings
 from melcore.colour import COLOUR_MODEL_FILE
 from melcore.errors import MelcoreError
-from melcore.training.callbacks import auroc, bce
+from melcore.formatting import json_safe
+from melcore.metrics import auroc_or_none, threshold_metrics
+from melcore.training.callbacks import bce
 from melcore.training.config import TrainConfig
 
 __all__ = ["RESULT_FILES", "PREDICTION_COLUMNS", "THRESHOLD", "NO_VALIDATION", "SCORER_WORDS", "RunDir", "Run",
@@ -73,10 +74,8 @@ def validation_metrics(y: np.ndarray, predictions: np.ndarray) -> dict:
         ``sensitivity``, ``specificity`` and ``at_threshold``
         (:func:`melcore.metrics.threshold_metrics` at the threshold).
     """
-    from melcore.metrics import threshold_metrics
-
     at = threshold_metrics(y.astype(int), np.clip(predictions, 0.0, 1.0), THRESHOLD)
-    return {"val_auroc": auroc(y, predictions), "val_loss": bce(y, predictions), "threshold": THRESHOLD,
+    return {"val_auroc": auroc_or_none(y, predictions), "val_loss": bce(y, predictions), "threshold": THRESHOLD,
             "sensitivity": at["sensitivity"], "specificity": at["specificity"], "at_threshold": at}
 
 
@@ -310,35 +309,13 @@ def save_model(model, path: Path) -> None:
 
 
 def write_json(path: Path, data: dict) -> dict:
-    """Write ``data`` to ``path`` as strict JSON (NaN / inf -> null), through a temporary sibling."""
-    data = _clean_floats(data)
+    """Write ``data`` to ``path`` as strict JSON (:func:`melcore.formatting.json_safe`), through a temporary
+    sibling; returns the data as written."""
+    data = json_safe(data)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return data
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-def _clean_floats(value):
-    """NaN / inf -> None, recursively (metrics.json stays strict JSON)."""
-    if isinstance(value, dict):
-        return {k: _clean_floats(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean_floats(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(float(value)) else None
-    return value
 
 
 @contextlib.contextmanager
