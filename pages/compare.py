@@ -740,10 +740,10 @@ def _ci_text(value: float, low: float, high: float) -> str:
                                                 else f"{value:.1%}")
 
 
-def _reader_rows(table: pd.DataFrame) -> pd.DataFrame:
+def _reader_rows(table: pd.DataFrame, classes=MELANOMA) -> pd.DataFrame:
     return pd.DataFrame({
         "Reader": table["reviewer"], "Mode": table["mode"].map(MODE_WORDS), "Lesions": table["n"],
-        "Malignant": table["n_malignant"],
+        classes.positive_plural.capitalize(): table["n_malignant"],
         "Sensitivity (95% CI)": [_ci_text(v, lo, hi) for v, lo, hi in
                                  zip(table["sensitivity"], table["sensitivity_low"], table["sensitivity_high"])],
         "Specificity (95% CI)": [_ci_text(v, lo, hi) for v, lo, hi in
@@ -758,14 +758,15 @@ def _reader_rows(table: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _mean_reader_text(result, level: float = 0.95) -> str:
+def _mean_reader_text(result, level: float = 0.95, classes=MELANOMA) -> str:
     names = ", ".join(escape_markdown(n) for n in result.readers)
     if not np.isfinite(result.sensitivity_diff):
         return f"**Mean reader ({MODE_WORDS[result.mode]})**: {escape_markdown(result.note)}"
     low, high = result.sensitivity_diff_ci
     s_low, s_high = result.specificity_diff_ci
     return (f"**Mean reader ({MODE_WORDS[result.mode]})**, {len(result.readers)} reader(s) ({names}) on the "
-            f"{result.n:,} lesions all of them read ({result.n_malignant:,} melanomas, {result.n_patients:,} "
+            f"{result.n:,} lesions all of them read ({result.n_malignant:,} {classes.positive_plural}, "
+            f"{result.n_patients:,} "
             f"patients): sensitivity {_pct(result.reader_sensitivity)}, specificity "
             f"{_pct(result.reader_specificity)}. The model at that specificity: sensitivity "
             f"{_pct(result.model_sensitivity)}, a difference of {result.sensitivity_diff:+.1%} ({level:.0%} CI "
@@ -775,8 +776,9 @@ def _mean_reader_text(result, level: float = 0.95) -> str:
             + (f" {escape_markdown(result.note)}." if result.note else ""))
 
 
-def _readers_section(store, runs_by_label: dict) -> None:
-    """Readers of a reader study (Review page) against the model on the same lesions."""
+def _readers_section(store, runs_by_label: dict, classes=MELANOMA) -> None:
+    """Readers of a reader study (Review page) against the model on the same lesions; ``classes`` (the
+    dataset's :class:`melcore.classes.ClassNames`) names the counted positives."""
     st.subheader("Readers against the model")
     url = settings.db_url()
     histories = {label: store.review_history(run["id"]) for label, run in runs_by_label.items()}
@@ -810,7 +812,7 @@ def _readers_section(store, runs_by_label: dict) -> None:
         st.plotly_chart(readers_roc_figure(*figure_args, model_name=label, mean_reader=mean_points),
                         width="stretch", key="compare_readers_roc")
         st.caption(f"Model curve on the {curve.n:,} lesions read by the readers shown ({curve.n_malignant:,} "
-                   f"melanomas, {curve.n_patients:,} patients); "
+                   f"{classes.positive_plural}, {curve.n_patients:,} patients); "
                    + ("every reader read all of them." if curve.same_lesions else
                       "readers read different subsets, so each point is on its reader's lesions (the table gives "
                       "the model on exactly those).")
@@ -818,14 +820,15 @@ def _readers_section(store, runs_by_label: dict) -> None:
     else:
         st.info(f"No reader has {MIN_READS} reads on labelled lesions with both classes yet: the ROC plot needs "
                 "them. The table shows what there is.")
-    st.dataframe(_reader_rows(table), hide_index=True, width="stretch", key="compare_readers_table")
+    st.dataframe(_reader_rows(table, classes), hide_index=True, width="stretch", key="compare_readers_table")
     for result in study["means"].values():
-        st.markdown(_mean_reader_text(result))
+        st.markdown(_mean_reader_text(result, classes=classes))
     if len(study["aided"]):
         st.markdown("**Aided against blinded reading** (the same lesions, each reader)")
         paired = study["aided"]
         st.dataframe(pd.DataFrame({
-            "Reader": paired["reviewer"], "Lesions": paired["n"], "Malignant": paired["n_malignant"],
+            "Reader": paired["reviewer"], "Lesions": paired["n"],
+            classes.positive_plural.capitalize(): paired["n_malignant"],
             "Sensitivity blinded": paired["sensitivity_unaided"].map(_pct),
             "Sensitivity aided": paired["sensitivity_aided"].map(_pct),
             "Change": paired["sensitivity_diff"].map(lambda v: "" if not np.isfinite(v) else f"{v:+.1%}"),
@@ -847,7 +850,7 @@ def _readers_section(store, runs_by_label: dict) -> None:
         st.caption(f"Fleiss' kappa across {n_readers} readers on the {n_lesions:,} lesions all of them read: "
                    + (f"{fleiss:.3f}" if np.isfinite(fleiss) else "n/a (needs two readers and shared lesions)"))
     cols = st.columns(2)
-    cols[0].download_button("Download reader table (CSV)", reader_table_csv(table).encode(), key="compare_readers_csv",
+    cols[0].download_button("Download reader table (CSV)", reader_table_csv(table, classes).encode(), key="compare_readers_csv",
                             file_name=f"readers-run{run['id']}.csv", mime="text/csv", on_click="ignore")
     if figure_args is not None:
         mean_points = {m: (r.reader_specificity, r.reader_sensitivity) for m, r in study["means"].items()}
@@ -957,7 +960,7 @@ def main() -> None:
     _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames), dataset_classes(dataset))
     if breakdowns:
         _clinic_bars(breakdowns, names, {k: run_color(runs_by_label[k]["id"]) for k in names})
-    _readers_section(store, {k: runs_by_label[k] for k in names})
+    _readers_section(store, {k: runs_by_label[k] for k in names}, dataset_classes(dataset))
     _cross_clinic_section(store, dataset)
 
 
