@@ -122,13 +122,15 @@ def _prepared(url: str, run_id: int, split: str, cohort_version: tuple, _cohort)
 
 
 @st.cache_resource(show_spinner="Evaluating (patient bootstrap)...", max_entries=64, ttl=3600)
-def _evaluation(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame):
-    return evaluate_predictions(_frame, n_boot=N_BOOT)
+def _evaluation(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame,
+                classes=MELANOMA):
+    return evaluate_predictions(_frame, n_boot=N_BOOT, classes=classes)
 
 
 @st.cache_resource(show_spinner="Paired tests on shared images...", max_entries=32, ttl=3600)
-def _pairwise(url: str, run_ids: tuple, split: str, cohort_version: tuple, subset: str, common: tuple, _frames):
-    return pairwise_tests(_frames, n_boot=N_BOOT)
+def _pairwise(url: str, run_ids: tuple, split: str, cohort_version: tuple, subset: str, common: tuple, _frames,
+              classes=MELANOMA):
+    return pairwise_tests(_frames, n_boot=N_BOOT, classes=classes)
 
 
 @st.cache_resource(show_spinner="Per-clinic intervals...", max_entries=64, ttl=3600)
@@ -576,7 +578,7 @@ def _clinic_table(breakdowns: dict, threshold: float, classes=MELANOMA) -> None:
             st.warning(f"{run}, clinic {clinic}: {note}.")
 
 
-def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict) -> None:
+def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict, classes=MELANOMA) -> None:
     """A threshold chosen on one run's predictions and judged, with CIs, on another's."""
     st.subheader("Threshold chosen on one set, judged on another")
     names = list(evaluations)
@@ -585,7 +587,7 @@ def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict) -> None:
     rule = cols[1].selectbox("Rule", list(THRESHOLD_RULES), format_func=THRESHOLD_RULES.get, key="compare_rule")
     judged = cols[2].selectbox("Judge it on", names, index=min(1, len(names) - 1), key="compare_judge_on")
     try:
-        point = threshold_elsewhere(evaluations[chooser], frames[judged], rule, n_boot=N_BOOT)
+        point = threshold_elsewhere(evaluations[chooser], frames[judged], rule, n_boot=N_BOOT, classes=classes)
     except MelcoreError as exc:
         show_error(exc, "No operating point")
         return
@@ -884,6 +886,7 @@ def main() -> None:
         cohort = None
     version = _cohort_version(dataset) + (cohort is not None,)
     url = settings.db_url()
+    classes = dataset_classes(dataset)
 
     frames, splits, runs_by_label, notes = {}, {}, {}, []
     for run in runs:
@@ -924,7 +927,7 @@ def main() -> None:
             st.caption(f"{escape_markdown(label)}: no images in this subset, left out")
             continue
         try:
-            evaluations[label] = _evaluation(url, run_id, splits[label], version, key, common_ids, frame)
+            evaluations[label] = _evaluation(url, run_id, splits[label], version, key, common_ids, frame, classes)
         except MelcoreError as exc:
             show_error(exc, label)
     if not evaluations:
@@ -936,13 +939,13 @@ def main() -> None:
     confounding = {label: _confounding(url, runs_by_label[label]["id"], splits[label], version, key, common_ids,
                                        cohort.table if cohort is not None else None, subset[label], audit)
                    for label in names}
-    _confounding_lead(confounding, dataset_classes(dataset).positive_plural)
+    _confounding_lead(confounding, classes.positive_plural)
     for label in names:
         for warning in missingness_of(runs_by_label[label], cohort):
             st.warning(f"**{escape_markdown(label)}** (metadata model): " + escape_markdown(warning))
     _overlap_warning({k: subset[k] for k in names})
     _scratch_warning([runs_by_label[k] for k in names])
-    _summary(evaluations, runs_by_label, splits, confounding, dataset_classes(dataset))
+    _summary(evaluations, runs_by_label, splits, confounding, classes)
 
     breakdowns = {}
     for label in names:
@@ -953,14 +956,14 @@ def main() -> None:
             show_error(exc, f"{label}: per-clinic table")
 
     _operating_point(evaluations, breakdowns, runs_by_label, dataset, filters)
-    _threshold_elsewhere(evaluations, {k: subset[k] for k in names}, splits)
+    _threshold_elsewhere(evaluations, {k: subset[k] for k in names}, splits, classes)
 
     pair_frames = {k: subset[k] for k in names}
     pair_key = tuple(runs_by_label[k]["id"] for k in names)
-    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames), dataset_classes(dataset))
+    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames, classes), classes)
     if breakdowns:
         _clinic_bars(breakdowns, names, {k: run_color(runs_by_label[k]["id"]) for k in names})
-    _readers_section(store, {k: runs_by_label[k] for k in names}, dataset_classes(dataset))
+    _readers_section(store, {k: runs_by_label[k] for k in names}, classes)
     _cross_clinic_section(store, dataset)
 
 
