@@ -494,20 +494,20 @@ def _curves(evaluations: dict, threshold: float, names: list, window: tuple[floa
     rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci, e.roc.thresholds) for k, e in curved.items()}
     roc_markers = {k: e.roc_point(thresholds[k]) for k, e in curved.items()}
     notes = {k: f"threshold {format_threshold(thresholds[k])}" + (" (saved)" if thresholds[k] != threshold else "")
-             for k in curved}
+             for k in evaluations}
     pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
     pr_markers = {k: e.pr_point(thresholds[k]) for k, e in curved.items()}
     sweeps = {k: e.curve for k, e in evaluations.items()}
-    # the threshold plot marks the slider's threshold: only the runs judged there
-    sweep_markers = {k: (e.at(threshold)["sensitivity"], e.at(threshold)["specificity"])
-                     for k, e in evaluations.items() if thresholds[k] == threshold}
+    # every run is marked where it is judged: the slider's threshold or its own saved one
+    sweep_markers = {k: (e.at(thresholds[k])["sensitivity"], e.at(thresholds[k])["specificity"], thresholds[k])
+                     for k, e in evaluations.items()}
     calibration = {k: (e.calibration, e.brier) for k, e in evaluations.items()}
     prevalences = [e.prevalence for e in evaluations.values()]
     prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
     top = st.columns(2)
     _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names, marker_notes=notes, colors=colors), "roc")
     _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window,
-                                              colors=colors), "sweep")
+                                              colors=colors, marker_notes=notes), "sweep")
     bottom = st.columns(2)
     bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names, colors=colors),
                            width="stretch",
