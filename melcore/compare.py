@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from melcore.browse import filter_levels
+from melcore.classes import MELANOMA
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
 from melcore.runinfo import SourceConfounding, run_title, scratch_words, source_confounding
@@ -393,8 +394,13 @@ class RunEvaluation:
         return {p["name"]: float(min(1.0, max(0.0, p["threshold"]))) for p in points}
 
 
+def _classes(classes):
+    """``classes`` or melanoma / not melanoma (:data:`melcore.classes.MELANOMA`)."""
+    return classes or MELANOMA
+
+
 def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                         curve_points: int = 500, calibration_bins: int = 10) -> RunEvaluation:
+                         curve_points: int = 500, calibration_bins: int = 10, classes=None) -> RunEvaluation:
     """Evaluate one run's (subset of) predictions.
 
     Args:
@@ -402,6 +408,8 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
             the bootstrap unit; without it images are resampled).
         n_boot, seed, level: the patient bootstrap behind the AUROC interval.
         curve_points: rows kept for the threshold plot.
+        classes: the dataset's :class:`melcore.classes.ClassNames` (default melanoma / not
+            melanoma), naming the class a one-class subset holds in the note.
 
     Never raises for one class (the evaluation then has nan AUROC and a note);
     raises MelcoreError for an empty frame.
@@ -422,8 +430,9 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
         calibration=calibration_table(y, p, n_bins=calibration_bins), n_boot=n_boot, level=level,
         n_groups=n_groups, multi_lesion=n_groups < sweep.n)
     if not evaluation.both_classes:
-        which = "benign" if sweep.n_malignant == 0 else "malignant"
-        evaluation.note = f"only {which} images ({sweep.n:,}) in this subset: AUROC and curves are undefined"
+        words = _classes(classes)
+        which = words.negative_plural if sweep.n_malignant == 0 else words.positive_plural
+        evaluation.note = f"only {which} ({sweep.n:,} images) in this subset: AUROC and curves are undefined"
         return evaluation
     evaluation.roc = sweep.roc_curve()
     evaluation.auroc = sweep.auroc()
@@ -463,7 +472,7 @@ THRESHOLD_RULES = {"youden": "Youden's J", "sensitivity>=0.9": "sensitivity >= 9
 
 
 def threshold_elsewhere(chooser: RunEvaluation, judged: pd.DataFrame, rule: str, *, n_boot: int = 1000,
-                        seed: int = 0, level: float = 0.95) -> dict:
+                        seed: int = 0, level: float = 0.95, classes=None) -> dict:
     """A threshold chosen by ``rule`` on one set of predictions, judged on another.
 
     Args:
@@ -472,6 +481,8 @@ def threshold_elsewhere(chooser: RunEvaluation, judged: pd.DataFrame, rule: str,
         judged: DataFrame[target, prediction(, group)] of the predictions the operating point is
             shown on (a test set, another clinic, a later run); ``group`` is the bootstrap unit.
         rule: a key of :data:`THRESHOLD_RULES`.
+        classes: the dataset's :class:`melcore.classes.ClassNames` for the messages (default
+            melanoma / not melanoma).
 
     Returns :func:`melcore.metrics.operating_point_ci` on ``judged`` at the chosen threshold, plus
     ``rule``. Raises MelcoreError when the chooser has one class or ``judged`` is empty.
@@ -480,8 +491,9 @@ def threshold_elsewhere(chooser: RunEvaluation, judged: pd.DataFrame, rule: str,
         raise MelcoreError(f"unknown threshold rule {rule!r}; choose {', '.join(THRESHOLD_RULES)}")
     presets = chooser.presets()
     if rule not in presets:
+        words = _classes(classes)
         raise MelcoreError("the predictions that choose the threshold hold one class only; choose on predictions "
-                           "with benign and malignant images")
+                           f"with both {words.positive_plural} and {words.negative_plural}")
     if len(judged) == 0:
         raise MelcoreError("no predictions to judge the threshold on")
     groups = judged["group"].to_numpy() if "group" in judged.columns else None
@@ -591,12 +603,14 @@ def operating_point_table(evaluations: Mapping[Hashable, RunEvaluation], thresho
 
 
 def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> pd.DataFrame:
+                   level: float = 0.95, classes=None) -> pd.DataFrame:
     """DeLong's test (and a paired patient bootstrap) for every pair of runs on their shared images.
 
     Args:
         frames: name -> predictions with image_name, target, prediction and
             optionally ``group`` (patient key), e.g. from :func:`attach_metadata`.
+        classes: the dataset's :class:`melcore.classes.ClassNames` naming the classes in the
+            notes (default melanoma / not melanoma).
 
     Returns:
         One row per pair (in the order of ``frames``), columns ``run_a``, ``run_b``,
@@ -612,6 +626,7 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
         (the same resamples of patients, else images, for both runs). Undefined values
         are nan with a note.
     """
+    words = _classes(classes)
     rows = []
     for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2):
         row = {"run_a": name_a, "run_b": name_b, "n_shared": 0, "n_malignant": 0, "n_patients": 0,
@@ -633,8 +648,8 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
         if len(merged) == 0:
             notes.append("no shared images: the runs were scored on different images")
         elif n_malignant < 2 or len(merged) - n_malignant < 2:
-            notes.append(f"needs at least 2 malignant and 2 benign shared images (has {n_malignant} and "
-                         f"{len(merged) - n_malignant})")
+            notes.append(f"needs at least 2 {words.positive_plural} and 2 {words.negative_plural} among the shared "
+                         f"images (has {n_malignant} and {len(merged) - n_malignant})")
         else:
             y = merged["target_a"].to_numpy()
             p1, p2 = merged["prediction_a"].to_numpy(), merged["prediction_b"].to_numpy()
@@ -692,9 +707,7 @@ def underpowered_note(n_shared: int, n_positive: int, classes=None) -> str:
 
     ``classes`` (:class:`melcore.classes.ClassNames`, default melanoma / not melanoma) names the classes.
     """
-    from melcore.classes import MELANOMA
-
-    classes = classes or MELANOMA
+    classes = _classes(classes)
     n_negative = int(n_shared) - int(n_positive)
     if n_shared >= MIN_PAIRED_IMAGES and min(n_positive, n_negative) >= MIN_PAIRED_PER_CLASS:
         return ""

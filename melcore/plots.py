@@ -33,6 +33,7 @@ import plotly.graph_objects as go
 
 from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import MelcoreError
+from melcore.formatting import format_threshold
 
 __all__ = [
     "PALETTE",
@@ -327,19 +328,24 @@ def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float |
 # --------------------------------------------------------------------------- threshold
 
 def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None,
-                     markers: Mapping[str, tuple[float, float]] | None = None, *,
+                     markers: Mapping[str, tuple[float, ...]] | None = None, *,
                      names: Sequence[str] | None = None, title: str = "Sensitivity and specificity by threshold",
                      height: int = 460, x_range: tuple[float, float] = (0.0, 1.0),
-                     colors: Mapping[str, str] | None = None) -> go.Figure:
+                     colors: Mapping[str, str] | None = None,
+                     marker_notes: Mapping[str, str] | None = None) -> go.Figure:
     """Sensitivity (solid) and specificity (dashed) against the decision threshold.
 
     Args:
         curves: name -> DataFrame with columns ``threshold``, ``sensitivity``,
             ``specificity`` (e.g. ``ThresholdSweep.curve(max_points=500)``).
         threshold: draws a vertical line there when given.
-        markers: name -> ``(sensitivity, specificity)`` at ``threshold``; two markers
-            per model, at ``(threshold, sensitivity)`` and ``(threshold, specificity)``.
+        markers: name -> ``(sensitivity, specificity)`` at ``threshold``, or
+            ``(sensitivity, specificity, run_threshold)`` at the model's own threshold (a run
+            shown at its saved threshold); two markers per model, at ``(t, sensitivity)`` and
+            ``(t, specificity)``, whose hover gives ``t``. Two-value markers need ``threshold``.
         x_range: the threshold axis shown (e.g. :func:`melcore.compare.threshold_window`).
+        marker_notes: name -> a line added to the marker's hover (e.g. ``"threshold 0.420 (saved)"``),
+            as on :func:`roc_figure`.
 
     Traces per model: ``"<name> sensitivity"`` and ``"<name> specificity"`` (``meta`` = name);
     every point is clickable and carries its threshold in ``customdata``.
@@ -360,12 +366,19 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
                 customdata=x, **_CLICK_TARGET,
                 hovertemplate="threshold %{x:.3f} (click to use)<br>" + metric + " %{y:.3f}<extra>" + name
                 + "</extra>"))
-    if threshold is not None and np.isfinite(threshold):
-        for name, (sensitivity, specificity) in (markers or {}).items():
-            color = colors.get(name, color_for(len(colors)))
-            for metric, value in (("sensitivity", sensitivity), ("specificity", specificity)):
-                traces.append(_marker_trace(name, threshold, value, color, f"{name}<br>{metric} {value:.3f}",
-                                            label=f"{name} {metric} @ threshold"))
+    shared = threshold is not None and np.isfinite(threshold)
+    for name, marker in (markers or {}).items():
+        sensitivity, specificity = marker[0], marker[1]
+        own = marker[2] if len(marker) > 2 else None
+        at = float(own) if own is not None else (threshold if shared else None)
+        if at is None or not np.isfinite(at):
+            continue
+        color = colors.get(name, color_for(len(colors)))
+        note = (marker_notes or {}).get(name) or f"threshold {format_threshold(at)}"
+        for metric, value in (("sensitivity", sensitivity), ("specificity", specificity)):
+            traces.append(_marker_trace(name, at, value, color,
+                                        f"{name}<br>{metric} {value:.3f}<br>{html.escape(note)}",
+                                        label=f"{name} {metric} @ threshold"))
     return _figure(traces, title, "decision threshold (flag for biopsy when p >= threshold)", "rate",
                    height=height, xaxis={"range": [float(x_range[0]), float(x_range[1])]},
                    yaxis={"range": [-0.02, 1.02]}, threshold=threshold,

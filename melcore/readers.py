@@ -43,6 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from melcore.browse import risk_by_image
+from melcore.classes import MELANOMA
 from melcore.errors import MelcoreError
 from melcore.metrics import ThresholdSweep, auroc, auroc_ci
 from melcore.review import spreadsheet_safe
@@ -389,10 +390,28 @@ def model_on_reads(reads: pd.DataFrame, readers, *, modes=MODES, n_boot: int = 1
                         tuple(sorted(set(frame["reviewer"]))), bool((per_reader == len(lesions)).all()))
 
 
-def reader_table_csv(table: pd.DataFrame) -> str:
-    """:func:`reader_table` (or any reader table) as CSV text; names that a spreadsheet would run as a
-    formula get a leading apostrophe, as in :func:`melcore.review.reviews_csv`."""
-    frame = table.copy()
+def reader_table_csv(table: pd.DataFrame, classes=None) -> str:
+    """:func:`reader_table` (or any reader table) as CSV text.
+
+    Parameters
+    ----------
+    table : DataFrame
+        The reader table (one row per reader and mode).
+    classes : melcore.classes.ClassNames, optional
+        The dataset's class names (default melanoma / not melanoma).
+
+    Returns
+    -------
+    str
+        CSV with the table's columns, except that the count of positive lesions is named
+        ``n_positive`` whatever the dataset calls its classes, followed by ``positive_class``
+        (``"melanoma"`` or ``"malignant"``: what that count counts), so a column name never
+        says "malignant" for a melanoma-vs-rest dataset. Names that a spreadsheet would run as
+        a formula get a leading apostrophe, as in :func:`melcore.review.reviews_csv`.
+    """
+    frame = table.rename(columns={"n_malignant": "n_positive"})
+    if "n_positive" in frame.columns:
+        frame.insert(frame.columns.get_loc("n_positive") + 1, "positive_class", (classes or MELANOMA).positive)
     for column in frame.columns:
         if frame[column].dtype == object:
             frame[column] = frame[column].map(spreadsheet_safe)

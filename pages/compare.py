@@ -122,13 +122,15 @@ def _prepared(url: str, run_id: int, split: str, cohort_version: tuple, _cohort)
 
 
 @st.cache_resource(show_spinner="Evaluating (patient bootstrap)...", max_entries=64, ttl=3600)
-def _evaluation(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame):
-    return evaluate_predictions(_frame, n_boot=N_BOOT)
+def _evaluation(url: str, run_id: int, split: str, cohort_version: tuple, subset: str, common: tuple, _frame,
+                classes=MELANOMA):
+    return evaluate_predictions(_frame, n_boot=N_BOOT, classes=classes)
 
 
 @st.cache_resource(show_spinner="Paired tests on shared images...", max_entries=32, ttl=3600)
-def _pairwise(url: str, run_ids: tuple, split: str, cohort_version: tuple, subset: str, common: tuple, _frames):
-    return pairwise_tests(_frames, n_boot=N_BOOT)
+def _pairwise(url: str, run_ids: tuple, split: str, cohort_version: tuple, subset: str, common: tuple, _frames,
+              classes=MELANOMA):
+    return pairwise_tests(_frames, n_boot=N_BOOT, classes=classes)
 
 
 @st.cache_resource(show_spinner="Per-clinic intervals...", max_entries=64, ttl=3600)
@@ -492,20 +494,20 @@ def _curves(evaluations: dict, threshold: float, names: list, window: tuple[floa
     rocs = {k: (e.roc.fpr, e.roc.tpr, e.auroc, e.ci, e.roc.thresholds) for k, e in curved.items()}
     roc_markers = {k: e.roc_point(thresholds[k]) for k, e in curved.items()}
     notes = {k: f"threshold {format_threshold(thresholds[k])}" + (" (saved)" if thresholds[k] != threshold else "")
-             for k in curved}
+             for k in evaluations}
     pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
     pr_markers = {k: e.pr_point(thresholds[k]) for k, e in curved.items()}
     sweeps = {k: e.curve for k, e in evaluations.items()}
-    # the threshold plot marks the slider's threshold: only the runs judged there
-    sweep_markers = {k: (e.at(threshold)["sensitivity"], e.at(threshold)["specificity"])
-                     for k, e in evaluations.items() if thresholds[k] == threshold}
+    # every run is marked where it is judged: the slider's threshold or its own saved one
+    sweep_markers = {k: (e.at(thresholds[k])["sensitivity"], e.at(thresholds[k])["specificity"], thresholds[k])
+                     for k, e in evaluations.items()}
     calibration = {k: (e.calibration, e.brier) for k, e in evaluations.items()}
     prevalences = [e.prevalence for e in evaluations.values()]
     prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
     top = st.columns(2)
     _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names, marker_notes=notes, colors=colors), "roc")
     _clickable_chart(top[1], threshold_figure(sweeps, threshold, sweep_markers, names=names, x_range=window,
-                                              colors=colors), "sweep")
+                                              colors=colors, marker_notes=notes), "sweep")
     bottom = st.columns(2)
     bottom[0].plotly_chart(pr_figure(pr, pr_markers, prevalence=prevalence, names=names, colors=colors),
                            width="stretch",
@@ -576,7 +578,7 @@ def _clinic_table(breakdowns: dict, threshold: float, classes=MELANOMA) -> None:
             st.warning(f"{run}, clinic {clinic}: {note}.")
 
 
-def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict) -> None:
+def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict, classes=MELANOMA) -> None:
     """A threshold chosen on one run's predictions and judged, with CIs, on another's."""
     st.subheader("Threshold chosen on one set, judged on another")
     names = list(evaluations)
@@ -585,7 +587,7 @@ def _threshold_elsewhere(evaluations: dict, frames: dict, splits: dict) -> None:
     rule = cols[1].selectbox("Rule", list(THRESHOLD_RULES), format_func=THRESHOLD_RULES.get, key="compare_rule")
     judged = cols[2].selectbox("Judge it on", names, index=min(1, len(names) - 1), key="compare_judge_on")
     try:
-        point = threshold_elsewhere(evaluations[chooser], frames[judged], rule, n_boot=N_BOOT)
+        point = threshold_elsewhere(evaluations[chooser], frames[judged], rule, n_boot=N_BOOT, classes=classes)
     except MelcoreError as exc:
         show_error(exc, "No operating point")
         return
@@ -740,10 +742,10 @@ def _ci_text(value: float, low: float, high: float) -> str:
                                                 else f"{value:.1%}")
 
 
-def _reader_rows(table: pd.DataFrame) -> pd.DataFrame:
+def _reader_rows(table: pd.DataFrame, classes=MELANOMA) -> pd.DataFrame:
     return pd.DataFrame({
         "Reader": table["reviewer"], "Mode": table["mode"].map(MODE_WORDS), "Lesions": table["n"],
-        "Malignant": table["n_malignant"],
+        classes.positive_plural.capitalize(): table["n_malignant"],
         "Sensitivity (95% CI)": [_ci_text(v, lo, hi) for v, lo, hi in
                                  zip(table["sensitivity"], table["sensitivity_low"], table["sensitivity_high"])],
         "Specificity (95% CI)": [_ci_text(v, lo, hi) for v, lo, hi in
@@ -758,14 +760,15 @@ def _reader_rows(table: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _mean_reader_text(result, level: float = 0.95) -> str:
+def _mean_reader_text(result, level: float = 0.95, classes=MELANOMA) -> str:
     names = ", ".join(escape_markdown(n) for n in result.readers)
     if not np.isfinite(result.sensitivity_diff):
         return f"**Mean reader ({MODE_WORDS[result.mode]})**: {escape_markdown(result.note)}"
     low, high = result.sensitivity_diff_ci
     s_low, s_high = result.specificity_diff_ci
     return (f"**Mean reader ({MODE_WORDS[result.mode]})**, {len(result.readers)} reader(s) ({names}) on the "
-            f"{result.n:,} lesions all of them read ({result.n_malignant:,} melanomas, {result.n_patients:,} "
+            f"{result.n:,} lesions all of them read ({result.n_malignant:,} {classes.positive_plural}, "
+            f"{result.n_patients:,} "
             f"patients): sensitivity {_pct(result.reader_sensitivity)}, specificity "
             f"{_pct(result.reader_specificity)}. The model at that specificity: sensitivity "
             f"{_pct(result.model_sensitivity)}, a difference of {result.sensitivity_diff:+.1%} ({level:.0%} CI "
@@ -775,8 +778,9 @@ def _mean_reader_text(result, level: float = 0.95) -> str:
             + (f" {escape_markdown(result.note)}." if result.note else ""))
 
 
-def _readers_section(store, runs_by_label: dict) -> None:
-    """Readers of a reader study (Review page) against the model on the same lesions."""
+def _readers_section(store, runs_by_label: dict, classes=MELANOMA) -> None:
+    """Readers of a reader study (Review page) against the model on the same lesions; ``classes`` (the
+    dataset's :class:`melcore.classes.ClassNames`) names the counted positives."""
     st.subheader("Readers against the model")
     url = settings.db_url()
     histories = {label: store.review_history(run["id"]) for label, run in runs_by_label.items()}
@@ -810,7 +814,7 @@ def _readers_section(store, runs_by_label: dict) -> None:
         st.plotly_chart(readers_roc_figure(*figure_args, model_name=label, mean_reader=mean_points),
                         width="stretch", key="compare_readers_roc")
         st.caption(f"Model curve on the {curve.n:,} lesions read by the readers shown ({curve.n_malignant:,} "
-                   f"melanomas, {curve.n_patients:,} patients); "
+                   f"{classes.positive_plural}, {curve.n_patients:,} patients); "
                    + ("every reader read all of them." if curve.same_lesions else
                       "readers read different subsets, so each point is on its reader's lesions (the table gives "
                       "the model on exactly those).")
@@ -818,14 +822,15 @@ def _readers_section(store, runs_by_label: dict) -> None:
     else:
         st.info(f"No reader has {MIN_READS} reads on labelled lesions with both classes yet: the ROC plot needs "
                 "them. The table shows what there is.")
-    st.dataframe(_reader_rows(table), hide_index=True, width="stretch", key="compare_readers_table")
+    st.dataframe(_reader_rows(table, classes), hide_index=True, width="stretch", key="compare_readers_table")
     for result in study["means"].values():
-        st.markdown(_mean_reader_text(result))
+        st.markdown(_mean_reader_text(result, classes=classes))
     if len(study["aided"]):
         st.markdown("**Aided against blinded reading** (the same lesions, each reader)")
         paired = study["aided"]
         st.dataframe(pd.DataFrame({
-            "Reader": paired["reviewer"], "Lesions": paired["n"], "Malignant": paired["n_malignant"],
+            "Reader": paired["reviewer"], "Lesions": paired["n"],
+            classes.positive_plural.capitalize(): paired["n_malignant"],
             "Sensitivity blinded": paired["sensitivity_unaided"].map(_pct),
             "Sensitivity aided": paired["sensitivity_aided"].map(_pct),
             "Change": paired["sensitivity_diff"].map(lambda v: "" if not np.isfinite(v) else f"{v:+.1%}"),
@@ -847,7 +852,7 @@ def _readers_section(store, runs_by_label: dict) -> None:
         st.caption(f"Fleiss' kappa across {n_readers} readers on the {n_lesions:,} lesions all of them read: "
                    + (f"{fleiss:.3f}" if np.isfinite(fleiss) else "n/a (needs two readers and shared lesions)"))
     cols = st.columns(2)
-    cols[0].download_button("Download reader table (CSV)", reader_table_csv(table).encode(), key="compare_readers_csv",
+    cols[0].download_button("Download reader table (CSV)", reader_table_csv(table, classes).encode(), key="compare_readers_csv",
                             file_name=f"readers-run{run['id']}.csv", mime="text/csv", on_click="ignore")
     if figure_args is not None:
         mean_points = {m: (r.reader_specificity, r.reader_sensitivity) for m, r in study["means"].items()}
@@ -881,6 +886,7 @@ def main() -> None:
         cohort = None
     version = _cohort_version(dataset) + (cohort is not None,)
     url = settings.db_url()
+    classes = dataset_classes(dataset)
 
     frames, splits, runs_by_label, notes = {}, {}, {}, []
     for run in runs:
@@ -921,7 +927,7 @@ def main() -> None:
             st.caption(f"{escape_markdown(label)}: no images in this subset, left out")
             continue
         try:
-            evaluations[label] = _evaluation(url, run_id, splits[label], version, key, common_ids, frame)
+            evaluations[label] = _evaluation(url, run_id, splits[label], version, key, common_ids, frame, classes)
         except MelcoreError as exc:
             show_error(exc, label)
     if not evaluations:
@@ -933,13 +939,13 @@ def main() -> None:
     confounding = {label: _confounding(url, runs_by_label[label]["id"], splits[label], version, key, common_ids,
                                        cohort.table if cohort is not None else None, subset[label], audit)
                    for label in names}
-    _confounding_lead(confounding, dataset_classes(dataset).positive_plural)
+    _confounding_lead(confounding, classes.positive_plural)
     for label in names:
         for warning in missingness_of(runs_by_label[label], cohort):
             st.warning(f"**{escape_markdown(label)}** (metadata model): " + escape_markdown(warning))
     _overlap_warning({k: subset[k] for k in names})
     _scratch_warning([runs_by_label[k] for k in names])
-    _summary(evaluations, runs_by_label, splits, confounding, dataset_classes(dataset))
+    _summary(evaluations, runs_by_label, splits, confounding, classes)
 
     breakdowns = {}
     for label in names:
@@ -950,14 +956,14 @@ def main() -> None:
             show_error(exc, f"{label}: per-clinic table")
 
     _operating_point(evaluations, breakdowns, runs_by_label, dataset, filters)
-    _threshold_elsewhere(evaluations, {k: subset[k] for k in names}, splits)
+    _threshold_elsewhere(evaluations, {k: subset[k] for k in names}, splits, classes)
 
     pair_frames = {k: subset[k] for k in names}
     pair_key = tuple(runs_by_label[k]["id"] for k in names)
-    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames), dataset_classes(dataset))
+    _pairwise_section(_pairwise(url, pair_key, split, version, key, common_ids, pair_frames, classes), classes)
     if breakdowns:
         _clinic_bars(breakdowns, names, {k: run_color(runs_by_label[k]["id"]) for k in names})
-    _readers_section(store, {k: runs_by_label[k] for k in names})
+    _readers_section(store, {k: runs_by_label[k] for k in names}, classes)
     _cross_clinic_section(store, dataset)
 
 

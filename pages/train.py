@@ -423,9 +423,17 @@ def _worker_status(store) -> None:
     st.success(f"{len(shown)} worker{'s' if len(shown) > 1 else ''} running · " + " · ".join(lines))
 
 
-def _job_table(jobs: list[dict], dataset_names: dict, runs: dict) -> None:
+def _job_table(jobs: list[dict], dataset_names: dict, runs: dict, confounding: dict | None = None) -> None:
     """One row per job; a finished job's AUROC is its run's delivered one (the card's and Compare's), a
-    running job's the last epoch's selection AUROC."""
+    running job's the last epoch's selection AUROC.
+
+    ``confounding`` (run id -> :class:`melcore.runinfo.SourceConfounding` or None, the job cards'
+    decision): when a listed run's dataset is confounded by source, the table leads with a
+    "Within-source AUROC" column (the largest clinic/source holding both classes, as on the card) and
+    that run's pooled AUROC reads "(pooled, confounded)".
+    """
+    confounding = confounding or {}
+    within = {run_id: c.within_auroc for run_id, c in confounding.items() if c is not None and c.confounded}
     rows = []
     for job in jobs:
         config = job.get("config") or {}
@@ -438,18 +446,31 @@ def _job_table(jobs: list[dict], dataset_names: dict, runs: dict) -> None:
             "epoch / fold": (f"{'fold ' if p.get('stage') == 'fold' else ''}{p.get('epoch', 0)}/"
                              f"{p.get('epochs', '?')}") if p else "",
             "loss": p.get("loss") if job["state"] == "running" else None,
-            "AUROC": _table_auroc(job, runs),
+            **({"Within-source AUROC": within.get(job.get("run_id"))} if within else {}),
+            "AUROC": _auroc_text(_table_auroc(job, runs), job.get("run_id") in within),
             "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",
             "run": job.get("run_id"), "submitted": _when(job.get("created_at")),
         })
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=K + "table", column_config={
         "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
         "loss": st.column_config.NumberColumn(format="%.4f"),
-        "AUROC": st.column_config.NumberColumn(
-            format="%.3f", help="Finished: the run's AUROC (of the model that delivered its scores, on its "
-                                "validation or out-of-fold images). Running: the last epoch's selection AUROC."),
+        "Within-source AUROC": st.column_config.NumberColumn(
+            format="%.3f", help="Shown when a run's dataset is confounded by source (a clinic/source holds no "
+                                "melanoma, or the shortcut audit fired): the run's AUROC inside the largest "
+                                "clinic/source holding both classes; its job card gives the CI and every source."),
+        "AUROC": st.column_config.TextColumn(
+            help="Finished: the run's AUROC (of the model that delivered its scores, on its validation or "
+                 "out-of-fold images); '(pooled, confounded)' when it partly measures where an image comes from. "
+                 "Running: the last epoch's selection AUROC."),
         "run": st.column_config.NumberColumn(format="%d"),
     })
+
+
+def _auroc_text(value, confounded: bool) -> str:
+    """The table's AUROC: ``"0.796"``, ``"0.720 (pooled, confounded)"``, or ``""`` when unknown."""
+    if value is None:
+        return ""
+    return format_number(value, ".3f") + (" (pooled, confounded)" if confounded else "")
 
 
 def _table_auroc(job: dict, runs: dict):
@@ -527,10 +548,30 @@ def _run_confounding(url: str, run_id: int, prediction_version: tuple, cohort_ve
 def _confounding(store, run: dict):
     """The run's :class:`melcore.runinfo.SourceConfounding` (cached per run), None when unknown."""
     dataset = store.find_dataset(int(run["dataset_id"])) if run.get("dataset_id") is not None else None
+    try:
+        counts = store.prediction_counts([run["id"]]).get(run["id"], (0, 0))
+    except MelcoreError as exc:
+        log.warning("within-source AUROC of run #%s: %s", run["id"], exc)
+        return None
+    return _cached_confounding(run, dataset, counts)
+
+
+def _confoundings(store, runs: list[dict], datasets: dict) -> dict:
+    """``{run id: SourceConfounding or None}`` of several runs (one prediction-count query), the same
+    decision as each job card's :func:`_confounding`."""
+    if not runs:
+        return {}
+    counts = store.prediction_counts([r["id"] for r in runs])
+    return {r["id"]: _cached_confounding(r, datasets.get(r.get("dataset_id")), counts.get(r["id"], (0, 0)))
+            for r in runs}
+
+
+def _cached_confounding(run: dict, dataset: dict | None, counts: tuple):
+    if not counts or not counts[0]:
+        return None  # no stored predictions: nothing to judge
     path = Path(dataset["csv_path"]) if dataset else None
     version = path.stat().st_mtime if path is not None and path.exists() else 0.0
     try:
-        counts = store.prediction_counts([run["id"]]).get(run["id"], (0, 0))
         return _run_confounding(settings.db_url(), int(run["id"]), tuple(counts), version)
     except (MelcoreError, OSError, ValueError) as exc:
         log.warning("within-source AUROC of run #%s: %s", run["id"], exc)
@@ -651,9 +692,11 @@ def _live_jobs() -> None:
     if not jobs:
         st.caption("No jobs yet: queue one above.")
         return
-    dataset_names = {d["id"]: d["name"] for d in store.list_datasets()}
+    datasets = {d["id"]: d for d in store.list_datasets()}
+    dataset_names = {i: d["name"] for i, d in datasets.items()}
     runs = {r["id"]: r for r in store.list_runs(archived=None)} if any(j.get("run_id") for j in jobs) else {}
-    _job_table(jobs, dataset_names, runs)
+    listed = [runs[j["run_id"]] for j in jobs if j.get("run_id") in runs]
+    _job_table(jobs, dataset_names, runs, _confoundings(store, listed, datasets))
     active = [j for j in jobs if j["state"] in ACTIVE]
     finished = [j for j in jobs if j["state"] in FINISHED][:RECENT_FINISHED]
     if active:

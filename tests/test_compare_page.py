@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from melcore.classes import MALIGNANT, MELANOMA
 from melcore.cohort import load_cohort
 from melcore.compare import (
     GroupBreakdown,
@@ -29,6 +30,7 @@ from melcore.compare import (
     subset_key,
     subset_options,
     summary_table,
+    threshold_elsewhere,
     threshold_from_points,
     threshold_window,
 )
@@ -363,7 +365,8 @@ def test_run_with_one_class_is_a_message_not_a_crash(seeded):
     only_benign = store.add_run("benign-only", dataset_id=seeded["dataset_id"], model="cnn-bn")
     store.add_predictions(only_benign, simulated(benign_c, 1.0, seed=5), split="oof")
     at = run_page()
-    assert any("benign-only" in w.value and "only benign" in w.value for w in at.warning)
+    # a generic table: melanoma / not melanoma (melcore.classes), never "benign" for its target-0 images
+    assert any("benign-only" in w.value and "only non-melanoma lesions" in w.value for w in at.warning)
     row = summary(at)
     assert row[row["Run"].str.contains("benign-only")]["AUROC"].isna().all()
 
@@ -546,7 +549,9 @@ def test_evaluate_predictions_with_one_class_or_no_image(cohort):
     benign = frame[frame["target"] == 0]
     e = evaluate_predictions(benign, n_boot=50)
     assert not e.both_classes and np.isnan(e.auroc) and e.roc is None and e.pr is None
-    assert "only benign" in e.note and e.presets() == {}
+    assert "only non-melanoma lesions" in e.note and e.presets() == {}
+    assert "only benign lesions" in evaluate_predictions(benign, n_boot=50, classes=MALIGNANT).note
+    assert "only melanomas" in evaluate_predictions(frame[frame["target"] == 1], n_boot=50).note
     assert np.isnan(e.at(0.5)["sensitivity"]) and 0 <= e.at(0.5)["specificity"] <= 1
     table = summary_table({"b": e})
     assert table["note"].iloc[0] == e.note and np.isnan(table["auroc"].iloc[0])
@@ -615,6 +620,22 @@ def test_pairwise_tests_on_shared_images(cohort):
     assert row["n_shared"] == 0 and "no shared images" in row["note"] and np.isnan(row["delong_p"])
     assert len(pairwise_tests({"a": strong, "b": weak, "c": weak_part}, n_boot=20)) == 3
     assert pairwise_tests({"a": strong}).empty
+
+
+@pytest.mark.parametrize("classes", [None, MELANOMA, MALIGNANT], ids=["default", "melanoma", "malignant"])
+def test_compare_notes_name_the_datasets_classes(cohort, classes):
+    strong, _ = joined(cohort)
+    words = classes or MELANOMA
+    other = MALIGNANT if words is MELANOMA else MELANOMA
+    few = pd.concat([strong[strong["target"] == 1].iloc[:1], strong[strong["target"] == 0].iloc[:5]])
+    (row,) = pairwise_tests({"a": few, "b": few}, n_boot=20, classes=classes).to_dict("records")
+    assert f"needs at least 2 {words.positive_plural} and 2 {words.negative_plural} among the shared images " \
+           "(has 1 and 5)" in row["note"]
+    assert other.positive_plural not in row["note"] and other.negative_plural not in row["note"]
+    one_class = evaluate_predictions(strong[strong["target"] == 0], n_boot=20, classes=classes)
+    assert one_class.note.startswith(f"only {words.negative_plural} (")
+    with pytest.raises(MelcoreError, match=f"with both {words.positive_plural} and {words.negative_plural}$"):
+        threshold_elsewhere(one_class, strong, "youden", n_boot=20, classes=classes)
 
 
 def test_group_breakdown_matches_per_group(cohort):

@@ -3,6 +3,8 @@ run at its own saved threshold and the prevalence beside PPV / NPV."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from melcore.compare import evaluate_predictions, image_overlap, underpowered_note
@@ -65,8 +67,27 @@ def test_each_run_is_shown_at_its_own_saved_threshold_with_the_prevalence(overla
     assert focus_row["Threshold"] == f"{slider:.3f}"
     assert any("Prevalence" in c.value and "PPV, NPV and biopsies per melanoma depend on it" in c.value
                for c in at.caption)
+    # the sensitivity/specificity plot marks that run at its saved threshold, with the threshold in the hover
+    sweep = _sweep_markers(at)
+    saved = {name: m for name, m in sweep.items() if "all-images" in name}
+    assert len(saved) == 2  # sensitivity and specificity
+    for name, marker in saved.items():
+        metric = "sensitivity" if name.endswith("sensitivity @ threshold") else "specificity"
+        assert (marker["x"][0], marker["y"][0]) == pytest.approx((0.9, expected[metric]))
+        assert "threshold 0.900 (saved)" in marker["hovertemplate"]
+    focus_markers = [m for name, m in sweep.items() if "few-images" in name]
+    assert len(focus_markers) == 2 and all(m["x"][0] == pytest.approx(slider) for m in focus_markers)
     # one threshold for all when the toggle is off
     at.toggle(key="compare_own_thresholds").set_value(False)
     run(at)
     table = next(d.value for d in at.dataframe if "Threshold" in d.value.columns and "PPV" in d.value.columns)
     assert set(table["Threshold"]) == {f"{slider:.3f}"}
+
+
+def _sweep_markers(at) -> dict:
+    """Marker traces (name -> trace) of Compare's sensitivity/specificity-by-threshold plot."""
+    for chart in at.get("plotly_chart"):
+        spec = json.loads(chart.proto.spec)
+        if spec["layout"].get("title", {}).get("text") == "Sensitivity and specificity by threshold":
+            return {t["name"]: t for t in spec["data"] if t.get("name", "").endswith("@ threshold")}
+    raise AssertionError("no sensitivity/specificity-by-threshold plot")

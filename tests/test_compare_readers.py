@@ -19,6 +19,7 @@ import streamlit.testing.v1.app_test as app_test_module
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
+from melcore.classes import MALIGNANT, MELANOMA
 from melcore.readers import MIN_READS, model_on_reads, reader_table, study_reads, wilson_interval
 from melcore.store import Store
 
@@ -179,7 +180,11 @@ def test_readers_section_shows_each_reader_with_cis_equal_to_melcore_readers(stu
 
     # the CSV export parses and holds the same numbers
     export = pd.read_csv(io.BytesIO(downloads[f"readers-run{run_id}.csv"]), keep_default_na=False, na_values=[""])
-    assert list(export.columns) == list(expected.columns) and len(export) == len(expected)
+    expected_columns = [{"n_malignant": "n_positive"}.get(c, c) for c in expected.columns]
+    expected_columns.insert(expected_columns.index("n_positive") + 1, "positive_class")
+    assert list(export.columns) == expected_columns and len(export) == len(expected)
+    assert (export["n_positive"].to_numpy() == expected["n_malignant"].to_numpy()).all()
+    assert set(export["positive_class"]) == {"melanoma"}  # a generic table: melanoma / not melanoma
     export["reviewer"] = export["reviewer"].str.replace("'", "", regex=False)  # the spreadsheet-safe prefix, none here
     pd.testing.assert_frame_equal(export[["reviewer", "mode", "n", "tp", "fp", "tn", "fn"]],
                                   expected[["reviewer", "mode", "n", "tp", "fp", "tn", "fn"]].astype(
@@ -227,3 +232,34 @@ def test_too_few_reads_say_so_instead_of_a_plot(tmp_path, downloads):
     assert row["Reader"] == "Dr A" and row["Lesions"] == len(few) and not row["On ROC plot"]
     assert f"fewer than the {MIN_READS} needed" in row["Note"]
     assert f"readers-run{run_id}.csv" in downloads and f"readers-run{run_id}.png" not in downloads
+
+
+@pytest.mark.parametrize("classes", [MELANOMA, MALIGNANT], ids=["melanoma", "malignant"])
+def test_reader_tables_captions_and_csv_use_the_datasets_class_words(tmp_path, downloads, classes):
+    store = Store()
+    table = _cohort(tmp_path)
+    dataset_id = store.add_dataset("study", tmp_path / "study.csv", format="generic",
+                                   options={"check_images": "none"}, summary={"classes": classes.to_dict()})
+    run_id = store.add_run("effnet", dataset_id=dataset_id, model="efficientnet-b3")
+    rng = np.random.default_rng(5)
+    store.add_predictions(run_id, table.assign(prediction=1 / (1 + np.exp(-(rng.normal(size=len(table))
+                                                                             + 1.8 * table["target"])))), split="val")
+    for k, reviewer in enumerate(("Dr A", "Dr B")):
+        for aided in (False, True):
+            _read(store, run_id, table, reviewer, 0.8, 0.7, aided=aided, seed=10 * k + aided, confidence=True)
+    at = _page()
+    count = classes.positive_plural.capitalize()  # "Melanomas" / "Malignant lesions"
+    other = "Malignant lesions" if classes is MELANOMA else "Melanomas"
+    n_positive = int(table["target"].sum())
+    readers = _readers_table(at)
+    assert count in readers.columns and other not in readers.columns and "Malignant" not in readers.columns
+    assert (readers[count] == n_positive).all()
+    paired = next(df.value for df in at.dataframe if "McNemar p (sens)" in df.value.columns)
+    assert count in paired.columns and "Malignant" not in paired.columns
+    section = texts(at.caption) + texts(at.markdown)
+    assert f"({n_positive:,} {classes.positive_plural}, " in section
+    wrong = "melanomas" if classes is MALIGNANT else "malignant lesions"
+    assert f"{n_positive:,} {wrong}" not in section
+    export = pd.read_csv(io.BytesIO(downloads[f"readers-run{run_id}.csv"]), keep_default_na=False, na_values=[""])
+    assert "n_malignant" not in export.columns and (export["n_positive"] == n_positive).all()
+    assert set(export["positive_class"]) == {classes.positive}

@@ -95,6 +95,33 @@ def test_the_train_job_card_leads_with_the_within_source_auroc(pooled, monkeypat
     assert "'HAM' holds no melanoma" in plain(texts(at.warning))
 
 
+def test_the_jobs_table_leads_with_the_within_source_auroc_when_the_card_does(pooled, monkeypatch):
+    monkeypatch.setattr(launch, "ensure_worker", lambda store, **kwargs: 4242)
+    store = pooled["store"]
+    job_ids = {}
+    for run_id in pooled["runs"]:
+        job_id = store.submit_job({"model": "basic-cnn", "epochs": 1}, dataset_id=pooled["dataset_id"])
+        job = store.claim_job("testhost:999:1")
+        assert store.finish_job(job_id, job["claim_token"], "done", run_id=run_id)
+        job_ids[job_id] = run_id
+    queued = store.submit_job({"model": "basic-cnn", "epochs": 1}, dataset_id=pooled["dataset_id"])
+    at = open_page("train.py", timeout=90)
+    table = next(d.value for d in at.dataframe if "epoch / fold" in d.value.columns).set_index("job")
+    assert table.loc[queued, "AUROC"] == ""
+    if not pooled["confounded"]:
+        assert "Within-source AUROC" not in table.columns
+        assert (table.loc[list(job_ids), "AUROC"] == "0.700").all()  # the runs' delivered val_auroc
+        return
+    columns = list(table.columns)
+    assert columns.index("Within-source AUROC") < columns.index("AUROC")
+    for job_id, run_id in job_ids.items():
+        frame = pooled["runs"][run_id]
+        isic = frame[frame["clinic"] == "ISIC"]
+        assert table.loc[job_id, "Within-source AUROC"] == pytest.approx(auroc(isic["target"], isic["prediction"]))
+        assert table.loc[job_id, "AUROC"] == "0.700 (pooled, confounded)"
+    assert np.isnan(table.loc[queued, "Within-source AUROC"])
+
+
 def test_a_metadata_run_that_can_learn_from_missing_age_is_warned_about_on_compare_and_its_card(tmp_path,
                                                                                                monkeypatch):
     monkeypatch.setattr(launch, "ensure_worker", lambda store, **kwargs: 4242)

@@ -133,6 +133,29 @@ def test_threshold_figure_has_sensitivity_and_specificity_per_model_and_markers_
     assert not threshold_figure(curves).layout.shapes  # no threshold, no line
 
 
+def test_threshold_figure_marks_a_run_at_its_own_saved_threshold_with_it_in_the_hover(two_models):
+    y, models = two_models
+    curves = {name: ThresholdSweep(y, p).curve(max_points=100) for name, p in models.items()}
+    good, weak = (ThresholdSweep(y, models[n]) for n in ("good", "weak"))
+    markers = {"good": (good.at(0.3)["sensitivity"], good.at(0.3)["specificity"]),  # at the slider's threshold
+               "weak": (weak.at(0.62)["sensitivity"], weak.at(0.62)["specificity"], 0.62)}  # at its saved one
+    fig = threshold_figure(curves, 0.3, markers, marker_notes={"weak": "threshold 0.620 (saved)"})
+    for metric, value in zip(("sensitivity", "specificity"), markers["weak"]):
+        marker = by_name(fig, f"weak {metric} @ threshold")
+        assert (marker.x[0], marker.y[0]) == pytest.approx((0.62, value))
+        assert "threshold 0.620 (saved)" in marker.hovertemplate
+        shared = by_name(fig, f"good {metric} @ threshold")
+        assert shared.x[0] == pytest.approx(0.3) and "threshold 0.300" in shared.hovertemplate
+    # a run at its own threshold is marked even without a shared threshold line; a two-value marker is not
+    alone = threshold_figure(curves, None, markers)
+    assert by_name(alone, "weak sensitivity @ threshold").x[0] == pytest.approx(0.62)
+    assert "threshold 0.62" in by_name(alone, "weak sensitivity @ threshold").hovertemplate
+    assert not [t for t in alone.data if t.name == "good sensitivity @ threshold"]
+    # notes are escaped (a run name can hold markup)
+    escaped = threshold_figure(curves, 0.3, markers, marker_notes={"weak": "<b>x</b>"})
+    assert "&lt;b&gt;x&lt;/b&gt;" in by_name(escaped, "weak specificity @ threshold").hovertemplate
+
+
 def test_pr_figure_names_average_precision_and_draws_prevalence(two_models):
     y, models = two_models
     precision, recall, _ = precision_recall_curve(y, models["good"])

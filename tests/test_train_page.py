@@ -248,7 +248,8 @@ def test_a_done_colour_model_job_shows_the_delivered_auroc_in_the_table_and_name
     assert store.finish_job(job["id"], job["claim_token"], "done", run_id=run_id)
     at = open_page()
     table = next(d.value for d in at.dataframe if "job" in d.value.columns)
-    assert table.loc[table["job"] == job["id"], "AUROC"].tolist() == [0.796]
+    assert table.loc[table["job"] == job["id"], "AUROC"].tolist() == ["0.796"]
+    assert "Within-source AUROC" not in table.columns  # not confounded by source
     assert "colour/shape SVM" in table.loc[table["job"] == job["id"], "model"].iloc[0]
     note = texts(at.success)
     assert "0.796" in note and "colour/shape SVM" in note and "0.497" not in note
