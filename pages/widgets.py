@@ -312,8 +312,9 @@ def _has_model(run: Mapping) -> bool:
 def _heatmap(run_dir: str, model_signature: tuple, image_path: str, image_signature: tuple,
              method: str, detail: str = "standard") -> np.ndarray:
     from melcore.explain import explain_image
+    from melcore.predict import in_model_thread
 
-    return explain_image(run_dir, image_path, method, detail=detail)[1]
+    return in_model_thread(explain_image, run_dir, image_path, method, detail=detail)[1]
 
 
 def _signature(path: Path) -> tuple:
@@ -350,10 +351,14 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
                       key=f"{key}_gc_detail",
                       help="Fine explains an earlier, higher-resolution feature map that every path to the score "
                            "still passes through (e.g. 28x28 instead of 7x7 for EfficientNet-Lite0 at 224 px).")
+    run = next(r for r in candidates if int(r["id"]) == run_id)
+    if settings.warm_up_enabled():  # the model loads and traces while the user looks at the lesion
+        from melcore.predict import warm_up_in_background
+
+        warm_up_in_background(run["run_dir"], method, detail)
     if not show:
         st.caption("Switch on to compute the overlay (a few seconds the first time for each model and image).")
         return
-    run = next(r for r in candidates if int(r["id"]) == run_id)
     try:
         model_file = explain.model_path(run["run_dir"])
         with st.spinner(f"Computing {GRADCAM_METHODS[method]} for {lesion.get('image_name')}..."):
