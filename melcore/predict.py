@@ -33,6 +33,7 @@ and :func:`predict_batch` always give the CNN's probability.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -746,6 +747,9 @@ def _warm_quietly(run_or_dir, method: str | None, detail: str) -> float | None:
         log.warning("warm-up of %s failed (%s: %s)", run_or_dir, type(exc).__name__, exc)
         return None
     log.info("warmed %s (%s, %s detail) in %.1f s", run_or_dir, method, detail, seconds)
+    # TensorFlow's modules, the model and its traced graphs live as long as the process: out of the
+    # cyclic garbage collector's reach, its full collections no longer walk them on every request.
+    gc.freeze()
     return seconds
 
 
