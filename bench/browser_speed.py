@@ -346,6 +346,8 @@ def main(argv=None) -> int:
     try:
         setup_seconds = set_up(home, args.image_size)
         print(f"set-up (register + train cpu-default): {setup_seconds:.0f} s", flush=True)
+        # every Grad-CAM is computed in this measurement (a kept --home holds the last one's heatmaps)
+        shutil.rmtree(home / "cache" / "gradcam", ignore_errors=True)
         load_before = load()
         os.environ.update({k: v for k, v in _env(home).items() if k.startswith("MELREVIEW")})
         server = StreamlitServer(home, home / "streamlit.log")
