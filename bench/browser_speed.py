@@ -177,9 +177,9 @@ def compare_steps(page, repeats: int, times: dict) -> None:
         page.get_by_role("button", name="Youden", exact=True).click()
         times.setdefault("Compare: Youden preset", []).append(settled(page, start, _changed(page, before)))
         before = _thumb(page).inner_text()
-        start = time.perf_counter()
-        click_curve_point(page, "ROC curves", trace=1, avoid=float(before))
-        times.setdefault("Compare: ROC click", []).append(settled(page, start - 0.5, _changed(page, before)) - 0.5)
+        click_curve_point(page, "ROC curves", trace=1, avoid=float(before))  # scrolls, hovers, waits, clicks
+        start = time.perf_counter()  # just after the click: the helper's own waits are not counted
+        times.setdefault("Compare: ROC click", []).append(settled(page, start, _changed(page, before)))
         save = page.get_by_role("button", name=re.compile(r"^Save \d\.\d{3,6} as this run's threshold"))
         start = time.perf_counter()
         save.click()
