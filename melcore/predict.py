@@ -740,7 +740,13 @@ def warm_up(run_or_dir, method: str | None = "gradcam", detail: str = "standard"
     return time.perf_counter() - start
 
 
+#: Seconds a background warm-up waits before it starts: the page that asked finishes drawing before
+#: TensorFlow's import (seconds of CPU, mostly holding the interpreter lock) competes with it.
+WARM_UP_DELAY = 1.5
+
+
 def _warm_quietly(run_or_dir, method: str | None, detail: str) -> float | None:
+    time.sleep(WARM_UP_DELAY)
     try:
         seconds = warm_up(run_or_dir, method, detail)
     except Exception as exc:  # the page's own call reports the error in words
