@@ -887,6 +887,7 @@ _EXPLAINERS: "OrderedDict[tuple, tuple[weakref.ref, Explainer]]" = OrderedDict()
 _MAX_EXPLAINERS = 8
 _MODELS: "OrderedDict[tuple, object]" = OrderedDict()
 _MAX_MODELS = 3
+_LOADING: dict[tuple, threading.Lock] = {}  # model key -> held while that model file is being loaded
 
 
 def get_explainer(model, method: str = "gradcam", layer=None, *, engine: str = "compiled") -> Explainer:
@@ -959,13 +960,20 @@ def load_run_model(run: PathLike):
         if model is not None:
             _MODELS.move_to_end(key)
             return model
-    model = _load_keras_file(path)
+        loading = _LOADING.setdefault(key, threading.Lock())
+    with loading:  # a second caller (a page, a warm-up thread) waits for the first one's model
+        with _CACHE_LOCK:
+            model = _MODELS.get(key)
+        if model is None:
+            model = _load_keras_file(path)
+            with _CACHE_LOCK:
+                for old in [k for k in _MODELS if k[0] == key[0]]:
+                    del _MODELS[old]
+                _MODELS[key] = model
+                while len(_MODELS) > _MAX_MODELS:
+                    _MODELS.popitem(last=False)
     with _CACHE_LOCK:
-        for old in [k for k in _MODELS if k[0] == key[0]]:
-            del _MODELS[old]
-        _MODELS[key] = model
-        while len(_MODELS) > _MAX_MODELS:
-            _MODELS.popitem(last=False)
+        _LOADING.pop(key, None)
     return model
 
 

@@ -33,9 +33,14 @@ and :func:`predict_batch` always give the CNN's probability.
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import os
+import threading
+import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,7 +67,12 @@ __all__ = [
     "predict_folder",
     "write_submission",
     "list_image_files",
+    "in_model_thread",
+    "warm_up",
+    "warm_up_in_background",
 ]
+
+log = logging.getLogger("melcore.predict")
 
 #: Number of test-time augmentation views (the dihedral group of the square).
 N_TTA_VIEWS = 8
@@ -674,3 +684,116 @@ def _colour_probability_of_bytes(colour_model, raw: bytes) -> float:
         path = Path(folder) / f"upload{suffix}"
         path.write_bytes(raw)
         return float(colour.colour_probabilities(colour_model, [str(path)], cache=None)[0])
+
+
+# --------------------------------------------------------------------------- the model thread and warm-up
+
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+_MODEL_THREAD: dict = {}  # "ident": the model thread's id, once it has started
+_WARMING: dict[tuple, Future] = {}
+
+
+def _mark_model_thread() -> None:
+    _MODEL_THREAD["ident"] = threading.get_ident()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="melcore-model",
+                                           initializer=_mark_model_thread)
+        return _EXECUTOR
+
+
+def in_model_thread(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run on this process's one long-lived model thread; its result (or exception).
+
+    Model work queues there one call behind the other: a page's Grad-CAM or upload asked for
+    while :func:`warm_up_in_background` is still loading that model waits for it instead of
+    loading and tracing the same model a second time at once, and the short-lived threads
+    a web server runs requests on (Streamlit starts one per script run) hold no TensorFlow
+    state. A call made on the model thread itself runs at once.
+    """
+    if _MODEL_THREAD.get("ident") == threading.get_ident():
+        return fn(*args, **kwargs)
+    return _executor().submit(fn, *args, **kwargs).result()
+
+
+def _warm_key(run_or_dir, method: str | None, detail: str) -> tuple | None:
+    from melcore import explain
+
+    try:
+        path = explain.model_path(getattr(run_or_dir, "run_dir", run_or_dir))
+        stat = path.stat()
+    except (MelcoreError, OSError):
+        return None
+    return str(path), stat.st_mtime_ns, stat.st_size, method, detail
+
+
+def warm_up(run_or_dir, method: str | None = "gradcam", detail: str = "standard") -> float:
+    """Load a run's model into the process-wide cache and run one blank image through its scoring and
+    Grad-CAM graphs, so that the first real upload or heatmap pays neither for loading nor for tracing.
+
+    Parameters
+    ----------
+    run_or_dir : run directory or ``.keras`` file
+    method : {"gradcam", "gradcam++", "scorecam"} or None
+        The explainer traced (None: scoring only).
+    detail : {"standard", "fine"}
+
+    Returns
+    -------
+    float
+        Seconds taken (imports, loading and tracing).
+    """
+    from melcore import explain
+
+    start = time.perf_counter()
+    model = explain.load_run_model(getattr(run_or_dir, "run_dir", run_or_dir))
+    size = model_image_size(model)
+    blank = np.full((size, size, 3), 128, dtype=np.uint8)
+    predict_images(model, blank[None], tta=False)
+    if method is not None:
+        explain.get_explainer(model, method, explain.detail_layer(model, detail)).heatmap(blank)
+    return time.perf_counter() - start
+
+
+#: Seconds a background warm-up waits before it starts: the page that asked finishes drawing before
+#: TensorFlow's import (seconds of CPU, mostly holding the interpreter lock) competes with it.
+WARM_UP_DELAY = 1.5
+
+
+def _warm_quietly(run_or_dir, method: str | None, detail: str) -> float | None:
+    time.sleep(WARM_UP_DELAY)
+    try:
+        seconds = warm_up(run_or_dir, method, detail)
+    except Exception as exc:  # the page's own call reports the error in words
+        log.warning("warm-up of %s failed (%s: %s)", run_or_dir, type(exc).__name__, exc)
+        return None
+    log.info("warmed %s (%s, %s detail) in %.1f s", run_or_dir, method, detail, seconds)
+    # TensorFlow's modules, the model and its traced graphs live as long as the process: out of the
+    # cyclic garbage collector's reach, its full collections no longer walk them on every request.
+    gc.freeze()
+    return seconds
+
+
+def warm_up_in_background(run_or_dir, method: str | None = "gradcam", detail: str = "standard") -> Future | None:
+    """Queue :func:`warm_up` on the model thread (:func:`in_model_thread`), once per process for each model
+    file (path, mtime, size), method and detail, and return at once.
+
+    Returns the warm-up's Future (its result: seconds taken, or None when the warm-up failed; a second
+    call for the same model returns the first one's), or None when the run has no model file. A call
+    to :func:`in_model_thread` made meanwhile waits for the warm-up, which does the same work.
+    """
+    key = _warm_key(run_or_dir, method, detail)
+    if key is None:
+        return None
+    with _EXECUTOR_LOCK:
+        future = _WARMING.get(key)
+    if future is None:
+        future = _executor().submit(_warm_quietly, key[0], method, detail)
+        with _EXECUTOR_LOCK:
+            future = _WARMING.setdefault(key, future)
+    return future

@@ -4,6 +4,7 @@
 directories, image and feature caches and the demo cohort.
 ``MELREVIEW_DB_URL`` overrides the store (e.g. ``postgresql+psycopg://...``).
 ``MELREVIEW_DATA_ROOTS`` lists the folders datasets may be registered from.
+``MELREVIEW_WARM_UP=0`` stops the pages loading a run's model in the background.
 """
 
 from __future__ import annotations
@@ -53,3 +54,8 @@ def data_roots() -> list[Path]:
     if not roots:
         roots = [Path.home()]
     return roots + [home() / "demo"]
+
+
+def warm_up_enabled() -> bool:
+    """Whether pages warm a run's model in the background (``MELREVIEW_WARM_UP``, on unless ``0``/``false``/``no``)."""
+    return os.environ.get("MELREVIEW_WARM_UP", "1").strip().lower() not in ("0", "false", "no", "off")

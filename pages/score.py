@@ -21,7 +21,8 @@ from melcore.errors import ImageError, MelcoreError
 from melcore.explain import DETAILS
 from melcore.formatting import format_risk, format_threshold
 from melcore.images import DEFAULT_MAX_UPLOAD_BYTES
-from melcore.predict import score_upload
+from melcore.predict import in_model_thread, score_upload, warm_up_in_background
+from melcore.settings import warm_up_enabled
 from melcore.runinfo import run_title, scratch_reason, scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
 from ui.common import page_start, record_run, restore_run, show_error
@@ -48,9 +49,10 @@ def _has_model(run: dict) -> bool:
 
 @st.cache_resource(show_spinner="Loading the model (once per run)...", max_entries=4)
 def _model(model_file: str, mtime_ns: int, size: int):
-    from melcore.models import load_model
+    from melcore.explain import load_run_model
 
-    return load_model(model_file)
+    # The process-wide model that Grad-CAM on the other pages and the warm-up use too
+    return in_model_thread(load_run_model, model_file)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -58,7 +60,8 @@ def _score(digest: str, model_file: str, mtime_ns: int, tta: bool, method: str, 
            detail: str = "standard"):
     # A run that delivers a colour/shape model's scores needs its folder, not just the CNN.
     has_colour = (Path(model_file).parent / COLOUR_MODEL_FILE).is_file()
-    return score_upload(model_file if has_colour else _model, _data, name, tta=tta, method=method, detail=detail)
+    return in_model_thread(score_upload, model_file if has_colour else _model, _data, name, tta=tta, method=method,
+                           detail=detail)
 
 
 def _run_label(run: dict, datasets: dict) -> str:
@@ -152,6 +155,8 @@ def main() -> None:
     detail = st.radio("Grad-CAM detail", list(DETAILS), format_func=DETAILS.get, horizontal=True, key=K + "detail",
                       help="Fine explains an earlier, higher-resolution feature map that every path to the score "
                            "still passes through.")
+    if warm_up_enabled():  # the model loads and traces while the user picks a file
+        warm_up_in_background(model_file, method, detail)
     if upload is None:
         return
 

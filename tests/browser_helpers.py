@@ -45,7 +45,8 @@ class StreamlitServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         env = dict(os.environ, MELREVIEW_HOME=str(self.home), PYTHONPATH=str(PROJECT_ROOT),
-                   TF_CPP_MIN_LOG_LEVEL="3", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+                   TF_CPP_MIN_LOG_LEVEL="3", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+                   MELREVIEW_WARM_UP="1")  # the app as users get it: models warmed in the background
         env.pop("MELREVIEW_DB_URL", None)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(

@@ -28,6 +28,9 @@ def melreview_home(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.delenv("MELREVIEW_DB_URL", raising=False)
     roots = [str(tmp_path_factory.getbasetemp()), str(SHARED_DATA)]
     monkeypatch.setenv("MELREVIEW_DATA_ROOTS", os.pathsep.join(roots))
+    # Pages do not load models in the background unless a test asks for it (test_warm_up_*): a
+    # warm-up still running would outlive the test's temporary folder.
+    monkeypatch.setenv("MELREVIEW_WARM_UP", "0")
     return home
 
 

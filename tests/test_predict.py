@@ -159,3 +159,30 @@ def test_load_run_model_errors(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
     with pytest.raises(ConfigError, match="two images are named 'a'"):
         list_image_files(tmp_path)
+
+
+def test_warm_up_loads_the_process_wide_model_once_on_the_model_thread(tmp_path):
+    import gc
+    import threading
+
+    from melcore import explain, predict
+    from melcore.models import build_model
+
+    model, _ = build_model("basic-cnn", SIZE)
+    model.save(tmp_path / "model.keras")
+    gc.unfreeze()
+    first = predict.warm_up_in_background(tmp_path)
+    assert first is not None and predict.warm_up_in_background(tmp_path) is first  # once per model file
+    seconds = first.result(timeout=300)
+    assert seconds is not None and seconds > 0
+    assert gc.get_freeze_count() > 0  # the model's objects are out of the collector's reach
+    warmed = explain.load_run_model(tmp_path)  # the cache now holds the warmed model: no second load
+    assert predict.in_model_thread(explain.load_run_model, tmp_path) is warmed
+    names = {predict.in_model_thread(lambda: threading.current_thread().name) for _ in range(3)}
+    assert len(names) == 1 and names.pop().startswith("melcore-model")
+    assert predict.in_model_thread(lambda: threading.current_thread()) is not threading.current_thread()
+    assert predict.warm_up_in_background(tmp_path / "no-such-run") is None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.keras").write_bytes(b"not a model")
+    assert predict.warm_up_in_background(broken).result(timeout=60) is None  # logged, not raised

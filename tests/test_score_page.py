@@ -205,3 +205,27 @@ def test_a_colour_model_run_shows_the_outline_it_measured(model_dir, tmp_path):
     caption = next(c for c in texts(at.caption).splitlines() if "Test-time augmentation" in c)
     assert "applies to the CNN only" in caption and f"headline {headline:.3f}" in caption
     assert not any(m.proto.delta for m in at.metric)  # no "↑ below" arrow
+
+
+def test_warm_up_starts_when_the_page_opens_and_the_upload_uses_its_model(runs, model_dir, monkeypatch):
+    from melcore import explain, predict
+
+    monkeypatch.setenv("MELREVIEW_WARM_UP", "1")
+    explain.clear_caches()
+    key = predict._warm_key(model_dir, "gradcam", "standard")
+    predict._WARMING.pop(key, None)
+    from melcore import models
+
+    loads = []
+    real_load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
+    at = run(open_page())
+    assert not at.exception
+    warming = predict._WARMING.get(key)
+    assert warming is not None, "opening the Score page did not queue the model's warm-up"
+    assert warming.result(timeout=300) is not None and len(loads) == 1
+    at.file_uploader(key="score_upload").upload("lesion.png", png_bytes(seed=3), "image/png")
+    run(at)
+    assert not at.exception and 0.0 <= probability(at) <= 1.0
+    assert len(loads) == 1, "the upload loaded the model again instead of using the warmed one"
+    assert predict.warm_up_in_background(model_dir) is warming  # once per process and model file

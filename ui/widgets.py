@@ -61,7 +61,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from melcore import explain, settings
+from melcore import explain, predict, settings
 from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
 from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import ImageError, MelcoreError
@@ -312,7 +312,7 @@ def _has_model(run: Mapping) -> bool:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _heatmap(run_dir: str, model_signature: tuple, image_path: str, image_signature: tuple,
              method: str, detail: str = "standard") -> np.ndarray:
-    return explain.explain_image(run_dir, image_path, method, detail=detail)[1]
+    return predict.in_model_thread(explain.explain_image, run_dir, image_path, method, detail=detail)[1]
 
 
 def _signature(path: Path) -> tuple:
@@ -368,10 +368,12 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
     record_choice(GRADCAM_STATE + "method", "gc_method", method)
     record_choice(GRADCAM_STATE + "opacity", "gc_opacity", float(opacity), lambda v: f"{v:.2f}")
     record_choice(GRADCAM_STATE + "detail", "gc_detail", detail)
+    run = next(r for r in candidates if int(r["id"]) == run_id)
+    if settings.warm_up_enabled():  # the model loads and traces while the user looks at the lesion
+        predict.warm_up_in_background(run["run_dir"], method, detail)
     if not show:
         st.caption("Switch on to compute the overlay (a few seconds the first time for each model and image).")
         return
-    run = next(r for r in candidates if int(r["id"]) == run_id)
     try:
         model_file = explain.model_path(run["run_dir"])
         with st.spinner(f"Computing {GRADCAM_METHODS[method]} for {lesion.get('image_name')}..."):
