@@ -63,22 +63,27 @@ def seed_store(csv: Path):
     store = Store()
     start = time.perf_counter()
     dataset_id, cohort = store.register_dataset("isic2020", csv)
-    print(f"register ISIC 2020 table: {time.perf_counter() - start:.2f} s  "
-          f"({len(cohort):,} images, {cohort.summary()['n_patients']:,} patients, "
-          f"{cohort.table['image_path'].notna().sum()} image files present, the rest shown as stand-ins)")
+    print(
+        f"register ISIC 2020 table: {time.perf_counter() - start:.2f} s  "
+        f"({len(cohort):,} images, {cohort.summary()['n_patients']:,} patients, "
+        f"{cohort.table['image_path'].notna().sum()} image files present, the rest shown as stand-ins)"
+    )
     table = cohort.table
     rng = np.random.default_rng(0)
     malignant = table["target"].eq(1).fillna(False).to_numpy()
     scores = np.clip(rng.beta(1.0, 12.0, len(table)) + malignant * rng.uniform(0.1, 0.6, len(table)), 0, 1)
     frame = table[["image_name", "patient_id", "clinic", "target"]].assign(prediction=scores)
-    full = store.add_run("effnet-b3 (all images)", None, dataset_id=dataset_id, model="efficientnet-b3",
-                         threshold=0.3)
+    full = store.add_run("effnet-b3 (all images)", None, dataset_id=dataset_id, model="efficientnet-b3", threshold=0.3)
     start = time.perf_counter()
     store.add_predictions(full, frame, split="val")
     print(f"store 33k predictions: {time.perf_counter() - start:.2f} s")
     val = store.add_run("resnet50 (20% val)", None, dataset_id=dataset_id, model="resnet50")
-    store.add_predictions(val, frame.sample(frac=0.2, random_state=0).assign(
-        prediction=lambda f: np.clip(f["prediction"] + rng.normal(0, 0.05, len(f)), 0, 1)))
+    store.add_predictions(
+        val,
+        frame.sample(frac=0.2, random_state=0).assign(
+            prediction=lambda f: np.clip(f["prediction"] + rng.normal(0, 0.05, len(f)), 0, 1)
+        ),
+    )
     return store, dataset_id, cohort, full, val
 
 
@@ -96,8 +101,7 @@ def bench_library(store, cohort, run_id: int, repeats: int) -> dict:
     cases = {
         "no filter": Filters(threshold=0.3),
         "site torso": Filters(sites=("torso",), threshold=0.3),
-        "female 45-59 head/neck": Filters(sexes=("female",), age_bands=("45-59",), sites=("head/neck",),
-                                          threshold=0.3),
+        "female 45-59 head/neck": Filters(sexes=("female",), age_bands=("45-59",), sites=("head/neck",), threshold=0.3),
         "has malignant": Filters(malignant=True, threshold=0.3),
         "risk >= threshold": Filters(above_threshold=True, threshold=0.3),
     }
@@ -141,16 +145,19 @@ def bench_page(run_id: int, largest: str, repeats: int) -> tuple[dict, float]:
 
     filters = {
         "filter: site torso": lambda on: at.multiselect(key="patients_site").set_value(["torso"] if on else []),
-        "filter: sex + age band": lambda on: (at.multiselect(key="patients_sex").set_value(["female"] if on else []),
-                                              at.multiselect(key="patients_age").set_value(["45-59"] if on else [])),
+        "filter: sex + age band": lambda on: (
+            at.multiselect(key="patients_sex").set_value(["female"] if on else []),
+            at.multiselect(key="patients_age").set_value(["45-59"] if on else []),
+        ),
         "filter: has malignant": lambda on: at.checkbox(key="patients_malignant").set_value(on),
         "filter: risk >= threshold": lambda on: at.checkbox(key="patients_flagged").set_value(on),
     }
     for label, action in filters.items():
         timed(action, label)
     filter_worst = max(out[label] for label in filters)
-    timed(lambda on: at.selectbox(key="patients_sort").set_value("lesions" if on else "highest risk"),
-          "sort by lesions")
+    timed(
+        lambda on: at.selectbox(key="patients_sort").set_value("lesions" if on else "highest risk"), "sort by lesions"
+    )
     timed(lambda on: at.number_input(key="patients_page").set_value(7 if on else 1), "table page 7")
 
     at.selectbox(key="patients_open").set_value(largest)
@@ -163,8 +170,11 @@ def bench_page(run_id: int, largest: str, repeats: int) -> tuple[dict, float]:
     at.button(key=grid[5]).click().run()
     out["open a lesion from the grid"] = time.perf_counter() - start
     _check(at)
-    timed(lambda on: at.multiselect(key="patients_site").set_value(["torso"] if on else []),
-          "filter with a patient open", repeat=max(1, repeats // 2))
+    timed(
+        lambda on: at.multiselect(key="patients_site").set_value(["torso"] if on else []),
+        "filter with a patient open",
+        repeat=max(1, repeats // 2),
+    )
     return out, filter_worst
 
 
@@ -213,9 +223,23 @@ def bench_server(home: str) -> dict:
 
     port = _free_port()
     env = dict(os.environ, MELREVIEW_HOME=home, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(ROOT / "app.py"),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
     out = {}
     start = time.perf_counter()
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -237,8 +261,9 @@ def bench_server(home: str) -> dict:
         with urllib.request.urlopen(base + "/", timeout=10) as response:
             response.read()
         out["page HTML served"] = time.perf_counter() - start
-        with connect(f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"],
-                     max_size=2 ** 26, open_timeout=30) as ws:
+        with connect(
+            f"ws://127.0.0.1:{port}/_stcore/stream", subprotocols=["streamlit"], max_size=2**26, open_timeout=30
+        ) as ws:
             home_seconds, home_headings = _session_run(ws)
             if "melreview" not in home_headings:
                 raise SystemExit(f"the home page did not render its title (headings: {home_headings})")
@@ -292,8 +317,10 @@ def main(argv=None) -> int:
             _print("app cold start (streamlit run, headless)", server)
             start_time = server["home page script finished (process start to first page)"]
         print(f"\ngoals: filter + render <= {GOAL_FILTER:.0f} s, cold start to first page <= {GOAL_START:.0f} s")
-        print(f"filter+render {filter_worst:.3f} s (goal {GOAL_FILTER:.0f} s); "
-              f"cold start to first page {start_time:.3f} s (goal {GOAL_START:.0f} s)")
+        print(
+            f"filter+render {filter_worst:.3f} s (goal {GOAL_FILTER:.0f} s); "
+            f"cold start to first page {start_time:.3f} s (goal {GOAL_START:.0f} s)"
+        )
     finally:
         shutil.rmtree(home, ignore_errors=True)
     return 0

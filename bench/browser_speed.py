@@ -70,9 +70,15 @@ RUNNING_JS = """() => {
 
 # --------------------------------------------------------------------------- set-up
 
+
 def _env(home: Path) -> dict:
-    env = dict(os.environ, MELREVIEW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3",
-               MELREVIEW_DATA_ROOTS=str(DATA.resolve().parent), PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        MELREVIEW_HOME=str(home),
+        TF_CPP_MIN_LOG_LEVEL="3",
+        MELREVIEW_DATA_ROOTS=str(DATA.resolve().parent),
+        PYTHONPATH=str(ROOT),
+    )
     env.pop("MELREVIEW_DB_URL", None)
     return env
 
@@ -80,7 +86,9 @@ def _env(home: Path) -> dict:
 def _cli(home: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(home), capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"{' '.join(args[:3])} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+        )
     return done.stdout
 
 
@@ -99,8 +107,19 @@ def set_up(home: Path, image_size: int | None) -> float:
     if _has_run(home):
         return 0.0
     start = time.perf_counter()
-    _cli(home, "melcore", "datasets", "add", DATASET, "--csv", str(DATA / "labels.csv"), "--images",
-         str(DATA / "images"), "--clinic-column", "source")
+    _cli(
+        home,
+        "melcore",
+        "datasets",
+        "add",
+        DATASET,
+        "--csv",
+        str(DATA / "labels.csv"),
+        "--images",
+        str(DATA / "images"),
+        "--clinic-column",
+        "source",
+    )
     submit = ["melcore", "jobs", "submit", "--dataset", DATASET, "--preset", "cpu-default"]
     if image_size:
         submit += ["--image-size", str(image_size)]
@@ -112,6 +131,7 @@ def set_up(home: Path, image_size: int | None) -> float:
 
 
 # --------------------------------------------------------------------------- timing
+
 
 def settled(page, start: float, ready=None, timeout: float = 240.0) -> float:
     """Seconds from ``start`` until ``ready()`` holds and no script has run for SETTLE s (the quiet start)."""
@@ -151,8 +171,11 @@ def switch(page, title: str) -> float:
 
 
 def _thumb(page):
-    return page.locator('[data-testid="stSlider"]').filter(has_text="Decision threshold").locator(
-        '[data-testid="stSliderThumbValue"]')
+    return (
+        page.locator('[data-testid="stSlider"]')
+        .filter(has_text="Decision threshold")
+        .locator('[data-testid="stSliderThumbValue"]')
+    )
 
 
 def _changed(page, before: str):
@@ -184,7 +207,9 @@ def compare_steps(page, repeats: int, times: dict) -> None:
         start = time.perf_counter()
         save.click()
         saved = page.get_by_text(re.compile(r"Saved threshold \d\.\d{3,6} for"))
-        times.setdefault("Compare: save threshold", []).append(settled(page, start, lambda saved=saved: saved.count() > 0))
+        times.setdefault("Compare: save threshold", []).append(
+            settled(page, start, lambda saved=saved: saved.count() > 0)
+        )
         _check(page, "Compare")
 
 
@@ -208,12 +233,14 @@ def review_steps(page, repeats: int, times: dict) -> None:
         start = time.perf_counter()
         page.get_by_role("button", name="Next ▶").click()
         times.setdefault("Review: first Grad-CAM of a lesion (model warm)", []).append(
-            settled(page, start, lambda here=here: rank() != here and overlay.count() > 0))
+            settled(page, start, lambda here=here: rank() != here and overlay.count() > 0)
+        )
         here = rank()
         start = time.perf_counter()
         page.get_by_role("button", name="◀ Previous").click()
         times.setdefault("Review: cached Grad-CAM (lesion shown before)", []).append(
-            settled(page, start, lambda here=here: rank() != here and overlay.count() > 0))
+            settled(page, start, lambda here=here: rank() != here and overlay.count() > 0)
+        )
         page.get_by_role("button", name="Next ▶").click()
         settled(page, time.perf_counter())
         _check(page, "Review Grad-CAM")
@@ -246,8 +273,9 @@ def score_steps(page, repeats: int, times: dict, folder: Path) -> None:
         before = source()
         start = time.perf_counter()
         uploader.set_input_files(str(png))
-        times.setdefault(name, []).append(settled(page, start, lambda before=before: metric.count() > 0
-                                                  and source() not in (None, before)))
+        times.setdefault(name, []).append(
+            settled(page, start, lambda before=before: metric.count() > 0 and source() not in (None, before))
+        )
         _check(page, "Score")
 
 
@@ -263,8 +291,13 @@ def drive(server: StreamlitServer, repeats: int, folder: Path) -> dict:
             page = context.new_page()
             start = time.perf_counter()
             page.goto(server.url + "/")
-            times["Home: first page of a new server"] = [settled(page, start, lambda: _heading(
-                page, HOME_HEADING).count() > 0 and page.get_by_text(DATASET).count() > 0)]
+            times["Home: first page of a new server"] = [
+                settled(
+                    page,
+                    start,
+                    lambda: _heading(page, HOME_HEADING).count() > 0 and page.get_by_text(DATASET).count() > 0,
+                )
+            ]
             # one warm-up lap: every page's caches filled once (the cold visits are timed separately)
             for title in PAGES:
                 times.setdefault(f"first visit: {title}", []).append(switch(page, title))
@@ -286,6 +319,7 @@ def drive(server: StreamlitServer, repeats: int, folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- report
+
 
 def goal_of(step: str) -> float | None:
     if step.startswith("page switch"):
@@ -315,10 +349,10 @@ def table(result: dict, baseline: dict | None) -> list[str]:
     for step, value in result["median"].items():
         goal = goal_of(step)
         met = "" if goal is None else ("yes" if value <= goal else "**no**")
-        row = (f"| {step} | {len(result['times'][step])} | {value:.2f} | {'' if goal is None else goal} | {met} |")
+        row = f"| {step} | {len(result['times'][step])} | {value:.2f} | {'' if goal is None else goal} | {met} |"
         if baseline:
             before = baseline["median"].get(step)
-            row += (f" {before:.2f} | {before / value:.1f}x |" if before else " | |")
+            row += f" {before:.2f} | {before / value:.1f}x |" if before else " | |"
         lines.append(row)
     return lines
 
@@ -353,10 +387,16 @@ def main(argv=None) -> int:
         server = StreamlitServer(home, home / "streamlit.log")
         server.wait_healthy()
         times = drive(server, args.repeats, home)
-        result = {"label": args.label, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="minutes"), "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}",
-                  "load_before": load_before, "load_after": load(), "setup_seconds": setup_seconds,
-                  "times": times, "median": medians(times)}
+        result = {
+            "label": args.label,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}",
+            "load_before": load_before,
+            "load_after": load(),
+            "setup_seconds": setup_seconds,
+            "times": times,
+            "median": medians(times),
+        }
     finally:
         if server is not None:
             server.stop()
@@ -365,15 +405,21 @@ def main(argv=None) -> int:
             shutil.rmtree(home, ignore_errors=True)
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     lines = table(result, baseline)
-    print(f"\n{result['date']} · {result['machine']}\nload before: {result['load_before']}\n"
-          f"load after:  {result['load_after']}")
+    print(
+        f"\n{result['date']} · {result['machine']}\nload before: {result['load_before']}\n"
+        f"load after:  {result['load_after']}"
+    )
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     if args.write:
-        section = [f"\n### {args.label or 'measurement'} ({result['date']})\n",
-                   f"Machine: {result['machine']}. Load before: `{result['load_before']}`; after: "
-                   f"`{result['load_after']}` (2 cores shared with other jobs: times are inflated).\n", *lines, ""]
+        section = [
+            f"\n### {args.label or 'measurement'} ({result['date']})\n",
+            f"Machine: {result['machine']}. Load before: `{result['load_before']}`; after: "
+            f"`{result['load_after']}` (2 cores shared with other jobs: times are inflated).\n",
+            *lines,
+            "",
+        ]
         with open(ROOT / "bench" / "RESULTS.md", "a") as out:
             out.write("\n".join(section) + "\n")
     return 0

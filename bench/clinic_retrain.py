@@ -66,8 +66,12 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="images")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10, help="head epochs (early stopping patience 3)")
-    parser.add_argument("--full-batches", type=int, default=0,
-                        help="time only this many fine-tune batches and extrapolate (0 = the whole epoch)")
+    parser.add_argument(
+        "--full-batches",
+        type=int,
+        default=0,
+        help="time only this many fine-tune batches and extrapolate (0 = the whole epoch)",
+    )
     parser.add_argument("--home", help="MELREVIEW_HOME (default: a new temporary folder, cold caches)")
     args = parser.parse_args(argv)
     home = args.home or tempfile.mkdtemp(prefix="melreview-bench-")
@@ -79,10 +83,19 @@ def main(argv=None) -> int:
 
     cohort = _cohort(args.n, 0)
     n = len(cohort)
-    print(f"cohort {cohort.name}: {n} images ({int(cohort.table['target'].eq(1).sum())} melanoma); "
-          f"{args.model} at {args.size} px, weights none; home {home}")
-    base = dict(model=args.model, image_size=args.size, batch_size=args.batch, weights="none", seed=0,
-                epochs=args.epochs, augment="none")
+    print(
+        f"cohort {cohort.name}: {n} images ({int(cohort.table['target'].eq(1).sum())} melanoma); "
+        f"{args.model} at {args.size} px, weights none; home {home}"
+    )
+    base = dict(
+        model=args.model,
+        image_size=args.size,
+        batch_size=args.batch,
+        weights="none",
+        seed=0,
+        epochs=args.epochs,
+        augment="none",
+    )
     runs = Path(home) / "bench-runs"
 
     fast = TrainConfig(mode="fast-head", **base)
@@ -90,23 +103,29 @@ def main(argv=None) -> int:
     cold = fit(fast, cohort, run_dir=runs / "cold")
     cold_s = time.perf_counter() - t
     m = cold.metrics
-    print(f"cold fast-head run:  {cold_s:6.1f} s  (features {m['feature_seconds']:.1f} s = "
-          f"{n / max(m['feature_seconds'], 1e-9):.1f} images/s, {m['feature_cache']['misses']} computed; head "
-          f"{m['head_seconds']:.1f} s; val AUROC {m['val_auroc']:.3f})")
+    print(
+        f"cold fast-head run:  {cold_s:6.1f} s  (features {m['feature_seconds']:.1f} s = "
+        f"{n / max(m['feature_seconds'], 1e-9):.1f} images/s, {m['feature_cache']['misses']} computed; head "
+        f"{m['head_seconds']:.1f} s; val AUROC {m['val_auroc']:.3f})"
+    )
 
     features.clear_extractors()
     t = time.perf_counter()
     warm = fit(fast, cohort, run_dir=runs / "warm")
     warm_s = time.perf_counter() - t
     m = warm.metrics
-    print(f"warm retrain:        {warm_s:6.1f} s  (cache hits {m['feature_cache']['hits']}/{n}; backbone build+hash "
-          f"{m['backbone_seconds']:.1f} s, features {m['feature_seconds']:.1f} s, head {m['head_seconds']:.1f} s, "
-          f"save {m['save_seconds']:.1f} s; {m['epochs_run']} epochs; val AUROC {m['val_auroc']:.3f})")
+    print(
+        f"warm retrain:        {warm_s:6.1f} s  (cache hits {m['feature_cache']['hits']}/{n}; backbone build+hash "
+        f"{m['backbone_seconds']:.1f} s, features {m['feature_seconds']:.1f} s, head {m['head_seconds']:.1f} s, "
+        f"save {m['save_seconds']:.1f} s; {m['epochs_run']} epochs; val AUROC {m['val_auroc']:.3f})"
+    )
     t = time.perf_counter()
     reused = fit(fast, cohort, run_dir=runs / "warm-reused")
     reused_s = time.perf_counter() - t
-    print(f"warm, backbone kept: {reused_s:6.1f} s  (a worker's next job: backbone reused "
-          f"{reused.metrics['backbone_reused']})")
+    print(
+        f"warm, backbone kept: {reused_s:6.1f} s  (a worker's next job: backbone reused "
+        f"{reused.metrics['backbone_reused']})"
+    )
 
     # ---- one fine-tune epoch of the same images
     stamps: list[float] = []
@@ -132,12 +151,18 @@ def main(argv=None) -> int:
         per_image = run.metrics["train_seconds"] / max(1, n_train)
         how = "whole epoch"
     epoch_s = per_image * n
-    print(f"fine-tune epoch:     {epoch_s:6.1f} s  for {n} images ({1 / per_image:.1f} images/s training, {how}; "
-          f"wall {full_wall:.1f} s{' cancelled by design' if run.cancelled else ''})")
-    print(f"targets: warm retrain {warm_s:.1f} s <= 10 s: {'yes' if warm_s <= 10 else 'NO'}; "
-          f"ratio >= 20: {'yes' if epoch_s / warm_s >= 20 else 'NO'}")
-    print(f"fine-tune epoch / warm retrain = {epoch_s:.1f} s / {warm_s:.1f} s = {epoch_s / warm_s:.1f}x "
-          f"(backbone kept in memory: {epoch_s / reused_s:.1f}x)")
+    print(
+        f"fine-tune epoch:     {epoch_s:6.1f} s  for {n} images ({1 / per_image:.1f} images/s training, {how}; "
+        f"wall {full_wall:.1f} s{' cancelled by design' if run.cancelled else ''})"
+    )
+    print(
+        f"targets: warm retrain {warm_s:.1f} s <= 10 s: {'yes' if warm_s <= 10 else 'NO'}; "
+        f"ratio >= 20: {'yes' if epoch_s / warm_s >= 20 else 'NO'}"
+    )
+    print(
+        f"fine-tune epoch / warm retrain = {epoch_s:.1f} s / {warm_s:.1f} s = {epoch_s / warm_s:.1f}x "
+        f"(backbone kept in memory: {epoch_s / reused_s:.1f}x)"
+    )
     return 0
 
 

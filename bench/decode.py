@@ -59,8 +59,11 @@ def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.
     radii = radius * (1 + 0.15 * np.cumsum(rng.normal(0, 0.15, angles.size)) % 0.3)
     mask = Image.new("L", (width, height), 0)
     ImageDraw.Draw(mask).polygon(list(zip(cx + radii * np.cos(angles), cy + radii * np.sin(angles))), fill=235)
-    mask = mask.resize((width // 8, height // 8), Image.Resampling.BILINEAR).filter(
-        ImageFilter.GaussianBlur(3)).resize((width, height), Image.Resampling.BICUBIC)
+    mask = (
+        mask.resize((width // 8, height // 8), Image.Resampling.BILINEAR)
+        .filter(ImageFilter.GaussianBlur(3))
+        .resize((width, height), Image.Resampling.BICUBIC)
+    )
     pigment = np.clip(np.array([120, 75, 50]) + rng.normal(0, 25, (6, 8, 3)), 0, 255).astype(np.uint8)
     lesion = Image.fromarray(pigment).resize((width, height), Image.Resampling.BICUBIC)
     img = Image.composite(lesion, img, mask)
@@ -70,8 +73,11 @@ def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.
     for _ in range(int(rng.integers(3, 10))):
         x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
         ang, length = rng.uniform(0, np.pi), rng.uniform(0.3, 0.9) * width
-        draw.line([(x0, y0), (x0 + np.cos(ang) * length, y0 + np.sin(ang) * length)],
-                  fill=(40, 30, 25), width=int(rng.integers(5, 12)))
+        draw.line(
+            [(x0, y0), (x0 + np.cos(ang) * length, y0 + np.sin(ang) * length)],
+            fill=(40, 30, 25),
+            width=int(rng.integers(5, 12)),
+        )
 
     # Sensor noise, correlated over ~2 px as after demosaicing.
     noise = rng.integers(128 - 9, 128 + 10, (height // 2, width // 2, 3), dtype=np.uint8)
@@ -105,8 +111,10 @@ def main(argv=None) -> int:
     try:
         rng = np.random.default_rng(0)
         paths = []
-        print(f"writing {args.images} synthetic {args.width}x{args.height} JPEGs (quality {args.quality}) "
-              f"to {workdir}", flush=True)
+        print(
+            f"writing {args.images} synthetic {args.width}x{args.height} JPEGs (quality {args.quality}) to {workdir}",
+            flush=True,
+        )
         for i in range(args.images):
             path = workdir / f"photo_{i:02d}.jpg"
             synthetic_photo(rng, args.width, args.height).save(path, quality=args.quality)
@@ -138,13 +146,17 @@ def main(argv=None) -> int:
             return 1000 * float(np.median(t))
 
         a, b, c = best_of(naive_t), best_of(cold_t), best_of(cached_t)
-        print(f"to {args.size}x{args.size}, ms per image: best of {args.rounds} rounds (cached: "
-              f"{3 * args.rounds} reads) averaged over the {n} images; median of all timings in brackets")
+        print(
+            f"to {args.size}x{args.size}, ms per image: best of {args.rounds} rounds (cached: "
+            f"{3 * args.rounds} reads) averaged over the {n} images; median of all timings in brackets"
+        )
         print(f"  (a) naive PIL full decode + resize : {a:8.2f}   [{median(naive_t):.2f}]")
         print(f"  (b) melcore cold (draft + cache)   : {b:8.2f}   [{median(cold_t):.2f}]")
         print(f"  (c) melcore from the cache         : {c:8.3f}   [{median(cached_t):.3f}]")
-        print(f"median-based speed-ups: cold {median(naive_t) / median(cold_t):.1f}x, "
-              f"cached {median(naive_t) / median(cached_t):.1f}x")
+        print(
+            f"median-based speed-ups: cold {median(naive_t) / median(cold_t):.1f}x, "
+            f"cached {median(naive_t) / median(cached_t):.1f}x"
+        )
         print(f"mean |cold - naive| = {statistics.mean(diffs):.2f} levels of 255 (max per image {max(diffs):.2f})")
         print(f"cold_speedup={a / b:.1f}x cached_speedup={a / c:.1f}x")
     finally:

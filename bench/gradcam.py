@@ -121,8 +121,10 @@ def main() -> int:
 
         files = image_files(args.images, args.size, workdir)
         images = [load_image(f, args.size) for f in files]
-        print(f"EfficientNet-B3 at {args.size} px, random weights; {len(files)} images from "
-              f"{'derm-real-dev' if DERM.is_dir() else 'noise'}")
+        print(
+            f"EfficientNet-B3 at {args.size} px, random weights; {len(files)} images from "
+            f"{'derm-real-dev' if DERM.is_dir() else 'noise'}"
+        )
 
         model = build_flat(args.size)
         naive_cold, _ = timed(naive_heatmap, model, images[0])
@@ -131,8 +133,10 @@ def main() -> int:
 
         # A kinder baseline: one tf-keras-vis Gradcam (cloned once) reused for every image.
         reused = make_naive(model)
-        reused_times = [timed(reused, lambda output: output[:, 0], images[i % len(images)].astype(np.float32))[0]
-                        for i in range(1, 4)]
+        reused_times = [
+            timed(reused, lambda output: output[:, 0], images[i % len(images)].astype(np.float32))[0]
+            for i in range(1, 4)
+        ]
         reused_warm = statistics.median(reused_times)
 
         def ours_first():
@@ -155,38 +159,54 @@ def main() -> int:
 
         nested = build_nested(args.size)
         nested_explainer = explain.Explainer(nested, "gradcam").warmup()
-        nested_warm = statistics.median(timed(nested_explainer.heatmap, images[i % len(images)])[0]
-                                        for i in range(args.repeats))
+        nested_warm = statistics.median(
+            timed(nested_explainer.heatmap, images[i % len(images)])[0] for i in range(args.repeats)
+        )
 
         run_dir = workdir / "run"
         run_dir.mkdir()
         model.save(run_dir / "model.keras")
         explain.clear_caches()
         first_call, _ = timed(explain.explain_image, run_dir, files[0])
-        cached_times = [timed(explain.explain_image, run_dir, files[0], "gradcam", 0.4)[0]
-                        for _ in range(args.repeats * 2)]
+        cached_times = [
+            timed(explain.explain_image, run_dir, files[0], "gradcam", 0.4)[0] for _ in range(args.repeats * 2)
+        ]
         cached = statistics.median(cached_times)
 
         print(f"  naive tf-keras-vis cold (new Gradcam, clone=True) : {naive_cold:7.3f} s")
-        print(f"  naive tf-keras-vis warm (new Gradcam per image)    : {naive_warm:7.3f} s  "
-              f"(runs {', '.join(f'{t:.2f}' for t, _ in naive_runs)})")
-        print(f"  tf-keras-vis, one Gradcam reused (eager)           : {reused_warm:7.3f} s  "
-              f"(runs {', '.join(f'{t:.2f}' for t in reused_times)})")
+        print(
+            f"  naive tf-keras-vis warm (new Gradcam per image)    : {naive_warm:7.3f} s  "
+            f"(runs {', '.join(f'{t:.2f}' for t, _ in naive_runs)})"
+        )
+        print(
+            f"  tf-keras-vis, one Gradcam reused (eager)           : {reused_warm:7.3f} s  "
+            f"(runs {', '.join(f'{t:.2f}' for t in reused_times)})"
+        )
         print(f"  ours cold (Explainer + trace + first heatmap)      : {ours_cold:7.3f} s")
-        print(f"  ours warm (reused explainer)                       : {ours_warm:7.3f} s  "
-              f"(runs {', '.join(f'{t:.3f}' for t in ours_times)})")
+        print(
+            f"  ours warm (reused explainer)                       : {ours_warm:7.3f} s  "
+            f"(runs {', '.join(f'{t:.3f}' for t in ours_times)})"
+        )
         print(f"  ours warm, nested keras.applications backbone      : {nested_warm:7.3f} s")
         print(f"  explain_image first call (load + build + trace)    : {first_call:7.3f} s")
-        print(f"  explain_image from the disk cache                  : {cached * 1000:7.2f} ms  "
-              f"(min {min(cached_times) * 1000:.2f} ms)")
+        print(
+            f"  explain_image from the disk cache                  : {cached * 1000:7.2f} ms  "
+            f"(min {min(cached_times) * 1000:.2f} ms)"
+        )
         if agreement:
-            print(f"  naive vs ours on top_conv, max |difference| of the max-scaled "
-                  f"{same_layer.feature_size[0]}x{same_layer.feature_size[1]} maps: "
-                  f"{', '.join(f'{d:.2e}' for d in agreement)}")
-        print(f"  goals: warm <= 1.0 s -> {'met' if ours_warm <= 1.0 else 'MISSED'}; "
-              f"cached <= 50 ms -> {'met' if cached <= 0.05 else 'MISSED'}")
-        print(f"warm_speedup={naive_warm / ours_warm:.1f}x cached_speedup={naive_warm / cached:.1f}x "
-              f"warm_speedup_vs_reused_tkv={reused_warm / ours_warm:.1f}x")
+            print(
+                f"  naive vs ours on top_conv, max |difference| of the max-scaled "
+                f"{same_layer.feature_size[0]}x{same_layer.feature_size[1]} maps: "
+                f"{', '.join(f'{d:.2e}' for d in agreement)}"
+            )
+        print(
+            f"  goals: warm <= 1.0 s -> {'met' if ours_warm <= 1.0 else 'MISSED'}; "
+            f"cached <= 50 ms -> {'met' if cached <= 0.05 else 'MISSED'}"
+        )
+        print(
+            f"warm_speedup={naive_warm / ours_warm:.1f}x cached_speedup={naive_warm / cached:.1f}x "
+            f"warm_speedup_vs_reused_tkv={reused_warm / ours_warm:.1f}x"
+        )
     return 0
 
 

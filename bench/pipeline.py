@@ -63,8 +63,9 @@ def pipeline_ips(paths, size, batch, workers, cache) -> float:
 
     targets = np.zeros(len(paths), dtype="float32")
     targets[::10] = 1
-    data = ImageBatches(paths, targets, size, batch_size=batch, augment="isic-strong", seed=0,
-                        cache=cache, workers=workers)
+    data = ImageBatches(
+        paths, targets, size, batch_size=batch, augment="isic-strong", seed=0, cache=cache, workers=workers
+    )
     start = time.perf_counter()
     # The same fan-out as Keras' OrderedEnqueuer with threads: one batch per worker at a time.
     with ThreadPoolExecutor(workers) as pool:
@@ -79,8 +80,7 @@ def model_ips(name, size, batch, steps) -> tuple[float, float]:
     from melcore.training.optimizers import make_optimizer
 
     model, _ = models.build_model(name, size, weights="none")
-    model.compile(optimizer=make_optimizer(name, steps_per_epoch=steps, epochs=1),
-                  loss="binary_crossentropy")
+    model.compile(optimizer=make_optimizer(name, steps_per_epoch=steps, epochs=1), loss="binary_crossentropy")
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
     y = (rng.random(batch) < 0.5).astype("float32")
@@ -111,8 +111,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="melcore-bench-") as tmp:
         tmp = Path(tmp)
         paths = find_images(args.images, args.n, tmp)
-        print(f"{len(paths)} images, size {args.size}, batch {args.batch}, {args.workers} worker threads, "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"{len(paths)} images, size {args.size}, batch {args.batch}, {args.workers} worker threads, "
+            f"{os.cpu_count()} CPUs"
+        )
         cache = ImageCache(tmp / "cache")
         cold = pipeline_ips(paths, args.size, args.batch, args.workers, cache)
         cached = pipeline_ips(paths, args.size, args.batch, args.workers, cache)

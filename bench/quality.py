@@ -89,8 +89,8 @@ class Recipe:
     """One row: a CNN recipe, a colour-feature model, or a fusion of two rows."""
 
     name: str
-    kind: str                    # "cnn", "colour", "mean", "stack"
-    train_on: str = "matched"    # "matched" (305 ISIC images) or "all" (1,209)
+    kind: str  # "cnn", "colour", "mean", "stack"
+    train_on: str = "matched"  # "matched" (305 ISIC images) or "all" (1,209)
     model: str = "cnn-bn"
     image_size: int = 64
     epochs: int = 15
@@ -98,10 +98,10 @@ class Recipe:
     balance: str = "oversample"
     learning_rate: float | None = None
     tta: bool = False
-    classifier: str = "lr"       # colour rows: "lr", "hgb" or "svm"
-    features: str = "v1"         # colour rows: "v1" (BASE_FEATURE_NAMES) or "v2" (all FEATURE_NAMES)
-    parts: tuple = ()            # fusion rows: (colour row, cnn row)
-    weights: str = "imagenet"    # pretrained rows: "imagenet" or "none" (the same network, random weights)
+    classifier: str = "lr"  # colour rows: "lr", "hgb" or "svm"
+    features: str = "v1"  # colour rows: "v1" (BASE_FEATURE_NAMES) or "v2" (all FEATURE_NAMES)
+    parts: tuple = ()  # fusion rows: (colour row, cnn row)
+    weights: str = "imagenet"  # pretrained rows: "imagenet" or "none" (the same network, random weights)
     pooling: str = "multi-level"  # pretrained rows: melcore.registry.POOLINGS
     note: str = ""
 
@@ -110,42 +110,93 @@ class Recipe:
         # cpu-default's colour model is the v2 RBF SVM (melcore.colour.fit_colour_model's defaults).
         # colour-svm's model is the v2 RBF SVM (melcore.colour.fit_colour_model's defaults); cpu-default is the
         # pretrained multi-level EfficientNet-Lite0 row.
-        return self.kind == "cnn" or (self.kind == "colour" and self.classifier == "svm" and self.features == "v2") \
-            or (self.kind == "pretrained" and self.weights == "imagenet" and self.pooling == "multi-level"
-                and self.train_on == "matched")
+        return (
+            self.kind == "cnn"
+            or (self.kind == "colour" and self.classifier == "svm" and self.features == "v2")
+            or (
+                self.kind == "pretrained"
+                and self.weights == "imagenet"
+                and self.pooling == "multi-level"
+                and self.train_on == "matched"
+            )
+        )
 
 
 CNN = "cnn"
 PRETRAINED = "pretrained"
 ROWS: list[Recipe] = [
-    Recipe("lite0-224-multi-logistic/matched", PRETRAINED, model="efficientnet-lite0", image_size=224,
-           note="EfficientNet-Lite0 ImageNet, frozen, multi-level avg+max pooling, logistic head, C by inner CV "
-                "(cpu-default)"),
-    Recipe("lite0-224-avg-logistic/matched", PRETRAINED, model="efficientnet-lite0", image_size=224, pooling="avg",
-           note="the same with the last map's average pooling only"),
-    Recipe("lite0-224-multi-logistic/all", PRETRAINED, train_on="all", model="efficientnet-lite0", image_size=224,
-           note="cpu-default's recipe trained on all images (mixed sources)"),
-    Recipe("lite0-224-random-multi-logistic/matched", PRETRAINED, model="efficientnet-lite0", image_size=224,
-           weights="none", note="the same network with random weights (what ImageNet adds)"),
+    Recipe(
+        "lite0-224-multi-logistic/matched",
+        PRETRAINED,
+        model="efficientnet-lite0",
+        image_size=224,
+        note="EfficientNet-Lite0 ImageNet, frozen, multi-level avg+max pooling, logistic head, C by inner CV "
+        "(cpu-default)",
+    ),
+    Recipe(
+        "lite0-224-avg-logistic/matched",
+        PRETRAINED,
+        model="efficientnet-lite0",
+        image_size=224,
+        pooling="avg",
+        note="the same with the last map's average pooling only",
+    ),
+    Recipe(
+        "lite0-224-multi-logistic/all",
+        PRETRAINED,
+        train_on="all",
+        model="efficientnet-lite0",
+        image_size=224,
+        note="cpu-default's recipe trained on all images (mixed sources)",
+    ),
+    Recipe(
+        "lite0-224-random-multi-logistic/matched",
+        PRETRAINED,
+        model="efficientnet-lite0",
+        image_size=224,
+        weights="none",
+        note="the same network with random weights (what ImageNet adds)",
+    ),
     Recipe("colour-lr/matched", "colour", classifier="lr", note="v1 colour+shape features, logistic regression"),
     Recipe("colour-hgb/matched", "colour", classifier="hgb", note="v1 features, gradient boosting"),
     Recipe("colour-lr/all", "colour", train_on="all", classifier="lr"),
     Recipe("colour-hgb/all", "colour", train_on="all", classifier="hgb"),
-    Recipe("colour-lr-v2/matched", "colour", classifier="lr", features="v2",
-           note="v2 features (+texture, histograms, relative colour...), logistic regression"),
+    Recipe(
+        "colour-lr-v2/matched",
+        "colour",
+        classifier="lr",
+        features="v2",
+        note="v2 features (+texture, histograms, relative colour...), logistic regression",
+    ),
     Recipe("colour-svm-v1/matched", "colour", classifier="svm", note="v1 features, RBF SVM, C by inner CV"),
-    Recipe("colour-svm-v2/matched", "colour", classifier="svm", features="v2",
-           note="v2 features, RBF SVM, C by inner CV (cpu-default's colour model)"),
-    Recipe("colour-svm-v2/all", "colour", train_on="all", classifier="svm", features="v2",
-           note="the same trained on all images (what cpu-default fits on a mixed-source cohort)"),
+    Recipe(
+        "colour-svm-v2/matched",
+        "colour",
+        classifier="svm",
+        features="v2",
+        note="v2 features, RBF SVM, C by inner CV (cpu-default's colour model)",
+    ),
+    Recipe(
+        "colour-svm-v2/all",
+        "colour",
+        train_on="all",
+        classifier="svm",
+        features="v2",
+        note="the same trained on all images (what cpu-default fits on a mixed-source cohort)",
+    ),
     Recipe("cnn-bn-64-strong-os/matched", CNN),
     Recipe("cnn-bn-64-strong-os/matched+tta", CNN, tta=True, note="same models, 8-view TTA"),
     Recipe("cnn-bn-64-basic-os/matched", CNN, augment="basic"),
     Recipe("cnn-bn-64-strong-cw/matched", CNN, balance="class-weight"),
     Recipe("basic-cnn-64-basic-os/matched", CNN, model="basic-cnn", augment="basic"),
     Recipe("cnn-bn-96-strong-os/matched", CNN, image_size=96),
-    Recipe("cnn-bn-64-strong-os/all", CNN, train_on="all", epochs=3,
-           note="3 epochs: an oversampled epoch over all images is ~6x the matched set's"),
+    Recipe(
+        "cnn-bn-64-strong-os/all",
+        CNN,
+        train_on="all",
+        epochs=3,
+        note="3 epochs: an oversampled epoch over all images is ~6x the matched set's",
+    ),
     Recipe("mean(colour-lr, best cnn)", "mean", parts=("colour-lr/matched", "best-cnn")),
     Recipe("stack(colour, best cnn)", "stack", parts=("colour-lr/matched", "best-cnn")),
 ]
@@ -154,13 +205,14 @@ ROW_BY_NAME = {row.name: row for row in ROWS}
 
 # --------------------------------------------------------------------------- data
 
+
 @dataclass
 class Data:
     cohort: object
-    y: np.ndarray                 # int (n,)
-    matched: np.ndarray           # bool (n,)
-    groups: np.ndarray            # str (n,)
-    folds: np.ndarray             # int (n,)
+    y: np.ndarray  # int (n,)
+    matched: np.ndarray  # bool (n,)
+    groups: np.ndarray  # str (n,)
+    folds: np.ndarray  # int (n,)
     images: dict = field(default_factory=dict)  # size -> uint8 (n, s, s, 3)
     features: np.ndarray | None = None
     feature_seconds: float = 0.0
@@ -216,6 +268,7 @@ def train_mask(data: Data, recipe: Recipe, fold: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- rows
 
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
@@ -247,8 +300,14 @@ def colour_probabilities_oof(data: Data, recipe: Recipe) -> np.ndarray:
         held = data.folds == k
         if recipe.classifier == "hgb":
             columns = feature_columns(recipe.features)
-            model = HistGradientBoostingClassifier(max_depth=3, learning_rate=0.05, max_iter=200, min_samples_leaf=10,
-                                                   l2_regularization=1.0, random_state=SEED)
+            model = HistGradientBoostingClassifier(
+                max_depth=3,
+                learning_rate=0.05,
+                max_iter=200,
+                min_samples_leaf=10,
+                l2_regularization=1.0,
+                random_state=SEED,
+            )
             model.fit(features[fit_rows][:, columns], data.y[fit_rows])
             out[held] = model.predict_proba(features[held][:, columns])[:, 1]
             continue
@@ -272,8 +331,16 @@ def pretrained_features(data: Data, recipe: Recipe) -> np.ndarray:
 
     key = (recipe.model, recipe.image_size, recipe.weights, recipe.pooling)
     if key not in data.images:
-        config = validate(TrainConfig(model=recipe.model, image_size=recipe.image_size, weights=recipe.weights,
-                                      pooling=recipe.pooling, mode="fast-head", head_fit="logistic-cv"))
+        config = validate(
+            TrainConfig(
+                model=recipe.model,
+                image_size=recipe.image_size,
+                weights=recipe.weights,
+                pooling=recipe.pooling,
+                mode="fast-head",
+                head_fit="logistic-cv",
+            )
+        )
         started = time.perf_counter()
         extractor = get_extractor(config)
         result = compute_features(extractor, data.cohort.table["image_path"].tolist(), workers=2)
@@ -322,22 +389,31 @@ def run_cnn(data: Data, recipe: Recipe, log) -> dict[str, np.ndarray]:
         rows = np.flatnonzero(train_mask(data, recipe, k))
         keras.utils.set_random_seed(SEED + k)
         model, _ = models.build_model(recipe.model, recipe.image_size, weights="none")
-        batches = ImageBatches.from_table(table.iloc[rows], recipe.image_size, batch_size=defaults.batch_size,
-                                          augment=recipe.augment,
-                                          balance="none" if recipe.balance == "class-weight" else recipe.balance,
-                                          seed=SEED + k, cache=cache, workers=2)
+        batches = ImageBatches.from_table(
+            table.iloc[rows],
+            recipe.image_size,
+            batch_size=defaults.batch_size,
+            augment=recipe.augment,
+            balance="none" if recipe.balance == "class-weight" else recipe.balance,
+            seed=SEED + k,
+            cache=cache,
+            workers=2,
+        )
         weights = class_weights(data.y[rows]) if recipe.balance == "class-weight" else None
         models.set_trainable(model, "all")
         lr = recipe.learning_rate or defaults.learning_rate
-        model.compile(optimizer=make_optimizer(defaults, lr, len(batches), recipe.epochs),
-                      loss=keras.losses.BinaryCrossentropy())
+        model.compile(
+            optimizer=make_optimizer(defaults, lr, len(batches), recipe.epochs), loss=keras.losses.BinaryCrossentropy()
+        )
         model.fit(batches, epochs=recipe.epochs, shuffle=False, class_weight=weights, verbose=0)
         held = np.flatnonzero(data.folds == k)
         plain[held] = predict_images(model, images[held], tta=False)
         tta[held] = predict_images(model, images[held], tta=True)
         matched_held = held[data.matched[held]]
-        log(f"  fold {k}: {len(rows)} training images, {time.perf_counter() - started:.0f} s, matched AUROC "
-            f"{auroc(data.y[matched_held], plain[matched_held]):.3f}")
+        log(
+            f"  fold {k}: {len(rows)} training images, {time.perf_counter() - started:.0f} s, matched AUROC "
+            f"{auroc(data.y[matched_held], plain[matched_held]):.3f}"
+        )
         keras.backend.clear_session()
     return {"plain": plain, "tta": tta}
 
@@ -366,6 +442,7 @@ def run_fusion(data: Data, recipe: Recipe, colour_p: np.ndarray, cnn_p: np.ndarr
 
 # --------------------------------------------------------------------------- driver
 
+
 def clean_subset(data: Data) -> np.ndarray:
     """The ISIC_0000xxx collection: the only one of the source-matched images holding both classes."""
     names = data.cohort.table["image_name"].astype(str)
@@ -379,9 +456,14 @@ def evaluate(data: Data, p: np.ndarray, folds: np.ndarray | None = None) -> dict
     c = clean_subset(data)
     clean_low, clean_high, *_ = auroc_ci(data.y[c], p[c], groups=data.groups[c], n_boot=2000, seed=SEED)
     per_fold = [auroc(data.y[m & (folds == k)], p[m & (folds == k)]) for k in range(N_FOLDS)]
-    return {"matched_auroc": auroc(data.y[m], p[m]), "ci": (low, high), "overall_auroc": auroc(data.y, p),
-            "clean_auroc": auroc(data.y[c], p[c]), "clean_ci": (clean_low, clean_high),
-            "fold_mean": float(np.mean(per_fold))}
+    return {
+        "matched_auroc": auroc(data.y[m], p[m]),
+        "ci": (low, high),
+        "overall_auroc": auroc(data.y, p),
+        "clean_auroc": auroc(data.y[c], p[c]),
+        "clean_ci": (clean_low, clean_high),
+        "fold_mean": float(np.mean(per_fold)),
+    }
 
 
 def main(argv=None) -> int:
@@ -488,25 +570,40 @@ def main(argv=None) -> int:
             if p is None:
                 log(f"{name}, fold seed {seed} ...")
                 recipe = ROW_BY_NAME[name]
-                shuffled = Data(data.cohort, data.y, data.matched, data.groups, folds, images=data.images,
-                                features=colour_matrix(data) if recipe.kind == "colour" else None,
-                                choices=data.choices)
+                shuffled = Data(
+                    data.cohort,
+                    data.y,
+                    data.matched,
+                    data.groups,
+                    folds,
+                    images=data.images,
+                    features=colour_matrix(data) if recipe.kind == "colour" else None,
+                    choices=data.choices,
+                )
                 p = (run_colour if recipe.kind == "colour" else pretrained_probabilities_oof)(shuffled, recipe)
                 np.savez(path, p=p, seconds=0.0)
             other_seeds.setdefault(name, {})[seed] = evaluate(data, p, folds)
 
-    print(f"derm-real-dev: {len(data.y)} images, source-matched {int(data.matched.sum())} "
-          f"({int(data.y[data.matched].sum())} melanoma); {N_FOLDS} lesion-grouped folds, seed {SEED} "
-          f"(colour rows also seeds {', '.join(map(str, OTHER_SEEDS))}); CNNs from scratch (no ImageNet weights offline)")
+    print(
+        f"derm-real-dev: {len(data.y)} images, source-matched {int(data.matched.sum())} "
+        f"({int(data.y[data.matched].sum())} melanoma); {N_FOLDS} lesion-grouped folds, seed {SEED} "
+        f"(colour rows also seeds {', '.join(map(str, OTHER_SEEDS))}); CNNs from scratch (no ImageNet weights offline)"
+    )
     if data.feature_seconds:
-        print(f"colour feature extraction (all images, once): {data.feature_seconds:.1f} s "
-              f"({1000 * data.feature_seconds / len(data.y):.0f} ms/image, incl. decoding)")
-    print("matched AUROC: pooled out-of-fold on the source-matched images, 95% lesion-bootstrap CI; fold mean: "
-          "mean of the 5 per-fold AUROCs (not penalised by score shifts between fold models); * = a preset "
-          "reproduces the row")
+        print(
+            f"colour feature extraction (all images, once): {data.feature_seconds:.1f} s "
+            f"({1000 * data.feature_seconds / len(data.y):.0f} ms/image, incl. decoding)"
+        )
+    print(
+        "matched AUROC: pooled out-of-fold on the source-matched images, 95% lesion-bootstrap CI; fold mean: "
+        "mean of the 5 per-fold AUROCs (not penalised by score shifts between fold models); * = a preset "
+        "reproduces the row"
+    )
     seed_heads = "".join(f" {'seed ' + str(s) + ' matched / clean':24s}" for s in OTHER_SEEDS)
-    print(f"{'recipe':44s} {'matched AUROC [95% CI]':24s} {'clean AUROC [95% CI]':24s} {'fold mean':>9s} "
-          f"{'overall':>8s} {'seconds':>8s}{seed_heads}")
+    print(
+        f"{'recipe':44s} {'matched AUROC [95% CI]':24s} {'clean AUROC [95% CI]':24s} {'fold mean':>9s} "
+        f"{'overall':>8s} {'seconds':>8s}{seed_heads}"
+    )
 
     def cell(r):
         return f"{r['matched_auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
@@ -514,29 +611,48 @@ def main(argv=None) -> int:
     order = [n for n in wanted if n in results]
     for name in order:
         r = results[name]
-        label = (name.replace("best cnn", best_cnn) if best_cnn else name) + (" *" if ROW_BY_NAME[name].presettable
-                                                                               else "")
-        seeds_text = "".join(f" {other_seeds[name][s]['matched_auroc']:.3f} / {other_seeds[name][s]['clean_auroc']:.3f}"
-                             + " " * 9 for s in OTHER_SEEDS) if name in other_seeds else ""
+        label = (name.replace("best cnn", best_cnn) if best_cnn else name) + (
+            " *" if ROW_BY_NAME[name].presettable else ""
+        )
+        seeds_text = (
+            "".join(
+                f" {other_seeds[name][s]['matched_auroc']:.3f} / {other_seeds[name][s]['clean_auroc']:.3f}" + " " * 9
+                for s in OTHER_SEEDS
+            )
+            if name in other_seeds
+            else ""
+        )
         clean = f"{r['clean_auroc']:.3f} [{r['clean_ci'][0]:.3f}, {r['clean_ci'][1]:.3f}]"
-        print(f"{label:44s} {cell(r):24s} {clean:24s} {r['fold_mean']:9.3f} {r['overall_auroc']:8.3f} "
-              f"{seconds.get(name, 0):8.0f}{seeds_text}")
-    (cache_dir / "results.json").write_text(json.dumps(
-        {n: {**r, "seconds": seconds.get(n), "other_seeds": other_seeds.get(n)} for n, r in results.items()},
-        indent=2, default=float))
+        print(
+            f"{label:44s} {cell(r):24s} {clean:24s} {r['fold_mean']:9.3f} {r['overall_auroc']:8.3f} "
+            f"{seconds.get(name, 0):8.0f}{seeds_text}"
+        )
+    (cache_dir / "results.json").write_text(
+        json.dumps(
+            {n: {**r, "seconds": seconds.get(n), "other_seeds": other_seeds.get(n)} for n, r in results.items()},
+            indent=2,
+            default=float,
+        )
+    )
     for name, chosen in data.choices.items():
         print(f"inner-CV choices, {name}, fold seed {SEED} then the others: {'; '.join(chosen)}")
     overall = max(results, key=lambda n: results[n]["matched_auroc"])
     presettable = [n for n in results if ROW_BY_NAME[n].presettable]
     best_preset = max(presettable, key=lambda n: results[n]["matched_auroc"]) if presettable else None
     r = results[overall]
-    tail = (f"; best preset-able row {best_preset} {results[best_preset]['matched_auroc']:.3f}"
-            if best_preset and best_preset != overall else "")
-    again = "".join(f", seed {s} {other_seeds[overall][s]['matched_auroc']:.3f}" for s in OTHER_SEEDS
-                    if overall in other_seeds)
+    tail = (
+        f"; best preset-able row {best_preset} {results[best_preset]['matched_auroc']:.3f}"
+        if best_preset and best_preset != overall
+        else ""
+    )
+    again = "".join(
+        f", seed {s} {other_seeds[overall][s]['matched_auroc']:.3f}" for s in OTHER_SEEDS if overall in other_seeds
+    )
     label = overall.replace("best cnn", best_cnn) if best_cnn else overall
-    print(f"winner: {label} source-matched OOF AUROC {r['matched_auroc']:.3f} "
-          f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] (seed 0{again}){tail}")
+    print(
+        f"winner: {label} source-matched OOF AUROC {r['matched_auroc']:.3f} "
+        f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] (seed 0{again}){tail}"
+    )
     return 0
 
 

@@ -76,6 +76,7 @@ BEAT_EVERY = 0.1
 
 # --------------------------------------------------------------------------- backends
 
+
 def postgres_server():
     """A throwaway PostgreSQL server (the one the ``postgres_url`` test fixture starts); yields its URL."""
     from melcore.devtools.postgres import temporary_server
@@ -94,6 +95,7 @@ def sqlite_file():
 
 # --------------------------------------------------------------------------- processes
 
+
 def recording_store(url: str):
     """A Store that records every successful claim and every finish of this process."""
     from melcore.store import Store
@@ -110,8 +112,15 @@ def recording_store(url: str):
             job = super().claim_job(worker_id)
             if job is not None:
                 with self._lock:
-                    self.claims.append({"job": job["id"], "token": job["claim_token"], "worker": worker_id,
-                                        "attempts": job["attempts"], "t": time.time()})
+                    self.claims.append(
+                        {
+                            "job": job["id"],
+                            "token": job["claim_token"],
+                            "worker": worker_id,
+                            "attempts": job["attempts"],
+                            "t": time.time(),
+                        }
+                    )
             return job
 
         def heartbeat(self, job_id, claim_token, progress=None, history_point=None):
@@ -139,9 +148,13 @@ def fake_job(ctx) -> tuple[str, None]:
             return "cancelled", None
         time.sleep(config["seconds"] / steps)
         elapsed = time.perf_counter() - started
-        ctx.report(1, batch, 1.0 / batch, {"epochs": 1, "steps": steps, "stage": "train",
-                                           "end_of_epoch": batch == steps, "val_auroc": 0.5},
-                   eta=elapsed / batch * (steps - batch))
+        ctx.report(
+            1,
+            batch,
+            1.0 / batch,
+            {"epochs": 1, "steps": steps, "stage": "train", "end_of_epoch": batch == steps, "val_auroc": 0.5},
+            eta=elapsed / batch * (steps - batch),
+        )
     if config["fail"]:
         from melcore.errors import MelcoreError
 
@@ -158,8 +171,13 @@ def client_main(index: int, url: str, seconds: float, rate: float, seed: int, ba
     barrier.wait()
     deadline = time.time() + seconds
     while time.time() < deadline:
-        config = {"bench": True, "client": index, "n": len(submitted),
-                  "seconds": rng.uniform(*JOB_SECONDS), "fail": rng.random() < FAIL_SHARE}
+        config = {
+            "bench": True,
+            "client": index,
+            "n": len(submitted),
+            "seconds": rng.uniform(*JOB_SECONDS),
+            "fail": rng.random() < FAIL_SHARE,
+        }
         started = time.perf_counter()
         try:
             submitted.append(store.submit_job(config, kind="bench"))
@@ -179,8 +197,9 @@ def client_main(index: int, url: str, seconds: float, rate: float, seed: int, ba
                 errors.append(f"list: {type(exc).__name__}: {exc}"[:300])
         time.sleep(min(rng.expovariate(rate), max(0.0, deadline - time.time())))
     store.close()
-    Path(out).write_text(json.dumps({"submitted": submitted, "cancels": cancels, "errors": errors,
-                                     "latencies": latencies}))
+    Path(out).write_text(
+        json.dumps({"submitted": submitted, "cancels": cancels, "errors": errors, "latencies": latencies})
+    )
 
 
 def worker_main(index: int, url: str, barrier, clients_done, out: str) -> None:
@@ -209,12 +228,22 @@ def worker_main(index: int, url: str, barrier, clients_done, out: str) -> None:
         worker.run()
     except Exception as exc:
         errors.append(f"worker: {type(exc).__name__}: {exc}"[:300])
-    Path(out).write_text(json.dumps({"claims": store.claims, "finishes": store.finishes, "beats": store.beats,
-                                     "errors": errors, "tensorflow": "tensorflow" in sys.modules}))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "claims": store.claims,
+                "finishes": store.finishes,
+                "beats": store.beats,
+                "errors": errors,
+                "tensorflow": "tensorflow" in sys.modules,
+            }
+        )
+    )
     store.close()
 
 
 # --------------------------------------------------------------------------- one backend
+
 
 def _percentile(values: list[float], q: float) -> float:
     if not values:
@@ -231,18 +260,35 @@ def run_backend(name: str, url: str, args) -> dict:
     outdir = Path(tempfile.mkdtemp(prefix=f"melreview-bench-{name}-"))
     barrier = ctx.Barrier(args.clients + args.workers + 1)
     clients_done = ctx.Event()
-    clients = [ctx.Process(target=client_main, args=(i, url, args.seconds, args.rate / args.clients, args.seed + i,
-                                                      barrier, str(outdir / f"client-{i}.json")))
-               for i in range(args.clients)]
-    workers = [ctx.Process(target=worker_main, args=(i, url, barrier, clients_done, str(outdir / f"worker-{i}.json")))
-               for i in range(args.workers)]
+    clients = [
+        ctx.Process(
+            target=client_main,
+            args=(
+                i,
+                url,
+                args.seconds,
+                args.rate / args.clients,
+                args.seed + i,
+                barrier,
+                str(outdir / f"client-{i}.json"),
+            ),
+        )
+        for i in range(args.clients)
+    ]
+    workers = [
+        ctx.Process(target=worker_main, args=(i, url, barrier, clients_done, str(outdir / f"worker-{i}.json")))
+        for i in range(args.workers)
+    ]
     try:
         for process in clients + workers:
             process.start()
         barrier.wait(timeout=120)
         started = time.time()
-        print(f"{name}: {args.clients} clients and {args.workers} workers running for {args.seconds:g} s...",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: {args.clients} clients and {args.workers} workers running for {args.seconds:g} s...",
+            file=sys.stderr,
+            flush=True,
+        )
         for process in clients:
             process.join(timeout=args.seconds + 120)
         clients_done.set()
@@ -288,47 +334,73 @@ def analyse(url: str, outdir: Path, args) -> dict:
     never_ended = {j for j in submitted if j in final and final[j]["state"] == "queued"}
     claim_counts = Counter(c["job"] for c in claims)
     finish_counts = Counter(f["job"] for f in finishes if f["ok"])
-    duplicated = ({j for j, n in claim_counts.items() if n > 1} | {j for j, n in finish_counts.items() if n > 1}
-                  | {j for j, job in final.items() if (job["attempts"] or 0) > 1})
+    duplicated = (
+        {j for j, n in claim_counts.items() if n > 1}
+        | {j for j, n in finish_counts.items() if n > 1}
+        | {j for j, job in final.items() if (job["attempts"] or 0) > 1}
+    )
     stuck = {j for j, job in final.items() if job["state"] == "running"}
 
     # Consistency beyond the three goals.
     cancelled_at_once = {c["job"] for c in cancels if c["state"] == "cancelled"}
     cancel_violations = {j for j in cancelled_at_once if final.get(j, {}).get("state") != "cancelled"}
     ended_by_claimant = {(f["job"], f["state"]) for f in finishes if f["ok"]}
-    wrong_end = {j for j, job in final.items()
-                 if j in claim_counts and job["state"] in ("done", "failed", "cancelled")
-                 and (j, job["state"]) not in ended_by_claimant}
-    claimed_after_cancel = {c["job"] for c in claims
-                            if any(x["job"] == c["job"] and x["state"] == "cancelled" and x["t"] < c["t"] - 1.0
-                                   for x in cancels)}
+    wrong_end = {
+        j
+        for j, job in final.items()
+        if j in claim_counts
+        and job["state"] in ("done", "failed", "cancelled")
+        and (j, job["state"]) not in ended_by_claimant
+    }
+    claimed_after_cancel = {
+        c["job"]
+        for c in claims
+        if any(x["job"] == c["job"] and x["state"] == "cancelled" and x["t"] < c["t"] - 1.0 for x in cancels)
+    }
     states = Counter(job["state"] for job in final.values())
     return {
-        "lost": len(not_visible | never_ended), "duplicated": len(duplicated), "stuck": len(stuck),
-        "not_visible": sorted(not_visible)[:10], "never_ended": sorted(never_ended)[:10],
-        "duplicated_ids": sorted(duplicated)[:10], "stuck_ids": sorted(stuck)[:10],
-        "submitted": len(submitted), "claims": len(claims), "finishes": len(finishes),
-        "rejected_finishes": sum(not f["ok"] for f in finishes), "beats": sum(d.get("beats", 0) for d in worker_data),
-        "cancels": len(cancels), "cancel_answers": dict(Counter(c["state"] for c in cancels)),
-        "states": dict(states), "cancel_violations": len(cancel_violations),
-        "wrong_end": len(wrong_end), "claimed_after_cancel": len(claimed_after_cancel),
-        "errors": errors, "missing_reports": missing_reports, "workers_left": len(workers_left),
+        "lost": len(not_visible | never_ended),
+        "duplicated": len(duplicated),
+        "stuck": len(stuck),
+        "not_visible": sorted(not_visible)[:10],
+        "never_ended": sorted(never_ended)[:10],
+        "duplicated_ids": sorted(duplicated)[:10],
+        "stuck_ids": sorted(stuck)[:10],
+        "submitted": len(submitted),
+        "claims": len(claims),
+        "finishes": len(finishes),
+        "rejected_finishes": sum(not f["ok"] for f in finishes),
+        "beats": sum(d.get("beats", 0) for d in worker_data),
+        "cancels": len(cancels),
+        "cancel_answers": dict(Counter(c["state"] for c in cancels)),
+        "states": dict(states),
+        "cancel_violations": len(cancel_violations),
+        "wrong_end": len(wrong_end),
+        "claimed_after_cancel": len(claimed_after_cancel),
+        "errors": errors,
+        "missing_reports": missing_reports,
+        "workers_left": len(workers_left),
         "tensorflow": any(d.get("tensorflow") for d in worker_data),
-        "submit_p50_ms": 1000 * _percentile(latencies, 0.5), "submit_p99_ms": 1000 * _percentile(latencies, 0.99),
+        "submit_p50_ms": 1000 * _percentile(latencies, 0.5),
+        "submit_p99_ms": 1000 * _percentile(latencies, 0.99),
     }
 
 
 def report(name: str, r: dict) -> None:
-    print(f"[{name}] {r['submitted']:,} submitted, {r['cancels']:,} cancel requests "
-          f"(answers {json.dumps(r['cancel_answers'], sort_keys=True)}), {r['claims']:,} claims "
-          f"({r['claims'] / max(r['elapsed'], 1e-9):.1f}/s), {r['beats']:,} heartbeats, final states "
-          f"{json.dumps(r['states'], sort_keys=True)}; drained in {r['drain']:.1f} s"
-          + ("" if r["drained"] else " (DRAIN TIMEOUT: workers terminated)"))
-    print(f"[{name}] submit latency p50 {r['submit_p50_ms']:.1f} ms, p99 {r['submit_p99_ms']:.1f} ms; "
-          f"rejected finishes {r['rejected_finishes']}, cancel violations {r['cancel_violations']}, "
-          f"ended by a non-claimant {r['wrong_end']}, claimed after cancel {r['claimed_after_cancel']}, "
-          f"worker rows left {r['workers_left']}, errors {len(r['errors'])}, missing process reports "
-          f"{r['missing_reports']}{', TensorFlow was imported!' if r['tensorflow'] else ''}")
+    print(
+        f"[{name}] {r['submitted']:,} submitted, {r['cancels']:,} cancel requests "
+        f"(answers {json.dumps(r['cancel_answers'], sort_keys=True)}), {r['claims']:,} claims "
+        f"({r['claims'] / max(r['elapsed'], 1e-9):.1f}/s), {r['beats']:,} heartbeats, final states "
+        f"{json.dumps(r['states'], sort_keys=True)}; drained in {r['drain']:.1f} s"
+        + ("" if r["drained"] else " (DRAIN TIMEOUT: workers terminated)")
+    )
+    print(
+        f"[{name}] submit latency p50 {r['submit_p50_ms']:.1f} ms, p99 {r['submit_p99_ms']:.1f} ms; "
+        f"rejected finishes {r['rejected_finishes']}, cancel violations {r['cancel_violations']}, "
+        f"ended by a non-claimant {r['wrong_end']}, claimed after cancel {r['claimed_after_cancel']}, "
+        f"worker rows left {r['workers_left']}, errors {len(r['errors'])}, missing process reports "
+        f"{r['missing_reports']}{', TensorFlow was imported!' if r['tensorflow'] else ''}"
+    )
     for label in ("not_visible", "never_ended", "duplicated_ids", "stuck_ids"):
         if r[label]:
             print(f"[{name}] {label}: {r[label]}")
@@ -342,8 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="submitter/canceller processes")
     parser.add_argument("--workers", type=int, default=2, help="claimer (worker) processes")
     parser.add_argument("--rate", type=float, default=6.0, help="jobs submitted per second over all clients")
-    parser.add_argument("--drain-timeout", type=float, default=180.0,
-                        help="seconds the workers get to empty the queue after the clients stop")
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=180.0,
+        help="seconds the workers get to empty the queue after the clients stop",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backends", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     args = parser.parse_args(argv)
@@ -366,8 +442,15 @@ def main(argv: list[str] | None = None) -> int:
                 summary.append(f"{name}: skipped")
                 continue
             report(name, result)
-            failed |= bool(result["lost"] or result["duplicated"] or result["stuck"] or result["errors"]
-                           or result["cancel_violations"] or result["wrong_end"] or not result["drained"])
+            failed |= bool(
+                result["lost"]
+                or result["duplicated"]
+                or result["stuck"]
+                or result["errors"]
+                or result["cancel_violations"]
+                or result["wrong_end"]
+                or not result["drained"]
+            )
             summary.append(f"{name}: lost={result['lost']} duplicated={result['duplicated']} stuck={result['stuck']}")
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -34,8 +34,13 @@ from melcore.store import Store  # noqa: E402
 
 
 def _env(home: Path) -> dict:
-    env = dict(os.environ, MELREVIEW_HOME=str(home), PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3",
-               MELREVIEW_DATA_ROOTS=str(home.parent))
+    env = dict(
+        os.environ,
+        MELREVIEW_HOME=str(home),
+        PYTHONPATH=str(ROOT),
+        TF_CPP_MIN_LOG_LEVEL="3",
+        MELREVIEW_DATA_ROOTS=str(home.parent),
+    )
     env.pop("MELREVIEW_DB_URL", None)
     return env
 
@@ -50,15 +55,50 @@ def _run(n_workers: int, cohort: Path, work: Path, args) -> dict:
     store = Store(url)
     store.register_dataset("demo-bench", cohort / "labels.csv", cohort / "jpeg" / "train")
     submit = subprocess.run(
-        [sys.executable, "-m", "melcore", "jobs", "--db", url, "submit", "--dataset", "demo-bench", "--kind",
-         "features", "--shards", str(args.shards), "--model", args.model, "--image-size", str(args.image_size),
-         "--weights", "none", "--mode", "fast-head", "--seed", "0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            "-m",
+            "melcore",
+            "jobs",
+            "--db",
+            url,
+            "submit",
+            "--dataset",
+            "demo-bench",
+            "--kind",
+            "features",
+            "--shards",
+            str(args.shards),
+            "--model",
+            args.model,
+            "--image-size",
+            str(args.image_size),
+            "--weights",
+            "none",
+            "--mode",
+            "fast-head",
+            "--seed",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     ids = [int(line) for line in submit.stdout.split()]
     started = time.perf_counter()
-    workers = [subprocess.Popen([sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(n_workers)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(n_workers)
+    ]
     outputs = [w.communicate()[0] for w in workers]
     seconds = time.perf_counter() - started
     if any(w.returncode for w in workers):
@@ -73,8 +113,14 @@ def _run(n_workers: int, cohort: Path, work: Path, args) -> dict:
     for job in jobs:
         by_worker[job["worker_id"]] = by_worker.get(job["worker_id"], 0) + 1
     store.close()
-    return {"workers": n_workers, "seconds": seconds, "n_images": n_images, "computed": computed,
-            "shard_seconds": shard_seconds, "shards_per_worker": sorted(by_worker.values(), reverse=True)}
+    return {
+        "workers": n_workers,
+        "seconds": seconds,
+        "n_images": n_images,
+        "computed": computed,
+        "shard_seconds": shard_seconds,
+        "shards_per_worker": sorted(by_worker.values(), reverse=True),
+    }
 
 
 def _warm(cohort: Path) -> int:
@@ -115,37 +161,46 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(json.dumps(result), file=sys.stderr)
     base = results[0]
-    rows = [f"| {r['workers']} | {r['seconds']:.1f} s | {r['n_images'] / r['seconds']:.1f} | "
-            f"{', '.join(str(s) for s in r['shards_per_worker'])} | {sum(r['shard_seconds']):.1f} s | "
-            f"{base['seconds'] / r['seconds']:.2f}x | {r['load']} |" for r in results]
+    rows = [
+        f"| {r['workers']} | {r['seconds']:.1f} s | {r['n_images'] / r['seconds']:.1f} | "
+        f"{', '.join(str(s) for s in r['shards_per_worker'])} | {sum(r['shard_seconds']):.1f} s | "
+        f"{base['seconds'] / r['seconds']:.2f}x | {r['load']} |"
+        for r in results
+    ]
     ratios = " | ".join(f"{r['workers']} workers {base['seconds'] / r['seconds']:.2f}x" for r in results[1:])
-    headline = f"features of {base['n_images']:,} images in {args.shards} shards: " \
-               f"{base['workers']} worker {base['seconds']:.1f} s | {ratios}"
+    headline = (
+        f"features of {base['n_images']:,} images in {args.shards} shards: "
+        f"{base['workers']} worker {base['seconds']:.1f} s | {ratios}"
+    )
     if args.append:
-        machine = f"{os.cpu_count()} vCPU {platform.processor() or platform.machine()}, {platform.system()} " \
-                  f"{platform.release()}, Python {platform.python_version()}"
-        text = "\n".join([
-            "",
-            "## Feature caching in shards, 1 vs 2 workers — `bench/shards.py`",
-            "",
-            f"{date.today().isoformat()}, {machine}. The synthetic demo cohort ({args.patients} patients, "
-            f"{base['n_images']:,} images), {args.model} at {args.image_size} px (weights none: the same "
-            f"work as ImageNet weights), queued as {args.shards} `features` jobs (`jobs submit --kind features "
-            f"--shards {args.shards}`) and drained by N `trainers.worker --once` processes sharing one SQLite "
-            "store and `MELREVIEW_HOME`; a fresh home (empty caches) per row. Wall clock from starting the "
-            "workers to the last exit, TensorFlow start-up included. Baseline: 1 worker, same run.",
-            "",
-            "| workers | wall | images/s | shards per worker | sum of shard times | speed-up | load average "
-            "after (1/5/15 min) |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-            *rows,
-            "",
-            f"`{headline}`. The 2 cores were shared with other engineers' work during the run (load averages "
-            "above). On one 2-core machine two workers split the cores TensorFlow's thread pools already use, "
-            "so this measures sharing one machine; several machines (each shard on its own cores) were not "
-            "measured here.",
-            "",
-        ])
+        machine = (
+            f"{os.cpu_count()} vCPU {platform.processor() or platform.machine()}, {platform.system()} "
+            f"{platform.release()}, Python {platform.python_version()}"
+        )
+        text = "\n".join(
+            [
+                "",
+                "## Feature caching in shards, 1 vs 2 workers — `bench/shards.py`",
+                "",
+                f"{date.today().isoformat()}, {machine}. The synthetic demo cohort ({args.patients} patients, "
+                f"{base['n_images']:,} images), {args.model} at {args.image_size} px (weights none: the same "
+                f"work as ImageNet weights), queued as {args.shards} `features` jobs (`jobs submit --kind features "
+                f"--shards {args.shards}`) and drained by N `trainers.worker --once` processes sharing one SQLite "
+                "store and `MELREVIEW_HOME`; a fresh home (empty caches) per row. Wall clock from starting the "
+                "workers to the last exit, TensorFlow start-up included. Baseline: 1 worker, same run.",
+                "",
+                "| workers | wall | images/s | shards per worker | sum of shard times | speed-up | load average "
+                "after (1/5/15 min) |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+                *rows,
+                "",
+                f"`{headline}`. The 2 cores were shared with other engineers' work during the run (load averages "
+                "above). On one 2-core machine two workers split the cores TensorFlow's thread pools already use, "
+                "so this measures sharing one machine; several machines (each shard on its own cores) were not "
+                "measured here.",
+                "",
+            ]
+        )
         with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as out:
             out.write(text)
     print(headline)

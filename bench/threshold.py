@@ -51,8 +51,12 @@ def sklearn_metrics(y, p, t):
     from sklearn.metrics import confusion_matrix
 
     tn, fp, fn, tp = confusion_matrix(y, p >= t, labels=[0, 1]).ravel()
-    return {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp),
-            "ppv": tp / (tp + fp) if tp + fp else float("nan"), "npv": tn / (tn + fn) if tn + fn else float("nan")}
+    return {
+        "sensitivity": tp / (tp + fn),
+        "specificity": tn / (tn + fp),
+        "ppv": tp / (tp + fp) if tp + fp else float("nan"),
+        "npv": tn / (tn + fn) if tn + fn else float("nan"),
+    }
 
 
 def main() -> None:
@@ -72,9 +76,11 @@ def main() -> None:
     direct_ms = per_call_ms(lambda t: threshold_metrics(y, p, t), few)
     sklearn_ms = per_call_ms(lambda t: sklearn_metrics(y, p, t), few)
     check = [sweep.at(t)["sensitivity"] == sklearn_metrics(y, p, t)["sensitivity"] for t in few]
-    print(f"per threshold change: ThresholdSweep.at {sweep_ms:.4f} ms (mean of {len(many)}), "
-          f"threshold_metrics {direct_ms:.2f} ms, sklearn confusion_matrix {sklearn_ms:.2f} ms "
-          f"(means of {len(few)}); sweep agrees with sklearn at all {sum(check)}/{len(check)} thresholds")
+    print(
+        f"per threshold change: ThresholdSweep.at {sweep_ms:.4f} ms (mean of {len(many)}), "
+        f"threshold_metrics {direct_ms:.2f} ms, sklearn confusion_matrix {sklearn_ms:.2f} ms "
+        f"(means of {len(few)}); sweep agrees with sklearn at all {sum(check)}/{len(check)} thresholds"
+    )
 
     start = time.perf_counter()
     curve = sweep.curve()
@@ -87,9 +93,11 @@ def main() -> None:
     print(f"auroc_ci, 2000 patient resamples: {boot_s:.2f} s (95% CI {low:.3f}-{high:.3f})")
 
     verdict = "OK" if sweep_ms <= TARGET_MS else "TOO SLOW"
-    print(f"threshold change on {len(y):,} predictions: ThresholdSweep.at {sweep_ms:.4f} ms vs sklearn "
-          f"confusion_matrix {sklearn_ms:.2f} ms ({sklearn_ms / sweep_ms:,.0f}x faster); "
-          f"target <= {TARGET_MS:.0f} ms: {verdict}")
+    print(
+        f"threshold change on {len(y):,} predictions: ThresholdSweep.at {sweep_ms:.4f} ms vs sklearn "
+        f"confusion_matrix {sklearn_ms:.2f} ms ({sklearn_ms / sweep_ms:,.0f}x faster); "
+        f"target <= {TARGET_MS:.0f} ms: {verdict}"
+    )
 
 
 if __name__ == "__main__":

@@ -113,8 +113,16 @@ def _gradcam_mass(cohort, n_images: int, home: Path) -> list[tuple[str, str, flo
                 if total > 0:
                     inside.append(float(heat[full].sum()) / total)
                     area.append(float(full.mean()))
-            rows.append((weights, detail, float(np.mean(inside)), float(np.mean(area)), len(inside),
-                         run.metrics.get("val_auroc")))
+            rows.append(
+                (
+                    weights,
+                    detail,
+                    float(np.mean(inside)),
+                    float(np.mean(area)),
+                    len(inside),
+                    run.metrics.get("val_auroc"),
+                )
+            )
     return rows
 
 
@@ -153,8 +161,10 @@ def main(argv=None) -> int:
     from melcore.images import load_images
 
     cohort = load_cohort(DERM / "labels.csv", DERM / "images", clinic_column="source")
-    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-             f"{date.today().isoformat()}."]
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{date.today().isoformat()}."
+    ]
     if "speed" not in args.skip:
         paths = cohort.table["image_path"].tolist()[: args.n]
         x224 = load_images(paths, 224).astype(np.float32)
@@ -166,7 +176,9 @@ def main(argv=None) -> int:
         forward_min = ISIC2020_N / multi / 60
         decode_min = ISIC2020_N * decode / 1000 / 2 / 60  # two decode threads
         lines += [
-            "", "| frozen backbone, forward pass | images/s | vs EfficientNet-B3 256 px |", "| --- | --- | --- |",
+            "",
+            "| frozen backbone, forward pass | images/s | vs EfficientNet-B3 256 px |",
+            "| --- | --- | --- |",
             f"| EfficientNet-B3, 256 px, avg pooling (baseline) | {b3:.1f} | 1.0x |",
             f"| EfficientNet-Lite0, 224 px, avg pooling | {avg:.1f} | {avg / b3:.1f}x |",
             f"| EfficientNet-Lite0, 224 px, multi-level pooling (cpu-default) | {multi:.1f} | {multi / b3:.1f}x |",
@@ -181,22 +193,31 @@ def main(argv=None) -> int:
         print("\n".join(lines[-9:]), flush=True)
     if "retrain" not in args.skip:
         cold, warm, m = _warm_retrain(cohort, args.retrain_n, home)
-        lines += ["", f"cpu-default on {m['n_train'] + m.get('n_select', 0) + m['n_val']:,} images: cold run {cold:.1f} s (features "
-                      f"computed and cached); **warm retrain {warm:.1f} s** (backbone rebuilt "
-                      f"{m['backbone_seconds']:.1f} s, features from the cache {m['feature_seconds']:.1f} s, "
-                      f"logistic head with its inner CV {m['head_seconds']:.1f} s, save {m['save_seconds']:.1f} s); "
-                      f"target <= 5 s: {'met' if warm <= 5 else 'NOT met'}."]
+        lines += [
+            "",
+            f"cpu-default on {m['n_train'] + m.get('n_select', 0) + m['n_val']:,} images: cold run {cold:.1f} s (features "
+            f"computed and cached); **warm retrain {warm:.1f} s** (backbone rebuilt "
+            f"{m['backbone_seconds']:.1f} s, features from the cache {m['feature_seconds']:.1f} s, "
+            f"logistic head with its inner CV {m['head_seconds']:.1f} s, save {m['save_seconds']:.1f} s); "
+            f"target <= 5 s: {'met' if warm <= 5 else 'NOT met'}.",
+        ]
         print(lines[-1], flush=True)
     if "gradcam" not in args.skip:
         rows = _gradcam_mass(cohort, args.gradcam, home)
-        lines += ["", "| weights | Grad-CAM detail | heat inside the lesion | lesion's share of the image | images "
-                      "| run's validation AUROC |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| weights | Grad-CAM detail | heat inside the lesion | lesion's share of the image | images "
+            "| run's validation AUROC |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for weights, detail, inside, area, n, val in rows:
             what = "ImageNet (pretrained)" if weights == "imagenet" else "random (from scratch)"
-            lines.append(f"| {what} | {detail} | {inside:.1%} | {area:.1%} | {n} | "
-                         f"{val:.3f} |" if val is not None else f"| {what} | {detail} | {inside:.1%} | {area:.1%} "
-                                                                f"| {n} | - |")
-        print("\n".join(lines[-len(rows) - 2:]), flush=True)
+            lines.append(
+                f"| {what} | {detail} | {inside:.1%} | {area:.1%} | {n} | {val:.3f} |"
+                if val is not None
+                else f"| {what} | {detail} | {inside:.1%} | {area:.1%} | {n} | - |"
+            )
+        print("\n".join(lines[-len(rows) - 2 :]), flush=True)
     print("\n".join(lines))
     return 0
 

@@ -23,7 +23,10 @@ COMMANDS = {
     "train-meta": ("train_meta", "Train the metadata / patient-context model with out-of-fold predictions."),
     "cross-clinic": ("cross_clinic", "Train on each clinic and score every other clinic."),
     "jobs": ("jobs", "Submit, list and cancel background training jobs."),
-    "runs": ("runs", "List recorded runs; archive or restore them (nothing is deleted); export or import one as a zip."),
+    "runs": (
+        "runs",
+        "List recorded runs; archive or restore them (nothing is deleted); export or import one as a zip.",
+    ),
     "gradcam": ("gradcam", "Write a Grad-CAM overlay for one image."),
     "cache": ("cache", "Report the size of the disk caches and prune them."),
 }

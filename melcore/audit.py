@@ -34,7 +34,17 @@ import pandas as pd
 from melcore.errors import ConfigError
 from melcore.splits import group_kfold
 
-__all__ = ["audit_table", "WARN_AUROC", "NUMBER_BLOCK", "BORDER_SIZE", "AUTO_IMAGE_LIMIT", "AUDIT_MODES", "audit_images", "shortcut_audit", "audit_warnings"]
+__all__ = [
+    "audit_table",
+    "WARN_AUROC",
+    "NUMBER_BLOCK",
+    "BORDER_SIZE",
+    "AUTO_IMAGE_LIMIT",
+    "AUDIT_MODES",
+    "audit_images",
+    "shortcut_audit",
+    "audit_warnings",
+]
 
 WARN_AUROC = 0.65
 """Out-of-fold AUROC of one acquisition attribute above which the audit warns."""
@@ -87,8 +97,9 @@ def _image_attributes(paths: list, workers: int | None) -> dict[str, pd.DataFram
     readable = np.flatnonzero(np.isfinite(sizes[:, 0]))
     border = np.full((len(paths), 6), np.nan)
     if len(readable):
-        pixels = load_images([paths[i] for i in readable], BORDER_SIZE, workers=workers,
-                             on_error=lambda index, error: None).astype(np.float64)
+        pixels = load_images(
+            [paths[i] for i in readable], BORDER_SIZE, workers=workers, on_error=lambda index, error: None
+        ).astype(np.float64)
         ring = np.ones((BORDER_SIZE, BORDER_SIZE), dtype=bool)
         edge = max(1, BORDER_SIZE // 10)
         ring[edge:-edge, edge:-edge] = False
@@ -122,16 +133,30 @@ def _oof_scores(features: pd.DataFrame, y: np.ndarray, folds: np.ndarray) -> np.
         train, held = folds != k, folds == k
         if len(np.unique(y[train])) < 2:
             continue
-        model = HistGradientBoostingClassifier(max_iter=50, max_leaf_nodes=8, min_samples_leaf=10,
-                                               learning_rate=0.1, early_stopping=False, random_state=0,
-                                               categorical_features=categorical if categorical.any() else None)
+        model = HistGradientBoostingClassifier(
+            max_iter=50,
+            max_leaf_nodes=8,
+            min_samples_leaf=10,
+            learning_rate=0.1,
+            early_stopping=False,
+            random_state=0,
+            categorical_features=categorical if categorical.any() else None,
+        )
         with threadpool_limits(limits=1, user_api="openmp"):
             scores[held] = model.fit(encoded[train], y[train]).predict_proba(encoded[held])[:, 1]
     return scores
 
 
-def shortcut_audit(cohort, *, images: bool = False, n_folds: int = _N_FOLDS, seed: int = 0, n_boot: int = 1000,
-                   workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> list[dict]:
+def shortcut_audit(
+    cohort,
+    *,
+    images: bool = False,
+    n_folds: int = _N_FOLDS,
+    seed: int = 0,
+    n_boot: int = 1000,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
     """Grouped cross-validated AUROC of each label-free acquisition attribute alone (see the module).
 
     Parameters
@@ -166,8 +191,15 @@ def shortcut_audit(cohort, *, images: bool = False, n_folds: int = _N_FOLDS, see
     rows = []
     for i, (name, frame) in enumerate(attributes.items()):
         features = frame[labelled].reset_index(drop=True)
-        row = {"attribute": name, "features": list(features.columns), "auroc": None, "auroc_ci": None,
-               "n": int(labelled.sum()), "warning": None, "note": ""}
+        row = {
+            "attribute": name,
+            "features": list(features.columns),
+            "auroc": None,
+            "auroc_ci": None,
+            "n": int(labelled.sum()),
+            "warning": None,
+            "note": "",
+        }
         known = features.notna().any(axis=1).to_numpy()
         if folds is None:
             row["note"] = "too few patients of each class for a grouped cross-validation"
@@ -190,10 +222,12 @@ def shortcut_audit(cohort, *, images: bool = False, n_folds: int = _N_FOLDS, see
 
 
 def _warning(attribute: str, value: float) -> str:
-    return (f"the {attribute} alone predicts the label (grouped out-of-fold AUROC {value:.2f} > {WARN_AUROC}): a "
-            "model can learn how the images were acquired instead of the lesion. Report AUROC on a clean subset "
-            "where this attribute does not separate the classes (e.g. one clinic/source, one file-name block), "
-            "and compare models there")
+    return (
+        f"the {attribute} alone predicts the label (grouped out-of-fold AUROC {value:.2f} > {WARN_AUROC}): a "
+        "model can learn how the images were acquired instead of the lesion. Report AUROC on a clean subset "
+        "where this attribute does not separate the classes (e.g. one clinic/source, one file-name block), "
+        "and compare models there"
+    )
 
 
 AUDIT_MODES = ("auto", "table", "images", "none")
@@ -213,12 +247,14 @@ def audit_images(cohort, mode: str = "auto") -> bool | None:
 
 def audit_table(rows: list[dict]) -> pd.DataFrame:
     """:func:`shortcut_audit` rows for display: Attribute, AUROC (3 decimals), 95% CI, Note."""
-    return pd.DataFrame({
-        "Attribute": [row["attribute"] for row in rows],
-        "AUROC": [round(row["auroc"], 3) if row["auroc"] is not None else None for row in rows],
-        "95% CI": [f"{row['auroc_ci'][0]:.3f}-{row['auroc_ci'][1]:.3f}" if row["auroc_ci"] else "" for row in rows],
-        "Note": [("above " + f"{WARN_AUROC}: a shortcut" if row["warning"] else row["note"]) for row in rows],
-    })
+    return pd.DataFrame(
+        {
+            "Attribute": [row["attribute"] for row in rows],
+            "AUROC": [round(row["auroc"], 3) if row["auroc"] is not None else None for row in rows],
+            "95% CI": [f"{row['auroc_ci'][0]:.3f}-{row['auroc_ci'][1]:.3f}" if row["auroc_ci"] else "" for row in rows],
+            "Note": [("above " + f"{WARN_AUROC}: a shortcut" if row["warning"] else row["note"]) for row in rows],
+        }
+    )
 
 
 def audit_warnings(rows: list[dict]) -> list[str]:

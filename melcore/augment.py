@@ -92,21 +92,33 @@ def _isic_strong(image_size: int, square: bool = True) -> list:
         A.VerticalFlip(p=0.5),
         A.HorizontalFlip(p=0.5),
         A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.75),
-        A.OneOf([
-            A.MotionBlur(blur_limit=(3, blur)),
-            A.MedianBlur(blur_limit=(3, blur)),
-            A.GaussianBlur(blur_limit=(3, blur)),
-            A.GaussNoise(std_range=noise_std),
-        ], p=0.7),
-        A.OneOf([
-            A.OpticalDistortion(distort_limit=1.0),
-            A.GridDistortion(num_steps=5, distort_limit=1.0),
-            A.ElasticTransform(alpha=3),
-        ], p=0.7),
+        A.OneOf(
+            [
+                A.MotionBlur(blur_limit=(3, blur)),
+                A.MedianBlur(blur_limit=(3, blur)),
+                A.GaussianBlur(blur_limit=(3, blur)),
+                A.GaussNoise(std_range=noise_std),
+            ],
+            p=0.7,
+        ),
+        A.OneOf(
+            [
+                A.OpticalDistortion(distort_limit=1.0),
+                A.GridDistortion(num_steps=5, distort_limit=1.0),
+                A.ElasticTransform(alpha=3),
+            ],
+            p=0.7,
+        ),
         A.CLAHE(clip_limit=4.0, p=0.7),
         A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
-        A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-15, 15),
-                 border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.85),
+        A.Affine(
+            translate_percent=(-0.1, 0.1),
+            scale=(0.9, 1.1),
+            rotate=(-15, 15),
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            p=0.85,
+        ),
         A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=hole, hole_width_range=hole, fill=0, p=0.7),
     ]
 
@@ -119,7 +131,8 @@ PRESETS: dict[str, Preset] = {
         "isic-strong",
         "SIIM-ISIC 2020 winning set: flips/transpose, brightness/contrast, blur or noise, optical/grid/"
         "elastic distortion, CLAHE, hue/saturation, shift-scale-rotate, one coarse dropout hole",
-        _isic_strong),
+        _isic_strong,
+    ),
 }
 
 
@@ -213,8 +226,9 @@ class Augmenter:
             out = compose(image=image)["image"]
         out = np.ascontiguousarray(out, dtype=np.uint8)
         if out.shape != image.shape:  # every preset is shape-preserving; guard against a bad edit
-            raise MelcoreError(f"augmentation preset {self.name!r} changed the image shape "
-                               f"{image.shape} -> {out.shape}")
+            raise MelcoreError(
+                f"augmentation preset {self.name!r} changed the image shape {image.shape} -> {out.shape}"
+            )
         return out
 
     def __repr__(self) -> str:

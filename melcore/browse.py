@@ -80,8 +80,18 @@ DEFAULT_THRESHOLD = 0.5
 SPLIT_PREFERENCE = ("val", "oof", "test")
 """Order in which a run's prediction splits are preferred when one image has several."""
 
-PATIENT_COLUMNS = ("patient", "clinic", "sex", "age_min", "age_max", "n_images", "n_lesions", "n_malignant",
-                   "n_scored", "highest_risk")
+PATIENT_COLUMNS = (
+    "patient",
+    "clinic",
+    "sex",
+    "age_min",
+    "age_max",
+    "n_images",
+    "n_lesions",
+    "n_malignant",
+    "n_scored",
+    "highest_risk",
+)
 """Columns of :func:`patient_table` (``PatientBrowser.patients`` adds n_matching and n_flagged)."""
 
 PATIENT_SORTS = {
@@ -105,6 +115,7 @@ def filter_levels(column: str, values: Iterable[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- small helpers
+
 
 def dataset_roots(dataset: Mapping) -> list[Path]:
     """The folders a registered dataset may read images from: its image folder and its table's folder.
@@ -161,11 +172,13 @@ def risk_by_image(predictions: pd.DataFrame | None) -> pd.Series:
     missing = {"image_name", "prediction"} - set(predictions.columns)
     if missing:
         raise MelcoreError(f"predictions need the columns image_name and prediction; missing {sorted(missing)}")
-    frame = pd.DataFrame({
-        "image_name": predictions["image_name"].astype(str).to_numpy(),
-        "prediction": pd.to_numeric(predictions["prediction"], errors="coerce").to_numpy(dtype=float),
-        "order": np.arange(len(predictions)),
-    })
+    frame = pd.DataFrame(
+        {
+            "image_name": predictions["image_name"].astype(str).to_numpy(),
+            "prediction": pd.to_numeric(predictions["prediction"], errors="coerce").to_numpy(dtype=float),
+            "order": np.arange(len(predictions)),
+        }
+    )
     if "split" in predictions.columns:
         split = predictions["split"].astype(object).where(predictions["split"].notna(), "").astype(str)
         others = sorted(set(split) - set(SPLIT_PREFERENCE))
@@ -176,8 +189,12 @@ def risk_by_image(predictions: pd.DataFrame | None) -> pd.Series:
     if frame["image_name"].duplicated().any():
         frame = frame.sort_values(["rank", "order"], ascending=[True, False], kind="stable")
         frame = frame.drop_duplicates("image_name", keep="first")
-    return pd.Series(frame["prediction"].to_numpy(), index=pd.Index(frame["image_name"], name="image_name"),
-                     dtype="float64", name="risk")
+    return pd.Series(
+        frame["prediction"].to_numpy(),
+        index=pd.Index(frame["image_name"], name="image_name"),
+        dtype="float64",
+        name="risk",
+    )
 
 
 def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling: bool = True) -> pd.DataFrame:
@@ -234,8 +251,9 @@ def _ugly_duckling(frame: pd.DataFrame, scored: np.ndarray) -> np.ndarray:
     scored = np.asarray(scored, dtype=bool)
     part = frame[["image_name", "lesion_id"]].reset_index(drop=True)
     part.insert(1, "patient_id", frame["patient"].to_numpy())  # the browser's patient key (never missing)
-    scores = pd.Series(frame["risk"].to_numpy()[scored], index=frame["image_name"].astype(str).to_numpy()[scored],
-                       name="prediction")
+    scores = pd.Series(
+        frame["risk"].to_numpy()[scored], index=frame["image_name"].astype(str).to_numpy()[scored], name="prediction"
+    )
     return ugly_duckling_scores(part, scores).to_numpy(dtype=float)
 
 
@@ -249,22 +267,25 @@ def patient_table(lesions: pd.DataFrame) -> pd.DataFrame:
     highest_risk (max risk, NaN when none scored).
     """
     frame = lesions.assign(
-        _malignant_lesion=np.where(lesions["target"].eq(1).fillna(False).to_numpy(bool),
-                                   lesions["lesion"].to_numpy(dtype=object), None),
+        _malignant_lesion=np.where(
+            lesions["target"].eq(1).fillna(False).to_numpy(bool), lesions["lesion"].to_numpy(dtype=object), None
+        ),
         _clinic=_category(lesions["clinic"]),
     )
     grouped = frame.groupby("patient", sort=False)
-    out = pd.DataFrame({
-        "clinic": grouped["_clinic"].agg(lambda v: ", ".join(sorted(set(v)))),
-        "sex": grouped["sex"].agg(lambda v: next((str(x) for x in v if pd.notna(x)), UNKNOWN)),
-        "age_min": grouped["age_approx"].min(),
-        "age_max": grouped["age_approx"].max(),
-        "n_images": grouped.size(),
-        "n_lesions": grouped["lesion"].nunique(),
-        "n_malignant": grouped["_malignant_lesion"].nunique(),
-        "n_scored": grouped["risk"].count(),
-        "highest_risk": grouped["risk"].max(),
-    })
+    out = pd.DataFrame(
+        {
+            "clinic": grouped["_clinic"].agg(lambda v: ", ".join(sorted(set(v)))),
+            "sex": grouped["sex"].agg(lambda v: next((str(x) for x in v if pd.notna(x)), UNKNOWN)),
+            "age_min": grouped["age_approx"].min(),
+            "age_max": grouped["age_approx"].max(),
+            "n_images": grouped.size(),
+            "n_lesions": grouped["lesion"].nunique(),
+            "n_malignant": grouped["_malignant_lesion"].nunique(),
+            "n_scored": grouped["risk"].count(),
+            "highest_risk": grouped["risk"].max(),
+        }
+    )
     out = out.rename_axis("patient").reset_index()
     return out[list(PATIENT_COLUMNS)]
 
@@ -286,6 +307,7 @@ def patient_diagnoses(lesions: pd.DataFrame, patients: Sequence[str]) -> pd.Seri
 
 
 # --------------------------------------------------------------------------- filters and pages
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -329,8 +351,9 @@ class Filters:
 
     def is_empty(self) -> bool:
         """True when no filter restricts the lesions."""
-        return not (self.clinics or self.sexes or self.age_bands or self.sites or self.malignant
-                    or self.above_threshold)
+        return not (
+            self.clinics or self.sexes or self.age_bands or self.sites or self.malignant or self.above_threshold
+        )
 
 
 @dataclass
@@ -367,8 +390,7 @@ def sort_patients(patients: pd.DataFrame, by: str = "highest risk") -> pd.DataFr
     if by not in PATIENT_SORTS:
         raise MelcoreError(f"unknown sort {by!r}; choose one of {', '.join(PATIENT_SORTS)}")
     columns, ascending = PATIENT_SORTS[by]
-    return patients.sort_values(columns, ascending=ascending, na_position="last", kind="stable"
-                                ).reset_index(drop=True)
+    return patients.sort_values(columns, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
 
 class PatientBrowser:
@@ -447,18 +469,20 @@ class PatientBrowser:
         known_rows = np.flatnonzero(known)
         first_patients, first = np.unique(pcode[known_rows], return_index=True)  # first known value per patient
         sex_text[first_patients] = [str(v) for v in sex[known_rows[first]]]
-        return pd.DataFrame({
-            "patient": np.asarray(patients, dtype=object).astype(str),
-            "clinic": clinic_text,
-            "sex": sex_text,
-            "age_min": age_min,
-            "age_max": age_max,
-            "n_images": n_images.astype(np.int64),
-            "n_lesions": n_lesions.astype(np.int64),
-            "n_malignant": n_malignant.astype(np.int64),
-            "n_scored": n_scored.astype(np.int64),
-            "highest_risk": highest,
-        })[list(PATIENT_COLUMNS)]
+        return pd.DataFrame(
+            {
+                "patient": np.asarray(patients, dtype=object).astype(str),
+                "clinic": clinic_text,
+                "sex": sex_text,
+                "age_min": age_min,
+                "age_max": age_max,
+                "n_images": n_images.astype(np.int64),
+                "n_lesions": n_lesions.astype(np.int64),
+                "n_malignant": n_malignant.astype(np.int64),
+                "n_scored": n_scored.astype(np.int64),
+                "highest_risk": highest,
+            }
+        )[list(PATIENT_COLUMNS)]
 
     # ------------------------------------------------------------------ filters
     def options(self) -> dict[str, list[str]]:
@@ -479,8 +503,12 @@ class PatientBrowser:
         """Boolean array over :attr:`lesions`: the images matching every filter."""
         filters = filters or Filters()
         mask = np.ones(len(self.lesions), dtype=bool)
-        for column, values in (("clinic", filters.clinics), ("sex", filters.sexes),
-                               ("age_band", filters.age_bands), ("site", filters.sites)):
+        for column, values in (
+            ("clinic", filters.clinics),
+            ("sex", filters.sexes),
+            ("age_band", filters.age_bands),
+            ("site", filters.sites),
+        ):
             if values:
                 mask &= self._isin(column, values)
         if filters.malignant:
@@ -514,7 +542,7 @@ class PatientBrowser:
         code = self._patient_code.get(str(patient))
         if code is None:
             raise MelcoreError(f"no patient {patient!r} in this dataset")
-        rows = self._order[self._bounds[code]:self._bounds[code + 1]]
+        rows = self._order[self._bounds[code] : self._bounds[code + 1]]
         part = self.lesions.iloc[rows].copy()
         if self._with_ugly_duckling:
             values = self._ugly_duckling.get(code)
@@ -523,8 +551,7 @@ class PatientBrowser:
                 values = _ugly_duckling(part, scored) if scored.sum() >= 2 else np.full(len(part), np.nan)
                 self._ugly_duckling[code] = values
             part["ugly_duckling"] = values
-        return part.sort_values(["risk", "image_name"], ascending=[False, True], na_position="last",
-                                kind="stable")
+        return part.sort_values(["risk", "image_name"], ascending=[False, True], na_position="last", kind="stable")
 
     def lesion(self, image_name: str) -> dict:
         """One image's row of :attr:`lesions` as a dict (ugly-duckling score included); MelcoreError when
@@ -555,6 +582,7 @@ def _group_max(codes: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarr
 
 
 # --------------------------------------------------------------------------- store queries
+
 
 def prediction_counts(store, run_ids: Iterable[int]) -> dict[int, tuple[int, int]]:
     """``{run_id: (number of stored predictions, largest prediction row id)}`` for runs that have any.
@@ -614,9 +642,19 @@ def image_scores(store, image_name: str, runs: Sequence[Mapping]) -> pd.DataFram
         score = float(risk_by_image(mine).iloc[0])
         split = _preferred_split(mine)
         threshold = run_threshold(run)
-        rows.append({"run_id": run_id, "run": run.get("name"), "model": run.get("model"), "kind": run.get("kind"),
-                     "clinic": run.get("clinic"), "split": split, "score": score, "threshold": threshold,
-                     "flagged": bool(score >= threshold)})
+        rows.append(
+            {
+                "run_id": run_id,
+                "run": run.get("name"),
+                "model": run.get("model"),
+                "kind": run.get("kind"),
+                "clinic": run.get("clinic"),
+                "split": split,
+                "score": score,
+                "threshold": threshold,
+                "flagged": bool(score >= threshold),
+            }
+        )
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -31,12 +31,24 @@ from typing import Iterable, Sequence
 from melcore import settings
 from melcore.errors import ConfigError
 
-__all__ = ["CacheUsage", "PruneReport", "cache_root", "cache_names", "cache_usage", "prune_caches",
-           "prune_files", "parse_size", "parse_age", "format_size", "max_size_from_environment", "auto_prune"]
+__all__ = [
+    "CacheUsage",
+    "PruneReport",
+    "cache_root",
+    "cache_names",
+    "cache_usage",
+    "prune_caches",
+    "prune_files",
+    "parse_size",
+    "parse_age",
+    "format_size",
+    "max_size_from_environment",
+    "auto_prune",
+]
 
 MAX_SIZE_VARIABLE = "MELREVIEW_CACHE_MAX_SIZE"
 KEEP = frozenset({"meta.json"})  # descriptions of a cache folder, not entries
-_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -111,8 +123,9 @@ def _select(names: Sequence[str] | None, home) -> list[str]:
     unknown = [name for name in names if name not in existing]
     if unknown:
         choices = ", ".join(existing) or "none yet"
-        raise ConfigError(f"unknown cache {', '.join(map(repr, unknown))}: the caches under {cache_root(home)} "
-                          f"are {choices}")
+        raise ConfigError(
+            f"unknown cache {', '.join(map(repr, unknown))}: the caches under {cache_root(home)} are {choices}"
+        )
     return list(names)
 
 
@@ -123,15 +136,27 @@ def cache_usage(names: Sequence[str] | None = None, *, home=None) -> list[CacheU
         folder = cache_root(home) / name
         entries = _entries(folder)
         times = [_recency(st) for _, st in entries]
-        usage.append(CacheUsage(name=name, path=folder, files=len(entries),
-                                bytes=sum(st.st_size for _, st in entries),
-                                oldest=min(times) if times else None, newest=max(times) if times else None))
+        usage.append(
+            CacheUsage(
+                name=name,
+                path=folder,
+                files=len(entries),
+                bytes=sum(st.st_size for _, st in entries),
+                oldest=min(times) if times else None,
+                newest=max(times) if times else None,
+            )
+        )
     return usage
 
 
-def prune_files(entries: Iterable[tuple[Path, os.stat_result]], *, max_bytes: int | None = None,
-                older_than: float | None = None, now: float | None = None,
-                dry_run: bool = False) -> tuple[list[tuple[Path, os.stat_result]], int]:
+def prune_files(
+    entries: Iterable[tuple[Path, os.stat_result]],
+    *,
+    max_bytes: int | None = None,
+    older_than: float | None = None,
+    now: float | None = None,
+    dry_run: bool = False,
+) -> tuple[list[tuple[Path, os.stat_result]], int]:
     """Remove entries, least recently used first, until at most ``max_bytes`` remain; and
     every entry not used for ``older_than`` seconds.
 
@@ -179,9 +204,15 @@ def prune_files(entries: Iterable[tuple[Path, os.stat_result]], *, max_bytes: in
     return removed, total
 
 
-def prune_caches(*, max_bytes: int | None = None, older_than: float | None = None,
-                 names: Sequence[str] | None = None, dry_run: bool = False, home=None,
-                 now: float | None = None) -> PruneReport:
+def prune_caches(
+    *,
+    max_bytes: int | None = None,
+    older_than: float | None = None,
+    names: Sequence[str] | None = None,
+    dry_run: bool = False,
+    home=None,
+    now: float | None = None,
+) -> PruneReport:
     """Prune the named caches (default: all) together.
 
     ``max_bytes`` limits their combined size: the least recently used entries go first
@@ -189,8 +220,9 @@ def prune_caches(*, max_bytes: int | None = None, older_than: float | None = Non
     longer. At least one of the two is required.
     """
     if max_bytes is None and older_than is None:
-        raise ConfigError("say what to prune: a size limit (max_bytes / --max-size) and/or an age "
-                          "(older_than / --older-than)")
+        raise ConfigError(
+            "say what to prune: a size limit (max_bytes / --max-size) and/or an age (older_than / --older-than)"
+        )
     selected = _select(names, home)
     tagged = {}
     entries = []
@@ -199,8 +231,12 @@ def prune_caches(*, max_bytes: int | None = None, older_than: float | None = Non
             tagged[path] = name
             entries.append((path, st))
     removed, kept = prune_files(entries, max_bytes=max_bytes, older_than=older_than, now=now, dry_run=dry_run)
-    report = PruneReport(removed_files={name: 0 for name in selected},
-                         removed_bytes={name: 0 for name in selected}, kept_bytes=kept, dry_run=dry_run)
+    report = PruneReport(
+        removed_files={name: 0 for name in selected},
+        removed_bytes={name: 0 for name in selected},
+        kept_bytes=kept,
+        dry_run=dry_run,
+    )
     for path, st in removed:
         report.removed_files[tagged[path]] += 1
         report.removed_bytes[tagged[path]] += st.st_size
@@ -235,8 +271,9 @@ def parse_age(text: str | float) -> float:
     """``"30d"``, ``"12h"``, ``"2w"``, ``"90m"``, ``"45s"`` -> seconds (> 0)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", str(text).lower())
     if not match or float(match.group(1)) <= 0:
-        raise ConfigError(f"age {text!r} is not understood: write a positive number with a unit, e.g. 30d, "
-                          "12h, 2w, 90m or 45s")
+        raise ConfigError(
+            f"age {text!r} is not understood: write a positive number with a unit, e.g. 30d, 12h, 2w, 90m or 45s"
+        )
     return float(match.group(1)) * _AGE_UNITS[match.group(2)]
 
 

@@ -76,8 +76,7 @@ def check_fraction(name: str, value: Any, meaning: str = "") -> float:
     """
     value = check_float(name, value)
     if not 0.0 < value < 1.0:
-        raise ConfigError(f"{name}{f' ({meaning})' if meaning else ''} must be between 0 and 1 (e.g. 0.2), "
-                          f"got {value}")
+        raise ConfigError(f"{name}{f' ({meaning})' if meaning else ''} must be between 0 and 1 (e.g. 0.2), got {value}")
     return value
 
 

@@ -106,8 +106,9 @@ def _malignant(why: str) -> ClassNames:
     return ClassNames(MALIGNANT.positive, MALIGNANT.negative, why)
 
 
-def infer_classes(format: str | None, target_column: str | None = None,
-                  table: pd.DataFrame | None = None) -> ClassNames:
+def infer_classes(
+    format: str | None, target_column: str | None = None, table: pd.DataFrame | None = None
+) -> ClassNames:
     """The class names of a table from its format, its target column and its diagnoses.
 
     Parameters

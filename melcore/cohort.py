@@ -91,14 +91,33 @@ CLINIC_COLUMN_NAMES = ("clinic", "attribution", "source", "institution", "centre
 
 # Column names (lower case) recognised for each canonical column, in order of preference.
 _ALIASES: dict[str, tuple[str, ...]] = {
-    "image_name": ("image_name", "image", "image_id", "isic_id", "filename", "file_name", "file", "img",
-                   "image_path", "filepath", "file_path", "path"),
+    "image_name": (
+        "image_name",
+        "image",
+        "image_id",
+        "isic_id",
+        "filename",
+        "file_name",
+        "file",
+        "img",
+        "image_path",
+        "filepath",
+        "file_path",
+        "path",
+    ),
     "patient_id": ("patient_id", "patient", "subject_id", "patient_identifier"),
     "lesion_id": ("lesion_id", "lesion", "lesion_identifier"),
     "sex": ("sex", "gender"),
     "age_approx": ("age_approx", "age"),
-    "site": ("site", "anatom_site_general_challenge", "anatom_site_general", "anatom_site", "localization",
-             "location", "body_site"),
+    "site": (
+        "site",
+        "anatom_site_general_challenge",
+        "anatom_site_general",
+        "anatom_site",
+        "localization",
+        "location",
+        "body_site",
+    ),
     "diagnosis": ("diagnosis", "dx"),
     "target": ("target", "label", "malignant", "is_malignant", "melanoma", "benign_malignant"),
     "clinic": ("clinic",),
@@ -195,8 +214,7 @@ class Cohort:
         return len(self.table)
 
     def __repr__(self) -> str:
-        return (f"Cohort(name={self.name!r}, format={self.format!r}, n_images={len(self)}, "
-                f"grouping={self.grouping!r})")
+        return f"Cohort(name={self.name!r}, format={self.format!r}, n_images={len(self)}, grouping={self.grouping!r})"
 
     @property
     def groups(self) -> pd.Series:
@@ -262,8 +280,16 @@ class Cohort:
             unreadable_images=[(n, r) for n, r in self.report.unreadable_images if n in kept],
             notes=list(self.report.notes),
         )
-        return Cohort(table=table, name=self.name, format=self.format, images_dir=self.images_dir,
-                      report=report, source=self.source, target_column=self.target_column, classes=self.classes)
+        return Cohort(
+            table=table,
+            name=self.name,
+            format=self.format,
+            images_dir=self.images_dir,
+            report=report,
+            source=self.source,
+            target_column=self.target_column,
+            classes=self.classes,
+        )
 
     def for_clinic(self, clinic: str) -> "Cohort":
         """The images of one clinic; CohortError listing the clinics when it has none."""
@@ -271,8 +297,7 @@ class Cohort:
         if not mask.any():
             counts = self.table["clinic"].value_counts()
             listed = ", ".join(f"{k!r} ({v})" for k, v in counts.items()) or "none"
-            raise CohortError(f"cohort {self.name!r} has no images from clinic {clinic!r}; "
-                              f"clinics: {listed}")
+            raise CohortError(f"cohort {self.name!r} has no images from clinic {clinic!r}; clinics: {listed}")
         sub = self.subset(mask.to_numpy())
         sub.name = f"{self.name} [{clinic}]"
         return sub
@@ -357,11 +382,14 @@ def load_cohort(
     if mapping and format in (None, "generic", "isic2020"):
         format = "mapping"
     elif mapping and format != "mapping":
-        raise CohortError(f"a column mapping cannot be combined with format {format!r}; drop --format "
-                          "(format=) to read the table through the mapping")
+        raise CohortError(
+            f"a column mapping cannot be combined with format {format!r}; drop --format "
+            "(format=) to read the table through the mapping"
+        )
     if format == "mapping" and not mapping:
-        raise CohortError("format 'mapping' needs a column mapping, e.g. "
-                          "mapping={'image_name': 'file', 'target': 'label'}")
+        raise CohortError(
+            "format 'mapping' needs a column mapping, e.g. mapping={'image_name': 'file', 'target': 'label'}"
+        )
     source = Path(csv).expanduser()
     if format is None and source.is_dir():
         format = "folders"
@@ -371,8 +399,10 @@ def load_cohort(
         frame = _load_folders(source, report)
         raw = None
         if images is not None and Path(images).expanduser().resolve() != source.resolve():
-            report.warnings.append(f"images={images} is ignored for format 'folders': the images are the "
-                                   f"files in the class folders of {source}")
+            report.warnings.append(
+                f"images={images} is ignored for format 'folders': the images are the "
+                f"files in the class folders of {source}"
+            )
     else:
         raw = _read_csv(source)
         if format is None:
@@ -409,8 +439,7 @@ def load_cohort(
     else:
         images_dir, paths = _match_images(frame, source, images, format, check_images, report)
     frame["image_path"] = paths
-    _confine_images(frame, [images_dir, source.resolve() if format == "folders" else source.resolve().parent],
-                    report)
+    _confine_images(frame, [images_dir, source.resolve() if format == "folders" else source.resolve().parent], report)
     if check_images == "decode":
         _decode_check(frame, report, progress)
 
@@ -420,8 +449,15 @@ def load_cohort(
         report.warnings.append(shortcut)
     if name is None:
         name = _default_name(source)
-    return Cohort(table=table, name=name, format=format, images_dir=images_dir, report=report,
-                  source=source.resolve(), target_column=target_source)
+    return Cohort(
+        table=table,
+        name=name,
+        format=format,
+        images_dir=images_dir,
+        report=report,
+        source=source.resolve(),
+        target_column=target_source,
+    )
 
 
 def _labels_per_clinic(table: pd.DataFrame) -> pd.DataFrame | None:
@@ -479,10 +515,12 @@ def clinic_shortcut_warning(table: pd.DataFrame, *, min_share: float = 0.1) -> s
     names = ", ".join(f"{name!r} ({int(row['size']):,} images)" for name, row in benign_only.iterrows())
     where = ", ".join(repr(name) for name in with_melanoma.index[:3]) + (" ..." if len(with_melanoma) > 3 else "")
     verb = "has" if len(benign_only) == 1 else "have"
-    return (f"clinic/source {names} {verb} no melanoma while every melanoma comes from {where}: a model can score "
-            "well overall by recognising where an image comes from. Judge image models within clinics that have "
-            "both classes (Compare page: the Subset box, Clinic; python -m melcore evaluate --group-column "
-            "clinic).")
+    return (
+        f"clinic/source {names} {verb} no melanoma while every melanoma comes from {where}: a model can score "
+        "well overall by recognising where an image comes from. Judge image models within clinics that have "
+        "both classes (Compare page: the Subset box, Clinic; python -m melcore evaluate --group-column "
+        "clinic)."
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -506,8 +544,10 @@ def _read_csv(path: Path, what: str = "table") -> pd.DataFrame:
     if not head.strip():
         raise CohortError(f"{what} {path} is empty: expected a header row and one row per image")
     if b"\0" in head:
-        raise CohortError(f"{what} {path} is not a CSV file (it has binary content); "
-                          "expected a comma-separated table with a header row")
+        raise CohortError(
+            f"{what} {path} is not a CSV file (it has binary content); "
+            "expected a comma-separated table with a header row"
+        )
     first_line = head.splitlines()[0].decode("utf-8", "replace")
     sep = ","
     if "," not in first_line:
@@ -527,15 +567,19 @@ def _read_csv(path: Path, what: str = "table") -> pd.DataFrame:
         raise CohortError(f"cannot read {what} {path}: unknown text encoding")
     table.columns = [str(c).strip() for c in table.columns]
     if table.empty:
-        raise CohortError(f"{what} {path} has a header ({columns_text(table.columns)}) but no rows; "
-                          "expected one row per image below the header")
+        raise CohortError(
+            f"{what} {path} has a header ({columns_text(table.columns)}) but no rows; "
+            "expected one row per image below the header"
+        )
     return table
 
 
 _KNOWN_COLUMNS = frozenset(
     [alias for aliases in _ALIASES.values() for alias in aliases]
-    + [c.lower() for c in ISIC2019_CLASSES] + list(CLINIC_COLUMN_NAMES)
-    + ["dx_type", "localization", "benign_malignant", "anatom_site_general_challenge"])
+    + [c.lower() for c in ISIC2019_CLASSES]
+    + list(CLINIC_COLUMN_NAMES)
+    + ["dx_type", "localization", "benign_malignant", "anatom_site_general_challenge"]
+)
 
 
 def columns_text(columns: Sequence[str]) -> str:
@@ -550,8 +594,10 @@ def columns_text(columns: Sequence[str]) -> str:
     columns = [str(c) for c in columns]
     if any(c.strip().lower() in _KNOWN_COLUMNS for c in columns):
         return first_few(columns, 30)
-    return (f"{len(columns)} column(s), none of them a lesion-table column (their names are not shown: "
-            "the file does not look like a lesion table)")
+    return (
+        f"{len(columns)} column(s), none of them a lesion-table column (their names are not shown: "
+        "the file does not look like a lesion table)"
+    )
 
 
 def _detect_format(columns: Sequence[str], path: Path) -> str:
@@ -585,8 +631,9 @@ def _find(columns: Sequence[str], candidates: Sequence[str], exclude=()) -> str 
     return None
 
 
-def _resolve_aliases(columns: Sequence[str], fixed: Mapping[str, str] | None = None,
-                     skip: Sequence[str] = ()) -> dict[str, str]:
+def _resolve_aliases(
+    columns: Sequence[str], fixed: Mapping[str, str] | None = None, skip: Sequence[str] = ()
+) -> dict[str, str]:
     """canonical -> source column, from ``fixed`` first then the usual names."""
     sources = dict(fixed or {})
     used = set(sources.values())
@@ -600,8 +647,7 @@ def _resolve_aliases(columns: Sequence[str], fixed: Mapping[str, str] | None = N
     return sources
 
 
-def _missing_columns(path: Path, fmt: str, missing: Sequence[str], found: Sequence[str],
-                     expected: str) -> CohortError:
+def _missing_columns(path: Path, fmt: str, missing: Sequence[str], found: Sequence[str], expected: str) -> CohortError:
     return CohortError(
         f"{path}: the {fmt} format needs column(s) {', '.join(missing)}, but the table has "
         f"{columns_text(found)}; expected {expected}. Pass --format (format=) with the table's format, or a "
@@ -609,8 +655,9 @@ def _missing_columns(path: Path, fmt: str, missing: Sequence[str], found: Sequen
     )
 
 
-def _assemble(raw: pd.DataFrame, sources: Mapping[str, str], derived: Mapping[str, object] | None = None,
-              lines=None) -> pd.DataFrame:
+def _assemble(
+    raw: pd.DataFrame, sources: Mapping[str, str], derived: Mapping[str, object] | None = None, lines=None
+) -> pd.DataFrame:
     """Canonical columns (from ``derived`` values, else ``sources`` columns, else None) then extras."""
     n = len(raw)
     derived = derived or {}
@@ -641,9 +688,14 @@ def _load_aliased(raw: pd.DataFrame, path: Path, fmt: str, report: CohortReport)
     """ISIC 2020 train/test tables and generic near-canonical tables."""
     sources = _resolve_aliases(raw.columns)
     if "image_name" not in sources:
-        expected = ("image_name, patient_id, sex, age_approx, anatom_site_general_challenge, diagnosis, "
-                    "target (test.csv: no target)") if fmt == "isic2020" else \
-            "an image column (image_name, image, image_id, isic_id or filename) and target"
+        expected = (
+            (
+                "image_name, patient_id, sex, age_approx, anatom_site_general_challenge, diagnosis, "
+                "target (test.csv: no target)"
+            )
+            if fmt == "isic2020"
+            else "an image column (image_name, image, image_id, isic_id or filename) and target"
+        )
         raise _missing_columns(path, fmt, ["image_name"], list(raw.columns), expected)
     derived = {}
     if "target" in sources and sources["target"].lower() != "benign_malignant":
@@ -656,7 +708,8 @@ def _load_aliased(raw: pd.DataFrame, path: Path, fmt: str, report: CohortReport)
                 names = raw.loc[disagree, sources["image_name"]].tolist()
                 report.warnings.append(
                     f"{int(disagree.sum()):,} rows have {sources['target']!r} disagreeing with {other!r} "
-                    f"(first: {first_few(names)}); {sources['target']!r} is used")
+                    f"(first: {first_few(names)}); {sources['target']!r} is used"
+                )
     if "target" not in sources:
         report.warnings.append(f"no target (label) column: all {len(raw):,} images are unlabelled")
         derived["target"] = np.full(len(raw), np.nan)
@@ -671,7 +724,8 @@ def _load_mapping(raw: pd.DataFrame, path: Path, mapping: Mapping[str, str]) -> 
         raise CohortError(
             f"mapping keys {', '.join(map(repr, unknown))} are not canonical columns; map any of "
             f"{', '.join(c for c in CANONICAL_COLUMNS if c != 'image_path')} (image_path is computed: map "
-            "image_name to the column with file names or relative paths)")
+            "image_name to the column with file names or relative paths)"
+        )
     fixed = {}
     absent = []
     for canonical, column in mapping.items():
@@ -681,12 +735,19 @@ def _load_mapping(raw: pd.DataFrame, path: Path, mapping: Mapping[str, str]) -> 
         else:
             fixed[canonical] = found
     if absent:
-        raise CohortError(f"{path}: mapped column(s) {', '.join(absent)} not in the table; "
-                          f"its columns are {columns_text(raw.columns)}")
+        raise CohortError(
+            f"{path}: mapped column(s) {', '.join(absent)} not in the table; "
+            f"its columns are {columns_text(raw.columns)}"
+        )
     sources = _resolve_aliases(raw.columns, fixed)
     if "image_name" not in sources:
-        raise _missing_columns(path, "mapping", ["image_name"], list(raw.columns),
-                               "a mapping for image_name, e.g. mapping={'image_name': 'file'}")
+        raise _missing_columns(
+            path,
+            "mapping",
+            ["image_name"],
+            list(raw.columns),
+            "a mapping for image_name, e.g. mapping={'image_name': 'file'}",
+        )
     derived = {} if "target" in sources else {"target": np.full(len(raw), np.nan)}
     frame = _assemble(raw, sources, derived)
     frame.attrs["target_source"] = sources.get("target", "target")
@@ -698,8 +759,9 @@ def _load_ham10000(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     dx = _find(raw.columns, ("dx",))
     missing = [c for c, f in (("image_id", image), ("dx", dx)) if f is None]
     if missing:
-        raise _missing_columns(path, "ham10000", missing, list(raw.columns),
-                               "lesion_id, image_id, dx, dx_type, age, sex, localization")
+        raise _missing_columns(
+            path, "ham10000", missing, list(raw.columns), "lesion_id, image_id, dx, dx_type, age, sex, localization"
+        )
     sources = _resolve_aliases(raw.columns, {"image_name": image, "diagnosis": dx}, skip=("target",))
     code = raw[dx].str.strip().str.lower()
     target = np.where(code.isna(), np.nan, (code == "mel").astype(float))
@@ -714,8 +776,9 @@ def _load_isic2019(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     present = [(c, col) for c, col in classes if col is not None]
     missing = [c for c, col in (("image", image), ("MEL", dict(classes)["MEL"])) if col is None]
     if missing:
-        raise _missing_columns(path, "isic2019", missing, list(raw.columns),
-                               "image, MEL, NV, BCC, AK, BKL, DF, VASC, SCC, UNK (one-hot)")
+        raise _missing_columns(
+            path, "isic2019", missing, list(raw.columns), "image, MEL, NV, BCC, AK, BKL, DF, VASC, SCC, UNK (one-hot)"
+        )
     names = raw[image].astype(object).to_numpy()
     lines = np.arange(2, len(raw) + 2)
     onehot = np.zeros((len(raw), len(present)), dtype=float)
@@ -726,11 +789,15 @@ def _load_isic2019(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     n_hot = hot.sum(axis=1)
     several = np.flatnonzero(n_hot > 1)
     if len(several):
-        shown = [f"line {lines[i]} ({names[i]}): "
-                 f"{'+'.join(c for (c, _), h in zip(present, hot[i]) if h)}" for i in several[:SHOWN]]
-        raise CohortError(f"{path}: {len(several):,} rows mark more than one diagnosis class "
-                          f"({first_few(shown, total=len(several), sep='; ')}); each row of the ISIC 2019 "
-                          "ground truth must have exactly one 1")
+        shown = [
+            f"line {lines[i]} ({names[i]}): {'+'.join(c for (c, _), h in zip(present, hot[i]) if h)}"
+            for i in several[:SHOWN]
+        ]
+        raise CohortError(
+            f"{path}: {len(several):,} rows mark more than one diagnosis class "
+            f"({first_few(shown, total=len(several), sep='; ')}); each row of the ISIC 2019 "
+            "ground truth must have exactly one 1"
+        )
     labels = np.array([c for c, _ in present], dtype=object)
     diagnosis = np.where(n_hot == 1, labels[hot.argmax(axis=1)], None)
     target = onehot[:, [c for c, _ in present].index("MEL")]
@@ -769,19 +836,27 @@ def _load_folders(root: Path, report: CohortReport) -> pd.DataFrame:
                 rows.append((stem, entry.name, os.path.abspath(entry.path), float(malignant), class_dir.name))
     if not rows:
         found = ", ".join(sorted(e.name for e in class_dirs)) or "no sub-folders"
-        raise CohortError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in class folders "
-                          f"(found {found}); expected e.g. {root}/melanoma/*.jpg and {root}/nevus/*.jpg")
+        raise CohortError(
+            f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in class folders "
+            f"(found {found}); expected e.g. {root}/melanoma/*.jpg and {root}/nevus/*.jpg"
+        )
     if ignored:
-        report.warnings.append(f"ignored {len(ignored):,} entries that are not images in a class folder "
-                               f"(first: {first_few(ignored)})")
+        report.warnings.append(
+            f"ignored {len(ignored):,} entries that are not images in a class folder (first: {first_few(ignored)})"
+        )
     if not any(r[3] for r in rows):
-        report.warnings.append(f"no folder named melanoma, mel or malignant in {root} (classes: "
-                               f"{', '.join(sorted(e.name for e in class_dirs))}): every image is labelled 0")
+        report.warnings.append(
+            f"no folder named melanoma, mel or malignant in {root} (classes: "
+            f"{', '.join(sorted(e.name for e in class_dirs))}): every image is labelled 0"
+        )
     names, files, paths, target, diagnosis = (list(x) for x in zip(*rows))
     raw = pd.DataFrame({"image_name": names})
-    frame = _assemble(raw, {"image_name": "image_name"}, {"target": np.array(target), "diagnosis":
-                                                          np.array(diagnosis, dtype=object)},
-                      lines=np.full(len(rows), None, dtype=object))
+    frame = _assemble(
+        raw,
+        {"image_name": "image_name"},
+        {"target": np.array(target), "diagnosis": np.array(diagnosis, dtype=object)},
+        lines=np.full(len(rows), None, dtype=object),
+    )
     frame[_FILE] = files
     frame[_PATH] = paths
     frame.attrs["target_source"] = "class folder"
@@ -802,8 +877,7 @@ def _drop_rows_without_name(frame: pd.DataFrame, report: CohortReport) -> pd.Dat
     if empty.any():
         lines = frame.loc[empty, _LINE].tolist()
         for i, line in enumerate(lines):
-            report.dropped.append((line if line is not None else int(np.flatnonzero(empty)[i]),
-                                   "no image name"))
+            report.dropped.append((line if line is not None else int(np.flatnonzero(empty)[i]), "no image name"))
         report.warnings.append(f"dropped {int(empty.sum()):,} rows with no image name (lines {first_few(lines)})")
         frame = frame.loc[~empty].reset_index(drop=True)
         text = text[~empty].reset_index(drop=True)
@@ -832,9 +906,11 @@ def _check_duplicates(frame: pd.DataFrame, path: Path) -> None:
     for name, lines in list(lines_by_name.items())[:SHOWN]:
         known = [str(x) for x in lines if x is not None and not pd.isna(x)]
         shown.append(f"{name} (lines {', '.join(known)})" if known else f"{name} ({len(lines)} times)")
-    raise CohortError(f"{path}: {len(lines_by_name):,} image names appear more than once "
-                      f"({int(dup.sum()):,} rows; first: {first_few(shown, total=len(lines_by_name), sep='; ')}); "
-                      "each image must have exactly one row")
+    raise CohortError(
+        f"{path}: {len(lines_by_name):,} image names appear more than once "
+        f"({int(dup.sum()):,} rows; first: {first_few(shown, total=len(lines_by_name), sep='; ')}); "
+        "each image must have exactly one row"
+    )
 
 
 def _coerce_binary(values: pd.Series, column: str, lines, names) -> np.ndarray:
@@ -855,7 +931,8 @@ def _coerce_binary(values: pd.Series, column: str, lines, names) -> np.ndarray:
         raise CohortError(
             f"column {column!r} has {len(index):,} values that are not a 0/1 label "
             f"({first_few(shown, total=len(index), sep='; ')}). Use 1 for malignant and 0 for benign (or the words "
-            "malignant/benign); leave the cell empty for unlabelled images, or map another column as target.")
+            "malignant/benign); leave the cell empty for unlabelled images, or map another column as target."
+        )
     return out
 
 
@@ -870,18 +947,29 @@ def _coerce_age(frame: pd.DataFrame, report: CohortReport) -> pd.Series:
     text_present = pd.Series([t is not None for t in _clean_text(raw)], index=raw.index)
     bad = text_present & numbers.isna()
     if bad.any():
-        shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
-                 zip(frame.loc[bad, _LINE][:SHOWN], frame.loc[bad, "image_name"][:SHOWN], raw[bad][:SHOWN])]
-        report.warnings.append(f"{int(bad.sum()):,} age values are not numbers and are treated as unknown "
-                               f"({first_few(shown, total=int(bad.sum()), sep='; ')})")
+        shown = [
+            f"{_where(line, n)}: {v!r}"
+            for line, n, v in zip(frame.loc[bad, _LINE][:SHOWN], frame.loc[bad, "image_name"][:SHOWN], raw[bad][:SHOWN])
+        ]
+        report.warnings.append(
+            f"{int(bad.sum()):,} age values are not numbers and are treated as unknown "
+            f"({first_few(shown, total=int(bad.sum()), sep='; ')})"
+        )
     implausible = numbers.notna() & ~numbers.between(0, MAX_AGE)
     if implausible.any():
-        shown = [f"{_where(line, n)}: {v!r}" for line, n, v in
-                 zip(frame.loc[implausible, _LINE][:SHOWN], frame.loc[implausible, "image_name"][:SHOWN],
-                     raw[implausible][:SHOWN])]
-        report.warnings.append(f"{int(implausible.sum()):,} age values are outside 0-{MAX_AGE} years and are treated "
-                               f"as unknown ({first_few(shown, total=int(implausible.sum()), sep='; ')}); correct them in the "
-                               "table")
+        shown = [
+            f"{_where(line, n)}: {v!r}"
+            for line, n, v in zip(
+                frame.loc[implausible, _LINE][:SHOWN],
+                frame.loc[implausible, "image_name"][:SHOWN],
+                raw[implausible][:SHOWN],
+            )
+        ]
+        report.warnings.append(
+            f"{int(implausible.sum()):,} age values are outside 0-{MAX_AGE} years and are treated "
+            f"as unknown ({first_few(shown, total=int(implausible.sum()), sep='; ')}); correct them in the "
+            "table"
+        )
         numbers = numbers.where(~implausible)
     return numbers
 
@@ -889,7 +977,7 @@ def _coerce_age(frame: pd.DataFrame, report: CohortReport) -> pd.Series:
 def _clean_text(values) -> list[str | None]:
     """Stripped strings; None for missing or blank cells."""
     out: list[str | None] = []
-    for value in (values.tolist() if hasattr(values, "tolist") else list(values)):
+    for value in values.tolist() if hasattr(values, "tolist") else list(values):
         if isinstance(value, str):
             value = value.strip()
             out.append(value or None)
@@ -915,14 +1003,17 @@ def _join_key(names: pd.Series) -> list[str]:
     return [k[: -len("_downsampled")] if k.endswith("_downsampled") else k for k in keys]
 
 
-def _indexed_by_image(table: pd.DataFrame, key_column: str, path: Path, what: str,
-                      report: CohortReport) -> pd.DataFrame:
+def _indexed_by_image(
+    table: pd.DataFrame, key_column: str, path: Path, what: str, report: CohortReport
+) -> pd.DataFrame:
     table = table[table[key_column].notna()]
     keys = pd.Series(_join_key(table[key_column]), index=table.index)
     duplicated = keys.duplicated()
     if duplicated.any():
-        report.warnings.append(f"{what} {path} has {int(duplicated.sum()):,} repeated image names "
-                               f"(first: {first_few(keys[duplicated].unique())}); the first row of each is used")
+        report.warnings.append(
+            f"{what} {path} has {int(duplicated.sum()):,} repeated image names "
+            f"(first: {first_few(keys[duplicated].unique())}); the first row of each is used"
+        )
         table, keys = table[~duplicated], keys[~duplicated]
     return table.set_axis(keys.to_numpy(), axis=0)
 
@@ -931,8 +1022,10 @@ def _join_metadata(frame: pd.DataFrame, path: Path, report: CohortReport) -> Non
     meta = _read_csv(path, what="metadata")
     key = _find(meta.columns, _ALIASES["image_name"])
     if key is None:
-        raise CohortError(f"metadata {path} has no image column to join on (columns: {columns_text(meta.columns)}); "
-                          "expected one of image, image_name, image_id, isic_id")
+        raise CohortError(
+            f"metadata {path} has no image column to join on (columns: {columns_text(meta.columns)}); "
+            "expected one of image, image_name, image_id, isic_id"
+        )
     sources = _resolve_aliases(meta.columns, {"image_name": key}, skip=("target",))
     meta = _indexed_by_image(meta, key, path, "metadata", report)
     aligned = meta.reindex(_join_key(frame["image_name"]))
@@ -952,8 +1045,10 @@ def _join_metadata(frame: pd.DataFrame, path: Path, report: CohortReport) -> Non
             frame[column] = aligned[column].to_numpy()
     if not matched.all():
         names = frame.loc[~matched, "image_name"].tolist()
-        report.warnings.append(f"{len(names):,} images have no row in metadata {path.name} "
-                               f"(first: {first_few(names)}); their metadata stays unknown")
+        report.warnings.append(
+            f"{len(names):,} images have no row in metadata {path.name} "
+            f"(first: {first_few(names)}); their metadata stays unknown"
+        )
 
 
 def _clinic_from_column(raw: pd.DataFrame | None, frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
@@ -965,16 +1060,20 @@ def _clinic_from_column(raw: pd.DataFrame | None, frame: pd.DataFrame, column: s
     if found is not None:
         return frame[found].to_numpy()
     columns = list(raw.columns) if raw is not None else [c for c in frame.columns if not c.startswith("__")]
-    raise CohortError(f"{path}: clinic column {column!r} not found; the table has {columns_text(columns)}. "
-                      "Name one of these with --clinic-column, or join a second table with --clinic-csv.")
+    raise CohortError(
+        f"{path}: clinic column {column!r} not found; the table has {columns_text(columns)}. "
+        "Name one of these with --clinic-column, or join a second table with --clinic-csv."
+    )
 
 
 def _clinic_from_csv(frame: pd.DataFrame, path: Path, column: str | None, report: CohortReport) -> np.ndarray:
     table = _read_csv(path, what="clinic table")
     key = _find(table.columns, ("isic_id", "image_name", "image", "image_id", "filename", "file_name"))
     if key is None:
-        raise CohortError(f"clinic table {path} has no image column to join on (columns: "
-                          f"{columns_text(table.columns)}); expected isic_id, image_name, image or image_id")
+        raise CohortError(
+            f"clinic table {path} has no image column to join on (columns: "
+            f"{columns_text(table.columns)}); expected isic_id, image_name, image or image_id"
+        )
     if column:
         clinic = _find(table.columns, (column.strip().lower(),))
         if clinic is None:
@@ -982,15 +1081,19 @@ def _clinic_from_csv(frame: pd.DataFrame, path: Path, column: str | None, report
     else:
         clinic = _find(table.columns, CLINIC_COLUMN_NAMES, exclude=(key,))
         if clinic is None:
-            raise CohortError(f"clinic table {path} has no clinic column (columns: {columns_text(table.columns)}); "
-                              f"expected one of {', '.join(CLINIC_COLUMN_NAMES)} or name it with --clinic-column")
+            raise CohortError(
+                f"clinic table {path} has no clinic column (columns: {columns_text(table.columns)}); "
+                f"expected one of {', '.join(CLINIC_COLUMN_NAMES)} or name it with --clinic-column"
+            )
     table = _indexed_by_image(table, key, path, "clinic table", report)
     values = table[clinic].reindex(_join_key(frame["image_name"]))
     unmatched = values.isna().to_numpy()
     if unmatched.any():
         names = frame.loc[unmatched, "image_name"].tolist()
-        report.warnings.append(f"{len(names):,} images have no clinic in {path.name} "
-                               f"(first: {first_few(names)}); their clinic is {UNKNOWN_CLINIC!r}")
+        report.warnings.append(
+            f"{len(names):,} images have no clinic in {path.name} "
+            f"(first: {first_few(names)}); their clinic is {UNKNOWN_CLINIC!r}"
+        )
     return values.to_numpy()
 
 
@@ -1001,9 +1104,19 @@ def _image_dir_candidates(source: Path, fmt: str, frame: pd.DataFrame) -> list[P
     base = source.parent
     split = _table_split(source, frame)
     other = "train" if split == "test" else "test"
-    names = [f"jpeg/{split}", f"jpeg/{other}", split, "images", f"{split}_images",
-             "ISIC_2019_Training_Input/ISIC_2019_Training_Input", "ISIC_2019_Training_Input",
-             "ISIC_2019_Test_Input", "HAM10000_images", "jpeg", "."]
+    names = [
+        f"jpeg/{split}",
+        f"jpeg/{other}",
+        split,
+        "images",
+        f"{split}_images",
+        "ISIC_2019_Training_Input/ISIC_2019_Training_Input",
+        "ISIC_2019_Training_Input",
+        "ISIC_2019_Test_Input",
+        "HAM10000_images",
+        "jpeg",
+        ".",
+    ]
     if fmt == "isic2019":
         names = names[5:8] + names[:5] + names[8:]
     seen, out = set(), []
@@ -1023,8 +1136,10 @@ def _table_split(source: Path, frame: pd.DataFrame) -> str:
 def _holds_images(folder: Path) -> bool:
     try:
         with os.scandir(folder) as entries:
-            return any(os.path.splitext(e.name)[1].lower() in _EXTENSION_RANK and not e.name.startswith(".")
-                       and e.is_file() for e in entries)
+            return any(
+                os.path.splitext(e.name)[1].lower() in _EXTENSION_RANK and not e.name.startswith(".") and e.is_file()
+                for e in entries
+            )
     except OSError:
         return False
 
@@ -1118,16 +1233,19 @@ def _relative_paths(frame: pd.DataFrame, base: Path) -> pd.Series:
     return out
 
 
-def _match_images(frame: pd.DataFrame, source: Path, images, fmt: str, check: str,
-                  report: CohortReport) -> tuple[Path | None, pd.Series]:
+def _match_images(
+    frame: pd.DataFrame, source: Path, images, fmt: str, check: str, report: CohortReport
+) -> tuple[Path | None, pd.Series]:
     n = len(frame)
     has_rel = _is_path(frame[_FILE])
     if images is not None:
         images_dir = Path(images).expanduser().resolve()
         inner = image_folder_in_root(images_dir, _table_split(source, frame))
         if inner is not None:
-            report.notes.append(f"image folder {images_dir} is an ISIC-layout root; using "
-                                f"{inner.relative_to(images_dir)}/ in it ({inner})")
+            report.notes.append(
+                f"image folder {images_dir} is an ISIC-layout root; using "
+                f"{inner.relative_to(images_dir)}/ in it ({inner})"
+            )
             images_dir = images = inner
         candidates = [images_dir]
         if not images_dir.is_dir():
@@ -1141,8 +1259,9 @@ def _match_images(frame: pd.DataFrame, source: Path, images, fmt: str, check: st
             images_dir = candidates[0]
         paths = pd.Series(None, index=frame.index, dtype=object)
         if images_dir is not None:
-            with_ext = frame[_FILE].where(frame[_FILE].str.lower().str.endswith(IMAGE_EXTENSIONS),
-                                          frame["image_name"] + ".jpg")
+            with_ext = frame[_FILE].where(
+                frame[_FILE].str.lower().str.endswith(IMAGE_EXTENSIONS), frame["image_name"] + ".jpg"
+            )
             paths = (str(images_dir) + os.sep + with_ext).astype(object)
         if has_rel.any():
             rel = _relative_paths(frame, images_dir or source.parent.resolve())
@@ -1170,14 +1289,15 @@ def _match_images(frame: pd.DataFrame, source: Path, images, fmt: str, check: st
         if images_dir is not None:
             where = f"in {images_dir}"
         elif images is None and candidates:
-            where = (f"beside the table (looked in {', '.join(str(c) for c in candidates)}; "
-                     "pass images= / --images)")
+            where = f"beside the table (looked in {', '.join(str(c) for c in candidates)}; pass images= / --images)"
         elif images is None:
             where = f"(no image folder beside {source.name}; pass images= / --images)"
         else:
             where = f"in {images}"
-        report.warnings.append(f"{len(names):,} of {n:,} image files not found {where} "
-                               f"(first: {first_few(names)}); their image_path is None")
+        report.warnings.append(
+            f"{len(names):,} of {n:,} image files not found {where} "
+            f"(first: {first_few(names)}); their image_path is None"
+        )
     return images_dir, paths
 
 
@@ -1210,9 +1330,11 @@ def _confine_images(frame: pd.DataFrame, roots: Sequence[Path | None], report: C
         paths[i] = None
     frame["image_path"] = paths
     where = " and ".join(str(r) for r in allowed) or "none registered"
-    report.warnings.append(f"{len(outside):,} image paths lie outside the dataset's folders ({where}) once links "
-                           f"are resolved (first: {first_few(names)}); they are not read and their image_path is "
-                           "None. Move the images into the image folder.")
+    report.warnings.append(
+        f"{len(outside):,} image paths lie outside the dataset's folders ({where}) once links "
+        f"are resolved (first: {first_few(names)}); they are not read and their image_path is "
+        "None. Move the images into the image folder."
+    )
 
 
 def _verify_image(path: str) -> str | None:
@@ -1255,8 +1377,10 @@ def _decode_check(frame: pd.DataFrame, report: CohortReport, progress: Progress 
         image_path[idx] = None
     frame["image_path"] = image_path
     shown = [f"{n} ({r})" for n, r in report.unreadable_images[:SHOWN]]
-    report.warnings.append(f"{len(bad):,} image files could not be decoded ({first_few(shown, total=len(bad), sep='; ')}"
-                           f"); their image_path is None")
+    report.warnings.append(
+        f"{len(bad):,} image files could not be decoded ({first_few(shown, total=len(bad), sep='; ')}"
+        f"); their image_path is None"
+    )
 
 
 # --------------------------------------------------------------------------- grouping and output
@@ -1306,7 +1430,7 @@ def group_label(key) -> str:
     text = str(key)
     for prefix in ("image:", "lesion:"):
         if text.startswith(prefix):
-            return text[len(prefix):]
+            return text[len(prefix) :]
     return text
 
 
@@ -1392,14 +1516,17 @@ def age_band(age):
     numeric = pd.to_numeric(series, errors="coerce")
     bad = np.flatnonzero((series.notna() & numeric.isna()).to_numpy())
     if len(bad):
-        raise MelcoreError("ages must be numbers in years: found "
-                           + first_few((f"{series.iloc[i]!r} at position {i}" for i in bad[:SHOWN]), total=len(bad)))
+        raise MelcoreError(
+            "ages must be numbers in years: found "
+            + first_few((f"{series.iloc[i]!r} at position {i}" for i in bad[:SHOWN]), total=len(bad))
+        )
     values = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
     negative = np.flatnonzero(values < 0)
     if len(negative):
-        raise MelcoreError("ages cannot be negative: found "
-                           + first_few((f"{values[i]:g} at position {i}" for i in negative[:SHOWN]),
-                                       total=len(negative)))
+        raise MelcoreError(
+            "ages cannot be negative: found "
+            + first_few((f"{values[i]:g} at position {i}" for i in negative[:SHOWN]), total=len(negative))
+        )
     labels = np.full(len(values), UNKNOWN_AGE, dtype=object)
     for low, high, label in AGE_BANDS:
         labels[(values >= low) & (values < high)] = label
@@ -1469,11 +1596,14 @@ def table_and_groups(data, what: str = "table") -> tuple[pd.DataFrame, pd.Series
     if isinstance(table, pd.DataFrame):
         return table, pd.Series(data.groups, index=table.index)
     if not isinstance(data, pd.DataFrame):
-        raise CohortError(f"{what} must be a melcore Cohort or a pandas DataFrame with canonical columns, "
-                          f"not {type(data).__name__}")
+        raise CohortError(
+            f"{what} must be a melcore Cohort or a pandas DataFrame with canonical columns, not {type(data).__name__}"
+        )
     if "image_name" not in data.columns:
-        raise CohortError(f"the lesion table has no image_name column (columns: {', '.join(map(str, data.columns))});"
-                          " load it with melcore.cohort.load_cohort or rename the image id column to image_name")
+        raise CohortError(
+            f"the lesion table has no image_name column (columns: {', '.join(map(str, data.columns))});"
+            " load it with melcore.cohort.load_cohort or rename the image id column to image_name"
+        )
     return data, group_keys(data)
 
 

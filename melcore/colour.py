@@ -58,9 +58,23 @@ import numpy as np
 from melcore.errors import MelcoreError
 from melcore.splits import group_kfold
 
-__all__ = ["WORK_SIZE", "FEATURE_NAMES", "BASE_FEATURE_NAMES", "EXTENDED_FEATURE_NAMES", "DEFAULT_KERNEL",
-           "RBF_C_GRID", "lesion_mask", "outline_overlay", "colour_features", "colour_feature_matrix", "ColourModel",
-           "COLOUR_MODEL_FILE", "colour_features_of_files", "fit_colour_model", "colour_probabilities"]
+__all__ = [
+    "WORK_SIZE",
+    "FEATURE_NAMES",
+    "BASE_FEATURE_NAMES",
+    "EXTENDED_FEATURE_NAMES",
+    "DEFAULT_KERNEL",
+    "RBF_C_GRID",
+    "lesion_mask",
+    "outline_overlay",
+    "colour_features",
+    "colour_feature_matrix",
+    "ColourModel",
+    "COLOUR_MODEL_FILE",
+    "colour_features_of_files",
+    "fit_colour_model",
+    "colour_probabilities",
+]
 
 #: Side (pixels) every image is resized to before features are computed.
 WORK_SIZE = 128
@@ -79,13 +93,26 @@ _DERM_COLOURS = {
 #: The version-1 features (colour, shape, a little texture), unchanged since; models saved in
 #: format ``melreview-colour-model/1`` use exactly these.
 BASE_FEATURE_NAMES: tuple[str, ...] = (
-    "mask_fallback", "area_fraction", "border_touch",
-    "asymmetry_major", "asymmetry_minor", "asymmetry_mean",
-    "compactness", "solidity", "eccentricity", "border_gradient",
+    "mask_fallback",
+    "area_fraction",
+    "border_touch",
+    "asymmetry_major",
+    "asymmetry_minor",
+    "asymmetry_mean",
+    "compactness",
+    "solidity",
+    "eccentricity",
+    "border_gradient",
     *(f"{c}_{s}" for c in ("L", "a", "b", "S") for s in ("mean", "std", "p10", "p90")),
-    "contrast_L", "contrast_a", "contrast_b",
-    *(f"colour_{name}" for name in _DERM_COLOURS), "n_colours",
-    "blue_white_veil", "variegation", "texture_gradient", "texture_contrast",
+    "contrast_L",
+    "contrast_a",
+    "contrast_b",
+    *(f"colour_{name}" for name in _DERM_COLOURS),
+    "n_colours",
+    "blue_white_veil",
+    "variegation",
+    "texture_gradient",
+    "texture_contrast",
 )
 
 _LBP_RADII = (1, 2, 3)
@@ -101,19 +128,36 @@ _HIST_RANGES = {"L": (0.0, 100.0), "a": (-10.0, 50.0), "b": (-20.0, 50.0), "hue"
 EXTENDED_FEATURE_NAMES: tuple[str, ...] = (
     *(f"lbp_r{r}_{code}" for r in _LBP_RADII for code in _LBP_CODES),
     *(f"lbp_border_r{r}_{code}" for r in _LBP_BORDER_RADII for code in _LBP_CODES),
-    *(f"glcm_d{d}_{stat}" for d in _GLCM_DISTANCES
-      for stat in ("contrast", "homogeneity", "energy", "correlation", "entropy")),
-    *(f"scale{int(s)}_{stat}" for s in _SCALES
-      for stat in ("dog_mean", "dog_std", "gradient_mean", "gradient_std", "gradient_p90", "coherence")),
+    *(
+        f"glcm_d{d}_{stat}"
+        for d in _GLCM_DISTANCES
+        for stat in ("contrast", "homogeneity", "energy", "correlation", "entropy")
+    ),
+    *(
+        f"scale{int(s)}_{stat}"
+        for s in _SCALES
+        for stat in ("dog_mean", "dog_std", "gradient_mean", "gradient_std", "gradient_p90", "coherence")
+    ),
     *(f"hist_{channel}_{k}" for channel in _HIST_RANGES for k in range(_HIST_BINS)),
     *(f"skin_log_ratio_{stat}_{c}" for stat in ("mean", "std", "p10", "p90") for c in "RGB"),
     *(f"skin_offset_{stat}_{c}" for stat in ("std", "p05", "p95") for c in "Lab"),
     *(f"skin_{c}" for c in "Lab"),
-    *(f"centre_minus_rim_{c}" for c in "Lab"), "centre_L_std", "rim_L_std",
-    "colour_asymmetry_major", "L_std_asymmetry_major", "colour_asymmetry_minor", "L_std_asymmetry_minor",
+    *(f"centre_minus_rim_{c}" for c in "Lab"),
+    "centre_L_std",
+    "rim_L_std",
+    "colour_asymmetry_major",
+    "L_std_asymmetry_major",
+    "colour_asymmetry_minor",
+    "L_std_asymmetry_minor",
     *(f"sector_std_{c}" for c in "Lab"),
-    "radius_cv", "radius_range", "radius_roughness", "radius_spectrum_low", "radius_spectrum_mid",
-    "radius_spectrum_high", "edge_sharpness_cv", "edge_sharpness_min_max",
+    "radius_cv",
+    "radius_range",
+    "radius_roughness",
+    "radius_spectrum_low",
+    "radius_spectrum_mid",
+    "radius_spectrum_high",
+    "edge_sharpness_cv",
+    "edge_sharpness_min_max",
     *(f"balanced_{c}_{stat}" for stat in ("mean", "std", "p10", "p90") for c in "Lab"),
 )
 
@@ -125,8 +169,10 @@ _FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 def _check_image(image) -> np.ndarray:
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise MelcoreError(f"colour features need a uint8 RGB image of shape (H, W, 3), got dtype "
-                           f"{array.dtype} and shape {array.shape}")
+        raise MelcoreError(
+            f"colour features need a uint8 RGB image of shape (H, W, 3), got dtype "
+            f"{array.dtype} and shape {array.shape}"
+        )
     if array.shape[0] < 8 or array.shape[1] < 8:
         raise MelcoreError(f"image of shape {array.shape} is too small for colour features (at least 8x8)")
     return array
@@ -259,8 +305,8 @@ def _asymmetry(mask: np.ndarray) -> tuple[float, float, float]:
     grid = np.zeros((2 * span + 1, 2 * span + 1), bool)
     grid[points[:, 1] + span, points[:, 0] + span] = True
     area = grid.sum()
-    flipped_minor = grid[::-1, :]   # mirror across the major axis
-    flipped_major = grid[:, ::-1]   # mirror across the minor axis
+    flipped_minor = grid[::-1, :]  # mirror across the major axis
+    flipped_major = grid[:, ::-1]  # mirror across the minor axis
     a_major = float((grid ^ flipped_minor).sum() / (2.0 * area))
     a_minor = float((grid ^ flipped_major).sum() / (2.0 * area))
     return a_major, a_minor, (a_major + a_minor) / 2.0
@@ -274,7 +320,7 @@ def _shape(mask: np.ndarray, grey: np.ndarray) -> tuple[list[float], np.ndarray]
     contour = max(contours, key=cv2.contourArea)
     area = max(float(mask.sum()), 1.0)
     perimeter = float(cv2.arcLength(contour, True))
-    compactness = perimeter ** 2 / (4.0 * np.pi * area)
+    compactness = perimeter**2 / (4.0 * np.pi * area)
     hull_area = float(cv2.contourArea(cv2.convexHull(contour)))
     solidity = min(1.0, area / hull_area) if hull_area > 0 else 1.0
     ys, xs = np.nonzero(mask)
@@ -324,14 +370,27 @@ def _base_features(rgb: np.ndarray, lab: np.ndarray, mask: np.ndarray, fallback:
     variegation = float(np.sqrt(((lesion - lesion.mean(axis=0)) ** 2).sum(axis=1)).mean())
     local_mean = cv2.blur(grey, (5, 5))
     local_sq = cv2.blur(grey * grey, (5, 5))
-    local_std = np.sqrt(np.maximum(local_sq - local_mean ** 2, 0.0))
+    local_std = np.sqrt(np.maximum(local_sq - local_mean**2, 0.0))
 
-    return [float(fallback), float(mask.mean()), border_touch, *asym, *shape, *stats, *contrast,
-            *shares, n_colours, float(veil.mean()), variegation, float(magnitude[mask].mean()),
-            float(local_std[mask].mean())]
+    return [
+        float(fallback),
+        float(mask.mean()),
+        border_touch,
+        *asym,
+        *shape,
+        *stats,
+        *contrast,
+        *shares,
+        n_colours,
+        float(veil.mean()),
+        variegation,
+        float(magnitude[mask].mean()),
+        float(local_std[mask].mean()),
+    ]
 
 
 # --------------------------------------------------------------------------- extended features (version 2)
+
 
 def _lbp_codes(grey: np.ndarray, radius: float, points: int = 8) -> np.ndarray:
     """Rotation-invariant uniform LBP codes (Ojala et al. 2002, "riu2"): int array like ``grey``.
@@ -352,10 +411,14 @@ def _lbp_codes(grey: np.ndarray, radius: float, points: int = 8) -> np.ndarray:
         y0, x0 = int(np.floor(dy)), int(np.floor(dx))
         wy, wx = dy - y0, dx - x0
         sample = np.zeros_like(grey)
-        for oy, ox, w in ((y0, x0, (1 - wy) * (1 - wx)), (y0 + 1, x0, wy * (1 - wx)),
-                          (y0, x0 + 1, (1 - wy) * wx), (y0 + 1, x0 + 1, wy * wx)):
+        for oy, ox, w in (
+            (y0, x0, (1 - wy) * (1 - wx)),
+            (y0 + 1, x0, wy * (1 - wx)),
+            (y0, x0 + 1, (1 - wy) * wx),
+            (y0 + 1, x0 + 1, wy * wx),
+        ):
             if w > 1e-12:
-                sample += w * padded[pad + oy:pad + oy + n_rows, pad + ox:pad + ox + n_cols]
+                sample += w * padded[pad + oy : pad + oy + n_rows, pad + ox : pad + ox + n_cols]
         bits[p] = sample >= grey - 1e-9
     transitions = np.abs(np.diff(bits, axis=0, append=bits[:1])).sum(axis=0)
     return np.where(transitions <= 2, bits.sum(axis=0), points + 1)
@@ -387,9 +450,15 @@ def _glcm_stats(levels_image: np.ndarray, region: np.ndarray, levels: int, dista
         mu = (matrix * i).sum()
         var = (matrix * (i - mu) ** 2).sum()
         nonzero = matrix[matrix > 0]
-        rows.append([(matrix * (i - j) ** 2).sum(), (matrix / (1.0 + (i - j) ** 2)).sum(), (matrix ** 2).sum(),
-                     (matrix * (i - mu) * (j - mu)).sum() / var if var > 1e-12 else 0.0,
-                     -(nonzero * np.log(nonzero)).sum()])
+        rows.append(
+            [
+                (matrix * (i - j) ** 2).sum(),
+                (matrix / (1.0 + (i - j) ** 2)).sum(),
+                (matrix**2).sum(),
+                (matrix * (i - mu) * (j - mu)).sum() / var if var > 1e-12 else 0.0,
+                -(nonzero * np.log(nonzero)).sum(),
+            ]
+        )
     return list(np.mean(rows, axis=0))
 
 
@@ -435,14 +504,21 @@ def _extended_features(rgb: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> li
         jxx = cv2.GaussianBlur(gx * gx, (0, 0), 2.0 * sigma)
         jyy = cv2.GaussianBlur(gy * gy, (0, 0), 2.0 * sigma)
         jxy = cv2.GaussianBlur(gx * gy, (0, 0), 2.0 * sigma)
-        coherence = np.sqrt((jxx - jyy) ** 2 + 4.0 * jxy ** 2) / (jxx + jyy + 1e-9)
-        values += [dog.mean(), dog.std(), gradient.mean(), gradient.std(), np.percentile(gradient, 90),
-                   coherence[mask].mean()]
+        coherence = np.sqrt((jxx - jyy) ** 2 + 4.0 * jxy**2) / (jxx + jyy + 1e-9)
+        values += [
+            dog.mean(),
+            dog.std(),
+            gradient.mean(),
+            gradient.std(),
+            np.percentile(gradient, 90),
+            coherence[mask].mean(),
+        ]
 
     # Colour histograms of the lesion (shares of lesion pixels, fixed bin edges).
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    for channel, (lo, hi) in zip((lesion[:, 0], lesion[:, 1], lesion[:, 2], hsv[..., 0][mask], hsv[..., 1][mask]),
-                                 _HIST_RANGES.values()):
+    for channel, (lo, hi) in zip(
+        (lesion[:, 0], lesion[:, 1], lesion[:, 2], hsv[..., 0][mask], hsv[..., 1][mask]), _HIST_RANGES.values()
+    ):
         values += list(np.histogram(channel, bins=_HIST_BINS, range=(lo, hi))[0] / len(lesion))
 
     # Colour relative to the surrounding skin (removes part of the camera / lighting differences).
@@ -450,9 +526,16 @@ def _extended_features(rgb: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> li
     relative = np.log(rgb1[mask] / np.median(rgb1[skin], axis=0))
     skin_lab = np.median(lab[skin], axis=0)
     lab_offset = lesion - skin_lab
-    values += [*relative.mean(axis=0), *relative.std(axis=0), *np.percentile(relative, 10, axis=0),
-               *np.percentile(relative, 90, axis=0), *lab_offset.std(axis=0), *np.percentile(lab_offset, 5, axis=0),
-               *np.percentile(lab_offset, 95, axis=0), *skin_lab]
+    values += [
+        *relative.mean(axis=0),
+        *relative.std(axis=0),
+        *np.percentile(relative, 10, axis=0),
+        *np.percentile(relative, 90, axis=0),
+        *lab_offset.std(axis=0),
+        *np.percentile(lab_offset, 5, axis=0),
+        *np.percentile(lab_offset, 95, axis=0),
+        *skin_lab,
+    ]
 
     # Zones: centre vs periphery (distance to the border), colour asymmetry about the principal axes,
     # colour spread over 8 angular sectors.
@@ -469,14 +552,20 @@ def _extended_features(rgb: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> li
     for k in range(2):
         side_a, side_b = mask & (projected[..., k] > 0), mask & (projected[..., k] <= 0)
         if side_a.sum() > 5 and side_b.sum() > 5:
-            values += [float(np.linalg.norm(lab[side_a].mean(axis=0) - lab[side_b].mean(axis=0))),
-                       abs(lab[side_a][:, 0].std() - lab[side_b][:, 0].std())]
+            values += [
+                float(np.linalg.norm(lab[side_a].mean(axis=0) - lab[side_b].mean(axis=0))),
+                abs(lab[side_a][:, 0].std() - lab[side_b][:, 0].std()),
+            ]
         else:
             values += [0.0, 0.0]
     angle = np.arctan2(yy - cy, xx - cx)
     sector = np.minimum(((angle + np.pi) / (np.pi / 4)).astype(np.int64), 7)
-    sector_means = np.array([lab[mask & (sector == k)].mean(axis=0) if (mask & (sector == k)).sum() > 3
-                             else lesion.mean(axis=0) for k in range(8)])
+    sector_means = np.array(
+        [
+            lab[mask & (sector == k)].mean(axis=0) if (mask & (sector == k)).sum() > 3 else lesion.mean(axis=0)
+            for k in range(8)
+        ]
+    )
     values += list(sector_means.std(axis=0))
 
     # Border irregularity: radial profile of the outline, its roughness and spectrum, and how
@@ -495,17 +584,28 @@ def _extended_features(rgb: np.ndarray, lab: np.ndarray, mask: np.ndarray) -> li
         roughness, bands = 0.0, [0.0, 0.0, 0.0]
     gradient = np.hypot(cv2.Sobel(grey, cv2.CV_64F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_64F, 0, 1, ksize=3))
     edge = cv2.morphologyEx(m8, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)).astype(bool)
-    sharpness = np.array([gradient[edge & (sector == k)].mean() if (edge & (sector == k)).any() else 0.0
-                          for k in range(8)])
-    values += [radius.std(), radius.max() - radius.min(), roughness, *bands,
-               sharpness.std() / (sharpness.mean() + 1e-9), sharpness.min() / (sharpness.max() + 1e-9)]
+    sharpness = np.array(
+        [gradient[edge & (sector == k)].mean() if (edge & (sector == k)).any() else 0.0 for k in range(8)]
+    )
+    values += [
+        radius.std(),
+        radius.max() - radius.min(),
+        roughness,
+        *bands,
+        sharpness.std() / (sharpness.mean() + 1e-9),
+        sharpness.min() / (sharpness.max() + 1e-9),
+    ]
 
     # Lab statistics after Shades-of-Grey colour constancy (p = 6, Finlayson & Trezzi 2004).
-    illuminant = (rgb1 ** 6).reshape(-1, 3).mean(axis=0) ** (1.0 / 6.0)
+    illuminant = (rgb1**6).reshape(-1, 3).mean(axis=0) ** (1.0 / 6.0)
     balanced = np.clip(rgb1 / illuminant * illuminant.mean(), 0, 255).astype(np.uint8)
     balanced_lesion = _lab(balanced)[mask]
-    values += [*balanced_lesion.mean(axis=0), *balanced_lesion.std(axis=0),
-               *np.percentile(balanced_lesion, 10, axis=0), *np.percentile(balanced_lesion, 90, axis=0)]
+    values += [
+        *balanced_lesion.mean(axis=0),
+        *balanced_lesion.std(axis=0),
+        *np.percentile(balanced_lesion, 10, axis=0),
+        *np.percentile(balanced_lesion, 90, axis=0),
+    ]
     return values
 
 
@@ -526,8 +626,10 @@ def colour_features(image) -> np.ndarray:
     out = np.asarray(values, dtype=np.float64)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
-def colour_feature_matrix(images: Sequence | np.ndarray,
-                          progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+
+def colour_feature_matrix(
+    images: Sequence | np.ndarray, progress: Callable[[int, int], None] | None = None
+) -> np.ndarray:
     """Features of many images: float64 array ``(n, len(FEATURE_NAMES))``, rows in input order.
 
     ``images`` is an array (n, H, W, 3) uint8 or a sequence of such images;
@@ -617,8 +719,11 @@ class ColourModel:
         self.features = list(FEATURE_NAMES) if features is None else list(features)
         unknown = [name for name in self.features if name not in FEATURE_NAMES]
         if unknown or not self.features:
-            raise MelcoreError(f"unknown colour features {unknown[:5]} (see melcore.colour.FEATURE_NAMES)"
-                               if unknown else "a colour model needs at least one feature")
+            raise MelcoreError(
+                f"unknown colour features {unknown[:5]} (see melcore.colour.FEATURE_NAMES)"
+                if unknown
+                else "a colour model needs at least one feature"
+            )
         self.feature_names: list[str] = []
         self.mean = self.scale = self.coef = self.support_vectors = self.dual_coef = None
         self.gamma = 0.0
@@ -630,8 +735,9 @@ class ColourModel:
     def _design(self, features, cnn_logit=None) -> np.ndarray:
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != len(FEATURE_NAMES):
-            raise MelcoreError(f"colour features must have shape (n, {len(FEATURE_NAMES)}) "
-                               f"(colour_feature_matrix), got {x.shape}")
+            raise MelcoreError(
+                f"colour features must have shape (n, {len(FEATURE_NAMES)}) (colour_feature_matrix), got {x.shape}"
+            )
         x = x[:, [_FEATURE_INDEX[name] for name in self.features]]
         if cnn_logit is not None:
             z = np.asarray(cnn_logit, dtype=np.float64).reshape(-1)
@@ -661,8 +767,9 @@ class ColourModel:
             raise MelcoreError("colour model needs one 0/1 label per row and both classes")
         groups = np.arange(len(labels)).astype(str) if groups is None else np.asarray(groups, dtype=object)
         if groups.shape != labels.shape:
-            raise MelcoreError(f"colour model: {len(groups)} group keys for {len(labels)} rows; "
-                               "pass one patient/lesion key per row")
+            raise MelcoreError(
+                f"colour model: {len(groups)} group keys for {len(labels)} rows; pass one patient/lesion key per row"
+            )
         self.mean = x.mean(axis=0)
         scale = x.std(axis=0)
         self.scale = np.where(scale > 0, scale, 1.0)
@@ -686,7 +793,7 @@ class ColourModel:
         from sklearn.metrics import roc_auc_score
         from sklearn.svm import SVC
 
-        self.gamma = 1.0 / z.shape[1]   # sklearn's gamma="scale" on standardised features
+        self.gamma = 1.0 / z.shape[1]  # sklearn's gamma="scale" on standardised features
         malignant_groups = set(groups[labels == 1].tolist())
         n_inner = min(_INNER_FOLDS, len(malignant_groups), len(set(groups.tolist()) - malignant_groups))
         grid = RBF_C_GRID if self.C is None else (self.C,)
@@ -724,11 +831,11 @@ class ColourModel:
         if self.kernel == "linear":
             return z @ self.coef + self.intercept
         out = np.empty(len(z))
-        sv_sq = (self.support_vectors ** 2).sum(axis=1)
+        sv_sq = (self.support_vectors**2).sum(axis=1)
         for start in range(0, len(z), 512):
-            block = z[start:start + 512]
-            sq = (block ** 2).sum(axis=1)[:, None] + sv_sq[None, :] - 2.0 * block @ self.support_vectors.T
-            out[start:start + 512] = np.exp(-self.gamma * np.maximum(sq, 0.0)) @ self.dual_coef + self.intercept
+            block = z[start : start + 512]
+            sq = (block**2).sum(axis=1)[:, None] + sv_sq[None, :] - 2.0 * block @ self.support_vectors.T
+            out[start : start + 512] = np.exp(-self.gamma * np.maximum(sq, 0.0)) @ self.dual_coef + self.intercept
         return out
 
     def decision_function(self, features, cnn_logit=None) -> np.ndarray:
@@ -750,15 +857,28 @@ class ColourModel:
     def to_dict(self) -> dict:
         if self.mean is None:
             raise MelcoreError("colour model is not fitted")
-        data = {"format": self.FORMAT, "work_size": WORK_SIZE, "kernel": self.kernel, "C": self.C,
-                "chosen_C": self.chosen_C, "feature_names": self.feature_names,
-                "mean": self.mean.tolist(), "scale": self.scale.tolist(), "intercept": self.intercept,
-                "platt": list(self.platt)}
+        data = {
+            "format": self.FORMAT,
+            "work_size": WORK_SIZE,
+            "kernel": self.kernel,
+            "C": self.C,
+            "chosen_C": self.chosen_C,
+            "feature_names": self.feature_names,
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "intercept": self.intercept,
+            "platt": list(self.platt),
+        }
         if self.kernel == "linear":
             data["coef"] = self.coef.tolist()
         else:
-            data.update({"gamma": self.gamma, "support_vectors": self.support_vectors.tolist(),
-                         "dual_coef": self.dual_coef.tolist()})
+            data.update(
+                {
+                    "gamma": self.gamma,
+                    "support_vectors": self.support_vectors.tolist(),
+                    "dual_coef": self.dual_coef.tolist(),
+                }
+            )
         return data
 
     @classmethod
@@ -767,15 +887,20 @@ class ColourModel:
         :data:`BASE_FEATURE_NAMES`). MelcoreError when the dict is not a colour model this melcore reads."""
         if not isinstance(data, dict) or data.get("format") not in _FORMATS:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise MelcoreError(f"not a colour model this melcore reads: format {found!r}, expected one of "
-                               f"{', '.join(map(repr, _FORMATS))}; retrain it with this melcore")
+            raise MelcoreError(
+                f"not a colour model this melcore reads: format {found!r}, expected one of "
+                f"{', '.join(map(repr, _FORMATS))}; retrain it with this melcore"
+            )
         names = list(data.get("feature_names", []))
         used = names[:-1] if names[-1:] == ["cnn_logit"] else names
         version1 = data["format"] == _FORMATS[0]
-        if (version1 and used != list(BASE_FEATURE_NAMES)) or not used or any(n not in _FEATURE_INDEX for n in used) \
-                or int(data.get("work_size", -1)) != WORK_SIZE:
-            raise MelcoreError("colour model was saved with other features than this melcore computes; "
-                               "retrain it")
+        if (
+            (version1 and used != list(BASE_FEATURE_NAMES))
+            or not used
+            or any(n not in _FEATURE_INDEX for n in used)
+            or int(data.get("work_size", -1)) != WORK_SIZE
+        ):
+            raise MelcoreError("colour model was saved with other features than this melcore computes; retrain it")
         kernel = "linear" if version1 else data.get("kernel")
         try:
             model = cls(C=data.get("C"), kernel=kernel, features=used)
@@ -787,8 +912,7 @@ class ColourModel:
                 model.coef = np.asarray(data["coef"], dtype=np.float64)
                 widths = [len(model.coef)]
             else:
-                model.support_vectors = np.asarray(data["support_vectors"], dtype=np.float64).reshape(
-                    -1, len(names))
+                model.support_vectors = np.asarray(data["support_vectors"], dtype=np.float64).reshape(-1, len(names))
                 model.dual_coef = np.asarray(data["dual_coef"], dtype=np.float64)
                 model.gamma = float(data["gamma"])
                 widths = [model.support_vectors.shape[1]]
@@ -826,8 +950,9 @@ class ColourModel:
 COLOUR_MODEL_FILE = "colour_model.json"
 
 
-def colour_features_of_files(paths: Sequence, *, cache=None, workers: int | None = None,
-                             progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def colour_features_of_files(
+    paths: Sequence, *, cache=None, workers: int | None = None, progress: Callable[[int, int], None] | None = None
+) -> np.ndarray:
     """Features of image files: decoded with :func:`melcore.images.load_images` at :data:`WORK_SIZE`.
 
     Training and prediction must both go through this function (same decoder, same size),
@@ -836,12 +961,19 @@ def colour_features_of_files(paths: Sequence, *, cache=None, workers: int | None
     """
     from melcore.images import load_images
 
-    return colour_feature_matrix(load_images(list(paths), WORK_SIZE, cache=cache, workers=workers),
-                                 progress=progress)
+    return colour_feature_matrix(load_images(list(paths), WORK_SIZE, cache=cache, workers=workers), progress=progress)
 
 
-def fit_colour_model(paths: Sequence, targets: Sequence, groups: Sequence, *, kernel: str = DEFAULT_KERNEL,
-                     C: float | None = None, cache=None, workers: int | None = None) -> ColourModel:
+def fit_colour_model(
+    paths: Sequence,
+    targets: Sequence,
+    groups: Sequence,
+    *,
+    kernel: str = DEFAULT_KERNEL,
+    C: float | None = None,
+    cache=None,
+    workers: int | None = None,
+) -> ColourModel:
     """A :class:`ColourModel` fitted on image files and their 0/1 targets (colour features only).
 
     ``groups`` holds each file's patient (else lesion, else image) key (``Cohort.groups``), so the
@@ -849,12 +981,13 @@ def fit_colour_model(paths: Sequence, targets: Sequence, groups: Sequence, *, ke
     ``cpu-default`` recipe: RBF SVM on all :data:`FEATURE_NAMES`, C chosen by that inner
     cross-validation. ``kernel="linear"`` with ``C=None`` gives logistic regression with C=0.1.
     """
-    return ColourModel(C=C, kernel=kernel).fit(colour_features_of_files(paths, cache=cache, workers=workers),
-                                               np.asarray(targets, dtype=np.float64).astype(np.int64),
-                                               groups=np.asarray(groups, dtype=object))
+    return ColourModel(C=C, kernel=kernel).fit(
+        colour_features_of_files(paths, cache=cache, workers=workers),
+        np.asarray(targets, dtype=np.float64).astype(np.int64),
+        groups=np.asarray(groups, dtype=object),
+    )
 
 
-def colour_probabilities(model: ColourModel, paths: Sequence, *, cache=None,
-                         workers: int | None = None) -> np.ndarray:
+def colour_probabilities(model: ColourModel, paths: Sequence, *, cache=None, workers: int | None = None) -> np.ndarray:
     """Melanoma probabilities (float64 (n,)) of a colour-only :class:`ColourModel` for image files."""
     return model.predict_proba(colour_features_of_files(paths, cache=cache, workers=workers))

@@ -33,21 +33,19 @@ import pandas as pd
 
 from melcore.browse import filter_levels
 from melcore.classes import MELANOMA
+from melcore.cohort import age_band
 from melcore.errors import MelcoreError
 from melcore.formatting import as_finite
-from melcore.runinfo import SourceConfounding, run_title, scratch_words, source_confounding
-from melcore.cohort import age_band
-from melcore.registry import PUBLISHED_WEIGHTS, REGISTRY, weights_label
 from melcore.metrics import (
+    PAUC_MIN_TPR,
     THRESHOLD_METRIC_KEYS,
     PrecisionRecallCurve,
     RocCurve,
     ThresholdSweep,
     auroc_ci,
-    check_predictions,
     calibration_table,
+    check_predictions,
     delong_test,
-    PAUC_MIN_TPR,
     operating_point_ci,
     paired_auroc_bootstrap,
     partial_auroc,
@@ -55,6 +53,8 @@ from melcore.metrics import (
     partial_auroc_ci,
     per_group,
 )
+from melcore.registry import PUBLISHED_WEIGHTS, REGISTRY, weights_label
+from melcore.runinfo import SourceConfounding, run_title, scratch_words, source_confounding
 
 __all__ = [
     "MIN_PAIRED_IMAGES",
@@ -99,14 +99,27 @@ SPLITS = ("val", "oof")
 FILTER_COLUMNS = ("clinic", "source", "site", "sex", "age_band")
 UNKNOWN = "unknown"
 # Columns that identify images/patients or hold the outcome: never offered as subset filters.
-_NOT_FILTERS = frozenset({
-    "image_name", "patient_id", "lesion_id", "group", "target", "prediction", "split", "image_path",
-    "age_approx", "in_cohort", "benign_malignant", "mel",
-})
+_NOT_FILTERS = frozenset(
+    {
+        "image_name",
+        "patient_id",
+        "lesion_id",
+        "group",
+        "target",
+        "prediction",
+        "split",
+        "image_path",
+        "age_approx",
+        "in_cohort",
+        "benign_malignant",
+        "mel",
+    }
+)
 _PREDICTION_COLUMNS = ("image_name", "target", "prediction")
 
 
 # --------------------------------------------------------------------------- runs
+
 
 def is_from_scratch(run: Mapping) -> bool:
     """True when the run was trained without pretrained weights (``from_scratch`` or its notes say so)."""
@@ -168,6 +181,7 @@ def load_predictions(store, run_id: int, split: str = "auto") -> tuple[pd.DataFr
 
 # --------------------------------------------------------------------------- metadata and subsets
 
+
 def _category(values: pd.Series) -> pd.Series:
     """Values as str with missing ones as "unknown" (the key used by filters and per-group tables)."""
     return values.astype(object).where(values.notna(), UNKNOWN).astype(str)
@@ -199,8 +213,10 @@ def attach_metadata(predictions: pd.DataFrame, cohort=None) -> tuple[pd.DataFram
     duplicated = predictions["image_name"].astype(str).duplicated()
     if duplicated.any():
         names = predictions.loc[duplicated, "image_name"].astype(str).unique()[:5].tolist()
-        raise MelcoreError(f"{int(duplicated.sum())} image(s) are predicted more than once in the same split "
-                           f"(first: {', '.join(names)}); store one prediction per image")
+        raise MelcoreError(
+            f"{int(duplicated.sum())} image(s) are predicted more than once in the same split "
+            f"(first: {', '.join(names)}); store one prediction per image"
+        )
     notes = []
     frame = predictions.copy()
     frame["image_name"] = frame["image_name"].astype(str)
@@ -217,8 +233,11 @@ def attach_metadata(predictions: pd.DataFrame, cohort=None) -> tuple[pd.DataFram
     cohort_groups = pd.Series([None] * len(frame), dtype=object)
     if cohort is not None:
         table = cohort.table
-        meta = table.drop(columns=[c for c in ("image_path", "target", "prediction", "split", "in_cohort", "group")
-                                   if c in table.columns])
+        meta = table.drop(
+            columns=[
+                c for c in ("image_path", "target", "prediction", "split", "in_cohort", "group") if c in table.columns
+            ]
+        )
         meta = meta.assign(group=cohort.groups.to_numpy(), image_name=table["image_name"].astype(str))
         joined = frame.merge(meta, on="image_name", how="left", suffixes=("", "_cohort"), indicator=True)
         joined["in_cohort"] = joined.pop("_merge").eq("both").to_numpy()
@@ -230,8 +249,10 @@ def attach_metadata(predictions: pd.DataFrame, cohort=None) -> tuple[pd.DataFram
         frame = joined
         outside = int((~frame["in_cohort"]).sum())
         if outside:
-            notes.append(f"{outside:,} predicted image(s) are not in the dataset's table: their site, sex and age "
-                         "count as unknown")
+            notes.append(
+                f"{outside:,} predicted image(s) are not in the dataset's table: their site, sex and age "
+                "count as unknown"
+            )
     group = frame["patient_id"].astype(object)
     group = group.where(group.notna(), cohort_groups)
     group = group.where(group.notna(), "image:" + frame["image_name"])
@@ -258,9 +279,12 @@ def subset_options(frame: pd.DataFrame, max_levels: int = 30) -> dict[str, list[
         if column in _NOT_FILTERS or str(column).endswith("_cohort"):
             continue
         values = frame[column]
-        if column not in FILTER_COLUMNS and not (values.dtype == object or values.dtype == bool
-                                                 or isinstance(values.dtype, pd.CategoricalDtype)
-                                                 or pd.api.types.is_string_dtype(values.dtype)):
+        if column not in FILTER_COLUMNS and not (
+            values.dtype == object
+            or values.dtype == bool
+            or isinstance(values.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(values.dtype)
+        ):
             continue
         category = _category(values)
         levels = category.unique().tolist()
@@ -299,8 +323,11 @@ def subset_key(filters: Mapping[str, Sequence[str]] | None) -> str:
 
 def describe_subset(filters: Mapping[str, Sequence[str]] | None) -> str:
     """``"all images"`` or e.g. ``"clinic: A, B; sex: female"``."""
-    parts = [f"{column.replace('_', ' ')}: {', '.join(map(str, values))}"
-             for column, values in (filters or {}).items() if values]
+    parts = [
+        f"{column.replace('_', ' ')}: {', '.join(map(str, values))}"
+        for column, values in (filters or {}).items()
+        if values
+    ]
     return "; ".join(parts) if parts else "all images"
 
 
@@ -313,6 +340,7 @@ def common_images(frames: Mapping[Hashable, pd.DataFrame]) -> dict[Hashable, pd.
 
 
 # --------------------------------------------------------------------------- one run
+
 
 @dataclass
 class RunEvaluation:
@@ -399,8 +427,16 @@ def _classes(classes):
     return classes or MELANOMA
 
 
-def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                         curve_points: int = 500, calibration_bins: int = 10, classes=None) -> RunEvaluation:
+def evaluate_predictions(
+    frame: pd.DataFrame,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    curve_points: int = 500,
+    calibration_bins: int = 10,
+    classes=None,
+) -> RunEvaluation:
     """Evaluate one run's (subset of) predictions.
 
     Args:
@@ -424,11 +460,22 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
     sweep = ThresholdSweep(y, p)
     n_groups = int(pd.Series(groups).nunique()) if groups is not None else sweep.n
     evaluation = RunEvaluation(
-        n=sweep.n, n_malignant=sweep.n_malignant, sweep=sweep, auroc=math.nan, ci=(math.nan, math.nan),
-        average_precision=math.nan, brier=float(np.mean((y - p) ** 2)), roc=None, pr=None,
+        n=sweep.n,
+        n_malignant=sweep.n_malignant,
+        sweep=sweep,
+        auroc=math.nan,
+        ci=(math.nan, math.nan),
+        average_precision=math.nan,
+        brier=float(np.mean((y - p) ** 2)),
+        roc=None,
+        pr=None,
         curve=sweep.curve(max_points=curve_points),
-        calibration=calibration_table(y, p, n_bins=calibration_bins), n_boot=n_boot, level=level,
-        n_groups=n_groups, multi_lesion=n_groups < sweep.n)
+        calibration=calibration_table(y, p, n_bins=calibration_bins),
+        n_boot=n_boot,
+        level=level,
+        n_groups=n_groups,
+        multi_lesion=n_groups < sweep.n,
+    )
     if not evaluation.both_classes:
         words = _classes(classes)
         which = words.negative_plural if sweep.n_malignant == 0 else words.positive_plural
@@ -449,8 +496,9 @@ def evaluate_predictions(frame: pd.DataFrame, *, n_boot: int = 1000, seed: int =
     return evaluation
 
 
-def decision_curves(evaluations: Mapping[Hashable, RunEvaluation], thresholds=None,
-                    include: float | None = None) -> dict[Hashable, pd.DataFrame]:
+def decision_curves(
+    evaluations: Mapping[Hashable, RunEvaluation], thresholds=None, include: float | None = None
+) -> dict[Hashable, pd.DataFrame]:
     """:func:`~melcore.metrics.net_benefit` of every run on its (subset of) predictions.
 
     Args:
@@ -466,13 +514,24 @@ def decision_curves(evaluations: Mapping[Hashable, RunEvaluation], thresholds=No
 
 # --------------------------------------------------------------------------- threshold controls
 
-THRESHOLD_RULES = {"youden": "Youden's J", "sensitivity>=0.9": "sensitivity >= 90%",
-                   "sensitivity>=0.95": "sensitivity >= 95%"}
+THRESHOLD_RULES = {
+    "youden": "Youden's J",
+    "sensitivity>=0.9": "sensitivity >= 90%",
+    "sensitivity>=0.95": "sensitivity >= 95%",
+}
 """Rules :func:`threshold_elsewhere` chooses a threshold by (keys of :meth:`RunEvaluation.presets`)."""
 
 
-def threshold_elsewhere(chooser: RunEvaluation, judged: pd.DataFrame, rule: str, *, n_boot: int = 1000,
-                        seed: int = 0, level: float = 0.95, classes=None) -> dict:
+def threshold_elsewhere(
+    chooser: RunEvaluation,
+    judged: pd.DataFrame,
+    rule: str,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    classes=None,
+) -> dict:
     """A threshold chosen by ``rule`` on one set of predictions, judged on another.
 
     Args:
@@ -492,18 +551,32 @@ def threshold_elsewhere(chooser: RunEvaluation, judged: pd.DataFrame, rule: str,
     presets = chooser.presets()
     if rule not in presets:
         words = _classes(classes)
-        raise MelcoreError("the predictions that choose the threshold hold one class only; choose on predictions "
-                           f"with both {words.positive_plural} and {words.negative_plural}")
+        raise MelcoreError(
+            "the predictions that choose the threshold hold one class only; choose on predictions "
+            f"with both {words.positive_plural} and {words.negative_plural}"
+        )
     if len(judged) == 0:
         raise MelcoreError("no predictions to judge the threshold on")
     groups = judged["group"].to_numpy() if "group" in judged.columns else None
-    point = operating_point_ci(judged["target"].to_numpy(), judged["prediction"].to_numpy(dtype=np.float64),
-                               presets[rule], groups=groups, n_boot=n_boot, seed=seed, level=level)
+    point = operating_point_ci(
+        judged["target"].to_numpy(),
+        judged["prediction"].to_numpy(dtype=np.float64),
+        presets[rule],
+        groups=groups,
+        n_boot=n_boot,
+        seed=seed,
+        level=level,
+    )
     return {"rule": rule, **point}
 
 
-def threshold_window(evaluations: Iterable[RunEvaluation], include: Iterable[float | None] = (), *,
-                     min_span: float = 0.5, decimals: int = 2) -> tuple[float, float]:
+def threshold_window(
+    evaluations: Iterable[RunEvaluation],
+    include: Iterable[float | None] = (),
+    *,
+    min_span: float = 0.5,
+    decimals: int = 2,
+) -> tuple[float, float]:
     """The threshold range worth showing: ``(0, 1)``, or the scores' range when it is narrow.
 
     A model trained briefly or from scratch often puts every score within a few
@@ -526,8 +599,8 @@ def threshold_window(evaluations: Iterable[RunEvaluation], include: Iterable[flo
     low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
     if high - low >= min_span:
         return 0.0, 1.0
-    pad = max(0.1 * (high - low), 10.0 ** -decimals)
-    scale = 10.0 ** decimals
+    pad = max(0.1 * (high - low), 10.0**-decimals)
+    scale = 10.0**decimals
     low = math.floor((low - pad) * scale) / scale
     high = math.ceil((high + pad) * scale) / scale
     for value in include:
@@ -559,17 +632,48 @@ def threshold_from_points(points: Sequence[Mapping] | None) -> float | None:
 
 # --------------------------------------------------------------------------- tables
 
+
 def summary_table(evaluations: Mapping[Hashable, RunEvaluation]) -> pd.DataFrame:
     """One row per run: run, n, n_malignant, n_patients, auroc, auroc_low, auroc_high, pauc, pauc_low,
     pauc_high (partial AUROC above 80% sensitivity, unstandardised), boot_dropped, average_precision, brier, note."""
-    rows = [{"run": name, "n": e.n, "n_malignant": e.n_malignant, "n_patients": e.n_groups, "auroc": e.auroc,
-             "auroc_low": e.ci[0], "auroc_high": e.ci[1], "pauc": e.pauc, "pauc_low": e.pauc_ci[0],
-             "pauc_high": e.pauc_ci[1], "boot_dropped": e.n_boot_dropped,
-             "average_precision": e.average_precision, "brier": e.brier, "note": e.note}
-            for name, e in evaluations.items()]
-    return pd.DataFrame(rows, columns=["run", "n", "n_malignant", "n_patients", "auroc", "auroc_low",
-                                       "auroc_high", "pauc", "pauc_low", "pauc_high", "boot_dropped",
-                                       "average_precision", "brier", "note"])
+    rows = [
+        {
+            "run": name,
+            "n": e.n,
+            "n_malignant": e.n_malignant,
+            "n_patients": e.n_groups,
+            "auroc": e.auroc,
+            "auroc_low": e.ci[0],
+            "auroc_high": e.ci[1],
+            "pauc": e.pauc,
+            "pauc_low": e.pauc_ci[0],
+            "pauc_high": e.pauc_ci[1],
+            "boot_dropped": e.n_boot_dropped,
+            "average_precision": e.average_precision,
+            "brier": e.brier,
+            "note": e.note,
+        }
+        for name, e in evaluations.items()
+    ]
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "run",
+            "n",
+            "n_malignant",
+            "n_patients",
+            "auroc",
+            "auroc_low",
+            "auroc_high",
+            "pauc",
+            "pauc_low",
+            "pauc_high",
+            "boot_dropped",
+            "average_precision",
+            "brier",
+            "note",
+        ],
+    )
 
 
 def at_threshold_table(evaluations: Mapping[Hashable, RunEvaluation], threshold: float) -> pd.DataFrame:
@@ -578,9 +682,13 @@ def at_threshold_table(evaluations: Mapping[Hashable, RunEvaluation], threshold:
     return pd.DataFrame(rows, columns=["run", *THRESHOLD_METRIC_KEYS])
 
 
-def operating_point_table(evaluations: Mapping[Hashable, RunEvaluation], threshold: float, *,
-                          sensitivities: Sequence[float] = (0.9, 0.95),
-                          specificities: Sequence[float] = (0.9,)) -> pd.DataFrame:
+def operating_point_table(
+    evaluations: Mapping[Hashable, RunEvaluation],
+    threshold: float,
+    *,
+    sensitivities: Sequence[float] = (0.9, 0.95),
+    specificities: Sequence[float] = (0.9,),
+) -> pd.DataFrame:
     """The operating points of every run, for download.
 
     Per run: the ``"chosen"`` row at ``threshold``, then (with both classes) Youden's
@@ -591,19 +699,40 @@ def operating_point_table(evaluations: Mapping[Hashable, RunEvaluation], thresho
     """
     rows = []
     for name, e in evaluations.items():
-        common = {"run": name, "auroc": e.auroc, "auroc_low": e.ci[0], "auroc_high": e.ci[1], "pauc": e.pauc,
-                  "pauc_low": e.pauc_ci[0], "pauc_high": e.pauc_ci[1]}
+        common = {
+            "run": name,
+            "auroc": e.auroc,
+            "auroc_low": e.ci[0],
+            "auroc_high": e.ci[1],
+            "pauc": e.pauc,
+            "pauc_low": e.pauc_ci[0],
+            "pauc_high": e.pauc_ci[1],
+        }
         rows.append({**common, "point": "chosen", "target": None, **e.at(threshold)})
         if e.both_classes:
             for point in e.sweep.operating_points(sensitivities, specificities):
                 metrics = {k: point[k] for k in THRESHOLD_METRIC_KEYS}
                 rows.append({**common, "point": point["name"], "target": point["target"], **metrics})
-    return pd.DataFrame(rows, columns=["run", "point", "target", "auroc", "auroc_low", "auroc_high", "pauc",
-                                       "pauc_low", "pauc_high", *THRESHOLD_METRIC_KEYS])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "run",
+            "point",
+            "target",
+            "auroc",
+            "auroc_low",
+            "auroc_high",
+            "pauc",
+            "pauc_low",
+            "pauc_high",
+            *THRESHOLD_METRIC_KEYS,
+        ],
+    )
 
 
-def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95, classes=None) -> pd.DataFrame:
+def pairwise_tests(
+    frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95, classes=None
+) -> pd.DataFrame:
     """DeLong's test (and a paired patient bootstrap) for every pair of runs on their shared images.
 
     Args:
@@ -629,27 +758,45 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
     words = _classes(classes)
     rows = []
     for (name_a, a), (name_b, b) in itertools.combinations(frames.items(), 2):
-        row = {"run_a": name_a, "run_b": name_b, "n_shared": 0, "n_malignant": 0, "n_patients": 0,
-               "auroc_a": math.nan, "auroc_b": math.nan, "diff": math.nan, "delong_p": math.nan,
-               "bootstrap_p": math.nan, "bootstrap_low": math.nan, "bootstrap_high": math.nan,
-               **dict.fromkeys(PAIRED_PAUC_COLUMNS, math.nan), "note": ""}
+        row = {
+            "run_a": name_a,
+            "run_b": name_b,
+            "n_shared": 0,
+            "n_malignant": 0,
+            "n_patients": 0,
+            "auroc_a": math.nan,
+            "auroc_b": math.nan,
+            "diff": math.nan,
+            "delong_p": math.nan,
+            "bootstrap_p": math.nan,
+            "bootstrap_low": math.nan,
+            "bootstrap_high": math.nan,
+            **dict.fromkeys(PAIRED_PAUC_COLUMNS, math.nan),
+            "note": "",
+        }
         left = a[["image_name", "target", "prediction"] + (["group"] if "group" in a.columns else [])]
         merged = left.merge(b[["image_name", "target", "prediction"]], on="image_name", suffixes=("_a", "_b"))
         disagree = merged["target_a"] != merged["target_b"]
         notes = []
         if disagree.any():
-            notes.append(f"{int(disagree.sum())} shared image(s) have different labels in the two runs and were "
-                         "left out")
+            notes.append(
+                f"{int(disagree.sum())} shared image(s) have different labels in the two runs and were left out"
+            )
             merged = merged[~disagree]
         n_malignant = int(merged["target_a"].sum())
         groups = merged["group"].to_numpy() if "group" in merged.columns else None
-        row.update(n_shared=len(merged), n_malignant=n_malignant,
-                   n_patients=int(pd.Series(groups).nunique()) if groups is not None else len(merged))
+        row.update(
+            n_shared=len(merged),
+            n_malignant=n_malignant,
+            n_patients=int(pd.Series(groups).nunique()) if groups is not None else len(merged),
+        )
         if len(merged) == 0:
             notes.append("no shared images: the runs were scored on different images")
         elif n_malignant < 2 or len(merged) - n_malignant < 2:
-            notes.append(f"needs at least 2 {words.positive_plural} and 2 {words.negative_plural} among the shared "
-                         f"images (has {n_malignant} and {len(merged) - n_malignant})")
+            notes.append(
+                f"needs at least 2 {words.positive_plural} and 2 {words.negative_plural} among the shared "
+                f"images (has {n_malignant} and {len(merged) - n_malignant})"
+            )
         else:
             y = merged["target_a"].to_numpy()
             p1, p2 = merged["prediction_a"].to_numpy(), merged["prediction_b"].to_numpy()
@@ -663,13 +810,38 @@ def pairwise_tests(frames: Mapping[Hashable, pd.DataFrame], *, n_boot: int = 100
                 notes.append("one image per patient: no patient bootstrap (DeLong's test)")
         row["note"] = "; ".join(notes)
         rows.append(row)
-    return pd.DataFrame(rows, columns=["run_a", "run_b", "n_shared", "n_malignant", "n_patients", "auroc_a",
-                                       "auroc_b", "diff", "delong_p", "bootstrap_p", "bootstrap_low",
-                                       "bootstrap_high", *PAIRED_PAUC_COLUMNS, "note"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "run_a",
+            "run_b",
+            "n_shared",
+            "n_malignant",
+            "n_patients",
+            "auroc_a",
+            "auroc_b",
+            "diff",
+            "delong_p",
+            "bootstrap_p",
+            "bootstrap_low",
+            "bootstrap_high",
+            *PAIRED_PAUC_COLUMNS,
+            "note",
+        ],
+    )
 
 
-PAIRED_PAUC_COLUMNS = ("pauc_a", "pauc_a_low", "pauc_a_high", "pauc_b", "pauc_b_low", "pauc_b_high", "pauc_diff",
-                       "pauc_diff_low", "pauc_diff_high")
+PAIRED_PAUC_COLUMNS = (
+    "pauc_a",
+    "pauc_a_low",
+    "pauc_a_high",
+    "pauc_b",
+    "pauc_b_low",
+    "pauc_b_high",
+    "pauc_diff",
+    "pauc_diff_low",
+    "pauc_diff_high",
+)
 """The pAUC columns of :func:`pairwise_tests`."""
 
 
@@ -711,10 +883,12 @@ def underpowered_note(n_shared: int, n_positive: int, classes=None) -> str:
     n_negative = int(n_shared) - int(n_positive)
     if n_shared >= MIN_PAIRED_IMAGES and min(n_positive, n_negative) >= MIN_PAIRED_PER_CLASS:
         return ""
-    return (f"underpowered: {int(n_shared):,} shared images ({int(n_positive):,} {classes.positive}, "
-            f"{n_negative:,} {classes.negative}; fewer than {MIN_PAIRED_IMAGES} images or "
-            f"{MIN_PAIRED_PER_CLASS} of a class). A p-value above 0.05 does not show the runs are equally good: "
-            "such a test misses all but large differences")
+    return (
+        f"underpowered: {int(n_shared):,} shared images ({int(n_positive):,} {classes.positive}, "
+        f"{n_negative:,} {classes.negative}; fewer than {MIN_PAIRED_IMAGES} images or "
+        f"{MIN_PAIRED_PER_CLASS} of a class). A p-value above 0.05 does not show the runs are equally good: "
+        "such a test misses all but large differences"
+    )
 
 
 def image_overlap(frames: Mapping[Hashable, pd.DataFrame]) -> tuple[int, dict]:
@@ -724,12 +898,14 @@ def image_overlap(frames: Mapping[Hashable, pd.DataFrame]) -> tuple[int, dict]:
     return len(shared), {name: len(images) for name, images in sets.items()}
 
 
-def at_own_thresholds_table(evaluations: Mapping[Hashable, RunEvaluation],
-                            thresholds: Mapping[Hashable, float]) -> pd.DataFrame:
+def at_own_thresholds_table(
+    evaluations: Mapping[Hashable, RunEvaluation], thresholds: Mapping[Hashable, float]
+) -> pd.DataFrame:
     """Every run at its own threshold: ``run``, ``prevalence`` and the threshold-metric keys
     (``threshold`` is the run's)."""
-    rows = [{"run": name, "prevalence": e.prevalence, **e.at(float(thresholds[name]))}
-            for name, e in evaluations.items()]
+    rows = [
+        {"run": name, "prevalence": e.prevalence, **e.at(float(thresholds[name]))} for name, e in evaluations.items()
+    ]
     return pd.DataFrame(rows, columns=["run", "prevalence", *THRESHOLD_METRIC_KEYS])
 
 
@@ -742,14 +918,16 @@ class GroupBreakdown:
     (columns of ``per_group``) with the threshold metrics at ``threshold``.
     """
 
-    def __init__(self, frame: pd.DataFrame, group_column: str, *, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95):
+    def __init__(
+        self, frame: pd.DataFrame, group_column: str, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    ):
         if len(frame) == 0:
             raise MelcoreError("no images to break down by group")
         self.group_column = group_column
         patient = "group" if "group" in frame.columns else None
-        self.base = per_group(frame, group_column, threshold=0.5, patient_column=patient, n_boot=n_boot,
-                              seed=seed, level=level)
+        self.base = per_group(
+            frame, group_column, threshold=0.5, patient_column=patient, n_boot=n_boot, seed=seed, level=level
+        )
         column = frame[group_column] if group_column in frame.columns else age_band(frame["age_approx"])
         keys = _category(column).to_numpy()
         y = frame["target"].to_numpy()
@@ -764,8 +942,9 @@ class GroupBreakdown:
         return table
 
 
-def run_source_confounding(store, run: Mapping, cohort=None, *, split: str = "auto",
-                           n_boot: int = 1000) -> SourceConfounding | None:
+def run_source_confounding(
+    store, run: Mapping, cohort=None, *, split: str = "auto", n_boot: int = 1000
+) -> SourceConfounding | None:
     """:func:`melcore.runinfo.source_confounding` of a stored run on its delivered predictions
     (validation, else out-of-fold), with its dataset's cohort table (``cohort``, a
     :class:`melcore.cohort.Cohort`, or None: the predictions' clinics decide) and shortcut audit.
@@ -781,6 +960,7 @@ def run_source_confounding(store, run: Mapping, cohort=None, *, split: str = "au
 
 
 # --------------------------------------------------------------------------- cross-clinic
+
 
 @dataclass
 class CrossClinic:
@@ -798,8 +978,7 @@ class CrossClinic:
         values = self.matrix
         inside = values[diagonal & np.isfinite(values)]
         outside = values[~diagonal & np.isfinite(values)]
-        return (float(inside.mean()) if len(inside) else math.nan,
-                float(outside.mean()) if len(outside) else math.nan)
+        return (float(inside.mean()) if len(inside) else math.nan, float(outside.mean()) if len(outside) else math.nan)
 
 
 def _square(values, k: int, what: str, run_id) -> np.ndarray:
@@ -808,8 +987,10 @@ def _square(values, k: int, what: str, run_id) -> np.ndarray:
     except (TypeError, ValueError):
         raise MelcoreError(f"cross-clinic run #{run_id}: {what} must be a list of rows of numbers") from None
     if array.shape != (k, k):
-        raise MelcoreError(f"cross-clinic run #{run_id}: {what} has shape {array.shape} but there are {k} "
-                           "clinics; it must be clinics x clinics")
+        raise MelcoreError(
+            f"cross-clinic run #{run_id}: {what} has shape {array.shape} but there are {k} "
+            "clinics; it must be clinics x clinics"
+        )
     return array
 
 
@@ -818,8 +999,10 @@ def cross_clinic_from_run(run: Mapping) -> CrossClinic:
     metrics = run.get("metrics") or {}
     clinics = metrics.get("clinics")
     if not clinics or "matrix" not in metrics:
-        raise MelcoreError(f"cross-clinic run #{run.get('id')} has no 'clinics' and 'matrix' in its metrics; "
-                           "re-run `python -m melcore cross-clinic`")
+        raise MelcoreError(
+            f"cross-clinic run #{run.get('id')} has no 'clinics' and 'matrix' in its metrics; "
+            "re-run `python -m melcore cross-clinic`"
+        )
     k = len(clinics)
     matrix = _square(metrics["matrix"], k, "matrix", run.get("id"))
     n = _square(metrics["n"], k, "n", run.get("id")) if metrics.get("n") is not None else None

@@ -40,9 +40,11 @@ def app_path() -> Path:
         candidate = Path(folder) / APP_FILE
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"the dashboard's {APP_FILE} is neither beside {Path(__file__).resolve().parent} nor in an "
-                      f"installed {APP_PACKAGE} package; reinstall melreview (pip install .) or run "
-                      f"`streamlit run app.py` in a checkout")
+    raise ConfigError(
+        f"the dashboard's {APP_FILE} is neither beside {Path(__file__).resolve().parent} nor in an "
+        f"installed {APP_PACKAGE} package; reinstall melreview (pip install .) or run "
+        f"`streamlit run app.py` in a checkout"
+    )
 
 
 def command(streamlit_args: list[str] | None = None) -> list[str]:
@@ -52,11 +54,15 @@ def command(streamlit_args: list[str] | None = None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="melreview", description="Start the melreview dashboard (streamlit run on its app.py).",
-        epilog="Other options are passed to `streamlit run`, e.g. --server.port 8600.")
-    parser.add_argument("--home", metavar="DIR",
-                        help="data folder for this server (sets MELREVIEW_HOME; default: its current value "
-                             "or ~/.melreview)")
+        prog="melreview",
+        description="Start the melreview dashboard (streamlit run on its app.py).",
+        epilog="Other options are passed to `streamlit run`, e.g. --server.port 8600.",
+    )
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        help="data folder for this server (sets MELREVIEW_HOME; default: its current value or ~/.melreview)",
+    )
     args, streamlit_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.home:
         os.environ["MELREVIEW_HOME"] = str(Path(args.home).expanduser().resolve())

@@ -22,9 +22,30 @@ from melcore.errors import MelcoreError
 DEMO_NAME = "demo"
 """The name the synthetic demo cohort is registered under."""
 
-RECORD_FIELDS = ("id", "name", "csv_path", "images_dir", "format", "clinic_column", "metadata_path", "is_demo",
-                 "created_at", "n_images", "n_lesions", "n_patients", "n_malignant", "n_benign", "n_unlabelled",
-                 "n_missing_images", "n_unreadable_images", "grouping", "clinics", "warnings", "runs", "jobs")
+RECORD_FIELDS = (
+    "id",
+    "name",
+    "csv_path",
+    "images_dir",
+    "format",
+    "clinic_column",
+    "metadata_path",
+    "is_demo",
+    "created_at",
+    "n_images",
+    "n_lesions",
+    "n_patients",
+    "n_malignant",
+    "n_benign",
+    "n_unlabelled",
+    "n_missing_images",
+    "n_unreadable_images",
+    "grouping",
+    "clinics",
+    "warnings",
+    "runs",
+    "jobs",
+)
 """Fields of :func:`dataset_record` (the JSON of ``datasets list`` and ``datasets show``), in order."""
 
 
@@ -63,8 +84,17 @@ def _text(value) -> str | None:
     return text or None
 
 
-def register_dataset(store, name: str, csv_path, images_dir=None, *, format: str | None = None,
-                     clinic_column: str | None = None, metadata_path=None, is_demo: bool = False) -> Registration:
+def register_dataset(
+    store,
+    name: str,
+    csv_path,
+    images_dir=None,
+    *,
+    format: str | None = None,
+    clinic_column: str | None = None,
+    metadata_path=None,
+    is_demo: bool = False,
+) -> Registration:
     """Check, read and register a dataset; MelcoreError (nothing registered) when any check fails.
 
     Parameters
@@ -87,11 +117,21 @@ def register_dataset(store, name: str, csv_path, images_dir=None, *, format: str
         raise MelcoreError("give the dataset a name and the path of its label table")
     format = _text(format)
     dataset_id, cohort = store.register_dataset(
-        name, csv_path, _text(images_dir), format=None if format == "auto" else format,
-        clinic_column=_text(clinic_column), metadata_path=_text(metadata_path), is_demo=is_demo)
+        name,
+        csv_path,
+        _text(images_dir),
+        format=None if format == "auto" else format,
+        clinic_column=_text(clinic_column),
+        metadata_path=_text(metadata_path),
+        is_demo=is_demo,
+    )
     dataset = store.get_dataset(dataset_id)
-    return Registration(dataset=dataset, cohort=cohort, warnings=list(dataset["summary"].get("warnings") or []),
-                        notes=list(cohort.report.notes))
+    return Registration(
+        dataset=dataset,
+        cohort=cohort,
+        warnings=list(dataset["summary"].get("warnings") or []),
+        notes=list(cohort.report.notes),
+    )
 
 
 def register_demo(store, folder=None, name: str = DEMO_NAME) -> Registration:
@@ -107,11 +147,14 @@ def register_demo(store, folder=None, name: str = DEMO_NAME) -> Registration:
     existing = store.find_dataset(name)
     if existing is not None:
         if existing.get("is_demo") and Path(existing["csv_path"]) == csv_path:
-            return Registration(dataset=existing, warnings=list((existing.get("summary") or {}).get("warnings")
-                                                                or []), created=False)
-        raise MelcoreError(f"a dataset named {name!r} already exists (table {existing['csv_path']}); choose "
-                           "another name, or remove it first (`python -m melcore datasets remove "
-                           f"{name}`)")
+            return Registration(
+                dataset=existing, warnings=list((existing.get("summary") or {}).get("warnings") or []), created=False
+            )
+        raise MelcoreError(
+            f"a dataset named {name!r} already exists (table {existing['csv_path']}); choose "
+            "another name, or remove it first (`python -m melcore datasets remove "
+            f"{name}`)"
+        )
     try:
         return register_dataset(store, name, csv_path, folder / "jpeg" / "train", is_demo=True)
     except MelcoreError:
@@ -172,6 +215,9 @@ def dataset_record(store, dataset: dict, *, detail: bool = False) -> dict:
     record["warnings"] = list(record["warnings"] or [])
     record["clinics"] = dict(record["clinics"] or {})
     if detail:
-        record.update(options=dataset.get("options") or {}, notes=list(summary.get("notes") or []),
-                      shortcut_audit=summary.get("shortcut_audit") or [])
+        record.update(
+            options=dataset.get("options") or {},
+            notes=list(summary.get("notes") or []),
+            shortcut_audit=summary.get("shortcut_audit") or [],
+        )
     return record

@@ -62,13 +62,22 @@ from PIL import Image, ImageDraw, ImageFilter
 from melcore import settings
 from melcore.errors import ConfigError, MelcoreError
 
-__all__ = ["CLINICS", "COLUMNS", "DEMO_VERSION", "MALIGNANT_RATE", "make_demo_cohort", "ensure_demo",
-           "render_lesion"]
+__all__ = ["CLINICS", "COLUMNS", "DEMO_VERSION", "MALIGNANT_RATE", "make_demo_cohort", "ensure_demo", "render_lesion"]
 
 DEMO_VERSION = 1
 MALIGNANT_RATE = 0.12
-COLUMNS = ("image_name", "patient_id", "lesion_id", "sex", "age_approx", "anatom_site_general_challenge",
-           "diagnosis", "benign_malignant", "target", "clinic")
+COLUMNS = (
+    "image_name",
+    "patient_id",
+    "lesion_id",
+    "sex",
+    "age_approx",
+    "anatom_site_general_challenge",
+    "diagnosis",
+    "benign_malignant",
+    "target",
+    "clinic",
+)
 DEFAULT_PATIENTS = 120
 DEFAULT_SEED = 0
 
@@ -79,15 +88,15 @@ class ClinicLook:
 
     width: int
     height: int
-    share: float          # fraction of patients
-    cast: tuple           # RGB gains
-    brightness: float     # added after the cast, 0..255 scale
-    contrast: float       # 1 = unchanged
-    circle_prob: float    # chance of the black dermoscope circle
-    vignette: float       # radial darkening at the corners (0..1)
-    blur: float           # Gaussian blur radius in pixels (0 = sharp)
-    noise: float          # sensor noise sigma, 0..255 scale
-    quality: int          # JPEG quality
+    share: float  # fraction of patients
+    cast: tuple  # RGB gains
+    brightness: float  # added after the cast, 0..255 scale
+    contrast: float  # 1 = unchanged
+    circle_prob: float  # chance of the black dermoscope circle
+    vignette: float  # radial darkening at the corners (0..1)
+    blur: float  # Gaussian blur radius in pixels (0 = sharp)
+    noise: float  # sensor noise sigma, 0..255 scale
+    quality: int  # JPEG quality
     hair_prob: float
 
 
@@ -145,15 +154,30 @@ def _make_table(n_patients: int, seed: int) -> list[dict]:
         skin_tone = float(rng.beta(2.0, 3.5))
         for _ in range(n_lesions):
             site = _SITES[int(rng.choice(len(_SITES), p=_SITE_P))]
-            lesions.append({"patient": p, "patient_id": patient_id, "clinic": clinic, "sex": sex, "age": age,
-                            "site": site, "skin_tone": skin_tone, "n_views": 2 if rng.random() < 0.06 else 1,
-                            "malignant": False})
+            lesions.append(
+                {
+                    "patient": p,
+                    "patient_id": patient_id,
+                    "clinic": clinic,
+                    "sex": sex,
+                    "age": age,
+                    "site": site,
+                    "skin_tone": skin_tone,
+                    "n_views": 2 if rng.random() < 0.06 else 1,
+                    "malignant": False,
+                }
+            )
 
     # Malignant lesions: sequential weighted draws (older, male, head/neck; fewer second melanomas).
     k = max(1, int(round(MALIGNANT_RATE * len(lesions))))
-    base = np.array([np.exp(0.05 * ((les["age"] if les["age"] is not None else 50.0) - 50.0))
-                     * (1.3 if les["sex"] == "male" else 1.0)
-                     * (1.5 if les["site"] == "head/neck" else 1.0) for les in lesions])
+    base = np.array(
+        [
+            np.exp(0.05 * ((les["age"] if les["age"] is not None else 50.0) - 50.0))
+            * (1.3 if les["sex"] == "male" else 1.0)
+            * (1.5 if les["site"] == "head/neck" else 1.0)
+            for les in lesions
+        ]
+    )
     patients_hit = np.zeros(n_patients, bool)
     chosen = np.zeros(len(lesions), bool)
     patient_of = np.array([les["patient"] for les in lesions])
@@ -164,8 +188,11 @@ def _make_table(n_patients: int, seed: int) -> list[dict]:
         patients_hit[patient_of[pick]] = True
     for les, is_malignant in zip(lesions, chosen):
         les["malignant"] = bool(is_malignant)
-        les["diagnosis"] = "melanoma" if is_malignant else _BENIGN_DIAGNOSES[
-            int(rng.choice(len(_BENIGN_DIAGNOSES), p=_BENIGN_DIAGNOSIS_P))]
+        les["diagnosis"] = (
+            "melanoma"
+            if is_malignant
+            else _BENIGN_DIAGNOSES[int(rng.choice(len(_BENIGN_DIAGNOSES), p=_BENIGN_DIAGNOSIS_P))]
+        )
 
     lesion_ids = _unique_ids(rng, len(lesions), "IL_", taken)
     n_images = sum(les["n_views"] for les in lesions)
@@ -174,14 +201,25 @@ def _make_table(n_patients: int, seed: int) -> list[dict]:
     number = 0
     for lesion_number, (les, lesion_id) in enumerate(zip(lesions, lesion_ids)):
         for view in range(les["n_views"]):
-            rows.append({
-                "image_name": image_names[number], "patient_id": les["patient_id"], "lesion_id": lesion_id,
-                "sex": les["sex"], "age_approx": les["age"], "anatom_site_general_challenge": les["site"],
-                "diagnosis": les["diagnosis"], "benign_malignant": "malignant" if les["malignant"] else "benign",
-                "target": int(les["malignant"]), "clinic": les["clinic"],
-                "_lesion_seed": (seed, 7, lesion_number), "_view_seed": (seed, 11, number), "_view": view,
-                "_skin_tone": les["skin_tone"], "_sex": les["sex"],
-            })
+            rows.append(
+                {
+                    "image_name": image_names[number],
+                    "patient_id": les["patient_id"],
+                    "lesion_id": lesion_id,
+                    "sex": les["sex"],
+                    "age_approx": les["age"],
+                    "anatom_site_general_challenge": les["site"],
+                    "diagnosis": les["diagnosis"],
+                    "benign_malignant": "malignant" if les["malignant"] else "benign",
+                    "target": int(les["malignant"]),
+                    "clinic": les["clinic"],
+                    "_lesion_seed": (seed, 7, lesion_number),
+                    "_view_seed": (seed, 11, number),
+                    "_view": view,
+                    "_skin_tone": les["skin_tone"],
+                    "_sex": les["sex"],
+                }
+            )
             number += 1
     return rows
 
@@ -214,7 +252,7 @@ def _lesion_params(rng: np.random.Generator, malignant: bool) -> dict:
         radius = rng.uniform(0.13, 0.2) if kind == "early" else rng.uniform(0.2, 0.34)
         ellipse = rng.uniform(0.0, 0.25)
         ks = np.arange(1, 15)
-        amps = rng.normal(0, 0.2 if kind == "invasive" else 0.08, ks.size) / ks ** 1.1  # lobes + notches
+        amps = rng.normal(0, 0.2 if kind == "invasive" else 0.08, ks.size) / ks**1.1  # lobes + notches
         edge = 0.004 + 0.02 * _periodic_noise(rng, angles, 5)  # blurred sectors, abrupt elsewhere
     else:
         if rng.random() < 0.08:
@@ -226,13 +264,21 @@ def _lesion_params(rng: np.random.Generator, malignant: bool) -> dict:
         edge = np.full_like(angles, rng.uniform(0.004, 0.01))
     phases = rng.uniform(0, 2 * np.pi, ks.size)
     tilt = rng.uniform(0, np.pi)
-    border = 1 + ellipse * np.cos(2 * (angles - tilt)) + (amps[:, None] * np.cos(
-        ks[:, None] * angles[None, :] + phases[:, None])).sum(0)
+    border = (
+        1
+        + ellipse * np.cos(2 * (angles - tilt))
+        + (amps[:, None] * np.cos(ks[:, None] * angles[None, :] + phases[:, None])).sum(0)
+    )
     border = radius * np.clip(border, 0.45, None)
-    params = {"kind": kind, "malignant": malignant, "radius": float(radius),
-              "border": border.astype(np.float32), "edge": edge.astype(np.float32),
-              "tone": float(rng.uniform(0.25, 0.75)),
-              "extent": float(max(border.max(), 1.1 * radius + 0.03) * 1.1)}
+    params = {
+        "kind": kind,
+        "malignant": malignant,
+        "radius": float(radius),
+        "border": border.astype(np.float32),
+        "edge": edge.astype(np.float32),
+        "tone": float(rng.uniform(0.25, 0.75)),
+        "extent": float(max(border.max(), 1.1 * radius + 0.03) * 1.1),
+    }
     params["zones"] = _smooth_field(rng, 5)
     params["fine"] = _smooth_field(rng, 14)
     if malignant:
@@ -246,8 +292,10 @@ def _lesion_params(rng: np.random.Generator, malignant: bool) -> dict:
         side = rng.uniform(-np.pi, np.pi)
         dot_angles = side + rng.normal(0, 0.6, n_dots)
         dot_r = rng.uniform(0.55, 1.05, n_dots)
-        params["dots"] = [(float(np.cos(a) * r), float(np.sin(a) * r), float(rng.uniform(0.012, 0.028)))
-                          for a, r in zip(dot_angles, dot_r)]
+        params["dots"] = [
+            (float(np.cos(a) * r), float(np.sin(a) * r), float(rng.uniform(0.012, 0.028)))
+            for a, r in zip(dot_angles, dot_r)
+        ]
     else:
         params["network"] = rng.random() < 0.4
         params["period"] = float(rng.uniform(0.025, 0.04))
@@ -286,8 +334,9 @@ def _lesion_colour(params: dict, lx: np.ndarray, ly: np.ndarray, u: np.ndarray) 
         z = 0.25 + 0.45 * z
     colour = np.empty(z.shape + (3,), np.float32)
     for c in range(3):
-        colour[..., c] = np.interp(z, [0.0, 0.45, 0.72, 1.0],
-                                   [_LIGHT_BROWN[c], _DARK_BROWN[c], _BLACK[c] + 20, _BLACK[c]])
+        colour[..., c] = np.interp(
+            z, [0.0, 0.45, 0.72, 1.0], [_LIGHT_BROWN[c], _DARK_BROWN[c], _BLACK[c] + 20, _BLACK[c]]
+        )
     inside = u < 1
     blue = _sample(params["blue"], lx, ly, ext)
     level = np.quantile(blue[inside], 1 - params["blue_cover"]) if inside.any() else 1.0
@@ -315,8 +364,9 @@ def _upsample(grid: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC))
 
 
-def render_lesion(lesion_seed, view_seed, malignant: bool, look: ClinicLook, skin_tone: float = 0.3,
-                  hairy: bool | None = None) -> np.ndarray:
+def render_lesion(
+    lesion_seed, view_seed, malignant: bool, look: ClinicLook, skin_tone: float = 0.3, hairy: bool | None = None
+) -> np.ndarray:
     """Draw one dermoscopy-like image, (look.height, look.width, 3) uint8.
 
     ``lesion_seed`` fixes the lesion (shape, colours); ``view_seed`` the picture
@@ -372,8 +422,12 @@ def render_lesion(lesion_seed, view_seed, malignant: bool, look: ClinicLook, ski
             px = x0 + np.cos(ang) * length * t - np.sin(ang) * bend * t * (1 - t)
             py = y0 + np.sin(ang) * length * t + np.cos(ang) * bend * t * (1 - t)
             tone = int(rng.integers(20, 60))
-            draw.line(list(zip(px.tolist(), py.tolist())), fill=(tone, int(tone * 0.8), int(tone * 0.7)),
-                      width=max(1, int(round(s / 220 * rng.uniform(0.6, 1.6)))), joint="curve")
+            draw.line(
+                list(zip(px.tolist(), py.tolist())),
+                fill=(tone, int(tone * 0.8), int(tone * 0.7)),
+                width=max(1, int(round(s / 220 * rng.uniform(0.6, 1.6)))),
+                joint="curve",
+            )
     if look.blur > 0:
         pil = pil.filter(ImageFilter.GaussianBlur(look.blur))
     img = np.asarray(pil).astype(np.float32)
@@ -386,7 +440,7 @@ def render_lesion(lesion_seed, view_seed, malignant: bool, look: ClinicLook, ski
     factor = 1 - look.vignette / 2 * ((xs / (w / 2)) ** 2 + (ys / (h / 2)) ** 2)
     if rng.random() < look.circle_prob:
         radius = rng.uniform(0.47, 0.56) * s
-        circle = np.clip((radius - np.sqrt(xs ** 2 + ys ** 2)) / (0.02 * s), 0, 1)
+        circle = np.clip((radius - np.sqrt(xs**2 + ys**2)) / (0.02 * s), 0, 1)
         img *= (factor * circle)[..., None]
         img += (10 * (1 - circle))[..., None]
     else:
@@ -430,8 +484,13 @@ def _csv_bytes(rows: list[dict]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def make_demo_cohort(out_dir, n_patients: int = DEFAULT_PATIENTS, seed: int = DEFAULT_SEED, *,
-                     progress: Callable[[int, int], None] | None = None) -> Path:
+def make_demo_cohort(
+    out_dir,
+    n_patients: int = DEFAULT_PATIENTS,
+    seed: int = DEFAULT_SEED,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Write the synthetic cohort (labels.csv, jpeg/train/*.jpg, demo.json) into ``out_dir``.
 
     Parameters
@@ -469,8 +528,9 @@ def make_demo_cohort(out_dir, n_patients: int = DEFAULT_PATIENTS, seed: int = DE
         progress(0, total)
     for done, row in enumerate(rows, 1):
         look = CLINICS[row["clinic"]]
-        pixels = render_lesion(row["_lesion_seed"], row["_view_seed"], bool(row["target"]), look,
-                               skin_tone=row["_skin_tone"])
+        pixels = render_lesion(
+            row["_lesion_seed"], row["_view_seed"], bool(row["target"]), look, skin_tone=row["_skin_tone"]
+        )
         Image.fromarray(pixels).save(image_dir / f"{row['image_name']}.jpg", format="JPEG", quality=look.quality)
         if progress is not None:
             progress(done, total)
@@ -478,18 +538,29 @@ def make_demo_cohort(out_dir, n_patients: int = DEFAULT_PATIENTS, seed: int = DE
 
     n_malignant = sum(r["target"] for r in rows)
     manifest = {
-        "generator": "melcore.demo", "version": DEMO_VERSION, "n_patients": n_patients, "seed": seed,
-        "n_images": total, "n_lesions": len({r["lesion_id"] for r in rows}), "n_malignant_images": n_malignant,
+        "generator": "melcore.demo",
+        "version": DEMO_VERSION,
+        "n_patients": n_patients,
+        "seed": seed,
+        "n_images": total,
+        "n_lesions": len({r["lesion_id"] for r in rows}),
+        "n_malignant_images": n_malignant,
         "malignant_rate": round(n_malignant / total, 4),
         "clinics": {c: sum(r["clinic"] == c for r in rows) for c in CLINICS},
-        "labels": "labels.csv", "images": "jpeg/train",
+        "labels": "labels.csv",
+        "images": "jpeg/train",
     }
     (out / "demo.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return out
 
 
-def ensure_demo(home=None, *, n_patients: int = DEFAULT_PATIENTS, seed: int = DEFAULT_SEED,
-                progress: Callable[[int, int], None] | None = None) -> Path:
+def ensure_demo(
+    home=None,
+    *,
+    n_patients: int = DEFAULT_PATIENTS,
+    seed: int = DEFAULT_SEED,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """The default demo cohort, made once; returns its folder.
 
     The folder is ``<home>/demo/isic2020-demo-v<version>-<n>p-seed<seed>`` where

@@ -31,8 +31,17 @@ import numpy as np
 
 from melcore.errors import ConfigError
 
-__all__ = ["Placement", "multi_worker_strategy", "fit_loop", "predict_loop", "replica_rows",
-           "is_multi_worker", "worker_run_dir", "check_distributable", "is_local_host"]
+__all__ = [
+    "Placement",
+    "multi_worker_strategy",
+    "fit_loop",
+    "predict_loop",
+    "replica_rows",
+    "is_multi_worker",
+    "worker_run_dir",
+    "check_distributable",
+    "is_local_host",
+]
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:(\d{1,5})$")
 
@@ -63,10 +72,14 @@ class Placement:
                 raise ConfigError(f"worker address {address!r} is not host:port with a port 1-65535")
         if len(set(workers)) != len(workers):
             raise ConfigError(f"worker addresses repeat: {', '.join(workers)}; give each worker its own port")
-        if isinstance(self.index, bool) or not isinstance(self.index, (int, np.integer)) \
-                or not 0 <= int(self.index) < len(workers):
-            raise ConfigError(f"worker index must be 0..{len(workers) - 1} for {len(workers)} worker(s), "
-                              f"got {self.index!r}")
+        if (
+            isinstance(self.index, bool)
+            or not isinstance(self.index, (int, np.integer))
+            or not 0 <= int(self.index) < len(workers)
+        ):
+            raise ConfigError(
+                f"worker index must be 0..{len(workers) - 1} for {len(workers)} worker(s), got {self.index!r}"
+            )
         object.__setattr__(self, "workers", workers)
         object.__setattr__(self, "index", int(self.index))
 
@@ -85,12 +98,15 @@ class Placement:
             workers = config["cluster"]["worker"]
             task = config["task"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"TF_CONFIG is not a worker cluster description ({exc}); expected "
-                              '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
-                              '"index": 0}}') from None
+            raise ConfigError(
+                f"TF_CONFIG is not a worker cluster description ({exc}); expected "
+                '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", '
+                '"index": 0}}'
+            ) from None
         if task.get("type") != "worker":
-            raise ConfigError(f"TF_CONFIG task type {task.get('type')!r} is not supported; use 'worker' "
-                              "(worker 0 is the chief)")
+            raise ConfigError(
+                f"TF_CONFIG task type {task.get('type')!r} is not supported; use 'worker' (worker 0 is the chief)"
+            )
         return cls(tuple(workers), task.get("index", 0))
 
     @classmethod
@@ -178,8 +194,10 @@ def check_distributable(config) -> None:
     """
     mode = getattr(config, "mode", "full")
     if mode != "full":
-        raise ConfigError(f"training across workers needs mode 'full', not {mode!r}; for fast-head runs, cache "
-                          "the features in shards (jobs submit --kind features --shards N) and train on one worker")
+        raise ConfigError(
+            f"training across workers needs mode 'full', not {mode!r}; for fast-head runs, cache "
+            "the features in shards (jobs submit --kind features --shards N) and train on one worker"
+        )
 
 
 def is_multi_worker(strategy) -> bool:
@@ -206,8 +224,10 @@ def replica_rows(n_rows: int, n_replicas: int, replica: int) -> slice:
 
 def _split_batch(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     if not isinstance(batch, tuple) or len(batch) not in (2, 3):
-        raise ConfigError("training batches must be (images, targets) or (images, targets, sample_weights), "
-                          f"got {type(batch).__name__}")
+        raise ConfigError(
+            "training batches must be (images, targets) or (images, targets, sample_weights), "
+            f"got {type(batch).__name__}"
+        )
     x = np.asarray(batch[0], dtype=np.float32)
     y = np.asarray(batch[1], dtype=np.float32)
     w = np.asarray(batch[2], dtype=np.float32) if len(batch) == 3 else None
@@ -225,8 +245,16 @@ def _sample_weights(y: np.ndarray, w: np.ndarray | None, class_weight: Mapping |
     return weights
 
 
-def fit_loop(model, batches, *, epochs: int, initial_epoch: int = 0, class_weight: Mapping | None = None,
-             callbacks: Sequence = (), strategy=None) -> dict[str, list[float]]:
+def fit_loop(
+    model,
+    batches,
+    *,
+    epochs: int,
+    initial_epoch: int = 0,
+    class_weight: Mapping | None = None,
+    callbacks: Sequence = (),
+    strategy=None,
+) -> dict[str, list[float]]:
     """Train a compiled Keras model like ``model.fit(batches, ...)``, under any tf.distribute strategy.
 
     Parameters
@@ -260,8 +288,9 @@ def fit_loop(model, batches, *, epochs: int, initial_epoch: int = 0, class_weigh
     if epochs < initial_epoch:
         raise ConfigError(f"epochs ({epochs}) must be at least initial_epoch ({initial_epoch})")
     if not isinstance(getattr(model, "loss", None), keras.losses.Loss):
-        raise ConfigError("fit_loop needs a model compiled with a keras.losses.Loss instance, e.g. "
-                          "keras.losses.BinaryCrossentropy()")
+        raise ConfigError(
+            "fit_loop needs a model compiled with a keras.losses.Loss instance, e.g. keras.losses.BinaryCrossentropy()"
+        )
     strategy = strategy or tf.distribute.get_strategy()
     n_replicas = int(strategy.num_replicas_in_sync)
     loss_fn, optimizer = model.loss, model.optimizer
@@ -287,10 +316,12 @@ def fit_loop(model, batches, *, epochs: int, initial_epoch: int = 0, class_weigh
     def distribute(array: np.ndarray):
         def value(context):
             return tf.constant(array[replica_rows(len(array), n_replicas, context.replica_id_in_sync_group)])
+
         return strategy.experimental_distribute_values_from_function(value)
 
-    callback_list = keras.callbacks.CallbackList(list(callbacks), model=model, epochs=epochs,
-                                                 steps=len(batches), verbose=0)
+    callback_list = keras.callbacks.CallbackList(
+        list(callbacks), model=model, epochs=epochs, steps=len(batches), verbose=0
+    )
     model.stop_training = False
     history: dict[str, list[float]] = {"loss": []}
     hooks = hasattr(batches, "on_epoch_begin"), hasattr(batches, "on_epoch_end")

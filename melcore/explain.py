@@ -131,6 +131,7 @@ _FEATURE_MARKER = "melcore_gradcam_features"
 
 # --------------------------------------------------------------------------- resolution
 
+
 def detail_layer(model, detail: str = "standard") -> str | None:
     """The layer Grad-CAM uses for a resolution of :data:`DETAILS` (None = the last feature map).
 
@@ -167,7 +168,6 @@ def detail_layer(model, detail: str = "standard") -> str | None:
     return finer
 
 
-
 # --------------------------------------------------------------------------- colour maps
 
 
@@ -178,8 +178,8 @@ def _jet(x: np.ndarray) -> np.ndarray:
 def _turbo(x: np.ndarray) -> np.ndarray:
     # Polynomial fit of Google's Turbo colour map (A. Mikhailov, 2019; fit by R. Du).
     # Max error against the published table is a few percent, invisible in an overlay.
-    v4 = np.stack([np.ones_like(x), x, x ** 2, x ** 3], axis=-1)
-    v2 = np.stack([x ** 4, x ** 5], axis=-1)
+    v4 = np.stack([np.ones_like(x), x, x**2, x**3], axis=-1)
+    v2 = np.stack([x**4, x**5], axis=-1)
     red = v4 @ [0.13572138, 4.61539260, -42.66032258, 132.13108234] + v2 @ [-152.94239396, 59.28637943]
     green = v4 @ [0.09140261, 2.19418839, 4.84296658, -14.18503333] + v2 @ [4.27729857, 2.82956604]
     blue = v4 @ [0.10667330, 12.64194608, -60.58204836, 110.36276771] + v2 @ [-89.90310912, 27.34824973]
@@ -227,7 +227,8 @@ def _resize_map(values: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     if values.shape == tuple(hw):
         return values.astype(np.float32, copy=False)
     resized = Image.fromarray(values.astype(np.float32, copy=False), mode="F").resize(
-        (int(hw[1]), int(hw[0])), Image.Resampling.BILINEAR)
+        (int(hw[1]), int(hw[0])), Image.Resampling.BILINEAR
+    )
     return np.asarray(resized, dtype=np.float32)
 
 
@@ -322,8 +323,11 @@ def _is_container(layer) -> bool:
 
     if isinstance(layer, keras.Sequential):
         return True
-    return isinstance(layer, keras.Model) and callable(getattr(layer, "_run_through_graph", None)) \
+    return (
+        isinstance(layer, keras.Model)
+        and callable(getattr(layer, "_run_through_graph", None))
         and hasattr(layer, "_nodes_by_depth")
+    )
 
 
 def _walk(model, prefix: tuple[str, ...] = ()):
@@ -351,8 +355,12 @@ def _output_shape(layer) -> tuple | None:
 def _is_conv(layer) -> bool:
     import keras
 
-    conv_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
-                  keras.layers.Conv2DTranspose)
+    conv_types = (
+        keras.layers.Conv2D,
+        keras.layers.DepthwiseConv2D,
+        keras.layers.SeparableConv2D,
+        keras.layers.Conv2DTranspose,
+    )
     return isinstance(layer, conv_types)
 
 
@@ -374,18 +382,22 @@ def _check_model(model) -> None:
     if not _is_container(model):
         raise MelcoreError(
             f"model {model.name!r} is a subclassed keras.Model; Grad-CAM needs a Functional or Sequential "
-            "model whose layers can be walked (all melcore registry models are Functional)")
+            "model whose layers can be walked (all melcore registry models are Functional)"
+        )
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
         inputs = None
     if not inputs:
-        raise MelcoreError(f"model {model.name!r} has no defined input; build it (call it once or give it an "
-                           "Input layer) before explaining it")
+        raise MelcoreError(
+            f"model {model.name!r} has no defined input; build it (call it once or give it an "
+            "Input layer) before explaining it"
+        )
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         shapes = [tuple(x.shape) for x in inputs]
-        raise MelcoreError(f"model {model.name!r} must take one image batch (batch, height, width, 3); "
-                           f"its inputs are {shapes}")
+        raise MelcoreError(
+            f"model {model.name!r} must take one image batch (batch, height, width, 3); its inputs are {shapes}"
+        )
 
 
 def find_last_conv_layer(model, *, follow: bool = True) -> str:
@@ -429,7 +441,8 @@ def find_last_conv_layer(model, *, follow: bool = True) -> str:
     if last is None:
         raise MelcoreError(
             f"model {model.name!r} has no 2-D convolution with a spatial output, so Grad-CAM has no feature "
-            "map to use; pass layer= with the name of a layer whose output is (batch, height, width, channels)")
+            "map to use; pass layer= with the name of a layer whose output is (batch, height, width, channels)"
+        )
     chosen = last
     if follow:
         size = _spatial(_output_shape(entries[last][1]))
@@ -464,8 +477,7 @@ def _resolve_layer(model, layer) -> tuple[tuple[str, ...], object]:
             return path, candidate
     feature_layers = ["/".join(p) for p, c in entries if _spatial(_output_shape(c)) is not None]
     hint = ", ".join(feature_layers[-5:]) or "none"
-    raise MelcoreError(f"no layer {layer!r} in model {model.name!r}; layers with feature maps near the output: "
-                       f"{hint}")
+    raise MelcoreError(f"no layer {layer!r} in model {model.name!r}; layers with feature maps near the output: {hint}")
 
 
 def _head_layer(model):
@@ -530,9 +542,11 @@ def _flat_graph(model, target, target_name: str):
     def hook(layer, args, output):
         if layer is target and "features" not in captured:
             if not (hasattr(output, "shape") and len(output.shape) == 4):
-                raise MelcoreError(f"layer {target_name!r} outputs shape "
-                                   f"{getattr(output, 'shape', '?')}; Grad-CAM needs a (batch, height, width, "
-                                   "channels) feature map")
+                raise MelcoreError(
+                    f"layer {target_name!r} outputs shape "
+                    f"{getattr(output, 'shape', '?')}; Grad-CAM needs a (batch, height, width, "
+                    "channels) feature map"
+                )
             output = marker(output)
             captured["features"] = output
         if layer is head:
@@ -547,8 +561,10 @@ def _flat_graph(model, target, target_name: str):
         if _is_container(layer):
             extra = {k: v for k, v in kwargs.items() if k not in ("training", "mask")}
             if extra:
-                raise MelcoreError(f"nested model {layer.name!r} is called with arguments {sorted(extra)}, "
-                                   "which Grad-CAM cannot replay")
+                raise MelcoreError(
+                    f"nested model {layer.name!r} is called with arguments {sorted(extra)}, "
+                    "which Grad-CAM cannot replay"
+                )
             output = run(layer, args[0] if len(args) == 1 else list(args))
         else:
             output = layer(*args, **kwargs)
@@ -561,20 +577,26 @@ def _flat_graph(model, target, target_name: str):
                 x = call(layer, (x,), {})
             return x
         return container._run_through_graph(
-            inputs, operation_fn=lambda op: op, call_fn=lambda op, *a, **k: call(op, a, k))
+            inputs, operation_fn=lambda op: op, call_fn=lambda op, *a, **k: call(op, a, k)
+        )
 
     source = model.inputs[0]
     image = keras.Input(batch_shape=tuple(source.shape), dtype=source.dtype, name="image")
     probability = run(model, image)
     if isinstance(probability, (list, tuple)):
-        raise MelcoreError(f"model {model.name!r} has {len(probability)} outputs; Grad-CAM needs one "
-                           "melanoma probability of shape (batch, 1)")
+        raise MelcoreError(
+            f"model {model.name!r} has {len(probability)} outputs; Grad-CAM needs one "
+            "melanoma probability of shape (batch, 1)"
+        )
     if tuple(probability.shape)[1:] != (1,):
-        raise MelcoreError(f"model {model.name!r} outputs shape {tuple(probability.shape)}; Grad-CAM needs one "
-                           "melanoma probability per image, shape (batch, 1)")
+        raise MelcoreError(
+            f"model {model.name!r} outputs shape {tuple(probability.shape)}; Grad-CAM needs one "
+            "melanoma probability per image, shape (batch, 1)"
+        )
     if "features" not in captured:
-        raise MelcoreError(f"layer {target_name!r} is not on the path from the input to the output "
-                           f"of model {model.name!r}")
+        raise MelcoreError(
+            f"layer {target_name!r} is not on the path from the input to the output of model {model.name!r}"
+        )
     if "logit" in captured and captured.get("head_output") is probability:
         score, kind = captured["logit"], "logit"
     else:
@@ -695,8 +717,10 @@ class Explainer:
         self._tkv_column = 0
 
     def __repr__(self) -> str:
-        return (f"Explainer(model={self.model.name!r}, method={self.method!r}, layer={self.layer!r}, "
-                f"engine={self.engine!r}, score={self.score!r})")
+        return (
+            f"Explainer(model={self.model.name!r}, method={self.method!r}, layer={self.layer!r}, "
+            f"engine={self.engine!r}, score={self.score!r})"
+        )
 
     # ---- inputs
 
@@ -707,8 +731,10 @@ class Explainer:
             pass
         elif np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer):
             if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 255):
-                raise MelcoreError("image values must be raw RGB in 0..255 (the model preprocesses "
-                                   f"internally); got range {np.nanmin(array)}..{np.nanmax(array)}")
+                raise MelcoreError(
+                    "image values must be raw RGB in 0..255 (the model preprocesses "
+                    f"internally); got range {np.nanmin(array)}..{np.nanmax(array)}"
+                )
         else:
             raise MelcoreError(f"image must be a numeric RGB array; got dtype {array.dtype}")
         size = self.input_size or array.shape[:2]
@@ -748,8 +774,9 @@ class Explainer:
 
                 prefix, suffix = self._split()
 
-                @tf.function(input_signature=[tf.TensorSpec((None, size[0], size[1], 3), tf.float32)],
-                             reduce_retracing=True)
+                @tf.function(
+                    input_signature=[tf.TensorSpec((None, size[0], size[1], 3), tf.float32)], reduce_retracing=True
+                )
                 def cams(images):
                     if suffix is not None:
                         # Only the part after the feature map is recorded: halves the trace time.
@@ -805,8 +832,9 @@ class Explainer:
                 # change the shared Dense layer of the caller's model) is not needed and nothing is cloned.
                 self._tkv = cls(model, clone=False)
             visualiser, column = self._tkv, self._tkv_column
-        options = dict(penultimate_layer=self._marker, seek_penultimate_conv_layer=False,
-                       expand_cam=False, normalize_cam=False)
+        options = dict(
+            penultimate_layer=self._marker, seek_penultimate_conv_layer=False, expand_cam=False, normalize_cam=False
+        )
         if self.method == "scorecam":
             channels = int(self._graph.outputs[1].shape[-1])
             options.update(max_N=min(SCORECAM_MAX_N, channels), batch_size=16)
@@ -842,19 +870,21 @@ class Explainer:
         np.ndarray (n, height, width) float32 in [0, 1].
         """
         if isinstance(images, np.ndarray) and images.ndim != 4:
-            raise MelcoreError(f"images must be a (n, height, width, 3) array or a list of images; got shape "
-                               f"{images.shape}")
+            raise MelcoreError(
+                f"images must be a (n, height, width, 3) array or a list of images; got shape {images.shape}"
+            )
         items = list(images)
         if not items:
             return np.zeros((0, 0, 0), dtype=np.float32)
         sizes = {tuple(_check_image(image).shape[:2]) for image in items}
         if len(sizes) > 1:
-            raise MelcoreError(f"images in one call must share a size; got {sorted(sizes)} "
-                               "(call heatmap() per image instead)")
+            raise MelcoreError(
+                f"images in one call must share a size; got {sorted(sizes)} (call heatmap() per image instead)"
+            )
         prepared = [self._prepare(image) for image in items]
         cams = []
         for start in range(0, len(prepared), _BATCH):
-            cams.extend(self._raw_cams(np.stack(prepared[start:start + _BATCH])))
+            cams.extend(self._raw_cams(np.stack(prepared[start : start + _BATCH])))
         return _normalise(np.stack(cams), sizes.pop())
 
     def heatmap(self, image) -> np.ndarray:
@@ -929,8 +959,10 @@ def model_path(run: PathLike) -> Path:
     if path.is_dir():
         candidate = path / "model.keras"
         if not candidate.is_file():
-            raise MelcoreError(f"{path}: no model.keras in this run directory (has the training finished? "
-                               "pass a run directory or a .keras file)")
+            raise MelcoreError(
+                f"{path}: no model.keras in this run directory (has the training finished? "
+                "pass a run directory or a .keras file)"
+            )
         return candidate.resolve()
     if path.is_file():
         if path.suffix != ".keras":
@@ -993,16 +1025,18 @@ def _stat_image(image_path: PathLike) -> tuple[Path, os.stat_result]:
     return path, stat
 
 
-def _cache_file(model_file: Path, image_file: Path, image_stat: os.stat_result, method: str,
-                layer: str | None) -> Path:
+def _cache_file(model_file: Path, image_file: Path, image_stat: os.stat_result, method: str, layer: str | None) -> Path:
     model_stat = model_file.stat()
-    key = json.dumps({
-        "version": CACHE_VERSION,
-        "model": [str(model_file), model_stat.st_mtime_ns, model_stat.st_size],
-        "image": [str(image_file), image_stat.st_mtime_ns, image_stat.st_size],
-        "method": method,
-        "layer": layer or "auto",
-    }, sort_keys=True)
+    key = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "model": [str(model_file), model_stat.st_mtime_ns, model_stat.st_size],
+            "image": [str(image_file), image_stat.st_mtime_ns, image_stat.st_size],
+            "method": method,
+            "layer": layer or "auto",
+        },
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()
     return settings.subdir("cache/gradcam") / digest[:2] / f"{digest}.npy"
 
@@ -1035,9 +1069,18 @@ def _load(image_file: Path, size) -> np.ndarray:
     return load_image(image_file, size)
 
 
-def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", opacity: float = 0.4, *,
-                  colormap: str = "jet", layer: str | None = None, detail: str = "standard", use_cache: bool = True,
-                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def explain_image(
+    run: PathLike,
+    image_path: PathLike,
+    method: str = "gradcam",
+    opacity: float = 0.4,
+    *,
+    colormap: str = "jet",
+    layer: str | None = None,
+    detail: str = "standard",
+    use_cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Explain one image file with a run's model: (overlay, heatmap), both at the model's input size.
 
     The model is loaded once per process (see :func:`load_run_model`) and its
@@ -1084,8 +1127,9 @@ def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", 
         raise ConfigError(f"unknown Grad-CAM detail {detail!r}; choose one of {', '.join(DETAILS)}")
     model_file = model_path(run)
     image_file, image_stat = _stat_image(image_path)
-    cache_file = _cache_file(model_file, image_file, image_stat, method,
-                             layer or (None if detail == "standard" else f"detail:{detail}"))
+    cache_file = _cache_file(
+        model_file, image_file, image_stat, method, layer or (None if detail == "standard" else f"detail:{detail}")
+    )
     if use_cache:
         heat = _read_cached(cache_file)
         if heat is not None:
@@ -1117,9 +1161,14 @@ def explain_image(run: PathLike, image_path: PathLike, method: str = "gradcam", 
     return result
 
 
-def precompute_heatmaps(run: PathLike, image_paths: Iterable[PathLike], method: str = "gradcam", *,
-                        layer: str | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> int:
+def precompute_heatmaps(
+    run: PathLike,
+    image_paths: Iterable[PathLike],
+    method: str = "gradcam",
+    *,
+    layer: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     """Fill the disk cache for many images (e.g. a run's validation set) in batches.
 
     Images already cached are skipped; unreadable images are skipped too (their
@@ -1146,7 +1195,7 @@ def precompute_heatmaps(run: PathLike, image_paths: Iterable[PathLike], method: 
     size = explainer.input_size or _DEFAULT_SIZE
     done = computed = 0
     for start in range(0, total, _BATCH):
-        chunk = todo[start:start + _BATCH]
+        chunk = todo[start : start + _BATCH]
         images, targets = [], []
         for image_file, cache_file in chunk:
             try:

@@ -72,12 +72,21 @@ log = logging.getLogger("melcore.train.features")
 
 FORMAT_VERSION = 1
 #: The 8 dihedral views, in the order of :func:`melcore.predict.dihedral_views`.
-VIEWS = ("identity", "rot90", "rot180", "rot270", "transpose", "transpose-rot90", "transpose-rot180",
-         "transpose-rot270")
+VIEWS = (
+    "identity",
+    "rot90",
+    "rot180",
+    "rot270",
+    "transpose",
+    "transpose-rot90",
+    "transpose-rot180",
+    "transpose-rot270",
+)
 _BACKBONE_MEMO_SIZE = 2
 
 
 # --------------------------------------------------------------------------- views
+
 
 def check_views(views) -> tuple[str, ...]:
     if views is None:
@@ -104,6 +113,7 @@ def apply_view(batch: np.ndarray, view: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- keys
 
+
 def backbone_key(backbone, model_name: str, image_size: int, pooling: str = "avg") -> str:
     """Hex SHA-256 naming a backbone's features: model name, image size, pooling, Keras version,
     weight values.
@@ -116,8 +126,9 @@ def backbone_key(backbone, model_name: str, image_size: int, pooling: str = "avg
     import keras
 
     digest = hashlib.sha256()
-    digest.update(f"melcore-features v{FORMAT_VERSION}\0{model_name}\0{int(image_size)}\0"
-                  f"keras {keras.__version__}\0".encode())
+    digest.update(
+        f"melcore-features v{FORMAT_VERSION}\0{model_name}\0{int(image_size)}\0keras {keras.__version__}\0".encode()
+    )
     if pooling != "avg":  # (average-pooled keys stay those written before poolings existed)
         digest.update(f"pooling {pooling}\0".encode())
     # Variable *paths* are left out on purpose: auto-named layers (e.g. "normalization_1") get a
@@ -130,6 +141,7 @@ def backbone_key(backbone, model_name: str, image_size: int, pooling: str = "avg
 
 
 # --------------------------------------------------------------------------- the cache
+
 
 def _atomic_save(target: Path, array: np.ndarray) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +230,7 @@ class FeatureCache:
 
 # --------------------------------------------------------------------------- backbones
 
+
 @dataclasses.dataclass
 class FeatureExtractor:
     """A frozen backbone and the key of its features.
@@ -242,8 +255,13 @@ class FeatureExtractor:
     def meta(self) -> dict:
         import keras
 
-        return {"model": self.model_name, "image_size": self.image_size, "n_features": self.n_features,
-                "weights": self.weights_info.to_dict(), "keras": keras.__version__}
+        return {
+            "model": self.model_name,
+            "image_size": self.image_size,
+            "n_features": self.n_features,
+            "weights": self.weights_info.to_dict(),
+            "keras": keras.__version__,
+        }
 
 
 _MEMO: "collections.OrderedDict[tuple, FeatureExtractor]" = collections.OrderedDict()
@@ -262,8 +280,16 @@ def _memo_key(config) -> tuple:
         except OSError:
             file_state = None
     # Random weights depend on the seed; loaded weights do not (seed kept anyway: cheap and safe).
-    return (config.model, int(config.image_size), weights, file_state, int(config.seed),
-            bool(config.fallback_to_scratch), config.pooling, keras.__version__)
+    return (
+        config.model,
+        int(config.image_size),
+        weights,
+        file_state,
+        int(config.seed),
+        bool(config.fallback_to_scratch),
+        config.pooling,
+        keras.__version__,
+    )
 
 
 def get_extractor(config, strategy=None, *, reuse: bool = True) -> FeatureExtractor:
@@ -289,13 +315,18 @@ def get_extractor(config, strategy=None, *, reuse: bool = True) -> FeatureExtrac
     keras.utils.set_random_seed(config.seed)
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
-        backbone, info = models.build_backbone(config.model, config.image_size, weights=config.weights,
-                                               fallback_to_scratch=config.fallback_to_scratch,
-                                               pooling=config.pooling)
+        backbone, info = models.build_backbone(
+            config.model,
+            config.image_size,
+            weights=config.weights,
+            fallback_to_scratch=config.fallback_to_scratch,
+            pooling=config.pooling,
+        )
     backbone.trainable = False
     key = backbone_key(backbone, config.model, config.image_size, config.pooling)
-    extractor = FeatureExtractor(backbone, info, key, config.model, int(config.image_size),
-                                 time.perf_counter() - started)
+    extractor = FeatureExtractor(
+        backbone, info, key, config.model, int(config.image_size), time.perf_counter() - started
+    )
     if reuse and strategy is None:
         with _MEMO_LOCK:
             _MEMO[memo_key] = extractor
@@ -311,6 +342,7 @@ def clear_extractors() -> None:
 
 
 # --------------------------------------------------------------------------- computing features
+
 
 @dataclasses.dataclass
 class FeatureResult:
@@ -334,10 +366,18 @@ class FeatureResult:
     cancelled: bool = False
 
 
-def compute_features(extractor: FeatureExtractor, paths: Sequence, *, views=None, cache: FeatureCache | None = None,
-                     image_cache=None, batch_size: int = 32, workers: int | None = None,
-                     progress: Callable[[int, int], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> FeatureResult:
+def compute_features(
+    extractor: FeatureExtractor,
+    paths: Sequence,
+    *,
+    views=None,
+    cache: FeatureCache | None = None,
+    image_cache=None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FeatureResult:
     """Pooled features of image files, from the cache or computed with the backbone and stored.
 
     Parameters
@@ -409,14 +449,15 @@ def compute_features(extractor: FeatureExtractor, paths: Sequence, *, views=None
         if should_stop is not None and should_stop():
             result.cancelled = True
             break
-        positions = missing[start:start + chunk]
+        positions = missing[start : start + chunk]
         failed: dict[int, str] = {}
 
         def on_error(index: int, error: ImageError, positions=positions, failed=failed) -> None:
             failed[positions[index]] = error.reason
 
-        batch = images_module.load_images([paths[i] for i in positions], extractor.image_size, cache=image_cache,
-                                          workers=workers, on_error=on_error)
+        batch = images_module.load_images(
+            [paths[i] for i in positions], extractor.image_size, cache=image_cache, workers=workers, on_error=on_error
+        )
         keep = [j for j, i in enumerate(positions) if i not in failed]
         result.bad.update(failed)
         if keep:
@@ -451,6 +492,7 @@ def compute_features(extractor: FeatureExtractor, paths: Sequence, *, views=None
 
 # --------------------------------------------------------------------------- head helpers
 
+
 def head_of(model):
     """The head of a model built by :mod:`melcore.models`: ``(batch, n_features) -> (batch, 1)``.
 
@@ -463,13 +505,14 @@ def head_of(model):
 
     names = [layer.name for layer in model.layers]
     if models.FEATURES_LAYER not in names:
-        raise ConfigError(f"model {model.name!r} has no {models.FEATURES_LAYER!r} layer; it was not built by "
-                          "melcore.models")
+        raise ConfigError(
+            f"model {model.name!r} has no {models.FEATURES_LAYER!r} layer; it was not built by melcore.models"
+        )
     start = names.index(models.FEATURES_LAYER)
     n_features = int(model.get_layer(models.FEATURES_LAYER).output.shape[-1])
     inputs = keras.Input((n_features,), name=f"{models.HEAD_PREFIX}input")
     x = inputs
-    for layer in model.layers[start + 1:]:
+    for layer in model.layers[start + 1 :]:
         x = layer(x)
     return keras.Model(inputs, x, name=f"{model.name}-head")
 
@@ -478,8 +521,10 @@ def _predict_head(head, features: np.ndarray, batch: int = 4096) -> np.ndarray:
     """float64 (n,) probabilities of a head on (n, n_features) features (inference mode)."""
     if len(features) == 0:
         return np.empty(0, dtype=np.float64)
-    parts = [np.asarray(head(features[s:s + batch], training=False), dtype=np.float64).reshape(-1)
-             for s in range(0, len(features), batch)]
+    parts = [
+        np.asarray(head(features[s : s + batch], training=False), dtype=np.float64).reshape(-1)
+        for s in range(0, len(features), batch)
+    ]
     return np.concatenate(parts)
 
 

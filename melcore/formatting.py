@@ -17,8 +17,16 @@ import math
 from pathlib import PurePath
 from typing import Any
 
-__all__ = ["as_finite", "format_duration", "format_number", "format_risk", "format_threshold", "first_few",
-           "json_safe", "SHOWN"]
+__all__ = [
+    "as_finite",
+    "format_duration",
+    "format_number",
+    "format_risk",
+    "format_threshold",
+    "first_few",
+    "json_safe",
+    "SHOWN",
+]
 
 MAX_DECIMALS = 6
 SHOWN = 5  # how many names, rows or values a message lists
@@ -61,7 +69,7 @@ def format_threshold(threshold, min_decimals: int = 3) -> str:
     if value is None:
         return "--"
     for decimals in range(min_decimals, MAX_DECIMALS):
-        if abs(round(value, decimals) - value) < 0.5 * 10.0 ** -MAX_DECIMALS:
+        if abs(round(value, decimals) - value) < 0.5 * 10.0**-MAX_DECIMALS:
             return f"{value:.{decimals}f}"
     return f"{value:.{MAX_DECIMALS}f}"
 

@@ -115,7 +115,9 @@ def max_pixels_default() -> int:
     try:
         value = int(float(raw))
     except ValueError:
-        raise ConfigError(f"MELREVIEW_MAX_PIXELS={raw!r} is not a number; set it to a pixel count such as 100000000") from None
+        raise ConfigError(
+            f"MELREVIEW_MAX_PIXELS={raw!r} is not a number; set it to a pixel count such as 100000000"
+        ) from None
     if value <= 0:
         raise ConfigError(f"MELREVIEW_MAX_PIXELS={raw!r} must be a positive pixel count")
     return value
@@ -197,8 +199,16 @@ def _describe_bytes(head: bytes) -> str:
     return "unrecognised binary data"
 
 
-_OTHER_IMAGE_FORMATS = {"a GIF image", "a TIFF image", "a WebP image", "a BMP image", "an AVIF image",
-                        "a HEIC/HEIF image (the iPhone photo format)", "an SVG drawing", "a DICOM file"}
+_OTHER_IMAGE_FORMATS = {
+    "a GIF image",
+    "a TIFF image",
+    "a WebP image",
+    "a BMP image",
+    "an AVIF image",
+    "a HEIC/HEIF image (the iPhone photo format)",
+    "an SVG drawing",
+    "a DICOM file",
+}
 
 
 def _read_head(path: str, n: int = 512) -> bytes:
@@ -214,8 +224,10 @@ def _check_file(path: str) -> os.stat_result:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ImageError(path, "file not found; check the images folder (or the image path) and that the file "
-                               "was not moved or renamed") from None
+        raise ImageError(
+            path,
+            "file not found; check the images folder (or the image path) and that the file was not moved or renamed",
+        ) from None
     except PermissionError:
         raise ImageError(path, "permission denied; make the file readable for this user") from None
     except OSError as exc:
@@ -276,9 +288,12 @@ def decoded_bytes(im: Image.Image) -> int:
 def _check_decoded_bytes(im: Image.Image, label: str, limit: int | None) -> None:
     if limit is not None and decoded_bytes(im) > limit:
         width, height = im.size
-        raise ImageError(label, f"a {width}x{height} {im.mode} image takes {decoded_bytes(im) / 1e6:,.0f} MB of "
-                                f"memory to decode, more than the limit of {limit / 1e6:,.0f} MB; resize it (e.g. "
-                                "to at most 4000 pixels a side) or save it as a JPEG")
+        raise ImageError(
+            label,
+            f"a {width}x{height} {im.mode} image takes {decoded_bytes(im) / 1e6:,.0f} MB of "
+            f"memory to decode, more than the limit of {limit / 1e6:,.0f} MB; resize it (e.g. "
+            "to at most 4000 pixels a side) or save it as a JPEG",
+        )
 
 
 def _reduced(im: Image.Image, stored: tuple[int, int]) -> Image.Image:
@@ -299,8 +314,7 @@ def _reduced(im: Image.Image, stored: tuple[int, int]) -> Image.Image:
         return im
 
 
-def _plan(width: int, height: int, orientation: int, target_hw: tuple[int, int] | None,
-          fit: bool) -> tuple[int, int]:
+def _plan(width: int, height: int, orientation: int, target_hw: tuple[int, int] | None, fit: bool) -> tuple[int, int]:
     """Pillow (width, height) to resize to, in the file's own (not yet rotated) axes."""
     swapped = orientation in _SWAPS_AXES
     up_w, up_h = (height, width) if swapped else (width, height)
@@ -317,14 +331,22 @@ def _plan(width: int, height: int, orientation: int, target_hw: tuple[int, int] 
 def _load_failure(label: str, fmt: str, exc: BaseException) -> ImageError:
     message = str(exc)
     if "truncated" in message or isinstance(exc, EOFError):
-        return ImageError(label, f"truncated {fmt}: the file ends before the image data is complete; "
-                                 "copy it again from the source")
+        return ImageError(
+            label, f"truncated {fmt}: the file ends before the image data is complete; copy it again from the source"
+        )
     return ImageError(label, f"corrupt {fmt} data ({message or type(exc).__name__}); re-export or replace the file")
 
 
-def _open_rgb(source, label: str, target_hw: tuple[int, int] | None, *, fit: bool, max_pixels: int,
-              allowed_formats: tuple[str, ...] | None = None,
-              max_decoded_bytes: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def _open_rgb(
+    source,
+    label: str,
+    target_hw: tuple[int, int] | None,
+    *,
+    fit: bool,
+    max_pixels: int,
+    allowed_formats: tuple[str, ...] | None = None,
+    max_decoded_bytes: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``source`` (a path or a binary file object) to an RGB Pillow image.
 
     target_hw: None keeps the full size; otherwise (height, width) of the result
@@ -338,8 +360,11 @@ def _open_rgb(source, label: str, target_hw: tuple[int, int] | None, *, fit: boo
     except Image.DecompressionBombError as exc:
         match = _BOMB_PIXELS.search(str(exc))
         pixels = match.group(1) if match else "too many"
-        raise ImageError(label, f"image has {pixels} pixels, more than Pillow's hard limit of "
-                                f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} (possible decompression bomb)") from None
+        raise ImageError(
+            label,
+            f"image has {pixels} pixels, more than Pillow's hard limit of "
+            f"{2 * (Image.MAX_IMAGE_PIXELS or 0)} (possible decompression bomb)",
+        ) from None
     except UnidentifiedImageError:
         head = _read_head(source) if isinstance(source, str) else _peek(source)
         what = _describe_bytes(head)
@@ -361,9 +386,12 @@ def _open_rgb(source, label: str, target_hw: tuple[int, int] | None, *, fit: boo
     with im:
         width, height = im.size
         if width * height > max_pixels:
-            raise ImageError(label, f"image has {width * height} pixels ({width}x{height}), more than the limit of "
-                                    f"{max_pixels} (possible decompression bomb); if the image is genuine, raise "
-                                    "the limit with max_pixels= or MELREVIEW_MAX_PIXELS")
+            raise ImageError(
+                label,
+                f"image has {width * height} pixels ({width}x{height}), more than the limit of "
+                f"{max_pixels} (possible decompression bomb); if the image is genuine, raise "
+                "the limit with max_pixels= or MELREVIEW_MAX_PIXELS",
+            )
         fmt = im.format or "image"
         try:
             if isinstance(im, JpegImageFile):  # JPEG, MPO: EXIF parsed with the header, orientation known now
@@ -389,8 +417,11 @@ def _open_rgb(source, label: str, target_hw: tuple[int, int] | None, *, fit: boo
             if rgb.size != stored:
                 rgb = rgb.resize(stored, _RESAMPLE, reducing_gap=3.0)
         except (ValueError, OSError) as exc:
-            raise ImageError(label, f"cannot convert this {fmt} (colour mode {im.mode}) to RGB ({exc}); "
-                                    "re-export it as an 8-bit RGB JPEG or PNG") from None
+            raise ImageError(
+                label,
+                f"cannot convert this {fmt} (colour mode {im.mode}) to RGB ({exc}); "
+                "re-export it as an 8-bit RGB JPEG or PNG",
+            ) from None
         if orientation in _TRANSPOSE:
             rgb = rgb.transpose(_TRANSPOSE[orientation])
         if rgb is im:
@@ -533,8 +564,7 @@ class ImageCache:
         self._store(entry, path, st, lambda fh: np.save(fh, arr, allow_pickle=False))
         return arr
 
-    def thumbnail(self, path: PathLike, size: int = 160, *, quality: int = 85,
-                  max_pixels: int | None = None) -> bytes:
+    def thumbnail(self, path: PathLike, size: int = 160, *, quality: int = 85, max_pixels: int | None = None) -> bytes:
         """JPEG bytes of the image fitted in a ``size`` x ``size`` box (aspect kept), cached."""
         size = _thumb_size(size)
         path = os.path.abspath(os.fspath(path))
@@ -609,8 +639,9 @@ def _thumb_size(size) -> int:
 # --------------------------------------------------------------------------- public functions
 
 
-def load_image(path: PathLike, size: Size, *, cache: ImageCache | bool | None = None,
-               max_pixels: int | None = None) -> np.ndarray:
+def load_image(
+    path: PathLike, size: Size, *, cache: ImageCache | bool | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """Load one image as RGB uint8 at the working size.
 
     Parameters
@@ -641,10 +672,16 @@ def load_image(path: PathLike, size: Size, *, cache: ImageCache | bool | None = 
     return _decode(os.path.abspath(os.fspath(path)), size_hw, _limit(max_pixels))
 
 
-def load_images(paths: Iterable[PathLike], size: Size, *, cache: ImageCache | bool | None = None,
-                workers: int | None = None, progress: Callable[[int, int], None] | None = None,
-                on_error: str | Callable[[int, ImageError], None] = "raise",
-                max_pixels: int | None = None) -> np.ndarray:
+def load_images(
+    paths: Iterable[PathLike],
+    size: Size,
+    *,
+    cache: ImageCache | bool | None = None,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    on_error: str | Callable[[int, ImageError], None] = "raise",
+    max_pixels: int | None = None,
+) -> np.ndarray:
     """Load many images in a thread pool (Pillow releases the GIL while decoding).
 
     Parameters
@@ -738,8 +775,14 @@ def load_images(paths: Iterable[PathLike], size: Size, *, cache: ImageCache | bo
     return out
 
 
-def thumbnail(path: PathLike, size: int = 160, *, cache: ImageCache | bool | None = None,
-              quality: int = 85, max_pixels: int | None = None) -> bytes:
+def thumbnail(
+    path: PathLike,
+    size: int = 160,
+    *,
+    cache: ImageCache | bool | None = None,
+    quality: int = 85,
+    max_pixels: int | None = None,
+) -> bytes:
     """JPEG bytes of the image fitted inside a ``size`` x ``size`` box, aspect ratio kept, never enlarged.
 
     With an :class:`ImageCache` (or True for the default one) the bytes are cached
@@ -780,17 +823,26 @@ def _upload_bytes(data, label: str, max_bytes: int) -> bytes:
     if not raw:
         raise ImageError(label, "the upload is empty (0 bytes)")
     if len(raw) > max_bytes:
-        raise ImageError(label, f"the upload is {len(raw) / 1e6:.1f} MB, more than the {max_bytes / 1e6:.1f} MB "
-                                "limit; resize or re-compress the image")
+        raise ImageError(
+            label,
+            f"the upload is {len(raw) / 1e6:.1f} MB, more than the {max_bytes / 1e6:.1f} MB "
+            "limit; resize or re-compress the image",
+        )
     what = _describe_bytes(raw[:512])
     if what not in ("a JPEG image", "a PNG image"):
         raise ImageError(label, f"not a JPEG or PNG image: the data looks like {what}; upload a .jpg or .png file")
     return raw
 
 
-def read_upload(data, *, size: Size | None = None, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                max_pixels: int | None = None, name: str | None = None,
-                max_decoded_bytes: int = DEFAULT_MAX_UPLOAD_DECODED_BYTES) -> np.ndarray:
+def read_upload(
+    data,
+    *,
+    size: Size | None = None,
+    max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int | None = None,
+    name: str | None = None,
+    max_decoded_bytes: int = DEFAULT_MAX_UPLOAD_DECODED_BYTES,
+) -> np.ndarray:
     """Decode an uploaded JPEG or PNG to an RGB uint8 array.
 
     Parameters
@@ -822,14 +874,28 @@ def read_upload(data, *, size: Size | None = None, max_bytes: int = DEFAULT_MAX_
     label = name or getattr(data, "name", None) or "upload"
     raw = _upload_bytes(data, label, max_bytes)
     size_hw = None if size is None else _size_hw(size)
-    im, _ = _open_rgb(io.BytesIO(raw), label, size_hw, fit=False, max_pixels=_limit(max_pixels),
-                      allowed_formats=("JPEG", "PNG"), max_decoded_bytes=max_decoded_bytes)
+    im, _ = _open_rgb(
+        io.BytesIO(raw),
+        label,
+        size_hw,
+        fit=False,
+        max_pixels=_limit(max_pixels),
+        allowed_formats=("JPEG", "PNG"),
+        max_decoded_bytes=max_decoded_bytes,
+    )
     return _as_array(im)
 
 
-def read_upload_views(data, size: int, preview_side: int, *, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-                      max_pixels: int | None = None, name: str | None = None,
-                      max_decoded_bytes: int = DEFAULT_MAX_UPLOAD_DECODED_BYTES) -> tuple[np.ndarray, np.ndarray]:
+def read_upload_views(
+    data,
+    size: int,
+    preview_side: int,
+    *,
+    max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int | None = None,
+    name: str | None = None,
+    max_decoded_bytes: int = DEFAULT_MAX_UPLOAD_DECODED_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode an upload once into what scoring needs: the model's input and a picture to show.
 
     The image is decoded a single time, reduced (JPEG ``draft``, whole-factor
@@ -846,8 +912,15 @@ def read_upload_views(data, size: int, preview_side: int, *, max_bytes: int = DE
     raw = _upload_bytes(data, label, max_bytes)
     size_hw, side = _size_hw(size), _thumb_size(preview_side)
     box = max(size_hw[0], side)
-    base, _ = _open_rgb(io.BytesIO(raw), label, (box, box), fit=True, max_pixels=_limit(max_pixels),
-                        allowed_formats=("JPEG", "PNG"), max_decoded_bytes=max_decoded_bytes)
+    base, _ = _open_rgb(
+        io.BytesIO(raw),
+        label,
+        (box, box),
+        fit=True,
+        max_pixels=_limit(max_pixels),
+        allowed_formats=("JPEG", "PNG"),
+        max_decoded_bytes=max_decoded_bytes,
+    )
     model_input = base if base.size == size_hw[::-1] else base.resize(size_hw[::-1], _RESAMPLE, reducing_gap=3.0)
     preview = base.copy()
     preview.thumbnail((side, side), _RESAMPLE)
@@ -900,8 +973,10 @@ def stand_in_image(image_name: str, size: Size) -> np.ndarray:
         name = str(image_name)[:24]
         left, top, right, bottom = draw.textbbox((0, 0), name, font=small)
         ny = y0 + band_h + max(2, h // 40)
-        draw.rectangle([(w - (right - left)) / 2 - 3, ny - 2, (w + (right - left)) / 2 + 3,
-                        ny + (bottom - top) + 3], fill=(228, 228, 228))
+        draw.rectangle(
+            [(w - (right - left)) / 2 - 3, ny - 2, (w + (right - left)) / 2 + 3, ny + (bottom - top) + 3],
+            fill=(228, 228, 228),
+        )
         draw.text(((w - (right - left)) / 2 - left, ny - top), name, fill=(30, 30, 30), font=small)
     return np.array(im, dtype=np.uint8)
 
@@ -943,17 +1018,23 @@ def confine(path: PathLike, roots: Iterable[PathLike | None]) -> Path:
         raise ImageError(raw.replace("\x00", "\\0"), "the path contains a NUL byte; refusing to read it")
     allowed = resolve_roots(roots)
     if not allowed:
-        raise ImageError(raw, "no dataset folder is registered to read images from; refusing to read it "
-                              "(register the dataset with its image folder)")
+        raise ImageError(
+            raw,
+            "no dataset folder is registered to read images from; refusing to read it "
+            "(register the dataset with its image folder)",
+        )
     resolved = inside(raw, allowed)
     if resolved is not None:
         return resolved
     resolved = Path(raw).expanduser().resolve(strict=False)
     where = " or ".join(str(r) for r in allowed)
     shown = raw if str(resolved) == raw else f"{raw} (resolves to {resolved})"
-    raise ImageError(shown, f"outside the dataset's registered folders ({where}); refusing to read it. "
-                            "Move the image into the dataset's image folder, or register the folder that "
-                            "holds it as the dataset's image folder")
+    raise ImageError(
+        shown,
+        f"outside the dataset's registered folders ({where}); refusing to read it. "
+        "Move the image into the dataset's image folder, or register the folder that "
+        "holds it as the dataset's image folder",
+    )
 
 
 __all__.append("confine")

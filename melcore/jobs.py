@@ -38,9 +38,23 @@ from melcore.errors import ConfigError, MelcoreError
 from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
 from melcore.store import Store
 
-__all__ = ["JobKind", "JOB_KINDS", "IMAGE_JOB_KINDS", "get_job_kind", "submit_jobs", "submit_meta_job",
-           "submit_feature_jobs", "record_run", "RecordedRun", "PREDICTION_FILES", "new_run_dir",
-           "distribution_strategy", "job_placement", "can_run_here", "run_placed_job"]
+__all__ = [
+    "JobKind",
+    "JOB_KINDS",
+    "IMAGE_JOB_KINDS",
+    "get_job_kind",
+    "submit_jobs",
+    "submit_meta_job",
+    "submit_feature_jobs",
+    "record_run",
+    "RecordedRun",
+    "PREDICTION_FILES",
+    "new_run_dir",
+    "distribution_strategy",
+    "job_placement",
+    "can_run_here",
+    "run_placed_job",
+]
 
 log = logging.getLogger("melcore.jobs")
 
@@ -101,9 +115,21 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     run_dir = new_run_dir(job, config.model) if placement.is_chief else Path(worker_run_dir(placement, None))
     spawn = multiprocessing.get_context("spawn")
     messages, stop = spawn.Queue(), spawn.Event()
-    child = spawn.Process(target=_placed_training, daemon=True, name=f"melreview-placed-job-{job['id']}",
-                          args=(config.to_dict(), placement.to_dict(), ctx.store.url, job["dataset_id"],
-                                str(run_dir), messages, stop, os.getpid()))
+    child = spawn.Process(
+        target=_placed_training,
+        daemon=True,
+        name=f"melreview-placed-job-{job['id']}",
+        args=(
+            config.to_dict(),
+            placement.to_dict(),
+            ctx.store.url,
+            job["dataset_id"],
+            str(run_dir),
+            messages,
+            stop,
+            os.getpid(),
+        ),
+    )
     child.start()
     log.info("job %s: %s, training in process %s", job["id"], placement, child.pid)
     ending: tuple | None = None
@@ -128,8 +154,10 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
         if not placement.is_chief:
             shutil.rmtree(run_dir, ignore_errors=True)
     if ending is None:
-        raise MelcoreError(f"the training process of {placement} exited with status {child.exitcode} before the "
-                           "run ended (see the worker log)")
+        raise MelcoreError(
+            f"the training process of {placement} exited with status {child.exitcode} before the "
+            "run ended (see the worker log)"
+        )
     if ending[0] == "error":
         raise MelcoreError(ending[1]) if ending[2] else RuntimeError(ending[1])
     if ending[1] or ctx.cancelled.is_set():
@@ -142,8 +170,9 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     return "done", record_run(ctx.store, Run.load(run_dir), dataset_id=job["dataset_id"], job_id=job["id"])
 
 
-def _placed_training(config: dict, placement: dict, store_url: str, dataset_id: int, run_dir: str, messages,
-                     stop, parent: int) -> None:
+def _placed_training(
+    config: dict, placement: dict, store_url: str, dataset_id: int, run_dir: str, messages, stop, parent: int
+) -> None:
     """The body of :func:`run_placed_job`'s process; ends by putting ("end", cancelled) or ("error", text, is_ours).
 
     Stops within one batch when ``stop`` is set or its worker process (``parent``) is gone.
@@ -164,8 +193,14 @@ def _placed_training(config: dict, placement: dict, store_url: str, dataset_id: 
         def progress(*values) -> None:
             messages.put(("progress", values))
 
-        run = fit(TrainConfig.from_dict(config), cohort, progress=progress, should_stop=should_stop,
-                  run_dir=run_dir, strategy=strategy)
+        run = fit(
+            TrainConfig.from_dict(config),
+            cohort,
+            progress=progress,
+            should_stop=should_stop,
+            run_dir=run_dir,
+            strategy=strategy,
+        )
         messages.put(("end", bool(run.cancelled)))
     except MelcoreError as exc:
         messages.put(("error", str(exc), True))
@@ -185,8 +220,15 @@ def _train_and_record(ctx, config, label: str, train, *args) -> tuple[str, int |
         raise MelcoreError("the job names no dataset; submit it with a dataset")
     cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
     run_dir = new_run_dir(job, label)
-    run = train(config, cohort, *args, progress=ctx.report, should_stop=ctx.should_stop, run_dir=run_dir,
-                strategy=distribution_strategy())
+    run = train(
+        config,
+        cohort,
+        *args,
+        progress=ctx.report,
+        should_stop=ctx.should_stop,
+        run_dir=run_dir,
+        strategy=distribution_strategy(),
+    )
     if getattr(run, "cancelled", False) or ctx.cancelled.is_set():
         return "cancelled", None
     return "done", record_run(ctx.store, run, dataset_id=job["dataset_id"], job_id=job["id"])
@@ -213,8 +255,17 @@ PREDICTION_FILES = (("val", "val_predictions.csv"), ("oof", "oof_predictions.csv
 """(split, file name) of the predictions a run folder may hold, as :func:`record_run` stores them."""
 
 
-def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None = None, name: str | None = None,
-               notes: str | None = None, threshold: float | None = None, predictions: dict | None = None) -> int:
+def record_run(
+    store: Store,
+    run,
+    *,
+    dataset_id: int | None,
+    job_id: int | None = None,
+    name: str | None = None,
+    notes: str | None = None,
+    threshold: float | None = None,
+    predictions: dict | None = None,
+) -> int:
     """Register a finished run (its config, metrics and predictions) in the store; returns the run id.
 
     The one place a run is recorded: the worker's jobs and :func:`melcore.run_archive.import_run` both
@@ -243,15 +294,31 @@ def record_run(store: Store, run, *, dataset_id: int | None, job_id: int | None 
     metrics = dict(run.metrics)
     weights = metrics.get("weights") or {}
     if name is None:
-        name = f"{config.get('name') or config.get('model')} · {config.get('clinic') or 'all clinics'} · " \
+        name = (
+            f"{config.get('name') or config.get('model')} · {config.get('clinic') or 'all clinics'} · "
             f"{Path(run.run_dir).name}"
+        )
     if predictions is None:
-        predictions = {split: pd.read_csv(Path(run.run_dir) / filename, dtype={"image_name": str})
-                       for split, filename in PREDICTION_FILES if (Path(run.run_dir) / filename).exists()}
-    return store.add_run(name, run.run_dir, dataset_id=dataset_id, job_id=job_id, model=config.get("model"),
-                         clinic=config.get("clinic"), kind=metrics.get("kind", "image"), config=config,
-                         metrics=metrics, threshold=threshold, from_scratch=bool(weights.get("from_scratch")),
-                         notes=weights.get("note") if notes is None else notes, predictions=predictions)
+        predictions = {
+            split: pd.read_csv(Path(run.run_dir) / filename, dtype={"image_name": str})
+            for split, filename in PREDICTION_FILES
+            if (Path(run.run_dir) / filename).exists()
+        }
+    return store.add_run(
+        name,
+        run.run_dir,
+        dataset_id=dataset_id,
+        job_id=job_id,
+        model=config.get("model"),
+        clinic=config.get("clinic"),
+        kind=metrics.get("kind", "image"),
+        config=config,
+        metrics=metrics,
+        threshold=threshold,
+        from_scratch=bool(weights.get("from_scratch")),
+        notes=weights.get("note") if notes is None else notes,
+        predictions=predictions,
+    )
 
 
 def run_kfold_job(ctx) -> tuple[str, int | None]:
@@ -307,9 +374,17 @@ def run_meta_job(ctx) -> tuple[str, int | None]:
 
     try:
         metrics = meta.train_meta_run(
-            cohort, run_dir, n_folds=config["n_folds"], seed=config["seed"], feature_set=config["feature_set"],
-            image_scores=image_scores, progress=fold_done, log=log.info, should_stop=ctx.should_stop,
-            config_extra={"image_run_id": config["image_run_id"], "image_scores_from": source})
+            cohort,
+            run_dir,
+            n_folds=config["n_folds"],
+            seed=config["seed"],
+            feature_set=config["feature_set"],
+            image_scores=image_scores,
+            progress=fold_done,
+            log=log.info,
+            should_stop=ctx.should_stop,
+            config_extra={"image_run_id": config["image_run_id"], "image_scores_from": source},
+        )
     except CancelledError as exc:
         log.info("%s", exc)
         return "cancelled", None
@@ -335,18 +410,43 @@ def run_features_job(ctx) -> tuple[str, None]:
     paths = _feature_paths(ctx.store.load_dataset_cohort(job["dataset_id"]), config.clinic)
     rows = shard_rows(len(paths), n_shards, shard)
     total = rows.stop - rows.start
-    log.info("features of shard %d of %d: images %d-%d of %d (%s at %d px)", shard + 1, n_shards, rows.start + 1,
-             rows.stop, len(paths), config.model, config.image_size)
+    log.info(
+        "features of shard %d of %d: images %d-%d of %d (%s at %d px)",
+        shard + 1,
+        n_shards,
+        rows.start + 1,
+        rows.stop,
+        len(paths),
+        config.model,
+        config.image_size,
+    )
 
     def progress(done: int, _total: int) -> None:
         ctx.report(0, done, None, {"stage": "features", "done": done, "total": total, "epochs": 1})
 
     progress(0, total)
     result = featurise_shard(config, paths, n_shards, shard, progress=progress, should_stop=ctx.should_stop)
-    ctx.report(0, total, None, {"stage": "features", "done": result.hits + result.misses + result.bad,
-                                "total": total, "epochs": 1, **result.to_dict()})
-    log.info("shard %d of %d: %d from the cache, %d computed, %d unreadable in %.1f s", shard + 1, n_shards,
-             result.hits, result.misses, result.bad, result.seconds)
+    ctx.report(
+        0,
+        total,
+        None,
+        {
+            "stage": "features",
+            "done": result.hits + result.misses + result.bad,
+            "total": total,
+            "epochs": 1,
+            **result.to_dict(),
+        },
+    )
+    log.info(
+        "shard %d of %d: %d from the cache, %d computed, %d unreadable in %.1f s",
+        shard + 1,
+        n_shards,
+        result.hits,
+        result.misses,
+        result.bad,
+        result.seconds,
+    )
     if result.cancelled or ctx.cancelled.is_set():
         return "cancelled", None
     return "done", None
@@ -412,14 +512,21 @@ class JobKind:
 
 
 #: name -> :class:`JobKind`, in menu order.
-JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
-    JobKind("train", "one model", True, run_train_job),
-    JobKind("kfold", "every fold of --folds K, out-of-fold predictions", True, run_kfold_job),
-    JobKind("cross-clinic", "train on each clinic, score the others", True, run_cross_clinic_job),
-    JobKind("meta", "metadata and patient-context model, no images", False, run_meta_job),
-    JobKind(FEATURES_JOB, "cache the backbone features of the dataset's images, one job per shard of --shards N",
-            False, run_features_job),
-)}
+JOB_KINDS: dict[str, JobKind] = {
+    kind.name: kind
+    for kind in (
+        JobKind("train", "one model", True, run_train_job),
+        JobKind("kfold", "every fold of --folds K, out-of-fold predictions", True, run_kfold_job),
+        JobKind("cross-clinic", "train on each clinic, score the others", True, run_cross_clinic_job),
+        JobKind("meta", "metadata and patient-context model, no images", False, run_meta_job),
+        JobKind(
+            FEATURES_JOB,
+            "cache the backbone features of the dataset's images, one job per shard of --shards N",
+            False,
+            run_features_job,
+        ),
+    )
+}
 #: The kinds whose config is a TrainConfig.
 IMAGE_JOB_KINDS = tuple(name for name, kind in JOB_KINDS.items() if kind.image_model)
 
@@ -437,8 +544,14 @@ def get_job_kind(name: str) -> JobKind:
     return JOB_KINDS[name]
 
 
-def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, kind: str = "train",
-                workers: Placement | None = None) -> list[int]:
+def submit_jobs(
+    store: Store,
+    config,
+    dataset: dict,
+    each_clinic: bool = False,
+    kind: str = "train",
+    workers: Placement | None = None,
+) -> list[int]:
     """Validate ``config`` against the dataset and queue it (once, or once per clinic); returns job ids.
 
     With ``workers`` (a :class:`melcore.distributed.Placement`; its index is ignored) one
@@ -461,8 +574,9 @@ def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, 
     validate(config)
     clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
     if config.clinic is not None and clinics and config.clinic not in clinics:
-        raise ConfigError(f"dataset {dataset['name']!r} has no clinic {config.clinic!r}; "
-                          f"its clinics: {', '.join(clinics)}")
+        raise ConfigError(
+            f"dataset {dataset['name']!r} has no clinic {config.clinic!r}; its clinics: {', '.join(clinics)}"
+        )
     if each_clinic:
         if not clinics:
             raise ConfigError(f"dataset {dataset['name']!r} has no clinic column to split by")
@@ -470,8 +584,14 @@ def submit_jobs(store: Store, config, dataset: dict, each_clinic: bool = False, 
     else:
         configs = [config]
     if workers is not None:
-        return [store.submit_job({**config.to_dict(), "placement": Placement(workers.workers, i).to_dict()},
-                                 dataset_id=dataset["id"], kind=kind) for i in range(workers.n_workers)]
+        return [
+            store.submit_job(
+                {**config.to_dict(), "placement": Placement(workers.workers, i).to_dict()},
+                dataset_id=dataset["id"],
+                kind=kind,
+            )
+            for i in range(workers.n_workers)
+        ]
     return [store.submit_job(c.to_dict(), dataset_id=dataset["id"], kind=kind) for c in configs]
 
 
@@ -506,7 +626,11 @@ def submit_feature_jobs(store: Store, config, dataset: dict, n_shards: int) -> l
     shard_rows(0, n_shards, 0)  # ConfigError for a bad number of shards
     n_images = int((dataset.get("summary") or {}).get("n_images") or 0)
     if n_images and n_shards > n_images:
-        raise ConfigError(f"--shards {n_shards} is more than the {n_images:,} images of dataset "
-                          f"{dataset['name']!r}; use at most {n_images}")
-    return [store.submit_job(shard_config(config.to_dict(), n_shards, shard), dataset_id=dataset["id"],
-                             kind=FEATURES_JOB) for shard in range(n_shards)]
+        raise ConfigError(
+            f"--shards {n_shards} is more than the {n_images:,} images of dataset "
+            f"{dataset['name']!r}; use at most {n_images}"
+        )
+    return [
+        store.submit_job(shard_config(config.to_dict(), n_shards, shard), dataset_id=dataset["id"], kind=FEATURES_JOB)
+        for shard in range(n_shards)
+    ]

@@ -106,10 +106,19 @@ __all__ = [
 CATEGORICAL_FEATURES = ("sex", "site")
 
 _CONTEXT_COLUMNS = (
-    "age_approx", "sex", "site", "pt_n_images",
-    "age_minus_pt_min", "age_minus_pt_mean", "pt_max_minus_age", "age_rank_in_pt",
-    "n_at_site", "share_at_site", "pt_n_sites",
-    "pt_n_lesions", "lesion_n_images",
+    "age_approx",
+    "sex",
+    "site",
+    "pt_n_images",
+    "age_minus_pt_min",
+    "age_minus_pt_mean",
+    "pt_max_minus_age",
+    "age_rank_in_pt",
+    "n_at_site",
+    "share_at_site",
+    "pt_n_sites",
+    "pt_n_lesions",
+    "lesion_n_images",
 )
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
@@ -134,12 +143,16 @@ FEATURE_SET_LABELS: dict[str, str] = {
     "context": "patient context known at the visit (prospective, default)",
     "baseline": "age, sex, site and the patient's images so far",
     "retrospective": "patient context from the whole history, later visits included (retrospective: "
-                     "not usable at the visit, optimistic)",
+    "not usable at the visit, optimistic)",
 }
 """One-line description of each feature set for the CLI and the Train page."""
 
 UGLY_DUCKLING_FEATURES = (
-    "ud_score_minus_mean", "ud_score_minus_median", "ud_score_z", "ud_score_rank", "ud_n_other_lesions",
+    "ud_score_minus_mean",
+    "ud_score_minus_median",
+    "ud_score_z",
+    "ud_score_rank",
+    "ud_n_other_lesions",
 )
 """Added when image scores are given: the lesion's logit score against the patient's other lesions."""
 
@@ -168,6 +181,7 @@ Progress = Callable[[int, int], None]
 
 # --------------------------------------------------------------------------- table helpers
 
+
 def _clean_str(values) -> np.ndarray:
     """Object array of stripped strings, None for missing/empty/NaN."""
     out = np.empty(len(values), dtype=object)
@@ -188,18 +202,23 @@ def _column(table: pd.DataFrame, name: str) -> np.ndarray:
 
 def _image_names(table: pd.DataFrame) -> np.ndarray:
     if "image_name" not in table.columns:
-        raise CohortError(f"the lesion table has no image_name column (columns: {', '.join(map(str, table.columns))});"
-                          " load it with melcore.cohort.load_cohort or rename the image id column to image_name")
+        raise CohortError(
+            f"the lesion table has no image_name column (columns: {', '.join(map(str, table.columns))});"
+            " load it with melcore.cohort.load_cohort or rename the image id column to image_name"
+        )
     names = _clean_str(table["image_name"].tolist())
     missing = np.flatnonzero(pd.isna(names))
     if len(missing):
-        raise CohortError(f"image_name is empty in {len(missing)} row(s) (first at row {int(missing[0])}); "
-                          "every image needs a name")
+        raise CohortError(
+            f"image_name is empty in {len(missing)} row(s) (first at row {int(missing[0])}); every image needs a name"
+        )
     dup = pd.Series(names).duplicated(keep=False)
     if dup.any():
         first = sorted(set(names[dup.to_numpy()]))[:5]
-        raise CohortError(f"image_name is duplicated ({int(dup.sum())} rows, e.g. {', '.join(first)}); "
-                          "image scores are keyed by image_name, so each name must appear once")
+        raise CohortError(
+            f"image_name is duplicated ({int(dup.sum())} rows, e.g. {', '.join(first)}); "
+            "image scores are keyed by image_name, so each name must appear once"
+        )
     return names.astype(str)
 
 
@@ -216,8 +235,10 @@ def _ages(table: pd.DataFrame) -> np.ndarray:
     age = pd.to_numeric(pd.Series(table["age_approx"].tolist(), dtype=object), errors="coerce").to_numpy(float)
     bad = np.flatnonzero(np.isfinite(age) & ((age < 0) | (age > 130)))
     if len(bad):
-        raise CohortError(f"age_approx {age[bad[0]]:g} at row {int(bad[0])} is not an age in years "
-                          f"({len(bad)} such rows); fix or blank these values")
+        raise CohortError(
+            f"age_approx {age[bad[0]]:g} at row {int(bad[0])} is not an age in years "
+            f"({len(bad)} such rows); fix or blank these values"
+        )
     return age
 
 
@@ -228,6 +249,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- image scores / embeddings
 
+
 def _keyed_frame(obj, what: str) -> pd.DataFrame:
     """A DataFrame indexed by image_name from a DataFrame with an image_name column or index."""
     if isinstance(obj, pd.Series):
@@ -235,8 +257,10 @@ def _keyed_frame(obj, what: str) -> pd.DataFrame:
     elif isinstance(obj, pd.DataFrame):
         frame = obj
     else:
-        raise MelcoreError(f"{what} must be a pandas DataFrame (image_name + values) or a Series indexed by "
-                           f"image_name, not {type(obj).__name__}")
+        raise MelcoreError(
+            f"{what} must be a pandas DataFrame (image_name + values) or a Series indexed by "
+            f"image_name, not {type(obj).__name__}"
+        )
     if "image_name" in frame.columns:
         frame = frame.set_index("image_name")
     frame = frame.copy()
@@ -245,8 +269,10 @@ def _keyed_frame(obj, what: str) -> pd.DataFrame:
         raise MelcoreError(f"{what}: {int(frame.index.isna().sum())} row(s) have an empty image_name")
     dup = frame.index.duplicated()
     if dup.any():
-        raise MelcoreError(f"{what}: image_name {frame.index[dup][0]!r} appears more than once "
-                           f"({int(dup.sum())} duplicates); keep one row per image")
+        raise MelcoreError(
+            f"{what}: image_name {frame.index[dup][0]!r} appears more than once "
+            f"({int(dup.sum())} duplicates); keep one row per image"
+        )
     return frame
 
 
@@ -257,8 +283,10 @@ def _score_column(frame: pd.DataFrame, what: str) -> str:
     numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c]) and c not in ("target", "fold")]
     if len(numeric) == 1:
         return numeric[0]
-    raise MelcoreError(f"{what}: cannot tell which column holds the image score (columns: "
-                       f"{', '.join(map(str, frame.columns))}); name it one of {', '.join(_SCORE_COLUMNS)}")
+    raise MelcoreError(
+        f"{what}: cannot tell which column holds the image score (columns: "
+        f"{', '.join(map(str, frame.columns))}); name it one of {', '.join(_SCORE_COLUMNS)}"
+    )
 
 
 def _align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -> np.ndarray:
@@ -268,13 +296,17 @@ def _align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -
     values = pd.to_numeric(frame[column], errors="coerce")
     bad = values.notna() & ((values < 0) | (values > 1))
     if bad.any():
-        raise MelcoreError(f"{what}: column {column!r} must hold probabilities in 0..1; image "
-                           f"{values.index[bad.to_numpy()][0]!r} has {values[bad].iloc[0]:g} "
-                           f"({int(bad.sum())} such rows)")
+        raise MelcoreError(
+            f"{what}: column {column!r} must hold probabilities in 0..1; image "
+            f"{values.index[bad.to_numpy()][0]!r} has {values[bad].iloc[0]:g} "
+            f"({int(bad.sum())} such rows)"
+        )
     aligned = values.reindex(pd.Index(names, dtype=object)).to_numpy(float)
     if len(names) and not np.isfinite(aligned).any():
-        raise MelcoreError(f"{what}: none of its {len(frame)} image names match an image_name of the table "
-                           f"(e.g. {frame.index[0]!r} vs {names[0]!r}); pass scores of this cohort's images")
+        raise MelcoreError(
+            f"{what}: none of its {len(frame)} image names match an image_name of the table "
+            f"(e.g. {frame.index[0]!r} vs {names[0]!r}); pass scores of this cohort's images"
+        )
     return aligned
 
 
@@ -282,8 +314,10 @@ def _align_embeddings(names: np.ndarray, embeddings, what: str = "embeddings") -
     """Embedding matrix (n, d) aligned with ``names``; NaN rows where an image has none."""
     if isinstance(embeddings, np.ndarray):
         if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
-            raise MelcoreError(f"{what}: an array must have shape (n_rows, dim) = ({len(names)}, d) aligned with "
-                               f"the table, not {embeddings.shape}; or pass a DataFrame keyed by image_name")
+            raise MelcoreError(
+                f"{what}: an array must have shape (n_rows, dim) = ({len(names)}, d) aligned with "
+                f"the table, not {embeddings.shape}; or pass a DataFrame keyed by image_name"
+            )
         return embeddings.astype(float)
     frame = _keyed_frame(embeddings, what)
     numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
@@ -316,8 +350,10 @@ def read_image_scores(path) -> pd.DataFrame:
     scores = pd.to_numeric(keyed[column], errors="coerce")
     bad = scores.notna() & ((scores < 0) | (scores > 1))
     if bad.any():
-        raise MelcoreError(f"{path}: column {column!r} must hold probabilities in 0..1; image "
-                           f"{scores.index[bad.to_numpy()][0]!r} has {scores[bad].iloc[0]:g}")
+        raise MelcoreError(
+            f"{path}: column {column!r} must hold probabilities in 0..1; image "
+            f"{scores.index[bad.to_numpy()][0]!r} has {scores[bad].iloc[0]:g}"
+        )
     return pd.DataFrame({"image_name": keyed.index.astype(str), "prediction": scores.to_numpy(float)})
 
 
@@ -332,8 +368,10 @@ def read_embeddings(path) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- ugly duckling
 
-def _ugly_duckling_frame(patient_keys: np.ndarray, lesion_keys: np.ndarray, scores: np.ndarray | None,
-                         embeddings: np.ndarray | None) -> pd.DataFrame:
+
+def _ugly_duckling_frame(
+    patient_keys: np.ndarray, lesion_keys: np.ndarray, scores: np.ndarray | None, embeddings: np.ndarray | None
+) -> pd.DataFrame:
     """Per-row ugly-duckling features. Images of one lesion are averaged first, and each lesion is
     compared with the patient's *other* lesions (leave-one-out), so a lesion photographed twice is not
     its own neighbour. NaN where the patient has fewer than two lesions with a score/embedding."""
@@ -362,10 +400,10 @@ def _ugly_duckling_frame(patient_keys: np.ndarray, lesion_keys: np.ndarray, scor
                 continue
             v = x[members]
             mean_o = (v.sum() - v) / (m - 1)
-            var_o = np.maximum(((v ** 2).sum() - v ** 2) / (m - 1) - mean_o ** 2, 0.0)
+            var_o = np.maximum(((v**2).sum() - v**2) / (m - 1) - mean_o**2, 0.0)
             res["ud_score_minus_mean"][members] = v - mean_o
             res["ud_score_minus_median"][members] = v - np.array([np.median(np.delete(v, i)) for i in range(m)])
-            res["ud_score_z"][members] = (v - mean_o) / np.sqrt(var_o + SCORE_SPREAD_FLOOR ** 2)
+            res["ud_score_z"][members] = (v - mean_o) / np.sqrt(var_o + SCORE_SPREAD_FLOOR**2)
             res["ud_score_rank"][members] = (pd.Series(v).rank(method="average").to_numpy() - 1) / (m - 1)
         to_rows(res)
 
@@ -393,12 +431,12 @@ def _ugly_duckling_frame(patient_keys: np.ndarray, lesion_keys: np.ndarray, scor
                 cos = np.where(norms > 0, 1 - (E * others).sum(axis=1) / norms, np.nan)
                 rel = dist / dist.mean() if dist.mean() > 0 else np.ones(m)
             d_mean_o = (dist.sum() - dist) / (m - 1)
-            d_var_o = np.maximum(((dist ** 2).sum() - dist ** 2) / (m - 1) - d_mean_o ** 2, 0.0)
+            d_var_o = np.maximum(((dist**2).sum() - dist**2) / (m - 1) - d_mean_o**2, 0.0)
             floor = 0.1 * dist.mean() + 1e-12
             res["ud_emb_cosine"][members] = cos
             res["ud_emb_distance"][members] = dist
             res["ud_emb_distance_rel"][members] = rel
-            res["ud_emb_z"][members] = (dist - d_mean_o) / np.sqrt(d_var_o + floor ** 2)
+            res["ud_emb_z"][members] = (dist - d_mean_o) / np.sqrt(d_var_o + floor**2)
         to_rows(res)
     return pd.DataFrame(out, index=range(n))
 
@@ -440,6 +478,7 @@ def ugly_duckling_scores(table, image_scores, embeddings=None) -> pd.Series:
 
 
 # --------------------------------------------------------------------------- features
+
 
 def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str = "context") -> pd.DataFrame:
     """Label-free metadata and patient-context features, one row per image.
@@ -528,8 +567,9 @@ def _visible_pairs(patient_keys: np.ndarray, age: np.ndarray, as_of_visit: bool)
     return i, j
 
 
-def _patient_context(patient_keys: np.ndarray, lesion_keys: np.ndarray, age: np.ndarray, site: np.ndarray,
-                     *, as_of_visit: bool) -> dict[str, np.ndarray]:
+def _patient_context(
+    patient_keys: np.ndarray, lesion_keys: np.ndarray, age: np.ndarray, site: np.ndarray, *, as_of_visit: bool
+) -> dict[str, np.ndarray]:
     """Patient-context features per row from the rows of its patient known at its visit.
 
     Parameters
@@ -589,6 +629,7 @@ def _patient_context(patient_keys: np.ndarray, lesion_keys: np.ndarray, age: np.
 
 # --------------------------------------------------------------------------- model
 
+
 def _auto_min_samples_leaf(n: int) -> int:
     # 100 on ISIC 2020 (26k training rows per fold); smaller cohorts get proportionally smaller leaves.
     return int(np.clip(n // 250, 5, 100))
@@ -608,8 +649,16 @@ class MetaModel:
     ``min_samples_leaf_`` (int), ``classes_`` (array([0, 1])).
     """
 
-    def __init__(self, *, learning_rate: float = 0.03, max_iter: int = 300, max_leaf_nodes: int = 8,
-                 min_samples_leaf: int | str = "auto", l2_regularization: float = 1.0, random_state: int = 0):
+    def __init__(
+        self,
+        *,
+        learning_rate: float = 0.03,
+        max_iter: int = 300,
+        max_leaf_nodes: int = 8,
+        min_samples_leaf: int | str = "auto",
+        l2_regularization: float = 1.0,
+        random_state: int = 0,
+    ):
         self.learning_rate = learning_rate
         self.max_iter = max_iter
         self.max_leaf_nodes = max_leaf_nodes
@@ -635,8 +684,9 @@ class MetaModel:
             raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if not (isinstance(self.max_leaf_nodes, int) and self.max_leaf_nodes >= 2):
             raise ConfigError(f"max_leaf_nodes must be an integer >= 2, got {self.max_leaf_nodes!r}")
-        if self.min_samples_leaf != "auto" and not (isinstance(self.min_samples_leaf, int)
-                                                    and self.min_samples_leaf >= 1):
+        if self.min_samples_leaf != "auto" and not (
+            isinstance(self.min_samples_leaf, int) and self.min_samples_leaf >= 1
+        ):
             raise ConfigError(f"min_samples_leaf must be 'auto' or an integer >= 1, got {self.min_samples_leaf!r}")
         if not (isinstance(self.l2_regularization, (int, float)) and self.l2_regularization >= 0):
             raise ConfigError(f"l2_regularization must be >= 0, got {self.l2_regularization!r}")
@@ -646,8 +696,11 @@ class MetaModel:
             raise MelcoreError(f"MetaModel expects the DataFrame returned by meta_features, not {type(X).__name__}")
         missing = [c for c in self.feature_names_in_ if c not in X.columns]
         if missing:
-            hint = (" (ugly-duckling features: pass image_scores/embeddings as at training)"
-                    if any(c.startswith("ud_") for c in missing) else "")
+            hint = (
+                " (ugly-duckling features: pass image_scores/embeddings as at training)"
+                if any(c.startswith("ud_") for c in missing)
+                else ""
+            )
             raise MelcoreError(f"feature column(s) {', '.join(missing)} missing from the input{hint}")
         out = np.empty((len(X), len(self.feature_names_in_)), dtype=float)
         for j, column in enumerate(self.feature_names_in_):
@@ -663,14 +716,20 @@ class MetaModel:
     def _build(self, n_rows: int):
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        self.min_samples_leaf_ = (_auto_min_samples_leaf(n_rows) if self.min_samples_leaf == "auto"
-                                  else int(self.min_samples_leaf))
+        self.min_samples_leaf_ = (
+            _auto_min_samples_leaf(n_rows) if self.min_samples_leaf == "auto" else int(self.min_samples_leaf)
+        )
         mask = np.array([c in self.categorical_ for c in self.feature_names_in_])
         return HistGradientBoostingClassifier(
-            learning_rate=float(self.learning_rate), max_iter=int(self.max_iter),
-            max_leaf_nodes=int(self.max_leaf_nodes), min_samples_leaf=self.min_samples_leaf_,
-            l2_regularization=float(self.l2_regularization), early_stopping=False,
-            categorical_features=mask if mask.any() else None, random_state=int(self.random_state))
+            learning_rate=float(self.learning_rate),
+            max_iter=int(self.max_iter),
+            max_leaf_nodes=int(self.max_leaf_nodes),
+            min_samples_leaf=self.min_samples_leaf_,
+            l2_regularization=float(self.l2_regularization),
+            early_stopping=False,
+            categorical_features=mask if mask.any() else None,
+            random_state=int(self.random_state),
+        )
 
     def fit(self, X: pd.DataFrame, y) -> "MetaModel":
         """Fit on ``X`` (DataFrame from :func:`meta_features`) and ``y`` (0/1 per row, no missing)."""
@@ -679,8 +738,9 @@ class MetaModel:
             raise MelcoreError(f"MetaModel.fit expects the DataFrame returned by meta_features, not {type(X).__name__}")
         y = _binary_targets(y, len(X))
         self.feature_names_in_ = [str(c) for c in X.columns]
-        self.categorical_ = [c for c in self.feature_names_in_
-                             if c in CATEGORICAL_FEATURES or not pd.api.types.is_numeric_dtype(X[c])]
+        self.categorical_ = [
+            c for c in self.feature_names_in_ if c in CATEGORICAL_FEATURES or not pd.api.types.is_numeric_dtype(X[c])
+        ]
         self.categories_ = {}
         for column in self.categorical_:
             values = pd.Series([str(v).lower() for v in _clean_str(X[column].tolist()) if v is not None])
@@ -719,8 +779,7 @@ class MetaModel:
         """0/1 per row (P(malignant) >= threshold), int64."""
         return (self.predict_proba(X)[:, 1] >= threshold).astype(np.int64)
 
-    def predict_table(self, table, image_scores=None, embeddings=None, *, feature_set: str | None = None
-                      ) -> pd.Series:
+    def predict_table(self, table, image_scores=None, embeddings=None, *, feature_set: str | None = None) -> pd.Series:
         """Features from a lesion table, then P(malignant) per image: Series indexed by image_name.
 
         Patient-context features describe the patient's images *in this table*: pass all of a patient's
@@ -734,11 +793,15 @@ class MetaModel:
             raise MelcoreError("this meta model was trained with image-score features; pass image_scores")
         if needs_emb and embeddings is None:
             raise MelcoreError("this meta model was trained with embedding features; pass embeddings")
-        features = meta_features(table, image_scores if needs_scores else None,
-                                 embeddings if needs_emb else None, feature_set=fs)
+        features = meta_features(
+            table, image_scores if needs_scores else None, embeddings if needs_emb else None, feature_set=fs
+        )
         frame, _ = table_and_groups(table)
-        return pd.Series(self.predict_proba(features)[:, 1], index=pd.Index(_image_names(frame), name="image_name"),
-                         name="prediction")
+        return pd.Series(
+            self.predict_proba(features)[:, 1],
+            index=pd.Index(_image_names(frame), name="image_name"),
+            name="prediction",
+        )
 
     # ---- persistence (no pickle)
     def save(self, directory) -> Path:
@@ -779,17 +842,22 @@ class MetaModel:
         data_path = directory / "meta_model_train.npz"
         for p in (path, data_path):
             if not p.is_file():
-                raise ConfigError(f"{p} not found: {directory} does not hold a saved meta model "
-                                  "(train one with python -m melcore train-meta)")
+                raise ConfigError(
+                    f"{p} not found: {directory} does not hold a saved meta model "
+                    "(train one with python -m melcore train-meta)"
+                )
         doc = json.loads(path.read_text())
         if doc.get("format") != "melreview-meta-model" or doc.get("version") != 1:
-            raise ConfigError(f"{path}: not a melreview meta model (format {doc.get('format')!r}, "
-                              f"version {doc.get('version')!r})")
+            raise ConfigError(
+                f"{path}: not a melreview meta model (format {doc.get('format')!r}, version {doc.get('version')!r})"
+            )
         with np.load(data_path, allow_pickle=False) as arrays:
             Xe, y, p_saved = arrays["X"].astype(float), arrays["y"].astype(np.int64), arrays["p_train"]
         if _digest(Xe, y) != doc["train_sha256"]:
-            raise ConfigError(f"{data_path}: training data does not match the checksum in {path.name}; "
-                              "the files were changed or mixed from two runs")
+            raise ConfigError(
+                f"{data_path}: training data does not match the checksum in {path.name}; "
+                "the files were changed or mixed from two runs"
+            )
         model = cls(**{k: v for k, v in doc["params"].items() if k in DEFAULT_PARAMS})
         model.feature_names_in_ = list(doc["feature_names"])
         model.categorical_ = list(doc["categorical"])
@@ -797,9 +865,11 @@ class MetaModel:
         model._fit_encoded(Xe, y)
         diff = float(np.max(np.abs(model._predict_encoded(Xe)[:, 1] - p_saved))) if len(y) else 0.0
         if diff > tolerance:
-            raise ConfigError(f"{path}: refitting does not reproduce the saved model (max difference {diff:.2g}; "
-                              f"saved with scikit-learn {doc.get('sklearn_version')}, this is "
-                              f"{sklearn.__version__}); install that version or retrain with train-meta")
+            raise ConfigError(
+                f"{path}: refitting does not reproduce the saved model (max difference {diff:.2g}; "
+                f"saved with scikit-learn {doc.get('sklearn_version')}, this is "
+                f"{sklearn.__version__}); install that version or retrain with train-meta"
+            )
         return model
 
 
@@ -819,8 +889,10 @@ def _feature_set_of(columns: Sequence[str]) -> str:
     for name, cols in FEATURE_SETS.items():
         if list(cols) == base:
             return name
-    raise MelcoreError(f"the model's features {base} are not one of the feature sets {', '.join(FEATURE_SETS)}; "
-                       "compute them with meta_features and call predict_proba")
+    raise MelcoreError(
+        f"the model's features {base} are not one of the feature sets {', '.join(FEATURE_SETS)}; "
+        "compute them with meta_features and call predict_proba"
+    )
 
 
 def _binary_targets(y, n: int) -> np.ndarray:
@@ -831,8 +903,10 @@ def _binary_targets(y, n: int) -> np.ndarray:
     bad = numeric.isna() | ~numeric.isin([0, 1])
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise MelcoreError(f"targets must be 0 or 1 with no missing values; row {i} has {values.iloc[i]!r} "
-                           f"({int(bad.sum())} such rows); train on cohort.labelled()")
+        raise MelcoreError(
+            f"targets must be 0 or 1 with no missing values; row {i} has {values.iloc[i]!r} "
+            f"({int(bad.sum())} such rows); train on cohort.labelled()"
+        )
     return numeric.to_numpy().astype(np.int64)
 
 
@@ -846,8 +920,9 @@ MISSING_SOURCE_GAP = 0.5
 _MISSING_FIELDS = (("age_approx", "age"), ("sex", "sex"), ("site", "site"))
 
 
-def missingness_warnings(cohort, *, class_gap: float = MISSING_CLASS_GAP, source_gap: float = MISSING_SOURCE_GAP,
-                         min_share: float = 0.05) -> list[str]:
+def missingness_warnings(
+    cohort, *, class_gap: float = MISSING_CLASS_GAP, source_gap: float = MISSING_SOURCE_GAP, min_share: float = 0.05
+) -> list[str]:
     """Warnings when a metadata model can learn from missing age, sex or site instead of their values.
 
     A gradient-boosted model splits on "missing" like on any value: when age is missing for
@@ -879,21 +954,27 @@ def missingness_warnings(cohort, *, class_gap: float = MISSING_CLASS_GAP, source
         if (y == 1).any() and (y == 0).any():
             positive, negative = missing[y == 1].mean(), missing[y == 0].mean()
             if abs(positive - negative) >= class_gap:
-                warnings.append(f"{word} is missing for {positive:.0%} of the melanomas but {negative:.0%} of the "
-                                f"other images: a metadata model can score the label from '{word} unknown' alone")
+                warnings.append(
+                    f"{word} is missing for {positive:.0%} of the melanomas but {negative:.0%} of the "
+                    f"other images: a metadata model can score the label from '{word} unknown' alone"
+                )
         known = clinics.notna().to_numpy()
         if known.any():
             rates = pd.Series(missing[known]).groupby(clinics[known].astype(str).to_numpy()).agg(["mean", "size"])
             rates = rates[rates["size"] >= min_share * len(y)]
             if len(rates) >= 2 and rates["mean"].max() - rates["mean"].min() >= source_gap:
                 most, least = rates["mean"].idxmax(), rates["mean"].idxmin()
-                warnings.append(f"{word} is missing for {rates.loc[most, 'mean']:.0%} of clinic/source {most!r} "
-                                f"but {rates.loc[least, 'mean']:.0%} of {least!r}: '{word} unknown' identifies "
-                                "the source, so a metadata model can score where an image comes from (judge it "
-                                "within a source)")
+                warnings.append(
+                    f"{word} is missing for {rates.loc[most, 'mean']:.0%} of clinic/source {most!r} "
+                    f"but {rates.loc[least, 'mean']:.0%} of {least!r}: '{word} unknown' identifies "
+                    "the source, so a metadata model can score where an image comes from (judge it "
+                    "within a source)"
+                )
     return warnings
 
+
 # --------------------------------------------------------------------------- cross-validation
+
 
 @dataclass
 class MetaResult:
@@ -942,8 +1023,11 @@ def _per_clinic(oof: pd.DataFrame, column: str = "prediction") -> dict:
     out = {}
     for clinic, part in oof.groupby(clinics, sort=True):
         y = part["target"].to_numpy()
-        out[str(clinic)] = {"n": int(len(part)), "n_positive": int(y.sum()),
-                            "auroc": auroc_or_none(y, part[column].to_numpy())}
+        out[str(clinic)] = {
+            "n": int(len(part)),
+            "n_positive": int(y.sum()),
+            "auroc": auroc_or_none(y, part[column].to_numpy()),
+        }
     return out
 
 
@@ -976,9 +1060,18 @@ def _folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.nda
     return folds
 
 
-def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=None, progress: Progress | None = None,
-                        *, embeddings=None, feature_set: str = "context", params: Mapping | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> MetaResult:
+def cross_validate_meta(
+    cohort,
+    n_folds: int = 5,
+    seed: int = 0,
+    image_scores=None,
+    progress: Progress | None = None,
+    *,
+    embeddings=None,
+    feature_set: str = "context",
+    params: Mapping | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> MetaResult:
     """Patient-grouped K-fold out-of-fold predictions of :class:`MetaModel` for every labelled image.
 
     Parameters
@@ -1002,13 +1095,16 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
     started = time.perf_counter()
     table, pk, labelled, y = _labelled_frame(cohort)
     if len(y) == 0 or y.min() == y.max():
-        raise CohortError(f"the meta model needs labelled benign and malignant images; the cohort has "
-                          f"{int((y == 0).sum())} benign and {int((y == 1).sum())} malignant labelled images")
+        raise CohortError(
+            f"the meta model needs labelled benign and malignant images; the cohort has "
+            f"{int((y == 0).sum())} benign and {int((y == 1).sum())} malignant labelled images"
+        )
     params = {**DEFAULT_PARAMS, **dict(params or {})}
     unknown = set(params) - set(DEFAULT_PARAMS)
     if unknown:
-        raise ConfigError(f"unknown meta model parameter(s) {', '.join(sorted(unknown))}; "
-                          f"choose from {', '.join(DEFAULT_PARAMS)}")
+        raise ConfigError(
+            f"unknown meta model parameter(s) {', '.join(sorted(unknown))}; choose from {', '.join(DEFAULT_PARAMS)}"
+        )
     features_all = meta_features(cohort, image_scores, embeddings, feature_set=feature_set)
     X = features_all[labelled]
     groups = pk[labelled]
@@ -1030,24 +1126,36 @@ def cross_validate_meta(cohort, n_folds: int = 5, seed: int = 0, image_scores=No
         if progress is not None:
             progress(k + 1, n_folds)
     lab = table[labelled]
-    oof = pd.DataFrame({
-        "image_name": _image_names(lab),
-        "patient_id": _column(lab, "patient_id"),
-        "clinic": _column(lab, "clinic"),
-        "target": y,
-        "prediction": prediction,
-        "fold": folds,
-    })
-    return MetaResult(oof=oof, oof_auroc=auroc_or_none(y, prediction), fold_aurocs=fold_aurocs,
-                      feature_names=list(X.columns), feature_set=feature_set, params=params,
-                      per_clinic=_per_clinic(oof), n_folds=n_folds, seed=seed, n_groups=len(set(groups)),
-                      seconds=time.perf_counter() - started, features=X.reset_index(drop=True), targets=y)
+    oof = pd.DataFrame(
+        {
+            "image_name": _image_names(lab),
+            "patient_id": _column(lab, "patient_id"),
+            "clinic": _column(lab, "clinic"),
+            "target": y,
+            "prediction": prediction,
+            "fold": folds,
+        }
+    )
+    return MetaResult(
+        oof=oof,
+        oof_auroc=auroc_or_none(y, prediction),
+        fold_aurocs=fold_aurocs,
+        feature_names=list(X.columns),
+        feature_set=feature_set,
+        params=params,
+        per_clinic=_per_clinic(oof),
+        n_folds=n_folds,
+        seed=seed,
+        n_groups=len(set(groups)),
+        seconds=time.perf_counter() - started,
+        features=X.reset_index(drop=True),
+        targets=y,
+    )
 
 
 # --------------------------------------------------------------------------- fusion
 
-FUSION_BASE = ("logit_image", "logit_meta", "ud_score_z", "ud_score_rank", "ud_score_minus_median",
-               "has_other_lesions")
+FUSION_BASE = ("logit_image", "logit_meta", "ud_score_z", "ud_score_rank", "ud_score_minus_median", "has_other_lesions")
 FUSION_EMBEDDING = ("ud_emb_z", "ud_emb_cosine")
 
 
@@ -1121,9 +1229,16 @@ class FusionModel:
         return {**{n: float(c) for n, c in zip(self.feature_names_, self.coef_)}, "intercept": self.intercept_}
 
     def to_dict(self) -> dict:
-        return {"format": "melreview-fusion", "version": 1, "C": self.C, "feature_names": self.feature_names_,
-                "mean": self.mean_.tolist(), "scale": self.scale_.tolist(), "coef": self.coef_.tolist(),
-                "intercept": self.intercept_}
+        return {
+            "format": "melreview-fusion",
+            "version": 1,
+            "C": self.C,
+            "feature_names": self.feature_names_,
+            "mean": self.mean_.tolist(),
+            "scale": self.scale_.tolist(),
+            "coef": self.coef_.tolist(),
+            "intercept": self.intercept_,
+        }
 
     @classmethod
     def from_dict(cls, doc: Mapping) -> "FusionModel":
@@ -1158,14 +1273,31 @@ class FusionResult:
     per_clinic: dict = field(default_factory=dict)
 
     def metrics(self) -> dict:
-        return {"oof_auroc": self.oof_auroc, "fold_aurocs": self.fold_aurocs, "image_auroc": self.image_auroc,
-                "meta_auroc": self.meta_auroc, "n": int(len(self.oof)), "n_positive": int(self.oof["target"].sum()),
-                "features": list(self.feature_names), "coefficients": self.coefficients,
-                "per_clinic": self.per_clinic}
+        return {
+            "oof_auroc": self.oof_auroc,
+            "fold_aurocs": self.fold_aurocs,
+            "image_auroc": self.image_auroc,
+            "meta_auroc": self.meta_auroc,
+            "n": int(len(self.oof)),
+            "n_positive": int(self.oof["target"].sum()),
+            "features": list(self.feature_names),
+            "coefficients": self.coefficients,
+            "per_clinic": self.per_clinic,
+        }
 
 
-def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5, seed: int = 0,
-         folds: np.ndarray | None = None, C: float = 1.0, progress: Progress | None = None) -> FusionResult:
+def fuse(
+    cohort,
+    image_scores,
+    meta_scores,
+    *,
+    embeddings=None,
+    n_folds: int = 5,
+    seed: int = 0,
+    folds: np.ndarray | None = None,
+    C: float = 1.0,
+    progress: Progress | None = None,
+) -> FusionResult:
     """Stack image and meta scores (plus ugly-duckling features) with a cross-validated logistic regression.
 
     Parameters
@@ -1185,9 +1317,14 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
     """
     meta_frame = meta_scores.oof if isinstance(meta_scores, MetaResult) else meta_scores
     table, pk, labelled, y_all = _labelled_frame(cohort)
-    Z_all = fusion_features(cohort, image_scores, meta_frame[["image_name", "prediction"]]
-                            if isinstance(meta_frame, pd.DataFrame) and "image_name" in meta_frame.columns
-                            else meta_frame, embeddings)
+    Z_all = fusion_features(
+        cohort,
+        image_scores,
+        meta_frame[["image_name", "prediction"]]
+        if isinstance(meta_frame, pd.DataFrame) and "image_name" in meta_frame.columns
+        else meta_frame,
+        embeddings,
+    )
     ud = ugly_duckling_scores(cohort, image_scores, embeddings)
     Z_lab = Z_all[labelled].reset_index(drop=True)
     usable = (np.isfinite(Z_lab["logit_image"]) & np.isfinite(Z_lab["logit_meta"])).to_numpy()
@@ -1197,8 +1334,10 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
     lab = table[labelled]
     names = _image_names(lab)[usable]
     if len(y) == 0 or y.min() == y.max():
-        raise CohortError(f"fusion needs labelled benign and malignant images with both an image and a meta "
-                          f"score; found {int((y == 0).sum())} benign and {int((y == 1).sum())} malignant")
+        raise CohortError(
+            f"fusion needs labelled benign and malignant images with both an image and a meta "
+            f"score; found {int((y == 0).sum())} benign and {int((y == 1).sum())} malignant"
+        )
     if folds is None and isinstance(meta_frame, pd.DataFrame) and "fold" in meta_frame.columns:
         fold_map = meta_frame.set_index(meta_frame["image_name"].astype(str))["fold"]
         mapped = pd.Series(names).map(fold_map)
@@ -1224,29 +1363,50 @@ def fuse(cohort, image_scores, meta_scores, *, embeddings=None, n_folds: int = 5
     final = FusionModel(C).fit(Z, y)
     image_p = expit(Z["logit_image"].to_numpy())
     meta_p = expit(Z["logit_meta"].to_numpy())
-    oof = pd.DataFrame({
-        "image_name": names,
-        "patient_id": _column(lab, "patient_id")[usable],
-        "clinic": _column(lab, "clinic")[usable],
-        "target": y,
-        "prediction": prediction,
-        "fold": folds,
-        "image_score": image_p,
-        "meta_prediction": meta_p,
-        "ugly_duckling": ud[labelled].to_numpy()[usable],
-    })
-    return FusionResult(oof=oof, oof_auroc=auroc_or_none(y, prediction), fold_aurocs=fold_aurocs,
-                        image_auroc=auroc_or_none(y, image_p), meta_auroc=auroc_or_none(y, meta_p),
-                        feature_names=list(Z.columns), coefficients=final.coefficients(), model=final,
-                        per_clinic=_per_clinic(oof))
+    oof = pd.DataFrame(
+        {
+            "image_name": names,
+            "patient_id": _column(lab, "patient_id")[usable],
+            "clinic": _column(lab, "clinic")[usable],
+            "target": y,
+            "prediction": prediction,
+            "fold": folds,
+            "image_score": image_p,
+            "meta_prediction": meta_p,
+            "ugly_duckling": ud[labelled].to_numpy()[usable],
+        }
+    )
+    return FusionResult(
+        oof=oof,
+        oof_auroc=auroc_or_none(y, prediction),
+        fold_aurocs=fold_aurocs,
+        image_auroc=auroc_or_none(y, image_p),
+        meta_auroc=auroc_or_none(y, meta_p),
+        feature_names=list(Z.columns),
+        coefficients=final.coefficients(),
+        model=final,
+        per_clinic=_per_clinic(oof),
+    )
 
 
 # --------------------------------------------------------------------------- run directory
 
-def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_set: str = "context",
-                   image_scores=None, embeddings=None, params: Mapping | None = None,
-                   progress: Progress | None = None, log: Callable[[str], None] | None = None,
-                   config_extra: Mapping | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+
+def train_meta_run(
+    cohort,
+    out_dir,
+    *,
+    n_folds: int = 5,
+    seed: int = 0,
+    feature_set: str = "context",
+    image_scores=None,
+    embeddings=None,
+    params: Mapping | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+    config_extra: Mapping | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
     """Cross-validate the meta model, fit it on all labelled images and write a run directory.
 
     ``should_stop`` (optional) is asked before each fold and before the final fit; when it answers
@@ -1292,18 +1452,29 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     table, _, labelled, y = _labelled_frame(cohort)
-    say(f"meta model: {int(labelled.sum())} labelled images ({int(y.sum())} malignant) of {len(table)}, "
+    say(
+        f"meta model: {int(labelled.sum())} labelled images ({int(y.sum())} malignant) of {len(table)}, "
         f"{n_folds} patient-grouped folds, seed {seed}, features {feature_set}"
         + (", with image scores" if image_scores is not None else "")
-        + (", with embeddings" if embeddings is not None else ""))
+        + (", with embeddings" if embeddings is not None else "")
+    )
 
     def fold_done(done: int, total: int) -> None:
         say(f"fold {done}/{total} done", echo=progress is None)
         if progress is not None:
             progress(done, total)
 
-    result = cross_validate_meta(cohort, n_folds, seed, image_scores, fold_done, embeddings=embeddings,
-                                 feature_set=feature_set, params=params, should_stop=should_stop)
+    result = cross_validate_meta(
+        cohort,
+        n_folds,
+        seed,
+        image_scores,
+        fold_done,
+        embeddings=embeddings,
+        feature_set=feature_set,
+        params=params,
+        should_stop=should_stop,
+    )
     if should_stop is not None and should_stop():
         raise CancelledError(f"stopped on request after {n_folds} of {n_folds} folds, before the final fit")
     for k, a in enumerate(result.fold_aurocs):
@@ -1335,16 +1506,22 @@ def train_meta_run(cohort, out_dir, *, n_folds: int = 5, seed: int = 0, feature_
             oof = oof.drop(columns=["fused_prediction"])
             metrics["model"] = "meta+image fusion"
             metrics["oof_auroc"] = auroc_or_none(oof["target"].to_numpy(), oof["prediction"].to_numpy())
-            metrics["fold_aurocs"] = [auroc_or_none(part["target"].to_numpy(), part["prediction"].to_numpy())
-                                      for _, part in oof.groupby("fold", sort=True)]
+            metrics["fold_aurocs"] = [
+                auroc_or_none(part["target"].to_numpy(), part["prediction"].to_numpy())
+                for _, part in oof.groupby("fold", sort=True)
+            ]
             metrics["per_clinic"] = _per_clinic(oof)
         else:
             # Fused and meta probabilities are on different scales, so they are not pooled into one
             # column: the run's prediction stays the meta score and the fusion is reported on its own rows.
-            say(f"{int(oof['fused_prediction'].isna().sum())} labelled image(s) have no image score: "
-                "prediction = meta score; fused_prediction only where an image score exists")
-        say(f"image AUROC {_fmt(fusion.image_auroc)} and meta AUROC {_fmt(fusion.meta_auroc)} on "
-            f"{len(fusion.oof)} images with both; fused OOF AUROC {_fmt(fusion.oof_auroc)}")
+            say(
+                f"{int(oof['fused_prediction'].isna().sum())} labelled image(s) have no image score: "
+                "prediction = meta score; fused_prediction only where an image score exists"
+            )
+        say(
+            f"image AUROC {_fmt(fusion.image_auroc)} and meta AUROC {_fmt(fusion.meta_auroc)} on "
+            f"{len(fusion.oof)} images with both; fused OOF AUROC {_fmt(fusion.oof_auroc)}"
+        )
     oof.to_csv(out / "oof_predictions.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     say(f"wrote {out}")
@@ -1366,14 +1543,19 @@ def meta_job_config(values: Mapping | None) -> dict:
     values = dict(values or {})
     unknown = set(values) - set(META_JOB_DEFAULTS)
     if unknown:
-        raise ConfigError(f"unknown patient-context job setting(s) {', '.join(sorted(unknown))}; "
-                          f"use {', '.join(META_JOB_DEFAULTS)}")
+        raise ConfigError(
+            f"unknown patient-context job setting(s) {', '.join(sorted(unknown))}; use {', '.join(META_JOB_DEFAULTS)}"
+        )
     config = {**META_JOB_DEFAULTS, **values}
 
     def whole(key: str, low: int, high: int | None = None) -> int:
         value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
-                high is not None and value > high):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, np.integer))
+            or value < low
+            or (high is not None and value > high)
+        ):
             span = f"{low}-{high}" if high is not None else f"{low} or more"
             raise ConfigError(f"{key} must be a whole number {span}; got {value!r}")
         return int(value)
@@ -1399,5 +1581,7 @@ def stored_image_scores(store, run_id: int) -> tuple[pd.DataFrame, str]:
         frame = store.get_predictions(run_id, split=split)
         if len(frame):
             return frame[["image_name", "prediction"]].reset_index(drop=True), split
-    raise MelcoreError(f"run #{run_id} has no stored predictions to use as image scores; choose a run that "
-                       "finished with validation or out-of-fold predictions (a K-fold run scores every image)")
+    raise MelcoreError(
+        f"run #{run_id} has no stored predictions to use as image scores; choose a run that "
+        "finished with validation or out-of-fold predictions (a K-fold run scores every image)"
+    )

@@ -101,8 +101,22 @@ Progress = Callable[[int, int], None]
 
 #: Keys of the dict returned by :func:`threshold_metrics` and :meth:`ThresholdSweep.at`, in order.
 THRESHOLD_METRIC_KEYS = (
-    "threshold", "n", "n_malignant", "n_benign", "tp", "fp", "tn", "fn", "n_flagged",
-    "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "youden_j",
+    "threshold",
+    "n",
+    "n_malignant",
+    "n_benign",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "n_flagged",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "accuracy",
+    "youden_j",
     "biopsies_per_melanoma",
 )
 
@@ -113,6 +127,7 @@ BOOTSTRAP_DROPPED_WARN = 0.05
 
 
 # --------------------------------------------------------------------------- validation
+
 
 def _one_dimensional(values, what: str) -> np.ndarray:
     if isinstance(values, (pd.Series, pd.Index)):
@@ -137,8 +152,9 @@ def _where(index: int, names) -> str:
 
 
 def _list_bad(bad_index: np.ndarray, values: np.ndarray, names) -> str:
-    return first_few((f"{_show(values[i])} at {_where(int(i), names)}" for i in bad_index[:SHOWN]),
-                     total=len(bad_index))
+    return first_few(
+        (f"{_show(values[i])} at {_where(int(i), names)}" for i in bad_index[:SHOWN]), total=len(bad_index)
+    )
 
 
 def _show(value) -> str:
@@ -188,7 +204,8 @@ def check_labels(y, *, names=None, what: str = "labels") -> np.ndarray:
         index = np.flatnonzero(bad)
         raise MelcoreError(
             f"{what} must be 0 (benign) or 1 (malignant): found {_list_bad(index, arr, names)} "
-            f"({len(index)} of {len(arr)} bad); fix or drop these rows")
+            f"({len(index)} of {len(arr)} bad); fix or drop these rows"
+        )
     if arr.dtype.kind in "iuf":
         return arr.astype(np.int8)
     return np.fromiter((int(v) for v in arr), dtype=np.int8, count=len(arr))
@@ -222,28 +239,31 @@ def check_predictions(p, *, names=None, what: str = "predictions") -> np.ndarray
     missing = np.isnan(values) & ~not_number
     outside = ~np.isnan(values) & ((values < 0) | (values > 1))
     problems = []
-    for mask, label in ((not_number, "not a number"), (missing, "missing or NaN"),
-                        (outside, "outside [0, 1]")):
+    for mask, label in ((not_number, "not a number"), (missing, "missing or NaN"), (outside, "outside [0, 1]")):
         if mask.any():
             index = np.flatnonzero(mask)
             problems.append(f"{label}: {_list_bad(index, arr, names)}")
     if problems:
         n_bad = int((not_number | missing | outside).sum())
-        hint = (" (are these logits? apply a sigmoid first)" if outside.any() else "")
+        hint = " (are these logits? apply a sigmoid first)" if outside.any() else ""
         raise MelcoreError(
-            f"{what} must be probabilities in [0, 1] for every image; " + "; ".join(problems)
-            + f" ({n_bad} of {len(arr)} bad){hint}")
+            f"{what} must be probabilities in [0, 1] for every image; "
+            + "; ".join(problems)
+            + f" ({n_bad} of {len(arr)} bad){hint}"
+        )
     return values
 
 
-def _check_pair(y, p, *, names=None, need_both_classes: bool = False,
-                quantity: str = "AUROC") -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(
+    y, p, *, names=None, need_both_classes: bool = False, quantity: str = "AUROC"
+) -> tuple[np.ndarray, np.ndarray]:
     y_arr = _one_dimensional(y, "labels")
     p_arr = _one_dimensional(p, "predictions")
     if len(y_arr) != len(p_arr):
         raise MelcoreError(
             f"labels and predictions differ in length: {len(y_arr)} labels but {len(p_arr)} predictions; "
-            "they must describe the same images in the same order")
+            "they must describe the same images in the same order"
+        )
     if names is not None and len(names) != len(y_arr):
         raise MelcoreError(f"names has {len(names)} entries but there are {len(y_arr)} labels")
     if len(y_arr) == 0:
@@ -261,7 +281,8 @@ def _require_both_classes(labels: np.ndarray, quantity: str = "AUROC") -> None:
         which = "malignant (1)" if n_pos else "benign (0)"
         raise MelcoreError(
             f"{quantity} needs both malignant (1) and benign (0) images, but all {len(labels)} labels are "
-            f"{which}; evaluate on a set that contains both classes")
+            f"{which}; evaluate on a set that contains both classes"
+        )
 
 
 def _check_threshold(threshold) -> float:
@@ -287,6 +308,7 @@ def _check_level(level) -> float:
 
 # --------------------------------------------------------------------------- counts -> metrics
 
+
 def _metrics_from_counts(tp, fp, tn, fn):
     """Vectorised: counts (arrays or scalars) -> dict of rate arrays (float64)."""
     tp = np.asarray(tp, dtype=np.float64)
@@ -310,8 +332,17 @@ def _metrics_from_counts(tp, fp, tn, fn):
 
 def _metric_dict(threshold: float, tp: int, fp: int, tn: int, fn: int) -> dict:
     rates = _metrics_from_counts(tp, fp, tn, fn)
-    out = {"threshold": float(threshold), "n": tp + fp + tn + fn, "n_malignant": tp + fn,
-           "n_benign": tn + fp, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n_flagged": tp + fp}
+    out = {
+        "threshold": float(threshold),
+        "n": tp + fp + tn + fn,
+        "n_malignant": tp + fn,
+        "n_benign": tn + fp,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "n_flagged": tp + fp,
+    }
     out.update({key: float(value) for key, value in rates.items()})
     return {key: out[key] for key in THRESHOLD_METRIC_KEYS}
 
@@ -347,6 +378,7 @@ def threshold_metrics(y, p, threshold: float = 0.5) -> dict:
 
 
 # --------------------------------------------------------------------------- curves
+
 
 class RocCurve(NamedTuple):
     """ROC curve, unpacks like scikit-learn's ``fpr, tpr, thresholds``.
@@ -400,8 +432,7 @@ class ThresholdSweep:
         self.fp = self.n_benign - np.searchsorted(self._benign_scores, self.thresholds, "left")
 
     def __repr__(self) -> str:
-        return (f"ThresholdSweep(n={self.n}, n_malignant={self.n_malignant}, "
-                f"distinct_scores={len(self.thresholds)})")
+        return f"ThresholdSweep(n={self.n}, n_malignant={self.n_malignant}, distinct_scores={len(self.thresholds)})"
 
     # -- counts and metrics
     def counts(self, threshold: float) -> tuple[int, int, int, int]:
@@ -446,10 +477,17 @@ class ThresholdSweep:
         fp = np.asarray(fp, dtype=np.int64)
         fn = self.n_malignant - tp
         tn = self.n_benign - fp
-        table = {"threshold": t, "n": np.full(len(t), self.n, dtype=np.int64),
-                 "n_malignant": np.full(len(t), self.n_malignant, dtype=np.int64),
-                 "n_benign": np.full(len(t), self.n_benign, dtype=np.int64),
-                 "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n_flagged": tp + fp}
+        table = {
+            "threshold": t,
+            "n": np.full(len(t), self.n, dtype=np.int64),
+            "n_malignant": np.full(len(t), self.n_malignant, dtype=np.int64),
+            "n_benign": np.full(len(t), self.n_benign, dtype=np.int64),
+            "tp": tp,
+            "fp": fp,
+            "tn": tn,
+            "fn": fn,
+            "n_flagged": tp + fp,
+        }
         table.update(_metrics_from_counts(tp, fp, tn, fn))
         return pd.DataFrame({key: table[key] for key in THRESHOLD_METRIC_KEYS})
 
@@ -460,19 +498,30 @@ class ThresholdSweep:
 
     def net_benefit(self, thresholds=None) -> pd.DataFrame:
         """:func:`net_benefit` table at ``thresholds`` (default 0.01, ..., 0.99), O(k log n)."""
-        t = (np.round(np.arange(1, 100) / 100, 2) if thresholds is None
-             else np.asarray(thresholds, dtype=np.float64).ravel())
+        t = (
+            np.round(np.arange(1, 100) / 100, 2)
+            if thresholds is None
+            else np.asarray(thresholds, dtype=np.float64).ravel()
+        )
         if np.isnan(t).any() or (t < 0).any() or (t >= 1).any():
-            raise MelcoreError("decision-curve thresholds must be probabilities in [0, 1) (the net benefit is "
-                               "undefined at 1)")
+            raise MelcoreError(
+                "decision-curve thresholds must be probabilities in [0, 1) (the net benefit is undefined at 1)"
+            )
         tp = self.n_malignant - np.searchsorted(self._malignant_scores, t, "left")
         fp = self.n_benign - np.searchsorted(self._benign_scores, t, "left")
         odds = t / (1 - t)
         prevalence = self.n_malignant / self.n
-        return pd.DataFrame({
-            "threshold": t, "net_benefit": tp / self.n - fp / self.n * odds,
-            "treat_all": prevalence - (1 - prevalence) * odds, "treat_none": np.zeros(len(t)),
-            "n_flagged": tp + fp, "tp": tp, "fp": fp})
+        return pd.DataFrame(
+            {
+                "threshold": t,
+                "net_benefit": tp / self.n - fp / self.n * odds,
+                "treat_all": prevalence - (1 - prevalence) * odds,
+                "treat_none": np.zeros(len(t)),
+                "n_flagged": tp + fp,
+                "tp": tp,
+                "fp": fp,
+            }
+        )
 
     # -- curves
     def roc_curve(self, drop_intermediate: bool = True) -> RocCurve:
@@ -498,8 +547,9 @@ class ThresholdSweep:
     def precision_recall_curve(self, drop_intermediate: bool = False) -> PrecisionRecallCurve:
         """Precision-recall curve identical to ``sklearn.metrics.precision_recall_curve``."""
         if self.n_malignant == 0:
-            raise MelcoreError(f"a precision-recall curve needs malignant (1) images, but all {self.n} "
-                               "labels are benign (0)")
+            raise MelcoreError(
+                f"a precision-recall curve needs malignant (1) images, but all {self.n} labels are benign (0)"
+            )
         fps = self.fp[::-1].astype(np.float64)
         tps = self.tp[::-1].astype(np.float64)
         thresholds = self.thresholds[::-1]
@@ -508,8 +558,9 @@ class ThresholdSweep:
             fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
         precision = tps / (tps + fps)
         recall = tps / tps[-1]
-        return PrecisionRecallCurve(np.concatenate([precision[::-1], [1.0]]),
-                                    np.concatenate([recall[::-1], [0.0]]), thresholds[::-1])
+        return PrecisionRecallCurve(
+            np.concatenate([precision[::-1], [1.0]]), np.concatenate([recall[::-1], [0.0]]), thresholds[::-1]
+        )
 
     def average_precision(self) -> float:
         """Step-wise area under the PR curve, = ``sklearn.metrics.average_precision_score``."""
@@ -519,8 +570,9 @@ class ThresholdSweep:
     # -- operating points
     def _point(self, k: int, name: str, kind: str, target) -> dict:
         t, tp, fp = self._candidates()
-        metrics = _metric_dict(float(t[k]), int(tp[k]), int(fp[k]), self.n_benign - int(fp[k]),
-                               self.n_malignant - int(tp[k]))
+        metrics = _metric_dict(
+            float(t[k]), int(tp[k]), int(fp[k]), self.n_benign - int(fp[k]), self.n_malignant - int(tp[k])
+        )
         return {"name": name, "kind": kind, "target": target, **metrics}
 
     def youden(self) -> dict:
@@ -566,8 +618,9 @@ class ThresholdSweep:
         k = int(np.argmax(specificity >= target))
         return self._point(k, f"specificity>={target:g}", "specificity", target)
 
-    def operating_points(self, sensitivities: Sequence[float] = (0.9, 0.95),
-                         specificities: Sequence[float] = (0.9,), youden: bool = True) -> list[dict]:
+    def operating_points(
+        self, sensitivities: Sequence[float] = (0.9, 0.95), specificities: Sequence[float] = (0.9,), youden: bool = True
+    ) -> list[dict]:
         """Youden's point, then one point per target sensitivity, then per target specificity."""
         points = [self.youden()] if youden else []
         points += [self.threshold_for_sensitivity(s) for s in sensitivities]
@@ -651,8 +704,9 @@ def average_precision(y, p) -> float:
     return ThresholdSweep(y, p).average_precision()
 
 
-def operating_points(y, p, sensitivities: Sequence[float] = (0.9, 0.95),
-                     specificities: Sequence[float] = (0.9,), youden: bool = True) -> list[dict]:
+def operating_points(
+    y, p, sensitivities: Sequence[float] = (0.9, 0.95), specificities: Sequence[float] = (0.9,), youden: bool = True
+) -> list[dict]:
     """Clinically useful thresholds, each as a dict.
 
     Returns a list: Youden's J point (ties -> highest threshold), then for each
@@ -672,14 +726,16 @@ def operating_points(y, p, sensitivities: Sequence[float] = (0.9, 0.95),
 
 # --------------------------------------------------------------------------- bootstrap
 
+
 def _group_codes(groups, n: int) -> tuple[np.ndarray, int]:
     """Integer group code per image; missing groups become singleton groups."""
     if groups is None:
         return np.arange(n), n
     values = _one_dimensional(groups, "groups")
     if len(values) != n:
-        raise MelcoreError(f"groups has {len(values)} entries but there are {n} labels; give one patient "
-                           "(group) id per image")
+        raise MelcoreError(
+            f"groups has {len(values)} entries but there are {n} labels; give one patient (group) id per image"
+        )
     codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
     missing = codes < 0
     n_groups = len(uniques)
@@ -741,14 +797,15 @@ def _bootstrap_aurocs(labels, score_rows, groups, n_boot, seed, progress) -> np.
         draws = rng.integers(0, n_groups, size=(b, n_groups))
         draws += (np.arange(b) * n_groups)[:, None]
         counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
-        out[start:start + b] = engine.block(counts)
+        out[start : start + b] = engine.block(counts)
         if progress is not None:
             progress(start + b, n_boot)
     return out
 
 
-def auroc_bootstrap(y, p, groups=None, n_boot: int = 2000, seed: int = 0,
-                    progress: Progress | None = None) -> np.ndarray:
+def auroc_bootstrap(
+    y, p, groups=None, n_boot: int = 2000, seed: int = 0, progress: Progress | None = None
+) -> np.ndarray:
     """AUROC of ``n_boot`` cluster-bootstrap resamples, float64 (n_boot,).
 
     Each resample draws as many groups as there are, with replacement (seeded by
@@ -788,17 +845,19 @@ class AurocInterval(NamedTuple):
 
     @property
     def note(self) -> str:
-        """"" or :func:`bootstrap_dropped_note`'s sentence when too many resamples were left out."""
+        """ "" or :func:`bootstrap_dropped_note`'s sentence when too many resamples were left out."""
         return bootstrap_dropped_note(self.n_dropped, self.n_boot)
 
 
 def bootstrap_dropped_note(n_dropped: int, n_boot: int) -> str:
-    """"" when at most :data:`BOOTSTRAP_DROPPED_WARN` of ``n_boot`` resamples held one class, else a
+    """ "" when at most :data:`BOOTSTRAP_DROPPED_WARN` of ``n_boot`` resamples held one class, else a
     sentence saying how many were left out and what that means for the interval."""
     if n_boot <= 0 or n_dropped / n_boot <= BOOTSTRAP_DROPPED_WARN:
         return ""
-    return (f"{n_dropped:,} of {n_boot:,} bootstrap resamples ({n_dropped / n_boot:.0%}) held one class and were "
-            "left out, so the interval is too narrow; it needs more patients with each label")
+    return (
+        f"{n_dropped:,} of {n_boot:,} bootstrap resamples ({n_dropped / n_boot:.0%}) held one class and were "
+        "left out, so the interval is too narrow; it needs more patients with each label"
+    )
 
 
 def _interval(boots: np.ndarray, level: float) -> AurocInterval:
@@ -806,8 +865,9 @@ def _interval(boots: np.ndarray, level: float) -> AurocInterval:
     return AurocInterval(low, high, len(boots), int(np.isnan(boots).sum()))
 
 
-def auroc_ci(y, p, groups=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-             progress: Progress | None = None) -> AurocInterval:
+def auroc_ci(
+    y, p, groups=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95, progress: Progress | None = None
+) -> AurocInterval:
     """Percentile bootstrap confidence interval for the AUROC, with the resamples it rests on.
 
     Resamples ``groups`` (patients) with replacement, ``n_boot`` times, seeded;
@@ -818,13 +878,16 @@ def auroc_ci(y, p, groups=None, n_boot: int = 2000, seed: int = 0, level: float 
     level = _check_level(level)
     boots = auroc_bootstrap(y, p, groups=groups, n_boot=n_boot, seed=seed, progress=progress)
     if not np.isfinite(boots).any():
-        raise MelcoreError("every bootstrap resample held a single class; there are too few patients "
-                           "with each label for a confidence interval")
+        raise MelcoreError(
+            "every bootstrap resample held a single class; there are too few patients "
+            "with each label for a confidence interval"
+        )
     return _interval(boots, level)
 
 
-def operating_point_ci(y, p, threshold: float, groups=None, n_boot: int = 2000, seed: int = 0,
-                       level: float = 0.95) -> dict:
+def operating_point_ci(
+    y, p, threshold: float, groups=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
     """Sensitivity, specificity, PPV and NPV at a FIXED ``threshold``, each with a cluster-bootstrap CI.
 
     The threshold is taken as given (it must have been chosen on other predictions for the
@@ -846,8 +909,9 @@ def operating_point_ci(y, p, threshold: float, groups=None, n_boot: int = 2000, 
     out = threshold_metrics(labels, scores, threshold)
     codes, n_groups = _group_codes(groups, len(labels))
     flagged = scores >= threshold
-    cells = np.stack([flagged & (labels == 1), flagged & (labels == 0), ~flagged & (labels == 0),
-                      ~flagged & (labels == 1)], axis=1).astype(np.int64)          # tp, fp, tn, fn per image
+    cells = np.stack(
+        [flagged & (labels == 1), flagged & (labels == 0), ~flagged & (labels == 0), ~flagged & (labels == 1)], axis=1
+    ).astype(np.int64)  # tp, fp, tn, fn per image
     per_group = np.zeros((n_groups, 4), dtype=np.int64)
     np.add.at(per_group, codes, cells)
     rng = np.random.default_rng(seed)
@@ -855,8 +919,12 @@ def operating_point_ci(y, p, threshold: float, groups=None, n_boot: int = 2000, 
     counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws])
     tp, fp, tn, fn = (counts @ per_group).T.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        boots = {"sensitivity": tp / (tp + fn), "specificity": tn / (tn + fp), "ppv": tp / (tp + fp),
-                 "npv": tn / (tn + fn)}
+        boots = {
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+        }
     for name, values in boots.items():
         out[f"{name}_ci"] = list(_percentile_interval(values, level))
     return out
@@ -884,7 +952,7 @@ def _area_above(fpr: np.ndarray, tpr: np.ndarray, min_tpr: float) -> np.ndarray:
     above0, above1 = np.maximum(t0 - min_tpr, 0.0), np.maximum(t1 - min_tpr, 0.0)
     rise = np.where(t1 > t0, t1 - t0, 1.0)
     # a segment wholly above the line is a trapezoid; one crossing it, the triangle above the crossing
-    area = np.where(t0 >= min_tpr, width * (above0 + above1) / 2, width * above1 ** 2 / (2 * rise))
+    area = np.where(t0 >= min_tpr, width * (above0 + above1) / 2, width * above1**2 / (2 * rise))
     return area.sum(axis=1)
 
 
@@ -942,8 +1010,15 @@ def partial_auroc(y, p, min_tpr: float = PAUC_MIN_TPR) -> float:
     return float(_area_above(fpr[None, :], tpr[None, :], min_tpr)[0])
 
 
-def partial_auroc_bootstrap(y, p, groups=None, min_tpr: float = PAUC_MIN_TPR, n_boot: int = 2000, seed: int = 0,
-                            progress: Progress | None = None) -> np.ndarray:
+def partial_auroc_bootstrap(
+    y,
+    p,
+    groups=None,
+    min_tpr: float = PAUC_MIN_TPR,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> np.ndarray:
     """:func:`partial_auroc` of ``n_boot`` cluster-bootstrap resamples, float64 (n_boot,).
 
     The resamples are drawn exactly as in :func:`auroc_bootstrap` (same seed, same groups:
@@ -963,25 +1038,35 @@ def partial_auroc_bootstrap(y, p, groups=None, min_tpr: float = PAUC_MIN_TPR, n_
         draws = rng.integers(0, n_groups, size=(b, n_groups))
         draws += (np.arange(b) * n_groups)[:, None]
         counts = np.bincount(draws.ravel(), minlength=b * n_groups).reshape(b, n_groups)
-        out[start:start + b] = engine.partial_area(counts, min_tpr)
+        out[start : start + b] = engine.partial_area(counts, min_tpr)
         if progress is not None:
             progress(start + b, n_boot)
     return out
 
 
-def partial_auroc_ci(y, p, groups=None, min_tpr: float = PAUC_MIN_TPR, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95, progress: Progress | None = None) -> AurocInterval:
+def partial_auroc_ci(
+    y,
+    p,
+    groups=None,
+    min_tpr: float = PAUC_MIN_TPR,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    progress: Progress | None = None,
+) -> AurocInterval:
     """Percentile cluster-bootstrap interval of :func:`partial_auroc` (see :func:`auroc_ci` for the resampling)."""
     level = _check_level(level)
-    boots = partial_auroc_bootstrap(y, p, groups=groups, min_tpr=min_tpr, n_boot=n_boot, seed=seed,
-                                    progress=progress)
+    boots = partial_auroc_bootstrap(y, p, groups=groups, min_tpr=min_tpr, n_boot=n_boot, seed=seed, progress=progress)
     if not np.isfinite(boots).any():
-        raise MelcoreError("every bootstrap resample held a single class; there are too few patients "
-                           "with each label for a confidence interval")
+        raise MelcoreError(
+            "every bootstrap resample held a single class; there are too few patients "
+            "with each label for a confidence interval"
+        )
     return _interval(boots, level)
 
 
 # --------------------------------------------------------------------------- decision curves
+
 
 def net_benefit(y, p, thresholds=None) -> pd.DataFrame:
     """Decision-curve analysis (Vickers and Elkin 2006): net benefit against the threshold probability.
@@ -1025,8 +1110,9 @@ class PairedBootstrapResult(NamedTuple):
     n_used: int
 
 
-def paired_auroc_bootstrap(y, p1, p2, groups=None, n_boot: int = 2000, seed: int = 0,
-                           level: float = 0.95, progress: Progress | None = None) -> PairedBootstrapResult:
+def paired_auroc_bootstrap(
+    y, p1, p2, groups=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95, progress: Progress | None = None
+) -> PairedBootstrapResult:
     """Compare two models' AUROCs by resampling patients (the same resamples for both).
 
     Unlike :func:`delong_test`, this respects that a patient's lesions are
@@ -1056,6 +1142,7 @@ def _two_sided_p(diff: float, se: float) -> float:
 
 # --------------------------------------------------------------------------- DeLong
 
+
 class DelongResult(NamedTuple):
     """DeLong's test for two correlated AUROCs (same images, same labels).
 
@@ -1084,8 +1171,9 @@ def _delong_covariance(labels: np.ndarray, score_rows: np.ndarray) -> tuple[np.n
     malignant = labels == 1
     m, n = int(malignant.sum()), int((~malignant).sum())
     if m < 2 or n < 2:
-        raise MelcoreError(f"DeLong's variance needs at least 2 malignant and 2 benign images; got {m} "
-                           f"malignant and {n} benign")
+        raise MelcoreError(
+            f"DeLong's variance needs at least 2 malignant and 2 benign images; got {m} malignant and {n} benign"
+        )
     pos = score_rows[:, malignant]
     neg = score_rows[:, ~malignant]
     tx = stats.rankdata(pos, axis=1)
@@ -1144,6 +1232,7 @@ def delong_test(y, p1, p2) -> DelongResult:
 
 # --------------------------------------------------------------------------- calibration
 
+
 def brier_score(y, p) -> float:
     """Mean squared difference between probability and label (0 is perfect), = ``brier_score_loss``."""
     labels, scores = _check_pair(y, p)
@@ -1187,14 +1276,21 @@ def calibration_table(y, p, *, n_bins: int = 10, strategy: str = "uniform") -> p
     labels, scores = _check_pair(y, p)
     edges, sums, true, total = _calibration_bins(labels, scores, n_bins, strategy)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return pd.DataFrame({
-            "bin": np.arange(n_bins), "bin_low": edges[:-1], "bin_high": edges[1:],
-            "n": total.astype(np.int64), "n_malignant": true.astype(np.int64),
-            "mean_predicted": sums / total, "fraction_malignant": true / total,
-        })
+        return pd.DataFrame(
+            {
+                "bin": np.arange(n_bins),
+                "bin_low": edges[:-1],
+                "bin_high": edges[1:],
+                "n": total.astype(np.int64),
+                "n_malignant": true.astype(np.int64),
+                "mean_predicted": sums / total,
+                "fraction_malignant": true / total,
+            }
+        )
 
 
 # --------------------------------------------------------------------------- groups
+
 
 def _resolve_column(df: pd.DataFrame, column: str, role: str) -> pd.Series:
     if column in df.columns:
@@ -1209,9 +1305,19 @@ def _one_class_note(n_malignant: int, n: int) -> str:
     return f"only {which} images ({n}): AUROC undefined"
 
 
-def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", prediction: str = "prediction",
-              threshold: float = 0.5, patient_column: str | None = "auto", n_boot: int = 1000, seed: int = 0,
-              level: float = 0.95, progress: Progress | None = None) -> pd.DataFrame:
+def per_group(
+    df: pd.DataFrame,
+    group_column: str,
+    *,
+    target: str = "target",
+    prediction: str = "prediction",
+    threshold: float = 0.5,
+    patient_column: str | None = "auto",
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
     """AUROC with CI and threshold metrics for each value of ``group_column``.
 
     Args:
@@ -1255,14 +1361,40 @@ def per_group(df: pd.DataFrame, group_column: str, *, target: str = "target", pr
     rows = []
     for i, key in enumerate(unique):
         mask = keys == key
-        rows.append(_group_row(key, labels[mask], scores[mask],
-                               None if patients is None else patients[mask],
-                               threshold, n_boot, seed, level))
+        rows.append(
+            _group_row(
+                key,
+                labels[mask],
+                scores[mask],
+                None if patients is None else patients[mask],
+                threshold,
+                n_boot,
+                seed,
+                level,
+            )
+        )
         if progress is not None:
             progress(i + 1, len(unique))
     # group, n, n_malignant, auroc, auroc_low, auroc_high, pauc, pauc_low, pauc_high, threshold, n_benign, tp, ..., brier, note
-    columns = list(dict.fromkeys(["group", "n", "n_malignant", "auroc", "auroc_low", "auroc_high", "pauc",
-                                  "pauc_low", "pauc_high", *THRESHOLD_METRIC_KEYS, "brier", "boot_dropped", "note"]))
+    columns = list(
+        dict.fromkeys(
+            [
+                "group",
+                "n",
+                "n_malignant",
+                "auroc",
+                "auroc_low",
+                "auroc_high",
+                "pauc",
+                "pauc_low",
+                "pauc_high",
+                *THRESHOLD_METRIC_KEYS,
+                "brier",
+                "boot_dropped",
+                "note",
+            ]
+        )
+    )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -1280,28 +1412,50 @@ def _id_groups(df: pd.DataFrame) -> np.ndarray | None:
 
 def _group_row(key, labels, scores, patients, threshold, n_boot, seed, level) -> dict:
     metrics = ThresholdSweep(labels, scores).at(threshold)
-    row = {"group": key, **metrics, "brier": float(np.mean((labels - scores) ** 2)), "boot_dropped": 0,
-           "note": ""}
+    row = {"group": key, **metrics, "brier": float(np.mean((labels - scores) ** 2)), "boot_dropped": 0, "note": ""}
     n_malignant = int(labels.sum())
     if n_malignant == 0 or n_malignant == len(labels):
-        row.update(auroc=math.nan, auroc_low=math.nan, auroc_high=math.nan, pauc=math.nan, pauc_low=math.nan,
-                   pauc_high=math.nan, note=_one_class_note(n_malignant, len(labels)))
+        row.update(
+            auroc=math.nan,
+            auroc_low=math.nan,
+            auroc_high=math.nan,
+            pauc=math.nan,
+            pauc_low=math.nan,
+            pauc_high=math.nan,
+            note=_one_class_note(n_malignant, len(labels)),
+        )
         return row
     row["auroc"] = auroc(labels, scores)
     row["pauc"] = partial_auroc(labels, scores)
     interval = _interval(_bootstrap_aurocs(labels, scores[None, :], patients, n_boot, seed, None)[:, 0], level)
     partial = _interval(partial_auroc_bootstrap(labels, scores, groups=patients, n_boot=n_boot, seed=seed), level)
-    row.update(auroc_low=interval.low, auroc_high=interval.high, pauc_low=partial.low, pauc_high=partial.high,
-               boot_dropped=interval.n_dropped, note=interval.note)
+    row.update(
+        auroc_low=interval.low,
+        auroc_high=interval.high,
+        pauc_low=partial.low,
+        pauc_high=partial.high,
+        boot_dropped=interval.n_dropped,
+        note=interval.note,
+    )
     if math.isnan(interval.low):
         row["note"] = "too few patients of each class for a bootstrap interval"
     return row
 
 
-def summarize(y, p, *, groups=None, threshold: float = 0.5, n_boot: int = 2000, seed: int = 0,
-              level: float = 0.95, sensitivities: Sequence[float] = (0.9, 0.95),
-              specificities: Sequence[float] = (0.9,), names=None,
-              progress: Progress | None = None) -> dict:
+def summarize(
+    y,
+    p,
+    *,
+    groups=None,
+    threshold: float = 0.5,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    sensitivities: Sequence[float] = (0.9, 0.95),
+    specificities: Sequence[float] = (0.9,),
+    names=None,
+    progress: Progress | None = None,
+) -> dict:
     """Everything a model card needs, as one JSON-ready dict (never raises for one class).
 
     Keys: ``n``, ``n_malignant``, ``prevalence``, ``auroc``, ``auroc_ci`` ([low, high]),
@@ -1318,12 +1472,23 @@ def summarize(y, p, *, groups=None, threshold: float = 0.5, n_boot: int = 2000, 
     at = sweep.at(threshold)
     n_malignant = sweep.n_malignant
     out = {
-        "n": sweep.n, "n_malignant": n_malignant, "prevalence": n_malignant / sweep.n,
-        "auroc": math.nan, "auroc_ci": [math.nan, math.nan], "ci_level": _check_level(level),
-        "n_boot": n_boot, "n_boot_dropped": 0, "bootstrap_unit": "image" if groups is None else "group",
-        "average_precision": math.nan, "brier": float(np.mean((labels - scores) ** 2)),
-        "threshold": at["threshold"], "sensitivity": at["sensitivity"], "specificity": at["specificity"],
-        "threshold_metrics": at, "operating_points": [], "notes": [],
+        "n": sweep.n,
+        "n_malignant": n_malignant,
+        "prevalence": n_malignant / sweep.n,
+        "auroc": math.nan,
+        "auroc_ci": [math.nan, math.nan],
+        "ci_level": _check_level(level),
+        "n_boot": n_boot,
+        "n_boot_dropped": 0,
+        "bootstrap_unit": "image" if groups is None else "group",
+        "average_precision": math.nan,
+        "brier": float(np.mean((labels - scores) ** 2)),
+        "threshold": at["threshold"],
+        "sensitivity": at["sensitivity"],
+        "specificity": at["specificity"],
+        "threshold_metrics": at,
+        "operating_points": [],
+        "notes": [],
     }
     if n_malignant == 0 or n_malignant == sweep.n:
         out["notes"].append(_one_class_note(n_malignant, sweep.n) + "; no operating points")

@@ -72,9 +72,26 @@ import numpy as np
 
 from melcore.errors import ConfigError
 from melcore.registry import (  # noqa: F401  (re-exported: the registry is part of this module's API)
-    FEATURES_LAYER, HEAD_PREFIX, INPUT_LAYER, MAX_IMAGE_SIZE, OPTIMIZERS, OUTPUT_LAYER, POOLINGS, REGISTRY, SCHEDULES,
-    PUBLISHED_WEIGHTS, TRAINABLE_STAGES, ModelSpec, WeightsInfo, check_weights, get_spec, model_names,
-    validate_image_size, validate_model_name, weights_label)
+    FEATURES_LAYER,
+    HEAD_PREFIX,
+    INPUT_LAYER,
+    MAX_IMAGE_SIZE,
+    OPTIMIZERS,
+    OUTPUT_LAYER,
+    POOLINGS,
+    PUBLISHED_WEIGHTS,
+    REGISTRY,
+    SCHEDULES,
+    TRAINABLE_STAGES,
+    ModelSpec,
+    WeightsInfo,
+    check_weights,
+    get_spec,
+    model_names,
+    validate_image_size,
+    validate_model_name,
+    weights_label,
+)
 
 # --------------------------------------------------------------------------- preprocessing layer
 
@@ -124,6 +141,7 @@ def spec_of(model) -> ModelSpec | None:
 
 # --------------------------------------------------------------------------- families
 
+
 class PretrainedWeights(NamedTuple):
     """A backbone's published no-top weights file (see :func:`pretrained_weights`).
 
@@ -171,9 +189,11 @@ FAMILIES: dict[str, Family] = {}
 
 def register_family(name: str, weights: Callable[[ModelSpec], PretrainedWeights] | None = None):
     """Decorator: register the decorated feature-map builder as family ``name`` (with its ``weights``)."""
+
     def register(feature_map: Callable) -> Callable:
         FAMILIES[name] = Family(name, feature_map, weights)
         return feature_map
+
     return register
 
 
@@ -186,8 +206,10 @@ def get_family(spec: ModelSpec) -> Family:
         The spec's family was never registered (the message lists the registered ones).
     """
     if spec.family not in FAMILIES:
-        raise ConfigError(f"{spec.name} belongs to family {spec.family!r}, which has no builder; registered "
-                          f"families: {', '.join(FAMILIES)}")
+        raise ConfigError(
+            f"{spec.name} belongs to family {spec.family!r}, which has no builder; registered "
+            f"families: {', '.join(FAMILIES)}"
+        )
     return FAMILIES[spec.family]
 
 
@@ -207,14 +229,20 @@ def pretrained_weights(spec: ModelSpec) -> PretrainedWeights:
 
 # --------------------------------------------------------------------------- backbones (feature maps)
 
+
 @register_family("cnn")
 def _cnn_feature_map(spec: ModelSpec, inputs):
     x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     batch_norm = spec.conv_batch_norm
     for stage, filters in enumerate((32, 64, 128, 256), start=1):
-        x = keras.layers.Conv2D(filters, 5, padding="same", use_bias=not batch_norm,
-                                activation=None if batch_norm else "relu",
-                                name=f"conv{stage}_conv")(x)
+        x = keras.layers.Conv2D(
+            filters,
+            5,
+            padding="same",
+            use_bias=not batch_norm,
+            activation=None if batch_norm else "relu",
+            name=f"conv{stage}_conv",
+        )(x)
         if batch_norm:
             x = keras.layers.BatchNormalization(name=f"conv{stage}_bn")(x)
             x = keras.layers.Activation("relu", name=f"conv{stage}_relu")(x)
@@ -226,8 +254,9 @@ def _resnet_weights(spec: ModelSpec) -> PretrainedWeights:
     from keras.src.applications import resnet as keras_resnet
 
     file_name = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    return PretrainedWeights(file_name, keras_resnet.BASE_WEIGHTS_PATH + file_name,
-                             keras_resnet.WEIGHTS_HASHES["resnet50"][1], "imagenet")
+    return PretrainedWeights(
+        file_name, keras_resnet.BASE_WEIGHTS_PATH + file_name, keras_resnet.WEIGHTS_HASHES["resnet50"][1], "imagenet"
+    )
 
 
 @register_family("resnet", weights=_resnet_weights)
@@ -241,8 +270,12 @@ def _keras_effnet_weights(spec: ModelSpec) -> PretrainedWeights:
     from keras.src.applications import efficientnet as keras_efficientnet
 
     file_name = f"efficientnet{spec.variant}_notop.h5"
-    return PretrainedWeights(file_name, keras_efficientnet.BASE_WEIGHTS_PATH + file_name,
-                             keras_efficientnet.WEIGHTS_HASHES[spec.variant][1], "imagenet")
+    return PretrainedWeights(
+        file_name,
+        keras_efficientnet.BASE_WEIGHTS_PATH + file_name,
+        keras_efficientnet.WEIGHTS_HASHES[spec.variant][1],
+        "imagenet",
+    )
 
 
 @register_family("efficientnet", weights=_keras_effnet_weights)
@@ -303,8 +336,9 @@ def _ns_effnet_weights(spec: ModelSpec) -> PretrainedWeights:
 
     model_name = f"efficientnet-{spec.variant}"
     file_name = f"{model_name}_noisy-student_notop.h5"
-    return PretrainedWeights(file_name, ns_weights.NS_WEIGHTS_PATH + file_name,
-                             ns_weights.NS_WEIGHTS_HASHES[model_name][1], "noisy-student")
+    return PretrainedWeights(
+        file_name, ns_weights.NS_WEIGHTS_PATH + file_name, ns_weights.NS_WEIGHTS_HASHES[model_name][1], "noisy-student"
+    )
 
 
 @register_family("efficientnet-ns", weights=_ns_effnet_weights)
@@ -312,8 +346,16 @@ def _ns_effnet_feature_map(spec: ModelSpec, inputs):
     x = ImageNetPreprocessing("torch", name="preprocess")(inputs)
     with _efficientnet_package_for_keras3() as efficientnet_model:
         builder = getattr(efficientnet_model, f"EfficientNet{spec.variant.upper()}")
-        app = builder(include_top=False, weights=None, input_tensor=x, pooling=None,
-                      backend=_Keras3Backend(), layers=keras.layers, models=keras.models, utils=keras.utils)
+        app = builder(
+            include_top=False,
+            weights=None,
+            input_tensor=x,
+            pooling=None,
+            backend=_Keras3Backend(),
+            layers=keras.layers,
+            models=keras.models,
+            utils=keras.utils,
+        )
     return app.output
 
 
@@ -323,8 +365,6 @@ def _lite_feature_map(spec: ModelSpec, inputs):
     from melcore.efficientnet_lite import lite_feature_map
 
     return lite_feature_map(inputs, spec.variant)
-
-
 
 
 def _check_pooling(pooling: str) -> str:
@@ -343,8 +383,11 @@ def pooled_levels(model) -> list[str]:
     for group in numbered[2:]:
         last = None
         for layer in model.layers:
-            if block_group(layer.name) == group and not isinstance(layer, _NOT_FEATURE_MAPS) \
-                    and len(layer.output.shape) == 4:
+            if (
+                block_group(layer.name) == group
+                and not isinstance(layer, _NOT_FEATURE_MAPS)
+                and len(layer.output.shape) == 4
+            ):
                 last = layer.name
         if last is not None:
             levels.append(last)
@@ -371,6 +414,7 @@ def _random_backbone(spec: ModelSpec, size: int, pooling: str = "avg"):
 
 
 # --------------------------------------------------------------------------- head, join
+
 
 def build_head(n_features: int, dropout: float | None = None, *, model_name: str | None = None):
     """The classification head: pooled features ``(batch, n_features)`` -> probability ``(batch, 1)``.
@@ -438,12 +482,14 @@ def backbone_of(model):
     try:
         features = model.get_layer(FEATURES_LAYER)
     except ValueError:
-        raise ConfigError(f"model {model.name!r} has no {FEATURES_LAYER!r} layer; it was not built by "
-                          "melcore.models") from None
+        raise ConfigError(
+            f"model {model.name!r} has no {FEATURES_LAYER!r} layer; it was not built by melcore.models"
+        ) from None
     return keras.Model(model.input, features.output, name=f"{model.name}-backbone")
 
 
 # --------------------------------------------------------------------------- weights
+
 
 def _weights_cache_dir() -> str:
     # Read at call time (keras reads KERAS_HOME once at import) so tests and users can redirect it.
@@ -467,14 +513,17 @@ def _download_pretrained(spec: ModelSpec) -> tuple[str, str]:
     file_name, url, file_hash, label = pretrained_weights(spec)
     cache = Path(_weights_cache_dir()) / "models" / file_name
     try:
-        path = keras.utils.get_file(file_name, url, file_hash=file_hash, cache_subdir="models",
-                                    cache_dir=_weights_cache_dir())
+        path = keras.utils.get_file(
+            file_name, url, file_hash=file_hash, cache_subdir="models", cache_dir=_weights_cache_dir()
+        )
     except Exception as exc:  # noqa: BLE001 - keras raises bare Exception for network failures
         reason = _short(exc)
         raise _DownloadFailed(
             f"{label} weights for {spec.name} could not be downloaded ({reason}). Download {url} on a "
             f"machine with internet access and pass weights='/path/to/{file_name}' (or copy it to {cache}), "
-            "or use weights='none' / fallback_to_scratch=True to train from scratch", reason) from exc
+            "or use weights='none' / fallback_to_scratch=True to train from scratch",
+            reason,
+        ) from exc
     return path, label
 
 
@@ -491,10 +540,13 @@ def _h5_kind(path: Path) -> str:
             if "layers" in f or "vars" in f or "_layer_checkpoint_dependencies" in f:
                 return "keras3"
     except OSError as exc:
-        raise ConfigError(f"weights file {path} is not an HDF5/.keras file ({exc}); pass a Keras "
-                          "'.h5', '.weights.h5' or '.keras' file") from None
-    raise ConfigError(f"weights file {path} is HDF5 but holds no Keras weights; pass a Keras "
-                      "'.h5', '.weights.h5' or '.keras' file")
+        raise ConfigError(
+            f"weights file {path} is not an HDF5/.keras file ({exc}); pass a Keras "
+            "'.h5', '.weights.h5' or '.keras' file"
+        ) from None
+    raise ConfigError(
+        f"weights file {path} is HDF5 but holds no Keras weights; pass a Keras '.h5', '.weights.h5' or '.keras' file"
+    )
 
 
 @contextlib.contextmanager
@@ -560,10 +612,14 @@ def _load_file(model, backbone, path: Path) -> str:
                     except Exception as exc:  # noqa: BLE001
                         errors.append(f"by layer name: {_short(exc)}")
                 else:
-                    errors.append(f"by layer name: {len(missing)} backbone layers are not in the file "
-                                  f"(e.g. {', '.join(missing[:3])})")
-    raise ConfigError(f"weights file {path} does not fit {backbone.name.removesuffix('-backbone')} "
-                      f"(tried {'; '.join(errors)}); pass weights saved from the same architecture")
+                    errors.append(
+                        f"by layer name: {len(missing)} backbone layers are not in the file "
+                        f"(e.g. {', '.join(missing[:3])})"
+                    )
+    raise ConfigError(
+        f"weights file {path} does not fit {backbone.name.removesuffix('-backbone')} "
+        f"(tried {'; '.join(errors)}); pass weights saved from the same architecture"
+    )
 
 
 def _short(exc: Exception, limit: int = 300) -> str:
@@ -585,7 +641,7 @@ def _fix_keras_efficientnet_normalization(backbone) -> None:
         if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_variance"):
             variance = keras.ops.convert_to_numpy(layer.adapt_variance).reshape(-1)
             if variance.shape == std.shape and np.allclose(variance, std, atol=1e-6):
-                layer.adapt_variance.assign(np.reshape(std ** 2, layer.adapt_variance.shape))
+                layer.adapt_variance.assign(np.reshape(std**2, layer.adapt_variance.shape))
                 layer.finalize_state()
 
 
@@ -608,10 +664,17 @@ def _plan_lite_weights(spec: ModelSpec, requested: str, fallback_to_scratch: boo
     except ConfigError as exc:
         if not fallback_to_scratch:
             raise
-        return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
-                                        note=f"ImageNet weights unavailable ({exc}); trained from scratch"))
-    return _WeightsPlan(path=path, label="imagenet",
-                        note=f"{weights_label(spec)} loaded into the backbone (converted from {source})")
+        return _WeightsPlan(
+            WeightsInfo(
+                requested,
+                loaded=False,
+                from_scratch=True,
+                note=f"ImageNet weights unavailable ({exc}); trained from scratch",
+            )
+        )
+    return _WeightsPlan(
+        path=path, label="imagenet", note=f"{weights_label(spec)} loaded into the backbone (converted from {source})"
+    )
 
 
 def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _WeightsPlan:
@@ -622,12 +685,24 @@ def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _Weigh
     requested = "none" if weights is None else str(weights)
     key = check_weights(spec, requested, fallback_to_scratch)
     if key == "none":
-        return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
-                                        note="random initialisation (weights='none'); trained from scratch"))
+        return _WeightsPlan(
+            WeightsInfo(
+                requested,
+                loaded=False,
+                from_scratch=True,
+                note="random initialisation (weights='none'); trained from scratch",
+            )
+        )
     if key in PUBLISHED_WEIGHTS:
         if not spec.pretrained:
-            return _WeightsPlan(WeightsInfo(requested, loaded=False, from_scratch=True,
-                                            note=f"{spec.name} has no ImageNet weights; trained from scratch"))
+            return _WeightsPlan(
+                WeightsInfo(
+                    requested,
+                    loaded=False,
+                    from_scratch=True,
+                    note=f"{spec.name} has no ImageNet weights; trained from scratch",
+                )
+            )
         if spec.family == "efficientnet-lite":
             return _plan_lite_weights(spec, requested, fallback_to_scratch)
         try:
@@ -636,9 +711,14 @@ def _plan_weights(spec: ModelSpec, weights, fallback_to_scratch: bool) -> _Weigh
             if not fallback_to_scratch:
                 raise
             what = "Noisy-student ImageNet" if spec.family == "efficientnet-ns" else "ImageNet"
-            return _WeightsPlan(WeightsInfo(
-                requested, loaded=False, from_scratch=True,
-                note=f"{what} weights could not be downloaded ({exc.reason}); trained from scratch"))
+            return _WeightsPlan(
+                WeightsInfo(
+                    requested,
+                    loaded=False,
+                    from_scratch=True,
+                    note=f"{what} weights could not be downloaded ({exc.reason}); trained from scratch",
+                )
+            )
         return _WeightsPlan(path=Path(path), label=label)
     path = Path(key)
     _h5_kind(path)  # not a weights file at all: say so before building
@@ -656,17 +736,35 @@ def _apply_weights(spec: ModelSpec, plan: _WeightsPlan, backbone, model, request
     if spec.family == "efficientnet":
         _fix_keras_efficientnet_normalization(backbone)
     if plan.label is not None:
-        return WeightsInfo(requested, loaded=True, from_scratch=False, source=plan.label, scope=scope,
-                           note=plan.note or f"{weights_label(spec)} weights loaded into the backbone from {plan.path}")
+        return WeightsInfo(
+            requested,
+            loaded=True,
+            from_scratch=False,
+            source=plan.label,
+            scope=scope,
+            note=plan.note or f"{weights_label(spec)} weights loaded into the backbone from {plan.path}",
+        )
     what = "whole-model" if scope == "model" else "backbone"
-    return WeightsInfo(requested, loaded=True, from_scratch=False, source=str(plan.path), scope=scope,
-                       note=f"{what} weights loaded from {plan.path}")
+    return WeightsInfo(
+        requested,
+        loaded=True,
+        from_scratch=False,
+        source=str(plan.path),
+        scope=scope,
+        note=f"{what} weights loaded from {plan.path}",
+    )
 
 
 # --------------------------------------------------------------------------- public builders
 
-def build_backbone(name: str, image_size: int, weights: str | os.PathLike | None = "none",
-                   fallback_to_scratch: bool = False, pooling: str = "avg"):
+
+def build_backbone(
+    name: str,
+    image_size: int,
+    weights: str | os.PathLike | None = "none",
+    fallback_to_scratch: bool = False,
+    pooling: str = "avg",
+):
     """The feature extractor of a registry model: raw RGB -> pooled features.
 
     Args:
@@ -702,8 +800,14 @@ def build_backbone(name: str, image_size: int, weights: str | os.PathLike | None
     return backbone, info
 
 
-def build_model(name: str, image_size: int, weights: str | os.PathLike | None = "none",
-                fallback_to_scratch: bool = False, dropout: float | None = None, pooling: str = "avg"):
+def build_model(
+    name: str,
+    image_size: int,
+    weights: str | os.PathLike | None = "none",
+    fallback_to_scratch: bool = False,
+    dropout: float | None = None,
+    pooling: str = "avg",
+):
     """A registry model ready to compile: raw RGB in, melanoma probability out.
 
     Args:
@@ -843,11 +947,16 @@ def set_trainable(model, stage: str, n_blocks: int | None = None, *, train_batch
         if n_blocks is None:
             spec = spec_of(model)
             n_blocks = spec.finetune_blocks if spec else 2
-        if not isinstance(n_blocks, (int, np.integer)) or isinstance(n_blocks, bool) \
-                or not 0 <= n_blocks <= len(numbered):
-            raise ConfigError(f"n_blocks must be an integer from 0 to {len(numbered)} for {model.name} "
-                              f"(block groups: {', '.join(numbered)}), got {n_blocks!r}")
-        unfrozen = numbered[len(numbered) - int(n_blocks):] + (["top"] if "top" in groups else [])
+        if (
+            not isinstance(n_blocks, (int, np.integer))
+            or isinstance(n_blocks, bool)
+            or not 0 <= n_blocks <= len(numbered)
+        ):
+            raise ConfigError(
+                f"n_blocks must be an integer from 0 to {len(numbered)} for {model.name} "
+                f"(block groups: {', '.join(numbered)}), got {n_blocks!r}"
+            )
+        unfrozen = numbered[len(numbered) - int(n_blocks) :] + (["top"] if "top" in groups else [])
     elif stage == "all":
         unfrozen = list(groups)
     model.trainable = True
@@ -865,15 +974,24 @@ def set_trainable(model, stage: str, n_blocks: int | None = None, *, train_batch
             trainable = False
         layer.trainable = trainable
     count = lambda ws: int(sum(np.prod(w.shape) for w in ws))  # noqa: E731
-    return {"stage": stage, "unfrozen_groups": unfrozen,
-            "trainable_params": count(model.trainable_weights),
-            "frozen_params": count(model.non_trainable_weights)}
+    return {
+        "stage": stage,
+        "unfrozen_groups": unfrozen,
+        "trainable_params": count(model.trainable_weights),
+        "frozen_params": count(model.non_trainable_weights),
+    }
 
 
 # --------------------------------------------------------------------------- Grad-CAM helpers
 
-_NOT_FEATURE_MAPS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Dropout,
-                     keras.layers.ZeroPadding2D, keras.layers.Reshape, keras.layers.InputLayer)
+_NOT_FEATURE_MAPS = (
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+    keras.layers.Dropout,
+    keras.layers.ZeroPadding2D,
+    keras.layers.Reshape,
+    keras.layers.InputLayer,
+)
 
 
 def last_conv_layer_name(model) -> str:

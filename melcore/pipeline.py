@@ -51,8 +51,10 @@ def _as_paths(paths) -> list[str]:
     out = []
     for i, path in enumerate(list(paths)):
         if path is None or (isinstance(path, float) and math.isnan(path)) or str(path).strip() == "":
-            raise ConfigError(f"image path at position {i} is missing; drop rows without images "
-                              "(Cohort.with_images()) before building batches")
+            raise ConfigError(
+                f"image path at position {i} is missing; drop rows without images "
+                "(Cohort.with_images()) before building batches"
+            )
         out.append(os.fspath(path))
     return out
 
@@ -61,14 +63,17 @@ def _as_targets(targets, n: int) -> np.ndarray:
     try:
         values = np.asarray(targets, dtype="float64").reshape(-1)
     except (TypeError, ValueError):
-        raise ConfigError("targets must be numbers 0 or 1 (unlabelled rows cannot be used for training; "
-                          "use Cohort.labelled())") from None
+        raise ConfigError(
+            "targets must be numbers 0 or 1 (unlabelled rows cannot be used for training; use Cohort.labelled())"
+        ) from None
     if values.shape[0] != n:
         raise ConfigError(f"got {n} image paths but {values.shape[0]} targets; they must align")
     bad = np.flatnonzero(~np.isin(values, (0.0, 1.0)))
     if bad.size:
-        raise ConfigError(f"targets must be 0 or 1; position {bad[0]} holds {values[bad[0]]!r} "
-                          f"({bad.size} bad values; unlabelled rows: use Cohort.labelled())")
+        raise ConfigError(
+            f"targets must be 0 or 1; position {bad[0]} holds {values[bad[0]]!r} "
+            f"({bad.size} bad values; unlabelled rows: use Cohort.labelled())"
+        )
     return values.astype("float32")
 
 
@@ -96,7 +101,7 @@ def _stream(indices: np.ndarray, start: int, count: int, seed: int, tag: int, sh
             passes.append(indices)
     walk = np.concatenate(passes)
     offset = start - first * n
-    return walk[offset:offset + count].astype(np.int64)
+    return walk[offset : offset + count].astype(np.int64)
 
 
 class ImageBatches(keras.utils.PyDataset):
@@ -122,11 +127,25 @@ class ImageBatches(keras.utils.PyDataset):
     ``self[i]`` is ``(images float32 (b, s, s, 3) 0..255, targets float32 (b,))``.
     """
 
-    def __init__(self, paths: Sequence, targets: Sequence, image_size: int, *, batch_size: int = 32,
-                 augment: str = "none", balance: str = "none", shuffle: bool = True, seed: int = 0,
-                 epoch_length: int | None = None, cache: images.ImageCache | bool | None = None,
-                 drop_remainder: bool = False, workers: int = 2, use_multiprocessing: bool = False,
-                 max_queue_size: int = 8, start_epoch: int = 0):
+    def __init__(
+        self,
+        paths: Sequence,
+        targets: Sequence,
+        image_size: int,
+        *,
+        batch_size: int = 32,
+        augment: str = "none",
+        balance: str = "none",
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch_length: int | None = None,
+        cache: images.ImageCache | bool | None = None,
+        drop_remainder: bool = False,
+        workers: int = 2,
+        use_multiprocessing: bool = False,
+        max_queue_size: int = 8,
+        start_epoch: int = 0,
+    ):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         self.paths = _as_paths(paths)
         if not self.paths:
@@ -154,8 +173,10 @@ class ImageBatches(keras.utils.PyDataset):
                 epoch_length = len(self.paths)
         self.epoch_length = _check_positive_int("epoch_length", epoch_length)
         if self.drop_remainder and self.epoch_length < self.batch_size:
-            raise ConfigError(f"epoch_length {self.epoch_length} is smaller than one batch ({self.batch_size}) "
-                              "with drop_remainder=True")
+            raise ConfigError(
+                f"epoch_length {self.epoch_length} is smaller than one batch ({self.batch_size}) "
+                "with drop_remainder=True"
+            )
         self.epoch = -1
         self._epoch_started = False
         self.set_epoch(_check_positive_int("start_epoch", start_epoch, minimum=0))
@@ -173,13 +194,15 @@ class ImageBatches(keras.utils.PyDataset):
         no_image = table["image_path"].isna()
         if no_image.any():
             names = table.loc[no_image, "image_name"].astype(str).tolist() if "image_name" in table else []
-            raise ConfigError(f"{int(no_image.sum())} rows have no image file (e.g. {', '.join(names[:3])}); "
-                              "use Cohort.with_images()")
+            raise ConfigError(
+                f"{int(no_image.sum())} rows have no image file (e.g. {', '.join(names[:3])}); use Cohort.with_images()"
+            )
         unlabelled = table["target"].isna()
         if unlabelled.any():
             names = table.loc[unlabelled, "image_name"].astype(str).tolist() if "image_name" in table else []
-            raise ConfigError(f"{int(unlabelled.sum())} rows have no target (e.g. {', '.join(names[:3])}); "
-                              "use Cohort.labelled()")
+            raise ConfigError(
+                f"{int(unlabelled.sum())} rows have no target (e.g. {', '.join(names[:3])}); use Cohort.labelled()"
+            )
         return cls(table["image_path"].tolist(), table["target"].astype("float32").to_numpy(), image_size, **kwargs)
 
     # ------------------------------------------------------------------ order
@@ -206,7 +229,7 @@ class ImageBatches(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, 3, epoch])
         order, p, q = [], 0, 0
         for size, k in zip(sizes, n_pos_per_batch):
-            batch = np.concatenate([positives[p:p + k], negatives[q:q + size - k]])
+            batch = np.concatenate([positives[p : p + k], negatives[q : q + size - k]])
             p, q = p + k, q + size - k
             order.append(batch[rng.permutation(size)])
         return np.concatenate(order)
@@ -240,7 +263,7 @@ class ImageBatches(keras.utils.PyDataset):
         """Sample indices of batch ``index`` of the current epoch."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range (epoch has {len(self)} batches)")
-        return self._order[index * self.batch_size:(index + 1) * self.batch_size]
+        return self._order[index * self.batch_size : (index + 1) * self.batch_size]
 
     def __getitem__(self, index: int):
         indices = self.batch_indices(index)
@@ -253,9 +276,11 @@ class ImageBatches(keras.utils.PyDataset):
         return batch, self.targets[indices]
 
     def __repr__(self) -> str:
-        return (f"ImageBatches(n={len(self.paths)}, positives={self._positives.size}, size={self.image_size}, "
-                f"batch_size={self.batch_size}, augment={self.augment.name!r}, balance={self.balance!r}, "
-                f"epoch_length={self.epoch_length}, epoch={self.epoch})")
+        return (
+            f"ImageBatches(n={len(self.paths)}, positives={self._positives.size}, size={self.image_size}, "
+            f"batch_size={self.batch_size}, augment={self.augment.name!r}, balance={self.balance!r}, "
+            f"epoch_length={self.epoch_length}, epoch={self.epoch})"
+        )
 
 
 class PredictionBatches(keras.utils.PyDataset):
@@ -267,9 +292,19 @@ class PredictionBatches(keras.utils.PyDataset):
     ``(seed, k)`` of that preset, so TTA round ``r`` can use ``seed=r``.
     """
 
-    def __init__(self, paths: Sequence, image_size: int, *, batch_size: int = 64, augment: str = "none",
-                 seed: int = 0, cache: images.ImageCache | bool | None = None, workers: int = 2,
-                 use_multiprocessing: bool = False, max_queue_size: int = 8):
+    def __init__(
+        self,
+        paths: Sequence,
+        image_size: int,
+        *,
+        batch_size: int = 64,
+        augment: str = "none",
+        seed: int = 0,
+        cache: images.ImageCache | bool | None = None,
+        workers: int = 2,
+        use_multiprocessing: bool = False,
+        max_queue_size: int = 8,
+    ):
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size)
         self.paths = _as_paths(paths)
         self.image_size = _check_positive_int("image_size", image_size)
@@ -285,7 +320,7 @@ class PredictionBatches(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range ({len(self)} batches)")
         start = index * self.batch_size
-        chunk = self.paths[start:start + self.batch_size]
+        chunk = self.paths[start : start + self.batch_size]
         batch = np.empty((len(chunk), self.image_size, self.image_size, 3), dtype="float32")
         for j, path in enumerate(chunk):
             image = images.load_image(path, self.image_size, cache=self.cache)

@@ -61,8 +61,9 @@ _MARKER = dict(size=12, symbol="circle", line=dict(color="white", width=2))
 # Plotly selects (and so reports clicks on) marker points only, never bare lines; these
 # markers make every curve point clickable without drawing it, and stay unchanged
 # whether the point is selected or not.
-_CLICK_TARGET = dict(marker=dict(size=9, opacity=0), selected=dict(marker=dict(opacity=0)),
-                     unselected=dict(marker=dict(opacity=0)))
+_CLICK_TARGET = dict(
+    marker=dict(size=9, opacity=0), selected=dict(marker=dict(opacity=0)), unselected=dict(marker=dict(opacity=0))
+)
 
 
 def color_for(index: int) -> str:
@@ -106,9 +107,20 @@ def format_ci(value: float, ci: Sequence[float] | None = None, digits: int = 3, 
     return text
 
 
-def _figure(traces: list, title: str, x_title: str, y_title: str, *, height: int = 420, square: bool = False,
-            xaxis: dict | None = None, yaxis: dict | None = None, threshold: float | None = None,
-            threshold_label: bool = False, **layout) -> go.Figure:
+def _figure(
+    traces: list,
+    title: str,
+    x_title: str,
+    y_title: str,
+    *,
+    height: int = 420,
+    square: bool = False,
+    xaxis: dict | None = None,
+    yaxis: dict | None = None,
+    threshold: float | None = None,
+    threshold_label: bool = False,
+    **layout,
+) -> go.Figure:
     """One Figure built in a single pass (update_layout/add_vline calls cost ~10x more per call;
     a threshold slider rebuilds four figures on every move)."""
     xaxis = {"title": {"text": x_title}, **(xaxis or {})}
@@ -116,28 +128,67 @@ def _figure(traces: list, title: str, x_title: str, y_title: str, *, height: int
     if square:
         yaxis.update(scaleanchor="x", scaleratio=1)
     if threshold is not None and np.isfinite(threshold):
-        layout["shapes"] = [{"type": "line", "x0": float(threshold), "x1": float(threshold), "xref": "x",
-                             "y0": 0, "y1": 1, "yref": "paper", "line": {"color": "#444", "width": 1.5,
-                                                                          "dash": "dot"}}]
+        layout["shapes"] = [
+            {
+                "type": "line",
+                "x0": float(threshold),
+                "x1": float(threshold),
+                "xref": "x",
+                "y0": 0,
+                "y1": 1,
+                "yref": "paper",
+                "line": {"color": "#444", "width": 1.5, "dash": "dot"},
+            }
+        ]
         if threshold_label:
             layout.setdefault("annotations", []).append(
-                {"x": float(threshold), "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom",
-                 "showarrow": False, "text": f"threshold {threshold:.3f}"})
-    return go.Figure(data=[t for t in traces if t is not None], layout={
-        "title": {"text": title, "x": 0.01, "xanchor": "left"}, "height": height, "hovermode": "closest",
-        "hoverlabel": {"namelength": -1},
-        "margin": {"l": 10, "r": 10, "t": 45, "b": 10},
-        "legend": {"orientation": "h", "yanchor": "top", "y": -0.18, "xanchor": "left", "x": 0,
-                   "font": {"size": 11}},
-        "xaxis": xaxis, "yaxis": yaxis, **layout})
+                {
+                    "x": float(threshold),
+                    "y": 1,
+                    "xref": "x",
+                    "yref": "paper",
+                    "yanchor": "bottom",
+                    "showarrow": False,
+                    "text": f"threshold {threshold:.3f}",
+                }
+            )
+    return go.Figure(
+        data=[t for t in traces if t is not None],
+        layout={
+            "title": {"text": title, "x": 0.01, "xanchor": "left"},
+            "height": height,
+            "hovermode": "closest",
+            "hoverlabel": {"namelength": -1},
+            "margin": {"l": 10, "r": 10, "t": 45, "b": 10},
+            "legend": {
+                "orientation": "h",
+                "yanchor": "top",
+                "y": -0.18,
+                "xanchor": "left",
+                "x": 0,
+                "font": {"size": 11},
+            },
+            "xaxis": xaxis,
+            "yaxis": yaxis,
+            **layout,
+        },
+    )
 
 
-def _marker_trace(name: str, x: float, y: float, color: str, hover: str,
-                  label: str | None = None) -> go.Scatter | None:
+def _marker_trace(name: str, x: float, y: float, color: str, hover: str, label: str | None = None) -> go.Scatter | None:
     if x is None or y is None or not (np.isfinite(x) and np.isfinite(y)):
         return None
-    return go.Scatter(x=[x], y=[y], mode="markers", name=label or f"{name} @ threshold", legendgroup=name, meta=name,
-                      showlegend=False, marker=dict(color=color, **_MARKER), hovertemplate=hover + "<extra></extra>")
+    return go.Scatter(
+        x=[x],
+        y=[y],
+        mode="markers",
+        name=label or f"{name} @ threshold",
+        legendgroup=name,
+        meta=name,
+        showlegend=False,
+        marker=dict(color=color, **_MARKER),
+        hovertemplate=hover + "<extra></extra>",
+    )
 
 
 def _color_map(names: Sequence[str] | None, keys, colors: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -153,10 +204,18 @@ def _as_array(values) -> np.ndarray:
 
 # --------------------------------------------------------------------------- ROC
 
-def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, float]] | None = None, *,
-               names: Sequence[str] | None = None, title: str = "ROC curves", level: float = 0.95,
-               height: int = 460, marker_notes: Mapping[str, str] | None = None,
-               colors: Mapping[str, str] | None = None) -> go.Figure:
+
+def roc_figure(
+    curves: Mapping[str, tuple],
+    markers: Mapping[str, tuple[float, float]] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    title: str = "ROC curves",
+    level: float = 0.95,
+    height: int = 460,
+    marker_notes: Mapping[str, str] | None = None,
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
     """Overlaid ROC curves, one per model, with the AUROC and its CI in the legend.
 
     Args:
@@ -187,18 +246,41 @@ def roc_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, f
                 raise MelcoreError(f"ROC curve of {name!r}: {len(fpr)} points but {len(thresholds)} thresholds")
             clickable = dict(mode="lines+markers", customdata=thresholds, **_CLICK_TARGET)
             hover += "<br>threshold %{customdata:.3f} (click to use)"
-        traces.append(go.Scatter(
-            **clickable, x=fpr, y=tpr, name=f"{short_label(name)}<br>AUROC {format_ci(auc, ci, level=level)}",
-            legendgroup=name, meta=name, line=dict(color=colors[name], width=2.5),
-            hovertemplate=hover + "<extra>" + name + "</extra>"))
+        traces.append(
+            go.Scatter(
+                **clickable,
+                x=fpr,
+                y=tpr,
+                name=f"{short_label(name)}<br>AUROC {format_ci(auc, ci, level=level)}",
+                legendgroup=name,
+                meta=name,
+                line=dict(color=colors[name], width=2.5),
+                hovertemplate=hover + "<extra>" + name + "</extra>",
+            )
+        )
     for name, (x, y) in (markers or {}).items():
         note = (marker_notes or {}).get(name)
-        traces.append(_marker_trace(name, x, y, colors.get(name, color_for(len(colors))),
-                                    f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"
-                                    + (f"<br>{html.escape(note)}" if note else "")))
+        traces.append(
+            _marker_trace(
+                name,
+                x,
+                y,
+                colors.get(name, color_for(len(colors))),
+                f"{name}<br>sensitivity {y:.3f}<br>specificity {1 - x:.3f}"
+                + (f"<br>{html.escape(note)}" if note else ""),
+            )
+        )
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
-    return _figure(traces, title, "1 - specificity (false positive rate)", "sensitivity (true positive rate)",
-                   height=height, square=True, xaxis=unit, yaxis=dict(unit))
+    return _figure(
+        traces,
+        title,
+        "1 - specificity (false positive rate)",
+        "sensitivity (true positive rate)",
+        height=height,
+        square=True,
+        xaxis=unit,
+        yaxis=dict(unit),
+    )
 
 
 # --------------------------------------------------------------------------- readers
@@ -207,10 +289,19 @@ READER_SYMBOLS = {"unaided": "diamond", "aided": "circle"}
 """Marker of a reader's point by reading mode on :func:`readers_roc_figure`."""
 
 
-def readers_roc_figure(fpr, tpr, auc: float, ci: Sequence[float] | None, readers: pd.DataFrame, *,
-                       model_name: str = "model", mean_reader: Mapping[str, tuple[float, float]] | None = None,
-                       title: str = "Readers on the model's ROC curve", level: float = 0.95,
-                       height: int = 520) -> go.Figure:
+def readers_roc_figure(
+    fpr,
+    tpr,
+    auc: float,
+    ci: Sequence[float] | None,
+    readers: pd.DataFrame,
+    *,
+    model_name: str = "model",
+    mean_reader: Mapping[str, tuple[float, float]] | None = None,
+    title: str = "Readers on the model's ROC curve",
+    level: float = 0.95,
+    height: int = 520,
+) -> go.Figure:
     """The model's ROC curve with every reader's operating point and its confidence intervals.
 
     Args:
@@ -231,11 +322,18 @@ def readers_roc_figure(fpr, tpr, auc: float, ci: Sequence[float] | None, readers
     if len(fpr) != len(tpr):
         raise MelcoreError(f"ROC curve of {model_name!r}: fpr has {len(fpr)} points but tpr has {len(tpr)}")
     model = html.escape(str(model_name))
-    traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=_GUIDE, hoverinfo="skip"),
-              go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{model}<br>AUROC {format_ci(auc, ci, level=level)}",
-                         meta=model, line=dict(color=PALETTE[0], width=2.5),
-                         hovertemplate="1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}<extra>" + model
-                                       + "</extra>")]
+    traces = [
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line=_GUIDE, hoverinfo="skip"),
+        go.Scatter(
+            x=fpr,
+            y=tpr,
+            mode="lines",
+            name=f"{model}<br>AUROC {format_ci(auc, ci, level=level)}",
+            meta=model,
+            line=dict(color=PALETTE[0], width=2.5),
+            hovertemplate="1 - specificity %{x:.3f}<br>sensitivity %{y:.3f}<extra>" + model + "</extra>",
+        ),
+    ]
     names = sorted(set(readers["reviewer"])) if len(readers) else []
     colors = {name: color_for(i + 1) for i, name in enumerate(names)}
     for row in readers.to_dict("records"):
@@ -243,36 +341,83 @@ def readers_roc_figure(fpr, tpr, auc: float, ci: Sequence[float] | None, readers
         x, y = 1 - row["specificity"], row["sensitivity"]
         if not (np.isfinite(x) and np.isfinite(y)):
             continue
-        traces.append(go.Scatter(
-            x=[x], y=[y], mode="markers", name=f"{name} ({row['mode']})", meta=name,
-            marker=dict(color=colors[row["reviewer"]], size=12, symbol=READER_SYMBOLS.get(row["mode"], "square"),
-                        line=dict(color="white", width=1.5)),
-            error_x=dict(type="data", symmetric=False, array=[(1 - row["specificity_low"]) - x],
-                         arrayminus=[x - (1 - row["specificity_high"])], thickness=1, width=3),
-            error_y=dict(type="data", symmetric=False, array=[row["sensitivity_high"] - y],
-                         arrayminus=[y - row["sensitivity_low"]], thickness=1, width=3),
-            hovertemplate=(f"{name} ({row['mode']}, {int(row['n'])} lesions)<br>sensitivity {y:.3f} "
-                           f"({row['sensitivity_low']:.3f}-{row['sensitivity_high']:.3f})<br>specificity "
-                           f"{row['specificity']:.3f} ({row['specificity_low']:.3f}-{row['specificity_high']:.3f})"
-                           "<extra></extra>")))
+        traces.append(
+            go.Scatter(
+                x=[x],
+                y=[y],
+                mode="markers",
+                name=f"{name} ({row['mode']})",
+                meta=name,
+                marker=dict(
+                    color=colors[row["reviewer"]],
+                    size=12,
+                    symbol=READER_SYMBOLS.get(row["mode"], "square"),
+                    line=dict(color="white", width=1.5),
+                ),
+                error_x=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[(1 - row["specificity_low"]) - x],
+                    arrayminus=[x - (1 - row["specificity_high"])],
+                    thickness=1,
+                    width=3,
+                ),
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[row["sensitivity_high"] - y],
+                    arrayminus=[y - row["sensitivity_low"]],
+                    thickness=1,
+                    width=3,
+                ),
+                hovertemplate=(
+                    f"{name} ({row['mode']}, {int(row['n'])} lesions)<br>sensitivity {y:.3f} "
+                    f"({row['sensitivity_low']:.3f}-{row['sensitivity_high']:.3f})<br>specificity "
+                    f"{row['specificity']:.3f} ({row['specificity_low']:.3f}-{row['specificity_high']:.3f})"
+                    "<extra></extra>"
+                ),
+            )
+        )
     for mode, (specificity, sensitivity) in (mean_reader or {}).items():
         if np.isfinite(specificity) and np.isfinite(sensitivity):
-            traces.append(go.Scatter(
-                x=[1 - specificity], y=[sensitivity], mode="markers", name=f"mean reader ({mode})",
-                meta="mean reader", marker=dict(color="#222", size=16, symbol="star"),
-                hovertemplate=f"mean reader ({mode})<br>sensitivity {sensitivity:.3f}<br>specificity "
-                              f"{specificity:.3f}<extra></extra>"))
+            traces.append(
+                go.Scatter(
+                    x=[1 - specificity],
+                    y=[sensitivity],
+                    mode="markers",
+                    name=f"mean reader ({mode})",
+                    meta="mean reader",
+                    marker=dict(color="#222", size=16, symbol="star"),
+                    hovertemplate=f"mean reader ({mode})<br>sensitivity {sensitivity:.3f}<br>specificity "
+                    f"{specificity:.3f}<extra></extra>",
+                )
+            )
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
-    return _figure(traces, title, "1 - specificity (false positive rate)", "sensitivity (true positive rate)",
-                   height=height, square=True, xaxis=unit, yaxis=dict(unit))
+    return _figure(
+        traces,
+        title,
+        "1 - specificity (false positive rate)",
+        "sensitivity (true positive rate)",
+        height=height,
+        square=True,
+        xaxis=unit,
+        yaxis=dict(unit),
+    )
 
 
 # --------------------------------------------------------------------------- decision curves
 
-def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None, *,
-                          names: Sequence[str] | None = None, title: str = "Decision curves (net benefit)",
-                          height: int = 420, x_range: tuple[float, float] = (0.0, 0.5),
-                          colors: Mapping[str, str] | None = None) -> go.Figure:
+
+def decision_curve_figure(
+    curves: Mapping[str, pd.DataFrame],
+    threshold: float | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    title: str = "Decision curves (net benefit)",
+    height: int = 420,
+    x_range: tuple[float, float] = (0.0, 0.5),
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
     """Net benefit against the threshold probability, with "biopsy all" and "biopsy none".
 
     Args:
@@ -290,8 +435,16 @@ def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float |
     traces = []
     if tables:
         grid = tables[0][1]["threshold"].to_numpy()
-        traces.append(go.Scatter(x=grid, y=np.zeros(len(grid)), mode="lines", name="biopsy none",
-                                 line=dict(color="#444", width=1.5), hoverinfo="skip"))
+        traces.append(
+            go.Scatter(
+                x=grid,
+                y=np.zeros(len(grid)),
+                mode="lines",
+                name="biopsy none",
+                line=dict(color="#444", width=1.5),
+                hoverinfo="skip",
+            )
+        )
     alls: dict = {}
     for name, table in tables:
         key = tuple(np.round(table["treat_all"].to_numpy(), 12))
@@ -299,40 +452,72 @@ def decision_curve_figure(curves: Mapping[str, pd.DataFrame], threshold: float |
     for members in alls.values():
         name, table = members[0]
         label = "biopsy all" if len(alls) == 1 else f"biopsy all ({name})"
-        traces.append(go.Scatter(x=table["threshold"], y=table["treat_all"], mode="lines", name=label,
-                                 line=dict(color=colors[name] if len(alls) > 1 else "#9a9a9a", dash="dash",
-                                           width=1.5),
-                                 hovertemplate="threshold %{x:.2f}<br>net benefit %{y:.4f}<extra>" + label
-                                               + "</extra>"))
+        traces.append(
+            go.Scatter(
+                x=table["threshold"],
+                y=table["treat_all"],
+                mode="lines",
+                name=label,
+                line=dict(color=colors[name] if len(alls) > 1 else "#9a9a9a", dash="dash", width=1.5),
+                hovertemplate="threshold %{x:.2f}<br>net benefit %{y:.4f}<extra>" + label + "</extra>",
+            )
+        )
     lowest = 0.0
     for name, table in tables:
-        traces.append(go.Scatter(x=table["threshold"], y=table["net_benefit"], mode="lines", name=short_label(name),
-                                 meta=name,
-                                 legendgroup=name, line=dict(color=colors[name], width=2.5),
-                                 hovertemplate="threshold %{x:.2f}<br>net benefit %{y:.4f}<extra>" + name
-                                               + "</extra>"))
+        traces.append(
+            go.Scatter(
+                x=table["threshold"],
+                y=table["net_benefit"],
+                mode="lines",
+                name=short_label(name),
+                meta=name,
+                legendgroup=name,
+                line=dict(color=colors[name], width=2.5),
+                hovertemplate="threshold %{x:.2f}<br>net benefit %{y:.4f}<extra>" + name + "</extra>",
+            )
+        )
         lowest = min(lowest, float(np.nanmin(table["net_benefit"])))
     if threshold is not None and np.isfinite(threshold) and 0 <= threshold < 1:
         for name, table in tables:
             t = table["threshold"].to_numpy()
             k = int(np.argmin(np.abs(t - threshold)))
-            traces.append(_marker_trace(name, float(t[k]), float(table["net_benefit"].iloc[k]), colors[name],
-                                        f"{name}<br>threshold {t[k]:.2f}<br>net benefit "
-                                        f"{table['net_benefit'].iloc[k]:.4f}"))
+            traces.append(
+                _marker_trace(
+                    name,
+                    float(t[k]),
+                    float(table["net_benefit"].iloc[k]),
+                    colors[name],
+                    f"{name}<br>threshold {t[k]:.2f}<br>net benefit {table['net_benefit'].iloc[k]:.4f}",
+                )
+            )
     top = max([float(np.nanmax(t["treat_all"])) for _, t in tables] + [0.01])
-    return _figure(traces, title, "threshold probability (biopsy when risk ≥ this)", "net benefit", height=height,
-                   threshold=threshold, xaxis={"range": list(x_range)},
-                   yaxis={"range": [max(lowest, -0.5 * top) - 0.05 * top, top * 1.1]})
+    return _figure(
+        traces,
+        title,
+        "threshold probability (biopsy when risk ≥ this)",
+        "net benefit",
+        height=height,
+        threshold=threshold,
+        xaxis={"range": list(x_range)},
+        yaxis={"range": [max(lowest, -0.5 * top) - 0.05 * top, top * 1.1]},
+    )
 
 
 # --------------------------------------------------------------------------- threshold
 
-def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None = None,
-                     markers: Mapping[str, tuple[float, ...]] | None = None, *,
-                     names: Sequence[str] | None = None, title: str = "Sensitivity and specificity by threshold",
-                     height: int = 460, x_range: tuple[float, float] = (0.0, 1.0),
-                     colors: Mapping[str, str] | None = None,
-                     marker_notes: Mapping[str, str] | None = None) -> go.Figure:
+
+def threshold_figure(
+    curves: Mapping[str, pd.DataFrame],
+    threshold: float | None = None,
+    markers: Mapping[str, tuple[float, ...]] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    title: str = "Sensitivity and specificity by threshold",
+    height: int = 460,
+    x_range: tuple[float, float] = (0.0, 1.0),
+    colors: Mapping[str, str] | None = None,
+    marker_notes: Mapping[str, str] | None = None,
+) -> go.Figure:
     """Sensitivity (solid) and specificity (dashed) against the decision threshold.
 
     Args:
@@ -360,12 +545,24 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
         # the last row of a sweep lies just above the top score (can exceed 1 by an ulp)
         x = np.clip(x, 0.0, 1.0)
         for metric, dash in (("sensitivity", "solid"), ("specificity", "dash")):
-            traces.append(go.Scatter(
-                x=x, y=table[metric].to_numpy(dtype=float), mode="lines+markers", name=f"{short_label(name)} {metric}",
-                legendgroup=name, meta=name, line=dict(color=colors[name], width=2.2, dash=dash, shape="hv"),
-                customdata=x, **_CLICK_TARGET,
-                hovertemplate="threshold %{x:.3f} (click to use)<br>" + metric + " %{y:.3f}<extra>" + name
-                + "</extra>"))
+            traces.append(
+                go.Scatter(
+                    x=x,
+                    y=table[metric].to_numpy(dtype=float),
+                    mode="lines+markers",
+                    name=f"{short_label(name)} {metric}",
+                    legendgroup=name,
+                    meta=name,
+                    line=dict(color=colors[name], width=2.2, dash=dash, shape="hv"),
+                    customdata=x,
+                    **_CLICK_TARGET,
+                    hovertemplate="threshold %{x:.3f} (click to use)<br>"
+                    + metric
+                    + " %{y:.3f}<extra>"
+                    + name
+                    + "</extra>",
+                )
+            )
     shared = threshold is not None and np.isfinite(threshold)
     for name, marker in (markers or {}).items():
         sensitivity, specificity = marker[0], marker[1]
@@ -376,20 +573,42 @@ def threshold_figure(curves: Mapping[str, pd.DataFrame], threshold: float | None
         color = colors.get(name, color_for(len(colors)))
         note = (marker_notes or {}).get(name) or f"threshold {format_threshold(at)}"
         for metric, value in (("sensitivity", sensitivity), ("specificity", specificity)):
-            traces.append(_marker_trace(name, at, value, color,
-                                        f"{name}<br>{metric} {value:.3f}<br>{html.escape(note)}",
-                                        label=f"{name} {metric} @ threshold"))
-    return _figure(traces, title, "decision threshold (flag for biopsy when p >= threshold)", "rate",
-                   height=height, xaxis={"range": [float(x_range[0]), float(x_range[1])]},
-                   yaxis={"range": [-0.02, 1.02]}, threshold=threshold,
-                   threshold_label=True)
+            traces.append(
+                _marker_trace(
+                    name,
+                    at,
+                    value,
+                    color,
+                    f"{name}<br>{metric} {value:.3f}<br>{html.escape(note)}",
+                    label=f"{name} {metric} @ threshold",
+                )
+            )
+    return _figure(
+        traces,
+        title,
+        "decision threshold (flag for biopsy when p >= threshold)",
+        "rate",
+        height=height,
+        xaxis={"range": [float(x_range[0]), float(x_range[1])]},
+        yaxis={"range": [-0.02, 1.02]},
+        threshold=threshold,
+        threshold_label=True,
+    )
 
 
 # --------------------------------------------------------------------------- precision-recall
 
-def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, float]] | None = None, *,
-              prevalence: float | None = None, names: Sequence[str] | None = None,
-              title: str = "Precision-recall", height: int = 460, colors: Mapping[str, str] | None = None) -> go.Figure:
+
+def pr_figure(
+    curves: Mapping[str, tuple],
+    markers: Mapping[str, tuple[float, float]] | None = None,
+    *,
+    prevalence: float | None = None,
+    names: Sequence[str] | None = None,
+    title: str = "Precision-recall",
+    height: int = 460,
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
     """Precision (PPV) against recall (sensitivity), one curve per model.
 
     Args:
@@ -403,27 +622,64 @@ def pr_figure(curves: Mapping[str, tuple], markers: Mapping[str, tuple[float, fl
     colors = _color_map(names, curves, colors)
     traces = []
     if prevalence is not None and np.isfinite(prevalence):
-        traces.append(go.Scatter(x=[0, 1], y=[prevalence, prevalence], mode="lines",
-                                 name=f"no skill (prevalence {prevalence:.3f})", line=_GUIDE, hoverinfo="skip"))
+        traces.append(
+            go.Scatter(
+                x=[0, 1],
+                y=[prevalence, prevalence],
+                mode="lines",
+                name=f"no skill (prevalence {prevalence:.3f})",
+                line=_GUIDE,
+                hoverinfo="skip",
+            )
+        )
     for name, (precision, recall, ap) in curves.items():
         precision, recall = _as_array(precision), _as_array(recall)
-        traces.append(go.Scatter(
-            x=recall, y=precision, mode="lines", name=f"{short_label(name)}<br>AP {format_ci(ap)}", legendgroup=name,
-            meta=name, line=dict(color=colors[name], width=2.2, shape="hv"),
-            hovertemplate="recall %{x:.3f}<br>precision %{y:.3f}<extra>" + name + "</extra>"))
+        traces.append(
+            go.Scatter(
+                x=recall,
+                y=precision,
+                mode="lines",
+                name=f"{short_label(name)}<br>AP {format_ci(ap)}",
+                legendgroup=name,
+                meta=name,
+                line=dict(color=colors[name], width=2.2, shape="hv"),
+                hovertemplate="recall %{x:.3f}<br>precision %{y:.3f}<extra>" + name + "</extra>",
+            )
+        )
     for name, (recall, precision) in (markers or {}).items():
-        traces.append(_marker_trace(name, recall, precision, colors.get(name, color_for(len(colors))),
-                                    f"{name}<br>sensitivity {recall:.3f}<br>PPV {precision:.3f}"))
-    return _figure(traces, title, "recall (sensitivity)", "precision (PPV)", height=height,
-                   xaxis={"range": [-0.01, 1.01]}, yaxis={"range": [-0.01, 1.02]})
+        traces.append(
+            _marker_trace(
+                name,
+                recall,
+                precision,
+                colors.get(name, color_for(len(colors))),
+                f"{name}<br>sensitivity {recall:.3f}<br>PPV {precision:.3f}",
+            )
+        )
+    return _figure(
+        traces,
+        title,
+        "recall (sensitivity)",
+        "precision (PPV)",
+        height=height,
+        xaxis={"range": [-0.01, 1.01]},
+        yaxis={"range": [-0.01, 1.02]},
+    )
 
 
 # --------------------------------------------------------------------------- calibration
 
-def calibration_figure(tables: Mapping[str, tuple[pd.DataFrame, float]], threshold: float | None = None, *,
-                       names: Sequence[str] | None = None, title: str = "Calibration",
-                       height: int = 460, classes: ClassNames | None = None,
-                       colors: Mapping[str, str] | None = None) -> go.Figure:
+
+def calibration_figure(
+    tables: Mapping[str, tuple[pd.DataFrame, float]],
+    threshold: float | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    title: str = "Calibration",
+    height: int = 460,
+    classes: ClassNames | None = None,
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
     """Reliability diagram: observed positive (melanoma / malignant) fraction against mean predicted probability.
 
     Args:
@@ -439,32 +695,62 @@ def calibration_figure(tables: Mapping[str, tuple[pd.DataFrame, float]], thresho
     """
     colors = _color_map(names, tables, colors)
     positive = (classes or MELANOMA).positive
-    traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=_GUIDE,
-                         hoverinfo="skip")]
+    traces = [go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration", line=_GUIDE, hoverinfo="skip")]
     for name, (table, brier) in tables.items():
         shown = table[table["n"] > 0]
         counts = shown["n"].to_numpy(dtype=float)
         sizes = 6 + 14 * np.sqrt(counts / counts.max()) if len(counts) else []
         brier_text = f"{brier:.4f}" if brier is not None and np.isfinite(brier) else "n/a"
-        traces.append(go.Scatter(
-            x=shown["mean_predicted"], y=shown["fraction_malignant"], mode="lines+markers",
-            name=f"{short_label(name)}<br>Brier {brier_text}", legendgroup=name, meta=name,
-            line=dict(color=colors[name], width=2), marker=dict(size=sizes, color=colors[name]),
-            customdata=counts,
-            hovertemplate=("predicted %{x:.3f}<br>observed " + positive + " fraction %{y:.3f}<br>"
-                           "%{customdata:,.0f} images"
-                           "<extra>" + name + "</extra>")))
+        traces.append(
+            go.Scatter(
+                x=shown["mean_predicted"],
+                y=shown["fraction_malignant"],
+                mode="lines+markers",
+                name=f"{short_label(name)}<br>Brier {brier_text}",
+                legendgroup=name,
+                meta=name,
+                line=dict(color=colors[name], width=2),
+                marker=dict(size=sizes, color=colors[name]),
+                customdata=counts,
+                hovertemplate=(
+                    "predicted %{x:.3f}<br>observed " + positive + " fraction %{y:.3f}<br>"
+                    "%{customdata:,.0f} images"
+                    "<extra>" + name + "</extra>"
+                ),
+            )
+        )
     unit = {"range": [-0.01, 1.01], "constrain": "domain"}
-    return _figure(traces, title, "mean predicted probability", f"observed {positive} fraction", height=height,
-                   square=True, xaxis=unit, yaxis=dict(unit), threshold=threshold)
+    return _figure(
+        traces,
+        title,
+        "mean predicted probability",
+        f"observed {positive} fraction",
+        height=height,
+        square=True,
+        xaxis=unit,
+        yaxis=dict(unit),
+        threshold=threshold,
+    )
 
 
 # --------------------------------------------------------------------------- matrices and bars
 
-def heatmap_figure(matrix, labels: Sequence[str], *, column_labels: Sequence[str] | None = None, n=None,
-                   title: str = "Cross-clinic AUROC", x_title: str = "scored on clinic",
-                   y_title: str = "trained on clinic", zmin: float = 0.5, zmax: float = 1.0,
-                   value_format: str = ".3f", colorscale: str = "Blues", height: int | None = None) -> go.Figure:
+
+def heatmap_figure(
+    matrix,
+    labels: Sequence[str],
+    *,
+    column_labels: Sequence[str] | None = None,
+    n=None,
+    title: str = "Cross-clinic AUROC",
+    x_title: str = "scored on clinic",
+    y_title: str = "trained on clinic",
+    zmin: float = 0.5,
+    zmax: float = 1.0,
+    value_format: str = ".3f",
+    colorscale: str = "Blues",
+    height: int | None = None,
+) -> go.Figure:
     """Annotated heatmap, row i = ``labels[i]``, column j = ``column_labels[j]`` (default ``labels``).
 
     Args:
@@ -474,14 +760,19 @@ def heatmap_figure(matrix, labels: Sequence[str], *, column_labels: Sequence[str
 
     One trace (``go.Heatmap``) whose ``text`` holds the annotations.
     """
-    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64) \
-        if not isinstance(matrix, np.ndarray) else matrix.astype(np.float64)
+    values = (
+        np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
+        if not isinstance(matrix, np.ndarray)
+        else matrix.astype(np.float64)
+    )
     if values.ndim != 2:
         raise MelcoreError(f"a heatmap needs a 2-D matrix; got shape {values.shape}")
     columns = list(column_labels) if column_labels is not None else list(labels)
     if values.shape != (len(labels), len(columns)):
-        raise MelcoreError(f"heatmap matrix has shape {values.shape} but there are {len(labels)} row labels and "
-                           f"{len(columns)} column labels")
+        raise MelcoreError(
+            f"heatmap matrix has shape {values.shape} but there are {len(labels)} row labels and "
+            f"{len(columns)} column labels"
+        )
     counts = None
     if n is not None:
         counts = np.array([[np.nan if v is None else v for v in row] for row in n], dtype=np.float64)
@@ -497,16 +788,38 @@ def heatmap_figure(matrix, labels: Sequence[str], *, column_labels: Sequence[str
             row.append(cell)
         text.append(row)
     trace = go.Heatmap(
-        z=np.where(np.isfinite(values), values, None), x=[str(c) for c in columns], y=[str(r) for r in labels],
-        text=text, texttemplate="%{text}", zmin=zmin, zmax=zmax, colorscale=colorscale,
+        z=np.where(np.isfinite(values), values, None),
+        x=[str(c) for c in columns],
+        y=[str(r) for r in labels],
+        text=text,
+        texttemplate="%{text}",
+        zmin=zmin,
+        zmax=zmax,
+        colorscale=colorscale,
         hovertemplate=y_title + " %{y}<br>" + x_title + " %{x}<br>%{text}<extra></extra>",
-        colorbar=dict(thickness=12))
-    return _figure([trace], title, x_title, y_title, height=height or max(260, 80 + 60 * len(labels)),
-                   xaxis={"type": "category", "side": "bottom"}, yaxis={"type": "category", "autorange": "reversed"})
+        colorbar=dict(thickness=12),
+    )
+    return _figure(
+        [trace],
+        title,
+        x_title,
+        y_title,
+        height=height or max(260, 80 + 60 * len(labels)),
+        xaxis={"type": "category", "side": "bottom"},
+        yaxis={"type": "category", "autorange": "reversed"},
+    )
 
 
-def confusion_figure(tp: int, fp: int, tn: int, fn: int, *, title: str = "Confusion matrix",
-                     height: int = 300, classes: ClassNames | None = None) -> go.Figure:
+def confusion_figure(
+    tp: int,
+    fp: int,
+    tn: int,
+    fn: int,
+    *,
+    title: str = "Confusion matrix",
+    height: int = 300,
+    classes: ClassNames | None = None,
+) -> go.Figure:
     """2x2 counts: rows truth (the dataset's positive, negative class: ``classes``, default melanoma /
     not melanoma), columns decision (biopsy, no biopsy).
 
@@ -519,19 +832,35 @@ def confusion_figure(tp: int, fp: int, tn: int, fn: int, *, title: str = "Confus
     z = np.where(np.isfinite(shares), shares, None)
     text = [[f"TP<br>{tp:,}", f"FN<br>{fn:,}"], [f"FP<br>{fp:,}", f"TN<br>{tn:,}"]]
     trace = go.Heatmap(
-        z=z, x=["biopsy", "no biopsy"], y=[(classes or MELANOMA).positive, (classes or MELANOMA).negative],
+        z=z,
+        x=["biopsy", "no biopsy"],
+        y=[(classes or MELANOMA).positive, (classes or MELANOMA).negative],
         text=text,
-        texttemplate="%{text}", colorscale="Blues", showscale=False,
-        hovertemplate="truth %{y}<br>decision %{x}<br>%{text}<extra></extra>")
-    return _figure([trace], title, "decision", "truth", height=height, yaxis={"autorange": "reversed"},
-                   xaxis={"tickangle": 0})
+        texttemplate="%{text}",
+        colorscale="Blues",
+        showscale=False,
+        hovertemplate="truth %{y}<br>decision %{x}<br>%{text}<extra></extra>",
+    )
+    return _figure(
+        [trace], title, "decision", "truth", height=height, yaxis={"autorange": "reversed"}, xaxis={"tickangle": 0}
+    )
 
 
-def bar_figure(categories: Sequence[str], series: Mapping[str, Sequence[float]], *,
-               errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
-               names: Sequence[str] | None = None, title: str = "", x_title: str = "", y_title: str = "",
-               y_range: tuple[float, float] | None = None, value_format: str = ".3f",
-               horizontal: bool = False, height: int = 380, colors: Mapping[str, str] | None = None) -> go.Figure:
+def bar_figure(
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    names: Sequence[str] | None = None,
+    title: str = "",
+    x_title: str = "",
+    y_title: str = "",
+    y_range: tuple[float, float] | None = None,
+    value_format: str = ".3f",
+    horizontal: bool = False,
+    height: int = 380,
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
     """Grouped bars: one bar per category for each series (e.g. AUROC per clinic for each model).
 
     Args:
@@ -553,20 +882,39 @@ def bar_figure(categories: Sequence[str], series: Mapping[str, Sequence[float]],
         error = None
         if errors and name in errors:
             low, high = (_as_array(v) for v in errors[name])
-            error = dict(type="data", symmetric=False, array=np.nan_to_num(high - values),
-                         arrayminus=np.nan_to_num(values - low), color="#555", thickness=1.2)
+            error = dict(
+                type="data",
+                symmetric=False,
+                array=np.nan_to_num(high - values),
+                arrayminus=np.nan_to_num(values - low),
+                color="#555",
+                thickness=1.2,
+            )
         shown = np.where(np.isfinite(values), values, None)
         text = [format(v, value_format) if np.isfinite(v) else "" for v in values]
-        common = dict(name=short_label(name), meta=name, marker_color=colors[name], text=text,
-                      textposition="inside", insidetextanchor="start")
+        common = dict(
+            name=short_label(name),
+            meta=name,
+            marker_color=colors[name],
+            text=text,
+            textposition="inside",
+            insidetextanchor="start",
+        )
         if horizontal:
             traces.append(go.Bar(x=shown, y=categories, orientation="h", error_x=error, **common))
         else:
             traces.append(go.Bar(x=categories, y=shown, error_y=error, **common))
     value_axis = {"range": list(y_range)} if y_range is not None else {}
-    return _figure(traces, title, y_title if horizontal else x_title, x_title if horizontal else y_title,
-                   height=height, barmode="group", xaxis=value_axis if horizontal else None,
-                   yaxis=None if horizontal else value_axis)
+    return _figure(
+        traces,
+        title,
+        y_title if horizontal else x_title,
+        x_title if horizontal else y_title,
+        height=height,
+        barmode="group",
+        xaxis=value_axis if horizontal else None,
+        yaxis=None if horizontal else value_axis,
+    )
 
 
 # --------------------------------------------------------------------------- training
@@ -574,8 +922,14 @@ def bar_figure(categories: Sequence[str], series: Mapping[str, Sequence[float]],
 _X_KEYS = ("epoch", "step", "batch")
 
 
-def training_curves_figure(history, metrics: Sequence[str] | None = None, *, x: str | None = None,
-                           title: str = "Training curves", height: int = 380) -> go.Figure:
+def training_curves_figure(
+    history,
+    metrics: Sequence[str] | None = None,
+    *,
+    x: str | None = None,
+    title: str = "Training curves",
+    height: int = 380,
+) -> go.Figure:
     """Learning curves from a training history.
 
     Args:
@@ -617,11 +971,19 @@ def training_curves_figure(history, metrics: Sequence[str] | None = None, *, x: 
         base = metric[4:] if metric.startswith("val_") else metric
         right = "loss" not in metric.lower()
         has_right |= right
-        traces.append(go.Scatter(
-            x=xs, y=numeric[metric], mode="lines+markers", name=metric, meta=metric,
-            yaxis="y2" if right else "y", connectgaps=False,
-            line=dict(color=colors[base], width=2, dash="dash" if metric.startswith("val_") else "solid"),
-            marker=dict(size=5)))
+        traces.append(
+            go.Scatter(
+                x=xs,
+                y=numeric[metric],
+                mode="lines+markers",
+                name=metric,
+                meta=metric,
+                yaxis="y2" if right else "y",
+                connectgaps=False,
+                line=dict(color=colors[base], width=2, dash="dash" if metric.startswith("val_") else "solid"),
+                marker=dict(size=5),
+            )
+        )
     extra = {}
     if has_right:
         extra["yaxis2"] = {"title": {"text": "metric"}, "overlaying": "y", "side": "right", "showgrid": False}
@@ -633,6 +995,7 @@ def training_curves_figure(history, metrics: Sequence[str] | None = None, *, x: 
             low = 0.5 if lowest >= 0.48 else math.floor(lowest * 10) / 10
             extra["yaxis2"].update(title={"text": "AUROC"}, range=[low, 1.0], dtick=0.1, tickformat=".1f")
     if not metrics or len(frame) == 0:
-        extra["annotations"] = [{"text": "no epochs yet", "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper",
-                                 "yref": "paper"}]
+        extra["annotations"] = [
+            {"text": "no epochs yet", "showarrow": False, "x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper"}
+        ]
     return _figure(traces, title, x or "point", "loss", height=height, **extra)

@@ -21,9 +21,18 @@ _MODE_MARKERS = {"unaided": "D", "aided": "o"}
 _PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#8c564b", "#7f7f7f")
 
 
-def readers_roc_png(fpr, tpr, auc: float, ci: Sequence[float] | None, readers: pd.DataFrame, *,
-                    model_name: str = "model", mean_reader: Mapping[str, tuple[float, float]] | None = None,
-                    title: str = "Readers on the model's ROC curve", dpi: int = 150) -> bytes:
+def readers_roc_png(
+    fpr,
+    tpr,
+    auc: float,
+    ci: Sequence[float] | None,
+    readers: pd.DataFrame,
+    *,
+    model_name: str = "model",
+    mean_reader: Mapping[str, tuple[float, float]] | None = None,
+    title: str = "Readers on the model's ROC curve",
+    dpi: int = 150,
+) -> bytes:
     """The readers' ROC figure (:func:`melcore.plots.readers_roc_figure`) as PNG bytes.
 
     Args: as :func:`melcore.plots.readers_roc_figure`; ``dpi`` of the 6 x 6 inch image.
@@ -50,16 +59,29 @@ def readers_roc_png(fpr, tpr, auc: float, ci: Sequence[float] | None, readers: p
         x, y = 1 - row["specificity"], row["sensitivity"]
         if not (np.isfinite(x) and np.isfinite(y)):
             continue
-        axes.errorbar([x], [y],
-                      xerr=[[x - (1 - row["specificity_high"])], [(1 - row["specificity_low"]) - x]],
-                      yerr=[[y - row["sensitivity_low"]], [row["sensitivity_high"] - y]],
-                      fmt=_MODE_MARKERS.get(row["mode"], "s"), color=colors[row["reviewer"]], ms=7, capsize=2,
-                      lw=1, label=f"{row['reviewer']} ({row['mode']})")
+        axes.errorbar(
+            [x],
+            [y],
+            xerr=[[x - (1 - row["specificity_high"])], [(1 - row["specificity_low"]) - x]],
+            yerr=[[y - row["sensitivity_low"]], [row["sensitivity_high"] - y]],
+            fmt=_MODE_MARKERS.get(row["mode"], "s"),
+            color=colors[row["reviewer"]],
+            ms=7,
+            capsize=2,
+            lw=1,
+            label=f"{row['reviewer']} ({row['mode']})",
+        )
     for mode, (specificity, sensitivity) in (mean_reader or {}).items():
         if np.isfinite(specificity) and np.isfinite(sensitivity):
             axes.plot([1 - specificity], [sensitivity], "*", color="#222", ms=14, label=f"mean reader ({mode})")
-    axes.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title,
-             xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)")
+    axes.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        title=title,
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity (true positive rate)",
+    )
     axes.grid(alpha=0.3)
     legend = axes.legend(loc="lower right", fontsize=7, framealpha=0.9)
     for text in legend.get_texts():

@@ -84,6 +84,7 @@ Progress = Callable[[int, int], None]
 
 # --------------------------------------------------------------------------- test-time augmentation
 
+
 def dihedral_views(batch: np.ndarray) -> list[np.ndarray]:
     """The 8 dihedral transforms of a batch of square images.
 
@@ -117,6 +118,7 @@ def _tta_mean(probabilities: np.ndarray, b: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- models
 
+
 def load_run_model(run_or_dir):
     """The Keras model of a run.
 
@@ -139,8 +141,10 @@ def load_run_model(run_or_dir):
     if path.is_dir():
         candidate = path / "model.keras"
         if not candidate.is_file():
-            raise ConfigError(f"{path} holds no model.keras; pass a run directory written by "
-                              "'python -m melcore train' (a cancelled run may have none)")
+            raise ConfigError(
+                f"{path} holds no model.keras; pass a run directory written by "
+                "'python -m melcore train' (a cancelled run may have none)"
+            )
         path = candidate
     elif not path.exists():
         raise ConfigError(f"model {path} not found; pass a run directory or a .keras file")
@@ -191,12 +195,14 @@ def model_image_size(model) -> int:
     if isinstance(shape, list):
         shape = shape[0]
     if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
-        raise ConfigError(f"model {model.name!r} takes input {shape}; expected square RGB images "
-                          "(batch, size, size, 3)")
+        raise ConfigError(
+            f"model {model.name!r} takes input {shape}; expected square RGB images (batch, size, size, 3)"
+        )
     return int(shape[1])
 
 
 # --------------------------------------------------------------------------- core scoring
+
 
 def _check_on_error(on_error: str) -> None:
     if on_error not in ON_ERROR:
@@ -231,8 +237,13 @@ def predict_batch(model, batch: np.ndarray, tta: bool = False) -> np.ndarray:
     return _tta_mean(out, b) if tta else out
 
 
-def predict_images(model, images_uint8: np.ndarray, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                   progress: Progress | None = None) -> np.ndarray:
+def predict_images(
+    model,
+    images_uint8: np.ndarray,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+) -> np.ndarray:
     """Melanoma probability of each image of an in-memory array (the CNN's, never a run's colour model).
 
     Parameters
@@ -257,23 +268,32 @@ def predict_images(model, images_uint8: np.ndarray, tta: bool = False, batch_siz
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
-        raise ConfigError(f"images have shape {images.shape}; this model takes (n, {size}, {size}, 3) "
-                          f"RGB arrays (load them with melcore.images.load_images(paths, {size}))")
+        raise ConfigError(
+            f"images have shape {images.shape}; this model takes (n, {size}, {size}, 3) "
+            f"RGB arrays (load them with melcore.images.load_images(paths, {size}))"
+        )
     n = len(images)
     out = np.empty(n, dtype="float64")
     if progress is not None:
         progress(0, n)
     for start in range(0, n, batch_size):
-        chunk = images[start:start + batch_size]
-        out[start:start + len(chunk)] = predict_batch(model, chunk, tta=tta)
+        chunk = images[start : start + batch_size]
+        out[start : start + len(chunk)] = predict_batch(model, chunk, tta=tta)
         if progress is not None:
             progress(min(start + batch_size, n), n)
     return out
 
 
-def predict_dataset(model, dataset, n_images: int, batch_sizes: Sequence[int], tta: bool,
-                     progress: Callable[[int, int], None] | None = None,
-                     should_stop: Callable[[], bool] | None = None, per_batch: bool = False) -> np.ndarray | None:
+def predict_dataset(
+    model,
+    dataset,
+    n_images: int,
+    batch_sizes: Sequence[int],
+    tta: bool,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    per_batch: bool = False,
+) -> np.ndarray | None:
     """Probabilities (float64, shape (n_images,)) for a PyDataset of image batches; None when stopped.
 
     ``batch_sizes`` lists the images in each batch of ``dataset`` (needed to average the
@@ -311,19 +331,21 @@ def predict_dataset(model, dataset, n_images: int, batch_sizes: Sequence[int], t
     raw = np.asarray(raw, dtype="float64").reshape(-1)
     expected = n_images * (N_TTA_VIEWS if tta else 1)
     if raw.shape[0] != expected:
-        raise MelcoreError(f"the model returned {raw.shape[0]} predictions for {expected} inputs; "
-                           "expected one probability per image")
+        raise MelcoreError(
+            f"the model returned {raw.shape[0]} predictions for {expected} inputs; expected one probability per image"
+        )
     if not tta:
         return raw
     parts, offset = [], 0
     for b in batch_sizes:
-        parts.append(_tta_mean(raw[offset:offset + N_TTA_VIEWS * b], b))
+        parts.append(_tta_mean(raw[offset : offset + N_TTA_VIEWS * b], b))
         offset += N_TTA_VIEWS * b
     return np.concatenate(parts) if parts else np.empty(0, dtype="float64")
 
 
-def _predict_per_batch(model, source, n_images: int, batch_sizes: Sequence[int], tta: bool, progress,
-                       should_stop) -> np.ndarray | None:
+def _predict_per_batch(
+    model, source, n_images: int, batch_sizes: Sequence[int], tta: bool, progress, should_stop
+) -> np.ndarray | None:
     """:func:`predict_dataset` by one ``model(x, training=False)`` call per batch of ``source``."""
     parts, done = [], 0
     for index in range(len(source)):
@@ -338,8 +360,9 @@ def _predict_per_batch(model, source, n_images: int, batch_sizes: Sequence[int],
             progress(min(done, n_images), n_images)
     out = np.concatenate(parts) if parts else np.empty(0, dtype="float64")
     if out.shape[0] != n_images:
-        raise MelcoreError(f"the model returned {out.shape[0]} predictions for {n_images} images; "
-                           "expected one probability per image")
+        raise MelcoreError(
+            f"the model returned {out.shape[0]} predictions for {n_images} images; expected one probability per image"
+        )
     return out
 
 
@@ -349,8 +372,11 @@ def _tta_batches(base):
 
     class TTABatches(keras.utils.PyDataset):
         def __init__(self):
-            super().__init__(workers=getattr(base, "workers", 1), use_multiprocessing=False,
-                             max_queue_size=getattr(base, "max_queue_size", 8))
+            super().__init__(
+                workers=getattr(base, "workers", 1),
+                use_multiprocessing=False,
+                max_queue_size=getattr(base, "max_queue_size", 8),
+            )
 
         def __len__(self):
             return len(base)
@@ -361,9 +387,17 @@ def _tta_batches(base):
     return TTABatches()
 
 
-def predict_paths(model, paths: Sequence, *, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                  progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-                  cache=None, workers: int | None = None) -> np.ndarray | None:
+def predict_paths(
+    model,
+    paths: Sequence,
+    *,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    cache=None,
+    workers: int | None = None,
+) -> np.ndarray | None:
     """Probabilities for image files (all must be readable: check them first).
 
     Returns
@@ -385,8 +419,9 @@ def predict_paths(model, paths: Sequence, *, tta: bool = False, batch_size: int 
     return predict_dataset(model, dataset, n, sizes, tta, progress=progress, should_stop=should_stop)
 
 
-def _check_readable(names: list[str], paths: list, size: int, on_error: str, cache,
-                    progress: Progress | None) -> tuple[list[int], list[tuple[str, str]]]:
+def _check_readable(
+    names: list[str], paths: list, size: int, on_error: str, cache, progress: Progress | None
+) -> tuple[list[int], list[tuple[str, str]]]:
     """Decode every image once (filling the cache); (positions of good images, skipped)."""
     from melcore import images
 
@@ -409,10 +444,15 @@ def _check_readable(names: list[str], paths: list, size: int, on_error: str, cac
     chunk = 256
     total = len(present)
     for start in range(0, total, chunk):
-        part = present[start:start + chunk]
-        images.load_images([paths[i] for i in part], size, cache=cache,
-                           on_error="raise" if on_error == "raise" else
-                           (lambda index, error, offset=start: failed(offset + index, error)))
+        part = present[start : start + chunk]
+        images.load_images(
+            [paths[i] for i in part],
+            size,
+            cache=cache,
+            on_error="raise"
+            if on_error == "raise"
+            else (lambda index, error, offset=start: failed(offset + index, error)),
+        )
         if progress is not None:
             progress(min(start + chunk, total), total)
     for i in present:
@@ -423,8 +463,9 @@ def _check_readable(names: list[str], paths: list, size: int, on_error: str, cac
     return good, skipped
 
 
-def _score_table(model, names: list[str], paths: list, *, tta: bool, batch_size: int,
-                 progress: Progress | None, on_error: str) -> pd.DataFrame:
+def _score_table(
+    model, names: list[str], paths: list, *, tta: bool, batch_size: int, progress: Progress | None, on_error: str
+) -> pd.DataFrame:
     from melcore.images import ImageCache
 
     colour_model = run_colour_model(model)
@@ -438,13 +479,15 @@ def _score_table(model, names: list[str], paths: list, *, tta: bool, batch_size:
     score_progress = None
     if progress is not None:
         score_progress = lambda d, t: progress(n // 3 + int(d * (n - n // 3) / max(t, 1)), n)  # noqa: E731
-    scores = predict_paths(model, [paths[i] for i in good], tta=tta, batch_size=batch_size,
-                           progress=score_progress, cache=cache)
+    scores = predict_paths(
+        model, [paths[i] for i in good], tta=tta, batch_size=batch_size, progress=score_progress, cache=cache
+    )
     scores = scores if scores is not None else np.empty(0)
     result = pd.DataFrame({"image_name": [names[i] for i in good], "prediction": scores})
     if colour_model is not None:
-        result["prediction"] = (colour.colour_probabilities(colour_model, [paths[i] for i in good], cache=cache)
-                                if good else np.empty(0))
+        result["prediction"] = (
+            colour.colour_probabilities(colour_model, [paths[i] for i in good], cache=cache) if good else np.empty(0)
+        )
         result["cnn_prediction"] = scores
     result.attrs["skipped"] = skipped
     if progress is not None:
@@ -452,8 +495,14 @@ def _score_table(model, names: list[str], paths: list, *, tta: bool, batch_size:
     return result
 
 
-def predict_cohort(run_or_dir, cohort, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                   progress: Progress | None = None, on_error: str = "raise") -> pd.DataFrame:
+def predict_cohort(
+    run_or_dir,
+    cohort,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+    on_error: str = "raise",
+) -> pd.DataFrame:
     """Score every image of a cohort (labelled or not), in table order.
 
     Parameters
@@ -478,8 +527,15 @@ def predict_cohort(run_or_dir, cohort, tta: bool = False, batch_size: int = DEFA
     table = cohort.table
     names = table["image_name"].astype(str).tolist()
     paths = table["image_path"].tolist()
-    return _score_table(run_or_dir, names, paths, tta=tta, batch_size=_check_batch_size(batch_size),
-                        progress=progress, on_error=on_error)
+    return _score_table(
+        run_or_dir,
+        names,
+        paths,
+        tta=tta,
+        batch_size=_check_batch_size(batch_size),
+        progress=progress,
+        on_error=on_error,
+    )
 
 
 def list_image_files(folder, recursive: bool = False) -> list[Path]:
@@ -497,23 +553,38 @@ def list_image_files(folder, recursive: bool = False) -> list[Path]:
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder of images")
     pattern = root.rglob("*") if recursive else root.iterdir()
-    files = sorted((p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not p.name.startswith(".") and inside(p, [root]) is not None),
-                   key=lambda p: (p.stem, str(p)))
+    files = sorted(
+        (
+            p
+            for p in pattern
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not p.name.startswith(".")
+            and inside(p, [root]) is not None
+        ),
+        key=lambda p: (p.stem, str(p)),
+    )
     if not files:
         raise ConfigError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     seen: dict[str, Path] = {}
     for path in files:
         if path.stem in seen:
-            raise ConfigError(f"two images are named {path.stem!r} ({seen[path.stem]} and {path}); "
-                              "image names must be unique")
+            raise ConfigError(
+                f"two images are named {path.stem!r} ({seen[path.stem]} and {path}); image names must be unique"
+            )
         seen[path.stem] = path
     return files
 
 
-def predict_folder(run_or_dir, folder, tta: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-                   progress: Progress | None = None, on_error: str = "raise",
-                   recursive: bool = False) -> pd.DataFrame:
+def predict_folder(
+    run_or_dir,
+    folder,
+    tta: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
+    on_error: str = "raise",
+    recursive: bool = False,
+) -> pd.DataFrame:
     """Score every image file of a folder (see :func:`list_image_files`).
 
     Returns
@@ -523,8 +594,15 @@ def predict_folder(run_or_dir, folder, tta: bool = False, batch_size: int = DEFA
     sorted by image_name; skipped files in ``result.attrs["skipped"]`` with ``on_error="skip"``.
     """
     files = list_image_files(folder, recursive=recursive)
-    return _score_table(run_or_dir, [p.stem for p in files], [str(p) for p in files], tta=tta,
-                        batch_size=_check_batch_size(batch_size), progress=progress, on_error=on_error)
+    return _score_table(
+        run_or_dir,
+        [p.stem for p in files],
+        [str(p) for p in files],
+        tta=tta,
+        batch_size=_check_batch_size(batch_size),
+        progress=progress,
+        on_error=on_error,
+    )
 
 
 def write_submission(predictions: pd.DataFrame, path) -> Path:
@@ -541,8 +619,9 @@ def write_submission(predictions: pd.DataFrame, path) -> Path:
     if predictions["image_name"].duplicated().any():
         dup = predictions.loc[predictions["image_name"].duplicated(), "image_name"].iloc[0]
         raise ConfigError(f"image {dup!r} appears twice in the predictions; one row per image is required")
-    out = pd.DataFrame({"image_name": predictions["image_name"].astype(str),
-                        "target": predictions[column].astype("float64")})
+    out = pd.DataFrame(
+        {"image_name": predictions["image_name"].astype(str), "target": predictions[column].astype("float64")}
+    )
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -555,6 +634,7 @@ _PREVIEW_SIDE = 512  # longest side of the uploaded image as shown on the Score 
 
 
 # --------------------------------------------------------------------------- scoring an upload
+
 
 @dataclass
 class UploadScore:
@@ -600,8 +680,16 @@ class UploadScore:
         return overlay(self.image, self.heatmap, opacity=opacity, colormap=colormap)
 
 
-def score_upload(model, data, name: str | None = None, *, tta: bool = False, method: str | None = "gradcam",
-                 detail: str = "standard", max_bytes: int | None = None) -> UploadScore:
+def score_upload(
+    model,
+    data,
+    name: str | None = None,
+    *,
+    tta: bool = False,
+    method: str | None = "gradcam",
+    detail: str = "standard",
+    max_bytes: int | None = None,
+) -> UploadScore:
     """Score one uploaded JPEG/PNG with a run's model, and explain it.
 
     Parameters
@@ -666,9 +754,17 @@ def score_upload(model, data, name: str | None = None, *, tta: bool = False, met
     probability, scorer = cnn_probability, "cnn"
     if colour_model is not None:
         probability, scorer = _colour_probability_of_bytes(colour_model, raw), "colour-model"
-    return UploadScore(probability=probability, view_probabilities=np.asarray(per_view, "float64"),
-                       tta=bool(tta), input_size=(size, size), image=preview, heatmap=heatmap, method=method,
-                       cnn_probability=cnn_probability, scorer=scorer)
+    return UploadScore(
+        probability=probability,
+        view_probabilities=np.asarray(per_view, "float64"),
+        tta=bool(tta),
+        input_size=(size, size),
+        image=preview,
+        heatmap=heatmap,
+        method=method,
+        cnn_probability=cnn_probability,
+        scorer=scorer,
+    )
 
 
 def _colour_probability_of_bytes(colour_model, raw: bytes) -> float:
@@ -702,8 +798,9 @@ def _executor() -> ThreadPoolExecutor:
     global _EXECUTOR
     with _EXECUTOR_LOCK:
         if _EXECUTOR is None:
-            _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="melcore-model",
-                                           initializer=_mark_model_thread)
+            _EXECUTOR = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="melcore-model", initializer=_mark_model_thread
+            )
         return _EXECUTOR
 
 

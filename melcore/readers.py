@@ -79,19 +79,51 @@ MODES = ("unaided", "aided")
 MIN_READS = 20
 """Reads on labelled lesions a reader needs (with both classes among them) to be placed on the ROC plot."""
 
-READ_COLUMNS = ("reviewer", "mode", "image_name", "group", "target", "risk", "decision", "positive", "confidence",
-                "review_id")
+READ_COLUMNS = (
+    "reviewer",
+    "mode",
+    "image_name",
+    "group",
+    "target",
+    "risk",
+    "decision",
+    "positive",
+    "confidence",
+    "review_id",
+)
 """Columns of :func:`study_reads`."""
 
 READER_COLUMNS = (
-    "reviewer", "mode", "n", "n_malignant", "n_patients", "tp", "fp", "tn", "fn",
-    "sensitivity", "sensitivity_low", "sensitivity_high", "specificity", "specificity_low", "specificity_high",
-    "model_auroc", "model_sensitivity_at_reader_specificity", "model_specificity_at_reader_sensitivity",
-    "n_confidence", "reader_auroc", "reader_auroc_low", "reader_auroc_high", "eligible", "note")
+    "reviewer",
+    "mode",
+    "n",
+    "n_malignant",
+    "n_patients",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "sensitivity",
+    "sensitivity_low",
+    "sensitivity_high",
+    "specificity",
+    "specificity_low",
+    "specificity_high",
+    "model_auroc",
+    "model_sensitivity_at_reader_specificity",
+    "model_specificity_at_reader_sensitivity",
+    "n_confidence",
+    "reader_auroc",
+    "reader_auroc_low",
+    "reader_auroc_high",
+    "eligible",
+    "note",
+)
 """Columns of :func:`reader_table`."""
 
 
 # --------------------------------------------------------------------------- reads
+
 
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
@@ -129,8 +161,9 @@ def study_reads(history: pd.DataFrame | None, predictions: pd.DataFrame | None) 
         return empty
     missing = {"image_name", "reviewer", "decision"} - set(history.columns)
     if missing:
-        raise MelcoreError(f"the review history needs the columns image_name, reviewer and decision; missing "
-                           f"{sorted(missing)}")
+        raise MelcoreError(
+            f"the review history needs the columns image_name, reviewer and decision; missing {sorted(missing)}"
+        )
     frame = history[history["decision"].isin(STUDY_DECISIONS)].copy()
     if frame.empty:
         return empty
@@ -142,29 +175,35 @@ def study_reads(history: pd.DataFrame | None, predictions: pd.DataFrame | None) 
     frame = frame.sort_values("id", kind="stable").drop_duplicates(["reviewer", "mode", "image_name"], keep="last")
 
     risk = risk_by_image(predictions)
-    first = predictions.assign(image_name=predictions["image_name"].astype(str)).drop_duplicates(
-        "image_name", keep="last").set_index("image_name")
+    first = (
+        predictions.assign(image_name=predictions["image_name"].astype(str))
+        .drop_duplicates("image_name", keep="last")
+        .set_index("image_name")
+    )
     names = frame["image_name"]
-    target = pd.to_numeric(names.map(first["target"]) if "target" in first else pd.Series(np.nan, index=frame.index),
-                           errors="coerce")
+    target = pd.to_numeric(
+        names.map(first["target"]) if "target" in first else pd.Series(np.nan, index=frame.index), errors="coerce"
+    )
     patient = names.map(first["patient_id"]) if "patient_id" in first else pd.Series(None, index=frame.index)
     frame["risk"] = names.map(risk).astype("float64")
     frame["target"] = target
     frame["group"] = patient.astype(object).where(patient.notna(), "image:" + names).astype(str)
     frame = frame[frame["target"].isin([0, 1]) & np.isfinite(frame["risk"])]
     confidence = frame["confidence"] if "confidence" in frame.columns else pd.Series(np.nan, index=frame.index)
-    out = pd.DataFrame({
-        "reviewer": frame["reviewer"].astype(str).to_numpy(),
-        "mode": frame["mode"].to_numpy(dtype=object),
-        "image_name": frame["image_name"].to_numpy(dtype=object),
-        "group": frame["group"].to_numpy(dtype=object),
-        "target": frame["target"].astype(np.int64).to_numpy(),
-        "risk": frame["risk"].to_numpy(dtype=np.float64),
-        "decision": frame["decision"].astype(str).to_numpy(),
-        "positive": (frame["decision"] == POSITIVE_DECISION).to_numpy(dtype=bool),
-        "confidence": pd.to_numeric(confidence, errors="coerce").to_numpy(dtype=np.float64),
-        "review_id": frame["id"].astype(np.int64).to_numpy(),
-    })
+    out = pd.DataFrame(
+        {
+            "reviewer": frame["reviewer"].astype(str).to_numpy(),
+            "mode": frame["mode"].to_numpy(dtype=object),
+            "image_name": frame["image_name"].to_numpy(dtype=object),
+            "group": frame["group"].to_numpy(dtype=object),
+            "target": frame["target"].astype(np.int64).to_numpy(),
+            "risk": frame["risk"].to_numpy(dtype=np.float64),
+            "decision": frame["decision"].astype(str).to_numpy(),
+            "positive": (frame["decision"] == POSITIVE_DECISION).to_numpy(dtype=bool),
+            "confidence": pd.to_numeric(confidence, errors="coerce").to_numpy(dtype=np.float64),
+            "review_id": frame["id"].astype(np.int64).to_numpy(),
+        }
+    )
     return out.sort_values(["reviewer", "mode", "image_name"], kind="stable").reset_index(drop=True)
 
 
@@ -185,8 +224,9 @@ def study_order(image_names, seed: int) -> list[str]:
     return sorted(names, key=lambda n: hashlib.sha256(f"{int(seed)}:{n}".encode()).hexdigest())
 
 
-def study_worklist(predictions: pd.DataFrame, history: pd.DataFrame | None, reviewer: str | None, mode: str,
-                   seed: int) -> pd.DataFrame:
+def study_worklist(
+    predictions: pd.DataFrame, history: pd.DataFrame | None, reviewer: str | None, mode: str, seed: int
+) -> pd.DataFrame:
     """The lesions of a reader study, in the fixed random order, with this reader's reads in ``mode``.
 
     Parameters
@@ -214,16 +254,22 @@ def study_worklist(predictions: pd.DataFrame, history: pd.DataFrame | None, revi
     scored = predictions[pd.to_numeric(predictions["prediction"], errors="coerce").notna()]
     names = study_order(scored["image_name"], seed)
     patients = scored.assign(image_name=scored["image_name"].astype(str)).drop_duplicates("image_name", keep="last")
-    patients = (patients.set_index("image_name")["patient_id"] if "patient_id" in patients.columns
-                else pd.Series(None, index=patients["image_name"], dtype=object))
+    patients = (
+        patients.set_index("image_name")["patient_id"]
+        if "patient_id" in patients.columns
+        else pd.Series(None, index=patients["image_name"], dtype=object)
+    )
     out = pd.DataFrame({"position": np.arange(1, len(names) + 1), "image_name": names})
     out["patient_id"] = out["image_name"].map(patients).astype(object)
     out["patient_id"] = out["patient_id"].where(out["patient_id"].notna(), None)
     own = pd.DataFrame(columns=["image_name", "decision", "confidence"])
     if history is not None and len(history) and reviewer:
         aided = history["aided"] if "aided" in history.columns else pd.Series(True, index=history.index)
-        mask = ((history["reviewer"] == reviewer) & history["decision"].isin(STUDY_DECISIONS)
-                & (aided.fillna(True).astype(bool) == (mode == "aided")))
+        mask = (
+            (history["reviewer"] == reviewer)
+            & history["decision"].isin(STUDY_DECISIONS)
+            & (aided.fillna(True).astype(bool) == (mode == "aided"))
+        )
         own = history[mask].sort_values("id" if "id" in history.columns else "created_at", kind="stable")
         own = own.assign(image_name=own["image_name"].astype(str)).drop_duplicates("image_name", keep="last")
         if "confidence" not in own.columns:
@@ -237,6 +283,7 @@ def study_worklist(predictions: pd.DataFrame, history: pd.DataFrame | None, revi
 
 
 # --------------------------------------------------------------------------- one reader
+
 
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion ``successes / n``.
@@ -264,8 +311,9 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _reader_row(reviewer: str, mode: str, reads: pd.DataFrame, min_reads: int, level: float, n_boot: int,
-                seed: int) -> dict:
+def _reader_row(
+    reviewer: str, mode: str, reads: pd.DataFrame, min_reads: int, level: float, n_boot: int, seed: int
+) -> dict:
     y = reads["target"].to_numpy(dtype=np.int64)
     called = reads["positive"].to_numpy(dtype=bool)
     tp, fn = int((called & (y == 1)).sum()), int((~called & (y == 1)).sum())
@@ -273,11 +321,25 @@ def _reader_row(reviewer: str, mode: str, reads: pd.DataFrame, min_reads: int, l
     n_malignant = tp + fn
     sensitivity = tp / n_malignant if n_malignant else math.nan
     specificity = tn / (tn + fp) if tn + fp else math.nan
-    row = {"reviewer": reviewer, "mode": mode, "n": len(reads), "n_malignant": n_malignant,
-           "n_patients": int(reads["group"].nunique()), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
-           "sensitivity": sensitivity, "specificity": specificity, "model_auroc": math.nan,
-           "model_sensitivity_at_reader_specificity": math.nan, "model_specificity_at_reader_sensitivity": math.nan,
-           "reader_auroc": math.nan, "reader_auroc_low": math.nan, "reader_auroc_high": math.nan}
+    row = {
+        "reviewer": reviewer,
+        "mode": mode,
+        "n": len(reads),
+        "n_malignant": n_malignant,
+        "n_patients": int(reads["group"].nunique()),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "model_auroc": math.nan,
+        "model_sensitivity_at_reader_specificity": math.nan,
+        "model_specificity_at_reader_sensitivity": math.nan,
+        "reader_auroc": math.nan,
+        "reader_auroc_low": math.nan,
+        "reader_auroc_high": math.nan,
+    }
     row["sensitivity_low"], row["sensitivity_high"] = wilson_interval(tp, n_malignant, level)
     row["specificity_low"], row["specificity_high"] = wilson_interval(tn, tn + fp, level)
     notes = []
@@ -300,8 +362,9 @@ def _reader_row(reviewer: str, mode: str, reads: pd.DataFrame, min_reads: int, l
         confidence = reads["confidence"].to_numpy(dtype=np.float64)[rated] / 100.0
         row["reader_auroc"] = auroc(y_rated, confidence)
         try:
-            interval = auroc_ci(y_rated, confidence, groups=reads["group"].to_numpy()[rated], n_boot=n_boot,
-                                seed=seed, level=level)
+            interval = auroc_ci(
+                y_rated, confidence, groups=reads["group"].to_numpy()[rated], n_boot=n_boot, seed=seed, level=level
+            )
             row["reader_auroc_low"], row["reader_auroc_high"] = interval.low, interval.high
         except MelcoreError as exc:
             notes.append(f"no interval for the confidence AUROC: {exc}")
@@ -311,8 +374,9 @@ def _reader_row(reviewer: str, mode: str, reads: pd.DataFrame, min_reads: int, l
     return row
 
 
-def reader_table(reads: pd.DataFrame, *, min_reads: int = MIN_READS, level: float = 0.95, n_boot: int = 1000,
-                 seed: int = 0) -> pd.DataFrame:
+def reader_table(
+    reads: pd.DataFrame, *, min_reads: int = MIN_READS, level: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
     """Every reader's sensitivity and specificity in each mode, beside the model's on the same lesions.
 
     Parameters
@@ -366,8 +430,9 @@ class ModelOnReads(NamedTuple):
     same_lesions: bool
 
 
-def model_on_reads(reads: pd.DataFrame, readers, *, modes=MODES, n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> ModelOnReads | None:
+def model_on_reads(
+    reads: pd.DataFrame, readers, *, modes=MODES, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> ModelOnReads | None:
     """The model's ROC curve and AUROC on every lesion the given readers read in ``modes``.
 
     Returns None when those lesions hold one class only (no curve).
@@ -386,8 +451,17 @@ def model_on_reads(reads: pd.DataFrame, readers, *, modes=MODES, n_boot: int = 1
     except MelcoreError:
         ci = (math.nan, math.nan)
     per_reader = frame.groupby(["reviewer", "mode"])["image_name"].nunique()
-    return ModelOnReads(fpr, tpr, sweep.auroc(), ci, len(lesions), int(y.sum()), int(lesions["group"].nunique()),
-                        tuple(sorted(set(frame["reviewer"]))), bool((per_reader == len(lesions)).all()))
+    return ModelOnReads(
+        fpr,
+        tpr,
+        sweep.auroc(),
+        ci,
+        len(lesions),
+        int(y.sum()),
+        int(lesions["group"].nunique()),
+        tuple(sorted(set(frame["reviewer"]))),
+        bool((per_reader == len(lesions)).all()),
+    )
 
 
 def reader_table_csv(table: pd.DataFrame, classes=None) -> str:
@@ -419,6 +493,7 @@ def reader_table_csv(table: pd.DataFrame, classes=None) -> str:
 
 
 # --------------------------------------------------------------------------- the mean reader
+
 
 class MeanReaderResult(NamedTuple):
     """The mean reader against the model on the lesions every included reader read.
@@ -464,8 +539,13 @@ class MeanReaderResult(NamedTuple):
     note: str
 
 
-def _weighted_model(scores_sorted: np.ndarray, malignant_sorted: np.ndarray, weights_sorted: np.ndarray,
-                    spec_target: float, sens_target: float) -> tuple[float, float]:
+def _weighted_model(
+    scores_sorted: np.ndarray,
+    malignant_sorted: np.ndarray,
+    weights_sorted: np.ndarray,
+    spec_target: float,
+    sens_target: float,
+) -> tuple[float, float]:
     """Model (sensitivity at ``spec_target``, specificity at ``sens_target``) on weighted lesions.
 
     ``scores_sorted`` increasing; the threshold rules are those of :class:`ThresholdSweep`
@@ -509,8 +589,16 @@ def shared_lesions(reads: pd.DataFrame, mode: str, readers=None) -> tuple[list[s
     return names, frame[frame["image_name"].isin(common)]
 
 
-def mean_reader_comparison(reads: pd.DataFrame, *, mode: str = "unaided", readers=None, n_boot: int = 1000,
-                           seed: int = 0, level: float = 0.95, resample_readers: bool = True) -> MeanReaderResult:
+def mean_reader_comparison(
+    reads: pd.DataFrame,
+    *,
+    mode: str = "unaided",
+    readers=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    resample_readers: bool = True,
+) -> MeanReaderResult:
     """The mean reader's sensitivity and specificity against the model's, with a two-way bootstrap.
 
     Parameters
@@ -541,8 +629,19 @@ def mean_reader_comparison(reads: pd.DataFrame, *, mode: str = "unaided", reader
     nan2 = (math.nan, math.nan)
     lesions = frame.drop_duplicates("image_name").sort_values("image_name")
     n, n_malignant = len(lesions), int(lesions["target"].sum()) if len(lesions) else 0
-    empty = MeanReaderResult(mode, tuple(names), n, n_malignant, int(lesions["group"].nunique()) if n else 0,
-                             *([math.nan] * 6), nan2, nan2, n_boot, 0, "")
+    empty = MeanReaderResult(
+        mode,
+        tuple(names),
+        n,
+        n_malignant,
+        int(lesions["group"].nunique()) if n else 0,
+        *([math.nan] * 6),
+        nan2,
+        nan2,
+        n_boot,
+        0,
+        "",
+    )
     if not names or n == 0:
         return empty._replace(note=f"no lesion was read by every reader in the {mode} mode")
     if not 0 < n_malignant < n:
@@ -577,32 +676,49 @@ def mean_reader_comparison(reads: pd.DataFrame, *, mode: str = "unaided", reader
             return (math.nan,) * 4
         mean_sens = float(np.average(sens, weights=reader_weights))
         mean_spec = float(np.average(spec, weights=reader_weights))
-        model_sens, model_spec = _weighted_model(scores_sorted, malignant_sorted,
-                                                 group_weights[codes_sorted].astype(np.float64), mean_spec,
-                                                 mean_sens)
+        model_sens, model_spec = _weighted_model(
+            scores_sorted, malignant_sorted, group_weights[codes_sorted].astype(np.float64), mean_spec, mean_sens
+        )
         return mean_sens, mean_spec, model_sens, model_spec
 
     mean_sens, mean_spec, model_sens, model_spec = estimate(np.ones(len(names)), np.ones(n_groups))
     rng = np.random.default_rng(seed)
     diffs = np.full((n_boot, 2), np.nan)
     for b in range(n_boot):
-        reader_weights = (np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))
-                          if resample_readers else np.ones(len(names), dtype=np.int64))
+        reader_weights = (
+            np.bincount(rng.integers(0, len(names), len(names)), minlength=len(names))
+            if resample_readers
+            else np.ones(len(names), dtype=np.int64)
+        )
         group_weights = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
         s, c, ms, mc = estimate(reader_weights.astype(np.float64), group_weights)
         diffs[b] = (ms - s, mc - c)
     used = np.isfinite(diffs).all(axis=1)
     note = ""
     if used.sum() < n_boot:
-        note = (f"{n_boot - int(used.sum()):,} of {n_boot:,} resamples lacked a class for some reader and were left "
-                "out")
+        note = f"{n_boot - int(used.sum()):,} of {n_boot:,} resamples lacked a class for some reader and were left out"
     return MeanReaderResult(
-        mode, tuple(names), n, n_malignant, n_groups, mean_sens, mean_spec, model_sens, model_spec,
-        model_sens - mean_sens, model_spec - mean_spec, _percentile(diffs[used, 0], level),
-        _percentile(diffs[used, 1], level), n_boot, int(used.sum()), note)
+        mode,
+        tuple(names),
+        n,
+        n_malignant,
+        n_groups,
+        mean_sens,
+        mean_spec,
+        model_sens,
+        model_spec,
+        model_sens - mean_sens,
+        model_spec - mean_spec,
+        _percentile(diffs[used, 0], level),
+        _percentile(diffs[used, 1], level),
+        n_boot,
+        int(used.sum()),
+        note,
+    )
 
 
 # --------------------------------------------------------------------------- aided against unaided
+
 
 def aided_vs_unaided(reads: pd.DataFrame) -> pd.DataFrame:
     """Per reader, unaided and aided reads of the same lesions compared.
@@ -614,8 +730,19 @@ def aided_vs_unaided(reads: pd.DataFrame) -> pd.DataFrame:
     sensitivity_diff (aided - unaided), sensitivity_p, and the same for specificity; the
     p-values are exact McNemar tests (two-sided binomial test on the discordant lesions).
     """
-    columns = ["reviewer", "n", "n_malignant", "sensitivity_unaided", "sensitivity_aided", "sensitivity_diff",
-               "sensitivity_p", "specificity_unaided", "specificity_aided", "specificity_diff", "specificity_p"]
+    columns = [
+        "reviewer",
+        "n",
+        "n_malignant",
+        "sensitivity_unaided",
+        "sensitivity_aided",
+        "sensitivity_diff",
+        "sensitivity_p",
+        "specificity_unaided",
+        "specificity_aided",
+        "specificity_diff",
+        "specificity_p",
+    ]
     rows = []
     if reads is not None and len(reads):
         for reviewer, own in reads.groupby("reviewer", sort=True):
@@ -635,13 +762,15 @@ def aided_vs_unaided(reads: pd.DataFrame) -> pd.DataFrame:
                 row[f"{measure}_aided"] = float(after.mean()) if len(part) else math.nan
                 row[f"{measure}_diff"] = row[f"{measure}_aided"] - row[f"{measure}_unaided"]
                 gained, lost = int((after & ~before).sum()), int((before & ~after).sum())
-                row[f"{measure}_p"] = (float(stats.binomtest(gained, gained + lost).pvalue) if gained + lost
-                                       else math.nan)
+                row[f"{measure}_p"] = (
+                    float(stats.binomtest(gained, gained + lost).pvalue) if gained + lost else math.nan
+                )
             rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
 
 # --------------------------------------------------------------------------- agreement
+
 
 def cohen_kappa(a, b, categories=STUDY_DECISIONS) -> float:
     """Cohen's kappa of two raters' categorical decisions on the same items.
@@ -695,11 +824,18 @@ def pairwise_kappa(reads: pd.DataFrame, *, mode: str = "unaided") -> pd.DataFram
     rows = []
     names = sorted(wide.columns)
     for i, first in enumerate(names):
-        for second in names[i + 1:]:
+        for second in names[i + 1 :]:
             both = wide[[first, second]].dropna()
             agreement = float((both[first] == both[second]).mean()) if len(both) else math.nan
-            rows.append({"reviewer_a": first, "reviewer_b": second, "n_shared": len(both), "agreement": agreement,
-                         "kappa": cohen_kappa(both[first].to_numpy(), both[second].to_numpy())})
+            rows.append(
+                {
+                    "reviewer_a": first,
+                    "reviewer_b": second,
+                    "n_shared": len(both),
+                    "agreement": agreement,
+                    "kappa": cohen_kappa(both[first].to_numpy(), both[second].to_numpy()),
+                }
+            )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -724,12 +860,14 @@ def fleiss_kappa(counts) -> float:
         return math.nan
     raters = table.sum(axis=1)
     if (table < 0).any() or not np.allclose(raters, raters[0]) or raters[0] < 2:
-        raise MelcoreError("Fleiss' kappa needs the same number of raters (at least 2) for every subject; "
-                           f"got between {raters.min():g} and {raters.max():g}")
+        raise MelcoreError(
+            "Fleiss' kappa needs the same number of raters (at least 2) for every subject; "
+            f"got between {raters.min():g} and {raters.max():g}"
+        )
     m = raters[0]
     per_subject = ((table * (table - 1)).sum(axis=1)) / (m * (m - 1))
     shares = table.sum(axis=0) / table.sum()
-    p_bar, p_chance = float(per_subject.mean()), float((shares ** 2).sum())
+    p_bar, p_chance = float(per_subject.mean()), float((shares**2).sum())
     if p_chance == 1.0:
         return 1.0
     return (p_bar - p_chance) / (1 - p_chance)
@@ -745,6 +883,5 @@ def fleiss_kappa_of(reads: pd.DataFrame, *, mode: str = "unaided") -> tuple[floa
     names, frame = shared_lesions(reads, mode)
     if len(names) < 2 or frame.empty:
         return math.nan, int(frame["image_name"].nunique()) if len(frame) else 0, len(names)
-    counts = pd.crosstab(frame["image_name"], frame["decision"]).reindex(columns=list(STUDY_DECISIONS),
-                                                                         fill_value=0)
+    counts = pd.crosstab(frame["image_name"], frame["decision"]).reindex(columns=list(STUDY_DECISIONS), fill_value=0)
     return fleiss_kappa(counts.to_numpy()), len(counts), len(names)

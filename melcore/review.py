@@ -73,20 +73,48 @@ SCOPES = {
 }
 """Worklist scopes: name -> label shown on the Review page."""
 
-WORKLIST_COLUMNS = ("rank", "image_name", "patient_id", "clinic", "target", "risk", "flagged", "decision",
-                    "reviewer", "reviewed_at", "n_reviews")
+WORKLIST_COLUMNS = (
+    "rank",
+    "image_name",
+    "patient_id",
+    "clinic",
+    "target",
+    "risk",
+    "flagged",
+    "decision",
+    "reviewer",
+    "reviewed_at",
+    "n_reviews",
+)
 """Columns of :func:`worklist`."""
 
-EXPORT_COLUMNS = ("run_id", "run", "image_name", "patient_id", "clinic", "diagnosis", "label", "risk", "threshold",
-                  "reviewer", "decision", "note", "time", "current", "review_id", "aided", "confidence")
+EXPORT_COLUMNS = (
+    "run_id",
+    "run",
+    "image_name",
+    "patient_id",
+    "clinic",
+    "diagnosis",
+    "label",
+    "risk",
+    "threshold",
+    "reviewer",
+    "decision",
+    "note",
+    "time",
+    "current",
+    "review_id",
+    "aided",
+    "confidence",
+)
 """Columns of :func:`export_frame` / :func:`reviews_csv`."""
 
 MAX_REVIEWER_LENGTH = 200
 """Longest reviewer name the store accepts (its column is VARCHAR(200))."""
 
 
-
 # --------------------------------------------------------------------------- times and names
+
 
 def iso_time(seconds) -> str:
     """UNIX seconds -> ISO-8601 in UTC with milliseconds (``""`` for a missing value)."""
@@ -107,14 +135,17 @@ def check_reviewer(name) -> str:
     """
     text = " ".join(str(name or "").split())
     if not text:
-        raise MelcoreError("enter your name as reviewer before saving a decision; every decision is recorded "
-                           "with the name of who made it")
+        raise MelcoreError(
+            "enter your name as reviewer before saving a decision; every decision is recorded "
+            "with the name of who made it"
+        )
     if len(text) > MAX_REVIEWER_LENGTH:
         raise MelcoreError(f"the reviewer name has {len(text)} characters; use at most {MAX_REVIEWER_LENGTH}")
     return text
 
 
 # --------------------------------------------------------------------------- worklist
+
 
 def _prediction_rows(predictions: pd.DataFrame) -> pd.DataFrame:
     """One row per image: image_name, patient_id, clinic, target, risk (the preferred split's score)."""
@@ -143,8 +174,9 @@ def _check_threshold(threshold) -> float:
     return value
 
 
-def worklist(predictions: pd.DataFrame, reviews: pd.DataFrame | None = None, threshold: float = 0.5,
-             scope: str = "all") -> pd.DataFrame:
+def worklist(
+    predictions: pd.DataFrame, reviews: pd.DataFrame | None = None, threshold: float = 0.5, scope: str = "all"
+) -> pd.DataFrame:
     """The run's scored images in review order: highest risk first.
 
     Parameters
@@ -207,8 +239,13 @@ def apply_scope(full_worklist: pd.DataFrame, scope: str) -> pd.DataFrame:
 
 def _current_decisions(reviews: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.Series]:
     """(latest row per image indexed by image_name, number of rows per image)."""
-    empty = pd.DataFrame({"decision": pd.Series(dtype=object), "reviewer": pd.Series(dtype=object),
-                          "created_at": pd.Series(dtype="float64")})
+    empty = pd.DataFrame(
+        {
+            "decision": pd.Series(dtype=object),
+            "reviewer": pd.Series(dtype=object),
+            "created_at": pd.Series(dtype="float64"),
+        }
+    )
     if reviews is None or len(reviews) == 0:
         return empty, pd.Series(dtype=np.int64)
     frame = reviews.assign(image_name=reviews["image_name"].astype(str))
@@ -256,12 +293,17 @@ def review_progress(full_worklist: pd.DataFrame) -> ReviewProgress:
     reviewed = full_worklist["decision"].notna().to_numpy()
     flagged = full_worklist["flagged"].astype(bool).to_numpy()
     counts = full_worklist["decision"].value_counts()
-    return ReviewProgress(total=len(full_worklist), reviewed=int(reviewed.sum()), flagged=int(flagged.sum()),
-                          flagged_reviewed=int((reviewed & flagged).sum()),
-                          by_decision={d: int(counts.get(d, 0)) for d in REVIEW_DECISIONS})
+    return ReviewProgress(
+        total=len(full_worklist),
+        reviewed=int(reviewed.sum()),
+        flagged=int(flagged.sum()),
+        flagged_reviewed=int((reviewed & flagged).sum()),
+        by_decision={d: int(counts.get(d, 0)) for d in REVIEW_DECISIONS},
+    )
 
 
 # --------------------------------------------------------------------------- history and export
+
 
 def history_table(history: pd.DataFrame) -> pd.DataFrame:
     """One lesion's decisions for display, newest first: time (ISO-8601 UTC), reviewer, decision, note, current.
@@ -273,18 +315,25 @@ def history_table(history: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     order = ["id"] if "id" in history.columns else ["created_at"]
     frame = history.sort_values(order, ascending=False, kind="stable").reset_index(drop=True)
-    return pd.DataFrame({
-        "time": [iso_time(t) for t in frame["created_at"]],
-        "reviewer": frame["reviewer"].astype(str).to_numpy(),
-        "decision": frame["decision"].astype(str).to_numpy(),
-        "note": frame["note"].fillna("").astype(str).to_numpy(),
-        "current": np.arange(len(frame)) == 0,
-    })[columns]
+    return pd.DataFrame(
+        {
+            "time": [iso_time(t) for t in frame["created_at"]],
+            "reviewer": frame["reviewer"].astype(str).to_numpy(),
+            "decision": frame["decision"].astype(str).to_numpy(),
+            "note": frame["note"].fillna("").astype(str).to_numpy(),
+            "current": np.arange(len(frame)) == 0,
+        }
+    )[columns]
 
 
-def export_frame(history: pd.DataFrame, run: Mapping | None = None,
-                 predictions: pd.DataFrame | None = None, *, lesions: pd.DataFrame | None = None,
-                 classes=None) -> pd.DataFrame:
+def export_frame(
+    history: pd.DataFrame,
+    run: Mapping | None = None,
+    predictions: pd.DataFrame | None = None,
+    *,
+    lesions: pd.DataFrame | None = None,
+    classes=None,
+) -> pd.DataFrame:
     """Every decision of a run, oldest first, for export (the full audit trail).
 
     Parameters
@@ -347,27 +396,31 @@ def export_frame(history: pd.DataFrame, run: Mapping | None = None,
     def text(values: pd.Series) -> np.ndarray:
         return values.where(values.notna(), "").astype(str).to_numpy(dtype=object)
 
-    return pd.DataFrame({
-        "run_id": run_ids,
-        "run": run_title(run) if run and run.get("id") is not None else "",
-        "image_name": names.to_numpy(dtype=object),
-        "patient_id": text(patient),
-        "clinic": text(clinic),
-        "diagnosis": text(diagnosis),
-        "label": text(label),
-        "risk": risk.to_numpy(dtype="float64"),
-        "threshold": threshold,
-        "reviewer": frame["reviewer"].astype(str).to_numpy(),
-        "decision": frame["decision"].astype(str).to_numpy(),
-        "note": frame["note"].fillna("").astype(str).to_numpy(),
-        "time": [iso_time(t) for t in frame["created_at"]],
-        "current": current.to_numpy(dtype=bool),
-        "review_id": frame["id"].to_numpy() if "id" in frame.columns else np.arange(1, len(frame) + 1),
-        "aided": frame["aided"].fillna(True).astype(bool).to_numpy() if "aided" in frame.columns
-        else np.ones(len(frame), dtype=bool),
-        "confidence": pd.array(frame["confidence"], dtype="Int64") if "confidence" in frame.columns
-        else pd.array([pd.NA] * len(frame), dtype="Int64"),
-    })[list(EXPORT_COLUMNS)]
+    return pd.DataFrame(
+        {
+            "run_id": run_ids,
+            "run": run_title(run) if run and run.get("id") is not None else "",
+            "image_name": names.to_numpy(dtype=object),
+            "patient_id": text(patient),
+            "clinic": text(clinic),
+            "diagnosis": text(diagnosis),
+            "label": text(label),
+            "risk": risk.to_numpy(dtype="float64"),
+            "threshold": threshold,
+            "reviewer": frame["reviewer"].astype(str).to_numpy(),
+            "decision": frame["decision"].astype(str).to_numpy(),
+            "note": frame["note"].fillna("").astype(str).to_numpy(),
+            "time": [iso_time(t) for t in frame["created_at"]],
+            "current": current.to_numpy(dtype=bool),
+            "review_id": frame["id"].to_numpy() if "id" in frame.columns else np.arange(1, len(frame) + 1),
+            "aided": frame["aided"].fillna(True).astype(bool).to_numpy()
+            if "aided" in frame.columns
+            else np.ones(len(frame), dtype=bool),
+            "confidence": pd.array(frame["confidence"], dtype="Int64")
+            if "confidence" in frame.columns
+            else pd.array([pd.NA] * len(frame), dtype="Int64"),
+        }
+    )[list(EXPORT_COLUMNS)]
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -402,8 +455,14 @@ spreadsheet_safe = _spreadsheet_safe
 """Public name of the CSV-injection guard, for other exports of user text (e.g. reader tables)."""
 
 
-def reviews_csv(history: pd.DataFrame, run: Mapping | None = None, predictions: pd.DataFrame | None = None, *,
-                lesions: pd.DataFrame | None = None, classes=None) -> str:
+def reviews_csv(
+    history: pd.DataFrame,
+    run: Mapping | None = None,
+    predictions: pd.DataFrame | None = None,
+    *,
+    lesions: pd.DataFrame | None = None,
+    classes=None,
+) -> str:
     """:func:`export_frame` as CSV text (RFC 4180: UTF-8, CRLF line ends, header row, risk with 6 decimals).
 
     Free text (notes, names) whose first line, or any line after a line break, starts

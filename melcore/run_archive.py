@@ -49,14 +49,14 @@ ARCHIVE_FORMAT = "melreview-run"
 ARCHIVE_VERSION = 1
 MANIFEST = "manifest.json"
 PREFIX = "run/"
-DEFAULT_MAX_BYTES = 4 * 1024 ** 3
+DEFAULT_MAX_BYTES = 4 * 1024**3
 """Largest total unpacked size :func:`import_run` accepts (4 GiB; ``MELREVIEW_IMPORT_MAX_BYTES`` overrides)."""
 MAX_MEMBERS = 20_000
 MAX_RATIO = 200
 """Largest unpacked/compressed size ratio of a member over :data:`RATIO_FROM_BYTES` (deflate of real run files
 stays far below; a zip bomb is far above)."""
-RATIO_FROM_BYTES = 1024 ** 2
-MAX_MANIFEST_BYTES = 16 * 1024 ** 2
+RATIO_FROM_BYTES = 1024**2
+MAX_MANIFEST_BYTES = 16 * 1024**2
 _CHUNK = 1 << 20
 
 
@@ -94,8 +94,10 @@ def _run_files(run_dir: Path) -> list[Path]:
         for name in sorted(dirs + names):
             path = Path(root) / name
             if path.is_symlink():
-                raise ArchiveError(f"{path} is a symbolic link; a run archive holds regular files only (replace "
-                                   "the link by the file, or remove it)")
+                raise ArchiveError(
+                    f"{path} is a symbolic link; a run archive holds regular files only (replace "
+                    "the link by the file, or remove it)"
+                )
         for name in names:
             path = Path(root) / name
             if not stat.S_ISREG(path.lstat().st_mode):
@@ -148,8 +150,9 @@ def export_run(run_dir, out, *, record: dict | None = None, dataset_name: str | 
             "metrics": metrics,
         },
         "weights": metrics.get("weights") or {},
-        "files": [{"path": p.as_posix(), "bytes": (run_dir / p).stat().st_size, "sha256": _sha256(run_dir / p)}
-                  for p in files],
+        "files": [
+            {"path": p.as_posix(), "bytes": (run_dir / p).stat().st_size, "sha256": _sha256(run_dir / p)} for p in files
+        ],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -172,11 +175,13 @@ def _safe_name(name: str) -> str:
     if not name or name.endswith("/") and not path.parts:
         raise ArchiveError(f"member {name!r} has an empty name; refused")
     if path.is_absolute() or (path.parts and ":" in path.parts[0]):
-        raise ArchiveError(f"member {name!r} has an absolute name; refused (an archive writes only inside "
-                           "its target folder)")
+        raise ArchiveError(
+            f"member {name!r} has an absolute name; refused (an archive writes only inside its target folder)"
+        )
     if ".." in path.parts:
-        raise ArchiveError(f"member {name!r} climbs out with '..'; refused (an archive writes only inside "
-                           "its target folder)")
+        raise ArchiveError(
+            f"member {name!r} climbs out with '..'; refused (an archive writes only inside its target folder)"
+        )
     return name
 
 
@@ -188,8 +193,9 @@ def _read_manifest(archive: zipfile.ZipFile, where: Path) -> dict:
     try:
         info = archive.getinfo(MANIFEST)
     except KeyError:
-        raise ArchiveError(f"{where} has no {MANIFEST}: not a melreview run archive "
-                           "(write one with `python -m melcore runs export`)") from None
+        raise ArchiveError(
+            f"{where} has no {MANIFEST}: not a melreview run archive (write one with `python -m melcore runs export`)"
+        ) from None
     if info.file_size > MAX_MANIFEST_BYTES:
         raise ArchiveError(f"{where}: {MANIFEST} declares {info.file_size:,} bytes; refused")
     with archive.open(info) as f:
@@ -203,12 +209,18 @@ def _read_manifest(archive: zipfile.ZipFile, where: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         raise ArchiveError(f"{where}: {MANIFEST} is not a {ARCHIVE_FORMAT} manifest")
     if manifest.get("version") != ARCHIVE_VERSION:
-        raise ArchiveError(f"{where}: archive version {manifest.get('version')!r}; this melreview reads version "
-                           f"{ARCHIVE_VERSION} (upgrade melreview)")
+        raise ArchiveError(
+            f"{where}: archive version {manifest.get('version')!r}; this melreview reads version "
+            f"{ARCHIVE_VERSION} (upgrade melreview)"
+        )
     files = manifest.get("files")
     if not isinstance(files, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("bytes"), int)
-            and isinstance(e.get("sha256"), str) for e in files):
+        isinstance(e, dict)
+        and isinstance(e.get("path"), str)
+        and isinstance(e.get("bytes"), int)
+        and isinstance(e.get("sha256"), str)
+        for e in files
+    ):
         raise ArchiveError(f"{where}: {MANIFEST} has no valid file list (path, bytes, sha256 for each)")
     if not isinstance(manifest.get("run"), dict):
         raise ArchiveError(f"{where}: {MANIFEST} describes no run")
@@ -228,8 +240,9 @@ def verify_archive(path, max_bytes: int | None = None) -> tuple[dict, zipfile.Zi
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ArchiveError(f"{path} is not a readable zip archive ({exc}); the file is damaged or not a run "
-                           "archive") from None
+        raise ArchiveError(
+            f"{path} is not a readable zip archive ({exc}); the file is damaged or not a run archive"
+        ) from None
     try:
         infos = archive.infolist()
         if len(infos) > MAX_MEMBERS:
@@ -257,17 +270,23 @@ def verify_archive(path, max_bytes: int | None = None) -> tuple[dict, zipfile.Zi
         for info in infos:
             if not info.filename.startswith(PREFIX) or info.is_dir():
                 continue
-            if info.file_size != sizes[info.filename[len(PREFIX):]]:
-                raise ArchiveError(f"{path}: {info.filename} is {info.file_size:,} bytes, the manifest says "
-                                   f"{sizes[info.filename[len(PREFIX):]]:,}; the archive was altered")
+            if info.file_size != sizes[info.filename[len(PREFIX) :]]:
+                raise ArchiveError(
+                    f"{path}: {info.filename} is {info.file_size:,} bytes, the manifest says "
+                    f"{sizes[info.filename[len(PREFIX) :]]:,}; the archive was altered"
+                )
             if info.file_size > RATIO_FROM_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
-                raise ArchiveError(f"{path}: {info.filename} unpacks {info.file_size / max(info.compress_size, 1):,.0f} "
-                                   f"times its compressed size (more than {MAX_RATIO}); refused as a possible "
-                                   "zip bomb")
+                raise ArchiveError(
+                    f"{path}: {info.filename} unpacks {info.file_size / max(info.compress_size, 1):,.0f} "
+                    f"times its compressed size (more than {MAX_RATIO}); refused as a possible "
+                    "zip bomb"
+                )
         total = sum(sizes.values())
         if total > max_bytes:
-            raise ArchiveError(f"{path} would unpack to {total:,} bytes, more than the {max_bytes:,} accepted "
-                               "(MELREVIEW_IMPORT_MAX_BYTES)")
+            raise ArchiveError(
+                f"{path} would unpack to {total:,} bytes, more than the {max_bytes:,} accepted "
+                "(MELREVIEW_IMPORT_MAX_BYTES)"
+            )
         if "metrics.json" not in sizes:
             raise ArchiveError(f"{path} holds no metrics.json: not a finished run")
     except BaseException:
@@ -306,8 +325,10 @@ def _unpack(archive: zipfile.ZipFile, manifest: dict, target: Path, max_bytes: i
                     size += len(chunk)
                     total += len(chunk)
                     if size > entry["bytes"] or total > max_bytes:
-                        raise ArchiveError(f"{where}: {entry['path']} unpacks to more bytes than the manifest "
-                                           "says (or than the size accepted); refused as a possible zip bomb")
+                        raise ArchiveError(
+                            f"{where}: {entry['path']} unpacks to more bytes than the manifest "
+                            "says (or than the size accepted); refused as a possible zip bomb"
+                        )
                     digest.update(chunk)
                     out.write(chunk)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
@@ -315,8 +336,10 @@ def _unpack(archive: zipfile.ZipFile, manifest: dict, target: Path, max_bytes: i
         except (FileExistsError, IsADirectoryError):
             raise ArchiveError(f"{where}: {entry['path']} is also another member's folder; refused") from None
         if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
-            raise ArchiveError(f"{where}: checksum mismatch for {entry['path']} (sha256 {digest.hexdigest()[:12]}..., "
-                               f"manifest {entry['sha256'][:12]}...); the archive is damaged or was altered")
+            raise ArchiveError(
+                f"{where}: checksum mismatch for {entry['path']} (sha256 {digest.hexdigest()[:12]}..., "
+                f"manifest {entry['sha256'][:12]}...); the archive is damaged or was altered"
+            )
 
 
 def _check_model(target: Path) -> None:
@@ -326,8 +349,9 @@ def _check_model(target: Path) -> None:
         try:
             load_model(model_path)  # Keras safe mode: no Lambda layers, no arbitrary code
         except MelcoreError as exc:
-            raise ArchiveError(f"the archive's {model_path.relative_to(target)} does not load in Keras safe "
-                               f"mode: {exc}") from None
+            raise ArchiveError(
+                f"the archive's {model_path.relative_to(target)} does not load in Keras safe mode: {exc}"
+            ) from None
 
 
 def _read_predictions(path: Path, where: Path):
@@ -371,8 +395,9 @@ def _threshold(value, where: Path) -> float | None:
     return threshold
 
 
-def import_run(store, path, *, dataset: str | int | None = None, max_bytes: int | None = None,
-               check_model: bool = True) -> dict:
+def import_run(
+    store, path, *, dataset: str | int | None = None, max_bytes: int | None = None, check_model: bool = True
+) -> dict:
     """Verify a run archive, unpack it under ``MELREVIEW_HOME/runs`` and register the run; returns a summary.
 
     Parameters
@@ -417,8 +442,11 @@ def import_run(store, path, *, dataset: str | int | None = None, max_bytes: int 
     try:
         if check_model:
             _check_model(tmp)
-        frames = {split: _read_predictions(tmp / filename, path) for split, filename in PREDICTION_FILES
-                  if (tmp / filename).is_file()}
+        frames = {
+            split: _read_predictions(tmp / filename, path)
+            for split, filename in PREDICTION_FILES
+            if (tmp / filename).is_file()
+        }
         label = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(info.get("model") or "run"))[:40]
         final = runs_root / f"import-{label}-{uuid.uuid4().hex[:8]}"
         os.rename(tmp, final)
@@ -430,16 +458,27 @@ def import_run(store, path, *, dataset: str | int | None = None, max_bytes: int 
     config.setdefault("clinic", info.get("clinic"))
     metrics = dict(info["metrics"]) if isinstance(info.get("metrics"), dict) else {}
     metrics.setdefault("kind", str(info.get("kind") or "image"))
-    note = (f"imported from {path.name} (exported by melreview {manifest.get('melreview_version', 'unknown')}"
-            f"{', dataset ' + repr(info['dataset']) if info.get('dataset') else ''})")
+    note = (
+        f"imported from {path.name} (exported by melreview {manifest.get('melreview_version', 'unknown')}"
+        f"{', dataset ' + repr(info['dataset']) if info.get('dataset') else ''})"
+    )
     try:
-        run_id = record_run(store, RecordedRun(config=config, metrics=metrics, run_dir=final),
-                            dataset_id=target_dataset["id"] if target_dataset else None,
-                            name=str(info.get("name") or final.name),
-                            notes="; ".join(str(n) for n in (info.get("notes"), note) if n),
-                            threshold=threshold, predictions=frames)
+        run_id = record_run(
+            store,
+            RecordedRun(config=config, metrics=metrics, run_dir=final),
+            dataset_id=target_dataset["id"] if target_dataset else None,
+            name=str(info.get("name") or final.name),
+            notes="; ".join(str(n) for n in (info.get("notes"), note) if n),
+            threshold=threshold,
+            predictions=frames,
+        )
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
-    return {"run_id": run_id, "run_dir": final, "dataset": target_dataset["name"] if target_dataset else None,
-            "predictions": {split: len(frame) for split, frame in frames.items()}, "manifest": manifest}
+    return {
+        "run_id": run_id,
+        "run_dir": final,
+        "dataset": target_dataset["name"] if target_dataset else None,
+        "predictions": {split: len(frame) for split, frame in frames.items()},
+        "manifest": manifest,
+    }

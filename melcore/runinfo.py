@@ -25,8 +25,22 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["CHANCE_AUROC_MARGIN", "COLOUR_SCORER", "SourceConfounding", "missingness_of", "source_confounding", "delivered_auroc", "explained_auroc", "explained_model",
-           "gradcam_caveats", "run_title", "scorer_name", "scratch_reason", "scratch_words", "uses_colour_model"]
+__all__ = [
+    "CHANCE_AUROC_MARGIN",
+    "COLOUR_SCORER",
+    "SourceConfounding",
+    "missingness_of",
+    "source_confounding",
+    "delivered_auroc",
+    "explained_auroc",
+    "explained_model",
+    "gradcam_caveats",
+    "run_title",
+    "scorer_name",
+    "scratch_reason",
+    "scratch_words",
+    "uses_colour_model",
+]
 
 #: A network whose validation AUROC is within this of 0.5 is "near chance" (its heatmap explains noise).
 CHANCE_AUROC_MARGIN = 0.05
@@ -130,8 +144,9 @@ def scratch_words(run: Mapping) -> str | None:
         return "trained from scratch (chosen)"
     if reason == "unknown":
         return "trained from scratch"
-    requested = str((_metrics(run).get("weights") or {}).get("requested") or (run.get("config") or {}).get("weights")
-                    or "ImageNet")
+    requested = str(
+        (_metrics(run).get("weights") or {}).get("requested") or (run.get("config") or {}).get("weights") or "ImageNet"
+    )
     return f"trained from scratch ({'ImageNet' if requested.lower() == 'imagenet' else requested} weights unavailable)"
 
 
@@ -177,6 +192,7 @@ def missingness_of(run: Mapping, cohort=None) -> list[str]:
 
 # --------------------------------------------------------------------------- confounding by source
 
+
 @dataclass
 class SourceConfounding:
     """Whether a run's pooled AUROC is confounded by where images come from (:func:`source_confounding`).
@@ -201,8 +217,9 @@ class SourceConfounding:
     confounded: bool
     sources: list[str] = field(default_factory=list)
     shortcuts: list[str] = field(default_factory=list)
-    within: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
-        columns=["clinic", "n", "n_malignant", "auroc", "auroc_low", "auroc_high"]))
+    within: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["clinic", "n", "n_malignant", "auroc", "auroc_low", "auroc_high"])
+    )
     pooled: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
     @property
@@ -219,8 +236,12 @@ class SourceConfounding:
             parts.append(f"clinic/source {names} {verb} no melanoma")
         other = [a for a in self.shortcuts if not (self.sources and a == "clinic")]
         if other:
-            parts.append("the shortcut audit found that the " + ", ".join(other)
-                         + (" alone predicts" if len(other) == 1 else " alone predict") + " the label")
+            parts.append(
+                "the shortcut audit found that the "
+                + ", ".join(other)
+                + (" alone predicts" if len(other) == 1 else " alone predict")
+                + " the label"
+            )
         return "; ".join(parts)
 
     def within_text(self, positive_plural: str = "melanomas") -> str:
@@ -229,13 +250,17 @@ class SourceConfounding:
             return "none: no clinic/source holds both classes among the scored images"
         return "; ".join(
             f"{_ci(row.auroc, row.auroc_low, row.auroc_high)} in {row.clinic!r} ({int(row.n):,} images, "
-            f"{int(row.n_malignant):,} {positive_plural})" for row in self.within.itertuples())
+            f"{int(row.n_malignant):,} {positive_plural})"
+            for row in self.within.itertuples()
+        )
 
     def lead(self, positive_plural: str = "melanomas") -> str:
         """The sentence a page leads a confounded run's numbers with (plain text, to be escaped)."""
         pooled = _ci(*self.pooled)
-        return (f"Within-source AUROC: {self.within_text(positive_plural)}. The pooled AUROC {pooled} is "
-                f"confounded ({self.reason()}): it partly measures where an image comes from, not the lesion.")
+        return (
+            f"Within-source AUROC: {self.within_text(positive_plural)}. The pooled AUROC {pooled} is "
+            f"confounded ({self.reason()}): it partly measures where an image comes from, not the lesion."
+        )
 
 
 def _ci(value: float, low: float, high: float) -> str:
@@ -246,9 +271,15 @@ def _ci(value: float, low: float, high: float) -> str:
     return f"{value:.3f} (95% CI {low:.3f}-{high:.3f})"
 
 
-def source_confounding(table: pd.DataFrame | None, predictions: pd.DataFrame, *,
-                       audit: Sequence[Mapping] | None = None, n_boot: int = 1000, seed: int = 0,
-                       min_share: float = 0.1) -> SourceConfounding:
+def source_confounding(
+    table: pd.DataFrame | None,
+    predictions: pd.DataFrame,
+    *,
+    audit: Sequence[Mapping] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_share: float = 0.1,
+) -> SourceConfounding:
     """Whether a dataset is confounded by source, which sources, and a run's per-source AUROC.
 
     Parameters
@@ -292,9 +323,11 @@ def source_confounding(table: pd.DataFrame | None, predictions: pd.DataFrame, *,
         has_both = predictions.groupby(predictions["clinic"].astype(str))["target"].agg(lambda t: t.nunique() == 2)
         both = predictions[predictions["clinic"].astype(str).isin(has_both[has_both].index)]
         if len(both):
-            rows = per_group(both, "clinic", patient_column="group" if groups is not None else None,
-                             n_boot=n_boot, seed=seed)
+            rows = per_group(
+                both, "clinic", patient_column="group" if groups is not None else None, n_boot=n_boot, seed=seed
+            )
             rows = rows.rename(columns={"group": "clinic"}).sort_values("n", ascending=False, kind="stable")
-            result.within = rows[["clinic", "n", "n_malignant", "auroc", "auroc_low", "auroc_high"]] \
-                .reset_index(drop=True)
+            result.within = rows[["clinic", "n", "n_malignant", "auroc", "auroc_low", "auroc_high"]].reset_index(
+                drop=True
+            )
     return result

@@ -22,8 +22,7 @@ def home() -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         what = "is a file, not a folder" if path.exists() else f"cannot be created ({exc.strerror or exc})"
-        raise ConfigError(f"MELREVIEW_HOME={path} {what}; set MELREVIEW_HOME to a folder this user can "
-                          "write") from None
+        raise ConfigError(f"MELREVIEW_HOME={path} {what}; set MELREVIEW_HOME to a folder this user can write") from None
     return path
 
 

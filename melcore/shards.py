@@ -60,9 +60,17 @@ class ShardResult:
         return dict(self.__dict__)
 
 
-def featurise_shard(config, paths: Sequence, n_shards: int, shard: int, *, views: Sequence[str] | None = None,
-                    progress: Callable[[int, int], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None, feature_cache=None) -> ShardResult:
+def featurise_shard(
+    config,
+    paths: Sequence,
+    n_shards: int,
+    shard: int,
+    *,
+    views: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    feature_cache=None,
+) -> ShardResult:
     """Compute and cache the features of one shard of ``paths`` with ``config``'s frozen backbone.
 
     Parameters
@@ -90,8 +98,23 @@ def featurise_shard(config, paths: Sequence, n_shards: int, shard: int, *, views
     extractor = features.get_extractor(config)
     image_cache = images_module.ImageCache() if getattr(config, "cache_images", True) else None
     computed = features.compute_features(
-        extractor, part, views=tuple(views), cache=feature_cache if feature_cache is not None else features.FeatureCache(),
-        image_cache=image_cache, batch_size=max(int(config.batch_size), 32), workers=config.workers,
-        progress=progress, should_stop=should_stop)
-    return ShardResult(shard, n_shards, len(part), computed.hits, computed.misses, len(computed.bad),
-                       time.perf_counter() - started, computed.cancelled)
+        extractor,
+        part,
+        views=tuple(views),
+        cache=feature_cache if feature_cache is not None else features.FeatureCache(),
+        image_cache=image_cache,
+        batch_size=max(int(config.batch_size), 32),
+        workers=config.workers,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    return ShardResult(
+        shard,
+        n_shards,
+        len(part),
+        computed.hits,
+        computed.misses,
+        len(computed.bad),
+        time.perf_counter() - started,
+        computed.cancelled,
+    )

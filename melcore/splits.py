@@ -24,6 +24,7 @@ from melcore.formatting import first_few
 
 __all__ = ["group_kfold", "train_val_split", "check_no_leakage", "cohort_folds", "cohort_split"]
 
+
 def _prepare(groups, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(group code per row, rows per group, malignant rows per group)."""
     groups = pd.Series(np.asarray(groups, dtype=object).ravel())
@@ -32,8 +33,10 @@ def _prepare(groups, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise MelcoreError(f"groups has {len(groups)} rows but targets has {len(targets)}; they must align")
     missing = np.flatnonzero(groups.isna().to_numpy())
     if len(missing):
-        raise MelcoreError(f"{len(missing)} rows have no group (rows {first_few(missing)}); "
-                           "give every row a patient, lesion or image id")
+        raise MelcoreError(
+            f"{len(missing)} rows have no group (rows {first_few(missing)}); "
+            "give every row a patient, lesion or image id"
+        )
     malignant = pd.to_numeric(targets.where(targets.notna(), np.nan), errors="coerce").to_numpy(dtype=float) == 1
     codes, _ = pd.factorize(groups, sort=False)
     sizes = np.bincount(codes)
@@ -78,8 +81,10 @@ def group_kfold(groups, targets, n_folds: int = 5, seed: int = 0) -> np.ndarray:
     codes, sizes, n_malignant = _prepare(groups, targets)
     n_groups = len(sizes)
     if n_groups < n_folds:
-        raise ConfigError(f"cannot make {n_folds} folds from {n_groups} groups (patients/lesions/images); "
-                          f"use at most {n_groups} folds")
+        raise ConfigError(
+            f"cannot make {n_folds} folds from {n_groups} groups (patients/lesions/images); "
+            f"use at most {n_groups} folds"
+        )
     rng = np.random.default_rng(seed)
     fold_of_group = np.empty(n_groups, dtype=np.int64)
     fold_rows = np.zeros(n_folds, dtype=np.int64)
@@ -181,8 +186,10 @@ def check_no_leakage(train_groups, val_groups, what: str = "patient") -> None:
     shared = sorted(train & val, key=str)
     if shared:
         shown = first_few(shared)
-        raise LeakageError(f"{len(shared)} {what}{'s' if len(shared) != 1 else ''} appear in both training and "
-                           f"validation ({shown}); split by {what} so each {what} is on one side only")
+        raise LeakageError(
+            f"{len(shared)} {what}{'s' if len(shared) != 1 else ''} appear in both training and "
+            f"validation ({shown}); split by {what} so each {what} is on one side only"
+        )
 
 
 def cohort_folds(cohort, n_folds: int = 5, seed: int = 0) -> np.ndarray:

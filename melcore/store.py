@@ -46,13 +46,15 @@ DECISIONS = tuple(dict.fromkeys(REVIEW_DECISIONS + STUDY_DECISIONS))
 metadata = sa.MetaData()
 
 schema_version = sa.Table(
-    "schema_version", metadata,
+    "schema_version",
+    metadata,
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("applied_at", sa.Float, nullable=False),
 )
 
 datasets = sa.Table(
-    "datasets", metadata,
+    "datasets",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("name", sa.String(200), nullable=False, unique=True),
     sa.Column("csv_path", sa.Text, nullable=False),
@@ -67,7 +69,8 @@ datasets = sa.Table(
 )
 
 runs = sa.Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("name", sa.String(300), nullable=False),
     sa.Column("dataset_id", sa.Integer, sa.ForeignKey("datasets.id")),
@@ -86,7 +89,8 @@ runs = sa.Table(
 )
 
 jobs = sa.Table(
-    "jobs", metadata,
+    "jobs",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("kind", sa.String(40), nullable=False, default="train"),
     sa.Column("dataset_id", sa.Integer, sa.ForeignKey("datasets.id")),
@@ -110,7 +114,8 @@ jobs = sa.Table(
 )
 
 predictions = sa.Table(
-    "predictions", metadata,
+    "predictions",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
     sa.Column("split", sa.String(20), nullable=False, default="val"),
@@ -124,7 +129,8 @@ predictions = sa.Table(
 )
 
 reviews = sa.Table(
-    "reviews", metadata,
+    "reviews",
+    metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
     sa.Column("image_name", sa.String(300), nullable=False),
@@ -139,7 +145,8 @@ reviews = sa.Table(
 )
 
 workers = sa.Table(
-    "workers", metadata,
+    "workers",
+    metadata,
     sa.Column("worker_id", sa.String(200), primary_key=True),
     sa.Column("host", sa.String(200)),
     sa.Column("pid", sa.Integer),
@@ -147,6 +154,7 @@ workers = sa.Table(
     sa.Column("beat_at", sa.Float, nullable=False),
     sa.Column("job_id", sa.Integer),
 )
+
 
 # Steps from version N-1 to N, each a function of an open connection inside a
 # transaction. Append only; never edit a released step. Example of a future step:
@@ -196,15 +204,20 @@ def check_lengths(table: sa.Table, rows: Iterable[dict], what: str) -> None:
     writing gives both backends the same clear message (and a job can be refused when it is
     submitted rather than after it trained). ``rows`` are dicts of column values.
     """
-    limits = {c.name: c.type.length for c in table.columns
-              if isinstance(c.type, sa.String) and getattr(c.type, "length", None)}
+    limits = {
+        c.name: c.type.length
+        for c in table.columns
+        if isinstance(c.type, sa.String) and getattr(c.type, "length", None)
+    }
     for row in rows:
         for column, limit in limits.items():
             value = row.get(column)
             if isinstance(value, str) and len(value) > limit:
                 field = column.replace("_", " ")
-                raise MelcoreError(f"{what}: the {field} is {len(value):,} characters long, more than the "
-                                   f"{limit} the store keeps; shorten it")
+                raise MelcoreError(
+                    f"{what}: the {field} is {len(value):,} characters long, more than the "
+                    f"{limit} the store keeps; shorten it"
+                )
 
 
 class StoreError(MelcoreError):
@@ -217,9 +230,11 @@ def _check_data_roots(paths: dict) -> None:
     for what, path in paths.items():
         if path is not None and str(path).strip() and inside(path, roots) is None:
             allowed = ", ".join(str(r) for r in roots)
-            raise MelcoreError(f"{what} {path} is outside the folders datasets may be registered from ({allowed}); "
-                               "move the data into one of them, or ask the operator to add its folder to "
-                               "MELREVIEW_DATA_ROOTS")
+            raise MelcoreError(
+                f"{what} {path} is outside the folders datasets may be registered from ({allowed}); "
+                "move the data into one of them, or ask the operator to add its folder to "
+                "MELREVIEW_DATA_ROOTS"
+            )
 
 
 def _sqlite_pragmas(dbapi_conn, _record):
@@ -255,8 +270,9 @@ class Store:
         self.url = url or settings.db_url()
         self.is_sqlite = self.url.startswith("sqlite")
         if self.is_sqlite:
-            self.engine = sa.create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False},
-                                           json_serializer=_json_dumps)
+            self.engine = sa.create_engine(
+                self.url, connect_args={"timeout": 60, "check_same_thread": False}, json_serializer=_json_dumps
+            )
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
             @sa.event.listens_for(self.engine, "connect")
@@ -265,8 +281,9 @@ class Store:
 
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         else:
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                                           json_serializer=_json_dumps)
+            self.engine = sa.create_engine(
+                self.url, pool_pre_ping=True, pool_size=5, max_overflow=10, json_serializer=_json_dumps
+            )
         self._writer = self.engine.execution_options(sqlite_immediate=True)
         if migrate:
             try:
@@ -289,8 +306,11 @@ class Store:
         reason = getattr(exc, "orig", None) or exc
         reason = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
         where = self.engine.url.render_as_string(hide_password=True)
-        hint = ("check that its folder exists and that this user may write the file and the folder"
-                if self.is_sqlite else "check that the server runs and the URL, user and database are right")
+        hint = (
+            "check that its folder exists and that this user may write the file and the folder"
+            if self.is_sqlite
+            else "check that the server runs and the URL, user and database are right"
+        )
         return f"cannot use the store {where}: {reason}; {hint} (MELREVIEW_DB_URL, MELREVIEW_HOME)"
 
     def __repr__(self) -> str:
@@ -327,7 +347,8 @@ class Store:
             if current > SCHEMA_VERSION:
                 raise MelcoreError(
                     f"the database at {self.engine.url.render_as_string(hide_password=True)} has schema version "
-                    f"{current}, newer than this melreview ({SCHEMA_VERSION}); upgrade melreview")
+                    f"{current}, newer than this melreview ({SCHEMA_VERSION}); upgrade melreview"
+                )
             for version, _description, step in MIGRATIONS:
                 if version > current:
                     step(conn)
@@ -336,10 +357,19 @@ class Store:
             return current
 
     # ---------------------------------------------------------------- datasets
-    def add_dataset(self, name: str, csv_path: str | Path, images_dir: str | Path | None = None, *,
-                    format: str | None = None, clinic_column: str | None = None,
-                    metadata_path: str | Path | None = None, options: dict | None = None,
-                    summary: dict | None = None, is_demo: bool = False) -> int:
+    def add_dataset(
+        self,
+        name: str,
+        csv_path: str | Path,
+        images_dir: str | Path | None = None,
+        *,
+        format: str | None = None,
+        clinic_column: str | None = None,
+        metadata_path: str | Path | None = None,
+        options: dict | None = None,
+        summary: dict | None = None,
+        is_demo: bool = False,
+    ) -> int:
         """Register a dataset by its table (and image folder); returns its id.
 
         Raises MelcoreError when the name is empty or already taken.
@@ -349,17 +379,34 @@ class Store:
             raise MelcoreError("a dataset needs a name")
         if self.find_dataset(name) is not None:
             raise MelcoreError(f"a dataset named {name!r} already exists; choose another name")
-        values = dict(name=name, csv_path=str(csv_path), images_dir=str(images_dir) if images_dir else None,
-                      format=format, clinic_column=clinic_column,
-                      metadata_path=str(metadata_path) if metadata_path else None,
-                      options=options or {}, summary=summary or {}, is_demo=is_demo, created_at=_now())
+        values = dict(
+            name=name,
+            csv_path=str(csv_path),
+            images_dir=str(images_dir) if images_dir else None,
+            format=format,
+            clinic_column=clinic_column,
+            metadata_path=str(metadata_path) if metadata_path else None,
+            options=options or {},
+            summary=summary or {},
+            is_demo=is_demo,
+            created_at=_now(),
+        )
         check_lengths(datasets, [values], "dataset not registered")
         with self._write() as conn:
             return int(conn.execute(datasets.insert().values(**values)).inserted_primary_key[0])
 
-    def register_dataset(self, name: str, csv_path: str | Path, images_dir: str | Path | None = None, *,
-                         format: str | None = None, clinic_column: str | None = None,
-                         metadata_path: str | Path | None = None, is_demo: bool = False, **load_options):
+    def register_dataset(
+        self,
+        name: str,
+        csv_path: str | Path,
+        images_dir: str | Path | None = None,
+        *,
+        format: str | None = None,
+        clinic_column: str | None = None,
+        metadata_path: str | Path | None = None,
+        is_demo: bool = False,
+        **load_options,
+    ):
         """Read a dataset with :func:`melcore.cohort.load_cohort` and register it with its summary.
 
         The stored summary is :meth:`Cohort.summary` plus ``shortcut_audit``
@@ -370,17 +417,35 @@ class Store:
         """
         if self.find_dataset((name or "").strip()) is not None:
             raise MelcoreError(f"a dataset named {name.strip()!r} already exists; choose another name")
-        _check_data_roots({"label table": csv_path, "image folder": images_dir, "metadata table": metadata_path,
-                           "clinic table": load_options.get("clinic_csv")})
-        cohort = load_cohort(csv_path, images_dir, format=format, clinic_column=clinic_column,
-                             metadata=metadata_path, name=name, **load_options)
+        _check_data_roots(
+            {
+                "label table": csv_path,
+                "image folder": images_dir,
+                "metadata table": metadata_path,
+                "clinic table": load_options.get("clinic_csv"),
+            }
+        )
+        cohort = load_cohort(
+            csv_path,
+            images_dir,
+            format=format,
+            clinic_column=clinic_column,
+            metadata=metadata_path,
+            name=name,
+            **load_options,
+        )
         # cohort.images_dir is the folder really read: the sub-folder of an ISIC-layout root given as images_dir
-        dataset_id = self.add_dataset(name, Path(csv_path).resolve(),
-                                      cohort.images_dir or (Path(images_dir).resolve() if images_dir else None),
-                                      format=cohort.format, clinic_column=clinic_column,
-                                      metadata_path=Path(metadata_path).resolve() if metadata_path else None,
-                                      options=load_options, summary=self._summary_with_audit(cohort),
-                                      is_demo=is_demo)
+        dataset_id = self.add_dataset(
+            name,
+            Path(csv_path).resolve(),
+            cohort.images_dir or (Path(images_dir).resolve() if images_dir else None),
+            format=cohort.format,
+            clinic_column=clinic_column,
+            metadata_path=Path(metadata_path).resolve() if metadata_path else None,
+            options=load_options,
+            summary=self._summary_with_audit(cohort),
+            is_demo=is_demo,
+        )
         return dataset_id, cohort
 
     @staticmethod
@@ -399,8 +464,7 @@ class Store:
             return (demo or existing)[0]["id"]
         folder = ensure_demo()
         try:
-            dataset_id, _ = self.register_dataset(name, folder / "labels.csv", folder / "jpeg" / "train",
-                                                  is_demo=True)
+            dataset_id, _ = self.register_dataset(name, folder / "labels.csv", folder / "jpeg" / "train", is_demo=True)
         except MelcoreError:
             # Another process registered it between our check and insert.
             return self.get_dataset(name)["id"]
@@ -437,17 +501,23 @@ class Store:
         """
         dataset = self.get_dataset(id_or_name)
         with self._write() as conn:
-            busy = conn.execute(sa.select(jobs.c.id, jobs.c.state).where(
-                jobs.c.dataset_id == dataset["id"], jobs.c.state.in_(("queued", "running")))
-                .order_by(jobs.c.id)).fetchall()
+            busy = conn.execute(
+                sa.select(jobs.c.id, jobs.c.state)
+                .where(jobs.c.dataset_id == dataset["id"], jobs.c.state.in_(("queued", "running")))
+                .order_by(jobs.c.id)
+            ).fetchall()
             if busy:
                 listed = ", ".join(f"#{j.id} ({j.state})" for j in busy)
-                raise MelcoreError(f"dataset {dataset['name']!r} is not removed: job(s) {listed} are on it; wait "
-                                   "for them to finish or cancel them (`python -m melcore jobs cancel ID`)")
-            runs_kept = conn.execute(runs.update().where(runs.c.dataset_id == dataset["id"])
-                                     .values(dataset_id=None)).rowcount
-            jobs_kept = conn.execute(jobs.update().where(jobs.c.dataset_id == dataset["id"])
-                                     .values(dataset_id=None)).rowcount
+                raise MelcoreError(
+                    f"dataset {dataset['name']!r} is not removed: job(s) {listed} are on it; wait "
+                    "for them to finish or cancel them (`python -m melcore jobs cancel ID`)"
+                )
+            runs_kept = conn.execute(
+                runs.update().where(runs.c.dataset_id == dataset["id"]).values(dataset_id=None)
+            ).rowcount
+            jobs_kept = conn.execute(
+                jobs.update().where(jobs.c.dataset_id == dataset["id"]).values(dataset_id=None)
+            ).rowcount
             conn.execute(datasets.delete().where(datasets.c.id == dataset["id"]))
         return {"dataset": dataset, "runs_kept": int(runs_kept), "jobs_kept": int(jobs_kept)}
 
@@ -456,15 +526,34 @@ class Store:
         d = self.get_dataset(id_or_name)
         options = dict(d.get("options") or {})
         options.update(kwargs)
-        return load_cohort(d["csv_path"], d["images_dir"], format=d["format"], clinic_column=d["clinic_column"],
-                           metadata=d["metadata_path"], name=d["name"], **options)
+        return load_cohort(
+            d["csv_path"],
+            d["images_dir"],
+            format=d["format"],
+            clinic_column=d["clinic_column"],
+            metadata=d["metadata_path"],
+            name=d["name"],
+            **options,
+        )
 
     # -------------------------------------------------------------------- runs
-    def add_run(self, name: str, run_dir: str | Path | None = None, *, dataset_id: int | None = None,
-                job_id: int | None = None, model: str | None = None, clinic: str | None = None,
-                kind: str = "image", config: dict | None = None, metrics: dict | None = None,
-                threshold: float | None = None, from_scratch: bool = False, notes: str | None = None,
-                predictions: Mapping[str, Any] | None = None) -> int:
+    def add_run(
+        self,
+        name: str,
+        run_dir: str | Path | None = None,
+        *,
+        dataset_id: int | None = None,
+        job_id: int | None = None,
+        model: str | None = None,
+        clinic: str | None = None,
+        kind: str = "image",
+        config: dict | None = None,
+        metrics: dict | None = None,
+        threshold: float | None = None,
+        from_scratch: bool = False,
+        notes: str | None = None,
+        predictions: Mapping[str, Any] | None = None,
+    ) -> int:
         """Record a finished run; returns its id.
 
         ``predictions`` ({split: DataFrame}, as :meth:`add_predictions` takes them) are stored in the
@@ -472,9 +561,21 @@ class Store:
         """
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
             raise MelcoreError(f"a threshold must lie in [0, 1], got {threshold}")
-        values = dict(name=name, run_dir=str(run_dir) if run_dir else None, dataset_id=dataset_id, job_id=job_id,
-                      model=model, clinic=clinic, kind=kind, config=config or {}, metrics=metrics or {},
-                      threshold=threshold, from_scratch=bool(from_scratch), notes=notes, created_at=_now())
+        values = dict(
+            name=name,
+            run_dir=str(run_dir) if run_dir else None,
+            dataset_id=dataset_id,
+            job_id=job_id,
+            model=model,
+            clinic=clinic,
+            kind=kind,
+            config=config or {},
+            metrics=metrics or {},
+            threshold=threshold,
+            from_scratch=bool(from_scratch),
+            notes=notes,
+            created_at=_now(),
+        )
         values["name"] = _shortened(name, runs.c.name.type.length)
         check_lengths(runs, [values], "run not recorded")
         rows = {split: _prediction_rows(frame, split) for split, frame in (predictions or {}).items()}
@@ -491,13 +592,23 @@ class Store:
             raise MelcoreError(f"no run with id {run_id}")
         return found
 
-    def list_runs(self, dataset_id: int | None = None, clinic: str | None = None, model: str | None = None,
-                  kind: str | None = None, archived: bool | None = False) -> list[dict]:
+    def list_runs(
+        self,
+        dataset_id: int | None = None,
+        clinic: str | None = None,
+        model: str | None = None,
+        kind: str | None = None,
+        archived: bool | None = False,
+    ) -> list[dict]:
         """Runs, newest first, optionally filtered; ``archived``: False (default) the active runs only,
         True the archived ones only, None both."""
         query = sa.select(runs).order_by(runs.c.id.desc())
-        for column, value in ((runs.c.dataset_id, dataset_id), (runs.c.clinic, clinic), (runs.c.model, model),
-                              (runs.c.kind, kind)):
+        for column, value in (
+            (runs.c.dataset_id, dataset_id),
+            (runs.c.clinic, clinic),
+            (runs.c.model, model),
+            (runs.c.kind, kind),
+        ):
             if value is not None:
                 query = query.where(column == value)
         if archived is not None:
@@ -544,9 +655,18 @@ class Store:
         """A run's predictions as a DataFrame (image_name, patient_id, clinic, target, prediction, split)."""
         import pandas as pd
 
-        query = sa.select(predictions.c.image_name, predictions.c.patient_id, predictions.c.clinic,
-                          predictions.c.target, predictions.c.prediction, predictions.c.split
-                          ).where(predictions.c.run_id == run_id).order_by(predictions.c.id)
+        query = (
+            sa.select(
+                predictions.c.image_name,
+                predictions.c.patient_id,
+                predictions.c.clinic,
+                predictions.c.target,
+                predictions.c.prediction,
+                predictions.c.split,
+            )
+            .where(predictions.c.run_id == run_id)
+            .order_by(predictions.c.id)
+        )
         if split is not None:
             query = query.where(predictions.c.split == split)
         with self.engine.connect() as conn:
@@ -564,8 +684,11 @@ class Store:
         ids = sorted({int(r) for r in run_ids})
         if not ids:
             return {}
-        query = (sa.select(predictions.c.run_id, sa.func.count(), sa.func.max(predictions.c.id))
-                 .where(predictions.c.run_id.in_(ids)).group_by(predictions.c.run_id))
+        query = (
+            sa.select(predictions.c.run_id, sa.func.count(), sa.func.max(predictions.c.id))
+            .where(predictions.c.run_id.in_(ids))
+            .group_by(predictions.c.run_id)
+        )
         with self.engine.connect() as conn:
             return {int(run_id): (int(count), int(last)) for run_id, count, last in conn.execute(query)}
 
@@ -577,16 +700,18 @@ class Store:
         columns = ["run_id", "split", "prediction", "image_name"]
         if not ids:
             return pd.DataFrame(columns=columns)
-        query = (sa.select(predictions.c.run_id, predictions.c.split, predictions.c.prediction,
-                           predictions.c.image_name)
-                 .where(predictions.c.image_name == str(image_name), predictions.c.run_id.in_(ids))
-                 .order_by(predictions.c.id))
+        query = (
+            sa.select(predictions.c.run_id, predictions.c.split, predictions.c.prediction, predictions.c.image_name)
+            .where(predictions.c.image_name == str(image_name), predictions.c.run_id.in_(ids))
+            .order_by(predictions.c.id)
+        )
         with self.engine.connect() as conn:
             return pd.DataFrame(conn.execute(query).fetchall(), columns=columns)
 
     # -------------------------------------------------------------------- jobs
-    def submit_job(self, config: dict, dataset_id: int | None = None, kind: str = "train",
-                   max_attempts: int = 3) -> int:
+    def submit_job(
+        self, config: dict, dataset_id: int | None = None, kind: str = "train", max_attempts: int = 3
+    ) -> int:
         """Queue a job; returns its id.
 
         MelcoreError when the run it would record cannot be stored (a model or clinic name
@@ -594,9 +719,20 @@ class Store:
         """
         check_lengths(runs, [{"model": config.get("model"), "clinic": config.get("clinic")}], "job not queued")
         with self._write() as conn:
-            result = conn.execute(jobs.insert().values(
-                kind=kind, dataset_id=dataset_id, config=config, state="queued", cancel_requested=False,
-                attempts=0, max_attempts=max_attempts, created_at=_now(), progress={}, history=[]))
+            result = conn.execute(
+                jobs.insert().values(
+                    kind=kind,
+                    dataset_id=dataset_id,
+                    config=config,
+                    state="queued",
+                    cancel_requested=False,
+                    attempts=0,
+                    max_attempts=max_attempts,
+                    created_at=_now(),
+                    progress={},
+                    history=[],
+                )
+            )
             return int(result.inserted_primary_key[0])
 
     def claim_job(self, worker_id: str | None = None, accept: Callable[[dict], bool] | None = None) -> dict | None:
@@ -612,25 +748,43 @@ class Store:
         token = uuid.uuid4().hex
         now = _now()
         with self._write() as conn:
-            query = sa.select(jobs.c.id, jobs.c.kind, jobs.c.config).where(jobs.c.state == "queued") \
-                .order_by(jobs.c.id).limit(1 if accept is None else CLAIM_WINDOW)
+            query = (
+                sa.select(jobs.c.id, jobs.c.kind, jobs.c.config)
+                .where(jobs.c.state == "queued")
+                .order_by(jobs.c.id)
+                .limit(1 if accept is None else CLAIM_WINDOW)
+            )
             if not self.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
-            job_id = next((row.id for row in conn.execute(query).fetchall()
-                           if accept is None or accept({"id": row.id, "kind": row.kind, "config": row.config})),
-                          None)
+            job_id = next(
+                (
+                    row.id
+                    for row in conn.execute(query).fetchall()
+                    if accept is None or accept({"id": row.id, "kind": row.kind, "config": row.config})
+                ),
+                None,
+            )
             if job_id is None:
                 return None
             claimed = conn.execute(
-                jobs.update().where(jobs.c.id == job_id, jobs.c.state == "queued").values(
-                    state="running", worker_id=worker_id, claim_token=token, attempts=jobs.c.attempts + 1,
-                    started_at=now, heartbeat_at=now))
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.state == "queued")
+                .values(
+                    state="running",
+                    worker_id=worker_id,
+                    claim_token=token,
+                    attempts=jobs.c.attempts + 1,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
             if claimed.rowcount != 1:
                 return None
             return _row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first())
 
-    def heartbeat(self, job_id: int, claim_token: str, progress: dict | None = None,
-                  history_point: dict | None = None) -> bool:
+    def heartbeat(
+        self, job_id: int, claim_token: str, progress: dict | None = None, history_point: dict | None = None
+    ) -> bool:
         """Record that the job's worker is alive (and its progress).
 
         Returns True when the job was cancelled (the worker should stop), and raises
@@ -640,8 +794,9 @@ class Store:
         if progress is not None:
             values["progress"] = progress
         with self._write() as conn:
-            row = conn.execute(sa.select(jobs.c.claim_token, jobs.c.cancel_requested, jobs.c.history)
-                               .where(jobs.c.id == job_id)).first()
+            row = conn.execute(
+                sa.select(jobs.c.claim_token, jobs.c.cancel_requested, jobs.c.history).where(jobs.c.id == job_id)
+            ).first()
             if row is None or row.claim_token != claim_token:
                 raise MelcoreError(f"job {job_id} is no longer held by this worker")
             if history_point is not None:
@@ -659,8 +814,11 @@ class Store:
             if job is None:
                 raise MelcoreError(f"no job with id {job_id}")
             if job.state == "queued":
-                conn.execute(jobs.update().where(jobs.c.id == job_id, jobs.c.state == "queued").values(
-                    state="cancelled", cancel_requested=True, finished_at=_now()))
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.state == "queued")
+                    .values(state="cancelled", cancel_requested=True, finished_at=_now())
+                )
             elif job.state == "running":
                 conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True))
             return conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
@@ -669,8 +827,16 @@ class Store:
         with self.engine.connect() as conn:
             return bool(conn.execute(sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)).scalar())
 
-    def finish_job(self, job_id: int, claim_token: str, state: str, *, run_id: int | None = None,
-                   error: str | None = None, log: str | None = None) -> bool:
+    def finish_job(
+        self,
+        job_id: int,
+        claim_token: str,
+        state: str,
+        *,
+        run_id: int | None = None,
+        error: str | None = None,
+        log: str | None = None,
+    ) -> bool:
         """Record a job's ending (done, cancelled or failed); False when the claim was lost.
 
         Without an ``error``, a note left by :meth:`requeue_stale` stays, so a job that
@@ -679,11 +845,19 @@ class Store:
         if state not in ("done", "cancelled", "failed"):
             raise MelcoreError(f"a job ends as done, cancelled or failed, not {state!r}")
         with self._write() as conn:
-            result = conn.execute(jobs.update().where(
-                jobs.c.id == job_id, jobs.c.claim_token == claim_token, jobs.c.state == "running").values(
-                state=state, run_id=run_id, log=log, finished_at=_now(),
-                error=error if error is not None else sa.case((jobs.c.error.like(REQUEUED + "%"), jobs.c.error),
-                                                              else_=None)))
+            result = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.claim_token == claim_token, jobs.c.state == "running")
+                .values(
+                    state=state,
+                    run_id=run_id,
+                    log=log,
+                    finished_at=_now(),
+                    error=error
+                    if error is not None
+                    else sa.case((jobs.c.error.like(REQUEUED + "%"), jobs.c.error), else_=None),
+                )
+            )
             return result.rowcount == 1
 
     def requeue_stale(self, stale_after: float = 60.0) -> list[dict]:
@@ -699,24 +873,43 @@ class Store:
         cutoff = _now() - stale_after
         acted = []
         with self._write() as conn:
-            query = sa.select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.worker_id,
-                              jobs.c.cancel_requested, jobs.c.claim_token).where(
-                jobs.c.state == "running", jobs.c.heartbeat_at < cutoff)
+            query = sa.select(
+                jobs.c.id,
+                jobs.c.attempts,
+                jobs.c.max_attempts,
+                jobs.c.worker_id,
+                jobs.c.cancel_requested,
+                jobs.c.claim_token,
+            ).where(jobs.c.state == "running", jobs.c.heartbeat_at < cutoff)
             if not self.is_sqlite:
                 query = query.with_for_update(skip_locked=True)
             for job in conn.execute(query).fetchall():
                 guard = (jobs.c.id == job.id) & (jobs.c.claim_token == job.claim_token)
                 if job.cancel_requested:
-                    values = dict(state="cancelled", finished_at=_now(), claim_token=None,
-                                  error=f"worker {job.worker_id} stopped responding after the cancel request")
+                    values = dict(
+                        state="cancelled",
+                        finished_at=_now(),
+                        claim_token=None,
+                        error=f"worker {job.worker_id} stopped responding after the cancel request",
+                    )
                 elif job.attempts < job.max_attempts:
-                    values = dict(state="queued", worker_id=None, claim_token=None, history=[], progress={},
-                                  error=f"{REQUEUED} worker {job.worker_id} stopped responding "
-                                        f"(attempt {job.attempts} of {job.max_attempts})")
+                    values = dict(
+                        state="queued",
+                        worker_id=None,
+                        claim_token=None,
+                        history=[],
+                        progress={},
+                        error=f"{REQUEUED} worker {job.worker_id} stopped responding "
+                        f"(attempt {job.attempts} of {job.max_attempts})",
+                    )
                 else:
-                    values = dict(state="failed", finished_at=_now(), claim_token=None,
-                                  error=f"failed: worker {job.worker_id} stopped responding on the last of "
-                                        f"{job.max_attempts} attempts")
+                    values = dict(
+                        state="failed",
+                        finished_at=_now(),
+                        claim_token=None,
+                        error=f"failed: worker {job.worker_id} stopped responding on the last of "
+                        f"{job.max_attempts} attempts",
+                    )
                 if conn.execute(jobs.update().where(guard).values(**values)).rowcount == 1:
                     acted.append({"id": job.id, "state": values["state"]})
                     if job.worker_id:
@@ -751,11 +944,15 @@ class Store:
         host, _, rest = worker_id.partition(":")
         pid = int(rest.split(":")[0]) if rest.split(":")[0].isdigit() else None
         with self._write() as conn:
-            updated = conn.execute(workers.update().where(workers.c.worker_id == worker_id).values(
-                beat_at=now, job_id=job_id)).rowcount
+            updated = conn.execute(
+                workers.update().where(workers.c.worker_id == worker_id).values(beat_at=now, job_id=job_id)
+            ).rowcount
             if not updated:
-                conn.execute(workers.insert().values(worker_id=worker_id, host=host, pid=pid, started_at=now,
-                                                     beat_at=now, job_id=job_id))
+                conn.execute(
+                    workers.insert().values(
+                        worker_id=worker_id, host=host, pid=pid, started_at=now, beat_at=now, job_id=job_id
+                    )
+                )
 
     def worker_gone(self, worker_id: str) -> None:
         with self._write() as conn:
@@ -764,12 +961,25 @@ class Store:
     def live_workers(self, within: float = 30.0) -> list[dict]:
         """Workers whose last beat is at most ``within`` seconds old."""
         with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(
-                sa.select(workers).where(workers.c.beat_at >= _now() - within).order_by(workers.c.started_at))]
+            return [
+                _row(r)
+                for r in conn.execute(
+                    sa.select(workers).where(workers.c.beat_at >= _now() - within).order_by(workers.c.started_at)
+                )
+            ]
 
     # ----------------------------------------------------------------- reviews
-    def add_review(self, run_id: int, image_name: str, reviewer: str, decision: str, note: str = "", *,
-                   aided: bool = True, confidence: int | float | None = None) -> int:
+    def add_review(
+        self,
+        run_id: int,
+        image_name: str,
+        reviewer: str,
+        decision: str,
+        note: str = "",
+        *,
+        aided: bool = True,
+        confidence: int | float | None = None,
+    ) -> int:
         """Append a reviewer's decision on a lesion; earlier decisions stay in the history.
 
         ``aided`` is False for a blinded read (the model's risk, rank and Grad-CAM hidden);
@@ -780,9 +990,16 @@ class Store:
             raise MelcoreError("a review needs the reviewer's name")
         if decision not in DECISIONS:
             raise MelcoreError(f"unknown decision {decision!r}; choose one of {', '.join(DECISIONS)}")
-        values = dict(run_id=run_id, image_name=str(image_name), reviewer=reviewer, decision=decision,
-                      note=note or "", created_at=_now(), aided=bool(aided),
-                      confidence=check_confidence(confidence))
+        values = dict(
+            run_id=run_id,
+            image_name=str(image_name),
+            reviewer=reviewer,
+            decision=decision,
+            note=note or "",
+            created_at=_now(),
+            aided=bool(aided),
+            confidence=check_confidence(confidence),
+        )
         check_lengths(reviews, [values], "decision not saved")
         with self._write() as conn:
             result = conn.execute(reviews.insert().values(**values))
@@ -815,17 +1032,23 @@ def _prediction_rows(frame, split: str) -> list[dict]:
     rows = []
     for rec in frame.to_dict("records"):
         target = rec.get("target")
-        rows.append(dict(split=split, image_name=str(rec["image_name"]),
-                         patient_id=_str_or_none(rec.get("patient_id")), clinic=_str_or_none(rec.get("clinic")),
-                         target=None if _is_missing(target) else int(target),
-                         prediction=float(rec["prediction"])))
+        rows.append(
+            dict(
+                split=split,
+                image_name=str(rec["image_name"]),
+                patient_id=_str_or_none(rec.get("patient_id")),
+                clinic=_str_or_none(rec.get("clinic")),
+                target=None if _is_missing(target) else int(target),
+                prediction=float(rec["prediction"]),
+            )
+        )
     check_lengths(predictions, rows, "predictions not stored")
     return rows
 
 
 def _insert_predictions(conn: sa.Connection, run_id: int, rows: list[dict]) -> None:
     for start in range(0, len(rows), 5000):
-        conn.execute(predictions.insert(), [{**row, "run_id": run_id} for row in rows[start:start + 5000]])
+        conn.execute(predictions.insert(), [{**row, "run_id": run_id} for row in rows[start : start + 5000]])
 
 
 def check_confidence(value) -> int | None:
@@ -837,8 +1060,9 @@ def check_confidence(value) -> int | None:
     except (TypeError, ValueError):
         raise MelcoreError(f"the confidence must be a number from 0 to 100, got {value!r}") from None
     if not (math.isfinite(number) and 0 <= number <= 100 and number == int(number)):
-        raise MelcoreError(f"the confidence must be a whole number from 0 (surely benign) to 100 (surely "
-                           f"melanoma), got {value!r}")
+        raise MelcoreError(
+            f"the confidence must be a whole number from 0 (surely benign) to 100 (surely melanoma), got {value!r}"
+        )
     return int(number)
 
 

@@ -64,18 +64,22 @@ class _OrderedDict(dict):
     ``state_dict()`` sets on it (``_metadata``)."""
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, tuple) or len(storage) != 3:
         raise TorchFileError("tensor refers to something that is not a storage")
-    return _TensorRef(storage[0], int(storage_offset), tuple(int(s) for s in size),
-                      tuple(int(s) for s in stride))
+    return _TensorRef(storage[0], int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
 
 
 _STORAGES = {
-    "FloatStorage": _Storage("<f4"), "DoubleStorage": _Storage("<f8"), "HalfStorage": _Storage("<f2"),
-    "LongStorage": _Storage("<i8"), "IntStorage": _Storage("<i4"), "ShortStorage": _Storage("<i2"),
-    "CharStorage": _Storage("i1"), "ByteStorage": _Storage("u1"), "BoolStorage": _Storage("?"),
+    "FloatStorage": _Storage("<f4"),
+    "DoubleStorage": _Storage("<f8"),
+    "HalfStorage": _Storage("<f2"),
+    "LongStorage": _Storage("<i8"),
+    "IntStorage": _Storage("<i4"),
+    "ShortStorage": _Storage("<i2"),
+    "CharStorage": _Storage("i1"),
+    "ByteStorage": _Storage("u1"),
+    "BoolStorage": _Storage("?"),
 }
 
 #: ``(module, name)`` -> the stand-in it resolves to. Nothing else can be named by the file.
@@ -101,11 +105,11 @@ class _AllowListUnpickler(pickle.Unpickler):
             raise UnsafeTorchFileError(
                 f"{self._path} names the global {module}.{name}, which a weights file has no reason to "
                 f"use; refused without running it (allowed: "
-                f"{', '.join(sorted(f'{m}.{n}' for m, n in ALLOWED_GLOBALS))})") from None
+                f"{', '.join(sorted(f'{m}.{n}' for m, n in ALLOWED_GLOBALS))})"
+            ) from None
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-                and isinstance(pid[1], _Storage)):
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
             raise TorchFileError(f"{self._path} holds a persistent reference that is not a tensor storage")
         _, storage, key, _location, numel = pid[:5]
         view = pid[5] if len(pid) > 5 else None
@@ -148,8 +152,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         head = f.read(4)
         if head[:2] == b"PK":
-            raise TorchFileError(f"{path} is a zip-format PyTorch file; this reader takes the legacy format "
-                                 "(torch.save(..., _use_new_zipfile_serialization=False))")
+            raise TorchFileError(
+                f"{path} is a zip-format PyTorch file; this reader takes the legacy format "
+                "(torch.save(..., _use_new_zipfile_serialization=False))"
+            )
         f.seek(0)
         storages: dict[str, tuple[np.dtype, int]] = {}
         magic = _load_pickle(f, path, storages)
@@ -180,8 +186,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             if len(raw) != count * dtype.itemsize:
                 raise TorchFileError(f"{path} is truncated inside storage {key!r}")
             data[key] = np.frombuffer(raw, dtype=dtype)
-    return {str(name): _materialise(path, name, ref, data) for name, ref in obj.items()
-            if isinstance(ref, _TensorRef)}
+    return {str(name): _materialise(path, name, ref, data) for name, ref in obj.items() if isinstance(ref, _TensorRef)}
 
 
 def _materialise(path: Path, name, ref: _TensorRef, data: dict) -> np.ndarray:
@@ -194,5 +199,5 @@ def _materialise(path: Path, name, ref: _TensorRef, data: dict) -> np.ndarray:
     if ref.offset < 0 or last >= flat.size or any(st < 0 for st in ref.stride):
         raise TorchFileError(f"{path}: tensor {name!r} reaches outside its storage")
     strides = tuple(st * flat.itemsize for st in ref.stride)
-    view = np.lib.stride_tricks.as_strided(flat[ref.offset:], shape=ref.size, strides=strides, writeable=False)
+    view = np.lib.stride_tricks.as_strided(flat[ref.offset :], shape=ref.size, strides=strides, writeable=False)
     return np.ascontiguousarray(view, dtype=flat.dtype.newbyteorder("="))

@@ -20,6 +20,7 @@ from melcore.browse import PatientBrowser, dataset_roots, run_threshold, scored_
 from melcore.classes import ClassNames, dataset_classes
 from melcore.errors import MelcoreError
 from melcore.formatting import format_risk, format_threshold
+from melcore.readers import study_worklist
 from melcore.review import (
     REVIEW_DECISIONS,
     SCOPES,
@@ -31,12 +32,10 @@ from melcore.review import (
     reviews_csv,
     worklist,
 )
-from melcore.readers import study_worklist
 from melcore.runinfo import scratch_words, uses_colour_model
 from melcore.safety import escape_markdown
 from melcore.store import STUDY_DECISIONS
-from ui.common import (dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run,
-                          show_error)
+from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, record_run, restore_run, show_error
 from ui.widgets import lesion_panel, load_tile, patient_strip
 
 K = "review_"  # session-state prefix of this page
@@ -49,11 +48,18 @@ READING_MODES = {
 }
 STUDY_DECISION_LABELS = {"biopsy": "biopsy / excise", "follow-up": "follow-up", "reassure": "reassure"}
 STUDY_SCOPES = {"all": "All lesions", "unread": "Only lesions I have not read in this mode"}
-BLINDED_FIELDS = (("image", "image_name"), ("patient", "patient"), ("sex", "sex"), ("age", "age_approx"),
-                  ("site", "site"), ("clinic", "clinic"))  # what an unaided reader sees beside the image
+BLINDED_FIELDS = (
+    ("image", "image_name"),
+    ("patient", "patient"),
+    ("sex", "sex"),
+    ("age", "age_approx"),
+    ("site", "site"),
+    ("clinic", "clinic"),
+)  # what an unaided reader sees beside the image
 
 
 # --------------------------------------------------------------------------- cached data
+
 
 @st.cache_data(show_spinner=False, max_entries=16, ttl=3600)
 def _predictions(url: str, run_id: int, version: tuple) -> pd.DataFrame:
@@ -61,8 +67,9 @@ def _predictions(url: str, run_id: int, version: tuple) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner="Preparing the lesion table...", max_entries=4, ttl=3600)
-def _browser(url: str, dataset_id: int, csv_mtime: float, run_id: int, version: tuple, _cohort,
-             _predictions) -> PatientBrowser:
+def _browser(
+    url: str, dataset_id: int, csv_mtime: float, run_id: int, version: tuple, _cohort, _predictions
+) -> PatientBrowser:
     return PatientBrowser(_cohort, _predictions)
 
 
@@ -72,6 +79,7 @@ def _csv_mtime(dataset: dict) -> float:
 
 
 # --------------------------------------------------------------------------- state and callbacks
+
 
 def _drafts() -> dict:
     return st.session_state.setdefault(K + "drafts", {})
@@ -94,8 +102,10 @@ def _remember_reviewer() -> None:
 
 
 def _keep_draft(run_id: int, image: str) -> None:
-    _drafts()[(run_id, image)] = {"note": st.session_state.get(_note_key(run_id, image), ""),
-                                  "decision": st.session_state.get(_decision_key(run_id, image))}
+    _drafts()[(run_id, image)] = {
+        "note": st.session_state.get(_note_key(run_id, image), ""),
+        "decision": st.session_state.get(_decision_key(run_id, image)),
+    }
 
 
 def _go_to(image: str | None) -> None:
@@ -127,19 +137,26 @@ def _save(run_id: int, image: str, then: str | None) -> None:
     _drafts().pop((run_id, image), None)
     st.session_state[note_key] = ""
     st.session_state[decision_key] = decision  # the form shows the decision just saved
-    st.session_state[K + "flash"] = (f"Saved **{escape_markdown(decision)}** for {escape_markdown(image)} by "
-                                     f"{escape_markdown(reviewer)}.")
+    st.session_state[K + "flash"] = (
+        f"Saved **{escape_markdown(decision)}** for {escape_markdown(image)} by {escape_markdown(reviewer)}."
+    )
     _go_to(then)
 
 
 # --------------------------------------------------------------------------- parts of the page
 
+
 def _reviewer_input(column) -> str:
     if K + "reviewer" not in st.session_state:
         st.session_state[K + "reviewer"] = st.session_state.get(REVIEWER, "")
-    name = column.text_input("Reviewer (required)", key=K + "reviewer", on_change=_remember_reviewer,
-                             placeholder="your name", max_chars=200,
-                             help="Every decision is saved with this name and the time.")
+    name = column.text_input(
+        "Reviewer (required)",
+        key=K + "reviewer",
+        on_change=_remember_reviewer,
+        placeholder="your name",
+        max_chars=200,
+        help="Every decision is saved with this name and the time.",
+    )
     st.session_state[REVIEWER] = name
     return name.strip()
 
@@ -160,39 +177,55 @@ def _progress(full: pd.DataFrame, scope: str, threshold: float) -> None:
         st.caption(f"Current decisions: {counts}" if counts else "No decision recorded yet for this run.")
 
 
-def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int, classes: ClassNames,
-                    diagnoses: pd.Series | None) -> str | None:
+def _worklist_table(
+    shown: pd.DataFrame, position: int, scope: str, run_id: int, classes: ClassNames, diagnoses: pd.Series | None
+) -> str | None:
     """The window of the worklist around the current lesion; the image whose row was selected, if new.
 
     The risk, decision and reviewer columns come first after the rank, so they need no horizontal scrolling.
     """
     start = (position - 1) // TABLE_ROWS * TABLE_ROWS
-    window = shown.iloc[start:start + TABLE_ROWS]
+    window = shown.iloc[start : start + TABLE_ROWS]
     names = window["image_name"].astype(str)
-    table = pd.DataFrame({
-        "rank": window["rank"].to_numpy(),
-        "risk": window["risk"].to_numpy(dtype=float),
-        "flagged": window["flagged"].to_numpy(dtype=bool),
-        "decision": window["decision"].fillna("—").to_numpy(),
-        "reviewer": window["reviewer"].fillna("").to_numpy(),
-        "image": names.to_numpy(),
-        "label": classes.labels(window["target"].to_numpy(dtype=object)).to_numpy(),
-        "diagnosis": (names.map(diagnoses).fillna("unknown").to_numpy() if diagnoses is not None
-                      else ["unknown"] * len(window)),
-        "patient": window["patient_id"].fillna("unknown").to_numpy(),
-    })
-    st.caption(f"Rows {start + 1}-{start + len(window)} of {len(shown):,} (rank = position by risk in the whole "
-               "run). Select a row to open it.")
+    table = pd.DataFrame(
+        {
+            "rank": window["rank"].to_numpy(),
+            "risk": window["risk"].to_numpy(dtype=float),
+            "flagged": window["flagged"].to_numpy(dtype=bool),
+            "decision": window["decision"].fillna("—").to_numpy(),
+            "reviewer": window["reviewer"].fillna("").to_numpy(),
+            "image": names.to_numpy(),
+            "label": classes.labels(window["target"].to_numpy(dtype=object)).to_numpy(),
+            "diagnosis": (
+                names.map(diagnoses).fillna("unknown").to_numpy()
+                if diagnoses is not None
+                else ["unknown"] * len(window)
+            ),
+            "patient": window["patient_id"].fillna("unknown").to_numpy(),
+        }
+    )
+    st.caption(
+        f"Rows {start + 1}-{start + len(window)} of {len(shown):,} (rank = position by risk in the whole "
+        "run). Select a row to open it."
+    )
     key = f"{K}table_{run_id}_{scope}_{start}"
     event = st.dataframe(
-        table, hide_index=True, width="stretch", key=key, on_select="rerun", selection_mode="single-row",
+        table,
+        hide_index=True,
+        width="stretch",
+        key=key,
+        on_select="rerun",
+        selection_mode="single-row",
         height=min(38 + 35 * len(table), 600),
-        column_config={"rank": st.column_config.NumberColumn("rank", width="small"),
-                       "risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=1.0, format="%.3f",
-                                                               width="small"),
-                       "flagged": st.column_config.CheckboxColumn("≥ thr.", width="small",
-                                                                  help="Risk at or above the run's threshold"),
-                       "decision": st.column_config.TextColumn("decision", width="small")})
+        column_config={
+            "rank": st.column_config.NumberColumn("rank", width="small"),
+            "risk": st.column_config.ProgressColumn("risk", min_value=0.0, max_value=1.0, format="%.3f", width="small"),
+            "flagged": st.column_config.CheckboxColumn(
+                "≥ thr.", width="small", help="Risk at or above the run's threshold"
+            ),
+            "decision": st.column_config.TextColumn("decision", width="small"),
+        },
+    )
     rows = list(getattr(getattr(event, "selection", None), "rows", []) or [])
     chosen = str(window["image_name"].iloc[rows[0]]) if rows and rows[0] < len(window) else None
     last = st.session_state.get(K + "table_last")
@@ -200,8 +233,9 @@ def _worklist_table(shown: pd.DataFrame, position: int, scope: str, run_id: int,
     return chosen if chosen is not None and chosen != last else None
 
 
-def _decision_form(run_id: int, image: str, names: list[str], index: int, reviewer: str,
-                   current: str | None = None) -> None:
+def _decision_form(
+    run_id: int, image: str, names: list[str], index: int, reviewer: str, current: str | None = None
+) -> None:
     """The decision radio (showing the unsaved draft, else the lesion's ``current`` decision), note and save."""
     note_key, decision_key = _note_key(run_id, image), _decision_key(run_id, image)
     draft = _drafts().get((run_id, image), {})
@@ -210,16 +244,34 @@ def _decision_form(run_id: int, image: str, names: list[str], index: int, review
     if decision_key not in st.session_state:
         st.session_state[decision_key] = draft.get("decision") or (current if current in REVIEW_DECISIONS else None)
     st.markdown("**Your decision**")
-    st.radio("Decision", REVIEW_DECISIONS, key=decision_key, horizontal=True, label_visibility="collapsed",
-             on_change=_keep_draft, args=(run_id, image))
-    st.text_area("Note (optional)", key=note_key, height=90, on_change=_keep_draft, args=(run_id, image),
-                 placeholder="e.g. asymmetric pigment network; compare with the lesion on the back")
+    st.radio(
+        "Decision",
+        REVIEW_DECISIONS,
+        key=decision_key,
+        horizontal=True,
+        label_visibility="collapsed",
+        on_change=_keep_draft,
+        args=(run_id, image),
+    )
+    st.text_area(
+        "Note (optional)",
+        key=note_key,
+        height=90,
+        on_change=_keep_draft,
+        args=(run_id, image),
+        placeholder="e.g. asymmetric pigment network; compare with the lesion on the back",
+    )
     following = names[index + 1] if index + 1 < len(names) else None
     cols = st.columns([1, 1, 2], vertical_alignment="center")
-    cols[0].button("Save", key=K + "save", type="primary", on_click=_save, args=(run_id, image, None),
-                   width="stretch")
-    cols[1].button("Save and next", key=K + "save_next", on_click=_save, args=(run_id, image, following),
-                   width="stretch", disabled=following is None)
+    cols[0].button("Save", key=K + "save", type="primary", on_click=_save, args=(run_id, image, None), width="stretch")
+    cols[1].button(
+        "Save and next",
+        key=K + "save_next",
+        on_click=_save,
+        args=(run_id, image, following),
+        width="stretch",
+        disabled=following is None,
+    )
     if not reviewer:
         cols[2].caption(":orange[Enter your name as reviewer at the top: nothing is saved without it.]")
     error = _errors().get((run_id, image))
@@ -233,10 +285,14 @@ def _history(store, run_id: int, image: str) -> None:
         st.caption("No decision recorded for this lesion yet.")
         return
     last = history.iloc[-1]
-    st.markdown(f"**Current decision: {escape_markdown(last['decision'])}** by {escape_markdown(last['reviewer'])} "
-                f"at {iso_time(last['created_at'])}" + (f" — {escape_markdown(last['note'])}" if last["note"] else ""))
-    st.caption(f"History ({len(history)} decision(s), newest first). Saving again adds a new entry; earlier "
-               "entries are never changed.")
+    st.markdown(
+        f"**Current decision: {escape_markdown(last['decision'])}** by {escape_markdown(last['reviewer'])} "
+        f"at {iso_time(last['created_at'])}" + (f" — {escape_markdown(last['note'])}" if last["note"] else "")
+    )
+    st.caption(
+        f"History ({len(history)} decision(s), newest first). Saving again adds a new entry; earlier "
+        "entries are never changed."
+    )
     st.dataframe(history_table(history), hide_index=True, width="stretch", key=f"{K}history")
 
 
@@ -248,18 +304,30 @@ def _lesion(browser: PatientBrowser | None, row: pd.Series) -> dict:
         except MelcoreError:
             pass
     # The run scored an image that the dataset's table no longer lists.
-    return {"image_name": name, "patient_id": row["patient_id"], "clinic": row["clinic"], "target": row["target"],
-            "risk": row["risk"], "image_path": None}
+    return {
+        "image_name": name,
+        "patient_id": row["patient_id"],
+        "clinic": row["clinic"],
+        "target": row["target"],
+        "risk": row["risk"],
+        "image_path": None,
+    }
 
 
-def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshold: float,
-                   full_names: set[str], shown_names: set[str]) -> None:
+def _patient_strip(
+    browser: PatientBrowser | None, lesion: dict, roots, threshold: float, full_names: set[str], shown_names: set[str]
+) -> None:
     patient = lesion.get("patient")
     if browser is None or patient is None or patient not in browser:
         return
     st.markdown(f"**Patient {escape_markdown(patient)}: other lesions**")
-    clicked = patient_strip(browser.patient_lesions(patient), key=K + "strip", roots=roots,
-                            current=str(lesion["image_name"]), threshold=threshold)
+    clicked = patient_strip(
+        browser.patient_lesions(patient),
+        key=K + "strip",
+        roots=roots,
+        current=str(lesion["image_name"]),
+        threshold=threshold,
+    )
     if clicked is None:
         return
     if clicked in shown_names:
@@ -270,17 +338,26 @@ def _patient_strip(browser: PatientBrowser | None, lesion: dict, roots, threshol
         st.session_state[K + "goto_scope"] = "all"
         st.rerun()
     else:
-        st.info(f"{escape_markdown(clicked)} is not in this run's worklist: the run did not score it (e.g. it was a "
-                "training image).")
+        st.info(
+            f"{escape_markdown(clicked)} is not in this run's worklist: the run did not score it (e.g. it was a "
+            "training image)."
+        )
 
 
 # --------------------------------------------------------------------------- reader study
 
+
 def _reading_mode() -> str:
-    return st.radio("Reading", list(READING_MODES), format_func=READING_MODES.get, key=K + "mode", horizontal=True,
-                    help="A reader study reads every scored lesion in a fixed random order (the same for every "
-                         "reader). Blinded hides the model's risk, rank and Grad-CAM; aided shows them. Neither "
-                         "shows the lesion's label or diagnosis, nor other readers' decisions.")
+    return st.radio(
+        "Reading",
+        list(READING_MODES),
+        format_func=READING_MODES.get,
+        key=K + "mode",
+        horizontal=True,
+        help="A reader study reads every scored lesion in a fixed random order (the same for every "
+        "reader). Blinded hides the model's risk, rank and Grad-CAM; aided shows them. Neither "
+        "shows the lesion's label or diagnosis, nor other readers' decisions.",
+    )
 
 
 def _study_key(part: str, mode: str, run_id: int, image: str) -> str:
@@ -289,8 +366,9 @@ def _study_key(part: str, mode: str, run_id: int, image: str) -> str:
 
 def _save_study(run_id: int, image: str, mode: str, then: str | None) -> None:
     """Append a study read (button callback): decision, optional confidence and note, aided or not."""
-    decision_key, confidence_key, note_key = (_study_key(p, mode, run_id, image)
-                                              for p in ("decision", "confidence", "note"))
+    decision_key, confidence_key, note_key = (
+        _study_key(p, mode, run_id, image) for p in ("decision", "confidence", "note")
+    )
     decision = st.session_state.get(decision_key)
     confidence = st.session_state.get(confidence_key)
     note = st.session_state.get(note_key, "") or ""
@@ -308,9 +386,11 @@ def _save_study(run_id: int, image: str, mode: str, then: str | None) -> None:
     for key in (decision_key, confidence_key):
         st.session_state[key] = None
     st.session_state[note_key] = ""
-    st.session_state[K + "flash"] = (f"Saved **{escape_markdown(STUDY_DECISION_LABELS[decision])}** "
-                                     f"({'aided' if mode == 'aided' else 'blinded'} read) for "
-                                     f"{escape_markdown(image)} by {escape_markdown(reviewer)}.")
+    st.session_state[K + "flash"] = (
+        f"Saved **{escape_markdown(STUDY_DECISION_LABELS[decision])}** "
+        f"({'aided' if mode == 'aided' else 'blinded'} read) for "
+        f"{escape_markdown(image)} by {escape_markdown(reviewer)}."
+    )
     if then is not None:
         st.session_state[K + "study_current"] = then
 
@@ -331,32 +411,70 @@ def _blinded_lesion(lesion: dict, roots) -> None:
     tile = load_tile(lesion.get("image_path"), name, roots, 448)
     st.markdown(f"#### {escape_markdown(name)}")
     left, right = st.columns(2)
-    left.image(tile.data, width="stretch",
-               caption=None if tile.status == "ok" else f"STAND-IN: {tile.message or 'image file not found'}")
-    values = [lesion.get("patient_id", lesion.get("patient")) if field == "patient" else lesion.get(field)
-              for _, field in BLINDED_FIELDS]
-    right.dataframe(pd.DataFrame({"field": [label for label, _ in BLINDED_FIELDS],
-                                  "value": ["unknown" if v is None or (isinstance(v, float) and v != v) else str(v)
-                                            for v in values]}),
-                    hide_index=True, width="stretch", key=K + "study_metadata")
+    left.image(
+        tile.data,
+        width="stretch",
+        caption=None if tile.status == "ok" else f"STAND-IN: {tile.message or 'image file not found'}",
+    )
+    values = [
+        lesion.get("patient_id", lesion.get("patient")) if field == "patient" else lesion.get(field)
+        for _, field in BLINDED_FIELDS
+    ]
+    right.dataframe(
+        pd.DataFrame(
+            {
+                "field": [label for label, _ in BLINDED_FIELDS],
+                "value": ["unknown" if v is None or (isinstance(v, float) and v != v) else str(v) for v in values],
+            }
+        ),
+        hide_index=True,
+        width="stretch",
+        key=K + "study_metadata",
+    )
 
 
 def _study_form(run_id: int, image: str, mode: str, following: str | None, reviewer: str) -> None:
-    decision_key, confidence_key, note_key = (_study_key(p, mode, run_id, image)
-                                              for p in ("decision", "confidence", "note"))
+    decision_key, confidence_key, note_key = (
+        _study_key(p, mode, run_id, image) for p in ("decision", "confidence", "note")
+    )
     st.markdown("**Your management decision**")
-    st.radio("Management decision", list(STUDY_DECISION_LABELS), format_func=STUDY_DECISION_LABELS.get,
-             key=decision_key, horizontal=True, label_visibility="collapsed", index=None)
-    st.number_input("Malignancy confidence, 0 (surely benign) to 100 (surely melanoma), optional", min_value=0,
-                    max_value=100, step=1, value=None, key=confidence_key,
-                    help="How sure you are that this is a melanoma, whatever you decide to do; it gives you a "
-                         "ROC curve of your own.")
+    st.radio(
+        "Management decision",
+        list(STUDY_DECISION_LABELS),
+        format_func=STUDY_DECISION_LABELS.get,
+        key=decision_key,
+        horizontal=True,
+        label_visibility="collapsed",
+        index=None,
+    )
+    st.number_input(
+        "Malignancy confidence, 0 (surely benign) to 100 (surely melanoma), optional",
+        min_value=0,
+        max_value=100,
+        step=1,
+        value=None,
+        key=confidence_key,
+        help="How sure you are that this is a melanoma, whatever you decide to do; it gives you a "
+        "ROC curve of your own.",
+    )
     st.text_area("Note (optional)", key=note_key, height=70)
     cols = st.columns([1, 1, 2], vertical_alignment="center")
-    cols[0].button("Save", key=K + "study_save", type="primary", on_click=_save_study,
-                   args=(run_id, image, mode, None), width="stretch")
-    cols[1].button("Save and next", key=K + "study_save_next", on_click=_save_study,
-                   args=(run_id, image, mode, following), width="stretch", disabled=following is None)
+    cols[0].button(
+        "Save",
+        key=K + "study_save",
+        type="primary",
+        on_click=_save_study,
+        args=(run_id, image, mode, None),
+        width="stretch",
+    )
+    cols[1].button(
+        "Save and next",
+        key=K + "study_save_next",
+        on_click=_save_study,
+        args=(run_id, image, mode, following),
+        width="stretch",
+        disabled=following is None,
+    )
     if not reviewer:
         cols[2].caption(":orange[Enter your name as reviewer at the top: nothing is saved without it.]")
     error = _errors().get((run_id, image, mode))
@@ -368,9 +486,12 @@ def _study(store, dataset: dict, run: dict, runs: list, mode: str, reviewer: str
     """A reader study on the run's scored lesions: fixed random order, this reader's reads only."""
     run_id = int(run["id"])
     blinded = mode == "unaided"
-    st.caption("Blinded reading: the model's risk, rank and Grad-CAM are hidden; read the lesion as you would "
-               "without the model." if blinded else
-               "Aided reading: the model's risk and Grad-CAM are shown beside the lesion.")
+    st.caption(
+        "Blinded reading: the model's risk, rank and Grad-CAM are hidden; read the lesion as you would "
+        "without the model."
+        if blinded
+        else "Aided reading: the model's risk and Grad-CAM are shown beside the lesion."
+    )
     try:
         predictions = _predictions(settings.db_url(), run_id, version)
         table = study_worklist(predictions, store.review_history(run_id), reviewer, mode, seed=run_id)
@@ -378,11 +499,17 @@ def _study(store, dataset: dict, run: dict, runs: list, mode: str, reviewer: str
         show_error(exc, "The study's worklist cannot be prepared")
         return
     done = int(table["read"].sum())
-    st.progress(done / len(table) if len(table) else 0.0,
-                text=(f"You have read {done:,} of {len(table):,} lesions in the {'blinded' if blinded else 'aided'} "
-                      "mode" if reviewer else "Enter your name as reviewer to see your progress"))
-    scope = st.radio("Lesions", list(STUDY_SCOPES), format_func=STUDY_SCOPES.get, key=K + "study_scope",
-                     horizontal=True)
+    st.progress(
+        done / len(table) if len(table) else 0.0,
+        text=(
+            f"You have read {done:,} of {len(table):,} lesions in the {'blinded' if blinded else 'aided'} mode"
+            if reviewer
+            else "Enter your name as reviewer to see your progress"
+        ),
+    )
+    scope = st.radio(
+        "Lesions", list(STUDY_SCOPES), format_func=STUDY_SCOPES.get, key=K + "study_scope", horizontal=True
+    )
     flash = st.session_state.pop(K + "flash", None)
     if flash:
         st.success(flash)
@@ -401,8 +528,15 @@ def _study(store, dataset: dict, run: dict, runs: list, mode: str, reviewer: str
 
     try:
         cohort = load_cohort_cached(dataset)
-        browser = _browser(settings.db_url(), int(dataset["id"]), _csv_mtime(dataset), run_id, version,
-                           _cohort=cohort, _predictions=predictions)
+        browser = _browser(
+            settings.db_url(),
+            int(dataset["id"]),
+            _csv_mtime(dataset),
+            run_id,
+            version,
+            _cohort=cohort,
+            _predictions=predictions,
+        )
     except (MelcoreError, OSError) as exc:
         show_error(exc, f"Dataset {dataset['name']!r} cannot be read; lesions are shown without their images")
         browser = None
@@ -418,34 +552,71 @@ def _study(store, dataset: dict, run: dict, runs: list, mode: str, reviewer: str
     left, right = st.columns([2, 3], gap="large")
     with left:
         nav = st.columns([1, 2, 1], vertical_alignment="bottom")
-        nav[0].button("◀ Previous", key=K + "study_prev", on_click=_study_go_to,
-                      args=(names[position - 2] if position > 1 else None,), disabled=position <= 1, width="stretch")
-        nav[1].number_input(f"Lesion (of {len(names):,})", min_value=1, max_value=len(names), step=1,
-                            key=K + "study_pos", on_change=_study_position, args=(names,))
-        nav[2].button("Next ▶", key=K + "study_next", on_click=_study_go_to,
-                      args=(names[position] if position < len(names) else None,), disabled=position >= len(names),
-                      width="stretch")
+        nav[0].button(
+            "◀ Previous",
+            key=K + "study_prev",
+            on_click=_study_go_to,
+            args=(names[position - 2] if position > 1 else None,),
+            disabled=position <= 1,
+            width="stretch",
+        )
+        nav[1].number_input(
+            f"Lesion (of {len(names):,})",
+            min_value=1,
+            max_value=len(names),
+            step=1,
+            key=K + "study_pos",
+            on_change=_study_position,
+            args=(names,),
+        )
+        nav[2].button(
+            "Next ▶",
+            key=K + "study_next",
+            on_click=_study_go_to,
+            args=(names[position] if position < len(names) else None,),
+            disabled=position >= len(names),
+            width="stretch",
+        )
         st.caption("Fixed random order (the same for every reader); only your own reads in this mode are listed.")
-        st.dataframe(pd.DataFrame({
-            "#": shown["position"].to_numpy(), "image": shown["image_name"].to_numpy(),
-            "patient": shown["patient_id"].to_numpy(),
-            "your decision": [STUDY_DECISION_LABELS.get(d, "—") if d else "—" for d in shown["decision"]],
-        }), hide_index=True, width="stretch", key=f"{K}study_table_{mode}", height=min(38 + 35 * len(shown), 420))
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "#": shown["position"].to_numpy(),
+                    "image": shown["image_name"].to_numpy(),
+                    "patient": shown["patient_id"].to_numpy(),
+                    "your decision": [STUDY_DECISION_LABELS.get(d, "—") if d else "—" for d in shown["decision"]],
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+            key=f"{K}study_table_{mode}",
+            height=min(38 + 35 * len(shown), 420),
+        )
     with right:
         with st.container(border=True):
             if blinded:
                 _blinded_lesion(lesion, roots)
             else:
                 threshold = run_threshold(run)
-                lesion_panel(lesion, key=f"{K}study_panel_{run_id}", roots=roots, runs=[run], store=store,
-                             threshold=threshold, default_run=run_id, show_truth=False)
+                lesion_panel(
+                    lesion,
+                    key=f"{K}study_panel_{run_id}",
+                    roots=roots,
+                    runs=[run],
+                    store=store,
+                    threshold=threshold,
+                    default_run=run_id,
+                    show_truth=False,
+                )
         with st.container(border=True):
             _study_form(run_id, image, mode, names[position] if position < len(names) else None, reviewer)
             if row["read"]:
                 confidence = row["confidence"]
-                st.caption(f"Your current read: {STUDY_DECISION_LABELS.get(row['decision'], row['decision'])}"
-                           + (f", confidence {int(confidence)}" if confidence == confidence else "")
-                           + ". Saving again adds a new entry; the latest counts.")
+                st.caption(
+                    f"Your current read: {STUDY_DECISION_LABELS.get(row['decision'], row['decision'])}"
+                    + (f", confidence {int(confidence)}" if confidence == confidence else "")
+                    + ". Saving again adds a new entry; the latest counts."
+                )
 
 
 def _position(shown: pd.DataFrame, full: pd.DataFrame, current: str | None, restart: bool) -> int:
@@ -466,10 +637,13 @@ def _position(shown: pd.DataFrame, full: pd.DataFrame, current: str | None, rest
 
 # --------------------------------------------------------------------------- page
 
+
 def main() -> None:
-    store = page_start("Review",
-                       "Go through a run's predictions, highest risk first, and record a decision for each lesion. "
-                       "Every decision is saved at once with your name and the time; changing it adds to the history.")
+    store = page_start(
+        "Review",
+        "Go through a run's predictions, highest risk first, and record a decision for each lesion. "
+        "Every decision is saved at once with your name and the time; changing it adds to the history.",
+    )
     top = st.columns([2, 3, 2])
     with top[0]:
         dataset = dataset_picker(store, key=K + "dataset")
@@ -478,13 +652,16 @@ def main() -> None:
     runs = store.list_runs(dataset_id=int(dataset["id"]))
     scored, counts = scored_runs(store, runs)
     if not scored:
-        st.info("No run of this dataset has stored predictions yet: train one on the Train page, then review "
-                "its predictions here.")
+        st.info(
+            "No run of this dataset has stored predictions yet: train one on the Train page, then review "
+            "its predictions here."
+        )
         return
     with top[1]:
         restore_run(K + "run", scored)
-        run_id = st.selectbox("Run", list(scored), key=K + "run",
-                              format_func=lambda i: scored_run_label(scored[i], counts[i][0]))
+        run_id = st.selectbox(
+            "Run", list(scored), key=K + "run", format_func=lambda i: scored_run_label(scored[i], counts[i][0])
+        )
         record_run(run_id)
     reviewer = _reviewer_input(top[2])
     run = scored[run_id]
@@ -494,11 +671,15 @@ def main() -> None:
         return
     threshold = run_threshold(run)
     if run.get("threshold") is None:
-        st.info(f"No threshold saved for this run: using the default {format_threshold(threshold)}. Choose one on "
-                "the Compare page and save it for the run.")
+        st.info(
+            f"No threshold saved for this run: using the default {format_threshold(threshold)}. Choose one on "
+            "the Compare page and save it for the run."
+        )
     else:
-        st.caption(f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's "
-                   "predicted probability of melanoma.")
+        st.caption(
+            f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's "
+            "predicted probability of melanoma."
+        )
     scratch = scratch_words(run)
     if scratch and not uses_colour_model(run):
         st.warning(f"This run was {scratch}: its scores are usually less reliable than a pretrained model's.")
@@ -523,22 +704,32 @@ def main() -> None:
         show_error(exc, f"Dataset {dataset['name']!r} cannot be read; lesions are shown without their images")
         cohort = None
     lesions = cohort.table[["image_name", "diagnosis", "clinic"]] if cohort is not None else None
-    diagnoses = (lesions.assign(image_name=lesions["image_name"].astype(str)).drop_duplicates("image_name")
-                 .set_index("image_name")["diagnosis"] if lesions is not None else None)
+    diagnoses = (
+        lesions.assign(image_name=lesions["image_name"].astype(str))
+        .drop_duplicates("image_name")
+        .set_index("image_name")["diagnosis"]
+        if lesions is not None
+        else None
+    )
     _progress(full, scope, threshold)
     st.download_button(
-        "Download decisions (CSV, full history)", key=K + "export", on_click="ignore",
+        "Download decisions (CSV, full history)",
+        key=K + "export",
+        on_click="ignore",
         data=reviews_csv(history, run, predictions, lesions=lesions, classes=classes),
-        file_name=f"melreview-run{run_id}-decisions.csv", mime="text/csv",
+        file_name=f"melreview-run{run_id}-decisions.csv",
+        mime="text/csv",
         help="Every decision of this run, oldest first: run (what scored it), image, patient, clinic, diagnosis, "
-             "label, risk, the run's threshold, reviewer, decision, note, time (ISO-8601 UTC) and whether it is "
-             "the lesion's current decision.")
+        "label, risk, the run's threshold, reviewer, decision, note, time (ISO-8601 UTC) and whether it is "
+        "the lesion's current decision.",
+    )
     flash = st.session_state.pop(K + "flash", None)
     if flash:
         st.success(flash)
     if shown.empty:
-        st.success("Every lesion in this worklist has a decision." if scope == "unreviewed"
-                   else "No lesion in this worklist.")
+        st.success(
+            "Every lesion in this worklist has a decision." if scope == "unreviewed" else "No lesion in this worklist."
+        )
         return
 
     names = shown["image_name"].astype(str).tolist()
@@ -556,8 +747,15 @@ def main() -> None:
     try:
         if cohort is None:
             raise MelcoreError("the dataset's table could not be read")
-        browser = _browser(settings.db_url(), int(dataset["id"]), _csv_mtime(dataset), run_id, counts[run_id],
-                           _cohort=cohort, _predictions=predictions)
+        browser = _browser(
+            settings.db_url(),
+            int(dataset["id"]),
+            _csv_mtime(dataset),
+            run_id,
+            counts[run_id],
+            _cohort=cohort,
+            _predictions=predictions,
+        )
     except (MelcoreError, OSError) as exc:
         show_error(exc, f"Dataset {dataset['name']!r} cannot be read; lesions are shown without their images")
         browser = None
@@ -566,32 +764,60 @@ def main() -> None:
     left, right = st.columns([2, 3], gap="large")
     with left:
         nav = st.columns([1, 2, 1], vertical_alignment="bottom")
-        nav[0].button("◀ Previous", key=K + "prev", on_click=_go_to,
-                      args=(names[position - 2] if position > 1 else None,), disabled=position <= 1,
-                      width="stretch")
-        nav[1].number_input(f"Lesion (of {len(names):,})", min_value=1, max_value=len(names), step=1,
-                            key=K + "pos", on_change=_on_position, args=(names,))
-        nav[2].button("Next ▶", key=K + "next", on_click=_go_to,
-                      args=(names[position] if position < len(names) else None,),
-                      disabled=position >= len(names), width="stretch")
+        nav[0].button(
+            "◀ Previous",
+            key=K + "prev",
+            on_click=_go_to,
+            args=(names[position - 2] if position > 1 else None,),
+            disabled=position <= 1,
+            width="stretch",
+        )
+        nav[1].number_input(
+            f"Lesion (of {len(names):,})",
+            min_value=1,
+            max_value=len(names),
+            step=1,
+            key=K + "pos",
+            on_change=_on_position,
+            args=(names,),
+        )
+        nav[2].button(
+            "Next ▶",
+            key=K + "next",
+            on_click=_go_to,
+            args=(names[position] if position < len(names) else None,),
+            disabled=position >= len(names),
+            width="stretch",
+        )
         chosen = _worklist_table(shown, position, scope, run_id, classes, diagnoses)
         if chosen is not None and chosen != image:
             st.session_state[K + "goto"] = chosen
             st.rerun()
     with right:
         lesion = _lesion(browser, row)
-        st.caption(f"Rank {int(row['rank']):,} by risk · risk {format_risk(row['risk'], threshold, 3)} "
-                   f"({'at or above' if row['flagged'] else 'below'} the threshold {format_threshold(threshold)})")
+        st.caption(
+            f"Rank {int(row['rank']):,} by risk · risk {format_risk(row['risk'], threshold, 3)} "
+            f"({'at or above' if row['flagged'] else 'below'} the threshold {format_threshold(threshold)})"
+        )
         other_runs = [r for r in runs if int(r["id"]) != run_id]
         with st.container(border=True):
             # Keyed by run, so the Grad-CAM model choice follows the run under review.
-            lesion_panel(lesion, key=f"{K}panel_{run_id}", roots=roots, runs=[run] + other_runs, store=store,
-                         threshold=threshold, default_run=run_id, classes=classes)
+            lesion_panel(
+                lesion,
+                key=f"{K}panel_{run_id}",
+                roots=roots,
+                runs=[run] + other_runs,
+                store=store,
+                threshold=threshold,
+                default_run=run_id,
+                classes=classes,
+            )
         _patient_strip(browser, lesion, roots, threshold, set(full["image_name"].astype(str)), set(names))
         with st.container(border=True):
             decision = row.get("decision")
-            _decision_form(run_id, image, names, position - 1, reviewer,
-                           current=None if pd.isna(decision) else str(decision))
+            _decision_form(
+                run_id, image, names, position - 1, reviewer, current=None if pd.isna(decision) else str(decision)
+            )
             _history(store, run_id, image)
 
 

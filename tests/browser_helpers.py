@@ -22,8 +22,16 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 EXCEPTION = '[data-testid="stException"]'
 NAV_LINKS = '[data-testid="stSidebarNav"] a'
 STATUS = '[data-testid="stStatusWidget"]'
@@ -44,17 +52,41 @@ class StreamlitServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        env = dict(os.environ, MELREVIEW_HOME=str(self.home), PYTHONPATH=str(PROJECT_ROOT),
-                   TF_CPP_MIN_LOG_LEVEL="3", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
-                   MELREVIEW_WARM_UP="1")  # the app as users get it: models warmed in the background
+        env = dict(
+            os.environ,
+            MELREVIEW_HOME=str(self.home),
+            PYTHONPATH=str(PROJECT_ROOT),
+            TF_CPP_MIN_LOG_LEVEL="3",
+            STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+            MELREVIEW_WARM_UP="1",
+        )  # the app as users get it: models warmed in the background
         env.pop("MELREVIEW_DB_URL", None)
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(PROJECT_ROOT / "app.py"), "--server.headless", "true",
-             "--server.port", str(self.port), "--server.address", "127.0.0.1",
-             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-            cwd=PROJECT_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                str(PROJECT_ROOT / "app.py"),
+                "--server.headless",
+                "true",
+                "--server.port",
+                str(self.port),
+                "--server.address",
+                "127.0.0.1",
+                "--browser.gatherUsageStats",
+                "false",
+                "--server.fileWatcherType",
+                "none",
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def wait_healthy(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -164,13 +196,16 @@ def kill_workers(home: Path) -> set[int]:
 
 # --------------------------------------------------------------------------- page helpers
 
+
 def wait_idle(page, timeout: float = 120.0, settle: float = 0.6) -> None:
     """Wait until no script run is in progress (the status widget gone and the app 'notRunning')."""
     deadline = time.monotonic() + timeout
     quiet_since = None
     while time.monotonic() < deadline:
-        running = page.locator(STATUS).filter(visible=True).count() > 0 or page.locator(
-            '[data-testid="stApp"][data-test-script-state="running"]').count() > 0
+        running = (
+            page.locator(STATUS).filter(visible=True).count() > 0
+            or page.locator('[data-testid="stApp"][data-test-script-state="running"]').count() > 0
+        )
         if running:
             quiet_since = None
         elif quiet_since is None:
@@ -186,7 +221,7 @@ def assert_no_exception(page, where: str) -> None:
     exceptions = page.locator(EXCEPTION)
     assert exceptions.count() == 0, f"{where}: Streamlit exception shown: {exceptions.first.inner_text()[:2000]}"
     body = page.locator("body").inner_text()
-    assert "Traceback" not in body, f"{where}: a traceback is shown:\n{body[body.index('Traceback'):][:2000]}"
+    assert "Traceback" not in body, f"{where}: a traceback is shown:\n{body[body.index('Traceback') :][:2000]}"
 
 
 def nav_entries(page) -> list[str]:

@@ -38,7 +38,7 @@ class Batches(keras.utils.PyDataset):
         return len(self.x) // self.batch_size
 
     def __getitem__(self, i):
-        rows = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        rows = self.order[i * self.batch_size : (i + 1) * self.batch_size]
         return self.x[rows], self.y[rows]
 
     def on_epoch_begin(self):
@@ -56,11 +56,15 @@ def build():
     import keras
 
     keras.utils.set_random_seed(3)
-    model = keras.Sequential([
-        keras.Input((12, 12, 3)), keras.layers.Rescaling(1 / 255.0),
-        keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(1, activation="sigmoid"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.BinaryCrossentropy())
     return model
 

@@ -47,8 +47,14 @@ def _tiny_cohort(folder) -> str:
     rows = []
     for i in range(6):
         Image.new("RGB", (40, 40), (120 + 10 * i, 90, 70)).save(images / f"im{i}.jpg")
-        rows.append({"image_name": f"im{i}", "patient_id": f"p{i // 2}", "target": int(i == 0),
-                     "clinic": "north" if i < 4 else "south"})
+        rows.append(
+            {
+                "image_name": f"im{i}",
+                "patient_id": f"p{i // 2}",
+                "target": int(i == 0),
+                "clinic": "north" if i < 4 else "south",
+            }
+        )
     rows.append({"image_name": "lost", "patient_id": "p9", "target": 0, "clinic": "south"})
     pd.DataFrame(rows).to_csv(folder / "labels.csv", index=False)
     return str(folder / "labels.csv")
@@ -97,7 +103,11 @@ def test_registering_shows_the_shortcut_audit(tmp_path):
     stored = Store().get_dataset("blocks")["summary"]
     assert any("file-name number block alone" in w for w in stored["warnings"])  # the dataset card shows it later
     assert [r["attribute"] for r in stored["shortcut_audit"]][:4] == [
-        "clinic", "file-name prefix", "file-name number block", "file format"]
+        "clinic",
+        "file-name prefix",
+        "file-name number block",
+        "file format",
+    ]
 
 
 def test_bad_registrations_say_why_and_keep_what_was_saved(demo_dir, tmp_path):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from melcore.audit import WARN_AUROC, audit_images, audit_warnings, shortcut_audit
-from melcore.cohort import Cohort, CANONICAL_COLUMNS
+from melcore.cohort import CANONICAL_COLUMNS, Cohort
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DERM = PROJECT_ROOT.parent / "shared" / "data" / "derm-real-dev"
@@ -26,8 +26,14 @@ def _cohort(n_patients: int = 60, seed: int = 0, late_block_melanoma: bool = Tru
         target = int(rng.random() < 0.4)
         block = target if late_block_melanoma else int(rng.integers(2))
         for j in range(2):
-            rows.append({"image_name": f"ISIC_{block * 1000 + 10 * p + j:07d}", "patient_id": f"P{p}",
-                         "target": target, "clinic": "north"})
+            rows.append(
+                {
+                    "image_name": f"ISIC_{block * 1000 + 10 * p + j:07d}",
+                    "patient_id": f"P{p}",
+                    "target": target,
+                    "clinic": "north",
+                }
+            )
     table = pd.DataFrame(rows)
     for column in CANONICAL_COLUMNS:
         if column not in table:
@@ -56,14 +62,34 @@ def test_audit_reads_images_only_when_asked_or_small():
     assert audit_images(cohort, "none") is None
     assert audit_images(cohort, "auto") is False  # no image files: table attributes only
     assert [r["attribute"] for r in shortcut_audit(cohort, n_boot=50)] == [
-        "clinic", "file-name prefix", "file-name number block", "file format"]
+        "clinic",
+        "file-name prefix",
+        "file-name number block",
+        "file format",
+    ]
 
 
 @pytest.mark.skipif(not (DERM / "labels.csv").is_file(), reason="../shared/data/derm-real-dev is not present")
 def test_inspect_json_reports_the_source_shortcut_of_derm_real_dev():
-    result = subprocess.run([sys.executable, "-m", "melcore", "inspect", "--csv", str(DERM / "labels.csv"),
-                             "--clinic-column", "source", "--audit", "table", "--json"],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "melcore",
+            "inspect",
+            "--csv",
+            str(DERM / "labels.csv"),
+            "--clinic-column",
+            "source",
+            "--audit",
+            "table",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     rows = {r["attribute"]: r for r in out["shortcut_audit"]}

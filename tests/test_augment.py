@@ -88,8 +88,13 @@ def test_transforms_draw_independently(monkeypatch):
     # together (2 of 8 outcomes). Our augmenters share one stream: all 8 flip combinations appear.
     import albumentations as A
 
-    monkeypatch.setitem(PRESETS, "flips", Preset("flips", "test", lambda size, square: [
-        A.Transpose(p=0.5), A.VerticalFlip(p=0.5), A.HorizontalFlip(p=0.5)]))
+    monkeypatch.setitem(
+        PRESETS,
+        "flips",
+        Preset(
+            "flips", "test", lambda size, square: [A.Transpose(p=0.5), A.VerticalFlip(p=0.5), A.HorizontalFlip(p=0.5)]
+        ),
+    )
     image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
     aug = get_augment("flips", 4, seed=0)
     assert len({aug(image).tobytes() for _ in range(200)}) == 8
@@ -116,8 +121,10 @@ def test_errors():
 
 
 def test_no_tensorflow_import():
-    code = ("import sys, numpy as np; import melcore.augment as a; "
-            "a.get_augment('isic-strong', 32)(np.zeros((32, 32, 3), np.uint8), seed=1); "
-            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'tensorflow imported'")
+    code = (
+        "import sys, numpy as np; import melcore.augment as a; "
+        "a.get_augment('isic-strong', 32)(np.zeros((32, 32, 3), np.uint8), seed=1); "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'tensorflow imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-1500:]

@@ -22,9 +22,9 @@ from melcore.browse import (
     run_threshold,
     sort_patients,
 )
+from melcore.cohort import age_band
 from melcore.errors import ImageError, MelcoreError
 from melcore.images import confine
-from melcore.cohort import age_band
 from melcore.meta import ugly_duckling_scores
 from melcore.store import Store
 
@@ -46,25 +46,28 @@ def synthetic_table(n: int = 33_126, n_patients: int = 2_056, seed: int = 0) -> 
     target = pd.array(np.where(rng.random(n) < 0.02, 1, 0), dtype="Int8")
     target[rng.random(n) < 0.01] = pd.NA
     clinic = CLINICS[(patient + (rng.random(n) < 0.05)) % 3]
-    return pd.DataFrame({
-        "image_name": [f"ISIC_{i:07d}" for i in range(n)],
-        "patient_id": patient_id,
-        "lesion_id": lesion,
-        "sex": sex_of_patient[patient],
-        "age_approx": age,
-        "site": rng.choice(SITES, n),
-        "diagnosis": "unknown",
-        "target": target,
-        "clinic": clinic,
-        "image_path": None,
-    })
+    return pd.DataFrame(
+        {
+            "image_name": [f"ISIC_{i:07d}" for i in range(n)],
+            "patient_id": patient_id,
+            "lesion_id": lesion,
+            "sex": sex_of_patient[patient],
+            "age_approx": age,
+            "site": rng.choice(SITES, n),
+            "diagnosis": "unknown",
+            "target": target,
+            "clinic": clinic,
+            "image_path": None,
+        }
+    )
 
 
 def synthetic_predictions(table: pd.DataFrame, fraction: float = 0.6, seed: int = 1) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     chosen = table.sample(frac=fraction, random_state=seed)
-    return pd.DataFrame({"image_name": chosen["image_name"].to_numpy(),
-                         "prediction": rng.beta(0.5, 4.0, len(chosen)), "split": "val"})
+    return pd.DataFrame(
+        {"image_name": chosen["image_name"].to_numpy(), "prediction": rng.beta(0.5, 4.0, len(chosen)), "split": "val"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +83,13 @@ def _reference_patient(frame: pd.DataFrame) -> np.ndarray:
     ``lesion:<id>``, else ``image:<name>``."""
     lesion_patient = frame.dropna(subset=["patient_id", "lesion_id"]).groupby("lesion_id")["patient_id"].min()
     patient = frame["patient_id"].fillna(frame["lesion_id"].map(lesion_patient))
-    return np.where(patient.notna(), patient,
-                    np.where(frame["lesion_id"].notna(), "lesion:" + frame["lesion_id"].astype(str),
-                             "image:" + frame["image_name"]))
+    return np.where(
+        patient.notna(),
+        patient,
+        np.where(
+            frame["lesion_id"].notna(), "lesion:" + frame["lesion_id"].astype(str), "image:" + frame["image_name"]
+        ),
+    )
 
 
 def _reference(table: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
@@ -94,16 +101,18 @@ def _reference(table: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
     frame["clinic_"] = frame["clinic"].fillna("unknown")
     grouped = frame.groupby("patient", sort=False)
     malignant = frame[frame["target"] == 1].groupby("patient")["lesion"].nunique()
-    out = pd.DataFrame({
-        "clinic": grouped["clinic_"].agg(lambda v: ", ".join(sorted(set(v)))),
-        "sex": grouped["sex"].agg(lambda v: v.dropna().iloc[0] if v.notna().any() else "unknown"),
-        "age_min": grouped["age_approx"].min(),
-        "age_max": grouped["age_approx"].max(),
-        "n_images": grouped.size(),
-        "n_lesions": grouped["lesion"].nunique(),
-        "n_scored": grouped["risk"].count(),
-        "highest_risk": grouped["risk"].max(),
-    })
+    out = pd.DataFrame(
+        {
+            "clinic": grouped["clinic_"].agg(lambda v: ", ".join(sorted(set(v)))),
+            "sex": grouped["sex"].agg(lambda v: v.dropna().iloc[0] if v.notna().any() else "unknown"),
+            "age_min": grouped["age_approx"].min(),
+            "age_max": grouped["age_approx"].max(),
+            "n_images": grouped.size(),
+            "n_lesions": grouped["lesion"].nunique(),
+            "n_scored": grouped["risk"].count(),
+            "highest_risk": grouped["risk"].max(),
+        }
+    )
     out["n_malignant"] = malignant.reindex(out.index).fillna(0).astype(int)
     return out.rename_axis("patient").reset_index()[list(PATIENT_COLUMNS)]
 
@@ -129,17 +138,24 @@ def _expected_patients(table, predictions, mask_fn, threshold=0.5):
     return matching, flagged
 
 
-@pytest.mark.parametrize("filters, mask_fn", [
-    (Filters(), lambda f: np.ones(len(f), bool)),
-    (Filters(sites=("torso",)), lambda f: f["site"] == "torso"),
-    (Filters(sites=("unknown",)), lambda f: f["site"].isna()),
-    (Filters(sexes=("female",), age_bands=("45-59", "60-74")),
-     lambda f: (f["sex"] == "female") & f["age_band"].isin(["45-59", "60-74"])),
-    (Filters(clinics=("south",), malignant=True), lambda f: (f["clinic"] == "south") & (f["target"] == 1)),
-    (Filters(above_threshold=True, threshold=0.4), lambda f: f["risk"] >= 0.4),
-    (Filters(sites=("head/neck",), malignant=True, above_threshold=True, threshold=0.2),
-     lambda f: (f["site"] == "head/neck") & (f["target"] == 1) & (f["risk"] >= 0.2)),
-])
+@pytest.mark.parametrize(
+    "filters, mask_fn",
+    [
+        (Filters(), lambda f: np.ones(len(f), bool)),
+        (Filters(sites=("torso",)), lambda f: f["site"] == "torso"),
+        (Filters(sites=("unknown",)), lambda f: f["site"].isna()),
+        (
+            Filters(sexes=("female",), age_bands=("45-59", "60-74")),
+            lambda f: (f["sex"] == "female") & f["age_band"].isin(["45-59", "60-74"]),
+        ),
+        (Filters(clinics=("south",), malignant=True), lambda f: (f["clinic"] == "south") & (f["target"] == 1)),
+        (Filters(above_threshold=True, threshold=0.4), lambda f: f["risk"] >= 0.4),
+        (
+            Filters(sites=("head/neck",), malignant=True, above_threshold=True, threshold=0.2),
+            lambda f: (f["site"] == "head/neck") & (f["target"] == 1) & (f["risk"] >= 0.2),
+        ),
+    ],
+)
 def test_filters_list_patients_with_a_matching_lesion(big, filters, mask_fn):
     table, predictions, browser = big
     matching, flagged = _expected_patients(table, predictions, mask_fn, filters.threshold)
@@ -158,7 +174,7 @@ def test_patients_are_sorted_by_highest_risk_with_unscored_last(big):
     risks = got["highest_risk"].to_numpy()
     scored = risks[np.isfinite(risks)]
     assert np.all(np.diff(scored) <= 0)
-    assert not np.isfinite(risks[len(scored):]).any()  # NaN only at the end
+    assert not np.isfinite(risks[len(scored) :]).any()  # NaN only at the end
     by_patient = sort_patients(got, "patient")["patient"].tolist()
     assert by_patient == sorted(by_patient)
     with pytest.raises(MelcoreError, match="unknown sort"):
@@ -176,11 +192,13 @@ def test_a_patients_lesions_come_highest_risk_first_with_their_ugly_duckling_sco
     # the per-patient ugly-duckling score equals melcore.meta's computation over many patients at once
     frame = lesion_frame(table, predictions, ugly_duckling=False)
     several = frame[frame["patient"].isin(set(browser.summary["patient"].iloc[:200]) | {patient})]
-    whole = ugly_duckling_scores(several.assign(patient_id=several["patient"]),
-                                 predictions[["image_name", "prediction"]])
+    whole = ugly_duckling_scores(
+        several.assign(patient_id=several["patient"]), predictions[["image_name", "prediction"]]
+    )
     expected = dict(zip(several["image_name"], whole))
-    np.testing.assert_allclose(lesions["ugly_duckling"].to_numpy(),
-                               lesions["image_name"].map(expected).to_numpy(), equal_nan=True)
+    np.testing.assert_allclose(
+        lesions["ugly_duckling"].to_numpy(), lesions["image_name"].map(expected).to_numpy(), equal_nan=True
+    )
     assert np.isfinite(lesions["ugly_duckling"].to_numpy()[:n_scored]).all()
     one = browser.lesion(lesions["image_name"].iloc[0])
     assert one["patient"] == patient and one["ugly_duckling"] == pytest.approx(lesions["ugly_duckling"].iloc[0])
@@ -199,8 +217,14 @@ def test_options_list_the_values_present_with_unknown_last(big):
 
 
 def test_browser_without_a_run_or_patient_ids():
-    table = pd.DataFrame({"image_name": ["a", "b", "c", "d"], "patient_id": [None, None, "P1", "P1"],
-                          "lesion_id": ["L1", "L1", None, None], "target": pd.array([1, 1, 0, pd.NA], dtype="Int8")})
+    table = pd.DataFrame(
+        {
+            "image_name": ["a", "b", "c", "d"],
+            "patient_id": [None, None, "P1", "P1"],
+            "lesion_id": ["L1", "L1", None, None],
+            "target": pd.array([1, 1, 0, pd.NA], dtype="Int8"),
+        }
+    )
     browser = PatientBrowser(table)
     assert not browser.has_scores
     summary = browser.summary.set_index("patient")
@@ -212,9 +236,13 @@ def test_browser_without_a_run_or_patient_ids():
 
 
 def test_risk_by_image_prefers_val_then_the_latest_row():
-    predictions = pd.DataFrame({"image_name": ["a", "a", "b", "b", "c"],
-                                "prediction": [0.1, 0.2, 0.3, 0.4, 0.5],
-                                "split": ["test", "val", "val", "val", "train"]})
+    predictions = pd.DataFrame(
+        {
+            "image_name": ["a", "a", "b", "b", "c"],
+            "prediction": [0.1, 0.2, 0.3, 0.4, 0.5],
+            "split": ["test", "val", "val", "val", "train"],
+        }
+    )
     risk = risk_by_image(predictions)
     assert risk.to_dict() == {"a": 0.2, "b": 0.4, "c": 0.5}
     assert risk_by_image(None).empty
@@ -243,6 +271,7 @@ def test_filters_validate_the_threshold():
 
 
 # --------------------------------------------------------------------------- store joins
+
 
 def test_scores_of_one_image_across_runs_and_prediction_versions(demo_dir):
     store = Store()
@@ -282,6 +311,7 @@ def test_dataset_roots_are_the_image_folder_and_the_table_folder(tmp_path):
 
 
 # --------------------------------------------------------------------------- confinement
+
 
 def test_confine_accepts_paths_inside_the_roots(tmp_path):
     root = tmp_path / "images"
@@ -324,8 +354,12 @@ def test_age_bands_have_one_definition():
 
     pattern = re.compile(r"\bAGE_BANDS\s*=|\bdef _?age_bands?\s*\(|[\"']30-44[\"']")
     package = Path(melcore.__file__).parent
-    hits = [(str(path.relative_to(package.parent)), line.strip()) for path in sorted(package.rglob("*.py"))
-            for line in path.read_text(encoding="utf-8").splitlines() if pattern.search(line)]
+    hits = [
+        (str(path.relative_to(package.parent)), line.strip())
+        for path in sorted(package.rglob("*.py"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if pattern.search(line)
+    ]
     assert {path for path, _ in hits} == {"melcore/cohort.py"}, hits
     assert sum(line.startswith("def age_band(") for _, line in hits) == 1
     assert sum(line.startswith("AGE_BANDS =") for _, line in hits) == 1

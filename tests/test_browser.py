@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from browser_helpers import (  # tests/ is on sys.path (pytest rootdir-relative import)
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -53,7 +52,7 @@ if not CHROMIUM.exists():
 
 EXPECTED_NAV = ["Home", "Patients", "Train", "Compare", "Review", "Score"]
 VIEWPORT = {"width": 1400, "height": 1000}
-TRAIN_TIMEOUT = 300.0   # seconds for the worker to start, load TensorFlow and train the tiny job
+TRAIN_TIMEOUT = 300.0  # seconds for the worker to start, load TensorFlow and train the tiny job
 README_SHOTS = {"compare": "compare.png", "review": "review.png"}  # the two in the README
 
 
@@ -110,6 +109,7 @@ def _checked_shot(page, shots: Path, name: str) -> Path:
 
 # --------------------------------------------------------------------------- the walk, page by page
 
+
 def _home(page, server, shots):
     page.goto(server.url + "/")
     page.get_by_text("demo (synthetic)").first.wait_for(timeout=120_000)  # first start: makes the demo cohort
@@ -165,8 +165,11 @@ def _compare(page, server, shots, run_id: int):
     page.get_by_role("heading", name="Operating point").wait_for(timeout=120_000)
     wait_idle(page)
     assert page.get_by_text(f"#{run_id}").count() > 0, "compare: the new run is not listed"
-    thumb = page.locator('[data-testid="stSlider"]').filter(has_text="Decision threshold").locator(
-        '[data-testid="stSliderThumbValue"]')
+    thumb = (
+        page.locator('[data-testid="stSlider"]')
+        .filter(has_text="Decision threshold")
+        .locator('[data-testid="stSliderThumbValue"]')
+    )
     before = thumb.inner_text()
     page.get_by_role("button", name="Youden", exact=True).click()
     wait_idle(page)
@@ -211,21 +214,24 @@ def _review(page, server, shots, run_id: int):
     # Save (not "and next") stays on the lesion: its history shows the decision.
     page.get_by_text(re.compile(r"Current decision: biopsy by Dr Browser Test")).wait_for(timeout=30_000)
     with _db(server) as conn:
-        rows = conn.execute("SELECT image_name, reviewer, decision FROM reviews WHERE run_id = ?",
-                            (run_id,)).fetchall()
+        rows = conn.execute("SELECT image_name, reviewer, decision FROM reviews WHERE run_id = ?", (run_id,)).fetchall()
     assert rows == [(image, "Dr Browser Test", "biopsy")]
     # The Grad-CAM overlay of the lesion under review (the server loads TensorFlow on first use).
     page.locator('[data-testid="stCheckbox"]').filter(has_text="Show").first.click()
     page.get_by_text(re.compile(r"Grad-CAM \(standard\) · #\d+ .* red = raised the melanoma score")).first.wait_for(
-        timeout=180_000)
+        timeout=180_000
+    )
     wait_idle(page, timeout=180)
     _checked_shot(page, shots, "review")
 
 
 def _scores_in(text: str, score: float) -> list[str]:
     """The ways a page would write ``score`` (in full, or to 2-4 decimals) that occur in ``text``."""
-    return [f for f in {repr(score), f"{score:.2f}", f"{score:.3f}", f"{score:.4f}"}
-            if re.search(r"(?<![\d.])" + re.escape(f) + r"(?!\d)", text)]
+    return [
+        f
+        for f in {repr(score), f"{score:.2f}", f"{score:.3f}", f"{score:.4f}"}
+        if re.search(r"(?<![\d.])" + re.escape(f) + r"(?!\d)", text)
+    ]
 
 
 def _study_read(page, mode_label: str, decision: str, confidence: int | None, kind: str) -> str:
@@ -273,11 +279,16 @@ def _reader_study(page, server, shots, run_id: int):
     assert "(label)" not in text
     assert_no_exception(page, "review (aided)")
     with _db(server) as conn:
-        reads = conn.execute("SELECT image_name, decision, aided, confidence FROM reviews WHERE run_id = ? AND "
-                             "decision IN ('biopsy', 'reassure') AND reviewer = 'Dr Browser Test' ORDER BY id",
-                             (run_id,)).fetchall()
-        labelled = conn.execute("SELECT DISTINCT image_name, target FROM predictions WHERE run_id = ? AND target IN (0, 1) "
-                                "AND image_name != ? ORDER BY image_name", (run_id, blinded)).fetchall()
+        reads = conn.execute(
+            "SELECT image_name, decision, aided, confidence FROM reviews WHERE run_id = ? AND "
+            "decision IN ('biopsy', 'reassure') AND reviewer = 'Dr Browser Test' ORDER BY id",
+            (run_id,),
+        ).fetchall()
+        labelled = conn.execute(
+            "SELECT DISTINCT image_name, target FROM predictions WHERE run_id = ? AND target IN (0, 1) "
+            "AND image_name != ? ORDER BY image_name",
+            (run_id, blinded),
+        ).fetchall()
     assert reads[-2:] == [(blinded, "biopsy", 0, 80), (blinded, "reassure", 1, None)], reads
 
     # more blinded reads by the same reader, stored as the Review page stores them, so that the reader has

@@ -53,8 +53,8 @@ def test_usage_counts_entries_but_not_descriptions_or_temporary_files(filled):
     usage = {u.name: u for u in cache_usage()}
     assert set(usage) == {"features", "gradcam", "images"}
     assert (usage["images"].files, usage["images"].bytes) == (2, 8000)
-    assert (usage["features"].files, usage["features"].bytes) == (1, 2000)   # meta.json is not an entry
-    assert (usage["gradcam"].files, usage["gradcam"].bytes) == (1, 1000)     # the .tmp file is being written
+    assert (usage["features"].files, usage["features"].bytes) == (1, 2000)  # meta.json is not an entry
+    assert (usage["gradcam"].files, usage["gradcam"].bytes) == (1, 1000)  # the .tmp file is being written
     assert usage["images"].oldest < usage["images"].newest
 
 
@@ -89,8 +89,19 @@ def test_bad_requests_are_refused_with_the_choices(filled):
         prune_caches(older_than=0)
 
 
-@pytest.mark.parametrize("text, expected", [("0", 0), ("512", 512), ("1k", 1024), ("1.5K", 1536), ("20G", 20 * 2**30),
-                                            ("3MiB", 3 * 2**20), ("2 gb", 2 * 2**30), (7, 7)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0", 0),
+        ("512", 512),
+        ("1k", 1024),
+        ("1.5K", 1536),
+        ("20G", 20 * 2**30),
+        ("3MiB", 3 * 2**20),
+        ("2 gb", 2 * 2**30),
+        (7, 7),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -148,8 +159,11 @@ def test_cache_command_reports_and_prunes(filled, capsys):
     assert "images" in out and "gradcam" in out and "total" in out
     assert cli(["cache", "--max-size", "6000", "--dry-run", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["pruned"] == {"dry_run": True, "files": {"features": 0, "gradcam": 1, "images": 1},
-                                "bytes": {"features": 0, "gradcam": 1000, "images": 4000}}
+    assert report["pruned"] == {
+        "dry_run": True,
+        "files": {"features": 0, "gradcam": 1, "images": 1},
+        "bytes": {"features": 0, "gradcam": 1000, "images": 4000},
+    }
     assert filled["images/ab/old-10d.npy"].exists()
     assert cli(["cache", "--older-than", "15d", "--only", "gradcam"]) == 0
     assert "removed 1 file(s)" in capsys.readouterr().out

@@ -25,22 +25,29 @@ def test_malignant_diagnoses_besides_melanoma_labelled_one_make_it_malignant_vs_
     assert infer_classes("generic", "target", table).negative == "benign"
 
 
-@pytest.mark.parametrize("fmt, column, expected", [
-    ("isic2020", "target", "malignant"),
-    ("isic2019", "MEL", "melanoma"),
-    ("ham10000", "dx", "melanoma"),
-    ("generic", "melanoma", "melanoma"),
-    ("generic", "benign_malignant", "malignant"),
-    ("generic", "target", "melanoma"),
-    ("folders", "class folder", "melanoma"),
-])
+@pytest.mark.parametrize(
+    "fmt, column, expected",
+    [
+        ("isic2020", "target", "malignant"),
+        ("isic2019", "MEL", "melanoma"),
+        ("ham10000", "dx", "melanoma"),
+        ("generic", "melanoma", "melanoma"),
+        ("generic", "benign_malignant", "malignant"),
+        ("generic", "target", "melanoma"),
+        ("folders", "class folder", "melanoma"),
+    ],
+)
 def test_the_format_and_target_column_say_what_one_means(fmt, column, expected):
     assert infer_classes(fmt, column, _table([("melanoma", 1), ("nevus", 0)])).positive == expected
 
 
 def test_an_unlabelled_value_is_called_unlabelled_not_a_class():
-    assert MELANOMA.labels([1, 0, None, float("nan")]).tolist() == ["melanoma", "not melanoma", "unlabelled",
-                                                                     "unlabelled"]
+    assert MELANOMA.labels([1, 0, None, float("nan")]).tolist() == [
+        "melanoma",
+        "not melanoma",
+        "unlabelled",
+        "unlabelled",
+    ]
 
 
 def test_a_registered_dataset_reads_its_stored_names_and_an_old_one_infers_them_from_its_format():

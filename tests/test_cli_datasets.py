@@ -20,10 +20,24 @@ def _tiny_isic_root(folder: Path) -> Path:
     rows = []
     for i in range(6):
         Image.new("RGB", (32, 32), (100 + 20 * i, 80, 60)).save(images / f"ISIC_{i:07d}.jpg")
-        rows.append({"image_name": f"ISIC_{i:07d}", "patient_id": f"IP_{i // 2}", "target": int(i == 0),
-                     "anatom_site_general_challenge": "torso", "clinic": "north" if i < 3 else "south"})
-    rows.append({"image_name": "ISIC_9999999", "patient_id": "IP_9", "target": 0,
-                 "anatom_site_general_challenge": "torso", "clinic": "south"})
+        rows.append(
+            {
+                "image_name": f"ISIC_{i:07d}",
+                "patient_id": f"IP_{i // 2}",
+                "target": int(i == 0),
+                "anatom_site_general_challenge": "torso",
+                "clinic": "north" if i < 3 else "south",
+            }
+        )
+    rows.append(
+        {
+            "image_name": "ISIC_9999999",
+            "patient_id": "IP_9",
+            "target": 0,
+            "anatom_site_general_challenge": "torso",
+            "clinic": "south",
+        }
+    )
     pd.DataFrame(rows).to_csv(folder / "train.csv", index=False)
     return folder
 
@@ -51,8 +65,10 @@ def test_demo_register_registers_the_cohort_as_the_app_does_and_its_root_is_an_i
 
 def test_jobs_submit_on_a_fresh_home_registers_the_demo(capsys):
     assert Store().list_datasets() == []
-    assert main(["jobs", "submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32",
-                 "--each-clinic"]) == 0
+    assert (
+        main(["jobs", "submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--each-clinic"])
+        == 0
+    )
     ids = [int(line) for line in capsys.readouterr().out.split()]
     store = Store()
     (dataset,) = store.list_datasets()
@@ -66,8 +82,22 @@ def test_jobs_submit_on_a_fresh_home_registers_the_demo(capsys):
 
 def test_datasets_add_applies_the_home_checks_and_prints_the_warnings(tmp_path, capsys, monkeypatch):
     root = _tiny_isic_root(tmp_path / "isic")
-    assert main(["datasets", "add", "tiny", "--csv", str(root / "train.csv"), "--images", str(root),
-                 "--clinic-column", "clinic"]) == 0
+    assert (
+        main(
+            [
+                "datasets",
+                "add",
+                "tiny",
+                "--csv",
+                str(root / "train.csv"),
+                "--images",
+                str(root),
+                "--clinic-column",
+                "clinic",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "registered 'tiny' (#1): 7 images" in captured.out
     assert f"images dir   {(root / 'jpeg' / 'train').resolve()}" in captured.out

@@ -77,11 +77,14 @@ def test_isic2020_train_canonical_columns_dtypes_and_images(isic2020_small):
 
 
 def test_isic2020_test_csv_is_unlabelled_and_uses_jpeg_test(tmp_path):
-    csv = write_csv(tmp_path / "test.csv", """
+    csv = write_csv(
+        tmp_path / "test.csv",
+        """
         image_name,patient_id,sex,age_approx,anatom_site_general_challenge
         ISIC_0052060,IP_3579794,male,70,
         ISIC_0052349,IP_7782715,male,40,lower extremity
-    """)
+    """,
+    )
     write_image(tmp_path / "jpeg" / "test" / "ISIC_0052060.jpg")
     write_image(tmp_path / "jpeg" / "test" / "ISIC_0052349.jpg")
     write_image(tmp_path / "jpeg" / "train" / "ISIC_0052060.jpg")  # must not be picked for test.csv
@@ -94,12 +97,15 @@ def test_isic2020_test_csv_is_unlabelled_and_uses_jpeg_test(tmp_path):
 
 
 def test_isic2020_v2_lesion_id_and_explicit_image_folder(tmp_path):
-    csv = write_csv(tmp_path / "tables" / "gt_v2.csv", """
+    csv = write_csv(
+        tmp_path / "tables" / "gt_v2.csv",
+        """
         image_name,patient_id,lesion_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,target
         ISIC_1,IP_1,IL_1,male,45,torso,unknown,benign,0
         ISIC_2,IP_1,IL_1,male,45,torso,unknown,benign,0
         ISIC_3,IP_2,IL_2,female,50,torso,melanoma,malignant,1
-    """)
+    """,
+    )
     folder = tmp_path / "elsewhere"
     for name in ("ISIC_1", "ISIC_2", "ISIC_3"):
         write_image(folder / f"{name}.jpg")
@@ -112,37 +118,45 @@ def test_isic2020_v2_lesion_id_and_explicit_image_folder(tmp_path):
 
 
 def test_metadata_join_fills_lesion_id(isic2020_small, tmp_path):
-    meta = write_csv(tmp_path / "v2.csv", """
+    meta = write_csv(
+        tmp_path / "v2.csv",
+        """
         image_name,lesion_id,tfrecord
         ISIC_0000001,IL_9,3
         ISIC_0000002,IL_9,3
         ISIC_0000003,IL_8,4
-    """)
+    """,
+    )
     cohort = load_cohort(isic2020_small, metadata=meta)
     assert cohort.table["lesion_id"].tolist()[:4] == ["IL_9", "IL_9", "IL_8", None]
     assert cohort.table["tfrecord"].tolist()[:3] == ["3", "3", "4"]
-    assert any("3 images have no row in metadata v2.csv" in w and "ISIC_0000004" in w
-               for w in cohort.report.warnings)
+    assert any("3 images have no row in metadata v2.csv" in w and "ISIC_0000004" in w for w in cohort.report.warnings)
 
 
 # --------------------------------------------------------------------------- ISIC 2019
 
 
 def test_isic2019_ground_truth_metadata_and_downsampled_names(tmp_path):
-    gt = write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", """
+    gt = write_csv(
+        tmp_path / "ISIC_2019_Training_GroundTruth.csv",
+        """
         image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK
         ISIC_0000000,0.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0
         ISIC_0000001_downsampled,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0
         ISIC_0000002,0.0,0.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0
         ISIC_0000003,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0
-    """)
-    meta = write_csv(tmp_path / "ISIC_2019_Training_Metadata.csv", """
+    """,
+    )
+    meta = write_csv(
+        tmp_path / "ISIC_2019_Training_Metadata.csv",
+        """
         image,age_approx,anatom_site_general,lesion_id,sex
         ISIC_0000000,55.0,anterior torso,,female
         ISIC_0000001_downsampled,30.0,upper extremity,BCN_0000001,female
         ISIC_0000002,60.0,,BCN_0000002,male
         ISIC_0000003,,,BCN_0000002,male
-    """)
+    """,
+    )
     inputs = tmp_path / "ISIC_2019_Training_Input"
     write_image(inputs / "ISIC_0000000_downsampled.jpg")  # file has the suffix, the table does not
     write_image(inputs / "ISIC_0000001.jpg")  # the table has the suffix, the file does not
@@ -164,21 +178,27 @@ def test_isic2019_ground_truth_metadata_and_downsampled_names(tmp_path):
 
 
 def test_isic2019_row_with_two_classes_names_the_row(tmp_path):
-    gt = write_csv(tmp_path / "gt.csv", """
+    gt = write_csv(
+        tmp_path / "gt.csv",
+        """
         image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK
         ISIC_0000000,0,1,0,0,0,0,0,0,0
         ISIC_0000009,1,1,0,0,0,0,0,0,0
-    """)
+    """,
+    )
     with pytest.raises(CohortError, match=r"line 3 \(ISIC_0000009\): MEL\+NV"):
         load_cohort(gt, check_images="none")
 
 
 def test_isic2019_bad_one_hot_value_names_the_row(tmp_path):
-    gt = write_csv(tmp_path / "gt.csv", """
+    gt = write_csv(
+        tmp_path / "gt.csv",
+        """
         image,MEL,NV
         ISIC_0000000,0,1
         ISIC_0000001,yes,0
-    """)
+    """,
+    )
     with pytest.raises(CohortError, match=r"'MEL'.*line 3 \(ISIC_0000001\): 'yes'"):
         load_cohort(gt, check_images="none")
 
@@ -187,13 +207,16 @@ def test_isic2019_bad_one_hot_value_names_the_row(tmp_path):
 
 
 def test_ham10000_metadata_with_images_in_two_part_folders(tmp_path):
-    csv = write_csv(tmp_path / "HAM10000_metadata.csv", """
+    csv = write_csv(
+        tmp_path / "HAM10000_metadata.csv",
+        """
         lesion_id,image_id,dx,dx_type,age,sex,localization
         HAM_0000118,ISIC_0027419,bkl,histo,80.0,male,scalp
         HAM_0000118,ISIC_0025030,bkl,histo,80.0,male,scalp
         HAM_0002730,ISIC_0026769,mel,histo,,female,back
         HAM_0001466,ISIC_0031633,nv,follow_up,75.0,male,ear
-    """)
+    """,
+    )
     write_image(tmp_path / "HAM10000_images_part_1" / "ISIC_0027419.jpg")
     write_image(tmp_path / "HAM10000_images_part_1" / "ISIC_0025030.jpg")
     write_image(tmp_path / "HAM10000_images_part_2" / "ISIC_0026769.jpg")
@@ -290,31 +313,37 @@ def test_generic_table_with_source_as_clinic(tmp_path):
 
 
 def test_column_named_clinic_is_used_and_missing_clinic_is_unknown(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,target,clinic
         a,0,north
         b,1,
         c,0,south
-    """)
+    """,
+    )
     cohort = load_cohort(csv, check_images="none")
     assert cohort.table["clinic"].tolist() == ["north", "unknown", "south"]
 
 
 def test_clinic_csv_joined_on_isic_id(tmp_path):
     csv = write_csv(tmp_path / "train.csv", ISIC2020_TRAIN)
-    export = write_csv(tmp_path / "metadata.csv", """
+    export = write_csv(
+        tmp_path / "metadata.csv",
+        """
         isic_id,attribution,copyright_license
         ISIC_0000001,Hospital Clinic de Barcelona,CC-BY-NC
         ISIC_0000002,Hospital Clinic de Barcelona,CC-BY-NC
         ISIC_0000003,Memorial Sloan Kettering Cancer Center,CC-BY
         ISIC_0000004,Memorial Sloan Kettering Cancer Center,CC-BY
         ISIC_0000005,The University of Queensland,CC-BY
-    """)
+    """,
+    )
     cohort = load_cohort(csv, clinic_csv=export, check_images="none")
-    assert cohort.table["clinic"].tolist() == ["Hospital Clinic de Barcelona"] * 2 + \
-        ["Memorial Sloan Kettering Cancer Center"] * 2 + ["The University of Queensland", "unknown"]
-    assert any("1 images have no clinic in metadata.csv" in w and "ISIC_0000006" in w
-               for w in cohort.report.warnings)
+    assert cohort.table["clinic"].tolist() == ["Hospital Clinic de Barcelona"] * 2 + [
+        "Memorial Sloan Kettering Cancer Center"
+    ] * 2 + ["The University of Queensland", "unknown"]
+    assert any("1 images have no clinic in metadata.csv" in w and "ISIC_0000006" in w for w in cohort.report.warnings)
     by_name = load_cohort(csv, clinic_csv=export, clinic_column="copyright_license", check_images="none")
     assert by_name.table["clinic"].tolist()[:3] == ["CC-BY-NC", "CC-BY-NC", "CC-BY"]
 
@@ -333,17 +362,22 @@ def test_clinic_csv_without_clinic_column(tmp_path):
 
 
 def test_explicit_mapping_with_file_names_and_relative_paths(tmp_path):
-    csv = write_csv(tmp_path / "study.csv", """
+    csv = write_csv(
+        tmp_path / "study.csv",
+        """
         file,label,who,years,sex
         img1.jpg,malignant,P1,61,F
         sub/img2.png,benign,P1,61,F
         img3.jpg,0,P2,forty,M
-    """)
+    """,
+    )
     write_image(tmp_path / "pics" / "img1.jpg")
     write_image(tmp_path / "pics" / "sub" / "img2.png")
-    cohort = load_cohort(csv, tmp_path / "pics",
-                         mapping={"image_name": "file", "target": "label", "patient_id": "who",
-                                  "age_approx": "years"})
+    cohort = load_cohort(
+        csv,
+        tmp_path / "pics",
+        mapping={"image_name": "file", "target": "label", "patient_id": "who", "age_approx": "years"},
+    )
     table = cohort.table
     assert cohort.format == "mapping"
     assert table["image_name"].tolist() == ["img1", "img2", "img3"]
@@ -379,14 +413,17 @@ def test_format_override_wins_over_detection(tmp_path):
 
 
 def test_duplicate_image_names_counted_and_named(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,target
         a,0
         b,1
         a,0
         c,0
         b,0
-    """)
+    """,
+    )
     with pytest.raises(CohortError) as info:
         load_cohort(csv, check_images="none")
     message = str(info.value)
@@ -395,13 +432,16 @@ def test_duplicate_image_names_counted_and_named(tmp_path):
 
 
 def test_labels_outside_0_1_name_rows_and_values(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,target
         a,0
         b,2
         c,1
         d,maybe
-    """)
+    """,
+    )
     with pytest.raises(CohortError) as info:
         load_cohort(csv, check_images="none")
     message = str(info.value)
@@ -411,7 +451,9 @@ def test_labels_outside_0_1_name_rows_and_values(tmp_path):
 
 
 def test_label_words_and_float_strings_are_coerced(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,target
         a,0.0
         b,1.0
@@ -419,7 +461,8 @@ def test_label_words_and_float_strings_are_coerced(tmp_path):
         d, benign
         e,
         f,1
-    """)
+    """,
+    )
     cohort = load_cohort(csv, check_images="none")
     assert cohort.table["target"].tolist()[:4] == [0, 1, 1, 0]
     assert cohort.table["target"].isna().tolist() == [False, False, False, False, True, False]
@@ -438,8 +481,11 @@ def test_missing_required_columns_names_found_and_expected(tmp_path):
 
 def test_unrecognised_table_suggests_format_and_mapping(tmp_path):
     csv = write_csv(tmp_path / "t.csv", "picture,outcome\na,1\n")
-    with pytest.raises(CohortError, match=r"cannot tell the table format from its columns \(2 column\(s\), none of "
-                                          r"them a lesion-table column.*--format.*--map image_name=COLUMN") as info:
+    with pytest.raises(
+        CohortError,
+        match=r"cannot tell the table format from its columns \(2 column\(s\), none of "
+        r"them a lesion-table column.*--format.*--map image_name=COLUMN",
+    ) as info:
         load_cohort(csv)
     assert "picture" not in str(info.value) and "outcome" not in str(info.value)
 
@@ -482,13 +528,16 @@ def test_missing_file_is_an_error(tmp_path):
 
 
 def test_rows_without_image_name_are_dropped_and_reported(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,target
         a,0
         ,1
         c,0
         ,0
-    """)
+    """,
+    )
     cohort = load_cohort(csv, check_images="none")
     assert cohort.table["image_name"].tolist() == ["a", "c"]
     assert cohort.report.dropped == [(3, "no image name"), (5, "no image name")]
@@ -542,14 +591,17 @@ def test_missing_image_folder_is_reported_not_fatal(isic2020_small, tmp_path):
 
 
 def test_grouping_falls_back_per_row(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,patient_id,lesion_id,target
         a,P1,L1,0
         b,P1,L2,1
         c,,L3,0
         d,,L3,0
         e,,,1
-    """)
+    """,
+    )
     cohort = load_cohort(csv, check_images="none")
     assert cohort.grouping == "patient_id, else lesion_id, else image_name"
     assert cohort.groups.tolist() == ["P1", "P1", "lesion:L3", "lesion:L3", "image:e"]
@@ -563,7 +615,9 @@ def test_grouping_falls_back_per_row(tmp_path):
 
 def test_rows_linked_by_a_patient_or_a_lesion_id_share_one_group(tmp_path):
     # L1's second image lacks the patient id; L9 is filed under two patients; L5 has no patient at all
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,patient_id,lesion_id,target
         a,P1,L1,1
         b,,L1,1
@@ -573,7 +627,8 @@ def test_rows_linked_by_a_patient_or_a_lesion_id_share_one_group(tmp_path):
         f,,L5,0
         g,,L5,1
         h,,,0
-    """)
+    """,
+    )
     cohort = load_cohort(csv, check_images="none")
     assert cohort.groups.tolist() == ["P1", "P1", "P2", "P2", "P2", "lesion:L5", "lesion:L5", "image:h"]
     from melcore.splits import cohort_folds
@@ -583,13 +638,16 @@ def test_rows_linked_by_a_patient_or_a_lesion_id_share_one_group(tmp_path):
 
 
 def test_cohort_subset_for_clinic_labelled_with_images(tmp_path):
-    csv = write_csv(tmp_path / "t.csv", """
+    csv = write_csv(
+        tmp_path / "t.csv",
+        """
         image_name,patient_id,target,clinic
         a,P1,0,north
         b,P1,1,north
         c,P2,,south
         d,P3,0,south
-    """)
+    """,
+    )
     write_image(tmp_path / "images" / "a.jpg")
     write_image(tmp_path / "images" / "c.jpg")
     cohort = load_cohort(csv)
@@ -665,8 +723,12 @@ def test_mapping_cannot_be_combined_with_a_fixed_layout_format(tmp_path):
     csv = write_csv(tmp_path / "study.csv", "file,label\na.jpg,1\n")
     with pytest.raises(CohortError, match="mapping cannot be combined with format 'ham10000'"):
         load_cohort(csv, format="ham10000", mapping={"image_name": "file"})
-    assert load_cohort(csv, format="generic", mapping={"image_name": "file", "target": "label"},
-                       check_images="none").format == "mapping"
+    assert (
+        load_cohort(
+            csv, format="generic", mapping={"image_name": "file", "target": "label"}, check_images="none"
+        ).format
+        == "mapping"
+    )
 
 
 def test_semicolon_separated_latin1_table(tmp_path):
@@ -686,8 +748,10 @@ def test_a_benign_only_source_beside_the_melanoma_source_is_warned_about():
 
     pooled = _clinic_table(["HAM"] * 90 + ["ISIC"] * 30, [0] * 90 + [1] * 10 + [0] * 20)
     message = clinic_shortcut_warning(pooled)
-    assert message.startswith("clinic/source 'HAM' (90 images) has no melanoma while every melanoma comes from "
-                              "'ISIC'") and "--group-column clinic" in message
+    assert (
+        message.startswith("clinic/source 'HAM' (90 images) has no melanoma while every melanoma comes from 'ISIC'")
+        and "--group-column clinic" in message
+    )
     # Every clinic has both classes, or one clinic, or no melanoma at all, or unknown clinics: nothing to say.
     mixed = _clinic_table(["a"] * 10 + ["b"] * 10, [0, 1] * 10)
     assert clinic_shortcut_warning(mixed) is None
@@ -710,9 +774,13 @@ def test_loading_derm_real_dev_by_source_warns_about_the_source_shortcut(derm_re
 def test_a_table_and_its_groups_come_from_one_rule_for_a_cohort_or_a_dataframe():
     from melcore.cohort import lesion_keys, table_and_groups
 
-    frame = pd.DataFrame({"image_name": ["a", "b", "c", "d", "e"],
-                          "patient_id": ["P1", " P1 ", None, "", None],
-                          "lesion_id": [None, "L1", "L1", None, "L9"]})
+    frame = pd.DataFrame(
+        {
+            "image_name": ["a", "b", "c", "d", "e"],
+            "patient_id": ["P1", " P1 ", None, "", None],
+            "lesion_id": [None, "L1", "L1", None, "L9"],
+        }
+    )
     table, groups = table_and_groups(frame)
     assert table is frame and groups.tolist() == ["P1", "P1", "P1", "image:d", "lesion:L9"]
     assert lesion_keys(frame).tolist() == ["image:a", "L1", "L1", "image:d", "L9"]

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 
-from melcore.plots import run_color
-from melcore.store import Store
-
 from page_helpers import open_page, run  # tests/ is on sys.path (pytest rootdir-relative import)
 from test_compare_page import simulated, write_cohort
 
+from melcore.plots import run_color
+from melcore.store import Store
+
 
 def roc_colours(at) -> dict:
-    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
-                if json.loads(c.proto.spec)["layout"].get("title", {}).get("text") == "ROC curves")
+    spec = next(
+        json.loads(c.proto.spec)
+        for c in at.get("plotly_chart")
+        if json.loads(c.proto.spec)["layout"].get("title", {}).get("text") == "ROC curves"
+    )
     return {t["meta"]: t["line"]["color"] for t in spec["data"] if t.get("meta") and t.get("mode") != "markers"}
 
 

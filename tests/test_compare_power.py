@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from page_helpers import open_page, run, texts  # tests/ is on sys.path (pytest rootdir-relative import)
+from test_compare_page import simulated, write_cohort
 
 from melcore.compare import evaluate_predictions, image_overlap, underpowered_note
 from melcore.store import Store
-
-from page_helpers import open_page, run, texts  # tests/ is on sys.path (pytest rootdir-relative import)
-from test_compare_page import simulated, write_cohort
 
 
 def plain(markdown: str) -> str:
@@ -57,16 +56,18 @@ def test_each_run_is_shown_at_its_own_saved_threshold_with_the_prevalence(overla
     table = next(d.value for d in at.dataframe if "Threshold" in d.value.columns and "PPV" in d.value.columns)
     other = table[table["Run"].str.contains("all-images")].iloc[0]
     assert other["Threshold"] == "0.900 (saved)"
-    expected = evaluate_predictions(overlapping["full"].assign(group=overlapping["full"]["patient_id"]),
-                                    n_boot=10).at(0.9)
+    expected = evaluate_predictions(overlapping["full"].assign(group=overlapping["full"]["patient_id"]), n_boot=10).at(
+        0.9
+    )
     assert other["Sensitivity"] == f"{expected['sensitivity']:.1%}"
     assert other["Prevalence"] == f"{expected['n_malignant'] / expected['n']:.1%}"
     slider = at.session_state["compare_threshold"]
     assert slider != 0.9
     focus_row = table[table["Run"].str.contains("few-images")].iloc[0]
     assert focus_row["Threshold"] == f"{slider:.3f}"
-    assert any("Prevalence" in c.value and "PPV, NPV and biopsies per melanoma depend on it" in c.value
-               for c in at.caption)
+    assert any(
+        "Prevalence" in c.value and "PPV, NPV and biopsies per melanoma depend on it" in c.value for c in at.caption
+    )
     # the sensitivity/specificity plot marks that run at its saved threshold, with the threshold in the hover
     sweep = _sweep_markers(at)
     saved = {name: m for name, m in sweep.items() if "all-images" in name}

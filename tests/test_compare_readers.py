@@ -16,14 +16,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import streamlit.testing.v1.app_test as app_test_module
+from page_helpers import open_page, texts  # tests/ is on sys.path (pytest rootdir-relative import)
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from melcore.classes import MALIGNANT, MELANOMA
 from melcore.readers import MIN_READS, model_on_reads, reader_table, study_reads, wilson_interval
 from melcore.store import Store
-
-from page_helpers import open_page, texts  # tests/ is on sys.path (pytest rootdir-relative import)
 
 N_PATIENTS = 30  # two lesions each
 READERS = {"Dr A": (0.85, 0.70), "Dr B": (0.70, 0.85), "Dr <C>": (0.95, 0.55)}  # (sensitivity, specificity)
@@ -35,15 +34,30 @@ def _cohort(tmp_path) -> pd.DataFrame:
     n = 2 * N_PATIENTS
     target = np.zeros(n, dtype=int)
     target[rng.choice(n, 18, replace=False)] = 1
-    table = pd.DataFrame({"image_name": [f"IMG_{i:03d}" for i in range(n)],
-                          "patient_id": [f"P{i // 2:03d}" for i in range(n)],
-                          "clinic": "A", "target": target})
+    table = pd.DataFrame(
+        {
+            "image_name": [f"IMG_{i:03d}" for i in range(n)],
+            "patient_id": [f"P{i // 2:03d}" for i in range(n)],
+            "clinic": "A",
+            "target": target,
+        }
+    )
     table.to_csv(tmp_path / "study.csv", index=False)
     return table
 
 
-def _read(store: Store, run_id: int, table: pd.DataFrame, reviewer: str, sensitivity: float, specificity: float,
-          *, aided: bool, seed: int, confidence: bool) -> pd.DataFrame:
+def _read(
+    store: Store,
+    run_id: int,
+    table: pd.DataFrame,
+    reviewer: str,
+    sensitivity: float,
+    specificity: float,
+    *,
+    aided: bool,
+    seed: int,
+    confidence: bool,
+) -> pd.DataFrame:
     """One reader's read of every lesion: biopsy with the given probabilities; the decisions saved and returned."""
     rng = np.random.default_rng(seed)
     y = table["target"].to_numpy()
@@ -52,8 +66,9 @@ def _read(store: Store, run_id: int, table: pd.DataFrame, reviewer: str, sensiti
     decisions = np.where(biopsy, "biopsy", np.where(rng.random(len(y)) < 0.5, "follow-up", "reassure"))
     scores = np.clip(np.round(50 + 20 * (rng.normal(size=len(y)) + 1.5 * y)), 0, 100) if confidence else [None] * len(y)
     for name, decision, score in zip(table["image_name"], decisions, scores):
-        store.add_review(run_id, name, reviewer, str(decision), aided=aided,
-                         confidence=None if score is None else int(score))
+        store.add_review(
+            run_id, name, reviewer, str(decision), aided=aided, confidence=None if score is None else int(score)
+        )
     return pd.DataFrame({"image_name": table["image_name"], "target": y, "decision": decisions})
 
 
@@ -61,8 +76,7 @@ def _read(store: Store, run_id: int, table: pd.DataFrame, reviewer: str, sensiti
 def study(tmp_path):
     store = Store()
     table = _cohort(tmp_path)
-    dataset_id = store.add_dataset("study", tmp_path / "study.csv", format="generic",
-                                   options={"check_images": "none"})
+    dataset_id = store.add_dataset("study", tmp_path / "study.csv", format="generic", options={"check_images": "none"})
     run_id = store.add_run("effnet", dataset_id=dataset_id, model="efficientnet-b3")
     rng = np.random.default_rng(5)
     predictions = table.assign(prediction=1 / (1 + np.exp(-(rng.normal(size=len(table)) + 1.8 * table["target"]))))
@@ -73,10 +87,24 @@ def study(tmp_path):
             if reviewer == "Dr <C>" and aided:
                 continue  # this reader reads blinded only
             decisions[(reviewer, "aided" if aided else "unaided")] = _read(
-                store, run_id, table, reviewer, min(1.0, sensitivity + 0.05 * aided), specificity, aided=aided,
-                seed=10 * k + aided, confidence=reviewer != "Dr B")
-    return {"store": store, "run_id": run_id, "dataset_id": dataset_id, "table": table,
-            "predictions": predictions, "decisions": decisions}
+                store,
+                run_id,
+                table,
+                reviewer,
+                min(1.0, sensitivity + 0.05 * aided),
+                specificity,
+                aided=aided,
+                seed=10 * k + aided,
+                confidence=reviewer != "Dr B",
+            )
+    return {
+        "store": store,
+        "run_id": run_id,
+        "dataset_id": dataset_id,
+        "table": table,
+        "predictions": predictions,
+        "decisions": decisions,
+    }
 
 
 @pytest.fixture
@@ -128,8 +156,14 @@ def test_readers_section_shows_each_reader_with_cis_equal_to_melcore_readers(stu
     expected = reader_table(study_reads(store.review_history(run_id), store.get_predictions(run_id)), n_boot=1000)
     shown = _readers_table(at)
     assert sorted(zip(shown["Reader"], shown["Mode"])) == sorted(
-        [("Dr A", "aided"), ("Dr A", "blinded (unaided)"), ("Dr B", "aided"), ("Dr B", "blinded (unaided)"),
-         ("Dr <C>", "blinded (unaided)")])
+        [
+            ("Dr A", "aided"),
+            ("Dr A", "blinded (unaided)"),
+            ("Dr B", "aided"),
+            ("Dr B", "blinded (unaided)"),
+            ("Dr <C>", "blinded (unaided)"),
+        ]
+    )
     words = {"unaided": "blinded (unaided)", "aided": "aided"}
     for (reviewer, mode), reads in study["decisions"].items():
         # sensitivity and specificity counted by hand from the saved decisions
@@ -141,29 +175,34 @@ def test_readers_section_shows_each_reader_with_cis_equal_to_melcore_readers(stu
         assert reference["sensitivity"] == pytest.approx(sensitivity)
         assert reference["specificity"] == pytest.approx(specificity)
         assert (reference["sensitivity_low"], reference["sensitivity_high"]) == pytest.approx(
-            wilson_interval(tp, int((y == 1).sum())))
+            wilson_interval(tp, int((y == 1).sum()))
+        )
         for column, measure in (("Sensitivity (95% CI)", "sensitivity"), ("Specificity (95% CI)", "specificity")):
             value, low, high = _percentages(row[column])
             assert (value, low, high) == pytest.approx(
-                (reference[measure], reference[f"{measure}_low"], reference[f"{measure}_high"]), abs=5e-4)
+                (reference[measure], reference[f"{measure}_low"], reference[f"{measure}_high"]), abs=5e-4
+            )
             assert low <= value <= high
         assert row["Lesions"] == len(reads) and row["On ROC plot"]
         assert _percentages(row["Model sensitivity at this specificity"])[0] == pytest.approx(
-            reference["model_sensitivity_at_reader_specificity"], abs=5e-4)
+            reference["model_sensitivity_at_reader_specificity"], abs=5e-4
+        )
         assert row["Model AUROC (same lesions)"] == pytest.approx(reference["model_auroc"], abs=5e-4)
         if reviewer == "Dr B":  # no confidences given: no confidence AUROC
             assert row["Rated"] == 0 and row["Confidence AUROC (95% CI)"] == ""
         else:
             assert row["Rated"] == len(reads)
-            assert float(row["Confidence AUROC (95% CI)"].split()[0]) == pytest.approx(reference["reader_auroc"],
-                                                                                       abs=5e-4)
+            assert float(row["Confidence AUROC (95% CI)"].split()[0]) == pytest.approx(
+                reference["reader_auroc"], abs=5e-4
+            )
 
     # the readers are points on the model's ROC curve, with their intervals as error bars
     spec = _readers_chart(at)
     assert spec is not None
     traces = {t["name"]: t for t in spec["data"]}
-    curve = model_on_reads(study_reads(store.review_history(run_id), store.get_predictions(run_id)),
-                           list(READERS), n_boot=1000)
+    curve = model_on_reads(
+        study_reads(store.review_history(run_id), store.get_predictions(run_id)), list(READERS), n_boot=1000
+    )
     model = next(t for t in spec["data"] if "AUROC" in t["name"])
     assert _values(model["x"]) == pytest.approx(list(curve.fpr))
     assert _values(model["y"]) == pytest.approx(list(curve.tpr))
@@ -186,13 +225,27 @@ def test_readers_section_shows_each_reader_with_cis_equal_to_melcore_readers(stu
     assert (export["n_positive"].to_numpy() == expected["n_malignant"].to_numpy()).all()
     assert set(export["positive_class"]) == {"melanoma"}  # a generic table: melanoma / not melanoma
     export["reviewer"] = export["reviewer"].str.replace("'", "", regex=False)  # the spreadsheet-safe prefix, none here
-    pd.testing.assert_frame_equal(export[["reviewer", "mode", "n", "tp", "fp", "tn", "fn"]],
-                                  expected[["reviewer", "mode", "n", "tp", "fp", "tn", "fn"]].astype(
-                                      {c: "int64" for c in ("n", "tp", "fp", "tn", "fn")}), check_dtype=False)
-    for column in ("sensitivity", "sensitivity_low", "sensitivity_high", "specificity", "specificity_low",
-                   "specificity_high", "model_auroc", "model_sensitivity_at_reader_specificity", "reader_auroc"):
-        assert export[column].to_numpy(dtype=float) == pytest.approx(expected[column].to_numpy(dtype=float),
-                                                                     abs=1e-6, nan_ok=True)
+    pd.testing.assert_frame_equal(
+        export[["reviewer", "mode", "n", "tp", "fp", "tn", "fn"]],
+        expected[["reviewer", "mode", "n", "tp", "fp", "tn", "fn"]].astype(
+            {c: "int64" for c in ("n", "tp", "fp", "tn", "fn")}
+        ),
+        check_dtype=False,
+    )
+    for column in (
+        "sensitivity",
+        "sensitivity_low",
+        "sensitivity_high",
+        "specificity",
+        "specificity_low",
+        "specificity_high",
+        "model_auroc",
+        "model_sensitivity_at_reader_specificity",
+        "reader_auroc",
+    ):
+        assert export[column].to_numpy(dtype=float) == pytest.approx(
+            expected[column].to_numpy(dtype=float), abs=1e-6, nan_ok=True
+        )
 
     # the PNG export is a PNG image of some size
     png = downloads[f"readers-run{run_id}.png"]
@@ -212,8 +265,7 @@ def test_readers_section_shows_each_reader_with_cis_equal_to_melcore_readers(stu
 def test_too_few_reads_say_so_instead_of_a_plot(tmp_path, downloads):
     store = Store()
     table = _cohort(tmp_path)
-    dataset_id = store.add_dataset("study", tmp_path / "study.csv", format="generic",
-                                   options={"check_images": "none"})
+    dataset_id = store.add_dataset("study", tmp_path / "study.csv", format="generic", options={"check_images": "none"})
     run_id = store.add_run("effnet", dataset_id=dataset_id, model="efficientnet-b3")
     rng = np.random.default_rng(5)
     store.add_predictions(run_id, table.assign(prediction=rng.random(len(table))), split="val")
@@ -238,12 +290,20 @@ def test_too_few_reads_say_so_instead_of_a_plot(tmp_path, downloads):
 def test_reader_tables_captions_and_csv_use_the_datasets_class_words(tmp_path, downloads, classes):
     store = Store()
     table = _cohort(tmp_path)
-    dataset_id = store.add_dataset("study", tmp_path / "study.csv", format="generic",
-                                   options={"check_images": "none"}, summary={"classes": classes.to_dict()})
+    dataset_id = store.add_dataset(
+        "study",
+        tmp_path / "study.csv",
+        format="generic",
+        options={"check_images": "none"},
+        summary={"classes": classes.to_dict()},
+    )
     run_id = store.add_run("effnet", dataset_id=dataset_id, model="efficientnet-b3")
     rng = np.random.default_rng(5)
-    store.add_predictions(run_id, table.assign(prediction=1 / (1 + np.exp(-(rng.normal(size=len(table))
-                                                                             + 1.8 * table["target"])))), split="val")
+    store.add_predictions(
+        run_id,
+        table.assign(prediction=1 / (1 + np.exp(-(rng.normal(size=len(table)) + 1.8 * table["target"])))),
+        split="val",
+    )
     for k, reviewer in enumerate(("Dr A", "Dr B")):
         for aided in (False, True):
             _read(store, run_id, table, reviewer, 0.8, 0.7, aided=aided, seed=10 * k + aided, confidence=True)

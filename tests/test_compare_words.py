@@ -6,20 +6,24 @@ from __future__ import annotations
 import json
 
 import pytest
+from page_helpers import open_page  # tests/ is on sys.path (pytest rootdir-relative import)
+from test_compare_page import simulated, write_cohort
 
 from melcore.classes import MALIGNANT, MELANOMA
 from melcore.store import Store
-
-from page_helpers import open_page  # tests/ is on sys.path (pytest rootdir-relative import)
-from test_compare_page import simulated, write_cohort
 
 
 @pytest.mark.parametrize("classes", [MELANOMA, MALIGNANT], ids=["melanoma", "malignant"])
 def test_tables_metrics_and_figures_use_the_datasets_class_words(tmp_path, classes):
     store = Store()
     table = write_cohort(tmp_path / "tiny.csv")
-    dataset_id = store.add_dataset("tiny", tmp_path / "tiny.csv", format="generic",
-                                   options={"check_images": "none"}, summary={"classes": classes.to_dict()})
+    dataset_id = store.add_dataset(
+        "tiny",
+        tmp_path / "tiny.csv",
+        format="generic",
+        options={"check_images": "none"},
+        summary={"classes": classes.to_dict()},
+    )
     for name, seed in (("one", 1), ("two", 2)):
         run_id = store.add_run(name, dataset_id=dataset_id, model="basic-cnn")
         store.add_predictions(run_id, simulated(table, 1.5, seed=seed), split="val")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from page_helpers import open_page, texts  # tests/ is on sys.path (pytest rootdir-relative import)
 
 import trainers.launch as launch
 from melcore.metrics import auroc
 from melcore.store import Store
-
-from page_helpers import open_page, texts  # tests/ is on sys.path (pytest rootdir-relative import)
 
 
 def plain(markdown: str) -> str:
@@ -26,9 +25,16 @@ def write_pooled(path, confounded: bool = True, seed: int = 5) -> pd.DataFrame:
         source = "HAM" if patient < 80 else "ISIC"
         for lesion in range(2):
             malignant = rng.random() < (0.0 if (source == "HAM" and confounded) else 0.3)
-            rows.append({"image_name": f"IMG_{patient:03d}_{lesion}", "patient_id": f"P{patient:03d}",
-                         "clinic": source, "sex": "female" if patient % 2 else "male", "age_approx": 50.0,
-                         "target": int(malignant)})
+            rows.append(
+                {
+                    "image_name": f"IMG_{patient:03d}_{lesion}",
+                    "patient_id": f"P{patient:03d}",
+                    "clinic": source,
+                    "sex": "female" if patient % 2 else "male",
+                    "age_approx": 50.0,
+                    "target": int(malignant),
+                }
+            )
     table = pd.DataFrame(rows)
     table.to_csv(path, index=False)
     return table
@@ -45,12 +51,17 @@ def source_scores(table: pd.DataFrame, seed: int) -> pd.DataFrame:
 def pooled(request, tmp_path):
     store = Store()
     table = write_pooled(tmp_path / "pooled.csv", confounded=request.param)
-    dataset_id = store.add_dataset("pooled", tmp_path / "pooled.csv", format="generic",
-                                   options={"check_images": "none"})
+    dataset_id = store.add_dataset(
+        "pooled", tmp_path / "pooled.csv", format="generic", options={"check_images": "none"}
+    )
     runs = {}
     for name, seed in (("basic", 1), ("other", 2)):
-        run_id = store.add_run(name, dataset_id=dataset_id, model="basic-cnn",
-                               metrics={"val_auroc": 0.7, "weights": {"requested": "none", "from_scratch": True}})
+        run_id = store.add_run(
+            name,
+            dataset_id=dataset_id,
+            model="basic-cnn",
+            metrics={"val_auroc": 0.7, "weights": {"requested": "none", "from_scratch": True}},
+        )
         frame = source_scores(table, seed)
         store.add_predictions(run_id, frame, split="val")
         runs[run_id] = frame
@@ -122,18 +133,19 @@ def test_the_jobs_table_leads_with_the_within_source_auroc_when_the_card_does(po
     assert np.isnan(table.loc[queued, "Within-source AUROC"])
 
 
-def test_a_metadata_run_that_can_learn_from_missing_age_is_warned_about_on_compare_and_its_card(tmp_path,
-                                                                                               monkeypatch):
+def test_a_metadata_run_that_can_learn_from_missing_age_is_warned_about_on_compare_and_its_card(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "ensure_worker", lambda store, **kwargs: 4242)
     store = Store()
     table = write_pooled(tmp_path / "pooled.csv", confounded=False)
     table.loc[table["clinic"] == "HAM", "age_approx"] = np.nan  # one source records no age
     table.to_csv(tmp_path / "pooled.csv", index=False)
-    dataset_id = store.add_dataset("pooled", tmp_path / "pooled.csv", format="generic",
-                                   options={"check_images": "none"})
+    dataset_id = store.add_dataset(
+        "pooled", tmp_path / "pooled.csv", format="generic", options={"check_images": "none"}
+    )
     image_run = store.add_run("cnn", dataset_id=dataset_id, model="basic-cnn", metrics={"val_auroc": 0.6})
-    meta_run = store.add_run("patient context", dataset_id=dataset_id, kind="meta", model="meta",
-                             metrics={"oof_auroc": 0.9, "kind": "meta"})
+    meta_run = store.add_run(
+        "patient context", dataset_id=dataset_id, kind="meta", model="meta", metrics={"oof_auroc": 0.9, "kind": "meta"}
+    )
     for run_id, seed in ((image_run, 3), (meta_run, 4)):
         store.add_predictions(run_id, source_scores(table, seed), split="val" if run_id == image_run else "oof")
     job_id = store.submit_job({"model": "meta", "n_folds": 3}, dataset_id=dataset_id, kind="meta")

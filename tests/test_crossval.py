@@ -21,8 +21,9 @@ CLINICS = ("north", "south", "east")
 @pytest.fixture(scope="module")
 def easy_dir(tmp_path_factory):
     # 30 patients, 10 per clinic, one melanoma per patient (every third image).
-    return make_easy_cohort(tmp_path_factory.mktemp("easy-crossval"), n_patients=30, per_patient=3, size=40,
-                            clinics=CLINICS)
+    return make_easy_cohort(
+        tmp_path_factory.mktemp("easy-crossval"), n_patients=30, per_patient=3, size=40, clinics=CLINICS
+    )
 
 
 @pytest.fixture
@@ -87,8 +88,9 @@ def test_on_random_labels_the_reported_fold_aurocs_are_centred_on_chance(tmp_pat
         table = pd.read_csv(csv)
         table["target"] = (np.random.default_rng(100 + seed).random(len(table)) < 0.35).astype(int)
         table.to_csv(csv, index=False)
-        run = fit_folds(_config(epochs=16, seed=seed, n_folds=5), load_cohort(csv, images),
-                        run_dir=tmp_path / f"run-{seed}")
+        run = fit_folds(
+            _config(epochs=16, seed=seed, n_folds=5), load_cohort(csv, images), run_dir=tmp_path / f"run-{seed}"
+        )
         fold_aurocs += run.metrics["fold_aurocs"]
         for k in range(5):
             chosen = json.loads((run.run_dir / f"fold-{k}" / "metrics.json").read_text())["chosen_on"]
@@ -162,12 +164,36 @@ def test_cross_clinic_refuses_a_patient_seen_in_two_clinics(tmp_path):
 
 def test_train_cli_folds(demo_dir, tmp_path):
     out = tmp_path / "kfold"
-    cmd = [sys.executable, "-m", "melcore", "train", "--csv", str(demo_dir / "labels.csv"), "--images",
-           str(demo_dir / "jpeg" / "train"), "--model", "basic-cnn", "--image-size", "32", "--epochs", "2",
-           "--batch-size", "16", "--augment", "none", "--mode", "fast-head", "--folds", "2", "--out", str(out),
-           "--quiet"]
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(tmp_path / "home"), capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "melcore",
+        "train",
+        "--csv",
+        str(demo_dir / "labels.csv"),
+        "--images",
+        str(demo_dir / "jpeg" / "train"),
+        "--model",
+        "basic-cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--augment",
+        "none",
+        "--mode",
+        "fast-head",
+        "--folds",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    done = subprocess.run(
+        cmd, cwd=PROJECT_ROOT, env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "out-of-fold  AUROC" in done.stdout
     labels = pd.read_csv(demo_dir / "labels.csv")
@@ -176,8 +202,14 @@ def test_train_cli_folds(demo_dir, tmp_path):
     assert set(oof["fold"]) == {0, 1}
     assert json.loads((out / "metrics.json").read_text())["kind"] == "kfold"
 
-    bad = subprocess.run(cmd[:-3] + ["--folds", "1", "--out", str(tmp_path / "bad")], cwd=PROJECT_ROOT,
-                         env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        cmd[:-3] + ["--folds", "1", "--out", str(tmp_path / "bad")],
+        cwd=PROJECT_ROOT,
+        env=_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "--folds must be at least 2" in bad.stderr
 
 
@@ -186,9 +218,33 @@ def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch):
     from melcore.store import Store
 
     home = tmp_path / "home"
-    cmd = [sys.executable, "-m", "melcore", "cross-clinic", "--csv", str(easy_dir[0]), "--images", str(easy_dir[1]),
-           "--model", "basic-cnn", "--image-size", "32", "--epochs", "4", "--batch-size", "8", "--lr", "0.01",
-           "--augment", "none", "--out", str(tmp_path / "cross"), "--register-dataset", "easy", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "melcore",
+        "cross-clinic",
+        "--csv",
+        str(easy_dir[0]),
+        "--images",
+        str(easy_dir[1]),
+        "--model",
+        "basic-cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--augment",
+        "none",
+        "--out",
+        str(tmp_path / "cross"),
+        "--register-dataset",
+        "easy",
+        "--quiet",
+    ]
     done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(home), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mode fast-head" in done.stdout  # the CPU default
@@ -200,8 +256,9 @@ def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch):
     read = latest_cross_clinic(store, dataset["id"])
     assert read is not None and read.clinics == sorted(CLINICS) and read.n.shape == (3, 3)
 
-    again = subprocess.run(cmd[:-1] + ["--clinic", "north"], cwd=PROJECT_ROOT, env=_env(home), capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        cmd[:-1] + ["--clinic", "north"], cwd=PROJECT_ROOT, env=_env(home), capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 2 and "--clinic does not apply" in again.stderr
 
 
@@ -254,8 +311,9 @@ def test_fit_folds_cancel_keeps_the_finished_folds(cohort, tmp_path):
     def stop_in_second_fold():
         return any(c[3].get("fold") == 1 and c[3]["stage"] == "head" for c in seen.calls)
 
-    run = fit_folds(_config(epochs=2), cohort, 3, progress=seen, should_stop=stop_in_second_fold,
-                    run_dir=tmp_path / "kfold")
+    run = fit_folds(
+        _config(epochs=2), cohort, 3, progress=seen, should_stop=stop_in_second_fold, run_dir=tmp_path / "kfold"
+    )
     assert run.cancelled and run.metrics["status"] == "cancelled" and run.metrics["folds_done"] == 1
     oof = pd.read_csv(run.run_dir / "oof_predictions.csv")
     assert set(oof["fold"]) == {0} and not (run.run_dir / "fold-2").exists()

@@ -17,8 +17,16 @@ from melcore.errors import ConfigError, MelcoreError
 from melcore.images import load_images
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ISIC2020_COLUMNS = ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
-                    "diagnosis", "benign_malignant", "target"]
+ISIC2020_COLUMNS = [
+    "image_name",
+    "patient_id",
+    "sex",
+    "age_approx",
+    "anatom_site_general_challenge",
+    "diagnosis",
+    "benign_malignant",
+    "target",
+]
 
 
 def read_rows(folder: Path) -> list[dict]:
@@ -157,14 +165,24 @@ def test_ensure_demo_builds_once_under_home(melreview_home, monkeypatch):
 
 def test_cli_writes_a_demo_and_reports_errors(tmp_path):
     out = tmp_path / "cli-demo"
-    done = subprocess.run([sys.executable, "-m", "melcore", "demo", "--out", str(out), "--patients", "3",
-                           "--seed", "2"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "melcore", "demo", "--out", str(out), "--patients", "3", "--seed", "2"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     rows = read_rows(out)
     assert f"{len(rows)} images" in done.stdout and "3 patients" in done.stdout
     assert len(list((out / "jpeg" / "train").glob("*.jpg"))) == len(rows)
 
-    bad = subprocess.run([sys.executable, "-m", "melcore", "demo", "--out", str(tmp_path / "y"), "--patients", "0"],
-                         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "melcore", "demo", "--out", str(tmp_path / "y"), "--patients", "0"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "n_patients" in bad.stderr

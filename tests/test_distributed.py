@@ -28,13 +28,16 @@ def test_placement_round_trips_through_tf_config():
     assert distributed.Placement.from_environment({}) is None
 
 
-@pytest.mark.parametrize("workers, index, message", [
-    ("", 0, "at least one worker"),
-    ("host", 0, "not host:port"),
-    ("host:99999", 0, "not host:port"),
-    ("h:1,h:1", 0, "repeat"),
-    ("h:1,h:2", 2, "index must be 0..1"),
-])
+@pytest.mark.parametrize(
+    "workers, index, message",
+    [
+        ("", 0, "at least one worker"),
+        ("host", 0, "not host:port"),
+        ("host:99999", 0, "not host:port"),
+        ("h:1,h:1", 0, "repeat"),
+        ("h:1,h:2", 2, "index must be 0..1"),
+    ],
+)
 def test_bad_placements_say_what_is_wrong(workers, index, message):
     with pytest.raises(ConfigError, match=message):
         distributed.Placement.parse(workers, index)
@@ -44,8 +47,9 @@ def test_tf_config_that_is_not_a_worker_cluster_is_refused():
     with pytest.raises(ConfigError, match="not a worker cluster"):
         distributed.Placement.from_tf_config("{}")
     with pytest.raises(ConfigError, match="task type 'ps'"):
-        distributed.Placement.from_tf_config(json.dumps({"cluster": {"worker": ["h:1"]},
-                                                         "task": {"type": "ps", "index": 0}}))
+        distributed.Placement.from_tf_config(
+            json.dumps({"cluster": {"worker": ["h:1"]}, "task": {"type": "ps", "index": 0}})
+        )
 
 
 @pytest.mark.parametrize("n_rows, n_replicas", [(8, 2), (7, 2), (3, 4), (0, 3), (10, 3)])
@@ -70,8 +74,9 @@ def test_fit_loop_matches_keras_fit():
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
     assert history["loss"][-1] < history["loss"][0]  # it learned something
     scores = distributed.predict_loop(model, [b[0] for b in (job.Batches()[0], job.Batches()[1])])
-    np.testing.assert_allclose(scores, model.predict(np.concatenate([job.Batches()[i][0] for i in (0, 1)]),
-                                                     verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        scores, model.predict(np.concatenate([job.Batches()[i][0] for i in (0, 1)]), verbose=0), rtol=1e-5
+    )
 
 
 def test_fit_loop_stops_when_a_callback_says_so():
@@ -107,8 +112,15 @@ def test_two_local_workers_train_the_same_model_as_one_process(tmp_path):
     subprocess.run([sys.executable, script, str(single)], env=env, check=True, timeout=300)
     workers = ",".join(f"localhost:{p}" for p in _free_ports(2))
     chief_out = tmp_path / "chief.npz"
-    procs = [subprocess.Popen([sys.executable, script, str(chief_out), workers, str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(chief_out), workers, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     one, two = np.load(single), np.load(chief_out)
@@ -119,10 +131,37 @@ def test_two_local_workers_train_the_same_model_as_one_process(tmp_path):
 
 def _train_args(cohort_dir: Path, out: Path) -> list[str]:
     """A tiny full-mode run of the CLI (dropout off: tests/multiworker_train.py): basic-cnn at 32 px, 2 epochs."""
-    return [sys.executable, str(HERE / "multiworker_train.py"), "train", "--csv", str(cohort_dir / "labels.csv"), "--images",
-            str(cohort_dir / "images"), "--model", "basic-cnn", "--image-size", "32", "--epochs", "2",
-            "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--augment", "none", "--seed", "1",
-            "--no-early-stopping", "--workers", "1", "--quiet", "--out", str(out)]
+    return [
+        sys.executable,
+        str(HERE / "multiworker_train.py"),
+        "train",
+        "--csv",
+        str(cohort_dir / "labels.csv"),
+        "--images",
+        str(cohort_dir / "images"),
+        "--model",
+        "basic-cnn",
+        "--image-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--augment",
+        "none",
+        "--seed",
+        "1",
+        "--no-early-stopping",
+        "--workers",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.slow
@@ -132,15 +171,28 @@ def test_two_workers_through_the_train_cli_record_the_run_one_process_records(tm
     make_easy_cohort(tmp_path / "cohort", n_patients=12, per_patient=3, size=32)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE.parent)}
     env.pop("TF_CONFIG", None)
-    single = subprocess.run(_train_args(tmp_path / "cohort", tmp_path / "single"), env=env, cwd=HERE.parent,
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        _train_args(tmp_path / "cohort", tmp_path / "single"),
+        env=env,
+        cwd=HERE.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
     chief_out = tmp_path / "placed"
-    procs = [subprocess.Popen(_train_args(tmp_path / "cohort", chief_out) + ["--worker-hosts", hosts,
-                                                                              "--worker-index", str(i)],
-                              env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _train_args(tmp_path / "cohort", chief_out) + ["--worker-hosts", hosts, "--worker-index", str(i)],
+            env=env,
+            cwd=HERE.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[1][-3000:] for o in outputs)
     assert f"run          {chief_out}" in outputs[0][0]
@@ -152,8 +204,9 @@ def test_two_workers_through_the_train_cli_record_the_run_one_process_records(tm
     for key in ("n_train", "n_select", "n_val", "n_malignant", "epochs_run", "best_epoch"):
         assert two[key] == one[key], key
     for key in ("train_loss", "select_loss", "select_auroc"):
-        np.testing.assert_allclose([h[key] for h in two["history"]], [h[key] for h in one["history"]],
-                                   rtol=1e-3, err_msg=key)
+        np.testing.assert_allclose(
+            [h[key] for h in two["history"]], [h[key] for h in one["history"]], rtol=1e-3, err_msg=key
+        )
     for key in ("val_loss", "val_auroc", "sensitivity", "specificity"):
         np.testing.assert_allclose(two[key], one[key], rtol=1e-3, err_msg=key)
     assert one["history"][-1]["train_loss"] < one["history"][0]["train_loss"]  # it learned something
@@ -167,10 +220,12 @@ def test_a_job_placed_on_another_machine_is_left_for_that_machine(tmp_path):
     from melcore.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    elsewhere = store.submit_job({"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222",
-                                                                                 "localhost:2223"], "index": 0}})
-    here = store.submit_job({"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222",
-                                                                            "localhost:2223"], "index": 1}})
+    elsewhere = store.submit_job(
+        {"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222", "localhost:2223"], "index": 0}}
+    )
+    here = store.submit_job(
+        {"model": "basic-cnn", "placement": {"workers": ["elsewhere.invalid:2222", "localhost:2223"], "index": 1}}
+    )
     plain = store.submit_job({"model": "basic-cnn"})
     assert store.claim_job("w1", accept=can_run_here)["id"] == here
     assert store.claim_job("w2", accept=can_run_here)["id"] == plain
@@ -191,19 +246,70 @@ def test_jobs_submitted_across_two_local_workers_train_one_recorded_run(tmp_path
     store = Store(url)
     store.register_dataset("easy", csv, images)
     hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
-    assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--model", "basic-cnn", "--image-size", "32",
-                 "--epochs", "1", "--batch-size", "8", "--augment", "none", "--seed", "1", "--workers", "1",
-                 "--worker-hosts", hosts]) == 0
+    assert (
+        main(
+            [
+                "jobs",
+                "--db",
+                url,
+                "submit",
+                "--dataset",
+                "easy",
+                "--model",
+                "basic-cnn",
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--augment",
+                "none",
+                "--seed",
+                "1",
+                "--workers",
+                "1",
+                "--worker-hosts",
+                hosts,
+            ]
+        )
+        == 0
+    )
     ids = [int(line) for line in capsys.readouterr().out.split()]
     assert [store.get_job(i)["config"]["placement"]["index"] for i in ids] == [0, 1]
-    assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--model", "basic-cnn", "--mode", "fast-head",
-                 "--worker-hosts", hosts]) == 2
+    assert (
+        main(
+            [
+                "jobs",
+                "--db",
+                url,
+                "submit",
+                "--dataset",
+                "easy",
+                "--model",
+                "basic-cnn",
+                "--mode",
+                "fast-head",
+                "--worker-hosts",
+                hosts,
+            ]
+        )
+        == 2
+    )
     assert "needs mode 'full'" in capsys.readouterr().err
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(HERE.parent)}
     env.pop("TF_CONFIG", None)
-    workers = [subprocess.Popen([sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
-                                cwd=HERE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
+            cwd=HERE.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     chief, other = (store.get_job(i) for i in ids)
@@ -219,17 +325,19 @@ def test_jobs_submitted_across_two_local_workers_train_one_recorded_run(tmp_path
     assert "as worker 1 of 2" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--worker-hosts", "localhost:2222,localhost:2223"], "needs --worker-index"),
-    (["--worker-index", "1"], "--worker-index goes with --worker-hosts"),
-    (["--worker-hosts", "localhost:2222,localhost:2223", "--worker-index", "2"], "worker index must be 0..1"),
-    (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--mode", "fast-head"], "needs mode 'full'"),
-    (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--folds", "3"], "--folds trains on one worker"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--worker-hosts", "localhost:2222,localhost:2223"], "needs --worker-index"),
+        (["--worker-index", "1"], "--worker-index goes with --worker-hosts"),
+        (["--worker-hosts", "localhost:2222,localhost:2223", "--worker-index", "2"], "worker index must be 0..1"),
+        (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--mode", "fast-head"], "needs mode 'full'"),
+        (["--worker-hosts", "localhost:2222", "--worker-index", "0", "--folds", "3"], "--folds trains on one worker"),
+    ],
+)
 def test_bad_placements_on_the_train_cli_exit_2_before_training(tmp_path, capsys, extra, message):
     from melcore.__main__ import main
 
-    code = main(["train", "--csv", str(tmp_path / "missing.csv"), "--model", "basic-cnn", "--image-size", "32",
-                 *extra])
+    code = main(["train", "--csv", str(tmp_path / "missing.csv"), "--model", "basic-cnn", "--image-size", "32", *extra])
     assert code == 2
     assert message in capsys.readouterr().err

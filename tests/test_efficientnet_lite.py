@@ -17,17 +17,28 @@ from melcore import torchfile
 from melcore.errors import ConfigError
 
 # ImageNet-1k class indices (the standard order) of what scikit-learn's two sample photos show.
-CHINA_CLASSES = {442: "bell cote", 449: "boathouse", 483: "castle", 497: "church", 663: "monastery",
-                 698: "palace", 832: "stupa", 975: "lakeside"}
+CHINA_CLASSES = {
+    442: "bell cote",
+    449: "boathouse",
+    483: "castle",
+    497: "church",
+    663: "monastery",
+    698: "palace",
+    832: "stupa",
+    975: "lakeside",
+}
 DAISY = 985
 
 
 # --------------------------------------------------------------------------- the torch-free reader
 
+
 def test_reader_round_trips_tensors_of_a_legacy_file(tmp_path):
-    tensors = {"conv.weight": np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2) / 7,
-               "bn.num_batches_tracked": np.array(12, dtype=np.int64),
-               "fc.bias": np.array([-1.5, 2.25], dtype=np.float32)}
+    tensors = {
+        "conv.weight": np.arange(2 * 3 * 2 * 2, dtype=np.float32).reshape(2, 3, 2, 2) / 7,
+        "bn.num_batches_tracked": np.array(12, dtype=np.int64),
+        "fc.bias": np.array([-1.5, 2.25], dtype=np.float32),
+    }
     path = tmp_path / "small.pth"
     write_legacy_state_dict(path, tensors)
     read = torchfile.read_state_dict(path)
@@ -54,9 +65,18 @@ def test_a_forbidden_global_is_refused_by_name_and_nothing_runs(payload, tmp_pat
         evil = pickle.dumps({"x": _RunsACommand(marker)}, protocol=2)
         named = "system"
     else:
-        evil = (pickle.PROTO + b"\x02" + pickle.GLOBAL + b"builtins\neval\n" + pickle.BINUNICODE
-                + len(b"open('%s','w')" % str(marker).encode()).to_bytes(4, "little")
-                + b"open('%s','w')" % str(marker).encode() + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
+        evil = (
+            pickle.PROTO
+            + b"\x02"
+            + pickle.GLOBAL
+            + b"builtins\neval\n"
+            + pickle.BINUNICODE
+            + len(b"open('%s','w')" % str(marker).encode()).to_bytes(4, "little")
+            + b"open('%s','w')" % str(marker).encode()
+            + pickle.TUPLE1
+            + pickle.REDUCE
+            + pickle.STOP
+        )
         named = "builtins.eval"
     path = tmp_path / "evil.pth"
     write_legacy_state_dict(path, {}, object_pickle=evil)
@@ -72,23 +92,30 @@ def test_files_that_are_not_legacy_state_dicts_are_named(tmp_path):
     good = tmp_path / "good.pth"
     write_legacy_state_dict(good, {"w": np.ones(100, dtype=np.float32)})
     (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:-40])
-    for name, words in (("zip.pth", "zip-format"), ("text.pth", "not a legacy"), ("cut.pth", "truncated"),
-                        ("missing.pth", "not found")):
+    for name, words in (
+        ("zip.pth", "zip-format"),
+        ("text.pth", "not a legacy"),
+        ("cut.pth", "truncated"),
+        ("missing.pth", "not found"),
+    ):
         with pytest.raises(torchfile.TorchFileError) as caught:
             torchfile.read_state_dict(tmp_path / name)
         assert name in str(caught.value) and words in str(caught.value)
 
 
 def test_the_packaged_lite0_file_reads_without_importing_torch():
-    code = ("import sys; from melcore.torchfile import read_state_dict; "
-            "from melcore.efficientnet_lite import lite_source_file; "
-            "sd = read_state_dict(lite_source_file('lite0')); "
-            "print(len(sd), sd['_conv_stem.weight'].shape, sd['_fc.weight'].shape, 'torch' in sys.modules)")
+    code = (
+        "import sys; from melcore.torchfile import read_state_dict; "
+        "from melcore.efficientnet_lite import lite_source_file; "
+        "sd = read_state_dict(lite_source_file('lite0')); "
+        "print(len(sd), sd['_conv_stem.weight'].shape, sd['_fc.weight'].shape, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
     assert out == "296 (32, 3, 3, 3) (1000, 1280) False"
 
 
 # --------------------------------------------------------------------------- architecture and weights
+
 
 def test_lite_block_plans_follow_the_published_scaling():
     # Lite keeps the first and last stages' repeats and the 32/1280 stem and head when scaling.
@@ -112,8 +139,9 @@ def _sample_photos(size: int) -> np.ndarray:
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images  # china.jpg, flower.jpg
-    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR), dtype=np.float32)
-                     for p in photos])
+    return np.stack(
+        [np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR), dtype=np.float32) for p in photos]
+    )
 
 
 def test_imagenet_weights_recognise_the_sample_photos(lite0_state, melreview_home):
@@ -192,13 +220,15 @@ def test_keras_graph_matches_the_state_dict_layer_for_layer(lite0_state):
     inputs = keras.Input((224, 224, 3))
     model = keras.Model(inputs, lite.lite_feature_map(inputs, "lite0"))
     assert lite.load_state_dict_into(model, lite0_state) == 98  # 1 + 1 stem, 16 blocks' 94, 2 top
-    np.testing.assert_array_equal(model.get_layer("block1a_dwconv").get_weights()[0][:, :, 5, 0],
-                                  lite0_state["_blocks.0._depthwise_conv.weight"][5, 0])
-    np.testing.assert_array_equal(model.get_layer("top_bn").get_weights()[3],
-                                  lite0_state["_bn1.running_var"])
+    np.testing.assert_array_equal(
+        model.get_layer("block1a_dwconv").get_weights()[0][:, :, 5, 0],
+        lite0_state["_blocks.0._depthwise_conv.weight"][5, 0],
+    )
+    np.testing.assert_array_equal(model.get_layer("top_bn").get_weights()[3], lite0_state["_bn1.running_var"])
 
 
 # --------------------------------------------------------------------------- transfer learning runs
+
 
 def test_logistic_head_chooses_c_on_grouped_inner_folds():
     from melcore.training.fast_head import fit_logistic_head
@@ -238,8 +268,7 @@ def test_cpu_default_run_delivers_the_score_its_grad_cam_explains(demo_dir, tmp_
     val = run.val_predictions().head(6)
     paths = cohort.table.set_index("image_name").loc[val["image_name"], "image_path"].tolist()
     model = load_run_model(run.run_dir)
-    np.testing.assert_allclose(predict_images(model, load_images(paths, 64), tta=False), val["prediction"],
-                               atol=2e-5)
+    np.testing.assert_allclose(predict_images(model, load_images(paths, 64), tta=False), val["prediction"], atol=2e-5)
     # ...and Grad-CAM explains that model, at the coarse and at the finest pooled level.
     _, heat = explain_image(run.run_dir, paths[0])
     assert heat.shape == (64, 64) and 0.0 <= heat.min() and heat.max() <= 1.0
@@ -271,8 +300,17 @@ def test_full_mode_fine_tunes_the_top_blocks_of_the_pretrained_lite0_with_batchn
     from melcore.training.config import TrainConfig
 
     cohort = load_cohort(demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
-    config = TrainConfig(model="efficientnet-lite0", image_size=32, weights="imagenet", epochs=1, fine_tune_epochs=1,
-                         batch_size=16, augment="none", early_stopping_patience=None, workers=1)
+    config = TrainConfig(
+        model="efficientnet-lite0",
+        image_size=32,
+        weights="imagenet",
+        epochs=1,
+        fine_tune_epochs=1,
+        batch_size=16,
+        augment="none",
+        early_stopping_patience=None,
+        workers=1,
+    )
     run = fit(config, cohort, run_dir=tmp_path / "run")
     stages = {s["stage"]: s for s in run.metrics["stages"]}
     assert set(stages) == {"head", "fine-tune"} and run.metrics["weights"]["loaded"]

@@ -17,8 +17,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "melcore", "evaluate", *map(str, args)], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "melcore", "evaluate", *map(str, args)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -37,11 +42,25 @@ def cohort_files(tmp_path):
     names = [f"ISIC_{i:07d}" for i in range(n)]
     clinic = rng.choice(["north", "south"], size=n)
     y = (rng.random(n) < 0.25).astype(int)
-    labels = pd.DataFrame({"image_name": names, "patient_id": [f"IP_{i // 3}" for i in range(n)],
-                           "clinic": clinic, "age_approx": rng.choice([20.0, 50.0, 80.0], size=n), "target": y})
+    labels = pd.DataFrame(
+        {
+            "image_name": names,
+            "patient_id": [f"IP_{i // 3}" for i in range(n)],
+            "clinic": clinic,
+            "age_approx": rng.choice([20.0, 50.0, 80.0], size=n),
+            "target": y,
+        }
+    )
     # a third clinic with benign images only
-    extra = pd.DataFrame({"image_name": ["ISIC_9000001", "ISIC_9000002"], "patient_id": ["IP_900", "IP_901"],
-                          "clinic": ["west", "west"], "age_approx": [40.0, 45.0], "target": [0, 0]})
+    extra = pd.DataFrame(
+        {
+            "image_name": ["ISIC_9000001", "ISIC_9000002"],
+            "patient_id": ["IP_900", "IP_901"],
+            "clinic": ["west", "west"],
+            "age_approx": [40.0, 45.0],
+            "target": [0, 0],
+        }
+    )
     labels = pd.concat([labels, extra], ignore_index=True)
     scores = expit(rng.normal(size=len(labels)) + 2 * labels["target"] - 1.5)
     preds = pd.DataFrame({"image_name": labels["image_name"], "target": scores})
@@ -53,8 +72,7 @@ def cohort_files(tmp_path):
 
 def test_json_output_matches_the_library(cohort_files):
     labels_csv, preds_csv, table = cohort_files
-    result = evaluate("--predictions", preds_csv, "--labels", labels_csv, "--threshold", 0.4, "--n-boot", 300,
-                      "--json")
+    result = evaluate("--predictions", preds_csv, "--labels", labels_csv, "--threshold", 0.4, "--n-boot", 300, "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["n"] == len(table) and out["n_malignant"] == table["target"].sum()
@@ -75,8 +93,9 @@ def test_json_output_matches_the_library(cohort_files):
 
 def test_group_column_reports_each_group_and_tolerates_one_class(cohort_files):
     labels_csv, preds_csv, table = cohort_files
-    result = evaluate("--predictions", preds_csv, "--labels", labels_csv, "--group-column", "clinic",
-                      "--n-boot", 200, "--json")
+    result = evaluate(
+        "--predictions", preds_csv, "--labels", labels_csv, "--group-column", "clinic", "--n-boot", 200, "--json"
+    )
     assert result.returncode == 0, result.stderr
     groups = json.loads(result.stdout)["groups"]
     assert sorted(groups) == ["north", "south", "west"]
@@ -92,8 +111,7 @@ def test_group_column_reports_each_group_and_tolerates_one_class(cohort_files):
 
 def test_text_report_and_age_band(cohort_files):
     labels_csv, preds_csv, _ = cohort_files
-    result = evaluate("--predictions", preds_csv, "--labels", labels_csv, "--group-column", "age_band",
-                      "--n-boot", 100)
+    result = evaluate("--predictions", preds_csv, "--labels", labels_csv, "--group-column", "age_band", "--n-boot", 100)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert "AUROC" in text and "95% CI" in text and "Operating points" in text
@@ -104,8 +122,7 @@ def test_text_report_and_age_band(cohort_files):
 def test_predictions_without_label_warn_but_run(cohort_files, tmp_path):
     labels_csv, preds_csv, table = cohort_files
     preds = pd.read_csv(preds_csv).rename(columns={"target": "prediction"})
-    preds = pd.concat([preds, pd.DataFrame({"image_name": ["ISIC_EXTRA1", "ISIC_EXTRA2"],
-                                            "prediction": [0.3, 0.9]})])
+    preds = pd.concat([preds, pd.DataFrame({"image_name": ["ISIC_EXTRA1", "ISIC_EXTRA2"], "prediction": [0.3, 0.9]})])
     preds.to_csv(tmp_path / "more.csv", index=False)
     result = evaluate("--predictions", tmp_path / "more.csv", "--labels", labels_csv, "--n-boot", 50, "--json")
     assert result.returncode == 0, result.stderr
@@ -120,8 +137,9 @@ def test_labels_without_prediction_are_an_error_unless_ignored(cohort_files, tmp
     message = one_line_error(evaluate("--predictions", tmp_path / "partial.csv", "--labels", labels_csv))
     assert f"3 of {len(table)} labelled images have no prediction" in message
     assert "ISIC_0000000, ISIC_0000001, ISIC_0000002" in message
-    result = evaluate("--predictions", tmp_path / "partial.csv", "--labels", labels_csv, "--ignore-missing",
-                      "--n-boot", 50, "--json")
+    result = evaluate(
+        "--predictions", tmp_path / "partial.csv", "--labels", labels_csv, "--ignore-missing", "--n-boot", 50, "--json"
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["n"] == len(table) - 3
 
@@ -136,10 +154,13 @@ def test_predictions_outside_unit_interval_named(cohort_files, tmp_path):
     assert "1.4 at image ISIC_0000005" in message and "NaN at image ISIC_0000007" in message
 
 
-@pytest.mark.parametrize("what, make, expected", [
-    ("no image_name", lambda p, l: p.rename(columns={"image_name": "name"}), "no image_name column"),
-    ("no prediction", lambda p, l: p.rename(columns={"target": "score"}), "expected 'prediction' or 'target'"),
-])
+@pytest.mark.parametrize(
+    "what, make, expected",
+    [
+        ("no image_name", lambda p, l: p.rename(columns={"image_name": "name"}), "no image_name column"),
+        ("no prediction", lambda p, l: p.rename(columns={"target": "score"}), "expected 'prediction' or 'target'"),
+    ],
+)
 def test_missing_prediction_columns(cohort_files, tmp_path, what, make, expected):
     labels_csv, preds_csv, _ = cohort_files
     make(pd.read_csv(preds_csv), None).to_csv(tmp_path / "p.csv", index=False)
@@ -159,8 +180,7 @@ def test_bad_labels_and_missing_target(cohort_files, tmp_path):
     assert "target" in message
     message = one_line_error(evaluate("--predictions", tmp_path / "absent.csv", "--labels", labels_csv))
     assert "not found" in message and "absent.csv" in message
-    message = one_line_error(evaluate("--predictions", preds_csv, "--labels", labels_csv,
-                                      "--group-column", "scanner"))
+    message = one_line_error(evaluate("--predictions", preds_csv, "--labels", labels_csv, "--group-column", "scanner"))
     assert "'scanner'" in message and "clinic" in message
 
 
@@ -169,14 +189,14 @@ def test_run_predictions_file_without_separate_labels(cohort_files, tmp_path):
     _, _, table = cohort_files
     val = table[["image_name", "patient_id", "clinic", "target", "prediction"]]
     val.to_csv(tmp_path / "val_predictions.csv", index=False)
-    result = evaluate("--predictions", tmp_path / "val_predictions.csv", "--n-boot", 50, "--json",
-                      "--group-column", "clinic")
+    result = evaluate(
+        "--predictions", tmp_path / "val_predictions.csv", "--n-boot", 50, "--json", "--group-column", "clinic"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["auroc"] == roc_auc_score(val["target"], val["prediction"])
     assert set(out["groups"]) == {"north", "south", "west"}
-    message = one_line_error(evaluate("--predictions", tmp_path / "val_predictions.csv", "--patient-column",
-                                      "doctor"))
+    message = one_line_error(evaluate("--predictions", tmp_path / "val_predictions.csv", "--patient-column", "doctor"))
     assert "'doctor'" in message
     val.drop(columns=["target"]).to_csv(tmp_path / "no_labels.csv", index=False)
     message = one_line_error(evaluate("--predictions", tmp_path / "no_labels.csv"))
@@ -188,8 +208,17 @@ def test_real_derm_labels_by_source(derm_real_dir, tmp_path):
     rng = np.random.default_rng(4)
     scores = expit(rng.normal(size=len(labels)) + 1.5 * labels["target"] - 1)
     pd.DataFrame({"image_name": labels["image_name"], "prediction": scores}).to_csv(tmp_path / "p.csv", index=False)
-    result = evaluate("--predictions", tmp_path / "p.csv", "--labels", derm_real_dir / "labels.csv",
-                      "--group-column", "source", "--n-boot", 100, "--json")
+    result = evaluate(
+        "--predictions",
+        tmp_path / "p.csv",
+        "--labels",
+        derm_real_dir / "labels.csv",
+        "--group-column",
+        "source",
+        "--n-boot",
+        100,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["n"] == len(labels) and out["n_malignant"] == labels["target"].sum()
@@ -204,8 +233,17 @@ def test_isic2020_labels_through_the_cohort_reader(isic2020_dir, tmp_path):
     rng = np.random.default_rng(6)
     scores = expit(rng.normal(size=len(train)) + 2 * train["target"] - 3)
     pd.DataFrame({"image_name": train["image_name"], "target": scores}).to_csv(tmp_path / "sub.csv", index=False)
-    result = evaluate("--predictions", tmp_path / "sub.csv", "--labels", isic2020_dir / "train.csv",
-                      "--group-column", "site", "--n-boot", 100, "--json")
+    result = evaluate(
+        "--predictions",
+        tmp_path / "sub.csv",
+        "--labels",
+        isic2020_dir / "train.csv",
+        "--group-column",
+        "site",
+        "--n-boot",
+        100,
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["n"] == len(train) and out["n_malignant"] == train["target"].sum()
@@ -223,8 +261,9 @@ def test_labels_with_lesion_ids_only_bootstrap_over_lesions(tmp_path):
     names = [f"ISIC_{k:07d}" for k in range(len(y))]
     pd.DataFrame({"image_name": names, "lesion_id": lesion, "target": y}).to_csv(tmp_path / "labels.csv", index=False)
     pd.DataFrame({"image_name": names, "target": scores}).to_csv(tmp_path / "preds.csv", index=False)
-    result = evaluate("--predictions", tmp_path / "preds.csv", "--labels", tmp_path / "labels.csv",
-                      "--n-boot", 300, "--json")
+    result = evaluate(
+        "--predictions", tmp_path / "preds.csv", "--labels", tmp_path / "labels.csv", "--n-boot", 300, "--json"
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["bootstrap_unit"] == "lesion_id"

@@ -124,13 +124,15 @@ def test_find_last_conv_layer_inside_nested_backbone(nested_effnet):
 def test_find_last_conv_layer_nested_resnet_and_sequential():
     resnet = _wrap(keras.applications.ResNet50(include_top=False, weights=None, input_shape=(64, 64, 3)), 64)
     assert explain.find_last_conv_layer(resnet) == "resnet50/conv5_block3_out"
-    sequential = keras.Sequential([
-        keras.Input((16, 16, 3)),
-        keras.layers.Conv2D(4, 3, name="c1"),
-        keras.layers.Conv2D(4, 3, name="c2"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(1, activation="sigmoid"),
-    ])
+    sequential = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(4, 3, name="c1"),
+            keras.layers.Conv2D(4, 3, name="c2"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     assert explain.find_last_conv_layer(sequential) == "c2"
 
 
@@ -248,14 +250,14 @@ def test_nested_backbone_heatmap_and_model_untouched(nested_effnet, tmp_path):
     assert dense.activation is keras.activations.sigmoid
     for before, after in zip(weights_before, nested_effnet.get_weights()):
         np.testing.assert_array_equal(before, after)
-    np.testing.assert_array_equal(nested_effnet.predict(image[None].astype(np.float32), verbose=0),
-                                  prediction_before)
+    np.testing.assert_array_equal(nested_effnet.predict(image[None].astype(np.float32), verbose=0), prediction_before)
     # Still saves and loads as the same model (the explanation graph is not part of it).
     nested_effnet.save(tmp_path / "m.keras")
     reloaded = keras.saving.load_model(tmp_path / "m.keras")
     assert len(reloaded.layers) == len(nested_effnet.layers)
-    np.testing.assert_allclose(reloaded.predict(image[None].astype(np.float32), verbose=0), prediction_before,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        reloaded.predict(image[None].astype(np.float32), verbose=0), prediction_before, rtol=1e-5, atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------- colour and overlay
@@ -264,14 +266,14 @@ def test_nested_backbone_heatmap_and_model_untouched(nested_effnet, tmp_path):
 def test_colorize_jet_ends_and_gray():
     colours = explain.colorize(np.array([[0.0, 0.5, 1.0]]), "jet")
     assert colours.dtype == np.uint8 and colours.shape == (1, 3, 3)
-    assert tuple(colours[0, 0]) == (0, 0, 128)    # dark blue
-    assert tuple(colours[0, 2]) == (128, 0, 0)    # dark red
-    assert colours[0, 1, 1] == 255               # green in the middle
+    assert tuple(colours[0, 0]) == (0, 0, 128)  # dark blue
+    assert tuple(colours[0, 2]) == (128, 0, 0)  # dark red
+    assert colours[0, 1, 1] == 255  # green in the middle
     gray = explain.colorize(np.array([[0.0, 1.0]]), "gray")
     assert tuple(gray[0, 0]) == (0, 0, 0) and tuple(gray[0, 1]) == (255, 255, 255)
     turbo = explain.colorize(np.linspace(0, 1, 11)[None], "turbo")
     assert turbo[0, 2, 2] > 200 > turbo[0, 2, 0]  # blue at 0.2
-    assert turbo[0, -1, 0] > turbo[0, -1, 2]      # dark red at the top
+    assert turbo[0, -1, 0] > turbo[0, -1, 2]  # dark red at the top
     with pytest.raises(MelcoreError, match="unknown colour map"):
         explain.colorize(np.zeros((2, 2)), "viridis")
 
@@ -314,8 +316,9 @@ def test_explain_image_caches_on_disk_and_invalidates(toy_run, monkeypatch, melr
     explain.clear_caches()
     calls = _count_heatmap_calls(monkeypatch)
     steps = []
-    picture, heat = explain.explain_image(run_dir, image_path, "gradcam", opacity=0.4,
-                                          progress=lambda d, t: steps.append((d, t)))
+    picture, heat = explain.explain_image(
+        run_dir, image_path, "gradcam", opacity=0.4, progress=lambda d, t: steps.append((d, t))
+    )
     assert calls == [1] and steps == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert picture.shape == (TOY_SIZE, TOY_SIZE, 3) and picture.dtype == np.uint8
     assert heat.shape == (TOY_SIZE, TOY_SIZE) and heat.dtype == np.float32
@@ -412,13 +415,17 @@ def test_explain_image_errors(tmp_path, toy_run):
 
 # --------------------------------------------------------------------------- registry models
 
-@pytest.mark.parametrize("name, size, layer", [
-    ("basic-cnn", 32, "conv4_conv"),
-    ("cnn-bn", 32, "conv4_relu"),
-    ("efficientnet-b0", 64, "top_activation"),
-    ("efficientnet-b0-ns", 64, "top_activation"),
-    ("resnet50", 32, "conv4_block6_out"),  # at 32 px conv5 is 1x1, so the last larger map is used
-])
+
+@pytest.mark.parametrize(
+    "name, size, layer",
+    [
+        ("basic-cnn", 32, "conv4_conv"),
+        ("cnn-bn", 32, "conv4_relu"),
+        ("efficientnet-b0", 64, "top_activation"),
+        ("efficientnet-b0-ns", 64, "top_activation"),
+        ("resnet50", 32, "conv4_block6_out"),  # at 32 px conv5 is 1x1, so the last larger map is used
+    ],
+)
 def test_registry_models(name, size, layer):
     models = pytest.importorskip("melcore.models")
     model, _ = models.build_model(name, size)
@@ -434,17 +441,40 @@ def test_registry_models(name, size, layer):
 
 
 def _cli(*args, home):
-    env = dict(os.environ, MELREVIEW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "melcore", "gradcam", *map(str, args)], capture_output=True,
-                          text=True, cwd=PROJECT_ROOT, env=env, timeout=240)
+    env = dict(
+        os.environ,
+        MELREVIEW_HOME=str(home),
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "melcore", "gradcam", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        env=env,
+        timeout=240,
+    )
 
 
 def test_cli_writes_overlay_png(toy_run, tmp_path, melreview_home):
     run_dir, image_path = toy_run
     out = tmp_path / "out" / "overlay.png"
-    done = _cli("--model", run_dir, "--image", image_path, "--method", "gradcam++", "--opacity", "0.5",
-                "--out", out, "--heatmap-out", tmp_path / "heat.npy", home=melreview_home)
+    done = _cli(
+        "--model",
+        run_dir,
+        "--image",
+        image_path,
+        "--method",
+        "gradcam++",
+        "--opacity",
+        "0.5",
+        "--out",
+        out,
+        "--heatmap-out",
+        tmp_path / "heat.npy",
+        home=melreview_home,
+    )
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout
     with Image.open(out) as written:

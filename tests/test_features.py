@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
 from test_train import Recorder, easy_config, make_easy_cohort
 
 pytestmark = pytest.mark.slow
@@ -56,7 +55,8 @@ def test_cache_hits_misses_and_invalidation(easy_dir, tmp_path):
     assert (first.hits, first.misses, first.bad) == (0, 6, {})
     assert first.features.shape == (1, 6, extractor.n_features) and first.features.dtype == np.float32
     direct = extractor.backbone.predict_on_batch(
-        np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in paths]).astype("float32"))
+        np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))) for p in paths]).astype("float32")
+    )
     # Same images through the cache's decoder (PIL draft + resize) are close to a plain PIL resize.
     assert np.corrcoef(first.features.ravel(), np.asarray(direct).ravel())[0, 1] > 0.9
 
@@ -91,8 +91,9 @@ def test_cache_hits_misses_and_invalidation(easy_dir, tmp_path):
 
     # A missing file is reported, not raised; a corrupt one too.
     (tmp_path / "images" / "broken.png").write_bytes(b"not an image")
-    result = features.compute_features(extractor, [paths[1], tmp_path / "nope.png", tmp_path / "images" / "broken.png"],
-                                       cache=cache)
+    result = features.compute_features(
+        extractor, [paths[1], tmp_path / "nope.png", tmp_path / "images" / "broken.png"], cache=cache
+    )
     assert sorted(result.bad) == [1, 2] and result.hits == 1
     meta = json.loads((cache.folder(extractor.key) / "meta.json").read_text())
     assert meta["model"] == "basic-cnn" and meta["image_size"] == 32
@@ -150,8 +151,7 @@ def test_fast_head_learns_an_easy_task_with_views_and_tta(cohort, tmp_path):
     from melcore.features import VIEWS
     from melcore.training.fast_head import fit_fast_head
 
-    run = fit_fast_head(_config(tta=True, balance="class-weight"), cohort, run_dir=tmp_path / "run",
-                        views=VIEWS[:4])
+    run = fit_fast_head(_config(tta=True, balance="class-weight"), cohort, run_dir=tmp_path / "run", views=VIEWS[:4])
     m = run.metrics
     assert m["val_auroc"] >= 0.9, m["history"]
     assert m["history"][-1]["train_loss"] < m["history"][0]["train_loss"]
@@ -181,8 +181,9 @@ def test_fast_head_progress_contract_and_cancel(cohort, tmp_path):
         return sum(1 for c in stopper.calls if c[3]["stage"] == "head") >= 2
 
     stopper = Recorder()
-    cancelled = fit(_config(epochs=5), cohort, progress=stopper, should_stop=stop_after_two_batches,
-                    run_dir=tmp_path / "cancelled")
+    cancelled = fit(
+        _config(epochs=5), cohort, progress=stopper, should_stop=stop_after_two_batches, run_dir=tmp_path / "cancelled"
+    )
     assert cancelled.cancelled and cancelled.metrics["status"] == "cancelled"
     assert len([c for c in stopper.batches()]) <= 3
 

@@ -10,7 +10,15 @@ from melcore.formatting import format_duration, format_number, format_risk, form
 
 def test_durations_and_numbers():
     assert [format_duration(s) for s in (0, 42.4, 187, 3900, -1, None, "x", float("nan"))] == [
-        "0s", "42s", "3m07s", "1h05m", "--", "--", "--", "--"]
+        "0s",
+        "42s",
+        "3m07s",
+        "1h05m",
+        "--",
+        "--",
+        "--",
+        "--",
+    ]
     assert format_number(0.123456) == "0.1235" and format_number(3, ".1f") == "3.0"
     assert format_number(float("inf")) == "--" and format_number(None) == "--"
 
@@ -48,11 +56,25 @@ def test_json_safe_writes_what_is_not_a_finite_number_as_null_and_numpy_as_pytho
 
     from melcore.formatting import json_safe
 
-    value = {"auroc": float("nan"), "ppv": np.float32(np.inf), 3: [np.int64(2), np.array([0.5, np.nan])],
-             "flags": (np.bool_(True), False), "path": Path("/runs/a"), "name": "x", "none": None}
+    value = {
+        "auroc": float("nan"),
+        "ppv": np.float32(np.inf),
+        3: [np.int64(2), np.array([0.5, np.nan])],
+        "flags": (np.bool_(True), False),
+        "path": Path("/runs/a"),
+        "name": "x",
+        "none": None,
+    }
     safe = json_safe(value)
-    assert safe == {"auroc": None, "ppv": None, "3": [2, [0.5, None]], "flags": [True, False], "path": "/runs/a",
-                    "name": "x", "none": None}
+    assert safe == {
+        "auroc": None,
+        "ppv": None,
+        "3": [2, [0.5, None]],
+        "flags": [True, False],
+        "path": "/runs/a",
+        "name": "x",
+        "none": None,
+    }
     assert type(safe["3"][0]) is int and type(safe["flags"][0]) is bool
     json.dumps(safe, allow_nan=False)
 
@@ -63,10 +85,14 @@ def test_one_json_cleaner_in_the_code():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    copies = [f"{path.relative_to(root)}:{i}" for folder in ("melcore", "pages", "trainers")
-              for path in sorted((root / folder).rglob("*.py")) if path.name != "formatting.py"
-              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-              if re.match(r"\s*def _?(json_?safe|jsonable|clean_floats|json_default)\s*\(", line)]
+    copies = [
+        f"{path.relative_to(root)}:{i}"
+        for folder in ("melcore", "pages", "trainers")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path.name != "formatting.py"
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.match(r"\s*def _?(json_?safe|jsonable|clean_floats|json_default)\s*\(", line)
+    ]
     assert copies == []
 
 

@@ -36,7 +36,7 @@ def halves(width: int, height: int) -> np.ndarray:
     """Left half red, right half blue."""
     arr = np.zeros((height, width, 3), np.uint8)
     arr[:, : width // 2] = (220, 20, 20)
-    arr[:, width // 2:] = (20, 20, 220)
+    arr[:, width // 2 :] = (20, 20, 220)
     return arr
 
 
@@ -71,8 +71,8 @@ def test_size_pair_squashes_without_crop(tmp_path):
     path = save(tmp_path / "wide.png", halves(100, 50))
     out = load_image(path, (32, 48))
     assert out.shape == (32, 48, 3)
-    assert out[:, :20, 0].min() > 180 and out[:, :20, 2].max() < 60   # red stays on the left
-    assert out[:, 28:, 2].min() > 180 and out[:, 28:, 0].max() < 60   # blue on the right
+    assert out[:, :20, 0].min() > 180 and out[:, :20, 2].max() < 60  # red stays on the left
+    assert out[:, 28:, 2].min() > 180 and out[:, 28:, 0].max() < 60  # blue on the right
 
 
 @pytest.mark.parametrize("size", [0, -3, 9000, (10,), (10, 0), "64", 2.5, True])
@@ -128,7 +128,7 @@ def test_modes_are_converted_to_rgb(tmp_path):
 
 
 def _truncated(tmp_path):
-    data = (tmp_path / "full.jpg")
+    data = tmp_path / "full.jpg"
     save(data, photo(400, 300), quality=90)
     raw = data.read_bytes()
     path = tmp_path / "truncated.jpg"
@@ -141,6 +141,7 @@ def write(name, data):
         path = folder / name
         path.write_bytes(data)
         return path
+
     return make
 
 
@@ -149,16 +150,19 @@ def make_dir(folder):
     return folder / "folder.jpg"
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda folder: folder / "absent.jpg", "not found"),
-    (write("empty.jpg", b""), "empty"),
-    (make_dir, "directory"),
-    (write("notes.jpg", b"patient notes, not a picture\n"), "not an image.*text"),
-    (write("report.jpg", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj"), "not an image.*PDF"),
-    (write("page.jpg", b"<!DOCTYPE html><html>403</html>"), "not an image.*HTML"),
-    (write("head.jpg", b"\xff\xd8\xff\xe0" + b"\x13" * 300), "corrupt"),
-    (_truncated, "truncated"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda folder: folder / "absent.jpg", "not found"),
+        (write("empty.jpg", b""), "empty"),
+        (make_dir, "directory"),
+        (write("notes.jpg", b"patient notes, not a picture\n"), "not an image.*text"),
+        (write("report.jpg", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj"), "not an image.*PDF"),
+        (write("page.jpg", b"<!DOCTYPE html><html>403</html>"), "not an image.*HTML"),
+        (write("head.jpg", b"\xff\xd8\xff\xe0" + b"\x13" * 300), "corrupt"),
+        (_truncated, "truncated"),
+    ],
+)
 def test_bad_files_raise_image_error_with_reason(tmp_path, make, reason):
     path = make(tmp_path)
     with pytest.raises(ImageError, match=reason) as info:
@@ -298,8 +302,9 @@ def test_unwritable_cache_still_returns_images(jpeg, tmp_path, monkeypatch):
 def test_load_images_keeps_order_and_reports_progress(tmp_path):
     paths = [save(tmp_path / f"{i}.png", np.full((10, 10, 3), 20 * i, np.uint8)) for i in range(7)]
     seen = []
-    out = load_images(paths, 4, workers=3, progress=lambda done, total: seen.append((done, total)),
-                      cache=ImageCache(tmp_path / "c"))
+    out = load_images(
+        paths, 4, workers=3, progress=lambda done, total: seen.append((done, total)), cache=ImageCache(tmp_path / "c")
+    )
     assert out.shape == (7, 4, 4, 3) and out.dtype == np.uint8
     assert [int(a[0, 0, 0]) for a in out] == [20 * i for i in range(7)]
     assert seen[0] == (0, 7) and seen[-1] == (7, 7)
@@ -366,13 +371,16 @@ def test_read_upload_decodes_jpeg_and_png(tmp_path, jpeg):
     np.testing.assert_array_equal(read_upload(upload), halves(30, 20))
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>", "not a JPEG or PNG.*PDF"),
-    (b"Dear colleague, please find attached", "not a JPEG or PNG.*text"),
-    (b"GIF89a" + b"\x00" * 40, "not a JPEG or PNG.*GIF"),
-    (b"", "empty"),
-    (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "corrupt"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>", "not a JPEG or PNG.*PDF"),
+        (b"Dear colleague, please find attached", "not a JPEG or PNG.*text"),
+        (b"GIF89a" + b"\x00" * 40, "not a JPEG or PNG.*GIF"),
+        (b"", "empty"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "corrupt"),
+    ],
+)
 def test_read_upload_refuses_non_images(data, reason):
     with pytest.raises(ImageError, match=reason):
         read_upload(data)
@@ -402,9 +410,11 @@ def test_stand_in_is_grey_deterministic_and_labelled():
 
 
 def test_import_is_light():
-    code = ("import sys, melcore.images, melcore.demo; "
-            "heavy = [m for m in ('tensorflow', 'keras', 'cv2', 'torch') if m in sys.modules]; "
-            "assert not heavy, heavy")
+    code = (
+        "import sys, melcore.images, melcore.demo; "
+        "heavy = [m for m in ('tensorflow', 'keras', 'cv2', 'torch') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -13,8 +13,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def inspect(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "melcore", "inspect", *map(str, args)], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "melcore", "inspect", *map(str, args)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def make_isic2020(folder: Path, with_images=("ISIC_1", "ISIC_2", "ISIC_3")) -> Path:
@@ -24,7 +29,8 @@ def make_isic2020(folder: Path, with_images=("ISIC_1", "ISIC_2", "ISIC_3")) -> P
         "ISIC_1,IP_1,male,45,torso,unknown,benign,0\n"
         "ISIC_2,IP_1,male,45,torso,melanoma,malignant,1\n"
         "ISIC_3,IP_2,female,50,head/neck,nevus,benign,0\n"
-        "ISIC_4,IP_3,female,55,torso,unknown,benign,0\n")
+        "ISIC_4,IP_3,female,55,torso,unknown,benign,0\n"
+    )
     images = folder / "jpeg" / "train"
     images.mkdir(parents=True)
     for name in with_images:
@@ -71,8 +77,19 @@ def test_clinic_column_metadata_and_decode_options(tmp_path):
     (images / "c.jpg").write_text("broken")
     meta = tmp_path / "meta.csv"
     meta.write_text("image_name,lesion_id\na,L1\nb,L1\nc,L2\n")
-    result = inspect("--csv", csv, "--images", images, "--clinic-column", "source", "--metadata", meta,
-                     "--check-images", "decode", "--json")
+    result = inspect(
+        "--csv",
+        csv,
+        "--images",
+        images,
+        "--clinic-column",
+        "source",
+        "--metadata",
+        meta,
+        "--check-images",
+        "decode",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["clinics"] == {"site2": 2, "site1": 1}
@@ -91,8 +108,9 @@ def test_folders_and_mapping(tmp_path):
 
     csv = tmp_path / "study.csv"
     csv.write_text("file,outcome\nm1.jpg,1\nn1.jpg,0\n")
-    result = inspect("--csv", csv, "--images", root / "melanoma", "--map", "image_name=file",
-                     "--map", "target=outcome", "--json")
+    result = inspect(
+        "--csv", csv, "--images", root / "melanoma", "--map", "image_name=file", "--map", "target=outcome", "--json"
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert (data["format"], data["n_malignant"], data["missing_images"]) == ("mapping", 1, ["n1"])

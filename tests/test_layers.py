@@ -30,10 +30,13 @@ def test_repository_keeps_the_import_contract():
 
 
 def test_upward_import_inside_a_function_is_reported(tmp_path):
-    root = _tree(tmp_path, {
-        "melcore/images.py": "def f():\n    from melcore.train import fit\n",
-        "melcore/train.py": "from melcore import images\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "melcore/images.py": "def f():\n    from melcore.train import fit\n",
+            "melcore/train.py": "from melcore import images\n",
+        },
+    )
     [violation] = layers.check_tree(root)
     assert (violation.path, violation.line, violation.target) == ("melcore/images.py", 2, "melcore.train")
     assert "'data' may not import layer 'training'" in violation.reason
@@ -46,32 +49,46 @@ def test_relative_upward_import_is_resolved_and_reported(tmp_path):
 
 
 def test_interface_rules(tmp_path):
-    root = _tree(tmp_path, {
-        "melcore/store.py": "import streamlit as st\n",
-        "melcore/commands/jobs.py": "",
-        "pages/train.py": "from melcore.commands.jobs import submit\nimport trainers.worker\nimport trainers.launch\n",
-        "trainers/worker.py": "from pages import common\n",
-        "trainers/launch.py": "",
-        "pages/common.py": "",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "melcore/store.py": "import streamlit as st\n",
+            "melcore/commands/jobs.py": "",
+            "pages/train.py": "from melcore.commands.jobs import submit\nimport trainers.worker\nimport trainers.launch\n",
+            "trainers/worker.py": "from pages import common\n",
+            "trainers/launch.py": "",
+            "pages/common.py": "",
+        },
+    )
     found = {(v.path, v.target) for v in layers.check_tree(root)}
-    assert found == {("melcore/store.py", "streamlit"), ("pages/train.py", "melcore.commands.jobs"),
-                     ("pages/train.py", "trainers.worker"), ("trainers/worker.py", "pages.common")}
+    assert found == {
+        ("melcore/store.py", "streamlit"),
+        ("pages/train.py", "melcore.commands.jobs"),
+        ("pages/train.py", "trainers.worker"),
+        ("trainers/worker.py", "pages.common"),
+    }
 
 
 def test_dashboard_helper_rules(tmp_path):
-    root = _tree(tmp_path, {
-        "melcore/store.py": "from ui.common import get_store\n",
-        "melcore/commands/jobs.py": "",
-        "ui/common.py": "from pages import train\nfrom melcore.commands import jobs\nimport trainers.launch\n",
-        "ui/widgets.py": "from ui.common import get_store\nfrom melcore import store\n",
-        "pages/train.py": "from ui.common import get_store\n",
-        "trainers/worker.py": "import ui.widgets\n",
-        "trainers/launch.py": "",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "melcore/store.py": "from ui.common import get_store\n",
+            "melcore/commands/jobs.py": "",
+            "ui/common.py": "from pages import train\nfrom melcore.commands import jobs\nimport trainers.launch\n",
+            "ui/widgets.py": "from ui.common import get_store\nfrom melcore import store\n",
+            "pages/train.py": "from ui.common import get_store\n",
+            "trainers/worker.py": "import ui.widgets\n",
+            "trainers/launch.py": "",
+        },
+    )
     found = {(v.path, v.target) for v in layers.check_tree(root)}
-    assert found == {("melcore/store.py", "ui.common.get_store"), ("ui/common.py", "pages.train"),
-                     ("ui/common.py", "melcore.commands.jobs"), ("trainers/worker.py", "ui.widgets")}
+    assert found == {
+        ("melcore/store.py", "ui.common.get_store"),
+        ("ui/common.py", "pages.train"),
+        ("ui/common.py", "melcore.commands.jobs"),
+        ("trainers/worker.py", "ui.widgets"),
+    }
 
 
 def _dashboard_sources() -> list[Path]:
@@ -92,11 +109,15 @@ def test_the_dashboard_uses_public_streamlit_only():
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
             for name in names:
                 parts = name.split(".")
-                if parts[0] == "streamlit" and (len(parts) > 1 and parts[1] != "testing"
-                                                 or any(p.startswith("_") for p in parts)):
+                if parts[0] == "streamlit" and (
+                    len(parts) > 1 and parts[1] != "testing" or any(p.startswith("_") for p in parts)
+                ):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}")
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("st",
-                                                                                                      "streamlit"):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("st", "streamlit")
+            ):
                 if node.attr.startswith("_"):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: uses st.{node.attr}")
     assert not found, "\n".join(found)
@@ -118,11 +139,16 @@ def test_unplaced_module_is_reported(tmp_path):
 
 
 def test_downward_and_same_layer_imports_pass(tmp_path):
-    root = _tree(tmp_path, {
-        "melcore/train.py": "from melcore import images, features\nfrom melcore.errors import X\n",
-        "melcore/features.py": "", "melcore/images.py": "", "melcore/errors.py": "",
-        "pages/train.py": "from melcore.train import fit\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "melcore/train.py": "from melcore import images, features\nfrom melcore.errors import X\n",
+            "melcore/features.py": "",
+            "melcore/images.py": "",
+            "melcore/errors.py": "",
+            "pages/train.py": "from melcore.train import fit\n",
+        },
+    )
     assert layers.check_tree(root) == []
 
 
@@ -177,8 +203,11 @@ def test_the_app_and_its_pages_start_without_tensorflow():
             elif isinstance(node, ast.Import):
                 modules.update(alias.name for alias in node.names if alias.name.startswith("melcore"))
     assert "melcore.browse" in modules and "melcore.store" in modules
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in sorted(modules))
-            + "print(sorted(m for m in ('tensorflow', 'keras', 'tf_keras_vis', 'albumentations') if m in sys.modules))")
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in sorted(modules))
+        + "print(sorted(m for m in ('tensorflow', 'keras', 'tf_keras_vis', 'albumentations') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -41,18 +41,20 @@ def synthetic_table(n_patients: int = 160, seed: int = 0, odd_effect: float = 3.
             odd = j == odd_index
             logit = -4.0 + 0.07 * (age - 50) + odd_effect * odd
             target = int(rng.random() < 1 / (1 + np.exp(-logit)))
-            rows.append({
-                "image_name": f"ISIC_{p:04d}{j:03d}",
-                "patient_id": f"IP_{p:04d}",
-                "lesion_id": f"IL_{p:04d}{j:03d}",
-                "sex": sex,
-                "age_approx": age,
-                "site": odd_site if odd else main,
-                "diagnosis": "melanoma" if target else "nevus",
-                "target": target,
-                "clinic": ["north", "south"][p % 2],
-                "odd": int(odd),
-            })
+            rows.append(
+                {
+                    "image_name": f"ISIC_{p:04d}{j:03d}",
+                    "patient_id": f"IP_{p:04d}",
+                    "lesion_id": f"IL_{p:04d}{j:03d}",
+                    "sex": sex,
+                    "age_approx": age,
+                    "site": odd_site if odd else main,
+                    "diagnosis": "melanoma" if target else "nevus",
+                    "target": target,
+                    "clinic": ["north", "south"][p % 2],
+                    "odd": int(odd),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -75,6 +77,7 @@ def cv_result(table):
 
 # --------------------------------------------------------------------------- features
 
+
 def test_features_describe_the_patient_context(table):
     features = meta_features(table)
     assert list(features.columns) == list(FEATURE_SETS["context"])
@@ -91,9 +94,15 @@ def test_features_describe_the_patient_context(table):
 
 
 def test_retrospective_features_read_the_whole_history():
-    t = pd.DataFrame({"image_name": list("abcd"), "patient_id": ["p", "p", "p", "q"],
-                      "age_approx": [40.0, 45.0, 50.0, np.nan], "sex": ["Male ", "male", "male", None],
-                      "site": ["torso", "torso", None, "torso"]})
+    t = pd.DataFrame(
+        {
+            "image_name": list("abcd"),
+            "patient_id": ["p", "p", "p", "q"],
+            "age_approx": [40.0, 45.0, 50.0, np.nan],
+            "sex": ["Male ", "male", "male", None],
+            "site": ["torso", "torso", None, "torso"],
+        }
+    )
     f = meta_features(t, feature_set="retrospective")
     assert f["age_minus_pt_min"].tolist()[:3] == [0, 5, 10]
     assert f["age_minus_pt_mean"].tolist()[:3] == [-5, 0, 5]
@@ -106,10 +115,15 @@ def test_retrospective_features_read_the_whole_history():
 
 
 def test_context_features_read_only_the_visits_so_far():
-    t = pd.DataFrame({"image_name": list("abcde"), "patient_id": ["p", "p", "p", "p", "q"],
-                      "lesion_id": ["l1", "l2", "l1", "l3", "l9"],
-                      "age_approx": [40.0, 40.0, 45.0, 50.0, np.nan],
-                      "site": ["torso", "torso", "torso", "head/neck", "torso"]})
+    t = pd.DataFrame(
+        {
+            "image_name": list("abcde"),
+            "patient_id": ["p", "p", "p", "p", "q"],
+            "lesion_id": ["l1", "l2", "l1", "l3", "l9"],
+            "age_approx": [40.0, 40.0, 45.0, 50.0, np.nan],
+            "site": ["torso", "torso", "torso", "head/neck", "torso"],
+        }
+    )
     f = meta_features(t)
     assert "pt_max_minus_age" not in f.columns
     assert f["pt_n_images"].tolist() == [2, 2, 3, 4, 1]
@@ -123,12 +137,15 @@ def test_context_features_read_only_the_visits_so_far():
 
 def test_a_visits_context_features_ignore_later_visits(table):
     later = table[table["patient_id"].isin(["IP_0000", "IP_0001"])].assign(
-        age_approx=lambda d: d["age_approx"] + 5, image_name=lambda d: d["image_name"] + "_later",
-        lesion_id=lambda d: d["lesion_id"] + "_later", site="palms/soles")
+        age_approx=lambda d: d["age_approx"] + 5,
+        image_name=lambda d: d["image_name"] + "_later",
+        lesion_id=lambda d: d["lesion_id"] + "_later",
+        site="palms/soles",
+    )
     with_later = meta_features(pd.concat([table, later], ignore_index=True))
-    pd.testing.assert_frame_equal(with_later.iloc[:len(table)], meta_features(table))
+    pd.testing.assert_frame_equal(with_later.iloc[: len(table)], meta_features(table))
     retrospective = meta_features(pd.concat([table, later], ignore_index=True), feature_set="retrospective")
-    assert not retrospective.iloc[:len(table)].equals(meta_features(table, feature_set="retrospective"))
+    assert not retrospective.iloc[: len(table)].equals(meta_features(table, feature_set="retrospective"))
 
 
 def test_features_never_read_labels(table):
@@ -163,14 +180,18 @@ def test_features_reject_bad_tables(table):
 
 # --------------------------------------------------------------------------- ugly duckling
 
+
 def _planted_outliers(seed: int = 3):
     rng = np.random.default_rng(seed)
     table = synthetic_table(n_patients=30, seed=seed)
     logit = rng.normal(-3.0, 0.3, len(table)) + 2.0 * table["odd"].to_numpy()
     centres = rng.normal(0, 1, (30, 16))
     patient = table["patient_id"].str[3:].astype(int).to_numpy()
-    emb = centres[patient] + rng.normal(0, 0.2, (len(table), 16)) + 3.0 * table["odd"].to_numpy()[:, None] * \
-        rng.normal(0, 1, (len(table), 16))
+    emb = (
+        centres[patient]
+        + rng.normal(0, 0.2, (len(table), 16))
+        + 3.0 * table["odd"].to_numpy()[:, None] * rng.normal(0, 1, (len(table), 16))
+    )
     scores = pd.DataFrame({"image_name": table["image_name"], "prediction": 1 / (1 + np.exp(-logit))})
     embeddings = pd.DataFrame(emb).assign(image_name=table["image_name"].to_numpy())
     return table, scores, embeddings
@@ -195,9 +216,13 @@ def test_ugly_duckling_from_embeddings_alone_when_scores_are_flat():
 
 def test_ugly_duckling_compares_lesions_not_images():
     # Lesion L1 photographed twice: its images share one value and are not each other's neighbours.
-    t = pd.DataFrame({"image_name": ["a1", "a2", "b", "c", "d", "solo"],
-                      "patient_id": ["p"] * 5 + ["q"],
-                      "lesion_id": ["L1", "L1", "L2", "L3", "L4", "L9"]})
+    t = pd.DataFrame(
+        {
+            "image_name": ["a1", "a2", "b", "c", "d", "solo"],
+            "patient_id": ["p"] * 5 + ["q"],
+            "lesion_id": ["L1", "L1", "L2", "L3", "L4", "L9"],
+        }
+    )
     s = pd.Series([0.9, 0.8, 0.05, 0.06, 0.04, 0.5], index=t["image_name"])
     ud = ugly_duckling_scores(t, s)
     assert ud[0] == ud[1] and ud[0] > 3
@@ -209,6 +234,7 @@ def test_ugly_duckling_compares_lesions_not_images():
 
 
 # --------------------------------------------------------------------------- cross-validation
+
 
 def test_cross_validation_recovers_a_planted_signal(cv_result, table):
     r = cv_result
@@ -262,6 +288,7 @@ def test_cross_validation_input_errors(table):
 
 # --------------------------------------------------------------------------- fusion
 
+
 def test_fusion_is_out_of_fold_and_combines_both_sources(table, cv_result):
     scores = scores_for(table)
     with_ud = cross_validate_meta(table, n_folds=5, seed=0, image_scores=scores)
@@ -281,6 +308,7 @@ def test_fusion_is_out_of_fold_and_combines_both_sources(table, cv_result):
 
 
 # --------------------------------------------------------------------------- persistence
+
 
 def test_save_and_load_reproduce_the_model_without_pickle(table, tmp_path):
     scores = scores_for(table)
@@ -330,11 +358,22 @@ def test_model_validates_its_inputs(table):
 
 # --------------------------------------------------------------------------- CLI
 
+
 def _write_isic2020_csv(table: pd.DataFrame, path) -> None:
     out = table.rename(columns={"site": "anatom_site_general_challenge"})
     out["benign_malignant"] = np.where(out["target"] == 1, "malignant", "benign")
-    out[["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge", "diagnosis",
-         "benign_malignant", "target"]].to_csv(path, index=False)
+    out[
+        [
+            "image_name",
+            "patient_id",
+            "sex",
+            "age_approx",
+            "anatom_site_general_challenge",
+            "diagnosis",
+            "benign_malignant",
+            "target",
+        ]
+    ].to_csv(path, index=False)
 
 
 def test_cli_writes_a_meta_run(table, tmp_path, capsys):
@@ -372,8 +411,23 @@ def test_cli_fuses_image_scores(table, tmp_path, capsys):
     scores_csv = tmp_path / "scores.csv"
     scores_for(table).to_csv(scores_csv, index=False)
     out = tmp_path / "fused"
-    assert main(["train-meta", "--csv", str(csv), "--image-scores", str(scores_csv), "--folds", "3",
-                 "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train-meta",
+                "--csv",
+                str(csv),
+                "--image-scores",
+                str(scores_csv),
+                "--folds",
+                "3",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "meta+image fusion"
     assert metrics["oof_auroc"] == pytest.approx(metrics["fusion"]["oof_auroc"])
@@ -398,6 +452,7 @@ def test_run_with_partial_image_scores_keeps_meta_predictions(table, tmp_path):
 
 # --------------------------------------------------------------------------- real data
 
+
 def test_isic2020_patient_context_reaches_the_goal(isic2020_dir):
     cohort = load_cohort(isic2020_dir / "train.csv", check_images="none")
     result = cross_validate_meta(cohort, n_folds=5, seed=0)
@@ -421,7 +476,7 @@ def test_missingness_that_tells_the_class_or_the_source_is_warned_about(table, t
     warnings = missingness_warnings(by_class)
     assert len(warnings) == 1 and warnings[0].startswith("sex is missing for 50% of the melanomas but 0% of")
     # a small gap is not a shortcut: a tenth of the melanomas without sex
-    by_class.loc[melanomas[len(melanomas) // 10: len(melanomas) // 2], "sex"] = "female"
+    by_class.loc[melanomas[len(melanomas) // 10 : len(melanomas) // 2], "sex"] = "female"
     assert by_class["sex"].isna().sum() > 0 and missingness_warnings(by_class) == []
     metrics = train_meta_run(by_source, tmp_path / "run", n_folds=3)
     assert metrics["missingness_warnings"] == missingness_warnings(by_source)

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_meta import _write_isic2020_csv, scores_for, synthetic_table  # tests/ is on sys.path
 
-from melcore.jobs import submit_meta_job
 from melcore.errors import CancelledError, ConfigError, MelcoreError
+from melcore.jobs import submit_meta_job
 from melcore.meta import cross_validate_meta, meta_job_config, stored_image_scores, train_meta_run
 from melcore.metrics import auroc
 from melcore.store import Store
-
-from test_meta import _write_isic2020_csv, scores_for, synthetic_table  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +48,14 @@ def _run_worker(store: Store) -> dict:
 def test_job_config_fills_defaults_and_names_what_is_wrong():
     assert meta_job_config(None) == {"n_folds": 5, "seed": 0, "feature_set": "context", "image_run_id": None}
     assert meta_job_config({"n_folds": 3, "image_run_id": 7})["image_run_id"] == 7
-    for bad, message in [({"n_folds": 1}, "n_folds must be a whole number 2-20"),
-                         ({"n_folds": 2.5}, "n_folds"), ({"seed": -1}, "seed"),
-                         ({"feature_set": "pixels"}, "choose baseline, context"),
-                         ({"image_run_id": "3"}, "image_run_id"), ({"epochs": 3}, "unknown .* epochs")]:
+    for bad, message in [
+        ({"n_folds": 1}, "n_folds must be a whole number 2-20"),
+        ({"n_folds": 2.5}, "n_folds"),
+        ({"seed": -1}, "seed"),
+        ({"feature_set": "pixels"}, "choose baseline, context"),
+        ({"image_run_id": "3"}, "image_run_id"),
+        ({"epochs": 3}, "unknown .* epochs"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             meta_job_config(bad)
 
@@ -143,8 +146,23 @@ def test_cli_queues_a_meta_job(registered, capsys):
     from melcore.__main__ import main
 
     store, dataset = registered
-    assert main(["jobs", "submit", "--kind", "meta", "--dataset", dataset["name"], "--folds", "4",
-                 "--meta-features", "baseline"]) == 0
+    assert (
+        main(
+            [
+                "jobs",
+                "submit",
+                "--kind",
+                "meta",
+                "--dataset",
+                dataset["name"],
+                "--folds",
+                "4",
+                "--meta-features",
+                "baseline",
+            ]
+        )
+        == 0
+    )
     job = store.list_jobs()[0]
     assert str(job["id"]) in capsys.readouterr().out
     assert (job["kind"], job["config"]["n_folds"], job["config"]["feature_set"]) == ("meta", 4, "baseline")

@@ -49,6 +49,7 @@ def assert_same_dict(d1: dict, d2: dict) -> None:
 
 # --------------------------------------------------------------------------- identical to scikit-learn
 
+
 @settings(max_examples=300, deadline=None)
 @given(labelled_scores(), st.booleans())
 def test_roc_curve_and_auroc_identical_to_sklearn(data, drop):
@@ -119,9 +120,12 @@ def test_calibration_table_counts_every_image_once():
 
 # --------------------------------------------------------------------------- ThresholdSweep
 
+
 @settings(max_examples=200, deadline=None)
-@given(labelled_scores(both_classes=False, min_size=1),
-       st.lists(st.one_of(st.sampled_from(GRID), st.floats(-0.5, 1.5)), min_size=1, max_size=10))
+@given(
+    labelled_scores(both_classes=False, min_size=1),
+    st.lists(st.one_of(st.sampled_from(GRID), st.floats(-0.5, 1.5)), min_size=1, max_size=10),
+)
 def test_threshold_sweep_equals_threshold_metrics(data, thresholds):
     y, p = data
     sweep = ThresholdSweep(y, p)
@@ -155,12 +159,14 @@ def test_threshold_sweep_curve_rows_equal_threshold_metrics():
 
 # --------------------------------------------------------------------------- operating points
 
+
 def test_operating_points_worked_example():
     # malignant scores 0.9 0.8 0.6 0.3; benign 0.7 0.5 0.4 0.2 0.1 0.05
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     p = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.5, 0.4, 0.2, 0.1, 0.05])
-    points = {pt["name"]: pt for pt in metrics.operating_points(y, p, sensitivities=(0.75, 1.0),
-                                                                 specificities=(5 / 6, 1.0))}
+    points = {
+        pt["name"]: pt for pt in metrics.operating_points(y, p, sensitivities=(0.75, 1.0), specificities=(5 / 6, 1.0))
+    }
     # sensitivity 3/4 is first reached (from the top) at 0.6: 0.9, 0.8, 0.6 flagged
     assert points["sensitivity>=0.75"]["threshold"] == 0.6
     assert points["sensitivity>=0.75"]["sensitivity"] == 0.75
@@ -211,6 +217,7 @@ def test_operating_points_need_both_classes_and_valid_targets():
 
 
 # --------------------------------------------------------------------------- bootstrap
+
 
 def test_bootstrap_engine_equals_auroc_of_explicit_resample():
     # The vectorised weighted Mann-Whitney must equal sklearn's AUROC on the data actually resampled.
@@ -301,6 +308,7 @@ def test_patient_bootstrap_ci_covers_true_auroc_with_correlated_lesions():
 
 
 # --------------------------------------------------------------------------- DeLong
+
 
 def test_delong_worked_by_hand():
     # y  = [1,   1,   1,   0,   0,   0  ]
@@ -404,6 +412,7 @@ def test_delong_identical_models_and_too_few_cases():
 
 # --------------------------------------------------------------------------- validation
 
+
 def test_length_mismatch_is_reported():
     with pytest.raises(MelcoreError, match="3 labels but 2 predictions"):
         metrics.auroc([0, 1, 0], [0.1, 0.2])
@@ -457,9 +466,20 @@ def test_keras_shaped_predictions_and_pandas_inputs_accepted():
 
 # --------------------------------------------------------------------------- groups
 
+
 def test_age_band_bands_and_unknown():
     assert [age_band(a) for a in (0, 29.9, 30, 44, 45, 59, 60, 74, 75, 90)] == [
-        "0-29", "0-29", "30-44", "30-44", "45-59", "45-59", "60-74", "60-74", "75+", "75+"]
+        "0-29",
+        "0-29",
+        "30-44",
+        "30-44",
+        "45-59",
+        "45-59",
+        "60-74",
+        "60-74",
+        "75+",
+        "75+",
+    ]
     assert age_band(None) == "unknown" and age_band(float("nan")) == "unknown"
     series = age_band(pd.Series([35.0, np.nan, 80.0], index=[7, 8, 9]))
     assert list(series) == ["30-44", "unknown", "75+"] and list(series.index) == [7, 8, 9]
@@ -473,12 +493,26 @@ def _clinic_table(seed=0):
     clinic = rng.choice(["north", "south"], size=n)
     y = (rng.random(n) < np.where(clinic == "north", 0.2, 0.3)).astype(int)
     p = expit(rng.normal(size=n) + np.where(clinic == "north", 2.0, 0.8) * y - 1)
-    table = pd.DataFrame({"image_name": [f"ISIC_{i:04d}" for i in range(n)], "patient_id": rng.integers(0, 200, n),
-                          "clinic": clinic, "age_approx": rng.choice([25.0, 40.0, 55.0, np.nan], size=n),
-                          "target": y, "prediction": p})
-    extra = pd.DataFrame({"image_name": ["X1", "X2", "X3"], "patient_id": [900, 901, 902],
-                          "clinic": ["east"] * 3, "age_approx": [70.0] * 3, "target": [0, 0, 0],
-                          "prediction": [0.2, 0.7, 0.4]})
+    table = pd.DataFrame(
+        {
+            "image_name": [f"ISIC_{i:04d}" for i in range(n)],
+            "patient_id": rng.integers(0, 200, n),
+            "clinic": clinic,
+            "age_approx": rng.choice([25.0, 40.0, 55.0, np.nan], size=n),
+            "target": y,
+            "prediction": p,
+        }
+    )
+    extra = pd.DataFrame(
+        {
+            "image_name": ["X1", "X2", "X3"],
+            "patient_id": [900, 901, 902],
+            "clinic": ["east"] * 3,
+            "age_approx": [70.0] * 3,
+            "target": [0, 0, 0],
+            "prediction": [0.2, 0.7, 0.4],
+        }
+    )
     return pd.concat([table, extra], ignore_index=True)
 
 
@@ -497,16 +531,18 @@ def test_per_group_matches_metrics_on_each_subset():
             assert "only benign" in row["note"]
         else:
             assert row["auroc"] == skm.roc_auc_score(subset["target"], subset["prediction"])
-            ci = metrics.auroc_ci(subset["target"], subset["prediction"], groups=subset["patient_id"],
-                                  n_boot=300, seed=3)
+            ci = metrics.auroc_ci(
+                subset["target"], subset["prediction"], groups=subset["patient_id"], n_boot=300, seed=3
+            )
             assert (row["auroc_low"], row["auroc_high"]) == (ci.low, ci.high)
             assert row["boot_dropped"] == ci.n_dropped
             assert row["note"] == ci.note
             # the ISIC 2024 pAUC (scikit-learn's McClish value mapped back) and its interval, same resamples
             scaled = skm.roc_auc_score(1 - subset["target"], -subset["prediction"], max_fpr=0.2)
             assert row["pauc"] == pytest.approx(0.02 + (0.2 - 0.02) / 0.5 * (scaled - 0.5))
-            partial = metrics.partial_auroc_ci(subset["target"], subset["prediction"], groups=subset["patient_id"],
-                                               n_boot=300, seed=3)
+            partial = metrics.partial_auroc_ci(
+                subset["target"], subset["prediction"], groups=subset["patient_id"], n_boot=300, seed=3
+            )
             assert (row["pauc_low"], row["pauc_high"]) == (partial.low, partial.high)
     north, south = result.set_index("group").loc[["north", "south"], "auroc"]
     assert north > south  # the simulated north clinic separates the classes better
@@ -514,25 +550,37 @@ def test_per_group_matches_metrics_on_each_subset():
 
 def test_per_group_counts_and_flags_one_class_resamples():
     # clinic "small": one melanoma patient among three, so about 30% of its resamples hold one class
-    table = pd.DataFrame({"image_name": [f"i{k}" for k in range(10)],
-                          "clinic": ["small"] * 6 + ["big"] * 4,
-                          "patient_id": ["a", "a", "b", "b", "c", "c", "d", "e", "f", "g"],
-                          "target": [1, 0, 0, 0, 0, 0, 1, 1, 0, 0],
-                          "prediction": [0.9, 0.2, 0.3, 0.95, 0.1, 0.4, 0.8, 0.7, 0.3, 0.2]})
+    table = pd.DataFrame(
+        {
+            "image_name": [f"i{k}" for k in range(10)],
+            "clinic": ["small"] * 6 + ["big"] * 4,
+            "patient_id": ["a", "a", "b", "b", "c", "c", "d", "e", "f", "g"],
+            "target": [1, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+            "prediction": [0.9, 0.2, 0.3, 0.95, 0.1, 0.4, 0.8, 0.7, 0.3, 0.2],
+        }
+    )
     result = metrics.per_group(table, "clinic", n_boot=1000, seed=0).set_index("group")
-    small = metrics.auroc_ci(table["target"][:6], table["prediction"][:6], groups=table["patient_id"][:6],
-                             n_boot=1000, seed=0)
+    small = metrics.auroc_ci(
+        table["target"][:6], table["prediction"][:6], groups=table["patient_id"][:6], n_boot=1000, seed=0
+    )
     assert result.loc["small", "boot_dropped"] == small.n_dropped > 200
     assert "held one class and were left out" in result.loc["small", "note"]
 
 
 def test_without_patient_ids_the_bootstrap_resamples_lesions():
     rng = np.random.default_rng(5)
-    lesion = np.repeat([f"L{i}" for i in range(40)], 3)   # three images of each lesion, no patient id
+    lesion = np.repeat([f"L{i}" for i in range(40)], 3)  # three images of each lesion, no patient id
     y = np.repeat((rng.random(40) < 0.4).astype(int), 3)
     p = expit(np.repeat(rng.normal(size=40), 3) + y + rng.normal(0, 0.1, 120))
-    table = pd.DataFrame({"image_name": [f"i{k}" for k in range(120)], "lesion_id": lesion, "clinic": "north",
-                          "target": y, "prediction": p})
+    table = pd.DataFrame(
+        {
+            "image_name": [f"i{k}" for k in range(120)],
+            "lesion_id": lesion,
+            "clinic": "north",
+            "target": y,
+            "prediction": p,
+        }
+    )
     row = metrics.per_group(table, "clinic", n_boot=500, seed=2).iloc[0]
     by_lesion = metrics.auroc_ci(y, p, groups=lesion, n_boot=500, seed=2)
     by_image = metrics.auroc_ci(y, p, n_boot=500, seed=2)
@@ -571,13 +619,18 @@ def test_per_group_age_band_derived_and_missing_column_named():
 
 def test_summarize_keys_and_one_class_tolerated():
     table = _clinic_table()
-    summary = metrics.summarize(table["target"], table["prediction"], groups=table["patient_id"], n_boot=200,
-                                threshold=0.3)
+    summary = metrics.summarize(
+        table["target"], table["prediction"], groups=table["patient_id"], n_boot=200, threshold=0.3
+    )
     assert summary["auroc"] == skm.roc_auc_score(table["target"], table["prediction"])
     assert summary["auroc_ci"][0] < summary["auroc"] < summary["auroc_ci"][1]
     assert summary["sensitivity"] == summary["threshold_metrics"]["sensitivity"]
     assert [pt["name"] for pt in summary["operating_points"]] == [
-        "youden", "sensitivity>=0.9", "sensitivity>=0.95", "specificity>=0.9"]
+        "youden",
+        "sensitivity>=0.9",
+        "sensitivity>=0.95",
+        "specificity>=0.9",
+    ]
     benign = metrics.summarize([0, 0, 0], [0.1, 0.6, 0.2])
     assert math.isnan(benign["auroc"]) and benign["operating_points"] == []
     assert "only benign" in benign["notes"][0]
@@ -585,12 +638,13 @@ def test_summarize_keys_and_one_class_tolerated():
 
 # --------------------------------------------------------------------------- partial AUROC, net benefit
 
+
 def _isic_2024_pauc(y, p, min_tpr=0.8) -> float:
     """The ISIC 2024 challenge's scoring: scikit-learn's McClish-standardised pAUC of the flipped problem,
     unstandardised back to the area above TPR = min_tpr."""
     max_fpr = 1 - min_tpr
     scaled = skm.roc_auc_score(1 - np.asarray(y), -np.asarray(p), max_fpr=max_fpr)
-    return 0.5 * max_fpr ** 2 + (max_fpr - 0.5 * max_fpr ** 2) / (1.0 - 0.5) * (scaled - 0.5)
+    return 0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / (1.0 - 0.5) * (scaled - 0.5)
 
 
 @settings(max_examples=300, deadline=None)
@@ -622,7 +676,8 @@ def test_partial_auroc_bootstrap_equals_the_area_of_the_explicit_resample():
     codes, _ = metrics._group_codes(groups, n)
     group_of_code = {code: g for code, g in zip(codes, groups)}  # codes number the groups by first appearance
     values = metrics._WeightedRoc(y, p, codes).partial_area(
-        counts[:, [group_of_code[c] for c in range(len(group_of_code))]], 0.8)
+        counts[:, [group_of_code[c] for c in range(len(group_of_code))]], 0.8
+    )
     for row, value in zip(counts, values):
         repeat = row[groups]
         y_b, p_b = np.repeat(y, repeat), np.repeat(p, repeat)
@@ -666,6 +721,7 @@ def test_net_benefit_matches_its_definition_and_the_reference_strategies():
 
 # --------------------------------------------------------------------------- the one-class policy
 
+
 def test_auroc_or_none_is_auroc_where_defined_and_none_for_one_class_or_nothing():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 60)
@@ -689,7 +745,10 @@ def test_no_module_keeps_its_own_auroc_policy():
     from pathlib import Path
 
     package = Path(metrics.__file__).parent
-    own = [f"{path.relative_to(package.parent)}:{i}" for path in sorted(package.rglob("*.py"))
-           for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-           if re.match(r"\s*def _?auroc\s*\(", line) and path.name != "metrics.py"]
+    own = [
+        f"{path.relative_to(package.parent)}:{i}"
+        for path in sorted(package.rglob("*.py"))
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.match(r"\s*def _?auroc\s*\(", line) and path.name != "metrics.py"
+    ]
     assert own == []

@@ -46,8 +46,12 @@ def _one_eager_step(model, x, y) -> float:
 
 
 def test_registry_has_the_ladder_and_consistent_specs():
-    expected = ["basic-cnn", "cnn-bn", "resnet50"] + [f"efficientnet-b{i}" for i in range(8)] \
-        + [f"efficientnet-b{i}-ns" for i in range(8)] + [f"efficientnet-lite{i}" for i in range(5)]
+    expected = (
+        ["basic-cnn", "cnn-bn", "resnet50"]
+        + [f"efficientnet-b{i}" for i in range(8)]
+        + [f"efficientnet-b{i}-ns" for i in range(8)]
+        + [f"efficientnet-lite{i}" for i in range(5)]
+    )
     assert models.model_names() == expected
     for name, spec in models.REGISTRY.items():
         assert spec.name == name
@@ -57,8 +61,16 @@ def test_registry_has_the_ladder_and_consistent_specs():
 
 
 def test_the_spec_is_architecture_and_weights_only():
-    recipe_fields = {"optimizer", "learning_rate", "weight_decay", "schedule", "augment", "batch_size", "epochs",
-                     "lr_factor"}
+    recipe_fields = {
+        "optimizer",
+        "learning_rate",
+        "weight_decay",
+        "schedule",
+        "augment",
+        "batch_size",
+        "epochs",
+        "lr_factor",
+    }
     for field in models.ModelSpec.__dataclass_fields__:
         assert not any(word in field for word in recipe_fields), f"ModelSpec.{field} is a training recipe"
 
@@ -67,8 +79,9 @@ def test_the_spec_is_architecture_and_weights_only():
 SAVE_LOAD = {"basic-cnn", "cnn-bn", "resnet50", "efficientnet-b0", "efficientnet-b0-ns", "efficientnet-lite0"}
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.slow) if name in BIG else name for name in models.REGISTRY])
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in BIG else name for name in models.REGISTRY]
+)
 def test_every_model_builds_takes_raw_rgb_and_trains_one_step(name, tmp_path):
     spec = models.get_spec(name)
     size = spec.min_image_size
@@ -122,8 +135,9 @@ def test_preprocessing_layers_match_the_reference_functions():
     caffe = np.asarray(models.ImageNetPreprocessing("caffe")(x))
     np.testing.assert_allclose(caffe, keras.applications.resnet50.preprocess_input(x.copy()), rtol=1e-5, atol=1e-3)
     torch = np.asarray(models.ImageNetPreprocessing("torch")(x))
-    reference = efficientnet_preprocess(x.copy(), backend=keras.backend, layers=keras.layers,
-                                        models=keras.models, utils=keras.utils)
+    reference = efficientnet_preprocess(
+        x.copy(), backend=keras.backend, layers=keras.layers, models=keras.models, utils=keras.utils
+    )
     np.testing.assert_allclose(torch, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="mode"):
         models.ImageNetPreprocessing("tf")
@@ -157,11 +171,14 @@ def test_load_model_errors_name_the_file(tmp_path):
         models.load_model(junk)
 
 
-@pytest.mark.parametrize("name, file_name", [
-    ("cnn-bn", "backbone.weights.h5"),
-    ("cnn-bn", "backbone.h5"),
-    ("efficientnet-b0-ns", "backbone.weights.h5"),  # legacy .h5 EfficientNets: see the reference test
-])
+@pytest.mark.parametrize(
+    "name, file_name",
+    [
+        ("cnn-bn", "backbone.weights.h5"),
+        ("cnn-bn", "backbone.h5"),
+        ("efficientnet-b0-ns", "backbone.weights.h5"),  # legacy .h5 EfficientNets: see the reference test
+    ],
+)
 def test_backbone_weights_from_a_local_file(name, file_name, tmp_path):
     source, _ = models.build_model(name, 32)
     path = models.save_backbone_weights(source, tmp_path / file_name)
@@ -171,8 +188,9 @@ def test_backbone_weights_from_a_local_file(name, file_name, tmp_path):
     for expected, got in zip(_weights(models.backbone_of(source)), _weights(models.backbone_of(model))):
         np.testing.assert_array_equal(got, expected)
     # The head is not in a backbone file: it keeps its fresh random initialisation.
-    assert not np.allclose(_numpy(source.get_layer(models.OUTPUT_LAYER).kernel),
-                           _numpy(model.get_layer(models.OUTPUT_LAYER).kernel))
+    assert not np.allclose(
+        _numpy(source.get_layer(models.OUTPUT_LAYER).kernel), _numpy(model.get_layer(models.OUTPUT_LAYER).kernel)
+    )
     if name == "cnn-bn":  # build_backbone shares the loader; one cheap model is enough
         backbone, backbone_info = models.build_backbone(name, 32, weights=path)
         assert backbone_info.scope == "backbone"
@@ -191,12 +209,14 @@ def _reference_backbone(name: str, size: int):
     import efficientnet.model
     from efficientnet import inject_tfkeras_modules
 
-    return inject_tfkeras_modules(efficientnet.model.EfficientNetB0)(include_top=False, weights=None,
-                                                                     input_shape=(size, size, 3))
+    return inject_tfkeras_modules(efficientnet.model.EfficientNetB0)(
+        include_top=False, weights=None, input_shape=(size, size, 3)
+    )
 
 
-@pytest.mark.parametrize("name", ["efficientnet-b0", "efficientnet-b0-ns",
-                                  pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name", ["efficientnet-b0", "efficientnet-b0-ns", pytest.param("resnet50", marks=pytest.mark.slow)]
+)
 def test_weights_saved_from_the_reference_architecture_load(name, tmp_path):
     # The published notop .h5 files are legacy weight files of exactly these reference models.
     reference = _reference_backbone(name, 32)
@@ -235,7 +255,7 @@ def test_keras_efficientnet_normalisation_is_made_exact_when_loading_published_s
     path = models.save_backbone_weights(source, tmp_path / "efficientnetb0_notop.h5")
     model, _ = models.build_model("efficientnet-b0", 32, weights=path)
     loaded = next(layer for layer in model.layers if isinstance(layer, keras.layers.Normalization))
-    np.testing.assert_allclose(_numpy(loaded.adapt_variance).reshape(-1), std ** 2, rtol=1e-6)
+    np.testing.assert_allclose(_numpy(loaded.adapt_variance).reshape(-1), std**2, rtol=1e-6)
     pixel = np.full((1, 1, 1, 3), 255.0 * 0.485 + 255.0 * 0.229, dtype="float32")  # mean + one std
     rescaled = model.get_layer(index=1)(pixel)
     assert float(np.asarray(loaded(rescaled))[0, 0, 0, 0]) == pytest.approx(1.0, abs=1e-4)
@@ -270,11 +290,14 @@ def unreachable_weights_server(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
 
 
-@pytest.mark.parametrize("name, file_name", [
-    ("efficientnet-b0", "efficientnetb0_notop.h5"),
-    ("efficientnet-b0-ns", "efficientnet-b0_noisy-student_notop.h5"),
-    ("resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-])
+@pytest.mark.parametrize(
+    "name, file_name",
+    [
+        ("efficientnet-b0", "efficientnetb0_notop.h5"),
+        ("efficientnet-b0-ns", "efficientnet-b0_noisy-student_notop.h5"),
+        ("resnet50", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    ],
+)
 def test_imagenet_download_failure(name, file_name, unreachable_weights_server):
     with pytest.raises(ConfigError) as excinfo:
         models.build_model(name, 32, weights="imagenet")
@@ -383,8 +406,9 @@ def test_backbone_head_join_for_cached_features(tmp_path):
     assert not any(isinstance(layer, keras.Model) for layer in model.layers)
     np.testing.assert_allclose(_predict(model, x), _predict(head, features), rtol=1e-5, atol=1e-6)
     model.save(tmp_path / "joined.keras")
-    np.testing.assert_allclose(_predict(models.load_model(tmp_path / "joined.keras"), x),
-                               _predict(model, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _predict(models.load_model(tmp_path / "joined.keras"), x), _predict(model, x), rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ConfigError, match="expects 128 features"):
         models.join(backbone, models.build_head(128))
     plain = models.build_head(1280)
@@ -395,8 +419,10 @@ def test_registry_and_config_validation_do_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = ("import sys; from melcore import registry; from melcore.training.config import TrainConfig, validate; "
-            "validate(TrainConfig(model='efficientnet-b3', weights='none')); "
-            "print(len(registry.model_names()), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    code = (
+        "import sys; from melcore import registry; from melcore.training.config import TrainConfig, validate; "
+        "validate(TrainConfig(model='efficientnet-b3', weights='none')); "
+        "print(len(registry.model_names()), 'tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(len(__import__("melcore.registry").registry.REGISTRY)), "False", "False"]

@@ -23,8 +23,19 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a source distribution of the project holds: the package, the dashboard and the build files.
-SOURCES = ["melcore", "trainers", "pages", "ui", "assets", ".streamlit", "app.py", "pyproject.toml", "README.md",
-           "requirements.txt", "requirements-dev.txt"]
+SOURCES = [
+    "melcore",
+    "trainers",
+    "pages",
+    "ui",
+    "assets",
+    ".streamlit",
+    "app.py",
+    "pyproject.toml",
+    "README.md",
+    "requirements.txt",
+    "requirements-dev.txt",
+]
 
 
 def _pyproject() -> dict:
@@ -81,8 +92,7 @@ def test_the_dashboard_is_found_in_a_checkout():
     from melcore.dashboard import app_path, command
 
     assert app_path() == ROOT / "app.py"
-    assert command(["--server.port", "1"])[1:] == ["-m", "streamlit", "run", str(ROOT / "app.py"),
-                                                    "--server.port", "1"]
+    assert command(["--server.port", "1"])[1:] == ["-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", "1"]
 
 
 # --------------------------------------------------------------------------- fresh virtual environments
@@ -110,22 +120,42 @@ def _venv_with(tmp_path: Path, *pip_args: str) -> Path:
     """A fresh venv (seeing the installed dependencies) with this project installed by ``pip install ARGS``."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    result = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
-                             "--no-build-isolation", "--no-index", *pip_args],
-                            capture_output=True, text=True, env=_env(), cwd=tmp_path)
+    result = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            *pip_args,
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return venv
 
 
 def _run(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], capture_output=True, text=True,
-                          env=_env(), cwd=cwd, timeout=120)
+    return subprocess.run(
+        [str(venv / "bin" / args[0]), *args[1:]], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=120
+    )
 
 
 def _where_melcore_comes_from(venv: Path, cwd: Path) -> tuple[str, str, str]:
-    result = _run(venv, "python", "-c",
-                  "import melcore, melcore.dashboard as d; print(melcore.__file__); print(melcore.__version__); "
-                  "print(d.app_path())", cwd=cwd)
+    result = _run(
+        venv,
+        "python",
+        "-c",
+        "import melcore, melcore.dashboard as d; print(melcore.__file__); print(melcore.__version__); "
+        "print(d.app_path())",
+        cwd=cwd,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     module, version, app = result.stdout.split()
     return module, version, app
@@ -142,8 +172,13 @@ def _serve_and_check_health(venv: Path, cwd: Path, home: Path) -> str:
     port = _free_port()
     log_path = cwd / "melreview.log"
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([str(venv / "bin" / "melreview"), "--home", str(home), "--server.port", str(port)],
-                                  cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [str(venv / "bin" / "melreview"), "--home", str(home), "--server.port", str(port)],
+            cwd=cwd,
+            env=_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline, body = time.monotonic() + 60, ""
         while time.monotonic() < deadline and server.poll() is None:

@@ -31,8 +31,14 @@ def seeded(demo_dir):
     full = table[["image_name", "patient_id", "clinic", "target"]].assign(prediction=rng.random(len(table)))
     store.add_predictions(cnn, full)
     store.add_predictions(meta, full.iloc[::2].assign(prediction=rng.random(len(full.iloc[::2]))))
-    return {"store": store, "dataset_id": dataset_id, "table": table, "cnn": cnn, "meta": meta,
-            "risk": dict(zip(full["image_name"], full["prediction"]))}
+    return {
+        "store": store,
+        "dataset_id": dataset_id,
+        "table": table,
+        "cnn": cnn,
+        "meta": meta,
+        "risk": dict(zip(full["image_name"], full["prediction"])),
+    }
 
 
 def _metric(at: AppTest, label: str) -> str:
@@ -45,7 +51,7 @@ def _frame(at: AppTest, first_column: str) -> pd.DataFrame:
 
 def _grid_order(at: AppTest) -> list[str]:
     prefix = "patients_grid_open_"
-    return [b.key[len(prefix):] for b in at.button if b.key and b.key.startswith(prefix)]
+    return [b.key[len(prefix) :] for b in at.button if b.key and b.key.startswith(prefix)]
 
 
 def _patients_with(table: pd.DataFrame, mask) -> int:
@@ -100,9 +106,9 @@ def test_selecting_a_patient_shows_the_lesion_grid_sorted_by_risk(seeded):
     assert _metric(at, "Images") == str(len(mine))
     # every tile carries its risk badge and an ugly-duckling badge, in the same order
     risk_badges = [m.value for m in at.markdown if m.value.startswith((":red-badge[risk", ":green-badge[risk"))]
-    shown = [float(b.split("risk ")[1].split("]")[0]) for b in risk_badges[:len(expected)]]
+    shown = [float(b.split("risk ")[1].split("]")[0]) for b in risk_badges[: len(expected)]]
     assert shown == [round(seeded["risk"][name], 2) for name in expected]
-    assert all("UD " in b for b in risk_badges[:len(expected)])
+    assert all("UD " in b for b in risk_badges[: len(expected)])
     # the patient opens on their highest-risk lesion
     assert at.selectbox(key="patients_lesion").value == expected[0]
 
@@ -145,8 +151,9 @@ def _awkward_dataset(root: Path) -> Path:
         Image.new("RGB", (40, 40), colour).save(root / "ds" / "img" / f"ok{i}.jpg")
     Image.new("RGB", (40, 40), (0, 0, 255)).save(root / "outside" / "secret.jpg")
     rows = [("ok0", 0), ("ok1", 1), ("../../outside/secret.jpg", 0), ("lost", 0)]
-    pd.DataFrame({"image_name": [r for r, _ in rows], "patient_id": "P1", "target": [t for _, t in rows],
-                  "site": "torso"}).to_csv(root / "ds" / "labels.csv", index=False)
+    pd.DataFrame(
+        {"image_name": [r for r, _ in rows], "patient_id": "P1", "target": [t for _, t in rows], "site": "torso"}
+    ).to_csv(root / "ds" / "labels.csv", index=False)
     return root / "ds"
 
 
@@ -181,7 +188,9 @@ def test_missing_image_and_a_path_outside_the_roots_show_stand_ins(tmp_path):
 
     at.button(key="patients_grid_open_ok1").click().run()
     metadata = dict(zip(*_frame(at, "field").T.values))
-    assert metadata["image file"] == str(folder / "img" / "ok1.jpg") and metadata["label"] == "melanoma"  # a generic target means melanoma
+    assert (
+        metadata["image file"] == str(folder / "img" / "ok1.jpg") and metadata["label"] == "melanoma"
+    )  # a generic target means melanoma
     assert not at.error
 
 
@@ -238,8 +247,11 @@ def test_gradcam_overlay_is_computed_on_demand_and_cached(seeded, tmp_path, monk
     at.toggle(key="patients_panel_gc_show").set_value(True).run()
     assert not at.exception
     assert len(calls) == 1 and calls[0][0] == str(run_dir) and calls[0][2] == "gradcam"
-    assert calls[0][1] == str(Path(seeded["table"].set_index("image_name").loc[
-        at.selectbox(key="patients_lesion").value, "image_path"]).resolve())
+    assert calls[0][1] == str(
+        Path(
+            seeded["table"].set_index("image_name").loc[at.selectbox(key="patients_lesion").value, "image_path"]
+        ).resolve()
+    )
     captions = [img.proto.imgs[0].caption for img in at.get("image")]
     assert any(c.startswith("Grad-CAM (standard) ·") for c in captions)
     at.slider(key="patients_panel_gc_opacity").set_value(0.8).run()
@@ -271,10 +283,14 @@ def _strip_app(folder: str) -> None:
     from ui.widgets import patient_strip
 
     root = Path(folder)
-    lesions = pd.DataFrame({"image_name": ["ok0", "ok1", "lost"],
-                            "image_path": [str(root / "img" / "ok0.jpg"), str(root / "img" / "ok1.jpg"), None],
-                            "risk": [0.9, 0.2, float("nan")],
-                            "target": [0, 1, 0]})
+    lesions = pd.DataFrame(
+        {
+            "image_name": ["ok0", "ok1", "lost"],
+            "image_path": [str(root / "img" / "ok0.jpg"), str(root / "img" / "ok1.jpg"), None],
+            "risk": [0.9, 0.2, float("nan")],
+            "target": [0, 1, 0],
+        }
+    )
     clicked = patient_strip(lesions, key="strip", roots=[root], current="ok0", threshold=0.5)
     if clicked:
         st.session_state["clicked"] = clicked

@@ -133,8 +133,9 @@ def test_prediction_batches_are_ordered_and_complete(image_files):
     expected = np.stack([images.load_image(p, 32) for p in paths]).astype("float32")
     np.testing.assert_array_equal(stacked, expected)
     tta = PredictionBatches(paths, 32, batch_size=16, augment="basic", seed=1, workers=1)
-    np.testing.assert_array_equal(tta[0], PredictionBatches(paths, 32, batch_size=16, augment="basic",
-                                                            seed=1, workers=1)[0])
+    np.testing.assert_array_equal(
+        tta[0], PredictionBatches(paths, 32, batch_size=16, augment="basic", seed=1, workers=1)[0]
+    )
     assert tta[0].shape == (16, 32, 32, 3)
     with pytest.raises(IndexError):
         data[3]
@@ -175,8 +176,13 @@ def test_bad_inputs_raise_clear_errors(image_files, tmp_path):
 
 def test_from_cohort_table(image_files):
     paths, targets = image_files
-    table = pd.DataFrame({"image_name": [f"img_{i}" for i in range(40)], "image_path": paths,
-                          "target": pd.array(targets.astype(int), dtype="Int8")})
+    table = pd.DataFrame(
+        {
+            "image_name": [f"img_{i}" for i in range(40)],
+            "image_path": paths,
+            "target": pd.array(targets.astype(int), dtype="Int8"),
+        }
+    )
     data = ImageBatches.from_table(table, 32, batch_size=10, workers=1)
     np.testing.assert_array_equal(data.targets, targets)
     gaps = table.copy()
@@ -195,8 +201,9 @@ def test_keras_fit_with_worker_threads_advances_epochs(image_files):
     paths, targets = image_files
     model, _ = build_model("basic-cnn", 16)
     model.compile(optimizer="sgd", loss="binary_crossentropy")
-    data = ImageBatches(paths, targets, 16, batch_size=8, augment="basic", balance="oversample",
-                        epoch_length=16, workers=2)
+    data = ImageBatches(
+        paths, targets, 16, batch_size=8, augment="basic", balance="oversample", epoch_length=16, workers=2
+    )
     history = model.fit(data, epochs=2, shuffle=False, verbose=0)
     assert len(history.history["loss"]) == 2 and np.all(np.isfinite(history.history["loss"]))
     assert data.epoch == 2  # epochs 0 and 1 were trained on

@@ -115,8 +115,10 @@ def test_threshold_figure_points_carry_their_threshold_and_the_axis_follows_x_ra
 def test_threshold_figure_has_sensitivity_and_specificity_per_model_and_markers_at_threshold(two_models):
     y, models = two_models
     curves = {name: ThresholdSweep(y, p).curve(max_points=100) for name, p in models.items()}
-    markers = {name: (ThresholdSweep(y, p).at(0.3)["sensitivity"], ThresholdSweep(y, p).at(0.3)["specificity"])
-               for name, p in models.items()}
+    markers = {
+        name: (ThresholdSweep(y, p).at(0.3)["sensitivity"], ThresholdSweep(y, p).at(0.3)["specificity"])
+        for name, p in models.items()
+    }
     fig = threshold_figure(curves, 0.3, markers)
     for name in models:
         sens = by_name(fig, f"{name} sensitivity")
@@ -137,8 +139,10 @@ def test_threshold_figure_marks_a_run_at_its_own_saved_threshold_with_it_in_the_
     y, models = two_models
     curves = {name: ThresholdSweep(y, p).curve(max_points=100) for name, p in models.items()}
     good, weak = (ThresholdSweep(y, models[n]) for n in ("good", "weak"))
-    markers = {"good": (good.at(0.3)["sensitivity"], good.at(0.3)["specificity"]),  # at the slider's threshold
-               "weak": (weak.at(0.62)["sensitivity"], weak.at(0.62)["specificity"], 0.62)}  # at its saved one
+    markers = {
+        "good": (good.at(0.3)["sensitivity"], good.at(0.3)["specificity"]),  # at the slider's threshold
+        "weak": (weak.at(0.62)["sensitivity"], weak.at(0.62)["specificity"], 0.62),
+    }  # at its saved one
     fig = threshold_figure(curves, 0.3, markers, marker_notes={"weak": "threshold 0.620 (saved)"})
     for metric, value in zip(("sensitivity", "specificity"), markers["weak"]):
         marker = by_name(fig, f"weak {metric} @ threshold")
@@ -219,8 +223,12 @@ def test_confusion_figure_layout():
 
 
 def test_bar_figure_groups_series_with_interval_error_bars():
-    fig = bar_figure(["A", "B", "C"], {"m1": [0.8, 0.7, np.nan], "m2": [0.9, 0.6, 0.75]},
-                     errors={"m1": ([0.7, 0.6, np.nan], [0.85, 0.8, np.nan])}, y_range=(0, 1))
+    fig = bar_figure(
+        ["A", "B", "C"],
+        {"m1": [0.8, 0.7, np.nan], "m2": [0.9, 0.6, 0.75]},
+        errors={"m1": ([0.7, 0.6, np.nan], [0.85, 0.8, np.nan])},
+        y_range=(0, 1),
+    )
     m1, m2 = fig.data
     assert (m1.name, m2.name) == ("m1", "m2") and fig.layout.barmode == "group"
     assert list(m1.y) == [0.8, 0.7, None]
@@ -235,9 +243,11 @@ def test_bar_figure_groups_series_with_interval_error_bars():
 
 
 def test_training_curves_figure_pairs_training_and_validation():
-    history = [{"epoch": 1, "loss": 0.6, "val_loss": 0.7, "val_auc": 0.7, "note": "warm-up"},
-               {"epoch": 2, "loss": 0.4, "val_loss": 0.5, "val_auc": 0.8, "note": ""},
-               {"epoch": 3, "loss": 0.3, "val_loss": None, "val_auc": 0.85, "note": ""}]
+    history = [
+        {"epoch": 1, "loss": 0.6, "val_loss": 0.7, "val_auc": 0.7, "note": "warm-up"},
+        {"epoch": 2, "loss": 0.4, "val_loss": 0.5, "val_auc": 0.8, "note": ""},
+        {"epoch": 3, "loss": 0.3, "val_loss": None, "val_auc": 0.85, "note": ""},
+    ]
     fig = training_curves_figure(history)
     assert [t.name for t in fig.data] == ["loss", "val_loss", "val_auc"]  # text column ignored
     loss, val_loss, val_auc = fig.data
@@ -258,12 +268,22 @@ def test_training_curves_figure_pairs_training_and_validation():
 def test_readers_roc_figure_places_each_reader_with_both_intervals_and_escapes_names(two_models):
     y, scores = two_models
     fpr, tpr, _ = roc_curve(y, scores["good"])
-    readers = pd.DataFrame({
-        "reviewer": ["Dr A", "<b>Dr B</b>"], "mode": ["unaided", "aided"], "n": [400, 400],
-        "sensitivity": [0.8, 0.6], "sensitivity_low": [0.7, 0.5], "sensitivity_high": [0.88, 0.7],
-        "specificity": [0.75, 0.9], "specificity_low": [0.7, 0.86], "specificity_high": [0.8, 0.93]})
-    fig = readers_roc_figure(fpr, tpr, 0.9, (0.85, 0.94), readers, model_name="run-1",
-                             mean_reader={"unaided": (0.75, 0.8)})
+    readers = pd.DataFrame(
+        {
+            "reviewer": ["Dr A", "<b>Dr B</b>"],
+            "mode": ["unaided", "aided"],
+            "n": [400, 400],
+            "sensitivity": [0.8, 0.6],
+            "sensitivity_low": [0.7, 0.5],
+            "sensitivity_high": [0.88, 0.7],
+            "specificity": [0.75, 0.9],
+            "specificity_low": [0.7, 0.86],
+            "specificity_high": [0.8, 0.93],
+        }
+    )
+    fig = readers_roc_figure(
+        fpr, tpr, 0.9, (0.85, 0.94), readers, model_name="run-1", mean_reader={"unaided": (0.75, 0.8)}
+    )
     point = by_name(fig, "Dr A (unaided)")
     assert point.x[0] == pytest.approx(0.25) and point.y[0] == 0.8 and point.marker.symbol == "diamond"
     assert point.error_y.array[0] == pytest.approx(0.08) and point.error_y.arrayminus[0] == pytest.approx(0.1)
@@ -282,8 +302,9 @@ def test_decision_curve_figure_draws_both_references_and_marks_the_threshold(two
     assert by_name(fig, "biopsy none").y.tolist() == [0.0] * 50
     assert np.allclose(by_name(fig, "biopsy all").y, curves["good"]["treat_all"])  # same images: one line
     marker = by_name(fig, "good @ threshold")
-    assert marker.x[0] == 0.2 and marker.y[0] == pytest.approx(curves["good"].set_index("threshold").loc[0.2,
-                                                                                                   "net_benefit"])
+    assert marker.x[0] == 0.2 and marker.y[0] == pytest.approx(
+        curves["good"].set_index("threshold").loc[0.2, "net_benefit"]
+    )
     assert fig.layout.shapes[0].x0 == 0.2
     other = {"good": curves["good"], "half": net_benefit(y[:200], scores["weak"][:200], grid)}
     names = [t.name for t in decision_curve_figure(other).data]

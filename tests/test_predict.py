@@ -40,7 +40,7 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     for i in range(6):
         pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
-        pixels[: 10 + i, : 20] = 0  # a dark corner block: not symmetric under flips
+        pixels[: 10 + i, :20] = 0  # a dark corner block: not symmetric under flips
         Image.fromarray(pixels).save(root / f"ISIC_{i:04d}.png")
     return root
 
@@ -71,8 +71,9 @@ def test_predict_images_probabilities_and_tta(model, folder):
     np.testing.assert_allclose(predict_images(model, images, batch_size=4), plain, atol=1e-6)
 
     tta = predict_images(model, images, tta=True, batch_size=4)
-    manual = np.mean([model.predict(v.astype("float32"), verbose=0).reshape(-1) for v in dihedral_views(images)],
-                     axis=0)
+    manual = np.mean(
+        [model.predict(v.astype("float32"), verbose=0).reshape(-1) for v in dihedral_views(images)], axis=0
+    )
     np.testing.assert_allclose(tta, manual, atol=1e-5)
     # TTA averages over the whole group, so it does not change when the input is flipped
     flipped = predict_images(model, np.ascontiguousarray(images[:, ::-1]), tta=True)
@@ -128,8 +129,11 @@ def test_bad_images_raise_naming_the_file_or_are_skipped_and_listed(model, folde
     with pytest.raises(ImageError, match="ISIC_MISSING"):
         predict_cohort(model, cohort)
     one = predict_folder(model, folder)
-    np.testing.assert_allclose(scored.set_index("image_name")["prediction"],
-                               one.set_index("image_name").loc[scored["image_name"], "prediction"], atol=1e-5)
+    np.testing.assert_allclose(
+        scored.set_index("image_name")["prediction"],
+        one.set_index("image_name").loc[scored["image_name"], "prediction"],
+        atol=1e-5,
+    )
 
 
 def test_write_submission_format(tmp_path):

@@ -19,8 +19,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 def _cli(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "melcore", *map(str, args)], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "melcore", *map(str, args)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _train_args(*argv):
@@ -32,6 +38,7 @@ def _train_args(*argv):
 
 
 # --------------------------------------------------------------------------- presets
+
 
 def test_cpu_default_resolves_to_a_valid_config_that_needs_no_download():
     from melcore import models
@@ -113,9 +120,24 @@ def test_cli_unknown_preset_exits_2_naming_the_valid_presets(tmp_path):
 def preset_run(demo_dir, tmp_path_factory):
     """``train --preset colour-svm`` on the demo cohort at 32 px, 1 epoch: (result, run dir)."""
     out = tmp_path_factory.mktemp("preset") / "run"
-    result = _cli("train", "--preset", "colour-svm", "--csv", demo_dir / "labels.csv",
-                  "--images", demo_dir / "jpeg" / "train", "--image-size", 32, "--epochs", 1, "--workers", 1,
-                  "--out", out, "--quiet")
+    result = _cli(
+        "train",
+        "--preset",
+        "colour-svm",
+        "--csv",
+        demo_dir / "labels.csv",
+        "--images",
+        demo_dir / "jpeg" / "train",
+        "--image-size",
+        32,
+        "--epochs",
+        1,
+        "--workers",
+        1,
+        "--out",
+        out,
+        "--quiet",
+    )
     return result, out
 
 
@@ -132,8 +154,7 @@ def test_cli_preset_trains_end_to_end_on_the_demo_cohort(demo_dir, preset_run):
     assert json.loads((out / "config.json").read_text())["preset"] == "colour-svm"
     assert run.metrics["status"] == "done" and run.metrics["image_size"] == 32
     predictions = run.val_predictions()
-    assert list(predictions.columns) == ["image_name", "patient_id", "clinic", "target", "prediction",
-                                         "cnn_prediction"]
+    assert list(predictions.columns) == ["image_name", "patient_id", "clinic", "target", "prediction", "cnn_prediction"]
     assert len(predictions) == run.metrics["n_val"] > 0
 
     # The saved CNN scores images with the same numbers as the run's cnn_prediction column.
@@ -238,6 +259,7 @@ def test_preset_run_model_explains_with_gradcam(demo_dir, preset_run):
 
 
 # --------------------------------------------------------------------------- colour features
+
 
 def _lesion_image(size=96, seed=0, blue=False):
     rng = np.random.default_rng(seed)
@@ -357,6 +379,7 @@ def test_colour_model_flag_is_validated_and_round_trips():
 
 # --------------------------------------------------------------------------- colour features, version 2
 
+
 def _textured_lesion(size=128, seed=0, texture=0.0, wavy=0.0):
     """Skin with a brown elliptic lesion; ``texture`` adds fine dark dots inside, ``wavy`` a wavy outline."""
     rng = np.random.default_rng(seed)
@@ -404,16 +427,16 @@ def test_lbp_codes_on_known_patterns():
     from melcore.colour import _lbp_codes
 
     flat = np.full((16, 16), 0.5)
-    assert (_lbp_codes(flat, 1.0) == 8).all()           # every neighbour >= centre: uniform, 8 ones
+    assert (_lbp_codes(flat, 1.0) == 8).all()  # every neighbour >= centre: uniform, 8 ones
     spot = flat.copy()
     spot[8, 8] = 1.0
-    assert _lbp_codes(spot, 1.0)[8, 8] == 0             # a bright peak: no neighbour as bright
-    stripes = np.tile(np.array([0.0, 1.0]), (16, 8))    # vertical 1-px stripes
+    assert _lbp_codes(spot, 1.0)[8, 8] == 0  # a bright peak: no neighbour as bright
+    stripes = np.tile(np.array([0.0, 1.0]), (16, 8))  # vertical 1-px stripes
     codes = _lbp_codes(stripes, 1.0)
     assert codes.min() >= 0 and codes.max() <= 9
     inner, on = codes[4:12, 4:12], stripes[4:12, 4:12] == 1
-    assert (inner[on] == 9).all()     # bright stripe: only the two neighbours along it as bright, not uniform
-    assert (inner[~on] == 8).all()    # dark stripe: every neighbour at least as bright
+    assert (inner[on] == 9).all()  # bright stripe: only the two neighbours along it as bright, not uniform
+    assert (inner[~on] == 8).all()  # dark stripe: every neighbour at least as bright
 
 
 def test_texture_features_see_a_textured_lesion():
@@ -438,9 +461,9 @@ def test_skin_relative_colour_is_stable_under_a_global_brightness_change():
     image = _textured_lesion()
     darker = np.clip(image.astype(np.float64) * 0.8, 0, 255).astype(np.uint8)
     a, b = _named(image), _named(darker)
-    assert a["skin_log_ratio_mean_R"] < -0.3             # the lesion is darker than the skin around it
+    assert a["skin_log_ratio_mean_R"] < -0.3  # the lesion is darker than the skin around it
     assert abs(a["skin_log_ratio_mean_R"] - b["skin_log_ratio_mean_R"]) < 0.05
-    assert abs(a["L_mean"] - b["L_mean"]) > 5            # the absolute lightness moves
+    assert abs(a["L_mean"] - b["L_mean"]) > 5  # the absolute lightness moves
 
 
 def test_rbf_colour_model_learns_a_non_linear_signal_and_round_trips(tmp_path):
@@ -453,7 +476,7 @@ def test_rbf_colour_model_learns_a_non_linear_signal_and_round_trips(tmp_path):
     x = rng.normal(size=(400, len(FEATURE_NAMES)))
     used = ["glcm_d1_contrast", "radius_cv"]
     a, b = x[:, FEATURE_NAMES.index(used[0])], x[:, FEATURE_NAMES.index(used[1])]
-    y = (a * b > 0).astype(int)                          # XOR-like: no linear model separates it
+    y = (a * b > 0).astype(int)  # XOR-like: no linear model separates it
     train, test = slice(0, 300), slice(300, None)
     rbf = ColourModel(C=None, kernel="rbf", features=used).fit(x[train], y[train])
     linear = ColourModel(C=0.1, kernel="linear", features=used).fit(x[train], y[train])
@@ -509,9 +532,16 @@ def test_version_1_colour_models_still_load_and_score():
 
     rng = np.random.default_rng(1)
     n = len(BASE_FEATURE_NAMES)
-    v1 = {"format": "melreview-colour-model/1", "work_size": 128, "C": 0.1, "feature_names": list(BASE_FEATURE_NAMES),
-          "mean": rng.normal(size=n).tolist(), "scale": (1 + rng.random(n)).tolist(),
-          "coef": rng.normal(size=n).tolist(), "intercept": 0.3}
+    v1 = {
+        "format": "melreview-colour-model/1",
+        "work_size": 128,
+        "C": 0.1,
+        "feature_names": list(BASE_FEATURE_NAMES),
+        "mean": rng.normal(size=n).tolist(),
+        "scale": (1 + rng.random(n)).tolist(),
+        "coef": rng.normal(size=n).tolist(),
+        "intercept": 0.3,
+    }
     model = ColourModel.from_dict(v1)
     x = colour_feature_matrix(np.stack([_textured_lesion(seed=s, texture=30 * s) for s in range(3)]))
     base = x[:, :n]

@@ -35,13 +35,15 @@ def _cohort(n_patients: int, rng, prevalence: float = 0.3):
     n = 2 * n_patients
     target = (rng.random(n) < prevalence).astype(int)
     latent = rng.normal(size=n) + SEPARATION * target
-    return pd.DataFrame({
-        "image_name": [f"IMG_{i:05d}" for i in range(n)],
-        "patient_id": [f"P{i // 2:04d}" for i in range(n)],
-        "target": target,
-        "prediction": 1 / (1 + np.exp(-latent)),
-        "split": "val",
-    })
+    return pd.DataFrame(
+        {
+            "image_name": [f"IMG_{i:05d}" for i in range(n)],
+            "patient_id": [f"P{i // 2:04d}" for i in range(n)],
+            "target": target,
+            "prediction": 1 / (1 + np.exp(-latent)),
+            "split": "val",
+        }
+    )
 
 
 def _reader_history(predictions, readers: dict, rng, *, aided=False, start_id=1, confidence_separation=None):
@@ -59,13 +61,25 @@ def _reader_history(predictions, readers: dict, rng, *, aided=False, start_id=1,
             latent = rng.normal(size=len(target)) + confidence_separation * target
             confidence = np.clip(np.round(50 + 15 * latent), 0, 100)
         for name, d, c in zip(predictions["image_name"], decision, confidence):
-            rows.append({"id": review_id, "run_id": 1, "image_name": name, "reviewer": reviewer, "decision": d,
-                         "note": "", "created_at": float(review_id), "aided": aided, "confidence": c})
+            rows.append(
+                {
+                    "id": review_id,
+                    "run_id": 1,
+                    "image_name": name,
+                    "reviewer": reviewer,
+                    "decision": d,
+                    "note": "",
+                    "created_at": float(review_id),
+                    "aided": aided,
+                    "confidence": c,
+                }
+            )
             review_id += 1
     return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------- Wilson intervals
+
 
 def test_wilson_interval_matches_the_closed_form_and_covers_95_percent():
     low, high = wilson_interval(8, 10)
@@ -80,27 +94,40 @@ def test_wilson_interval_matches_the_closed_form_and_covers_95_percent():
 
 # --------------------------------------------------------------------------- reads
 
+
 def test_study_reads_keep_each_readers_latest_management_decision_per_mode():
-    predictions = pd.DataFrame({"image_name": ["a", "b", "c"], "patient_id": ["P1", "P1", None],
-                                "target": pd.array([1, 0, pd.NA], dtype="Int8"), "prediction": [0.9, 0.2, 0.5]})
-    history = pd.DataFrame({
-        "id": [1, 2, 3, 4, 5, 6],
-        "image_name": ["a", "a", "a", "b", "b", "c"],
-        "reviewer": ["Dr A", "Dr A", "Dr A", "Dr A", "Dr B", "Dr A"],
-        "decision": ["reassure", "biopsy", "agree", "follow-up", "biopsy", "biopsy"],
-        "aided": [False, False, True, False, True, False],
-        "confidence": [20, 90, None, None, 70, 50],
-    })
+    predictions = pd.DataFrame(
+        {
+            "image_name": ["a", "b", "c"],
+            "patient_id": ["P1", "P1", None],
+            "target": pd.array([1, 0, pd.NA], dtype="Int8"),
+            "prediction": [0.9, 0.2, 0.5],
+        }
+    )
+    history = pd.DataFrame(
+        {
+            "id": [1, 2, 3, 4, 5, 6],
+            "image_name": ["a", "a", "a", "b", "b", "c"],
+            "reviewer": ["Dr A", "Dr A", "Dr A", "Dr A", "Dr B", "Dr A"],
+            "decision": ["reassure", "biopsy", "agree", "follow-up", "biopsy", "biopsy"],
+            "aided": [False, False, True, False, True, False],
+            "confidence": [20, 90, None, None, 70, 50],
+        }
+    )
     reads = study_reads(history, predictions)
     # "agree" is not a management decision; c is unlabelled
     assert reads[["reviewer", "mode", "image_name", "decision"]].values.tolist() == [
-        ["Dr A", "unaided", "a", "biopsy"], ["Dr A", "unaided", "b", "follow-up"], ["Dr B", "aided", "b", "biopsy"]]
+        ["Dr A", "unaided", "a", "biopsy"],
+        ["Dr A", "unaided", "b", "follow-up"],
+        ["Dr B", "aided", "b", "biopsy"],
+    ]
     assert reads["positive"].tolist() == [True, False, True]
     assert reads["confidence"].tolist()[0] == 90 and math.isnan(reads["confidence"].iloc[1])
     assert reads["group"].tolist() == ["P1", "P1", "P1"]
 
 
 # --------------------------------------------------------------------------- synthetic readers
+
 
 @pytest.fixture(scope="module")
 def study():
@@ -109,8 +136,10 @@ def study():
     truth = {"Dr A": (0.80, 0.70), "Dr B": (0.65, 0.85), "Dr C": (0.90, 0.55), "Dr D": (0.85, 0.60)}
     history = _reader_history(predictions, truth, rng, aided=False, confidence_separation=1.2)
     aided_truth = {name: (min(0.97, s + 0.08), min(0.97, c + 0.05)) for name, (s, c) in truth.items()}
-    history = pd.concat([history, _reader_history(predictions, aided_truth, rng, aided=True,
-                                                  start_id=len(history) + 1)], ignore_index=True)
+    history = pd.concat(
+        [history, _reader_history(predictions, aided_truth, rng, aided=True, start_id=len(history) + 1)],
+        ignore_index=True,
+    )
     return predictions, history, truth, aided_truth
 
 
@@ -136,8 +165,10 @@ def test_the_model_is_judged_on_the_readers_own_lesions(study):
     assert row["n"] == 200
     assert row["model_auroc"] == pytest.approx(roc_auc_score(mine["target"], mine["prediction"]))
     sweep = ThresholdSweep(mine["target"], mine["prediction"])
-    assert row["model_sensitivity_at_reader_specificity"] == sweep.threshold_for_specificity(
-        row["specificity"])["sensitivity"]
+    assert (
+        row["model_sensitivity_at_reader_specificity"]
+        == sweep.threshold_for_specificity(row["specificity"])["sensitivity"]
+    )
 
 
 def test_confidence_ratings_give_each_reader_an_auroc_near_the_binormal_value(study):
@@ -184,10 +215,20 @@ def test_two_way_bootstrap_is_wider_than_resampling_patients_alone(study):
 
 
 def test_mean_reader_says_why_when_no_lesion_is_shared():
-    reads = pd.DataFrame({"reviewer": ["A", "B"], "mode": ["unaided", "unaided"], "image_name": ["x", "y"],
-                          "group": ["P1", "P2"], "target": [1, 0], "risk": [0.8, 0.1],
-                          "decision": ["biopsy", "reassure"], "positive": [True, False],
-                          "confidence": [np.nan, np.nan], "review_id": [1, 2]})
+    reads = pd.DataFrame(
+        {
+            "reviewer": ["A", "B"],
+            "mode": ["unaided", "unaided"],
+            "image_name": ["x", "y"],
+            "group": ["P1", "P2"],
+            "target": [1, 0],
+            "risk": [0.8, 0.1],
+            "decision": ["biopsy", "reassure"],
+            "positive": [True, False],
+            "confidence": [np.nan, np.nan],
+            "review_id": [1, 2],
+        }
+    )
     result = mean_reader_comparison(reads, n_boot=10)
     assert math.isnan(result.sensitivity_diff) and "no lesion was read by every reader" in result.note
 
@@ -199,11 +240,13 @@ def test_aided_reading_gains_are_measured_on_the_same_lesions(study):
     direct = reader_table(study_reads(history, predictions), n_boot=20).set_index(["reviewer", "mode"])
     for reviewer in truth:
         assert table.loc[reviewer, "sensitivity_diff"] == pytest.approx(
-            direct.loc[(reviewer, "aided"), "sensitivity"] - direct.loc[(reviewer, "unaided"), "sensitivity"])
+            direct.loc[(reviewer, "aided"), "sensitivity"] - direct.loc[(reviewer, "unaided"), "sensitivity"]
+        )
     assert table["specificity_diff"].mean() > 0 and table["sensitivity_diff"].mean() > 0
 
 
 # --------------------------------------------------------------------------- agreement
+
 
 def test_cohen_kappa_matches_scikit_learn():
     rng = np.random.default_rng(5)
@@ -218,8 +261,18 @@ def test_cohen_kappa_matches_scikit_learn():
 
 def test_fleiss_kappa_matches_the_published_example():
     # Fleiss (1971) as worked in the usual textbook example: 10 subjects, 14 raters, 5 categories
-    table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
-             [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    table = [
+        [0, 0, 0, 0, 14],
+        [0, 2, 6, 4, 2],
+        [0, 0, 3, 5, 6],
+        [0, 3, 9, 2, 0],
+        [2, 2, 8, 1, 1],
+        [7, 7, 0, 0, 0],
+        [3, 2, 6, 3, 0],
+        [2, 5, 3, 2, 2],
+        [6, 5, 2, 1, 0],
+        [0, 2, 2, 3, 7],
+    ]
     assert fleiss_kappa(table) == pytest.approx(0.20993, abs=1e-4)
     with pytest.raises(MelcoreError, match="same number of raters"):
         fleiss_kappa([[1, 1], [2, 1]])
@@ -241,6 +294,7 @@ def test_kappas_of_a_study_use_the_shared_lesions(study):
 
 # --------------------------------------------------------------------------- from the store
 
+
 def test_reads_saved_in_the_store_feed_the_reader_table(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     rng = np.random.default_rng(8)
@@ -259,6 +313,7 @@ def test_reads_saved_in_the_store_feed_the_reader_table(tmp_path):
 
 # --------------------------------------------------------------------------- the study worklist
 
+
 def test_study_order_is_fixed_random_and_independent_of_the_scores():
     names = [f"IMG_{i:03d}" for i in range(200)]
     order = study_order(names, seed=7)
@@ -269,12 +324,24 @@ def test_study_order_is_fixed_random_and_independent_of_the_scores():
 
 
 def test_study_worklist_lists_only_this_readers_reads_in_this_mode_and_no_score():
-    predictions = pd.DataFrame({"image_name": ["a", "b", "c"], "patient_id": ["P1", "P2", "P2"],
-                                "target": [1, 0, 0], "prediction": [0.91, 0.12, 0.55]})
-    history = pd.DataFrame({"id": [1, 2, 3, 4], "image_name": ["a", "a", "b", "c"],
-                            "reviewer": ["Dr A", "Dr A", "Dr B", "Dr A"],
-                            "decision": ["reassure", "biopsy", "biopsy", "follow-up"],
-                            "aided": [False, False, False, True], "confidence": [10, 85, 90, None]})
+    predictions = pd.DataFrame(
+        {
+            "image_name": ["a", "b", "c"],
+            "patient_id": ["P1", "P2", "P2"],
+            "target": [1, 0, 0],
+            "prediction": [0.91, 0.12, 0.55],
+        }
+    )
+    history = pd.DataFrame(
+        {
+            "id": [1, 2, 3, 4],
+            "image_name": ["a", "a", "b", "c"],
+            "reviewer": ["Dr A", "Dr A", "Dr B", "Dr A"],
+            "decision": ["reassure", "biopsy", "biopsy", "follow-up"],
+            "aided": [False, False, False, True],
+            "confidence": [10, 85, 90, None],
+        }
+    )
     table = study_worklist(predictions, history, "Dr A", "unaided", seed=3)
     assert list(table.columns) == ["position", "image_name", "patient_id", "read", "decision", "confidence"]
     assert table["image_name"].tolist() == study_order(["a", "b", "c"], 3)

@@ -32,6 +32,7 @@ DETAIL_FIELDS = ("options", "notes", "shortcut_audit")  # `datasets show --json`
 
 # --------------------------------------------------------------------------- reading the README
 
+
 def section(text: str, heading: str) -> str:
     """The lines of ``text`` from the heading line ``heading`` to the next heading of its level or above."""
     level = len(heading) - len(heading.lstrip("#"))
@@ -40,7 +41,7 @@ def section(text: str, heading: str) -> str:
     if not starts:
         raise AssertionError(f"README.md has no {heading!r} section (a heading line exactly {heading!r})")
     body = []
-    for line in lines[starts[0] + 1:]:
+    for line in lines[starts[0] + 1 :]:
         match = re.match(r"^(#+)\s", line)
         if match and len(match.group(1)) <= level and not _in_fence(body):
             break
@@ -125,12 +126,15 @@ def documented_fields() -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------- fast checks of the text
 
+
 def test_the_first_screen_gives_exactly_the_two_set_up_commands():
     text = README.read_text(encoding="utf-8")
     before_first_section = text.split("\n## ", 1)[0]
     (block,) = fenced_blocks(before_first_section)
-    assert commands(block) == ["pip install -r requirements.txt && streamlit run app.py",
-                               "pip install -r requirements-dev.txt && python -m pytest"]
+    assert commands(block) == [
+        "pip install -r requirements.txt && streamlit run app.py",
+        "pip install -r requirements-dev.txt && python -m pytest",
+    ]
 
 
 def test_the_command_line_section_names_only_real_commands():
@@ -163,8 +167,11 @@ def test_documented_json_fields_are_the_keys_the_commands_print(tmp_path, capsys
     from melcore.store import Store
 
     documented = documented_fields()
-    assert documented == {"datasets list --json": list(RECORD_FIELDS), "runs list --json": list(RUN_FIELDS),
-                          "jobs list --json": list(JOB_FIELDS)}
+    assert documented == {
+        "datasets list --json": list(RECORD_FIELDS),
+        "runs list --json": list(RUN_FIELDS),
+        "jobs list --json": list(JOB_FIELDS),
+    }
     store = Store()
     dataset_id = store.add_dataset("d", tmp_path / "labels.csv")
     store.add_run("r", tmp_path, dataset_id=dataset_id, metrics={"val_auroc": 0.7})
@@ -180,9 +187,16 @@ def test_documented_json_fields_are_the_keys_the_commands_print(tmp_path, capsys
 
 # --------------------------------------------------------------------------- running them
 
+
 def _env(home: Path, work: Path) -> dict:
-    env = dict(os.environ, MELREVIEW_HOME=str(home), MELREVIEW_DATA_ROOTS=str(work), PYTHONPATH=str(ROOT),
-               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        MELREVIEW_HOME=str(home),
+        MELREVIEW_DATA_ROOTS=str(work),
+        PYTHONPATH=str(ROOT),
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONUNBUFFERED="1",
+    )
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # `python` is this one
     env.pop("MELREVIEW_DB_URL", None)
     return env
@@ -211,12 +225,21 @@ def test_every_readme_command_runs_as_written_on_a_fresh_home(tmp_path):
     timings = []
     for number, command in enumerate(found, 1):
         start = time.monotonic()
-        done = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=900, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            ["bash", "-c", command],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            stdin=subprocess.DEVNULL,
+        )
         timings.append((time.monotonic() - start, command))
-        assert done.returncode == 0, (f"README command {number} of {len(found)} exited {done.returncode}:\n"
-                                      f"$ {command}\n--- stdout (end) ---\n{done.stdout[-2000:]}\n"
-                                      f"--- stderr (end) ---\n{done.stderr[-4000:]}")
+        assert done.returncode == 0, (
+            f"README command {number} of {len(found)} exited {done.returncode}:\n"
+            f"$ {command}\n--- stdout (end) ---\n{done.stdout[-2000:]}\n"
+            f"--- stderr (end) ---\n{done.stderr[-4000:]}"
+        )
         _check_json_fields(command, done.stdout, documented)
     print("\n".join(f"{seconds:6.1f}s  {command}" for seconds, command in timings))
 
@@ -250,8 +273,9 @@ def test_streamlit_run_app_answers_its_health_check_and_runs_the_home_page_on_a_
 
         with urllib.request.urlopen(server.url + "/_stcore/health", timeout=10) as response:
             assert response.read().decode() == "ok"
-        with connect(f"ws://127.0.0.1:{server.port}/_stcore/stream", subprotocols=["streamlit"],
-                     max_size=2 ** 26, open_timeout=30) as ws:
+        with connect(
+            f"ws://127.0.0.1:{server.port}/_stcore/stream", subprotocols=["streamlit"], max_size=2**26, open_timeout=30
+        ) as ws:
             message = BackMsg()
             message.rerun_script.query_string = ""
             message.rerun_script.page_name = ""

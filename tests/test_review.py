@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from melcore.errors import ImageError, MelcoreError
+from melcore.predict import score_upload
 from melcore.review import (
     EXPORT_COLUMNS,
     WORKLIST_COLUMNS,
@@ -23,19 +24,20 @@ from melcore.review import (
     reviews_csv,
     worklist,
 )
-from melcore.predict import score_upload
 from melcore.store import Store
 
 
 def predictions_frame(n: int = 30, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "image_name": [f"IMG_{i:03d}" for i in range(n)],
-        "patient_id": [f"P{i // 3}" for i in range(n)],
-        "clinic": ["north" if i % 2 else "south" for i in range(n)],
-        "target": (rng.random(n) < 0.2).astype(int),
-        "prediction": rng.random(n),
-    })
+    return pd.DataFrame(
+        {
+            "image_name": [f"IMG_{i:03d}" for i in range(n)],
+            "patient_id": [f"P{i // 3}" for i in range(n)],
+            "clinic": ["north" if i % 2 else "south" for i in range(n)],
+            "target": (rng.random(n) < 0.2).astype(int),
+            "prediction": rng.random(n),
+        }
+    )
 
 
 @pytest.fixture
@@ -48,6 +50,7 @@ def run_with_predictions():
 
 
 # --------------------------------------------------------------------------- worklist
+
 
 def test_worklist_is_sorted_by_risk_with_rank_and_flags():
     frame = predictions_frame()
@@ -75,8 +78,9 @@ def test_ties_are_broken_by_image_name_and_missing_predictions_are_left_out():
 
 
 def test_preferred_split_wins_when_an_image_was_stored_twice():
-    frame = pd.DataFrame({"image_name": ["x", "x", "y"], "prediction": [0.9, 0.2, 0.5],
-                          "split": ["test", "val", "val"]})
+    frame = pd.DataFrame(
+        {"image_name": ["x", "x", "y"], "prediction": [0.9, 0.2, 0.5], "split": ["test", "val", "val"]}
+    )
     table = worklist(frame, None)
     assert dict(zip(table["image_name"], table["risk"])) == {"x": 0.2, "y": 0.5}
 
@@ -147,6 +151,7 @@ def test_progress_counts(run_with_predictions):
 
 # --------------------------------------------------------------------------- names, times, history
 
+
 def test_reviewer_name_is_required_and_bounded():
     assert check_reviewer("  Dr   Ana  Ruiz ") == "Dr Ana Ruiz"
     for bad in ("", "   ", None):
@@ -175,6 +180,7 @@ def test_history_table_is_newest_first_with_the_current_marked(run_with_predicti
 
 
 # --------------------------------------------------------------------------- export
+
 
 def test_export_holds_every_decision_with_iso_times(run_with_predictions):
     store, run_id, frame = run_with_predictions
@@ -217,8 +223,9 @@ def test_export_guards_against_spreadsheet_formulas(run_with_predictions):
     store, run_id, _ = run_with_predictions
     store.add_review(run_id, "IMG_001", "=cmd|' /C calc'!A0", "unsure", "+SUM(A1:A3)")
     store.add_review(run_id, "IMG_002", "Dr A", "agree", "-1.5")
-    back = pd.read_csv(io.StringIO(reviews_csv(store.review_history(run_id))), keep_default_na=False,
-                       dtype={"note": str})
+    back = pd.read_csv(
+        io.StringIO(reviews_csv(store.review_history(run_id))), keep_default_na=False, dtype={"note": str}
+    )
     assert back["reviewer"].iloc[0] == "'=cmd|' /C calc'!A0"
     assert back["note"].iloc[0] == "'+SUM(A1:A3)"
     assert back["note"].iloc[1] == "-1.5"  # a plain number stays as it is
@@ -232,6 +239,7 @@ def test_export_of_a_run_without_decisions_is_a_header():
 
 
 # --------------------------------------------------------------------------- scoring an upload
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -281,11 +289,14 @@ def test_score_upload_shrinks_large_images_for_display(tiny_run):
     assert result.image.shape == (256, 512, 3)
 
 
-@pytest.mark.parametrize("data, what", [
-    (b"patient notes: nothing to see here\n" * 4, "text"),
-    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "PDF"),
-    (b"", "empty"),
-])
+@pytest.mark.parametrize(
+    "data, what",
+    [
+        (b"patient notes: nothing to see here\n" * 4, "text"),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "PDF"),
+        (b"", "empty"),
+    ],
+)
 def test_score_upload_refuses_what_is_not_an_image(tiny_run, data, what):
     with pytest.raises(ImageError, match=what):
         score_upload(tiny_run, data, "renamed.png")

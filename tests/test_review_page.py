@@ -6,16 +6,15 @@ import io
 from datetime import datetime
 
 import numpy as np
+import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
 import pandas as pd
 import pytest
 import streamlit.testing.v1.app_test as app_test_module
+from page_helpers import run, texts
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from melcore.store import Store
-
-import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
-from page_helpers import run, texts
 
 THRESHOLD = 0.3
 N_SCORED = 40
@@ -31,8 +30,14 @@ def seeded(demo_dir):
     run_id = store.add_run("cnn-bn demo", dataset_id=dataset_id, model="cnn-bn", threshold=THRESHOLD)
     store.add_predictions(run_id, predictions, split="val")
     order = predictions.sort_values("prediction", ascending=False)["image_name"].tolist()
-    return {"store": store, "run_id": run_id, "dataset_id": dataset_id, "predictions": predictions,
-            "order": order, "cohort": cohort}
+    return {
+        "store": store,
+        "run_id": run_id,
+        "dataset_id": dataset_id,
+        "predictions": predictions,
+        "order": order,
+        "cohort": cohort,
+    }
 
 
 def open_page() -> AppTest:
@@ -66,7 +71,7 @@ def metric(at: AppTest, label: str) -> str:
 def test_worklist_is_sorted_by_risk_and_opens_the_riskiest_lesion(seeded):
     at = open_page()
     table = worklist_table(at)
-    assert table["image"].tolist() == seeded["order"][:len(table)]
+    assert table["image"].tolist() == seeded["order"][: len(table)]
     assert np.all(np.diff(table["risk"].to_numpy()) <= 0)
     assert table["rank"].tolist() == list(range(1, len(table) + 1))
     np.testing.assert_array_equal(table["flagged"].to_numpy(), table["risk"].to_numpy() >= THRESHOLD)
@@ -121,7 +126,9 @@ def test_decisions_are_saved_appended_and_counted(seeded):
     assert metric(at, "Reviewed") == f"1 / {N_SCORED}"
     at = decide(at, run_id, "follow-up")
     assert store.latest_reviews(run_id).set_index("image_name")["decision"].to_dict() == {
-        image: "unsure", seeded["order"][1]: "follow-up"}
+        image: "unsure",
+        seeded["order"][1]: "follow-up",
+    }
     assert metric(at, "Reviewed") == f"2 / {N_SCORED}"
 
 
@@ -267,7 +274,8 @@ def test_csv_export_holds_the_decisions_with_history(seeded, monkeypatch):
     export = pd.read_csv(io.BytesIO(saved[name]), keep_default_na=False, dtype={"threshold": str})
     assert export[["run_id", "run", "image_name", "reviewer", "decision"]].values.tolist() == [
         [run_id, f"#{run_id} cnn-bn · all clinics", image, "Dr A", "agree"],
-        [run_id, f"#{run_id} cnn-bn · all clinics", image, "Dr A", "disagree"]]
+        [run_id, f"#{run_id} cnn-bn · all clinics", image, "Dr A", "disagree"],
+    ]
     lesion = seeded["cohort"].table.set_index("image_name").loc[image]
     assert export["diagnosis"].tolist() == [str(lesion["diagnosis"])] * 2
     assert export["clinic"].tolist() == [str(lesion["clinic"])] * 2
@@ -296,8 +304,7 @@ def test_gradcam_toggle_shows_the_overlay_for_the_run(seeded, tmp_path):
     run_dir.mkdir()
     model, _ = build_model("basic-cnn", 32)
     model.save(run_dir / "model.keras")
-    with_model = store.add_run("with model", run_dir, dataset_id=seeded["dataset_id"], model="basic-cnn",
-                               threshold=0.5)
+    with_model = store.add_run("with model", run_dir, dataset_id=seeded["dataset_id"], model="basic-cnn", threshold=0.5)
     store.add_predictions(with_model, seeded["predictions"], split="val")
     at = open_page()
     at.selectbox(key="review_run").set_value(with_model)
@@ -314,6 +321,7 @@ def test_gradcam_toggle_shows_the_overlay_for_the_run(seeded, tmp_path):
 
 
 # --------------------------------------------------------------------------- reader study
+
 
 def _everything_sent(at: AppTest) -> str:
     """Every element the page sent, as text: protobuf text of each element, dataframes as CSV."""
@@ -375,7 +383,11 @@ def test_blinded_reading_never_sends_the_models_score_to_the_page(seeded):
     at = run(at)
     read = store.review_history(run_id, image).iloc[-1]
     assert (read["reviewer"], read["decision"], bool(read["aided"]), read["confidence"]) == (
-        "Dr Blind", "biopsy", False, 70)
+        "Dr Blind",
+        "biopsy",
+        False,
+        70,
+    )
     assert at.session_state["review_study_current"] == order[1]
     assert "You have read 1 of" in _everything_sent(at)
     assert not _leaked_scores(predictions, _everything_sent(at))

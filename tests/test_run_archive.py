@@ -51,10 +51,15 @@ def exported(tmp_path_factory):
         (run_dir / "fold-0").mkdir(parents=True)
         rng = np.random.default_rng(0)
         n = 40
-        predictions = pd.DataFrame({"image_name": [f"ISIC_{i:07d}" for i in range(n)],
-                                    "patient_id": [f"IP_{i // 2:03d}" for i in range(n)],
-                                    "clinic": ["north", "south"] * (n // 2), "target": [int(i % 4 == 0) for i in range(n)],
-                                    "prediction": rng.uniform(0, 1, n).round(6)})
+        predictions = pd.DataFrame(
+            {
+                "image_name": [f"ISIC_{i:07d}" for i in range(n)],
+                "patient_id": [f"IP_{i // 2:03d}" for i in range(n)],
+                "clinic": ["north", "south"] * (n // 2),
+                "target": [int(i % 4 == 0) for i in range(n)],
+                "prediction": rng.uniform(0, 1, n).round(6),
+            }
+        )
         predictions.to_csv(run_dir / "val_predictions.csv", index=False)
         config = {"model": "basic-cnn", "clinic": None, "image_size": 32, "epochs": 1}
         metrics = {"kind": "image", "val_auroc": 0.61, "weights": {"from_scratch": True, "note": "from scratch"}}
@@ -80,14 +85,24 @@ def trained(demo_dir, tmp_path_factory):
         home = _export_home(tmp_path_factory, mp)
         store = Store()
         dataset = register_dataset(store, "demo", demo_dir / "labels.csv", demo_dir).dataset
-        config = TrainConfig(model="basic-cnn", image_size=32, epochs=1, batch_size=16, optimizer="adam",
-                             augment="none", seed=0, early_stopping_patience=None, workers=2)
+        config = TrainConfig(
+            model="basic-cnn",
+            image_size=32,
+            epochs=1,
+            batch_size=16,
+            optimizer="adam",
+            augment="none",
+            seed=0,
+            early_stopping_patience=None,
+            workers=2,
+        )
         run = fit(config, store.load_dataset_cohort(dataset["id"]), run_dir=home / "runs" / "tiny")
         run_id = record_run(store, run, dataset_id=dataset["id"])
         return _export(store, run_id, tmp_path_factory.mktemp("archives") / "trained.zip")
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _members(path: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(path) as archive:
@@ -96,13 +111,17 @@ def _members(path: Path) -> dict[str, bytes]:
 
 def _manifest_for(members: dict[str, bytes], manifest: dict) -> dict:
     """``manifest`` with its file list rewritten to match ``members`` (a consistent, re-signed archive)."""
-    files = [{"path": name[len("run/"):], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-             for name, data in sorted(members.items()) if name.startswith("run/")]
+    files = [
+        {"path": name[len("run/") :], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in sorted(members.items())
+        if name.startswith("run/")
+    ]
     return {**manifest, "files": files}
 
 
-def _write(path: Path, members: dict[str, bytes], *, symlinks: tuple[str, ...] = (),
-           compression=zipfile.ZIP_DEFLATED) -> Path:
+def _write(
+    path: Path, members: dict[str, bytes], *, symlinks: tuple[str, ...] = (), compression=zipfile.ZIP_DEFLATED
+) -> Path:
     with zipfile.ZipFile(path, "w", compression=compression) as archive:
         for name, data in members.items():
             info = zipfile.ZipInfo(name)
@@ -113,8 +132,9 @@ def _write(path: Path, members: dict[str, bytes], *, symlinks: tuple[str, ...] =
     return path
 
 
-def _altered(source: Path, out: Path, changes: dict | None = None, *, resign: bool = False, manifest_edit=None,
-             symlinks=()) -> Path:
+def _altered(
+    source: Path, out: Path, changes: dict | None = None, *, resign: bool = False, manifest_edit=None, symlinks=()
+) -> Path:
     """A copy of ``source`` with members replaced or added (``changes``: name -> bytes, or None to drop it).
 
     ``resign``: rewrite the manifest's file list to match (so only the other checks can refuse it);
@@ -136,8 +156,11 @@ def _altered(source: Path, out: Path, changes: dict | None = None, *, resign: bo
 
 
 def _files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*")
-            if not p.name.startswith("store.db") and not p.name.endswith((".db-journal", ".db-wal", ".db-shm"))}
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if not p.name.startswith("store.db") and not p.name.endswith((".db-journal", ".db-wal", ".db-shm"))
+    }
 
 
 def _refused(store: Store, archive: Path, reason: str, tmp_path: Path, **kwargs) -> None:
@@ -154,6 +177,7 @@ def _refused(store: Store, archive: Path, reason: str, tmp_path: Path, **kwargs)
 
 # --------------------------------------------------------------------------- round trip
 
+
 def test_export_then_import_on_a_fresh_home_registers_the_same_run(exported, tmp_path):
     from sklearn.metrics import roc_auc_score
 
@@ -165,8 +189,13 @@ def test_export_then_import_on_a_fresh_home_registers_the_same_run(exported, tmp
     assert manifest["run"]["threshold"] == pytest.approx(0.4321) and manifest["run"]["dataset"] == "demo"
     assert manifest["weights"] == {"from_scratch": True, "note": "from scratch"}
     assert manifest["melreview_version"] == run_archive.melreview_version()
-    assert [f["path"] for f in manifest["files"]] == ["config.json", "fold-0/train.log", "metrics.json",
-                                                      "model.keras", "val_predictions.csv"]
+    assert [f["path"] for f in manifest["files"]] == [
+        "config.json",
+        "fold-0/train.log",
+        "metrics.json",
+        "model.keras",
+        "val_predictions.csv",
+    ]
 
     store = Store()
     dataset_id = store.add_dataset("demo", tmp_path / "labels.csv")
@@ -246,11 +275,14 @@ def test_a_trained_run_imported_by_the_cli_is_usable_by_compare_and_predict(trai
 
 # --------------------------------------------------------------------------- refusals
 
+
 def test_a_tampered_file_is_refused_for_its_checksum(exported, tmp_path):
     archive = exported[0]
     csv = _members(archive)["run/val_predictions.csv"]
     first_digit = next(i for i, b in enumerate(csv) if chr(b).isdigit() and i > csv.index(b"\n"))
-    flipped = csv[:first_digit] + (b"1" if csv[first_digit:first_digit + 1] != b"1" else b"2") + csv[first_digit + 1:]
+    flipped = (
+        csv[:first_digit] + (b"1" if csv[first_digit : first_digit + 1] != b"1" else b"2") + csv[first_digit + 1 :]
+    )
     assert len(flipped) == len(csv)
     bad = _altered(archive, tmp_path / "bad.zip", {"run/val_predictions.csv": flipped})
     _refused(Store(), bad, r"checksum mismatch for val_predictions\.csv", tmp_path)
@@ -278,13 +310,16 @@ def test_an_extra_unlisted_file_is_refused(exported, tmp_path):
     _refused(Store(), bad, r"files not listed in the manifest: run/extra\.py", tmp_path)
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("run/../escape.txt", "climbs out with '..'"),
-    ("../escape.txt", "climbs out with '..'"),
-    ("/tmp/escape.txt", "has an absolute name"),
-    ("C:/escape.txt", "has an absolute name"),
-    ("run\\..\\escape.txt", "has a backslash"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("run/../escape.txt", "climbs out with '..'"),
+        ("../escape.txt", "climbs out with '..'"),
+        ("/tmp/escape.txt", "has an absolute name"),
+        ("C:/escape.txt", "has an absolute name"),
+        ("run\\..\\escape.txt", "has a backslash"),
+    ],
+)
 def test_names_leaving_the_target_are_refused(exported, tmp_path, name, reason):
     members = _members(exported[0])
     members[name] = b"escaped"
@@ -303,34 +338,42 @@ def test_a_manifest_entry_leaving_the_target_is_refused(exported, tmp_path):
     _refused(Store(), bad, "climbs out with '..'", tmp_path)
 
 
-@pytest.mark.parametrize("first, reason", [("x", "x/y lies inside another member's file"),
-                                           ("x/y", "x is also another member's folder")])
+@pytest.mark.parametrize(
+    "first, reason", [("x", "x/y lies inside another member's file"), ("x/y", "x is also another member's folder")]
+)
 def test_a_file_and_a_folder_of_the_same_name_are_refused(exported, tmp_path, first, reason):
     def unpack_first(manifest):  # the manifest's order is the order of unpacking
         manifest["files"].sort(key=lambda entry: entry["path"] != first)
 
-    bad = _altered(exported[0], tmp_path / "bad.zip", {"run/x": b"one", "run/x/y": b"two"}, resign=True,
-                   manifest_edit=unpack_first)
+    bad = _altered(
+        exported[0], tmp_path / "bad.zip", {"run/x": b"one", "run/x/y": b"two"}, resign=True, manifest_edit=unpack_first
+    )
     _refused(Store(), bad, f"{reason}; refused", tmp_path)
 
 
 def test_a_symlink_member_is_refused(exported, tmp_path):
-    bad = _altered(exported[0], tmp_path / "bad.zip", {"run/link.csv": b"/etc/passwd"}, resign=True,
-                   symlinks=("run/link.csv",))
+    bad = _altered(
+        exported[0], tmp_path / "bad.zip", {"run/link.csv": b"/etc/passwd"}, resign=True, symlinks=("run/link.csv",)
+    )
     _refused(Store(), bad, r"member 'run/link\.csv' is a symbolic link", tmp_path)
 
 
 def test_an_archive_over_the_size_limit_is_refused(exported, tmp_path, monkeypatch):
     archive = exported[0]
     total = sum(f["bytes"] for f in json.loads(_members(archive)["manifest.json"])["files"])
-    _refused(Store(), archive, f"would unpack to {total:,} bytes, more than the {total - 1:,} accepted", tmp_path,
-             max_bytes=total - 1)
+    _refused(
+        Store(),
+        archive,
+        f"would unpack to {total:,} bytes, more than the {total - 1:,} accepted",
+        tmp_path,
+        max_bytes=total - 1,
+    )
     monkeypatch.setenv("MELREVIEW_IMPORT_MAX_BYTES", "1K")
     _refused(Store(), archive, "more than the 1,024 accepted", tmp_path)
 
 
 def test_a_zip_bomb_member_is_refused_for_its_ratio(exported, tmp_path):
-    bad = _altered(exported[0], tmp_path / "bad.zip", {"run/padding.bin": bytes(8 * 1024 ** 2)}, resign=True)
+    bad = _altered(exported[0], tmp_path / "bad.zip", {"run/padding.bin": bytes(8 * 1024**2)}, resign=True)
     _refused(Store(), bad, r"run/padding\.bin unpacks .* times its compressed size .*zip bomb", tmp_path)
 
 
@@ -339,8 +382,9 @@ def test_a_member_larger_than_the_manifest_says_is_refused(exported, tmp_path):
         next(f for f in manifest["files"] if f["path"] == "metrics.json")["bytes"] -= 1
 
     bad = _altered(exported[0], tmp_path / "bad.zip", manifest_edit=shrink)
-    _refused(Store(), bad, r"run/metrics\.json is [\d,]+ bytes, the manifest says [\d,]+; the archive was altered",
-             tmp_path)
+    _refused(
+        Store(), bad, r"run/metrics\.json is [\d,]+ bytes, the manifest says [\d,]+; the archive was altered", tmp_path
+    )
 
 
 def test_a_file_that_is_not_a_zip_is_refused(tmp_path, capsys):
@@ -351,19 +395,29 @@ def test_a_file_that_is_not_a_zip_is_refused(tmp_path, capsys):
     assert "absent.zip not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("manifest, reason", [
-    (None, "has no manifest.json: not a melreview run archive"),
-    (b"{not json", r"manifest\.json is not valid JSON; the archive is damaged"),
-    (b"\xff\xfe garbage", r"manifest\.json is not valid JSON"),
-    (b"[1, 2]", "is not a melreview-run manifest"),
-    (json.dumps({"format": "other"}).encode(), "is not a melreview-run manifest"),
-    (json.dumps({"format": "melreview-run", "version": 99, "files": [], "run": {}}).encode(),
-     "archive version 99; this melreview reads version 1 .upgrade melreview."),
-    (json.dumps({"format": "melreview-run", "version": "1", "files": [], "run": {}}).encode(), "archive version '1'"),
-    (json.dumps({"format": "melreview-run", "version": 1, "files": [{"path": "x"}], "run": {}}).encode(),
-     r"no valid file list \(path, bytes, sha256 for each\)"),
-    (json.dumps({"format": "melreview-run", "version": 1, "files": []}).encode(), "describes no run"),
-])
+@pytest.mark.parametrize(
+    "manifest, reason",
+    [
+        (None, "has no manifest.json: not a melreview run archive"),
+        (b"{not json", r"manifest\.json is not valid JSON; the archive is damaged"),
+        (b"\xff\xfe garbage", r"manifest\.json is not valid JSON"),
+        (b"[1, 2]", "is not a melreview-run manifest"),
+        (json.dumps({"format": "other"}).encode(), "is not a melreview-run manifest"),
+        (
+            json.dumps({"format": "melreview-run", "version": 99, "files": [], "run": {}}).encode(),
+            "archive version 99; this melreview reads version 1 .upgrade melreview.",
+        ),
+        (
+            json.dumps({"format": "melreview-run", "version": "1", "files": [], "run": {}}).encode(),
+            "archive version '1'",
+        ),
+        (
+            json.dumps({"format": "melreview-run", "version": 1, "files": [{"path": "x"}], "run": {}}).encode(),
+            r"no valid file list \(path, bytes, sha256 for each\)",
+        ),
+        (json.dumps({"format": "melreview-run", "version": 1, "files": []}).encode(), "describes no run"),
+    ],
+)
 def test_a_missing_or_garbled_manifest_or_wrong_version_is_refused(exported, tmp_path, manifest, reason):
     members = _members(exported[0])
     if manifest is None:
@@ -386,19 +440,25 @@ def test_a_bad_threshold_or_bad_predictions_are_refused_before_registering(expor
     row = csv[2].split(",")
     row[header.index("prediction")] = "1.5"
     csv[2] = ",".join(row)
-    bad = _altered(exported[0], tmp_path / "p.zip",
-                   {"run/val_predictions.csv": ("\n".join(csv) + "\n").encode()}, resign=True)
-    _refused(store, bad, r"val_predictions\.csv row 3: prediction is not a probability in \[0, 1\]", tmp_path,
-             check_model=False)
+    bad = _altered(
+        exported[0], tmp_path / "p.zip", {"run/val_predictions.csv": ("\n".join(csv) + "\n").encode()}, resign=True
+    )
+    _refused(
+        store,
+        bad,
+        r"val_predictions\.csv row 3: prediction is not a probability in \[0, 1\]",
+        tmp_path,
+        check_model=False,
+    )
 
     csv = _members(exported[0])["run/val_predictions.csv"].decode().splitlines()
     row = csv[4].split(",")
     row[header.index("target")] = "malignant"
     csv[4] = ",".join(row)
-    bad = _altered(exported[0], tmp_path / "y.zip",
-                   {"run/val_predictions.csv": ("\n".join(csv) + "\n").encode()}, resign=True)
-    _refused(store, bad, r"val_predictions\.csv row 5: target is neither 0, 1 nor empty", tmp_path,
-             check_model=False)
+    bad = _altered(
+        exported[0], tmp_path / "y.zip", {"run/val_predictions.csv": ("\n".join(csv) + "\n").encode()}, resign=True
+    )
+    _refused(store, bad, r"val_predictions\.csv row 5: target is neither 0, 1 nor empty", tmp_path, check_model=False)
 
 
 @pytest.mark.slow
@@ -421,8 +481,9 @@ def test_a_run_the_store_refuses_leaves_no_folder_and_no_run(exported, tmp_path)
     row = csv[1].split(",")
     row[header.index("image_name")] = "x" * 5000
     csv[1] = ",".join(row)
-    bad = _altered(exported[0], tmp_path / "bad.zip",
-                   {"run/val_predictions.csv": ("\n".join(csv) + "\n").encode()}, resign=True)
+    bad = _altered(
+        exported[0], tmp_path / "bad.zip", {"run/val_predictions.csv": ("\n".join(csv) + "\n").encode()}, resign=True
+    )
     store = Store()
     settings.subdir("runs")
     before = _files_under(tmp_path)

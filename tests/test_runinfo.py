@@ -5,11 +5,21 @@ from __future__ import annotations
 from melcore.compare import run_label
 from melcore.runinfo import delivered_auroc, run_title, scorer_name, scratch_words
 
-CPU_DEFAULT = {"id": 7, "name": "cnn-bn · all clinics · job-00007", "model": "cnn-bn", "clinic": None,
-               "kind": "image", "from_scratch": True,
-               "metrics": {"scorer": "colour-model", "val_auroc": 0.796, "cnn_val_auroc": 0.497,
-                           "history": [{"select_auroc": 0.497}],
-                           "weights": {"requested": "none", "from_scratch": True}}}
+CPU_DEFAULT = {
+    "id": 7,
+    "name": "cnn-bn · all clinics · job-00007",
+    "model": "cnn-bn",
+    "clinic": None,
+    "kind": "image",
+    "from_scratch": True,
+    "metrics": {
+        "scorer": "colour-model",
+        "val_auroc": 0.796,
+        "cnn_val_auroc": 0.497,
+        "history": [{"select_auroc": 0.497}],
+        "weights": {"requested": "none", "from_scratch": True},
+    },
+}
 
 
 def test_a_colour_model_run_is_named_by_its_svm_and_scored_by_its_auroc_not_the_cnns():
@@ -23,8 +33,12 @@ def test_a_colour_model_run_is_named_by_its_svm_and_scored_by_its_auroc_not_the_
 
 def test_trained_from_scratch_says_whether_it_was_chosen_or_the_weights_were_unavailable():
     chosen = {"id": 1, "model": "cnn", "from_scratch": True, "metrics": {"weights": {"requested": "none"}}}
-    fallback = {"id": 2, "model": "efficientnet-b3", "from_scratch": True,
-                "metrics": {"weights": {"requested": "imagenet", "from_scratch": True}}}
+    fallback = {
+        "id": 2,
+        "model": "efficientnet-b3",
+        "from_scratch": True,
+        "metrics": {"weights": {"requested": "imagenet", "from_scratch": True}},
+    }
     pretrained = {"id": 3, "model": "efficientnet-b3", "metrics": {"weights": {"requested": "imagenet"}}}
     assert scratch_words(chosen) == "trained from scratch (chosen)"
     assert scratch_words(fallback) == "trained from scratch (ImageNet weights unavailable)"
@@ -45,11 +59,23 @@ def confounded_frame(seed: int = 0):
     import pandas as pd
 
     rng = np.random.default_rng(seed)
-    ham = pd.DataFrame({"image_name": [f"H{i}" for i in range(300)], "clinic": "HAM", "target": 0,
-                        "prediction": rng.uniform(0.0, 0.3, 300)})
+    ham = pd.DataFrame(
+        {
+            "image_name": [f"H{i}" for i in range(300)],
+            "clinic": "HAM",
+            "target": 0,
+            "prediction": rng.uniform(0.0, 0.3, 300),
+        }
+    )
     y = np.r_[np.zeros(120, int), np.ones(60, int)]
-    isic = pd.DataFrame({"image_name": [f"I{i}" for i in range(180)], "clinic": "ISIC", "target": y,
-                         "prediction": rng.uniform(0.2, 1.0, 180)})
+    isic = pd.DataFrame(
+        {
+            "image_name": [f"I{i}" for i in range(180)],
+            "clinic": "ISIC",
+            "target": y,
+            "prediction": rng.uniform(0.2, 1.0, 180),
+        }
+    )
     frame = pd.concat([ham, isic], ignore_index=True)
     return frame.assign(group=frame["image_name"])
 
@@ -81,8 +107,10 @@ def test_no_confounding_without_a_benign_only_source_or_an_audit_warning():
     isic.loc[isic.index[0], "target"] = 1
     plain = source_confounding(isic, isic, n_boot=50)
     assert not plain.confounded and plain.within.empty
-    audit = [{"attribute": "file-name number block", "warning": "predicts the label"}, {"attribute": "clinic",
-                                                                                      "warning": None}]
+    audit = [
+        {"attribute": "file-name number block", "warning": "predicts the label"},
+        {"attribute": "clinic", "warning": None},
+    ]
     flagged = source_confounding(isic, isic, audit=audit, n_boot=50)
     assert flagged.confounded and flagged.sources == [] and flagged.shortcuts == ["file-name number block"]
     assert "file-name number block alone predicts the label" in flagged.lead()

@@ -11,8 +11,9 @@ from melcore.store import Store
 def test_list_archive_and_restore(tmp_path, capsys):
     store = Store()
     dataset_id = store.add_dataset("d", tmp_path / "t.csv")
-    first = store.add_run("cnn-bn · all clinics", tmp_path, dataset_id=dataset_id, metrics={"val_auroc": 0.8123},
-                          threshold=0.50512)
+    first = store.add_run(
+        "cnn-bn · all clinics", tmp_path, dataset_id=dataset_id, metrics={"val_auroc": 0.8123}, threshold=0.50512
+    )
     second = store.add_run("patient context", tmp_path, kind="meta", metrics={"oof_auroc": 0.79})
     assert main(["runs", "list"]) == 0
     out = capsys.readouterr().out.splitlines()

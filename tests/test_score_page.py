@@ -6,15 +6,13 @@ import io
 from pathlib import Path
 
 import numpy as np
+import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
 import pytest
+from page_helpers import run, texts
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from melcore.store import Store
-
-import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
-from page_helpers import run, texts
-
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +28,14 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def runs(model_dir, tmp_path):
     store = Store()
-    good = store.add_run("basic-cnn scratch", model_dir, model="basic-cnn", threshold=0.2, from_scratch=True,
-                         notes="ImageNet weights unavailable: trained from scratch")
+    good = store.add_run(
+        "basic-cnn scratch",
+        model_dir,
+        model="basic-cnn",
+        threshold=0.2,
+        from_scratch=True,
+        notes="ImageNet weights unavailable: trained from scratch",
+    )
     gone = tmp_path / "cancelled-run"
     gone.mkdir()
     missing = store.add_run("cancelled", gone, model="efficientnet-b3")
@@ -111,11 +115,14 @@ def test_tta_toggle_averages_eight_views(runs, model_dir):
     assert "mean of 8" not in texts(at.caption)
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"Patient list\nname,age\nA,54\n" * 3, "not a JPEG or PNG image"),
-    (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj <<>>", "PDF"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"Patient list\nname,age\nA,54\n" * 3, "not a JPEG or PNG image"),
+        (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj <<>>", "PDF"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt"),
+    ],
+)
 def test_a_file_that_is_not_an_image_gets_a_clear_message(runs, content, expected):
     at = open_page()
     at.file_uploader(key="score_upload").upload("renamed.png", content, "image/png")
@@ -158,7 +165,7 @@ def _disc_image(size: int = 64, radius: int = 14, pigment=(70, 40, 30)) -> np.nd
     yy, xx = np.mgrid[0:size, 0:size]
     image = np.empty((size, size, 3), np.uint8)
     image[:] = (205, 160, 140)
-    image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius ** 2] = pigment
+    image[(yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius**2] = pigment
     return image
 
 

@@ -43,8 +43,11 @@ def _tiny_images(folder: Path, n: int = 4) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(SECRET_FILES))
-@pytest.mark.parametrize("options", [{}, {"format": "generic"}, {"format": "isic2020"}, {"format": "ham10000"},
-                                     {"mapping": {"image_name": "file"}}], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"format": "generic"}, {"format": "isic2020"}, {"format": "ham10000"}, {"mapping": {"image_name": "file"}}],
+    ids=str,
+)
 def test_a_secret_file_read_as_the_table_is_named_but_never_quoted(tmp_path, name, options):
     path = tmp_path / name
     path.write_text(SECRET_FILES[name])
@@ -69,8 +72,13 @@ def test_a_secret_file_read_as_metadata_or_clinic_table_is_never_quoted(tmp_path
 def test_inspect_cli_names_a_secret_file_without_quoting_it(tmp_path):
     secret = tmp_path / ".pgpass"
     secret.write_text(SECRET_FILES[".pgpass"])
-    result = subprocess.run([sys.executable, "-m", "melcore", "inspect", "--csv", str(secret)], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "melcore", "inspect", "--csv", str(secret)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert ".pgpass" in result.stderr and SECRET not in result.stderr + result.stdout
 
@@ -108,8 +116,11 @@ def test_registration_is_confined_to_the_data_roots(tmp_path, monkeypatch):
         pd.DataFrame({"image_name": ["im0", "im1"], "target": [0, 1]}).to_csv(folder / "labels.csv", index=False)
     monkeypatch.setenv("MELREVIEW_DATA_ROOTS", str(allowed))
     store = Store()
-    with pytest.raises(MelcoreError, match=r"label table .*elsewhere/labels.csv is outside the folders datasets "
-                                           r"may be registered from .*MELREVIEW_DATA_ROOTS"):
+    with pytest.raises(
+        MelcoreError,
+        match=r"label table .*elsewhere/labels.csv is outside the folders datasets "
+        r"may be registered from .*MELREVIEW_DATA_ROOTS",
+    ):
         store.register_dataset("out", elsewhere / "labels.csv", elsewhere / "img")
     with pytest.raises(MelcoreError, match="image folder .*elsewhere/img is outside"):
         store.register_dataset("mixed", allowed / "labels.csv", elsewhere / "img")
@@ -147,8 +158,15 @@ def _escaping_cohort(tmp_path: Path) -> tuple[Path, Path, Path]:
     secret.write_text(f"PASSWORD={SECRET}\n")
     (images / "linked.jpg").symlink_to(secret)
     (outside / "up.jpg").write_text(f"TOKEN={SECRET}\n")
-    rows = [("im0", 0), ("im1", 1), ("im2", 0), ("im3", 1), (str(secret), 0), ("../../private/up.jpg", 1),
-            ("linked", 0)]
+    rows = [
+        ("im0", 0),
+        ("im1", 1),
+        ("im2", 0),
+        ("im3", 1),
+        (str(secret), 0),
+        ("../../private/up.jpg", 1),
+        ("linked", 0),
+    ]
     pd.DataFrame(rows, columns=["image_name", "target"]).to_csv(data / "labels.csv", index=False)
     return data / "labels.csv", images, secret
 
@@ -252,8 +270,10 @@ def test_the_worker_reads_the_store_url_from_the_environment(tmp_path, monkeypat
 # --------------------------------------------------------------------------- 11. CSV export formula guard
 
 
-@pytest.mark.parametrize("note", ["fine\r=cmd|' /C calc'!A0", "fine\n=cmd|' /C calc'!A0", "fine\r\n@SUM(A1)",
-                                  "a\r\rb\r+HYPERLINK(\"http://x\")"])
+@pytest.mark.parametrize(
+    "note",
+    ["fine\r=cmd|' /C calc'!A0", "fine\n=cmd|' /C calc'!A0", "fine\r\n@SUM(A1)", 'a\r\rb\r+HYPERLINK("http://x")'],
+)
 def test_export_quotes_line_breaks_and_guards_every_line(note):
     import csv
     import io
@@ -304,8 +324,7 @@ def test_escape_markdown_renders_the_characters_typed():
     assert escape_markdown(REMOTE_IMAGE) == r"!\[x\](http\://attacker.example/x.png)"
     assert escape_markdown(PHISHING) == r"\[Re-login here\](https\://attacker.example/login)"
     assert escape_markdown(FAKE_LINE) == r"ok \*\*Current decision\: no biopsy needed\*\* by Dr Chief"
-    assert escape_markdown(":red[alarm] <b>x</b> www.x.org $x$") == \
-        r"\:red\[alarm\] \<b\>x\</b\> www\.x.org \$x\$"
+    assert escape_markdown(":red[alarm] <b>x</b> www.x.org $x$") == r"\:red\[alarm\] \<b\>x\</b\> www\.x.org \$x\$"
     assert escape_markdown("- item") == r"\- item" and escape_markdown("1. item") == r"1\. item"
     assert escape_markdown("# Title") == r"\# Title" and escape_markdown("run #1 (a)") == "run #1 (a)"
     assert escape_markdown("ISIC_0001234 _x_") == r"ISIC_0001234 \_x\_"  # intraword _ is plain text
@@ -314,21 +333,20 @@ def test_escape_markdown_renders_the_characters_typed():
 
 def test_review_page_shows_hostile_reviewer_names_and_notes_as_text(demo_dir):
     import numpy as np
-
     from page_helpers import open_page
 
     store = Store()
     dataset_id, cohort = store.register_dataset(PHISHING, demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
     table = cohort.table.iloc[:10]
     predictions = table[["image_name", "patient_id", "clinic", "target"]].assign(
-        prediction=np.linspace(0.9, 0.1, len(table)))
+        prediction=np.linspace(0.9, 0.1, len(table))
+    )
     run_id = store.add_run("run", dataset_id=dataset_id, model="cnn-bn", threshold=0.5)
     store.add_predictions(run_id, predictions, split="val")
     riskiest = str(table["image_name"].iloc[0])
     store.add_review(run_id, riskiest, PHISHING, "agree", f"{REMOTE_IMAGE} {FAKE_LINE}")
     at = open_page("review.py")
-    shown = "\n".join(str(e.value) for e in [*at.markdown, *at.caption, *at.info, *at.warning, *at.error,
-                                              *at.success])
+    shown = "\n".join(str(e.value) for e in [*at.markdown, *at.caption, *at.info, *at.warning, *at.error, *at.success])
     assert r"\[Re-login here\]" in shown and r"!\[x\]" in shown  # the note and the name are shown ...
     assert r"\*\*Current decision\: no biopsy needed\*\* by Dr Chief" in shown
     assert _unsafe(shown) == []  # ... as text only
@@ -336,15 +354,17 @@ def test_review_page_shows_hostile_reviewer_names_and_notes_as_text(demo_dir):
 
 def test_saving_a_decision_as_a_hostile_reviewer_shows_the_name_as_text(demo_dir):
     import numpy as np
-
     from page_helpers import open_page, run
 
     store = Store()
     dataset_id, cohort = store.register_dataset("demo", demo_dir / "labels.csv", demo_dir / "jpeg" / "train")
     table = cohort.table.iloc[:5]
     run_id = store.add_run("run", dataset_id=dataset_id, model="cnn-bn", threshold=0.5)
-    store.add_predictions(run_id, table[["image_name", "patient_id", "clinic", "target"]].assign(
-        prediction=np.linspace(0.9, 0.1, len(table))), split="val")
+    store.add_predictions(
+        run_id,
+        table[["image_name", "patient_id", "clinic", "target"]].assign(prediction=np.linspace(0.9, 0.1, len(table))),
+        split="val",
+    )
     at = open_page("review.py")
     at.text_input(key="review_reviewer").input(PHISHING)
     image = at.session_state["review_current"]
@@ -364,8 +384,12 @@ def test_home_page_shows_hostile_dataset_names_and_paths_as_text(demo_dir, tmp_p
     folder.mkdir()
     csv = folder / "labels.csv"
     csv.write_bytes((demo_dir / "labels.csv").read_bytes())
-    Store().add_dataset(PHISHING, csv, demo_dir / "jpeg" / "train",
-                        summary={"n_images": 1, "warnings": [f"image {REMOTE_IMAGE} missing"]})
+    Store().add_dataset(
+        PHISHING,
+        csv,
+        demo_dir / "jpeg" / "train",
+        summary={"n_images": 1, "warnings": [f"image {REMOTE_IMAGE} missing"]},
+    )
     at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=180).run()
     assert not at.exception
     shown = "\n".join(str(e.value) for e in [*at.subheader, *at.caption, *at.warning, *at.markdown])
@@ -395,27 +419,31 @@ def _flat_png(path: Path, width: int, height: int, colour_type: int = 6) -> Path
         parts.append(compressor.compress(row))
     parts.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+    )
     return path
 
 
 def test_a_small_png_that_decodes_to_400_mb_is_refused_from_its_header(tmp_path):
     bomb = _flat_png(tmp_path / "bomb.png", 10_000, 10_000)
     assert bomb.stat().st_size < 1_000_000
-    script = ("import sys\n"
-              "from melcore.errors import ImageError\n"
-              "from melcore.images import read_upload, read_upload_views\n"
-              "data = open(sys.argv[1], 'rb').read()\n"
-              "for call in (lambda: read_upload(data, size=224), lambda: read_upload_views(data, 224, 512)):\n"
-              "    try:\n"
-              "        call()\n"
-              "    except ImageError as exc:\n"
-              "        print(exc.reason)\n"
-              "peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
-              "print(int(peak.split()[1]) // 1024)\n")
-    result = subprocess.run([sys.executable, "-c", script, str(bomb)], cwd=PROJECT_ROOT, capture_output=True,
-                            text=True, timeout=300)
+    script = (
+        "import sys\n"
+        "from melcore.errors import ImageError\n"
+        "from melcore.images import read_upload, read_upload_views\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "for call in (lambda: read_upload(data, size=224), lambda: read_upload_views(data, 224, 512)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ImageError as exc:\n"
+        "        print(exc.reason)\n"
+        "peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
+        "print(int(peak.split()[1]) // 1024)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(bomb)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     *reasons, peak_mb = result.stdout.split("\n")[:-1]
     assert len(reasons) == 2
@@ -522,8 +550,14 @@ def test_the_worker_trains_each_job_in_a_new_folder(tmp_path, monkeypatch, demo_
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
 
 
 def _unusable_stores(tmp_path: Path) -> dict[str, dict]:
@@ -542,8 +576,10 @@ def _unusable_stores(tmp_path: Path) -> dict[str, dict]:
 @pytest.mark.parametrize("case", ["home is a file", "missing folder", "read-only"])
 def test_cli_and_worker_say_in_one_line_why_the_store_is_unusable(tmp_path, case):
     env = _unusable_stores(tmp_path)[case]
-    for args in (("-m", "melcore", "jobs", "submit", "--dataset", "demo", "--model", "basic-cnn"),
-                 ("-m", "trainers.worker", "--once")):
+    for args in (
+        ("-m", "melcore", "jobs", "submit", "--dataset", "demo", "--model", "basic-cnn"),
+        ("-m", "trainers.worker", "--once"),
+    ):
         result = _cli(*args, env=env)
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
@@ -570,8 +606,12 @@ def test_an_unexpected_error_shows_neither_sql_nor_parameters():
 
         from ui.common import show_error
 
-        show_error(sa.exc.DataError("INSERT INTO reviews (note) VALUES (?)", ("hunter2-s3cret-token",),
-                                    Exception("value too long")), "Not saved")
+        show_error(
+            sa.exc.DataError(
+                "INSERT INTO reviews (note) VALUES (?)", ("hunter2-s3cret-token",), Exception("value too long")
+            ),
+            "Not saved",
+        )
 
     at = AppTest.from_function(script).run()
     shown = "\n".join(str(e.value) for e in [*at.error, *at.code, *at.markdown])
@@ -592,8 +632,11 @@ def test_the_streamlit_config_hides_uncaught_error_details():
 def test_overlong_strings_are_refused_with_a_clear_message_on_both_backends(db_url, tmp_path):
     store = Store(db_url)
     long_name = "n" * 201
-    with pytest.raises(MelcoreError, match=r"dataset not registered: the name is 201 characters long, more than "
-                                           r"the 200 the store keeps; shorten it"):
+    with pytest.raises(
+        MelcoreError,
+        match=r"dataset not registered: the name is 201 characters long, more than "
+        r"the 200 the store keeps; shorten it",
+    ):
         store.add_dataset(long_name, tmp_path / "labels.csv")
     dataset_id = store.add_dataset("ok", tmp_path / "labels.csv")
     with pytest.raises(MelcoreError, match=r"job not queued: the clinic is 250 characters"):
@@ -617,8 +660,12 @@ def test_a_requeued_job_starts_a_fresh_curve_keeps_its_note_and_forgets_the_dead
     dead = store.claim_job("host:111:dead")
     store.worker_beat("host:111:dead", job_id)
     for epoch in (1, 2):
-        store.heartbeat(job_id, dead["claim_token"], progress={"epoch": epoch},
-                        history_point={"epoch": epoch, "loss": 0.5, "end_of_epoch": True})
+        store.heartbeat(
+            job_id,
+            dead["claim_token"],
+            progress={"epoch": epoch},
+            history_point={"epoch": epoch, "loss": 0.5, "end_of_epoch": True},
+        )
     assert len(store.get_job(job_id)["history"]) == 2
     assert store.requeue_stale(stale_after=-1.0) == [{"id": job_id, "state": "queued"}]  # its heartbeat is stale
     requeued = store.get_job(job_id)
@@ -658,8 +705,7 @@ def test_implausible_ages_are_warned_about_and_unknown(tmp_path):
     cohort = load_cohort(csv, check_images="none")
     ages = cohort.table["age_approx"].tolist()
     assert ages[3] == 45.0 and all(pd.isna(a) for a in ages[:3])
-    assert any("3 age values are outside 0-120 years" in w and "line 2 (a): 'inf'" in w
-               for w in cohort.report.warnings)
+    assert any("3 age values are outside 0-120 years" in w and "line 2 (a): 'inf'" in w for w in cohort.report.warnings)
 
 
 def test_decode_check_applies_the_same_pixel_limit_as_training(tmp_path, monkeypatch):
@@ -675,8 +721,7 @@ def test_decode_check_applies_the_same_pixel_limit_as_training(tmp_path, monkeyp
 def test_folders_named_like_images_are_not_counted_as_images(tmp_path):
     images = _tiny_images(tmp_path / "img", 2)
     (images / "folder.jpg").mkdir()
-    pd.DataFrame({"image_name": ["im0", "im1", "folder"], "target": [0, 1, 0]}).to_csv(tmp_path / "t.csv",
-                                                                                        index=False)
+    pd.DataFrame({"image_name": ["im0", "im1", "folder"], "target": [0, 1, 0]}).to_csv(tmp_path / "t.csv", index=False)
     cohort = load_cohort(tmp_path / "t.csv", images)
     assert cohort.report.missing_images == ["folder"]
 
@@ -688,17 +733,28 @@ def test_four_processes_opening_a_new_postgresql_database_at_once_all_succeed(fr
     import time
 
     start = time.time() + 3.0  # every process imports first, then opens the store at the same moment
-    script = ("import sys, time\n"
-              "from melcore.store import Store\n"
-              "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
-              "print(Store(sys.argv[1]).version())\n")
-    processes = [subprocess.Popen([sys.executable, "-c", script, fresh_postgres_url, str(start)], cwd=PROJECT_ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    script = (
+        "import sys, time\n"
+        "from melcore.store import Store\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "print(Store(sys.argv[1]).version())\n"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, fresh_postgres_url, str(start)],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
     from melcore.store import SCHEMA_VERSION
 
-    assert [(code, out.strip()) for code, out, _ in results] == [(0, str(SCHEMA_VERSION))] * 4, \
-        [err[-500:] for _, _, err in results]
+    assert [(code, out.strip()) for code, out, _ in results] == [(0, str(SCHEMA_VERSION))] * 4, [
+        err[-500:] for _, _, err in results
+    ]
 
 
 def test_one_non_numeric_prediction_is_the_only_one_named(tmp_path):
@@ -738,14 +794,37 @@ def test_training_never_reads_or_quotes_files_outside_the_dataset(demo_dir, tmp_
     (tmp_path / "ds").mkdir()
     pd.concat([table, hostile]).to_csv(tmp_path / "ds" / "labels.csv", index=False)
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "melcore", "train", "--csv", str(tmp_path / "ds" / "labels.csv"),
-                             "--images", str(demo_dir / "jpeg" / "train"), "--model", "basic-cnn", "--image-size",
-                             "32", "--epochs", "1", "--augment", "none", "--out", str(run_dir)],
-                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "melcore",
+            "train",
+            "--csv",
+            str(tmp_path / "ds" / "labels.csv"),
+            "--images",
+            str(demo_dir / "jpeg" / "train"),
+            "--model",
+            "basic-cnn",
+            "--image-size",
+            "32",
+            "--epochs",
+            "1",
+            "--augment",
+            "none",
+            "--out",
+            str(run_dir),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    written = "\n".join(p.read_text(errors="replace") for p in run_dir.iterdir() if p.suffix in (".json", ".log",
-                                                                                                 ".csv"))
+    written = "\n".join(
+        p.read_text(errors="replace") for p in run_dir.iterdir() if p.suffix in (".json", ".log", ".csv")
+    )
     assert SECRET not in written + result.stdout + result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics  # the run finished and recorded its metrics without the two rows' files

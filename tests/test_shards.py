@@ -45,8 +45,10 @@ def test_a_dead_shard_is_requeued_alone(tmp_path):
     from melcore.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'store.db'}")
-    ids = [store.submit_job(shards.shard_config({"model": "efficientnet-lite0"}, 3, i), kind=shards.FEATURES_JOB)
-           for i in range(3)]
+    ids = [
+        store.submit_job(shards.shard_config({"model": "efficientnet-lite0"}, 3, i), kind=shards.FEATURES_JOB)
+        for i in range(3)
+    ]
     held = [store.claim_job(f"worker-{i}") for i in range(3)]
     assert [job["config"]["shard"] for job in held] == [0, 1, 2]
     store.finish_job(held[0]["id"], held[0]["claim_token"], "done")
@@ -80,8 +82,9 @@ def test_features_jobs_from_the_cli_are_shared_by_two_workers_and_a_dead_shard_i
     store = Store(url)
     store.register_dataset("easy", csv, image_dir)
     options = ["--model", "basic-cnn", "--image-size", "32", "--mode", "fast-head", "--seed", "3"]
-    assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--kind", "features", "--shards", "3",
-                 *options]) == 0
+    assert (
+        main(["jobs", "--db", url, "submit", "--dataset", "easy", "--kind", "features", "--shards", "3", *options]) == 0
+    )
     ids = [int(line) for line in capsys.readouterr().out.split()]
     assert [store.get_job(i)["config"]["shard"] for i in ids] == [0, 1, 2]
     assert main(["jobs", "--db", url, "submit", "--dataset", "easy", "--shards", "2", *options]) == 2
@@ -90,9 +93,17 @@ def test_features_jobs_from_the_cli_are_shared_by_two_workers_and_a_dead_shard_i
     dead = store.claim_job("dead-worker")  # shard 0's worker dies: its heartbeat is an hour old
     store.update_job(dead["id"], heartbeat_at=time.time() - 3600)
     env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="3")
-    workers = [subprocess.Popen([sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
-                                cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "trainers.worker", "--db", url, "--once", "--poll", "0.2"],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     jobs = [store.get_job(i) for i in ids]

@@ -112,12 +112,15 @@ def test_unlabelled_rows_count_as_benign():
     assert sorted(np.bincount(folds)) == [2, 2]
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: group_kfold(["a", "b"], [0, 1], n_folds=1), "need at least 2 folds"),
-    (lambda: group_kfold(["a", "a", "b"], [0, 1, 0], n_folds=3), "cannot make 3 folds from 2 groups"),
-    (lambda: train_val_split(["a", "b"], [0, 1], val_fraction=1.5), "val_fraction=1.5"),
-    (lambda: train_val_split(["a", "a"], [0, 1]), "cannot split 1 group"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: group_kfold(["a", "b"], [0, 1], n_folds=1), "need at least 2 folds"),
+        (lambda: group_kfold(["a", "a", "b"], [0, 1, 0], n_folds=3), "cannot make 3 folds from 2 groups"),
+        (lambda: train_val_split(["a", "b"], [0, 1], val_fraction=1.5), "val_fraction=1.5"),
+        (lambda: train_val_split(["a", "a"], [0, 1]), "cannot split 1 group"),
+    ],
+)
 def test_impossible_requests_raise_config_error(call, message):
     with pytest.raises(ConfigError, match=message):
         call()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from page_helpers import PAGES, run  # tests/ is on sys.path (pytest rootdir-relative import)
 from streamlit.testing.v1 import AppTest
-
 from test_compare_page import seeded  # noqa: F401  (the fixture)
 from test_patients_page import _page
 from test_patients_page import seeded as patients_seeded  # noqa: F401  (the fixture)

@@ -37,8 +37,14 @@ def test_db_url_environment_selects_the_database(monkeypatch, tmp_path):
 
 
 def test_dataset_round_trip(store, tmp_path):
-    dataset_id = store.add_dataset("isic", tmp_path / "train.csv", tmp_path / "jpeg", format="isic2020",
-                                   clinic_column="clinic", summary={"n_images": 3, "clinics": {"a": 2, "b": 1}})
+    dataset_id = store.add_dataset(
+        "isic",
+        tmp_path / "train.csv",
+        tmp_path / "jpeg",
+        format="isic2020",
+        clinic_column="clinic",
+        summary={"n_images": 3, "clinics": {"a": 2, "b": 1}},
+    )
     found = store.get_dataset("isic")
     assert found["id"] == dataset_id
     assert found["summary"] == {"n_images": 3, "clinics": {"a": 2, "b": 1}}
@@ -51,11 +57,25 @@ def test_dataset_round_trip(store, tmp_path):
 
 def test_runs_predictions_and_threshold(store, tmp_path):
     dataset_id = store.add_dataset("d", tmp_path / "t.csv")
-    run_id = store.add_run("cnn on d", tmp_path / "run", dataset_id=dataset_id, model="basic-cnn", clinic="north",
-                           config={"epochs": 2}, metrics={"val_auroc": 0.8}, from_scratch=True)
-    frame = pd.DataFrame({"image_name": ["a", "b", "c"], "patient_id": ["p1", "p1", None],
-                          "clinic": ["north"] * 3, "target": pd.array([1, 0, None], dtype="Int8"),
-                          "prediction": [0.9, 0.2, 0.5]})
+    run_id = store.add_run(
+        "cnn on d",
+        tmp_path / "run",
+        dataset_id=dataset_id,
+        model="basic-cnn",
+        clinic="north",
+        config={"epochs": 2},
+        metrics={"val_auroc": 0.8},
+        from_scratch=True,
+    )
+    frame = pd.DataFrame(
+        {
+            "image_name": ["a", "b", "c"],
+            "patient_id": ["p1", "p1", None],
+            "clinic": ["north"] * 3,
+            "target": pd.array([1, 0, None], dtype="Int8"),
+            "prediction": [0.9, 0.2, 0.5],
+        }
+    )
     assert store.add_predictions(run_id, frame) == 3
     back = store.get_predictions(run_id)
     assert back["image_name"].tolist() == ["a", "b", "c"]
@@ -81,8 +101,10 @@ def test_a_run_and_its_predictions_are_recorded_together_or_not_at_all(store, tm
     assert store.get_run(run_id)["threshold"] == pytest.approx(0.25)
     assert store.get_predictions(run_id).groupby("split").size().to_dict() == {"oof": 1, "val": 2}
     overlong = pd.DataFrame({"image_name": ["x" * 5000], "prediction": [0.5]})
-    for predictions, message in (({"val": good, "oof": overlong}, "predictions not stored: the image name is 5,000"),
-                                 ({"val": good.drop(columns="prediction")}, "predictions need columns")):
+    for predictions, message in (
+        ({"val": good, "oof": overlong}, "predictions not stored: the image name is 5,000"),
+        ({"val": good.drop(columns="prediction")}, "predictions need columns"),
+    ):
         with pytest.raises(MelcoreError, match=message):
             store.add_run("half", tmp_path, predictions=predictions)
     with pytest.raises(MelcoreError, match=r"a threshold must lie in \[0, 1\], got 2"):
@@ -211,11 +233,21 @@ def test_a_newer_database_is_refused(db_url, monkeypatch):
 def test_json_columns_store_nan_and_numpy_values_as_plain_json(store, tmp_path):
     import numpy as np
 
-    metrics = {"auroc": float("nan"), "ppv": float("inf"), "n": np.int64(3), "curve": np.array([0.5, 1.0]),
-               "nested": [{"x": float("nan")}]}
+    metrics = {
+        "auroc": float("nan"),
+        "ppv": float("inf"),
+        "n": np.int64(3),
+        "curve": np.array([0.5, 1.0]),
+        "nested": [{"x": float("nan")}],
+    }
     run_id = store.add_run("r", tmp_path, metrics=metrics)
-    assert store.get_run(run_id)["metrics"] == {"auroc": None, "ppv": None, "n": 3, "curve": [0.5, 1.0],
-                                                "nested": [{"x": None}]}
+    assert store.get_run(run_id)["metrics"] == {
+        "auroc": None,
+        "ppv": None,
+        "n": 3,
+        "curve": [0.5, 1.0],
+        "nested": [{"x": None}],
+    }
 
 
 def test_version_1_databases_gain_run_archiving_and_keep_their_runs(db_url, tmp_path):
@@ -241,15 +273,23 @@ def test_version_2_reviews_become_aided_reads_without_confidence_and_none_is_los
         conn.execute(sa.text("DROP TABLE reviews"))
         conn.execute(sa.text("UPDATE schema_version SET version = 2"))
         key = "INTEGER PRIMARY KEY" if old.is_sqlite else "SERIAL PRIMARY KEY"
-        conn.execute(sa.text(
-            f"CREATE TABLE reviews (id {key}, run_id INTEGER NOT NULL REFERENCES runs (id), "
-            "image_name VARCHAR(300) NOT NULL, reviewer VARCHAR(200) NOT NULL, decision VARCHAR(20) NOT NULL, "
-            "note TEXT NOT NULL, created_at FLOAT NOT NULL)"))
-        for k, (image, reviewer, decision) in enumerate([("img1", "Dr A", "agree"), ("img1", "Dr B", "biopsy"),
-                                                          ("img2", "Dr A", "unsure")], start=1):
-            conn.execute(sa.text("INSERT INTO reviews (run_id, image_name, reviewer, decision, note, created_at) "
-                                 "VALUES (:run, :image, :reviewer, :decision, 'n', :t)"),
-                         dict(run=run_id, image=image, reviewer=reviewer, decision=decision, t=100.0 + k))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE reviews (id {key}, run_id INTEGER NOT NULL REFERENCES runs (id), "
+                "image_name VARCHAR(300) NOT NULL, reviewer VARCHAR(200) NOT NULL, decision VARCHAR(20) NOT NULL, "
+                "note TEXT NOT NULL, created_at FLOAT NOT NULL)"
+            )
+        )
+        for k, (image, reviewer, decision) in enumerate(
+            [("img1", "Dr A", "agree"), ("img1", "Dr B", "biopsy"), ("img2", "Dr A", "unsure")], start=1
+        ):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO reviews (run_id, image_name, reviewer, decision, note, created_at) "
+                    "VALUES (:run, :image, :reviewer, :decision, 'n', :t)"
+                ),
+                dict(run=run_id, image=image, reviewer=reviewer, decision=decision, t=100.0 + k),
+            )
     old.close()
     upgraded = Store(db_url)
     assert upgraded.version() == store_module.SCHEMA_VERSION >= 3

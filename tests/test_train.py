@@ -24,8 +24,16 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- an easy synthetic cohort
 
-def make_easy_cohort(root, n_patients: int = 24, per_patient: int = 3, size: int = 40, seed: int = 0,
-                     clinics=("north", "south"), only_benign: bool = False):
+
+def make_easy_cohort(
+    root,
+    n_patients: int = 24,
+    per_patient: int = 3,
+    size: int = 40,
+    seed: int = 0,
+    clinics=("north", "south"),
+    only_benign: bool = False,
+):
     """A task a tiny CNN learns in 1-3 epochs: melanoma = a large dark blob, benign = a small faint spot.
 
     Writes ``root/labels.csv`` (image_name, patient_id, target, clinic) and PNGs in
@@ -48,8 +56,9 @@ def make_easy_cohort(root, n_patients: int = 24, per_patient: int = 3, size: int
             centre = size / 2 + rng.uniform(-3, 3, 2)
             radius = (rng.uniform(0.28, 0.38) if malignant else rng.uniform(0.08, 0.14)) * size
             colour = (40, 25, 30) if malignant else (150, 110, 90)
-            ImageDraw.Draw(im).ellipse([centre[0] - radius, centre[1] - radius, centre[0] + radius,
-                                        centre[1] + radius], fill=colour)
+            ImageDraw.Draw(im).ellipse(
+                [centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius], fill=colour
+            )
             name = f"IMG_{p:03d}_{j}"
             im.save(images / f"{name}.png")
             rows.append(f"{name},P{p:03d},{int(malignant)},{clinic}")
@@ -61,8 +70,18 @@ def make_easy_cohort(root, n_patients: int = 24, per_patient: int = 3, size: int
 def easy_config(**overrides):
     from melcore.training.config import TrainConfig
 
-    values = dict(model="basic-cnn", image_size=32, epochs=3, batch_size=8, optimizer="adam", learning_rate=1e-3,
-                  augment="none", seed=1, early_stopping_patience=None, workers=2)
+    values = dict(
+        model="basic-cnn",
+        image_size=32,
+        epochs=3,
+        batch_size=8,
+        optimizer="adam",
+        learning_rate=1e-3,
+        augment="none",
+        seed=1,
+        early_stopping_patience=None,
+        workers=2,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -77,8 +96,9 @@ class Recorder:
         self.calls.append((epoch, batch, loss, dict(metrics), eta))
 
     def batches(self):
-        return [c for c in self.calls if c[3]["stage"] in ("head", "fine-tune", "train")
-                and not c[3].get("end_of_epoch")]
+        return [
+            c for c in self.calls if c[3]["stage"] in ("head", "fine-tune", "train") and not c[3].get("end_of_epoch")
+        ]
 
     def epoch_ends(self):
         return [c for c in self.calls if c[3].get("end_of_epoch")]
@@ -112,12 +132,21 @@ def easy_run(easy_dir, tmp_path_factory):
 
 # --------------------------------------------------------------------------- config
 
+
 def test_config_json_round_trip_and_resolution():
     from melcore.models import get_spec
     from melcore.training.config import TrainConfig
 
-    config = TrainConfig(model="cnn-bn", epochs=4, clinic="north", fold=2, n_folds=4, tta=True,
-                         early_stopping_patience=None, weights="none")
+    config = TrainConfig(
+        model="cnn-bn",
+        epochs=4,
+        clinic="north",
+        fold=2,
+        n_folds=4,
+        tta=True,
+        early_stopping_patience=None,
+        weights="none",
+    )
     again = TrainConfig.from_json(config.to_json())
     assert again == config
     assert set(config.to_dict()) == set(TrainConfig.field_names())
@@ -146,23 +175,26 @@ def test_from_dict_rejects_unknown_keys_and_names_the_valid_ones():
         TrainConfig.from_json("{model: cnn-bn")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"model": "efficientnet-b9"}, r"unknown model 'efficientnet-b9'; valid models: basic-cnn, cnn-bn, resnet50"),
-    ({"augment": "heavy"}, r"unknown augmentation preset 'heavy'; valid presets: none, basic, isic-strong"),
-    ({"image_size": 8}, r"image size 8 is too small for basic-cnn"),
-    ({"image_size": 64.5}, r"positive integer"),
-    ({"epochs": 0}, r"epochs must be positive"),
-    ({"batch_size": -4}, r"batch size must be positive"),
-    ({"learning_rate": 0}, r"learning rate must be positive"),
-    ({"balance": "smote"}, r"unknown balance 'smote'; valid balances: none, oversample, class-weight"),
-    ({"optimizer": "rmsprop"}, r"unknown optimizer 'rmsprop'; valid optimizers: sgd, adam, adamw"),
-    ({"val_fraction": 1.5}, r"val_fraction must be between 0 and 1"),
-    ({"fold": 5, "n_folds": 5}, r"fold 5 does not exist with n_folds=5"),
-    ({"weights": "/no/such/weights.h5"}, r"weights file .* not found"),
-    ({"weights": "imagenet"}, r"basic-cnn has no ImageNet weights"),
-    ({"mode": "turbo"}, r"unknown mode 'turbo'; valid modes: full"),
-    ({"fallback_to_scratch": "yes"}, r"fallback_to_scratch must be true or false"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "efficientnet-b9"}, r"unknown model 'efficientnet-b9'; valid models: basic-cnn, cnn-bn, resnet50"),
+        ({"augment": "heavy"}, r"unknown augmentation preset 'heavy'; valid presets: none, basic, isic-strong"),
+        ({"image_size": 8}, r"image size 8 is too small for basic-cnn"),
+        ({"image_size": 64.5}, r"positive integer"),
+        ({"epochs": 0}, r"epochs must be positive"),
+        ({"batch_size": -4}, r"batch size must be positive"),
+        ({"learning_rate": 0}, r"learning rate must be positive"),
+        ({"balance": "smote"}, r"unknown balance 'smote'; valid balances: none, oversample, class-weight"),
+        ({"optimizer": "rmsprop"}, r"unknown optimizer 'rmsprop'; valid optimizers: sgd, adam, adamw"),
+        ({"val_fraction": 1.5}, r"val_fraction must be between 0 and 1"),
+        ({"fold": 5, "n_folds": 5}, r"fold 5 does not exist with n_folds=5"),
+        ({"weights": "/no/such/weights.h5"}, r"weights file .* not found"),
+        ({"weights": "imagenet"}, r"basic-cnn has no ImageNet weights"),
+        ({"mode": "turbo"}, r"unknown mode 'turbo'; valid modes: full"),
+        ({"fallback_to_scratch": "yes"}, r"fallback_to_scratch must be true or false"),
+    ],
+)
 def test_validate_rejects_bad_configs_with_precise_messages(overrides, message):
     from melcore.training.config import TrainConfig
 
@@ -184,6 +216,7 @@ def test_bad_config_fails_before_the_cohort_is_touched():
 
 
 # --------------------------------------------------------------------------- data checks before training
+
 
 def test_one_class_cohort_is_refused_before_training(tmp_path):
     from melcore.training.api import fit
@@ -219,6 +252,7 @@ def test_validation_side_without_melanoma_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- fit
 
+
 def test_fit_on_the_demo_cohort_writes_every_artifact(demo_dir, tmp_path):
     from melcore.cohort import load_cohort
     from melcore.images import load_images
@@ -235,8 +269,23 @@ def test_fit_on_the_demo_cohort_writes_every_artifact(demo_dir, tmp_path):
     assert not run.cancelled
     m = json.loads((run.run_dir / "metrics.json").read_text())
     assert m.keys() == run.metrics.keys()
-    for key in ("kind", "val_auroc", "val_loss", "sensitivity", "specificity", "n_train", "n_val", "n_malignant",
-                "history", "weights", "seconds", "images_per_second", "device", "excluded", "split"):
+    for key in (
+        "kind",
+        "val_auroc",
+        "val_loss",
+        "sensitivity",
+        "specificity",
+        "n_train",
+        "n_val",
+        "n_malignant",
+        "history",
+        "weights",
+        "seconds",
+        "images_per_second",
+        "device",
+        "excluded",
+        "split",
+    ):
         assert key in m, key
     assert m["kind"] == "image" and m["status"] == "done" and m["cancelled"] is False
     labelled = cohort.labelled().with_images()
@@ -284,8 +333,9 @@ def test_fit_learns_an_easy_task_and_restores_the_best_epoch(easy_run, easy_dir)
     preds = run.val_predictions()
     model = run.load_model()
     table = _load(easy_dir).table.set_index("image_name")
-    again = model.predict(load_images(table.loc[preds["image_name"], "image_path"], 32).astype("float32"),
-                          verbose=0).reshape(-1)
+    again = model.predict(
+        load_images(table.loc[preds["image_name"], "image_path"], 32).astype("float32"), verbose=0
+    ).reshape(-1)
     np.testing.assert_allclose(again, preds["prediction"], atol=1e-5)
 
 
@@ -324,8 +374,11 @@ def test_same_seed_same_results(easy_run, easy_dir, tmp_path):
     first, _ = easy_run
     second = fit(easy_config(), _load(easy_dir), run_dir=tmp_path / "again")
     for a, b in zip(first.metrics["history"], second.metrics["history"]):
-        assert (a["train_loss"], a["select_loss"], a["select_auroc"]) == (b["train_loss"], b["select_loss"],
-                                                                          b["select_auroc"])
+        assert (a["train_loss"], a["select_loss"], a["select_auroc"]) == (
+            b["train_loss"],
+            b["select_loss"],
+            b["select_auroc"],
+        )
     pd.testing.assert_frame_equal(first.val_predictions(), second.val_predictions())
 
 
@@ -335,8 +388,14 @@ def test_cancel_stops_within_one_batch_and_reports_left_out_rows(tmp_path):
 
     csv, images = make_easy_cohort(tmp_path, n_patients=12)
     table = pd.read_csv(csv)
-    extra = pd.DataFrame({"image_name": ["NO_LABEL", "NO_FILE", "CORRUPT"], "patient_id": ["P000"] * 3,
-                          "target": [None, 0, 0], "clinic": ["north"] * 3})
+    extra = pd.DataFrame(
+        {
+            "image_name": ["NO_LABEL", "NO_FILE", "CORRUPT"],
+            "patient_id": ["P000"] * 3,
+            "target": [None, 0, 0],
+            "clinic": ["north"] * 3,
+        }
+    )
     pd.concat([table, extra]).to_csv(csv, index=False)
     Image.new("RGB", (40, 40)).save(images / "NO_LABEL.png")
     (images / "CORRUPT.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 20)
@@ -347,8 +406,13 @@ def test_cancel_stops_within_one_batch_and_reports_left_out_rows(tmp_path):
     def should_stop():
         return len(recorder.batches()) >= stop_after
 
-    run = fit(easy_config(batch_size=4, epochs=3), _load(tmp_path), progress=recorder, should_stop=should_stop,
-              run_dir=tmp_path / "run")
+    run = fit(
+        easy_config(batch_size=4, epochs=3),
+        _load(tmp_path),
+        progress=recorder,
+        should_stop=should_stop,
+        run_dir=tmp_path / "run",
+    )
     assert run.cancelled is True
     assert len(recorder.batches()) in (stop_after, stop_after + 1)
     assert recorder.epoch_ends() == []
@@ -390,8 +454,12 @@ def test_imagenet_fallback_is_recorded_and_refused_without_fallback(easy_dir, tm
 
     recorder = Recorder()
     with pytest.raises(ConfigError, match="could not be downloaded"):
-        fit(easy_config(model="resnet50", weights="imagenet"), _load(easy_dir), progress=recorder,
-            run_dir=tmp_path / "refused")
+        fit(
+            easy_config(model="resnet50", weights="imagenet"),
+            _load(easy_dir),
+            progress=recorder,
+            run_dir=tmp_path / "refused",
+        )
     assert recorder.calls == [] and not (tmp_path / "refused").exists()
 
     real_build = models.build_model
@@ -402,8 +470,11 @@ def test_imagenet_fallback_is_recorded_and_refused_without_fallback(easy_dir, tm
         return small, info
 
     monkeypatch.setattr(models, "build_model", build_small)
-    run = fit(easy_config(model="resnet50", weights="imagenet", fallback_to_scratch=True, epochs=1),
-              _load(easy_dir), run_dir=tmp_path / "fallback")
+    run = fit(
+        easy_config(model="resnet50", weights="imagenet", fallback_to_scratch=True, epochs=1),
+        _load(easy_dir),
+        run_dir=tmp_path / "fallback",
+    )
     m = json.loads((run.run_dir / "metrics.json").read_text())
     assert m["from_scratch"] is True
     assert m["weights"]["requested"] == "imagenet" and m["weights"]["loaded"] is False
@@ -420,13 +491,23 @@ def test_loaded_weights_train_head_then_fine_tune_top_blocks_on_a_fold(easy_dir,
 
     base, _ = models.build_model("basic-cnn", 32)
     weights_file = models.save_backbone_weights(base, tmp_path / "backbone.weights.h5")
-    frozen = {layer.name: [w.copy() for w in layer.get_weights()] for layer in base.layers
-              if layer.name.startswith(("conv1", "conv2", "conv3")) and layer.get_weights()}
+    frozen = {
+        layer.name: [w.copy() for w in layer.get_weights()]
+        for layer in base.layers
+        if layer.name.startswith(("conv1", "conv2", "conv3")) and layer.get_weights()
+    }
     assert frozen
 
     recorder = Recorder()
-    config = easy_config(weights=str(weights_file), epochs=1, fine_tune_epochs=1, unfreeze_blocks=1,
-                         fold=1, n_folds=4, learning_rate=2e-3)
+    config = easy_config(
+        weights=str(weights_file),
+        epochs=1,
+        fine_tune_epochs=1,
+        unfreeze_blocks=1,
+        fold=1,
+        n_folds=4,
+        learning_rate=2e-3,
+    )
     run = fit(config, _load(easy_dir), progress=recorder, run_dir=tmp_path / "run")
     m = run.metrics
     assert m["weights"]["loaded"] is True and m["from_scratch"] is False
@@ -463,17 +544,18 @@ def test_mirrored_strategy_on_two_logical_cpus(easy_dir, tmp_path):
         from melcore.training.api import fit
         from melcore.training.config import TrainConfig
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        cohort = load_cohort({str(easy_dir / 'labels.csv')!r}, {str(easy_dir / 'images')!r})
+        cohort = load_cohort({str(easy_dir / "labels.csv")!r}, {str(easy_dir / "images")!r})
         config = TrainConfig(model="basic-cnn", image_size=32, epochs=2, batch_size=8, optimizer="adam",
                              learning_rate=1e-3, augment="none", seed=1, early_stopping_patience=None)
-        run = fit(config, cohort, run_dir={str(tmp_path / 'run')!r}, strategy=strategy)
+        run = fit(config, cohort, run_dir={str(tmp_path / "run")!r}, strategy=strategy)
         print(json.dumps({{"n_replicas": run.metrics["n_replicas"], "device": run.metrics["device"],
                            "val_auroc": run.metrics["val_auroc"], "n_val": run.metrics["n_val"],
                            "epochs_run": run.metrics["epochs_run"]}}))
     """)
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n_replicas"] == 2 and "MirroredStrategy" in result["device"]
@@ -493,6 +575,10 @@ def test_too_many_unfreeze_blocks_fail_before_training(easy_dir, tmp_path):
     weights_file = models.save_backbone_weights(base, tmp_path / "backbone.weights.h5")
     recorder = Recorder()
     with pytest.raises(ConfigError, match=r"unfreeze_blocks=9 but basic-cnn has 4 block groups \(conv1, conv2"):
-        fit(easy_config(weights=str(weights_file), fine_tune_epochs=1, unfreeze_blocks=9), _load(easy_dir),
-            progress=recorder, run_dir=tmp_path / "run")
+        fit(
+            easy_config(weights=str(weights_file), fine_tune_epochs=1, unfreeze_blocks=9),
+            _load(easy_dir),
+            progress=recorder,
+            run_dir=tmp_path / "run",
+        )
     assert recorder.calls == [] and not (tmp_path / "run").exists()

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import time
 
+import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
 import pandas as pd
 import pytest
+from page_helpers import run, texts
 from streamlit.testing.v1 import AppTest
 
 import trainers.launch as launch
 from melcore.store import Store
-
-import page_helpers  # tests/ is on sys.path (pytest rootdir-relative import)
-from page_helpers import run, texts
 
 FAKE_PID = 4242
 
@@ -91,8 +90,17 @@ def running_job(store: Store, dataset_id: int, **config) -> dict:
 
 
 def test_submit_queues_the_chosen_config_and_starts_a_worker(seeded, worker_calls):
-    at = fill(open_page(), "cnn-bn", size=48, epochs=2, batch=8, lr=0.002, balance="class-weight", augment="basic",
-              weights="none")
+    at = fill(
+        open_page(),
+        "cnn-bn",
+        size=48,
+        epochs=2,
+        batch=8,
+        lr=0.002,
+        balance="class-weight",
+        augment="basic",
+        weights="none",
+    )
     assert not Store().list_jobs()
     assert not worker_calls
     at = submit(at)
@@ -104,7 +112,11 @@ def test_submit_queues_the_chosen_config_and_starts_a_worker(seeded, worker_call
     assert (config["model"], config["image_size"], config["epochs"], config["batch_size"]) == ("cnn-bn", 48, 2, 8)
     assert config["learning_rate"] == pytest.approx(0.002)
     assert (config["balance"], config["augment"], config["weights"], config["clinic"]) == (
-        "class-weight", "basic", "none", None)
+        "class-weight",
+        "basic",
+        "none",
+        None,
+    )
     assert worker_calls == [seeded["store"].url]
     assert f"#{job['id']}" in texts(at.success)
     assert str(FAKE_PID) in texts(at.info)
@@ -138,11 +150,14 @@ def test_one_clinic_queues_a_job_for_that_clinic(seeded, worker_calls):
     assert [j["config"]["clinic"] for j in Store().list_jobs()] == [clinic]
 
 
-@pytest.mark.parametrize("model, values, reason", [
-    ("cnn-bn", {"size": 8}, "too small for cnn-bn"),
-    ("cnn-bn", {"lr": 0.0}, "learning rate must be positive"),
-    ("basic-cnn", {"weights": "imagenet"}, "has no ImageNet weights"),
-])
+@pytest.mark.parametrize(
+    "model, values, reason",
+    [
+        ("cnn-bn", {"size": 8}, "too small for cnn-bn"),
+        ("cnn-bn", {"lr": 0.0}, "learning rate must be positive"),
+        ("basic-cnn", {"weights": "imagenet"}, "has no ImageNet weights"),
+    ],
+)
 def test_an_invalid_combination_is_refused_with_the_reason(seeded, worker_calls, model, values, reason):
     at = submit(fill(open_page(), model, **values))
     assert reason in texts(at.error)
@@ -188,13 +203,42 @@ def test_a_running_job_shows_its_progress_bar_and_curves(seeded, worker_calls):
     history = []
     for epoch in (1, 2):
         for batch in (5, 10):
-            history.append({"epoch": epoch, "batch": batch, "steps": 10, "epochs": 3, "stage": "train",
-                            "loss": 0.7 - 0.05 * epoch - 0.01 * batch})
+            history.append(
+                {
+                    "epoch": epoch,
+                    "batch": batch,
+                    "steps": 10,
+                    "epochs": 3,
+                    "stage": "train",
+                    "loss": 0.7 - 0.05 * epoch - 0.01 * batch,
+                }
+            )
         if epoch == 1:
-            history.append({"epoch": 1, "batch": 10, "steps": 10, "epochs": 3, "stage": "train", "loss": 0.6,
-                            "end_of_epoch": True, "train_loss": 0.62, "select_loss": 0.58, "select_auroc": 0.71})
-    progress = {"epoch": 2, "batch": 5, "steps": 10, "epochs": 3, "stage": "train", "loss": 0.4321,
-                "eta": 95.0, "updated_at": time.time(), "log_tail": "epoch 1/3 train loss 0.62"}
+            history.append(
+                {
+                    "epoch": 1,
+                    "batch": 10,
+                    "steps": 10,
+                    "epochs": 3,
+                    "stage": "train",
+                    "loss": 0.6,
+                    "end_of_epoch": True,
+                    "train_loss": 0.62,
+                    "select_loss": 0.58,
+                    "select_auroc": 0.71,
+                }
+            )
+    progress = {
+        "epoch": 2,
+        "batch": 5,
+        "steps": 10,
+        "epochs": 3,
+        "stage": "train",
+        "loss": 0.4321,
+        "eta": 95.0,
+        "updated_at": time.time(),
+        "log_tail": "epoch 1/3 train loss 0.62",
+    }
     store.update_job(job["id"], progress=progress, history=history)
     at = open_page()
     bars = progress_bars(at)
@@ -224,11 +268,22 @@ def test_a_failed_job_shows_its_reason(seeded, worker_calls):
 def test_a_done_job_points_to_its_run(seeded, worker_calls):
     store = seeded["store"]
     job = running_job(store, seeded["dataset_id"], weights="imagenet", fallback_to_scratch=True)
-    run_id = store.add_run("cnn-bn · all clinics", dataset_id=seeded["dataset_id"], job_id=job["id"], model="cnn-bn",
-                           metrics={"val_auroc": 0.81234, "weights": {"requested": "imagenet", "from_scratch": True,
-                                                                      "note": "ImageNet weights could not be "
-                                                                              "downloaded: trained from scratch"}},
-                           from_scratch=True, notes="ImageNet weights could not be downloaded: trained from scratch")
+    run_id = store.add_run(
+        "cnn-bn · all clinics",
+        dataset_id=seeded["dataset_id"],
+        job_id=job["id"],
+        model="cnn-bn",
+        metrics={
+            "val_auroc": 0.81234,
+            "weights": {
+                "requested": "imagenet",
+                "from_scratch": True,
+                "note": "ImageNet weights could not be downloaded: trained from scratch",
+            },
+        },
+        from_scratch=True,
+        notes="ImageNet weights could not be downloaded: trained from scratch",
+    )
     assert store.finish_job(job["id"], job["claim_token"], "done", run_id=run_id)
     at = open_page()
     note = texts(at.success)
@@ -242,9 +297,19 @@ def test_a_done_colour_model_job_shows_the_delivered_auroc_in_the_table_and_name
     job = running_job(store, seeded["dataset_id"], colour_model=True, weights="none")
     history = [{"epoch": 1, "end_of_epoch": True, "stage": "train", "select_auroc": 0.497, "train_loss": 0.7}]
     store.update_job(job["id"], history=history, progress={"epoch": 1, "epochs": 1, "select_auroc": 0.497})
-    run_id = store.add_run("cnn-bn · all clinics", dataset_id=seeded["dataset_id"], job_id=job["id"], model="cnn-bn",
-                           metrics={"val_auroc": 0.796, "cnn_val_auroc": 0.497, "scorer": "colour-model",
-                                    "weights": {"requested": "none", "from_scratch": True}}, from_scratch=True)
+    run_id = store.add_run(
+        "cnn-bn · all clinics",
+        dataset_id=seeded["dataset_id"],
+        job_id=job["id"],
+        model="cnn-bn",
+        metrics={
+            "val_auroc": 0.796,
+            "cnn_val_auroc": 0.497,
+            "scorer": "colour-model",
+            "weights": {"requested": "none", "from_scratch": True},
+        },
+        from_scratch=True,
+    )
     assert store.finish_job(job["id"], job["claim_token"], "done", run_id=run_id)
     at = open_page()
     table = next(d.value for d in at.dataframe if "job" in d.value.columns)
@@ -366,16 +431,25 @@ def test_a_run_that_cannot_be_fused_is_refused_with_the_reason(seeded, worker_ca
 
 def test_a_done_meta_job_shows_its_out_of_fold_auroc(seeded, worker_calls):
     store = seeded["store"]
-    job_id = store.submit_job({"n_folds": 5, "seed": 0, "feature_set": "context", "image_run_id": None},
-                              dataset_id=seeded["dataset_id"], kind="meta")
+    job_id = store.submit_job(
+        {"n_folds": 5, "seed": 0, "feature_set": "context", "image_run_id": None},
+        dataset_id=seeded["dataset_id"],
+        kind="meta",
+    )
     job = store.claim_job("testhost:999:1")
     store.update_job(job_id, progress={"epoch": 3, "epochs": 5, "stage": "fold", "end_of_epoch": True})
     at = open_page()
     assert "fold 3/5 done" in [p.text for p in progress_bars(at)]
     jobs_table = next(df.value for df in at.dataframe if "epoch / fold" in df.value.columns)
     assert jobs_table.iloc[0][["model", "epoch / fold"]].tolist() == ["patient context", "fold 3/5"]
-    run_id = store.add_run("patient context · all clinics", dataset_id=seeded["dataset_id"], job_id=job_id,
-                           model="meta", kind="meta", metrics={"oof_auroc": 0.7987, "model": "meta"})
+    run_id = store.add_run(
+        "patient context · all clinics",
+        dataset_id=seeded["dataset_id"],
+        job_id=job_id,
+        model="meta",
+        kind="meta",
+        metrics={"oof_auroc": 0.7987, "model": "meta"},
+    )
     assert store.finish_job(job_id, job["claim_token"], "done", run_id=run_id)
     at = open_page()
     note = texts(at.success)
@@ -396,5 +470,10 @@ def test_the_form_opens_on_the_pretrained_cpu_default_recipe(seeded, worker_call
     submit(run(at))
     config = Store().list_jobs()[0]["config"]
     assert (config["model"], config["weights"], config["mode"], config["pooling"], config["head_fit"]) == (
-        "efficientnet-lite0", "imagenet", "fast-head", "multi-level", "logistic-cv")
+        "efficientnet-lite0",
+        "imagenet",
+        "fast-head",
+        "multi-level",
+        "logistic-cv",
+    )
     assert config["image_size"] == 64

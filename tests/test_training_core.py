@@ -11,16 +11,21 @@ from melcore.errors import ConfigError, MelcoreError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda c: c.check_int("epochs", 0, 1), "epochs must be positive, got 0"),
-    (lambda c: c.check_int("seed", True, 0), "seed must be an integer, got True"),
-    (lambda c: c.check_int("n_folds", 1, 2), "n_folds must be >= 2, got 1"),
-    (lambda c: c.check_float("learning rate", float("nan")), "learning rate must be finite, got nan"),
-    (lambda c: c.check_fraction("val_fraction", 1.5), "val_fraction must be between 0 and 1 (e.g. 0.2), got 1.5"),
-    (lambda c: c.check_bool("tta", 1), "tta must be true or false, got 1"),
-    (lambda c: c.check_choice("optimizer", "rmsprop", ("sgd", "adam")),
-     "unknown optimizer 'rmsprop'; valid optimizers: sgd, adam"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda c: c.check_int("epochs", 0, 1), "epochs must be positive, got 0"),
+        (lambda c: c.check_int("seed", True, 0), "seed must be an integer, got True"),
+        (lambda c: c.check_int("n_folds", 1, 2), "n_folds must be >= 2, got 1"),
+        (lambda c: c.check_float("learning rate", float("nan")), "learning rate must be finite, got nan"),
+        (lambda c: c.check_fraction("val_fraction", 1.5), "val_fraction must be between 0 and 1 (e.g. 0.2), got 1.5"),
+        (lambda c: c.check_bool("tta", 1), "tta must be true or false, got 1"),
+        (
+            lambda c: c.check_choice("optimizer", "rmsprop", ("sgd", "adam")),
+            "unknown optimizer 'rmsprop'; valid optimizers: sgd, adam",
+        ),
+    ],
+)
 def test_checks_name_the_field_the_value_and_what_is_valid(call, message):
     from melcore import checks
 
@@ -40,8 +45,10 @@ def test_checks_return_canonical_values():
 def test_the_config_gives_the_checks_messages():
     from melcore.training.config import TrainConfig, validate
 
-    with pytest.raises(ConfigError, match="select_fraction \\(share of the training patients that choose the best "
-                                          "epoch\\) must be between 0 and 1"):
+    with pytest.raises(
+        ConfigError,
+        match="select_fraction \\(share of the training patients that choose the best epoch\\) must be between 0 and 1",
+    ):
         validate(TrainConfig(model="cnn-bn", select_fraction=0.0))
     with pytest.raises(ConfigError, match="unknown preset 'fast'; valid presets: cpu-default, colour-svm"):
         validate(TrainConfig(model="cnn-bn", preset="fast"))
@@ -66,12 +73,23 @@ def test_a_models_default_recipe_is_the_one_it_trained_with(model):
     from melcore.training.recipes import recipe_for
 
     recipe = recipe_for(model.upper().replace("-", "_"))
-    assert (recipe.optimizer, recipe.learning_rate, recipe.weight_decay, recipe.schedule, recipe.augment,
-            recipe.batch_size, recipe.finetune_lr_factor) == _RECIPES_BEFORE[model]
+    assert (
+        recipe.optimizer,
+        recipe.learning_rate,
+        recipe.weight_decay,
+        recipe.schedule,
+        recipe.augment,
+        recipe.batch_size,
+        recipe.finetune_lr_factor,
+    ) == _RECIPES_BEFORE[model]
     resolved = validate(TrainConfig(model=model, weights="none"))
-    assert (resolved.optimizer, resolved.learning_rate, resolved.schedule, resolved.augment,
-            resolved.batch_size) == (recipe.optimizer, recipe.learning_rate, recipe.schedule, recipe.augment,
-                                     recipe.batch_size)
+    assert (resolved.optimizer, resolved.learning_rate, resolved.schedule, resolved.augment, resolved.batch_size) == (
+        recipe.optimizer,
+        recipe.learning_rate,
+        recipe.schedule,
+        recipe.augment,
+        recipe.batch_size,
+    )
 
 
 def test_every_model_has_one_recipe_and_it_names_known_choices():
@@ -90,10 +108,18 @@ def test_every_model_has_one_recipe_and_it_names_known_choices():
 def test_given_values_override_the_recipe():
     from melcore.training.config import TrainConfig, validate
 
-    resolved = validate(TrainConfig(model="basic-cnn", optimizer="adam", learning_rate=0.5, schedule="constant",
-                                    augment="none", batch_size=4))
-    assert (resolved.optimizer, resolved.learning_rate, resolved.schedule, resolved.augment,
-            resolved.batch_size) == ("adam", 0.5, "constant", "none", 4)
+    resolved = validate(
+        TrainConfig(
+            model="basic-cnn", optimizer="adam", learning_rate=0.5, schedule="constant", augment="none", batch_size=4
+        )
+    )
+    assert (resolved.optimizer, resolved.learning_rate, resolved.schedule, resolved.augment, resolved.batch_size) == (
+        "adam",
+        0.5,
+        "constant",
+        "none",
+        4,
+    )
 
 
 def test_make_optimizer_follows_the_recipe():
@@ -194,8 +220,10 @@ def _imports(path: Path) -> set[str]:
 
 def test_pages_never_import_the_command_line():
     files = [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py"))]
-    offending = {f.name: sorted(n for n in _imports(f) if n == "melcore.commands" or n.startswith("melcore.commands."))
-                 for f in files}
+    offending = {
+        f.name: sorted(n for n in _imports(f) if n == "melcore.commands" or n.startswith("melcore.commands."))
+        for f in files
+    }
     assert {name: found for name, found in offending.items() if found} == {}
 
 
@@ -229,9 +257,13 @@ def test_one_name_normaliser_for_models_presets_and_augmentations():
     from melcore.training import recipes
 
     package = Path(melcore.__file__).parent
-    copies = [f"{path.name}:{i}" for path in sorted(package.rglob("*.py")) if path.name != "checks.py"
-              for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-              if re.search(r"\.lower\(\)\.replace\(\"_\", \"-\"\)", line)]
+    copies = [
+        f"{path.name}:{i}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "checks.py"
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\.lower\(\)\.replace\(\"_\", \"-\"\)", line)
+    ]
     assert copies == []
     name = registry.model_names()[0]
     assert registry.validate_model_name(f" {name.upper().replace('-', '_')} ") == name
@@ -261,7 +293,12 @@ def test_the_weights_rules_and_their_messages_live_in_the_registry(tmp_path):
     (tmp_path / "w.h5").write_bytes(b"")
     assert check_weights(pretrained, tmp_path / "w.h5") == str((tmp_path / "w.h5").resolve())
     package = Path(melcore.__file__).parent
-    copies = [path.name for path in sorted(package.rglob("*.py")) if path.name != "registry.py"
-              and re.search(r"noisy-student weights exist only|has no ImageNet weights \(it is",
-                            path.read_text(encoding="utf-8"))]
+    copies = [
+        path.name
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "registry.py"
+        and re.search(
+            r"noisy-student weights exist only|has no ImageNet weights \(it is", path.read_text(encoding="utf-8")
+        )
+    ]
     assert copies == []

@@ -29,8 +29,14 @@ def queue(db_url, demo_dir):
 
 def _worker(db_url: str, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, "-m", "trainers.worker", "--db", db_url, "--poll", "0.3", *extra],
-                            cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainers.worker", "--db", db_url, "--poll", "0.3", *extra],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait(condition, timeout: float, what: str):
@@ -121,8 +127,13 @@ def test_cancel_running_job_and_bad_config_fails_while_worker_carries_on(queue, 
         failed = store.get_job(bad)
         assert "no-such-model" in failed["error"] and "basic-cnn" in failed["error"]  # lists the valid names
         _wait(lambda: (store.get_job(long)["progress"] or {}).get("batch"), 240, "the long job's first batch")
-        cancel = subprocess.run([sys.executable, "-m", "melcore", "jobs", "--db", db_url, "cancel", str(long)],
-                                cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+        cancel = subprocess.run(
+            [sys.executable, "-m", "melcore", "jobs", "--db", db_url, "cancel", str(long)],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cancel.returncode == 0 and "running" in cancel.stdout
         _wait(lambda: store.get_job(long)["state"] == "cancelled", 60, "the running job to stop")
         assert store.get_job(long)["run_id"] is None
@@ -136,11 +147,17 @@ def test_jobs_cli_submit_list_and_validation(queue, db_url):
     store, _ = queue
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "melcore", "jobs", "--db", db_url, *args], cwd=PROJECT_ROOT,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "melcore", "jobs", "--db", db_url, *args],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
-    done = cli("submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--epochs", "1",
-               "--each-clinic")
+    done = cli(
+        "submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--epochs", "1", "--each-clinic"
+    )
     assert done.returncode == 0, done.stderr
     ids = [int(x) for x in done.stdout.split()]
     clinics = sorted(store.get_job(i)["config"]["clinic"] for i in ids)
@@ -157,8 +174,19 @@ def test_jobs_cli_submit_list_and_validation(queue, db_url):
     assert folds.returncode == 0, folds.stderr
     kfold = store.get_job(int(folds.stdout.split()[0]))
     assert kfold["kind"] == "kfold" and kfold["config"]["n_folds"] == 3
-    cross = cli("submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--kind", "cross-clinic",
-                "--clinic", "clinic-north")
+    cross = cli(
+        "submit",
+        "--dataset",
+        "demo",
+        "--model",
+        "basic-cnn",
+        "--image-size",
+        "32",
+        "--kind",
+        "cross-clinic",
+        "--clinic",
+        "clinic-north",
+    )
     assert cross.returncode == 2 and "gives no clinic" not in cross.stderr and "no clinic" in cross.stderr
     assert len(store.list_jobs()) == 4  # refused submissions queue nothing
 

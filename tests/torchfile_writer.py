@@ -34,19 +34,43 @@ def _tuple(items: list[bytes]) -> bytes:
 
 
 def _state_dict_pickle(tensors: dict[str, np.ndarray]) -> tuple[bytes, list[str]]:
-    out = [pickle.PROTO + b"\x02", _global("collections", "OrderedDict"), pickle.EMPTY_TUPLE, pickle.REDUCE,
-           pickle.MARK]
+    out = [
+        pickle.PROTO + b"\x02",
+        _global("collections", "OrderedDict"),
+        pickle.EMPTY_TUPLE,
+        pickle.REDUCE,
+        pickle.MARK,
+    ]
     keys = []
     for i, (name, array) in enumerate(tensors.items()):
         key = str(1000 + i)
         keys.append(key)
         storage_type = _STORAGE[np.asarray(array).dtype]
-        persistent = _tuple([_unicode("storage"), _global("torch", storage_type), _unicode(key), _unicode("cpu"),
-                             _int(np.asarray(array).size), pickle.NONE]) + pickle.BINPERSID
+        persistent = (
+            _tuple(
+                [
+                    _unicode("storage"),
+                    _global("torch", storage_type),
+                    _unicode(key),
+                    _unicode("cpu"),
+                    _int(np.asarray(array).size),
+                    pickle.NONE,
+                ]
+            )
+            + pickle.BINPERSID
+        )
         shape = np.asarray(array).shape
-        strides = [int(np.prod(shape[j + 1:])) for j in range(len(shape))]
-        args = _tuple([persistent, _int(0), _tuple([_int(s) for s in shape]), _tuple([_int(s) for s in strides]),
-                       pickle.NEWFALSE, _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE])
+        strides = [int(np.prod(shape[j + 1 :])) for j in range(len(shape))]
+        args = _tuple(
+            [
+                persistent,
+                _int(0),
+                _tuple([_int(s) for s in shape]),
+                _tuple([_int(s) for s in strides]),
+                pickle.NEWFALSE,
+                _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE + pickle.REDUCE,
+            ]
+        )
         out += [_unicode(name), _global("torch._utils", "_rebuild_tensor_v2"), args, pickle.REDUCE]
     out += [pickle.SETITEMS, pickle.STOP]
     return b"".join(out), keys
@@ -59,8 +83,12 @@ def write_legacy_state_dict(path, tensors: dict[str, np.ndarray], *, object_pick
     with open(path, "wb") as f:
         f.write(pickle.dumps(_MAGIC, protocol=2))
         f.write(pickle.dumps(1001, protocol=2))
-        f.write(pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                              "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2))
+        f.write(
+            pickle.dumps(
+                {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+                protocol=2,
+            )
+        )
         f.write(object_pickle if object_pickle is not None else body)
         f.write(pickle.dumps(keys if object_pickle is None else [], protocol=2))
         if object_pickle is None:

@@ -29,9 +29,15 @@ def ensure_worker(store: Store, *, within: float = 30.0) -> int | None:
     logs = settings.subdir("logs")
     env = dict(os.environ, MELREVIEW_DB_URL=store.url, PYTHONPATH=str(PROJECT_ROOT))
     with open(logs / "worker.log", "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "trainers.worker"],
-                                   cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trainers.worker"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     # Beat on its behalf at once so a second page load does not start another one.
     store.worker_beat(f"{os.uname().nodename}:{process.pid}:starting")
     return process.pid

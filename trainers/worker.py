@@ -34,8 +34,8 @@ from melcore.store import Store, StoreError, default_worker_id
 
 log = logging.getLogger("melreview.worker")
 
-STALE_AFTER = 60.0   # seconds without a heartbeat before a running job counts as orphaned
-BEAT_EVERY = 1.0     # seconds between heartbeats (and progress writes) of a running job
+STALE_AFTER = 60.0  # seconds without a heartbeat before a running job counts as orphaned
+BEAT_EVERY = 1.0  # seconds between heartbeats (and progress writes) of a running job
 HISTORY_LIMIT = 3000  # live-curve points kept per job
 
 
@@ -59,12 +59,19 @@ class JobContext:
         self._points: list[dict] = []
         self._last_point = 0.0
 
-    def report(self, epoch: int, batch: int, loss: float, metrics: dict | None = None,
-               eta: float | None = None) -> None:
+    def report(
+        self, epoch: int, batch: int, loss: float, metrics: dict | None = None, eta: float | None = None
+    ) -> None:
         metrics = dict(metrics or {})
         now = time.time()
-        progress = {"epoch": int(epoch), "batch": int(batch), "loss": _num(loss), "eta": _num(eta),
-                    "updated_at": now, **json_safe(metrics)}
+        progress = {
+            "epoch": int(epoch),
+            "batch": int(batch),
+            "loss": _num(loss),
+            "eta": _num(eta),
+            "updated_at": now,
+            **json_safe(metrics),
+        }
         with self._lock:
             self._progress = progress
             if metrics.get("end_of_epoch") or now - self._last_point >= BEAT_EVERY:
@@ -91,7 +98,7 @@ def _heartbeat_loop(ctx: JobContext, token: str, worker_id: str, done: threading
             progress["log_tail"] = ctx.log_tail()
         try:
             if points:
-                history = (history if history is not None else list(ctx.store.get_job(ctx.job["id"])["history"] or []))
+                history = history if history is not None else list(ctx.store.get_job(ctx.job["id"])["history"] or [])
                 history = (history + points)[-HISTORY_LIMIT:]
                 ctx.store.update_job(ctx.job["id"], history=history)
             if ctx.store.heartbeat(ctx.job["id"], token, progress=progress):
@@ -150,8 +157,15 @@ def run_job(store: Store, job: dict, worker_id: str) -> str:
 class Worker:
     """Claims and runs jobs until stopped (or, with ``once``, until the queue is empty)."""
 
-    def __init__(self, store: Store, *, poll: float = 2.0, once: bool = False, stale_after: float = STALE_AFTER,
-                 worker_id: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        poll: float = 2.0,
+        once: bool = False,
+        stale_after: float = STALE_AFTER,
+        worker_id: str | None = None,
+    ):
         self.store = store
         self.poll = poll
         self.once = once
@@ -193,22 +207,29 @@ def _prune_caches() -> None:
         log.warning("cache pruning failed: %s", exc)
         return
     if report is not None and report.files:
-        log.info("pruned %d cache file(s), %s, to stay within %s", report.files, format_size(report.bytes),
-                 MAX_SIZE_VARIABLE)
+        log.info(
+            "pruned %d cache file(s), %s, to stay within %s", report.files, format_size(report.bytes), MAX_SIZE_VARIABLE
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainers.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="run the queued jobs, then exit")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between queue polls when idle")
-    parser.add_argument("--db", default=None,
-                        help="store URL (default: MELREVIEW_DB_URL or the SQLite file); a URL with a password "
-                             "belongs in MELREVIEW_DB_URL, since every user can read a command line")
-    parser.add_argument("--stale-after", type=float, default=STALE_AFTER,
-                        help="seconds without a heartbeat before a running job is requeued")
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="store URL (default: MELREVIEW_DB_URL or the SQLite file); a URL with a password "
+        "belongs in MELREVIEW_DB_URL, since every user can read a command line",
+    )
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_AFTER,
+        help="seconds without a heartbeat before a running job is requeued",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         store = Store(args.db)
     except MelcoreError as exc:

@@ -47,8 +47,10 @@ _navigation_ran = False
 def page_list(home: Callable[[], None]) -> list:
     """Home (``home``, the default page at the root URL) and the pages of :data:`PAGES`, as ``st.Page``."""
     title, icon = HOME
-    return [st.Page(home, title=title, icon=icon, default=True),
-            *(st.Page(str(PAGES_DIR / filename), title=title, icon=icon) for filename, title, icon in PAGES)]
+    return [
+        st.Page(home, title=title, icon=icon, default=True),
+        *(st.Page(str(PAGES_DIR / filename), title=title, icon=icon) for filename, title, icon in PAGES),
+    ]
 
 
 def run(home: Callable[[], None]) -> None:

@@ -66,8 +66,8 @@ from melcore.browse import DEFAULT_THRESHOLD, image_scores, paginate
 from melcore.classes import MELANOMA, ClassNames
 from melcore.errors import ImageError, MelcoreError
 from melcore.formatting import as_finite, format_risk, format_threshold
-from melcore.runinfo import gradcam_caveats, run_title
 from melcore.images import ImageCache, confine, load_image, stand_in_image, thumbnail
+from melcore.runinfo import gradcam_caveats, run_title
 from melcore.safety import escape_markdown
 from ui.common import record_choice, restore_choice
 
@@ -80,6 +80,7 @@ TRUTH_FIELDS = ("target", "diagnosis", "benign_malignant")  # what a reader in a
 
 
 # --------------------------------------------------------------------------- images
+
 
 @st.cache_resource(show_spinner=False)
 def _image_cache_for(home: str) -> ImageCache:
@@ -193,15 +194,25 @@ def _caption(row: Mapping) -> str:
 
 # --------------------------------------------------------------------------- grid and strip
 
+
 def _clamp_page(state_key: str, n_pages: int) -> None:
     value = st.session_state.get(state_key)
     if value is not None and not 1 <= int(value) <= n_pages:
         st.session_state[state_key] = 1
 
 
-def thumbnail_grid(lesions: pd.DataFrame, *, key: str, roots: Sequence, threshold: float | None = None,
-                   columns: int = 4, size: int = 160, page_size: int = 24,
-                   selected: str | None = None, classes: ClassNames | None = None) -> str | None:
+def thumbnail_grid(
+    lesions: pd.DataFrame,
+    *,
+    key: str,
+    roots: Sequence,
+    threshold: float | None = None,
+    columns: int = 4,
+    size: int = 160,
+    page_size: int = 24,
+    selected: str | None = None,
+    classes: ClassNames | None = None,
+) -> str | None:
     """Lesion tiles with score badges; the image_name whose "Open" button was clicked, else None."""
     if lesions is None or len(lesions) == 0:
         st.info("No lesion images to show.")
@@ -211,31 +222,45 @@ def thumbnail_grid(lesions: pd.DataFrame, *, key: str, roots: Sequence, threshol
     page_number = 1
     if n_pages > 1:
         _clamp_page(page_key, n_pages)
-        page_number = st.number_input(f"Page (of {n_pages}, {page_size} images each)", min_value=1,
-                                      max_value=n_pages, step=1, key=page_key)
+        page_number = st.number_input(
+            f"Page (of {n_pages}, {page_size} images each)", min_value=1, max_value=n_pages, step=1, key=page_key
+        )
     page = paginate(lesions, page_number, page_size)
     clicked = None
     rows = page.frame.to_dict("records")
     for start in range(0, len(rows), columns):
         cells = st.columns(columns)
-        for cell, row in zip(cells, rows[start:start + columns]):
+        for cell, row in zip(cells, rows[start : start + columns]):
             name = str(row["image_name"])
             tile = load_tile(row.get("image_path"), name, roots, size)
             with cell.container(border=True):
                 st.image(tile.data, width="stretch")
                 st.markdown(badges(row, threshold, tile.status, classes) or "&nbsp;")
                 st.caption(escape_markdown(_caption(row) + (f" · {tile.message}" if tile.message else "")))
-                if st.button("Open", key=f"{key}_open_{name}", width="stretch",
-                             type="primary" if name == selected else "secondary"):
+                if st.button(
+                    "Open",
+                    key=f"{key}_open_{name}",
+                    width="stretch",
+                    type="primary" if name == selected else "secondary",
+                ):
                     clicked = name
     if n_pages > 1:
         st.caption(f"Images {page.start + 1}-{page.stop} of {page.total}")
     return clicked
 
 
-def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: str | None = None,
-                  threshold: float | None = None, size: int = 96, max_items: int = 8,
-                  per_row: int = 4, classes: ClassNames | None = None) -> str | None:
+def patient_strip(
+    lesions: pd.DataFrame,
+    *,
+    key: str,
+    roots: Sequence,
+    current: str | None = None,
+    threshold: float | None = None,
+    size: int = 96,
+    max_items: int = 8,
+    per_row: int = 4,
+    classes: ClassNames | None = None,
+) -> str | None:
     """Small tiles of the patient's other lesions; the clicked image_name, else None."""
     others = lesions[lesions["image_name"].astype(str) != str(current)] if current is not None else lesions
     if len(others) == 0:
@@ -251,8 +276,9 @@ def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: 
         tile = load_tile(row.get("image_path"), name, roots, size)
         with cell:
             st.image(tile.data, width="stretch")
-            st.markdown(badges({k: row.get(k) for k in ("risk", "target")}, threshold, tile.status, classes)
-                        or "&nbsp;")
+            st.markdown(
+                badges({k: row.get(k) for k in ("risk", "target")}, threshold, tile.status, classes) or "&nbsp;"
+            )
             if st.button("Open", key=f"{key}_open_{name}", width="stretch", help=name):
                 clicked = name
     if len(others) > max_items:
@@ -262,15 +288,18 @@ def patient_strip(lesions: pd.DataFrame, *, key: str, roots: Sequence, current: 
 
 # --------------------------------------------------------------------------- lesion panel
 
-def _metadata(lesion: Mapping, status: str, message: str, path: Path | None,
-              classes: ClassNames | None = None) -> pd.DataFrame:
+
+def _metadata(
+    lesion: Mapping, status: str, message: str, path: Path | None, classes: ClassNames | None = None
+) -> pd.DataFrame:
     age = as_finite(lesion.get("age_approx"))
     label = _label(lesion.get("target"), classes)
     if status == "ok":
         where = str(path)
     elif status == "missing":
-        where = "image file not found" + (f" ({lesion.get('image_path')})" if _present(lesion.get("image_path"))
-                                           else "")
+        where = "image file not found" + (
+            f" ({lesion.get('image_path')})" if _present(lesion.get("image_path")) else ""
+        )
     else:
         where = message
     fields = [
@@ -285,16 +314,18 @@ def _metadata(lesion: Mapping, status: str, message: str, path: Path | None,
         ("clinic", lesion.get("clinic")),
         ("image file", where),
     ]
-    return pd.DataFrame({"field": [f for f, _ in fields],
-                         "value": [str(v) if _present(v) else "unknown" for _, v in fields]})
+    return pd.DataFrame(
+        {"field": [f for f, _ in fields], "value": [str(v) if _present(v) else "unknown" for _, v in fields]}
+    )
 
 
 def _scores_table(scores: pd.DataFrame, runs: Sequence[Mapping] = ()) -> pd.DataFrame:
     """One row per run: the run named by what scores it, its split, score, threshold (as everywhere) and call."""
     by_id = {int(r["id"]): r for r in runs}
     table = scores.copy()
-    table["run"] = [run_title(by_id[int(i)]) if int(i) in by_id else f"#{i} {n}"
-                    for i, n in zip(table["run_id"], table["run"])]
+    table["run"] = [
+        run_title(by_id[int(i)]) if int(i) in by_id else f"#{i} {n}" for i, n in zip(table["run_id"], table["run"])
+    ]
     table["split"] = table["split"].map({"val": "validation", "oof": "out-of-fold"}).fillna(table["split"])
     table["threshold"] = [format_threshold(t) for t in table["threshold"]]
     table["call"] = np.where(table["flagged"], "at or above threshold", "below threshold")
@@ -310,8 +341,9 @@ def _has_model(run: Mapping) -> bool:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def _heatmap(run_dir: str, model_signature: tuple, image_path: str, image_signature: tuple,
-             method: str, detail: str = "standard") -> np.ndarray:
+def _heatmap(
+    run_dir: str, model_signature: tuple, image_path: str, image_signature: tuple, method: str, detail: str = "standard"
+) -> np.ndarray:
     return predict.in_model_thread(explain.explain_image, run_dir, image_path, method, detail=detail)[1]
 
 
@@ -332,8 +364,9 @@ def _opacity(text: str) -> float:
     return round(round(value / 0.05) * 0.05, 2)
 
 
-def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping], key: str,
-                     default_run: int | None = None) -> None:
+def _gradcam_section(
+    lesion: Mapping, path: Path | None, runs: Sequence[Mapping], key: str, default_run: int | None = None
+) -> None:
     st.markdown("**Grad-CAM**")
     candidates = [r for r in runs if (r.get("kind") or "image") == "image" and _has_model(r)]
     if not candidates:
@@ -356,13 +389,19 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
     show = st.toggle("Show the overlay", key=f"{key}_gc_show", help="Compute (once, then cached) and show it")
     run_id = st.selectbox("Model", ids, format_func=labels.get, key=f"{key}_gc_run")
     bottom = st.columns(2, vertical_alignment="bottom")
-    method = bottom[0].radio("Method", list(GRADCAM_METHODS), format_func=GRADCAM_METHODS.get, horizontal=True,
-                             key=f"{key}_gc_method")
+    method = bottom[0].radio(
+        "Method", list(GRADCAM_METHODS), format_func=GRADCAM_METHODS.get, horizontal=True, key=f"{key}_gc_method"
+    )
     opacity = bottom[1].slider("Opacity", 0.0, 1.0, step=0.05, key=f"{key}_gc_opacity")
-    detail = st.radio("Detail", list(explain.DETAILS), format_func=explain.DETAILS.get, horizontal=True,
-                      key=f"{key}_gc_detail",
-                      help="Fine explains an earlier, higher-resolution feature map that every path to the score "
-                           "still passes through (e.g. 28x28 instead of 7x7 for EfficientNet-Lite0 at 224 px).")
+    detail = st.radio(
+        "Detail",
+        list(explain.DETAILS),
+        format_func=explain.DETAILS.get,
+        horizontal=True,
+        key=f"{key}_gc_detail",
+        help="Fine explains an earlier, higher-resolution feature map that every path to the score "
+        "still passes through (e.g. 28x28 instead of 7x7 for EfficientNet-Lite0 at 224 px).",
+    )
     record_choice(GRADCAM_STATE + "show", "gc_show", bool(show), lambda v: "1" if v else "0")
     record_choice(GRADCAM_STATE + "run", "gc_run", int(run_id))
     record_choice(GRADCAM_STATE + "method", "gc_method", method)
@@ -384,10 +423,13 @@ def _gradcam_section(lesion: Mapping, path: Path | None, runs: Sequence[Mapping]
     except (MelcoreError, OSError) as exc:
         st.error(f"Grad-CAM failed: {escape_markdown(exc)}")
         return
-    st.image(picture, caption=f"{GRADCAM_METHODS[method]} ({explain.DETAILS[detail].split(' (')[0].lower()}) · "
-                              f"{labels[run_id]} · red = raised the melanoma score most in this image (each "
-                              "heatmap is normalised per image: colours do not compare across images)",
-             width="stretch")
+    st.image(
+        picture,
+        caption=f"{GRADCAM_METHODS[method]} ({explain.DETAILS[detail].split(' (')[0].lower()}) · "
+        f"{labels[run_id]} · red = raised the melanoma score most in this image (each "
+        "heatmap is normalised per image: colours do not compare across images)",
+        width="stretch",
+    )
     if caveats:
         st.warning(escape_markdown("; ".join(c[:1] + c[1:].lower() for c in caveats)) + ".")
     if colour_model_of(run["run_dir"]):
@@ -410,17 +452,31 @@ def colour_outline(image: np.ndarray) -> None:
     except MelcoreError as exc:
         st.caption(f"Colour-model outline not available: {escape_markdown(exc)}")
         return
-    st.image(picture, width="stretch",
-             caption="This run's score comes from its colour/texture/shape model, which measures the region "
-                     "inside the cyan outline and the skin around it (the Grad-CAM explains the run's CNN)."
-                     + (" No lesion could be separated from the skin: the model measured a centred disc."
-                        if fallback else ""))
+    st.image(
+        picture,
+        width="stretch",
+        caption="This run's score comes from its colour/texture/shape model, which measures the region "
+        "inside the cyan outline and the skin around it (the Grad-CAM explains the run's CNN)."
+        + (" No lesion could be separated from the skin: the model measured a centred disc." if fallback else ""),
+    )
 
 
-def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[Mapping] = (), store=None,
-                 scores: pd.DataFrame | None = None, threshold: float | None = None, image_size: int = 448,
-                 gradcam: bool = True, stacked: bool = False, default_run: int | None = None,
-                 show_truth: bool = True, classes: ClassNames | None = None) -> str:
+def lesion_panel(
+    lesion: Mapping,
+    *,
+    key: str,
+    roots: Sequence,
+    runs: Sequence[Mapping] = (),
+    store=None,
+    scores: pd.DataFrame | None = None,
+    threshold: float | None = None,
+    image_size: int = 448,
+    gradcam: bool = True,
+    stacked: bool = False,
+    default_run: int | None = None,
+    show_truth: bool = True,
+    classes: ClassNames | None = None,
+) -> str:
     """One lesion in full: image, metadata, Grad-CAM, then every run's score across the panel's width.
 
     Returns the image status. ``classes``: the dataset's class names (default melanoma /
@@ -439,8 +495,11 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
         if tile.status == "ok":
             st.image(tile.data, width="stretch")
         else:
-            st.image(tile.data, width="stretch", caption=f"{STAND_IN_NOTE}" if tile.status == "missing"
-                     else f"STAND-IN: {tile.message}")
+            st.image(
+                tile.data,
+                width="stretch",
+                caption=f"{STAND_IN_NOTE}" if tile.status == "missing" else f"STAND-IN: {tile.message}",
+            )
             if tile.status == "refused":
                 st.error(f"Image not shown: {escape_markdown(tile.message)}")
             elif tile.status == "unreadable":
@@ -457,8 +516,10 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
         st.dataframe(metadata, hide_index=True, width="stretch", key=f"{key}_metadata")
         duck = as_finite(lesion.get("ugly_duckling"))
         if duck is not None:
-            st.caption(f"Ugly duckling {duck:+.2f}: how far this lesion's score sits from the patient's other "
-                       "lesions, in units of their spread (positive = looks worse than the others).")
+            st.caption(
+                f"Ugly duckling {duck:+.2f}: how far this lesion's score sits from the patient's other "
+                "lesions, in units of their spread (positive = looks worse than the others)."
+            )
     # Full width below both columns: the run names need the room.
     with st.container():
         st.markdown("**Scores from every run**")
@@ -469,13 +530,22 @@ def lesion_panel(lesion: Mapping, *, key: str, roots: Sequence, runs: Sequence[M
                 st.error(f"Scores not available: {escape_markdown(exc)}")
                 scores = None
         if scores is None or len(scores) == 0:
-            st.caption("No run of this dataset has scored this image." if runs or scores is not None
-                       else "No run of this dataset yet.")
+            st.caption(
+                "No run of this dataset has scored this image."
+                if runs or scores is not None
+                else "No run of this dataset yet."
+            )
         else:
-            st.dataframe(_scores_table(scores, runs), hide_index=True, width="stretch", key=f"{key}_scores",
-                         column_config={"run": st.column_config.TextColumn("run", width="large"),
-                                        "score": st.column_config.ProgressColumn(
-                                            "score", min_value=0.0, max_value=1.0, format="%.3f")})
+            st.dataframe(
+                _scores_table(scores, runs),
+                hide_index=True,
+                width="stretch",
+                key=f"{key}_scores",
+                column_config={
+                    "run": st.column_config.TextColumn("run", width="large"),
+                    "score": st.column_config.ProgressColumn("score", min_value=0.0, max_value=1.0, format="%.3f"),
+                },
+            )
             unscored = len(runs) - len(scores) if runs else 0
             if unscored > 0:
                 st.caption(f"{unscored} other run(s) did not score this image (e.g. it was in their training data).")

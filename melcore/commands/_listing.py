@@ -12,8 +12,9 @@ def dataset_arg(store, value: str) -> dict:
     return store.get_dataset(int(value) if value.isdigit() else value)
 
 
-def print_listing(rows: Sequence[dict], keys: Sequence[str], line: Callable[[dict], str], *, as_json: bool,
-                  what: str) -> None:
+def print_listing(
+    rows: Sequence[dict], keys: Sequence[str], line: Callable[[dict], str], *, as_json: bool, what: str
+) -> None:
     """``rows`` as one JSON array of ``keys``, or one ``line(row)`` each (``no <what>`` on stderr when empty)."""
     if as_json:
         print(json.dumps([{k: row.get(k) for k in keys} for row in rows], default=str))

@@ -22,13 +22,19 @@ from melcore.caches import cache_root, cache_usage, format_size, parse_age, pars
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-size", type=str, metavar="SIZE",
-                        help="prune, least recently used first, until the caches together take at most SIZE "
-                             "(e.g. 500M, 20G; 0 empties them)")
-    parser.add_argument("--older-than", type=str, metavar="AGE",
-                        help="prune every entry not used for AGE (e.g. 30d, 12h, 2w)")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="limit to this cache (images, features, gradcam...); repeatable")
+    parser.add_argument(
+        "--max-size",
+        type=str,
+        metavar="SIZE",
+        help="prune, least recently used first, until the caches together take at most SIZE "
+        "(e.g. 500M, 20G; 0 empties them)",
+    )
+    parser.add_argument(
+        "--older-than", type=str, metavar="AGE", help="prune every entry not used for AGE (e.g. 30d, 12h, 2w)"
+    )
+    parser.add_argument(
+        "--only", action="append", metavar="NAME", help="limit to this cache (images, features, gradcam...); repeatable"
+    )
     parser.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -50,23 +56,33 @@ def run(args: argparse.Namespace) -> int:
         print("note: --dry-run does nothing without --max-size or --older-than")
     usage = cache_usage(args.only)
     if args.json:
-        out = {"root": str(cache_root()),
-               "caches": [{"name": u.name, "files": u.files, "bytes": u.bytes, "oldest": u.oldest,
-                           "newest": u.newest} for u in usage]}
+        out = {
+            "root": str(cache_root()),
+            "caches": [
+                {"name": u.name, "files": u.files, "bytes": u.bytes, "oldest": u.oldest, "newest": u.newest}
+                for u in usage
+            ],
+        }
         if report is not None:
             out["pruned"] = {"dry_run": report.dry_run, "files": report.removed_files, "bytes": report.removed_bytes}
         print(json.dumps(out, indent=2))
         return 0
     if report is not None:
         verb = "would remove" if report.dry_run else "removed"
-        print(f"{verb} {report.files} file(s), {format_size(report.bytes)}: "
-              + ", ".join(f"{name} {report.removed_files[name]} ({format_size(report.removed_bytes[name])})"
-                          for name in report.removed_files))
+        print(
+            f"{verb} {report.files} file(s), {format_size(report.bytes)}: "
+            + ", ".join(
+                f"{name} {report.removed_files[name]} ({format_size(report.removed_bytes[name])})"
+                for name in report.removed_files
+            )
+        )
     print(f"caches under {cache_root()}:")
     if not usage:
         print("  (none yet)")
     for u in usage:
-        print(f"  {u.name:<10} {u.files:>8} files  {format_size(u.bytes):>10}  last used {_age(u.newest)}, "
-              f"oldest {_age(u.oldest)}")
+        print(
+            f"  {u.name:<10} {u.files:>8} files  {format_size(u.bytes):>10}  last used {_age(u.newest)}, "
+            f"oldest {_age(u.oldest)}"
+        )
     print(f"  {'total':<10} {sum(u.files for u in usage):>8} files  {format_size(sum(u.bytes for u in usage)):>10}")
     return 0

@@ -42,8 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = add_data_options(parser)
     data.add_argument("--clinics", metavar="A,B", help="only these clinics (comma separated; default all)")
     out = add_output_options(parser, "$MELREVIEW_HOME/runs/<time>-cross-clinic-<model>-all")
-    out.add_argument("--register-dataset", metavar="NAME",
-                     help="store the run under this dataset (registered from --csv/--images when new)")
+    out.add_argument(
+        "--register-dataset",
+        metavar="NAME",
+        help="store the run under this dataset (registered from --csv/--images when new)",
+    )
     add_train_options(parser)
 
 
@@ -59,8 +62,9 @@ class _ClinicBar(TrainProgressBar):
         clinic = metrics.get("clinic")
         if clinic != self.clinic and clinic is not None:
             self.close()
-            self.stream.write(f"clinic {metrics.get('clinic_index', 0) + 1}/{metrics.get('n_clinics', '?')}: "
-                              f"{clinic}\n")
+            self.stream.write(
+                f"clinic {metrics.get('clinic_index', 0) + 1}/{metrics.get('n_clinics', '?')}: {clinic}\n"
+            )
             self.stream.flush()
             self.clinic = clinic
         super().__call__(epoch, batch, loss, metrics, eta)
@@ -71,18 +75,29 @@ def _register(name: str, args, cohort, run) -> int:
     try:
         dataset = store.find_dataset(name)
         if dataset is None:
-            dataset_id = store.add_dataset(name, Path(args.csv).resolve(),
-                                           Path(args.images).resolve() if args.images else cohort.images_dir,
-                                           format=cohort.format, clinic_column=args.clinic_column,
-                                           summary=cohort.summary())
+            dataset_id = store.add_dataset(
+                name,
+                Path(args.csv).resolve(),
+                Path(args.images).resolve() if args.images else cohort.images_dir,
+                format=cohort.format,
+                clinic_column=args.clinic_column,
+                summary=cohort.summary(),
+            )
         else:
             dataset_id = dataset["id"]
         m = run.metrics
         weights = m.get("weights") or {}
-        return store.add_run(f"cross-clinic · {run.config.model} · {Path(run.run_dir).name}", run.run_dir,
-                             dataset_id=dataset_id, model=run.config.model, kind="cross-clinic",
-                             config=run.config.to_dict(), metrics=m, from_scratch=bool(weights.get("from_scratch")),
-                             notes=weights.get("note"))
+        return store.add_run(
+            f"cross-clinic · {run.config.model} · {Path(run.run_dir).name}",
+            run.run_dir,
+            dataset_id=dataset_id,
+            model=run.config.model,
+            kind="cross-clinic",
+            config=run.config.to_dict(),
+            metrics=m,
+            from_scratch=bool(weights.get("from_scratch")),
+            notes=weights.get("note"),
+        )
     finally:
         store.close()
 
@@ -92,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if config.clinic is not None:
         raise ConfigError("--clinic does not apply: cross-clinic trains on every clinic (use --clinics to choose)")
     given_mode = getattr(args, "mode", None) is not None or (
-        bool(args.config) and "mode" in _read_config_option(args.config))
+        bool(args.config) and "mode" in _read_config_option(args.config)
+    )
     if not given_mode:
         config.mode = default_cross_clinic_mode()
     config = validate(config)
@@ -100,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out, args.overwrite)
     cohort = load_cohort_from_args(args)
     clinics = [c.strip() for c in args.clinics.split(",") if c.strip()] if args.clinics else None
-    result = train_with_progress(cross_clinic, config, cohort, quiet=args.quiet, bar_class=_ClinicBar, run_dir=out,
-                                 clinics=clinics)
+    result = train_with_progress(
+        cross_clinic, config, cohort, quiet=args.quiet, bar_class=_ClinicBar, run_dir=out, clinics=clinics
+    )
     m = result.metrics
     if result.cancelled:
         print(f"cancelled; partial run in {result.run_dir}", file=sys.stderr)

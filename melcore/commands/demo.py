@@ -19,15 +19,29 @@ from melcore.store import Store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", metavar="DIR",
-                        help="folder to write labels.csv and jpeg/train/ into (empty or an earlier demo); "
-                             "default: the shared demo under MELREVIEW_HOME, made once")
-    parser.add_argument("--patients", type=int, default=demo.DEFAULT_PATIENTS, metavar="N",
-                        help=f"number of patients, 1-8 lesions each (default {demo.DEFAULT_PATIENTS})")
-    parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, metavar="S",
-                        help=f"random seed; the same seed gives the same files (default {demo.DEFAULT_SEED})")
-    parser.add_argument("--register", action="store_true",
-                        help="also register it as a dataset, as the app does on a fresh install")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder to write labels.csv and jpeg/train/ into (empty or an earlier demo); "
+        "default: the shared demo under MELREVIEW_HOME, made once",
+    )
+    parser.add_argument(
+        "--patients",
+        type=int,
+        default=demo.DEFAULT_PATIENTS,
+        metavar="N",
+        help=f"number of patients, 1-8 lesions each (default {demo.DEFAULT_PATIENTS})",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=demo.DEFAULT_SEED,
+        metavar="S",
+        help=f"random seed; the same seed gives the same files (default {demo.DEFAULT_SEED})",
+    )
+    parser.add_argument(
+        "--register", action="store_true", help="also register it as a dataset, as the app does on a fresh install"
+    )
     parser.add_argument("--name", default=None, metavar="NAME", help="dataset name for --register (default demo)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -50,8 +64,9 @@ class _Bar:
         self.last = now
         width = 30
         filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                         f"{now - self.start:5.1f}s")
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {now - self.start:5.1f}s"
+        )
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -67,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
 
     info = json.loads((out / "demo.json").read_text(encoding="utf-8"))
     clinics = ", ".join(f"{name} {count}" for name, count in sorted(info["clinics"].items()))
-    print(f"{out}: {info['n_images']} images of {info['n_lesions']} lesions from {info['n_patients']} patients, "
-          f"{info['n_malignant_images']} malignant ({100 * info['malignant_rate']:.1f}%); clinics: {clinics}")
+    print(
+        f"{out}: {info['n_images']} images of {info['n_lesions']} lesions from {info['n_patients']} patients, "
+        f"{info['n_malignant_images']} malignant ({100 * info['malignant_rate']:.1f}%); clinics: {clinics}"
+    )
     print(f"labels: {out / 'labels.csv'}  images: {out / 'jpeg' / 'train'} (or give the root {out})")
     if args.register:
         _register(out, args.name or DEMO_NAME)

@@ -28,36 +28,68 @@ from melcore.metrics import check_predictions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", required=True, type=Path, metavar="PREDS.csv",
-                        help="CSV with image_name and a 'prediction' (or 'target') probability column")
-    parser.add_argument("--labels", type=Path, metavar="LABELS.csv",
-                        help="labels table with image_name and target (any cohort format); omit when the "
-                             "predictions CSV has both 'target' and 'prediction'")
-    parser.add_argument("--group-column", metavar="C",
-                        help="also report every metric per value of this column (clinic, source, site, sex, "
-                             "age_band...)")
-    parser.add_argument("--threshold", type=float, default=0.5, metavar="T",
-                        help="decision threshold: prediction >= T is positive (default 0.5)")
+    parser.add_argument(
+        "--predictions",
+        required=True,
+        type=Path,
+        metavar="PREDS.csv",
+        help="CSV with image_name and a 'prediction' (or 'target') probability column",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        metavar="LABELS.csv",
+        help="labels table with image_name and target (any cohort format); omit when the "
+        "predictions CSV has both 'target' and 'prediction'",
+    )
+    parser.add_argument(
+        "--group-column",
+        metavar="C",
+        help="also report every metric per value of this column (clinic, source, site, sex, age_band...)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        metavar="T",
+        help="decision threshold: prediction >= T is positive (default 0.5)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    parser.add_argument("--patient-column", default="auto", metavar="C",
-                        help="column resampled by the bootstrap (default: patient_id, else lesion_id, where "
-                             "present; 'none' resamples images)")
+    parser.add_argument(
+        "--patient-column",
+        default="auto",
+        metavar="C",
+        help="column resampled by the bootstrap (default: patient_id, else lesion_id, where "
+        "present; 'none' resamples images)",
+    )
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
-    parser.add_argument("--sensitivity", type=float, action="append", metavar="S",
-                        help="target sensitivity for an operating point; repeatable (default 0.9 and 0.95)")
-    parser.add_argument("--specificity", type=float, action="append", metavar="S",
-                        help="target specificity for an operating point; repeatable (default 0.9)")
-    parser.add_argument("--ignore-missing", action="store_true",
-                        help="evaluate only the labelled images that have a prediction (default: a labelled "
-                             "image without a prediction is an error)")
+    parser.add_argument(
+        "--sensitivity",
+        type=float,
+        action="append",
+        metavar="S",
+        help="target sensitivity for an operating point; repeatable (default 0.9 and 0.95)",
+    )
+    parser.add_argument(
+        "--specificity",
+        type=float,
+        action="append",
+        metavar="S",
+        help="target specificity for an operating point; repeatable (default 0.9)",
+    )
+    parser.add_argument(
+        "--ignore-missing",
+        action="store_true",
+        help="evaluate only the labelled images that have a prediction (default: a labelled "
+        "image without a prediction is an error)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     warnings: list[str] = []
-    table, source = load_evaluation_table(args.predictions, args.labels, warnings,
-                                          ignore_missing=args.ignore_missing)
+    table, source = load_evaluation_table(args.predictions, args.labels, warnings, ignore_missing=args.ignore_missing)
     groups, unit = _bootstrap_groups(table, args.patient_column)
     sensitivities = tuple(args.sensitivity or (0.9, 0.95))
     specificities = tuple(args.specificity or (0.9,))
@@ -65,16 +97,28 @@ def run(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
-    settings = dict(threshold=args.threshold, n_boot=args.n_boot, seed=args.seed, level=args.level,
-                    sensitivities=sensitivities, specificities=specificities)
+    settings = dict(
+        threshold=args.threshold,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        level=args.level,
+        sensitivities=sensitivities,
+        specificities=specificities,
+    )
     group_keys = None
     if args.group_column:
         group_keys = _group_keys(table, args.group_column)
     n_parts = 1 + (len(set(group_keys)) if group_keys is not None else 0)
     bar = _ProgressBar(f"bootstrap ({args.n_boot} resamples)", n_parts)
 
-    summary = metrics.summarize(table["target"].to_numpy(), table["prediction"].to_numpy(), groups=groups,
-                                names=names, progress=bar.part(0), **settings)
+    summary = metrics.summarize(
+        table["target"].to_numpy(),
+        table["prediction"].to_numpy(),
+        groups=groups,
+        names=names,
+        progress=bar.part(0),
+        **settings,
+    )
     summary["bootstrap_unit"] = unit
     summary["predictions"] = str(args.predictions)
     summary["labels"] = source
@@ -84,9 +128,13 @@ def run(args: argparse.Namespace) -> int:
         summary["groups"] = {}
         for i, key in enumerate(sorted(set(group_keys))):
             mask = group_keys == key
-            part = metrics.summarize(table["target"].to_numpy()[mask], table["prediction"].to_numpy()[mask],
-                                     groups=None if groups is None else groups[mask],
-                                     progress=bar.part(i + 1), **settings)
+            part = metrics.summarize(
+                table["target"].to_numpy()[mask],
+                table["prediction"].to_numpy()[mask],
+                groups=None if groups is None else groups[mask],
+                progress=bar.part(i + 1),
+                **settings,
+            )
             part["bootstrap_unit"] = summary["bootstrap_unit"]
             summary["groups"][key] = part
     bar.close()
@@ -99,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- reading
+
 
 def _read_csv(path: Path, what: str) -> pd.DataFrame:
     if not path.exists():
@@ -114,8 +163,10 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
 def _check_unique(frame: pd.DataFrame, path: Path) -> None:
     duplicated = frame["image_name"][frame["image_name"].duplicated()].unique()
     if len(duplicated):
-        raise MelcoreError(f"{path}: {len(duplicated)} image names appear more than once "
-                           f"(first: {first_few(duplicated)}); keep one row per image")
+        raise MelcoreError(
+            f"{path}: {len(duplicated)} image names appear more than once "
+            f"(first: {first_few(duplicated)}); keep one row per image"
+        )
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
@@ -129,8 +180,10 @@ def read_predictions(path: Path) -> pd.DataFrame:
         raise MelcoreError(f"{path}: no image_name column (columns: {columns_text(frame.columns)})")
     if "prediction" not in frame.columns:
         if "target" not in frame.columns:
-            raise MelcoreError(f"{path}: no prediction column; expected 'prediction' or 'target' "
-                               f"(columns: {columns_text(frame.columns)})")
+            raise MelcoreError(
+                f"{path}: no prediction column; expected 'prediction' or 'target' "
+                f"(columns: {columns_text(frame.columns)})"
+            )
         frame = frame.rename(columns={"target": "prediction"})
     frame = frame.dropna(subset=["image_name"])
     frame["image_name"] = frame["image_name"].astype(str).str.strip()
@@ -141,8 +194,9 @@ def read_predictions(path: Path) -> pd.DataFrame:
     raw = frame["prediction"]
     numbers = pd.to_numeric(raw, errors="coerce")
     frame["prediction"] = numbers.astype(object).where(numbers.notna() | raw.isna(), raw)
-    frame["prediction"] = check_predictions(frame["prediction"], names=frame["image_name"].tolist(),
-                                            what=f"{path}: predictions")
+    frame["prediction"] = check_predictions(
+        frame["prediction"], names=frame["image_name"].tolist(), what=f"{path}: predictions"
+    )
     return frame
 
 
@@ -159,8 +213,9 @@ def read_labels(path: Path, warnings: list[str]) -> pd.DataFrame:
             plain = _read_csv(path, "labels")
             if not {"image_name", "target"} <= set(plain.columns):
                 raise
-            warnings.append(f"{path}: read as a plain image_name/target CSV (the cohort reader said: "
-                            f"{str(exc).splitlines()[0]})")
+            warnings.append(
+                f"{path}: read as a plain image_name/target CSV (the cohort reader said: {str(exc).splitlines()[0]})"
+            )
             return _plain_labels(plain, path)
         frame = cohort.table.copy()
         for warning in getattr(getattr(cohort, "report", None), "warnings", []) or []:
@@ -172,8 +227,10 @@ def read_labels(path: Path, warnings: list[str]) -> pd.DataFrame:
 def _plain_labels(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     missing = [c for c in ("image_name", "target") if c not in frame.columns]
     if missing:
-        raise MelcoreError(f"{path}: no {' or '.join(missing)} column; a labels CSV needs image_name and "
-                           f"target (columns: {', '.join(map(str, frame.columns))})")
+        raise MelcoreError(
+            f"{path}: no {' or '.join(missing)} column; a labels CSV needs image_name and "
+            f"target (columns: {', '.join(map(str, frame.columns))})"
+        )
     return _labels_frame(frame, path)
 
 
@@ -186,14 +243,16 @@ def _labels_frame(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     bad = (target.notna() & ~numeric.isin([0, 1])).to_numpy()
     if bad.any():
         shown = ", ".join(f"{target.iloc[i]!r} for {frame['image_name'].iloc[i]}" for i in np.flatnonzero(bad)[:5])
-        raise MelcoreError(f"{path}: target must be 0 (benign) or 1 (malignant): found {shown} "
-                           f"({int(bad.sum())} bad rows)")
+        raise MelcoreError(
+            f"{path}: target must be 0 (benign) or 1 (malignant): found {shown} ({int(bad.sum())} bad rows)"
+        )
     frame["target"] = numeric.astype("Int8")
     return frame
 
 
-def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list[str], *,
-                          ignore_missing: bool = False) -> tuple[pd.DataFrame, str]:
+def load_evaluation_table(
+    predictions: Path, labels: Path | None, warnings: list[str], *, ignore_missing: bool = False
+) -> tuple[pd.DataFrame, str]:
     """Join predictions and labels: DataFrame with image_name, target (int8), prediction, extra columns.
 
     Returns the table and a description of where the labels came from.
@@ -201,8 +260,10 @@ def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list
     preds = read_predictions(predictions)
     if labels is None:
         if "target" not in preds.columns:
-            raise MelcoreError(f"{predictions}: no labels; pass --labels LABELS.csv, or give the predictions "
-                               "CSV both 'target' (0/1) and 'prediction' columns")
+            raise MelcoreError(
+                f"{predictions}: no labels; pass --labels LABELS.csv, or give the predictions "
+                "CSV both 'target' (0/1) and 'prediction' columns"
+            )
         labelled = _labels_frame(preds.drop(columns=["prediction"]), predictions)
         preds = preds[["image_name", "prediction"]]
         source = f"{predictions} (target column)"
@@ -213,23 +274,30 @@ def load_evaluation_table(predictions: Path, labels: Path | None, warnings: list
 
     unlabelled = labelled["target"].isna()
     if unlabelled.any():
-        warnings.append(f"{source}: {int(unlabelled.sum())} images have no label and are ignored "
-                        f"(first: {first_few(labelled['image_name'][unlabelled])})")
+        warnings.append(
+            f"{source}: {int(unlabelled.sum())} images have no label and are ignored "
+            f"(first: {first_few(labelled['image_name'][unlabelled])})"
+        )
         labelled = labelled[~unlabelled]
     have = set(preds["image_name"])
     no_prediction = ~labelled["image_name"].isin(have)
     if no_prediction.any():
-        message = (f"{int(no_prediction.sum())} of {len(labelled)} labelled images have no prediction in "
-                   f"{predictions} (first: {first_few(labelled['image_name'][no_prediction])})")
+        message = (
+            f"{int(no_prediction.sum())} of {len(labelled)} labelled images have no prediction in "
+            f"{predictions} (first: {first_few(labelled['image_name'][no_prediction])})"
+        )
         if not ignore_missing:
-            raise MelcoreError(message + "; score them, or pass --ignore-missing to evaluate only the "
-                                         "images that have predictions")
+            raise MelcoreError(
+                message + "; score them, or pass --ignore-missing to evaluate only the images that have predictions"
+            )
         warnings.append(message + "; ignored (--ignore-missing)")
         labelled = labelled[~no_prediction]
     no_label = ~preds["image_name"].isin(set(labelled["image_name"]))
     if no_label.any():
-        warnings.append(f"{int(no_label.sum())} predictions have no label and are ignored "
-                        f"(first: {first_few(preds['image_name'][no_label])})")
+        warnings.append(
+            f"{int(no_label.sum())} predictions have no label and are ignored "
+            f"(first: {first_few(preds['image_name'][no_label])})"
+        )
     table = labelled.merge(preds, on="image_name", how="inner", validate="one_to_one")
     if table.empty:
         raise MelcoreError(f"no image of {predictions} has a label in {source}; are these the same images?")
@@ -250,8 +318,10 @@ def _bootstrap_groups(table: pd.DataFrame, choice: str) -> tuple[np.ndarray | No
             return None, "image"
         return group_keys(table).to_numpy(), describe_grouping(table)
     if choice not in table.columns:
-        raise MelcoreError(f"--patient-column {choice!r} is not a column of the joined table "
-                           f"(columns: {', '.join(map(str, table.columns))})")
+        raise MelcoreError(
+            f"--patient-column {choice!r} is not a column of the joined table "
+            f"(columns: {', '.join(map(str, table.columns))})"
+        )
     return table[choice].to_numpy(), choice
 
 
@@ -259,16 +329,19 @@ def _group_keys(table: pd.DataFrame, column: str) -> np.ndarray:
     if column in table.columns:
         values = table[column]
     elif column == "age_band" and "age_approx" in table.columns:
-
         values = age_band(table["age_approx"])
     else:
-        raise MelcoreError(f"--group-column {column!r} is not a column of the labels or predictions "
-                           f"(columns: {', '.join(map(str, table.columns))}"
-                           + ("; age_band is derived from age_approx" if column == "age_band" else "") + ")")
+        raise MelcoreError(
+            f"--group-column {column!r} is not a column of the labels or predictions "
+            f"(columns: {', '.join(map(str, table.columns))}"
+            + ("; age_band is derived from age_approx" if column == "age_band" else "")
+            + ")"
+        )
     return values.astype(object).where(values.notna(), "unknown").astype(str).to_numpy()
 
 
 # --------------------------------------------------------------------------- output
+
 
 def _num(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -285,8 +358,10 @@ def _table(headers: list[str], rows: list[list[str]], left: tuple[int, ...] = (0
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells):
-        return "  " + "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return (
+            "  "
+            + "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        )
 
     return "\n".join([line(headers)] + [line(row) for row in rows])
 
@@ -308,35 +383,77 @@ def format_report(summary: dict) -> str:
         f"{'images' if unit == 'image' else unit}, {summary['n_boot']:,} resamples",
         "",
         _ci_text(summary) + f"   average precision {_num(summary['average_precision'])}"
-                            f"   Brier {_num(summary['brier'], 4)}",
+        f"   Brier {_num(summary['brier'], 4)}",
     ]
     lines += [f"note: {note}" for note in summary["notes"]]
     if summary["operating_points"]:
         lines += ["", "Operating points"]
-        rows = [[p["name"], _num(p["threshold"], 4), _num(p["sensitivity"]), _num(p["specificity"]),
-                 _num(p["ppv"]), _num(p["npv"]), _num(p["n_flagged"]), _num(p["biopsies_per_melanoma"], 1)]
-                for p in summary["operating_points"]]
-        lines.append(_table(["point", "threshold", "sens", "spec", "PPV", "NPV", "flagged", "biopsies/melanoma"],
-                            rows))
+        rows = [
+            [
+                p["name"],
+                _num(p["threshold"], 4),
+                _num(p["sensitivity"]),
+                _num(p["specificity"]),
+                _num(p["ppv"]),
+                _num(p["npv"]),
+                _num(p["n_flagged"]),
+                _num(p["biopsies_per_melanoma"], 1),
+            ]
+            for p in summary["operating_points"]
+        ]
+        lines.append(_table(["point", "threshold", "sens", "spec", "PPV", "NPV", "flagged", "biopsies/melanoma"], rows))
     m = summary["threshold_metrics"]
-    lines += ["", f"At threshold {summary['threshold']:g} (prediction >= threshold is positive)",
-              _table(["", "predicted malignant", "predicted benign"],
-                     [["malignant", _num(m["tp"]) + " TP", _num(m["fn"]) + " FN"],
-                      ["benign", _num(m["fp"]) + " FP", _num(m["tn"]) + " TN"]]),
-              "",
-              _table(["sensitivity", "specificity", "PPV", "NPV", "F1", "accuracy", "biopsies/melanoma"],
-                     [[_num(m["sensitivity"]), _num(m["specificity"]), _num(m["ppv"]), _num(m["npv"]),
-                       _num(m["f1"]), _num(m["accuracy"]), _num(m["biopsies_per_melanoma"], 1)]], left=())]
+    lines += [
+        "",
+        f"At threshold {summary['threshold']:g} (prediction >= threshold is positive)",
+        _table(
+            ["", "predicted malignant", "predicted benign"],
+            [
+                ["malignant", _num(m["tp"]) + " TP", _num(m["fn"]) + " FN"],
+                ["benign", _num(m["fp"]) + " FP", _num(m["tn"]) + " TN"],
+            ],
+        ),
+        "",
+        _table(
+            ["sensitivity", "specificity", "PPV", "NPV", "F1", "accuracy", "biopsies/melanoma"],
+            [
+                [
+                    _num(m["sensitivity"]),
+                    _num(m["specificity"]),
+                    _num(m["ppv"]),
+                    _num(m["npv"]),
+                    _num(m["f1"]),
+                    _num(m["accuracy"]),
+                    _num(m["biopsies_per_melanoma"], 1),
+                ]
+            ],
+            left=(),
+        ),
+    ]
     if "groups" in summary:
         lines += ["", f"By {summary['group_column']} (threshold {summary['threshold']:g})"]
         rows = []
         for key, part in summary["groups"].items():
             low, high = part["auroc_ci"]
-            rows.append([key, _num(part["n"]), _num(part["n_malignant"]), _num(part["auroc"]),
-                         f"{_num(low)}-{_num(high)}" if not math.isnan(part["auroc"]) else "-",
-                         _num(part["sensitivity"]), _num(part["specificity"]), "; ".join(part["notes"])])
-        lines.append(_table(["group", "n", "malignant", "AUROC", f"{summary['ci_level']:.0%} CI", "sens", "spec",
-                             "note"], rows, left=(0, 7)))
+            rows.append(
+                [
+                    key,
+                    _num(part["n"]),
+                    _num(part["n_malignant"]),
+                    _num(part["auroc"]),
+                    f"{_num(low)}-{_num(high)}" if not math.isnan(part["auroc"]) else "-",
+                    _num(part["sensitivity"]),
+                    _num(part["specificity"]),
+                    "; ".join(part["notes"]),
+                ]
+            )
+        lines.append(
+            _table(
+                ["group", "n", "malignant", "AUROC", f"{summary['ci_level']:.0%} CI", "sens", "spec", "note"],
+                rows,
+                left=(0, 7),
+            )
+        )
     return "\n".join(lines)
 
 
@@ -358,6 +475,7 @@ class _ProgressBar:
             sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {fraction:4.0%}")
             sys.stderr.flush()
             self.drawn = True
+
         return update
 
     def close(self) -> None:

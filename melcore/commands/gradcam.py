@@ -25,16 +25,23 @@ _STAGES = ("loading the model", "preparing the explainer", "computing the heatma
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="RUNDIR",
-                        help="run directory containing model.keras, or a .keras file")
+    parser.add_argument(
+        "--model", required=True, metavar="RUNDIR", help="run directory containing model.keras, or a .keras file"
+    )
     parser.add_argument("--image", required=True, help="the lesion image (JPEG, PNG, ...)")
     parser.add_argument("--out", required=True, help="overlay to write (.png, .jpg)")
-    parser.add_argument("--method", choices=METHODS, default="gradcam",
-                        help="gradcam (default), gradcam++ or scorecam (slow: one forward pass per channel)")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="gradcam",
+        help="gradcam (default), gradcam++ or scorecam (slow: one forward pass per channel)",
+    )
     parser.add_argument("--opacity", type=float, default=0.4, help="weight of the colour map, 0..1 (default 0.4)")
     parser.add_argument("--colormap", choices=COLORMAPS, default="jet", help="colour map (default jet)")
-    parser.add_argument("--layer", help="layer to explain, e.g. top_conv (default: the last convolutional "
-                                        "feature map, found automatically)")
+    parser.add_argument(
+        "--layer",
+        help="layer to explain, e.g. top_conv (default: the last convolutional feature map, found automatically)",
+    )
     parser.add_argument("--heatmap-out", help="also save the heatmap (float32 HxW in [0, 1]) as .npy")
     parser.add_argument("--no-cache", action="store_true", help="recompute and do not write the heatmap cache")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -70,9 +77,16 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    picture, heat = explain_image(args.model, args.image, method=args.method, opacity=args.opacity,
-                                  colormap=args.colormap, layer=args.layer, use_cache=not args.no_cache,
-                                  progress=_Stages(not args.quiet and sys.stderr.isatty()))
+    picture, heat = explain_image(
+        args.model,
+        args.image,
+        method=args.method,
+        opacity=args.opacity,
+        colormap=args.colormap,
+        layer=args.layer,
+        use_cache=not args.no_cache,
+        progress=_Stages(not args.quiet and sys.stderr.isatty()),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         Image.fromarray(picture).save(out, format=image_format)

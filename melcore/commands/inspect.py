@@ -19,23 +19,40 @@ _LIST_IN_JSON = 50  # names of missing / unreadable images included in --json ou
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--csv", required=True,
-                        help="the label table (or, with --format folders, the folder of class folders)")
+    parser.add_argument(
+        "--csv", required=True, help="the label table (or, with --format folders, the folder of class folders)"
+    )
     parser.add_argument("--metadata", help="second table joined on the image name (e.g. ISIC 2019 metadata)")
-    parser.add_argument("--images", help="folder with the image files, or an ISIC-layout root holding jpeg/train/ "
-                                         "or train/ (default: looked up beside the CSV)")
+    parser.add_argument(
+        "--images",
+        help="folder with the image files, or an ISIC-layout root holding jpeg/train/ "
+        "or train/ (default: looked up beside the CSV)",
+    )
     parser.add_argument("--format", choices=FORMATS, help="table format (default: detected from the header)")
     parser.add_argument("--clinic-column", help="column holding the clinic / source, e.g. attribution")
     parser.add_argument("--clinic-csv", help="table joined on the image name that gives the clinic")
-    parser.add_argument("--map", action="append", default=[], metavar="CANONICAL=COLUMN",
-                        help="column mapping, repeatable: --map image_name=file --map target=label")
-    parser.add_argument("--check-images", choices=CHECK_IMAGES, default="exists",
-                        help="none: do not look at files; exists (default): match file names; "
-                             "decode: also open every image and report corrupt ones")
-    parser.add_argument("--audit", choices=AUDIT_MODES, default="auto",
-                        help="shortcut audit (how well acquisition attributes alone predict the label): table "
-                             "columns only, also image size and border colour (images; auto: up to 5,000 "
-                             "images), or none")
+    parser.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="CANONICAL=COLUMN",
+        help="column mapping, repeatable: --map image_name=file --map target=label",
+    )
+    parser.add_argument(
+        "--check-images",
+        choices=CHECK_IMAGES,
+        default="exists",
+        help="none: do not look at files; exists (default): match file names; "
+        "decode: also open every image and report corrupt ones",
+    )
+    parser.add_argument(
+        "--audit",
+        choices=AUDIT_MODES,
+        default="auto",
+        help="shortcut audit (how well acquisition attributes alone predict the label): table "
+        "columns only, also image size and border colour (images; auto: up to 5,000 "
+        "images), or none",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -111,10 +128,15 @@ def _text(cohort, s: dict) -> str:
     lines.extend(f"  {count:>9,}  {clinic}" for clinic, count in s["clinics"].items())
     if s.get("shortcut_audit"):
         lines.append("shortcut audit (grouped out-of-fold AUROC of each attribute alone)")
-        lines.extend(f"  {row['attribute']:<24} " + (f"{row['auroc']:.3f} [{row['auroc_ci'][0]:.3f}, "
-                                                      f"{row['auroc_ci'][1]:.3f}]" if row["auroc"] is not None
-                                                      else row["note"])
-                     for row in s["shortcut_audit"])
+        lines.extend(
+            f"  {row['attribute']:<24} "
+            + (
+                f"{row['auroc']:.3f} [{row['auroc_ci'][0]:.3f}, {row['auroc_ci'][1]:.3f}]"
+                if row["auroc"] is not None
+                else row["note"]
+            )
+            for row in s["shortcut_audit"]
+        )
     if s["warnings"]:
         lines.append("warnings")
         lines.extend(f"  - {w}" for w in s["warnings"])

@@ -21,8 +21,21 @@ from melcore.jobs import JOB_KINDS, submit_feature_jobs, submit_jobs, submit_met
 from melcore.shards import FEATURES_JOB
 from melcore.store import Store
 
-JOB_FIELDS = ("id", "kind", "state", "dataset_id", "config", "progress", "attempts", "created_at", "started_at",
-              "finished_at", "run_id", "error", "cancel_requested")
+JOB_FIELDS = (
+    "id",
+    "kind",
+    "state",
+    "dataset_id",
+    "config",
+    "progress",
+    "attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "run_id",
+    "error",
+    "cancel_requested",
+)
 """Fields of each object of ``jobs list --json``, in order (documented in the README; scripts rely on them)."""
 
 
@@ -32,16 +45,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit = actions.add_parser("submit", help="queue a training job; prints its id")
     submit.add_argument("--dataset", required=True, metavar="NAME", help="a registered dataset (name or id)")
     submit.add_argument("--each-clinic", action="store_true", help="queue one job per clinic of the dataset")
-    submit.add_argument("--kind", choices=tuple(JOB_KINDS), default="train",
-                        help=", ".join(f"{kind.name} ({kind.description})" for kind in JOB_KINDS.values())
-                        + "; meta jobs take --folds, --seed, --meta-features, --image-run")
-    submit.add_argument("--meta-features", choices=("context", "baseline"), default="context",
-                        help="meta jobs: patient-context features (default) or the baseline set")
-    submit.add_argument("--image-run", type=int, metavar="RUN", default=None,
-                        help="meta jobs: fuse with this image run's stored scores (out-of-fold, else validation)")
-    submit.add_argument("--shards", type=int, metavar="N", default=None,
-                        help="features jobs: split the dataset's images into N shards, one job each (default 1); "
-                             "every worker sharing the store and MELREVIEW_HOME takes one at a time")
+    submit.add_argument(
+        "--kind",
+        choices=tuple(JOB_KINDS),
+        default="train",
+        help=", ".join(f"{kind.name} ({kind.description})" for kind in JOB_KINDS.values())
+        + "; meta jobs take --folds, --seed, --meta-features, --image-run",
+    )
+    submit.add_argument(
+        "--meta-features",
+        choices=("context", "baseline"),
+        default="context",
+        help="meta jobs: patient-context features (default) or the baseline set",
+    )
+    submit.add_argument(
+        "--image-run",
+        type=int,
+        metavar="RUN",
+        default=None,
+        help="meta jobs: fuse with this image run's stored scores (out-of-fold, else validation)",
+    )
+    submit.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        default=None,
+        help="features jobs: split the dataset's images into N shards, one job each (default 1); "
+        "every worker sharing the store and MELREVIEW_HOME takes one at a time",
+    )
     add_train_options(submit)
     add_placement_options(submit, index=False)
     listing = actions.add_parser("list", help="the jobs, newest first")
@@ -70,13 +101,17 @@ def _job_line(job: dict) -> str:
         placement = config["placement"]
         what += f" as worker {placement.get('index')} of {len(placement.get('workers') or [])}"
     if job["kind"] == FEATURES_JOB:
-        what = f"features of {what} at {config.get('image_size')} px, shard {int(config.get('shard', 0)) + 1}" \
+        what = (
+            f"features of {what} at {config.get('image_size')} px, shard {int(config.get('shard', 0)) + 1}"
             f"/{config.get('n_shards', '?')}"
+        )
         if job["state"] == "running" and progress:
             detail = f" {progress.get('done', 0):,}/{progress.get('total', 0):,} images"
         elif job["state"] == "done" and "misses" in progress:
-            detail = f" {progress['misses']:,} computed, {progress['hits']:,} cached, {progress['bad']:,} unreadable" \
+            detail = (
+                f" {progress['misses']:,} computed, {progress['hits']:,} cached, {progress['bad']:,} unreadable"
                 + (f" ({job['error'].splitlines()[0][:120]})" if job.get("error") else "")
+            )
     return f"{job['id']:>5}  {job['state']:<9}  {created}  {job['kind']:<12} {what} on {where}{detail}"
 
 
@@ -102,18 +137,26 @@ def run(args: argparse.Namespace) -> int:
         if args.kind == "meta":
             if args.each_clinic:
                 raise ConfigError("--each-clinic goes with image-model jobs; a meta job uses the whole dataset")
-            values = {"n_folds": 5 if args.folds is None else args.folds, "seed": args.seed or 0,
-                      "feature_set": args.meta_features, "image_run_id": args.image_run}
+            values = {
+                "n_folds": 5 if args.folds is None else args.folds,
+                "seed": args.seed or 0,
+                "feature_set": args.meta_features,
+                "image_run_id": args.image_run,
+            }
             ids = [submit_meta_job(store, dataset, values)]
             return _submitted(store, ids)
         if args.image_run is not None:
             raise ConfigError("--image-run goes with --kind meta")
         if args.kind == FEATURES_JOB:
             if args.each_clinic or args.folds is not None:
-                raise ConfigError("--each-clinic and --folds go with training jobs; a features job caches the "
-                                  "dataset's images (give --clinic for one clinic's)")
-            return _submitted(store, submit_feature_jobs(store, config_from_args(args), dataset,
-                                                         1 if args.shards is None else args.shards))
+                raise ConfigError(
+                    "--each-clinic and --folds go with training jobs; a features job caches the "
+                    "dataset's images (give --clinic for one clinic's)"
+                )
+            return _submitted(
+                store,
+                submit_feature_jobs(store, config_from_args(args), dataset, 1 if args.shards is None else args.shards),
+            )
         config, kind = config_from_args(args), args.kind
         if getattr(args, "folds", None) is not None:
             if kind == "cross-clinic":

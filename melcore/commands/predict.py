@@ -25,17 +25,25 @@ _LIST_SKIPPED = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="RUNDIR",
-                        help="run directory written by 'python -m melcore train' (or its model.keras)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="RUNDIR",
+        help="run directory written by 'python -m melcore train' (or its model.keras)",
+    )
     parser.add_argument("--images", required=True, metavar="DIR", help="folder with the image files")
     parser.add_argument("--csv", help="score the rows of this table (default: every image file in --images)")
     parser.add_argument("--format", choices=FORMATS, help="format of --csv (default: detected)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: mean over the 8 flips/transposes (8x slower)")
+    parser.add_argument(
+        "--tta", action="store_true", help="test-time augmentation: mean over the 8 flips/transposes (8x slower)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per model call (default 32)")
     parser.add_argument("--recursive", action="store_true", help="also score images in sub-folders of --images")
-    parser.add_argument("--strict", action="store_true",
-                        help="stop at the first missing or unreadable image (default: skip and report it)")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first missing or unreadable image (default: skip and report it)",
+    )
     parser.add_argument("--out", required=True, metavar="PREDS.csv", help="output CSV: image_name,target")
 
 
@@ -46,17 +54,28 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.csv:
             cohort = load_cohort(args.csv, args.images, format=args.format)
-            result = predict_cohort(model, cohort, tta=args.tta, batch_size=args.batch_size, progress=bar,
-                                    on_error=on_error)
+            result = predict_cohort(
+                model, cohort, tta=args.tta, batch_size=args.batch_size, progress=bar, on_error=on_error
+            )
         else:
-            result = predict_folder(model, args.images, tta=args.tta, batch_size=args.batch_size, progress=bar,
-                                    on_error=on_error, recursive=args.recursive)
+            result = predict_folder(
+                model,
+                args.images,
+                tta=args.tta,
+                batch_size=args.batch_size,
+                progress=bar,
+                on_error=on_error,
+                recursive=args.recursive,
+            )
     finally:
         bar.close()
     skipped = result.attrs.get("skipped", [])
     if len(result) == 0:
-        raise MelcoreError(f"no image could be scored ({len(skipped)} skipped, e.g. "
-                           f"{skipped[0][0]}: {skipped[0][1]})" if skipped else "no images to score")
+        raise MelcoreError(
+            f"no image could be scored ({len(skipped)} skipped, e.g. {skipped[0][0]}: {skipped[0][1]})"
+            if skipped
+            else "no images to score"
+        )
     path = write_submission(result, Path(args.out))
     for name, reason in skipped[:_LIST_SKIPPED]:
         print(f"skipped {name}: {reason}", file=sys.stderr)

@@ -21,8 +21,22 @@ from melcore.formatting import format_number, format_threshold
 from melcore.run_archive import export_run, import_run
 from melcore.store import Store
 
-RUN_FIELDS = ("id", "name", "dataset_id", "job_id", "kind", "model", "clinic", "run_dir", "threshold",
-              "from_scratch", "notes", "created_at", "archived_at", "metrics")
+RUN_FIELDS = (
+    "id",
+    "name",
+    "dataset_id",
+    "job_id",
+    "kind",
+    "model",
+    "clinic",
+    "run_dir",
+    "threshold",
+    "from_scratch",
+    "notes",
+    "created_at",
+    "archived_at",
+    "metrics",
+)
 """Fields of each object of ``runs list --json``, in order (documented in the README; scripts rely on them)."""
 
 
@@ -41,13 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--json", action="store_true", help="print the manifest as JSON")
     imported = actions.add_parser("import", help="verify a run archive and register its run")
     imported.add_argument("archive", metavar="ZIP", help="an archive written by `runs export`")
-    imported.add_argument("--dataset", metavar="NAME", default=None,
-                          help="attach the run to this dataset (default: the archive's dataset when registered "
-                               "under that name)")
-    imported.add_argument("--json", action="store_true", help="one JSON object (run_id, run_dir, dataset, "
-                                                               "predictions)")
-    for name, text in (("archive", "hide runs from the pages (nothing is deleted)"),
-                       ("restore", "show archived runs again")):
+    imported.add_argument(
+        "--dataset",
+        metavar="NAME",
+        default=None,
+        help="attach the run to this dataset (default: the archive's dataset when registered under that name)",
+    )
+    imported.add_argument("--json", action="store_true", help="one JSON object (run_id, run_dir, dataset, predictions)")
+    for name, text in (
+        ("archive", "hide runs from the pages (nothing is deleted)"),
+        ("restore", "show archived runs again"),
+    ):
         action = actions.add_parser(name, help=text)
         action.add_argument("run_ids", type=int, nargs="+", metavar="ID")
 
@@ -110,8 +128,10 @@ def _export(store: Store, args: argparse.Namespace) -> int:
         print(json.dumps(manifest, default=str))
     else:
         size = sum(f["bytes"] for f in manifest["files"])
-        print(f"wrote {args.out}: {len(manifest['files'])} file(s), {size:,} bytes, sha256 of each in manifest.json "
-              f"(melreview {manifest['melreview_version']})")
+        print(
+            f"wrote {args.out}: {len(manifest['files'])} file(s), {size:,} bytes, sha256 of each in manifest.json "
+            f"(melreview {manifest['melreview_version']})"
+        )
     return 0
 
 
@@ -121,9 +141,14 @@ def _import(store: Store, args: argparse.Namespace) -> int:
         print(json.dumps({k: result[k] for k in ("run_id", "run_dir", "dataset", "predictions")}, default=str))
         return 0
     counts = ", ".join(f"{n:,} {split}" for split, n in result["predictions"].items()) or "none"
-    print(f"imported run #{result['run_id']} into {result['run_dir']} (checksums verified, model loaded in safe "
-          f"mode); dataset {result['dataset'] or 'none'}; predictions stored: {counts}")
+    print(
+        f"imported run #{result['run_id']} into {result['run_dir']} (checksums verified, model loaded in safe "
+        f"mode); dataset {result['dataset'] or 'none'}; predictions stored: {counts}"
+    )
     if result["dataset"] is None:
-        print("note: the run is tied to no dataset, so Compare and Review do not list it; import again with "
-              "--dataset NAME", file=sys.stderr)
+        print(
+            "note: the run is tied to no dataset, so Compare and Review do not list it; import again with "
+            "--dataset NAME",
+            file=sys.stderr,
+        )
     return 0

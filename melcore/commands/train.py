@@ -46,14 +46,33 @@ from melcore.training.recipes import DEFAULT_PRESET, preset_values
 # option dest -> TrainConfig field (options whose dest differs from the field, or that
 # are flags, are listed here explicitly; see add_train_options).
 _FIELDS = {
-    "model": "model", "image_size": "image_size", "epochs": "epochs", "batch_size": "batch_size",
-    "lr": "learning_rate", "optimizer": "optimizer", "schedule": "schedule", "balance": "balance",
-    "augment": "augment", "clinic": "clinic", "val_fraction": "val_fraction", "select_fraction": "select_fraction",
+    "model": "model",
+    "image_size": "image_size",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "learning_rate",
+    "optimizer": "optimizer",
+    "schedule": "schedule",
+    "balance": "balance",
+    "augment": "augment",
+    "clinic": "clinic",
+    "val_fraction": "val_fraction",
+    "select_fraction": "select_fraction",
     "fold": "fold",
-    "n_folds": "n_folds", "seed": "seed", "weights": "weights", "fallback_to_scratch": "fallback_to_scratch",
-    "patience": "early_stopping_patience", "fine_tune_epochs": "fine_tune_epochs",
-    "unfreeze_blocks": "unfreeze_blocks", "tta": "tta", "workers": "workers", "mode": "mode",
-    "cache_images": "cache_images", "deterministic": "deterministic", "pooling": "pooling", "head_fit": "head_fit",
+    "n_folds": "n_folds",
+    "seed": "seed",
+    "weights": "weights",
+    "fallback_to_scratch": "fallback_to_scratch",
+    "patience": "early_stopping_patience",
+    "fine_tune_epochs": "fine_tune_epochs",
+    "unfreeze_blocks": "unfreeze_blocks",
+    "tta": "tta",
+    "workers": "workers",
+    "mode": "mode",
+    "cache_images": "cache_images",
+    "deterministic": "deterministic",
+    "pooling": "pooling",
+    "head_fit": "head_fit",
 }
 
 
@@ -64,61 +83,115 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     from the config file's value or the model spec's default.
     """
     group = parser.add_argument_group("training config (defaults: the model's recommended values)")
-    group.add_argument("--config", metavar="JSON",
-                       help="a training config: a JSON file or JSON text; options given here override it")
-    group.add_argument("--preset", metavar="NAME",
-                       help="start from a named recipe (cpu-default, the default when no --model is given: ImageNet "
-                            "EfficientNet-Lite0 transfer learning; colour-svm; see melcore.training.recipes); "
-                            "--config and the options given override its values")
-    group.add_argument("--model", metavar="NAME",
-                       help="registry name: basic-cnn, cnn-bn, resnet50, efficientnet-b0..b7, "
-                            "efficientnet-b0-ns..b7-ns, efficientnet-lite0..lite4")
+    group.add_argument(
+        "--config", metavar="JSON", help="a training config: a JSON file or JSON text; options given here override it"
+    )
+    group.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="start from a named recipe (cpu-default, the default when no --model is given: ImageNet "
+        "EfficientNet-Lite0 transfer learning; colour-svm; see melcore.training.recipes); "
+        "--config and the options given override its values",
+    )
+    group.add_argument(
+        "--model",
+        metavar="NAME",
+        help="registry name: basic-cnn, cnn-bn, resnet50, efficientnet-b0..b7, "
+        "efficientnet-b0-ns..b7-ns, efficientnet-lite0..lite4",
+    )
     group.add_argument("--image-size", type=int, metavar="N", help="square image side in pixels")
-    group.add_argument("--epochs", type=int, metavar="E",
-                       help="epochs (of the head stage when pretrained weights are loaded); default 10")
-    group.add_argument("--fine-tune-epochs", type=int, metavar="E",
-                       help="epochs with the top blocks unfrozen after the head stage (default 0)")
-    group.add_argument("--unfreeze-blocks", type=int, metavar="K",
-                       help="block groups unfrozen for fine-tuning (default: the model's)")
+    group.add_argument(
+        "--epochs",
+        type=int,
+        metavar="E",
+        help="epochs (of the head stage when pretrained weights are loaded); default 10",
+    )
+    group.add_argument(
+        "--fine-tune-epochs",
+        type=int,
+        metavar="E",
+        help="epochs with the top blocks unfrozen after the head stage (default 0)",
+    )
+    group.add_argument(
+        "--unfreeze-blocks", type=int, metavar="K", help="block groups unfrozen for fine-tuning (default: the model's)"
+    )
     group.add_argument("--batch-size", type=int, metavar="N")
     group.add_argument("--lr", type=float, metavar="X", help="initial learning rate")
     group.add_argument("--optimizer", metavar="NAME", help="sgd, adam or adamw")
     group.add_argument("--schedule", metavar="NAME", help="learning-rate schedule: constant, exponential, cosine")
-    group.add_argument("--balance", metavar="B",
-                       help="none, oversample (balanced batches; default) or class-weight")
+    group.add_argument("--balance", metavar="B", help="none, oversample (balanced batches; default) or class-weight")
     group.add_argument("--augment", metavar="A", help="augmentation preset: none, basic, isic-strong")
     group.add_argument("--clinic", metavar="X", help="train on this clinic's images only")
-    group.add_argument("--val-fraction", type=float, metavar="F",
-                       help="share of patients held out for validation (default 0.2)")
-    group.add_argument("--select-fraction", type=float, metavar="F",
-                       help="share of the training patients held out to choose the best epoch and stop early "
-                            "(default 0.2); the validation images never choose anything")
-    group.add_argument("--fold", type=int, metavar="I",
-                       help="validate on patient-grouped fold I (0-based) of --n-folds instead of --val-fraction")
+    group.add_argument(
+        "--val-fraction", type=float, metavar="F", help="share of patients held out for validation (default 0.2)"
+    )
+    group.add_argument(
+        "--select-fraction",
+        type=float,
+        metavar="F",
+        help="share of the training patients held out to choose the best epoch and stop early "
+        "(default 0.2); the validation images never choose anything",
+    )
+    group.add_argument(
+        "--fold",
+        type=int,
+        metavar="I",
+        help="validate on patient-grouped fold I (0-based) of --n-folds instead of --val-fraction",
+    )
     group.add_argument("--n-folds", type=int, metavar="K", help="number of folds for --fold (default 5)")
-    group.add_argument("--folds", type=int, metavar="K",
-                       help="train all K patient-grouped folds (sub-runs fold-0..K-1) and write out-of-fold "
-                            "predictions for every image (oof_predictions.csv)")
+    group.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="train all K patient-grouped folds (sub-runs fold-0..K-1) and write out-of-fold "
+        "predictions for every image (oof_predictions.csv)",
+    )
     group.add_argument("--seed", type=int, metavar="S", help="seed of split, weights, order and augmentation")
     group.add_argument("--weights", metavar="W", help="none, imagenet or the path of a weights file")
-    group.add_argument("--fallback-to-scratch", action="store_true", default=None,
-                       help="train from scratch (and record it) when ImageNet weights cannot be downloaded")
-    group.add_argument("--patience", type=int, metavar="N",
-                       help="early stopping: epochs without a better validation AUROC (default 3)")
-    group.add_argument("--no-early-stopping", action="store_true", default=None,
-                       help="train every epoch (the best epoch is still restored)")
-    group.add_argument("--tta", action="store_true", default=None,
-                       help="score the final validation predictions with the 8 flips/transposes")
+    group.add_argument(
+        "--fallback-to-scratch",
+        action="store_true",
+        default=None,
+        help="train from scratch (and record it) when ImageNet weights cannot be downloaded",
+    )
+    group.add_argument(
+        "--patience", type=int, metavar="N", help="early stopping: epochs without a better validation AUROC (default 3)"
+    )
+    group.add_argument(
+        "--no-early-stopping",
+        action="store_true",
+        default=None,
+        help="train every epoch (the best epoch is still restored)",
+    )
+    group.add_argument(
+        "--tta",
+        action="store_true",
+        default=None,
+        help="score the final validation predictions with the 8 flips/transposes",
+    )
     group.add_argument("--workers", type=int, metavar="N", help="image-loading threads")
     group.add_argument("--mode", metavar="M", help="full (default) or fast-head")
     group.add_argument("--pooling", metavar="P", help="avg (default) or multi-level: how feature maps are pooled")
-    group.add_argument("--head-fit", metavar="H",
-                       help="fast-head mode: gradient (default; epochs) or logistic-cv (L2 logistic head, C by "
-                            "patient-grouped inner cross-validation)")
-    group.add_argument("--no-cache", dest="cache_images", action="store_false", default=None,
-                       help="do not keep resized images in the on-disk cache")
-    group.add_argument("--nondeterministic", dest="deterministic", action="store_false", default=None,
-                       help="allow non-deterministic TensorFlow ops (faster on some GPUs)")
+    group.add_argument(
+        "--head-fit",
+        metavar="H",
+        help="fast-head mode: gradient (default; epochs) or logistic-cv (L2 logistic head, C by "
+        "patient-grouped inner cross-validation)",
+    )
+    group.add_argument(
+        "--no-cache",
+        dest="cache_images",
+        action="store_false",
+        default=None,
+        help="do not keep resized images in the on-disk cache",
+    )
+    group.add_argument(
+        "--nondeterministic",
+        dest="deterministic",
+        action="store_false",
+        default=None,
+        help="allow non-deterministic TensorFlow ops (faster on some GPUs)",
+    )
 
 
 def _read_config_option(value: str) -> dict:
@@ -153,7 +226,6 @@ def config_from_args(args: argparse.Namespace):
     if getattr(args, "no_early_stopping", None):
         data["early_stopping_patience"] = None
     if not data.get("model"):  # nothing names a model: the default recipe (pretrained EfficientNet-Lite0)
-
         data = {**preset_values(DEFAULT_PRESET), **data}
     return TrainConfig.from_dict(data)
 
@@ -165,8 +237,11 @@ def add_data_options(parser: argparse.ArgumentParser):
     """
     data = parser.add_argument_group("data")
     data.add_argument("--csv", required=True, help="the label table (or, with --format folders, the folder)")
-    data.add_argument("--images", help="folder with the image files, or an ISIC-layout root holding jpeg/train/ or "
-                                       "train/ (default: looked up beside the CSV)")
+    data.add_argument(
+        "--images",
+        help="folder with the image files, or an ISIC-layout root holding jpeg/train/ or "
+        "train/ (default: looked up beside the CSV)",
+    )
     data.add_argument("--format", choices=FORMATS, help="table format (default: detected from the header)")
     data.add_argument("--clinic-column", metavar="C", help="column holding the clinic (e.g. attribution)")
     return data
@@ -196,15 +271,26 @@ def add_placement_options(parser: argparse.ArgumentParser, index: bool = True):
     """
     group = parser.add_argument_group("several machines (MultiWorkerMirroredStrategy)")
     if not index:
-        group.add_argument("--worker-hosts", metavar="HOST:PORT,...",
-                           help="queue one train job per address: a worker process on each address's machine "
-                                "claims its job and they train one model together; worker 0's job records the run")
+        group.add_argument(
+            "--worker-hosts",
+            metavar="HOST:PORT,...",
+            help="queue one train job per address: a worker process on each address's machine "
+            "claims its job and they train one model together; worker 0's job records the run",
+        )
         return group
-    group.add_argument("--worker-hosts", metavar="HOST:PORT,...",
-                       help="train one model across these worker processes (one per machine): every worker runs "
-                            "the same command with its own --worker-index and a free port of its machine; "
-                            "worker 0 writes the run (--workers is the image-loading threads)")
-    group.add_argument("--worker-index", type=int, metavar="I", help="this process's position in --worker-hosts (0..N-1; 0 is the chief)")
+    group.add_argument(
+        "--worker-hosts",
+        metavar="HOST:PORT,...",
+        help="train one model across these worker processes (one per machine): every worker runs "
+        "the same command with its own --worker-index and a free port of its machine; "
+        "worker 0 writes the run (--workers is the image-loading threads)",
+    )
+    group.add_argument(
+        "--worker-index",
+        type=int,
+        metavar="I",
+        help="this process's position in --worker-hosts (0..N-1; 0 is the chief)",
+    )
     return group
 
 
@@ -257,11 +343,13 @@ class TrainProgressBar:
         if metrics.get("end_of_epoch"):
             self.last_select_auroc = metrics.get("select_auroc")
             best = metrics.get("best_select_auroc")
-            self._draw(f"epoch {epoch}/{epochs} [{stage}] train loss {format_number(metrics.get('train_loss'))}  "
-                       f"selection loss {format_number(metrics.get('select_loss'))}  "
-                       f"selection AUROC {format_number(self.last_select_auroc)}  "
-                       f"(best {format_number(best)} at epoch {metrics.get('best_epoch')})  ETA {format_duration(eta)}",
-                       final=True)
+            self._draw(
+                f"epoch {epoch}/{epochs} [{stage}] train loss {format_number(metrics.get('train_loss'))}  "
+                f"selection loss {format_number(metrics.get('select_loss'))}  "
+                f"selection AUROC {format_number(self.last_select_auroc)}  "
+                f"(best {format_number(best)} at epoch {metrics.get('best_epoch')})  ETA {format_duration(eta)}",
+                final=True,
+            )
             return
         if not self.interactive:
             return
@@ -272,15 +360,19 @@ class TrainProgressBar:
         if stage == "load":
             text = f"decoding images {metrics.get('done', 0):,}/{metrics.get('total', 0):,}"
         elif stage == "validate":
-            text = (f"epoch {epoch}/{epochs} validating {metrics.get('val_batch', 0)}/{metrics.get('val_steps', 0)}"
-                    f"  ETA {format_duration(eta)}")
+            text = (
+                f"epoch {epoch}/{epochs} validating {metrics.get('val_batch', 0)}/{metrics.get('val_steps', 0)}"
+                f"  ETA {format_duration(eta)}"
+            )
         else:
             steps = metrics.get("steps", 0) or 1
             width = 20
             filled = int(width * min(batch, steps) / steps)
-            text = (f"epoch {epoch}/{epochs} [{stage}] [{'#' * filled}{'.' * (width - filled)}] {batch}/{steps}  "
-                    f"loss {format_number(loss)}  selection AUROC {format_number(self.last_select_auroc, '.3f')}  "
-                    f"ETA {format_duration(eta)}")
+            text = (
+                f"epoch {epoch}/{epochs} [{stage}] [{'#' * filled}{'.' * (width - filled)}] {batch}/{steps}  "
+                f"loss {format_number(loss)}  selection AUROC {format_number(self.last_select_auroc, '.3f')}  "
+                f"ETA {format_duration(eta)}"
+            )
         self._draw(text)
 
     def close(self) -> None:
@@ -369,13 +461,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_placed(fit, config, cohort, placement, out, args) -> int:
     """One worker of a run trained across ``placement``; the chief reports it, the others say whose it is."""
-    print(f"worker {placement.index} of {placement.n_workers}: waiting for every worker to join "
-          f"({', '.join(placement.workers)})", file=sys.stderr)
+    print(
+        f"worker {placement.index} of {placement.n_workers}: waiting for every worker to join "
+        f"({', '.join(placement.workers)})",
+        file=sys.stderr,
+    )
     strategy = multi_worker_strategy(placement)
     run_dir = worker_run_dir(placement, out)
     try:
-        result = train_with_progress(fit, config, cohort, quiet=args.quiet or not placement.is_chief,
-                                     run_dir=run_dir, strategy=strategy)
+        result = train_with_progress(
+            fit, config, cohort, quiet=args.quiet or not placement.is_chief, run_dir=run_dir, strategy=strategy
+        )
     finally:
         if not placement.is_chief:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -393,15 +489,21 @@ def _report(config, result) -> int:
         print(f"cancelled after {m.get('epochs_run', 0)} epoch(s); partial run in {result.run_dir}", file=sys.stderr)
         return 130
     print(f"run          {result.run_dir}")
-    print(f"model        {config.model} at {config.image_size} px, {m['epochs_run']} epoch(s), best epoch "
-          f"{m['best_epoch']}{' (early stop)' if m.get('early_stopped') else ''}, chosen on "
-          f"{m['n_select']:,} held-out training images")
-    print(f"validation   AUROC {format_number(m['val_auroc'])}{' (TTA)' if config.tta else ''}, loss "
-          f"{format_number(m['val_loss'])}, sensitivity {format_number(m['sensitivity'], '.3f')} / specificity "
-          f"{format_number(m['specificity'], '.3f')} at {m['threshold']}")
-    print(f"images       train {m['n_train']:,} ({m['n_malignant']['train']:,} melanoma), selection "
-          f"{m['n_select']:,} ({m['n_malignant']['select']:,}), validation {m['n_val']:,} "
-          f"({m['n_malignant']['val']:,} melanoma; chose nothing)")
+    print(
+        f"model        {config.model} at {config.image_size} px, {m['epochs_run']} epoch(s), best epoch "
+        f"{m['best_epoch']}{' (early stop)' if m.get('early_stopped') else ''}, chosen on "
+        f"{m['n_select']:,} held-out training images"
+    )
+    print(
+        f"validation   AUROC {format_number(m['val_auroc'])}{' (TTA)' if config.tta else ''}, loss "
+        f"{format_number(m['val_loss'])}, sensitivity {format_number(m['sensitivity'], '.3f')} / specificity "
+        f"{format_number(m['specificity'], '.3f')} at {m['threshold']}"
+    )
+    print(
+        f"images       train {m['n_train']:,} ({m['n_malignant']['train']:,} melanoma), selection "
+        f"{m['n_select']:,} ({m['n_malignant']['select']:,}), validation {m['n_val']:,} "
+        f"({m['n_malignant']['val']:,} melanoma; chose nothing)"
+    )
     excluded = m.get("excluded", {})
     left_out = {k: v for k, v in excluded.items() if isinstance(v, int) and v}
     if left_out:
@@ -423,7 +525,9 @@ def _run_folds(config, cohort, folds: int, out, args) -> int:
         return 130
     print(f"run          {result.run_dir}")
     print(f"model        {config.model} at {config.image_size} px, {folds} folds ({config.mode})")
-    print(f"out-of-fold  AUROC {format_number(m['oof_auroc'])} over {m['n_oof']:,} images ({m['n_malignant']:,} melanoma)")
+    print(
+        f"out-of-fold  AUROC {format_number(m['oof_auroc'])} over {m['n_oof']:,} images ({m['n_malignant']:,} melanoma)"
+    )
     print("folds        " + ", ".join(f"{i}: {format_number(a)}" for i, a in enumerate(m["fold_aurocs"])))
     print(f"time         {format_duration(m['seconds'])}")
     return 0

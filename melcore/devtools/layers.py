@@ -36,8 +36,10 @@ __all__ = ["LAYERS", "Violation", "layer_of", "module_imports", "check_tree", "m
 #: Layers from the bottom up: (layer name, melcore modules or packages in it). A package
 #: entry (``"training"``) covers all of its submodules.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("errors", "settings", "safety", "formatting", "torchfile", "caches", "devtools",
-                    "checks", "version")),
+    (
+        "foundation",
+        ("errors", "settings", "safety", "formatting", "torchfile", "caches", "devtools", "checks", "version"),
+    ),
     ("data", ("images", "cohort", "cohorts", "splits", "augment", "pipeline", "demo", "metrics", "audit", "classes")),
     ("models and store", ("registry", "efficientnet_lite", "models", "colour", "store", "datasets")),
     ("inference", ("predict", "explain")),
@@ -98,7 +100,7 @@ def module_imports(path: Path, package: str = "") -> Iterator[tuple[int, str]]:
             base = node.module or ""
             if node.level:
                 parent = package.split(".") if package else []
-                parent = parent[:len(parent) - (node.level - 1)] if node.level > 1 else parent
+                parent = parent[: len(parent) - (node.level - 1)] if node.level > 1 else parent
                 base = ".".join([*parent, base] if base else parent)
             for alias in node.names:
                 yield node.lineno, f"{base}.{alias.name}" if base else alias.name
@@ -149,8 +151,9 @@ def check_tree(root: Path | str) -> list[Violation]:
         top = module.split(".")[0]
         own = layer_of(module) if top == "melcore" else _INTERFACES
         if own is None:
-            violations.append(Violation(rel, 0, module, "module has no layer: add it to LAYERS in "
-                                                        "melcore/devtools/layers.py"))
+            violations.append(
+                Violation(rel, 0, module, "module has no layer: add it to LAYERS in melcore/devtools/layers.py")
+            )
             continue
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         for line, name in module_imports(path, package):
@@ -165,20 +168,30 @@ def check_tree(root: Path | str) -> list[Violation]:
                 violations.append(Violation(rel, line, name, f"trainers never import {first}"))
                 continue
             if first in ("pages", "app") and top == "ui":
-                violations.append(Violation(rel, line, name, "ui holds the helpers the pages use: it never imports "
-                                                             "the pages or app.py"))
+                violations.append(
+                    Violation(
+                        rel, line, name, "ui holds the helpers the pages use: it never imports the pages or app.py"
+                    )
+                )
                 continue
             if first != "melcore":
                 continue
             target = _melcore_target(name, known)
             if top in _DASHBOARD and (target == "melcore.commands" or target.startswith("melcore.commands.")):
-                violations.append(Violation(rel, line, target, "pages never import the CLI (melcore.commands); "
-                                                               "call the melcore function it calls"))
+                violations.append(
+                    Violation(
+                        rel,
+                        line,
+                        target,
+                        "pages never import the CLI (melcore.commands); call the melcore function it calls",
+                    )
+                )
                 continue
             theirs = layer_of(target)
             if theirs is not None and theirs > own:
-                violations.append(Violation(rel, line, target, f"layer '{LAYERS[own][0]}' may not import "
-                                                               f"layer '{LAYERS[theirs][0]}'"))
+                violations.append(
+                    Violation(rel, line, target, f"layer '{LAYERS[own][0]}' may not import layer '{LAYERS[theirs][0]}'")
+                )
     return list(dict.fromkeys(violations))  # `from x import a, b` is one import of x
 
 

@@ -32,8 +32,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def temporary_server(*, max_connections: int = 200, prefix: str = "melreview-pg-",
-                     ready_timeout: float = 30.0) -> Iterator[str]:
+def temporary_server(
+    *, max_connections: int = 200, prefix: str = "melreview-pg-", ready_timeout: float = 30.0
+) -> Iterator[str]:
     """Start a PostgreSQL server in a temporary folder; yield its SQLAlchemy URL; stop and delete it.
 
     The server listens on 127.0.0.1 on a free port, trusts every local
@@ -73,21 +74,39 @@ def temporary_server(*, max_connections: int = 200, prefix: str = "melreview-pg-
     datadir = workdir / "data"
     port = free_port()
     try:
-        subprocess.run(run_as + [str(bin_dir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust",
-                                 "--no-sync"], check=True, capture_output=True)
-        subprocess.run(run_as + [str(bin_dir / "pg_ctl"), "-D", str(datadir), "-l", str(workdir / "log"), "-w",
-                                 "-o", f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                                       f"-c max_connections={max_connections}", "start"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            run_as + [str(bin_dir / "initdb"), "-D", str(datadir), "-U", "postgres", "-A", "trust", "--no-sync"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            run_as
+            + [
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(datadir),
+                "-l",
+                str(workdir / "log"),
+                "-w",
+                "-o",
+                f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                f"-c max_connections={max_connections}",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
         deadline = time.time() + ready_timeout
         while time.time() < deadline:
-            ready = subprocess.run(run_as + [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                                   capture_output=True)
+            ready = subprocess.run(
+                run_as + [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+            )
             if ready.returncode == 0:
                 break
             time.sleep(0.2)
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(run_as + [str(bin_dir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            run_as + [str(bin_dir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(workdir, ignore_errors=True)

@@ -30,8 +30,14 @@ __all__ = ["TRAINERS", "fit"]
 TRAINERS: dict[str, Callable[..., Run]] = {"full": fit_image, "fast-head": fit_fast_head}
 
 
-def fit(config: TrainConfig, cohort, progress: Progress | None = None, should_stop: ShouldStop | None = None,
-        run_dir=None, strategy=None) -> Run:
+def fit(
+    config: TrainConfig,
+    cohort,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    run_dir=None,
+    strategy=None,
+) -> Run:
     """Train a model on a cohort as ``config.mode`` says; write and return the run.
 
     Parameters
@@ -89,5 +95,6 @@ def fit(config: TrainConfig, cohort, progress: Progress | None = None, should_st
         side of the split), weights that cannot be loaded (without fallback).
     """
     config = validate(config)
-    return TRAINERS[config.mode](config, cohort, progress=progress, should_stop=should_stop, run_dir=run_dir,
-                                 strategy=strategy)
+    return TRAINERS[config.mode](
+        config, cohort, progress=progress, should_stop=should_stop, run_dir=run_dir, strategy=strategy
+    )

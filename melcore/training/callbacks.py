@@ -27,8 +27,16 @@ import numpy as np
 
 from melcore.metrics import format_auroc
 
-__all__ = ["Progress", "ShouldStop", "ProgressReporter", "Cancellation", "BestEpoch", "keras_callbacks",
-           "bce", "current_lr"]
+__all__ = [
+    "Progress",
+    "ShouldStop",
+    "ProgressReporter",
+    "Cancellation",
+    "BestEpoch",
+    "keras_callbacks",
+    "bce",
+    "current_lr",
+]
 
 log = logging.getLogger("melcore.train")
 
@@ -52,7 +60,7 @@ class ProgressReporter:
         self.total_epochs = total_epochs
         self.steps = 0
         self.stage = "train"
-        self.epoch = 0                     # 1-based epoch being run
+        self.epoch = 0  # 1-based epoch being run
         self.loss: float | None = None
         self.train_seconds = 0.0
         self.train_images = 0
@@ -70,8 +78,15 @@ class ProgressReporter:
         remaining = 0.0 if validating else (self.steps - batch) * self.batch_seconds + val
         return remaining + epochs_after * (self.steps * self.batch_seconds + val)
 
-    def report(self, batch: int, loss: float | None, extra: dict | None = None, eta: float | None = None,
-               epoch: int | None = None, stage: str | None = None) -> None:
+    def report(
+        self,
+        batch: int,
+        loss: float | None,
+        extra: dict | None = None,
+        eta: float | None = None,
+        epoch: int | None = None,
+        stage: str | None = None,
+    ) -> None:
         """One ``progress`` call; ``metrics`` always holds ``epochs``, ``steps`` and ``stage``."""
         if self.progress is None:
             return
@@ -147,12 +162,16 @@ class BestEpoch:
         self.wait = 0
         self.patience = patience
 
-    def update(self, epoch: int, auroc_value: float | None, select_loss: float,
-               get_weights: Callable[[], list]) -> bool:
+    def update(
+        self, epoch: int, auroc_value: float | None, select_loss: float, get_weights: Callable[[], list]
+    ) -> bool:
         """Record epoch ``epoch`` (1-based); returns whether it is the best so far."""
         best = self.best_auroc
-        improved = self.best_weights is None or (auroc_value is not None and best is not None and (
-            auroc_value > best or (auroc_value == best and select_loss < self.best_select_loss)))
+        improved = self.best_weights is None or (
+            auroc_value is not None
+            and best is not None
+            and (auroc_value > best or (auroc_value == best and select_loss < self.best_select_loss))
+        )
         if improved:
             self.best_auroc, self.best_epoch, self.best_select_loss = auroc_value, epoch, select_loss
             self.best_weights = get_weights()
@@ -166,8 +185,14 @@ class BestEpoch:
         return self.patience is not None and self.wait >= self.patience
 
 
-def keras_callbacks(reporter: ProgressReporter, cancel: Cancellation, best: BestEpoch, history: list,
-                    score_selection: Callable[[], dict | None], batch_size: int) -> list:
+def keras_callbacks(
+    reporter: ProgressReporter,
+    cancel: Cancellation,
+    best: BestEpoch,
+    history: list,
+    score_selection: Callable[[], dict | None],
+    batch_size: int,
+) -> list:
     """The Keras callbacks of a fit, in the order they must run: progress, cancel, selection scoring.
 
     ``score_selection()`` scores the selection split: ``{"select_auroc", "select_loss"}``, or None
@@ -212,22 +237,49 @@ def keras_callbacks(reporter: ProgressReporter, cancel: Cancellation, best: Best
             reporter.val_seconds.append(time.perf_counter() - started)
             auroc_value, select_loss = scores["select_auroc"], scores["select_loss"]
             improved = best.update(epoch + 1, auroc_value, select_loss, self.model.get_weights)
-            history.append({"epoch": epoch + 1, "stage": reporter.stage, "train_loss": train_loss,
-                            "select_loss": select_loss, "select_auroc": auroc_value,
-                            "learning_rate": current_lr(self.model),
-                            "seconds": time.perf_counter() - reporter.epoch_start, "best": improved})
-            log.info("epoch %d/%d [%s] train loss %.4f, selection loss %.4f, selection AUROC %s%s",
-                     epoch + 1, reporter.total_epochs, reporter.stage, train_loss, select_loss, format_auroc(auroc_value),
-                     " (best so far)" if improved else "")
-            reporter.report(reporter.steps, train_loss,
-                            {"end_of_epoch": True, "select_auroc": auroc_value, "select_loss": select_loss,
-                             "train_loss": train_loss, "best_select_auroc": best.best_auroc,
-                             "best_epoch": best.best_epoch},
-                            eta=reporter.eta(reporter.steps, validating=True))
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "stage": reporter.stage,
+                    "train_loss": train_loss,
+                    "select_loss": select_loss,
+                    "select_auroc": auroc_value,
+                    "learning_rate": current_lr(self.model),
+                    "seconds": time.perf_counter() - reporter.epoch_start,
+                    "best": improved,
+                }
+            )
+            log.info(
+                "epoch %d/%d [%s] train loss %.4f, selection loss %.4f, selection AUROC %s%s",
+                epoch + 1,
+                reporter.total_epochs,
+                reporter.stage,
+                train_loss,
+                select_loss,
+                format_auroc(auroc_value),
+                " (best so far)" if improved else "",
+            )
+            reporter.report(
+                reporter.steps,
+                train_loss,
+                {
+                    "end_of_epoch": True,
+                    "select_auroc": auroc_value,
+                    "select_loss": select_loss,
+                    "train_loss": train_loss,
+                    "best_select_auroc": best.best_auroc,
+                    "best_epoch": best.best_epoch,
+                },
+                eta=reporter.eta(reporter.steps, validating=True),
+            )
             if best.patience_exhausted:
                 best.early_stopped = True
-                log.info("early stopping: no better selection AUROC for %d epoch(s) (best %s at epoch %d)",
-                         best.wait, format_auroc(best.best_auroc), best.best_epoch)
+                log.info(
+                    "early stopping: no better selection AUROC for %d epoch(s) (best %s at epoch %d)",
+                    best.wait,
+                    format_auroc(best.best_auroc),
+                    best.best_epoch,
+                )
                 self.model.stop_training = True
 
     return [ProgressCallback(), CancelCallback(), SelectionScoring()]

@@ -22,6 +22,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from melcore import augment as augment_module
+from melcore import registry as models
 from melcore.checks import (
     check_bool,
     check_choice,
@@ -29,8 +31,6 @@ from melcore.checks import (
     check_fraction,
     check_int,
 )
-from melcore import augment as augment_module
-from melcore import registry as models
 from melcore.errors import ConfigError
 from melcore.training import recipes
 
@@ -175,11 +175,12 @@ class TrainConfig:
         valid = cls.field_names()
         unknown = sorted(set(data) - set(valid), key=str)
         if unknown:
-            raise ConfigError(f"unknown training config key{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
+            raise ConfigError(
+                f"unknown training config key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}"
+            )
         if data.get("model") in (None, ""):
-            raise ConfigError("the training config names no model; set 'model' (e.g. 'cnn-bn' or "
-                              "'efficientnet-b3')")
+            raise ConfigError("the training config names no model; set 'model' (e.g. 'cnn-bn' or 'efficientnet-b3')")
         return cls(**data)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -208,7 +209,6 @@ class TrainConfig:
         return int(self.epochs) + int(self.fine_tune_epochs or 0)
 
 
-
 def validate(config: TrainConfig) -> TrainConfig:
     """Check a config without touching data; return it resolved (defaults filled in, names canonical).
 
@@ -227,39 +227,40 @@ def validate(config: TrainConfig) -> TrainConfig:
     c.model = models.validate_model_name(c.model)
     spec = models.get_spec(c.model)
     recipe = recipes.recipe_for(c.model)
-    c.image_size = models.validate_image_size(c.model, spec.default_image_size if c.image_size is None
-                                              else c.image_size)
+    c.image_size = models.validate_image_size(
+        c.model, spec.default_image_size if c.image_size is None else c.image_size
+    )
     c.epochs = check_int("epochs", c.epochs, 1)
     c.batch_size = check_int("batch size", recipe.batch_size if c.batch_size is None else c.batch_size, 1)
-    c.learning_rate = check_float("learning rate", recipe.learning_rate if c.learning_rate is None
-                                  else c.learning_rate)
+    c.learning_rate = check_float("learning rate", recipe.learning_rate if c.learning_rate is None else c.learning_rate)
     if c.learning_rate <= 0:
         raise ConfigError(f"learning rate must be positive, got {c.learning_rate}")
-    c.optimizer = check_choice("optimizer", recipe.optimizer if c.optimizer is None else c.optimizer,
-                               models.OPTIMIZERS)
-    c.schedule = check_choice("schedule", recipe.schedule if c.schedule is None else c.schedule,
-                              models.SCHEDULES)
+    c.optimizer = check_choice("optimizer", recipe.optimizer if c.optimizer is None else c.optimizer, models.OPTIMIZERS)
+    c.schedule = check_choice("schedule", recipe.schedule if c.schedule is None else c.schedule, models.SCHEDULES)
     c.balance = check_choice("balance", c.balance, BALANCES)
     c.augment = augment_module.validate_preset(recipe.augment if c.augment is None else c.augment)
     if c.clinic is not None:
         if not isinstance(c.clinic, str) or not c.clinic.strip():
             raise ConfigError(f"clinic must be a clinic name or null (all clinics), got {c.clinic!r}")
     c.val_fraction = check_fraction("val_fraction", c.val_fraction)
-    c.select_fraction = check_fraction("select_fraction", c.select_fraction,
-                                       "share of the training patients that choose the best epoch")
+    c.select_fraction = check_fraction(
+        "select_fraction", c.select_fraction, "share of the training patients that choose the best epoch"
+    )
     c.n_folds = check_int("n_folds", c.n_folds, 2)
     c.fold = check_int("fold", c.fold, 0, allow_none=True)
     if c.fold is not None and c.fold >= c.n_folds:
         raise ConfigError(f"fold {c.fold} does not exist with n_folds={c.n_folds}; folds are 0..{c.n_folds - 1}")
     c.seed = check_int("seed", c.seed, 0)
     c.fallback_to_scratch = check_bool("fallback_to_scratch", c.fallback_to_scratch)
-    c.weights = models.check_weights(spec, spec.default_weights if c.weights is None else c.weights,
-                                       c.fallback_to_scratch)
+    c.weights = models.check_weights(
+        spec, spec.default_weights if c.weights is None else c.weights, c.fallback_to_scratch
+    )
     c.mode = check_choice("mode", c.mode, MODES)
     c.early_stopping_patience = check_int("early_stopping_patience", c.early_stopping_patience, 1, allow_none=True)
     c.fine_tune_epochs = check_int("fine_tune_epochs", 0 if c.fine_tune_epochs is None else c.fine_tune_epochs, 0)
-    c.unfreeze_blocks = check_int("unfreeze_blocks", spec.finetune_blocks if c.unfreeze_blocks is None
-                                  else c.unfreeze_blocks, 0)
+    c.unfreeze_blocks = check_int(
+        "unfreeze_blocks", spec.finetune_blocks if c.unfreeze_blocks is None else c.unfreeze_blocks, 0
+    )
     c.tta = check_bool("tta", c.tta)
     if c.preset is not None:
         c.preset = str(c.preset)
@@ -274,8 +275,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     if c.head_fit == "logistic-cv" and c.mode != "fast-head":
         raise ConfigError("head_fit 'logistic-cv' fits the head on cached features: it needs mode 'fast-head'")
     if c.colour_model and c.mode != "full":
-        raise ConfigError(f"colour_model (set by the cpu-default preset) needs mode 'full', not {c.mode!r}: "
-                          "use mode 'full' (Train page: untick the fast head) or set colour_model false")
+        raise ConfigError(
+            f"colour_model (set by the cpu-default preset) needs mode 'full', not {c.mode!r}: "
+            "use mode 'full' (Train page: untick the fast head) or set colour_model false"
+        )
     return c
 
 

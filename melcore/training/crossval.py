@@ -87,8 +87,8 @@ class _SubProgress:
 
 # --------------------------------------------------------------------------- K-fold
 
-def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_stop=None, run_dir=None,
-              strategy=None):
+
+def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_stop=None, run_dir=None, strategy=None):
     """Train ``n_folds`` patient-grouped folds and write out-of-fold predictions.
 
     Parameters
@@ -136,16 +136,23 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
     cancelled = False
     last = None
     with out.log():
-        log.info("%d-fold training of %s (%s mode) on %s", n_folds, config.model, config.mode,
-                 config.clinic or "all clinics")
+        log.info(
+            "%d-fold training of %s (%s mode) on %s", n_folds, config.model, config.mode, config.clinic or "all clinics"
+        )
         for fold in range(n_folds):
             if should_stop is not None and should_stop():
                 cancelled = True
                 break
             fold_started = time.perf_counter()
             sub = _SubProgress(progress, {"fold": fold, "n_folds": n_folds}, n_folds - fold - 1, fold_seconds)
-            run = fit(dataclasses.replace(config, fold=fold), cohort, progress=sub, should_stop=should_stop,
-                        run_dir=run_dir / f"fold-{fold}", strategy=strategy)
+            run = fit(
+                dataclasses.replace(config, fold=fold),
+                cohort,
+                progress=sub,
+                should_stop=should_stop,
+                run_dir=run_dir / f"fold-{fold}",
+                strategy=strategy,
+            )
             last = run
             if run.cancelled:
                 cancelled = True
@@ -156,10 +163,16 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
             frame = run.val_predictions()
             frame["fold"] = fold
             frames.append(frame)
-            log.info("fold %d/%d: validation AUROC %s on %d images", fold + 1, n_folds,
-                     format_number(run.metrics.get("val_auroc")), len(frame))
-        oof = (pd.concat(frames, ignore_index=True) if frames
-               else pd.DataFrame(columns=list(OOF_COLUMNS)))[list(OOF_COLUMNS)]
+            log.info(
+                "fold %d/%d: validation AUROC %s on %d images",
+                fold + 1,
+                n_folds,
+                format_number(run.metrics.get("val_auroc")),
+                len(frame),
+            )
+        oof = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(OOF_COLUMNS)))[
+            list(OOF_COLUMNS)
+        ]
         if frames:
             oof.to_csv(run_dir / "oof_predictions.csv", index=False)
         y = oof["target"].astype("float64").to_numpy()
@@ -167,26 +180,42 @@ def fit_folds(config, cohort, n_folds: int | None = None, progress=None, should_
         oof_auroc = auroc_or_none(y, p)
         finite = [a for a in fold_aurocs if a is not None and math.isfinite(a)]
         metrics = {
-            "kind": "kfold", "status": "cancelled" if cancelled else "done", "cancelled": cancelled,
-            "model": config.model, "mode": config.mode, "clinic": config.clinic, "image_size": config.image_size,
-            "cohort": getattr(cohort, "name", None), "n_folds": n_folds, "folds_done": len(frames),
-            "oof_auroc": oof_auroc, "fold_aurocs": fold_aurocs,
+            "kind": "kfold",
+            "status": "cancelled" if cancelled else "done",
+            "cancelled": cancelled,
+            "model": config.model,
+            "mode": config.mode,
+            "clinic": config.clinic,
+            "image_size": config.image_size,
+            "cohort": getattr(cohort, "name", None),
+            "n_folds": n_folds,
+            "folds_done": len(frames),
+            "oof_auroc": oof_auroc,
+            "fold_aurocs": fold_aurocs,
             "mean_fold_auroc": float(np.mean(finite)) if finite else None,
-            "n_oof": int(len(oof)), "n_malignant": int((y == 1).sum()), "fold_runs": fold_runs,
+            "n_oof": int(len(oof)),
+            "n_malignant": int((y == 1).sum()),
+            "fold_runs": fold_runs,
             "weights": (last.metrics.get("weights") if last is not None else None),
             "from_scratch": bool((last.metrics.get("weights") or {}).get("from_scratch")) if last else None,
-            "seconds": time.perf_counter() - started, "fold_seconds": fold_seconds,
+            "seconds": time.perf_counter() - started,
+            "fold_seconds": fold_seconds,
         }
         metrics = out.write_metrics(metrics)
         if cancelled:
             log.warning("k-fold training cancelled after %d of %d folds", len(frames), n_folds)
         else:
-            log.info("out-of-fold AUROC %s over %d images; fold AUROCs %s", format_number(oof_auroc), len(oof),
-                     ", ".join(format_number(a) for a in fold_aurocs))
+            log.info(
+                "out-of-fold AUROC %s over %d images; fold AUROCs %s",
+                format_number(oof_auroc),
+                len(oof),
+                ", ".join(format_number(a) for a in fold_aurocs),
+            )
     return out.run(config, metrics, cancelled)
 
 
 # --------------------------------------------------------------------------- cross-clinic
+
 
 def default_cross_clinic_mode() -> str:
     """``"full"`` when TensorFlow sees a GPU, else ``"fast-head"`` (a CPU fine-tunes ~3 images/s)."""
@@ -216,10 +245,12 @@ def _check_one_clinic_per_patient(cohort, clinics: list[str]) -> None:
     if len(shared):
         first = shared.index[0]
         where = sorted(clinic[usable][cohort.groups[usable].eq(first).to_numpy()].unique())
-        raise LeakageError(f"{len(shared)} patient(s) have images in more than one clinic (e.g. {first!r} in "
-                           f"{', '.join(where)}), so a clinic's model would be scored on patients it was trained "
-                           "on; give each patient one clinic (e.g. that of the first visit) or leave those "
-                           "patients out")
+        raise LeakageError(
+            f"{len(shared)} patient(s) have images in more than one clinic (e.g. {first!r} in "
+            f"{', '.join(where)}), so a clinic's model would be scored on patients it was trained "
+            "on; give each patient one clinic (e.g. that of the first visit) or leave those "
+            "patients out"
+        )
 
 
 def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray | None:
@@ -229,10 +260,15 @@ def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray |
         extractor = features.get_extractor(config)
         from melcore.images import ImageCache
 
-        result = features.compute_features(extractor, paths, cache=features.FeatureCache(),
-                                           image_cache=ImageCache() if config.cache_images else None,
-                                           batch_size=max(32, config.batch_size), workers=config.workers,
-                                           should_stop=should_stop)
+        result = features.compute_features(
+            extractor,
+            paths,
+            cache=features.FeatureCache(),
+            image_cache=ImageCache() if config.cache_images else None,
+            batch_size=max(32, config.batch_size),
+            workers=config.workers,
+            should_stop=should_stop,
+        )
         if result.cancelled:
             return None
         scores = features.score_features(features.head_of(run.load_model()), result.features[:1])
@@ -241,13 +277,18 @@ def _score_images(config, run, table: pd.DataFrame, should_stop) -> np.ndarray |
         return scores
     from melcore.images import ImageCache
 
-    return predict_paths(run.load_model(), paths, tta=config.tta, batch_size=max(32, config.batch_size),
-                         should_stop=should_stop, cache=ImageCache() if config.cache_images else None,
-                         workers=config.workers)
+    return predict_paths(
+        run.load_model(),
+        paths,
+        tta=config.tta,
+        batch_size=max(32, config.batch_size),
+        should_stop=should_stop,
+        cache=ImageCache() if config.cache_images else None,
+        workers=config.workers,
+    )
 
 
-def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, strategy=None, *,
-                 clinics=None):
+def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, strategy=None, *, clinics=None):
     """Train on each clinic, score every other clinic; write and return a "cross-clinic" run.
 
     Parameters
@@ -290,12 +331,16 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
         clinics = [str(c) for c in clinics]
         unknown = [c for c in clinics if c not in available]
         if unknown:
-            raise CohortError(f"unknown or empty clinic(s) {', '.join(map(repr, unknown))}; clinics with labelled "
-                              f"images: {', '.join(available) or 'none'}")
+            raise CohortError(
+                f"unknown or empty clinic(s) {', '.join(map(repr, unknown))}; clinics with labelled "
+                f"images: {', '.join(available) or 'none'}"
+            )
     if len(clinics) < 2:
-        raise CohortError(f"cross-clinic evaluation needs at least two clinics with labelled images; cohort "
-                          f"{getattr(cohort, 'name', '')!r} has {len(clinics)} ({', '.join(clinics) or 'none'}): "
-                          "pass --clinic-column or a table with a clinic column")
+        raise CohortError(
+            f"cross-clinic evaluation needs at least two clinics with labelled images; cohort "
+            f"{getattr(cohort, 'name', '')!r} has {len(clinics)} ({', '.join(clinics) or 'none'}): "
+            "pass --clinic-column or a table with a clinic column"
+        )
     _check_one_clinic_per_patient(cohort, clinics)
     started = time.perf_counter()
     k = len(clinics)
@@ -303,8 +348,9 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
     run_dir = out.path
     table = cohort.table
     usable = table["target"].notna() & table["image_path"].notna()
-    by_clinic = {c: table[usable & table["clinic"].astype("string").eq(c).fillna(False)].reset_index(drop=True)
-                 for c in clinics}
+    by_clinic = {
+        c: table[usable & table["clinic"].astype("string").eq(c).fillna(False)].reset_index(drop=True) for c in clinics
+    }
     matrix = [[None] * k for _ in range(k)]
     n = [[None] * k for _ in range(k)]
     runs: dict[str, str] = {}
@@ -314,19 +360,29 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
     cancelled = False
     weights = None
     with out.log():
-        log.info("cross-clinic evaluation of %s (%s mode) over %d clinics: %s", config.model, config.mode, k,
-                 ", ".join(clinics))
+        log.info(
+            "cross-clinic evaluation of %s (%s mode) over %d clinics: %s",
+            config.model,
+            config.mode,
+            k,
+            ", ".join(clinics),
+        )
         for i, clinic in enumerate(clinics):
             if should_stop is not None and should_stop():
                 cancelled = True
                 break
             part_started = time.perf_counter()
-            sub = _SubProgress(progress, {"clinic": clinic, "clinic_index": i, "n_clinics": k}, k - i - 1,
-                               part_seconds)
+            sub = _SubProgress(progress, {"clinic": clinic, "clinic_index": i, "n_clinics": k}, k - i - 1, part_seconds)
             folder = f"clinic-{_slug(clinic)}"
             try:
-                run = fit(dataclasses.replace(config, clinic=clinic), cohort, progress=sub,
-                            should_stop=should_stop, run_dir=run_dir / folder, strategy=strategy)
+                run = fit(
+                    dataclasses.replace(config, clinic=clinic),
+                    cohort,
+                    progress=sub,
+                    should_stop=should_stop,
+                    run_dir=run_dir / folder,
+                    strategy=strategy,
+                )
             except (CohortError, LeakageError) as exc:
                 errors[clinic] = str(exc)
                 log.warning("clinic %s cannot be trained on: %s", clinic, exc)
@@ -345,8 +401,20 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                     continue
                 rows = by_clinic[other]
                 if sub.progress is not None:
-                    sub(0, 0, None, {"stage": "validate", "epochs": 0, "steps": 0, "scoring": other,
-                                     "val_batch": j + 1, "val_steps": k}, None)
+                    sub(
+                        0,
+                        0,
+                        None,
+                        {
+                            "stage": "validate",
+                            "epochs": 0,
+                            "steps": 0,
+                            "scoring": other,
+                            "val_batch": j + 1,
+                            "val_steps": k,
+                        },
+                        None,
+                    )
                 p = _score_images(config, run, rows, should_stop)
                 if p is None:
                     cancelled = True
@@ -355,21 +423,44 @@ def cross_clinic(config, cohort, progress=None, should_stop=None, run_dir=None, 
                 y = rows["target"].astype("float64").to_numpy()
                 matrix[i][j] = auroc_or_none(y[ok], p[ok])
                 n[i][j] = int(ok.sum())
-                scores.append(pd.DataFrame({"trained_on": clinic, "image_name": rows["image_name"].astype(str),
-                                            "patient_id": rows["patient_id"], "clinic": rows["clinic"],
-                                            "target": rows["target"].astype("int64"), "prediction": p}))
-                log.info("trained on %s, scored on %s: AUROC %s over %d images", clinic, other,
-                         format_number(matrix[i][j]), n[i][j])
+                scores.append(
+                    pd.DataFrame(
+                        {
+                            "trained_on": clinic,
+                            "image_name": rows["image_name"].astype(str),
+                            "patient_id": rows["patient_id"],
+                            "clinic": rows["clinic"],
+                            "target": rows["target"].astype("int64"),
+                            "prediction": p,
+                        }
+                    )
+                )
+                log.info(
+                    "trained on %s, scored on %s: AUROC %s over %d images",
+                    clinic,
+                    other,
+                    format_number(matrix[i][j]),
+                    n[i][j],
+                )
             if cancelled:
                 break
             part_seconds.append(time.perf_counter() - part_started)
         if scores:
             pd.concat(scores, ignore_index=True).to_csv(run_dir / "cross_predictions.csv", index=False)
         metrics = {
-            "kind": "cross-clinic", "clinics": clinics, "matrix": matrix, "n": n,
-            "status": "cancelled" if cancelled else "done", "cancelled": cancelled,
-            "model": config.model, "mode": config.mode, "image_size": config.image_size,
-            "cohort": getattr(cohort, "name", None), "runs": runs, "errors": errors, "weights": weights,
+            "kind": "cross-clinic",
+            "clinics": clinics,
+            "matrix": matrix,
+            "n": n,
+            "status": "cancelled" if cancelled else "done",
+            "cancelled": cancelled,
+            "model": config.model,
+            "mode": config.mode,
+            "image_size": config.image_size,
+            "cohort": getattr(cohort, "name", None),
+            "runs": runs,
+            "errors": errors,
+            "weights": weights,
             "from_scratch": bool((weights or {}).get("from_scratch")) if weights else None,
             "seconds": time.perf_counter() - started,
         }

