@@ -52,6 +52,7 @@ from melcore.metrics import (
     partial_auroc_bootstrap,
     partial_auroc_ci,
     per_group,
+    percentile_interval,
 )
 from melcore.registry import PUBLISHED_WEIGHTS, REGISTRY, weights_label
 from melcore.runinfo import SourceConfounding, run_title, scratch_words, source_confounding
@@ -855,18 +856,10 @@ def _paired_pauc(y, p1, p2, groups, n_boot: int, seed: int, level: float) -> dic
     out = {}
     for side, p, boot in (("a", p1, boots[0]), ("b", p2, boots[1])):
         out[f"pauc_{side}"] = partial_auroc(y, p, PAUC_MIN_TPR)
-        out[f"pauc_{side}_low"], out[f"pauc_{side}_high"] = _percentile(boot, level)
+        out[f"pauc_{side}_low"], out[f"pauc_{side}_high"] = percentile_interval(boot, level)
     out["pauc_diff"] = out["pauc_a"] - out["pauc_b"]
-    out["pauc_diff_low"], out["pauc_diff_high"] = _percentile(boots[0] - boots[1], level)
+    out["pauc_diff_low"], out["pauc_diff_high"] = percentile_interval(boots[0] - boots[1], level)
     return out
-
-
-def _percentile(values: np.ndarray, level: float) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if len(finite) == 0:
-        return math.nan, math.nan
-    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
 
 
 #: A paired AUROC test on fewer shared images, or fewer of either class, is called underpowered.

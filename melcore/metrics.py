@@ -817,7 +817,13 @@ def auroc_bootstrap(
     return _bootstrap_aurocs(labels, scores[None, :], groups, n_boot, seed, progress)[:, 0]
 
 
-def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval ``(low, high)`` of the finite entries of ``values`` (any shape).
+
+    ``level`` is the coverage in (0, 1), e.g. 0.95 for the 2.5th and 97.5th percentiles. NaN and
+    infinite entries (bootstrap resamples that held one class) are left out; with none left the
+    interval is ``(nan, nan)``. The one percentile rule behind every bootstrap interval melcore reports.
+    """
     finite = values[np.isfinite(values)]
     if len(finite) == 0:
         return math.nan, math.nan
@@ -861,7 +867,7 @@ def bootstrap_dropped_note(n_dropped: int, n_boot: int) -> str:
 
 
 def _interval(boots: np.ndarray, level: float) -> AurocInterval:
-    low, high = _percentile_interval(boots, level)
+    low, high = percentile_interval(boots, level)
     return AurocInterval(low, high, len(boots), int(np.isnan(boots).sum()))
 
 
@@ -926,7 +932,7 @@ def operating_point_ci(
             "npv": tn / (tn + fn),
         }
     for name, values in boots.items():
-        out[f"{name}_ci"] = list(_percentile_interval(values, level))
+        out[f"{name}_ci"] = list(percentile_interval(values, level))
     return out
 
 
@@ -1127,7 +1133,7 @@ def paired_auroc_bootstrap(
     auc1, auc2 = auroc(labels, s1), auroc(labels, s2)
     diff = auc1 - auc2
     se = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else math.nan
-    low, high = _percentile_interval(diffs, level)
+    low, high = percentile_interval(diffs, level)
     p_value = _two_sided_p(diff, se)
     return PairedBootstrapResult(auc1, auc2, diff, low, high, se, p_value, int(len(diffs)))
 
@@ -1300,9 +1306,9 @@ def _resolve_column(df: pd.DataFrame, column: str, role: str) -> pd.Series:
     raise MelcoreError(f"no {role} column {column!r}; available columns: {', '.join(map(str, df.columns))}")
 
 
-def _one_class_note(n_malignant: int, n: int) -> str:
-    which = "benign" if n_malignant == 0 else "malignant"
-    return f"only {which} images ({n}): AUROC undefined"
+def _one_class_note(n_positive: int, n: int) -> str:
+    which = "target 0" if n_positive == 0 else "target 1"
+    return f"one class only (all {n} images are {which}): AUROC undefined"
 
 
 def per_group(

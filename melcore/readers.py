@@ -45,7 +45,7 @@ from scipy import stats
 from melcore.browse import risk_by_image
 from melcore.classes import MELANOMA
 from melcore.errors import MelcoreError
-from melcore.metrics import ThresholdSweep, auroc, auroc_ci
+from melcore.metrics import ThresholdSweep, auroc, auroc_ci, percentile_interval
 from melcore.review import spreadsheet_safe
 from melcore.store import STUDY_DECISIONS
 
@@ -567,14 +567,6 @@ def _weighted_model(
     return float(sensitivity[k_spec]), float(specificity[max(k_sens, 0)])
 
 
-def _percentile(values: np.ndarray, level: float) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if len(finite) == 0:
-        return math.nan, math.nan
-    low, high = np.quantile(finite, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
-
-
 def shared_lesions(reads: pd.DataFrame, mode: str, readers=None) -> tuple[list[str], pd.DataFrame]:
     """(readers, reads of those readers restricted to the lesions every one of them read in ``mode``)."""
     _check_mode(mode)
@@ -709,8 +701,8 @@ def mean_reader_comparison(
         model_spec,
         model_sens - mean_sens,
         model_spec - mean_spec,
-        _percentile(diffs[used, 0], level),
-        _percentile(diffs[used, 1], level),
+        percentile_interval(diffs[used, 0], level),
+        percentile_interval(diffs[used, 1], level),
         n_boot,
         int(used.sum()),
         note,

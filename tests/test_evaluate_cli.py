@@ -106,7 +106,7 @@ def test_group_column_reports_each_group_and_tolerates_one_class(cohort_files):
         assert {"auroc_ci", "sensitivity", "specificity", "operating_points", "n_malignant"} <= set(groups[name])
     west = groups["west"]
     assert west["n"] == 2 and west["auroc"] is None and west["auroc_ci"] == [None, None]
-    assert west["operating_points"] == [] and "only benign" in west["notes"][0]
+    assert west["operating_points"] == [] and "one class only (all 2 images are target 0)" in west["notes"][0]
 
 
 def test_text_report_and_age_band(cohort_files):

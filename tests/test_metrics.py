@@ -528,7 +528,7 @@ def test_per_group_matches_metrics_on_each_subset():
             assert same(float(row[key]), float(direct[key]))
         if row["group"] == "east":  # benign only: no AUROC, a note, no crash
             assert math.isnan(row["auroc"]) and math.isnan(row["auroc_low"]) and math.isnan(row["pauc_high"])
-            assert "only benign" in row["note"]
+            assert f"one class only (all {len(subset)} images are target 0)" in row["note"]
         else:
             assert row["auroc"] == skm.roc_auc_score(subset["target"], subset["prediction"])
             ci = metrics.auroc_ci(
@@ -633,7 +633,7 @@ def test_summarize_keys_and_one_class_tolerated():
     ]
     benign = metrics.summarize([0, 0, 0], [0.1, 0.6, 0.2])
     assert math.isnan(benign["auroc"]) and benign["operating_points"] == []
-    assert "only benign" in benign["notes"][0]
+    assert "one class only (all 3 images are target 0)" in benign["notes"][0]
 
 
 # --------------------------------------------------------------------------- partial AUROC, net benefit

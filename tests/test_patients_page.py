@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from melcore.classes import dataset_classes
 from melcore.store import Store
 
 PAGES = Path(__file__).resolve().parents[1] / "pages"
@@ -254,6 +255,8 @@ def test_gradcam_overlay_is_computed_on_demand_and_cached(seeded, tmp_path, monk
     )
     captions = [img.proto.imgs[0].caption for img in at.get("image")]
     assert any(c.startswith("Grad-CAM (standard) ·") for c in captions)
+    positive = dataset_classes(store.get_dataset(seeded["dataset_id"])).positive
+    assert any(f"red = raised the {positive} score most" in c for c in captions)  # the dataset's own class word
     at.slider(key="patients_panel_gc_opacity").set_value(0.8).run()
     assert len(calls) == 1  # opacity only re-blends the cached heatmap
     at.radio(key="patients_panel_gc_method").set_value("gradcam++").run()

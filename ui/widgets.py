@@ -365,7 +365,12 @@ def _opacity(text: str) -> float:
 
 
 def _gradcam_section(
-    lesion: Mapping, path: Path | None, runs: Sequence[Mapping], key: str, default_run: int | None = None
+    lesion: Mapping,
+    path: Path | None,
+    runs: Sequence[Mapping],
+    key: str,
+    default_run: int | None = None,
+    classes: ClassNames | None = None,
 ) -> None:
     st.markdown("**Grad-CAM**")
     candidates = [r for r in runs if (r.get("kind") or "image") == "image" and _has_model(r)]
@@ -426,7 +431,7 @@ def _gradcam_section(
     st.image(
         picture,
         caption=f"{GRADCAM_METHODS[method]} ({explain.DETAILS[detail].split(' (')[0].lower()}) · "
-        f"{labels[run_id]} · red = raised the melanoma score most in this image (each "
+        f"{labels[run_id]} · red = raised the {(classes or MELANOMA).positive} score most in this image (each "
         "heatmap is normalised per image: colours do not compare across images)",
         width="stretch",
     )
@@ -507,7 +512,7 @@ def lesion_panel(
             else:
                 st.warning("Stand-in picture: the image file was not found, so this is not the lesion.")
         if gradcam:
-            _gradcam_section(lesion, tile.path, runs, key, default_run)
+            _gradcam_section(lesion, tile.path, runs, key, default_run, classes)
     with right:
         st.markdown("**Metadata**")
         metadata = _metadata(lesion, tile.status, tile.message, tile.path, classes)
