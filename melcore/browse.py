@@ -18,7 +18,7 @@ Definitions (the page says the same in words):
   NaN when the run did not score it (e.g. a training image). When a run stored
   several splits for the same image, the first of :data:`SPLIT_PREFERENCE` wins,
   then the most recently stored row.
-* **ugly duckling**: :func:`melcore.meta.ugly_duckling_scores` of the run's
+* **ugly duckling**: :func:`melcore.meta.features.ugly_duckling_scores` of the run's
   scores: how far the lesion's logit score sits above the patient's other lesions,
   in units of their spread (positive = looks worse than the patient's others);
   NaN when the patient has no other scored lesion.
@@ -245,8 +245,8 @@ def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling
 
 def _ugly_duckling(frame: pd.DataFrame, scored: np.ndarray) -> np.ndarray:
     """meta.ugly_duckling_scores with the scored rows' risks (unscored images take no part in the
-    comparison; an unscored image of a scored lesion shares that lesion's value, as in melcore.meta)."""
-    from melcore.meta import ugly_duckling_scores
+    comparison; an unscored image of a scored lesion shares that lesion's value, as in melcore.meta.features)."""
+    from melcore.meta.features import ugly_duckling_scores
 
     scored = np.asarray(scored, dtype=bool)
     part = frame[["image_name", "lesion_id"]].reset_index(drop=True)

@@ -4,7 +4,7 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
 
 * **validate** (at submit time, before anything is queued): :func:`submit_jobs` for the image-model
   kinds (the config is a :class:`melcore.training.config.TrainConfig`), :func:`submit_meta_job`
-  for ``meta`` (:func:`melcore.meta.meta_job_config`), :func:`submit_feature_jobs` for
+  for ``meta`` (:func:`melcore.meta.jobs.meta_job_config`), :func:`submit_feature_jobs` for
   ``features`` (a TrainConfig naming the backbone, queued as one job per shard);
 * **run**: ``kind.run(ctx)`` trains on the job's dataset and returns ``(final state, run id)``
   (a ``features`` job records no run: its progress keeps the shard's counts);
@@ -348,23 +348,23 @@ def run_cross_clinic_job(ctx) -> tuple[str, int | None]:
 def run_meta_job(ctx) -> tuple[str, int | None]:
     """The metadata / patient-context model (no images), optionally fused with an image run's stored scores.
 
-    Patient-grouped K-fold CV of :func:`melcore.meta.train_meta_run`; the run (kind "meta") stores its
+    Patient-grouped K-fold CV of :func:`melcore.meta.jobs.train_meta_run`; the run (kind "meta") stores its
     out-of-fold predictions as split "oof", so the Compare page ranks it beside the image models.
     Progress is reported per fold; a cancel stops before the next fold.
     """
     import math
 
-    from melcore import meta
     from melcore.errors import CancelledError
+    from melcore.meta import jobs as meta_jobs
 
     job = ctx.job
-    config = meta.meta_job_config(job["config"])
+    config = meta_jobs.meta_job_config(job["config"])
     if job.get("dataset_id") is None:
         raise MelcoreError("the job names no dataset; submit it with a dataset")
     cohort = ctx.store.load_dataset_cohort(job["dataset_id"])
     image_scores, source = None, None
     if config["image_run_id"] is not None:
-        image_scores, split = meta.stored_image_scores(ctx.store, config["image_run_id"])
+        image_scores, split = meta_jobs.stored_image_scores(ctx.store, config["image_run_id"])
         source = f"run #{config['image_run_id']} ({split} predictions, {len(image_scores):,} images)"
         log.info("image scores from %s", source)
     run_dir = new_run_dir(job, "meta")  # a requeued attempt gets a folder of its own
@@ -373,7 +373,7 @@ def run_meta_job(ctx) -> tuple[str, int | None]:
         ctx.report(done, 0, math.nan, {"stage": "fold", "epochs": total, "end_of_epoch": True})
 
     try:
-        metrics = meta.train_meta_run(
+        metrics = meta_jobs.train_meta_run(
             cohort,
             run_dir,
             n_folds=config["n_folds"],
@@ -596,11 +596,11 @@ def submit_jobs(
 
 
 def submit_meta_job(store: Store, dataset: dict, values: dict | None = None) -> int:
-    """Validate a patient-context job (:func:`melcore.meta.meta_job_config`) and queue it; returns its id.
+    """Validate a patient-context job (:func:`melcore.meta.jobs.meta_job_config`) and queue it; returns its id.
 
     An ``image_run_id`` must name a run of the same dataset with stored predictions.
     """
-    from melcore.meta import meta_job_config, stored_image_scores
+    from melcore.meta.jobs import meta_job_config, stored_image_scores
 
     config = meta_job_config(values)
     run_id = config["image_run_id"]

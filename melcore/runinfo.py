@@ -176,7 +176,7 @@ def run_title(run: Mapping, *, clinic: bool = True, scratch: bool = True) -> str
 
 def missingness_of(run: Mapping, cohort=None) -> list[str]:
     """A metadata run's warnings that it can learn from missing age/sex/site
-    (:func:`melcore.meta.missingness_warnings`): the ones its training recorded, else computed from
+    (:func:`melcore.meta.jobs.missingness_warnings`): the ones its training recorded, else computed from
     ``cohort`` (its dataset's Cohort) when given; empty for an image run."""
     if (run.get("kind") or _metrics(run).get("kind")) != "meta":
         return []
@@ -185,7 +185,7 @@ def missingness_of(run: Mapping, cohort=None) -> list[str]:
         return [str(w) for w in recorded]
     if cohort is None:
         return []
-    from melcore.meta import missingness_warnings
+    from melcore.meta.jobs import missingness_warnings
 
     return missingness_warnings(cohort)
 

@@ -27,7 +27,7 @@ from melcore.compare import run_source_confounding, weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
 from melcore.jobs import submit_jobs, submit_meta_job
-from melcore.meta import FEATURE_SET_LABELS
+from melcore.meta.features import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from melcore.runinfo import COLOUR_SCORER, delivered_auroc, missingness_of, run_title, scratch_words
 from melcore.safety import escape_markdown

@@ -25,7 +25,7 @@ from melcore.browse import (
 from melcore.cohort import age_band
 from melcore.errors import ImageError, MelcoreError
 from melcore.images import confine
-from melcore.meta import ugly_duckling_scores
+from melcore.meta.features import ugly_duckling_scores
 from melcore.store import Store
 
 SITES = np.array(["torso", "lower extremity", "upper extremity", "head/neck", None], dtype=object)
@@ -189,7 +189,7 @@ def test_a_patients_lesions_come_highest_risk_first_with_their_ugly_duckling_sco
     risks = lesions["risk"].to_numpy()
     n_scored = int(np.isfinite(risks).sum())
     assert np.all(np.diff(risks[:n_scored]) <= 0) and not np.isfinite(risks[n_scored:]).any()
-    # the per-patient ugly-duckling score equals melcore.meta's computation over many patients at once
+    # the per-patient ugly-duckling score equals melcore.meta.features' computation over many patients at once
     frame = lesion_frame(table, predictions, ugly_duckling=False)
     several = frame[frame["patient"].isin(set(browser.summary["patient"].iloc[:200]) | {patient})]
     whole = ugly_duckling_scores(

@@ -10,14 +10,9 @@ import pytest
 
 from melcore.cohort import load_cohort
 from melcore.errors import CohortError, ConfigError, MelcoreError
-from melcore.meta import (
-    FEATURE_SETS,
-    MetaModel,
-    cross_validate_meta,
-    fuse,
-    meta_features,
-    ugly_duckling_scores,
-)
+from melcore.meta.features import FEATURE_SETS, meta_features, ugly_duckling_scores
+from melcore.meta.fusion import fuse
+from melcore.meta.model import MetaModel, cross_validate_meta
 
 SITES = ["torso", "lower extremity", "upper extremity", "head/neck", "palms/soles", "oral/genital"]
 
@@ -300,7 +295,7 @@ def test_fusion_is_out_of_fold_and_combines_both_sources(table, cv_result):
     assert result.meta_auroc == pytest.approx(cv_result.oof_auroc, abs=1e-6)
     assert result.coefficients["logit_image"] > 0 and result.coefficients["logit_meta"] > 0
     # The fused model predicts new rows from its JSON form alone.
-    from melcore.meta import FusionModel, fusion_features
+    from melcore.meta.fusion import FusionModel, fusion_features
 
     again = FusionModel.from_dict(json.loads(json.dumps(result.model.to_dict())))
     z = fusion_features(table, scores, cv_result.oof[["image_name", "prediction"]])
@@ -439,7 +434,7 @@ def test_cli_fuses_image_scores(table, tmp_path, capsys):
 
 
 def test_run_with_partial_image_scores_keeps_meta_predictions(table, tmp_path):
-    from melcore.meta import train_meta_run
+    from melcore.meta.jobs import train_meta_run
 
     half = table["patient_id"].str[3:].astype(int) % 2 == 0
     metrics = train_meta_run(table, tmp_path / "run", n_folds=3, image_scores=scores_for(table)[half.to_numpy()])
@@ -463,7 +458,7 @@ def test_isic2020_patient_context_reaches_the_goal(isic2020_dir):
 
 
 def test_missingness_that_tells_the_class_or_the_source_is_warned_about(table, tmp_path):
-    from melcore.meta import missingness_warnings, train_meta_run
+    from melcore.meta.jobs import missingness_warnings, train_meta_run
 
     assert missingness_warnings(table) == []  # every field known everywhere
     by_source = table.copy()

@@ -11,7 +11,8 @@ from test_meta import _write_isic2020_csv, scores_for, synthetic_table  # tests/
 
 from melcore.errors import CancelledError, ConfigError, MelcoreError
 from melcore.jobs import submit_meta_job
-from melcore.meta import cross_validate_meta, meta_job_config, stored_image_scores, train_meta_run
+from melcore.meta.jobs import meta_job_config, stored_image_scores, train_meta_run
+from melcore.meta.model import cross_validate_meta
 from melcore.metrics import auroc
 from melcore.store import Store
 

@@ -1,7 +1,7 @@
 """``python -m melcore train-meta --csv CSV --out RUNDIR``: the metadata / patient-context model.
 
 Reads the lesion table with ``melcore.cohort.load_cohort`` (any format it knows; images are not
-read), runs patient-grouped K-fold cross-validation of :class:`melcore.meta.MetaModel`, fits it on
+read), runs patient-grouped K-fold cross-validation of :class:`melcore.meta.model.MetaModel`, fits it on
 all labelled images and writes RUNDIR: ``metrics.json`` (``oof_auroc``, fold AUROCs, n, features,
 per-clinic AUROC), ``oof_predictions.csv`` (image_name, patient_id, clinic, target, prediction,
 fold), ``config.json``, ``meta_model.json`` + ``meta_model_train.npz`` and ``train.log``.
@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from melcore import meta
 from melcore.cohort import load_cohort
 from melcore.errors import ConfigError
+from melcore.meta.features import FEATURE_SET_LABELS, FEATURE_SETS, read_embeddings, read_image_scores
+from melcore.meta.jobs import train_meta_run
 from melcore.metrics import format_auroc
 
 
@@ -49,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--features",
         dest="feature_set",
         default="context",
-        choices=list(meta.FEATURE_SETS),
-        help="feature set: " + "; ".join(f"{name}: {text}" for name, text in meta.FEATURE_SET_LABELS.items()),
+        choices=list(FEATURE_SETS),
+        help="feature set: " + "; ".join(f"{name}: {text}" for name, text in FEATURE_SET_LABELS.items()),
     )
     parser.add_argument(
         "--image-scores",
@@ -112,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
         )
         for warning in summary["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
-    image_scores = meta.read_image_scores(args.image_scores) if args.image_scores else None
-    embeddings = meta.read_embeddings(args.embeddings) if args.embeddings else None
+    image_scores = read_image_scores(args.image_scores) if args.image_scores else None
+    embeddings = read_embeddings(args.embeddings) if args.embeddings else None
     config_extra = {
         "csv": str(Path(args.csv).resolve()),
         "format": cohort.format,
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         "embeddings_csv": str(Path(args.embeddings).resolve()) if args.embeddings else None,
     }
     log = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
-    metrics = meta.train_meta_run(
+    metrics = train_meta_run(
         cohort,
         out,
         n_folds=args.folds,

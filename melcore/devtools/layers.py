@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 __all__ = ["LAYERS", "Violation", "layer_of", "module_imports", "check_tree", "main"]
 
 #: Layers from the bottom up: (layer name, melcore modules or packages in it). A package
-#: entry (``"training"``) covers all of its submodules.
+#: entry (``"training"``, ``"meta"``: features, model, fusion, jobs) covers all of its submodules.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "foundation",
