@@ -129,8 +129,8 @@ def train_meta_run(
     ``meta_prediction``, ``image_score`` and ``ugly_duckling`` are added and ``prediction`` is the fused score
     when every labelled image has an image score, else it stays the meta score and ``fused_prediction`` is
     added, NaN where an image has no score),
-    ``meta_model.json`` + ``meta_model_train.npz`` (see :meth:`MetaModel.save`), ``fusion.json`` (with image
-    scores) and ``train.log``. Returns the metrics dict.
+    ``meta_model.json`` + ``meta_model_train.npz`` (see :meth:`melcore.meta.model.MetaModel.save`),
+    ``fusion.json`` (with image scores) and ``train.log``. Returns the metrics dict.
     """
     import sklearn
 

@@ -75,7 +75,7 @@ def _auto_min_samples_leaf(n: int) -> int:
 
 
 class MetaModel:
-    """Gradient-boosted trees on :func:`meta_features` output (scikit-learn style).
+    """Gradient-boosted trees on :func:`~melcore.meta.features.meta_features` output (scikit-learn style).
 
     ``HistGradientBoostingClassifier`` with native categorical splits on ``sex`` and ``site`` and
     missing-value support. Hyper-parameters (defaults in :data:`DEFAULT_PARAMS`) were picked by
@@ -171,7 +171,8 @@ class MetaModel:
         )
 
     def fit(self, X: pd.DataFrame, y) -> "MetaModel":
-        """Fit on ``X`` (DataFrame from :func:`meta_features`) and ``y`` (0/1 per row, no missing)."""
+        """Fit on ``X`` (DataFrame from :func:`~melcore.meta.features.meta_features`) and ``y`` (0/1 per row, no
+        missing)."""
         self._check_params()
         if not isinstance(X, pd.DataFrame):
             raise MelcoreError(f"MetaModel.fit expects the DataFrame returned by meta_features, not {type(X).__name__}")
@@ -442,9 +443,10 @@ def cross_validate_meta(
         predicted or scored.
     n_folds, seed : folds from ``melcore.splits.group_kfold(groups, targets, n_folds, seed)`` on the labelled
         rows (a patient never spans two folds; stratified by whether the patient has a melanoma).
-    image_scores, embeddings : optional, see :func:`meta_features` (must be out-of-fold image scores).
+    image_scores, embeddings : optional, see :func:`~melcore.meta.features.meta_features` (must be out-of-fold
+        image scores).
     progress : callable(done_folds, n_folds), optional; called after each fold.
-    feature_set : name in :data:`FEATURE_SETS`.
+    feature_set : name in :data:`~melcore.meta.features.FEATURE_SETS`.
     params : overrides of :data:`DEFAULT_PARAMS`.
     should_stop : callable() -> bool, optional; asked before each fold. When it answers True,
         :class:`~melcore.errors.CancelledError` is raised.
