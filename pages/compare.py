@@ -3,10 +3,14 @@
 Layout only; the numbers come from :mod:`melcore.compare` and :mod:`melcore.metrics`,
 the figures from :mod:`melcore.plots`. Everything that does not depend on the
 threshold (predictions joined with the cohort, sorted sweeps, bootstrap intervals,
-paired tests, per-clinic AUROCs) is cached per run and subset; the threshold-dependent
-part is one ``st.fragment``, so moving the slider, pressing a preset or clicking a point
-of the ROC or threshold curve reruns only it: the sweeps answer in microseconds and the
-figures are redrawn.
+paired tests, per-clinic AUROCs) is cached per run and subset, and everything drawn
+from it alone (PR and calibration curves, decision curves, per-clinic AUROC / pAUC) is drawn
+once per script run, outside the threshold's ``st.fragment``. The fragment holds only what
+moves with the threshold (controls, focus metrics, the ROC and sensitivity/specificity
+curves with their operating-point markers, the at-threshold tables and net benefit, saving),
+so moving the slider, pressing a preset or clicking a point of the ROC or threshold curve
+reruns and re-sends only it: the sweeps answer in microseconds and the browser redraws two
+figures and the at-threshold tables.
 """
 
 from __future__ import annotations
@@ -481,31 +485,46 @@ def _pauc_columns(table: pd.DataFrame, column: str = "pauc", run: str = "") -> d
     }
 
 
-def _decision_curve(
-    evaluations: dict, threshold: float, names: list, classes=MELANOMA, colors: dict | None = None
-) -> None:
-    """Net benefit of every run against biopsy-all and biopsy-none, the chosen threshold marked."""
+def _decision_curve(evaluations: dict, names: list, saved: dict, classes=MELANOMA, colors: dict | None = None) -> None:
+    """Net benefit of every run against biopsy-all and biopsy-none (no threshold marked).
+
+    ``saved`` (run label -> saved threshold or None) widens the x range to show the saved
+    thresholds; the chosen threshold's net benefit is stated under "Operating point".
+    """
     st.subheader("Decision curves")
     curved = {k: e for k, e in evaluations.items() if e.n}
-    curves = decision_curves(curved, include=threshold)
-    high = min(0.99, max(0.5, round(threshold + 0.1, 1)))
+    curves = decision_curves(curved)
+    known = [float(t) for t in saved.values() if t is not None and float(t) < 1]
+    high = min(0.99, max(0.5, round(max(known, default=0.0) + 0.1, 1)))
     st.plotly_chart(
-        decision_curve_figure(
-            curves, threshold if threshold < 1 else None, names=names, x_range=(0.0, high), colors=colors
-        ),
+        decision_curve_figure(curves, None, names=names, x_range=(0.0, high), colors=colors),
         width="stretch",
         key="compare_decision_curve",
     )
-    at = {k: c.set_index("threshold").loc[threshold] for k, c in curves.items()} if threshold < 1 else {}
-    parts = [
-        f"{escape_markdown(k)} {row['net_benefit']:.4f} (biopsy all {row['treat_all']:.4f})" for k, row in at.items()
-    ]
     st.caption(
-        "Net benefit = true positives / n - false positives / n × t / (1 - t): the "
+        "Decision curves: net benefit = true positives / n - false positives / n × t / (1 - t), the "
         f"{classes.positive_plural} found per lesion, less the unnecessary biopsies weighted by the odds at which a clinician would biopsy "
         "(threshold probability t). A model is useful at t where its curve lies above both 'biopsy all' and "
         "'biopsy none' (0); the scores must be calibrated probabilities for t to mean a risk. "
-        + (f"At the chosen threshold {format_threshold(threshold)}: " + "; ".join(parts) + "." if parts else "")
+        "The net benefit at the chosen threshold is stated under Operating point."
+    )
+
+
+def _net_benefit_at(evaluations: dict, threshold: float, classes=MELANOMA) -> None:
+    """One caption: every run's net benefit (and biopsy-all's) at the chosen threshold."""
+    if not 0 <= threshold < 1:
+        return
+    curved = {k: e for k, e in evaluations.items() if e.n}
+    rows = {k: c.iloc[0] for k, c in decision_curves(curved, thresholds=[threshold]).items()}
+    if not rows:
+        return
+    parts = [
+        f"{escape_markdown(k)} {row['net_benefit']:.4f} (biopsy all {row['treat_all']:.4f})" for k, row in rows.items()
+    ]
+    st.caption(
+        f"Net benefit = true positives / n - false positives / n × t / (1 - t) at the chosen threshold "
+        f"t = {format_threshold(threshold)} ({classes.positive_plural} found per lesion, less weighted "
+        "unnecessary biopsies; the decision curves above show every t): " + "; ".join(parts) + "."
     )
 
 
@@ -632,17 +651,12 @@ def _curves(
         k: f"threshold {format_threshold(thresholds[k])}" + (" (saved)" if thresholds[k] != threshold else "")
         for k in evaluations
     }
-    pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
-    pr_markers = {k: e.pr_point(thresholds[k]) for k, e in curved.items()}
     sweeps = {k: e.curve for k, e in evaluations.items()}
     # every run is marked where it is judged: the slider's threshold or its own saved one
     sweep_markers = {
         k: (e.at(thresholds[k])["sensitivity"], e.at(thresholds[k])["specificity"], thresholds[k])
         for k, e in evaluations.items()
     }
-    calibration = {k: (e.calibration, e.brier) for k, e in evaluations.items()}
-    prevalences = [e.prevalence for e in evaluations.values()]
-    prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
     top = st.columns(2)
     _clickable_chart(top[0], roc_figure(rocs, roc_markers, names=names, marker_notes=notes, colors=colors), "roc")
     _clickable_chart(
@@ -652,14 +666,28 @@ def _curves(
         ),
         "sweep",
     )
-    bottom = st.columns(2)
-    bottom[0].plotly_chart(
-        pr_figure(pr, pr_markers, prevalence=prevalence, names=names, colors=colors), width="stretch", key="compare_pr"
+
+
+def _threshold_free_curves(evaluations: dict, names: list, classes=MELANOMA, colors: dict | None = None) -> None:
+    """Precision-recall and calibration curves: neither depends on the threshold, so neither marks it."""
+    st.subheader("Precision-recall and calibration")
+    curved = {k: e for k, e in evaluations.items() if e.both_classes}
+    pr = {k: (e.pr.precision, e.pr.recall, e.average_precision) for k, e in curved.items()}
+    calibration = {k: (e.calibration, e.brier) for k, e in evaluations.items()}
+    prevalences = [e.prevalence for e in evaluations.values()]
+    prevalence = prevalences[0] if len(set(prevalences)) == 1 else None
+    cols = st.columns(2)
+    cols[0].plotly_chart(
+        pr_figure(pr, None, prevalence=prevalence, names=names, colors=colors), width="stretch", key="compare_pr"
     )
-    bottom[1].plotly_chart(
-        calibration_figure(calibration, threshold, names=names, classes=classes, colors=colors),
+    cols[1].plotly_chart(
+        calibration_figure(calibration, None, names=names, classes=classes, colors=colors),
         width="stretch",
         key="compare_calibration",
+    )
+    st.caption(
+        "Neither curve depends on the decision threshold: the chosen operating point is marked on the ROC "
+        "and sensitivity/specificity curves under Operating point."
     )
 
 
@@ -728,10 +756,36 @@ def _operating_table(
 
 
 def _clinic_table(breakdowns: dict, threshold: float, classes=MELANOMA) -> None:
+    """Per clinic at the threshold (sensitivity, specificity, PPV); the AUROCs are in :func:`_clinic_auroc_table`."""
     if not breakdowns:
         st.caption("No per-clinic table for this selection.")
         return
     rows = pd.concat([b.at(threshold).assign(run=name) for name, b in breakdowns.items()], ignore_index=True)
+    shown = pd.DataFrame(
+        {
+            "Run": rows["run"],
+            "Clinic": rows["group"],
+            "Images": rows["n"],
+            classes.positive_plural.capitalize(): rows["n_malignant"],
+            "Sensitivity": rows["sensitivity"].map(_pct),
+            "Specificity": rows["specificity"].map(_pct),
+            "Prevalence": (rows["n_malignant"] / rows["n"]).map(_pct),
+            "PPV": rows["ppv"].map(_pct),
+            f"Biopsies / {_per(classes)}": [_biopsies(v, classes) for v in rows["biopsies_per_melanoma"]],
+        }
+    )
+    st.dataframe(
+        shown, hide_index=True, width="stretch", key="compare_clinic_at_threshold", column_config={"Run": RUN_COLUMN}
+    )
+    st.caption("Each clinic's AUROC and pAUC with CIs are in the per-clinic table above.")
+
+
+def _clinic_auroc_table(breakdowns: dict, classes=MELANOMA) -> None:
+    """Per-clinic AUROC and pAUC with patient-bootstrap CIs (threshold-free, drawn once per run)."""
+    if not breakdowns:
+        return
+    st.subheader("By clinic")
+    rows = pd.concat([b.base.assign(run=name) for name, b in breakdowns.items()], ignore_index=True)
     shown = pd.DataFrame(
         {
             "Run": rows["run"],
@@ -743,16 +797,11 @@ def _clinic_table(breakdowns: dict, threshold: float, classes=MELANOMA) -> None:
                 f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else "" for lo, hi in zip(rows["auroc_low"], rows["auroc_high"])
             ],
             **_pauc_columns(rows),
-            "Sensitivity": rows["sensitivity"].map(_pct),
-            "Specificity": rows["specificity"].map(_pct),
-            "Prevalence": (rows["n_malignant"] / rows["n"]).map(_pct),
-            "PPV": rows["ppv"].map(_pct),
-            f"Biopsies / {_per(classes)}": [_biopsies(v, classes) for v in rows["biopsies_per_melanoma"]],
             "Note": rows["note"],
         }
     )
     st.dataframe(shown, hide_index=True, width="stretch", key="compare_clinic_table", column_config={"Run": RUN_COLUMN})
-    st.caption(PAUC_NOTE)
+    st.caption(PAUC_NOTE + " Sensitivity, specificity and PPV per clinic at the threshold: Operating point, By clinic.")
     for run, clinic, dropped in zip(rows["run"], rows["group"], rows["boot_dropped"]):
         note = bootstrap_dropped_note(int(dropped), N_BOOT)
         if note:
@@ -950,8 +999,8 @@ def _operating_point(evaluations: dict, breakdowns: dict, runs_by_label: dict, d
     thresholds = {k: (threshold if k == focus or not own or saved[k] is None else float(saved[k])) for k in evaluations}
     _focus_metrics(evaluations[focus], threshold, classes)
     _curves(evaluations, threshold, list(evaluations), window, thresholds, classes, colors)
-    _decision_curve(evaluations, threshold, list(evaluations), classes, colors)
     _operating_table(evaluations, breakdowns, threshold, focus, dataset, filters, thresholds, classes)
+    _net_benefit_at(evaluations, threshold, classes)
     _save_section(focus, runs[focus], threshold)
 
 
@@ -1286,6 +1335,10 @@ def main() -> None:
         except MelcoreError as exc:
             show_error(exc, f"{label}: per-clinic table")
 
+    colors = {k: run_color(runs_by_label[k]["id"]) for k in names}
+    _threshold_free_curves(evaluations, names, classes, colors)
+    _decision_curve(evaluations, names, {k: runs_by_label[k].get("threshold") for k in names}, classes, colors)
+    _clinic_auroc_table(breakdowns, classes)
     _operating_point(evaluations, breakdowns, runs_by_label, dataset, filters)
     _threshold_elsewhere(evaluations, {k: subset[k] for k in names}, splits, classes)
 
