@@ -218,7 +218,7 @@ def _review(page, server, shots, run_id: int):
     assert rows == [(image, "Dr Browser Test", "biopsy")]
     # The Grad-CAM overlay of the lesion under review (the server loads TensorFlow on first use).
     page.locator('[data-testid="stCheckbox"]').filter(has_text="Show").first.click()
-    page.get_by_text(re.compile(r"Grad-CAM \(standard\) · #\d+ .* red = raised the melanoma score")).first.wait_for(
+    page.get_by_text(re.compile(r"Grad-CAM \(standard\) · #\d+ .* red = raised the malignant score")).first.wait_for(
         timeout=180_000
     )
     wait_idle(page, timeout=180)

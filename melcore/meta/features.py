@@ -232,11 +232,9 @@ def _score_column(frame: pd.DataFrame, what: str) -> str:
     )
 
 
-def _align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -> np.ndarray:
-    """Scores aligned with ``names`` (NaN where an image has none); validates the range 0..1."""
-    frame = _keyed_frame(image_scores, what)
-    column = _score_column(frame, what)
-    values = pd.to_numeric(frame[column], errors="coerce")
+def _probabilities(column_values: pd.Series, column: str, what: str) -> pd.Series:
+    """``column_values`` as float (NaN where not a number); MelcoreError naming the first image outside 0..1."""
+    values = pd.to_numeric(column_values, errors="coerce")
     bad = values.notna() & ((values < 0) | (values > 1))
     if bad.any():
         raise MelcoreError(
@@ -244,6 +242,14 @@ def _align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -
             f"{values.index[bad.to_numpy()][0]!r} has {values[bad].iloc[0]:g} "
             f"({int(bad.sum())} such rows)"
         )
+    return values
+
+
+def _align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -> np.ndarray:
+    """Scores aligned with ``names`` (NaN where an image has none); validates the range 0..1."""
+    frame = _keyed_frame(image_scores, what)
+    column = _score_column(frame, what)
+    values = _probabilities(frame[column], column, what)
     aligned = values.reindex(pd.Index(names, dtype=object)).to_numpy(float)
     if len(names) and not np.isfinite(aligned).any():
         raise MelcoreError(
@@ -290,13 +296,7 @@ def read_image_scores(path) -> pd.DataFrame:
     DataFrame[image_name (str), prediction (float64, 0..1)]."""
     path, keyed = _read_keyed_csv(path, "image scores")
     column = _score_column(keyed, str(path))
-    scores = pd.to_numeric(keyed[column], errors="coerce")
-    bad = scores.notna() & ((scores < 0) | (scores > 1))
-    if bad.any():
-        raise MelcoreError(
-            f"{path}: column {column!r} must hold probabilities in 0..1; image "
-            f"{scores.index[bad.to_numpy()][0]!r} has {scores[bad].iloc[0]:g}"
-        )
+    scores = _probabilities(keyed[column], column, str(path))
     return pd.DataFrame({"image_name": keyed.index.astype(str), "prediction": scores.to_numpy(float)})
 
 
