@@ -108,6 +108,36 @@ def _keep_draft(run_id: int, image: str) -> None:
     }
 
 
+def _lesion_nav(names: list, position: int, prefix: str, go_to, on_position) -> None:
+    """Previous / position / Next controls over ``names`` (1-based ``position``); widget keys ``K + prefix + ...``."""
+    nav = st.columns([1, 2, 1], vertical_alignment="bottom")
+    nav[0].button(
+        "◀ Previous",
+        key=K + prefix + "prev",
+        on_click=go_to,
+        args=(names[position - 2] if position > 1 else None,),
+        disabled=position <= 1,
+        width="stretch",
+    )
+    nav[1].number_input(
+        f"Lesion (of {len(names):,})",
+        min_value=1,
+        max_value=len(names),
+        step=1,
+        key=K + prefix + "pos",
+        on_change=on_position,
+        args=(names,),
+    )
+    nav[2].button(
+        "Next ▶",
+        key=K + prefix + "next",
+        on_click=go_to,
+        args=(names[position] if position < len(names) else None,),
+        disabled=position >= len(names),
+        width="stretch",
+    )
+
+
 def _go_to(image: str | None) -> None:
     if image is not None:
         st.session_state[K + "current"] = image
@@ -551,32 +581,7 @@ def _study(store, dataset: dict, run: dict, runs: list, mode: str, reviewer: str
 
     left, right = st.columns([2, 3], gap="large")
     with left:
-        nav = st.columns([1, 2, 1], vertical_alignment="bottom")
-        nav[0].button(
-            "◀ Previous",
-            key=K + "study_prev",
-            on_click=_study_go_to,
-            args=(names[position - 2] if position > 1 else None,),
-            disabled=position <= 1,
-            width="stretch",
-        )
-        nav[1].number_input(
-            f"Lesion (of {len(names):,})",
-            min_value=1,
-            max_value=len(names),
-            step=1,
-            key=K + "study_pos",
-            on_change=_study_position,
-            args=(names,),
-        )
-        nav[2].button(
-            "Next ▶",
-            key=K + "study_next",
-            on_click=_study_go_to,
-            args=(names[position] if position < len(names) else None,),
-            disabled=position >= len(names),
-            width="stretch",
-        )
+        _lesion_nav(names, position, "study_", _study_go_to, _study_position)
         st.caption("Fixed random order (the same for every reader); only your own reads in this mode are listed.")
         st.dataframe(
             pd.DataFrame(
@@ -763,32 +768,7 @@ def main() -> None:
 
     left, right = st.columns([2, 3], gap="large")
     with left:
-        nav = st.columns([1, 2, 1], vertical_alignment="bottom")
-        nav[0].button(
-            "◀ Previous",
-            key=K + "prev",
-            on_click=_go_to,
-            args=(names[position - 2] if position > 1 else None,),
-            disabled=position <= 1,
-            width="stretch",
-        )
-        nav[1].number_input(
-            f"Lesion (of {len(names):,})",
-            min_value=1,
-            max_value=len(names),
-            step=1,
-            key=K + "pos",
-            on_change=_on_position,
-            args=(names,),
-        )
-        nav[2].button(
-            "Next ▶",
-            key=K + "next",
-            on_click=_go_to,
-            args=(names[position] if position < len(names) else None,),
-            disabled=position >= len(names),
-            width="stretch",
-        )
+        _lesion_nav(names, position, "", _go_to, _on_position)
         chosen = _worklist_table(shown, position, scope, run_id, classes, diagnoses)
         if chosen is not None and chosen != image:
             st.session_state[K + "goto"] = chosen
