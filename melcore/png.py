@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from melcore.errors import MelcoreError
+from melcore.plots import PALETTE
 
 __all__ = ["readers_roc_png"]
 
 _MODE_MARKERS = {"unaided": "D", "aided": "o"}
-_PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00", "#8c564b", "#7f7f7f")
 
 
 def readers_roc_png(
@@ -52,9 +52,9 @@ def readers_roc_png(
     label = f"{model_name}: AUROC {auc:.3f}"
     if ci is not None and all(np.isfinite(c) for c in ci):
         label += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
-    axes.plot(fpr, tpr, color=_PALETTE[0], lw=2.2, label=label)
+    axes.plot(fpr, tpr, color=PALETTE[0], lw=2.2, label=label)
     names = sorted(set(readers["reviewer"])) if len(readers) else []
-    colors = {name: _PALETTE[(i + 1) % len(_PALETTE)] for i, name in enumerate(names)}
+    colors = {name: PALETTE[(i + 1) % len(PALETTE)] for i, name in enumerate(names)}
     for row in readers.to_dict("records"):
         x, y = 1 - row["specificity"], row["sensitivity"]
         if not (np.isfinite(x) and np.isfinite(y)):
