@@ -49,6 +49,7 @@ import pandas as pd
 
 from melcore.cohort import AGE_BANDS, UNKNOWN_AGE, age_band, lesion_keys, table_and_groups
 from melcore.errors import MelcoreError
+from melcore.meta.features import ugly_duckling_scores
 from melcore.runinfo import run_title
 
 __all__ = [
@@ -246,8 +247,6 @@ def lesion_frame(data, predictions: pd.DataFrame | None = None, *, ugly_duckling
 def _ugly_duckling(frame: pd.DataFrame, scored: np.ndarray) -> np.ndarray:
     """meta.ugly_duckling_scores with the scored rows' risks (unscored images take no part in the
     comparison; an unscored image of a scored lesion shares that lesion's value, as in melcore.meta.features)."""
-    from melcore.meta.features import ugly_duckling_scores
-
     scored = np.asarray(scored, dtype=bool)
     part = frame[["image_name", "lesion_id"]].reset_index(drop=True)
     part.insert(1, "patient_id", frame["patient"].to_numpy())  # the browser's patient key (never missing)

@@ -15,14 +15,19 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
 
 ``python -m melcore jobs submit --kind`` offers :data:`JOB_KINDS`; the worker
 (:mod:`trainers.worker`) looks the claimed job's kind up here.
+
+The Train page and the CLI import this module to submit and list jobs; the training stack
+(:mod:`melcore.training.api`, :mod:`melcore.meta.jobs`, which pull scipy through
+:mod:`melcore.metrics` and double this module's import time) is imported inside the runners.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,9 +39,10 @@ from melcore.distributed import (
     multi_worker_strategy,
     worker_run_dir,
 )
-from melcore.errors import ConfigError, MelcoreError
+from melcore.errors import CancelledError, ConfigError, MelcoreError
 from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
 from melcore.store import Store
+from melcore.training.config import TrainConfig, validate
 
 __all__ = [
     "JobKind",
@@ -66,8 +72,7 @@ def run_train_job(ctx) -> tuple[str, int | None]:
     :func:`submit_jobs`) is worker ``i`` of a run trained across workers
     (:func:`run_placed_job`).
     """
-    from melcore.training.api import fit
-    from melcore.training.config import TrainConfig
+    from melcore.training.api import fit  # lazy: pulls scipy (via melcore.metrics)
 
     data = dict(ctx.job["config"])
     placement = data.pop("placement", None)
@@ -165,7 +170,7 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     if not placement.is_chief:
         log.info("job %s: done; worker 0 (%s) records the run", job["id"], placement.workers[0])
         return "done", None
-    from melcore.training.rundir import Run
+    from melcore.training.rundir import Run  # lazy: pulls scipy (via melcore.metrics)
 
     return "done", record_run(ctx.store, Run.load(run_dir), dataset_id=job["dataset_id"], job_id=job["id"])
 
@@ -183,8 +188,7 @@ def _placed_training(
 
     try:
         strategy = multi_worker_strategy(Placement.from_dict(placement))
-        from melcore.training.api import fit
-        from melcore.training.config import TrainConfig
+        from melcore.training.api import fit  # lazy: pulls scipy (via melcore.metrics)
 
         store = Store(store_url)
         cohort = store.load_dataset_cohort(dataset_id)
@@ -323,8 +327,7 @@ def record_run(
 
 def run_kfold_job(ctx) -> tuple[str, int | None]:
     """Train every fold (``config["n_folds"]``, default 5); records oof_predictions.csv as split "oof"."""
-    from melcore.training.config import TrainConfig
-    from melcore.training.crossval import fit_folds
+    from melcore.training.crossval import fit_folds  # lazy: pulls scipy (via melcore.metrics)
 
     config = TrainConfig.from_dict(ctx.job["config"])
     return _train_and_record(ctx, config, f"kfold-{config.model}", fit_folds, config.n_folds)
@@ -336,7 +339,7 @@ def run_cross_clinic_job(ctx) -> tuple[str, int | None]:
     Without a ``mode`` in the job's config, fast-head is used on a CPU (see
     :func:`melcore.training.crossval.default_cross_clinic_mode`).
     """
-    from melcore.training.config import TrainConfig
+    # lazy: pulls scipy (via melcore.metrics)
     from melcore.training.crossval import cross_clinic, default_cross_clinic_mode
 
     data = dict(ctx.job["config"])
@@ -352,10 +355,7 @@ def run_meta_job(ctx) -> tuple[str, int | None]:
     out-of-fold predictions as split "oof", so the Compare page ranks it beside the image models.
     Progress is reported per fold; a cancel stops before the next fold.
     """
-    import math
-
-    from melcore.errors import CancelledError
-    from melcore.meta import jobs as meta_jobs
+    from melcore.meta import jobs as meta_jobs  # lazy: pulls scipy (via melcore.metrics)
 
     job = ctx.job
     config = meta_jobs.meta_job_config(job["config"])
@@ -454,8 +454,6 @@ def run_features_job(ctx) -> tuple[str, None]:
 
 def _feature_job_config(data: dict):
     """(TrainConfig, n_shards, shard) of a ``features`` job's config."""
-    from melcore.training.config import TrainConfig, validate
-
     values = dict(data)
     n_shards, shard = values.pop("n_shards", None), values.pop("shard", None)
     shard_rows(0, n_shards, shard)  # ConfigError naming the bad number
@@ -559,10 +557,6 @@ def submit_jobs(
     placement and its index in its config; the worker process on each address's machine
     claims that address's job (:func:`can_run_here`), and worker 0's job records the run.
     """
-    from dataclasses import replace
-
-    from melcore.training.config import validate
-
     if kind not in IMAGE_JOB_KINDS:
         raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(IMAGE_JOB_KINDS)}")
     if workers is not None:
@@ -600,7 +594,7 @@ def submit_meta_job(store: Store, dataset: dict, values: dict | None = None) -> 
 
     An ``image_run_id`` must name a run of the same dataset with stored predictions.
     """
-    from melcore.meta.jobs import meta_job_config, stored_image_scores
+    from melcore.meta.jobs import meta_job_config, stored_image_scores  # lazy: pulls scipy (via melcore.metrics)
 
     config = meta_job_config(values)
     run_id = config["image_run_id"]
@@ -620,8 +614,6 @@ def submit_feature_jobs(store: Store, config, dataset: dict, n_shards: int) -> l
     Workers sharing the store and ``MELREVIEW_HOME`` take one shard each; a shard whose
     worker dies is requeued on its own.
     """
-    from melcore.training.config import validate
-
     config = validate(config)
     shard_rows(0, n_shards, 0)  # ConfigError for a bad number of shards
     n_images = int((dataset.get("summary") or {}).get("n_images") or 0)

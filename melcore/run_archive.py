@@ -42,6 +42,9 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+import melcore
+from melcore import settings
+from melcore.caches import parse_size
 from melcore.errors import MelcoreError
 from melcore.jobs import PREDICTION_FILES, RecordedRun, record_run
 
@@ -66,8 +69,6 @@ class ArchiveError(MelcoreError):
 
 def melreview_version() -> str:
     """The installed melreview version (``melcore.__version__``, else the package metadata, else "unknown")."""
-    import melcore
-
     version = getattr(melcore, "__version__", None)
     if version:
         return str(version)
@@ -301,8 +302,6 @@ def _max_bytes(value: int | None) -> int:
     raw = os.environ.get("MELREVIEW_IMPORT_MAX_BYTES", "").strip()
     if not raw:
         return DEFAULT_MAX_BYTES
-    from melcore.caches import parse_size
-
     return parse_size(raw)
 
 
@@ -343,7 +342,7 @@ def _unpack(archive: zipfile.ZipFile, manifest: dict, target: Path, max_bytes: i
 
 
 def _check_model(target: Path) -> None:
-    from melcore.models import load_model
+    from melcore.models import load_model  # lazy: pulls TensorFlow and Keras
 
     for model_path in sorted(target.rglob("*.keras")):
         try:
@@ -418,9 +417,6 @@ def import_run(
     dict
         ``run_id``, ``run_dir``, ``dataset`` (name or None), ``predictions`` ({split: rows}), ``manifest``.
     """
-
-    from melcore import settings
-
     path = Path(path).expanduser()
     limit = _max_bytes(max_bytes)
     target_dataset = None

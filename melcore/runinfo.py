@@ -25,6 +25,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from melcore.cohort import benign_only_clinics
+
 __all__ = [
     "CHANCE_AUROC_MARGIN",
     "COLOUR_SCORER",
@@ -185,7 +187,7 @@ def missingness_of(run: Mapping, cohort=None) -> list[str]:
         return [str(w) for w in recorded]
     if cohort is None:
         return []
-    from melcore.meta.jobs import missingness_warnings
+    from melcore.meta.jobs import missingness_warnings  # lazy: pulls scipy (via melcore.metrics)
 
     return missingness_warnings(cohort)
 
@@ -301,8 +303,7 @@ def source_confounding(
     SourceConfounding
         ``within`` and ``pooled`` are computed only when ``confounded`` (else left empty / nan).
     """
-    from melcore.cohort import benign_only_clinics
-    from melcore.metrics import auroc, auroc_ci, per_group
+    from melcore.metrics import auroc, auroc_ci, per_group  # lazy: pulls scipy
 
     base = table if table is not None and {"clinic", "target"} <= set(table.columns) else predictions
     sources = benign_only_clinics(base, min_share=min_share) if "clinic" in base.columns else []

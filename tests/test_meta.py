@@ -337,7 +337,7 @@ def test_load_refuses_changed_training_data(table, tmp_path):
 
 def test_model_validates_its_inputs(table):
     features = meta_features(table)
-    with pytest.raises(MelcoreError, match="0 or 1"):
+    with pytest.raises(MelcoreError, match=r"targets must be 0 \(benign\) or 1 \(malignant\): found NaN"):
         MetaModel().fit(features, table["target"].astype(float).where(table.index > 3))
     with pytest.raises(ConfigError, match="learning_rate"):
         MetaModel(learning_rate=5).fit(features, table["target"])

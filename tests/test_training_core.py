@@ -167,6 +167,58 @@ def test_a_run_folder_starts_without_the_results_of_an_earlier_run(tmp_path):
     assert written == expected == json.loads((tmp_path / "metrics.json").read_text())
 
 
+def test_the_run_tail_writes_validation_or_says_why_there_is_none(tmp_path):
+    """RunDir.save_and_score and write_results, the tail both epoch-trained modes share."""
+    import numpy as np
+    import pandas as pd
+
+    from melcore.training.callbacks import BestEpoch, Cancellation, ProgressReporter
+    from melcore.training.config import TrainConfig
+    from melcore.training.rundir import NO_VALIDATION, RunDir
+
+    out = RunDir.create(tmp_path / "run", TrainConfig(model="cnn-bn"))
+    val = pd.DataFrame(
+        {"image_name": ["a", "b", "c", "d"], "patient_id": list("pqrs"), "clinic": "x", "target": [0, 1, 0, 1]}
+    )
+    p = np.array([0.2, 0.9, 0.6, 0.4])
+    reporter, best = ProgressReporter(None), BestEpoch()
+    tail = {"best": best, "reporter": reporter, "history": [], "started": 0.0, "fit_seconds": 1.0}
+
+    # No epoch was chosen: nothing is saved or scored, and an uncancelled run says so.
+    scored = []
+    assert out.save_and_score(None, best, Cancellation(None), lambda: scored.append(1)) is None and not scored
+    with pytest.raises(MelcoreError, match="training ended without a single validated epoch"):
+        out.write_results({"status": "done"}, val, None, cancel=Cancellation(None), **tail)
+
+    # Cancelled (here while scoring, after the metrics said "done"): no validation keys, status cancelled.
+    cancel = Cancellation(lambda: True)
+    cancel.requested()
+    seconds = out.write_results({"status": "done", "cancelled": False}, val, None, cancel=cancel, **tail)
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["status"] == "cancelled" and written["cancelled"] is True
+    assert {k: written[k] for k in NO_VALIDATION} == NO_VALIDATION and not (out / "val_predictions.csv").exists()
+    assert written["seconds"] == pytest.approx(seconds) and written["fit_seconds"] == 1.0
+
+    # Delivered predictions: the CSV with its extra column, validation keys then the further scores.
+    best.best_weights = [np.zeros(1)]
+    metrics = {"status": "done"}
+    out.write_results(
+        metrics,
+        val,
+        p,
+        cancel=Cancellation(None),
+        columns={"cnn_prediction": 1 - p},
+        scores={"cnn_val_auroc": 0.0},
+        **tail,
+    )
+    csv = pd.read_csv(out / "val_predictions.csv")
+    assert list(csv.columns) == ["image_name", "patient_id", "clinic", "target", "prediction", "cnn_prediction"]
+    assert np.allclose(csv["cnn_prediction"], 1 - p)
+    keys = list(metrics)
+    assert metrics["val_auroc"] == pytest.approx(0.75) and keys.index("val_auroc") < keys.index("cnn_val_auroc")
+    assert metrics["status"] == "done" and metrics["fit_seconds"] == 1.0
+
+
 def test_the_scorer_is_read_from_metrics_with_the_colour_model_file_for_old_runs(tmp_path):
     from melcore.colour import COLOUR_MODEL_FILE
     from melcore.training.rundir import run_scorer

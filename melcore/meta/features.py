@@ -55,6 +55,17 @@ __all__ = [
     "ugly_duckling_scores",
     "read_image_scores",
     "read_embeddings",
+    # Table and alignment helpers shared by the model, fusion and jobs modules.
+    "clean_strings",
+    "text_column",
+    "image_names",
+    "patient_lesion_keys",
+    "ages",
+    "logit",
+    "align_scores",
+    "align_embeddings",
+    "ugly_duckling_frame",
+    "labelled_frame",
 ]
 
 CATEGORICAL_FEATURES = ("sex", "site")
@@ -125,8 +136,20 @@ _EPS = 1e-6
 # --------------------------------------------------------------------------- table helpers
 
 
-def _clean_str(values) -> np.ndarray:
-    """Object array of stripped strings, None for missing/empty/NaN."""
+def clean_strings(values) -> np.ndarray:
+    """Table cells as stripped strings, missing ones as None.
+
+    Parameters
+    ----------
+    values : sequence of length n
+        Cells of one column (any type; ``None``, NaN, ``pd.NA``, ``""``, ``"nan"``, ``"none"`` and
+        ``"<na>"`` count as missing).
+
+    Returns
+    -------
+    ndarray of object, shape (n,)
+        ``str(value).strip()``, or None where the cell is missing.
+    """
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
         if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
@@ -137,19 +160,48 @@ def _clean_str(values) -> np.ndarray:
     return out
 
 
-def _column(table: pd.DataFrame, name: str) -> np.ndarray:
+def text_column(table: pd.DataFrame, name: str) -> np.ndarray:
+    """Column ``name`` of ``table`` through :func:`clean_strings`.
+
+    Parameters
+    ----------
+    table : DataFrame with n rows
+    name : str
+        Column to read; a missing column reads as all missing.
+
+    Returns
+    -------
+    ndarray of object, shape (n,)
+        Stripped strings, None where the cell (or the whole column) is missing.
+    """
     if name not in table.columns:
         return np.full(len(table), None, dtype=object)
-    return _clean_str(table[name].tolist())
+    return clean_strings(table[name].tolist())
 
 
-def _image_names(table: pd.DataFrame) -> np.ndarray:
+def image_names(table: pd.DataFrame) -> np.ndarray:
+    """The table's ``image_name`` column, checked to key image scores and embeddings.
+
+    Parameters
+    ----------
+    table : DataFrame with n rows and an ``image_name`` column
+
+    Returns
+    -------
+    ndarray of str, shape (n,)
+        Stripped image names, each present and unique.
+
+    Raises
+    ------
+    CohortError
+        No ``image_name`` column, an empty name, or a name on more than one row.
+    """
     if "image_name" not in table.columns:
         raise CohortError(
             f"the lesion table has no image_name column (columns: {', '.join(map(str, table.columns))});"
             " load it with melcore.cohort.load_cohort or rename the image id column to image_name"
         )
-    names = _clean_str(table["image_name"].tolist())
+    names = clean_strings(table["image_name"].tolist())
     missing = np.flatnonzero(pd.isna(names))
     if len(missing):
         raise CohortError(
@@ -165,14 +217,42 @@ def _image_names(table: pd.DataFrame) -> np.ndarray:
     return names.astype(str)
 
 
-def _patient_lesion_keys(frame: pd.DataFrame, groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(patient key, lesion key scoped to the patient) per row: :func:`melcore.cohort.table_and_groups`'
-    groups and ``patient|`` + :func:`melcore.cohort.lesion_keys`."""
+def patient_lesion_keys(frame: pd.DataFrame, groups: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Patient and lesion keys of each row, the lesion key scoped to its patient.
+
+    Parameters
+    ----------
+    frame : DataFrame with n rows
+        The lesion table (as from :func:`melcore.cohort.table_and_groups`).
+    groups : Series of length n
+        The patient groups from :func:`melcore.cohort.table_and_groups`.
+
+    Returns
+    -------
+    patient_keys, lesion_keys : ndarray of str, shape (n,) each
+        ``str(group)``, and ``str(group) + "|" +`` :func:`melcore.cohort.lesion_keys` of the row.
+    """
     patient = groups.astype(str).to_numpy()
     return patient, (groups.astype(str) + "|" + lesion_keys(frame)).to_numpy().astype(str)
 
 
-def _ages(table: pd.DataFrame) -> np.ndarray:
+def ages(table: pd.DataFrame) -> np.ndarray:
+    """The table's ``age_approx`` in years, checked to be a human age.
+
+    Parameters
+    ----------
+    table : DataFrame with n rows
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        Age in years (0..130); NaN where it is missing or not a number, all NaN without the column.
+
+    Raises
+    ------
+    CohortError
+        An age below 0 or above 130 years, naming the first such row.
+    """
     if "age_approx" not in table.columns:
         return np.full(len(table), np.nan)
     age = pd.to_numeric(pd.Series(table["age_approx"].tolist(), dtype=object), errors="coerce").to_numpy(float)
@@ -185,7 +265,18 @@ def _ages(table: pd.DataFrame) -> np.ndarray:
     return age
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
+    """Log-odds ``log(p / (1 - p))`` of probabilities, clipped to ``[1e-6, 1 - 1e-6]`` first.
+
+    Parameters
+    ----------
+    p : array-like of probabilities in 0..1, any shape
+
+    Returns
+    -------
+    ndarray of float64, same shape as ``p``
+        Finite log-odds (about -13.8..13.8); NaN stays NaN.
+    """
     p = np.clip(np.asarray(p, dtype=float), _EPS, 1 - _EPS)
     return np.log(p / (1 - p))
 
@@ -207,7 +298,7 @@ def _keyed_frame(obj, what: str) -> pd.DataFrame:
     if "image_name" in frame.columns:
         frame = frame.set_index("image_name")
     frame = frame.copy()
-    frame.index = pd.Index(_clean_str(frame.index.tolist()), dtype=object)
+    frame.index = pd.Index(clean_strings(frame.index.tolist()), dtype=object)
     if frame.index.isna().any():
         raise MelcoreError(f"{what}: {int(frame.index.isna().sum())} row(s) have an empty image_name")
     dup = frame.index.duplicated()
@@ -245,8 +336,28 @@ def _probabilities(column_values: pd.Series, column: str, what: str) -> pd.Serie
     return values
 
 
-def _align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -> np.ndarray:
-    """Scores aligned with ``names`` (NaN where an image has none); validates the range 0..1."""
+def align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -> np.ndarray:
+    """Image scores in the order of ``names``.
+
+    Parameters
+    ----------
+    names : ndarray of str, shape (n,)
+        Image names of the table (:func:`image_names`).
+    image_scores : DataFrame or Series keyed by image_name
+        A probability column (``prediction``, ``image_score``, ``score`` or ``probability``).
+    what : str
+        How messages call ``image_scores``.
+
+    Returns
+    -------
+    ndarray of float64, shape (n,)
+        Probability 0..1 per name; NaN where an image has no score.
+
+    Raises
+    ------
+    MelcoreError
+        No probability column, a value outside 0..1, or no name in common with ``names``.
+    """
     frame = _keyed_frame(image_scores, what)
     column = _score_column(frame, what)
     values = _probabilities(frame[column], column, what)
@@ -259,8 +370,28 @@ def _align_scores(names: np.ndarray, image_scores, what: str = "image_scores") -
     return aligned
 
 
-def _align_embeddings(names: np.ndarray, embeddings, what: str = "embeddings") -> np.ndarray:
-    """Embedding matrix (n, d) aligned with ``names``; NaN rows where an image has none."""
+def align_embeddings(names: np.ndarray, embeddings, what: str = "embeddings") -> np.ndarray:
+    """Image embeddings in the order of ``names``.
+
+    Parameters
+    ----------
+    names : ndarray of str, shape (n,)
+        Image names of the table (:func:`image_names`).
+    embeddings : ndarray of shape (n, d) already aligned, or DataFrame keyed by image_name
+        With one numeric column per dimension.
+    what : str
+        How messages call ``embeddings``.
+
+    Returns
+    -------
+    ndarray of float64, shape (n, d)
+        One row per name; a row of NaN where an image has no embedding.
+
+    Raises
+    ------
+    MelcoreError
+        An array of the wrong shape, no numeric column, or no name in common with ``names``.
+    """
     if isinstance(embeddings, np.ndarray):
         if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
             raise MelcoreError(
@@ -312,12 +443,29 @@ def read_embeddings(path) -> pd.DataFrame:
 # --------------------------------------------------------------------------- ugly duckling
 
 
-def _ugly_duckling_frame(
+def ugly_duckling_frame(
     patient_keys: np.ndarray, lesion_keys: np.ndarray, scores: np.ndarray | None, embeddings: np.ndarray | None
 ) -> pd.DataFrame:
-    """Per-row ugly-duckling features. Images of one lesion are averaged first, and each lesion is
-    compared with the patient's *other* lesions (leave-one-out), so a lesion photographed twice is not
-    its own neighbour. NaN where the patient has fewer than two lesions with a score/embedding."""
+    """Per-row ugly-duckling features of image scores and embeddings.
+
+    Images of one lesion are averaged first, and each lesion is compared with the patient's *other*
+    lesions (leave-one-out), so a lesion photographed twice is not its own neighbour.
+
+    Parameters
+    ----------
+    patient_keys, lesion_keys : ndarray of str, shape (n,)
+        From :func:`patient_lesion_keys`.
+    scores : ndarray of float64, shape (n,), or None
+        Image probabilities 0..1 (:func:`align_scores`), NaN where missing.
+    embeddings : ndarray of float64, shape (n, d), or None
+        Image embeddings (:func:`align_embeddings`), NaN rows where missing.
+
+    Returns
+    -------
+    DataFrame with n rows
+        Columns :data:`UGLY_DUCKLING_FEATURES` when ``scores`` is given, :data:`EMBEDDING_FEATURES`
+        when ``embeddings`` is; NaN where the patient has fewer than two lesions with a score/embedding.
+    """
     n = len(patient_keys)
     lesion_codes, lesion_uniques = pd.factorize(lesion_keys)
     n_lesions = len(lesion_uniques)
@@ -329,7 +477,7 @@ def _ugly_duckling_frame(
             out[name] = values[lesion_codes]
 
     if scores is not None:
-        x_rows = _logit(scores)
+        x_rows = logit(scores)
         x_rows[~np.isfinite(scores)] = np.nan
         x = pd.Series(x_rows).groupby(lesion_codes).mean().reindex(range(n_lesions)).to_numpy(float)
         res = {k: np.full(n_lesions, np.nan) for k in UGLY_DUCKLING_FEATURES}
@@ -406,11 +554,11 @@ def ugly_duckling_scores(table, image_scores, embeddings=None) -> pd.Series:
         share a value. NaN when the patient has no other scored lesion.
     """
     frame, groups = table_and_groups(table)
-    names = _image_names(frame)
-    pk, lk = _patient_lesion_keys(frame, groups)
-    scores = _align_scores(names, image_scores)
-    emb = _align_embeddings(names, embeddings) if embeddings is not None else None
-    ud = _ugly_duckling_frame(pk, lk, scores, emb)
+    names = image_names(frame)
+    pk, lk = patient_lesion_keys(frame, groups)
+    scores = align_scores(names, image_scores)
+    emb = align_embeddings(names, embeddings) if embeddings is not None else None
+    ud = ugly_duckling_frame(pk, lk, scores, emb)
     value = ud["ud_score_z"].to_numpy(float)
     if emb is not None:
         both = np.vstack([value, ud["ud_emb_z"].to_numpy(float)])
@@ -453,11 +601,11 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
     if feature_set not in FEATURE_SETS:
         raise ConfigError(f"unknown feature_set {feature_set!r}; choose from {', '.join(FEATURE_SETS)}")
     frame, groups = table_and_groups(table)
-    names = _image_names(frame)
-    pk, lk = _patient_lesion_keys(frame, groups)
-    age = _ages(frame)
-    sex = np.array([s.lower() if s is not None else None for s in _column(frame, "sex")], dtype=object)
-    site = np.array([s.lower() if s is not None else None for s in _column(frame, "site")], dtype=object)
+    names = image_names(frame)
+    pk, lk = patient_lesion_keys(frame, groups)
+    age = ages(frame)
+    sex = np.array([s.lower() if s is not None else None for s in text_column(frame, "sex")], dtype=object)
+    site = np.array([s.lower() if s is not None else None for s in text_column(frame, "site")], dtype=object)
 
     f: dict[str, np.ndarray] = {"age_approx": age, "sex": sex, "site": site}
     f.update(_patient_context(pk, lk, age, site, as_of_visit=FEATURE_HISTORY[feature_set] == "as_of_visit"))
@@ -470,9 +618,9 @@ def meta_features(table, image_scores=None, embeddings=None, *, feature_set: str
         else:
             result[c] = pd.Series(f[c], index=frame.index, dtype=object)
     if image_scores is not None or embeddings is not None:
-        scores = _align_scores(names, image_scores) if image_scores is not None else None
-        emb = _align_embeddings(names, embeddings) if embeddings is not None else None
-        ud = _ugly_duckling_frame(pk, lk, scores, emb)
+        scores = align_scores(names, image_scores) if image_scores is not None else None
+        emb = align_embeddings(names, embeddings) if embeddings is not None else None
+        ud = ugly_duckling_frame(pk, lk, scores, emb)
         ud.index = frame.index
         result = pd.concat([result, ud.astype("float64")], axis=1)
     return result
@@ -570,8 +718,29 @@ def _patient_context(
         }
 
 
-def _labelled_frame(cohort) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
-    """(table, groups, labelled mask, targets of labelled rows) of a Cohort or DataFrame."""
+def labelled_frame(cohort) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """A cohort's table with its patient keys and labels, for the meta model.
+
+    Parameters
+    ----------
+    cohort : Cohort or DataFrame
+        With a ``target`` column of 0, 1 or empty.
+
+    Returns
+    -------
+    table : DataFrame with n rows
+    patient_keys : ndarray of str, shape (n,)
+        ``str`` of :func:`melcore.cohort.table_and_groups`' groups.
+    labelled : ndarray of bool, shape (n,)
+        Rows whose target is 0 or 1.
+    targets : ndarray of int64, shape (labelled.sum(),)
+        The targets of the labelled rows, in table order.
+
+    Raises
+    ------
+    CohortError
+        No ``target`` column, or a target other than 0, 1 or empty (naming the row).
+    """
     table, groups = table_and_groups(cohort, "cohort")
     if "target" not in table.columns:
         raise CohortError("the cohort has no target column; the meta model needs labelled images")

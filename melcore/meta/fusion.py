@@ -20,18 +20,18 @@ from scipy.special import expit
 from melcore.cohort import table_and_groups
 from melcore.errors import CohortError, ConfigError, MelcoreError
 from melcore.meta.features import (
-    _align_embeddings,
-    _align_scores,
-    _column,
-    _image_names,
-    _labelled_frame,
-    _logit,
-    _patient_lesion_keys,
-    _ugly_duckling_frame,
+    align_embeddings,
+    align_scores,
+    image_names,
+    labelled_frame,
+    logit,
+    patient_lesion_keys,
+    text_column,
+    ugly_duckling_frame,
     ugly_duckling_scores,
 )
-from melcore.meta.model import MetaResult, Progress, _binary_targets, _folds, _per_clinic
-from melcore.metrics import auroc_or_none
+from melcore.meta.model import MetaResult, Progress, patient_folds, per_clinic_aurocs
+from melcore.metrics import auroc_or_none, check_labels
 
 __all__ = ["FusionModel", "FusionResult", "fusion_features", "fuse"]
 
@@ -50,15 +50,15 @@ def fusion_features(table, image_scores, meta_scores, embeddings=None) -> pd.Dat
     ``ud_emb_cosine`` (0 when undefined).
     """
     frame, groups = table_and_groups(table)
-    names = _image_names(frame)
-    pk, lk = _patient_lesion_keys(frame, groups)
-    img = _align_scores(names, image_scores, "image_scores")
-    meta = _align_scores(names, meta_scores, "meta_scores")
-    emb = _align_embeddings(names, embeddings) if embeddings is not None else None
-    ud = _ugly_duckling_frame(pk, lk, img, emb)
+    names = image_names(frame)
+    pk, lk = patient_lesion_keys(frame, groups)
+    img = align_scores(names, image_scores, "image_scores")
+    meta = align_scores(names, meta_scores, "meta_scores")
+    emb = align_embeddings(names, embeddings) if embeddings is not None else None
+    ud = ugly_duckling_frame(pk, lk, img, emb)
     out = pd.DataFrame(index=frame.index)
-    out["logit_image"] = np.where(np.isfinite(img), _logit(img), np.nan)
-    out["logit_meta"] = np.where(np.isfinite(meta), _logit(meta), np.nan)
+    out["logit_image"] = np.where(np.isfinite(img), logit(img), np.nan)
+    out["logit_meta"] = np.where(np.isfinite(meta), logit(meta), np.nan)
     has_other = np.isfinite(ud["ud_score_z"].to_numpy())
     out["ud_score_z"] = np.nan_to_num(ud["ud_score_z"].to_numpy(), nan=0.0)
     out["ud_score_rank"] = np.where(has_other, ud["ud_score_rank"].to_numpy(), 0.5)
@@ -81,7 +81,9 @@ class FusionModel:
     def fit(self, Z: pd.DataFrame, y) -> "FusionModel":
         from sklearn.linear_model import LogisticRegression
 
-        y = _binary_targets(y, len(Z))
+        y = check_labels(y, what="targets").astype(np.int64)
+        if len(y) != len(Z):
+            raise MelcoreError(f"y has {len(y)} values but X has {len(Z)} rows")
         values = Z.to_numpy(float)
         if not np.isfinite(values).all():
             raise MelcoreError("fusion inputs contain NaN: every row needs both an image and a meta score")
@@ -198,7 +200,7 @@ def fuse(
     FusionResult with out-of-fold fused predictions (second-level grouped CV) and the model refit on all rows.
     """
     meta_frame = meta_scores.oof if isinstance(meta_scores, MetaResult) else meta_scores
-    table, pk, labelled, y_all = _labelled_frame(cohort)
+    table, pk, labelled, y_all = labelled_frame(cohort)
     Z_all = fusion_features(
         cohort,
         image_scores,
@@ -214,7 +216,7 @@ def fuse(
     y = y_all[usable]
     groups = pk[labelled][usable]
     lab = table[labelled]
-    names = _image_names(lab)[usable]
+    names = image_names(lab)[usable]
     if len(y) == 0 or y.min() == y.max():
         raise CohortError(
             f"fusion needs labelled benign and malignant images with both an image and a meta "
@@ -226,7 +228,7 @@ def fuse(
         if mapped.notna().all():
             folds = mapped.to_numpy().astype(int)
     if folds is None:
-        folds = _folds(groups, y, n_folds, seed)
+        folds = patient_folds(groups, y, n_folds, seed)
     folds = np.asarray(folds).astype(int)
     if len(folds) != len(y):
         raise ConfigError(f"folds has {len(folds)} entries for {len(y)} fused rows")
@@ -248,8 +250,8 @@ def fuse(
     oof = pd.DataFrame(
         {
             "image_name": names,
-            "patient_id": _column(lab, "patient_id")[usable],
-            "clinic": _column(lab, "clinic")[usable],
+            "patient_id": text_column(lab, "patient_id")[usable],
+            "clinic": text_column(lab, "clinic")[usable],
             "target": y,
             "prediction": prediction,
             "fold": folds,
@@ -267,5 +269,5 @@ def fuse(
         feature_names=list(Z.columns),
         coefficients=final.coefficients(),
         model=final,
-        per_clinic=_per_clinic(oof),
+        per_clinic=per_clinic_aurocs(oof),
     )

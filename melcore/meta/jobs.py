@@ -21,9 +21,9 @@ import pandas as pd
 
 import melcore
 from melcore.errors import CancelledError, ConfigError, MelcoreError
-from melcore.meta.features import FEATURE_SETS, _ages, _column, _labelled_frame
+from melcore.meta.features import FEATURE_SETS, ages, labelled_frame, text_column
 from melcore.meta.fusion import fuse
-from melcore.meta.model import DEFAULT_PARAMS, MetaModel, Progress, _fmt, _per_clinic, cross_validate_meta
+from melcore.meta.model import DEFAULT_PARAMS, MetaModel, Progress, cross_validate_meta, per_clinic_aurocs
 from melcore.metrics import auroc_or_none, format_auroc
 
 __all__ = [
@@ -66,14 +66,14 @@ def missingness_warnings(
     -------
     list of str, one per field and reason (empty when missingness says nothing).
     """
-    table, _, labelled, y = _labelled_frame(cohort)
+    table, _, labelled, y = labelled_frame(cohort)
     lab = table[labelled].reset_index(drop=True)
     warnings: list[str] = []
     if len(y) == 0:
         return warnings
-    clinics = pd.Series(_column(lab, "clinic"), dtype=object)
+    clinics = pd.Series(text_column(lab, "clinic"), dtype=object)
     for column, word in _MISSING_FIELDS:
-        values = _ages(lab) if column == "age_approx" else _column(lab, column)
+        values = ages(lab) if column == "age_approx" else text_column(lab, column)
         missing = pd.isna(pd.Series(values, dtype=object)).to_numpy()
         if not missing.any():
             continue
@@ -161,7 +161,7 @@ def train_meta_run(
         **dict(config_extra or {}),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
-    table, _, labelled, y = _labelled_frame(cohort)
+    table, _, labelled, y = labelled_frame(cohort)
     say(
         f"meta model: {int(labelled.sum())} labelled images ({int(y.sum())} malignant) of {len(table)}, "
         f"{n_folds} patient-grouped folds, seed {seed}, features {feature_set}"
@@ -220,7 +220,7 @@ def train_meta_run(
                 auroc_or_none(part["target"].to_numpy(), part["prediction"].to_numpy())
                 for _, part in oof.groupby("fold", sort=True)
             ]
-            metrics["per_clinic"] = _per_clinic(oof)
+            metrics["per_clinic"] = per_clinic_aurocs(oof)
         else:
             # Fused and meta probabilities are on different scales, so they are not pooled into one
             # column: the run's prediction stays the meta score and the fusion is reported on its own rows.
@@ -229,8 +229,8 @@ def train_meta_run(
                 "prediction = meta score; fused_prediction only where an image score exists"
             )
         say(
-            f"image AUROC {_fmt(fusion.image_auroc)} and meta AUROC {_fmt(fusion.meta_auroc)} on "
-            f"{len(fusion.oof)} images with both; fused OOF AUROC {_fmt(fusion.oof_auroc)}"
+            f"image AUROC {format_auroc(fusion.image_auroc)} and meta AUROC {format_auroc(fusion.meta_auroc)} on "
+            f"{len(fusion.oof)} images with both; fused OOF AUROC {format_auroc(fusion.oof_auroc)}"
         )
     oof.to_csv(out / "oof_predictions.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

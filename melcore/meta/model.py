@@ -41,16 +41,16 @@ from melcore.meta.features import (
     EMBEDDING_FEATURES,
     FEATURE_SETS,
     UGLY_DUCKLING_FEATURES,
-    _clean_str,
-    _column,
-    _image_names,
-    _labelled_frame,
+    clean_strings,
+    image_names,
+    labelled_frame,
     meta_features,
+    text_column,
 )
-from melcore.metrics import auroc_or_none
+from melcore.metrics import auroc_or_none, check_labels
 from melcore.splits import group_kfold
 
-__all__ = ["DEFAULT_PARAMS", "MetaModel", "MetaResult", "cross_validate_meta"]
+__all__ = ["DEFAULT_PARAMS", "MetaModel", "MetaResult", "cross_validate_meta", "patient_folds", "per_clinic_aurocs"]
 
 DEFAULT_PARAMS = {
     "learning_rate": 0.03,
@@ -145,7 +145,7 @@ class MetaModel:
         for j, column in enumerate(self.feature_names_in_):
             if column in self.categorical_:
                 lookup = {v: i for i, v in enumerate(self.categories_[column])}
-                values = _clean_str(X[column].tolist())
+                values = clean_strings(X[column].tolist())
                 out[:, j] = [lookup.get(str(v).lower(), np.nan) if v is not None else np.nan for v in values]
             else:
                 values = pd.to_numeric(pd.Series(X[column].tolist(), dtype=object), errors="coerce")
@@ -176,14 +176,16 @@ class MetaModel:
         self._check_params()
         if not isinstance(X, pd.DataFrame):
             raise MelcoreError(f"MetaModel.fit expects the DataFrame returned by meta_features, not {type(X).__name__}")
-        y = _binary_targets(y, len(X))
+        y = check_labels(y, what="targets").astype(np.int64)
+        if len(y) != len(X):
+            raise MelcoreError(f"y has {len(y)} values but X has {len(X)} rows")
         self.feature_names_in_ = [str(c) for c in X.columns]
         self.categorical_ = [
             c for c in self.feature_names_in_ if c in CATEGORICAL_FEATURES or not pd.api.types.is_numeric_dtype(X[c])
         ]
         self.categories_ = {}
         for column in self.categorical_:
-            values = pd.Series([str(v).lower() for v in _clean_str(X[column].tolist()) if v is not None])
+            values = pd.Series([str(v).lower() for v in clean_strings(X[column].tolist()) if v is not None])
             # HistGradientBoosting allows at most 255 categories; rarer ones are treated as missing.
             self.categories_[column] = sorted(values.value_counts().index[:250].tolist())
         return self._fit_encoded(self._encode(X), y)
@@ -239,7 +241,7 @@ class MetaModel:
         frame, _ = table_and_groups(table)
         return pd.Series(
             self.predict_proba(features)[:, 1],
-            index=pd.Index(_image_names(frame), name="image_name"),
+            index=pd.Index(image_names(frame), name="image_name"),
             name="prediction",
         )
 
@@ -313,10 +315,6 @@ class MetaModel:
         return model
 
 
-def _fmt(value: float | None) -> str:
-    return f"{value:.4f}" if value is not None else "n/a"
-
-
 def _digest(Xe: np.ndarray, y: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(Xe, dtype=np.float64).tobytes())
@@ -333,21 +331,6 @@ def _feature_set_of(columns: Sequence[str]) -> str:
         f"the model's features {base} are not one of the feature sets {', '.join(FEATURE_SETS)}; "
         "compute them with meta_features and call predict_proba"
     )
-
-
-def _binary_targets(y, n: int) -> np.ndarray:
-    values = pd.Series(list(y) if not isinstance(y, pd.Series) else y.tolist(), dtype=object)
-    if len(values) != n:
-        raise MelcoreError(f"y has {len(values)} values but X has {n} rows")
-    numeric = pd.to_numeric(values, errors="coerce")
-    bad = numeric.isna() | ~numeric.isin([0, 1])
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise MelcoreError(
-            f"targets must be 0 or 1 with no missing values; row {i} has {values.iloc[i]!r} "
-            f"({int(bad.sum())} such rows); train on cohort.labelled()"
-        )
-    return numeric.to_numpy().astype(np.int64)
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -395,7 +378,23 @@ class MetaResult:
         }
 
 
-def _per_clinic(oof: pd.DataFrame, column: str = "prediction") -> dict:
+def per_clinic_aurocs(oof: pd.DataFrame, column: str = "prediction") -> dict:
+    """AUROC of out-of-fold predictions within each clinic.
+
+    Parameters
+    ----------
+    oof : DataFrame with columns ``clinic``, ``target`` (0/1) and ``column``
+        One row per image, as :attr:`MetaResult.oof`.
+    column : str
+        The probability column (0..1) to score.
+
+    Returns
+    -------
+    dict
+        ``{clinic: {"n": int, "n_positive": int, "auroc": float or None}}`` sorted by clinic, rows
+        without a clinic under ``"(none)"``; ``auroc`` None when the clinic holds one class
+        (:func:`melcore.metrics.auroc_or_none`).
+    """
     clinics = oof["clinic"].astype(object).where(oof["clinic"].notna(), "(none)")
     out = {}
     for clinic, part in oof.groupby(clinics, sort=True):
@@ -408,7 +407,33 @@ def _per_clinic(oof: pd.DataFrame, column: str = "prediction") -> dict:
     return out
 
 
-def _folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+def patient_folds(groups: np.ndarray, y: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Patient-grouped fold of each row, checked never to split a patient.
+
+    Parameters
+    ----------
+    groups : ndarray of str, shape (n,)
+        Patient key per row.
+    y : ndarray of int, shape (n,)
+        0/1 targets, balanced across folds by :func:`melcore.splits.group_kfold`.
+    n_folds : int
+        At least 2 and at most the number of patients.
+    seed : int
+
+    Returns
+    -------
+    ndarray of int, shape (n,)
+        Fold 0..n_folds-1 of each row.
+
+    Raises
+    ------
+    ConfigError
+        ``n_folds`` not an integer >= 2.
+    CohortError
+        Fewer patients than folds.
+    LeakageError
+        A patient in two folds.
+    """
     if not isinstance(n_folds, int) or n_folds < 2:
         raise ConfigError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     n_groups = len(set(groups))
@@ -456,7 +481,7 @@ def cross_validate_meta(
     MetaResult
     """
     started = time.perf_counter()
-    table, pk, labelled, y = _labelled_frame(cohort)
+    table, pk, labelled, y = labelled_frame(cohort)
     if len(y) == 0 or y.min() == y.max():
         raise CohortError(
             f"the meta model needs labelled benign and malignant images; the cohort has "
@@ -471,7 +496,7 @@ def cross_validate_meta(
     features_all = meta_features(cohort, image_scores, embeddings, feature_set=feature_set)
     X = features_all[labelled]
     groups = pk[labelled]
-    folds = _folds(groups, y, n_folds, seed)
+    folds = patient_folds(groups, y, n_folds, seed)
     prediction = np.full(len(y), np.nan)
     fold_aurocs: list = []
     for k in range(n_folds):
@@ -491,9 +516,9 @@ def cross_validate_meta(
     lab = table[labelled]
     oof = pd.DataFrame(
         {
-            "image_name": _image_names(lab),
-            "patient_id": _column(lab, "patient_id"),
-            "clinic": _column(lab, "clinic"),
+            "image_name": image_names(lab),
+            "patient_id": text_column(lab, "patient_id"),
+            "clinic": text_column(lab, "clinic"),
             "target": y,
             "prediction": prediction,
             "fold": folds,
@@ -506,7 +531,7 @@ def cross_validate_meta(
         feature_names=list(X.columns),
         feature_set=feature_set,
         params=params,
-        per_clinic=_per_clinic(oof),
+        per_clinic=per_clinic_aurocs(oof),
         n_folds=n_folds,
         seed=seed,
         n_groups=len(set(groups)),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -27,7 +26,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from melcore.errors import MelcoreError
 from melcore.features import (
     VIEWS,
     FeatureCache,
@@ -49,13 +47,19 @@ from melcore.training.callbacks import (
 from melcore.training.config import validate
 from melcore.training.optimizers import make_optimizer
 from melcore.training.prepare import (
-    chosen_on,
     drop_unreadable,
     prepare_data,
     select_table,
     split_tables,
 )
-from melcore.training.rundir import NO_VALIDATION, RunDir
+from melcore.training.rundir import (
+    RunDir,
+    environment_metrics,
+    epoch_run_metrics,
+    log_run_start,
+    log_stage,
+    stage_record,
+)
 from melcore.training.runtime import device_description, op_determinism
 
 __all__ = ["fit_fast_head", "fit_logistic_head", "pooling_column_sets", "LOGISTIC_CS", "scorer_description"]
@@ -187,7 +191,6 @@ def _fast_head_in_run_dir(
     deterministic: bool,
 ):
     import keras
-    import tensorflow as tf
 
     from melcore import images as images_module
     from melcore import models
@@ -195,27 +198,8 @@ def _fast_head_in_run_dir(
 
     spec = models.get_spec(config.model)
     device, n_replicas = device_description(strategy)
-    log.info(
-        "run %s: fast head on %s features at %d px, cohort %r (%s), device %s",
-        out.name,
-        config.model,
-        config.image_size,
-        getattr(data.cohort, "name", "cohort"),
-        config.clinic or "all clinics",
-        device,
-    )
-    log.info("config: %s", json.dumps(config.to_dict()))
     info = extractor.weights_info
-    (log.warning if info.from_scratch and config.weights != "none" else log.info)("weights: %s", info.note)
-    ex = data.excluded
-    log.info(
-        "data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
-        "%d labelled without an image file",
-        len(data.cohort),
-        ex["other_clinics"],
-        ex["unlabelled"],
-        ex["no_image"],
-    )
+    log_run_start(log, out, config, data, info, device, f"fast head on {config.model} features")
     if config.fine_tune_epochs:
         log.info(
             "fast-head mode keeps the backbone frozen: the %d fine-tune epoch(s) are not run", config.fine_tune_epochs
@@ -334,16 +318,14 @@ def _fast_head_in_run_dir(
         )
         head.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
     n_params = int(sum(np.prod(w.shape) for w in head.trainable_weights))
-    log.info(
-        "stage head: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable params on %d features",
+    log_stage(
+        log,
+        "head",
         config.epochs,
         steps,
-        config.batch_size,
-        config.optimizer,
+        config,
         config.learning_rate,
-        config.schedule,
-        f"{n_params:,}",
-        extractor.n_features,
+        f"{n_params:,} trainable params on {extractor.n_features} features",
     )
 
     def score_validation(tta: bool = False) -> np.ndarray:
@@ -374,81 +356,41 @@ def _fast_head_in_run_dir(
         if cancel.cancelled or best.early_stopped:
             break
     head_seconds = time.perf_counter() - head_started
-    stage_records = [
-        {
-            "stage": "head",
-            "planned_epochs": config.epochs,
-            "epochs_run": len(history),
-            "learning_rate": config.learning_rate,
-            "unfrozen_groups": [],
-            "trainable_params": n_params,
-        }
-    ]
+    stage_records = [stage_record("head", config.epochs, len(history), config.learning_rate, [], n_params)]
 
     if best.best_weights is not None:
         head.set_weights(best.best_weights)
-    metrics: dict[str, Any] = {
-        "kind": "image",
-        "mode": "fast-head",
-        "scorer": "cnn",
-        "scorer_description": scorer_description(config),
-        "status": "cancelled" if cancel.cancelled else "done",
-        "cancelled": cancel.cancelled,
-        "model": config.model,
-        "clinic": config.clinic,
-        "image_size": config.image_size,
-        "cohort": getattr(data.cohort, "name", None),
-        "best_epoch": best.best_epoch,
-        "best_epoch_select_auroc": best.best_auroc if best.best_epoch else None,
-        "chosen_on": chosen_on(counts),
-        **counts,
-        "excluded": data.excluded,
-        "split": data.split,
-        "history": history,
-        "stages": stage_records,
-        "epochs_run": len(history),
-        "planned_epochs": config.epochs,
-        "early_stopped": best.early_stopped,
-        "weights": info.to_dict(),
-        "from_scratch": bool(info.from_scratch),
-        "device": device,
-        "n_replicas": n_replicas,
-        "deterministic_ops": deterministic,
-        "tta": config.tta,
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "feature_cache": {
-            "hits": computed.hits,
-            "misses": computed.misses,
-            "key": extractor.key,
-            "views": list(all_views),
-            "root": str(cache.root),
-        },
-        "feature_seconds": feature_seconds,
-        "head_seconds": head_seconds,
-        "backbone_seconds": 0.0 if extractor.reused else extractor.build_seconds,
-        "backbone_reused": extractor.reused,
-    }
-    save_started = time.perf_counter()
-    if best.best_weights is not None:
-        model = models.join(extractor.backbone, head, name=spec.name)
-        out.save_model(model)
-    predictions = None
-    if best.best_weights is not None and not cancel.cancelled:
-        predictions = score_validation(tta=config.tta)
-    if predictions is not None:
-        metrics.update(out.write_validation(val_table, predictions))
-    else:
-        metrics.update(NO_VALIDATION)
-        if not cancel.cancelled and best.best_weights is None:
-            raise MelcoreError("training ended without a single validated epoch")
-    seconds = out.finish(
-        metrics,
-        reporter,
-        started,
-        head_seconds,
+    metrics = epoch_run_metrics(
+        config,
+        data,
+        counts,
+        best=best,
+        history=history,
+        stages=stage_records,
+        planned_epochs=config.epochs,
         cancelled=cancel.cancelled,
-        has_model=best.best_weights is not None,
-        n_epochs=len(history),
+        weights_info=info,
+        device=device,
+        n_replicas=n_replicas,
+        deterministic=deterministic,
+        mode="fast-head",
+        scorer="cnn",
+        scorer_description=scorer_description(config),
+    )
+    metrics.update(_feature_timings(extractor, computed, all_views, cache, feature_seconds, head_seconds))
+    save_started = time.perf_counter()
+    model = models.join(extractor.backbone, head, name=spec.name) if best.best_weights is not None else None
+    predictions = out.save_and_score(model, best, cancel, lambda: score_validation(tta=config.tta))
+    seconds = out.write_results(
+        metrics,
+        val_table,
+        predictions,
+        best=best,
+        cancel=cancel,
+        reporter=reporter,
+        history=history,
+        started=started,
+        fit_seconds=head_seconds,
         save_seconds=time.perf_counter() - save_started,
     )
     if not cancel.cancelled:
@@ -461,6 +403,24 @@ def _fast_head_in_run_dir(
             best.best_epoch,
         )
     return out.run(config, metrics, cancel.cancelled)
+
+
+def _feature_timings(extractor, computed, all_views, cache, feature_seconds: float, head_seconds: float) -> dict:
+    """The fast-head keys of metrics.json: ``feature_cache`` (hits, misses, backbone key, views, root)
+    and the seconds spent on features, the head and the backbone."""
+    return {
+        "feature_cache": {
+            "hits": computed.hits,
+            "misses": computed.misses,
+            "key": extractor.key,
+            "views": list(all_views),
+            "root": str(cache.root),
+        },
+        "feature_seconds": feature_seconds,
+        "head_seconds": head_seconds,
+        "backbone_seconds": 0.0 if extractor.reused else extractor.build_seconds,
+        "backbone_reused": extractor.reused,
+    }
 
 
 # --------------------------------------------------------------------------- logistic head (C by inner CV)
@@ -621,8 +581,6 @@ def _logistic_head_run(
     started,
 ):
     """The ``head_fit="logistic-cv"`` tail of :func:`_fast_head_in_run_dir` (same run files and keys)."""
-    import keras
-    import tensorflow as tf
 
     from melcore import models
 
@@ -678,16 +636,7 @@ def _logistic_head_run(
         "excluded": data.excluded,
         "split": data.split,
         "history": [],
-        "stages": [
-            {
-                "stage": "head",
-                "planned_epochs": 0,
-                "epochs_run": 0,
-                "learning_rate": None,
-                "unfrozen_groups": [],
-                "trainable_params": n_params,
-            }
-        ],
+        "stages": [stage_record("head", 0, 0, None, [], n_params)],
         "epochs_run": 0,
         "planned_epochs": 0,
         "early_stopped": False,
@@ -707,24 +656,8 @@ def _logistic_head_run(
             "fitted_on": f"{len(y_train)} images: the training and the selection patients together "
             "(no epoch to choose, so the selection split chooses nothing)",
         },
-        "weights": info.to_dict(),
-        "from_scratch": bool(info.from_scratch),
-        "device": device,
-        "n_replicas": n_replicas,
-        "deterministic_ops": deterministic,
-        "tta": config.tta,
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "feature_cache": {
-            "hits": computed.hits,
-            "misses": computed.misses,
-            "key": extractor.key,
-            "views": list(all_views),
-            "root": str(cache.root),
-        },
-        "feature_seconds": computed.seconds,
-        "head_seconds": head_seconds,
-        "backbone_seconds": 0.0 if extractor.reused else extractor.build_seconds,
-        "backbone_reused": extractor.reused,
+        **environment_metrics(config, info, device, n_replicas, deterministic),
+        **_feature_timings(extractor, computed, all_views, cache, computed.seconds, head_seconds),
         **validation,
         "seconds": time.perf_counter() - started,
         "train_seconds": head_seconds,

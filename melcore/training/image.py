@@ -42,17 +42,15 @@ all stop at the same epoch.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from typing import Any
 
 import numpy as np
 
 from melcore import colour
 from melcore.distributed import fit_loop, is_multi_worker
-from melcore.errors import ConfigError, MelcoreError
+from melcore.errors import ConfigError
 from melcore.metrics import auroc_or_none, format_auroc
 from melcore.predict import predict_dataset
 from melcore.training.callbacks import (
@@ -68,14 +66,21 @@ from melcore.training.config import TrainConfig
 from melcore.training.optimizers import make_optimizer
 from melcore.training.prepare import (
     PreparedData,
-    chosen_on,
     drop_unreadable,
     prepare_data,
     select_table,
     split_tables,
 )
 from melcore.training.recipes import recipe_for
-from melcore.training.rundir import NO_VALIDATION, THRESHOLD, Run, RunDir
+from melcore.training.rundir import (
+    THRESHOLD,
+    Run,
+    RunDir,
+    epoch_run_metrics,
+    log_run_start,
+    log_stage,
+    stage_record,
+)
 from melcore.training.runtime import device_description, op_determinism
 
 __all__ = ["STAGES", "fit_image"]
@@ -167,29 +172,7 @@ def _stages(config: TrainConfig, weights_info) -> list[tuple[str, int]]:
 
 
 def _log_start(config: TrainConfig, data: PreparedData, weights_info, out: RunDir, device: str) -> None:
-    log.info(
-        "run %s: %s at %d px, cohort %r (%s), device %s",
-        out.name,
-        config.model,
-        config.image_size,
-        getattr(data.cohort, "name", "cohort"),
-        config.clinic or "all clinics",
-        device,
-    )
-    log.info("config: %s", json.dumps(config.to_dict()))
-    if weights_info.from_scratch:
-        (log.warning if config.weights not in ("none",) else log.info)("weights: %s", weights_info.note)
-    else:
-        log.info("weights: %s", weights_info.note)
-    ex = data.excluded
-    log.info(
-        "data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
-        "%d labelled without an image file",
-        len(data.cohort),
-        ex["other_clinics"],
-        ex["unlabelled"],
-        ex["no_image"],
-    )
+    log_run_start(log, out, config, data, weights_info, device, config.model)
     if config.deterministic:
         log.info("TensorFlow op determinism is on for this fit (config.deterministic)")
 
@@ -268,18 +251,15 @@ def _train_stages(
                 recipe, lr, steps, n_epochs, optimizer=config.optimizer, schedule=config.schedule
             )
             model.compile(optimizer=optimizer, loss=keras.losses.BinaryCrossentropy())
-        log.info(
-            "stage %s: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s trainable / %s frozen params%s",
+        unfrozen = f", unfrozen: {', '.join(info['unfrozen_groups'])}" if info["unfrozen_groups"] else ""
+        log_stage(
+            log,
             stage,
             n_epochs,
             steps,
-            config.batch_size,
-            config.optimizer,
+            config,
             lr,
-            config.schedule,
-            f"{info['trainable_params']:,}",
-            f"{info['frozen_params']:,}",
-            f", unfrozen: {', '.join(info['unfrozen_groups'])}" if info["unfrozen_groups"] else "",
+            f"{info['trainable_params']:,} trainable / {info['frozen_params']:,} frozen params{unfrozen}",
         )
         reporter.stage = stage
         best.start_stage(config.early_stopping_patience)
@@ -307,14 +287,7 @@ def _train_stages(
             )
         run_epochs = len(history) - epochs_before
         stage_records.append(
-            {
-                "stage": stage,
-                "planned_epochs": n_epochs,
-                "epochs_run": run_epochs,
-                "learning_rate": lr,
-                "unfrozen_groups": info["unfrozen_groups"],
-                "trainable_params": info["trainable_params"],
-            }
+            stage_record(stage, n_epochs, run_epochs, lr, info["unfrozen_groups"], info["trainable_params"])
         )
         # Epoch numbers stay contiguous when a stage stops early.
         epoch_offset += run_epochs
@@ -336,8 +309,6 @@ def _fit_in_run_dir(
     started: float,
     deterministic: bool,
 ) -> Run:
-    import keras
-    import tensorflow as tf
 
     from melcore import images as images_module
     from melcore.pipeline import ImageBatches, PredictionBatches, class_weights
@@ -417,40 +388,27 @@ def _fit_in_run_dir(
 
     if best.best_weights is not None:
         model.set_weights(best.best_weights)
-    metrics: dict[str, Any] = {
-        "kind": "image",
-        "status": "cancelled" if cancel.cancelled else "done",
-        "cancelled": cancel.cancelled,
-        "model": config.model,
-        "clinic": config.clinic,
-        "image_size": config.image_size,
-        "cohort": getattr(data.cohort, "name", None),
-        "best_epoch": best.best_epoch,
-        "best_epoch_select_auroc": best.best_auroc if best.best_epoch else None,
-        "chosen_on": chosen_on(counts),
-        **counts,
-        "excluded": data.excluded,
-        "split": data.split,
-        "history": history,
-        "stages": stage_records,
-        "epochs_run": len(history),
-        "planned_epochs": sum(n for _, n in stages),
-        "early_stopped": best.early_stopped,
-        "weights": weights_info.to_dict(),
-        "from_scratch": bool(weights_info.from_scratch),
-        "device": device,
-        "n_replicas": n_replicas,
-        "deterministic_ops": deterministic,
-        "tta": config.tta,
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-    }
-    if best.best_weights is not None:
-        out.save_model(model)
-    predictions = None
-    if best.best_weights is not None and not cancel.cancelled:
+    metrics = epoch_run_metrics(
+        config,
+        data,
+        counts,
+        best=best,
+        history=history,
+        stages=stage_records,
+        planned_epochs=sum(n for _, n in stages),
+        cancelled=cancel.cancelled,
+        weights_info=weights_info,
+        device=device,
+        n_replicas=n_replicas,
+        deterministic=deterministic,
+    )
+
+    def score_validation() -> np.ndarray | None:
         if config.tta:
             log.info("scoring the validation set with 8-view test-time augmentation")
-        predictions = predict_paths(val_paths, config.tta)
+        return predict_paths(val_paths, config.tta)
+
+    predictions = out.save_and_score(model, best, cancel, score_validation)
     cnn_predictions = predictions
     colour_predictions = None
     if predictions is not None and config.colour_model:
@@ -458,34 +416,27 @@ def _fit_in_run_dir(
             config, data, train_table, val_paths, y_val, cnn_predictions, cache, out, cancel
         )
         predictions = colour_predictions  # None when cancelled during the colour model
-    metrics["scorer"] = "colour-model" if colour_predictions is not None else "cnn"
-    metrics["scorer_description"] = _scorer_description(config, colour_predictions is not None)
-    if predictions is not None:
-        extra = {"cnn_prediction": cnn_predictions} if colour_predictions is not None else {}
-        metrics.update(out.write_validation(val_table, predictions, **extra))
-        if colour_predictions is not None:
-            metrics.update(
-                {
-                    "cnn_val_auroc": auroc_or_none(y_val, cnn_predictions),
-                    "colour_val_auroc": auroc_or_none(y_val, colour_predictions),
-                    "cnn_val_loss": bce(y_val, cnn_predictions),
-                }
-            )
-    else:
-        metrics.update(NO_VALIDATION)
-        if not cancel.cancelled and best.best_weights is None:
-            raise MelcoreError("training ended without a single validated epoch")
-    if cancel.cancelled:
-        metrics["cancelled"] = True
-        metrics["status"] = "cancelled"
-    seconds = out.finish(
+    delivered_by_colour = colour_predictions is not None
+    metrics["scorer"] = "colour-model" if delivered_by_colour else "cnn"
+    metrics["scorer_description"] = _scorer_description(config, delivered_by_colour)
+    seconds = out.write_results(
         metrics,
-        reporter,
-        started,
-        fit_seconds,
-        cancelled=cancel.cancelled,
-        has_model=best.best_weights is not None,
-        n_epochs=len(history),
+        val_table,
+        predictions,
+        best=best,
+        cancel=cancel,
+        reporter=reporter,
+        history=history,
+        started=started,
+        fit_seconds=fit_seconds,
+        columns={"cnn_prediction": cnn_predictions} if delivered_by_colour else None,
+        scores={
+            "cnn_val_auroc": auroc_or_none(y_val, cnn_predictions),
+            "colour_val_auroc": auroc_or_none(y_val, colour_predictions),
+            "cnn_val_loss": bce(y_val, cnn_predictions),
+        }
+        if delivered_by_colour
+        else None,
     )
     if not cancel.cancelled:
         log.info(

@@ -16,6 +16,12 @@ written last). Files of a run::
 Which model delivers the scores is ``metrics["scorer"]`` (``"cnn"`` or ``"colour-model"``) and,
 in words, ``metrics["scorer_description"]``; :func:`run_scorer` reads it, and for run folders
 written before it was recorded falls back to the presence of ``colour_model.json``.
+
+Both epoch-trained modes (:mod:`melcore.training.image`, the gradient head of
+:mod:`melcore.training.fast_head`) write their run through the same pieces: :func:`log_run_start`
+and :func:`log_stage` for ``train.log``, :func:`epoch_run_metrics` (with :func:`stage_record` and
+:func:`environment_metrics`) for the keys of ``metrics.json``, and :meth:`RunDir.save_and_score` then
+:meth:`RunDir.write_results` for the model, ``val_predictions.csv`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -39,8 +46,9 @@ from melcore.colour import COLOUR_MODEL_FILE
 from melcore.errors import MelcoreError
 from melcore.formatting import json_safe
 from melcore.metrics import auroc_or_none, threshold_metrics
-from melcore.training.callbacks import bce
+from melcore.training.callbacks import BestEpoch, Cancellation, ProgressReporter, bce
 from melcore.training.config import TrainConfig
+from melcore.training.prepare import PreparedData, chosen_on
 
 __all__ = [
     "RESULT_FILES",
@@ -52,6 +60,11 @@ __all__ = [
     "Run",
     "run_scorer",
     "validation_metrics",
+    "log_run_start",
+    "log_stage",
+    "stage_record",
+    "environment_metrics",
+    "epoch_run_metrics",
     "default_run_dir",
     "save_model",
     "write_json",
@@ -93,6 +106,174 @@ def validation_metrics(y: np.ndarray, predictions: np.ndarray) -> dict:
         "sensitivity": at["sensitivity"],
         "specificity": at["specificity"],
         "at_threshold": at,
+    }
+
+
+def log_run_start(
+    logger: logging.Logger, out: "RunDir", config: TrainConfig, data: PreparedData, weights_info, device: str, what: str
+) -> None:
+    """Log a run's first lines: what trains on which cohort and device, the config, the weights, the data.
+
+    Parameters
+    ----------
+    logger : logging.Logger
+        The mode's logger (a child of ``melcore.train``, so the lines reach ``train.log``).
+    out : RunDir
+    config : TrainConfig
+    data : PreparedData
+        Its ``excluded`` counts are logged.
+    weights_info : melcore.models.WeightsInfo
+        A warning when it fell back to random weights although ``config.weights`` asked for some.
+    device : str
+        From :func:`melcore.training.runtime.device_description`.
+    what : str
+        What trains, e.g. ``config.model`` or ``"fast head on efficientnet-b0 features"``.
+    """
+    logger.info(
+        "run %s: %s at %d px, cohort %r (%s), device %s",
+        out.name,
+        what,
+        config.image_size,
+        getattr(data.cohort, "name", "cohort"),
+        config.clinic or "all clinics",
+        device,
+    )
+    logger.info("config: %s", json.dumps(config.to_dict()))
+    (logger.warning if weights_info.from_scratch and config.weights != "none" else logger.info)(
+        "weights: %s", weights_info.note
+    )
+    ex = data.excluded
+    logger.info(
+        "data: %d labelled images with files used; left out: %d from other clinics, %d unlabelled, "
+        "%d labelled without an image file",
+        len(data.cohort),
+        ex["other_clinics"],
+        ex["unlabelled"],
+        ex["no_image"],
+    )
+
+
+def log_stage(
+    logger: logging.Logger, stage: str, n_epochs: int, steps: int, config: TrainConfig, lr: float, params: str
+) -> None:
+    """Log the start of a training stage: epochs x batches of ``config.batch_size``, the optimizer,
+    the learning rate ``lr`` and its schedule, then ``params`` (which parameters train, in words)."""
+    logger.info(
+        "stage %s: %d epoch(s) x %d batches of %d, %s lr %.3g (%s), %s",
+        stage,
+        n_epochs,
+        steps,
+        config.batch_size,
+        config.optimizer,
+        lr,
+        config.schedule,
+        params,
+    )
+
+
+def stage_record(
+    stage: str,
+    planned_epochs: int,
+    epochs_run: int,
+    learning_rate: float | None,
+    unfrozen_groups: list,
+    trainable_params: int,
+) -> dict:
+    """One entry of ``metrics["stages"]``: the stage, its planned and run epochs, its learning rate,
+    the block groups it unfroze and its number of trainable parameters."""
+    return {
+        "stage": stage,
+        "planned_epochs": planned_epochs,
+        "epochs_run": epochs_run,
+        "learning_rate": learning_rate,
+        "unfrozen_groups": unfrozen_groups,
+        "trainable_params": trainable_params,
+    }
+
+
+def environment_metrics(config: TrainConfig, weights_info, device: str, n_replicas: int, deterministic: bool) -> dict:
+    """The metrics.json keys saying what a run started from and ran on: ``weights`` and
+    ``from_scratch``, ``device`` and ``n_replicas``, ``deterministic_ops``, ``tta`` and the
+    TensorFlow and Keras ``versions``."""
+    import keras  # lazy: pulls TensorFlow (loaded already by the run that calls this)
+    import tensorflow as tf
+
+    return {
+        "weights": weights_info.to_dict(),
+        "from_scratch": bool(weights_info.from_scratch),
+        "device": device,
+        "n_replicas": n_replicas,
+        "deterministic_ops": deterministic,
+        "tta": config.tta,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+
+
+def epoch_run_metrics(
+    config: TrainConfig,
+    data: PreparedData,
+    counts: dict,
+    *,
+    best: BestEpoch,
+    history: list,
+    stages: list,
+    planned_epochs: int,
+    cancelled: bool,
+    weights_info,
+    device: str,
+    n_replicas: int,
+    deterministic: bool,
+    **mode,
+) -> dict:
+    """The metrics.json keys of a run trained epoch by epoch, before its validation is scored.
+
+    Parameters
+    ----------
+    config, data, counts
+        The resolved config, the prepared data and its split counts
+        (:func:`melcore.training.prepare.split_tables`).
+    best : BestEpoch
+        The epoch chosen on the selection split and whether training stopped early.
+    history : list of dict
+        One entry per epoch run.
+    stages : list of dict
+        :func:`stage_record` per stage run.
+    planned_epochs : int
+    cancelled : bool
+    weights_info, device, n_replicas, deterministic
+        As :func:`environment_metrics`.
+    **mode
+        Keys placed after ``kind`` (e.g. ``mode="fast-head"``, ``scorer``).
+
+    Returns
+    -------
+    dict
+        ``kind`` ("image"), the ``mode`` keys, ``status``, ``cancelled``, ``model``, ``clinic``,
+        ``image_size``, ``cohort``, ``best_epoch``, ``best_epoch_select_auroc``, ``chosen_on``, the
+        ``counts``, ``excluded``, ``split``, ``history``, ``stages``, ``epochs_run``,
+        ``planned_epochs``, ``early_stopped``, then :func:`environment_metrics`.
+    """
+    return {
+        "kind": "image",
+        **mode,
+        "status": "cancelled" if cancelled else "done",
+        "cancelled": cancelled,
+        "model": config.model,
+        "clinic": config.clinic,
+        "image_size": config.image_size,
+        "cohort": getattr(data.cohort, "name", None),
+        "best_epoch": best.best_epoch,
+        "best_epoch_select_auroc": best.best_auroc if best.best_epoch else None,
+        "chosen_on": chosen_on(counts),
+        **counts,
+        "excluded": data.excluded,
+        "split": data.split,
+        "history": history,
+        "stages": stages,
+        "epochs_run": len(history),
+        "planned_epochs": planned_epochs,
+        "early_stopped": best.early_stopped,
+        **environment_metrics(config, weights_info, device, n_replicas, deterministic),
     }
 
 
@@ -321,6 +502,92 @@ class RunDir:
         """``val_predictions.csv`` (:meth:`write_predictions`); returns its :func:`validation_metrics`."""
         self.write_predictions(table, predictions, **extra)
         return validation_metrics(table["target"].astype("float64").to_numpy(), predictions)
+
+    def save_and_score(
+        self, model, best: BestEpoch, cancel: Cancellation, score: Callable[[], np.ndarray | None]
+    ) -> np.ndarray | None:
+        """Save ``model`` (holding the best epoch's weights) when an epoch was chosen, then score the
+        validation images with ``score()`` unless the run was cancelled.
+
+        Returns
+        -------
+        ndarray of float64, shape (n_val,), or None
+            Probabilities 0..1 of the validation images; None when no epoch was chosen, the run was
+            cancelled, or ``score`` returned None (cancelled while scoring).
+        """
+        if best.best_weights is None:
+            return None
+        self.save_model(model)
+        return None if cancel.cancelled else score()
+
+    def write_results(
+        self,
+        metrics: dict,
+        val_table: pd.DataFrame,
+        predictions: np.ndarray | None,
+        *,
+        best: BestEpoch,
+        cancel: Cancellation,
+        reporter: ProgressReporter,
+        history: list,
+        started: float,
+        fit_seconds: float,
+        columns: dict | None = None,
+        scores: dict | None = None,
+        **timings,
+    ) -> float:
+        """Write ``val_predictions.csv`` and ``metrics.json`` of an epoch-trained run (:meth:`finish`).
+
+        Parameters
+        ----------
+        metrics : dict
+            :func:`epoch_run_metrics`; updated in place with :func:`validation_metrics` (or
+            :data:`NO_VALIDATION` without predictions), ``scores`` and the timings.
+        val_table : DataFrame
+            The validation rows (n_val).
+        predictions : ndarray of shape (n_val,) or None
+            From :meth:`save_and_score`.
+        best, cancel, reporter, history
+            The run's BestEpoch, Cancellation, ProgressReporter and epoch history.
+        started, fit_seconds : float
+            ``time.perf_counter()`` at the start of the run; seconds spent fitting.
+        columns : dict, optional
+            Extra columns of ``val_predictions.csv`` (name -> array of shape (n_val,)).
+        scores : dict, optional
+            Further metrics of the validation predictions, added after the validation keys.
+        **timings
+            Further timing keys (seconds), as :meth:`finish`.
+
+        Returns
+        -------
+        float
+            Seconds since ``started``.
+
+        Raises
+        ------
+        MelcoreError
+            Training ended, not cancelled, without a single validated epoch.
+        """
+        if predictions is not None:
+            metrics.update(self.write_validation(val_table, predictions, **(columns or {})))
+            metrics.update(scores or {})
+        else:
+            metrics.update(NO_VALIDATION)
+            if not cancel.cancelled and best.best_weights is None:
+                raise MelcoreError("training ended without a single validated epoch")
+        if cancel.cancelled:  # also when cancelled after the metrics were gathered (while scoring)
+            metrics["cancelled"] = True
+            metrics["status"] = "cancelled"
+        return self.finish(
+            metrics,
+            reporter,
+            started,
+            fit_seconds,
+            cancelled=cancel.cancelled,
+            has_model=best.best_weights is not None,
+            n_epochs=len(history),
+            **timings,
+        )
 
     def run(self, config: TrainConfig, metrics: dict, cancelled: bool) -> "Run":
         """The :class:`Run` of this folder."""
