@@ -1,4 +1,4 @@
-"""Lesion tables in one canonical form: loaders, validation and image matching.
+"""Lesion tables in one canonical form: the cohort, its loader, and the rules derived from its columns.
 
 A *cohort* is a table with one row per lesion image. Whatever the source (ISIC 2020 /
 Kaggle SIIM-ISIC, ISIC 2019, HAM10000, one folder per class, a table that already uses
@@ -18,11 +18,14 @@ clinic          object (str); ``"unknown"`` when the source does not say
 image_path      object: absolute path (str) of the image file, or None when it is missing
 ==============  ===========================================================================
 
-Every other source column is kept after these. Problems that make the table unusable
-(unreadable file, missing columns, duplicate image names, labels outside {0, 1}) raise
-:class:`~melcore.errors.CohortError` with a message naming the rows, columns or files;
-problems that only affect some rows (missing or corrupt image files, rows without an
-image name) are listed in :class:`CohortReport` and never dropped silently.
+Every other source column is kept after these. Each format has its reader in
+:mod:`melcore.cohorts` (one module per format, beside the CSV reading, joins and image
+matching they share); :func:`load_cohort` picks the reader, then runs the checks every
+format shares. Problems that make the table unusable (unreadable file, missing columns,
+duplicate image names, labels outside {0, 1}) raise :class:`~melcore.errors.CohortError`
+with a message naming the rows, columns or files; problems that only affect some rows
+(missing or corrupt image files, rows without an image name) are listed in
+:class:`CohortReport` and never dropped silently.
 
 The rules derived from these columns live here and nowhere else: the group a row belongs
 to (:func:`group_keys`: patient, else lesion, else image; :func:`table_and_groups` for a
@@ -33,7 +36,6 @@ Cohort or a bare DataFrame), the lesion key (:func:`lesion_keys`) and the age ba
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -43,32 +45,22 @@ import pandas as pd
 
 from melcore.classes import infer_classes
 from melcore.cohorts.detect import detect_format
-from melcore.cohorts.image_files import (
-    EXTENSION_RANK,
-    IMAGE_EXTENSIONS,
-    Progress,
-    confine_images,
-    decode_check,
-    image_stem,
-    match_images,
-)
+from melcore.cohorts.folders import read_folders
+from melcore.cohorts.ham10000 import read_ham10000
+from melcore.cohorts.image_files import Progress, confine_images, decode_check, image_stem, match_images
+from melcore.cohorts.isic2019 import read_isic2019
+from melcore.cohorts.isic2020 import read_isic2020
 from melcore.cohorts.joins import clinic_from_column, clinic_from_csv, join_metadata
+from melcore.cohorts.mapping import read_mapped
 from melcore.cohorts.tables import (
     CANONICAL_COLUMNS,
     FILE_COLUMN,
-    ISIC2019_CLASSES,
     LINE_COLUMN,
     PATH_COLUMN,
-    TARGET_WORDS,
     UNKNOWN_CLINIC,
-    assemble,
     clean_text,
     coerce_binary,
-    columns_text,
-    find_column,
-    missing_columns_error,
     read_csv,
-    resolve_aliases,
     row_label,
 )
 from melcore.errors import CohortError, MelcoreError
@@ -361,7 +353,7 @@ def load_cohort(
 
     report = CohortReport()
     if format == "folders":
-        frame = _load_folders(source, report)
+        frame = read_folders(source, report)
         raw = None
         if images is not None and Path(images).expanduser().resolve() != source.resolve():
             report.warnings.append(
@@ -373,13 +365,13 @@ def load_cohort(
         if format is None:
             format = detect_format(raw.columns, source)
         if format == "isic2019":
-            frame = _load_isic2019(raw, source)
+            frame = read_isic2019(raw, source)
         elif format == "ham10000":
-            frame = _load_ham10000(raw, source)
+            frame = read_ham10000(raw, source)
         elif format == "mapping":
-            frame = _load_mapping(raw, source, mapping)
+            frame = read_mapped(raw, source, mapping)
         else:
-            frame = _load_aliased(raw, source, format, report)
+            frame = read_isic2020(raw, source, format, report)
 
     target_source = frame.attrs.pop("target_source", "target")
     if clinic_column and not clinic_csv:
@@ -486,207 +478,6 @@ def clinic_shortcut_warning(table: pd.DataFrame, *, min_share: float = 0.1) -> s
         "both classes (Compare page: the Subset box, Clinic; python -m melcore evaluate --group-column "
         "clinic)."
     )
-
-
-# --------------------------------------------------------------------------- readers, one per format
-
-
-MALIGNANT_FOLDER_NAMES = frozenset({"melanoma", "melanomas", "mel", "malignant", "malignant_melanoma"})
-
-
-def _load_aliased(raw: pd.DataFrame, path: Path, fmt: str, report: CohortReport) -> pd.DataFrame:
-    """The assembled frame of an ISIC 2020 (``fmt="isic2020"``) or near-canonical (``fmt="generic"``) table.
-
-    A ``target`` disagreeing with ``benign_malignant`` is reported (``target`` is used); without a
-    label column every image is unlabelled.
-    """
-    sources = resolve_aliases(raw.columns)
-    if "image_name" not in sources:
-        expected = (
-            (
-                "image_name, patient_id, sex, age_approx, anatom_site_general_challenge, diagnosis, "
-                "target (test.csv: no target)"
-            )
-            if fmt == "isic2020"
-            else "an image column (image_name, image, image_id, isic_id or filename) and target"
-        )
-        raise missing_columns_error(path, fmt, ["image_name"], list(raw.columns), expected)
-    derived = {}
-    if "target" in sources and sources["target"].lower() != "benign_malignant":
-        other = find_column(raw.columns, ("benign_malignant",), exclude=(sources["target"],))
-        if other is not None:
-            words = raw[other].str.strip().str.lower().map(TARGET_WORDS)
-            numbers = pd.to_numeric(raw[sources["target"]], errors="coerce")
-            disagree = words.notna() & numbers.notna() & (words != numbers)
-            if disagree.any():
-                names = raw.loc[disagree, sources["image_name"]].tolist()
-                report.warnings.append(
-                    f"{int(disagree.sum()):,} rows have {sources['target']!r} disagreeing with {other!r} "
-                    f"(first: {first_few(names)}); {sources['target']!r} is used"
-                )
-    if "target" not in sources:
-        report.warnings.append(f"no target (label) column: all {len(raw):,} images are unlabelled")
-        derived["target"] = np.full(len(raw), np.nan)
-    frame = assemble(raw, sources, derived)
-    frame.attrs["target_source"] = sources.get("target", "target")
-    return frame
-
-
-def _load_mapping(raw: pd.DataFrame, path: Path, mapping: Mapping[str, str]) -> pd.DataFrame:
-    """The assembled frame of ``raw`` with ``mapping`` (``{canonical column: source column}``, matched
-    case-insensitively) first, then the usual names; CohortError for a key that is not a canonical
-    column or a mapped column the table lacks.
-    """
-    unknown = [k for k in mapping if k not in CANONICAL_COLUMNS or k == "image_path"]
-    if unknown:
-        raise CohortError(
-            f"mapping keys {', '.join(map(repr, unknown))} are not canonical columns; map any of "
-            f"{', '.join(c for c in CANONICAL_COLUMNS if c != 'image_path')} (image_path is computed: map "
-            "image_name to the column with file names or relative paths)"
-        )
-    fixed = {}
-    absent = []
-    for canonical, column in mapping.items():
-        found = find_column(raw.columns, (str(column).strip().lower(),))
-        if found is None:
-            absent.append(f"{column!r} (for {canonical})")
-        else:
-            fixed[canonical] = found
-    if absent:
-        raise CohortError(
-            f"{path}: mapped column(s) {', '.join(absent)} not in the table; "
-            f"its columns are {columns_text(raw.columns)}"
-        )
-    sources = resolve_aliases(raw.columns, fixed)
-    if "image_name" not in sources:
-        raise missing_columns_error(
-            path,
-            "mapping",
-            ["image_name"],
-            list(raw.columns),
-            "a mapping for image_name, e.g. mapping={'image_name': 'file'}",
-        )
-    derived = {} if "target" in sources else {"target": np.full(len(raw), np.nan)}
-    frame = assemble(raw, sources, derived)
-    frame.attrs["target_source"] = sources.get("target", "target")
-    return frame
-
-
-def _load_ham10000(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """The assembled frame of a HAM10000 table (image_id, dx; target 1 where ``dx`` is ``mel``)."""
-    image = find_column(raw.columns, ("image_id",))
-    dx = find_column(raw.columns, ("dx",))
-    missing = [c for c, f in (("image_id", image), ("dx", dx)) if f is None]
-    if missing:
-        raise missing_columns_error(
-            path, "ham10000", missing, list(raw.columns), "lesion_id, image_id, dx, dx_type, age, sex, localization"
-        )
-    sources = resolve_aliases(raw.columns, {"image_name": image, "diagnosis": dx}, skip=("target",))
-    code = raw[dx].str.strip().str.lower()
-    target = np.where(code.isna(), np.nan, (code == "mel").astype(float))
-    frame = assemble(raw, sources, {"target": target})
-    frame.attrs["target_source"] = dx
-    return frame
-
-
-def _load_isic2019(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """The assembled frame of an ISIC 2019 ground truth: diagnosis = the class marked 1, target = ``MEL``;
-    CohortError for a value that is not 0/1 or a row marking more than one class.
-    """
-    image = find_column(raw.columns, ("image",))
-    classes = [(c, find_column(raw.columns, (c.lower(),))) for c in ISIC2019_CLASSES]
-    present = [(c, col) for c, col in classes if col is not None]
-    missing = [c for c, col in (("image", image), ("MEL", dict(classes)["MEL"])) if col is None]
-    if missing:
-        raise missing_columns_error(
-            path, "isic2019", missing, list(raw.columns), "image, MEL, NV, BCC, AK, BKL, DF, VASC, SCC, UNK (one-hot)"
-        )
-    names = raw[image].astype(object).to_numpy()
-    lines = np.arange(2, len(raw) + 2)
-    onehot = np.zeros((len(raw), len(present)), dtype=float)
-    for j, (_, column) in enumerate(present):
-        values = coerce_binary(raw[column], column, lines, names)
-        onehot[:, j] = values
-    hot = np.nan_to_num(onehot) == 1
-    n_hot = hot.sum(axis=1)
-    several = np.flatnonzero(n_hot > 1)
-    if len(several):
-        shown = [
-            f"line {lines[i]} ({names[i]}): {'+'.join(c for (c, _), h in zip(present, hot[i]) if h)}"
-            for i in several[:SHOWN]
-        ]
-        raise CohortError(
-            f"{path}: {len(several):,} rows mark more than one diagnosis class "
-            f"({first_few(shown, total=len(several), sep='; ')}); each row of the ISIC 2019 "
-            "ground truth must have exactly one 1"
-        )
-    labels = np.array([c for c, _ in present], dtype=object)
-    diagnosis = np.where(n_hot == 1, labels[hot.argmax(axis=1)], None)
-    target = onehot[:, [c for c, _ in present].index("MEL")]
-    sources = {"image_name": image}
-    frame = assemble(raw, sources, {"diagnosis": diagnosis, "target": target})
-    frame.attrs["target_source"] = dict(present)["MEL"]
-    return frame
-
-
-def _load_folders(root: Path, report: CohortReport) -> pd.DataFrame:
-    """The assembled frame of the image files in ``root``'s class folders (target 1 for
-    :data:`MALIGNANT_FOLDER_NAMES`, diagnosis = the folder name, ``image_path`` known); entries that
-    are not images in a class folder are reported, not read.
-    """
-    if not root.exists():
-        raise CohortError(f"image folder {root} does not exist")
-    if not root.is_dir():
-        raise CohortError(f"format 'folders' needs a folder with one sub-folder per class; {root} is a file")
-    rows: list[tuple[str, str, str, float, str]] = []
-    ignored: list[str] = []
-    class_dirs = []
-    with os.scandir(root) as entries:
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                class_dirs.append(entry)
-            else:
-                ignored.append(entry.name)
-    for class_dir in sorted(class_dirs, key=lambda e: e.name):
-        malignant = class_dir.name.strip().lower() in MALIGNANT_FOLDER_NAMES
-        with os.scandir(class_dir.path) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                if entry.name.startswith("."):
-                    continue
-                stem, ext = os.path.splitext(entry.name)
-                if not entry.is_file() or ext.lower() not in EXTENSION_RANK:
-                    ignored.append(f"{class_dir.name}/{entry.name}")
-                    continue
-                rows.append((stem, entry.name, os.path.abspath(entry.path), float(malignant), class_dir.name))
-    if not rows:
-        found = ", ".join(sorted(e.name for e in class_dirs)) or "no sub-folders"
-        raise CohortError(
-            f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in class folders "
-            f"(found {found}); expected e.g. {root}/melanoma/*.jpg and {root}/nevus/*.jpg"
-        )
-    if ignored:
-        report.warnings.append(
-            f"ignored {len(ignored):,} entries that are not images in a class folder (first: {first_few(ignored)})"
-        )
-    if not any(r[3] for r in rows):
-        report.warnings.append(
-            f"no folder named melanoma, mel or malignant in {root} (classes: "
-            f"{', '.join(sorted(e.name for e in class_dirs))}): every image is labelled 0"
-        )
-    names, files, paths, target, diagnosis = (list(x) for x in zip(*rows))
-    raw = pd.DataFrame({"image_name": names})
-    frame = assemble(
-        raw,
-        {"image_name": "image_name"},
-        {"target": np.array(target), "diagnosis": np.array(diagnosis, dtype=object)},
-        lines=np.full(len(rows), None, dtype=object),
-    )
-    frame[FILE_COLUMN] = files
-    frame[PATH_COLUMN] = paths
-    frame.attrs["target_source"] = "class folder"
-    return frame
 
 
 # --------------------------------------------------------------------------- checks on the assembled table (every format)

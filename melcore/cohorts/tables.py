@@ -1,6 +1,7 @@
 """What every lesion-table reader shares: CSV reading, column names, assembly and 0/1 coercion.
 
-Each format's reader turns its source into an *assembled frame* (:func:`assemble`): the
+Each reader (:mod:`melcore.cohorts.isic2020`, ``isic2019``, ``ham10000``, ``folders``,
+``mapping``) turns its source into an *assembled frame* (:func:`assemble`): the
 :data:`CANONICAL_COLUMNS` (values not yet coerced), the source's other columns, and three
 bookkeeping columns (:data:`LINE_COLUMN`, :data:`FILE_COLUMN`, :data:`PATH_COLUMN`) that
 :func:`melcore.cohort.load_cohort` uses to check, join and match the rows and then drops.
@@ -54,7 +55,7 @@ CANONICAL_COLUMNS = (
     "clinic",
     "image_path",
 )
-# The one-hot diagnosis columns of the ISIC 2019 ground truth (read by the ISIC 2019 reader; their
+# The one-hot diagnosis columns of the ISIC 2019 ground truth (read by melcore.cohorts.isic2019; their
 # names also make a header recognisable to columns_text).
 ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 UNKNOWN_CLINIC = "unknown"
