@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from melcore import colour
-from melcore.cohort import IMAGE_EXTENSIONS
+from melcore.cohorts.image_files import IMAGE_EXTENSIONS
 from melcore.errors import ConfigError, ImageError, MelcoreError
 from melcore.safety import inside
 

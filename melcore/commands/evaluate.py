@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from melcore import metrics
-from melcore.cohort import age_band, columns_text, describe_grouping, group_keys, load_cohort
+from melcore.cohort import age_band, describe_grouping, group_keys, load_cohort
+from melcore.cohorts.tables import columns_text
 from melcore.errors import MelcoreError
 from melcore.formatting import first_few, json_safe
 from melcore.metrics import check_predictions
