@@ -675,6 +675,7 @@ def main() -> None:
         _study(store, dataset, run, runs, mode, reviewer, counts[run_id])
         return
     threshold = run_threshold(run)
+    classes = dataset_classes(dataset)
     if run.get("threshold") is None:
         st.info(
             f"No threshold saved for this run: using the default {format_threshold(threshold)}. Choose one on "
@@ -683,7 +684,7 @@ def main() -> None:
     else:
         st.caption(
             f"Decision threshold {format_threshold(threshold)} (saved on the Compare page). Risk = the run's "
-            "predicted probability of melanoma."
+            f"predicted probability that the lesion is {classes.positive}."
         )
     scratch = scratch_words(run)
     if scratch and not uses_colour_model(run):
@@ -702,7 +703,6 @@ def main() -> None:
         show_error(exc, "The worklist cannot be prepared")
         return
     shown = apply_scope(full, scope)
-    classes = dataset_classes(dataset)
     try:
         cohort = load_cohort_cached(dataset)
     except (MelcoreError, OSError) as exc:

@@ -14,6 +14,7 @@ from page_helpers import run, texts
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
+from melcore.classes import MALIGNANT, MELANOMA
 from melcore.store import Store
 
 THRESHOLD = 0.3
@@ -80,6 +81,17 @@ def test_worklist_is_sorted_by_risk_and_opens_the_riskiest_lesion(seeded):
     assert "Decision threshold 0.300 (saved" in texts(at.caption)  # the saved threshold
     assert metric(at, "Reviewed") == f"0 / {N_SCORED}"
     assert any(b.label.startswith("Open") for b in at.button)  # the patient's other lesions
+
+
+@pytest.mark.parametrize("classes", [MELANOMA, MALIGNANT], ids=["melanoma", "malignant"])
+def test_the_risk_caption_names_the_datasets_positive_class(seeded, classes):
+    store = seeded["store"]
+    summary = store.get_dataset(seeded["dataset_id"])["summary"]
+    store.update_dataset(seeded["dataset_id"], summary={**summary, "classes": classes.to_dict()})
+    caption = next(str(c.value) for c in open_page().caption if str(c.value).startswith("Decision threshold"))
+    other = MALIGNANT if classes is MELANOMA else MELANOMA
+    assert f"probability that the lesion is {classes.positive}." in caption
+    assert other.positive not in caption
 
 
 def test_saving_without_a_reviewer_name_is_refused_and_keeps_the_note(seeded):

@@ -236,3 +236,27 @@ def test_warm_up_starts_when_the_page_opens_and_the_upload_uses_its_model(runs, 
     assert not at.exception and 0.0 <= probability(at) <= 1.0
     assert len(loads) == 1, "the upload loaded the model again instead of using the warmed one"
     assert predict.warm_up_in_background(model_dir) is warming  # once per process and model file
+
+
+def test_reruns_keep_the_loaded_models_graphs_and_new_uploads_score_as_in_a_plain_process(runs, model_dir, monkeypatch):
+    # Streamlit's runner calls keras.backend.clear_session() after each run unless the app stops it
+    # (ui.common.keep_keras_between_reruns); that clears TensorFlow's kernel cache and every loaded
+    # model's next call builds and optimises its graphs again.
+    from tensorflow.python.eager import context
+
+    from melcore.explain import load_run_model
+    from melcore.images import read_upload
+    from melcore.predict import predict_images
+
+    cleared = []
+    original = context.Context.clear_kernel_cache
+    monkeypatch.setattr(context.Context, "clear_kernel_cache", lambda self: cleared.append(1) or original(self))
+    at = open_page()
+    model = load_run_model(model_dir)
+    for seed in range(3):
+        data = png_bytes(seed=seed)
+        at.file_uploader(key="score_upload").upload(f"lesion-{seed}.png", data, "image/png")
+        run(at)
+        expected = predict_images(model, read_upload(data, size=32)[None])[0]
+        assert probability(at) == pytest.approx(expected, abs=1e-3)
+    assert cleared == []
