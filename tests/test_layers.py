@@ -95,6 +95,16 @@ def _dashboard_sources() -> list[Path]:
     return [ROOT / "app.py", *sorted((ROOT / "pages").glob("*.py")), *sorted((ROOT / "ui").glob("*.py"))]
 
 
+#: The one private Streamlit use the dashboard needs, with why: Streamlit's runner calls
+#: ``keras.backend.clear_session()`` after every script run (a TF1-era clean-up), which throws away
+#: TensorFlow's compiled graphs of every model the server keeps loaded; no public option turns it off.
+#: tests/test_score_page.py fails if a Streamlit upgrade moves the hook while still clearing.
+PRIVATE_STREAMLIT_ALLOWED = {
+    ("ui/common.py", "streamlit.runtime.scriptrunner"),
+    ("ui/common.py", "streamlit.runtime.scriptrunner.script_runner"),
+}
+
+
 def test_the_dashboard_uses_public_streamlit_only():
     # Private Streamlit state (streamlit.runtime, streamlit.web, `_`-named modules or attributes) changes
     # without notice between releases; app.py, the pages and their helpers use `import streamlit as st`.
@@ -109,8 +119,10 @@ def test_the_dashboard_uses_public_streamlit_only():
                 names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
             for name in names:
                 parts = name.split(".")
-                if parts[0] == "streamlit" and (
-                    len(parts) > 1 and parts[1] != "testing" or any(p.startswith("_") for p in parts)
+                if (
+                    parts[0] == "streamlit"
+                    and (len(parts) > 1 and parts[1] != "testing" or any(p.startswith("_") for p in parts))
+                    and (str(path.relative_to(ROOT)), name) not in PRIVATE_STREAMLIT_ALLOWED
                 ):
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}")
             if (
