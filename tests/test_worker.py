@@ -143,17 +143,20 @@ def test_cancel_running_job_and_bad_config_fails_while_worker_carries_on(queue, 
     assert "job %d failed" % bad in out
 
 
-def test_jobs_cli_submit_list_and_validation(queue, db_url):
+def test_jobs_cli_submit_list_and_validation(queue, db_url, capsys):
+    from melcore.__main__ import main
+
     store, _ = queue
 
     def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "melcore", "jobs", "--db", db_url, *args],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        """``python -m melcore jobs --db URL ARGS`` as ``main(argv)`` in this process (no child's imports)."""
+        capsys.readouterr()
+        try:
+            code = main(["jobs", "--db", db_url, *args])
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["python", "-m", "melcore", "jobs", *args], code, out, err)
 
     done = cli(
         "submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--epochs", "1", "--each-clinic"
