@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import run_main
 from test_train import Recorder, easy_config, make_easy_cohort
 
 pytestmark = pytest.mark.slow
@@ -32,23 +33,6 @@ def _config(**overrides):
     values = dict(mode="fast-head", epochs=6, learning_rate=1e-2)
     values.update(overrides)
     return easy_config(**values)
-
-
-def _melcore(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``python -m melcore ARGV`` as ``main(argv)`` in this process: (exit status, stdout, stderr).
-
-    The command's code and its printed output are the same as in a new process, without a second
-    TensorFlow import; ``tests/test_readme_commands.py`` runs the entry point itself in a shell.
-    """
-    from melcore.__main__ import main
-
-    capsys.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_fit_folds_predicts_every_image_exactly_once(cohort, tmp_path):
@@ -197,17 +181,17 @@ def test_train_cli_folds(demo_dir, tmp_path, monkeypatch, capsys):
         str(out),
         "--quiet",
     ]
-    code, stdout, stderr = _melcore(cmd, capsys)
-    assert code == 0, stderr[-2000:]
-    assert "out-of-fold  AUROC" in stdout
+    done = run_main(cmd, capsys)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "out-of-fold  AUROC" in done.stdout
     labels = pd.read_csv(demo_dir / "labels.csv")
     oof = pd.read_csv(out / "oof_predictions.csv")
     assert len(oof) == labels["target"].notna().sum() and oof["image_name"].is_unique
     assert set(oof["fold"]) == {0, 1}
     assert json.loads((out / "metrics.json").read_text())["kind"] == "kfold"
 
-    code, _, stderr = _melcore(cmd[:-3] + ["--folds", "1", "--out", str(tmp_path / "bad")], capsys)
-    assert code == 2 and "--folds must be at least 2" in stderr
+    bad = run_main(cmd[:-3] + ["--folds", "1", "--out", str(tmp_path / "bad")], capsys)
+    assert bad.returncode == 2 and "--folds must be at least 2" in bad.stderr
 
 
 def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch, capsys):
@@ -240,18 +224,18 @@ def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch, capsys
         "easy",
         "--quiet",
     ]
-    code, stdout, stderr = _melcore(cmd, capsys)
-    assert code == 0, stderr[-2000:]
-    assert "mode fast-head" in stdout  # the CPU default
+    done = run_main(cmd, capsys)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mode fast-head" in done.stdout  # the CPU default
     for clinic in CLINICS:
-        assert clinic in stdout
+        assert clinic in done.stdout
     store = Store()
     dataset = store.get_dataset("easy")
     read = latest_cross_clinic(store, dataset["id"])
     assert read is not None and read.clinics == sorted(CLINICS) and read.n.shape == (3, 3)
 
-    code, _, stderr = _melcore(cmd[:-1] + ["--clinic", "north"], capsys)
-    assert code == 2 and "--clinic does not apply" in stderr
+    again = run_main(cmd[:-1] + ["--clinic", "north"], capsys)
+    assert again.returncode == 2 and "--clinic does not apply" in again.stderr
 
 
 def test_worker_runs_kfold_and_cross_clinic_jobs(easy_dir):

@@ -21,10 +21,10 @@ import re
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -247,28 +247,6 @@ def _run_in_shell(command: str, work: Path, env: dict) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
-def _run_in_process(argv: list[str], capfd) -> tuple[int, str, str]:
-    """``sys.exit(main(argv))`` as ``python -m melcore`` ends: (exit status, stdout, stderr) of fds 1 and 2."""
-    from melcore.__main__ import main
-
-    capfd.readouterr()
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's usage errors and --help end the process this way
-        code = exc.code
-    except Exception:  # noqa: BLE001 - the interpreter prints the traceback and exits 1
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    out, err = capfd.readouterr()
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # sys.exit("message"): printed on stderr, status 1
-        err, code = f"{err}{code}\n", 1
-    return code, out, err
-
-
 def test_plain_melcore_commands_get_the_argv_bash_would_pass():
     assert in_process_argv("python -m melcore runs archive 3") == ["runs", "archive", "3"]
     assert in_process_argv("python -m melcore cache --max-size 20G --dry-run     # what (--older-than 30d)") == [
@@ -317,7 +295,8 @@ def test_every_readme_command_runs_as_written_on_a_fresh_home(tmp_path, monkeypa
         if argv is None:
             returncode, stdout, stderr = _run_in_shell(command, work, env)
         else:
-            returncode, stdout, stderr = _run_in_process(argv, capfd)
+            done = run_main(argv, capfd)  # file descriptors 1 and 2, as the shell sees them
+            returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
         timings.append((time.monotonic() - start, "shell" if argv is None else "in-process", command))
         assert returncode == 0, (
             f"README command {number} of {len(found)} exited {returncode}:\n"

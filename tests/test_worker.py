@@ -144,19 +144,12 @@ def test_cancel_running_job_and_bad_config_fails_while_worker_carries_on(queue, 
 
 
 def test_jobs_cli_submit_list_and_validation(queue, db_url, capsys):
-    from melcore.__main__ import main
+    from cli_helpers import run_main
 
     store, _ = queue
 
     def cli(*args):
-        """``python -m melcore jobs --db URL ARGS`` as ``main(argv)`` in this process (no child's imports)."""
-        capsys.readouterr()
-        try:
-            code = main(["jobs", "--db", db_url, *args])
-        except SystemExit as exc:  # argparse's usage errors
-            code = exc.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["python", "-m", "melcore", "jobs", *args], code, out, err)
+        return run_main(["jobs", "--db", db_url, *args], capsys)
 
     done = cli(
         "submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--epochs", "1", "--each-clinic"
