@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import run_main
 from test_train import Recorder, easy_config, make_easy_cohort
 
 pytestmark = pytest.mark.slow
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CLINICS = ("north", "south", "east")
 
 
@@ -37,10 +33,6 @@ def _config(**overrides):
     values = dict(mode="fast-head", epochs=6, learning_rate=1e-2)
     values.update(overrides)
     return easy_config(**values)
-
-
-def _env(home: Path) -> dict:
-    return dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), MELREVIEW_HOME=str(home), TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def test_fit_folds_predicts_every_image_exactly_once(cohort, tmp_path):
@@ -162,12 +154,10 @@ def test_cross_clinic_refuses_a_patient_seen_in_two_clinics(tmp_path):
     assert not (tmp_path / "cross").exists()  # refused before anything was trained or written
 
 
-def test_train_cli_folds(demo_dir, tmp_path):
+def test_train_cli_folds(demo_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MELREVIEW_HOME", str(tmp_path / "home"))
     out = tmp_path / "kfold"
     cmd = [
-        sys.executable,
-        "-m",
-        "melcore",
         "train",
         "--csv",
         str(demo_dir / "labels.csv"),
@@ -191,9 +181,7 @@ def test_train_cli_folds(demo_dir, tmp_path):
         str(out),
         "--quiet",
     ]
-    done = subprocess.run(
-        cmd, cwd=PROJECT_ROOT, env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=600
-    )
+    done = run_main(cmd, capsys)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "out-of-fold  AUROC" in done.stdout
     labels = pd.read_csv(demo_dir / "labels.csv")
@@ -202,26 +190,17 @@ def test_train_cli_folds(demo_dir, tmp_path):
     assert set(oof["fold"]) == {0, 1}
     assert json.loads((out / "metrics.json").read_text())["kind"] == "kfold"
 
-    bad = subprocess.run(
-        cmd[:-3] + ["--folds", "1", "--out", str(tmp_path / "bad")],
-        cwd=PROJECT_ROOT,
-        env=_env(tmp_path / "home"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    bad = run_main(cmd[:-3] + ["--folds", "1", "--out", str(tmp_path / "bad")], capsys)
     assert bad.returncode == 2 and "--folds must be at least 2" in bad.stderr
 
 
-def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch):
+def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch, capsys):
     from melcore.compare import latest_cross_clinic
     from melcore.store import Store
 
     home = tmp_path / "home"
+    monkeypatch.setenv("MELREVIEW_HOME", str(home))
     cmd = [
-        sys.executable,
-        "-m",
-        "melcore",
         "cross-clinic",
         "--csv",
         str(easy_dir[0]),
@@ -245,20 +224,17 @@ def test_cross_clinic_cli_stores_the_run(easy_dir, tmp_path, monkeypatch):
         "easy",
         "--quiet",
     ]
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, env=_env(home), capture_output=True, text=True, timeout=600)
+    done = run_main(cmd, capsys)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mode fast-head" in done.stdout  # the CPU default
     for clinic in CLINICS:
         assert clinic in done.stdout
-    monkeypatch.setenv("MELREVIEW_HOME", str(home))
     store = Store()
     dataset = store.get_dataset("easy")
     read = latest_cross_clinic(store, dataset["id"])
     assert read is not None and read.clinics == sorted(CLINICS) and read.n.shape == (3, 3)
 
-    again = subprocess.run(
-        cmd[:-1] + ["--clinic", "north"], cwd=PROJECT_ROOT, env=_env(home), capture_output=True, text=True, timeout=600
-    )
+    again = run_main(cmd[:-1] + ["--clinic", "north"], capsys)
     assert again.returncode == 2 and "--clinic does not apply" in again.stderr
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_main
 from PIL import Image
 
 from melcore import demo
@@ -165,24 +165,14 @@ def test_ensure_demo_builds_once_under_home(melreview_home, monkeypatch):
 
 def test_cli_writes_a_demo_and_reports_errors(tmp_path):
     out = tmp_path / "cli-demo"
-    done = subprocess.run(
-        [sys.executable, "-m", "melcore", "demo", "--out", str(out), "--patients", "3", "--seed", "2"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    with contextlib.chdir(PROJECT_ROOT):  # in this process (tests/cli_helpers.py)
+        done = run_main(["demo", "--out", str(out), "--patients", "3", "--seed", "2"])
     assert done.returncode == 0, done.stderr
     rows = read_rows(out)
     assert f"{len(rows)} images" in done.stdout and "3 patients" in done.stdout
     assert len(list((out / "jpeg" / "train").glob("*.jpg"))) == len(rows)
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "melcore", "demo", "--out", str(tmp_path / "y"), "--patients", "0"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    with contextlib.chdir(PROJECT_ROOT):
+        bad = run_main(["demo", "--out", str(tmp_path / "y"), "--patients", "0"])
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "n_patients" in bad.stderr

@@ -1,15 +1,16 @@
-"""``python -m melcore evaluate`` on good and bad inputs, run as a subprocess from the project root."""
+"""``python -m melcore evaluate`` on good and bad inputs (``main(argv)`` from the project root)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_helpers import run_main
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
@@ -17,13 +18,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "melcore", "evaluate", *map(str, args)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """``python -m melcore evaluate ARGS`` run from the project root, in this process (tests/cli_helpers.py)."""
+    with contextlib.chdir(PROJECT_ROOT):
+        return run_main(["evaluate", *map(str, args)])
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

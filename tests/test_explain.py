@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_main
 from PIL import Image
 
 from melcore import explain
@@ -16,7 +14,6 @@ from melcore.errors import ImageError, MelcoreError
 
 keras = pytest.importorskip("keras")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 TOY_SIZE = 40
 SQUARE = (slice(6, 16), slice(6, 16))  # where the toy task's evidence is: a bright 10x10 square
@@ -440,24 +437,12 @@ def test_registry_models(name, size, layer):
 # --------------------------------------------------------------------------- command line
 
 
-def _cli(*args, home):
-    env = dict(
-        os.environ,
-        MELREVIEW_HOME=str(home),
-        TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "melcore", "gradcam", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        env=env,
-        timeout=240,
-    )
+def _cli(*args, capsys):
+    """``python -m melcore gradcam ARGS`` in this process (MELREVIEW_HOME: the ``melreview_home`` fixture's)."""
+    return run_main(["gradcam", *map(str, args)], capsys)
 
 
-def test_cli_writes_overlay_png(toy_run, tmp_path, melreview_home):
+def test_cli_writes_overlay_png(toy_run, tmp_path, melreview_home, capsys):
     run_dir, image_path = toy_run
     out = tmp_path / "out" / "overlay.png"
     done = _cli(
@@ -473,7 +458,7 @@ def test_cli_writes_overlay_png(toy_run, tmp_path, melreview_home):
         out,
         "--heatmap-out",
         tmp_path / "heat.npy",
-        home=melreview_home,
+        capsys=capsys,
     )
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout
@@ -483,12 +468,12 @@ def test_cli_writes_overlay_png(toy_run, tmp_path, melreview_home):
     assert heat.shape == (TOY_SIZE, TOY_SIZE) and heat.max() == pytest.approx(1.0)
 
 
-def test_cli_reports_bad_inputs(toy_run, tmp_path, melreview_home):
+def test_cli_reports_bad_inputs(toy_run, tmp_path, melreview_home, capsys):
     run_dir, _ = toy_run
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
-    done = _cli("--model", run_dir, "--image", text, "--out", tmp_path / "o.png", home=melreview_home)
+    done = _cli("--model", run_dir, "--image", text, "--out", tmp_path / "o.png", capsys=capsys)
     assert done.returncode == 2 and "notes.jpg" in done.stderr and "Traceback" not in done.stderr
-    done = _cli("--model", tmp_path / "nope", "--image", text, "--out", tmp_path / "o.png", home=melreview_home)
+    done = _cli("--model", tmp_path / "nope", "--image", text, "--out", tmp_path / "o.png", capsys=capsys)
     assert done.returncode == 2 and "no such run directory or model file" in done.stderr
     assert not (tmp_path / "o.png").exists()

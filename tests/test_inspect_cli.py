@@ -1,25 +1,22 @@
-"""``python -m melcore inspect``: JSON / text output and exit codes, run as a subprocess."""
+"""``python -m melcore inspect``: JSON / text output and exit codes (``main(argv)`` from the project root)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+from cli_helpers import run_main
 from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def inspect(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "melcore", "inspect", *map(str, args)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """``python -m melcore inspect ARGS`` run from the project root, in this process (tests/cli_helpers.py)."""
+    with contextlib.chdir(PROJECT_ROOT):
+        return run_main(["inspect", *map(str, args)])
 
 
 def make_isic2020(folder: Path, with_images=("ISIC_1", "ISIC_2", "ISIC_3")) -> Path:

@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_main
 
 from melcore.errors import ConfigError, MelcoreError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "melcore", *map(str, args)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _cli(*args):
+    """``python -m melcore ARGS`` run from the project root, in this process (tests/cli_helpers.py)."""
+    with contextlib.chdir(PROJECT_ROOT):
+        return run_main([*map(str, args)])
 
 
 def _train_args(*argv):

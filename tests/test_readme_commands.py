@@ -2,7 +2,11 @@
 
 * Every command of the README's "Command line" section (its fenced ``bash`` blocks) runs, in order, in
   an empty folder on a fresh ``MELREVIEW_HOME``, and exits 0; what the text around them promises (job
-  and run ids, the ``--json`` fields) holds.
+  and run ids, the ``--json`` fields) holds. The first command and every one that is not a plain
+  ``python -m melcore`` word list (another module, such as the worker, or any shell syntax) run in
+  ``bash -c`` as a new process; the other ``python -m melcore ...`` commands run as
+  ``melcore.__main__.main(argv)`` in this process, with file descriptors 1 and 2 captured, which is
+  what ``python -m melcore`` runs (``sys.exit(main())``) with the argv bash would pass it.
 * The ``--json`` fields documented in that section are the keys ``datasets``, ``runs list`` and
   ``jobs list`` print.
 * The first screen gives exactly the two set-up commands, and the first one's second half
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -213,8 +218,65 @@ def _check_json_fields(command: str, stdout: str, documented: dict[str, list[str
         assert list(json.loads(stdout)) == documented["datasets list --json"] + list(DETAIL_FIELDS)
 
 
+#: A word bash passes to the command as it is (no quoting, expansion, redirection or control operator).
+_PLAIN_WORD = re.compile(r"^[A-Za-z0-9_./,=:+@%-]+$")
+
+
+def in_process_argv(command: str) -> list[str] | None:
+    """The argv ``main`` gets for a ``python -m melcore`` command of plain words, else None (needs a shell).
+
+    A ``#`` after a blank starts a comment, as in bash; every other word must be made of characters bash
+    gives no meaning to, so that its argv is exactly the words split on blanks.
+    """
+    words = re.split(r"\s+#", " " + command, maxsplit=1)[0].split()
+    if words[:3] != ["python", "-m", "melcore"] or not all(_PLAIN_WORD.match(word) for word in words):
+        return None
+    return words[3:]
+
+
+def _run_in_shell(command: str, work: Path, env: dict) -> tuple[int, str, str]:
+    done = subprocess.run(
+        ["bash", "-c", command],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_plain_melcore_commands_get_the_argv_bash_would_pass():
+    assert in_process_argv("python -m melcore runs archive 3") == ["runs", "archive", "3"]
+    assert in_process_argv("python -m melcore cache --max-size 20G --dry-run     # what (--older-than 30d)") == [
+        "cache",
+        "--max-size",
+        "20G",
+        "--dry-run",
+    ]
+    assert in_process_argv("python -m melcore train --clinics a,b --out runs/cnn") == [
+        "train",
+        "--clinics",
+        "a,b",
+        "--out",
+        "runs/cnn",
+    ]
+    for needs_a_shell in (
+        "python -m trainers.worker --once",
+        "python -m melcore runs list > runs.txt",
+        "python -m melcore inspect --csv $HOME/labels.csv",
+        "python -m melcore inspect --csv 'my labels.csv'",
+        "python -m melcore inspect --csv ~/labels.csv",
+        "python -m melcore demo && python -m melcore datasets list",
+        "python -m melcore predict --images demo/*.jpg",
+        "cd demo",
+    ):
+        assert in_process_argv(needs_a_shell) is None, needs_a_shell
+
+
 @pytest.mark.slow
-def test_every_readme_command_runs_as_written_on_a_fresh_home(tmp_path):
+def test_every_readme_command_runs_as_written_on_a_fresh_home(tmp_path, monkeypatch, capfd):
     from melcore.store import Store
 
     found = readme_commands()
@@ -222,26 +284,28 @@ def test_every_readme_command_runs_as_written_on_a_fresh_home(tmp_path):
     home, work = tmp_path / "home", tmp_path / "work"
     work.mkdir()
     env = _env(home, work)
+    for name in ("MELREVIEW_HOME", "MELREVIEW_DATA_ROOTS", "TF_CPP_MIN_LOG_LEVEL"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.delenv("MELREVIEW_DB_URL", raising=False)
+    monkeypatch.chdir(work)
     timings = []
     for number, command in enumerate(found, 1):
         start = time.monotonic()
-        done = subprocess.run(
-            ["bash", "-c", command],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            stdin=subprocess.DEVNULL,
+        argv = None if number == 1 else in_process_argv(command)
+        if argv is None:
+            returncode, stdout, stderr = _run_in_shell(command, work, env)
+        else:
+            done = run_main(argv, capfd)  # file descriptors 1 and 2, as the shell sees them
+            returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+        timings.append((time.monotonic() - start, "shell" if argv is None else "in-process", command))
+        assert returncode == 0, (
+            f"README command {number} of {len(found)} exited {returncode}:\n"
+            f"$ {command}\n--- stdout (end) ---\n{stdout[-2000:]}\n"
+            f"--- stderr (end) ---\n{stderr[-4000:]}"
         )
-        timings.append((time.monotonic() - start, command))
-        assert done.returncode == 0, (
-            f"README command {number} of {len(found)} exited {done.returncode}:\n"
-            f"$ {command}\n--- stdout (end) ---\n{done.stdout[-2000:]}\n"
-            f"--- stderr (end) ---\n{done.stderr[-4000:]}"
-        )
-        _check_json_fields(command, done.stdout, documented)
-    print("\n".join(f"{seconds:6.1f}s  {command}" for seconds, command in timings))
+        _check_json_fields(command, stdout, documented)
+    with capfd.disabled():
+        print("\n" + "\n".join(f"{seconds:6.1f}s  {where:<10}  {command}" for seconds, where, command in timings))
 
     # what the text around the commands says they did
     with pytest.MonkeyPatch.context() as mp:

@@ -143,17 +143,13 @@ def test_cancel_running_job_and_bad_config_fails_while_worker_carries_on(queue, 
     assert "job %d failed" % bad in out
 
 
-def test_jobs_cli_submit_list_and_validation(queue, db_url):
+def test_jobs_cli_submit_list_and_validation(queue, db_url, capsys):
+    from cli_helpers import run_main
+
     store, _ = queue
 
     def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "melcore", "jobs", "--db", db_url, *args],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_main(["jobs", "--db", db_url, *args], capsys)
 
     done = cli(
         "submit", "--dataset", "demo", "--model", "basic-cnn", "--image-size", "32", "--epochs", "1", "--each-clinic"
