@@ -76,6 +76,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from melcore import settings  # noqa: E402
+from melcore.meta.features import logit  # noqa: E402
 from melcore.metrics import auroc, auroc_ci  # noqa: E402
 
 SOURCE_MATCHED = "ISIC archive 2016-2018"
@@ -269,11 +270,6 @@ def train_mask(data: Data, recipe: Recipe, fold: int) -> np.ndarray:
 # --------------------------------------------------------------------------- rows
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
@@ -423,7 +419,7 @@ def run_fusion(data: Data, recipe: Recipe, colour_p: np.ndarray, cnn_p: np.ndarr
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    a, b = _logit(colour_p), _logit(cnn_p)
+    a, b = logit(colour_p), logit(cnn_p)
     if recipe.kind == "mean":
         # z-scores over the training-side images of the source-matched set only (no labels used).
         m = data.matched
