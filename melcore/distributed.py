@@ -66,12 +66,19 @@ class Placement:
         workers = tuple(str(w).strip() for w in self.workers)
         if not workers:
             raise ConfigError("a placement needs at least one worker address (host:port)")
-        for address in workers:
+        for position, address in enumerate(workers, start=1):
             match = _ADDRESS.match(address)
             if not match or not 0 < int(match.group(1)) < 65536:
-                raise ConfigError(f"worker address {address!r} is not host:port with a port 1-65535")
-        if len(set(workers)) != len(workers):
-            raise ConfigError(f"worker addresses repeat: {', '.join(workers)}; give each worker its own port")
+                raise ConfigError(
+                    f"worker address {position} ({address!r}) is not host:port with a port 1-65535, "
+                    "e.g. gpu1.example.org:2222"
+                )
+        repeated = sorted({a for a in workers if workers.count(a) > 1}, key=workers.index)
+        if repeated:
+            raise ConfigError(
+                f"worker address {repeated[0]!r} is given {workers.count(repeated[0])} times "
+                f"(addresses repeat: {', '.join(workers)}); give each worker its own host:port"
+            )
         if (
             isinstance(self.index, bool)
             or not isinstance(self.index, (int, np.integer))
@@ -196,7 +203,8 @@ def check_distributable(config) -> None:
     if mode != "full":
         raise ConfigError(
             f"training across workers needs mode 'full', not {mode!r}; for fast-head runs, cache "
-            "the features in shards (jobs submit --kind features --shards N) and train on one worker"
+            "the features in shards (a 'features' job: jobs submit --kind features --shards N, or the "
+            "Train page's feature cache) and train on one worker"
         )
 
 

@@ -36,7 +36,7 @@ from melcore.distributed import (
 )
 from melcore.errors import ConfigError, MelcoreError
 from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
-from melcore.store import Store
+from melcore.store import GROUP, Store
 
 __all__ = [
     "JobKind",
@@ -46,6 +46,8 @@ __all__ = [
     "submit_jobs",
     "submit_meta_job",
     "submit_feature_jobs",
+    "queue_jobs",
+    "parse_worker_hosts",
     "record_run",
     "RecordedRun",
     "PREDICTION_FILES",
@@ -503,19 +505,26 @@ class JobKind:
         :func:`submit_feature_jobs`).
     run : callable(ctx) -> (state, run id)
         Trains and records the job (see the module docstring for ``ctx``).
+    across_workers : bool
+        One job of this kind may be trained across several worker addresses
+        (:func:`submit_jobs` with ``workers``; one job per address).
+    sharded : bool
+        The kind is queued as N independent shards (:func:`submit_feature_jobs`).
     """
 
     name: str
     description: str
     image_model: bool
     run: Callable[[Any], tuple[str, "int | None"]]
+    across_workers: bool = False
+    sharded: bool = False
 
 
 #: name -> :class:`JobKind`, in menu order.
 JOB_KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
-        JobKind("train", "one model", True, run_train_job),
+        JobKind("train", "one model", True, run_train_job, across_workers=True),
         JobKind("kfold", "every fold of --folds K, out-of-fold predictions", True, run_kfold_job),
         JobKind("cross-clinic", "train on each clinic, score the others", True, run_cross_clinic_job),
         JobKind("meta", "metadata and patient-context model, no images", False, run_meta_job),
@@ -524,6 +533,7 @@ JOB_KINDS: dict[str, JobKind] = {
             "cache the backbone features of the dataset's images, one job per shard of --shards N",
             False,
             run_features_job,
+            sharded=True,
         ),
     )
 }
@@ -557,7 +567,8 @@ def submit_jobs(
     With ``workers`` (a :class:`melcore.distributed.Placement`; its index is ignored) one
     ``train`` run is queued across them: one job per worker address, each carrying the
     placement and its index in its config; the worker process on each address's machine
-    claims that address's job (:func:`can_run_here`), and worker 0's job records the run.
+    claims that address's job (:func:`can_run_here`), and worker 0's job records the run. The
+    siblings' placements share a random ``group`` id (:data:`melcore.store.GROUP`).
     """
     from dataclasses import replace
 
@@ -584,9 +595,10 @@ def submit_jobs(
     else:
         configs = [config]
     if workers is not None:
+        group = uuid.uuid4().hex[:16]  # the siblings' shared id (cancelled and watched together)
         return [
             store.submit_job(
-                {**config.to_dict(), "placement": Placement(workers.workers, i).to_dict()},
+                {**config.to_dict(), "placement": {**Placement(workers.workers, i).to_dict(), GROUP: group}},
                 dataset_id=dataset["id"],
                 kind=kind,
             )
@@ -634,3 +646,62 @@ def submit_feature_jobs(store: Store, config, dataset: dict, n_shards: int) -> l
         store.submit_job(shard_config(config.to_dict(), n_shards, shard), dataset_id=dataset["id"], kind=FEATURES_JOB)
         for shard in range(n_shards)
     ]
+
+
+def parse_worker_hosts(text: str | None) -> Placement | None:
+    """The :class:`melcore.distributed.Placement` of ``"host:port, host:port"`` (index 0), None for blank text.
+
+    Raises
+    ------
+    ConfigError
+        An address that is not host:port (named by its position) or one given twice.
+    """
+    if text is None or not str(text).strip():
+        return None
+    return Placement.parse(str(text), 0)
+
+
+def queue_jobs(
+    store: Store,
+    kind: str,
+    config,
+    dataset: dict,
+    *,
+    each_clinic: bool = False,
+    workers: Placement | None = None,
+    n_shards: int | None = None,
+) -> list[int]:
+    """Queue a job of an image-model or sharded kind as :data:`JOB_KINDS` says; returns the job ids.
+
+    The one submit path of the CLI (``jobs submit``) and the Train page for every kind whose
+    config is a TrainConfig: ``workers`` only for a kind that trains across workers
+    (:attr:`JobKind.across_workers`), ``n_shards`` only for a sharded kind
+    (:attr:`JobKind.sharded`, default 1 shard). Nothing is queued when anything is refused.
+
+    Raises
+    ------
+    ConfigError
+        Unknown kind, worker addresses or shards given to a kind that takes none, a bad number of
+        shards, or a config the kind's submit function refuses.
+    """
+    job_kind = JOB_KINDS.get(kind)
+    if job_kind is None or not (job_kind.image_model or job_kind.sharded):
+        known = [name for name, k in JOB_KINDS.items() if k.image_model or k.sharded]
+        raise ConfigError(f"unknown job kind {kind!r} here; choose one of {', '.join(known)}")
+    if workers is not None and not job_kind.across_workers:
+        takers = [name for name, k in JOB_KINDS.items() if k.across_workers]
+        raise ConfigError(
+            f"a {kind!r} job runs on one worker; worker addresses go with kind {' or '.join(map(repr, takers))} "
+            "(one model trained across the workers)"
+        )
+    if n_shards is not None and not job_kind.sharded:
+        takers = [name for name, k in JOB_KINDS.items() if k.sharded]
+        raise ConfigError(f"shards go with kind {' or '.join(map(repr, takers))}, not {kind!r}")
+    if job_kind.sharded:
+        if each_clinic:
+            raise ConfigError(
+                f"a {kind!r} job caches the dataset's images once; choose one clinic or all clinics, "
+                "not one job per clinic"
+            )
+        return submit_feature_jobs(store, config, dataset, 1 if n_shards is None else n_shards)
+    return submit_jobs(store, config, dataset, each_clinic, kind, workers=workers)

@@ -190,6 +190,16 @@ def _row(row) -> dict:
 MIGRATION_LOCK = 0x6D656C72  # PostgreSQL advisory lock key ("melr") held while the schema is created or migrated
 REQUEUED = "requeued:"  # how the note of a job put back in the queue after its worker died starts
 CLAIM_WINDOW = 200  # queued jobs a worker with an accept filter looks at per claim
+GROUP = "group"
+"""Key of a job's ``config["placement"]`` naming its sibling group: the jobs of one run trained across
+workers (:func:`melcore.jobs.submit_jobs`) share it, and :meth:`Store.request_cancel` cancels them together."""
+
+
+def job_group_id(config) -> str | None:
+    """The sibling group a job's config names (``config["placement"]["group"]``), or None."""
+    placement = (config or {}).get("placement") if isinstance(config, dict) else None
+    group = placement.get(GROUP) if isinstance(placement, dict) else None
+    return str(group) if group else None
 
 
 def _shortened(text: str, limit: int) -> str:

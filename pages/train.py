@@ -26,7 +26,7 @@ from melcore import registry as models
 from melcore.compare import run_source_confounding, weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
-from melcore.jobs import submit_jobs, submit_meta_job
+from melcore.jobs import JOB_KINDS, parse_worker_hosts, queue_jobs, submit_meta_job
 from melcore.meta.features import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from melcore.runinfo import COLOUR_SCORER, delivered_auroc, missingness_of, run_title, scratch_words
@@ -44,6 +44,7 @@ JOB_KIND_LABELS = {
     "One model": "train",
     "K-fold: every fold, out-of-fold predictions for all images": "kfold",
     "Cross-clinic: train on each clinic, score every other clinic": "cross-clinic",
+    "Feature cache: the frozen backbone's features of every image, in shards (for fast-head runs)": FEATURES_JOB,
 }
 WEIGHT_LABELS = {
     "none": "None (train from scratch)",
@@ -425,6 +426,8 @@ def _form(store) -> None:
             key=f"{K}tta_{tag}",
         )
 
+    worker_hosts, n_shards = _machines(kind)
+
     if not st.button("Queue training job", type="primary", key=K + "submit"):
         return
     values = dict(preset)
@@ -455,7 +458,49 @@ def _form(store) -> None:
     if weights_choice == "file" and not weights:
         st.error("Not queued: give the path of the weights file, or choose other weights.")
         return
-    _submit(store, values, dataset, each_clinic=clinic == EACH_CLINIC, kind=kind)
+    _submit(
+        store,
+        values,
+        dataset,
+        each_clinic=clinic == EACH_CLINIC,
+        kind=kind,
+        worker_hosts=worker_hosts,
+        n_shards=n_shards,
+    )
+
+
+def _machines(kind: str) -> tuple[str, int | None]:
+    """The "Several machines" expander: (worker addresses text, number of shards or None) for ``kind``.
+
+    Worker addresses are offered for kinds that train across workers, shards for sharded kinds
+    (:data:`melcore.jobs.JOB_KINDS`); both are checked by :func:`melcore.jobs.queue_jobs` on submit.
+    """
+    job_kind = JOB_KINDS[kind]
+    with st.expander("Several machines", expanded=False):
+        if job_kind.across_workers:
+            hosts = st.text_input(
+                "Worker addresses (host:port, comma-separated; empty: one worker)",
+                key=K + "worker_hosts",
+                placeholder="gpu1.lab.example:2222, gpu2.lab.example:2222",
+                help="One model trained across these workers (MultiWorkerMirroredStrategy, full mode only): "
+                "one job per address, claimed by the worker running on that address's machine "
+                "(`python -m trainers.worker` there, sharing this database and MELREVIEW_HOME). "
+                "The port is a free one TensorFlow listens on. Worker 0 records the run; cancelling "
+                "one job cancels them all.",
+            )
+            return hosts, None
+        if job_kind.sharded:
+            shards = st.number_input(
+                "Feature shards",
+                value=1,
+                step=1,
+                key=K + "shards",
+                help="The dataset's images split into this many jobs; every worker sharing the database "
+                "and MELREVIEW_HOME takes one shard at a time, and a shard whose worker dies is redone alone.",
+            )
+            return "", int(shards)
+        st.caption("This kind of job runs on one worker; its jobs are shared by every worker running.")
+    return "", None
 
 
 def _meta_form(store) -> None:
@@ -504,10 +549,19 @@ def _meta_form(store) -> None:
     _ensure_worker(store)
 
 
-def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "train") -> None:
+def _submit(
+    store,
+    values: dict,
+    dataset: dict,
+    each_clinic: bool,
+    kind: str = "train",
+    worker_hosts: str = "",
+    n_shards: int | None = None,
+) -> None:
     try:
         config = train_module.TrainConfig.from_dict(values)
-        job_ids = submit_jobs(store, config, dataset, each_clinic, kind)
+        workers = parse_worker_hosts(worker_hosts)
+        job_ids = queue_jobs(store, kind, config, dataset, each_clinic=each_clinic, workers=workers, n_shards=n_shards)
     except ConfigError as exc:
         st.error(f"Not queued: {escape_markdown(exc)}")
         return
@@ -519,6 +573,12 @@ def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "
         f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on "
         f"{escape_markdown(repr(dataset['name']))}."
     )
+    if workers is not None:
+        st.info(
+            f"One model across {workers.n_workers} workers: start `python -m trainers.worker` on the machine "
+            f"of each address ({escape_markdown(', '.join(workers.workers))}), sharing this database; worker 0 "
+            "records the run. The workers wait for each other before training."
+        )
     _ensure_worker(store)
 
 
