@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +102,12 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     TensorFlow fixes its collective setup at the first op of a process, and a worker process
     may have trained before, so the training runs in a new process (``spawn``): it sets up
     the strategy from the placement, trains with :func:`melcore.training.api.fit` and sends
-    its progress back; the job's cancel flag reaches it within one batch. Worker 0 (the chief)
-    writes ``runs/job-<id>-...`` and records the run; the others train into a scratch folder
-    they remove and end "done" without a run. Every job of the placement must be claimed (one
+    its progress back; the job's cancel flag reaches it within one batch. Cancelling one job of the
+    group cancels them all (:meth:`melcore.store.Store.request_cancel`); the workers may see it
+    at different batches, and one already stopped leaves the others waiting in a collective op,
+    so a process still training :func:`melcore.settings.group_timeout` seconds after the stop is
+    ended and the job ends "cancelled". Worker 0 (the chief) writes ``runs/job-<id>-...`` and
+    records the run; the others train into a scratch folder they remove and end "done" without a run. Every job of the placement must be claimed (one
     worker process per address) before any of them trains.
     """
     import multiprocessing
@@ -114,6 +118,7 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     if job.get("dataset_id") is None:
         raise MelcoreError("the job names no dataset; submit it with a dataset")
     check_distributable(config)
+    grace = settings.group_timeout()
     run_dir = new_run_dir(job, config.model) if placement.is_chief else Path(worker_run_dir(placement, None))
     spawn = multiprocessing.get_context("spawn")
     messages, stop = spawn.Queue(), spawn.Event()
@@ -135,10 +140,20 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     child.start()
     log.info("job %s: %s, training in process %s", job["id"], placement, child.pid)
     ending: tuple | None = None
+    stopped_at: float | None = None
     try:
         while ending is None:
-            if ctx.should_stop():
+            if stopped_at is None and ctx.should_stop():
                 stop.set()
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() - stopped_at > grace:
+                log.warning(
+                    "job %s: the training process did not stop within %.0f s of the cancel (a sibling "
+                    "stopped first and this one waits on it); ending it",
+                    job["id"],
+                    grace,
+                )
+                break
             try:
                 message = messages.get(timeout=0.5)
             except queue_module.Empty:
@@ -153,8 +168,14 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     finally:
         if child.is_alive():
             child.terminate()
+            child.join(timeout=5)
+        if child.is_alive():  # blocked in TensorFlow's collective setup, SIGTERM may go unheard
+            child.kill()
+            child.join(timeout=5)
         if not placement.is_chief:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if ending is None and stopped_at is not None and ctx.cancelled.is_set():
+        return "cancelled", None
     if ending is None:
         raise MelcoreError(
             f"the training process of {placement} exited with status {child.exitcode} before the "

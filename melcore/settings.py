@@ -5,6 +5,8 @@ directories, image and feature caches and the demo cohort.
 ``MELREVIEW_DB_URL`` overrides the store (e.g. ``postgresql+psycopg://...``).
 ``MELREVIEW_DATA_ROOTS`` lists the folders datasets may be registered from.
 ``MELREVIEW_WARM_UP=0`` stops the pages loading a run's model in the background.
+``MELREVIEW_GROUP_TIMEOUT`` (seconds) bounds how long the workers of one run trained across
+machines wait on a sibling that stopped (:func:`group_timeout`).
 """
 
 from __future__ import annotations
@@ -58,3 +60,29 @@ def data_roots() -> list[Path]:
 def warm_up_enabled() -> bool:
     """Whether pages warm a run's model in the background (``MELREVIEW_WARM_UP``, on unless ``0``/``false``/``no``)."""
     return os.environ.get("MELREVIEW_WARM_UP", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+GROUP_TIMEOUT_VARIABLE = "MELREVIEW_GROUP_TIMEOUT"
+DEFAULT_GROUP_TIMEOUT = 30.0
+
+
+def group_timeout() -> float:
+    """Seconds the workers of one run trained across machines wait on a sibling that stopped.
+
+    ``MELREVIEW_GROUP_TIMEOUT`` (default 30): a sibling job without a heartbeat for this long
+    counts as dead, and a training process still running this long after its stop is ended
+    (:func:`melcore.jobs.run_placed_job`). ConfigError naming the value when it is not a
+    positive number.
+    """
+    raw = os.environ.get(GROUP_TIMEOUT_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_GROUP_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(
+            f"{GROUP_TIMEOUT_VARIABLE}={raw!r} is not a positive number of seconds; set it to e.g. 30 or unset it"
+        )
+    return value

@@ -191,8 +191,10 @@ def _curves(job: dict):
 
 
 def _cancel(job_id: int) -> None:
+    store = get_store()
     try:
-        state = get_store().request_cancel(job_id)
+        state = store.request_cancel(job_id)
+        siblings = [j["id"] for j in store.group_jobs(job_id) if j["id"] != job_id]
     except MelcoreError as exc:
         st.session_state[K + "notice"] = ("error", f"Job #{job_id} could not be cancelled: {exc}")
         return
@@ -201,6 +203,11 @@ def _cancel(job_id: int) -> None:
         if state == "running"
         else f"Job #{job_id} is {state}."
     )
+    if siblings:
+        message += (
+            f" It trains one model with job{'s' if len(siblings) > 1 else ''} "
+            f"{', '.join(f'#{i}' for i in siblings)} on other workers: cancelled with it."
+        )
     st.session_state[K + "notice"] = ("info", message)
 
 

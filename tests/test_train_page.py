@@ -557,3 +557,18 @@ def test_kinds_on_one_worker_offer_no_machine_fields(seeded, worker_calls):
     keys = [w.key for w in (*at.text_input, *at.number_input)]
     assert "train_worker_hosts" not in keys and "train_shards" not in keys
     assert "runs on one worker" in texts(at.caption)
+
+
+def test_cancelling_one_worker_s_job_cancels_the_whole_run(seeded, worker_calls):
+    at = machines(fill(open_page(), "cnn-bn", size=32, epochs=1), "One model")
+    at.text_input(key="train_worker_hosts").input("localhost:2222, localhost:2223, localhost:2224")
+    submit(run(at))
+    store = seeded["store"]
+    ids = sorted(j["id"] for j in store.list_jobs())
+    assert store.claim_job("testhost:1:1")["id"] == ids[0]
+    at = open_page()
+    at.button(key=f"train_cancel_{ids[1]}").click()
+    at = run(at)
+    assert [store.get_job(i)["state"] for i in ids] == ["running", "cancelled", "cancelled"]
+    assert store.get_job(ids[0])["cancel_requested"]
+    assert f"#{ids[0]}, #{ids[2]} on other workers: cancelled with it" in plain(at.info)

@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = actions.add_parser("list", help="the jobs, newest first")
     listing.add_argument("--json", action="store_true", help="one JSON array")
     listing.add_argument("--limit", type=int, default=50)
-    cancel = actions.add_parser("cancel", help="cancel a queued or running job")
+    cancel = actions.add_parser(
+        "cancel", help="cancel a queued or running job (and the other workers' jobs of a run trained across workers)"
+    )
     cancel.add_argument("job_id", type=int, metavar="ID")
 
 
@@ -172,4 +174,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     state = store.request_cancel(args.job_id)
     print(f"job {args.job_id}: {state}" + (" (stops within one batch)" if state == "running" else ""))
+    for sibling in store.group_jobs(args.job_id):
+        if sibling["id"] != args.job_id:
+            print(f"job {sibling['id']} (same run, another worker): {sibling['state']}")
     return 0
