@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from melcore import settings
 from melcore.errors import ConfigError
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "worker_run_dir",
     "check_distributable",
     "is_local_host",
+    "communication_options",
 ]
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:(\d{1,5})$")
@@ -159,12 +161,23 @@ def multi_worker_strategy(placement: Placement):
 
     Sets ``TF_CONFIG`` in this process's environment first. Call it before TensorFlow runs any
     op in this process (TensorFlow fixes its collective setup at the first op); every worker
-    of the placement must call it, and it returns once all of them have joined.
+    of the placement must call it, and it returns once all of them have joined. Its collective
+    ops time out after :func:`melcore.settings.collective_timeout` seconds when that is set
+    (:func:`communication_options`).
     """
+    options = communication_options(settings.collective_timeout())
     os.environ["TF_CONFIG"] = json.dumps(placement.tf_config())
     import tensorflow as tf
 
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def communication_options(timeout_seconds: float | None):
+    """``tf.distribute.experimental.CommunicationOptions`` whose collective ops time out after
+    ``timeout_seconds`` (None: TensorFlow's default, no timeout). Creates no op."""
+    import tensorflow as tf
+
+    return tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
 
 
 def worker_run_dir(placement: Placement | None, run_dir=None):

@@ -37,7 +37,7 @@ from melcore.distributed import (
 )
 from melcore.errors import ConfigError, MelcoreError
 from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
-from melcore.store import GROUP, Store
+from melcore.store import GROUP, REQUEUED, Store
 
 __all__ = [
     "JobKind",
@@ -57,6 +57,7 @@ __all__ = [
     "job_placement",
     "can_run_here",
     "run_placed_job",
+    "group_failure",
 ]
 
 log = logging.getLogger("melcore.jobs")
@@ -96,6 +97,61 @@ def can_run_here(job: dict) -> bool:
     return placement is None or is_local_host(placement.host)
 
 
+GROUP_CHECK_EVERY = 2.0  # seconds between a placed job's looks at its siblings' jobs
+
+
+def group_failure(members: list[dict], job_id: int, now: float, stale_after: float) -> str | None:
+    """Why the run that job ``job_id`` trains with its siblings cannot go on, or None while it can.
+
+    A sibling that failed or was cancelled, one whose worker stopped beating for more than
+    ``stale_after`` seconds while running, or one put back in the queue after its worker died
+    ends the run: TensorFlow would otherwise keep the live workers waiting in a collective op.
+    Siblings still queued for the first time (their worker has not started yet) and finished
+    ones do not. A job whose own cancel was requested is stopping anyway: None.
+
+    Parameters
+    ----------
+    members : list of dict
+        :meth:`melcore.store.Store.group_jobs` of the job (itself included).
+    job_id : int
+    now : float
+        The current time (seconds since the epoch, as the store's heartbeats).
+    stale_after : float
+        Seconds without a heartbeat after which a running sibling counts as dead.
+
+    Returns
+    -------
+    str or None
+        A message naming the dead worker's index, address and job, and what to do.
+    """
+    if any(m["id"] == job_id and m.get("cancel_requested") for m in members):
+        return None
+    for member in members:
+        if member["id"] == job_id:
+            continue
+        placement = (member.get("config") or {}).get("placement") or {}
+        workers, index = list(placement.get("workers") or []), placement.get("index")
+        address = workers[index] if isinstance(index, int) and 0 <= index < len(workers) else "?"
+        who = f"worker {index} ({address}, job #{member['id']})"
+        error = (member.get("error") or "").strip().splitlines()
+        state, beat = member["state"], member.get("heartbeat_at")
+        if state == "failed":
+            why = f"failed: {error[0]}" if error else "failed"
+        elif state == "cancelled":
+            why = "was cancelled"
+        elif state == "running" and beat is not None and now - float(beat) > stale_after:
+            why = f"stopped responding (no heartbeat for {now - float(beat):.0f} s, more than {stale_after:g} s)"
+        elif state == "queued" and error and error[0].startswith(REQUEUED):
+            why = "stopped responding and its job went back to the queue"
+        else:
+            continue
+        return (
+            f"{who} of this run {why}; the workers train together, so this one stops too. "
+            "Queue the run again once every worker is running"
+        )
+    return None
+
+
 def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     """Worker ``placement.index`` of one run trained across ``placement`` (MultiWorkerMirroredStrategy).
 
@@ -106,7 +162,10 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     group cancels them all (:meth:`melcore.store.Store.request_cancel`); the workers may see it
     at different batches, and one already stopped leaves the others waiting in a collective op,
     so a process still training :func:`melcore.settings.group_timeout` seconds after the stop is
-    ended and the job ends "cancelled". Worker 0 (the chief) writes ``runs/job-<id>-...`` and
+    ended and the job ends "cancelled". Every :data:`GROUP_CHECK_EVERY` seconds (and before
+    training) the job looks at its siblings' jobs: when one has failed, was cancelled or stopped
+    beating for :func:`melcore.settings.group_timeout` seconds (:func:`group_failure`), its
+    process is ended and the job fails with a message naming that worker's address. Worker 0 (the chief) writes ``runs/job-<id>-...`` and
     records the run; the others train into a scratch folder they remove and end "done" without a run. Every job of the placement must be claimed (one
     worker process per address) before any of them trains.
     """
@@ -119,6 +178,9 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
         raise MelcoreError("the job names no dataset; submit it with a dataset")
     check_distributable(config)
     grace = settings.group_timeout()
+    failure = group_failure(ctx.store.group_jobs(job["id"]), job["id"], time.time(), grace)
+    if failure is not None:
+        raise MelcoreError(failure)
     run_dir = new_run_dir(job, config.model) if placement.is_chief else Path(worker_run_dir(placement, None))
     spawn = multiprocessing.get_context("spawn")
     messages, stop = spawn.Queue(), spawn.Event()
@@ -141,8 +203,18 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     log.info("job %s: %s, training in process %s", job["id"], placement, child.pid)
     ending: tuple | None = None
     stopped_at: float | None = None
+    checked_at = time.monotonic()
     try:
         while ending is None:
+            if stopped_at is None and time.monotonic() - checked_at > GROUP_CHECK_EVERY:
+                checked_at = time.monotonic()
+                try:
+                    failure = group_failure(ctx.store.group_jobs(job["id"]), job["id"], time.time(), grace)
+                except Exception as exc:  # noqa: BLE001 - the store is briefly unreachable: look again next time
+                    log.warning("job %s: the sibling jobs could not be read: %s", job["id"], exc)
+                if failure is not None:
+                    log.error("job %s: %s", job["id"], failure)
+                    break
             if stopped_at is None and ctx.should_stop():
                 stop.set()
                 stopped_at = time.monotonic()
@@ -174,6 +246,8 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
             child.join(timeout=5)
         if not placement.is_chief:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if failure is not None:
+        raise MelcoreError(failure)
     if ending is None and stopped_at is not None and ctx.cancelled.is_set():
         return "cancelled", None
     if ending is None:

@@ -184,6 +184,22 @@ def test_cancelling_a_sibling_stops_a_worker_waiting_on_it(queue, db_url):
     assert store.get_job(chief)["run_id"] is None
 
 
+def test_a_failed_sibling_fails_the_waiting_worker_naming_its_address(queue, db_url):
+    store, dataset_id = queue
+    chief, other = _group_of_two(store, dataset_id)
+    address = store.get_job(other)["config"]["placement"]["workers"][1]
+    worker = _worker(db_url, "--once", MELREVIEW_GROUP_TIMEOUT="3")
+    try:
+        _wait(lambda: store.get_job(chief)["state"] == "running", 120, "worker 0's job to start")
+        store.update_job(other, state="failed", error="its machine ran out of memory")
+        _wait(lambda: store.get_job(chief)["state"] == "failed", 60, "worker 0's job to fail")
+        assert worker.wait(timeout=60) == 0
+    finally:
+        _stop(worker)
+    error = store.get_job(chief)["error"]
+    assert f"worker 1 ({address}, job #{other}) of this run failed: its machine ran out of memory" in error
+
+
 def test_jobs_cli_submit_list_and_validation(queue, db_url):
     store, _ = queue
 
