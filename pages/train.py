@@ -34,7 +34,7 @@ from melcore.safety import escape_markdown
 from melcore.shards import FEATURES_JOB
 from melcore.training import config as train_module
 from melcore.training import recipes
-from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error, whole_number
 
 log = logging.getLogger("melreview.pages.train")
 K = "train_"  # session-state prefix of this page
@@ -271,7 +271,7 @@ def _form(store) -> None:
     kind = JOB_KIND_LABELS[kind_label]
     n_folds = 5
     if kind == "kfold":
-        n_folds = int(st.number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "n_folds"))
+        n_folds = whole_number("Folds", 5, K + "n_folds", min_value=2, max_value=20)
     clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
     clinic_options = [ALL_CLINICS] + ([EACH_CLINIC] + clinics if clinics else [])
     row = st.columns(4)
@@ -283,31 +283,24 @@ def _form(store) -> None:
     )
     if not clinics:
         row[0].caption("This dataset has no clinic column: jobs use all images.")
-    image_size = row[1].number_input(
+    image_size = whole_number(
         "Image size (px)",
-        min_value=1,
+        preset.get("image_size") or spec.default_image_size,
+        f"{K}size_{scope}",
         max_value=4096,
-        step=1,
-        value=int(preset.get("image_size") or spec.default_image_size),
-        key=f"{K}size_{scope}",
         help=f"Square side; {spec.name} default {spec.default_image_size}, minimum {spec.min_image_size}.",
+        where=row[1],
     )
-    epochs = row[2].number_input(
+    epochs = whole_number(
         "Epochs",
-        min_value=1,
+        preset.get("epochs") or 10,
+        f"{K}epochs_{tag}",
         max_value=1000,
-        step=1,
-        value=int(preset.get("epochs") or 10),
-        key=f"{K}epochs_{tag}",
         help="Epochs of the first stage (the head stage with pretrained weights).",
+        where=row[2],
     )
-    batch_size = row[3].number_input(
-        "Batch size",
-        min_value=1,
-        max_value=4096,
-        step=1,
-        value=int(preset.get("batch_size") or recipe.batch_size),
-        key=f"{K}batch_{scope}",
+    batch_size = whole_number(
+        "Batch size", preset.get("batch_size") or recipe.batch_size, f"{K}batch_{scope}", max_value=4096, where=row[3]
     )
     row = st.columns(4)
     learning_rate = row[0].number_input(
@@ -398,15 +391,15 @@ def _form(store) -> None:
 
     with st.expander("More options"):
         more = st.columns(4)
-        fine_tune = more[0].number_input(
+        fine_tune = whole_number(
             "Fine-tune epochs",
+            preset.get("fine_tune_epochs") or 0,
+            f"{K}finetune_{tag}",
             min_value=0,
             max_value=1000,
-            step=1,
-            value=int(preset.get("fine_tune_epochs") or 0),
-            key=f"{K}finetune_{tag}",
             help="Epochs with the top blocks unfrozen after the head stage (pretrained weights only; from scratch "
             "they are added to the single stage).",
+            where=more[0],
         )
         val_fraction = more[1].number_input(
             "Validation share of patients",
@@ -416,16 +409,14 @@ def _form(store) -> None:
             value=float(preset.get("val_fraction") or 0.2),
             key=f"{K}valfrac_{tag}",
         )
-        seed = more[2].number_input(
-            "Seed", min_value=0, step=1, value=int(preset.get("seed") or 0), key=f"{K}seed_{tag}"
-        )
+        seed = whole_number("Seed", preset.get("seed") or 0, f"{K}seed_{tag}", min_value=0, where=more[2])
         no_early_stop = "early_stopping_patience" in preset and preset["early_stopping_patience"] is None
-        patience = more[3].number_input(
+        patience = whole_number(
             "Early stopping patience (0 = off)",
+            0 if no_early_stop else preset.get("early_stopping_patience") or 3,
+            f"{K}patience_{tag}",
             min_value=0,
-            step=1,
-            value=0 if no_early_stop else int(preset.get("early_stopping_patience") or 3),
-            key=f"{K}patience_{tag}",
+            where=more[3],
         )
         tta = st.checkbox(
             "Score the final validation predictions with 8 flips (TTA)",
@@ -440,18 +431,18 @@ def _form(store) -> None:
     values = dict(preset)
     values.update(
         model=model,
-        image_size=int(image_size),
-        epochs=int(epochs),
-        batch_size=int(batch_size),
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
         learning_rate=float(learning_rate),
         balance=balance,
         augment=augment_name,
         weights=weights if weights else "",
         fallback_to_scratch=bool(fallback),
-        fine_tune_epochs=int(fine_tune),
+        fine_tune_epochs=fine_tune,
         val_fraction=float(val_fraction),
-        seed=int(seed),
-        early_stopping_patience=int(patience) or None,
+        seed=seed,
+        early_stopping_patience=patience or None,
         tta=bool(tta),
         clinic=None if clinic in (ALL_CLINICS, EACH_CLINIC) else clinic,
     )
@@ -497,15 +488,15 @@ def _machines(kind: str) -> tuple[str, int | None]:
             )
             return hosts, None
         if job_kind.sharded:
-            shards = st.number_input(
+            shards = whole_number(
                 "Feature shards",
-                value=1,
-                step=1,
-                key=K + "shards",
+                1,
+                K + "shards",
+                min_value=None,  # fewer than one is refused by melcore.jobs.queue_jobs with the allowed range
                 help="The dataset's images split into this many jobs; every worker sharing the database "
                 "and MELREVIEW_HOME takes one shard at a time, and a shard whose worker dies is redone alone.",
             )
-            return "", int(shards)
+            return "", shards
         st.caption("This kind of job runs on one worker; its jobs are shared by every worker running.")
     return "", None
 
@@ -528,7 +519,7 @@ def _meta_form(store) -> None:
     labels = {None: "none (metadata and context only)"}
     labels.update({int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" for r in image_runs})
     cols = st.columns([1, 1, 3])
-    n_folds = int(cols[0].number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "meta_folds"))
+    n_folds = whole_number("Folds", 5, K + "meta_folds", min_value=2, max_value=20, where=cols[0])
     feature_set = cols[1].selectbox(
         "Features",
         list(FEATURE_SET_LABELS),
