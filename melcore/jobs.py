@@ -10,6 +10,9 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
   (a ``features`` job records no run: its progress keeps the shard's counts);
   ``ctx`` is the worker's job context (``store``, ``job``, ``report`` (the ``progress`` callback
   of :func:`melcore.training.api.fit`), ``should_stop()``, ``cancelled`` (an event));
+* **queue**: :func:`queue_jobs` is the one submit path of the CLI and the Train page for the
+  TrainConfig kinds (worker addresses for :attr:`JobKind.across_workers` kinds, shards for
+  :attr:`JobKind.sharded` ones);
 * **record**: :func:`record_run` registers the finished run, its metrics and its predictions
   (``val_predictions.csv`` as split "val", ``oof_predictions.csv`` as "oof") in the store.
 
@@ -158,16 +161,19 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     TensorFlow fixes its collective setup at the first op of a process, and a worker process
     may have trained before, so the training runs in a new process (``spawn``): it sets up
     the strategy from the placement, trains with :func:`melcore.training.api.fit` and sends
-    its progress back; the job's cancel flag reaches it within one batch. Cancelling one job of the
-    group cancels them all (:meth:`melcore.store.Store.request_cancel`); the workers may see it
-    at different batches, and one already stopped leaves the others waiting in a collective op,
-    so a process still training :func:`melcore.settings.group_timeout` seconds after the stop is
-    ended and the job ends "cancelled". Every :data:`GROUP_CHECK_EVERY` seconds (and before
-    training) the job looks at its siblings' jobs: when one has failed, was cancelled or stopped
-    beating for :func:`melcore.settings.group_timeout` seconds (:func:`group_failure`), its
-    process is ended and the job fails with a message naming that worker's address. Worker 0 (the chief) writes ``runs/job-<id>-...`` and
-    records the run; the others train into a scratch folder they remove and end "done" without a run. Every job of the placement must be claimed (one
+    its progress back; the job's cancel flag reaches it within one batch. Worker 0 (the chief)
+    writes ``runs/job-<id>-...`` and records the run; the others train into a scratch folder
+    they remove and end "done" without a run. Every job of the placement must be claimed (one
     worker process per address) before any of them trains.
+
+    Cancelling one job of the group cancels them all (:meth:`melcore.store.Store.request_cancel`);
+    the workers may see it at different batches, and one already stopped leaves the others
+    waiting in a collective op, so a process still training :func:`melcore.settings.group_timeout`
+    seconds after the stop is ended and the job ends "cancelled". Before training and every
+    :data:`GROUP_CHECK_EVERY` seconds the job looks at its siblings' jobs: when one has failed,
+    was cancelled, went back to the queue or stopped beating for ``group_timeout`` seconds
+    (:func:`group_failure`), the process is ended and the job fails with a message naming that
+    worker's address.
     """
     import multiprocessing
     import queue as queue_module
