@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from melcore import settings
 from melcore.errors import ConfigError
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "worker_run_dir",
     "check_distributable",
     "is_local_host",
+    "communication_options",
 ]
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:(\d{1,5})$")
@@ -66,12 +68,19 @@ class Placement:
         workers = tuple(str(w).strip() for w in self.workers)
         if not workers:
             raise ConfigError("a placement needs at least one worker address (host:port)")
-        for address in workers:
+        for position, address in enumerate(workers, start=1):
             match = _ADDRESS.match(address)
             if not match or not 0 < int(match.group(1)) < 65536:
-                raise ConfigError(f"worker address {address!r} is not host:port with a port 1-65535")
-        if len(set(workers)) != len(workers):
-            raise ConfigError(f"worker addresses repeat: {', '.join(workers)}; give each worker its own port")
+                raise ConfigError(
+                    f"worker address {position} ({address!r}) is not host:port with a port 1-65535, "
+                    "e.g. gpu1.example.org:2222"
+                )
+        repeated = sorted({a for a in workers if workers.count(a) > 1}, key=workers.index)
+        if repeated:
+            raise ConfigError(
+                f"worker address {repeated[0]!r} is given {workers.count(repeated[0])} times "
+                f"(addresses repeat: {', '.join(workers)}); give each worker its own host:port"
+            )
         if (
             isinstance(self.index, bool)
             or not isinstance(self.index, (int, np.integer))
@@ -152,12 +161,23 @@ def multi_worker_strategy(placement: Placement):
 
     Sets ``TF_CONFIG`` in this process's environment first. Call it before TensorFlow runs any
     op in this process (TensorFlow fixes its collective setup at the first op); every worker
-    of the placement must call it, and it returns once all of them have joined.
+    of the placement must call it, and it returns once all of them have joined. Its collective
+    ops time out after :func:`melcore.settings.collective_timeout` seconds when that is set
+    (:func:`communication_options`).
     """
+    options = communication_options(settings.collective_timeout())
     os.environ["TF_CONFIG"] = json.dumps(placement.tf_config())
     import tensorflow as tf
 
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def communication_options(timeout_seconds: float | None):
+    """``tf.distribute.experimental.CommunicationOptions`` whose collective ops time out after
+    ``timeout_seconds`` (None: TensorFlow's default, no timeout). Creates no op."""
+    import tensorflow as tf
+
+    return tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
 
 
 def worker_run_dir(placement: Placement | None, run_dir=None):
@@ -196,7 +216,8 @@ def check_distributable(config) -> None:
     if mode != "full":
         raise ConfigError(
             f"training across workers needs mode 'full', not {mode!r}; for fast-head runs, cache "
-            "the features in shards (jobs submit --kind features --shards N) and train on one worker"
+            "the features in shards (a 'features' job: jobs submit --kind features --shards N, or the "
+            "Train page's feature cache) and train on one worker"
         )
 
 

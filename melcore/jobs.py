@@ -10,6 +10,9 @@ A :class:`JobKind` says what a job of that kind is and does, in one place:
   (a ``features`` job records no run: its progress keeps the shard's counts);
   ``ctx`` is the worker's job context (``store``, ``job``, ``report`` (the ``progress`` callback
   of :func:`melcore.training.api.fit`), ``should_stop()``, ``cancelled`` (an event));
+* **queue**: :func:`queue_jobs` is the one submit path of the CLI and the Train page for the
+  TrainConfig kinds (worker addresses for :attr:`JobKind.across_workers` kinds, shards for
+  :attr:`JobKind.sharded` ones);
 * **record**: :func:`record_run` registers the finished run, its metrics and its predictions
   (``val_predictions.csv`` as split "val", ``oof_predictions.csv`` as "oof") in the store.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,7 +45,7 @@ from melcore.distributed import (
 )
 from melcore.errors import CancelledError, ConfigError, MelcoreError
 from melcore.shards import FEATURES_JOB, featurise_shard, shard_config, shard_rows
-from melcore.store import Store
+from melcore.store import GROUP, REQUEUED, Store
 from melcore.training.config import TrainConfig, validate
 
 __all__ = [
@@ -52,6 +56,8 @@ __all__ = [
     "submit_jobs",
     "submit_meta_job",
     "submit_feature_jobs",
+    "queue_jobs",
+    "parse_worker_hosts",
     "record_run",
     "RecordedRun",
     "PREDICTION_FILES",
@@ -60,6 +66,7 @@ __all__ = [
     "job_placement",
     "can_run_here",
     "run_placed_job",
+    "group_failure",
 ]
 
 log = logging.getLogger("melcore.jobs")
@@ -98,6 +105,61 @@ def can_run_here(job: dict) -> bool:
     return placement is None or is_local_host(placement.host)
 
 
+GROUP_CHECK_EVERY = 2.0  # seconds between a placed job's looks at its siblings' jobs
+
+
+def group_failure(members: list[dict], job_id: int, now: float, stale_after: float) -> str | None:
+    """Why the run that job ``job_id`` trains with its siblings cannot go on, or None while it can.
+
+    A sibling that failed or was cancelled, one whose worker stopped beating for more than
+    ``stale_after`` seconds while running, or one put back in the queue after its worker died
+    ends the run: TensorFlow would otherwise keep the live workers waiting in a collective op.
+    Siblings still queued for the first time (their worker has not started yet) and finished
+    ones do not. A job whose own cancel was requested is stopping anyway: None.
+
+    Parameters
+    ----------
+    members : list of dict
+        :meth:`melcore.store.Store.group_jobs` of the job (itself included).
+    job_id : int
+    now : float
+        The current time (seconds since the epoch, as the store's heartbeats).
+    stale_after : float
+        Seconds without a heartbeat after which a running sibling counts as dead.
+
+    Returns
+    -------
+    str or None
+        A message naming the dead worker's index, address and job, and what to do.
+    """
+    if any(m["id"] == job_id and m.get("cancel_requested") for m in members):
+        return None
+    for member in members:
+        if member["id"] == job_id:
+            continue
+        placement = (member.get("config") or {}).get("placement") or {}
+        workers, index = list(placement.get("workers") or []), placement.get("index")
+        address = workers[index] if isinstance(index, int) and 0 <= index < len(workers) else "?"
+        who = f"worker {index} ({address}, job #{member['id']})"
+        error = (member.get("error") or "").strip().splitlines()
+        state, beat = member["state"], member.get("heartbeat_at")
+        if state == "failed":
+            why = f"failed: {error[0]}" if error else "failed"
+        elif state == "cancelled":
+            why = "was cancelled"
+        elif state == "running" and beat is not None and now - float(beat) > stale_after:
+            why = f"stopped responding (no heartbeat for {now - float(beat):.0f} s, more than {stale_after:g} s)"
+        elif state == "queued" and error and error[0].startswith(REQUEUED):
+            why = "stopped responding and its job went back to the queue"
+        else:
+            continue
+        return (
+            f"{who} of this run {why}; the workers train together, so this one stops too. "
+            "Queue the run again once every worker is running"
+        )
+    return None
+
+
 def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     """Worker ``placement.index`` of one run trained across ``placement`` (MultiWorkerMirroredStrategy).
 
@@ -108,6 +170,15 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     writes ``runs/job-<id>-...`` and records the run; the others train into a scratch folder
     they remove and end "done" without a run. Every job of the placement must be claimed (one
     worker process per address) before any of them trains.
+
+    Cancelling one job of the group cancels them all (:meth:`melcore.store.Store.request_cancel`);
+    the workers may see it at different batches, and one already stopped leaves the others
+    waiting in a collective op, so a process still training :func:`melcore.settings.group_timeout`
+    seconds after the stop is ended and the job ends "cancelled". Before training and every
+    :data:`GROUP_CHECK_EVERY` seconds the job looks at its siblings' jobs: when one has failed,
+    was cancelled, went back to the queue or stopped beating for ``group_timeout`` seconds
+    (:func:`group_failure`), the process is ended and the job fails with a message naming that
+    worker's address.
     """
     import multiprocessing
     import queue as queue_module
@@ -117,6 +188,10 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     if job.get("dataset_id") is None:
         raise MelcoreError("the job names no dataset; submit it with a dataset")
     check_distributable(config)
+    grace = settings.group_timeout()
+    failure = group_failure(ctx.store.group_jobs(job["id"]), job["id"], time.time(), grace)
+    if failure is not None:
+        raise MelcoreError(failure)
     run_dir = new_run_dir(job, config.model) if placement.is_chief else Path(worker_run_dir(placement, None))
     spawn = multiprocessing.get_context("spawn")
     messages, stop = spawn.Queue(), spawn.Event()
@@ -138,10 +213,30 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     child.start()
     log.info("job %s: %s, training in process %s", job["id"], placement, child.pid)
     ending: tuple | None = None
+    stopped_at: float | None = None
+    checked_at = time.monotonic()
     try:
         while ending is None:
-            if ctx.should_stop():
+            if stopped_at is None and time.monotonic() - checked_at > GROUP_CHECK_EVERY:
+                checked_at = time.monotonic()
+                try:
+                    failure = group_failure(ctx.store.group_jobs(job["id"]), job["id"], time.time(), grace)
+                except Exception as exc:  # noqa: BLE001 - the store is briefly unreachable: look again next time
+                    log.warning("job %s: the sibling jobs could not be read: %s", job["id"], exc)
+                if failure is not None:
+                    log.error("job %s: %s", job["id"], failure)
+                    break
+            if stopped_at is None and ctx.should_stop():
                 stop.set()
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() - stopped_at > grace:
+                log.warning(
+                    "job %s: the training process did not stop within %.0f s of the cancel (a sibling "
+                    "stopped first and this one waits on it); ending it",
+                    job["id"],
+                    grace,
+                )
+                break
             try:
                 message = messages.get(timeout=0.5)
             except queue_module.Empty:
@@ -156,8 +251,16 @@ def run_placed_job(ctx, config, placement: Placement) -> tuple[str, int | None]:
     finally:
         if child.is_alive():
             child.terminate()
+            child.join(timeout=5)
+        if child.is_alive():  # blocked in TensorFlow's collective setup, SIGTERM may go unheard
+            child.kill()
+            child.join(timeout=5)
         if not placement.is_chief:
             shutil.rmtree(run_dir, ignore_errors=True)
+    if failure is not None:
+        raise MelcoreError(failure)
+    if ending is None and stopped_at is not None and ctx.cancelled.is_set():
+        return "cancelled", None
     if ending is None:
         raise MelcoreError(
             f"the training process of {placement} exited with status {child.exitcode} before the "
@@ -501,19 +604,26 @@ class JobKind:
         :func:`submit_feature_jobs`).
     run : callable(ctx) -> (state, run id)
         Trains and records the job (see the module docstring for ``ctx``).
+    across_workers : bool
+        One job of this kind may be trained across several worker addresses
+        (:func:`submit_jobs` with ``workers``; one job per address).
+    sharded : bool
+        The kind is queued as N independent shards (:func:`submit_feature_jobs`).
     """
 
     name: str
     description: str
     image_model: bool
     run: Callable[[Any], tuple[str, "int | None"]]
+    across_workers: bool = False
+    sharded: bool = False
 
 
 #: name -> :class:`JobKind`, in menu order.
 JOB_KINDS: dict[str, JobKind] = {
     kind.name: kind
     for kind in (
-        JobKind("train", "one model", True, run_train_job),
+        JobKind("train", "one model", True, run_train_job, across_workers=True),
         JobKind("kfold", "every fold of --folds K, out-of-fold predictions", True, run_kfold_job),
         JobKind("cross-clinic", "train on each clinic, score the others", True, run_cross_clinic_job),
         JobKind("meta", "metadata and patient-context model, no images", False, run_meta_job),
@@ -522,6 +632,7 @@ JOB_KINDS: dict[str, JobKind] = {
             "cache the backbone features of the dataset's images, one job per shard of --shards N",
             False,
             run_features_job,
+            sharded=True,
         ),
     )
 }
@@ -555,7 +666,8 @@ def submit_jobs(
     With ``workers`` (a :class:`melcore.distributed.Placement`; its index is ignored) one
     ``train`` run is queued across them: one job per worker address, each carrying the
     placement and its index in its config; the worker process on each address's machine
-    claims that address's job (:func:`can_run_here`), and worker 0's job records the run.
+    claims that address's job (:func:`can_run_here`), and worker 0's job records the run. The
+    siblings' placements share a random ``group`` id (:data:`melcore.store.GROUP`).
     """
     if kind not in IMAGE_JOB_KINDS:
         raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(IMAGE_JOB_KINDS)}")
@@ -578,9 +690,10 @@ def submit_jobs(
     else:
         configs = [config]
     if workers is not None:
+        group = uuid.uuid4().hex[:16]  # the siblings' shared id (cancelled and watched together)
         return [
             store.submit_job(
-                {**config.to_dict(), "placement": Placement(workers.workers, i).to_dict()},
+                {**config.to_dict(), "placement": {**Placement(workers.workers, i).to_dict(), GROUP: group}},
                 dataset_id=dataset["id"],
                 kind=kind,
             )
@@ -626,3 +739,62 @@ def submit_feature_jobs(store: Store, config, dataset: dict, n_shards: int) -> l
         store.submit_job(shard_config(config.to_dict(), n_shards, shard), dataset_id=dataset["id"], kind=FEATURES_JOB)
         for shard in range(n_shards)
     ]
+
+
+def parse_worker_hosts(text: str | None) -> Placement | None:
+    """The :class:`melcore.distributed.Placement` of ``"host:port, host:port"`` (index 0), None for blank text.
+
+    Raises
+    ------
+    ConfigError
+        An address that is not host:port (named by its position) or one given twice.
+    """
+    if text is None or not str(text).strip():
+        return None
+    return Placement.parse(str(text), 0)
+
+
+def queue_jobs(
+    store: Store,
+    kind: str,
+    config,
+    dataset: dict,
+    *,
+    each_clinic: bool = False,
+    workers: Placement | None = None,
+    n_shards: int | None = None,
+) -> list[int]:
+    """Queue a job of an image-model or sharded kind as :data:`JOB_KINDS` says; returns the job ids.
+
+    The one submit path of the CLI (``jobs submit``) and the Train page for every kind whose
+    config is a TrainConfig: ``workers`` only for a kind that trains across workers
+    (:attr:`JobKind.across_workers`), ``n_shards`` only for a sharded kind
+    (:attr:`JobKind.sharded`, default 1 shard). Nothing is queued when anything is refused.
+
+    Raises
+    ------
+    ConfigError
+        Unknown kind, worker addresses or shards given to a kind that takes none, a bad number of
+        shards, or a config the kind's submit function refuses.
+    """
+    job_kind = JOB_KINDS.get(kind)
+    if job_kind is None or not (job_kind.image_model or job_kind.sharded):
+        known = [name for name, k in JOB_KINDS.items() if k.image_model or k.sharded]
+        raise ConfigError(f"unknown job kind {kind!r} here; choose one of {', '.join(known)}")
+    if workers is not None and not job_kind.across_workers:
+        takers = [name for name, k in JOB_KINDS.items() if k.across_workers]
+        raise ConfigError(
+            f"a {kind!r} job runs on one worker; worker addresses go with kind {' or '.join(map(repr, takers))} "
+            "(one model trained across the workers)"
+        )
+    if n_shards is not None and not job_kind.sharded:
+        takers = [name for name, k in JOB_KINDS.items() if k.sharded]
+        raise ConfigError(f"shards go with kind {' or '.join(map(repr, takers))}, not {kind!r}")
+    if job_kind.sharded:
+        if each_clinic:
+            raise ConfigError(
+                f"a {kind!r} job caches the dataset's images once; choose one clinic or all clinics, "
+                "not one job per clinic"
+            )
+        return submit_feature_jobs(store, config, dataset, 1 if n_shards is None else n_shards)
+    return submit_jobs(store, config, dataset, each_clinic, kind, workers=workers)

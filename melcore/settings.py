@@ -5,6 +5,9 @@ directories, image and feature caches and the demo cohort.
 ``MELREVIEW_DB_URL`` overrides the store (e.g. ``postgresql+psycopg://...``).
 ``MELREVIEW_DATA_ROOTS`` lists the folders datasets may be registered from.
 ``MELREVIEW_WARM_UP=0`` stops the pages loading a run's model in the background.
+``MELREVIEW_GROUP_TIMEOUT`` (seconds) bounds how long the workers of one run trained across
+machines wait on a sibling that stopped (:func:`group_timeout`); ``MELREVIEW_COLLECTIVE_TIMEOUT``
+(seconds, unset: none) is TensorFlow's own timeout of every collective op (:func:`collective_timeout`).
 """
 
 from __future__ import annotations
@@ -58,3 +61,46 @@ def data_roots() -> list[Path]:
 def warm_up_enabled() -> bool:
     """Whether pages warm a run's model in the background (``MELREVIEW_WARM_UP``, on unless ``0``/``false``/``no``)."""
     return os.environ.get("MELREVIEW_WARM_UP", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+GROUP_TIMEOUT_VARIABLE = "MELREVIEW_GROUP_TIMEOUT"
+DEFAULT_GROUP_TIMEOUT = 30.0
+
+
+COLLECTIVE_TIMEOUT_VARIABLE = "MELREVIEW_COLLECTIVE_TIMEOUT"
+
+
+def _positive_seconds(variable: str, raw: str) -> float:
+    """``raw`` (the value of ``variable``) as a positive finite number of seconds, else ConfigError."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{variable}={raw!r} is not a positive number of seconds; set it to e.g. 30 or unset it")
+    return value
+
+
+def collective_timeout() -> float | None:
+    """``MELREVIEW_COLLECTIVE_TIMEOUT`` in seconds, or None when unset (TensorFlow's default: no timeout).
+
+    Passed to ``tf.distribute.experimental.CommunicationOptions(timeout_seconds=...)`` by
+    :func:`melcore.distributed.multi_worker_strategy`: a collective op (one gradient all-reduce)
+    that waits longer fails, which ends a ``train --worker-hosts`` worker whose sibling died.
+    It applies to every collective, including the first, which waits for the slowest worker
+    to load its data and trace its graph: set it well above that.
+    """
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_VARIABLE, "").strip()
+    return _positive_seconds(COLLECTIVE_TIMEOUT_VARIABLE, raw) if raw else None
+
+
+def group_timeout() -> float:
+    """Seconds the workers of one run trained across machines wait on a sibling that stopped.
+
+    ``MELREVIEW_GROUP_TIMEOUT`` (default 30): a sibling job without a heartbeat for this long
+    counts as dead (:func:`melcore.jobs.group_failure`), and a training process still running
+    this long after its stop is ended (:func:`melcore.jobs.run_placed_job`). ConfigError naming
+    the value when it is not a positive number.
+    """
+    raw = os.environ.get(GROUP_TIMEOUT_VARIABLE, "").strip()
+    return _positive_seconds(GROUP_TIMEOUT_VARIABLE, raw) if raw else DEFAULT_GROUP_TIMEOUT

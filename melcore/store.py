@@ -190,6 +190,20 @@ def _row(row) -> dict:
 MIGRATION_LOCK = 0x6D656C72  # PostgreSQL advisory lock key ("melr") held while the schema is created or migrated
 REQUEUED = "requeued:"  # how the note of a job put back in the queue after its worker died starts
 CLAIM_WINDOW = 200  # queued jobs a worker with an accept filter looks at per claim
+GROUP = "group"
+"""Key of a job's ``config["placement"]`` naming its sibling group: the jobs of one run trained across
+workers (:func:`melcore.jobs.submit_jobs`) share it, and :meth:`Store.request_cancel` cancels them together."""
+GROUP_WINDOW = 600.0
+"""Seconds around a job's ``created_at`` searched for its siblings: one submit call queues a whole group."""
+GROUP_FIELDS = ("id", "state", "config", "worker_id", "heartbeat_at", "error", "cancel_requested", "attempts")
+"""The fields of each job :meth:`Store.group_jobs` returns."""
+
+
+def job_group_id(config) -> str | None:
+    """The sibling group a job's config names (``config["placement"]["group"]``), or None."""
+    placement = (config or {}).get("placement") if isinstance(config, dict) else None
+    group = placement.get(GROUP) if isinstance(placement, dict) else None
+    return str(group) if group else None
 
 
 def _shortened(text: str, limit: int) -> str:
@@ -807,21 +821,53 @@ class Store:
     def request_cancel(self, job_id: int) -> str:
         """Cancel a job: a queued job is cancelled at once, a running one at its next batch.
 
+        A job of a sibling group (:data:`GROUP`: one run trained across workers) is cancelled
+        with every other queued or running job of its group, in the same transaction: the
+        workers of a group train together, and none can go on without the others.
         Returns the job's state after the request.
         """
         with self._write() as conn:
-            job = conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).first()
-            if job is None:
+            if conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
                 raise MelcoreError(f"no job with id {job_id}")
-            if job.state == "queued":
-                conn.execute(
-                    jobs.update()
-                    .where(jobs.c.id == job_id, jobs.c.state == "queued")
-                    .values(state="cancelled", cancel_requested=True, finished_at=_now())
-                )
-            elif job.state == "running":
-                conn.execute(jobs.update().where(jobs.c.id == job_id).values(cancel_requested=True))
+            for member in self._group_rows(conn, job_id):
+                if member.state == "queued":
+                    conn.execute(
+                        jobs.update()
+                        .where(jobs.c.id == member.id, jobs.c.state == "queued")
+                        .values(state="cancelled", cancel_requested=True, finished_at=_now())
+                    )
+                elif member.state == "running":
+                    conn.execute(jobs.update().where(jobs.c.id == member.id).values(cancel_requested=True))
             return conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
+
+    def group_jobs(self, job_id: int) -> list[dict]:
+        """The jobs of ``job_id``'s sibling group (:data:`GROUP`), itself included, by id.
+
+        Each is a dict of :data:`GROUP_FIELDS`; a job without a group is its only member.
+        MelcoreError when there is no job ``job_id``.
+        """
+        with self.engine.connect() as conn:
+            members = [dict(row._mapping) for row in self._group_rows(conn, job_id)]
+        if not members:
+            raise MelcoreError(f"no job with id {job_id}")
+        return members
+
+    @staticmethod
+    def _group_rows(conn: sa.Connection, job_id: int) -> list:
+        """Rows (:data:`GROUP_FIELDS`) of ``job_id`` and its siblings, by id; [] when there is no such job."""
+        columns = [jobs.c[name] for name in GROUP_FIELDS]
+        job = conn.execute(sa.select(jobs.c.config, jobs.c.created_at).where(jobs.c.id == job_id)).first()
+        if job is None:
+            return []
+        group = job_group_id(job.config)
+        if group is None:
+            return conn.execute(sa.select(*columns).where(jobs.c.id == job_id)).fetchall()
+        nearby = conn.execute(
+            sa.select(*columns)
+            .where(jobs.c.created_at.between(job.created_at - GROUP_WINDOW, job.created_at + GROUP_WINDOW))
+            .order_by(jobs.c.id)
+        ).fetchall()
+        return [row for row in nearby if job_group_id(row.config) == group]
 
     def is_cancel_requested(self, job_id: int) -> bool:
         with self.engine.connect() as conn:

@@ -26,7 +26,7 @@ from melcore import registry as models
 from melcore.compare import run_source_confounding, weights_description
 from melcore.errors import ConfigError, MelcoreError
 from melcore.formatting import format_duration, format_number
-from melcore.jobs import submit_jobs, submit_meta_job
+from melcore.jobs import JOB_KINDS, parse_worker_hosts, queue_jobs, submit_meta_job
 from melcore.meta.features import FEATURE_SET_LABELS
 from melcore.plots import training_curves_figure
 from melcore.runinfo import COLOUR_SCORER, delivered_auroc, missingness_of, run_title, scratch_words
@@ -34,7 +34,7 @@ from melcore.safety import escape_markdown
 from melcore.shards import FEATURES_JOB
 from melcore.training import config as train_module
 from melcore.training import recipes
-from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error
+from ui.common import dataset_picker, get_store, load_cohort_cached, page_start, show_error, whole_number
 
 log = logging.getLogger("melreview.pages.train")
 K = "train_"  # session-state prefix of this page
@@ -44,6 +44,7 @@ JOB_KIND_LABELS = {
     "One model": "train",
     "K-fold: every fold, out-of-fold predictions for all images": "kfold",
     "Cross-clinic: train on each clinic, score every other clinic": "cross-clinic",
+    "Feature cache: the frozen backbone's features of every image, in shards (for fast-head runs)": FEATURES_JOB,
 }
 WEIGHT_LABELS = {
     "none": "None (train from scratch)",
@@ -190,8 +191,10 @@ def _curves(job: dict):
 
 
 def _cancel(job_id: int) -> None:
+    store = get_store()
     try:
-        state = get_store().request_cancel(job_id)
+        state = store.request_cancel(job_id)
+        siblings = [j["id"] for j in store.group_jobs(job_id) if j["id"] != job_id]
     except MelcoreError as exc:
         st.session_state[K + "notice"] = ("error", f"Job #{job_id} could not be cancelled: {exc}")
         return
@@ -200,6 +203,11 @@ def _cancel(job_id: int) -> None:
         if state == "running"
         else f"Job #{job_id} is {state}."
     )
+    if siblings:
+        message += (
+            f" It trains one model with job{'s' if len(siblings) > 1 else ''} "
+            f"{', '.join(f'#{i}' for i in siblings)} on other workers: cancelled with it."
+        )
     st.session_state[K + "notice"] = ("info", message)
 
 
@@ -263,7 +271,7 @@ def _form(store) -> None:
     kind = JOB_KIND_LABELS[kind_label]
     n_folds = 5
     if kind == "kfold":
-        n_folds = int(st.number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "n_folds"))
+        n_folds = whole_number("Folds", 5, K + "n_folds", min_value=2, max_value=20)
     clinics = sorted((dataset.get("summary") or {}).get("clinics") or {})
     clinic_options = [ALL_CLINICS] + ([EACH_CLINIC] + clinics if clinics else [])
     row = st.columns(4)
@@ -275,31 +283,24 @@ def _form(store) -> None:
     )
     if not clinics:
         row[0].caption("This dataset has no clinic column: jobs use all images.")
-    image_size = row[1].number_input(
+    image_size = whole_number(
         "Image size (px)",
-        min_value=1,
+        preset.get("image_size") or spec.default_image_size,
+        f"{K}size_{scope}",
         max_value=4096,
-        step=1,
-        value=int(preset.get("image_size") or spec.default_image_size),
-        key=f"{K}size_{scope}",
         help=f"Square side; {spec.name} default {spec.default_image_size}, minimum {spec.min_image_size}.",
+        where=row[1],
     )
-    epochs = row[2].number_input(
+    epochs = whole_number(
         "Epochs",
-        min_value=1,
+        preset.get("epochs") or 10,
+        f"{K}epochs_{tag}",
         max_value=1000,
-        step=1,
-        value=int(preset.get("epochs") or 10),
-        key=f"{K}epochs_{tag}",
         help="Epochs of the first stage (the head stage with pretrained weights).",
+        where=row[2],
     )
-    batch_size = row[3].number_input(
-        "Batch size",
-        min_value=1,
-        max_value=4096,
-        step=1,
-        value=int(preset.get("batch_size") or recipe.batch_size),
-        key=f"{K}batch_{scope}",
+    batch_size = whole_number(
+        "Batch size", preset.get("batch_size") or recipe.batch_size, f"{K}batch_{scope}", max_value=4096, where=row[3]
     )
     row = st.columns(4)
     learning_rate = row[0].number_input(
@@ -390,15 +391,15 @@ def _form(store) -> None:
 
     with st.expander("More options"):
         more = st.columns(4)
-        fine_tune = more[0].number_input(
+        fine_tune = whole_number(
             "Fine-tune epochs",
+            preset.get("fine_tune_epochs") or 0,
+            f"{K}finetune_{tag}",
             min_value=0,
             max_value=1000,
-            step=1,
-            value=int(preset.get("fine_tune_epochs") or 0),
-            key=f"{K}finetune_{tag}",
             help="Epochs with the top blocks unfrozen after the head stage (pretrained weights only; from scratch "
             "they are added to the single stage).",
+            where=more[0],
         )
         val_fraction = more[1].number_input(
             "Validation share of patients",
@@ -408,16 +409,14 @@ def _form(store) -> None:
             value=float(preset.get("val_fraction") or 0.2),
             key=f"{K}valfrac_{tag}",
         )
-        seed = more[2].number_input(
-            "Seed", min_value=0, step=1, value=int(preset.get("seed") or 0), key=f"{K}seed_{tag}"
-        )
+        seed = whole_number("Seed", preset.get("seed") or 0, f"{K}seed_{tag}", min_value=0, where=more[2])
         no_early_stop = "early_stopping_patience" in preset and preset["early_stopping_patience"] is None
-        patience = more[3].number_input(
+        patience = whole_number(
             "Early stopping patience (0 = off)",
+            0 if no_early_stop else preset.get("early_stopping_patience") or 3,
+            f"{K}patience_{tag}",
             min_value=0,
-            step=1,
-            value=0 if no_early_stop else int(preset.get("early_stopping_patience") or 3),
-            key=f"{K}patience_{tag}",
+            where=more[3],
         )
         tta = st.checkbox(
             "Score the final validation predictions with 8 flips (TTA)",
@@ -425,23 +424,25 @@ def _form(store) -> None:
             key=f"{K}tta_{tag}",
         )
 
+    worker_hosts, n_shards = _machines(kind)
+
     if not st.button("Queue training job", type="primary", key=K + "submit"):
         return
     values = dict(preset)
     values.update(
         model=model,
-        image_size=int(image_size),
-        epochs=int(epochs),
-        batch_size=int(batch_size),
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
         learning_rate=float(learning_rate),
         balance=balance,
         augment=augment_name,
         weights=weights if weights else "",
         fallback_to_scratch=bool(fallback),
-        fine_tune_epochs=int(fine_tune),
+        fine_tune_epochs=fine_tune,
         val_fraction=float(val_fraction),
-        seed=int(seed),
-        early_stopping_patience=int(patience) or None,
+        seed=seed,
+        early_stopping_patience=patience or None,
         tta=bool(tta),
         clinic=None if clinic in (ALL_CLINICS, EACH_CLINIC) else clinic,
     )
@@ -455,7 +456,49 @@ def _form(store) -> None:
     if weights_choice == "file" and not weights:
         st.error("Not queued: give the path of the weights file, or choose other weights.")
         return
-    _submit(store, values, dataset, each_clinic=clinic == EACH_CLINIC, kind=kind)
+    _submit(
+        store,
+        values,
+        dataset,
+        each_clinic=clinic == EACH_CLINIC,
+        kind=kind,
+        worker_hosts=worker_hosts,
+        n_shards=n_shards,
+    )
+
+
+def _machines(kind: str) -> tuple[str, int | None]:
+    """The "Several machines" expander: (worker addresses text, number of shards or None) for ``kind``.
+
+    Worker addresses are offered for kinds that train across workers, shards for sharded kinds
+    (:data:`melcore.jobs.JOB_KINDS`); both are checked by :func:`melcore.jobs.queue_jobs` on submit.
+    """
+    job_kind = JOB_KINDS[kind]
+    with st.expander("Several machines", expanded=False):
+        if job_kind.across_workers:
+            hosts = st.text_input(
+                "Worker addresses (host:port, comma-separated; empty: one worker)",
+                key=K + "worker_hosts",
+                placeholder="gpu1.lab.example:2222, gpu2.lab.example:2222",
+                help="One model trained across these workers (MultiWorkerMirroredStrategy, full mode only): "
+                "one job per address, claimed by the worker running on that address's machine "
+                "(`python -m trainers.worker` there, sharing this database and MELREVIEW_HOME). "
+                "The port is a free one TensorFlow listens on. Worker 0 records the run; cancelling "
+                "one job cancels them all.",
+            )
+            return hosts, None
+        if job_kind.sharded:
+            shards = whole_number(
+                "Feature shards",
+                1,
+                K + "shards",
+                min_value=None,  # fewer than one is refused by melcore.jobs.queue_jobs with the allowed range
+                help="The dataset's images split into this many jobs; every worker sharing the database "
+                "and MELREVIEW_HOME takes one shard at a time, and a shard whose worker dies is redone alone.",
+            )
+            return "", shards
+        st.caption("This kind of job runs on one worker; its jobs are shared by every worker running.")
+    return "", None
 
 
 def _meta_form(store) -> None:
@@ -476,7 +519,7 @@ def _meta_form(store) -> None:
     labels = {None: "none (metadata and context only)"}
     labels.update({int(r["id"]): f"#{r['id']} {r.get('name') or 'run'}" for r in image_runs})
     cols = st.columns([1, 1, 3])
-    n_folds = int(cols[0].number_input("Folds", min_value=2, max_value=20, value=5, step=1, key=K + "meta_folds"))
+    n_folds = whole_number("Folds", 5, K + "meta_folds", min_value=2, max_value=20, where=cols[0])
     feature_set = cols[1].selectbox(
         "Features",
         list(FEATURE_SET_LABELS),
@@ -504,10 +547,19 @@ def _meta_form(store) -> None:
     _ensure_worker(store)
 
 
-def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "train") -> None:
+def _submit(
+    store,
+    values: dict,
+    dataset: dict,
+    each_clinic: bool,
+    kind: str = "train",
+    worker_hosts: str = "",
+    n_shards: int | None = None,
+) -> None:
     try:
         config = train_module.TrainConfig.from_dict(values)
-        job_ids = submit_jobs(store, config, dataset, each_clinic, kind)
+        workers = parse_worker_hosts(worker_hosts)
+        job_ids = queue_jobs(store, kind, config, dataset, each_clinic=each_clinic, workers=workers, n_shards=n_shards)
     except ConfigError as exc:
         st.error(f"Not queued: {escape_markdown(exc)}")
         return
@@ -519,6 +571,12 @@ def _submit(store, values: dict, dataset: dict, each_clinic: bool, kind: str = "
         f"Queued {len(job_ids)} job{'s' if len(job_ids) > 1 else ''} ({listed}) on "
         f"{escape_markdown(repr(dataset['name']))}."
     )
+    if workers is not None:
+        st.info(
+            f"One model across {workers.n_workers} workers: start `python -m trainers.worker` on the machine "
+            f"of each address ({escape_markdown(', '.join(workers.workers))}), sharing this database; worker 0 "
+            "records the run. The workers wait for each other before training."
+        )
     _ensure_worker(store)
 
 

@@ -341,3 +341,74 @@ def test_bad_placements_on_the_train_cli_exit_2_before_training(tmp_path, capsys
     code = main(["train", "--csv", str(tmp_path / "missing.csv"), "--model", "basic-cnn", "--image-size", "32", *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def group(tmp_path):
+    """A store holding one run queued across three workers (a, b, c) and the jobs' ids."""
+    from melcore.jobs import submit_jobs
+    from melcore.store import Store
+    from melcore.training.config import TrainConfig
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    dataset_id = store.add_dataset("d", tmp_path / "labels.csv")
+    placement = distributed.Placement.parse("a.example:2222,b.example:2223,c.example:2224", 0)
+    config = TrainConfig.from_dict({"model": "basic-cnn", "image_size": 32})
+    ids = submit_jobs(store, config, store.get_dataset(dataset_id), workers=placement)
+    yield store, ids
+    store.close()
+
+
+def _failure(store, ids, now=None, stale_after=30.0):
+    import time
+
+    from melcore.jobs import group_failure
+
+    return group_failure(store.group_jobs(ids[0]), ids[0], time.time() if now is None else now, stale_after)
+
+
+def test_a_group_waiting_for_its_workers_or_training_together_goes_on(group):
+    import time
+
+    store, ids = group
+    assert _failure(store, ids) is None  # siblings not claimed yet: TensorFlow waits for them
+    store.update_job(ids[1], state="running", heartbeat_at=time.time() - 5)
+    store.update_job(ids[2], state="done")
+    assert _failure(store, ids) is None
+
+
+@pytest.mark.parametrize(
+    "sibling, message",
+    [
+        ({"state": "failed", "error": "ResourceExhaustedError: out of memory\ntraceback"}, "failed: ResourceExhausted"),
+        ({"state": "cancelled"}, "was cancelled"),
+        ({"state": "running", "heartbeat_at": 1000.0}, "stopped responding (no heartbeat for 100 s, more than 30 s)"),
+        ({"state": "queued", "error": "requeued: worker x stopped responding (attempt 1 of 3)"}, "back to the queue"),
+    ],
+)
+def test_a_dead_sibling_ends_the_group_with_its_address(group, sibling, message):
+    store, ids = group
+    store.update_job(ids[0], state="running", heartbeat_at=1099.0)
+    store.update_job(ids[2], **sibling)
+    failure = _failure(store, ids, now=1100.0)
+    assert failure is not None and message in failure
+    assert failure.startswith(f"worker 2 (c.example:2224, job #{ids[2]}) of this run")
+    assert "Queue the run again" in failure
+    store.update_job(ids[0], cancel_requested=True)  # stopping anyway: the cancel, not a failure
+    assert _failure(store, ids, now=1100.0) is None
+
+
+def test_group_and_collective_timeouts_are_read_from_their_settings(monkeypatch):
+    from melcore import settings
+
+    monkeypatch.delenv("MELREVIEW_GROUP_TIMEOUT", raising=False)
+    monkeypatch.delenv("MELREVIEW_COLLECTIVE_TIMEOUT", raising=False)
+    assert settings.group_timeout() == 30.0 and settings.collective_timeout() is None
+    monkeypatch.setenv("MELREVIEW_GROUP_TIMEOUT", "7.5")
+    monkeypatch.setenv("MELREVIEW_COLLECTIVE_TIMEOUT", "120")
+    assert settings.group_timeout() == 7.5 and settings.collective_timeout() == 120.0
+    assert distributed.communication_options(120.0).timeout_seconds == 120.0
+    for bad in ("0", "-3", "soon", "inf"):
+        monkeypatch.setenv("MELREVIEW_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match=f"MELREVIEW_COLLECTIVE_TIMEOUT='{bad}' is not a positive number"):
+            settings.collective_timeout()

@@ -129,6 +129,32 @@ def test_job_lifecycle_claim_progress_cancel_finish(store):
         store.finish_job(first, job["claim_token"], "exploded")
 
 
+def _placed(index: int, group: str | None, workers=("a.example:2222", "b.example:2222", "c.example:2222")) -> dict:
+    placement = {"workers": list(workers), "index": index, **({store_module.GROUP: group} if group else {})}
+    return {"model": "basic-cnn", "placement": placement}
+
+
+def test_cancelling_one_job_of_a_group_cancels_its_siblings_and_no_other_job(store):
+    siblings = [store.submit_job(_placed(i, "g1")) for i in range(3)]
+    other_group = store.submit_job(_placed(0, "g2"))
+    plain = store.submit_job({"model": "basic-cnn"})
+    ungrouped = store.submit_job(_placed(1, None))  # queued before groups existed: acts alone
+    chief = store.claim_job("w1")
+    assert chief["id"] == siblings[0]
+    assert [j["id"] for j in store.group_jobs(siblings[2])] == siblings
+    assert [j["id"] for j in store.group_jobs(plain)] == [plain]
+    assert store.request_cancel(siblings[2]) == "cancelled"
+    states = {i: store.get_job(i) for i in siblings}
+    assert (states[siblings[0]]["state"], states[siblings[0]]["cancel_requested"]) == ("running", True)
+    assert [states[i]["state"] for i in siblings[1:]] == ["cancelled", "cancelled"]
+    assert store.heartbeat(chief["id"], chief["claim_token"]) is True  # the running worker hears it
+    assert {store.get_job(i)["state"] for i in (other_group, plain, ungrouped)} == {"queued"}
+    assert store.request_cancel(ungrouped) == "cancelled"
+    assert store.get_job(other_group)["state"] == "queued"
+    with pytest.raises(MelcoreError, match="no job with id 999"):
+        store.group_jobs(999)
+
+
 def test_stale_jobs_are_requeued_then_failed(store):
     job_id = store.submit_job({"model": "basic-cnn"}, max_attempts=2)
     for attempt in (1, 2):

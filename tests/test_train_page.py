@@ -477,3 +477,98 @@ def test_the_form_opens_on_the_pretrained_cpu_default_recipe(seeded, worker_call
         "logistic-cv",
     )
     assert config["image_size"] == 64
+
+
+def plain(elements) -> str:
+    """``texts(elements)`` with the Markdown escapes (``host\\:port``) removed: the message as written."""
+    return texts(elements).replace("\\", "")
+
+
+def machines(at: AppTest, kind_label: str) -> AppTest:
+    """Choose the kind of job whose label starts with ``kind_label`` (the "Several machines" fields follow it)."""
+    label = next(o for o in at.selectbox(key="train_kind").options if o.startswith(kind_label))
+    at.selectbox(key="train_kind").select(label)
+    return run(at)
+
+
+def test_worker_addresses_queue_one_sibling_job_per_address(seeded, worker_calls):
+    at = machines(fill(open_page(), "cnn-bn", size=32, epochs=1), "One model")
+    assert at.expander[[e.label for e in at.expander].index("Several machines")].proto.expanded is False
+    at.text_input(key="train_worker_hosts").input("localhost:2222, gpu2.example.org:2223")
+    at = submit(run(at))
+    jobs = sorted(Store().list_jobs(), key=lambda j: j["id"])
+    placements = [j["config"]["placement"] for j in jobs]
+    assert [p["index"] for p in placements] == [0, 1]
+    assert {tuple(p["workers"]) for p in placements} == {("localhost:2222", "gpu2.example.org:2223")}
+    assert len({p["group"] for p in placements}) == 1 and placements[0]["group"]
+    assert {j["kind"] for j in jobs} == {"train"} and {j["config"]["mode"] for j in jobs} == {"full"}
+    assert "across 2 workers" in texts(at.info)
+    assert len(worker_calls) == 1
+
+
+@pytest.mark.parametrize(
+    "hosts, reason",
+    [
+        ("localhost:2222, gpu2", "worker address 2 ('gpu2') is not host:port"),
+        ("localhost:2222,localhost:99999", "worker address 2 ('localhost:99999') is not host:port"),
+        ("localhost:2222, localhost:2222", "worker address 'localhost:2222' is given 2 times"),
+    ],
+)
+def test_bad_worker_addresses_are_refused_with_the_reason_and_nothing_is_queued(seeded, worker_calls, hosts, reason):
+    at = machines(fill(open_page(), "cnn-bn", size=32, epochs=1), "One model")
+    at.text_input(key="train_worker_hosts").input(hosts)
+    at = submit(run(at))
+    assert "Not queued" in plain(at.error) and reason in plain(at.error)
+    assert Store().list_jobs() == [] and worker_calls == []
+
+
+def test_a_fast_head_run_across_workers_is_refused_with_the_way_to_shard_features(seeded, worker_calls):
+    at = machines(fill(open_page(), "cnn-bn", size=32, epochs=1), "One model")
+    at.checkbox(key="train_fast_head_custom").check()
+    at.text_input(key="train_worker_hosts").input("localhost:2222,localhost:2223")
+    at = submit(run(at))
+    assert "needs mode 'full'" in plain(at.error) and "feature cache" in plain(at.error)
+    assert Store().list_jobs() == []
+
+
+def test_feature_shards_queue_one_features_job_per_shard(seeded, worker_calls):
+    at = machines(fill(open_page(), "cnn-bn", size=32), "Feature cache")
+    assert "train_worker_hosts" not in [t.key for t in at.text_input]
+    at.number_input(key="train_shards").set_value(3)
+    at = submit(run(at))
+    jobs = sorted(Store().list_jobs(), key=lambda j: j["id"])
+    assert [j["kind"] for j in jobs] == ["features"] * 3
+    assert [(j["config"]["shard"], j["config"]["n_shards"]) for j in jobs] == [(0, 3), (1, 3), (2, 3)]
+    assert {j["config"]["image_size"] for j in jobs} == {32}
+    assert "shard 1 of 3" in texts(at.markdown)
+
+
+@pytest.mark.parametrize("shards, reason", [(0, "number of shards must be an integer 1..4096, got 0"), (-2, "got -2")])
+def test_fewer_than_one_shard_is_refused_with_the_reason(seeded, worker_calls, shards, reason):
+    at = machines(fill(open_page(), "cnn-bn", size=32), "Feature cache")
+    at.number_input(key="train_shards").set_value(shards)
+    at = submit(run(at))
+    assert "Not queued" in plain(at.error) and reason in plain(at.error)
+    assert Store().list_jobs() == [] and worker_calls == []
+
+
+def test_kinds_on_one_worker_offer_no_machine_fields(seeded, worker_calls):
+    at = machines(open_page(), "K-fold")
+    keys = [w.key for w in (*at.text_input, *at.number_input)]
+    assert "train_worker_hosts" not in keys and "train_shards" not in keys
+    assert "runs on one worker" in texts(at.caption)
+
+
+def test_cancelling_one_worker_s_job_cancels_the_whole_run(seeded, worker_calls):
+    at = machines(fill(open_page(), "cnn-bn", size=32, epochs=1), "One model")
+    at.text_input(key="train_worker_hosts").input("localhost:2222, localhost:2223, localhost:2224")
+    submit(run(at))
+    store = seeded["store"]
+    ids = sorted(j["id"] for j in store.list_jobs())
+    assert store.claim_job("testhost:1:1")["id"] == ids[0]
+    at = open_page()
+    at.button(key=f"train_cancel_{ids[1]}").click()
+    at = run(at)
+    assert [store.get_job(i)["state"] for i in ids] == ["running", "cancelled", "cancelled"]
+    assert store.get_job(ids[0])["cancel_requested"]
+    assert f"#{ids[0]}, #{ids[2]} on other workers: cancelled with it" in plain(at.info)

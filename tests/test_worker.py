@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,8 +28,8 @@ def queue(db_url, demo_dir):
     store.close()
 
 
-def _worker(db_url: str, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+def _worker(db_url: str, *extra: str, **environ: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), TF_CPP_MIN_LOG_LEVEL="3", **environ)
     return subprocess.Popen(
         [sys.executable, "-m", "trainers.worker", "--db", db_url, "--poll", "0.3", *extra],
         cwd=PROJECT_ROOT,
@@ -141,6 +142,62 @@ def test_cancel_running_job_and_bad_config_fails_while_worker_carries_on(queue, 
     finally:
         out = _stop(worker)
     assert "job %d failed" % bad in out
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _group_of_two(store: Store, dataset_id: int) -> list[int]:
+    """A run queued across two local workers (full mode); only one worker is started, so its
+    training process waits for the other in TensorFlow's collective setup."""
+    from melcore.distributed import Placement
+    from melcore.jobs import submit_jobs
+    from melcore.training.config import TrainConfig
+
+    hosts = Placement.parse(",".join(f"localhost:{p}" for p in _free_ports(2)), 0)
+    return submit_jobs(
+        store, TrainConfig.from_dict(dict(TINY, workers=1)), store.get_dataset(dataset_id), workers=hosts
+    )
+
+
+def test_cancelling_a_sibling_stops_a_worker_waiting_on_it(queue, db_url):
+    store, dataset_id = queue
+    chief, other = _group_of_two(store, dataset_id)
+    worker = _worker(db_url, "--once", MELREVIEW_GROUP_TIMEOUT="3")
+    try:
+        _wait(lambda: store.get_job(chief)["state"] == "running", 120, "worker 0's job to start")
+        time.sleep(3)  # its training process is inside the strategy's setup, waiting for worker 1
+        assert store.request_cancel(other) == "cancelled"
+        assert store.get_job(chief)["cancel_requested"]
+        _wait(lambda: store.get_job(chief)["state"] == "cancelled", 90, "worker 0's job to be cancelled")
+        assert worker.wait(timeout=60) == 0
+    finally:
+        out = _stop(worker)
+    assert "did not stop within 3 s" in out
+    assert store.get_job(chief)["run_id"] is None
+
+
+def test_a_failed_sibling_fails_the_waiting_worker_naming_its_address(queue, db_url):
+    store, dataset_id = queue
+    chief, other = _group_of_two(store, dataset_id)
+    address = store.get_job(other)["config"]["placement"]["workers"][1]
+    worker = _worker(db_url, "--once", MELREVIEW_GROUP_TIMEOUT="3")
+    try:
+        _wait(lambda: store.get_job(chief)["state"] == "running", 120, "worker 0's job to start")
+        store.update_job(other, state="failed", error="its machine ran out of memory")
+        _wait(lambda: store.get_job(chief)["state"] == "failed", 60, "worker 0's job to fail")
+        assert worker.wait(timeout=60) == 0
+    finally:
+        _stop(worker)
+    error = store.get_job(chief)["error"]
+    assert f"worker 1 ({address}, job #{other}) of this run failed: its machine ran out of memory" in error
 
 
 def test_jobs_cli_submit_list_and_validation(queue, db_url, capsys):

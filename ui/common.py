@@ -215,3 +215,24 @@ def show_error(exc: BaseException, context: str = "") -> None:
     else:
         log.error("%sunexpected error\n%s", prefix, "".join(traceback.format_exception(exc)))
         st.error(f"{prefix}unexpected error ({type(exc).__name__}); the details are in the server's log.")
+
+
+def whole_number(
+    label: str,
+    value: int,
+    key: str,
+    *,
+    min_value: int | None = 1,
+    max_value: int | None = None,
+    help: str | None = None,
+    where=st,
+) -> int:
+    """A whole-number field (step 1) in ``where`` (a column, an expander; default the page), as an int.
+
+    ``min_value=None`` leaves the lower bound to the library's check, so its message is shown.
+    """
+    return int(
+        where.number_input(
+            label, min_value=min_value, max_value=max_value, value=int(value), step=1, key=key, help=help
+        )
+    )

@@ -17,7 +17,7 @@ from melcore.commands.train import add_placement_options, add_train_options, con
 from melcore.datasets import find_or_register_demo
 from melcore.distributed import Placement
 from melcore.errors import ConfigError
-from melcore.jobs import JOB_KINDS, submit_feature_jobs, submit_jobs, submit_meta_job
+from melcore.jobs import JOB_KINDS, queue_jobs, submit_meta_job
 from melcore.shards import FEATURES_JOB
 from melcore.store import Store
 
@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = actions.add_parser("list", help="the jobs, newest first")
     listing.add_argument("--json", action="store_true", help="one JSON array")
     listing.add_argument("--limit", type=int, default=50)
-    cancel = actions.add_parser("cancel", help="cancel a queued or running job")
+    cancel = actions.add_parser(
+        "cancel", help="cancel a queued or running job (and the other workers' jobs of a run trained across workers)"
+    )
     cancel.add_argument("job_id", type=int, metavar="ID")
 
 
@@ -154,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
                     "dataset's images (give --clinic for one clinic's)"
                 )
             return _submitted(
-                store,
-                submit_feature_jobs(store, config_from_args(args), dataset, 1 if args.shards is None else args.shards),
+                store, queue_jobs(store, FEATURES_JOB, config_from_args(args), dataset, n_shards=args.shards)
             )
         config, kind = config_from_args(args), args.kind
         if getattr(args, "folds", None) is not None:
@@ -165,10 +166,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--folds must be at least 2, got {args.folds}")
             config, kind = replace(config, n_folds=args.folds), "kfold"
         workers = None if args.worker_hosts is None else Placement.parse(args.worker_hosts, 0)
-        return _submitted(store, submit_jobs(store, config, dataset, args.each_clinic, kind, workers=workers))
+        return _submitted(
+            store, queue_jobs(store, kind, config, dataset, each_clinic=args.each_clinic, workers=workers)
+        )
     if args.action == "list":
         print_listing(store.list_jobs(limit=args.limit), JOB_FIELDS, _job_line, as_json=args.json, what="jobs")
         return 0
     state = store.request_cancel(args.job_id)
     print(f"job {args.job_id}: {state}" + (" (stops within one batch)" if state == "running" else ""))
+    for sibling in store.group_jobs(args.job_id):
+        if sibling["id"] != args.job_id:
+            print(f"job {sibling['id']} (same run, another worker): {sibling['state']}")
     return 0
