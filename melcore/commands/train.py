@@ -38,9 +38,7 @@ from melcore.cohort import FORMATS, load_cohort
 from melcore.distributed import Placement, check_distributable, multi_worker_strategy, worker_run_dir
 from melcore.errors import ConfigError
 from melcore.formatting import format_duration, format_number
-from melcore.training.api import fit
 from melcore.training.config import TrainConfig, validate
-from melcore.training.crossval import fit_folds
 from melcore.training.recipes import DEFAULT_PRESET, preset_values
 
 # option dest -> TrainConfig field (options whose dest differs from the field, or that
@@ -453,6 +451,10 @@ def run(args: argparse.Namespace) -> int:
     cohort = load_cohort_from_args(args)
     if folds is not None:
         return _run_folds(config, cohort, folds, out, args)
+    # lazy: the training core pulls scipy (via melcore.metrics); `jobs` and `runs` reuse this module's
+    # option helpers and stay light
+    from melcore.training.api import fit
+
     if placement is not None:
         return _run_placed(fit, config, cohort, placement, out, args)
     result = train_with_progress(fit, config, cohort, quiet=args.quiet, run_dir=out)
@@ -518,6 +520,8 @@ def _report(config, result) -> int:
 
 def _run_folds(config, cohort, folds: int, out, args) -> int:
     """``--folds K``: every fold, then the out-of-fold summary (see :func:`melcore.training.crossval.fit_folds`)."""
+    from melcore.training.crossval import fit_folds  # lazy: pulls scipy, as fit in run()
+
     result = train_with_progress(fit_folds, config, cohort, folds, quiet=args.quiet, run_dir=out)
     m = result.metrics
     if result.cancelled:
