@@ -884,11 +884,11 @@ class Store:
     @staticmethod
     def _group_rows(conn: sa.Connection, job_id: int) -> list:
         """Rows (:data:`GROUP_FIELDS`) of ``job_id`` and its siblings, by id; [] when there is no such job."""
-        group_id = conn.execute(sa.select(jobs.c.group_id).where(jobs.c.id == job_id)).first()
-        if group_id is None:
+        job = conn.execute(sa.select(jobs.c.group_id).where(jobs.c.id == job_id)).first()
+        if job is None:
             return []
         columns = [jobs.c[name] for name in GROUP_FIELDS]
-        return conn.execute(sa.select(*columns).where(_members(job_id, group_id[0])).order_by(jobs.c.id)).fetchall()
+        return conn.execute(sa.select(*columns).where(_members(job_id, job.group_id)).order_by(jobs.c.id)).fetchall()
 
     def is_cancel_requested(self, job_id: int) -> bool:
         with self.engine.connect() as conn:
