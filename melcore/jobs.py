@@ -667,7 +667,8 @@ def submit_jobs(
     ``train`` run is queued across them: one job per worker address, each carrying the
     placement and its index in its config; the worker process on each address's machine
     claims that address's job (:func:`can_run_here`), and worker 0's job records the run. The
-    siblings' placements share a random ``group`` id (:data:`melcore.store.GROUP`).
+    siblings' placements share a random ``group`` id (:data:`melcore.store.GROUP`), which the store
+    keeps in the indexed ``jobs.group_id`` column (:meth:`melcore.store.Store.group_jobs`).
     """
     if kind not in IMAGE_JOB_KINDS:
         raise ConfigError(f"unknown job kind {kind!r}; choose one of {', '.join(IMAGE_JOB_KINDS)}")

@@ -34,7 +34,7 @@ from melcore.errors import MelcoreError
 from melcore.formatting import json_safe
 from melcore.safety import inside
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 JOB_STATES = ("queued", "running", "done", "cancelled", "failed")
 REVIEW_DECISIONS = ("agree", "disagree", "biopsy", "follow-up", "unsure")
@@ -110,7 +110,10 @@ jobs = sa.Table(
     sa.Column("run_id", sa.Integer),
     sa.Column("error", sa.Text),
     sa.Column("log", sa.Text),
+    # the sibling group of a run trained across workers (config["placement"]["group"]); None for a lone job
+    sa.Column("group_id", sa.String(64)),
     sa.Index("ix_jobs_state", "state"),
+    sa.Index("ix_jobs_group_id", "group_id"),
 )
 
 predictions = sa.Table(
@@ -167,9 +170,29 @@ def _reviews_aided_and_confidence(conn: sa.Connection) -> None:
     conn.execute(sa.text("ALTER TABLE reviews ADD COLUMN confidence INTEGER"))
 
 
+def _jobs_group_id(conn: sa.Connection) -> None:
+    # The group of a job queued before version 4 is the one its config's placement names, so jobs
+    # already queued or running cancel and fail together after the upgrade too.
+    conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN group_id VARCHAR(64)"))
+    conn.execute(sa.text("CREATE INDEX ix_jobs_group_id ON jobs (group_id)"))
+    grouped = []
+    for job_id, config in conn.execute(sa.text("SELECT id, config FROM jobs")):
+        if isinstance(config, (str, bytes)):
+            try:
+                config = json.loads(config)
+            except ValueError:
+                continue  # unreadable config: the job stays alone, as it was
+        group = job_group_id(config)
+        if group is not None:
+            grouped.append({"id": job_id, "group": group[:64]})  # the column keeps 64 characters (submit_jobs makes 16)
+    if grouped:
+        conn.execute(sa.text("UPDATE jobs SET group_id = :group WHERE id = :id"), grouped)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (2, "runs.archived_at", lambda conn: conn.execute(sa.text("ALTER TABLE runs ADD COLUMN archived_at FLOAT"))),
     (3, "reviews.aided, reviews.confidence", _reviews_aided_and_confidence),
+    (4, "jobs.group_id (indexed, filled from the jobs' placements)", _jobs_group_id),
 ]
 
 
@@ -192,15 +215,17 @@ REQUEUED = "requeued:"  # how the note of a job put back in the queue after its 
 CLAIM_WINDOW = 200  # queued jobs a worker with an accept filter looks at per claim
 GROUP = "group"
 """Key of a job's ``config["placement"]`` naming its sibling group: the jobs of one run trained across
-workers (:func:`melcore.jobs.submit_jobs`) share it, and :meth:`Store.request_cancel` cancels them together."""
-GROUP_WINDOW = 600.0
-"""Seconds around a job's ``created_at`` searched for its siblings: one submit call queues a whole group."""
+workers (:func:`melcore.jobs.submit_jobs`) share it, :meth:`Store.submit_job` keeps it in the indexed
+``jobs.group_id`` column, and :meth:`Store.request_cancel` cancels the jobs of a group together."""
 GROUP_FIELDS = ("id", "state", "config", "worker_id", "heartbeat_at", "error", "cancel_requested", "attempts")
 """The fields of each job :meth:`Store.group_jobs` returns."""
 
 
 def job_group_id(config) -> str | None:
-    """The sibling group a job's config names (``config["placement"]["group"]``), or None."""
+    """The sibling group a job's config names (``config["placement"]["group"]``), or None.
+
+    The value :meth:`Store.submit_job` writes to ``jobs.group_id``.
+    """
     placement = (config or {}).get("placement") if isinstance(config, dict) else None
     group = placement.get(GROUP) if isinstance(placement, dict) else None
     return str(group) if group else None
@@ -728,16 +753,21 @@ class Store:
     ) -> int:
         """Queue a job; returns its id.
 
-        MelcoreError when the run it would record cannot be stored (a model or clinic name
-        longer than the runs table keeps), so the job is refused before it trains.
+        A config whose placement names a sibling group (:data:`GROUP`) files the job in that
+        group (``jobs.group_id``). MelcoreError when the run it would record cannot be stored
+        (a model or clinic name longer than the runs table keeps) or the group id is longer
+        than the jobs table keeps, so the job is refused before it trains.
         """
         check_lengths(runs, [{"model": config.get("model"), "clinic": config.get("clinic")}], "job not queued")
+        group_id = job_group_id(config)
+        check_lengths(jobs, [{"group_id": group_id}], "job not queued")
         with self._write() as conn:
             result = conn.execute(
                 jobs.insert().values(
                     kind=kind,
                     dataset_id=dataset_id,
                     config=config,
+                    group_id=group_id,
                     state="queued",
                     cancel_requested=False,
                     attempts=0,
@@ -827,17 +857,16 @@ class Store:
         Returns the job's state after the request.
         """
         with self._write() as conn:
-            if conn.execute(sa.select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
+            job = conn.execute(sa.select(jobs.c.group_id).where(jobs.c.id == job_id)).first()
+            if job is None:
                 raise MelcoreError(f"no job with id {job_id}")
-            for member in self._group_rows(conn, job_id):
-                if member.state == "queued":
-                    conn.execute(
-                        jobs.update()
-                        .where(jobs.c.id == member.id, jobs.c.state == "queued")
-                        .values(state="cancelled", cancel_requested=True, finished_at=_now())
-                    )
-                elif member.state == "running":
-                    conn.execute(jobs.update().where(jobs.c.id == member.id).values(cancel_requested=True))
+            members = _members(job_id, job.group_id)
+            conn.execute(
+                jobs.update()
+                .where(members, jobs.c.state == "queued")
+                .values(state="cancelled", cancel_requested=True, finished_at=_now())
+            )
+            conn.execute(jobs.update().where(members, jobs.c.state == "running").values(cancel_requested=True))
             return conn.execute(sa.select(jobs.c.state).where(jobs.c.id == job_id)).scalar()
 
     def group_jobs(self, job_id: int) -> list[dict]:
@@ -855,19 +884,11 @@ class Store:
     @staticmethod
     def _group_rows(conn: sa.Connection, job_id: int) -> list:
         """Rows (:data:`GROUP_FIELDS`) of ``job_id`` and its siblings, by id; [] when there is no such job."""
-        columns = [jobs.c[name] for name in GROUP_FIELDS]
-        job = conn.execute(sa.select(jobs.c.config, jobs.c.created_at).where(jobs.c.id == job_id)).first()
+        job = conn.execute(sa.select(jobs.c.group_id).where(jobs.c.id == job_id)).first()
         if job is None:
             return []
-        group = job_group_id(job.config)
-        if group is None:
-            return conn.execute(sa.select(*columns).where(jobs.c.id == job_id)).fetchall()
-        nearby = conn.execute(
-            sa.select(*columns)
-            .where(jobs.c.created_at.between(job.created_at - GROUP_WINDOW, job.created_at + GROUP_WINDOW))
-            .order_by(jobs.c.id)
-        ).fetchall()
-        return [row for row in nearby if job_group_id(row.config) == group]
+        columns = [jobs.c[name] for name in GROUP_FIELDS]
+        return conn.execute(sa.select(*columns).where(_members(job_id, job.group_id)).order_by(jobs.c.id)).fetchall()
 
     def is_cancel_requested(self, job_id: int) -> bool:
         with self.engine.connect() as conn:
@@ -1068,6 +1089,11 @@ class Store:
         if history.empty:
             return history
         return history.sort_values("id").groupby("image_name", as_index=False).tail(1).reset_index(drop=True)
+
+
+def _members(job_id: int, group_id: str | None) -> sa.ColumnElement[bool]:
+    """The condition selecting job ``job_id``'s sibling group (``jobs.group_id``), or the job alone without one."""
+    return jobs.c.group_id == group_id if group_id is not None else jobs.c.id == job_id
 
 
 def _prediction_rows(frame, split: str) -> list[dict]:

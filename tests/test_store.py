@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -276,6 +277,81 @@ def test_json_columns_store_nan_and_numpy_values_as_plain_json(store, tmp_path):
     }
 
 
+def _drop_jobs_group_id(conn) -> None:
+    """The jobs table as melreview before schema version 4 made it: no group_id column, no index on it."""
+    conn.execute(sa.text("DROP INDEX ix_jobs_group_id"))
+    conn.execute(sa.text("ALTER TABLE jobs DROP COLUMN group_id"))
+
+
+def _group_ids(store: Store) -> dict[int, str | None]:
+    with store.engine.connect() as conn:
+        return dict(conn.execute(sa.text("SELECT id, group_id FROM jobs ORDER BY id")).all())
+
+
+def _has_group_index(store: Store) -> bool:
+    with store.engine.connect() as conn:
+        return any(ix["column_names"] == ["group_id"] for ix in sa.inspect(conn).get_indexes("jobs"))
+
+
+def test_siblings_are_one_group_by_the_indexed_column_however_far_apart_they_were_queued(store):
+    assert _has_group_index(store)
+    year = 365 * 86400.0
+    first, second = store.submit_job(_placed(0, "g1")), store.submit_job(_placed(1, "g1"))
+    store.update_job(first, created_at=time.time() - 3 * year)  # queued long before its siblings
+    store.update_job(second, created_at=time.time() + year)
+    other = store.submit_job(_placed(0, "g2"))
+    filed = store.submit_job({"model": "basic-cnn"})
+    store.update_job(filed, group_id="g1")  # the column, not the config, makes a job a sibling
+    assert _group_ids(store) == {first: "g1", second: "g1", other: "g2", filed: "g1"}
+    assert [j["id"] for j in store.group_jobs(second)] == [first, second, filed]
+    assert [j["id"] for j in store.group_jobs(other)] == [other]
+    chief = store.claim_job("w1")
+    assert chief["id"] == first
+    assert store.request_cancel(filed) == "cancelled"
+    assert store.get_job(first)["state"] == "running" and store.heartbeat(first, chief["claim_token"]) is True
+    assert [store.get_job(i)["state"] for i in (second, other)] == ["cancelled", "queued"]
+    with pytest.raises(MelcoreError, match="job not queued: the group id is 65 characters long, more than the 64"):
+        store.submit_job(_placed(0, "x" * 65))
+    assert len(store.list_jobs()) == 4
+
+
+def test_version_3_jobs_join_the_group_their_placement_names_and_still_cancel_together(db_url):
+    old = Store(db_url)
+    jobs = store_module.jobs
+    with old.engine.begin() as conn:  # the jobs as melreview with schema version 3 queued them
+        _drop_jobs_group_id(conn)
+        conn.execute(sa.text("UPDATE schema_version SET version = 3"))
+        common = dict(kind="train", cancel_requested=False, attempts=0, max_attempts=3, progress={}, history=[])
+        configs = [
+            (_placed(0, "old"), 1000.0, "running"),
+            (_placed(1, "old"), 1000.0 + 90 * 86400, "queued"),  # months after its sibling
+            (_placed(0, "other"), 1100.0, "queued"),
+            ({"model": "basic-cnn"}, 1200.0, "queued"),
+            ({"model": "basic-cnn", "placement": "not a mapping"}, 1300.0, "queued"),
+        ]
+        ids = [
+            conn.execute(
+                sa.insert(jobs).values(config=config, created_at=created, state=state, **common)
+            ).inserted_primary_key[0]
+            for config, created, state in configs
+        ]
+        conn.execute(
+            sa.update(jobs).where(jobs.c.id == ids[0]).values(worker_id="w1", claim_token="t1", heartbeat_at=2000.0)
+        )
+    old.close()
+    upgraded = Store(db_url)
+    assert upgraded.version() == store_module.SCHEMA_VERSION >= 4
+    assert _has_group_index(upgraded)
+    assert _group_ids(upgraded) == dict(zip(ids, ["old", "old", "other", None, None]))
+    assert [j["id"] for j in upgraded.group_jobs(ids[1])] == ids[:2]
+    assert [j["id"] for j in upgraded.group_jobs(ids[4])] == [ids[4]]
+    assert upgraded.request_cancel(ids[1]) == "cancelled"
+    assert upgraded.heartbeat(ids[0], "t1") is True  # the running sibling hears the cancel
+    assert [upgraded.get_job(i)["state"] for i in ids] == ["running", "cancelled", "queued", "queued", "queued"]
+    assert upgraded.get_job(ids[0])["config"] == configs[0][0]
+    upgraded.close()
+
+
 def test_version_1_databases_gain_run_archiving_and_keep_their_runs(db_url, tmp_path):
     old = Store(db_url)
     run_id = old.add_run("kept run", tmp_path, threshold=0.3)
@@ -284,6 +360,7 @@ def test_version_1_databases_gain_run_archiving_and_keep_their_runs(db_url, tmp_
         conn.execute(sa.text("ALTER TABLE runs DROP COLUMN archived_at"))
         conn.execute(sa.text("ALTER TABLE reviews DROP COLUMN aided"))
         conn.execute(sa.text("ALTER TABLE reviews DROP COLUMN confidence"))
+        _drop_jobs_group_id(conn)
         conn.execute(sa.text("DELETE FROM schema_version WHERE version > 1"))
     old.close()
     upgraded = Store(db_url)
@@ -297,6 +374,7 @@ def test_version_2_reviews_become_aided_reads_without_confidence_and_none_is_los
     run_id = old.add_run("kept run", tmp_path)
     with old.engine.begin() as conn:  # the reviews table as melreview with schema version 2 made it
         conn.execute(sa.text("DROP TABLE reviews"))
+        _drop_jobs_group_id(conn)
         conn.execute(sa.text("UPDATE schema_version SET version = 2"))
         key = "INTEGER PRIMARY KEY" if old.is_sqlite else "SERIAL PRIMARY KEY"
         conn.execute(
