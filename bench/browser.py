@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from melcore.devtools.ports import free_port  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "isic2020" / "train.csv"
 GOAL_FILTER = 1.0
@@ -185,12 +186,6 @@ def _check(at) -> None:
         raise SystemExit(f"the page showed an error: {at.error[0].value}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _session_run(ws, page_name: str = "", timeout: float = 120.0) -> tuple[float, list[str]]:
     """Ask the server to run a page in this websocket session; (seconds until its script finished, the
     headings it sent)."""
@@ -221,7 +216,7 @@ def _session_run(ws, page_name: str = "", timeout: float = 120.0) -> tuple[float
 def bench_server(home: str) -> dict:
     from websockets.sync.client import connect
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MELREVIEW_HOME=home, PYTHONUNBUFFERED="1")
     cmd = [
         sys.executable,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 
 from melcore import distributed
+from melcore.devtools.ports import free_ports
 from melcore.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
@@ -94,23 +94,13 @@ def test_fit_loop_stops_when_a_callback_says_so():
     assert len(history["loss"]) == 1
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_local_workers_train_the_same_model_as_one_process(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TF_CONFIG", None)
     script = str(HERE / "multiworker_fit.py")
     single = tmp_path / "single.npz"
     subprocess.run([sys.executable, script, str(single)], env=env, check=True, timeout=300)
-    workers = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    workers = ",".join(f"localhost:{p}" for p in free_ports(2, "localhost"))
     chief_out = tmp_path / "chief.npz"
     procs = [
         subprocess.Popen(
@@ -180,7 +170,7 @@ def test_two_workers_through_the_train_cli_record_the_run_one_process_records(tm
         timeout=300,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    hosts = ",".join(f"localhost:{p}" for p in free_ports(2, "localhost"))
     chief_out = tmp_path / "placed"
     procs = [
         subprocess.Popen(
@@ -245,7 +235,7 @@ def test_jobs_submitted_across_two_local_workers_train_one_recorded_run(tmp_path
     url = f"sqlite:///{tmp_path / 'store.db'}"
     store = Store(url)
     store.register_dataset("easy", csv, images)
-    hosts = ",".join(f"localhost:{p}" for p in _free_ports(2))
+    hosts = ",".join(f"localhost:{p}" for p in free_ports(2, "localhost"))
     assert (
         main(
             [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+
+from melcore.devtools.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a source distribution of the project holds: the package, the dashboard and the build files.
@@ -161,15 +162,9 @@ def _where_melcore_comes_from(venv: Path, cwd: Path) -> tuple[str, str, str]:
     return module, version, app
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _serve_and_check_health(venv: Path, cwd: Path, home: Path) -> str:
     """Start ``melreview --home HOME`` and return its log once /_stcore/health answers "ok"."""
-    port = _free_port()
+    port = free_port()
     log_path = cwd / "melreview.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(

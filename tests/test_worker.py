@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from melcore.devtools.ports import free_ports
 from melcore.store import Store
 
 pytestmark = pytest.mark.slow
@@ -144,16 +144,6 @@ def test_cancel_running_job_and_bad_config_fails_while_worker_carries_on(queue, 
     assert "job %d failed" % bad in out
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _group_of_two(store: Store, dataset_id: int) -> list[int]:
     """A run queued across two local workers (full mode); only one worker is started, so its
     training process waits for the other in TensorFlow's collective setup."""
@@ -161,7 +151,7 @@ def _group_of_two(store: Store, dataset_id: int) -> list[int]:
     from melcore.jobs import submit_jobs
     from melcore.training.config import TrainConfig
 
-    hosts = Placement.parse(",".join(f"localhost:{p}" for p in _free_ports(2)), 0)
+    hosts = Placement.parse(",".join(f"localhost:{p}" for p in free_ports(2, "localhost")), 0)
     return submit_jobs(
         store, TrainConfig.from_dict(dict(TINY, workers=1)), store.get_dataset(dataset_id), workers=hosts
     )

@@ -9,26 +9,20 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["pg_bin", "free_port", "temporary_server"]
+from melcore.devtools.ports import free_port
+
+__all__ = ["pg_bin", "temporary_server"]
 
 
 def pg_bin() -> Path:
     """The folder holding initdb, pg_ctl and pg_isready: ``$MELREVIEW_PG_BIN``, else PostgreSQL 15's."""
     return Path(os.environ.get("MELREVIEW_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
